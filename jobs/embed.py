@@ -1,0 +1,110 @@
+"""Embed a catalog into the table: `python -m jobs.embed --catalog CATALOG --store STORE`.
+
+One Ray actor per candidate model (GPU where the cluster has them). Models already
+embedded with the same weights digest and standard are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from jobs import runtime
+from jobs.common import add_ray_args, add_store_args, open_store, run_main
+from selection.catalog import CatalogEntry, load_catalog
+from selection.embedder import EmbedResult, needs_embedding
+from selection.errors import ZooselectError
+from selection.keys import model_key
+from selection.standard import Standard, load_standard
+from selection.storage import Store
+from selection.table import delete_row, list_rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    embed: tuple[CatalogEntry, ...]
+    skip: tuple[str, ...]
+    remove: tuple[str, ...]
+    invalid: tuple[EmbedResult, ...]
+
+
+def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool) -> Plan:
+    """Diff the catalog against the table: what to embed, skip and (with prune) remove."""
+    embed, skip, invalid = [], [], []
+    for e in entries:
+        try:
+            needed, _ = needs_embedding(store, std, e)
+        except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
+            invalid.append(EmbedResult(e.id, "failed", str(exc)))
+            continue
+        (embed.append(e) if needed else skip.append(e.id))
+    remove: list[str] = []
+    if prune:
+        wanted = {model_key(e.id) for e in entries}
+        for path in list_rows(store, std.id):
+            key = path.rsplit("/", 1)[-1][: -len(".parquet")]
+            if key not in wanted:
+                remove.append(store.read_table(path).column("model_id")[0].as_py())
+    return Plan(tuple(embed), tuple(skip), tuple(sorted(remove)), tuple(invalid))
+
+
+def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", required=True, help="catalog file (YAML or JSON lines)")
+    add_store_args(p)
+    add_ray_args(p)
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0; fractions allowed)")
+    p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="actors alive at once (default: what the cluster's resources allow)")
+    p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    return p
+
+
+def run(args: argparse.Namespace, prune: bool) -> int:
+    entries = load_catalog(args.catalog)
+    store = open_store(args)
+    std = load_standard(store, args.standard)
+    t0 = time.perf_counter()
+    plan = make_plan(entries, store, std, prune)
+    head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
+            f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
+    if args.dry_run:
+        print(head)
+        for e in plan.embed:
+            print(f"  embed   {e.id}")
+        for mid in plan.remove:
+            print(f"  remove  {mid}")
+        for r in plan.invalid:
+            print(f"  invalid {r.model_id}: {r.reason}")
+        return 0
+    removed = sum(delete_row(store, std, mid) for mid in plan.remove)
+    results: list[EmbedResult] = list(plan.invalid)
+    if plan.embed:
+        runtime.init(args.address)
+        results += runtime.embed_with_actors(
+            plan.embed, std, store.url, args.s3_endpoint, gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor, max_in_flight=args.max_in_flight,
+            retries=args.retries, progress=not args.no_progress)
+    ok = [r for r in results if r.status == "embedded"]
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"failed: {r.model_id}: {r.reason}")
+    rate = sum(r.images_per_second for r in ok) / max(len(ok), 1)
+    print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, "
+          f"{len(failed)} failed; {rate:.0f} img/s per actor; standard {std.id}; "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parser().parse_args(argv), prune=False)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,21 @@
+"""Scheduled re-index: `python -m jobs.reindex --catalog CATALOG --store STORE [--dry-run]`.
+
+New or changed models (by weights digest) are embedded, models gone from the catalog
+are removed, unchanged ones skipped. Safe to run twice at once: every model is one
+object whose rewrite is an idempotent overwrite.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from jobs.common import run_main
+from jobs.embed import parser, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parser("python -m jobs.reindex", __doc__).parse_args(argv), prune=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

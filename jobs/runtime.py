@@ -1,0 +1,153 @@
+"""The one thin execution module: everything that touches Ray lives here.
+
+Jobs call `init`, `map_tasks` and `embed_with_actors`; the library stays Ray-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+from selection.catalog import CatalogEntry
+from selection.embedder import EmbedResult
+
+log = logging.getLogger(__name__)
+
+
+def init(address: str | None = None) -> None:
+    """Connect to a cluster (`address` or $RAY_ADDRESS), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
+                              "include_dashboard": False}
+    if address:
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        # A local Ray: workers import this checkout, whatever the current directory.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+        ray.init(**kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
+              desc: str = "", progress: bool = True, max_retries: int = 2) -> list[Any]:
+    """Run `fn(shared, item)` as one Ray task per item; results in input order.
+
+    `shared` (e.g. the standard) is put in the object store once. A task that raises a
+    ZooselectError returns it (the caller reports it); a crashed worker is retried up
+    to `max_retries` times.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_call_catching)
+    shared_ref = ray.put(shared)
+    refs = [remote.remote(fn, shared_ref, item) for item in items]
+    return _gather(refs, desc, progress)
+
+
+def _call_catching(fn: Callable[..., Any], shared: Any, item: Any) -> Any:
+    from selection.errors import ZooselectError
+
+    try:
+        return fn(shared, item)
+    except ZooselectError as exc:
+        return exc
+
+
+def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
+    import ray
+    from tqdm import tqdm
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, disable=not progress, unit="item") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                results[index[ref]] = ray.get(ref)
+                bar.update(1)
+    return results
+
+
+class _EmbedActor:
+    """One actor per candidate: loads its model once, embeds, writes its own row."""
+
+    def __init__(self, store_url: str, s3_endpoint: str | None, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.store_url, self.s3_endpoint = store_url, s3_endpoint
+
+    def embed(self, entry: CatalogEntry, std: Any) -> EmbedResult:
+        import torch
+
+        from selection.embedder import embed_entry
+        from selection.storage import Store
+
+        store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
+        if torch.cuda.is_available():
+            return embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
+                               batch_size=256)
+        return embed_entry(entry, std, store)
+
+
+def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
+                      s3_endpoint: str | None = None, *, gpus_per_actor: float | None = None,
+                      cpus_per_actor: float = 1, max_in_flight: int | None = None,
+                      retries: int = 2, progress: bool = True) -> list[EmbedResult]:
+    """Fan out one actor per entry; at most `max_in_flight` alive at once.
+
+    `std` is put in the object store once and shared by every actor. A killed actor is
+    restarted and its call retried (`retries`); a model that fails is reported, the
+    others finish.
+    """
+    import ray
+    from tqdm import tqdm
+
+    entries = list(entries)
+    res = cluster_resources()
+    gpus = res.get("GPU", 0)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if max_in_flight is None:
+        by_cpu = int(res.get("CPU", 1) // max(cpus_per_actor, 1e-9))
+        by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu
+        max_in_flight = max(1, min(by_cpu, by_gpu))
+    actor_cls = ray.remote(_EmbedActor).options(
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries,
+        max_task_retries=retries)
+    std_ref = ray.put(std)
+    results: list[EmbedResult] = []
+    queue = list(entries)
+    running: dict[Any, tuple[Any, CatalogEntry]] = {}
+    threads = max(1, int(cpus_per_actor))
+    with tqdm(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
+        while queue or running:
+            while queue and len(running) < max_in_flight:
+                entry = queue.pop(0)
+                actor = actor_cls.remote(store_url, s3_endpoint, threads)
+                running[actor.embed.remote(entry, std_ref)] = (actor, entry)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                actor, entry = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    result = EmbedResult(entry.id, "failed", f"worker failed after {retries} retries: {text[:300]}")
+                ray.kill(actor)
+                results.append(result)
+                bar.update(1)
+                bar.set_postfix_str(f"{entry.id[:30]}: {result.status}")
+    return results

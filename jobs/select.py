@@ -1,0 +1,163 @@
+"""Select models for tasks: `python -m jobs.select --store STORE --task TASK [--task TASK ...]`.
+
+Task embeddings are computed in parallel (one Ray task per task), the table is swept
+once for all tasks, and the top-k may be verified by linear probing in parallel.
+A TASK is an ImageFolder directory, a .parquet file (local or s3://), or a built-in
+spec such as `builtin:fashion-mnist?classes=5,7,9&per_class=40`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs import runtime
+from jobs.common import add_ray_args, add_store_args, open_store, run_main
+from selection.errors import ConfigError, StoreError, ZooselectError
+from selection.linear_probe import ProbeProtocol
+from selection.select import (Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
+                              load_task, model_task_accuracy, rerank_verified, sweep)
+from selection.standard import Standard, load_standard
+from selection.table import load_table
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.select", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_store_args(p)
+    add_ray_args(p)
+    p.add_argument("--task", action="append", required=True, metavar="TASK", help="task dataset (repeatable)")
+    p.add_argument("--top-k", type=int, default=10, help="candidates listed per task")
+    p.add_argument("--verify-top-k", type=int, default=0,
+                   help="linear-probe the top K on the task and re-rank them by accuracy")
+    p.add_argument("--task-method", choices=["probe", "fisher"], default="probe")
+    p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
+    p.add_argument("--where", action="append", default=[], metavar="EXPR",
+                   help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
+    return p
+
+
+def _task_embedding(std: Standard, item: tuple[str, SelectConfig]) -> TaskEmbedding:
+    spec, config = item
+    return embed_task(std, load_task(spec, config), config)
+
+
+def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any]]) -> float:
+    spec, config, row = item
+    return model_task_accuracy(entry_of(row), load_task(spec, config), std.input_size, config.protocol)
+
+
+def select(std: Standard, table: Any, tasks: list[str], config: SelectConfig,
+           progress: bool = True) -> list[dict[str, Any]]:
+    """Embed the tasks, sweep, verify; one result dict per task."""
+    t0 = time.perf_counter()
+    embs = runtime.map_tasks(_task_embedding, [(t, config) for t in tasks], shared=std,
+                             desc="tasks", progress=progress)
+    errors = [e for e in embs if isinstance(e, ZooselectError)]
+    if errors:
+        raise errors[0]
+    t_sweep = time.perf_counter()
+    weights = np.stack([e.weights for e in embs])
+    rankings = sweep(table, weights, config.top_k, config.constraints)
+    sweep_s = time.perf_counter() - t_sweep
+    if config.verify_top_k:
+        items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)
+                 for r in ranked[:config.verify_top_k]]
+        accs = runtime.map_tasks(_verify, items, shared=std, desc="verify", progress=progress)
+        it = iter(accs)
+        new = []
+        for ranked in rankings:
+            measured = {}
+            for r in ranked[:config.verify_top_k]:
+                acc = next(it)
+                if isinstance(acc, ZooselectError):
+                    print(f"warning: verification of {r.model_id} failed: {acc}")
+                else:
+                    measured[r.model_id] = acc
+            new.append(rerank_verified(ranked, measured))
+        rankings = new
+    out = []
+    for spec, emb, ranked in zip(tasks, embs, rankings):
+        out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
+                    "task_embedding_seconds": round(emb.seconds, 3),
+                    "ranking": [_result_row(r) for r in ranked]})
+    for o in out:
+        o["sweep_seconds"] = round(sweep_s, 6)
+        o["total_seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _result_row(r: Ranked) -> dict[str, Any]:
+    return {"rank": r.rank, "model_id": r.model_id, "score": round(r.score, 6),
+            "verified_accuracy": r.verified_accuracy, "is_baseline": r.is_baseline,
+            "arch": r.row["arch"], "num_params": r.row["num_params"], "gflops": r.row["gflops"],
+            "tags": r.row["tags"]}
+
+
+def format_results(results: list[dict[str, Any]], std_id: str, m: int,
+                   truth: dict[str, dict[str, float]] | None = None) -> str:
+    lines = []
+    for res in results:
+        lines.append(f"\ntask {res['task']}  ({res['n_images']} images, {res['n_classes']} classes; "
+                     f"standard {std_id}, {m} models)")
+        head = f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9}"
+        if truth:
+            head += f" {'measured':>9}"
+        lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
+        for row in res["ranking"]:
+            ver = "" if row["verified_accuracy"] is None else f"{100 * row['verified_accuracy']:.1f}%"
+            line = f"{row['rank']:>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9}"
+            if truth:
+                acc = truth.get(res["task"], {}).get(row["model_id"])
+                line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
+            note = "standard's own model (covers itself)" if row["is_baseline"] else ""
+            lines.append(line + f" {row['num_params'] / 1e6:>7.1f}M {row['gflops']:>7.2f}  {note}")
+    return "\n".join(lines)
+
+
+def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
+                  parquet_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump({"standard_id": std_id, "created_at": time.time(), "tasks": results}, fh, indent=2)
+    if parquet_path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [dict(r, task=res["task"], standard_id=std_id) for res in results for r in res["ranking"]]
+        pq.write_table(pa.Table.from_pylist(rows), parquet_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, task_method=args.task_method,
+                          task_image_size=args.task_image_size,
+                          constraints=tuple(Constraint.parse(w) for w in args.where),
+                          protocol=ProbeProtocol())
+    if len(set(args.task)) != len(args.task):
+        raise ConfigError(f"the same task is given twice: {args.task}")
+    store = open_store(args)
+    std = load_standard(store, args.standard)
+    table = load_table(store, std)
+    if len(table) == 0:
+        raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
+                         f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
+    runtime.init(args.address)
+    results = select(std, table, args.task, config, progress=not args.no_progress)
+    print(format_results(results, std.id, len(table)))
+    write_outputs(results, std.id, args.json, args.parquet)
+    total = max(r["total_seconds"] for r in results)
+    print(f"\nsummary: {len(results)} task(s), {len(table)} models swept in "
+          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {config.verify_top_k * len(results)} verified; "
+          f"{total:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

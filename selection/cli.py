@@ -1,0 +1,39 @@
+"""`zooselect COMMAND ...`: the jobs behind one command."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "standard": ("jobs.standard", "build and publish a standard"),
+    "embed": ("jobs.embed", "embed a catalog into the table (one Ray actor per model)"),
+    "reindex": ("jobs.reindex", "scheduled re-index: embed new/changed, remove gone, skip unchanged"),
+    "select": ("jobs.select", "rank the table's models for one or more tasks"),
+    "table": ("jobs.table", "list (ls) or remove models in the table"),
+    "demo": ("jobs.demo", "the embedded default, end to end on this machine"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: zooselect COMMAND [options]   (zooselect COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    from jobs.common import run_main
+
+    run_main(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Image datasets: task data (ImageFolder, Parquet, built-ins) and probe-set material.
+
+Every dataset is an `ImageSet`: uint8 images of one shape (N, H, W, 3) and integer
+labels. A *dataset spec* string names one:
+
+- a directory (local or `s3://`) with one subfolder per class (ImageFolder);
+- a `.parquet` file (local or `s3://`) with an encoded `image` column (bytes, or a
+  struct with a `bytes` field) and a `label` column (int or string);
+- `builtin:fashion-mnist?classes=5,7,9&per_class=40&split=test&seed=0` (Debian
+  package `dataset-fashion-mnist`), `builtin:digits?...` (scikit-learn),
+  `builtin:photos?n=200` (random crops of scikit-learn's sample photos),
+  `builtin:textures?n=200` (procedural textures and shapes).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from selection.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = os.environ.get("ZOOSELECT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle-boot")
+DEFAULT_TASK_SIZE = 64
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Digits 0..DIGITS_PROBE_COUNT-1 of a fixed permutation are reserved for probe sets;
+# the rest serve tasks and training, so a task never shares an image with the probe.
+DIGITS_PROBE_COUNT = 400
+# Of the remaining digits, this leading fraction is the train split, the rest the test split.
+DIGITS_TRAIN_FRACTION = 0.6
+# Fashion-MNIST train images [0, FASHION_PROBE_COUNT) are reserved for probe sets.
+FASHION_PROBE_COUNT = 2000
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """uint8 images (N, H, W, 3) with int64 labels (N,) in [0, len(classes))."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise DataError(f"{self.name}: images should be uint8 (N, H, W, 3), got "
+                            f"{self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"{self.name}: labels should have shape ({self.images.shape[0]},), "
+                            f"got {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSet":
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
+    def validate_task(self, min_per_class: int = 2) -> "ImageSet":
+        """Raise DataError unless this is usable as a classification task."""
+        if len(self) == 0:
+            raise DataError(f"task {self.name!r} is empty")
+        present, counts = np.unique(self.labels, return_counts=True)
+        if len(present) < 2:
+            raise DataError(f"task {self.name!r} has only one class "
+                            f"({self.classes[int(present[0])]!r}); at least 2 are needed")
+        if counts.min() < min_per_class:
+            c = int(present[int(np.argmin(counts))])
+            raise DataError(f"task {self.name!r}: class {self.classes[c]!r} has {counts.min()} "
+                            f"image(s); at least {min_per_class} per class are needed")
+        return self
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (N, H, W, C) to (N, size, size, 3) with antialiased bilinear filtering."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images[..., :3])
+    out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
+    for s in range(0, images.shape[0], 512):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + 512, ..., :3])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[s:s + 512] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) with at least one image of every class on each side."""
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+# -- built-in sources ------------------------------------------------------------------
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Raw Fashion-MNIST (N, 28, 28) uint8 images and labels from the Debian package."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
+    paths = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        cands = [os.path.join(FASHION_MNIST_DIR, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
+        found = [p for p in cands if os.path.exists(p)]
+        if not found:
+            raise DataError(f"Fashion-MNIST not found at {FASHION_MNIST_DIR!r} (install the Debian "
+                            f"package dataset-fashion-mnist or set ZOOSELECT_FASHION_MNIST_DIR)")
+        paths.append(found[0])
+    return _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
+
+
+def _digits_permutation(n: int) -> np.ndarray:
+    return np.random.default_rng(12345).permutation(n)
+
+
+def load_digits_raw(part: str = "task") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits (N, 8, 8) uint8 and labels; `part` is 'probe', 'task' or 'all'."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    perm = _digits_permutation(len(images))
+    if part == "probe":
+        idx = perm[:DIGITS_PROBE_COUNT]
+    elif part == "task":
+        idx = perm[DIGITS_PROBE_COUNT:]
+    elif part == "all":
+        idx = perm
+    else:
+        raise DataError(f"digits part must be 'probe', 'task' or 'all', got {part!r}")
+    return images[idx], d.target[idx].astype(np.int64)
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """`n` random square crops (various scales) of scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(n):
+        img = photos[rng.integers(len(photos))]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(h, w) // 8, min(h, w) // 2))
+        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        crop = img[y:y + side, x:x + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crops.append(resize_images(crop[None], size)[0])
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+
+
+def procedural_textures(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` procedural images (gratings, checkers, blobs, shapes, noise); labels = kind."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((n, size, size, 3), np.uint8)
+    kinds = np.arange(n) % 5
+    for i, kind in enumerate(kinds):
+        c1, c2 = rng.random(3), rng.random(3)
+        if kind == 0:    # oriented grating
+            theta, freq = rng.uniform(0, np.pi), rng.uniform(2, 12)
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)))
+        elif kind == 1:  # checkerboard
+            k = rng.integers(2, 10)
+            t = ((np.floor(xx * k) + np.floor(yy * k)) % 2).astype(np.float32)
+        elif kind == 2:  # gaussian blobs
+            t = np.zeros_like(xx)
+            for _ in range(int(rng.integers(1, 6))):
+                cx, cy, s = rng.random(), rng.random(), rng.uniform(0.03, 0.2)
+                t += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+            t = np.clip(t, 0, 1)
+        elif kind == 3:  # filled disc or square
+            cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
+            if rng.random() < 0.5:
+                t = (((xx - cx) ** 2 + (yy - cy) ** 2) < r * r).astype(np.float32)
+            else:
+                t = ((np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)).astype(np.float32)
+        else:            # smoothed noise
+            g = max(2, size // int(rng.integers(2, 8)))
+            small = rng.random((1, g, g, 1)).astype(np.float32)
+            import torch
+            import torch.nn.functional as F
+            t = F.interpolate(torch.from_numpy(small).permute(0, 3, 1, 2), size=(size, size),
+                              mode="bicubic", align_corners=False)[0, 0].clamp(0, 1).numpy()
+        img = t[..., None] * c1 + (1 - t[..., None]) * c2
+        out[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out, kinds.astype(np.int64)
+
+
+# -- spec parsing ------------------------------------------------------------------------
+
+def _params(query: str, allowed: set[str], spec: str) -> dict[str, str]:
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = set(params) - allowed
+    if unknown:
+        raise DataError(f"unknown option(s) {sorted(unknown)} in dataset spec {spec!r} "
+                        f"(allowed: {sorted(allowed)})")
+    return params
+
+
+def _int(params: dict[str, str], key: str, default: int | None, spec: str) -> int | None:
+    if key not in params:
+        return default
+    try:
+        return int(params[key])
+    except ValueError:
+        raise DataError(f"option {key}={params[key]!r} in dataset spec {spec!r} is not an integer") from None
+
+
+def _select_classes(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...],
+                    params: dict[str, str], spec: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    if "classes" in params and params["classes"]:
+        try:
+            wanted = [int(c) for c in params["classes"].split(",")]
+        except ValueError:
+            raise DataError(f"classes={params['classes']!r} in {spec!r} must be comma-separated integers") from None
+        bad = [c for c in wanted if not 0 <= c < len(names)]
+        if bad:
+            raise DataError(f"class id(s) {bad} in {spec!r} are out of range 0..{len(names) - 1}")
+    else:
+        wanted = list(range(len(names)))
+    mask = np.isin(labels, wanted)
+    remap = {c: i for i, c in enumerate(wanted)}
+    new_labels = np.array([remap[int(y)] for y in labels[mask]], dtype=np.int64)
+    return images[mask], new_labels, tuple(names[c] for c in wanted)
+
+
+def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int,
+               n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if per_class is not None:
+        idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                              for c in np.unique(labels)]) if len(labels) else np.zeros(0, int)
+        idx = np.sort(idx)
+    else:
+        idx = np.arange(len(labels))
+    if n is not None:
+        idx = np.sort(rng.permutation(idx)[:n])
+    return images[idx], labels[idx]
+
+
+def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dict | None = None) -> ImageSet:
+    """Load the dataset a spec names, resized to (size, size) RGB."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if size < 8 or size > 1024:
+        raise DataError(f"image size must be in [8, 1024], got {size}")
+    if spec.startswith("builtin:"):
+        body = spec[len("builtin:"):]
+        name, _, query = body.partition("?")
+        if name == "fashion-mnist":
+            p = _params(query, {"classes", "per_class", "n", "split", "seed"}, spec)
+            split = p.get("split", "test")
+            images, labels = load_fashion_mnist(split)
+            if split == "train":
+                images, labels = images[FASHION_PROBE_COUNT:], labels[FASHION_PROBE_COUNT:]
+            names = FASHION_CLASSES
+        elif name == "digits":
+            p = _params(query, {"classes", "per_class", "n", "split", "seed"}, spec)
+            images, labels = load_digits_raw("task")
+            cut = int(len(images) * DIGITS_TRAIN_FRACTION)
+            split = p.get("split", "test")
+            if split not in ("train", "test"):
+                raise DataError(f"digits split must be 'train' or 'test', got {split!r} in {spec!r}")
+            images, labels = (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
+            names = tuple(str(i) for i in range(10))
+        elif name == "photos":
+            p = _params(query, {"n", "seed"}, spec)
+            n = _int(p, "n", 200, spec)
+            images = photo_crops(n, size, _int(p, "seed", 0, spec))
+            return ImageSet(images, np.zeros(n, np.int64), ("photo",), spec)
+        elif name == "textures":
+            p = _params(query, {"n", "seed"}, spec)
+            images, labels = procedural_textures(_int(p, "n", 200, spec), size, _int(p, "seed", 0, spec))
+            return ImageSet(resize_images(images, size), labels,
+                            ("grating", "checker", "blobs", "shape", "noise"), spec)
+        elif name in ("fashion-mnist-probe", "digits-probe"):
+            p = _params(query, {"n", "seed"}, spec)
+            if name == "digits-probe":
+                images, labels = load_digits_raw("probe")
+                names = tuple(str(i) for i in range(10))
+            else:
+                images, labels = load_fashion_mnist("train")
+                images, labels = images[:FASHION_PROBE_COUNT], labels[:FASHION_PROBE_COUNT]
+                names = FASHION_CLASSES
+        else:
+            raise DataError(f"unknown built-in dataset {name!r} in {spec!r} (known: fashion-mnist, "
+                            f"digits, photos, textures, fashion-mnist-probe, digits-probe)")
+        images, labels, names = _select_classes(images, labels, names, p, spec) if "classes" in p \
+            else (images, labels, names)
+        images, labels = _per_class(images, labels, _int(p, "per_class", None, spec),
+                                    _int(p, "seed", 0, spec), _int(p, "n", None, spec))
+        return ImageSet(resize_images(images, size), labels, names, spec)
+    if spec.rstrip("/").endswith(".parquet"):
+        return _load_parquet(spec, size, store_options or {})
+    return _load_image_folder(spec, size, store_options or {})
+
+
+def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot decode image {where}: {exc}") from exc
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise DataError(f"image {where} is {arr.shape[1]}x{arr.shape[0]} pixels; at least 2x2 needed")
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize_images(arr[None, top:top + side, left:left + side], size)[0]
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    url = url.rstrip("/")
+    if "://" in url and not url.startswith("file://"):
+        head, _, tail = url.rpartition("/")
+        return head, tail
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.dirname(os.path.abspath(path)) or "/", os.path.basename(path)
+
+
+def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
+    from selection.storage import Store
+    from selection.errors import StoreError
+
+    parent, name = _split_url(url)
+    try:
+        table = Store(parent, **store_options).read_table(name)
+    except StoreError as exc:
+        raise DataError(f"cannot read task {url!r}: {exc}") from exc
+    missing = {"image", "label"} - set(table.column_names)
+    if missing:
+        raise DataError(f"task Parquet {url!r} lacks column(s) {sorted(missing)} "
+                        f"(has {table.column_names})")
+    images_col = table.column("image").to_pylist()
+    raw_labels = table.column("label").to_pylist()
+    images = []
+    for i, cell in enumerate(images_col):
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not isinstance(data, (bytes, bytearray)):
+            raise DataError(f"task Parquet {url!r} row {i}: 'image' should be encoded image bytes, "
+                            f"got {type(data).__name__}")
+        images.append(_decode(bytes(data), f"{url!r} row {i}", size))
+    if any(y is None for y in raw_labels):
+        raise DataError(f"task Parquet {url!r} has null labels")
+    names = tuple(sorted({str(y) for y in raw_labels}, key=lambda s: (len(s), s)))
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.array([index[str(y)] for y in raw_labels], dtype=np.int64)
+    imgs = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return ImageSet(imgs, labels, names, url)
+
+
+def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
+    from selection.storage import Store
+    from selection.errors import StoreError
+
+    local = "://" not in url or url.startswith("file://")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if local and not os.path.isdir(path):
+        raise DataError(f"task {url!r} is neither a directory of class folders nor a .parquet file")
+    try:
+        store = Store(url, **store_options)
+        files = [f for f in store.list("") if f.lower().endswith(IMAGE_EXTENSIONS)]
+    except StoreError as exc:
+        raise DataError(f"cannot read task {url!r}: {exc}") from exc
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        parts = f.split("/")
+        if len(parts) != 2:
+            continue
+        by_class.setdefault(parts[0], []).append(f)
+    if not by_class:
+        raise DataError(f"task {url!r} has no images in class subfolders (expected {url}/<class>/<image>)")
+    names = tuple(sorted(by_class))
+    images, labels = [], []
+    for ci, cname in enumerate(names):
+        for f in sorted(by_class[cname]):
+            try:
+                data = store.read_bytes(f)
+            except StoreError as exc:
+                raise DataError(f"cannot read task image {f!r}: {exc}") from exc
+            images.append(_decode(data, f"{url}/{f}", size))
+            labels.append(ci)
+    return ImageSet(np.stack(images), np.array(labels, np.int64), names, url)

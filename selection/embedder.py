@@ -1,0 +1,85 @@
+"""Embed one candidate against a standard and write its row (what each actor runs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from selection.catalog import CatalogEntry
+from selection.embedding import model_embedding
+from selection.errors import ZooselectError
+from selection.models import count_gflops, extract_features, load_model, weights_digest
+from selection.standard import Standard
+from selection.storage import Store
+from selection.table import read_row, versions_json, write_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    model_id: str
+    status: str  # "embedded" | "skipped" | "failed"
+    reason: str = ""
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    path: str = ""
+
+
+def needs_embedding(store: Store, std: Standard, entry: CatalogEntry) -> tuple[bool, str]:
+    """(True, digest) unless a row with the same weights digest and catalog entry exists."""
+    digest = weights_digest(entry)
+    row = read_row(store, std, entry.id)
+    if row is None:
+        return True, digest
+    same = row["weights_sha256"] == digest and row["catalog_entry"] == _entry_json(entry)
+    return not same, digest
+
+
+def _entry_json(entry: CatalogEntry) -> str:
+    return json.dumps(entry.to_dict(), sort_keys=True)
+
+
+def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str = "cpu",
+                amp_dtype: torch.dtype | None = None, batch_size: int | None = None,
+                progress: Callable[[int], None] | None = None) -> EmbedResult:
+    """Load the model, run the probe set, compute its embedding and write its row."""
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(entry)
+        t1 = time.perf_counter()
+        h = extract_features(loaded, std.probe_images, input_size=std.input_size,
+                             batch_size=batch_size or int(std.spec.get("batch_size", 64)),
+                             device=device, amp_dtype=amp_dtype, progress=progress)
+        fwd_s = time.perf_counter() - t1
+        emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id)
+        cfg = loaded.data_config
+        input_size = std.input_size or int(cfg["input_size"][-1])
+        row: dict[str, Any] = {
+            "model_id": entry.id, "model_key": None, "arch": loaded.arch,
+            "weights_source": entry.weights or "random-init",
+            "weights_sha256": loaded.weights_sha256,
+            "is_baseline": loaded.weights_sha256 == std.baseline_sha256 and loaded.arch == std.baseline.arch,
+            "tags": list(entry.tags), "license": entry.license or loaded.model.pretrained_cfg.get("license"),
+            "input_size": input_size, "feature_dim": int(h.shape[1]), "num_params": loaded.num_params,
+            "gflops": count_gflops(loaded, std.input_size), "standard_id": std.id, "form": std.form,
+            "schema_version": std.spec["schema_version"], "ridge_alpha": emb.alpha,
+            "embed_seconds": 0.0, "images_per_second": len(h) / max(fwd_s, 1e-9),
+            "library_versions": versions_json(), "catalog_entry": _entry_json(entry),
+            "embedding": emb.vector(std.form), "coverage": emb.coverage,
+        }
+        from selection.keys import model_key
+
+        row["model_key"] = model_key(entry.id)
+        row["embed_seconds"] = time.perf_counter() - t0
+        path = write_row(store, std, row)
+        log.info("embedded %s in %.1fs (%.0f img/s)", entry.id, row["embed_seconds"], row["images_per_second"])
+        return EmbedResult(entry.id, "embedded", "", row["embed_seconds"], row["images_per_second"], path)
+    except ZooselectError as exc:
+        log.warning("model %s failed: %s", entry.id, exc)
+        return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)

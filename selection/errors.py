@@ -1,0 +1,25 @@
+"""Errors a user can cause. Jobs print `str(err)` as one line and exit non-zero."""
+
+
+class ZooselectError(Exception):
+    """Base for every error caused by input or environment, not by a bug."""
+
+
+class ConfigError(ZooselectError, ValueError):
+    """A configuration value, catalog entry or command-line option is invalid."""
+
+
+class DataError(ZooselectError, ValueError):
+    """A task or probe dataset is missing, empty, unreadable or malformed."""
+
+
+class ModelError(ZooselectError):
+    """A model could not be created, loaded or run."""
+
+
+class StoreError(ZooselectError):
+    """The embedding store could not be reached, read or written."""
+
+
+class StandardMismatchError(ZooselectError):
+    """Embeddings of different standards, schema versions or widths would be mixed."""

@@ -1,0 +1,61 @@
+"""One fixed linear-probe protocol: verification of the top-k, and benchmark ground truth.
+
+Protocol: features standardised with the train split's mean and std; multinomial
+logistic regression with L2 penalty `l2` on the weights, full-batch L-BFGS in float64
+for at most `max_iter` iterations from zero; accuracy on the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from selection.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    test_fraction: float = 0.5
+    split_seed: int = 0
+    l2: float = 1e-3
+    max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.l2 < 0 or self.max_iter < 1:
+            raise ConfigError(f"l2 must be >= 0 and max_iter >= 1, got l2={self.l2} max_iter={self.max_iter}")
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                   protocol: ProbeProtocol = ProbeProtocol()) -> float:
+    """Test accuracy in [0, 1] of the protocol's logistic-regression probe."""
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise DataError(f"probe features should be (n, k) with equal k, got {train_x.shape} and {test_x.shape}")
+    classes = np.unique(train_y)
+    if len(classes) < 2:
+        raise DataError(f"the probe's train split has {len(classes)} class(es); at least 2 are needed")
+    index = {c: i for i, c in enumerate(classes)}
+    mu, sd = train_x.mean(0), train_x.std(0)
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    xtr = torch.from_numpy((train_x - mu) / sd).double()
+    xte = torch.from_numpy((test_x - mu) / sd).double()
+    ytr = torch.tensor([index[c] for c in train_y])
+    w = torch.zeros(xtr.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=protocol.max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + protocol.l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = classes[(xte @ w + b).argmax(1).numpy()]
+    return float((pred == test_y).mean())

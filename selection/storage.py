@@ -1,0 +1,292 @@
+"""The one place for storage I/O: any fsspec URL (local directory, s3://, memory://).
+
+Every call goes through `Store._call`, which retries transient faults (connection
+resets, timeouts, throttling, a restarting server) by exception *type* with capped
+exponential backoff, and translates storage errors into `StoreError` at this boundary.
+Writes are atomic: a reader sees the old object, the new one, or none, never half.
+Credentials come from the usual AWS chain and never appear in messages.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selection.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+SUPPORTED_SCHEMES = ("file", "s3", "memory")
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                  FileExistsError)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, OSError]
+    try:
+        from botocore import exceptions as bexc
+
+        types += [bexc.EndpointConnectionError, bexc.ConnectionClosedError,
+                  bexc.ReadTimeoutError, bexc.ConnectTimeoutError]
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_TRANSIENT = _transient_types()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    text = str(exc)
+    if any(code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                     "NoSuchBucket", "403")):
+        return False
+    return isinstance(exc, _TRANSIENT) or any(
+        code in text for code in ("SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable",
+                                  "InternalError", "503", "500"))
+
+
+def _scrub(text: str) -> str:
+    """Remove anything that looks like a credential from an error message."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with capped exponential backoff and jitter."""
+
+    attempts: int = 6
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"retry attempts must be >= 1, got {self.attempts}")
+        if self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
+            raise ConfigError(
+                f"retry delays must satisfy 0 <= base <= max, got base={self.base_delay_s} "
+                f"max={self.max_delay_s}")
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+class Store:
+    """A root URL plus the fsspec filesystem behind it; paths below are relative to the root."""
+
+    def __init__(self, url: str, *, s3_endpoint: str | None = None, s3_region: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
+        match = _SCHEME.match(url)
+        scheme = match.group(1).lower() if match else "file"
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ConfigError(f"unsupported store URL scheme {scheme!r} in {url!r} "
+                              f"(use a local path or one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)})")
+        self.url = url.rstrip("/")
+        self.scheme = scheme
+        self.retry = retry
+        if scheme == "file":
+            path = match.group(2) if match else url
+            self.root = os.path.abspath(os.path.expanduser(path))
+            self.fs = fsspec.filesystem("file")
+        elif scheme == "s3":
+            bucket_path = match.group(2).strip("/")
+            bucket = bucket_path.split("/")[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ConfigError(f"invalid S3 bucket name {bucket!r} in store URL {url!r}")
+            self.root = bucket_path
+            self.bucket = bucket
+            endpoint = (s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+            if endpoint and not re.match(r"^https?://[^\s/]+", endpoint):
+                raise ConfigError(f"S3 endpoint must be an http(s) URL, got {endpoint!r}")
+            self.endpoint = endpoint
+            client_kwargs = {}
+            region = s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if region:
+                client_kwargs["region_name"] = region
+            import s3fs  # noqa: F401  (registers the protocol; fails clearly if missing)
+
+            self.fs = fsspec.filesystem(
+                "s3", endpoint_url=endpoint, client_kwargs=client_kwargs,
+                config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
+                               "connect_timeout": 5, "read_timeout": 30},
+                skip_instance_cache=True, use_listings_cache=False)
+        else:
+            self.root = match.group(2).rstrip("/")
+            self.fs = fsspec.filesystem(scheme)
+
+    # -- the choke point ---------------------------------------------------------------
+    def _call(self, what: str, path: str, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _is_transient(exc) or attempt == self.retry.attempts - 1:
+                    raise self._translate(what, path, exc) from exc
+                delay = self.retry.delay(attempt)
+                log.warning("transient storage error on %s %s (%s); retry %d/%d in %.2fs",
+                            what, self._display(path), type(exc).__name__, attempt + 1,
+                            self.retry.attempts - 1, delay)
+                if self.scheme == "s3":
+                    self.fs.invalidate_cache()
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _translate(self, what: str, path: str, exc: BaseException) -> StoreError:
+        text = _scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        where = self._display(path)
+        if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
+                or "SignatureDoesNotMatch" in text:
+            return StoreError(f"access denied for {what} {where}: check the AWS credentials "
+                              f"(environment or profile) for this store")
+        if "NoSuchBucket" in text:
+            return StoreError(f"bucket {getattr(self, 'bucket', '?')!r} does not exist "
+                              f"(store {self.url!r})")
+        if _is_transient(exc):
+            return StoreError(f"storage unreachable for {what} {where} after "
+                              f"{self.retry.attempts} attempts: {type(exc).__name__}: {text}")
+        return StoreError(f"storage error for {what} {where}: {type(exc).__name__}: {text}")
+
+    def _full(self, rel: str) -> str:
+        rel = rel.strip("/")
+        if ".." in rel.split("/"):
+            raise ConfigError(f"refusing a store path with '..': {rel!r}")
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _display(self, rel: str) -> str:
+        return f"{self.url}/{rel.strip('/')}" if rel else self.url
+
+    # -- public API --------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail with a one-line StoreError unless the store root is reachable and usable."""
+        if self.scheme == "s3":
+            def probe() -> None:
+                if not self.fs.exists(self.bucket):
+                    raise FileNotFoundError(self.bucket)
+                self.fs.ls(self.bucket, detail=False)
+            try:
+                self._call("check", "", probe)
+            except FileNotFoundError as exc:
+                raise StoreError(f"bucket {self.bucket!r} does not exist or is not accessible "
+                                 f"(store {self.url!r}, endpoint {self.endpoint or 'AWS default'})") from exc
+        elif self.scheme == "file":
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise StoreError(f"store path {self.root!r} exists and is not a directory")
+            parent = self.root
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.access(parent, os.W_OK):
+                raise StoreError(f"store path {self.root!r} is not writable")
+
+    def exists(self, rel: str) -> bool:
+        return self._call("exists", rel, lambda: self.fs.exists(self._full(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._call("read", rel, lambda: self.fs.cat_file(self._full(rel)))
+        except FileNotFoundError as exc:
+            raise StoreError(f"no object at {self._display(rel)}") from exc
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write atomically: local files via rename, object stores via one PUT."""
+        full = self._full(rel)
+        if self.scheme == "file":
+            def write_local() -> None:
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                tmp = f"{os.path.dirname(full)}/.{os.path.basename(full)}.{uuid.uuid4().hex}.tmp"
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, full)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            self._call("write", rel, write_local)
+        else:
+            self._call("write", rel, lambda: self.fs.pipe_file(full, data))
+
+    def delete(self, rel: str) -> bool:
+        """Delete one object; return False when it did not exist."""
+        try:
+            self._call("delete", rel, lambda: self.fs.rm_file(self._full(rel)))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Relative paths of the objects under `prefix` ending in `suffix`, sorted."""
+        full = self._full(prefix)
+        try:
+            found = self._call("list", prefix, lambda: self.fs.find(full))
+        except FileNotFoundError:
+            return []
+        root = self._full("")
+        out = []
+        for path in found:
+            path = path.replace("\\", "/")
+            if self.scheme == "s3" or self.scheme == "memory":
+                path = path.lstrip("/")
+                root_cmp = root.lstrip("/")
+            else:
+                root_cmp = root
+            rel = path[len(root_cmp):].lstrip("/") if path.startswith(root_cmp) else path
+            name = rel.rsplit("/", 1)[-1]
+            if name.startswith(".") or not rel.endswith(suffix):
+                continue
+            out.append(rel)
+        return sorted(out)
+
+    def read_table(self, rel: str) -> pa.Table:
+        data = self.read_bytes(rel)
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            raise StoreError(f"corrupt Parquet object {self._display(rel)}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(rel, sink.getvalue())
+
+    def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:
+        rels = list(rels)
+        if len(rels) <= 1:
+            return [self.read_table(r) for r in rels]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(self.read_table, rels))
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny standard and tiny models, fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from selection.catalog import CatalogEntry
+from selection.standard import Standard, StandardConfig, build_standard, save_standard
+from selection.storage import Store
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(2)
+
+TINY_PROBE = ("builtin:fashion-mnist-probe?n=60", "builtin:digits-probe?n=40",
+              "builtin:photos?n=40", "builtin:textures?n=60")
+TINY_BASELINE = CatalogEntry("baseline/resnet10t", "resnet10t", None, input_size=32)
+
+
+def tiny_config(**overrides) -> StandardConfig:
+    kwargs = dict(baseline=TINY_BASELINE, probe_sources=TINY_PROBE, probe_image_size=32, d=8,
+                  form="full")
+    kwargs.update(overrides)
+    return StandardConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_standard() -> Standard:
+    return build_standard(tiny_config())
+
+
+@pytest.fixture()
+def store(tmp_path) -> Store:
+    return Store(str(tmp_path / "store"))
+
+
+@pytest.fixture()
+def published(store: Store, tiny_standard: Standard) -> tuple[Store, Standard]:
+    save_standard(store, tiny_standard)
+    return store, tiny_standard
+
+
+def save_checkpoint(model: torch.nn.Module, path: str) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,174 @@
+"""Integration: catalog -> embed -> select on a real local Ray, and the jobs' error exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+
+from selection.catalog import CatalogEntry, write_catalog
+from tests.conftest import save_checkpoint
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from jobs import runtime
+
+    runtime.init(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def catalog(tmp_path) -> str:
+    ckpt = save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "r.safetensors"))
+    entries = [CatalogEntry("zoo/trained-ish", "resnet10t", ckpt, input_size=32, tags=("t",)),
+               CatalogEntry("zoo/regnet", "regnetx_002", None, input_size=32),
+               CatalogEntry("zoo/mobilenet", "mobilenetv3_small_050", None, input_size=32, tags=("small",))]
+    path = str(tmp_path / "catalog.jsonl")
+    write_catalog(entries, path)
+    return path
+
+
+def _mtimes(root: str) -> dict[str, int]:
+    out = {}
+    for d, _, files in os.walk(os.path.join(root, "embeddings")):
+        for f in files:
+            out[os.path.join(d, f)] = os.stat(os.path.join(d, f)).st_mtime_ns
+    return out
+
+
+def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys):
+    from jobs import embed, reindex, select
+
+    store, std = published
+    assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out
+    before = _mtimes(store.root)
+    assert len(before) == 3
+    # A rerun is a no-op: nothing embedded, no object rewritten.
+    assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
+    assert "summary: 0 embedded, 3 skipped" in capsys.readouterr().out
+    assert _mtimes(store.root) == before
+
+    out_json = str(tmp_path / "res.json")
+    out_pq = str(tmp_path / "res.parquet")
+    tasks = ["builtin:fashion-mnist?classes=5,7,9&per_class=12", "builtin:digits?classes=0,1&per_class=10"]
+    args = ["--store", store.url, "--top-k", "3", "--verify-top-k", "2", "--json", out_json,
+            "--parquet", out_pq, "--no-progress", "--task-image-size", "32"]
+    for t in tasks:
+        args += ["--task", t]
+    assert select.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "task builtin:fashion-mnist?classes=5,7,9&per_class=12" in printed
+    doc = json.load(open(out_json))
+    assert doc["standard_id"] == std.id and [t["task"] for t in doc["tasks"]] == tasks
+    for t in doc["tasks"]:
+        ranks = t["ranking"]
+        assert [r["rank"] for r in ranks] == [1, 2, 3]
+        assert {r["model_id"] for r in ranks} == {"zoo/trained-ish", "zoo/regnet", "zoo/mobilenet"}
+        verified = [r for r in ranks if r["verified_accuracy"] is not None]
+        assert len(verified) == 2 and all(0 <= r["verified_accuracy"] <= 1 for r in verified)
+        assert verified[0]["verified_accuracy"] >= verified[1]["verified_accuracy"]
+        assert all(isinstance(r["score"], float) for r in ranks)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out_pq).num_rows == 6
+
+    # Constraints filter inside the sweep.
+    assert select.main(["--store", store.url, "--task", tasks[0], "--where", "tag=small",
+                        "--json", out_json, "--no-progress", "--task-image-size", "32"]) == 0
+    capsys.readouterr()
+    ranking = json.load(open(out_json))["tasks"][0]["ranking"]
+    assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"]
+
+    # Reindex with one model gone from the catalog removes exactly its object.
+    lines = open(catalog).read().splitlines()
+    open(catalog, "w").write("\n".join(lines[:2]) + "\n")
+    assert reindex.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
+    assert "0 embedded, 2 skipped, 1 removed" in capsys.readouterr().out
+    after = _mtimes(store.root)
+    assert len(after) == 2 and all(before[p] == m for p, m in after.items())
+
+
+def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, capsys):
+    from jobs import embed
+
+    store, std = published
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    entries = [CatalogEntry("ok", "resnet10t", None, input_size=32),
+               CatalogEntry("corrupt", "resnet10t", str(corrupt)),
+               CatalogEntry("unknown", "no_such_net_abc", None),
+               CatalogEntry("missing", "resnet10t", str(tmp_path / "nope.safetensors"))]
+    cat = str(tmp_path / "c.jsonl")
+    write_catalog(entries, cat)
+    assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "1 embedded" in out and "3 failed" in out
+    assert "failed: corrupt: model 'corrupt': corrupt safetensors" in out or "failed: corrupt:" in out
+    assert "unknown timm architecture 'no_such_net_abc'" in out
+    assert "checkpoint not found" in out
+    assert len(store.list("embeddings", ".parquet")) == 1
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["jobs.select", "--store", "ftp://host/x", "--task", "t"], "unsupported store URL scheme 'ftp'"),
+    (["jobs.select", "--store", "s3://Bad_Bucket/x", "--task", "t"], "invalid S3 bucket name 'Bad_Bucket'"),
+    (["jobs.embed", "--catalog", "/no/such/catalog.yaml", "--store", "/tmp/x"], "catalog file not found: '/no/such/catalog.yaml'"),
+    (["jobs.standard", "--store", "/tmp/zs-bad-d", "--d", "1"], "d must be in [2, 512], got 1"),
+])
+def test_bad_input_one_line_error(args, needle):
+    r = _run(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert lines == [f"error: {lines[0][7:]}"] and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_select_on_store_without_standard(tmp_path):
+    r = _run("jobs.select", "--store", str(tmp_path / "empty"), "--task", "builtin:digits")
+    assert r.returncode == 2 and "has no standard" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.parquet"))
+
+
+def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):
+    from jobs import embed, select
+    from jobs.common import run_main
+
+    store, _ = published
+    embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"])
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "one" / "a" / f"{i}.png")
+    for task, needle in ((str(tmp_path / "one"), "has only one class"),
+                         ("builtin:fashion-mnist?classes=1,2&n=0", "is empty")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(select.main, ["--store", store.url, "--task", task, "--no-progress"])
+        assert exc.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_help_works():
+    for mod in ("jobs.standard", "jobs.embed", "jobs.select", "jobs.reindex", "jobs.demo", "jobs.table"):
+        r = _run(mod, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout, (mod, r.stderr)
+    r = _run("selection.cli", "--help")
+    assert r.returncode == 0 and "reindex" in r.stdout

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from selection.catalog import CatalogEntry, load_catalog, parse_catalog
+from selection.errors import ConfigError
+from selection.keys import model_key, shard_of
+from selection.table import row_path
+
+
+@pytest.mark.parametrize("mid", ["../../etc/passwd", "/abs/path", "a/../../b", "..", ".", "~root",
+                                 "x" * 3000, "модель/ünïcödé", "a\\..\\b", "hf-hub:timm/resnet50.a1_in1k"])
+def test_model_key_is_path_safe(mid):
+    key = model_key(mid)
+    assert "/" not in key and "\\" not in key and ".." not in key and not key.startswith(".")
+    assert key.isascii() and len(key) <= 48 + 17
+    path = row_path("std-x", mid)
+    assert path.startswith("embeddings/std-x/") and path.count("/") == 3
+    assert shard_of(key) == key[-16:-14]
+
+
+def test_model_keys_do_not_collide():
+    ids = ["a/b", "a_b", "a b", "a:b", "A/b", "a/b ", "ü", "ue", "x" * 2000, "x" * 2001]
+    assert len({model_key(i) for i in ids}) == len(ids)
+
+
+def test_model_key_rejects_empty():
+    with pytest.raises(ValueError, match="non-empty"):
+        model_key("  ")
+
+
+def test_catalog_yaml_and_jsonl(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("models:\n  - id: a\n    arch: resnet18\n    tags: [x, y]\n  - {id: b, arch: resnet10t, weights: /w.safetensors}\n")
+    entries = load_catalog(str(y))
+    assert [e.id for e in entries] == ["a", "b"] and entries[0].tags == ("x", "y")
+    j = tmp_path / "c.jsonl"
+    j.write_text("\n".join(json.dumps(e.to_dict()) for e in entries) + "\n")
+    assert load_catalog(str(j)) == entries
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- {arch: resnet18}", "lacks required key 'id'"),
+    ("- {id: a}", "lacks required key 'arch'"),
+    ("- {id: a, arch: resnet18, colour: red}", r"unknown key\(s\) \['colour'\]"),
+    ("- {id: a, arch: resnet18, tags: x}", "tags must be a list"),
+    ("- {id: a, arch: resnet18}\n- {id: a, arch: resnet10t}", "duplicate model id 'a'"),
+    ("- {id: a, arch: 'res net'}", "arch must be a timm architecture name"),
+    ("- {id: a, arch: resnet18, weights: 'http://x/y.pth'}", "unsupported weights URL"),
+    ("- {id: a, arch: resnet18, input_size: -3}", "input_size must be a positive integer"),
+    ("[]", "no entries"),
+    ("{not yaml: [", "not valid YAML"),
+])
+def test_catalog_errors_name_the_value(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_catalog(text, "cat.yaml")
+
+
+def test_catalog_missing_file():
+    with pytest.raises(ConfigError, match="catalog file not found: '/nope.yaml'"):
+        load_catalog("/nope.yaml")
+
+
+def test_entry_validation():
+    with pytest.raises(ConfigError, match="id must be a non-empty string"):
+        CatalogEntry("", "resnet18")

