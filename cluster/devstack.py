@@ -21,9 +21,12 @@ then writes DIR/zooselect.env (mode 0600) for the jobs:
 env files; data stays in DIR/seaweed unless --purge. `status` exits 0 when everything
 is up, 1 otherwise.
 
-Ray note: Ray replaces a loopback --node-ip-address with the machine's address unless
+Ray notes: Ray replaces a loopback --node-ip-address with the machine's address unless
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("no multi-node cluster": use 127.0.0.1), so that
-variable is set for the head and written to the env file for the drivers.
+variable is set for the head and written to the env file for the drivers. The head runs
+with token authentication (RAY_AUTH_MODE=token) and a token of its own in
+DIR/ray_auth_token (mode 0600), also named in the env file; without it a driver would
+pick ~/.ray/auth_token (or none) and be refused.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -49,6 +53,7 @@ log = logging.getLogger("zooselect.devstack")
 ENV_FILE = "zooselect.env"
 STATE_FILE = "devstack.json"
 RAY_PID_FILE = "ray.pid"
+RAY_TOKEN_FILE = "ray_auth_token"
 SEAWEED_PID_FILE = "seaweed.pid"
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 RAY_PORTS = ("gcs", "node_manager", "object_manager", "runtime_env_agent", "dashboard",
@@ -96,7 +101,9 @@ def env_vars(state: dict[str, Any]) -> dict[str, str]:
     ray = state.get("ray")
     if ray:
         env["RAY_ADDRESS"] = f"{HOST}:{ray['ports']['gcs']}"
-        env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = ray["token_path"]
         if ray.get("dashboard"):
             env["RAY_API_SERVER_ADDRESS"] = f"http://{HOST}:{ray['ports']['dashboard']}"
     s3 = state.get("seaweed")
@@ -113,6 +120,8 @@ def write_env_file(root: str, state: dict[str, Any]) -> str:
     lines = ["# zooselect dev stack (python -m cluster.devstack up); contains a local secret",
              f"# usage: source {shlex.quote(path)}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env_vars(state).items()]
+    if state.get("ray"):
+        lines.append("unset RAY_AUTH_TOKEN  # the token file above is this cluster's")
     _write_private(path, "\n".join(lines) + "\n")
     return path
 
@@ -170,8 +179,12 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
         cmd += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:
         cmd += ["--num-gpus", str(num_gpus)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update(RAY_LOOPBACK_ENV)
+    # token authentication with a token of this stack's own (not ~/.ray/auth_token)
+    token_path = os.path.join(root, RAY_TOKEN_FILE)
+    _write_private(token_path, secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_LOOPBACK_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
     log_path = os.path.join(root, "ray-start.log")
     with open(log_path, "wb") as logfile:
         # a new session: the head's processes form one process group that `down` stops
@@ -182,7 +195,8 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
         except subprocess.TimeoutExpired:
             stop_group(proc.pid)
             raise DevstackError(f"`ray start` did not finish in {timeout:.0f}s (log {log_path})")
-    ray = {"pgid": proc.pid, "ports": ports, "temp_dir": temp_dir, "log": log_path}
+    ray = {"pgid": proc.pid, "ports": ports, "temp_dir": temp_dir, "log": log_path,
+           "token_path": token_path}
     if code != 0:
         stop_group(proc.pid)
         with open(log_path, errors="replace") as fh:
@@ -194,7 +208,7 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
     return ray
 
 
-def stop_group(pgid: int, grace: float = 8.0) -> None:
+def stop_group(pgid: int, grace: float = 5.0) -> None:
     """SIGTERM the process group we created, SIGKILL what is left after `grace` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if not _group_members(pgid) and sys.platform.startswith("linux"):
@@ -270,7 +284,7 @@ def _down(root: str, state: dict[str, Any] | None, *, purge: bool) -> None:
         temp_dir = state["ray"].get("temp_dir", "")
         if temp_dir.startswith("/tmp/zs-ray-"):
             shutil.rmtree(temp_dir, ignore_errors=True)
-    for name in (ENV_FILE, STATE_FILE, RAY_PID_FILE, SEAWEED_PID_FILE):
+    for name in (ENV_FILE, STATE_FILE, RAY_PID_FILE, SEAWEED_PID_FILE, RAY_TOKEN_FILE):
         _remove(os.path.join(root, name))
     if purge:
         shutil.rmtree(os.path.join(root, "seaweed"), ignore_errors=True)

@@ -1,0 +1,634 @@
+"""cluster/: configs that cannot run here are still checked; SeaweedFS and the dev stack run.
+
+Fast tests read the files under cluster/ only. Integration tests (marked) start a real
+SeaweedFS S3 endpoint (and, for the dev stack, a real Ray head) on 127.0.0.1 and drive
+`selection.storage.Store` against it over s3://.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from cluster.seaweed import (GRPC_OFFSET, MAX_PORT, SeaweedError, SeaweedServer, find_weed,
+                             is_loopback, listening_sockets, validate_bucket)
+from selection.errors import StoreError
+from selection.storage import RetryPolicy, Store
+
+pytest_plugins = ["tests.s3_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+YAML_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
+CONFIG_FILES = sorted(p for p in CLUSTER.rglob("*")
+                      if p.is_file() and p.suffix in (".yaml", ".yml", ".md", ".json", ".env"))
+JOB_RE = re.compile(r"(?<![\w.])jobs\.([A-Za-z_][A-Za-z0-9_]*)\b")
+ENTRY_RE = re.compile(r"python3?\s+-m\s+jobs\.([A-Za-z_]\w*)((?:\s+[^\n;&|]*)?)")
+SECRET_NAME_RE = re.compile(r"(?:^|_)(?:SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIALS?)(?:_|$)", re.I)
+FAST_RETRY = RetryPolicy(attempts=2, base_delay_s=0.05, max_delay_s=0.1)
+
+
+# ------------------------------------------------------------------------ helpers
+def _docs(path: Path) -> list[Any]:
+    with open(path) as fh:
+        return [d for d in yaml.safe_load_all(fh) if d is not None]
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(key)
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _job_modules() -> list[str]:
+    names: set[str] = set()
+    for path in YAML_FILES:
+        names.update(JOB_RE.findall(path.read_text()))
+    return sorted(names)
+
+
+def _entrypoints() -> dict[str, list[tuple[str, list[str]]]]:
+    """module -> [(file, flags)] for every `python -m jobs.X ...` in a YAML string value."""
+    out: dict[str, list[tuple[str, list[str]]]] = {}
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            for text in _strings(doc):
+                for module, rest in ENTRY_RE.findall(" ".join(text.split())):
+                    flags = [t.split("=")[0] for t in shlex.split(rest) if t.startswith("--")]
+                    out.setdefault(module, []).append((path.name, flags))
+    return out
+
+
+def _kuberay_cluster_specs() -> list[tuple[str, dict]]:
+    specs = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            if doc.get("kind") == "RayCluster":
+                specs.append((path.name, doc["spec"]))
+            elif doc.get("kind") == "RayJob" and "rayClusterSpec" in doc["spec"]:
+                specs.append((path.name, doc["spec"]["rayClusterSpec"]))
+    return specs
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _gpus(container: dict) -> float:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    return float(limits.get("nvidia.com/gpu", 0))
+
+
+# ------------------------------------------------------------------ config tests
+def test_cluster_dir_has_the_expected_files():
+    for rel in ("__init__.py", "seaweed.py", "devstack.py", "ray-cluster.yaml", "runtime_env.yaml",
+                "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob-embed.yaml",
+                "kuberay/rayjob-select.yaml", "kuberay/reindex-cronjob.yaml"):
+        assert (CLUSTER / rel).is_file(), f"cluster/{rel} is missing"
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_yaml_parses(path: Path):
+    docs = _docs(path)
+    assert docs, f"{path} has no YAML documents"
+    assert all(isinstance(d, dict) for d in docs), f"{path}: every document should be a mapping"
+
+
+def test_configs_name_the_jobs():
+    names = set(_job_modules())
+    assert {"embed", "select", "reindex"} <= names, f"configs name jobs {sorted(names)}"
+
+
+@pytest.mark.parametrize("module", _job_modules())
+def test_named_job_module_exists(module: str):
+    path = REPO / "jobs" / f"{module}.py"
+    assert path.is_file(), f"a config under cluster/ runs jobs.{module}, but {path} does not exist"
+
+
+@pytest.mark.parametrize("module", sorted(_entrypoints()))
+def test_entrypoint_flags_are_accepted_by_the_job(module: str):
+    if not (REPO / "jobs" / f"{module}.py").is_file():
+        pytest.skip(f"jobs/{module}.py does not exist (test_named_job_module_exists fails)")
+    proc = subprocess.run([sys.executable, "-m", f"jobs.{module}", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"python -m jobs.{module} --help failed:\n{proc.stderr[-2000:]}"
+    for fname, flags in _entrypoints()[module]:
+        for flag in flags:
+            assert re.search(rf"{re.escape(flag)}\b", proc.stdout), \
+                f"{fname} passes {flag} to jobs.{module}, which does not accept it"
+
+
+_LITERAL_SECRET_PATTERNS = [
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
+    (re.compile(r"(?i)(secret|password|token)\w*[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{16,}"),
+     "a literal secret value"),
+    (re.compile(r"(?<![A-Za-z0-9/+=_.-])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=_.-])"),
+     "a 40-character AWS-secret-like string"),
+]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_no_literal_secrets_in_configs(path: Path):
+    text = path.read_text()
+    for pattern, what in _LITERAL_SECRET_PATTERNS:
+        match = pattern.search(text)
+        assert match is None, f"{path.name} contains {what}: {match.group(0)[:12]}..."
+
+
+def _env_entries() -> Iterator[tuple[str, dict]]:
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            for node in _walk(doc):
+                if isinstance(node, dict) and isinstance(node.get("env"), list):
+                    for entry in node["env"]:
+                        yield path.name, entry
+
+
+def test_kubernetes_credentials_come_from_secrets():
+    seen = set()
+    for fname, entry in _env_entries():
+        if SECRET_NAME_RE.search(entry["name"]):
+            assert "value" not in entry, f"{fname}: {entry['name']} has a literal value"
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            assert ref and ref.get("name") and ref.get("key"), \
+                f"{fname}: {entry['name']} must come from a secretKeyRef"
+            seen.add((fname, entry["name"]))
+    for fname in ("raycluster.yaml", "rayjob-embed.yaml", "rayjob-select.yaml"):
+        assert (fname, "AWS_SECRET_ACCESS_KEY") in seen, f"{fname} gives no S3 secret to Ray"
+
+
+def _runtime_envs() -> list[tuple[str, dict]]:
+    envs = [("runtime_env.yaml", _docs(CLUSTER / "runtime_env.yaml")[0])]
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            if doc.get("kind") == "RayJob" and doc["spec"].get("runtimeEnvYAML"):
+                envs.append((path.name, yaml.safe_load(doc["spec"]["runtimeEnvYAML"])))
+            for text in _strings(doc):
+                match = re.search(r"--runtime-env-json\s+'([^']*)'", text)
+                if match:
+                    envs.append((path.name, json.loads(match.group(1))))
+    return envs
+
+
+def test_runtime_envs_are_valid_and_hold_no_secrets():
+    from ray.runtime_env import RuntimeEnv
+
+    envs = _runtime_envs()
+    assert len(envs) >= 4  # the file, two RayJobs, the CronJob
+    for fname, env in envs:
+        RuntimeEnv(**env)  # Ray's own validation of the fields
+        pip = env.get("pip")
+        packages = pip.get("packages", []) if isinstance(pip, dict) else (pip or [])
+        assert any(str(p).startswith("zooselect") for p in packages), f"{fname}: no zooselect"
+        for key, value in (env.get("env_vars") or {}).items():
+            if SECRET_NAME_RE.search(key):
+                assert re.fullmatch(r"\$\{\w+\}", value), \
+                    f"{fname}: env var {key} must reference a node variable, not a value"
+
+
+def test_kuberay_worker_groups_request_gpus_and_head_does_not():
+    specs = _kuberay_cluster_specs()
+    assert {name for name, _ in specs} >= {"raycluster.yaml", "rayjob-embed.yaml",
+                                          "rayjob-select.yaml"}
+    for fname, spec in specs:
+        head = _containers(spec["headGroupSpec"]["template"])
+        assert all(_gpus(c) == 0 for c in head), f"{fname}: the head should not hold a GPU"
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", \
+            f"{fname}: the head service must not be exposed outside the cluster"
+        groups = spec["workerGroupSpecs"]
+        assert groups, f"{fname}: no worker group"
+        gpu_groups = [g for g in groups if any(_gpus(c) >= 1 for c in _containers(g["template"]))]
+        assert gpu_groups, f"{fname}: no worker group requests nvidia.com/gpu"
+        for group in gpu_groups:
+            assert group["maxReplicas"] >= max(1, group.get("minReplicas", 0))
+            for c in _containers(group["template"]):
+                req = (c.get("resources") or {}).get("requests") or {}
+                assert str(req.get("nvidia.com/gpu", _gpus(c))) == str(c["resources"]["limits"]
+                                                                       ["nvidia.com/gpu"])
+
+
+def test_kuberay_manifests_kinds_and_entrypoints():
+    kinds = {}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name")
+            kinds[path.name] = (doc["apiVersion"], doc["kind"])
+    assert kinds["raycluster.yaml"] == ("ray.io/v1", "RayCluster")
+    assert kinds["rayjob-embed.yaml"] == ("ray.io/v1", "RayJob")
+    assert kinds["rayjob-select.yaml"] == ("ray.io/v1", "RayJob")
+    embed = _docs(KUBERAY / "rayjob-embed.yaml")[0]["spec"]["entrypoint"]
+    assert re.search(r"python -m jobs\.embed .*--catalog \S+ .*--store s3://", embed)
+    select = _docs(KUBERAY / "rayjob-select.yaml")[0]["spec"]["entrypoint"]
+    assert re.search(r"python -m jobs\.select .*--store s3://\S+ .*--task \S+", select)
+    text = "\n".join(p.read_text() for p in KUBERAY.glob("*.yaml"))
+    assert "LoadBalancer" not in text and "kind: Ingress" not in text
+
+
+def test_reindex_is_scheduled():
+    doc = _docs(KUBERAY / "reindex-cronjob.yaml")[0]
+    if doc["kind"] == "CronJob":
+        assert doc["apiVersion"] == "batch/v1"
+        fields = doc["spec"]["schedule"].split()
+        assert len(fields) == 5, "schedule must be a 5-field cron expression"
+        command = " ".join(" ".join(c.get("command", []) + c.get("args", []))
+                           for c in _containers(doc["spec"]["jobTemplate"]["spec"]["template"]))
+        assert "ray job submit" in command
+        assert re.search(r"--\s+python -m jobs\.reindex .*--catalog \S+ .*--store \S+",
+                         " ".join(command.split()))
+    else:  # a RayJob on a schedule
+        assert doc["kind"] == "RayJob" and doc["spec"].get("schedule")
+        assert "jobs.reindex" in doc["spec"]["entrypoint"]
+
+
+def test_ray_cluster_launcher_config():
+    cfg = _docs(CLUSTER / "ray-cluster.yaml")[0]
+    try:
+        import jsonschema
+        import ray.autoscaler
+
+        with open(Path(ray.autoscaler.__file__).parent / "ray-schema.json") as fh:
+            jsonschema.validate(cfg, json.load(fh))
+    except ImportError:  # pragma: no cover - jsonschema is optional
+        pass
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu_types = [name for name, t in types.items()
+                 if re.match(r"(g4dn|g5|g6|g6e|p3|p4d|p4de|p5)\.", t["node_config"]["InstanceType"])
+                 and t.get("max_workers", 0) > 0 and name != cfg["head_node_type"]]
+    assert gpu_types, "no GPU worker node type that can scale up"
+    assert any("pip install zooselect" in c for c in cfg["setup_commands"])
+    assert not any("IamInstanceProfile" in json.dumps(t) and "arn:aws:iam::" in json.dumps(t)
+                   and re.search(r"\d{12}", json.dumps(t)) for t in types.values()), \
+        "use a placeholder instance profile name, not a real account ARN"
+
+
+def test_readme_describes_every_config():
+    readme = (CLUSTER / "README.md").read_text()
+    for path in YAML_FILES + [CLUSTER / "devstack.py", CLUSTER / "seaweed.py"]:
+        assert str(path.relative_to(CLUSTER)) in readme, f"README.md does not mention {path.name}"
+
+
+def test_devstack_help():
+    for argv in (["--help"], ["up", "--help"], ["down", "--help"], ["status", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "cluster.devstack", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage:" in proc.stdout
+    assert all(cmd in proc.stdout for cmd in ("--dir",))
+
+
+def test_devstack_status_without_a_stack(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cluster.devstack", "status", "--dir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no dev stack" in proc.stdout
+
+
+# --------------------------------------------------------- seaweed unit tests
+def test_bucket_names_are_validated():
+    for bad in ("ab", "a" * 64, "Upper", "-dash", "dash-", "a..b", "with_underscore"):
+        with pytest.raises(SeaweedError, match="invalid bucket name"):
+            validate_bucket(bad)
+    assert validate_bucket("abc") == "abc"
+    assert validate_bucket("a" * 63) == "a" * 63
+
+
+def test_missing_weed_binary_is_a_clear_error(tmp_path):
+    with pytest.raises(SeaweedError, match="does not exist or is not executable"):
+        find_weed(str(tmp_path / "weed"))
+
+
+def test_listening_sockets_reads_proc():
+    if not os.path.isdir("/proc/net"):
+        pytest.skip("no /proc")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert ("127.0.0.1", port) in listening_sockets(os.getpid())
+    assert ("127.0.0.1", port) not in listening_sockets(os.getpid())
+
+
+# ------------------------------------------------------ seaweed integration tests
+def _non_loopback_ipv4() -> set[str]:
+    addrs: set[str] = set()
+    try:
+        addrs.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:  # no packet is sent; the kernel picks the outgoing address
+            sock.connect(("192.0.2.1", 9))
+            addrs.add(sock.getsockname()[0])
+        except OSError:
+            pass
+    return {a for a in addrs if not is_loopback(a) and a != "0.0.0.0"}
+
+
+@pytest.mark.integration
+def test_server_listens_on_loopback_only_on_its_ports(s3_server: SeaweedServer):
+    assert s3_server.endpoint == f"http://127.0.0.1:{s3_server.port}"
+    ports = [p for port in s3_server.ports.values() for p in (port, port + GRPC_OFFSET)]
+    assert max(ports) < MAX_PORT, "gRPC ports (HTTP + 10000) must stay below 55535"
+    actual = listening_sockets(s3_server.pid)
+    if actual is not None:
+        assert actual == s3_server.expected_listeners()
+        assert all(is_loopback(addr) for addr, _ in actual), actual
+    for addr in _non_loopback_ipv4():
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            assert sock.connect_ex((addr, s3_server.port)) != 0, \
+                f"S3 port answers on the non-loopback address {addr}"
+
+
+@pytest.mark.integration
+def test_busy_port_is_refused_not_silently_moved(seaweed_factory):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        if busy >= MAX_PORT - GRPC_OFFSET:
+            pytest.skip("kernel gave a port too high to ask SeaweedFS for")
+        with pytest.raises(SeaweedError, match=str(busy)):
+            seaweed_factory("zs-busy-port", port=busy)
+
+
+@pytest.mark.integration
+def test_server_rejects_anonymous_and_wrong_credentials(s3_server: SeaweedServer):
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    import botocore.session
+
+    good = s3_server.client()
+    try:
+        good.head_bucket(Bucket=s3_server.bucket)
+    finally:
+        good.close()
+    for key, secret in ((s3_server.access_key, "wrong-" + s3_server.secret_key),
+                        ("ZSNOSUCHKEY000000000", s3_server.secret_key)):
+        bad = s3_server.client(access_key=key, secret_key=secret)
+        with pytest.raises(ClientError) as err:
+            bad.list_objects_v2(Bucket=s3_server.bucket)
+        bad.close()
+        assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    anon = botocore.session.Session().create_client(
+        "s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}))
+    with pytest.raises(ClientError):
+        anon.list_objects_v2(Bucket=s3_server.bucket)
+    anon.close()
+
+
+@pytest.mark.integration
+def test_store_round_trip(s3_store_url: str):
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    store.check()
+    assert store.list("") == []
+    assert not store.exists("emb/std1/m1.parquet")
+    store.write_bytes("emb/std1/m1.parquet", b"one")
+    store.write_bytes("emb/std1/m2.parquet", b"two")
+    store.write_bytes("standards/std1/standard.json", b"{}")
+    assert store.exists("emb/std1/m1.parquet")
+    assert store.read_bytes("emb/std1/m2.parquet") == b"two"
+    assert store.list("emb") == ["emb/std1/m1.parquet", "emb/std1/m2.parquet"]
+    assert store.list("", suffix=".json") == ["standards/std1/standard.json"]
+    assert store.delete("emb/std1/m1.parquet") is True
+    assert not store.exists("emb/std1/m1.parquet")
+    assert store.list("emb") == ["emb/std1/m2.parquet"]
+    with pytest.raises(StoreError, match="no object at s3://"):
+        store.read_bytes("emb/std1/m1.parquet")
+
+
+@pytest.mark.integration
+def test_store_table_round_trip(s3_store_url: str):
+    import pyarrow as pa
+
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    table = pa.table({"model_id": ["a/b", "c"], "embedding": [[1.0, 2.0], [3.0, 4.0]]})
+    store.write_table("emb/x.parquet", table)
+    assert store.read_table("emb/x.parquet").equals(table)
+    assert [t.num_rows for t in store.read_tables(["emb/x.parquet"] * 3)] == [2, 2, 2]
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(reason="storage.py bug: on S3, Store.delete returns True for a missing "
+                          "object (DeleteObject succeeds either way; s3fs.rm_file raises "
+                          "nothing), though its docstring promises False", strict=False)
+def test_store_delete_of_missing_object_returns_false(s3_store_url: str):
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    assert store.delete("never/written.parquet") is False
+
+
+@pytest.mark.integration
+def test_store_overwrite_is_atomic(s3_store_url: str):
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    size = 2 * 1024 * 1024
+    versions = [bytes([65 + i]) * size for i in range(3)]
+    store.write_bytes("row.parquet", versions[0])
+    stop = threading.Event()
+    seen: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        reader_store = Store(s3_store_url, retry=FAST_RETRY)
+        while not stop.is_set():
+            try:
+                seen.append(reader_store.read_bytes("row.parquet"))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            store.write_bytes("row.parquet", versions[i % len(versions)])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[0]
+    assert len(seen) >= 3 and i >= 3
+    bad = [s[:1] + b"..." + str(len(s)).encode() for s in seen if s not in versions]
+    assert not bad, f"a reader saw a torn object: {bad[:3]}"
+    assert store.read_bytes("row.parquet") == versions[i % len(versions)]
+
+
+@pytest.mark.integration
+def test_store_list_shows_everything(s3_store_url: str):
+    """Pagination (> 1000 keys), nesting, odd characters, empty objects: nothing is lost."""
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    keys = [f"emb/std1/bulk/m{i:04d}.parquet" for i in range(1100)]
+    keys += ["emb/std1/m1.parquet", "emb/std1/m10.parquet", "emb/std1/a/b/c/deep.parquet",
+             "emb/std1/with space.parquet", "emb/std1/plus+equals=.parquet",
+             "emb/std1/ünïcode.parquet", "emb/std1/empty.parquet", "emb/std2/other.parquet",
+             "emb/std1/not-parquet.json"]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.write_bytes(k, b"" if "empty" in k else k.encode()), keys))
+    listed = store.list("emb/std1", suffix=".parquet")
+    expected = sorted(k for k in keys if k.startswith("emb/std1/") and k.endswith(".parquet"))
+    assert listed == expected
+    assert store.list("emb") == sorted(keys)
+    assert store.list("emb/std1/m1.parquet") == ["emb/std1/m1.parquet"]
+    assert store.list("emb/std1/a") == ["emb/std1/a/b/c/deep.parquet"]
+    assert store.list("emb/std3") == []
+    assert store.read_bytes("emb/std1/empty.parquet") == b""
+    assert store.read_bytes("emb/std1/with space.parquet") == b"emb/std1/with space.parquet"
+
+
+@pytest.mark.integration
+def test_missing_bucket_is_a_store_error_naming_it(s3_env):
+    bucket = f"zs-missing-{uuid.uuid4().hex[:10]}"
+    store = Store(f"s3://{bucket}/zoo", retry=FAST_RETRY)
+    with pytest.raises(StoreError, match=bucket):
+        store.check()
+    with pytest.raises(StoreError, match=bucket):
+        store.read_bytes("emb/x.parquet")
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(reason="storage.py bug: write_bytes to a missing S3 bucket raises a raw "
+                          "FileNotFoundError (Store._call re-raises FileNotFoundError and "
+                          "write_bytes does not translate it)", strict=False)
+def test_write_to_missing_bucket_is_a_store_error(s3_env):
+    bucket = f"zs-missing-{uuid.uuid4().hex[:10]}"
+    store = Store(f"s3://{bucket}/zoo", retry=FAST_RETRY)
+    with pytest.raises(StoreError, match=bucket):
+        store.write_bytes("emb/x.parquet", b"x")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("which", ["secret", "access_key"])
+def test_wrong_credentials_are_a_store_error_without_the_secret(
+        s3_server: SeaweedServer, s3_env, s3_store_url: str, monkeypatch, which: str):
+    Store(s3_store_url, retry=FAST_RETRY).write_bytes("emb/m.parquet", b"x")
+    wrong_secret = "WrongSecret" + uuid.uuid4().hex
+    if which == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ZSUNKNOWNKEY" + uuid.uuid4().hex[:8].upper())
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    calls = {"check": store.check, "read": lambda: store.read_bytes("emb/m.parquet"),
+             "write": lambda: store.write_bytes("emb/n.parquet", b"y"),
+             "list": lambda: store.list("emb"), "exists": lambda: store.exists("emb/m.parquet")}
+    for name, call in calls.items():
+        with pytest.raises(StoreError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message, f"{name}: not one line: {message!r}"
+        assert wrong_secret not in message and s3_server.secret_key not in message, \
+            f"{name}: the secret leaked into {message!r}"
+        if name != "check":
+            assert "access denied" in message, f"{name}: {message!r}"
+
+
+@pytest.mark.integration
+def test_restart_keeps_data_and_ports(seaweed_factory, monkeypatch):
+    from tests.s3_fixtures import point_env_at
+
+    server = seaweed_factory("zs-restart")
+    point_env_at(server, monkeypatch)
+    endpoint, ports, root = server.endpoint, dict(server.ports), server.data_dir
+    store = Store(server.store_url("zoo"), retry=FAST_RETRY)
+    store.write_bytes("emb/a.parquet", b"alpha")
+    store.write_bytes("emb/b.parquet", b"beta")
+
+    server.stop()
+    assert not server.running()
+    with pytest.raises(StoreError, match="unreachable"):
+        Store(server.store_url("zoo"), retry=FAST_RETRY).read_bytes("emb/a.parquet")
+
+    server.restart()
+    assert (server.endpoint, server.ports, server.data_dir) == (endpoint, ports, root)
+    store = Store(server.store_url("zoo"), retry=FAST_RETRY)
+    assert store.list("emb") == ["emb/a.parquet", "emb/b.parquet"]
+    assert store.read_bytes("emb/a.parquet") == b"alpha"
+    store.write_bytes("emb/c.parquet", b"gamma")
+
+    server.restart(kill=True)  # a crash, not a clean shutdown
+    store = Store(server.store_url("zoo"), retry=FAST_RETRY)
+    assert store.list("emb") == ["emb/a.parquet", "emb/b.parquet", "emb/c.parquet"]
+    assert store.read_bytes("emb/c.parquet") == b"gamma"
+
+
+@pytest.mark.integration
+def test_devstack_up_status_down(tmp_path):
+    from cluster.seaweed import weed_available
+
+    if not weed_available():
+        pytest.skip("SeaweedFS `weed` binary not installed")
+    root = tmp_path / "stack"
+    base = [sys.executable, "-m", "cluster.devstack"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    up = subprocess.run(base + ["up", "--dir", str(root), "--num-cpus", "1", "--bucket",
+                                "zs-devstack"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env_file = root / "zooselect.env"
+        assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+        exported = dict(re.findall(r"^export (\w+)=(.*)$", env_file.read_text(), re.M))
+        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "ZOOSELECT_STORE"):
+            assert var in exported, f"{var} missing from {env_file}"
+        assert exported["RAY_ADDRESS"].startswith("127.0.0.1:")
+        assert exported["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+        assert exported["ZOOSELECT_STORE"] == "s3://zs-devstack/zoo"
+        status = subprocess.run(base + ["status", "--dir", str(root)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        # a driver that sources the env file reaches both Ray and the store
+        probe = ("import os, ray\n"
+                 "from selection.storage import Store\n"
+                 "s = Store(os.environ['ZOOSELECT_STORE']); s.check(); s.write_bytes('p', b'1')\n"
+                 "ray.init(logging_level='ERROR')\n"
+                 "print('OK', ray.get(ray.remote(lambda: s.read_bytes('p')).remote()))\n")
+        driver = subprocess.run(
+            ["bash", "-c", f"source {shlex.quote(str(env_file))} && exec {shlex.quote(sys.executable)} -c "
+                           f"{shlex.quote(probe)}"], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=120)
+        assert "OK b'1'" in driver.stdout, driver.stdout + driver.stderr[-3000:]
+    finally:
+        down = subprocess.run(base + ["down", "--dir", str(root)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (root / "zooselect.env").exists()
+    status = subprocess.run(base + ["status", "--dir", str(root)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1
