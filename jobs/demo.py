@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = load_table(store, std)
     config = SelectConfig(top_k=len(entries), verify_top_k=args.verify_top_k)
     print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
-    results = select_job.select(std, table, TASKS, config, progress=not args.no_progress)
+    results = select_job.select(std, [table], TASKS, config, progress=not args.no_progress)
     print("[5/5] measuring every candidate's linear-probe accuracy on each task (ground truth, "
           "for comparison only: selection itself never runs the candidates)")
     items = [(e, t) for t in TASKS for e in entries]

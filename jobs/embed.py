@@ -16,10 +16,9 @@ from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ZooselectError
-from selection.keys import model_key
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import delete_row, list_rows
+from selection.table import delete_row, read_index
 
 
 @dataclass(frozen=True)
@@ -31,23 +30,19 @@ class Plan:
 
 
 def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool) -> Plan:
-    """Diff the catalog against the table: what to embed, skip and (with prune) remove."""
+    """Diff the catalog against the table's index: what to embed, skip and (with prune) remove."""
+    index = read_index(store, std)
     embed, skip, invalid = [], [], []
     for e in entries:
         try:
-            needed, _ = needs_embedding(store, std, e)
+            needed = needs_embedding(e, index.get(e.id))
         except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
             invalid.append(EmbedResult(e.id, "failed", str(exc)))
             continue
         (embed.append(e) if needed else skip.append(e.id))
-    remove: list[str] = []
-    if prune:
-        wanted = {model_key(e.id) for e in entries}
-        for path in list_rows(store, std.id):
-            key = path.rsplit("/", 1)[-1][: -len(".parquet")]
-            if key not in wanted:
-                remove.append(store.read_table(path).column("model_id")[0].as_py())
-    return Plan(tuple(embed), tuple(skip), tuple(sorted(remove)), tuple(invalid))
+    wanted = {e.id for e in entries}
+    remove = sorted(mid for mid in index if mid not in wanted) if prune else []
+    return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid))
 
 
 def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:

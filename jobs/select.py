@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -20,9 +20,9 @@ from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
-                              load_task, model_task_accuracy, rerank_verified, sweep)
+                              load_task, model_task_accuracy, rerank_verified, sweep_shards)
 from selection.standard import Standard, load_standard
-from selection.table import load_table
+from selection.table import EmbeddingTable, iter_shards, list_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,9 +53,9 @@ def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any]]) -> fl
     return model_task_accuracy(entry_of(row), load_task(spec, config), std.input_size, config.protocol)
 
 
-def select(std: Standard, table: Any, tasks: list[str], config: SelectConfig,
+def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
            progress: bool = True) -> list[dict[str, Any]]:
-    """Embed the tasks, sweep, verify; one result dict per task."""
+    """Embed the tasks (in parallel), sweep the table's shards once, verify; one dict per task."""
     t0 = time.perf_counter()
     embs = runtime.map_tasks(_task_embedding, [(t, config) for t in tasks], shared=std,
                              desc="tasks", progress=progress)
@@ -64,7 +64,14 @@ def select(std: Standard, table: Any, tasks: list[str], config: SelectConfig,
         raise errors[0]
     t_sweep = time.perf_counter()
     weights = np.stack([e.weights for e in embs])
-    rankings = sweep(table, weights, config.top_k, config.constraints)
+    rows = [0]
+
+    def counted() -> Iterable[EmbeddingTable]:
+        for shard in shards:
+            rows[0] += len(shard)
+            yield shard
+
+    rankings = sweep_shards(counted(), weights, config.top_k, config.constraints)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)
@@ -90,6 +97,7 @@ def select(std: Standard, table: Any, tasks: list[str], config: SelectConfig,
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
+        o["models_swept"] = rows[0]
     return out
 
 
@@ -144,16 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"the same task is given twice: {args.task}")
     store = open_store(args)
     std = load_standard(store, args.standard)
-    table = load_table(store, std)
-    if len(table) == 0:
+    listing = list_table(store, std)
+    if not (listing.rows or listing.segments):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)
-    results = select(std, table, args.task, config, progress=not args.no_progress)
-    print(format_results(results, std.id, len(table)))
+    results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress)
+    m = results[0]["models_swept"]
+    print(format_results(results, std.id, m))
     write_outputs(results, std.id, args.json, args.parquet)
     total = max(r["total_seconds"] for r in results)
-    print(f"\nsummary: {len(results)} task(s), {len(table)} models swept in "
+    print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
           f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {config.verify_top_k * len(results)} verified; "
           f"{total:.1f}s")
     return 0

@@ -1,4 +1,4 @@
-"""Inspect or edit the table: `python -m jobs.table ls|remove --store STORE [...]`."""
+"""Inspect or edit the table: `python -m jobs.table ls|remove|compact --store STORE [...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Sequence
 
 from jobs.common import add_store_args, open_store, run_main
 from selection.standard import list_standards, load_standard
-from selection.table import delete_row, load_table
+from selection.table import compact, delete_row, load_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +18,9 @@ def parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("remove", help="remove models from the table (one object each)")
     add_store_args(rm)
     rm.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
+    cp = sub.add_parser("compact", help="fold row objects into segments (fast reads at 10^5+ models)")
+    add_store_args(cp)
+    cp.add_argument("--segment-rows", type=int, default=50_000)
     return p
 
 
@@ -34,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{row['gflops']:>7.2f} GF {row['input_size']:>4}px {row['weights_sha256'][:12]}"
                   f"{'  (standard baseline)' if row['is_baseline'] else ''}")
         print(f"{len(table)} models under standard {std.id}")
+        return 0
+    if args.command == "compact":
+        res = compact(store, std, args.segment_rows)
+        print(f"compacted {res.rows} rows into {res.segments_written} segment(s), removed "
+              f"{res.objects_removed} objects in {res.seconds:.1f}s")
         return 0
     missing = [mid for mid in args.model_ids if not delete_row(store, std, mid)]
     print(f"removed {len(args.model_ids) - len(missing)} model(s)"

@@ -16,7 +16,7 @@ from selection.errors import ZooselectError
 from selection.models import count_gflops, extract_features, load_model, weights_digest
 from selection.standard import Standard
 from selection.storage import Store
-from selection.table import read_row, versions_json, write_row
+from selection.table import versions_json, write_row
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,15 @@ class EmbedResult:
     path: str = ""
 
 
-def needs_embedding(store: Store, std: Standard, entry: CatalogEntry) -> tuple[bool, str]:
-    """(True, digest) unless a row with the same weights digest and catalog entry exists."""
-    digest = weights_digest(entry)
-    row = read_row(store, std, entry.id)
-    if row is None:
-        return True, digest
-    same = row["weights_sha256"] == digest and row["catalog_entry"] == _entry_json(entry)
-    return not same, digest
+def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
+    """True unless the table's row for `entry` has the same weights digest and catalog entry.
+
+    `indexed` is the model's row from `selection.table.read_index` (None if absent).
+    """
+    if indexed is None:
+        return True
+    return not (indexed["weights_sha256"] == weights_digest(entry)
+                and indexed["catalog_entry"] == _entry_json(entry))
 
 
 def _entry_json(entry: CatalogEntry) -> str:

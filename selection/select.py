@@ -7,7 +7,7 @@ import logging
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -139,26 +139,40 @@ def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) 
 def sweep(table: EmbeddingTable, weights: np.ndarray, top_k: int,
           constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
     """Score every row for every task (one matrix product), return the top-k per task."""
-    if weights.ndim != 2 or weights.shape[1] != table.embeddings.shape[1]:
-        raise ConfigError(f"task weights should be (T, {table.embeddings.shape[1]}), got {weights.shape}")
-    s = scores(table.embeddings, weights)  # (m, T)
-    mask = constraint_mask(table, constraints)
-    s = np.where(mask[:, None], s, -np.inf)
-    meta_rows = None
-    out = []
-    for t in range(weights.shape[0]):
+    return sweep_shards([table], weights, top_k, constraints)
+
+
+def sweep_shards(shards: Iterable[EmbeddingTable], weights: np.ndarray, top_k: int,
+                 constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
+    """Sweep shard by shard (one matrix product each), keep each shard's top-k, merge.
+
+    Memory stays at one shard; ties are broken by model id, so the result does not
+    depend on how the table is sharded.
+    """
+    if weights.ndim != 2:
+        raise ConfigError(f"task weights should be (T, D), got shape {weights.shape}")
+    best: list[list[tuple[float, str, dict[str, Any]]]] = [[] for _ in range(weights.shape[0])]
+    for shard in shards:
+        if len(shard) == 0:
+            continue
+        if shard.embeddings.shape[1] != weights.shape[1]:
+            raise ConfigError(f"task weights have width {weights.shape[1]}, the table "
+                              f"{shard.embeddings.shape[1]}")
+        s = scores(shard.embeddings, weights)  # (m_shard, T)
+        mask = constraint_mask(shard, constraints)
         k = min(top_k, int(mask.sum()))
-        col = s[:, t]
-        idx = np.argpartition(-col, k - 1)[:k] if k else np.zeros(0, int)
-        idx = idx[np.lexsort((idx, -col[idx]))]
-        if meta_rows is None:
-            meta_rows = table.meta
-        ranked = []
-        for r, i in enumerate(idx, 1):
-            row = meta_rows.slice(int(i), 1).to_pylist()[0]
-            ranked.append(Ranked(row["model_id"], float(col[i]), r, bool(row["is_baseline"]), row))
-        out.append(ranked)
-    return out
+        if k == 0:
+            continue
+        s = np.where(mask[:, None], s, -np.inf)
+        for t in range(weights.shape[0]):
+            col = s[:, t]
+            idx = np.argpartition(-col, k - 1)[:k]
+            for i in idx:
+                row = shard.meta.slice(int(i), 1).to_pylist()[0]
+                best[t].append((float(col[i]), row["model_id"], row))
+            best[t] = sorted(best[t], key=lambda x: (-x[0], x[1]))[:top_k]
+    return [[Ranked(mid, sc, r, bool(row["is_baseline"]), row)
+             for r, (sc, mid, row) in enumerate(ranked, 1)] for ranked in best]
 
 
 def entry_of(row: dict[str, Any]) -> CatalogEntry:

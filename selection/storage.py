@@ -276,6 +276,18 @@ class Store:
             raise StoreError(f"corrupt Parquet object {self._display(rel)}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
+    def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
+        """Only `columns` of a Parquet object (reads the footer and those column chunks)."""
+        def read() -> pa.Table:
+            with self.fs.open(self._full(rel), "rb") as fh:
+                return pq.read_table(fh, columns=columns)
+        try:
+            return self._call("read", rel, read)
+        except FileNotFoundError as exc:
+            raise StoreError(f"no object at {self._display(rel)}") from exc
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {exc}") from exc
+
     def write_table(self, rel: str, table: pa.Table) -> None:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")

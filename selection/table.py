@@ -1,18 +1,26 @@
-"""The embedding table: one Parquet object per model under embeddings/<standard_id>/.
+"""The embedding table of a standard: one Parquet object per model, optionally compacted.
 
-    embeddings/<standard_id>/<shard>/<model_key>.parquet
+    embeddings/<standard_id>/rows/<shard>/<model_key>.parquet   one object per model
+    embeddings/<standard_id>/segments/<segment>.parquet          compacted rows (optional)
+    embeddings/<standard_id>/deleted/<model_key>                deletion markers
 
-Add and remove are single-object operations; a rerun overwrites identical content.
-Reading validates every row against the standard (id, schema version, width) and
-refuses to mix.
+Add writes one row object; remove deletes it and, once segments exist, writes one
+deletion marker: both O(1) whatever the table's size. A row object overrides a marker
+and any segment row, a marker hides segment rows, a later segment overrides an earlier
+one. `compact` folds row objects and markers into segments, so reading 10^5-10^6 models
+lists a few segments instead of 10^6 objects. Reading validates every object against the
+standard (id, schema version, width) and refuses to mix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,15 +59,23 @@ META_FIELDS = [
 
 def schema_for(std: Standard) -> pa.Schema:
     return pa.schema(META_FIELDS + [
-        pa.field("embedding", pa.list_(pa.float32(), std.width), nullable=False),
         pa.field("coverage", pa.list_(pa.float32(), std.d)),
+        pa.field("embedding", pa.list_(pa.float32(), std.width), nullable=False),
     ], metadata={b"zooselect.standard_id": std.id.encode(),
                  b"zooselect.schema_version": str(selection.SCHEMA_VERSION).encode()})
 
 
+def _base(standard_id: str) -> str:
+    return f"embeddings/{standard_id}"
+
+
 def row_path(standard_id: str, model_id: str) -> str:
     key = model_key(model_id)
-    return f"embeddings/{standard_id}/{shard_of(key)}/{key}.parquet"
+    return f"{_base(standard_id)}/rows/{shard_of(key)}/{key}.parquet"
+
+
+def marker_path(standard_id: str, model_id: str) -> str:
+    return f"{_base(standard_id)}/deleted/{model_key(model_id)}"
 
 
 def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
@@ -68,39 +84,52 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
     if emb.shape != (std.width,):
         raise StandardMismatchError(f"embedding of {row['model_id']!r} has width {emb.shape}, "
                                     f"standard {std.id} needs ({std.width},)")
-    schema = schema_for(std)
     data = {f.name: [row.get(f.name)] for f in META_FIELDS}
-    data["embedding"] = [emb.tolist()]
     data["coverage"] = [np.asarray(row["coverage"], np.float32).tolist()]
-    return pa.table(data, schema=schema)
+    data["embedding"] = [emb.tolist()]
+    return pa.table(data, schema=schema_for(std))
 
 
 def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
+    """Add or replace one model: a single object write."""
     path = row_path(std.id, row["model_id"])
     store.write_table(path, make_row_table(std, row))
     return path
 
 
-def read_row(store: Store, std: Standard, model_id: str) -> dict[str, Any] | None:
-    path = row_path(std.id, model_id)
-    if not store.exists(path):
-        return None
-    t = store.read_table(path)
-    _validate(t, std, path)
-    return t.drop_columns(["embedding", "coverage"]).to_pylist()[0]
-
-
 def delete_row(store: Store, std: Standard, model_id: str) -> bool:
-    return store.delete(row_path(std.id, model_id))
+    """Remove one model: delete its object and, if segments exist, write its marker.
+
+    Returns whether the model may have been in the table (its object existed, or
+    segments exist that may hold it).
+    """
+    had_object = store.delete(row_path(std.id, model_id))
+    if list_segments(store, std.id):
+        store.write_bytes(marker_path(std.id, model_id), model_id.encode())
+        return True
+    return had_object
 
 
 def list_rows(store: Store, standard_id: str) -> list[str]:
-    return store.list(f"embeddings/{standard_id}", ".parquet")
+    return store.list(f"{_base(standard_id)}/rows", ".parquet")
+
+
+def list_segments(store: Store, standard_id: str) -> list[str]:
+    return store.list(f"{_base(standard_id)}/segments", ".parquet")
+
+
+def list_markers(store: Store, standard_id: str) -> list[str]:
+    return store.list(f"{_base(standard_id)}/deleted")
+
+
+def _key_of(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 
 def _validate(t: pa.Table, std: Standard, where: str) -> None:
     names = set(t.column_names)
-    if not {"model_id", "embedding", "standard_id", "schema_version"} <= names:
+    if not {"model_id", "model_key", "standard_id", "schema_version"} <= names:
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (columns {sorted(names)})")
     sids = set(t.column("standard_id").to_pylist())
     if sids != {std.id}:
@@ -110,16 +139,18 @@ def _validate(t: pa.Table, std: Standard, where: str) -> None:
     if versions != {selection.SCHEMA_VERSION}:
         raise StandardMismatchError(f"{where}: schema version(s) {sorted(map(str, versions))}, this "
                                     f"zooselect reads {selection.SCHEMA_VERSION}")
-    etype = t.schema.field("embedding").type
-    width = getattr(etype, "list_size", None)
-    if width != std.width:
-        raise StandardMismatchError(f"{where}: embedding width {width}, standard {std.id} "
-                                    f"({std.form}, d={std.d}) needs {std.width}")
+    if "embedding" in names:
+        width = getattr(t.schema.field("embedding").type, "list_size", None)
+        if width != std.width:
+            raise StandardMismatchError(f"{where}: embedding width {width}, standard {std.id} "
+                                        f"({std.form}, d={std.d}) needs {std.width}")
+    elif len(names) > 8:  # a full object without an embedding column
+        raise StandardMismatchError(f"{where}: not a zooselect embedding object (no 'embedding' column)")
 
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingTable:
-    """All rows of one standard: metadata (Arrow, no embedding) and an (m, D) float32 matrix."""
+    """Rows of one standard: metadata (Arrow, all columns but `embedding`) and (m, D) float32."""
 
     standard_id: str
     meta: pa.Table
@@ -134,27 +165,135 @@ class EmbeddingTable:
 
 
 def embeddings_matrix(t: pa.Table) -> np.ndarray:
+    """The `embedding` column as an (m, D) float32 array (zero-copy for one chunk)."""
     col = t.column("embedding").combine_chunks()
-    if len(col) == 0:
-        return np.zeros((0, col.type.list_size), np.float32)
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    width = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), width)
+
+
+INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weights_sha256",
+                 "catalog_entry"]
+
+
+def _shard(std: Standard, t: pa.Table, hide: set[str], columns: list[str] | None) -> EmbeddingTable:
+    if hide:
+        keys = t.column("model_key").to_numpy(zero_copy_only=False)
+        t = t.filter(pa.array(~np.isin(keys, np.array(sorted(hide), dtype=object))))
+    if columns is not None:
+        return EmbeddingTable(std.id, t.select(columns), np.zeros((t.num_rows, 0), np.float32))
+    schema = schema_for(std)
+    t = t.select(schema.names).cast(schema)
+    return EmbeddingTable(std.id, t.drop_columns(["embedding"]), embeddings_matrix(t))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The objects one read of the table saw."""
+
+    segments: tuple[str, ...]
+    rows: tuple[str, ...]
+    markers: tuple[str, ...]
+
+
+def list_table(store: Store, std: Standard) -> Listing:
+    return Listing(tuple(list_segments(store, std.id)), tuple(list_rows(store, std.id)),
+                   tuple(list_markers(store, std.id)))
+
+
+def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
+                columns: list[str] | None = None) -> Iterator[EmbeddingTable]:
+    """The table as shards (each segment, then all row objects), each model exactly once.
+
+    With `columns`, only those metadata columns are read (no vectors): the cheap index.
+    """
+    listing = listing or list_table(store, std)
+    need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
+    hidden = {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
+    if listing.segments:
+        later: set[str] = set()
+        masks = []
+        for seg in reversed(listing.segments):  # segment names sort by time: newest wins
+            keys = store.read_table_columns(seg, ["model_key"]).column("model_key").to_pylist()
+            masks.append(hidden | later)
+            later |= set(keys)
+        for seg, hide in zip(listing.segments, reversed(masks)):
+            t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
+            _validate(t, std, f"{store.url}/{seg}")
+            yield _shard(std, t, hide, columns)
+    if listing.rows:
+        tables = store.read_tables(listing.rows)
+        for p, t in zip(listing.rows, tables):
+            _validate(t, std, f"{store.url}/{p}")
+        yield _shard(std, pa.concat_tables(tables), set(), columns)
+
+
+def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
+    """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
+    out: dict[str, dict[str, Any]] = {}
+    for shard in iter_shards(store, std, columns=INDEX_COLUMNS):
+        for row in shard.meta.to_pylist():
+            out[row["model_id"]] = row
+    return out
 
 
 def load_table(store: Store, std: Standard) -> EmbeddingTable:
-    """Read every row of `std`, validating each object; duplicates resolve to the last write."""
-    paths = list_rows(store, std.id)
-    tables = store.read_tables(paths)
-    for p, t in zip(paths, tables):
-        _validate(t, std, f"{store.url}/{p}")
-    if tables:
-        schema = schema_for(std)
-        t = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
-    else:
-        t = schema_for(std).empty_table()
-    ids = t.column("model_id").to_pylist()
-    if len(set(ids)) != len(ids):  # cannot happen with one object per key; guard anyway
+    """The whole table of `std` in memory (validated, each model once)."""
+    shards = list(iter_shards(store, std))
+    if not shards:
+        return _shard(std, schema_for(std).empty_table(), set(), None)
+    meta = pa.concat_tables([s.meta for s in shards])
+    ids = meta.column("model_id").to_pylist()
+    if len(set(ids)) != len(ids):  # one object per key makes this impossible; guard anyway
         raise StoreError(f"table of standard {std.id} holds duplicate model ids")
-    return EmbeddingTable(std.id, t.drop_columns(["embedding"]), embeddings_matrix(t))
+    return EmbeddingTable(std.id, meta, np.concatenate([s.embeddings for s in shards]))
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    segments_written: int
+    rows: int
+    objects_removed: int
+    seconds: float
+
+
+def to_arrow(std: Standard, table: EmbeddingTable) -> pa.Table:
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(table.embeddings.reshape(-1), pa.float32()), std.width)
+    return table.meta.append_column("embedding", emb).select(schema_for(std).names).cast(schema_for(std))
+
+
+def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactResult:
+    """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows.
+
+    New segments are written first, consumed objects deleted after; a row object is
+    deleted only if it still holds the compacted bytes (one re-embedded meanwhile keeps
+    its newer object, which overrides the segment). Readers see a complete table throughout.
+    """
+    if segment_rows < 1:
+        raise ValueError(f"segment_rows must be >= 1, got {segment_rows}")
+    t0 = time.perf_counter()
+    listing = list_table(store, std)
+    digests = {p: hashlib.sha256(store.read_bytes(p)).hexdigest() for p in listing.rows}
+    table = to_arrow(std, load_table(store, std))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    written = 0
+    for start in range(0, table.num_rows, segment_rows):
+        name = f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet"
+        store.write_table(name, table.slice(start, segment_rows))
+        written += 1
+    removed = 0
+    for p in listing.rows:
+        try:
+            unchanged = hashlib.sha256(store.read_bytes(p)).hexdigest() == digests[p]
+        except StoreError:
+            continue
+        if unchanged:
+            removed += store.delete(p)
+    for p in listing.markers + listing.segments:
+        removed += store.delete(p)
+    log.info("compacted %d rows of %s into %d segment(s), removed %d objects", table.num_rows,
+             std.id, written, removed)
+    return CompactResult(written, table.num_rows, removed, time.perf_counter() - t0)
 
 
 def versions_json() -> str:

@@ -41,8 +41,8 @@ def s3_server() -> Iterator[SeaweedServer]:
     """One SeaweedFS S3 endpoint on 127.0.0.1 for the session, bucket `zooselect-test`."""
     _require_weed()
     server = SeaweedServer(TEST_BUCKET, weed=find_weed())
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.close()

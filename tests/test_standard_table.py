@@ -11,7 +11,7 @@ from selection.catalog import CatalogEntry
 from selection.embedder import embed_entry, needs_embedding
 from selection.errors import StandardMismatchError, StoreError
 from selection.standard import build_standard, load_standard, plan_standard, save_standard
-from selection.table import delete_row, load_table, row_path
+from selection.table import delete_row, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
 
 A = CatalogEntry("zoo/a", "resnet10t", None, input_size=32)
@@ -98,10 +98,10 @@ def test_isolation_and_determinism(published, tmp_path):
 
 def test_rerun_is_skipped_when_digest_unchanged(published):
     store, std = published
-    assert needs_embedding(store, std, A)[0]
+    assert needs_embedding(A, read_index(store, std).get(A.id))
     embed_entry(A, std, store)
-    assert not needs_embedding(store, std, A)[0]
-    assert needs_embedding(store, std, dataclasses.replace(A, input_size=40))[0]
+    assert not needs_embedding(A, read_index(store, std).get(A.id))
+    assert needs_embedding(dataclasses.replace(A, input_size=40), read_index(store, std).get(A.id))
 
 
 def test_mixing_standards_and_widths_refused(published, tmp_path):
@@ -152,3 +152,55 @@ def test_table_readable_as_plain_parquet(published):
 
     t = ds.dataset(os.path.join(store.root, "embeddings", std.id), format="parquet").to_table()
     assert t.num_rows == 2 and t.schema.field("embedding").type.list_size == std.width
+
+
+def test_compaction_keeps_the_table_and_updates_stay_single_object(published):
+    from selection.table import compact, list_markers, list_rows, list_segments, marker_path
+
+    store, std = published
+    for e in (A, B, C):
+        embed_entry(e, std, store)
+    before = load_table(store, std)
+    res = compact(store, std, segment_rows=2)
+    assert res.segments_written == 2 and res.rows == 3 and res.objects_removed == 3
+    assert list_rows(store, std.id) == [] and len(list_segments(store, std.id)) == 2
+    after = load_table(store, std)
+    order = [after.model_ids.index(m) for m in before.model_ids]
+    assert np.array_equal(after.embeddings[order], before.embeddings)
+    # The index (used to skip unchanged models) reads segments too.
+    assert not needs_embedding(A, read_index(store, std).get(A.id))
+
+    # Remove one compacted model: no row object to delete, one marker written.
+    objects = set(store.list("embeddings"))
+    assert delete_row(store, std, B.id)
+    assert set(store.list("embeddings")) - objects == {marker_path(std.id, B.id)}
+    assert sorted(load_table(store, std).model_ids) == sorted([A.id, C.id])
+    # Re-adding writes one row object, which overrides the marker.
+    embed_entry(B, std, store)
+    assert sorted(load_table(store, std).model_ids) == sorted([A.id, B.id, C.id])
+    # Replacing a compacted model: the new row object wins over the segment row.
+    changed = dataclasses.replace(A, input_size=40)
+    embed_entry(changed, std, store)
+    t = load_table(store, std)
+    assert t.meta.column("input_size").to_pylist()[t.model_ids.index(A.id)] == 40
+    assert len(t) == 3
+    compact(store, std)
+    t2 = load_table(store, std)
+    assert sorted(t2.model_ids) == sorted(t.model_ids) and list_markers(store, std.id) == []
+    assert t2.meta.column("input_size").to_pylist()[t2.model_ids.index(A.id)] == 40
+
+
+def test_sharded_sweep_equals_whole_sweep(published):
+    from selection.select import sweep, sweep_shards
+    from selection.table import compact, iter_shards
+
+    store, std = published
+    for e in (A, B, C):
+        embed_entry(e, std, store)
+    compact(store, std, segment_rows=1)
+    embed_entry(dataclasses.replace(C, id="zoo/d"), std, store)
+    w = np.random.default_rng(0).random((2, std.width))
+    whole = sweep(load_table(store, std), w, 3)
+    sharded = sweep_shards(iter_shards(store, std), w, 3)
+    assert [[(r.model_id, round(r.score, 5)) for r in t] for t in whole] == \
+        [[(r.model_id, round(r.score, 5)) for r in t] for t in sharded]
