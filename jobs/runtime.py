@@ -89,7 +89,7 @@ class _EmbedActor:
         torch.set_num_threads(max(1, threads))
         self.store_url, self.s3_endpoint = store_url, s3_endpoint
 
-    def embed(self, entry: CatalogEntry, std: Any) -> EmbedResult:
+    def embed(self, entry: CatalogEntry, std: Any, prepared: Any = None) -> EmbedResult:
         import torch
 
         from selection.embedder import embed_entry
@@ -98,8 +98,32 @@ class _EmbedActor:
         store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
         if torch.cuda.is_available():
             return embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
-                               batch_size=256)
-        return embed_entry(entry, std, store)
+                               batch_size=256, prepared=prepared)
+        return embed_entry(entry, std, store, prepared=prepared)
+
+
+def _prepare_shared(entries: list[CatalogEntry], std: Any) -> dict[str, Any]:
+    """Preprocess the probe set once per preprocessing config shared by >= 2 models; put each once."""
+    import ray
+
+    from selection.models import expected_data_config, prepare, preprocess_key
+
+    groups: dict[tuple, list[str]] = {}
+    cfgs: dict[tuple, dict] = {}
+    for e in entries:
+        cfg = expected_data_config(e, std.input_size)
+        if cfg is not None:
+            key = preprocess_key(cfg)
+            groups.setdefault(key, []).append(e.id)
+            cfgs[key] = cfg
+    refs: dict[str, Any] = {}
+    for key, ids in groups.items():
+        if len(ids) >= 2:
+            ref = ray.put(prepare(std.probe_images, cfgs[key]))
+            refs.update({i: ref for i in ids})
+    log.info("probe set prepared for %d preprocessing configs shared by %d models",
+             sum(len(v) >= 2 for v in groups.values()), len(refs))
+    return refs
 
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
@@ -128,6 +152,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries,
         max_task_retries=retries)
     std_ref = ray.put(std)
+    prepared = _prepare_shared(entries, std)
     results: list[EmbedResult] = []
     queue = list(entries)
     running: dict[Any, tuple[Any, CatalogEntry]] = {}
@@ -137,7 +162,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)
                 actor = actor_cls.remote(store_url, s3_endpoint, threads)
-                running[actor.embed.remote(entry, std_ref)] = (actor, entry)
+                running[actor.embed.remote(entry, std_ref, prepared.get(entry.id))] = (actor, entry)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
                 actor, entry = running.pop(ref)

@@ -13,7 +13,7 @@ import torch
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ZooselectError
-from selection.models import count_gflops, extract_features, load_model, weights_digest
+from selection.models import Prepared, count_gflops, extract_features, load_model, weights_digest
 from selection.standard import Standard
 from selection.storage import Store
 from selection.table import versions_json, write_row
@@ -48,7 +48,8 @@ def _entry_json(entry: CatalogEntry) -> str:
 
 def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str = "cpu",
                 amp_dtype: torch.dtype | None = None, batch_size: int | None = None,
-                progress: Callable[[int], None] | None = None) -> EmbedResult:
+                progress: Callable[[int], None] | None = None,
+                prepared: Prepared | None = None) -> EmbedResult:
     """Load the model, run the probe set, compute its embedding and write its row."""
     t0 = time.perf_counter()
     try:
@@ -56,7 +57,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         t1 = time.perf_counter()
         h = extract_features(loaded, std.probe_images, input_size=std.input_size,
                              batch_size=batch_size or int(std.spec.get("batch_size", 64)),
-                             device=device, amp_dtype=amp_dtype, progress=progress)
+                             device=device, amp_dtype=amp_dtype, progress=progress, prepared=prepared)
         fwd_s = time.perf_counter() - t1
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id)
         cfg = loaded.data_config

@@ -170,3 +170,17 @@ def test_builtin_sets_and_split():
     p, _ = load_digits_raw("probe")
     t, _ = load_digits_raw("task")
     assert not ({x.tobytes() for x in p} & {x.tobytes() for x in t}) or len(p) + len(t) == 1797
+
+
+def test_prepared_inputs_give_identical_features():
+    from selection.models import expected_data_config, prepare, preprocess_key
+
+    imgs = np.random.default_rng(2).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)
+    for entry in (CatalogEntry("p", "resnet10t", None, input_size=32),
+                  CatalogEntry("q", "tf_efficientnet_lite0", None, input_size=48)):
+        lm = load_model(entry)
+        cfg = expected_data_config(entry)
+        assert preprocess_key(cfg) == preprocess_key(lm.data_config)
+        prep = prepare(imgs, cfg)
+        assert np.array_equal(extract_features(lm, imgs), extract_features(lm, imgs, prepared=prep))
+    assert expected_data_config(CatalogEntry("u", "no_such_arch_q")) is None
