@@ -107,19 +107,37 @@ def port_free(port: int, host: str = HOST) -> bool:
     return True
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; else IANA's)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(x) for x in fh.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def pick_ports(count: int, *, grpc_offset: int | None = GRPC_OFFSET,
                port_range: tuple[int, int] = PORT_RANGE, avoid: set[int] | None = None,
-               tries: int = 2000) -> list[int]:
-    """`count` distinct free ports in `port_range`; with `grpc_offset`, port + offset too."""
+               tries: int = 4000) -> list[int]:
+    """`count` distinct free ports in `port_range`; with `grpc_offset`, port + offset too.
+
+    Ports in the kernel's ephemeral range are avoided while others are left: any
+    outgoing connection may take such a port as its local port, and then a server that
+    stopped for a moment (restart) could not bind it again.
+    """
     taken = set(avoid or ())
     out: list[int] = []
     rng = random.SystemRandom()
-    for _ in range(tries):
+    eph_low, eph_high = ephemeral_range()
+    for attempt in range(tries):
         if len(out) == count:
             break
         port = rng.randrange(*port_range)
         group = [port] if grpc_offset is None else [port, port + grpc_offset]
         if any(p in taken or p >= 65536 for p in group):
+            continue
+        if attempt < tries // 2 and any(eph_low <= p <= eph_high for p in group):
             continue
         if all(port_free(p) for p in group):
             out.append(port)
@@ -384,6 +402,11 @@ class SeaweedServer:
         self._proc = None
         self.pid = None
         _LIVE.discard(self)
+        for path in self._grpc_socket_files():
+            try:
+                os.remove(path)
+            except OSError:
+                pass
         self._wait_ports_released(timeout=10)
 
     def close(self) -> None:
@@ -420,7 +443,9 @@ class SeaweedServer:
     # -- internals -----------------------------------------------------------------
     def _command(self) -> list[str]:
         p = self.ports
-        cmd = [self.weed, "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}"]
+        # -logtostderr: glog lines go to our log file, not to weed.* files in /tmp
+        cmd = [self.weed, "-logtostderr", "mini", f"-dir={self.data_dir}", f"-ip={HOST}",
+               f"-ip.bind={HOST}"]
         for comp in COMPONENTS:
             cmd += [f"-{comp}.port={p[comp]}", f"-{comp}.port.grpc={p[comp] + GRPC_OFFSET}"]
         cmd += ["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -447,6 +472,12 @@ class SeaweedServer:
         # never hand the caller's cloud credentials or bucket settings to the server
         return {k: v for k, v in os.environ.items()
                 if not k.startswith(("AWS_", "S3_", "WEED_"))}
+
+    def _grpc_socket_files(self) -> list[str]:
+        # weed makes /tmp/seaweedfs-<component>-grpc-<grpc port>.sock (a fixed path,
+        # not $TMPDIR) and leaves them behind when it stops
+        return [f"/tmp/seaweedfs-{comp}-grpc-{port + GRPC_OFFSET}.sock"
+                for comp, port in self.ports.items()]
 
     def _launch(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)

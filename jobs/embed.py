@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if plan.embed:
         runtime.init(args.address)
         results += runtime.embed_with_actors(
-            plan.embed, std, store.url, args.s3_endpoint, gpus_per_actor=args.gpus_per_actor,
+            plan.embed, std, store.url, getattr(store, "endpoint", None), gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, max_in_flight=args.max_in_flight,
             retries=args.retries, progress=not args.no_progress)
     ok = [r for r in results if r.status == "embedded"]

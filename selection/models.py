@@ -279,7 +279,7 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
     out = []
     for s in range(0, len(images), batch_size):
         if ready:
-            x = torch.from_numpy(prepared.array[s:s + batch_size]).to(device) \
+            x = torch.from_numpy(prepared.array[s:s + batch_size].copy()).to(device) \
                 .contiguous(memory_format=_layout(device))
         else:
             x = preprocess(images[s:s + batch_size], cfg, device)

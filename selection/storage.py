@@ -56,16 +56,37 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 _TRANSIENT = _transient_types()
 
 
+_PERMANENT_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+                    "InvalidBucketName", "Forbidden")
+_TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway")
+_HTTP_STATUS = re.compile(r"\b(?:status(?: code)?|HTTP)[ :=]*(\d{3})\b", re.IGNORECASE)
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code (e.g. 'SlowDown') of a botocore ClientError anywhere in the chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _NOT_TRANSIENT):
         return False
+    code = _error_code(exc)
     text = str(exc)
-    if any(code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                     "NoSuchBucket", "403")):
+    if code in _PERMANENT_CODES or any(c in text for c in _PERMANENT_CODES):
         return False
-    return isinstance(exc, _TRANSIENT) or any(
-        code in text for code in ("SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable",
-                                  "InternalError", "503", "500"))
+    if code in _TRANSIENT_CODES or any(c in text for c in _TRANSIENT_CODES):
+        return True
+    status = _HTTP_STATUS.search(text)
+    if status:
+        return status.group(1).startswith("5") or status.group(1) == "429"
+    return isinstance(exc, _TRANSIENT)
 
 
 def _scrub(text: str) -> str:
@@ -190,14 +211,10 @@ class Store:
     def check(self) -> None:
         """Fail with a one-line StoreError unless the store root is reachable and usable."""
         if self.scheme == "s3":
-            def probe() -> None:
-                if not self.fs.exists(self.bucket):
-                    raise FileNotFoundError(self.bucket)
-                self.fs.ls(self.bucket, detail=False)
-            try:
-                self._call("check", "", probe)
+            try:  # ls, not exists: s3fs's exists() turns every error into False
+                self._call("check", "", lambda: self.fs.ls(self.bucket, detail=False))
             except FileNotFoundError as exc:
-                raise StoreError(f"bucket {self.bucket!r} does not exist or is not accessible "
+                raise StoreError(f"bucket {self.bucket!r} does not exist "
                                  f"(store {self.url!r}, endpoint {self.endpoint or 'AWS default'})") from exc
         elif self.scheme == "file":
             if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -235,12 +252,19 @@ class Store:
                         os.remove(tmp)
             self._call("write", rel, write_local)
         else:
-            self._call("write", rel, lambda: self.fs.pipe_file(full, data))
+            try:
+                self._call("write", rel, lambda: self.fs.pipe_file(full, data))
+            except FileNotFoundError as exc:
+                raise StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist "
+                                 f"(store {self.url!r})") from exc
 
     def delete(self, rel: str) -> bool:
         """Delete one object; return False when it did not exist."""
+        full = self._full(rel)
+        if self.scheme == "s3" and not self._call("exists", rel, lambda: self.fs.exists(full)):
+            return False  # S3 DeleteObject succeeds on a missing key
         try:
-            self._call("delete", rel, lambda: self.fs.rm_file(self._full(rel)))
+            self._call("delete", rel, lambda: self.fs.rm_file(full))
             return True
         except FileNotFoundError:
             return False

@@ -1,0 +1,256 @@
+"""Benchmarks (SPEC section 4): `python -m jobs.benchmark quality --store DIR --out docs [--small]`.
+
+quality: builds the benchmark zoo (training fanned out over Ray, seeded, resumable),
+two standards held out of it, embeds the zoo under both (one actor per model),
+measures every candidate's linear-probe accuracy and brute-force scores (LogME,
+H-score) on every task, scores the Standardized Embedder against them, and writes
+`OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
+`--small` runs the same pipeline on a few tiny models and tasks (CI, < 1 minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs import runtime
+from jobs.common import add_ray_args, run_main
+from selection import benchmark as bench
+from selection.catalog import CatalogEntry, write_catalog
+from selection.errors import ConfigError, ZooselectError
+from selection.storage import Store
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="selection quality vs brute force (SPEC section 4)",
+                       description="Quality benchmark: zoo, standards, ground truth, scorers, report.")
+    q.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE"), required="ZOOSELECT_STORE" not in os.environ,
+                   help="store for checkpoints, standards, embeddings and cached ground truth: a local "
+                        "directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
+    q.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+    q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
+    q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
+    add_ray_args(q)
+    return p
+
+
+def _threads() -> None:
+    """One thread per worker (as many workers as cores), warmed up so timings are comparable."""
+    import torch
+
+    torch.set_num_threads(1)
+    bench.warm_up()
+
+
+def _train(_: None, item: tuple[Any, str, str | None]) -> CatalogEntry:
+    from selection.zoo import train
+
+    _threads()
+    spec, url, endpoint = item
+    return train(spec, Store(url, s3_endpoint=endpoint))
+
+
+def _standard(_: None, item: tuple[Any, str, str | None]) -> Any:
+    _threads()
+    config, url, endpoint = item
+    return bench.ensure_standard(config, Store(url, s3_endpoint=endpoint))
+
+
+def _task_embeddings(shared: tuple[Any, list[Any]], item: tuple[int, tuple[str, ...], Any, int]) -> dict[str, Any]:
+    _threads()
+    standards, tasks = shared
+    index, methods, protocol, size = item
+    return bench.embed_benchmark_tasks(standards[index], tasks, methods, protocol, size)
+
+
+def _evaluate(shared: tuple[list[Any], Any, str, str | None], entry: CatalogEntry) -> dict[str, Any]:
+    _threads()
+    tasks, plan, url, endpoint = shared
+    input_size = plan.standards[0].input_size
+    return bench.evaluate_candidate_cached(entry, tasks, plan, input_size, Store(url, s3_endpoint=endpoint))
+
+
+def _raise_first(results: Sequence[Any], what: str) -> None:
+    errors = [r for r in results if isinstance(r, ZooselectError)]
+    if errors:
+        raise type(errors[0])(f"{what}: {errors[0]} ({len(errors)} failed)")
+
+
+def _store(args: argparse.Namespace) -> Store:
+    url = args.store
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))  # workers may run elsewhere than the driver's cwd
+    store = Store(url, s3_endpoint=args.s3_endpoint)
+    store.check()
+    return store
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torch
+
+    import selection
+
+    return {"zooselect": selection.__version__, "timm": timm.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def quality(args: argparse.Namespace) -> int:
+    from jobs.embed import make_plan
+    from selection.table import load_table
+
+    t_start = time.perf_counter()
+    progress = not args.no_progress
+    plan = bench.plan_by_name(args.small)
+    store = _store(args)
+    ep = args.s3_endpoint
+    runtime.init(args.address)
+    stages: dict[str, float] = {}
+    clock = {"name": "start", "t": t_start}
+
+    def say(name: str, text: str) -> None:
+        now = time.perf_counter()
+        stages[clock["name"]] = round(now - clock["t"], 2)
+        clock.update(name=name, t=now)
+        if not args.no_progress and text:
+            print(text, flush=True)
+
+    # 1. the zoo and the general models, trained in parallel (train() reuses existing checkpoints)
+    general_specs = {}
+    for sp in plan.standards:
+        if sp.general is not None:
+            general_specs[sp.name] = bench.general_train_spec(sp, bench.prepare_general_data(store, sp))
+    members = [m for m in plan.zoo if m.train is not None]
+    specs = [m.train for m in members] + list(general_specs.values())
+    say("train", f"[1/6] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)")
+    trained = runtime.map_tasks(_train, [(s, store.url, ep) for s in specs], desc="train", progress=progress)
+    _raise_first(trained, "training failed")
+    entries: dict[str, CatalogEntry] = {}
+    for m in plan.zoo:
+        entries[m.id] = m.entry if m.entry is not None else None  # type: ignore[assignment]
+    for m, e in zip(members, trained):
+        entries[m.id] = bench.with_provenance(m, e)
+    general_entries = dict(zip(general_specs, trained[len(members):]))
+    catalog = [entries[m.id] for m in plan.zoo]
+    catalog_path = _write_catalog(store, catalog)
+
+    # 2. the standards (held out of the zoo)
+    configs = [sp.config(sp.baseline or general_entries[sp.name]) for sp in plan.standards]
+    say("standards", f"[2/6] standards: {', '.join(sp.name for sp in plan.standards)}")
+    stds = runtime.map_tasks(_standard, [(c, store.url, ep) for c in configs], desc="standards", progress=progress)
+    _raise_first(stds, "building a standard failed")
+
+    # 3. embed the candidates under each standard (one actor per model; unchanged rows skipped)
+    embed_info: dict[str, dict[str, Any]] = {}
+    for sp, std in zip(plan.standards, stds):
+        cands = [entries[i] for i in plan.candidates(sp)]
+        diff = make_plan(cands, store, std, prune=False)
+        if diff.invalid:
+            bad = diff.invalid[0]
+            raise ZooselectError(f"cannot embed {bad.model_id} under {sp.name}: {bad.reason}")
+        todo = list(diff.embed)
+        say(f"embed {sp.name}", f"[3/6] embedding {len(todo)} of {len(cands)} candidates under standard {sp.name} ({std.id})")
+        results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
+            raise ZooselectError(f"embedding failed for {len(failed)} model(s) under {sp.name}: "
+                                 f"{failed[0].model_id}: {failed[0].reason}")
+        embed_info[sp.name] = {"embedded": len(todo), "skipped": len(cands) - len(todo)}
+
+    # 4. tasks; SE task embeddings (one Ray task per standard)
+    tasks = bench.load_tasks(plan)
+    say("task embeddings", f"[4/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x {len(plan.methods)} methods")
+    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.protocol, plan.task_image_size)
+                                                for i in range(len(stds))],
+                             shared=(stds, tasks), desc="task embeddings", progress=progress)
+    _raise_first(temb, "task embedding failed")
+
+    # 5. ground truth + brute force: every candidate on every task (cached per model in the store)
+    say("ground truth", f"[5/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks")
+    truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
+                                   desc="ground truth", progress=progress)
+    _raise_first(truth_list, "ground truth failed")
+    truth = {e.id: r for e, r in zip(catalog, truth_list)}
+
+    # 6. metrics and the report
+    say("metrics", "[6/6] metrics and report")
+    per_standard = {}
+    for sp, std, te in zip(plan.standards, stds, temb):
+        t = time.perf_counter()
+        table = load_table(store, std)
+        load_s = time.perf_counter() - t
+        res = bench.standard_results(plan, sp, std, table, load_s, te, truth)
+        sub = bench.candidate_table(table, plan.candidates(sp))
+        secs = sub.meta.column("embed_seconds").to_pylist()
+        embed_info[sp.name].update({
+            "n_probe": int(std.spec["n_probe"]), "mean_seconds_per_model": float(np.mean(secs)),
+            "build_seconds": std.created.get("build_seconds"),
+            "detail": f"{std.spec['n_probe']} probe images per model (forward passes), "
+                      f"{float(np.mean(secs)):.1f} s per model on average "
+                      f"(max {float(np.max(secs)):.1f} s); building the standard took "
+                      f"{std.created.get('build_seconds', float('nan')):.1f} s."})
+        per_standard[sp.name] = res
+    summary = bench.compute_results(plan, per_standard)
+    say("report", "")
+    command = "python -m jobs.benchmark quality --store STORE --out " + args.out + (" --small" if args.small else "")
+    doc = {
+        "benchmark": "quality", "version": bench.BENCH_VERSION, "plan": plan.name,
+        "run": {"command": command, "total_seconds": time.perf_counter() - t_start, "cpus": os.cpu_count(),
+                "host": f"{platform.system()} {platform.machine()}", "versions": _versions(),
+                "catalog": catalog_path, "embed": embed_info,
+                "stages_seconds": stages, "ground_truth_cached": sum(1 for r in truth_list if r.get("cached"))},
+        "protocol": {"test_fraction": plan.protocol.test_fraction, "split_seed": plan.protocol.split_seed,
+                     "l2": plan.protocol.l2, "max_iter": plan.protocol.max_iter,
+                     "task_image_size": plan.task_image_size},
+        "zoo": bench.zoo_records(plan, entries, truth),
+        "tasks": bench.task_records(plan, tasks),
+        "truth": {t.name: {i: truth[i]["tasks"][t.name]["accuracy"] for i in entries} for t in plan.tasks},
+        "summary": summary,
+        "results": per_standard,
+    }
+    paths = bench.write_report(os.path.abspath(args.out), plan, doc)
+    say("end", "")
+    met = [f"{name}:{t['id']}={'met' if t['met'] else 'not met'}"
+           for name, ts in summary["targets"].items() for t in ts]
+    print(f"summary: quality benchmark ({plan.name}) of {len(catalog)} models x {len(tasks)} tasks x "
+          f"{len(stds)} standards in {time.perf_counter() - t_start:.0f}s; default {summary['default_variant']}; "
+          f"{' '.join(met)}; report {paths['markdown']}")
+    return 0
+
+
+def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
+    rel = "benchmark/catalog.jsonl"
+    if store.scheme == "file":
+        path = os.path.join(store.root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_catalog(entries, path)
+        return path
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "catalog.jsonl")
+        write_catalog(entries, path)
+        with open(path, "rb") as fh:
+            store.write_bytes(rel, fh.read())
+    return f"{store.url}/{rel}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "quality":
+        if not args.store:
+            raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
+        return quality(args)
+    return 2
+
+
+if __name__ == "__main__":
+    run_main(main)

