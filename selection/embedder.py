@@ -12,13 +12,14 @@ import torch
 
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
-from selection.errors import ZooselectError
+from selection.errors import ModelError, ZooselectError
 from selection.models import Prepared, count_gflops, extract_features, load_model, weights_digest
 from selection.standard import Standard
 from selection.storage import Store
 from selection.table import versions_json, write_row
 
 log = logging.getLogger(__name__)
+MIN_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,21 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
     t0 = time.perf_counter()
     try:
         loaded = load_model(entry)
-        t1 = time.perf_counter()
-        h = extract_features(loaded, std.probe_images, input_size=std.input_size,
-                             batch_size=batch_size or int(std.spec.get("batch_size", 64)),
-                             device=device, amp_dtype=amp_dtype, progress=progress, prepared=prepared)
+        batch = batch_size or int(std.spec.get("batch_size", 64))
+        while True:  # out of memory: halve the batch (down to MIN_BATCH) and try again
+            t1 = time.perf_counter()
+            try:
+                h = extract_features(loaded, std.probe_images, input_size=std.input_size,
+                                     batch_size=batch, device=device, amp_dtype=amp_dtype,
+                                     progress=progress, prepared=prepared)
+                break
+            except ModelError as exc:
+                if "out of memory" not in str(exc) or batch // 2 < MIN_BATCH:
+                    raise
+                log.warning("model %s: out of memory at batch %d; retrying at %d", entry.id, batch, batch // 2)
+                batch //= 2
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
         fwd_s = time.perf_counter() - t1
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id)
         cfg = loaded.data_config

@@ -204,3 +204,28 @@ def test_sharded_sweep_equals_whole_sweep(published):
     sharded = sweep_shards(iter_shards(store, std), w, 3)
     assert [[(r.model_id, round(r.score, 5)) for r in t] for t in whole] == \
         [[(r.model_id, round(r.score, 5)) for r in t] for t in sharded]
+
+
+def test_out_of_memory_halves_the_batch_then_reports(published, monkeypatch):
+    import selection.embedder as embedder
+
+    store, std = published
+    real = embedder.extract_features
+    seen = []
+
+    def flaky(loaded, images, *, batch_size, **kw):
+        seen.append(batch_size)
+        if batch_size > 16:
+            raise embedder.ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}")
+        return real(loaded, images, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(embedder, "extract_features", flaky)
+    assert embed_entry(A, std, store, batch_size=64).status == "embedded"
+    assert seen == [64, 32, 16]
+
+    def always(loaded, images, *, batch_size, **kw):
+        raise embedder.ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}")
+
+    monkeypatch.setattr(embedder, "extract_features", always)
+    r = embed_entry(B, std, store, batch_size=64)
+    assert r.status == "failed" and "out of memory at batch size 8" in r.reason
