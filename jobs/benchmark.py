@@ -148,7 +148,23 @@ def quality(args: argparse.Namespace) -> int:
     stds = runtime.map_tasks(_standard, [(c, store.url, ep) for c in configs], desc="standards", progress=progress)
     _raise_first(stds, "building a standard failed")
 
-    # 3. embed the candidates under each standard (one actor per model; unchanged rows skipped)
+    # 3. tasks; SE task embeddings (one Ray task per standard). Run before the actors start, on the
+    #    workers that trained the zoo (already warm)
+    tasks = bench.load_tasks(plan)
+    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x {len(plan.methods)} methods")
+    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.protocol, plan.task_image_size)
+                                                for i in range(len(stds))],
+                             shared=(stds, tasks), desc="task embeddings", progress=progress)
+    _raise_first(temb, "task embedding failed")
+
+    # 4. ground truth + brute force: every candidate on every task (cached per model in the store)
+    say("ground truth", f"[4/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks")
+    truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
+                                   desc="ground truth", progress=progress)
+    _raise_first(truth_list, "ground truth failed")
+    truth = {e.id: r for e, r in zip(catalog, truth_list)}
+
+    # 5. embed the candidates under each standard (one actor per model; unchanged rows skipped)
     embed_info: dict[str, dict[str, Any]] = {}
     for sp, std in zip(plan.standards, stds):
         cands = [entries[i] for i in plan.candidates(sp)]
@@ -157,28 +173,13 @@ def quality(args: argparse.Namespace) -> int:
             bad = diff.invalid[0]
             raise ZooselectError(f"cannot embed {bad.model_id} under {sp.name}: {bad.reason}")
         todo = list(diff.embed)
-        say(f"embed {sp.name}", f"[3/6] embedding {len(todo)} of {len(cands)} candidates under standard {sp.name} ({std.id})")
+        say(f"embed {sp.name}", f"[5/6] embedding {len(todo)} of {len(cands)} candidates under standard {sp.name} ({std.id})")
         results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
         failed = [r for r in results if r.status == "failed"]
         if failed:
             raise ZooselectError(f"embedding failed for {len(failed)} model(s) under {sp.name}: "
                                  f"{failed[0].model_id}: {failed[0].reason}")
         embed_info[sp.name] = {"embedded": len(todo), "skipped": len(cands) - len(todo)}
-
-    # 4. tasks; SE task embeddings (one Ray task per standard)
-    tasks = bench.load_tasks(plan)
-    say("task embeddings", f"[4/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x {len(plan.methods)} methods")
-    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.protocol, plan.task_image_size)
-                                                for i in range(len(stds))],
-                             shared=(stds, tasks), desc="task embeddings", progress=progress)
-    _raise_first(temb, "task embedding failed")
-
-    # 5. ground truth + brute force: every candidate on every task (cached per model in the store)
-    say("ground truth", f"[5/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks")
-    truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
-                                   desc="ground truth", progress=progress)
-    _raise_first(truth_list, "ground truth failed")
-    truth = {e.id: r for e, r in zip(catalog, truth_list)}
 
     # 6. metrics and the report
     say("metrics", "[6/6] metrics and report")

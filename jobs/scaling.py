@@ -77,37 +77,46 @@ def fill_objects(root: str, std: Standard, m: int, rng: np.random.Generator) -> 
         pq.write_table(rows.slice(i, 1), path, compression="zstd")
 
 
-def time_updates(store: Store, std: Standard, reps: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Median seconds to add one model and to remove one."""
-    add, rm = [], []
-    for r in range(reps):
-        row = one_row(std, f"new/model-{r}", rng)
-        t0 = time.perf_counter()
-        write_row(store, std, row)
-        add.append(time.perf_counter() - t0)
-    for r in range(reps):
-        t0 = time.perf_counter()
-        delete_row(store, std, f"new/model-{r}")
-        rm.append(time.perf_counter() - t0)
-    return statistics.median(add), statistics.median(rm)
+def _time_round(store: Store, std: Standard, model_id: str, rng: np.random.Generator) -> tuple[float, float]:
+    row = one_row(std, model_id, rng)
+    t0 = time.perf_counter()
+    write_row(store, std, row)
+    t1 = time.perf_counter()
+    delete_row(store, std, model_id)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def bench_updates(ms: list[int], reps: int, work: str) -> list[dict[str, Any]]:
+    """Add/remove one model in tables of each size, interleaved round-robin so that
+    machine noise hits every size alike; medians over `reps` rounds."""
     std = synthetic_standard()
     rng = np.random.default_rng(0)
+    stores: dict[tuple[int, str], Store] = {}
+    for m in ms:
+        for layout in ("objects", "segments"):
+            root = os.path.join(work, f"upd-{m}-{layout}")
+            fill_objects(root, std, m, rng)
+            stores[(m, layout)] = Store(root)
+            if layout == "segments":
+                compact(stores[(m, layout)], std)
+            print(f"update  table m={m} ({layout}) ready", flush=True)
+    times: dict[tuple[int, str], list[tuple[float, float]]] = {k: [] for k in stores}
+    for r in range(reps):
+        for key, store in stores.items():
+            times[key].append(_time_round(store, std, f"new/model-{r}", rng))
     out = []
     for m in ms:
-        root = os.path.join(work, f"upd-{m}")
-        fill_objects(root, std, m, rng)
-        store = Store(root)
-        add_o, rm_o = time_updates(store, std, reps, rng)
-        compact(store, std)
-        add_s, rm_s = time_updates(store, std, reps, rng)
-        out.append({"m": m, "add_objects_ms": 1e3 * add_o, "remove_objects_ms": 1e3 * rm_o,
-                    "add_segments_ms": 1e3 * add_s, "remove_segments_ms": 1e3 * rm_s})
-        print(f"update  m={m:>7}: add {1e3 * add_o:6.2f} ms, remove {1e3 * rm_o:6.2f} ms (row objects); "
-              f"add {1e3 * add_s:6.2f} ms, remove {1e3 * rm_s:6.2f} ms (compacted)", flush=True)
-        shutil.rmtree(root)
+        row: dict[str, Any] = {"m": m}
+        for layout in ("objects", "segments"):
+            adds, rms = zip(*times[(m, layout)])
+            row[f"add_{layout}_ms"] = 1e3 * statistics.median(adds)
+            row[f"remove_{layout}_ms"] = 1e3 * statistics.median(rms)
+        out.append(row)
+        print(f"update  m={m:>7}: add {row['add_objects_ms']:6.2f} ms, remove {row['remove_objects_ms']:6.2f} ms "
+              f"(row objects); add {row['add_segments_ms']:6.2f} ms, remove {row['remove_segments_ms']:6.2f} ms "
+              f"(compacted)", flush=True)
+    for key in stores:
+        shutil.rmtree(stores[key].root)
     return out
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import uuid
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, run_main
@@ -22,6 +25,7 @@ from selection.linear_probe import ProbeProtocol
 from selection.select import (Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
                               load_task, model_task_accuracy, rerank_verified, sweep_shards)
 from selection.standard import Standard, load_standard
+from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
 
 
@@ -40,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not keep the results next to the table (STORE/results/<run>.{json,parquet})")
     return p
 
 
@@ -129,17 +135,26 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
     return "\n".join(lines)
 
 
+def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
+    return pa.Table.from_pylist([dict(r, task=res["task"], standard_id=std_id)
+                                 for res in results for r in res["ranking"]])
+
+
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
-                  parquet_path: str | None) -> None:
+                  parquet_path: str | None, store: Store | None = None) -> str | None:
+    """Write the results where asked; with `store`, also to STORE/results/. Returns that prefix."""
+    doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump({"standard_id": std_id, "created_at": time.time(), "tasks": results}, fh, indent=2)
+            fh.write(doc)
     if parquet_path:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [dict(r, task=res["task"], standard_id=std_id) for res in results for r in res["ranking"]]
-        pq.write_table(pa.Table.from_pylist(rows), parquet_path)
+        pq.write_table(results_table(results, std_id), parquet_path)
+    if store is None:
+        return None
+    run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    store.write_bytes(f"{run}.json", doc.encode())
+    store.write_table(f"{run}.parquet", results_table(results, std_id))
+    return f"{store.url}/{run}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress)
     m = results[0]["models_swept"]
     print(format_results(results, std.id, m))
-    write_outputs(results, std.id, args.json, args.parquet)
+    saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
+    if saved:
+        print(f"results saved to {saved}.json and .parquet")
     total = max(r["total_seconds"] for r in results)
     print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
           f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {config.verify_top_k * len(results)} verified; "

@@ -266,7 +266,7 @@ SMALL_PROBE = ("builtin:fashion-mnist-probe?n=60", "builtin:digits-probe?n=40", 
 
 
 def small_plan() -> QualityPlan:
-    """Three tiny candidates, two tiny tasks (dev, test), two tiny standards: the pipeline end to end for CI."""
+    """Three tiny candidates, two tiny tasks (dev, test), one tiny standard: the pipeline end to end for CI."""
     from selection.zoo import TrainSpec
 
     specs = [("resnet10t", "resnet", _fm(FASHION_GROUPS["footwear"], 96, seed=1)),
@@ -287,10 +287,7 @@ def small_plan() -> QualityPlan:
         general_sources=((_fm(None, 96, seed=3), 1), ("builtin:digits?split=train&n=48", 1),
                          ("builtin:textures?n=48&seed=11", 1)),
         probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
-    random_std = StandardPlan("random-resnet10t", "random-init resnet10t (stand-in for the ImageNet standard)",
-                              baseline=CatalogEntry("baseline/resnet10t", "resnet10t", None, input_size=32),
-                              probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
-    return QualityPlan("small", tuple(zoo), tasks, (general, random_std), verify_ks=(1, 3))
+    return QualityPlan("small", tuple(zoo), tasks, (general,), verify_ks=(1, 3))
 
 
 def plan_by_name(small: bool) -> QualityPlan:
@@ -789,30 +786,31 @@ def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower right", fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"{method} score vs ground truth — standard: {res['standard']}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence[str], path: str,
                       group: str = "test") -> None:
+    """Mean quality on `group` vs the cost of one selection: colour = method, marker = standard."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = "osD^v<>pP*Xh"
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    markers = "osD^v"
     for si, (name, res) in enumerate(per_standard.items()):
         rows = res["groups"].get(group) or res["groups"]["all"]
         for mi, method in enumerate(methods):
             r = rows.get(method)
             if not r or not r["seconds"]:
                 continue
-            kw = dict(marker=markers[mi % len(markers)], s=45, color=f"C{si}",
-                      label=f"{method}" if si == 0 else None)
+            kw = dict(marker=markers[si % len(markers)], s=50, color=f"C{mi % 10}", alpha=0.85)
             a1.scatter(r["seconds"], r["gap"], **kw)
             if r["tau_w"] is not None:
                 a2.scatter(r["seconds"], r["tau_w"], **kw)
@@ -822,10 +820,12 @@ def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence
         ax.set_xlabel("cost of one selection (single-core seconds, log)")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    a1.legend(fontsize=7, loc="upper right")
-    fig.suptitle("quality vs selection cost (colour = standard: " +
-                 ", ".join(f"C{i}={n}" for i, n in enumerate(per_standard)) + ")", fontsize=9)
-    fig.tight_layout()
+    handles = [Line2D([], [], ls="", marker="o", color=f"C{mi % 10}", label=m) for mi, m in enumerate(methods)]
+    handles += [Line2D([], [], ls="", marker=markers[si % len(markers)], color="black", label=f"standard: {n}")
+                for si, n in enumerate(per_standard)]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle("selection quality vs selection cost", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -906,7 +906,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "by the best); cost of one selection for one task: model forward passes (images × models) and "
              "single-core seconds measured in the workers (model loads, forward passes, probes/scorers, table "
              "load and sweep; summed, so the number does not depend on the benchmark's own parallelism).")
-    L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over both standards): "
+    L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
              f"**{variant_label(default)}**; verification rows use it.\n")
 
     L.append("## Targets (test tasks)\n")

@@ -84,6 +84,9 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
+    saved = store.list("results")
+    assert len(saved) == 2 and {p.rsplit(".", 1)[1] for p in saved} == {"json", "parquet"}
+    assert "results saved to" in printed
 
     # Constraints filter inside the sweep.
     assert select.main(["--store", store.url, "--task", tasks[0], "--where", "tag=small",
