@@ -151,7 +151,8 @@ def quality(args: argparse.Namespace) -> int:
     # 3. tasks; SE task embeddings (one Ray task per standard). Run before the actors start, on the
     #    workers that trained the zoo (already warm)
     tasks = bench.load_tasks(plan)
-    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x {len(plan.methods)} methods")
+    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x "
+                           f"{len(plan.methods)} methods")
     temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.protocol, plan.task_image_size)
                                                 for i in range(len(stds))],
                              shared=(stds, tasks), desc="task embeddings", progress=progress)
@@ -173,7 +174,8 @@ def quality(args: argparse.Namespace) -> int:
             bad = diff.invalid[0]
             raise ZooselectError(f"cannot embed {bad.model_id} under {sp.name}: {bad.reason}")
         todo = list(diff.embed)
-        say(f"embed {sp.name}", f"[5/6] embedding {len(todo)} of {len(cands)} candidates under standard {sp.name} ({std.id})")
+        say(f"embed {sp.name}", f"[5/6] embedding {len(todo)} of {len(cands)} candidates under standard "
+                                f"{sp.name} ({std.id})")
         results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
         failed = [r for r in results if r.status == "failed"]
         if failed:

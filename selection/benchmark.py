@@ -410,7 +410,6 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     candidate's features on the task's train split (`features_seconds`) and each scorer
     on them (`<scorer>_seconds`). `load_seconds` is paid once per model by either.
     """
-    from selection.data import ImageSet  # noqa: F401  (tasks are ImageSets)
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
     from selection.select import model_task_accuracy, task_split
@@ -509,7 +508,8 @@ def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, np.ndarray]:
         if method not in weights:
             continue
         if form == "full":
-            out[f"{form}/{method}"] = scores(table.embeddings, weights[method]["full"][None, :])[:, 0].astype(np.float64)
+            w = weights[method]["full"][None, :]
+            out[f"{form}/{method}"] = scores(table.embeddings, w)[:, 0].astype(np.float64)
         else:
             out[f"{form}/{method}"] = cov @ weights[method]["diagonal"]
     return out
@@ -752,7 +752,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"
+    lines = ["| " + " | ".join(head) + " |", rule]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -921,7 +922,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         L.append(f"Standard id `{res['standard_id']}`, baseline `{res['baseline'].get('id')}` "
                  f"({res['baseline'].get('arch')}), {res['n_candidates']} candidates"
                  + (f" ({', '.join(res['excluded'])} removed)" if res["excluded"] else "") + ". "
-                 f"Embedding the zoo (the O(1) update, once per model): {run['embed'].get(name, {}).get('detail', '')}\n")
+                 "Embedding the zoo (the O(1) update, once per model): "
+                 f"{run['embed'].get(name, {}).get('detail', '')}\n")
         L.append("### Group means\n")
         head = ["method"]
         for g in ("dev", "test"):
@@ -948,7 +950,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
             trows = []
             for task in plan.tasks:
                 row = res["per_task"][task.name]
-                trows.append([f"{task.name} ({task.group})"] + [_f(row.get(m, {}).get(metric), digits) for m in methods])
+                cells = [_f(row.get(m, {}).get(metric), digits) for m in methods]
+                trows.append([f"{task.name} ({task.group})"] + cells)
             L.append(_md_table(["task"] + short, trows) + "\n")
         L.append("### Picks per task\n")
         trows = []
@@ -977,7 +980,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     for z in zoo:
         accs = [_f(100 * doc["truth"][t.name][z["id"]], 1) for t in plan.tasks]
         trows.append([z["id"], z["kind"], z["family"], z["trained_on"], f"{z['num_params'] / 1e6:.2f}M"] + accs)
-    L.append(_md_table(["model", "kind", "family", "trained on", "params"] + [t.name for t in plan.tasks], trows) + "\n")
+    head = ["model", "kind", "family", "trained on", "params"] + [t.name for t in plan.tasks]
+    L.append(_md_table(head, trows) + "\n")
     L.append("## Reproduce\n")
     L.append(f"```\n{run['command']}\n```\n")
     L.append("Training is seeded and resumable (checkpoints that exist are reused), standards and embeddings are "

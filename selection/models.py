@@ -144,6 +144,7 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     elif w.startswith(("hf-hub:", "timm:")):
         name = w if w.startswith("hf-hub:") else w[len("timm:"):]
         model = _create(name, entry, pretrained=True)
+        arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
         digest = weights_digest(entry)
     else:
         data, where = _read_weights_bytes(w)

@@ -62,7 +62,8 @@ def test_full_plan_has_8_tasks_split_into_dev_and_test():
     assert any(n == 2 for n in n_classes.values())  # binary
     assert len(set(n_classes.values())) >= 3  # different granularity
     # few-shot: at most 10 labelled train images per class (the protocol's 50/50 split)
-    fewshot = [t for t in tasks if int(specs[t.name][1].get("per_class", 999)) * (1 - FULL.protocol.test_fraction) <= 10]
+    train_share = 1 - FULL.protocol.test_fraction
+    fewshot = [t for t in tasks if int(specs[t.name][1].get("per_class", 999)) * train_share <= 10]
     assert {t.group for t in fewshot} == {"dev", "test"}
 
 
@@ -196,6 +197,64 @@ def test_targets_and_default_choice():
     assert bench.choose_default_variant({"a": res}) == "full/probe"
     other = _res(0.6, 2.0, 0.5, 0.5, 0.5, 100.0, dev_tau=(0.1, 0.2, 0.9, 0.0))
     assert bench.choose_default_variant({"a": res, "b": other}) == "diagonal/probe"  # mean 0.5 vs 0.3
+
+
+def _fake_inputs(d=3):
+    """A 4-model table (full form, d=3) and hand-made truth/timings for one plan with 2 tasks."""
+    import pyarrow as pa
+
+    from selection.embedding import triu
+    from selection.table import EmbeddingTable
+
+    ids = ["m0", "m1", "m2", "m3"]
+    covs = [np.eye(d) * c for c in (0.9, 0.1, 0.5, 0.3)]
+    emb = np.stack([triu(c) for c in covs]).astype(np.float32)
+    meta = pa.table({"model_id": ids[::-1], "is_baseline": [False] * 4,
+                     "coverage": [np.diag(c).tolist() for c in covs[::-1]]})
+    table = EmbeddingTable("std-x", meta, emb[::-1].copy())  # stored in another order than the plan's
+    tasks = (bench.BenchTask("a", "builtin:digits?split=test", "dev"),
+             bench.BenchTask("b", "builtin:digits?split=test", "test"))
+    zoo = tuple(bench.ZooMember(i, "random", "resnet", entry=CatalogEntry(i, "resnet10t")) for i in ids)
+    sp = bench.StandardPlan("s", "s", baseline=CatalogEntry("base", "resnet10t"))
+    plan = bench.QualityPlan("t", zoo, tasks, (sp,), verify_ks=(1, 3))
+    g = np.eye(d) / d
+    from selection.embedding import task_weights
+
+    w = {"full": task_weights(g, "full"), "diagonal": np.diag(g), "seconds": 0.5}
+    task_emb = {"load_seconds": 0.25, "tasks": {t: {"n_train": 10, "probe": w, "fisher": w} for t in "ab"}}
+    accs = {"m0": 0.8, "m1": 0.9, "m2": 0.7, "m3": 0.6}
+    truth = {i: {"num_params": 10 * (k + 1), "load_seconds": 1.0,
+                 "tasks": {t: {"accuracy": accs[i], "n_train": 10, "n_images": 20, "truth_seconds": 2.0,
+                               "features_seconds": 0.5, "logme": -k, "logme_seconds": 0.1, "hscore": k,
+                               "hscore_seconds": 0.2} for t in "ab"}} for k, i in enumerate(ids)}
+    return plan, sp, table, task_emb, truth
+
+
+def test_standard_results_metrics_and_costs():
+    plan, sp, table, task_emb, truth = _fake_inputs()
+    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t")})()
+    res = bench.standard_results(plan, sp, std, table, 0.05, task_emb, truth)
+    assert res["candidates"] == ["m0", "m1", "m2", "m3"] and res["n_candidates"] == 4
+    rows = res["per_task"]["b"]
+    se = rows["SE full/probe"]  # scores follow coverage: m0 > m2 > m3 > m1
+    assert se["pick"] == "m0" and se["gap"] == pytest.approx(10.0)
+    assert se["forward_passes"] == 10
+    assert se["seconds"] == pytest.approx(0.25 + 0.5 + 0.05, abs=0.01)  # + the measured sweep
+    v3 = rows["SE full/probe +verify top-3"]  # m0, m2, m3 verified: m0 (80) stays; m1 (90) missed
+    assert v3["pick"] == "m0" and v3["forward_passes"] == 10 + 3 * 20
+    assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 2.0))
+    lm = rows["LogME (brute force)"]  # logme = -k: m0 best
+    assert lm["pick"] == "m0" and lm["forward_passes"] == 4 * 10
+    assert lm["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.1))
+    hs = rows["H-score (brute force)"]  # hscore = k: m3 (60) picked
+    assert hs["gap"] == pytest.approx(30.0) and hs["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.2))
+    assert rows["largest model"]["pick"] == "m3" and rows["largest model"]["forward_passes"] == 0
+    assert rows["random choice (expected)"]["gap"] == pytest.approx(100 * (0.9 - 0.75))
+    assert res["groups"]["test"]["SE full/probe"]["gap"] == pytest.approx(10.0)
+    assert res["groups"]["dev"]["SE full/probe"]["n_tasks"] == 1
+    summary = bench.compute_results(plan, {"s": res})
+    assert summary["default_variant"] in {f"{f}/{m}" for f, m in bench.VARIANTS}
+    assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
 
 
 # -- measurements --------------------------------------------------------------------------

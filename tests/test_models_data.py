@@ -184,3 +184,40 @@ def test_prepared_inputs_give_identical_features():
         prep = prepare(imgs, cfg)
         assert np.array_equal(extract_features(lm, imgs), extract_features(lm, imgs, prepared=prep))
     assert expected_data_config(CatalogEntry("u", "no_such_arch_q")) is None
+
+
+HUB_SNIPPET = """
+import json, os, sys, timm
+from safetensors.torch import save_file
+cache = sys.argv[1]
+snap = os.path.join(cache, "models--acme--tiny-resnet", "snapshots", "0" * 40)
+os.makedirs(snap)
+os.makedirs(os.path.join(cache, "models--acme--tiny-resnet", "refs"))
+open(os.path.join(cache, "models--acme--tiny-resnet", "refs", "main"), "w").write("0" * 40)
+m = timm.create_model("resnet10t", num_classes=5)
+save_file({k: v.contiguous() for k, v in m.state_dict().items()}, os.path.join(snap, "model.safetensors"))
+json.dump({"architecture": "resnet10t", "num_classes": 5, "pretrained_cfg": {
+    "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+    "interpolation": "bilinear", "classifier": "fc"}}, open(os.path.join(snap, "config.json"), "w"))
+from selection.catalog import CatalogEntry
+from selection.models import load_model
+lm = load_model(CatalogEntry("h", "resnet10t", "hf-hub:acme/tiny-resnet"))
+print("LOADED", lm.arch, lm.model.num_classes, lm.data_config["input_size"])
+try:
+    load_model(CatalogEntry("h2", "resnet10t", "hf-hub:acme/absent"))
+except Exception as exc:
+    print("ABSENT", type(exc).__name__, str(exc)[:60])
+"""
+
+
+def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
+    """The real hf-hub code path, served offline from a hub cache the test lays out."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", HUB_SNIPPET, str(tmp_path / "hub")], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert "LOADED resnet10t 5 [3, 32, 32]" in r.stdout, r.stderr[-2000:]
+    assert "ABSENT ModelError model 'h2': cannot create 'hf-hub:acme/absent'" in r.stdout, r.stdout

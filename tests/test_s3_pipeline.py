@@ -78,16 +78,64 @@ def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_
     assert all(after_add[p] == e for p, e in first.items())
 
     out = str(tmp_path / "sel.json")
+    task_url = _upload_parquet_task(store, "tasks/colours.parquet")
     assert select.main(["--store", s3_store_url, "--task", "builtin:digits?classes=0,1,2&per_class=8",
-                        "--top-k", "3", "--json", out, "--no-progress", "--task-image-size", "32"]) == 0
-    ranking = json.load(open(out))["tasks"][0]["ranking"]
-    assert sorted(r["model_id"] for r in ranking) == sorted(e.id for e in ENTRIES)
+                        "--task", task_url, "--top-k", "3", "--json", out, "--no-progress",
+                        "--task-image-size", "32"]) == 0
+    tasks = json.load(open(out))["tasks"]
+    assert [t["task"] for t in tasks][1] == task_url and tasks[1]["n_images"] == 8
+    for t in tasks:
+        assert sorted(r["model_id"] for r in t["ranking"]) == sorted(e.id for e in ENTRIES)
 
     # Remove one (gone from the catalog): exactly one object deleted, none written.
     assert reindex.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
     after_rm = _objects(store)
     assert set(after_add) - set(after_rm) == set(after_add) - set(first)
     assert after_rm == first
+
+
+def _upload_parquet_task(store: Store, rel: str) -> str:
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    images = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), (200 * (i % 2), 30 * i, 0)).save(buf, "PNG")
+        images.append(buf.getvalue())
+    store.write_table(rel, pa.table({"image": images, "label": ["red", "green"] * 4}))
+    return f"{store.url}/{rel}"
+
+
+def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standard, tmp_path):
+    import numpy as np
+    import timm
+    from safetensors.torch import save
+
+    from jobs import embed
+    from selection.models import extract_features, load_model
+
+    store = Store(s3_store_url)
+    save_standard(store, tiny_standard)
+    model = timm.create_model("resnet10t", num_classes=4)
+    store.write_bytes("ckpt/r.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    entry = CatalogEntry("s3zoo/from-s3", "resnet10t", f"{s3_store_url}/ckpt/r.safetensors", input_size=32)
+    lm = load_model(entry)
+    assert lm.model.num_classes == 4
+    imgs = np.zeros((2, 32, 32, 3), np.uint8)
+    assert np.allclose(extract_features(lm, imgs), extract_features(load_model(
+        CatalogEntry("local", "resnet10t", _local_copy(store, tmp_path), input_size=32)), imgs))
+    cat = _catalog(tmp_path, [entry])
+    assert embed.main(["--catalog", cat, "--store", s3_store_url, "--no-progress"]) == 0
+    assert len(_objects(store)) == 1
+
+
+def _local_copy(store: Store, tmp_path) -> str:
+    path = tmp_path / "r.safetensors"
+    path.write_bytes(store.read_bytes("ckpt/r.safetensors"))
+    return str(path)
 
 
 def test_two_concurrent_reindex_runs_leave_each_model_once(s3_server, s3_store_url, tiny_standard, tmp_path):
