@@ -102,28 +102,54 @@ class _EmbedActor:
         return embed_entry(entry, std, store, prepared=prepared)
 
 
-def _prepare_shared(entries: list[CatalogEntry], std: Any) -> dict[str, Any]:
-    """Preprocess the probe set once per preprocessing config shared by >= 2 models; put each once."""
-    import ray
+class _SharedProbe:
+    """The probe set preprocessed once per preprocessing config shared by >= 2 models (CPU).
 
-    from selection.models import expected_data_config, prepare, preprocess_key
+    Each group's tensor is put in the object store when its first model starts and
+    released when its last finishes, so memory holds only the groups in flight. On GPUs
+    the actors resize uint8 images on the device instead (cheaper than shipping floats).
+    """
 
-    groups: dict[tuple, list[str]] = {}
-    cfgs: dict[tuple, dict] = {}
-    for e in entries:
-        cfg = expected_data_config(e, std.input_size)
-        if cfg is not None:
-            key = preprocess_key(cfg)
-            groups.setdefault(key, []).append(e.id)
-            cfgs[key] = cfg
-    refs: dict[str, Any] = {}
-    for key, ids in groups.items():
-        if len(ids) >= 2:
-            ref = ray.put(prepare(std.probe_images, cfgs[key]))
-            refs.update({i: ref for i in ids})
-    log.info("probe set prepared for %d preprocessing configs shared by %d models",
-             sum(len(v) >= 2 for v in groups.values()), len(refs))
-    return refs
+    def __init__(self, entries: list[CatalogEntry], std: Any, enabled: bool) -> None:
+        from selection.models import expected_data_config, preprocess_key
+
+        self.std = std
+        self.key: dict[str, tuple] = {}
+        self.cfg: dict[tuple, dict] = {}
+        for e in entries if enabled else []:
+            cfg = expected_data_config(e, std.input_size)
+            if cfg is not None:
+                self.key[e.id] = preprocess_key(cfg)
+                self.cfg[self.key[e.id]] = cfg
+        self.left = {k: list(self.key.values()).count(k) for k in self.cfg}  # models not yet done
+        self.shared = {k for k, n in self.left.items() if n >= 2}
+        self.refs: dict[tuple, Any] = {}
+
+    def order(self, entries: list[CatalogEntry]) -> list[CatalogEntry]:
+        """Entries grouped by preprocessing config (first-appearance order kept)."""
+        first = {}
+        for i, e in enumerate(entries):
+            first.setdefault(self.key.get(e.id), i)
+        return sorted(entries, key=lambda e: first[self.key.get(e.id)])
+
+    def acquire(self, entry: CatalogEntry) -> Any:
+        import ray
+
+        from selection.models import prepare
+
+        key = self.key.get(entry.id)
+        if key not in self.shared:
+            return None
+        if key not in self.refs:
+            self.refs[key] = ray.put(prepare(self.std.probe_images, self.cfg[key]))
+        return self.refs[key]
+
+    def release(self, entry: CatalogEntry) -> None:
+        key = self.key.get(entry.id)
+        if key is not None:
+            self.left[key] -= 1
+            if self.left[key] == 0:
+                self.refs.pop(key, None)
 
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
@@ -152,9 +178,9 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries,
         max_task_retries=retries)
     std_ref = ray.put(std)
-    prepared = _prepare_shared(entries, std)
+    shared = _SharedProbe(entries, std, enabled=gpus_per_actor == 0)
     results: list[EmbedResult] = []
-    queue = list(entries)
+    queue = shared.order(entries)
     running: dict[Any, tuple[Any, CatalogEntry]] = {}
     threads = max(1, int(cpus_per_actor))
     with tqdm(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
@@ -162,7 +188,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)
                 actor = actor_cls.remote(store_url, s3_endpoint, threads)
-                running[actor.embed.remote(entry, std_ref, prepared.get(entry.id))] = (actor, entry)
+                running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
                 actor, entry = running.pop(ref)
@@ -172,6 +198,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     result = EmbedResult(entry.id, "failed", f"worker failed after {retries} retries: {text[:300]}")
                 ray.kill(actor)
+                shared.release(entry)
                 results.append(result)
                 bar.update(1)
                 bar.set_postfix_str(f"{entry.id[:30]}: {result.status}")

@@ -175,3 +175,21 @@ def test_help_works():
         assert r.returncode == 0 and "usage:" in r.stdout, (mod, r.stderr)
     r = _run("selection.cli", "--help")
     assert r.returncode == 0 and "reindex" in r.stdout
+
+
+def test_probe_prepared_once_per_config_and_released(ray_local, published):
+    from jobs.runtime import _SharedProbe
+
+    _, std = published
+    a = CatalogEntry("a", "resnet10t", None, input_size=32)
+    b = CatalogEntry("b", "regnetx_002", None, input_size=48)
+    c = CatalogEntry("c", "resnet10t", None, input_size=32)
+    shared = _SharedProbe([a, b, c], std, enabled=True)
+    assert [e.id for e in shared.order([a, b, c])] == ["a", "c", "b"]
+    ref_a = shared.acquire(a)
+    assert ref_a is not None and shared.acquire(c) is ref_a and shared.acquire(b) is None
+    shared.release(a)
+    assert shared.refs
+    shared.release(c)
+    assert not shared.refs  # released once the group's last model is done
+    assert _SharedProbe([a, c], std, enabled=False).acquire(a) is None
