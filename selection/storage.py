@@ -99,6 +99,36 @@ def _scrub(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class _Corrupt:
+    """A parse error of an object that was read successfully (not a storage fault)."""
+
+    exc: BaseException
+
+
+class _WatchedFile:
+    """A file object that remembers the last error its own reads raised (for Arrow)."""
+
+    _CALLS = ("read", "readinto", "read1", "readall", "seek", "tell")
+
+    def __init__(self, fh: object) -> None:
+        self._fh = fh
+        self.error: BaseException | None = None
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._fh, name)
+        if name not in self._CALLS:
+            return attr
+
+        def call(*args: object, **kwargs: object) -> object:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self.error = exc
+                raise
+        return call
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries with capped exponential backoff and jitter."""
 
@@ -292,8 +322,17 @@ class Store:
             out.append(rel)
         return sorted(out)
 
-    def read_table(self, rel: str) -> pa.Table:
-        data = self.read_bytes(rel)
+    def read_many(self, rels: Iterable[str], threads: int = 16) -> list[bytes]:
+        """The bytes of many objects, read concurrently (object stores reward parallelism)."""
+        rels = list(rels)
+        if len(rels) <= 1:
+            return [self.read_bytes(r) for r in rels]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(self.read_bytes, rels))
+
+    def read_table(self, rel: str, data: bytes | None = None) -> pa.Table:
+        """A Parquet object (or its already-read `data`) as an Arrow table."""
+        data = self.read_bytes(rel) if data is None else data
         try:
             return pq.read_table(io.BytesIO(data))
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
@@ -301,16 +340,28 @@ class Store:
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
     def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
-        """Only `columns` of a Parquet object (reads the footer and those column chunks)."""
-        def read() -> pa.Table:
+        """Only `columns` of a Parquet object (reads the footer and those column chunks).
+
+        I/O errors go through the retry policy; a parse error (Arrow raises a plain
+        OSError for a corrupt footer) is a corrupt object, never retried as transient.
+        """
+        def read() -> pa.Table | _Corrupt:
             with self.fs.open(self._full(rel), "rb") as fh:
-                return pq.read_table(fh, columns=columns)
+                watched = _WatchedFile(fh)
+                try:
+                    return pq.read_table(watched, columns=columns)
+                except Exception as exc:  # noqa: BLE001 - sorted into I/O and parse errors
+                    if watched.error is not None:
+                        raise  # the storage read failed: classified by _call
+                    return _Corrupt(exc)
         try:
-            return self._call("read", rel, read)
+            result = self._call("read", rel, read)
         except FileNotFoundError as exc:
             raise StoreError(f"no object at {self._display(rel)}") from exc
-        except (pa.ArrowInvalid, pa.ArrowException) as exc:
-            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {exc}") from exc
+        if isinstance(result, _Corrupt):
+            text = str(result.exc).splitlines()[0] if str(result.exc) else type(result.exc).__name__
+            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {text}") from result.exc
+        return result
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         sink = io.BytesIO()
@@ -319,10 +370,7 @@ class Store:
 
     def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:
         rels = list(rels)
-        if len(rels) <= 1:
-            return [self.read_table(r) for r in rels]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(self.read_table, rels))
+        return [self.read_table(r, d) for r, d in zip(rels, self.read_many(rels, threads))]
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

@@ -202,10 +202,12 @@ def list_table(store: Store, std: Standard) -> Listing:
 
 
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
-                columns: list[str] | None = None) -> Iterator[EmbeddingTable]:
+                columns: list[str] | None = None,
+                row_bytes: list[bytes] | None = None) -> Iterator[EmbeddingTable]:
     """The table as shards (each segment, then all row objects), each model exactly once.
 
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
+    `row_bytes`: the row objects' bytes, when the caller has read them already.
     """
     listing = listing or list_table(store, std)
     need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
@@ -222,7 +224,8 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
             _validate(t, std, f"{store.url}/{seg}")
             yield _shard(std, t, hide, columns)
     if listing.rows:
-        tables = store.read_tables(listing.rows)
+        data = row_bytes if row_bytes is not None else store.read_many(listing.rows)
+        tables = [store.read_table(p, d) for p, d in zip(listing.rows, data)]
         for p, t in zip(listing.rows, tables):
             _validate(t, std, f"{store.url}/{p}")
         yield _shard(std, pa.concat_tables(tables), set(), columns)
@@ -237,9 +240,10 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_table(store: Store, std: Standard) -> EmbeddingTable:
+def load_table(store: Store, std: Standard, listing: Listing | None = None,
+               row_bytes: list[bytes] | None = None) -> EmbeddingTable:
     """The whole table of `std` in memory (validated, each model once)."""
-    shards = list(iter_shards(store, std))
+    shards = list(iter_shards(store, std, listing, row_bytes=row_bytes))
     if not shards:
         return _shard(std, schema_for(std).empty_table(), set(), None)
     meta = pa.concat_tables([s.meta for s in shards])
@@ -273,8 +277,10 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
         raise ValueError(f"segment_rows must be >= 1, got {segment_rows}")
     t0 = time.perf_counter()
     listing = list_table(store, std)
-    digests = {p: hashlib.sha256(store.read_bytes(p)).hexdigest() for p in listing.rows}
-    table = to_arrow(std, load_table(store, std))
+    row_bytes = store.read_many(listing.rows)  # read once: parsed below, digests kept for the delete check
+    digests = {p: hashlib.sha256(b).hexdigest() for p, b in zip(listing.rows, row_bytes)}
+    table = to_arrow(std, load_table(store, std, listing, row_bytes))
+    del row_bytes
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     written = 0
     for start in range(0, table.num_rows, segment_rows):
