@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
     q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
     add_ray_args(q)
+    sub.add_parser("scaling", add_help=False,
+                   help="update, sweep and throughput scaling (options: python -m jobs.scaling --help)")
     return p
 
 
@@ -247,7 +249,13 @@ def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, rest = parser().parse_known_args(argv)
+    if args.command == "scaling":
+        from jobs import scaling
+
+        return scaling.main(rest)
+    if rest:
+        parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "quality":
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
