@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
 
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
@@ -163,13 +164,13 @@ def sweep_shards(shards: Iterable[EmbeddingTable], weights: np.ndarray, top_k: i
         k = min(top_k, int(mask.sum()))
         if k == 0:
             continue
-        s = np.where(mask[:, None], s, -np.inf)
+        if not mask.all():
+            s[~mask] = -np.inf
         for t in range(weights.shape[0]):
             col = s[:, t]
             idx = np.argpartition(-col, k - 1)[:k]
-            for i in idx:
-                row = shard.meta.slice(int(i), 1).to_pylist()[0]
-                best[t].append((float(col[i]), row["model_id"], row))
+            rows = shard.meta.take(pa.array(idx)).to_pylist()
+            best[t].extend((float(col[i]), row["model_id"], row) for i, row in zip(idx, rows))
             best[t] = sorted(best[t], key=lambda x: (-x[0], x[1]))[:top_k]
     return [[Ranked(mid, sc, r, bool(row["is_baseline"]), row)
              for r, (sc, mid, row) in enumerate(ranked, 1)] for ranked in best]

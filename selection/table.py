@@ -204,7 +204,7 @@ def list_table(store: Store, std: Standard) -> Listing:
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
                 columns: list[str] | None = None,
                 row_bytes: list[bytes] | None = None) -> Iterator[EmbeddingTable]:
-    """The table as shards (each segment, then all row objects), each model exactly once.
+    """The table as shards (each segment, newest first, then all row objects), each model once.
 
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
     `row_bytes`: the row objects' bytes, when the caller has read them already.
@@ -212,17 +212,13 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     listing = listing or list_table(store, std)
     need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
     hidden = {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
-    if listing.segments:
-        later: set[str] = set()
-        masks = []
-        for seg in reversed(listing.segments):  # segment names sort by time: newest wins
-            keys = store.read_table_columns(seg, ["model_key"]).column("model_key").to_pylist()
-            masks.append(hidden | later)
-            later |= set(keys)
-        for seg, hide in zip(listing.segments, reversed(masks)):
-            t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
-            _validate(t, std, f"{store.url}/{seg}")
-            yield _shard(std, t, hide, columns)
+    seen: set[str] = set()
+    for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
+        t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
+        _validate(t, std, f"{store.url}/{seg}")
+        keys = t.column("model_key").to_numpy(zero_copy_only=False)
+        yield _shard(std, t, hidden | seen, columns)
+        seen.update(keys.tolist())
     if listing.rows:
         data = row_bytes if row_bytes is not None else store.read_many(listing.rows)
         tables = [store.read_table(p, d) for p, d in zip(listing.rows, data)]
