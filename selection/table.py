@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import selection
 from selection.errors import StandardMismatchError, StoreError
@@ -177,9 +178,8 @@ INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weig
 
 
 def _shard(std: Standard, t: pa.Table, hide: set[str], columns: list[str] | None) -> EmbeddingTable:
-    if hide:
-        keys = t.column("model_key").to_numpy(zero_copy_only=False)
-        t = t.filter(pa.array(~np.isin(keys, np.array(sorted(hide), dtype=object))))
+    if hide:  # a hash lookup in Arrow: numpy's isin on strings sorts Python objects
+        t = t.filter(pc.invert(pc.is_in(t.column("model_key"), value_set=pa.array(list(hide), pa.string()))))
     if columns is not None:
         return EmbeddingTable(std.id, t.select(columns), np.zeros((t.num_rows, 0), np.float32))
     schema = schema_for(std)
@@ -216,9 +216,9 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
         t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
         _validate(t, std, f"{store.url}/{seg}")
-        keys = t.column("model_key").to_numpy(zero_copy_only=False)
+        keys = t.column("model_key").to_pylist()
         yield _shard(std, t, hidden | seen, columns)
-        seen.update(keys.tolist())
+        seen.update(keys)
     if listing.rows:
         data = row_bytes if row_bytes is not None else store.read_many(listing.rows)
         tables = [store.read_table(p, d) for p, d in zip(listing.rows, data)]
