@@ -30,7 +30,7 @@ def init(address: str | None = None) -> None:
         # A local Ray: workers import this checkout, whatever the current directory.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)  # never attach to a stray `ray start` cluster
 
 
 def cluster_resources() -> dict[str, float]:
