@@ -15,7 +15,7 @@ def test_model_key_is_path_safe(mid):
     assert "/" not in key and "\\" not in key and ".." not in key and not key.startswith(".")
     assert key.isascii() and len(key) <= 48 + 17
     path = row_path("std-x", mid)
-    assert path.startswith("embeddings/std-x/") and path.count("/") == 3
+    assert path.startswith("embeddings/std-x/rows/") and path.count("/") == 4
     assert shard_of(key) == key[-16:-14]
 
 
