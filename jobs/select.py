@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="candidates listed per task")
     p.add_argument("--verify-top-k", type=int, default=0,
                    help="linear-probe the top K on the task and re-rank them by accuracy")
-    p.add_argument("--task-method", choices=["probe", "fisher"], default="probe")
+    p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
+                   help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")

@@ -72,7 +72,7 @@ class Constraint:
 class SelectConfig:
     top_k: int = 10
     verify_top_k: int = 0
-    task_method: str = "probe"
+    task_method: str = "fisher"  # chosen on the benchmark's dev tasks (docs/benchmark.md)
     task_image_size: int = 64
     constraints: tuple[Constraint, ...] = ()
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
