@@ -41,6 +41,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import weakref
 from typing import Any
@@ -497,7 +498,9 @@ class SeaweedServer:
             logfile.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on "
                           f"{self.ports}\n".encode())
             logfile.flush()
-            use_pdeathsig = not self.detached and sys.platform.startswith("linux")
+            # PR_SET_PDEATHSIG fires when the starting *thread* exits: only from the main thread
+            use_pdeathsig = (not self.detached and sys.platform.startswith("linux")
+                             and threading.current_thread() is threading.main_thread())
             self._proc = subprocess.Popen(
                 self._command(), stdin=subprocess.DEVNULL, stdout=logfile,
                 stderr=subprocess.STDOUT, cwd=self.root, env=self._child_env(),

@@ -93,7 +93,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
         return np.ascontiguousarray(images[..., :3])
     out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
     for s in range(0, images.shape[0], 512):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + 512, ..., :3])).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.array(images[s:s + 512, ..., :3])).permute(0, 3, 1, 2).float()  # a copy
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[s:s + 512] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
@@ -338,7 +338,8 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             arr = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}") from exc
+        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DataError(f"cannot decode image {where}: {reason}") from exc
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise DataError(f"image {where} is {arr.shape[1]}x{arr.shape[0]} pixels; at least 2x2 needed")
     h, w = arr.shape[:2]

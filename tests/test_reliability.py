@@ -1,0 +1,862 @@
+"""Reliability and security (issue 5): faults injected into real runs, bad input refused, nothing lost.
+
+Every test here drives the real entry points (`jobs.*` in-process through `run_main`, or as
+`python -m jobs.X` subprocesses) on a real local Ray and, where storage is the subject, a
+real SeaweedFS S3 server. Faults are real: an actor process SIGKILLed mid-embedding, the
+storage server stopped and restarted mid-job, two jobs racing on one store. After each,
+the table is checked object by object: every model exactly once, nothing partial, nothing
+outside the store root. docs/reliability.md lists every fault and bad input with the test
+that shows it (this file and the earlier ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+
+from selection.catalog import CatalogEntry, write_catalog
+from selection.embedder import embed_entry
+from selection.errors import StoreError
+from selection.standard import save_standard
+from selection.storage import RetryPolicy, Store
+from selection.table import list_rows, load_table, row_path
+from tests.conftest import save_checkpoint
+
+pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.s3_fixtures"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [CatalogEntry("rel/resnet", "resnet10t", None, input_size=32),
+        CatalogEntry("rel/regnet", "regnetx_002", None, input_size=32),
+        CatalogEntry("rel/mobilenet", "mobilenetv3_small_050", None, input_size=32)]
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for this module's in-process jobs (any other module's Ray is shut down)."""
+    import ray
+
+    from jobs import runtime
+
+    if ray.is_initialized():
+        ray.shutdown()
+    runtime.init(None)
+    yield
+    ray.shutdown()
+
+
+def _catalog(tmp_path, entries, name: str = "catalog.jsonl") -> str:
+    path = str(tmp_path / name)
+    write_catalog(list(entries), path)
+    return path
+
+
+def _snapshot(root: str) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under `root`, dot-files included."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (hashlib.sha256(fh.read()).hexdigest(),
+                                                 os.stat(p).st_mtime_ns)
+    return out
+
+
+def _s3_objects(store: Store) -> dict[str, bytes]:
+    """key -> bytes of every object under the store's root (what a reader can see)."""
+    found = store.fs.find(store.root)
+    return {p: store.fs.cat_file(p) for p in found}
+
+
+def _assert_each_model_once(store: Store, std, ids: list[str]) -> None:
+    """The table holds exactly `ids`, one complete object each, at its own key; nothing else."""
+    table = load_table(store, std)  # validates every object (standard, schema, width)
+    assert sorted(table.model_ids) == sorted(ids)
+    rows = list_rows(store, std.id)
+    assert rows == sorted(row_path(std.id, i) for i in ids), rows
+    for mid in ids:
+        t = store.read_table(row_path(std.id, mid))
+        assert t.num_rows == 1 and t.column("model_id")[0].as_py() == mid
+        assert np.isfinite(np.asarray(t.column("embedding")[0].as_py())).all()
+    # nothing else under embeddings/: no temporary, partial or stray objects, hidden or not
+    if store.scheme == "file":
+        stray = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(store.root, "embeddings"))
+                 for f in fs if os.path.relpath(os.path.join(d, f), store.root) not in rows]
+    else:
+        stray = [p for p in store.fs.find(f"{store.root}/embeddings")
+                 if p[len(store.root) + 1:] not in rows]
+    assert not stray, f"stray objects in the table: {stray}"
+
+
+def _error_line(err: str, logging_on: bool = False) -> str:
+    """The one error line of a job's stderr.
+
+    Without logging, stderr holds that line only (and Ray's forwarded worker lines, which
+    start with '('); with debug logging, log records (some span lines) surround it.
+    """
+    if logging_on:
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    else:
+        plain = (re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in err.splitlines())
+        lines = [ln for ln in plain if ln.strip() and not ln.startswith("(") and " WARNING " not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def _run_job(main, argv: list[str], capsys) -> str:
+    """Run a job in-process as `python -m jobs.X` does; expect the one-line error exit."""
+    from jobs.common import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2, (out, err)
+    assert "Traceback" not in out + err
+    return _error_line(err)
+
+
+def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class _Pump:
+    """Collect a subprocess's stdout and stderr; set `seen` once `marker` is printed."""
+
+    def __init__(self, proc: subprocess.Popen, marker: str | None = None) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.marker = marker
+        self.seen = threading.Event()
+        self.threads = [threading.Thread(target=self._read, args=(s, d), daemon=True)
+                        for s, d in ((proc.stdout, self.out), (proc.stderr, self.err))]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+            if self.marker and self.marker in line:
+                self.seen.set()
+
+    def join(self) -> tuple[str, str]:
+        for t in self.threads:
+            t.join(60)
+        return "".join(self.out), "".join(self.err)
+
+
+def _wait_for_actor(proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Wait until the job `proc` runs an embedding actor (it has planned, its actors start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for name in os.listdir("/proc"):
+            if name.isdigit() and _cmdline(int(name)).startswith("ray::_EmbedActor") \
+                    and _descends_from(int(name), proc.pid):
+                return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture()
+def ray_tmp():
+    """A short private RAY_TMPDIR for a job subprocess (Ray's socket paths must stay short)."""
+    path = tempfile.mkdtemp(prefix="zsr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------- faults: killed actor
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    try:
+        while pid > 1:
+            pid = _ppid(pid)
+            if pid == ancestor:
+                return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class _ActorKiller(threading.Thread):
+    """SIGKILL, once, an embedding actor of *this* process's Ray that has embedded for `after_s`.
+
+    Only descendants of this process qualify (other sessions' actors are left alone); the
+    process title Ray sets while the method runs (`ray::_EmbedActor.embed`) shows that
+    the actor is in the middle of embedding, not starting up or idle.
+    """
+
+    TITLE = "ray::_EmbedActor.embed"
+
+    def __init__(self, after_s: float) -> None:
+        super().__init__(daemon=True)
+        self.after_s = after_s
+        self.done = threading.Event()
+        self.killed: tuple[int, str] | None = None
+
+    def run(self) -> None:
+        me, first_seen = os.getpid(), {}
+        while not self.done.is_set():
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                cmd = _cmdline(pid)
+                if not cmd.startswith(self.TITLE) or not _descends_from(pid, me):
+                    continue
+                if time.monotonic() - first_seen.setdefault(pid, time.monotonic()) >= self.after_s:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed = (pid, cmd)
+                    self.done.set()
+                    return
+            time.sleep(0.05)
+
+
+def test_actor_killed_mid_embedding_is_retried_and_each_model_lands_once(ray_local, published, tmp_path,
+                                                                         capsys):
+    from jobs import embed
+
+    store, std = published
+    # One model slow enough to be caught mid-embedding (about 5-10 s at 96 px on 2 busy cores).
+    entries = [CatalogEntry("rel/slow", "resnet10t", None, input_size=96)] + TINY[1:]
+    cat = _catalog(tmp_path, entries)
+    killer = _ActorKiller(after_s=1.5)
+    killer.start()
+    try:
+        code = embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--retries", "2"])
+    finally:
+        killer.done.set()
+        killer.join(10)
+    out = capsys.readouterr().out
+    assert killer.killed is not None, "no embedding actor was caught mid-embedding"
+    pid, title = killer.killed
+    assert _cmdline(pid) != title, f"actor {pid} survived SIGKILL"
+    assert code == 0, out
+    assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out, out
+    _assert_each_model_once(store, std, [e.id for e in entries])
+
+
+# ------------------------------------------------------------- faults: failing models
+def test_failing_models_in_one_job_each_reported_with_reason_others_finish(ray_local, published,
+                                                                           tmp_path, capsys):
+    """Complements test_jobs.py::test_failing_model_does_not_stop_others (corrupt safetensors,
+    unknown arch, missing checkpoint): a checkpoint of the wrong architecture, NaN weights
+    and a truncated .pth, in one job with a healthy model."""
+    from jobs import embed
+
+    store, std = published
+    ckpt = save_checkpoint(timm.create_model("resnet10t", num_classes=4), str(tmp_path / "r10.safetensors"))
+    nan_model = timm.create_model("resnet10t", num_classes=0)
+    with torch.no_grad():
+        nan_model.conv1[0].weight.fill_(float("nan"))
+    nan_ckpt = save_checkpoint(nan_model, str(tmp_path / "nan.safetensors"))
+    truncated = _truncated_pth(tmp_path)
+    entries = [TINY[2],
+               CatalogEntry("bad/wrong-arch", "regnetx_002", ckpt, input_size=32),
+               CatalogEntry("bad/nan", "resnet10t", nan_ckpt, input_size=32),
+               CatalogEntry("bad/truncated", "resnet10t", truncated, input_size=32)]
+    code = embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "summary: 1 embedded, 0 skipped, 0 removed, 3 failed" in out, out
+    failed = {ln.split(": ", 2)[1]: ln.split(": ", 2)[2] for ln in out.splitlines() if ln.startswith("failed: ")}
+    assert set(failed) == {"bad/wrong-arch", "bad/nan", "bad/truncated"}, out
+    assert f"checkpoint {ckpt!r} does not match architecture 'regnetx_002'" in failed["bad/wrong-arch"]
+    assert "'bad/nan' produced non-finite (NaN/inf) features" in failed["bad/nan"]
+    assert f"corrupt checkpoint {truncated!r}" in failed["bad/truncated"]
+    _assert_each_model_once(store, std, [TINY[2].id])
+
+
+def _truncated_pth(tmp_path) -> str:
+    full = tmp_path / "full.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), full)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    return str(truncated)
+
+
+def test_out_of_memory_model_is_reported_and_the_next_model_embeds(published, monkeypatch):
+    """A real torch.OutOfMemoryError raised inside the forward pass (a forward hook: CPUs
+    have no device memory to exhaust). The model is reported 'out of memory'; the next
+    model in the same store embeds; nothing of the failed one is written."""
+    import selection.embedder as embedder
+
+    store, std = published
+    real_load = embedder.load_model
+    raised = []
+
+    def hook(module, inputs, output):
+        raised.append(inputs[0].shape[0])
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def load_with_oom(entry):
+        loaded = real_load(entry)
+        if entry.id == "oom/model":
+            conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d))
+            conv.register_forward_hook(hook)
+        return loaded
+
+    monkeypatch.setattr(embedder, "load_model", load_with_oom)
+    r = embed_entry(CatalogEntry("oom/model", "resnet10t", None, input_size=32), std, store)
+    assert r.status == "failed" and "out of memory" in r.reason, r
+    assert r.reason.startswith("model 'oom/model': out of memory at batch size") and "\n" not in r.reason
+    assert raised, "the hook never ran"
+    assert embed_entry(TINY[1], std, store).status == "embedded"
+    _assert_each_model_once(store, std, [TINY[1].id])
+
+
+# ------------------------------------------------------------- faults: two jobs at once
+def test_two_embed_jobs_at_once_on_one_local_store(ray_local, published, tmp_path, capsys, ray_tmp):
+    """A `python -m jobs.embed` subprocess and an in-process embed job on one directory
+    store, the second started once the first has planned (both see an empty table, so
+    both embed and write the same keys concurrently)."""
+    from jobs import embed
+
+    store, std = published
+    entries = TINY
+    cat = _catalog(tmp_path, entries)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = _popen(["jobs.embed", "--catalog", cat, "--store", store.url, "--no-progress"], env)
+    pump = _Pump(proc)
+    try:
+        assert _wait_for_actor(proc), "the first job never reached its actors"
+        code = embed.main(["--catalog", cat, "--store", store.url, "--no-progress"])
+        assert proc.wait(600) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out1, err1 = pump.join()
+    out2 = capsys.readouterr().out
+    assert code == 0, out2
+    assert "Traceback" not in err1, err1[-3000:]
+    embedded = [int(o.split("summary: ")[1].split(" embedded")[0]) for o in (out1, out2)]
+    print(f"two jobs at once: embedded {embedded[0]} (subprocess) + {embedded[1]} (in-process)")
+    assert sum(embedded) >= len(entries) and embedded[0] > 0, (out1, out2)
+    _assert_each_model_once(store, std, [e.id for e in entries])
+
+
+# ------------------------------------------------------------- faults: storage restart
+def test_storage_server_restarted_mid_job_loses_and_duplicates_nothing(seaweed_factory, tiny_standard,
+                                                                      tmp_path, monkeypatch, ray_tmp):
+    """A private SeaweedFS is killed as soon as the job has written its first row, kept down
+    until a storage call of the job has failed, then restarted (same ports, same data).
+    Either bounded retries carry the job through, or the models whose writes ran out of
+    retries are reported failed in one line each and a rerun embeds exactly those: every
+    model once, no partial or duplicate object."""
+    from tests.s3_fixtures import point_env_at
+
+    server = seaweed_factory("zs-fault-restart")
+    point_env_at(server, monkeypatch)
+    url = server.store_url("zoo")
+    store = Store(url)
+    save_standard(store, tiny_standard)
+    entries = TINY + [CatalogEntry("rel/slower", "resnet10t", None, input_size=64)]
+    cat = _catalog(tmp_path, entries)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    args = ["jobs.embed", "--catalog", cat, "--store", url, "--no-progress"]
+    fault: dict[str, float] = {}
+    # The fault is injected from this (the main) thread: weed is started with
+    # PR_SET_PDEATHSIG, which fires when the *thread* that started it exits, so a server
+    # restarted from a short-lived thread dies with that thread.
+    proc = _popen(args, env)
+    pump = _Pump(proc, marker="transient storage error")
+    try:
+        if _wait_for_first_row(store, proc):
+            t0 = time.monotonic()
+            server.stop(kill=True)  # a crash: gone at once
+            # Down until one of the job's storage calls has failed and is being retried
+            # (an actor's warning, forwarded by Ray), then a few seconds more for the restart.
+            if pump.seen.wait(180):
+                fault["first_retry_after_s"] = time.monotonic() - t0
+            time.sleep(1)
+            server.restart()
+            fault["down_s"] = time.monotonic() - t0
+        code = proc.wait(600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = pump.join()
+    assert "down_s" in fault, f"the server was never stopped: {err[-2000:]}"
+    assert "first_retry_after_s" in fault, f"the outage hit no storage call: {err[-2000:]}"
+    assert server.running()
+    assert "Traceback" not in err, err[-3000:]
+    failed = [ln for ln in out.splitlines() if ln.startswith("failed: ")]
+    print(f"storage restart: {fault}; exit {code}; failed {failed}; "
+          f"{err.count('transient storage error')} retries logged")
+    if code == 0:  # bounded retries carried the job through the restart
+        assert "summary: 4 embedded, 0 skipped, 0 removed, 0 failed" in out, out
+    else:  # retries ran out: one line per model naming the storage fault, then a rerun
+        assert code == 1 and failed, (out, err[-3000:])
+        assert all("storage unreachable" in ln or "storage error" in ln for ln in failed), failed
+        rerun = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+        assert f"summary: {len(failed)} embedded, {4 - len(failed)} skipped" in rerun.stdout, rerun.stdout
+    _assert_each_model_once(store, tiny_standard, [e.id for e in entries])
+    # nothing else anywhere under the store: the standard's files and one object per model
+    keys = sorted(k[len(store.root) + 1:] for k in _s3_objects(store))
+    assert [k for k in keys if not k.startswith("standards/")] == \
+        sorted(row_path(tiny_standard.id, e.id) for e in entries)
+
+
+def test_storage_outage_beyond_the_retries_fails_cleanly_and_a_rerun_completes(seaweed_factory, tiny_standard,
+                                                                             monkeypatch):
+    """The other branch, made deterministic: the server stays down longer than the retry
+    budget. The model's write fails with one line naming the store and the fault, nothing
+    of it is written; after the restart the job's plan embeds exactly that model again."""
+    from jobs.embed import make_plan
+    from tests.s3_fixtures import point_env_at
+
+    server = seaweed_factory("zs-fault-outage")
+    point_env_at(server, monkeypatch)
+    fast = RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.2)
+    store = Store(server.store_url("zoo"), retry=fast)
+    save_standard(store, tiny_standard)
+    a, b = TINY[0], TINY[2]
+    assert embed_entry(a, tiny_standard, store).status == "embedded"
+    server.stop(kill=True)
+    t0 = time.monotonic()
+    r = embed_entry(b, tiny_standard, store)
+    print(f"outage: {r.reason}")
+    assert r.status == "failed" and time.monotonic() - t0 < 60
+    assert r.reason.startswith(f"storage unreachable for write {store.url}/{row_path(tiny_standard.id, b.id)} "
+                               f"after 3 attempts: "), r.reason
+    assert "\n" not in r.reason and server.secret_key not in r.reason
+    server.restart()
+    plan = make_plan([a, b], store, tiny_standard, prune=False)
+    assert [e.id for e in plan.embed] == [b.id] and plan.skip == (a.id,)
+    assert embed_entry(b, tiny_standard, store).status == "embedded"
+    _assert_each_model_once(store, tiny_standard, [a.id, b.id])
+
+
+def _wait_for_first_row(store: Store, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Wait until the job `proc` has written its first row: the job is mid-way, more to write."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store.list("embeddings", ".parquet"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ------------------------------------------------------------- the storage choke point
+def _parquet_bytes() -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"model_key": [f"k{i}" for i in range(500)]}), sink)
+    return sink.getvalue()
+
+
+def test_corrupt_parquet_footer_is_reported_not_retried_as_a_storage_fault(tmp_path, caplog):
+    """Arrow raises a plain OSError for a corrupt footer; the column reader (the table's
+    index and segment reads) used to classify it as transient, retry it for seconds and
+    then report 'storage unreachable'."""
+    store = Store(str(tmp_path / "s"))
+    good = _parquet_bytes()
+    store.write_bytes("bad.parquet", good[:-12] + b"\0" * 8 + b"PAR1")
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="selection.storage"):
+        with pytest.raises(StoreError, match=r"^corrupt Parquet object .*/bad\.parquet: ") as err:
+            store.read_table_columns("bad.parquet", ["model_key"])
+    assert time.monotonic() - t0 < 2 and "transient" not in caplog.text
+    assert "\n" not in str(err.value)
+
+
+def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog):
+    store = Store(str(tmp_path / "s"), retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.02))
+    data = _parquet_bytes()
+    store.write_bytes("ok.parquet", data)
+    real_open, opens = store.fs.open, []
+
+    class Flaky(io.BytesIO):  # the object is all there, but the connection drops mid-read
+        def read(self, *args):
+            raise ConnectionResetError("connection reset by peer")
+
+        readinto = read
+
+    def flaky_open(path, mode="rb", **kw):
+        opens.append(path)
+        if len(opens) == 1:
+            return Flaky(data)
+        return real_open(path, mode, **kw)
+
+    store.fs.open = flaky_open
+    with caplog.at_level(logging.WARNING, logger="selection.storage"):
+        t = store.read_table_columns("ok.parquet", ["model_key"])
+    assert t.num_rows == 500 and len(opens) == 2
+    assert "transient storage error on read" in caplog.text and "ConnectionResetError" in caplog.text
+
+
+# ------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def embedded_template(tmp_path_factory, tiny_standard) -> str:
+    root = str(tmp_path_factory.mktemp("template") / "store")
+    store = Store(root)
+    save_standard(store, tiny_standard)
+    assert embed_entry(TINY[0], tiny_standard, store).status == "embedded"
+    return root
+
+
+@pytest.fixture()
+def embedded(embedded_template, tiny_standard, tmp_path):
+    """A fresh copy of a published store with one model embedded (no Ray needed)."""
+    root = str(tmp_path / "store")
+    shutil.copytree(embedded_template, root)
+    return Store(root), tiny_standard
+
+
+def _write_text(path, text: str | bytes) -> str:
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("bad-line.jsonl", '{"id": "a", "arch": "resnet10t"}\n{"id": "b", arch: }\n', "bad-line.jsonl:2: not valid JSON"),
+    ("unknown-key.yaml", "- {id: a, arch: resnet10t, colour: red}\n", "unknown key(s) ['colour'] in entry 'a'"),
+    ("latin1.yaml", "- {id: caf\xe9, arch: resnet10t}\n".encode("latin-1"), "is not UTF-8 text"),
+    ("size.yaml", "- {id: a, arch: resnet10t, input_size: big}\n", "input_size must be a positive integer, got 'big'"),
+    ("url.yaml", "- {id: a, arch: resnet10t, weights: 'http://example.com/w.pth'}\n",
+     "unsupported weights URL 'http://example.com/w.pth'"),
+])
+def test_malformed_catalog_refused_by_the_embed_job(embedded, tmp_path, capsys, name, text, needle):
+    from jobs import embed
+
+    store, _ = embedded
+    before = _snapshot(store.root)
+    line = _run_job(embed.main, ["--catalog", _write_text(tmp_path / name, text), "--store", store.url,
+                                 "--no-progress"], capsys)
+    assert needle in line, line
+    assert _snapshot(store.root) == before
+
+
+def test_unknown_baseline_architecture_refused_by_the_standard_job(tmp_path, capsys):
+    from jobs import standard
+
+    root = tmp_path / "new-store"
+    line = _run_job(standard.main, ["--store", str(root), "--baseline-arch", "no_such_net_zz",
+                                    "--baseline-weights", "none", "--probe", "builtin:textures?n=40",
+                                    "--probe-image-size", "16", "--d", "4", "--no-progress"], capsys)
+    assert "unknown timm architecture 'no_such_net_zz'" in line, line
+    assert not root.exists() or _snapshot(str(root)) == {}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--store", "s3://"], "invalid S3 bucket name '' in store URL 's3://'"),
+    (["--store", "s3://ab/zoo"], "invalid S3 bucket name 'ab'"),
+    (["--store", "http://example.com/zoo"], "unsupported store URL scheme 'http'"),
+    (["--store", " "], "store URL must be a non-empty string"),
+    (["--store", "s3://zs-bucket/zoo", "--s3-endpoint", "not-a-url"],
+     "S3 endpoint must be an http(s) URL, got 'not-a-url'"),
+    (["--store", "s3://zs-bucket/zoo", "--s3-endpoint", "ftp://127.0.0.1:21"],
+     "S3 endpoint must be an http(s) URL, got 'ftp://127.0.0.1:21'"),
+])
+def test_malformed_store_urls_refused(args, needle, capsys):
+    from jobs import table
+
+    line = _run_job(table.main, ["ls", *args], capsys)
+    assert needle in line, line
+
+
+def test_store_that_is_a_file_or_names_a_missing_standard(embedded, tmp_path, capsys):
+    from jobs import table
+
+    store, _ = embedded
+    afile = tmp_path / "plain-file"
+    afile.write_text("not a store")
+    line = _run_job(table.main, ["ls", "--store", str(afile)], capsys)
+    assert f"store path {str(afile)!r} exists and is not a directory" in line
+    assert afile.read_text() == "not a store"
+    before = _snapshot(store.root)
+    line = _run_job(table.main, ["ls", "--store", store.url, "--standard", "std-00nope00"], capsys)
+    assert "standard 'std-00nope00' not found" in line, line
+    assert _snapshot(store.root) == before
+
+
+def _planted(store: Store, std, how: str) -> str:
+    """Write an object that must be refused next to the good row; return its path."""
+    from selection.table import compact, list_segments
+
+    good = row_path(std.id, TINY[0].id)
+    if how == "corrupt-segment":  # a compacted table whose segment's footer is damaged
+        compact(store, std)
+        seg = list_segments(store, std.id)[0]
+        data = store.read_bytes(seg)
+        store.write_bytes(seg, data[:-12] + b"\0" * 8 + b"PAR1")
+        return seg
+    path = row_path(std.id, f"planted/{how}")
+    if how == "corrupt":
+        data = store.read_bytes(good)
+        store.write_bytes(path, data[:-12] + b"\0" * 8 + b"PAR1")
+        return path
+    t = store.read_table(good)
+    t = t.set_column(t.schema.get_field_index("model_id"), t.schema.field("model_id"),
+                     pa.array([f"planted/{how}"]))
+    if how == "other-standard":
+        i = t.schema.get_field_index("standard_id")
+        t = t.set_column(i, t.schema.field(i), pa.array(["std-0123456789abcdef"]))
+    elif how == "schema-version":
+        i = t.schema.get_field_index("schema_version")
+        t = t.set_column(i, t.schema.field(i), pa.array([99], pa.int32()))
+    elif how == "width":
+        i = t.schema.get_field_index("embedding")
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(std.width + 5, np.float32)), std.width + 5)
+        t = t.set_column(i, pa.field("embedding", emb.type), emb)
+    store.write_table(path, t)
+    return path
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("other-standard", "rows of standard(s) ['std-0123456789abcdef'] found in the table of standard"),
+    ("schema-version", "schema version(s) ['99'], this zooselect reads"),
+    ("width", "embedding width {w5}, standard {sid} (full, d=8) needs {w}"),
+    ("corrupt", "corrupt Parquet object"),
+    ("corrupt-segment", "corrupt Parquet object"),
+])
+def test_table_of_another_standard_schema_width_or_corrupt_is_refused(embedded, capsys, how, needle):
+    from jobs import table
+
+    store, std = embedded
+    path = _planted(store, std, how)
+    needle = needle.format(w5=std.width + 5, w=std.width, sid=std.id)
+    before = _snapshot(store.root)
+    line = _run_job(table.main, ["ls", "--store", store.url], capsys)
+    assert needle in line and path in line, line
+    assert _snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("other-standard", "refusing to mix standards"),
+    ("corrupt", "corrupt Parquet object"),
+    ("corrupt-segment", "corrupt Parquet object"),
+])
+def test_embed_job_refuses_a_foreign_or_corrupt_object_in_its_table(embedded, tmp_path, capsys, how, needle):
+    from jobs import embed
+
+    store, std = embedded
+    path = _planted(store, std, how)
+    before = _snapshot(store.root)
+    t0 = time.monotonic()
+    line = _run_job(embed.main, ["--catalog", _catalog(tmp_path, TINY), "--store", store.url,
+                                 "--no-progress"], capsys)
+    assert needle in line and path in line, line
+    assert time.monotonic() - t0 < 3, "refused only after storage retries"
+    assert _snapshot(store.root) == before
+
+
+def test_standard_of_another_schema_version_is_refused(embedded, capsys):
+    from jobs import table
+
+    store, std = embedded
+    spec = json.loads(store.read_bytes(f"standards/{std.id}/standard.json"))
+    spec["schema_version"] = 99
+    store.write_bytes("standards/std-from-the-future/standard.json", json.dumps(spec).encode())
+    before = _snapshot(store.root)
+    line = _run_job(table.main, ["ls", "--store", store.url, "--standard", "std-from-the-future"], capsys)
+    assert "standard 'std-from-the-future' has schema version 99" in line, line
+    assert _snapshot(store.root) == before
+
+
+def _png(color, size=(8, 8)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _folder(root, files: dict[str, bytes]) -> str:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return str(root)
+
+
+def _task(tmp_path, kind: str) -> str:
+    good = {f"{c}/{i}.png": _png((i * 30, 80 if c == "a" else 200, 0)) for c in "ab" for i in range(3)}
+    if kind == "corrupt-image":
+        return _folder(tmp_path / kind, {**good, "b/3.png": b"\x89PNG\r\n\x1a\n truncated"})
+    if kind == "non-image-named-jpg":
+        return _folder(tmp_path / kind, {**good, "a/readme.jpg": b"this is a text file"})
+    if kind == "non-image-only-class":
+        return _folder(tmp_path / kind, {**{k: v for k, v in good.items() if k.startswith("a/")},
+                                         "b/notes.txt": b"no images here"})
+    if kind == "one-image-class":
+        return _folder(tmp_path / kind, {**{k: v for k, v in good.items() if k.startswith("a/")},
+                                         "b/0.png": _png((1, 2, 3))})
+    path = str(tmp_path / f"{kind}.parquet")
+    images = [_png((i * 20, 0, 0)) for i in range(6)]
+    labels = [0, 1] * 3
+    if kind == "corrupt-parquet":
+        open(path, "wb").write(b"PAR1" + os.urandom(200))
+        return path
+    if kind == "1x1-parquet":
+        images[3] = _png((5, 5, 5), size=(1, 1))
+    if kind == "pixels-parquet":
+        images = [[0] * 12 for _ in range(6)]
+    pq.write_table(pa.table({"image": images, "label": labels}), path)
+    return path
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("corrupt-image", "cannot decode image {task}/b/3.png"),
+    ("non-image-named-jpg", "cannot decode image {task}/a/readme.jpg"),
+    ("non-image-only-class", "task {task!r} has only one class ('a')"),
+    ("one-image-class", "task {task!r}: class 'b' has 1 image(s); at least 2 per class are needed"),
+    ("corrupt-parquet", "cannot read task {task!r}: corrupt Parquet object"),
+    ("1x1-parquet", "image {task!r} row 3 is 1x1 pixels; at least 2x2 needed"),
+    ("pixels-parquet", "task Parquet {task!r} row 0: 'image' should be encoded image bytes, got list"),
+])
+def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, embedded, tmp_path, capsys,
+                                                                   kind, needle):
+    from jobs import select
+
+    store, _ = embedded
+    task = _task(tmp_path, kind)
+    out_json = tmp_path / "out.json"
+    before = _snapshot(store.root)
+    line = _run_job(select.main, ["--store", store.url, "--task", task, "--json", str(out_json),
+                                  "--task-image-size", "16", "--no-progress"], capsys)
+    assert needle.format(task=task) in line, line
+    assert _snapshot(store.root) == before and not out_json.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--where", "params"], "constraint must look like 'params<=5e6' or 'tag=x', got 'params'"),
+    (["--where", "params<=lots"], "constraint 'params<=lots': 'lots' is not a number"),
+    (["--where", "colour=red"], "unknown constraint field 'colour'"),
+    (["--top-k", "0"], "top_k must be >= 1, got 0"),
+    (["--task", "builtin:digits"], "the same task is given twice"),
+])
+def test_bad_select_options_refused(tmp_path, capsys, args, needle):
+    from jobs import select
+
+    line = _run_job(select.main, ["--store", str(tmp_path / "store"), "--task", "builtin:digits", *args,
+                                  "--no-progress"], capsys)
+    assert needle in line, line
+    assert not (tmp_path / "store").exists()
+
+
+# ------------------------------------------------------------- security
+def test_credentials_never_in_logs_results_or_errors(s3_server, s3_env, s3_store_url, tiny_standard,
+                                                     ray_local, tmp_path, capsys, caplog, ray_tmp):
+    """ZOOSELECT_LOG=DEBUG (botocore and s3fs log every request), wrong then right secret:
+    the secret key is in no stdout/stderr, no Ray log, no object in the store and no result
+    file; the access key id is in no error message, object or result either."""
+    from jobs import select
+
+    secret, key_id = s3_server.secret_key, s3_server.access_key
+    store = Store(s3_store_url)
+    save_standard(store, tiny_standard)
+    cat = _catalog(tmp_path, TINY[:2])
+    env = {**os.environ, "ZOOSELECT_LOG": "DEBUG", "RAY_TMPDIR": ray_tmp}
+    args = [sys.executable, "-m", "jobs.embed", "--catalog", cat, "--store", s3_store_url, "--no-progress"]
+    wrong = "WrongSecret" + uuid.uuid4().hex
+    bad = subprocess.run(args, cwd=ROOT, env={**env, "AWS_SECRET_ACCESS_KEY": wrong}, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "Traceback" not in bad.stderr and "DEBUG" in bad.stderr  # debug logging was really on
+    line = _error_line(bad.stderr, logging_on=True)
+    assert "access denied" in line and key_id not in line, line
+    for text in (bad.stdout, bad.stderr):
+        assert wrong not in text and secret not in text
+
+    good = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert good.returncode == 0, good.stdout + good.stderr[-3000:]
+    assert "summary: 2 embedded" in good.stdout
+    assert secret not in good.stdout and secret not in good.stderr
+    ray_logs = [os.path.join(d, f) for d, _, fs in os.walk(ray_tmp) for f in fs]
+    assert ray_logs, "Ray wrote no session files under RAY_TMPDIR"
+    for path in ray_logs:
+        if os.path.isfile(path) and not os.path.islink(path):
+            with open(path, "rb") as fh:
+                assert secret.encode() not in fh.read(), f"the secret key is in {path}"
+    objects = _s3_objects(store)
+    assert len([k for k in objects if "/embeddings/" in k]) == 2
+    for k, data in objects.items():
+        assert secret.encode() not in data and key_id.encode() not in data, k
+
+    # Results of a selection over the same store (driver in-process, DEBUG logging captured).
+    out_json, out_pq = tmp_path / "sel.json", tmp_path / "sel.parquet"
+    from jobs.common import run_main
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(SystemExit) as exc:
+            run_main(select.main, ["--store", s3_store_url, "--task", "builtin:digits?classes=0,1&per_class=6",
+                                   "--task-image-size", "16", "--json", str(out_json), "--parquet",
+                                   str(out_pq), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
+    assert any(r.name.startswith(("botocore", "s3fs")) for r in caplog.records)
+    for name, text in (("stdout", out), ("stderr", err), ("log", caplog.text), ("json", out_json.read_text()),
+                       ("parquet", out_pq.read_bytes().decode("latin-1"))):
+        if secret in text:
+            i = text.index(secret)
+            raise AssertionError(f"the secret key is in the {name}: ...{text[max(0, i - 300):i + 50]!r}")
+        # botocore's DEBUG request log shows the access key id (in the signed Authorization
+        # header, as the AWS SDKs do); results must not carry it
+        assert name == "log" or key_id not in text, name
+    saved = {k: v for k, v in _s3_objects(store).items() if "/results/" in k}
+    assert len(saved) == 2, sorted(saved)  # the run's results kept next to the table (.json, .parquet)
+    for k, data in saved.items():
+        assert secret.encode() not in data and key_id.encode() not in data, k
+
+
+# Traversal, absolute, very long and non-ASCII ids, and two ids that slug alike ('a/b', 'a_b').
+# More shapes ('..', '~root', 'C:\\...', 3000 characters) are unit-tested in test_keys_catalog.py.
+HOSTILE_IDS = ["../../escape-relative", "/tmp/zs-escape-absolute/model", "a/../../../b", "模型/ünïcödé",
+               "x" * 1000, "a/b", "a_b"]
+
+
+def test_hostile_model_ids_stay_under_the_store_root_and_never_collide(ray_local, published, tmp_path,
+                                                                      capsys):
+    from jobs import embed
+
+    store, std = published
+    outside_before = {p for p in os.listdir(tmp_path)}
+    entries = [CatalogEntry(mid, "mobilenetv3_small_050", None, input_size=16) for mid in HOSTILE_IDS]
+    assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--no-progress",
+                       "--max-in-flight", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"summary: {len(HOSTILE_IDS)} embedded" in out, out
+    _assert_each_model_once(store, std, HOSTILE_IDS)
+    root = os.path.realpath(store.root)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    assert all(os.path.realpath(p).startswith(root + os.sep) for p in files)
+    assert {p for p in os.listdir(tmp_path)} - outside_before == {"catalog.jsonl"}
+    assert not os.path.exists("/tmp/zs-escape-absolute")
+    names = [os.path.basename(p) for p in files if p.endswith(".parquet") and "/embeddings/" in p]
+    assert len(names) == len(set(names)) == len(HOSTILE_IDS)
+    assert all(n.isascii() and len(n) <= 48 + 17 + len(".parquet") for n in names)
