@@ -14,14 +14,14 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 import selection
 from selection.catalog import CatalogEntry
-from selection.data import ImageSet, load_dataset
+from selection.data import load_dataset
 from selection.embedding import FORMS, embedding_width
 from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.storage import Store
@@ -276,9 +276,3 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
     probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{base}/probe.npz")
     return Standard(sid, spec, probe["images"], probe["fit_idx"], probe["val_idx"], basis["mean"],
                     basis["projection"], probe["z"], created)
-
-
-def config_dict(config: StandardConfig) -> dict[str, Any]:
-    d = asdict(config)
-    d["baseline"] = config.baseline.to_dict()
-    return d

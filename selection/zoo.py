@@ -7,7 +7,6 @@ dataset spec, seeded, saved as safetensors; its catalog entry records provenance
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass
