@@ -90,10 +90,13 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {r.reason}")
-    rate = sum(r.images_per_second for r in ok) / max(len(ok), 1)
+    rates = [r.images_per_second for r in ok] or [0.0]
+    gpu = max((r.peak_gpu_mib for r in ok), default=0.0)
     print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, "
-          f"{len(failed)} failed; {rate:.0f} img/s per actor; standard {std.id}; "
-          f"{time.perf_counter() - t0:.1f}s")
+          f"{len(failed)} failed; img/s per actor mean {sum(rates) / len(rates):.0f} "
+          f"(min {min(rates):.0f}, max {max(rates):.0f})"
+          + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
+          + f"; standard {std.id}; {time.perf_counter() - t0:.1f}s")
     return 1 if failed else 0
 
 

@@ -90,15 +90,16 @@ class _EmbedActor:
         self.store_url, self.s3_endpoint = store_url, s3_endpoint
 
     def embed(self, entry: CatalogEntry, std: Any, prepared: Any = None) -> EmbedResult:
+        import ray
         import torch
 
         from selection.embedder import embed_entry
         from selection.storage import Store
 
         store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
-        if torch.cuda.is_available():
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # only on a GPU Ray gave this actor
             return embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
-                               batch_size=256, prepared=prepared)
+                               prepared=prepared)
         return embed_entry(entry, std, store, prepared=prepared)
 
 

@@ -13,6 +13,7 @@ Prints ratios measured in one run (SPEC section 4, issue 3):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -30,7 +31,7 @@ from jobs.common import run_main
 from selection.embedding import embedding_width
 from selection.keys import model_key
 from selection.select import sweep_shards
-from selection.standard import Standard
+from selection.standard import Standard, save_standard
 from selection.storage import Store
 from selection.table import (META_FIELDS, compact, delete_row, iter_shards, row_path, schema_for,
                              write_row)
@@ -187,45 +188,147 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int) -> list
     return out
 
 
-def bench_throughput(arch: str, input_size: int, n: int, batch: int, threads: int) -> dict[str, Any]:
-    """Images/s of the Ray actor path (the real embed job) vs the bare forward pass."""
+def throughput_standard(n: int, batch: int) -> Standard:
+    """A standard whose probe set is n images: up to 2,000 procedural textures, repeated.
+
+    Throughput only: repeating the images repeats their baseline features, so the
+    whitening and split are what a standard built on the repeated set would have.
+    """
+    from selection.catalog import CatalogEntry
+    from selection.standard import StandardConfig, build_standard
+
+    base = min(n, 2000)
+    std = build_standard(StandardConfig(baseline=CatalogEntry("b", "resnet10t", None, input_size=32),
+                                        probe_sources=(f"builtin:textures?n={base}",), probe_image_size=64,
+                                        d=8, batch_size=batch))
+    reps = -(-n // base)
+    idx = np.arange(n)
+    fit = np.isin(idx % base, std.fit_idx)
+    return dataclasses.replace(std, probe_images=np.concatenate([std.probe_images] * reps)[:n],
+                               z=np.concatenate([std.z] * reps)[:n], fit_idx=idx[fit], val_idx=idx[~fit],
+                               spec=dict(std.spec, n_probe=n, n_fit=int(fit.sum()), n_val=int((~fit).sum())))
+
+
+def _bare_forward(lm: Any, x: Any, n: int, device: str, amp: Any) -> float:
+    """Images/s of the bare forward loop over a ready on-device batch (after 3 warm-up passes)."""
+    import torch
+
+    model = lm.model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+        for _ in range(3):
+            model.forward_head(model.forward_features(x), pre_logits=True)
+        sync()
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            model.forward_head(model.forward_features(x), pre_logits=True)
+            done += len(x)
+        sync()
+    return done / (time.perf_counter() - t0)
+
+
+def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, device: str,
+                     gpus_per_actor: float = 1.0, actors: int = 1) -> dict[str, Any]:
+    """Images/s of the Ray actor path (the real embed job) vs the bare forward pass.
+
+    The actor runs first (on a GPU it sizes its batch to memory); the bare loop then runs
+    in the driver at the batch size the actor used, same precision and memory layout.
+    With `actors` > 1 that many copies of the model share the GPU (`gpus_per_actor` < 1).
+    """
     import torch
 
     from jobs import runtime
     from selection.catalog import CatalogEntry
     from selection.models import load_model, preprocess
-    from selection.standard import StandardConfig, build_standard, save_standard
 
-    entry = CatalogEntry(f"bench/{arch}", arch, None, input_size=input_size)
+    entries = [CatalogEntry(f"bench/{arch}/{i}", arch, None, input_size=input_size) for i in range(actors)]
     work = tempfile.mkdtemp(prefix="zs-tput-")
-    probe = (f"builtin:textures?n={n}",)
-    std = build_standard(StandardConfig(baseline=CatalogEntry("b", "resnet10t", None, input_size=32),
-                                        probe_sources=probe, probe_image_size=64, d=8, batch_size=batch))
     store = Store(work)
     save_standard(store, std)
-    torch.set_num_threads(threads)
-    lm = load_model(entry)
-    x = preprocess(std.probe_images[:batch], lm.data_config)  # the library's layout for this device
-    model = lm.model
-    with torch.inference_mode():
-        model.forward_head(model.forward_features(x), pre_logits=True)  # warm-up
-        t0 = time.perf_counter()
-        done = 0
-        while done < n:
-            model.forward_head(model.forward_features(x), pre_logits=True)
-            done += batch
-        bare = done / (time.perf_counter() - t0)
     runtime.init(None)
-    res = runtime.embed_with_actors([entry], std, store.url, cpus_per_actor=threads, progress=False)[0]
-    if res.status != "embedded":
-        raise RuntimeError(res.reason)
+    t0 = time.perf_counter()
+    results = runtime.embed_with_actors(entries, std, store.url, cpus_per_actor=threads,
+                                        gpus_per_actor=gpus_per_actor if device == "cuda" else 0.0,
+                                        progress=False)
+    wall = time.perf_counter() - t0
     shutil.rmtree(work)
-    row = {"arch": arch, "input_size": input_size, "batch": batch, "threads": threads, "images": n,
-           "actor_img_s": res.images_per_second, "bare_img_s": bare,
-           "ratio": res.images_per_second / bare, "device": "cpu"}
-    print(f"embed   {arch}@{input_size}px batch {batch}, {threads} threads: actor {row['actor_img_s']:.1f} img/s "
-          f"(incl. preprocessing) vs bare forward {bare:.1f} img/s = {100 * row['ratio']:.0f}%", flush=True)
+    for res in results:
+        if res.status != "embedded":
+            raise RuntimeError(f"{res.model_id}: {res.reason}")
+    batch = results[0].batch_size
+    torch.set_num_threads(threads)
+    lm = load_model(entries[0])
+    amp = torch.bfloat16 if device == "cuda" else None
+    lm.model.to(device)
+    if device == "cuda":
+        lm.model.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats()
+    x = preprocess(std.probe_images[:batch], lm.data_config, device)
+    bare = _bare_forward(lm, x, len(std.probe_images), device, amp)
+    bare_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
+    actor = [r.images_per_second for r in results]
+    row = {"arch": arch, "input_size": input_size, "batch": batch, "threads": threads,
+           "images": len(std.probe_images), "device": device, "gpu_name":
+           torch.cuda.get_device_name() if device == "cuda" else "", "precision": "bf16" if amp else "fp32",
+           "actors": actors, "gpus_per_actor": gpus_per_actor if device == "cuda" else 0.0,
+           "actor_img_s": actor[0] if actors == 1 else actor, "bare_img_s": bare,
+           "ratio": sum(actor) / len(actor) / bare, "job_wall_s": wall,
+           "actor_peak_gpu_mib": max(r.peak_gpu_mib for r in results), "bare_peak_gpu_mib": bare_mib}
+    what = f"{actors} actors x {gpus_per_actor} GPU" if actors > 1 else "actor"
+    print(f"embed   {arch}@{input_size}px {device} {row['precision']} batch {batch}: {what} "
+          f"{' + '.join(f'{a:.0f}' for a in actor)} img/s (incl. preprocessing) vs bare forward {bare:.0f} "
+          f"img/s = {100 * row['ratio']:.0f}% per actor"
+          + (f"; peak GPU memory actor {row['actor_peak_gpu_mib']:.0f} MiB, bare {bare_mib:.0f} MiB"
+             if device == "cuda" else ""), flush=True)
     return row
+
+
+def bench_bf16(arch: str, input_size: int, std: Standard, n: int = 500) -> dict[str, Any]:
+    """How far the GPU's bf16 embedding is from the fp32 CPU one (same model, same images)."""
+    import torch
+
+    from selection.catalog import CatalogEntry
+    from selection.embedding import model_embedding
+    from selection.models import extract_features, load_model
+
+    lm = load_model(CatalogEntry(f"bench/{arch}", arch, None, input_size=input_size))
+    images = std.probe_images[:n]
+    h32 = extract_features(lm, images, batch_size=64).astype(np.float64)
+    h16 = extract_features(lm, images, batch_size=256, device="cuda", amp_dtype=torch.bfloat16).astype(np.float64)
+    rel = float(np.linalg.norm(h16 - h32) / np.linalg.norm(h32))
+    sub = _first_images(std, n)
+    e32 = model_embedding(h32, sub.z, sub.fit_idx, sub.val_idx, arch).vector(std.form)
+    e16 = model_embedding(h16, sub.z, sub.fit_idx, sub.val_idx, arch).vector(std.form)
+    corr = float(np.corrcoef(e32, e16)[0, 1])
+    row = {"arch": arch, "images": n, "feature_rel_error": rel, "embedding_corr": corr,
+           "embedding_max_abs_diff": float(np.abs(np.asarray(e32) - np.asarray(e16)).max())}
+    print(f"bf16    {arch}: features rel. error {rel:.4f} (bf16 GPU vs fp32 CPU, {n} images); "
+          f"embedding correlation {corr:.5f}, max abs diff {row['embedding_max_abs_diff']:.4f}", flush=True)
+    return row
+
+
+def _first_images(std: Standard, n: int) -> Standard:
+    """The first n probe images of `std` with their fit/val split (for a small comparison)."""
+    return dataclasses.replace(std, probe_images=std.probe_images[:n], z=std.z[:n],
+                               fit_idx=std.fit_idx[std.fit_idx < n], val_idx=std.val_idx[std.val_idx < n])
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    size = 64 if args.quick else 224
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if device == "cpu":
+        std = throughput_standard(args.images or (64 if args.quick else 256), 32)
+        return {"throughput": [bench_throughput(a, size, std, 2, device) for a in archs]}
+    std = throughput_standard(args.images or 40_000, 256)
+    out: dict[str, Any] = {"throughput": [bench_throughput(a, size, std, 4, device) for a in archs]}
+    out["throughput"].append(bench_throughput(archs[0], size, std, 4, device, gpus_per_actor=0.5, actors=2))
+    if "bf16" not in args.skip:
+        out["bf16"] = [bench_bf16(a, size, std) for a in archs]
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -236,7 +339,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=30, help="repetitions per update measurement")
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the measurements as JSON")
-    p.add_argument("--skip", action="append", default=[], choices=["update", "sweep", "throughput"])
+    p.add_argument("--skip", action="append", default=[], choices=["update", "sweep", "throughput", "bf16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="throughput device (auto: cuda when available)")
+    p.add_argument("--archs", default="tf_efficientnet_lite0",
+                   help="comma-separated timm architectures for the throughput test")
+    p.add_argument("--images", type=int, default=None,
+                   help="probe images per throughput run (default 256 on the CPU, 40,000 on a GPU)")
     return p
 
 
@@ -259,8 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "sweep" not in args.skip:
         results["sweep"] = bench_sweep(sweep_ms, 8, work, 20_000 if args.quick else 50_000)
     if "throughput" not in args.skip:
-        results["throughput"] = bench_throughput("tf_efficientnet_lite0", 224 if not args.quick else 64,
-                                                 64 if args.quick else 256, 32, 2)
+        results.update(run_throughput(args))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -13,7 +13,8 @@ import torch
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
-from selection.models import Prepared, count_gflops, extract_features, load_model, weights_digest
+from selection.models import (Prepared, batch_size_for_memory, count_gflops, extract_features, load_model,
+                              weights_digest)
 from selection.standard import Standard
 from selection.storage import Store
 from selection.table import versions_json, write_row
@@ -30,6 +31,8 @@ class EmbedResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     path: str = ""
+    batch_size: int = 0
+    peak_gpu_mib: float = 0.0  # 0 on the CPU
 
 
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
@@ -51,11 +54,20 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
                 amp_dtype: torch.dtype | None = None, batch_size: int | None = None,
                 progress: Callable[[int], None] | None = None,
                 prepared: Prepared | None = None) -> EmbedResult:
-    """Load the model, run the probe set, compute its embedding and write its row."""
+    """Load the model, run the probe set, compute its embedding and write its row.
+
+    On CUDA with no `batch_size`, the batch is sized to the free GPU memory.
+    """
     t0 = time.perf_counter()
+    on_gpu = device.startswith("cuda")
     try:
         loaded = load_model(entry)
+        if batch_size is None and on_gpu:
+            cap = 1 << max(3, (len(std.probe_images) - 1).bit_length())  # no bigger than the probe set
+            batch_size = batch_size_for_memory(loaded, std.input_size, device, amp_dtype, cap=min(512, cap))
         batch = batch_size or int(std.spec.get("batch_size", 64))
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         while True:  # out of memory: halve the batch (down to MIN_BATCH) and try again
             t1 = time.perf_counter()
             try:
@@ -68,9 +80,10 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
                     raise
                 log.warning("model %s: out of memory at batch %d; retrying at %d", entry.id, batch, batch // 2)
                 batch //= 2
-                if device.startswith("cuda"):
+                if on_gpu:
                     torch.cuda.empty_cache()
         fwd_s = time.perf_counter() - t1
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id)
         cfg = loaded.data_config
         input_size = std.input_size or int(cfg["input_size"][-1])
@@ -92,8 +105,10 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         row["model_key"] = model_key(entry.id)
         row["embed_seconds"] = time.perf_counter() - t0
         path = write_row(store, std, row)
-        log.info("embedded %s in %.1fs (%.0f img/s)", entry.id, row["embed_seconds"], row["images_per_second"])
-        return EmbedResult(entry.id, "embedded", "", row["embed_seconds"], row["images_per_second"], path)
+        log.info("embedded %s in %.1fs (%.0f img/s, batch %d)", entry.id, row["embed_seconds"],
+                 row["images_per_second"], batch)
+        return EmbedResult(entry.id, "embedded", "", row["embed_seconds"], row["images_per_second"], path,
+                           batch, peak)
     except ZooselectError as exc:
         log.warning("model %s failed: %s", entry.id, exc)
         return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)

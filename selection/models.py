@@ -5,6 +5,7 @@ Checkpoints are never unpickled as code: safetensors, or `torch.load(weights_onl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import io
@@ -189,12 +190,17 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     return LoadedModel(entry, model, cfg, digest, arch, num_params)
 
 
-def preprocess(images: np.ndarray, cfg: dict[str, Any], device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform.
 
-    Resize the shorter side to S / crop_pct with the model's interpolation, centre-crop S,
-    scale to [0, 1], normalise with the model's mean and std.
+    `images` may already be a uint8 tensor on `device` (the GPU path uploads the probe once).
+
+    Resize the shorter side to S / crop_pct with the model's interpolation (antialiased),
+    centre-crop S, scale to [0, 1], normalise with the model's mean and std. The resize
+    and crop are one separable linear map; on CUDA (`resize_by_matmul` None) it runs as two
+    matrix products, several times faster there than the antialiased interpolation kernel,
+    with the same weights (equal up to float rounding).
     """
     import torch.nn.functional as F
 
@@ -202,16 +208,40 @@ def preprocess(images: np.ndarray, cfg: dict[str, Any], device: str | torch.devi
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     scale = int(np.floor(size / crop_pct))
     mode = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
-    x = torch.from_numpy(np.array(images, copy=True)).to(device).permute(0, 3, 1, 2).float()
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.array(images, copy=True))
+    x = images.to(device).permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
     new_h, new_w = (scale, max(scale, round(w * scale / h))) if h <= w else \
         (max(scale, round(h * scale / w)), scale)
-    x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[:, :, top:top + size, left:left + size].clamp(0, 255) / 255.0
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(dtype).contiguous(memory_format=_layout(device))
+    if resize_by_matmul is None:
+        resize_by_matmul = x.device.type == "cuda"
+    if resize_by_matmul:
+        rows = _resize_matrix(h, new_h, top, size, mode).to(x.device)
+        cols = _resize_matrix(w, new_w, left, size, mode).to(x.device)
+        x = torch.matmul(torch.matmul(rows, x), cols.T)
+    else:
+        x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+        x = x[:, :, top:top + size, left:left + size]
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+    x = (x.clamp(0, 255) / 255.0 - mean) / std
+    return x.to(dtype).contiguous(memory_format=_layout(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_matrix(n_in: int, n_out: int, start: int, size: int, mode: str) -> torch.Tensor:
+    """(size, n_in) float32: rows start..start+size of the 1-D antialiased resize n_in -> n_out.
+
+    Read off `F.interpolate` itself by resizing the n_in unit vectors, so the weights are
+    exactly the kernel's (the 2-D resize is separable; the unchanged axis is the identity).
+    """
+    import torch.nn.functional as F
+
+    basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+    out = F.interpolate(basis, size=(1, n_out), mode=mode, antialias=True, align_corners=False)
+    return out.view(n_in, n_out)[:, start:start + size].T.contiguous().float()
 
 
 def _layout(device: str | torch.device) -> torch.memory_format:
@@ -266,24 +296,64 @@ def prepare(images: np.ndarray, cfg: dict[str, Any], batch_size: int = 256) -> P
 
 
 @torch.inference_mode()
+def batch_size_for_memory(loaded: LoadedModel, input_size: int | None, device: str,
+                          amp_dtype: torch.dtype | None = None, cap: int = 512, share: float = 0.5) -> int:
+    """The largest power-of-two batch (<= `cap`) whose forward pass fits in `share` of free GPU memory.
+
+    Tried on zeros from `cap` down. The pass that fits also warms up that exact shape
+    (cuDNN chooses, and may compile, kernels per shape: seconds for some models), so the
+    run that follows at this batch size is steady.
+    """
+    model = loaded.model.to(device).to(memory_format=_layout(device))
+    shape = with_input_size(loaded.data_config, input_size)["input_size"]
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = 1 << max(0, int(cap).bit_length() - 1)
+    while True:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            x = torch.zeros(batch, *shape, device=device).contiguous(memory_format=_layout(device))
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                model.forward_head(model.forward_features(x), pre_logits=True)
+            torch.cuda.synchronize(device)
+            fits = torch.cuda.max_memory_allocated(device) - base <= share * free
+        except torch.OutOfMemoryError:
+            fits = False
+        if fits or batch <= 8:
+            return batch
+        x = None
+        torch.cuda.empty_cache()
+        batch //= 2
+
+
+@torch.inference_mode()
 def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int | None = None,
                      batch_size: int = 64, device: str = "cpu", amp_dtype: torch.dtype | None = None,
                      progress: Any = None, prepared: Prepared | None = None) -> np.ndarray:
     """Pooled pre-logit features (N, k) float32 of `images` through the model's own preprocessing.
 
     `prepared`: the same images already preprocessed; used when its key matches this
-    model's preprocessing (identical numbers, no per-model resize).
+    model's preprocessing (identical numbers, no per-model resize). On CUDA the uint8
+    images go to the device once, are resized there, every batch has the same shape (the
+    last one padded), and the features come back once.
     """
     model = loaded.model.to(device).to(memory_format=_layout(device))
     cfg = with_input_size(loaded.data_config, input_size)
     ready = prepared is not None and prepared.key == preprocess_key(cfg) and len(prepared.array) == len(images)
+    on_gpu = torch.device(device).type == "cuda"
+    source = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device) \
+        if on_gpu and not ready else images
     out = []
     for s in range(0, len(images), batch_size):
         if ready:
             x = torch.from_numpy(prepared.array[s:s + batch_size].copy()).to(device) \
                 .contiguous(memory_format=_layout(device))
         else:
-            x = preprocess(images[s:s + batch_size], cfg, device)
+            x = preprocess(source[s:s + batch_size], cfg, device)
+        n = len(x)
+        if on_gpu and n < batch_size:  # pad the last batch: a new shape would mean new kernels
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]).contiguous(memory_format=_layout(device))
         try:
             with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None):
@@ -295,13 +365,13 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
             if "out of memory" in text.lower():
                 raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc
             raise ModelError(f"model {loaded.entry.id!r}: forward pass failed: {text}") from exc
-        feats = feats.float().reshape(feats.shape[0], -1).cpu().numpy()
-        if not np.isfinite(feats).all():
-            raise ModelError(f"model {loaded.entry.id!r} produced non-finite (NaN/inf) features")
-        out.append(feats)
+        out.append(feats[:n].float().reshape(n, -1))
         if progress is not None:
-            progress(len(feats))
-    return np.concatenate(out).astype(np.float32)
+            progress(n)
+    h = torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
+    if not np.isfinite(h).all():
+        raise ModelError(f"model {loaded.entry.id!r} produced non-finite (NaN/inf) features")
+    return h.astype(np.float32, copy=False)
 
 
 def count_gflops(loaded: LoadedModel, input_size: int | None = None) -> float:
@@ -309,7 +379,7 @@ def count_gflops(loaded: LoadedModel, input_size: int | None = None) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = with_input_size(loaded.data_config, input_size)
-    x = torch.zeros(1, *cfg["input_size"])
+    x = torch.zeros(1, *cfg["input_size"], device=next(loaded.model.parameters(), torch.empty(0)).device)
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             loaded.model.forward_head(loaded.model.forward_features(x), pre_logits=True)

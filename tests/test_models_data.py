@@ -13,7 +13,7 @@ from PIL import Image
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
 from selection.errors import DataError, ModelError
-from selection.models import extract_features, load_model, weights_digest
+from selection.models import extract_features, load_model, preprocess, weights_digest
 from tests.conftest import save_checkpoint
 
 
@@ -170,6 +170,19 @@ def test_builtin_sets_and_split():
     p, _ = load_digits_raw("probe")
     t, _ = load_digits_raw("task")
     assert not ({x.tobytes() for x in p} & {x.tobytes() for x in t}) or len(p) + len(t) == 1797
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64, 3), (2, 300, 200, 3), (2, 50, 90, 3)])
+@pytest.mark.parametrize("interp,size,crop", [("bicubic", 224, 0.875), ("bilinear", 32, 1.0)])
+def test_matmul_resize_equals_the_interpolation_kernel(shape, interp, size, crop):
+    """The GPU path's resize (two matrix products) gives the antialiased kernel's numbers."""
+    img = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    cfg = dict(input_size=(3, size, size), crop_pct=crop, interpolation=interp,
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    kernel = preprocess(img, cfg, resize_by_matmul=False)
+    matmul = preprocess(img, cfg, resize_by_matmul=True)
+    assert kernel.shape == matmul.shape == (shape[0], 3, size, size)
+    assert torch.allclose(kernel, matmul, atol=1e-4), float((kernel - matmul).abs().max())
 
 
 def test_prepared_inputs_give_identical_features():
