@@ -6,7 +6,7 @@ Prints ratios measured in one run (SPEC section 4, issue 3):
 2. load + sweep of m = 10^3 .. 10^6 rows (d = 64, full form: 2,080 floats a row)
    against a bare pyarrow read of the same bytes and a bare numpy matrix product,
    and against the machine's memory bandwidth (a numpy copy);
-3. embedding throughput per Ray actor against the bare forward pass of the same model
+3. embedding throughput per Ray actor (CPU, or CUDA with bf16) against the bare forward pass of the same model
    at the same batch size and thread count.
 """
 

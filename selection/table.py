@@ -132,11 +132,11 @@ def _validate(t: pa.Table, std: Standard, where: str) -> None:
     names = set(t.column_names)
     if not {"model_id", "model_key", "standard_id", "schema_version"} <= names:
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (columns {sorted(names)})")
-    sids = set(t.column("standard_id").to_pylist())
+    sids = set(pc.unique(t.column("standard_id")).to_pylist())
     if sids != {std.id}:
         raise StandardMismatchError(f"{where}: rows of standard(s) {sorted(map(str, sids))} found in "
                                     f"the table of standard {std.id}; refusing to mix standards")
-    versions = set(t.column("schema_version").to_pylist())
+    versions = set(pc.unique(t.column("schema_version")).to_pylist())
     if versions != {selection.SCHEMA_VERSION}:
         raise StandardMismatchError(f"{where}: schema version(s) {sorted(map(str, versions))}, this "
                                     f"zooselect reads {selection.SCHEMA_VERSION}")
@@ -167,7 +167,8 @@ class EmbeddingTable:
 
 def embeddings_matrix(t: pa.Table) -> np.ndarray:
     """The `embedding` column as an (m, D) float32 array (zero-copy for one chunk)."""
-    col = t.column("embedding").combine_chunks()
+    chunks = t.column("embedding")
+    col = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()  # combine copies
     width = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(col), width)
@@ -177,9 +178,7 @@ INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weig
                  "catalog_entry"]
 
 
-def _shard(std: Standard, t: pa.Table, hide: set[str], columns: list[str] | None) -> EmbeddingTable:
-    if hide:  # a hash lookup in Arrow: numpy's isin on strings sorts Python objects
-        t = t.filter(pc.invert(pc.is_in(t.column("model_key"), value_set=pa.array(list(hide), pa.string()))))
+def _shard(std: Standard, t: pa.Table, columns: list[str] | None) -> EmbeddingTable:
     if columns is not None:
         return EmbeddingTable(std.id, t.select(columns), np.zeros((t.num_rows, 0), np.float32))
     schema = schema_for(std)
@@ -211,20 +210,24 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     """
     listing = listing or list_table(store, std)
     need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
+    # Keys already yielded or overridden (row objects win over segments, markers delete):
+    # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
     hidden = {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
-    seen: set[str] = set()
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
         t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
         _validate(t, std, f"{store.url}/{seg}")
         keys = t.column("model_key").to_pylist()
-        yield _shard(std, t, hidden | seen, columns)
-        seen.update(keys)
+        keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
+        if not keep.all():  # filtering copies the segment: only when something is hidden
+            t = t.filter(pa.array(keep))
+        yield _shard(std, t, columns)
+        hidden.update(keys)
     if listing.rows:
         data = row_bytes if row_bytes is not None else store.read_many(listing.rows)
         tables = [store.read_table(p, d) for p, d in zip(listing.rows, data)]
         for p, t in zip(listing.rows, tables):
             _validate(t, std, f"{store.url}/{p}")
-        yield _shard(std, pa.concat_tables(tables), set(), columns)
+        yield _shard(std, pa.concat_tables(tables), columns)
 
 
 def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
@@ -241,7 +244,7 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None,
     """The whole table of `std` in memory (validated, each model once)."""
     shards = list(iter_shards(store, std, listing, row_bytes=row_bytes))
     if not shards:
-        return _shard(std, schema_for(std).empty_table(), set(), None)
+        return _shard(std, schema_for(std).empty_table(), None)
     meta = pa.concat_tables([s.meta for s in shards])
     ids = meta.column("model_id").to_pylist()
     if len(set(ids)) != len(ids):  # one object per key makes this impossible; guard anyway
