@@ -184,9 +184,14 @@ def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int
                         protocol: ProbeProtocol, loaded: LoadedModel | None = None) -> float:
     """Linear-probe test accuracy of one model on one task under the fixed protocol."""
     loaded = loaded or load_model(entry)
-    train, test = task_split(task, protocol)
     feats = extract_features(loaded, task.images, input_size=std_input_size)
-    return probe_accuracy(feats[train], task.labels[train], feats[test], task.labels[test], protocol)
+    return features_accuracy(feats, task.labels, protocol)
+
+
+def features_accuracy(feats: np.ndarray, labels: np.ndarray, protocol: ProbeProtocol) -> float:
+    """Linear-probe accuracy on the protocol's held-out split of one labelled feature set."""
+    train, test = stratified_split(labels, protocol.test_fraction, protocol.split_seed)
+    return probe_accuracy(feats[train], labels[train], feats[test], labels[test], protocol)
 
 
 def rerank_verified(ranked: list[Ranked], accuracies: dict[str, float]) -> list[Ranked]:
