@@ -197,7 +197,7 @@ def throughput_standard(n: int, batch: int) -> Standard:
     from selection.catalog import CatalogEntry
     from selection.standard import StandardConfig, build_standard
 
-    base = min(n, 2000)
+    base = min(max(n, 20), 2000)  # a standard needs at least 20 probe images
     std = build_standard(StandardConfig(baseline=CatalogEntry("b", "resnet10t", None, input_size=32),
                                         probe_sources=(f"builtin:textures?n={base}",), probe_image_size=64,
                                         d=8, batch_size=batch))

@@ -193,3 +193,20 @@ def test_probe_prepared_once_per_config_and_released(ray_local, published):
     shared.release(c)
     assert not shared.refs  # released once the group's last model is done
     assert _SharedProbe([a, c], std, enabled=False).acquire(a) is None
+
+
+def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
+    """The scaling benchmark's three parts run end to end and print/record their ratios."""
+    from jobs import scaling
+
+    out = tmp_path / "perf.json"
+    assert scaling.main(["--quick", "--max-m", "1000", "--reps", "2", "--images", "16",
+                         "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [u["m"] for u in res["update"]] == [10, 100, 1000]
+    assert all(u["add_objects_ms"] > 0 and u["remove_objects_ms"] > 0 for u in res["update"])
+    assert [s["m"] for s in res["sweep"]] == [1000] and res["sweep"][0]["end_to_end_ratio"] > 0
+    (tp,) = res["throughput"]
+    assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
+    printed = capsys.readouterr().out
+    assert "ratio   add" in printed and "sweep   m=   1000" in printed and "bare forward" in printed
