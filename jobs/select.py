@@ -23,7 +23,7 @@ from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
-                              load_task, model_verified_accuracy, rerank_verified, sweep_shards)
+                              load_task, model_task_accuracy, rerank_verified, sweep_shards)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", required=True, metavar="TASK", help="task dataset (repeatable)")
     p.add_argument("--top-k", type=int, default=10, help="candidates listed per task")
     p.add_argument("--verify-top-k", type=int, default=0,
-                   help="linear-probe the top K on the task (5-fold cross-validated) and re-rank them by accuracy")
+                   help="linear-probe the top K on the task and re-rank them by accuracy")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
@@ -57,7 +57,7 @@ def _task_embedding(std: Standard, item: tuple[str, SelectConfig]) -> TaskEmbedd
 
 def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any]]) -> float:
     spec, config, row = item
-    return model_verified_accuracy(entry_of(row), load_task(spec, config), std.input_size, config.protocol)
+    return model_task_accuracy(entry_of(row), load_task(spec, config), std.input_size, config.protocol)
 
 
 def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,

@@ -42,7 +42,7 @@ from selection.linear_probe import ProbeProtocol
 
 log = logging.getLogger(__name__)
 
-BENCH_VERSION = 3  # 2: verification inside the train half; 3: by cross-validation
+BENCH_VERSION = 2  # 2: verification measured inside the train half
 KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"))
@@ -408,14 +408,13 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     Per task: `accuracy`, the ground truth (selection.select.model_task_accuracy, the fixed
     protocol: probe fit on the train half, accuracy on the test half); brute force: the
     candidate's features on the train half (`features_seconds`) and each scorer on them
-    (`<scorer>_seconds`); `verify_accuracy`: what verification sees, the probe's cross-validated
-    accuracy inside the train half only (a user verifies on the labelled data they have;
-    the test half stays unseen), with its cost `verify_seconds`. `load_seconds` is paid once per model.
+    (`<scorer>_seconds`); `verify_accuracy`: what verification sees, the same protocol run
+    inside the train half only (a user verifies on the labelled data they have; the test
+    half stays unseen), with its cost `verify_seconds`. `load_seconds` is paid once per model.
     """
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
-    from selection.linear_probe import cv_accuracy
-    from selection.select import model_task_accuracy, task_split
+    from selection.select import features_accuracy, model_task_accuracy, task_split
 
     t0 = time.perf_counter()
     loaded = load_model(entry)
@@ -439,7 +438,7 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
             rec[name] = float(SCORERS[name](feats, task.labels[train]))
             rec[f"{name}_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
-        rec["verify_accuracy"] = cv_accuracy(feats, task.labels[train], protocol)
+        rec["verify_accuracy"] = features_accuracy(feats, task.labels[train], protocol)
         rec["verify_seconds"] = rec["features_seconds"] + time.perf_counter() - t
         out["tasks"][task.name] = rec
     out["seconds"] = time.perf_counter() - t0
@@ -903,8 +902,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("- **Standardized Embedder (SE)**: full form stored (d(d+1)/2 numbers per model) plus its diagonal "
              "(coverage); task embedding by a ridge probe (`probe`) or Fisher ratios (`fisher`) on the "
              "baseline features of the task's train half. *Verification of top k*: the k best-scored models are "
-             "linear-probed *inside the train half* (stratified 5-fold cross-validation, the same probe: a user "
-             "verifies on the labelled data they have) and the best measured one is picked; its "
+             "linear-probed under the same protocol *inside the train half* (split again, seeded, stratified: "
+             "a user verifies on the labelled data they have) and the best measured one is picked; its "
              "ground-truth accuracy on the unseen test half is what the metrics use, so verification never "
              "sees the test labels.")
     L.append("- **Brute force**: LogME and H-score (`selection.scorers`) on every candidate's features of the "

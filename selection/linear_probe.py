@@ -3,11 +3,6 @@
 Protocol: features standardised with the train split's mean and std; multinomial
 logistic regression with L2 penalty `l2` on the weights, full-batch L-BFGS in float64
 for at most `max_iter` iterations from zero; accuracy on the test split.
-
-Ground truth uses one fixed train/test split (`test_fraction`, `split_seed`).
-Verification estimates the same probe's accuracy from the labelled images a user has by
-stratified `cv_folds`-fold cross-validation: every image is tested once, which matters
-on small tasks where one split leaves a handful of test images per class.
 """
 
 from __future__ import annotations
@@ -26,13 +21,10 @@ class ProbeProtocol:
     split_seed: int = 0
     l2: float = 1e-3
     max_iter: int = 200
-    cv_folds: int = 5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.cv_folds < 2:
-            raise ConfigError(f"cv_folds must be >= 2, got {self.cv_folds}")
         if self.l2 < 0 or self.max_iter < 1:
             raise ConfigError(f"l2 must be >= 0 and max_iter >= 1, got l2={self.l2} max_iter={self.max_iter}")
 
@@ -67,30 +59,3 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     with torch.no_grad():
         pred = classes[(xte @ w + b).argmax(1).numpy()]
     return float((pred == test_y).mean())
-
-
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold index in [0, k) for every item: each class dealt round-robin after a seeded shuffle."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % k
-    return fold
-
-
-def cv_accuracy(x: np.ndarray, y: np.ndarray, protocol: ProbeProtocol = ProbeProtocol()) -> float:
-    """Stratified k-fold cross-validated accuracy of the probe (all held-out predictions pooled).
-
-    k is `protocol.cv_folds`, at most the size of the smallest class (at least 2).
-    """
-    _, counts = np.unique(y, return_counts=True)
-    if len(counts) < 2:
-        raise DataError(f"cross-validation needs at least 2 classes, got {len(counts)}")
-    k = max(2, min(protocol.cv_folds, int(counts.min())))
-    fold = stratified_folds(y, k, protocol.split_seed)
-    correct = 0.0
-    for f in range(k):
-        test = fold == f
-        correct += probe_accuracy(x[~test], y[~test], x[test], y[test], protocol) * int(test.sum())
-    return correct / len(y)

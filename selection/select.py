@@ -16,7 +16,7 @@ from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
 from selection.embedding import TASK_METHODS, scores, task_matrix, task_weights
 from selection.errors import ConfigError
-from selection.linear_probe import ProbeProtocol, cv_accuracy, probe_accuracy
+from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, extract_features, load_model
 from selection.standard import Standard
 from selection.table import EmbeddingTable
@@ -184,16 +184,14 @@ def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int
                         protocol: ProbeProtocol, loaded: LoadedModel | None = None) -> float:
     """Linear-probe test accuracy of one model on one task under the fixed protocol."""
     loaded = loaded or load_model(entry)
-    train, test = task_split(task, protocol)
     feats = extract_features(loaded, task.images, input_size=std_input_size)
-    return probe_accuracy(feats[train], task.labels[train], feats[test], task.labels[test], protocol)
+    return features_accuracy(feats, task.labels, protocol)
 
 
-def model_verified_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int | None,
-                            protocol: ProbeProtocol) -> float:
-    """What verification measures: the probe's cross-validated accuracy over all the task's images."""
-    feats = extract_features(load_model(entry), task.images, input_size=std_input_size)
-    return cv_accuracy(feats, task.labels, protocol)
+def features_accuracy(feats: np.ndarray, labels: np.ndarray, protocol: ProbeProtocol) -> float:
+    """Linear-probe accuracy on the protocol's held-out split of one labelled feature set."""
+    train, test = stratified_split(labels, protocol.test_fraction, protocol.split_seed)
+    return probe_accuracy(feats[train], labels[train], feats[test], labels[test], protocol)
 
 
 def rerank_verified(ranked: list[Ranked], accuracies: dict[str, float]) -> list[Ranked]:

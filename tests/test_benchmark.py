@@ -301,8 +301,7 @@ def _tiny_task(name="t"):
 def test_evaluate_candidate_is_the_protocol_and_the_scorers():
     from selection.models import extract_features, load_model
     from selection.scorers import logme
-    from selection.linear_probe import cv_accuracy
-    from selection.select import model_task_accuracy, task_split
+    from selection.select import features_accuracy, model_task_accuracy, task_split
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     task, protocol = _tiny_task(), ProbeProtocol()
@@ -313,7 +312,7 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
     feats = extract_features(load_model(entry), task.images[train])
     assert rec["logme"] == pytest.approx(logme(feats, task.labels[train]))
     assert rec["n_train"] == len(train) and rec["n_images"] == len(task)
-    assert rec["verify_accuracy"] == pytest.approx(cv_accuracy(feats, task.labels[train], protocol))
+    assert rec["verify_accuracy"] == pytest.approx(features_accuracy(feats, task.labels[train], protocol))
     assert res["num_params"] > 0 and min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
 
 
@@ -384,24 +383,3 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert {c["id"] for c in catalog} == {m.id for m in plan.zoo}
     assert all("kind" in c["metadata"] and "trained_on" in c["metadata"] for c in catalog)
     assert len(os.listdir(store / "benchmark" / "truth")) == len(plan.zoo)
-
-
-def test_cross_validated_accuracy_tests_every_image_once():
-    from selection.linear_probe import ProbeProtocol, cv_accuracy, probe_accuracy, stratified_folds
-
-    y = np.repeat([0, 1, 2], [7, 5, 3])
-    fold = stratified_folds(y, 3, seed=0)
-    for c in range(3):  # each class spread over the folds as evenly as possible
-        counts = np.bincount(fold[y == c], minlength=3)
-        assert counts.max() - counts.min() <= 1
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(15, 4)) + 3.0 * y[:, None]  # separable: every held-out image right
-    assert cv_accuracy(x, y) == pytest.approx(1.0)
-    noise = rng.normal(size=(15, 4))  # no signal: pooled accuracy is the mean over the folds
-    p = ProbeProtocol(cv_folds=3)
-    k_fold = stratified_folds(y, 3, p.split_seed)
-    expect = sum(probe_accuracy(noise[k_fold != f], y[k_fold != f], noise[k_fold == f], y[k_fold == f], p)
-                 * (k_fold == f).sum() for f in range(3)) / 15
-    assert cv_accuracy(noise, y, p) == pytest.approx(expect)
-    with pytest.raises(Exception, match="cv_folds must be >= 2, got 1"):
-        ProbeProtocol(cv_folds=1)
