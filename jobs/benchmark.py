@@ -69,8 +69,8 @@ def _standard(_: None, item: tuple[Any, str, str | None]) -> Any:
 def _task_embeddings(shared: tuple[Any, list[Any]], item: tuple[int, tuple[str, ...], Any, int]) -> dict[str, Any]:
     _threads()
     standards, tasks = shared
-    index, methods, protocol, size = item
-    return bench.embed_benchmark_tasks(standards[index], tasks, methods, protocol, size)
+    index, methods, protocols, size = item
+    return bench.embed_benchmark_tasks(standards[index], tasks, methods, protocols, size)
 
 
 def _evaluate(shared: tuple[list[Any], Any, str, str | None], entry: CatalogEntry) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def quality(args: argparse.Namespace) -> int:
     tasks = bench.load_tasks(plan)
     say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x "
                            f"{len(plan.methods)} methods")
-    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.protocol, plan.task_image_size)
+    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.task_protocols(), plan.task_image_size)
                                                 for i in range(len(stds))],
                              shared=(stds, tasks), desc="task embeddings", progress=progress)
     _raise_first(temb, "task embedding failed")

@@ -42,7 +42,7 @@ from selection.linear_probe import ProbeProtocol
 
 log = logging.getLogger(__name__)
 
-BENCH_VERSION = 2  # 2: verification measured inside the train half
+BENCH_VERSION = 3  # 2: verification measured inside the train half; 3: per-task held-out test part
 KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"))
@@ -85,14 +85,19 @@ class ZooMember:
 
 @dataclass(frozen=True)
 class BenchTask:
+    """A task; `test_fraction` of each class is held out for the ground truth, the rest is labelled."""
+
     name: str
     spec: str
     group: str
     note: str = ""
+    test_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
             raise ConfigError(f"task {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"task {self.name!r}: test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,10 @@ class QualityPlan:
     def candidates(self, standard: StandardPlan) -> list[str]:
         return [m.id for m in self.zoo if m.id not in standard.exclude]
 
+    def task_protocols(self) -> list[ProbeProtocol]:
+        """Per task (plan order): the probe protocol with the task's own labelled/held-out split."""
+        return [dataclasses.replace(self.protocol, test_fraction=t.test_fraction) for t in self.tasks]
+
 
 def _fm(classes: str | None, n: int | None = None, split: str = "train", seed: int = 0,
         per_class: int | None = None) -> str:
@@ -197,26 +206,37 @@ RANDOM_ARCHS = (("resnet18", "resnet"), ("regnetx_002", "regnet"), ("mobilenetv3
 # The general model (standard A's baseline): every data domain of the benchmark at once.
 GENERAL_SOURCES = ((_fm(None, 4000, seed=3), 1), ("builtin:digits?split=train", 2),
                    ("builtin:textures?n=1000&seed=11", 1))
-# Tasks: held-out test splits (Fashion-MNIST t10k, the digits test part) only.
+# Tasks: held-out test splits (Fashion-MNIST t10k, the digits test part) only. Each class has
+# `train` labelled images (what a user has: task embedding, brute force, verification) and
+# `test` held-out ones for the ground truth, many more than the labelled ones, so that the
+# accuracy a selection is judged by is not the noise of a few dozen images.
+def _task(name: str, source: str, train: int, test: int, seed: int, group: str, note: str,
+          classes: str | None = None) -> BenchTask:
+    per_class = train + test
+    if source == "fashion-mnist":
+        spec = _fm(classes, split="test", seed=seed, per_class=per_class)
+    else:
+        spec = f"builtin:digits?split=test{'&classes=' + classes if classes else ''}&per_class={per_class}&seed={seed}"
+    return BenchTask(name, spec, group, note, test_fraction=test / per_class)
+
+
+DIGITS_TEST_PER_CLASS = 44  # the smallest class of the digits test part: all tasks stay balanced
 TASKS = (
-    BenchTask("fm-footwear", _fm(FASHION_GROUPS["footwear"], split="test", seed=101, per_class=60), "dev",
-              "sandal / sneaker / ankle boot"),
-    BenchTask("fm-pullover-coat", _fm("2,4", split="test", seed=102, per_class=80), "dev", "binary, hard"),
-    BenchTask("digits-10", "builtin:digits?split=test&per_class=30&seed=103", "dev", "10 digits"),
-    BenchTask("fm-10-fewshot", _fm(None, split="test", seed=104, per_class=20), "dev",
-              "few-shot: 10 train images per class"),
-    BenchTask("fm-10", _fm(None, split="test", seed=201, per_class=40), "test", "all 10 classes"),
-    BenchTask("fm-tops", _fm(FASHION_GROUPS["tops"], split="test", seed=202, per_class=60), "test",
-              "t-shirt / pullover / coat / shirt"),
-    BenchTask("fm-shoes-bags", _fm("5,7,8,9", split="test", seed=203, per_class=50), "test",
-              "footwear and bags"),
-    BenchTask("fm-tshirt-shirt", _fm("0,6", split="test", seed=204, per_class=80), "test", "binary, hard"),
-    BenchTask("digits-5-9", "builtin:digits?split=test&classes=5,6,7,8,9&per_class=30&seed=205", "test",
-              "5 digits"),
-    BenchTask("digits-fewshot", "builtin:digits?split=test&per_class=16&seed=206", "test",
-              "few-shot: 8 train images per class"),
-    BenchTask("fm-footwear-fewshot", _fm(FASHION_GROUPS["footwear"], split="test", seed=207, per_class=12),
-              "test", "few-shot: 6 train images per class"),
+    _task("fm-footwear", "fashion-mnist", 30, 150, 101, "dev", "sandal / sneaker / ankle boot",
+          FASHION_GROUPS["footwear"]),
+    _task("fm-pullover-coat", "fashion-mnist", 40, 150, 102, "dev", "binary, hard", "2,4"),
+    _task("digits-10", "digits", 15, DIGITS_TEST_PER_CLASS - 15, 103, "dev", "10 digits"),
+    _task("fm-10-fewshot", "fashion-mnist", 10, 80, 104, "dev", "few-shot: 10 labelled images per class"),
+    _task("fm-10", "fashion-mnist", 20, 80, 201, "test", "all 10 classes"),
+    _task("fm-tops", "fashion-mnist", 30, 150, 202, "test", "t-shirt / pullover / coat / shirt",
+          FASHION_GROUPS["tops"]),
+    _task("fm-shoes-bags", "fashion-mnist", 25, 150, 203, "test", "footwear and bags", "5,7,8,9"),
+    _task("fm-tshirt-shirt", "fashion-mnist", 40, 150, 204, "test", "binary, hard", "0,6"),
+    _task("digits-5-9", "digits", 15, DIGITS_TEST_PER_CLASS - 15, 205, "test", "5 digits", "5,6,7,8,9"),
+    _task("digits-fewshot", "digits", 8, DIGITS_TEST_PER_CLASS - 8, 206, "test",
+          "few-shot: 8 labelled images per class"),
+    _task("fm-footwear-fewshot", "fashion-mnist", 6, 150, 207, "test", "few-shot: 6 labelled images per class",
+          FASHION_GROUPS["footwear"]),
 )
 
 
@@ -402,15 +422,17 @@ def truth_cache_key(entry: CatalogEntry, plan: QualityPlan, std_input_size: int 
 
 
 def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
-                       protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE) -> dict[str, Any]:
+                       protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE,
+                       task_protocols: Sequence[ProbeProtocol] | None = None) -> dict[str, Any]:
     """Ground truth and brute-force scores of one candidate on every task, with timings.
 
-    Per task: `accuracy`, the ground truth (selection.select.model_task_accuracy, the fixed
-    protocol: probe fit on the train half, accuracy on the test half); brute force: the
-    candidate's features on the train half (`features_seconds`) and each scorer on them
-    (`<scorer>_seconds`); `verify_accuracy`: what verification sees, the same protocol run
-    inside the train half only (a user verifies on the labelled data they have; the test
-    half stays unseen), with its cost `verify_seconds`. `load_seconds` is paid once per model.
+    Per task: `accuracy`, the ground truth (selection.select.model_task_accuracy under the
+    task's protocol, `task_protocols[i]`, default `protocol`: probe fit on the labelled
+    (train) part, accuracy on the held-out test part); brute force: the candidate's features
+    on the train part (`features_seconds`) and each scorer on them (`<scorer>_seconds`);
+    `verify_accuracy`: what verification sees, `protocol` run inside the train part only (a
+    user verifies on the labelled data they have; the test part stays unseen), with its cost
+    `verify_seconds`. `load_seconds` is paid once per model.
     """
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
@@ -421,13 +443,13 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
                            "load_seconds": load_s, "tasks": {}}
-    for task in tasks:
+    for task, task_protocol in zip(tasks, task_protocols or [protocol] * len(tasks), strict=True):
         rec: dict[str, Any] = {}
         t = time.perf_counter()
-        rec["accuracy"] = model_task_accuracy(entry, task, std_input_size, protocol, loaded=loaded)
+        rec["accuracy"] = model_task_accuracy(entry, task, std_input_size, task_protocol, loaded=loaded)
         rec["truth_seconds"] = time.perf_counter() - t
         rec["n_images"] = len(task)
-        train, _ = task_split(task, protocol)
+        train, _ = task_split(task, task_protocol)
         rec["n_train"] = int(len(train))
         t = time.perf_counter()
         feats = extract_features(loaded, task.images[train], input_size=std_input_size)
@@ -453,7 +475,7 @@ def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: Q
         cached = json.loads(store.read_bytes(rel))
         cached["cached"] = True
         return cached
-    res = evaluate_candidate(entry, tasks, std_input_size, plan.protocol)
+    res = evaluate_candidate(entry, tasks, std_input_size, plan.protocol, task_protocols=plan.task_protocols())
     store.write_bytes(rel, json.dumps(res, sort_keys=True).encode())
     res["cached"] = False
     return res
@@ -466,8 +488,8 @@ def diag_of_weights(w: np.ndarray, d: int) -> np.ndarray:
     return np.diag(untriu(np.asarray(w, np.float64), d)).copy()
 
 
-def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str], protocol: ProbeProtocol,
-                          task_image_size: int = 64) -> dict[str, Any]:
+def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str],
+                          protocols: Sequence[ProbeProtocol], task_image_size: int = 64) -> dict[str, Any]:
     """Task embeddings of one standard for every task and method (selection.select.embed_task).
 
     Returns `{"load_seconds", "tasks": {name: {method: {"full", "diagonal", "seconds"}, "n_train"}}}`:
@@ -480,7 +502,7 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
     t0 = time.perf_counter()
     baseline = load_model(std.baseline)
     out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
-    for task in tasks:
+    for task, protocol in zip(tasks, protocols, strict=True):
         rec: dict[str, Any] = {"n_train": int(len(task_split(task, protocol)[0]))}
         for method in methods:
             cfg = SelectConfig(task_method=method, task_image_size=task_image_size, protocol=protocol)
@@ -891,9 +913,10 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
                  f"which runs at 4–11 images/s per core here and would not fit the 90-minute budget). The ground "
                  f"truth uses the same sizes.")
     L.append(f"- **Tasks**: {len(plan.tasks)} tasks from held-out test splits (Fashion-MNIST t10k, the digits "
-             f"test part), never from the training or probe data; split once (seeded, stratified, "
-             f"{int(100 * (1 - plan.protocol.test_fraction))}/{int(100 * plan.protocol.test_fraction)}) into "
-             f"a train half (task embedding, brute-force features, probes) and a test half (accuracy). "
+             f"test part), never from the training or probe data; split once (seeded, stratified) into a "
+             f"labelled *train* part (what a user has: task embedding, brute-force features, verification) and a "
+             f"held-out *test* part for the ground truth, several times larger so that one image moves the "
+             f"accuracy by well under a point (sizes in the task table below). "
              f"**dev** tasks are where the method default (form and task method) is chosen; **test** tasks are only "
              f"reported.")
     L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
@@ -901,13 +924,13 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"{plan.protocol.max_iter} iterations), of every candidate on every task.")
     L.append("- **Standardized Embedder (SE)**: full form stored (d(d+1)/2 numbers per model) plus its diagonal "
              "(coverage); task embedding by a ridge probe (`probe`) or Fisher ratios (`fisher`) on the "
-             "baseline features of the task's train half. *Verification of top k*: the k best-scored models are "
-             "linear-probed under the same protocol *inside the train half* (split again, seeded, stratified: "
+             "baseline features of the task's train part. *Verification of top k*: the k best-scored models are "
+             "linear-probed under the same protocol *inside the train part* (split again, seeded, stratified: "
              "a user verifies on the labelled data they have) and the best measured one is picked; its "
-             "ground-truth accuracy on the unseen test half is what the metrics use, so verification never "
+             "ground-truth accuracy on the unseen test part is what the metrics use, so verification never "
              "sees the test labels.")
     L.append("- **Brute force**: LogME and H-score (`selection.scorers`) on every candidate's features of the "
-             "task's train half: m model loads and m × n_train forward passes per selection. **Random choice**: "
+             "task's train part: m model loads and m × n_train forward passes per selection. **Random choice**: "
              "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "
              "**Largest model**: by parameter count.")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
@@ -979,9 +1002,10 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("## Quality vs cost\n")
     L.append(f"![quality vs cost]({doc['images']['cost_quality']})\n")
     L.append("## Tasks\n")
-    trows = [[t["name"], t["group"], f"`{t['spec']}`", str(t["n_images"]), str(t["n_classes"]), str(t["n_train"]),
-              t["note"]] for t in doc["tasks"]]
-    L.append(_md_table(["task", "group", "spec", "images", "classes", "train half", "note"], trows) + "\n")
+    trows = [[t["name"], t["group"], f"`{t['spec']}`", str(t["n_classes"]), str(t["n_train"]),
+              str(t.get("n_test", t["n_images"] - t["n_train"])), t["note"]] for t in doc["tasks"]]
+    L.append(_md_table(["task", "group", "spec", "classes", "train (labelled)", "test (held out)", "note"],
+                       trows) + "\n")
     L.append("## Zoo and ground truth\n")
     L.append("Linear-probe test accuracy (%) of every candidate on every task.\n")
     trows = []
@@ -1014,7 +1038,8 @@ def task_records(plan: QualityPlan, tasks: Sequence[Any]) -> list[dict[str, Any]
     from selection.select import task_split
 
     out = []
-    for t, ds in zip(plan.tasks, tasks):
+    for t, ds, protocol in zip(plan.tasks, tasks, plan.task_protocols()):
+        train, test = task_split(ds, protocol)
         out.append({"name": t.name, "spec": t.spec, "group": t.group, "note": t.note, "n_images": len(ds),
-                    "n_classes": len(ds.classes), "n_train": int(len(task_split(ds, plan.protocol)[0]))})
+                    "n_classes": len(ds.classes), "n_train": int(len(train)), "n_test": int(len(test))})
     return out

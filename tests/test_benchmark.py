@@ -61,10 +61,12 @@ def test_full_plan_has_8_tasks_split_into_dev_and_test():
                  zip(tasks, specs.values())}
     assert any(n == 2 for n in n_classes.values())  # binary
     assert len(set(n_classes.values())) >= 3  # different granularity
-    # few-shot: at most 10 labelled train images per class (the protocol's 50/50 split)
-    train_share = 1 - FULL.protocol.test_fraction
-    fewshot = [t for t in tasks if int(specs[t.name][1].get("per_class", 999)) * train_share <= 10]
+    # few-shot: at most 10 labelled train images per class
+    labelled = {t.name: round(int(specs[t.name][1]["per_class"]) * (1 - t.test_fraction)) for t in tasks}
+    fewshot = [t for t in tasks if labelled[t.name] <= 10]
     assert {t.group for t in fewshot} == {"dev", "test"}
+    # the ground truth is measured on a held-out part larger than the labelled one
+    assert all(t.test_fraction > 0.5 for t in tasks)
 
 
 def _training_specs(plan: bench.QualityPlan) -> list[str]:
@@ -305,10 +307,12 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     task, protocol = _tiny_task(), ProbeProtocol()
-    res = bench.evaluate_candidate(entry, [task], None, protocol)
+    task_protocol = ProbeProtocol(test_fraction=0.7)  # the ground truth's split; verification keeps 50/50
+    res = bench.evaluate_candidate(entry, [task], None, protocol, task_protocols=[task_protocol])
     rec = res["tasks"]["t"]
-    assert rec["accuracy"] == pytest.approx(model_task_accuracy(entry, task, None, protocol))
-    train, _ = task_split(task, protocol)
+    assert rec["accuracy"] == pytest.approx(model_task_accuracy(entry, task, None, task_protocol))
+    train, _ = task_split(task, task_protocol)
+    assert len(train) < len(task) / 2
     feats = extract_features(load_model(entry), task.images[train])
     assert rec["logme"] == pytest.approx(logme(feats, task.labels[train]))
     assert rec["n_train"] == len(train) and rec["n_images"] == len(task)
@@ -320,7 +324,7 @@ def test_task_embeddings_are_the_library_ones(tiny_standard):
     from selection.select import SelectConfig, embed_task
 
     task = _tiny_task()
-    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), ProbeProtocol(), 32)
+    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), [ProbeProtocol()], 32)
     for method in ("probe", "fisher"):
         ref = embed_task(tiny_standard, task, SelectConfig(task_method=method, task_image_size=32))
         assert np.allclose(out["tasks"]["t"][method]["full"], ref.weights)
