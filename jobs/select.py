@@ -1,7 +1,7 @@
 """Select models for tasks: `python -m jobs.select --store STORE --task TASK [--task TASK ...]`.
 
 Task embeddings are computed in parallel (one Ray task per task), the table is swept
-once for all tasks, and the top-k may be verified by linear probing in parallel.
+once for all tasks, and the top-k may be verified on the task in parallel (LogME or a linear probe).
 A TASK is an ImageFolder directory, a .parquet file (local or s3://), or a built-in
 spec such as `builtin:fashion-mnist?classes=5,7,9&per_class=40`.
 """
@@ -22,8 +22,8 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
-from selection.select import (Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
-                              load_task, model_task_accuracy, rerank_verified, sweep_shards)
+from selection.select import (VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
+                              load_task, rerank_verified, sweep_shards, verify_candidate)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -37,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", required=True, metavar="TASK", help="task dataset (repeatable)")
     p.add_argument("--top-k", type=int, default=10, help="candidates listed per task")
     p.add_argument("--verify-top-k", type=int, default=0,
-                   help="linear-probe the top K on the task and re-rank them by accuracy")
+                   help="run the top K on the task's labelled images and re-rank them by what --verify-by measures")
+    p.add_argument("--verify-by", choices=list(VERIFIERS), default="logme",
+                   help="LogME evidence on the labelled split (default, chosen on the dev tasks) or linear-probe "
+                        "accuracy on the held-out split")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
@@ -57,7 +60,7 @@ def _task_embedding(std: Standard, item: tuple[str, SelectConfig]) -> TaskEmbedd
 
 def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any]]) -> float:
     spec, config, row = item
-    return model_task_accuracy(entry_of(row), load_task(spec, config), std.input_size, config.protocol)
+    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config)
 
 
 def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
@@ -105,12 +108,13 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
         o["sweep_seconds"] = round(sweep_s, 6)
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
         o["models_swept"] = rows[0]
+        o["verified_by"] = config.verify_by if config.verify_top_k else None
     return out
 
 
 def _result_row(r: Ranked) -> dict[str, Any]:
     return {"rank": r.rank, "model_id": r.model_id, "score": round(r.score, 6),
-            "verified_accuracy": r.verified_accuracy, "is_baseline": r.is_baseline,
+            "verified": r.verified, "is_baseline": r.is_baseline,
             "arch": r.row["arch"], "num_params": r.row["num_params"], "gflops": r.row["gflops"],
             "tags": r.row["tags"]}
 
@@ -121,12 +125,15 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
     for res in results:
         lines.append(f"\ntask {res['task']}  ({res['n_images']} images, {res['n_classes']} classes; "
                      f"standard {std_id}, {m} models)")
+        if res.get("verified_by"):
+            lines.append(f"verified: {'LogME evidence' if res['verified_by'] == 'logme' else 'probe accuracy'} "
+                         f"on the task's labelled images")
         head = f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9}"
         if truth:
             head += f" {'measured':>9}"
         lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
         for row in res["ranking"]:
-            ver = "" if row["verified_accuracy"] is None else f"{100 * row['verified_accuracy']:.1f}%"
+            ver = "" if row["verified"] is None else f"{row['verified']:.4f}"
             line = f"{row['rank']:>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9}"
             if truth:
                 acc = truth.get(res["task"], {}).get(row["model_id"])
@@ -160,7 +167,8 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, task_method=args.task_method,
+    config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
+                          task_method=args.task_method,
                           task_image_size=args.task_image_size,
                           constraints=tuple(Constraint.parse(w) for w in args.where),
                           protocol=ProbeProtocol())

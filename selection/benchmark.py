@@ -48,6 +48,10 @@ GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"))
 DEFAULT_VARIANT = ("full", "probe")
 VERIFY_KS = (1, 3, 5)
+# selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
+# here, so that the plan and the report load without torch).
+VERIFIERS = ("logme", "probe")
+DEFAULT_VERIFIER = "logme"
 BRUTE_FORCE = ("logme", "hscore")
 PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score"}
 IMAGENET_INPUT_SIZE = 128
@@ -621,10 +625,13 @@ def aggregate(per_task: dict[str, dict[str, dict[str, Any]]], groups: dict[str, 
     return out
 
 
-def variant_label(variant: str, verify: int = 0) -> str:
+def variant_label(variant: str, verify: int = 0, verifier: str = DEFAULT_VERIFIER) -> str:
+    """`SE full/fisher`, `SE full/fisher +verify top-3` (the library's default verifier), `... (probe)`."""
     form, method = variant.split("/")
     base = f"SE {form}/{method}"
-    return f"{base} +verify top-{verify}" if verify else base
+    if not verify:
+        return base
+    return f"{base} +verify top-{verify}" + ("" if verifier == DEFAULT_VERIFIER else f" ({verifier})")
 
 
 def choose_default_variant(results: dict[str, Any]) -> str:
@@ -663,7 +670,12 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         name = task.name
         acc = np.array([truth[i]["tasks"][name]["accuracy"] for i in ids], np.float64)
         recs = [truth[i]["tasks"][name] for i in ids]
-        seen = np.array([r["verify_accuracy"] for r in recs], np.float64)  # what verification measures
+        # What each verifier measures on the labelled part only (selection.select.verify_candidate),
+        # and its cost per verified model after the load.
+        seen = {"logme": (np.array([r["logme"] for r in recs], np.float64),
+                          [r["features_seconds"] + r["logme_seconds"] for r in recs]),
+                "probe": (np.array([r["verify_accuracy"] for r in recs], np.float64),
+                          [r["verify_seconds"] for r in recs])}
         n_train = recs[0]["n_train"]
         temb = task_emb["tasks"][name]
         sweep_s = time_sweep(table, temb[plan.methods[0]]["full"])
@@ -678,10 +690,11 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
             order = np.argsort(-s, kind="stable")
             for k in plan.verify_ks:
                 top = order[:k]
-                cost = base_cost + sum(truth[ids[i]]["load_seconds"] + recs[i]["verify_seconds"] for i in top)
-                rows[variant_label(variant, k)] = dict(
-                    ranking_metrics(verified_scores(s, seen, k), acc, ids),
-                    forward_passes=n_train + len(top) * n_train, seconds=cost)
+                for verifier, (measured, verify_s) in seen.items():
+                    cost = base_cost + sum(truth[ids[i]]["load_seconds"] + verify_s[i] for i in top)
+                    rows[variant_label(variant, k, verifier)] = dict(
+                        ranking_metrics(verified_scores(s, measured, k), acc, ids),
+                        forward_passes=n_train + len(top) * n_train, seconds=cost)
         for scorer in BRUTE_FORCE:
             s = np.array([r[scorer] for r in recs], np.float64)
             cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
@@ -703,6 +716,8 @@ def method_rows(default_variant: str, verify_ks: Sequence[int]) -> list[str]:
     """The methods shown in the summary tables, in order."""
     rows = [variant_label(f"{f}/{m}") for f, m in VARIANTS]
     rows += [variant_label(default_variant, k) for k in verify_ks]
+    rows += [variant_label(default_variant, k, v) for k in verify_ks if k == 3 for v in VERIFIERS
+             if v != DEFAULT_VERIFIER]
     rows += [f"{PRETTY_SCORER[s]} (brute force)" for s in BRUTE_FORCE]
     return rows + ["random choice (expected)", "largest model"]
 
@@ -924,11 +939,13 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"{plan.protocol.max_iter} iterations), of every candidate on every task.")
     L.append("- **Standardized Embedder (SE)**: full form stored (d(d+1)/2 numbers per model) plus its diagonal "
              "(coverage); task embedding by a ridge probe (`probe`) or Fisher ratios (`fisher`) on the "
-             "baseline features of the task's train part. *Verification of top k*: the k best-scored models are "
-             "linear-probed under the same protocol *inside the train part* (split again, seeded, stratified: "
-             "a user verifies on the labelled data they have) and the best measured one is picked; its "
-             "ground-truth accuracy on the unseen test part is what the metrics use, so verification never "
-             "sees the test labels.")
+             "baseline features of the task's train part. *Verification of top k* (`selection.select.verify_candidate`): "
+             "the k best-scored models are run on the train part and the best measured one is picked, measured "
+             "by LogME evidence on all the train part's images (the default, `+verify top-k`; chosen on the dev "
+             "tasks) or by a linear probe under the same protocol *inside the train part* (split again, seeded, "
+             "stratified; `(probe)`). A user verifies on the labelled data they have: the pick's ground-truth "
+             "accuracy on the unseen test part is what the metrics use, so verification never sees the test "
+             "labels.")
     L.append("- **Brute force**: LogME and H-score (`selection.scorers`) on every candidate's features of the "
              "task's train part: m model loads and m × n_train forward passes per selection. **Random choice**: "
              "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
         "==": operator.eq, "=": operator.eq, "!=": operator.ne}
+# How verification measures a shortlisted candidate on the task's labelled split: LogME evidence
+# of its features (all labelled images, no further split; chosen on the benchmark's dev tasks,
+# docs/benchmark.md) or linear-probe accuracy under the protocol (fit and measured on halves).
+VERIFIERS = ("logme", "probe")
 NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
 TEXT_FIELDS = ("tag", "tags", "license", "arch")
 
@@ -72,6 +76,7 @@ class Constraint:
 class SelectConfig:
     top_k: int = 10
     verify_top_k: int = 0
+    verify_by: str = "logme"
     task_method: str = "fisher"  # chosen on the benchmark's dev tasks (docs/benchmark.md)
     task_image_size: int = 64
     constraints: tuple[Constraint, ...] = ()
@@ -82,6 +87,8 @@ class SelectConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.verify_top_k < 0:
             raise ConfigError(f"verify_top_k must be >= 0, got {self.verify_top_k}")
+        if self.verify_by not in VERIFIERS:
+            raise ConfigError(f"verify_by must be one of {VERIFIERS}, got {self.verify_by!r}")
         if self.task_method not in TASK_METHODS:
             raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
 
@@ -127,7 +134,7 @@ class Ranked:
     rank: int
     is_baseline: bool
     row: dict[str, Any]
-    verified_accuracy: float | None = None
+    verified: float | None = None  # the verifier's measurement (SelectConfig.verify_by)
 
 
 def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) -> np.ndarray:
@@ -194,12 +201,28 @@ def features_accuracy(feats: np.ndarray, labels: np.ndarray, protocol: ProbeProt
     return probe_accuracy(feats[train], labels[train], feats[test], labels[test], protocol)
 
 
-def rerank_verified(ranked: list[Ranked], accuracies: dict[str, float]) -> list[Ranked]:
-    """Verified candidates first by measured accuracy (ties: embedding score), then the rest."""
-    verified = [r for r in ranked if r.model_id in accuracies]
-    rest = [r for r in ranked if r.model_id not in accuracies]
-    verified.sort(key=lambda r: (-accuracies[r.model_id], -r.score))
+def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | None, config: SelectConfig,
+                     loaded: LoadedModel | None = None) -> float:
+    """One shortlisted candidate measured on the task (higher is better), by `config.verify_by`.
+
+    "logme": LogME evidence of the candidate's features on the task's labelled (train)
+    split; "probe": linear-probe accuracy on the held-out split (model_task_accuracy).
+    """
+    if config.verify_by == "probe":
+        return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded)
+    from selection.scorers import logme
+
+    train, _ = task_split(task, config.protocol)
+    loaded = loaded or load_model(entry)
+    return logme(extract_features(loaded, task.images[train], input_size=std_input_size), task.labels[train])
+
+
+def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
+    """Verified candidates first by their measurement (ties: embedding score), then the rest."""
+    verified = [r for r in ranked if r.model_id in measured]
+    rest = [r for r in ranked if r.model_id not in measured]
+    verified.sort(key=lambda r: (-measured[r.model_id], -r.score))
     out = []
     for i, r in enumerate(verified + rest, 1):
-        out.append(Ranked(r.model_id, r.score, i, r.is_baseline, r.row, accuracies.get(r.model_id)))
+        out.append(Ranked(r.model_id, r.score, i, r.is_baseline, r.row, measured.get(r.model_id)))
     return out

@@ -244,11 +244,15 @@ def test_standard_results_metrics_and_costs():
     assert se["pick"] == "m0" and se["gap"] == pytest.approx(10.0)
     assert se["forward_passes"] == 10
     assert se["seconds"] == pytest.approx(0.25 + 0.5 + 0.05, abs=0.01)  # + the measured sweep
-    # m0, m2, m3 verified on the train half: m2 looks best there (85) and is picked, though its
-    # test accuracy (70) is below m0's (80): verification never sees the test labels.
-    v3 = rows["SE full/probe +verify top-3"]
+    # m0, m2, m3 verified on the train half. By a probe there, m2 looks best (85) and is picked,
+    # though its test accuracy (70) is below m0's (80): verification never sees the test labels.
+    v3 = rows["SE full/probe +verify top-3 (probe)"]
     assert v3["pick"] == "m2" and v3["gap"] == pytest.approx(20.0) and v3["forward_passes"] == 10 + 3 * 10
     assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 1.5))
+    # By LogME (the default verifier; logme = -k), m0 is best of the three: load + features + LogME.
+    v3 = rows["SE full/probe +verify top-3"]
+    assert v3["pick"] == "m0" and v3["gap"] == pytest.approx(10.0) and v3["forward_passes"] == 10 + 3 * 10
+    assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 0.5 + 0.1))
     lm = rows["LogME (brute force)"]  # logme = -k: m0 best
     assert lm["pick"] == "m0" and lm["forward_passes"] == 4 * 10
     assert lm["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.1))
@@ -318,6 +322,23 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
     assert rec["n_train"] == len(train) and rec["n_images"] == len(task)
     assert rec["verify_accuracy"] == pytest.approx(features_accuracy(feats, task.labels[train], protocol))
     assert res["num_params"] > 0 and min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
+
+
+def test_verify_candidate_is_what_the_benchmark_measures():
+    from selection.errors import ConfigError
+    from selection.select import SelectConfig, verify_candidate
+
+    entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
+    task = _tiny_task()
+    res = bench.evaluate_candidate(entry, [task], None, ProbeProtocol())["tasks"]["t"]
+    # the benchmark's rows "+verify top-k" use the same numbers the select job computes
+    assert verify_candidate(entry, task, None, SelectConfig(verify_by="logme")) == pytest.approx(res["logme"])
+    assert verify_candidate(entry, task, None, SelectConfig(verify_by="probe")) == pytest.approx(res["accuracy"])
+    with pytest.raises(ConfigError, match="'oracle'"):
+        SelectConfig(verify_by="oracle")
+    from selection.select import VERIFIERS
+
+    assert bench.VERIFIERS == VERIFIERS and bench.DEFAULT_VERIFIER == SelectConfig().verify_by
 
 
 def test_task_embeddings_are_the_library_ones(tiny_standard):
