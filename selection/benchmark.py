@@ -716,8 +716,8 @@ def method_rows(default_variant: str, verify_ks: Sequence[int]) -> list[str]:
     """The methods shown in the summary tables, in order."""
     rows = [variant_label(f"{f}/{m}") for f, m in VARIANTS]
     rows += [variant_label(default_variant, k) for k in verify_ks]
-    rows += [variant_label(default_variant, k, v) for k in verify_ks if k == 3 for v in VERIFIERS
-             if v != DEFAULT_VERIFIER]
+    if 3 in verify_ks:  # the other verifiers, for comparison at the target's k
+        rows += [variant_label(default_variant, 3, v) for v in VERIFIERS if v != DEFAULT_VERIFIER]
     rows += [f"{PRETTY_SCORER[s]} (brute force)" for s in BRUTE_FORCE]
     return rows + ["random choice (expected)", "largest model"]
 
@@ -939,9 +939,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"{plan.protocol.max_iter} iterations), of every candidate on every task.")
     L.append("- **Standardized Embedder (SE)**: full form stored (d(d+1)/2 numbers per model) plus its diagonal "
              "(coverage); task embedding by a ridge probe (`probe`) or Fisher ratios (`fisher`) on the "
-             "baseline features of the task's train part. *Verification of top k* (`selection.select.verify_candidate`): "
-             "the k best-scored models are run on the train part and the best measured one is picked, measured "
-             "by LogME evidence on all the train part's images (the default, `+verify top-k`; chosen on the dev "
+             "baseline features of the task's train part. *Verification of top k* "
+             "(`selection.select.verify_candidate`): the k best-scored models are run on the train part and the "
+             "best measured one is picked, measured by LogME evidence on all the train part's images (the default, `+verify top-k`; chosen on the dev "
              "tasks) or by a linear probe under the same protocol *inside the train part* (split again, seeded, "
              "stratified; `(probe)`). A user verifies on the labelled data they have: the pick's ground-truth "
              "accuracy on the unseen test part is what the metrics use, so verification never sees the test "
@@ -1020,7 +1020,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append(f"![quality vs cost]({doc['images']['cost_quality']})\n")
     L.append("## Tasks\n")
     trows = [[t["name"], t["group"], f"`{t['spec']}`", str(t["n_classes"]), str(t["n_train"]),
-              str(t.get("n_test", t["n_images"] - t["n_train"])), t["note"]] for t in doc["tasks"]]
+              str(t["n_test"]), t["note"]] for t in doc["tasks"]]
     L.append(_md_table(["task", "group", "spec", "classes", "train (labelled)", "test (held out)", "note"],
                        trows) + "\n")
     L.append("## Zoo and ground truth\n")

@@ -134,7 +134,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,needle", [
     (["jobs.select", "--store", "ftp://host/x", "--task", "t"], "unsupported store URL scheme 'ftp'"),
     (["jobs.select", "--store", "s3://Bad_Bucket/x", "--task", "t"], "invalid S3 bucket name 'Bad_Bucket'"),
-    (["jobs.embed", "--catalog", "/no/such/catalog.yaml", "--store", "/tmp/x"], "catalog file not found: '/no/such/catalog.yaml'"),
+    (["jobs.embed", "--catalog", "/no/such/catalog.yaml", "--store", "/tmp/x"],
+     "catalog file not found: '/no/such/catalog.yaml'"),
     (["jobs.standard", "--store", "/tmp/zs-bad-d", "--d", "1"], "d must be in [2, 512], got 1"),
 ])
 def test_bad_input_one_line_error(args, needle):

@@ -29,7 +29,8 @@ def test_safetensors_and_pth_checkpoints_load(tmp_path):
         assert lm.model.num_classes == 7  # head size inferred from the checkpoint
         feats.append(extract_features(lm, imgs))
     assert np.array_equal(feats[0], feats[1])
-    assert weights_digest(CatalogEntry("m", "resnet10t", st)) == load_model(CatalogEntry("m", "resnet10t", st)).weights_sha256
+    entry = CatalogEntry("m", "resnet10t", st)
+    assert weights_digest(entry) == load_model(entry).weights_sha256
 
 
 class Evil:
