@@ -4,7 +4,9 @@ Starts a local Ray, builds the default standard (ImageNet EfficientNet-Lite2) in
 local directory store, trains and embeds a demo zoo of 8 candidates (ImageNet
 EfficientNet-Lite0/1, small timm models trained on different data, random-init
 models), selects for two tasks and prints, per task, the ranking with the score and
-every model's measured linear-probe accuracy side by side.
+every model's measured linear-probe accuracy side by side. Selection sees only each
+task's labelled half (written as a Parquet task); the accuracies are measured by probes
+fit on that half and tested on the other.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jobs.common import run_main
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
-from selection.select import SelectConfig, load_task, model_task_accuracy
+from selection.select import SelectConfig, load_task, model_task_accuracy, task_split
 from selection.storage import Store
 from selection.zoo import TrainSpec, train
 
@@ -43,7 +45,8 @@ RANDOM = [
     CatalogEntry("random/resnet18", "resnet18", None, tags=("random-init",), input_size=64),
     CatalogEntry("random/efficientnet_b0", "efficientnet_b0", None, tags=("random-init",), input_size=64),
 ]
-TASKS = ["builtin:fashion-mnist?classes=5,7,9&per_class=60", "builtin:digits?per_class=20"]
+TASKS = {"fashion-footwear": "builtin:fashion-mnist?classes=5,7,9&per_class=60",
+         "digits": "builtin:digits?per_class=20"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +68,18 @@ def _train(_: None, item: tuple[TrainSpec, str]) -> CatalogEntry:
 def _truth(std_input_size: int | None, item: tuple[CatalogEntry, str]) -> float:
     entry, task = item
     return model_task_accuracy(entry, load_task(task, SelectConfig()), std_input_size, ProbeProtocol())
+
+
+def labelled_tasks(folder: str) -> dict[str, str]:
+    """Each task's labelled half (the protocol's train split) as `<folder>/<name>.parquet`, by spec."""
+    from selection.benchmark import write_dataset_parquet
+
+    out = {}
+    for name, spec in TASKS.items():
+        task = load_task(spec, SelectConfig())
+        write_dataset_parquet(Store(folder), f"{name}.parquet", task.subset(task_split(task, ProbeProtocol())[0]))
+        out[spec] = os.path.join(folder, f"{name}.parquet")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         raise failed[0]
     entries = PRETRAINED + list(trained) + RANDOM
-    catalog = os.path.join(tempfile.mkdtemp(prefix="zooselect-demo-"), "catalog.jsonl")
+    work = tempfile.mkdtemp(prefix="zooselect-demo-")
+    catalog = os.path.join(work, "catalog.jsonl")
     write_catalog(entries, catalog)
     print(f"[3/5] embedding {len(entries)} candidates (one Ray actor each); catalog {catalog}")
     code = embed_job.main(["--catalog", catalog, "--store", args.store] + flags)
@@ -99,16 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = load_table(store, std)
     config = SelectConfig(top_k=len(entries), verify_top_k=args.verify_top_k)
     print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
-    results = select_job.select(std, [table], TASKS, config, progress=not args.no_progress)
+    labelled = labelled_tasks(work)
+    results = select_job.select(std, [table], list(labelled.values()), config, progress=not args.no_progress)
     print("[5/5] measuring every candidate's linear-probe accuracy on each task (ground truth, "
-          "for comparison only: selection itself never runs the candidates)")
-    items = [(e, t) for t in TASKS for e in entries]
+          "for comparison only: selection runs no candidate but the verified top k)")
+    items = [(e, t) for t in TASKS.values() for e in entries]
     accs = runtime.map_tasks(_truth, items, shared=std.input_size, desc="ground truth",
                              progress=not args.no_progress)
     truth: dict[str, dict[str, float]] = {}
     for (e, t), acc in zip(items, accs):
         if not isinstance(acc, ZooselectError):
-            truth.setdefault(t, {})[e.id] = acc
+            truth.setdefault(labelled[t], {})[e.id] = acc
     print(select_job.format_results(results, std.id, len(table), truth))
     for res in results:
         best = max(truth[res["task"]].items(), key=lambda kv: kv[1])

@@ -507,10 +507,11 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
     baseline = load_model(std.baseline)
     out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
     for task, protocol in zip(tasks, protocols, strict=True):
-        rec: dict[str, Any] = {"n_train": int(len(task_split(task, protocol)[0]))}
+        labelled = task.subset(task_split(task, protocol)[0])  # what a user has; the rest is ground truth
+        rec: dict[str, Any] = {"n_train": len(labelled)}
         for method in methods:
-            cfg = SelectConfig(task_method=method, task_image_size=task_image_size, protocol=protocol)
-            emb = embed_task(std, task, cfg, baseline=baseline)
+            cfg = SelectConfig(task_method=method, task_image_size=task_image_size)
+            emb = embed_task(std, labelled, cfg, baseline=baseline)
             rec[method] = {"full": emb.weights.astype(np.float64),
                            "diagonal": diag_of_weights(emb.weights, std.d), "seconds": emb.seconds}
         out["tasks"][task.name] = rec

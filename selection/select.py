@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
         "==": operator.eq, "=": operator.eq, "!=": operator.ne}
-# How verification measures a shortlisted candidate on the task's labelled split: LogME evidence
-# of its features (all labelled images, no further split; chosen on the benchmark's dev tasks,
-# docs/benchmark.md) or linear-probe accuracy under the protocol (fit and measured on halves).
+# How verification measures a shortlisted candidate on the task's labelled images: LogME evidence
+# of its features (all of them, no split; chosen on the benchmark's dev tasks,
+# docs/method-experiments.md) or linear-probe accuracy under the protocol (fit and measured on halves).
 VERIFIERS = ("logme", "probe")
 NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
 TEXT_FIELDS = ("tag", "tags", "license", "arch")
@@ -103,7 +103,7 @@ class TaskEmbedding:
 
 
 def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed train/test split of a task: train for embeddings and probes, test for accuracy."""
+    """The protocol's fixed split of a task for probe accuracy: fit on train, measure on test."""
     return stratified_split(task.labels, protocol.test_fraction, protocol.split_seed)
 
 
@@ -114,15 +114,13 @@ def load_task(spec: str, config: SelectConfig) -> ImageSet:
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
                baseline: LoadedModel | None = None) -> TaskEmbedding:
-    """Task embedding from the task's train split and the standard only (never a candidate)."""
+    """Task embedding from all the task's labelled images and the standard only (never a candidate)."""
     import time
 
     t0 = time.perf_counter()
-    train, _ = task_split(task, config.protocol)
     baseline = baseline or load_model(std.baseline)
-    h = extract_features(baseline, task.images[train], input_size=std.input_size)
-    z = std.project(h)
-    g = task_matrix(z, task.labels[train], config.task_method, task.name)
+    z = std.project(extract_features(baseline, task.images, input_size=std.input_size))
+    g = task_matrix(z, task.labels, config.task_method, task.name)
     return TaskEmbedding(task.name, task_weights(g, std.form), len(task), len(task.classes),
                          time.perf_counter() - t0)
 
@@ -205,16 +203,15 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
                      loaded: LoadedModel | None = None) -> float:
     """One shortlisted candidate measured on the task (higher is better), by `config.verify_by`.
 
-    "logme": LogME evidence of the candidate's features on the task's labelled (train)
-    split; "probe": linear-probe accuracy on the held-out split (model_task_accuracy).
+    "logme": LogME evidence of the candidate's features of all the task's images; "probe":
+    linear-probe accuracy, fit on the protocol's train split, measured on its test split.
     """
     if config.verify_by == "probe":
         return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded)
     from selection.scorers import logme
 
-    train, _ = task_split(task, config.protocol)
     loaded = loaded or load_model(entry)
-    return logme(extract_features(loaded, task.images[train], input_size=std_input_size), task.labels[train])
+    return logme(extract_features(loaded, task.images, input_size=std_input_size), task.labels)
 
 
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:

@@ -326,14 +326,17 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
 
 def test_verify_candidate_is_what_the_benchmark_measures():
     from selection.errors import ConfigError
-    from selection.select import SelectConfig, verify_candidate
+    from selection.select import SelectConfig, task_split, verify_candidate
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     task = _tiny_task()
     res = bench.evaluate_candidate(entry, [task], None, ProbeProtocol())["tasks"]["t"]
-    # the benchmark's rows "+verify top-k" use the same numbers the select job computes
-    assert verify_candidate(entry, task, None, SelectConfig(verify_by="logme")) == pytest.approx(res["logme"])
-    assert verify_candidate(entry, task, None, SelectConfig(verify_by="probe")) == pytest.approx(res["accuracy"])
+    # The benchmark's rows "+verify top-k" are what the select job computes on the labelled part.
+    labelled = task.subset(task_split(task, ProbeProtocol())[0])
+    logme = verify_candidate(entry, labelled, None, SelectConfig(verify_by="logme"))
+    assert logme == pytest.approx(res["logme"])
+    probe = verify_candidate(entry, labelled, None, SelectConfig(verify_by="probe"))
+    assert probe == pytest.approx(res["verify_accuracy"])
     with pytest.raises(ConfigError, match="'oracle'"):
         SelectConfig(verify_by="oracle")
     from selection.select import VERIFIERS
@@ -342,12 +345,15 @@ def test_verify_candidate_is_what_the_benchmark_measures():
 
 
 def test_task_embeddings_are_the_library_ones(tiny_standard):
-    from selection.select import SelectConfig, embed_task
+    from selection.select import SelectConfig, embed_task, task_split
 
     task = _tiny_task()
-    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), [ProbeProtocol()], 32)
+    protocol = ProbeProtocol(test_fraction=0.7)
+    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), [protocol], 32)
+    labelled = task.subset(task_split(task, protocol)[0])  # the held-out part never reaches the embedding
+    assert out["tasks"]["t"]["n_train"] == len(labelled) < len(task) / 2
     for method in ("probe", "fisher"):
-        ref = embed_task(tiny_standard, task, SelectConfig(task_method=method, task_image_size=32))
+        ref = embed_task(tiny_standard, labelled, SelectConfig(task_method=method, task_image_size=32))
         assert np.allclose(out["tasks"]["t"][method]["full"], ref.weights)
         assert out["tasks"]["t"][method]["diagonal"].sum() == pytest.approx(1.0)
 

@@ -212,3 +212,20 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
     printed = capsys.readouterr().out
     assert "ratio   add" in printed and "sweep   m=   1000" in printed and "bare forward" in printed
+
+
+def test_demo_selects_on_the_labelled_half_only(tmp_path):
+    from jobs import demo
+    from selection.data import load_dataset
+    from selection.linear_probe import ProbeProtocol
+    from selection.select import SelectConfig, load_task, task_split
+
+    paths = demo.labelled_tasks(str(tmp_path))
+    assert set(paths) == set(demo.TASKS.values())
+    for spec, path in paths.items():
+        task = load_task(spec, SelectConfig())
+        train, test = task_split(task, ProbeProtocol())
+        written = load_dataset(path, SelectConfig().task_image_size)
+        # exactly the probes' training half, image for image; the measured half is not in it
+        assert len(written) == len(train) < len(task)
+        assert sorted(map(bytes, written.images)) == sorted(map(bytes, task.images[train]))
