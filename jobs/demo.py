@@ -74,10 +74,10 @@ def labelled_tasks(folder: str) -> dict[str, str]:
     """Each task's labelled half (the protocol's train split) as `<folder>/<name>.parquet`, by spec."""
     from selection.benchmark import write_dataset_parquet
 
-    out = {}
+    local, out = Store(folder), {}
     for name, spec in TASKS.items():
         task = load_task(spec, SelectConfig())
-        write_dataset_parquet(Store(folder), f"{name}.parquet", task.subset(task_split(task, ProbeProtocol())[0]))
+        write_dataset_parquet(local, f"{name}.parquet", task.subset(task_split(task, ProbeProtocol())[0]))
         out[spec] = os.path.join(folder, f"{name}.parquet")
     return out
 
