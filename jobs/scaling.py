@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import run_main
-from selection.embedding import embedding_width
+from selection.embedding import TaskQuery, embedding_width, linear_queries
 from selection.keys import model_key
 from selection.select import sweep_shards
 from selection.standard import Standard, save_standard
@@ -37,9 +37,9 @@ from selection.table import (META_FIELDS, compact, delete_row, iter_shards, row_
                              write_row)
 
 
-def synthetic_standard(d: int = 64) -> Standard:
-    """A standard object with the default width; no baseline is run (synthetic rows)."""
-    spec = {"form": "full", "d": d, "input_size": None, "schema_version": 1,
+def synthetic_standard(d: int = 64, form: str = "full") -> Standard:
+    """A standard object of `form`'s width (4 probe sources); no baseline is run (synthetic rows)."""
+    spec = {"form": form, "d": d, "input_size": None, "schema_version": 1, "probe_sources": ["a", "b", "c", "d"],
             "baseline": {"entry": {"id": "synthetic", "arch": "resnet18"}, "weights_sha256": "0" * 64}}
     z = np.zeros((4, d))
     return Standard("std-synthetic000000", spec, np.zeros((4, 8, 8, 3), np.uint8), np.arange(2),
@@ -134,10 +134,24 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int) -> list[dict[str, Any]]:
-    std = synthetic_standard()
+PER_SOURCE_MAX_M = 100_000
+
+
+def synthetic_queries(std: Standard, tasks: int, rng: np.random.Generator) -> list[TaskQuery]:
+    """Random task queries of the standard's form; per-source: 10 eigen-directions in one source each."""
+    if std.form != "per-source":
+        return linear_queries(rng.random((tasks, std.width)))
+    r = 10
+    return [TaskQuery(rng.random((r, std.width)), rng.random(r), rng.random((r, std.width)) + 1.0)
+            for _ in range(tasks)]
+
+
+def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: str = "full") -> list[dict[str, Any]]:
+    std = synthetic_standard(form=form)
     rng = np.random.default_rng(1)
-    w = rng.random((tasks, std.width))
+    w = synthetic_queries(std, tasks, rng)
+    print(f"sweep   form {form}: {std.width} float32 per model, {sum(len(q.num) for q in w)} query rows"
+          + (" + as many ratio rows" if form == "per-source" else "") + f" for {tasks} tasks", flush=True)
     bw = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy copy, read+write): {bw:.1f} GB/s", flush=True)
     out = []
@@ -155,7 +169,7 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int) -> list
         t_total = min(_timed(lambda: sweep_shards(iter_shards(store, std), w, 10)) for _ in range(2))
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.
-        wt = w.astype(np.float32).T
+        wt = np.concatenate([q.num for q in w] + [q.den for q in w if q.den is not None]).astype(np.float32).T
         t_load = t_sweep = t_mm = 0.0
         emb_bytes = 0
         shards = iter_shards(store, std)
@@ -174,13 +188,13 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int) -> list
                 with open(p, "rb") as fh:
                     pq.read_table(io.BytesIO(fh.read()))
         t_read = min(_timed(bare_read) for _ in range(2))
-        row = {"m": m, "bytes_on_disk": nbytes, "load_s": t_load, "bare_read_s": t_read,
+        row = {"m": m, "form": form, "width": std.width, "bytes_on_disk": nbytes, "load_s": t_load, "bare_read_s": t_read,
                "load_ratio": t_load / t_read, "sweep_s": t_sweep, "bare_matmul_s": t_mm,
                "sweep_ratio": t_sweep / t_mm, "load_plus_sweep_s": t_total,
                "end_to_end_ratio": t_total / (t_read + t_mm),
                "sweep_gbs": emb_bytes / t_sweep / 1e9, "bandwidth_gbs": bw}
         out.append(row)
-        print(f"sweep   m={m:>7}: load+sweep {t_total:7.3f} s = {row['end_to_end_ratio']:.2f}x (bare read "
+        print(f"sweep   {form} m={m:>7}: load+sweep {t_total:7.3f} s = {row['end_to_end_ratio']:.2f}x (bare read "
               f"{t_read:.3f} s + bare matmul {t_mm:.3f} s); load {row['load_ratio']:.2f}x bare read; "
               f"sweep {t_sweep:.3f} s = {row['sweep_ratio']:.2f}x bare matmul, "
               f"{row['sweep_gbs']:.1f} GB/s of {bw:.1f} GB/s", flush=True)
@@ -200,7 +214,7 @@ def throughput_standard(n: int, batch: int) -> Standard:
     base = min(max(n, 20), 2000)  # a standard needs at least 20 probe images
     std = build_standard(StandardConfig(baseline=CatalogEntry("b", "resnet10t", None, input_size=32),
                                         probe_sources=(f"builtin:textures?n={base}",), probe_image_size=64,
-                                        d=8, batch_size=batch))
+                                        d=8, form="full", batch_size=batch))
     reps = -(-n // base)
     idx = np.arange(n)
     fit = np.isin(idx % base, std.fit_idx)
@@ -357,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_ms = [m for m in ([1000, 10_000] if args.quick else [1000, 10_000, 100_000, 1_000_000])
                 if m <= args.max_m]
     results: dict[str, Any] = {"created_at": time.time(), "cpus": os.cpu_count(),
-                               "width": embedding_width("full", 64)}
+                               "width": embedding_width("full", 64),
+                               "width_per_source": embedding_width("per-source", 64, 4)}
     if "update" not in args.skip:
         results["update"] = bench_updates(update_ms, 5 if args.quick else args.reps, work)
         u = results["update"]
@@ -367,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{u[-1]['remove_segments_ms'] / u[0]['remove_segments_ms']:.2f}x (compacted)")
     if "sweep" not in args.skip:
         results["sweep"] = bench_sweep(sweep_ms, 8, work, 20_000 if args.quick else 50_000)
+        # 9x wider rows: 10^6 of them would be 75 GB, more than this machine's disk holds.
+        results["sweep_per_source"] = bench_sweep([m for m in sweep_ms if m <= PER_SOURCE_MAX_M], 8, work,
+                                                  2_000 if args.quick else 10_000, form="per-source")
     if "throughput" not in args.skip:
         results.update(run_throughput(args))
     if args.out:

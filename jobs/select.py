@@ -14,7 +14,6 @@ import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -73,7 +72,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     if errors:
         raise errors[0]
     t_sweep = time.perf_counter()
-    weights = np.stack([e.weights for e in embs])
+    queries = [e.query(std) for e in embs]
     rows = [0]
 
     def counted() -> Iterable[EmbeddingTable]:
@@ -81,7 +80,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
             rows[0] += len(shard)
             yield shard
 
-    rankings = sweep_shards(counted(), weights, config.top_k, config.constraints)
+    rankings = sweep_shards(counted(), queries, config.top_k, config.constraints)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)

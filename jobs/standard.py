@@ -12,6 +12,7 @@ from typing import Sequence
 
 from jobs.common import add_store_args, open_store, run_main
 from selection.catalog import CatalogEntry
+from selection.embedding import FORMS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_PROBE_SOURCES, StandardConfig, build_standard,
                                 list_standards, load_standard, plan_standard, save_standard)
 
@@ -28,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
                    help="probe source dataset spec (repeatable; default: the built-in mix)")
     p.add_argument("--probe-image-size", type=int, default=64)
     p.add_argument("--d", type=int, default=64, help="baseline feature dimensions kept (PCA)")
-    p.add_argument("--form", choices=["full", "diagonal"], default="full")
+    p.add_argument("--form", choices=list(FORMS), default=StandardConfig.form,
+                   help="model embedding stored: full C (d(d+1)/2 numbers), its diagonal (d), or "
+                        "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2)")
     p.add_argument("--input-size", type=int, default=None,
                    help="run every model at this resolution (default: each model's own)")
     p.add_argument("--no-default", action="store_true", help="do not make it the store's default standard")

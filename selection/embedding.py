@@ -2,9 +2,11 @@
 
 Shapes: probe features of a candidate `h` (N, k); baseline features `z` (N, d).
 Model embedding: diagonal coverage `v` (d,) in [0, 1], full coverage matrix `C` (d, d)
-stored as its upper triangle (d(d+1)/2,). Task embedding: `u` (d,) summing to 1, or `G`
-(d, d) with trace 1, stored as a *weight vector* of the table's width so that the score
-of every model is one dot product with its stored vector.
+stored as its upper triangle (d(d+1)/2,); the per-source form adds, for each probe source,
+the cross-fitted within-source cross-covariance and prediction covariance.
+Task embedding: `u` (d,) summing to 1, or `G` (d, d) with trace 1, turned into a
+`TaskQuery`: weight rows of the table's width, so that scoring every model is one matrix
+product with the stored vectors (plus, for the per-source form, a ratio per row).
 """
 
 from __future__ import annotations
@@ -15,17 +17,26 @@ import numpy as np
 
 from selection.errors import DataError, ModelError
 
-FORMS = ("full", "diagonal")
+FORMS = ("full", "diagonal", "per-source")
 TASK_METHODS = ("probe", "fisher")
 # Relative ridge strengths searched by generalised cross-validation (times mean s^2).
 RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
 
 
-def embedding_width(form: str, d: int) -> int:
+# Per-source coverage: each probe source's images are cross-fitted in SOURCE_FOLDS folds,
+# repeated SOURCE_REPEATS times with different fold assignments (docs/method-experiments.md).
+SOURCE_FOLDS = 2
+SOURCE_REPEATS = 3
+
+
+def embedding_width(form: str, d: int, n_sources: int = 1) -> int:
+    """Stored numbers per model: full d(d+1)/2; diagonal d; per-source (1 + 2 n_sources) d(d+1)/2."""
     if form == "full":
         return d * (d + 1) // 2
     if form == "diagonal":
         return d
+    if form == "per-source":
+        return (1 + 2 * n_sources) * d * (d + 1) // 2
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
@@ -79,14 +90,53 @@ class ModelEmbedding:
     coverage: np.ndarray  # (d,) diagonal form
     full: np.ndarray      # (d(d+1)/2,) upper triangle of C
     alpha: float
+    per_source: np.ndarray | None = None  # (2 S d(d+1)/2,): per source triu(C_s), triu(S_s)
 
     def vector(self, form: str) -> np.ndarray:
+        if form == "per-source":
+            if self.per_source is None:
+                raise ValueError("the per-source form needs the probe sources (model_embedding(sources=...))")
+            return np.concatenate([self.full, self.per_source]).astype(np.float32)
         return (self.full if form == "full" else self.coverage).astype(np.float32)
 
 
+def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetrised cov(z_hat, z) and cov(z_hat, z_hat)."""
+    zh, zc = z_hat - z_hat.mean(0), z - z.mean(0)
+    n = max(len(z) - 1, 1)
+    cross = zh.T @ zc / n
+    return 0.5 * (cross + cross.T), zh.T @ zh / n
+
+
+def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
+
+    Each repeat splits the source in SOURCE_FOLDS folds (seeded), predicts every image from a
+    ridge h -> z fitted on the other folds, and measures cov(z_hat, z) and cov(z_hat, z_hat).
+    """
+    c_sum = np.zeros((z.shape[1], z.shape[1]))
+    s_sum = np.zeros_like(c_sum)
+    for r in range(SOURCE_REPEATS):
+        perm = np.random.default_rng(r).permutation(idx)
+        z_hat = np.zeros((len(perm), z.shape[1]))
+        for f in range(SOURCE_FOLDS):
+            test = np.arange(f, len(perm), SOURCE_FOLDS)
+            train = np.setdiff1d(np.arange(len(perm)), test)
+            coef, icpt, _ = ridge_gcv(h[perm[train]], z[perm[train]])
+            z_hat[test] = h[perm[test]] @ coef + icpt
+        c, s = _covariances(z_hat, z[perm].astype(np.float64))
+        c_sum += c
+        s_sum += s
+    return c_sum / SOURCE_REPEATS, s_sum / SOURCE_REPEATS
+
+
 def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
-                    model_id: str = "model") -> ModelEmbedding:
-    """How much of the baseline feature space z the features h reproduce (fit on P_fit, measured on P_val)."""
+                    model_id: str = "model", sources: np.ndarray | None = None) -> ModelEmbedding:
+    """How much of the baseline feature space z the features h reproduce (fit on P_fit, measured on P_val).
+
+    With `sources` (the probe source of every image, ints 0..S-1), also the per-source form:
+    the same question asked within each probe source, cross-fitted on its images.
+    """
     if h.ndim != 2 or h.shape[0] != z.shape[0]:
         raise ModelError(f"model {model_id!r}: features should be (N={z.shape[0]}, k), got {h.shape}")
     if not np.isfinite(h).all():
@@ -102,10 +152,15 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     sse = ((z_val - z_hat) ** 2).sum(0)
     sst = ((z_val - z_val.mean(0)) ** 2).sum(0)
     coverage = np.clip(1.0 - sse / np.maximum(sst, 1e-12), 0.0, 1.0)
-    zc, hc = z_val - z_val.mean(0), z_hat - z_hat.mean(0)
-    cross = hc.T @ zc / max(len(val_idx) - 1, 1)
-    full = 0.5 * (cross + cross.T)
-    return ModelEmbedding(coverage, triu(full), alpha)
+    full, _ = _covariances(z_hat, z_val)
+    per_source = None
+    if sources is not None:
+        blocks = []
+        for s in range(int(sources.max()) + 1):
+            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s))
+            blocks += [triu(c_s), triu(s_s)]
+        per_source = np.concatenate(blocks)
+    return ModelEmbedding(coverage, triu(full), alpha, per_source)
 
 
 def _check_task(z: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
@@ -146,7 +201,7 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
 
 
 def task_weights(g: np.ndarray, form: str) -> np.ndarray:
-    """The weight vector w with score = <stored embedding, w>.
+    """The weight vector w with score = <stored embedding, w> for the linear forms.
 
     diagonal: w = diag(G) (= u, sums to 1), score = sum_j u_j v_j.
     full: w = upper triangle of G with off-diagonal entries doubled, so that
@@ -158,9 +213,96 @@ def task_weights(g: np.ndarray, form: str) -> np.ndarray:
         w = 2.0 * g
         np.fill_diagonal(w, np.diag(g))
         return triu(w)
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    raise ValueError(f"form must be one of ('full', 'diagonal'), got {form!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class TaskQuery:
+    """How one task scores a stored vector e: sum_i coef_i * clip(num_i.e / sqrt(den_i.e), -1, 1).
+
+    The linear forms have one row and no `den`: the score is num.e. Scoring m models is one
+    matrix product of the (m, D) table with the rows of num and den.
+    """
+
+    num: np.ndarray                # (r, D)
+    coef: np.ndarray               # (r,)
+    den: np.ndarray | None = None  # (r, D)
+
+
+def source_weights(z_task: np.ndarray, z_probe: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """(S,) share of the task's images whose nearest probe-source centroid (in z) is each source."""
+    cents = np.stack([z_probe[sources == s].mean(0) for s in range(int(sources.max()) + 1)])
+    d2 = ((z_task[:, None, :].astype(np.float64) - cents[None]) ** 2).sum(-1)
+    return np.bincount(d2.argmin(1), minlength=len(cents)) / len(z_task)
+
+
+def source_covariance(z_probe: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """(S, d, d) covariance of the baseline features within each probe source."""
+    return np.stack([np.cov(z_probe[sources == s].astype(np.float64), rowvar=False)
+                     for s in range(int(sources.max()) + 1)])
+
+
+def task_query(g: np.ndarray, form: str, width: int | None = None, weights: np.ndarray | None = None,
+               z_cov: np.ndarray | None = None) -> TaskQuery:
+    """The query of task matrix G (d, d) against a table of `form` (and `width`, default the form's).
+
+    full/diagonal: linear, <C, G> or sum_j u_j v_j; on a wider table (per-source) the full
+    block comes first and the rest is weighted 0. per-source: for every source s with
+    weight w_s > 0 (`source_weights`) and every eigen-direction u_i of G (eigenvalue l_i),
+    the correlation of u_i.z_hat with u_i.z within s, summed with weights w_s l_i:
+    num_i = u_i u_i^T on C_s / sqrt(u_i^T Z_s u_i), den_i = u_i u_i^T on S_s (`z_cov` = Z).
+    """
+    d = g.shape[0]
+    block = d * (d + 1) // 2
+    if form in ("full", "diagonal"):
+        w = task_weights(g, form)
+        row = np.zeros((1, width or len(w)))
+        row[0, :len(w)] = w
+        return TaskQuery(row, np.ones(1))
+    if form != "per-source":
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if weights is None or z_cov is None:
+        raise ValueError("the per-source form needs the task's source weights and the sources' z covariance")
+    width = width or embedding_width(form, d, len(weights))
+    lam, vecs = np.linalg.eigh(g)
+    keep = lam > lam.max() * 1e-6
+    nums, dens, coefs = [], [], []
+    for s, w_s in enumerate(weights):
+        if w_s <= 0:
+            continue
+        for lam_i, u in zip(lam[keep], vecs[:, keep].T):
+            w = task_weights(np.outer(u, u), "full")
+            num, den = np.zeros(width), np.zeros(width)
+            num[block * (1 + 2 * s):block * (2 + 2 * s)] = w / np.sqrt(max(float(u @ z_cov[s] @ u), 1e-12))
+            den[block * (2 + 2 * s):block * (3 + 2 * s)] = w
+            nums.append(num)
+            dens.append(den)
+            coefs.append(w_s * lam_i)
+    return TaskQuery(np.stack(nums), np.array(coefs), np.stack(dens))
+
+
+def linear_queries(weights: np.ndarray) -> list[TaskQuery]:
+    """(T, D) weight vectors of linear forms as queries."""
+    return [TaskQuery(w[None, :], np.ones(1)) for w in np.asarray(weights)]
+
+
+def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray:
+    """(m, D) stored embeddings x T queries -> (m, T) scores: one matrix product, then per-row ratios."""
+    rows = [q.num for q in queries] + [q.den for q in queries if q.den is not None]
+    prod = embeddings.astype(np.float32, copy=False) @ np.concatenate(rows).astype(np.float32).T
+    out = np.empty((embeddings.shape[0], len(queries)), np.float32)
+    i, j = 0, sum(len(q.num) for q in queries)
+    for t, q in enumerate(queries):
+        r = len(q.num)
+        part = prod[:, i:i + r]
+        i += r
+        if q.den is not None:
+            part = np.clip(part / np.sqrt(np.maximum(prod[:, j:j + r], 1e-12)), -1.0, 1.0)
+            j += r
+        out[:, t] = part @ q.coef.astype(np.float32)
+    return out
 
 
 def scores(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(m, D) stored embeddings x (T, D) task weights -> (m, T) scores: one matrix product."""
+    """(m, D) stored embeddings x (T, D) task weights of a linear form -> (m, T) scores."""
     return embeddings.astype(np.float32, copy=False) @ weights.astype(np.float32, copy=False).T

@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
-from selection.embedding import TASK_METHODS, scores, task_matrix, task_weights
+from selection.embedding import (TASK_METHODS, TaskQuery, linear_queries, query_scores, source_covariance,
+                                 source_weights, task_matrix, task_query)
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, extract_features, load_model
@@ -96,10 +97,19 @@ class SelectConfig:
 @dataclass(frozen=True, eq=False)
 class TaskEmbedding:
     name: str
-    weights: np.ndarray   # (D,) for the sweep
+    g: np.ndarray               # (d, d) task matrix, trace 1
+    source_weights: np.ndarray  # (S,) share of the task's images nearest to each probe source
     n_images: int
     n_classes: int
     seconds: float = 0.0
+
+    def query(self, std: Standard, form: str | None = None) -> TaskQuery:
+        """The query against `std`'s table; `form` scores that form's part of it (default: the table's)."""
+        form = form or std.form
+        if form != std.form and (form, std.form) != ("full", "per-source"):
+            raise ConfigError(f"a {std.form!r} table cannot be scored in the {form!r} form")
+        z_cov = source_covariance(std.z, std.sources) if form == "per-source" else None
+        return task_query(self.g, form, std.width, self.source_weights, z_cov)
 
 
 def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +131,8 @@ def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
     baseline = baseline or load_model(std.baseline)
     z = std.project(extract_features(baseline, task.images, input_size=std.input_size))
     g = task_matrix(z, task.labels, config.task_method, task.name)
-    return TaskEmbedding(task.name, task_weights(g, std.form), len(task), len(task.classes),
-                         time.perf_counter() - t0)
+    weights = source_weights(z, std.z, std.sources) if std.form == "per-source" else np.ones(1)
+    return TaskEmbedding(task.name, g, weights, len(task), len(task.classes), time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -142,36 +152,42 @@ def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) 
     return mask
 
 
-def sweep(table: EmbeddingTable, weights: np.ndarray, top_k: int,
+Queries = list[TaskQuery] | np.ndarray  # queries, or (T, D) weight vectors of a linear form
+
+
+def sweep(table: EmbeddingTable, queries: Queries, top_k: int,
           constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
     """Score every row for every task (one matrix product), return the top-k per task."""
-    return sweep_shards([table], weights, top_k, constraints)
+    return sweep_shards([table], queries, top_k, constraints)
 
 
-def sweep_shards(shards: Iterable[EmbeddingTable], weights: np.ndarray, top_k: int,
+def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
                  constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
     """Sweep shard by shard (one matrix product each), keep each shard's top-k, merge.
 
     Memory stays at one shard; ties are broken by model id, so the result does not
     depend on how the table is sharded.
     """
-    if weights.ndim != 2:
-        raise ConfigError(f"task weights should be (T, D), got shape {weights.shape}")
-    best: list[list[tuple[float, str, dict[str, Any]]]] = [[] for _ in range(weights.shape[0])]
+    if isinstance(queries, np.ndarray):
+        if queries.ndim != 2:
+            raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
+        queries = linear_queries(queries)
+    width = {q.num.shape[1] for q in queries}
+    best: list[list[tuple[float, str, dict[str, Any]]]] = [[] for _ in queries]
     for shard in shards:
         if len(shard) == 0:
             continue
-        if shard.embeddings.shape[1] != weights.shape[1]:
-            raise ConfigError(f"task weights have width {weights.shape[1]}, the table "
+        if width != {shard.embeddings.shape[1]}:
+            raise ConfigError(f"task queries have width {sorted(width)}, the table "
                               f"{shard.embeddings.shape[1]}")
-        s = scores(shard.embeddings, weights)  # (m_shard, T)
+        s = query_scores(shard.embeddings, queries)  # (m_shard, T)
         mask = constraint_mask(shard, constraints)
         k = min(top_k, int(mask.sum()))
         if k == 0:
             continue
         if not mask.all():
             s[~mask] = -np.inf
-        for t in range(weights.shape[0]):
+        for t in range(len(queries)):
             col = s[:, t]
             idx = np.argpartition(-col, k - 1)[:k]
             rows = shard.meta.take(pa.array(idx)).to_pylist()

@@ -22,7 +22,7 @@ import numpy as np
 import selection
 from selection.catalog import CatalogEntry
 from selection.data import load_dataset
-from selection.embedding import FORMS, embedding_width
+from selection.embedding import FORMS, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width
 from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.storage import Store
 
@@ -46,7 +46,7 @@ class StandardConfig:
     probe_sources: tuple[str, ...] = DEFAULT_PROBE_SOURCES
     probe_image_size: int = 64
     d: int = 64
-    form: str = "full"
+    form: str = "per-source"  # chosen on the benchmark's dev tasks (docs/benchmark.md)
     fit_fraction: float = 0.7
     split_seed: int = 0
     input_size: int | None = None  # None: every model runs at its own input size
@@ -93,7 +93,16 @@ class Standard:
 
     @property
     def width(self) -> int:
-        return embedding_width(self.form, self.d)
+        return embedding_width(self.form, self.d, len(self.spec["probe_sources"]))
+
+    @property
+    def sources(self) -> np.ndarray:
+        """(N,) index of every probe image's source in `spec["probe_sources"]`."""
+        sizes = self.spec.get("probe_source_sizes")
+        if sizes is None:  # standards built before the sizes were recorded
+            raise StandardMismatchError(f"standard {self.id!r} does not record its probe source sizes; "
+                                        f"rebuild it to use the per-source form")
+        return np.repeat(np.arange(len(sizes)), sizes)
 
     @property
     def input_size(self) -> int | None:
@@ -123,13 +132,22 @@ def _versions() -> dict[str, str]:
             "schema": str(selection.SCHEMA_VERSION)}
 
 
-def build_probe_set(config: StandardConfig) -> np.ndarray:
-    """The probe images (N, S, S, 3) uint8, concatenated from the configured sources."""
+# The per-source form cross-fits within each source: enough images for SOURCE_FOLDS ridge fits.
+MIN_SOURCE_IMAGES = 10
+
+
+def build_probe_set(config: StandardConfig) -> tuple[np.ndarray, list[int]]:
+    """The probe images (N, S, S, 3) uint8, concatenated from the configured sources, and each source's count."""
     parts = [load_dataset(src, config.probe_image_size).images for src in config.probe_sources]
     images = np.concatenate(parts)
     if len(images) < 20:
         raise ConfigError(f"the probe set has {len(images)} images; at least 20 are needed")
-    return images
+    if config.form == "per-source":
+        for src, part in zip(config.probe_sources, parts):
+            if len(part) < MIN_SOURCE_IMAGES:
+                raise ConfigError(f"probe source {src!r} has {len(part)} images; the per-source form "
+                                  f"needs at least {MIN_SOURCE_IMAGES} per source")
+    return images, [len(p) for p in parts]
 
 
 def _whitening(h_fit: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +168,7 @@ def _whitening(h_fit: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
 def compute_standard_id(spec: dict[str, Any]) -> str:
     keyed = {k: spec[k] for k in ("baseline_arch", "baseline_sha256", "probe_sha256", "d", "form",
                                   "fit_fraction", "split_seed", "input_size", "versions",
-                                  "preprocessing")}
+                                  "preprocessing", "source_crossfit") if k in spec}
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
     return "std-" + hashlib.sha256(blob).hexdigest()[:16]
 
@@ -168,7 +186,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     """
     from selection.models import weights_digest
 
-    images = build_probe_set(config)
+    images, sizes = build_probe_set(config)
     n = len(images)
     fit_idx, val_idx = _split(n, config)
     digest = weights_digest(config.baseline)
@@ -179,8 +197,10 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
         "probe_sources": list(config.probe_sources),
         "probe_image_size": config.probe_image_size,
         "probe_sha256": hashlib.sha256(images.tobytes() + str(images.shape).encode()).hexdigest(),
+        "probe_source_sizes": sizes,
         "n_probe": n, "n_fit": int(len(fit_idx)), "n_val": int(len(val_idx)),
-        "d": config.d, "form": config.form, "width": embedding_width(config.form, config.d),
+        "d": config.d, "form": config.form,
+        "width": embedding_width(config.form, config.d, len(config.probe_sources)),
         "fit_fraction": config.fit_fraction, "split_seed": config.split_seed,
         "input_size": config.input_size, "batch_size": config.batch_size,
         "preprocessing": "timm resolve_model_data_config per model; resize shorter side to "
@@ -188,6 +208,8 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
         "versions": _versions(),
         "schema_version": selection.SCHEMA_VERSION,
     }
+    if config.form == "per-source":
+        spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     spec["standard_id"] = compute_standard_id(spec)
     return spec, images
 

@@ -220,9 +220,9 @@ def _fake_inputs(d=3):
     sp = bench.StandardPlan("s", "s", baseline=CatalogEntry("base", "resnet10t"))
     plan = bench.QualityPlan("t", zoo, tasks, (sp,), verify_ks=(1, 3))
     g = np.eye(d) / d
-    from selection.embedding import task_weights
+    from selection.embedding import task_query
 
-    w = {"full": task_weights(g, "full"), "diagonal": np.diag(g), "seconds": 0.5}
+    w = {"full": task_query(g, "full"), "diagonal": np.diag(g), "seconds": 0.5}
     task_emb = {"load_seconds": 0.25, "tasks": {t: {"n_train": 10, "probe": w, "fisher": w} for t in "ab"}}
     accs = {"m0": 0.8, "m1": 0.9, "m2": 0.7, "m3": 0.6}
     seen = {"m0": 0.7, "m1": 0.95, "m2": 0.85, "m3": 0.6}  # verification's own (train-half) estimate
@@ -236,7 +236,7 @@ def _fake_inputs(d=3):
 
 def test_standard_results_metrics_and_costs():
     plan, sp, table, task_emb, truth = _fake_inputs()
-    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t")})()
+    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full"})()
     res = bench.standard_results(plan, sp, std, table, 0.05, task_emb, truth)
     assert res["candidates"] == ["m0", "m1", "m2", "m3"] and res["n_candidates"] == 4
     rows = res["per_task"]["b"]
@@ -253,6 +253,8 @@ def test_standard_results_metrics_and_costs():
     v3 = rows["SE full/probe +verify top-3"]
     assert v3["pick"] == "m0" and v3["gap"] == pytest.approx(10.0) and v3["forward_passes"] == 10 + 3 * 10
     assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 0.5 + 0.1))
+    oracle = rows["SE full/probe +verify top-3 (oracle)"]  # the ground truth re-ranks m0, m2, m3: m0
+    assert oracle["pick"] == "m0" and oracle["gap"] == pytest.approx(10.0) and oracle["seconds"] is None
     lm = rows["LogME (brute force)"]  # logme = -k: m0 best
     assert lm["pick"] == "m0" and lm["forward_passes"] == 4 * 10
     assert lm["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.1))
@@ -263,22 +265,13 @@ def test_standard_results_metrics_and_costs():
     assert res["groups"]["test"]["SE full/probe"]["gap"] == pytest.approx(10.0)
     assert res["groups"]["dev"]["SE full/probe"]["n_tasks"] == 1
     summary = bench.compute_results(plan, {"s": res})
-    assert summary["default_variant"] in {f"{f}/{m}" for f, m in bench.VARIANTS}
+    assert summary["default_variant"] == "full/probe"  # ties on dev: the first variant
+    t2 = {t["id"]: t for t in summary["targets"]["s"]}["T2"]
+    assert "a perfect verifier of the same top 3: 10.00" in t2["detail"]
     assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
 
 
 # -- measurements --------------------------------------------------------------------------
-
-def test_diag_of_weights_is_the_diagonal_form():
-    from selection.embedding import task_weights
-
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(5, 5))
-    g = a @ a.T
-    g /= np.trace(g)
-    w = task_weights(g, "full")
-    assert np.allclose(bench.diag_of_weights(w, 5), task_weights(g, "diagonal"))
-
 
 def test_combined_dataset_round_trips_through_parquet(store):
     from selection.data import load_dataset
@@ -342,6 +335,9 @@ def test_verify_candidate_is_what_the_benchmark_measures():
     from selection.select import VERIFIERS
 
     assert bench.VERIFIERS == VERIFIERS and bench.DEFAULT_VERIFIER == SelectConfig().verify_by
+    from selection.standard import StandardConfig
+
+    assert bench.DEFAULT_VARIANT == (StandardConfig().form, SelectConfig().task_method)
 
 
 def test_task_embeddings_are_the_library_ones(tiny_standard):
@@ -354,7 +350,8 @@ def test_task_embeddings_are_the_library_ones(tiny_standard):
     assert out["tasks"]["t"]["n_train"] == len(labelled) < len(task) / 2
     for method in ("probe", "fisher"):
         ref = embed_task(tiny_standard, labelled, SelectConfig(task_method=method, task_image_size=32))
-        assert np.allclose(out["tasks"]["t"][method]["full"], ref.weights)
+        assert np.allclose(out["tasks"]["t"][method]["full"].num, ref.query(tiny_standard).num)
+        assert np.allclose(out["tasks"]["t"][method]["diagonal"], np.diag(ref.g))
         assert out["tasks"]["t"][method]["diagonal"].sum() == pytest.approx(1.0)
 
 
@@ -371,12 +368,13 @@ def ray_local():
     ray.shutdown()
 
 
-def _sane(row: dict) -> None:
+def _sane(row: dict, costed: bool = True) -> None:
     tau = row["tau_w"]
     assert tau is None or -1.0 <= tau <= 1.0
     assert 0.0 <= row["gap"] <= 100.0
     assert 0.0 < row["rel1"] <= row["rel3"] <= 1.0 + 1e-12
-    assert row["forward_passes"] >= 0 and row["seconds"] >= 0
+    if costed:  # the oracle's ceiling has no cost: it is not a method
+        assert row["forward_passes"] >= 0 and row["seconds"] >= 0
 
 
 @pytest.mark.integration
@@ -396,7 +394,8 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
         for task in tasks:
             rows = res["per_task"][task]
             for method in bench.method_rows(doc["summary"]["default_variant"], plan.verify_ks):
-                _sane(rows[method])
+                _sane(rows[method], costed="(oracle)" not in method)
+            assert bench.variant_label("per-source/fisher") in rows  # the standards store the per-source form
             se, lm = rows[bench.variant_label("full/probe")], rows["LogME (brute force)"]
             assert se["forward_passes"] < lm["forward_passes"]  # the point of the method
         assert set(res["groups"]) >= {"dev", "test", "all"}

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from selection.embedding import (embedding_width, model_embedding, ridge_gcv, scores, task_matrix,
-                                 task_weights, triu, untriu)
+from selection.embedding import (embedding_width, model_embedding, query_scores, ridge_gcv, scores,
+                                 source_covariance, source_weights, task_matrix, task_query, task_weights,
+                                 triu, untriu)
 from selection.errors import DataError, ModelError
 
 
@@ -83,3 +84,74 @@ def test_scores_many_tasks_one_product(rng):
     w = rng.random((4, 15))
     s = scores(e, w)
     assert s.shape == (50, 4) and np.allclose(s[:, 1], e @ w[1].astype(np.float32), rtol=1e-5)
+
+
+# -- per-source form -----------------------------------------------------------------------
+
+def _two_sources(rng, n=120, d=4, k=30):
+    """Two probe sources; z is a linear function of h[:, :d] in source 0 and of h[:, d:2d] in source 1."""
+    h = rng.normal(size=(2 * n, k))
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    z = np.concatenate([h[:n, :d] @ a, h[n:, d:2 * d] @ b + 3.0])
+    sources = np.repeat([0, 1], n)
+    idx = rng.permutation(2 * n)
+    return h, z, np.sort(idx[:160]), np.sort(idx[160:]), sources
+
+
+def test_per_source_vector_holds_the_full_form_then_each_source(rng):
+    h, z, fit, val, sources = _two_sources(rng)
+    emb = model_embedding(h, z, fit, val, sources=sources)
+    d, block = z.shape[1], z.shape[1] * (z.shape[1] + 1) // 2
+    vec = emb.vector("per-source")
+    assert vec.shape == (embedding_width("per-source", d, 2),) == ((1 + 2 * 2) * block,)
+    assert np.allclose(vec[:block], emb.vector("full"))
+    # Source 0's block: C_0 and S_0 of features that reproduce z there; C_0 ~ S_0 ~ cov(z in source 0).
+    c0, s0 = untriu(vec[block:2 * block], d), untriu(vec[2 * block:3 * block], d)
+    assert np.allclose(c0, np.cov(z[sources == 0], rowvar=False), rtol=0.1, atol=0.1)
+    assert np.allclose(c0, s0, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="probe sources"):
+        model_embedding(h, z, fit, val).vector("per-source")
+
+
+def test_per_source_score_is_the_documented_correlation(rng):
+    h, z, fit, val, sources = _two_sources(rng)
+    d, block = z.shape[1], z.shape[1] * (z.shape[1] + 1) // 2
+    embs = [model_embedding(x, z, fit, val, sources=sources).vector("per-source")
+            for x in (h, h[:, :4], rng.normal(size=h.shape))]  # all of it, source 0's part, noise
+    b = rng.normal(size=(d, 2))
+    g = b @ b.T
+    g /= np.trace(g)
+    weights = np.array([0.25, 0.75])
+    z_cov = source_covariance(z, sources)
+    s = query_scores(np.stack(embs), [task_query(g, "per-source", None, weights, z_cov)])[:, 0]
+    lam, vecs = np.linalg.eigh(g)
+    for e, got in zip(embs, s):
+        want = 0.0
+        for src in (0, 1):
+            c = untriu(e[block * (1 + 2 * src):block * (2 + 2 * src)], d)
+            sh = untriu(e[block * (2 + 2 * src):block * (3 + 2 * src)], d)
+            for lam_i, u in zip(lam, vecs.T):
+                if lam_i > lam.max() * 1e-6:
+                    want += weights[src] * lam_i * (u @ c @ u) / np.sqrt((u @ sh @ u) * (u @ z_cov[src] @ u))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert s[0] == pytest.approx(1.0, abs=0.02)  # reproduces z in both sources: correlation 1
+    assert s[0] > s[1] > s[2] and abs(s[2]) < 0.3  # source 0 only covers a quarter; noise nothing
+
+
+def test_task_is_assigned_to_its_nearest_probe_source(rng):
+    z_probe = np.concatenate([rng.normal(size=(50, 3)), rng.normal(size=(50, 3)) + 6.0])
+    sources = np.repeat([0, 1], 50)
+    assert np.allclose(source_weights(rng.normal(size=(20, 3)) + 6.0, z_probe, sources), [0, 1])
+    mixed = np.concatenate([rng.normal(size=(5, 3)), rng.normal(size=(15, 3)) + 6.0])
+    assert np.allclose(source_weights(mixed, z_probe, sources), [0.25, 0.75])
+
+
+def test_linear_query_pads_the_full_form_on_a_per_source_table(rng):
+    d = 3
+    b = rng.normal(size=(d, d))
+    g = b @ b.T / np.trace(b @ b.T)
+    q = task_query(g, "full", embedding_width("per-source", d, 2))
+    assert q.den is None and q.num.shape == (1, 30) and not q.num[0, 6:].any()
+    assert np.allclose(q.num[0, :6], task_weights(g, "full"))
+    with pytest.raises(ValueError, match="source weights"):
+        task_query(g, "per-source")

@@ -208,10 +208,12 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert [u["m"] for u in res["update"]] == [10, 100, 1000]
     assert all(u["add_objects_ms"] > 0 and u["remove_objects_ms"] > 0 for u in res["update"])
     assert [s["m"] for s in res["sweep"]] == [1000] and res["sweep"][0]["end_to_end_ratio"] > 0
+    (ps,) = res["sweep_per_source"]  # 9x wider rows, queries with ratio rows
+    assert ps["m"] == 1000 and ps["width"] == 9 * res["width"] and ps["end_to_end_ratio"] > 0
     (tp,) = res["throughput"]
     assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
     printed = capsys.readouterr().out
-    assert "ratio   add" in printed and "sweep   m=   1000" in printed and "bare forward" in printed
+    assert "ratio   add" in printed and "sweep   per-source m=   1000" in printed and "bare forward" in printed
 
 
 def test_demo_selects_on_the_labelled_half_only(tmp_path):

@@ -25,7 +25,8 @@ def _emb(store, std, model_id):
 
 def test_standard_id_changes_with_every_input():
     base = plan_standard(tiny_config())[0]["standard_id"]
-    variants = [tiny_config(d=6), tiny_config(form="diagonal"), tiny_config(split_seed=1),
+    variants = [tiny_config(d=6), tiny_config(form="diagonal"), tiny_config(form="per-source"),
+                tiny_config(split_seed=1),
                 tiny_config(fit_fraction=0.6), tiny_config(input_size=40),
                 tiny_config(probe_sources=("builtin:textures?n=80",)),
                 tiny_config(baseline=dataclasses.replace(TINY_BASELINE, id="other-seed"))]
@@ -227,3 +228,36 @@ def test_out_of_memory_halves_the_batch_then_reports(published, monkeypatch):
     monkeypatch.setattr(embedder, "extract_features", always)
     r = embed_entry(B, std, store, batch_size=64)
     assert r.status == "failed" and "out of memory at batch size 8" in r.reason
+
+
+def test_per_source_standard_end_to_end(store):
+    """A per-source standard: rows of its width, tasks assigned to their source, the baseline first."""
+    from selection.data import load_dataset
+    from selection.errors import ConfigError
+    from selection.select import SelectConfig, embed_task, sweep, sweep_shards
+    from selection.table import compact, iter_shards
+
+    with pytest.raises(ConfigError, match="'builtin:photos\\?n=6'.* 6 images"):
+        plan_standard(tiny_config(form="per-source", probe_sources=("builtin:textures?n=40", "builtin:photos?n=6")))
+    std = build_standard(tiny_config(form="per-source"))
+    save_standard(store, std)
+    assert std.width == (1 + 2 * 4) * 8 * 9 // 2 and np.bincount(std.sources).tolist() == [60, 40, 40, 60]
+    assert load_standard(store).sources.tolist() == std.sources.tolist()
+    for e in (TINY_BASELINE, A, C):
+        assert embed_entry(e, std, store).status == "embedded"
+    table = load_table(store, std)
+    assert table.embeddings.shape == (3, std.width)
+    task = load_dataset("builtin:digits?split=test&n=40", 32)
+    emb = embed_task(std, task, SelectConfig(task_image_size=32))
+    assert emb.source_weights.argmax() == 1  # the digits probe source
+    query = emb.query(std)
+    assert query.den is not None
+    ranked = sweep(table, [query, emb.query(std, "full")], 3)
+    assert [r[0].model_id for r in ranked] == [TINY_BASELINE.id] * 2
+    assert ranked[0][0].score == pytest.approx(1.0, abs=0.03)  # the baseline: correlation ~1 with itself
+    compact(store, std, segment_rows=1)
+    sharded = sweep_shards(iter_shards(store, std), [query], 3)
+    assert [(r.model_id, round(r.score, 5)) for r in sharded[0]] == \
+        [(r.model_id, round(r.score, 5)) for r in ranked[0]]
+    with pytest.raises(ConfigError, match="'diagonal'"):
+        emb.query(std, "diagonal")
