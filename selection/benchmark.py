@@ -739,8 +739,8 @@ def evaluate_targets(res: dict[str, Any], default_variant: str) -> list[dict[str
         margin = (se["tau_w"] or 0.0) - (lm["tau_w"] or 0.0)
         out.append({"id": "T1", "target": "SE without verification: mean tau_w on test tasks >= brute-force LogME",
                     "value": se["tau_w"], "reference": lm["tau_w"], "met": bool(margin >= 0),
-                    "margin": margin, "detail": f"SE {_f(se['tau_w'])} vs LogME {_f(lm['tau_w'])} "
-                                                f"({'+' if margin >= 0 else ''}{margin:.2f})"})
+                    "margin": margin, "detail": f"SE {_f(se['tau_w'], 3)} vs LogME {_f(lm['tau_w'], 3)} "
+                                                f"({'+' if margin >= 0 else ''}{margin:.3f})"})
     oracle = test.get(variant_label(default_variant, 3, ORACLE))
     if se3:
         margin = TARGET_GAP_POINTS - se3["gap"]
