@@ -188,7 +188,8 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
                 with open(p, "rb") as fh:
                     pq.read_table(io.BytesIO(fh.read()))
         t_read = min(_timed(bare_read) for _ in range(2))
-        row = {"m": m, "form": form, "width": std.width, "bytes_on_disk": nbytes, "load_s": t_load, "bare_read_s": t_read,
+        row = {"m": m, "form": form, "width": std.width, "bytes_on_disk": nbytes, "load_s": t_load,
+               "bare_read_s": t_read,
                "load_ratio": t_load / t_read, "sweep_s": t_sweep, "bare_matmul_s": t_mm,
                "sweep_ratio": t_sweep / t_mm, "load_plus_sweep_s": t_total,
                "end_to_end_ratio": t_total / (t_read + t_mm),
