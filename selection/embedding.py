@@ -302,7 +302,3 @@ def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray
         out[:, t] = part @ q.coef.astype(np.float32)
     return out
 
-
-def scores(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(m, D) stored embeddings x (T, D) task weights of a linear form -> (m, T) scores."""
-    return embeddings.astype(np.float32, copy=False) @ weights.astype(np.float32, copy=False).T

@@ -1,10 +1,15 @@
 import numpy as np
 import pytest
 
-from selection.embedding import (embedding_width, model_embedding, query_scores, ridge_gcv, scores,
+from selection.embedding import (embedding_width, linear_queries, model_embedding, query_scores, ridge_gcv,
                                  source_covariance, source_weights, task_matrix, task_query, task_weights,
                                  triu, untriu)
 from selection.errors import DataError, ModelError
+
+
+def scores(e, w):
+    """The linear forms' scores through the library's sweep scoring."""
+    return query_scores(e, linear_queries(w))
 
 
 def _setup(rng, n=300, d=6, k=40):
