@@ -21,8 +21,8 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
-from selection.select import (VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, embed_task, entry_of,
-                              load_task, rerank_verified, sweep_shards, verify_candidate)
+from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, default_score,
+                              embed_task, entry_of, load_task, rerank_verified, sweep_shards, verify_candidate)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -42,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
                         "accuracy on the held-out split")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
+    p.add_argument("--score", choices=list(SCORES), default=None,
+                   help="how rows are scored: one stored form, or the mean of each row's ranks under the per-source "
+                        "and full forms (rank-mean). Default: rank-mean on a per-source table (chosen on the dev "
+                        "tasks), the table's own form otherwise")
     p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
@@ -72,7 +76,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     if errors:
         raise errors[0]
     t_sweep = time.perf_counter()
-    queries = [e.query(std) for e in embs]
+    queries = [e.query(std, config.score) for e in embs]
     rows = [0]
 
     def counted() -> Iterable[EmbeddingTable]:
@@ -108,12 +112,14 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
         o["models_swept"] = rows[0]
         o["verified_by"] = config.verify_by if config.verify_top_k else None
+        o["scored_by"] = config.score or default_score(std.form)
     return out
 
 
 def _result_row(r: Ranked) -> dict[str, Any]:
     return {"rank": r.rank, "model_id": r.model_id, "score": round(r.score, 6),
-            "verified": r.verified, "is_baseline": r.is_baseline,
+            "score_parts": [round(x, 6) for x in r.parts] or None, "verified": r.verified,
+            "is_baseline": r.is_baseline,
             "arch": r.row["arch"], "num_params": r.row["num_params"], "gflops": r.row["gflops"],
             "tags": r.row["tags"]}
 
@@ -124,6 +130,9 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
     for res in results:
         lines.append(f"\ntask {res['task']}  ({res['n_images']} images, {res['n_classes']} classes; "
                      f"standard {std_id}, {m} models)")
+        if res.get("scored_by") == "rank-mean":
+            lines.append("score: mean of the model's rank fractions under the per-source and full forms "
+                         "(1 = first in both)")
         if res.get("verified_by"):
             lines.append(f"verified: {'LogME evidence' if res['verified_by'] == 'logme' else 'probe accuracy'} "
                          f"on the task's labelled images")
@@ -167,7 +176,7 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
-                          task_method=args.task_method,
+                          task_method=args.task_method, score=args.score,
                           task_image_size=args.task_image_size,
                           constraints=tuple(Constraint.parse(w) for w in args.where),
                           protocol=ProbeProtocol())

@@ -229,6 +229,18 @@ class TaskQuery:
     den: np.ndarray | None = None  # (r, D)
 
 
+@dataclass(frozen=True, eq=False)
+class RankQuery:
+    """Score each row by the mean, over `parts`, of its rank fraction among the rows swept.
+
+    Rank fraction: the share of the swept rows that score lower under that part, ties counted
+    half, so a row's score is in (0, 1]. A table-global score: `selection.select.sweep_shards`
+    keeps every part's scores (4 bytes a row each) and only the rows no k others beat in every part.
+    """
+
+    parts: tuple[TaskQuery, ...]
+
+
 def source_weights(z_task: np.ndarray, z_probe: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """(S,) share of the task's images whose nearest probe-source centroid (in z) is each source."""
     cents = np.stack([z_probe[sources == s].mean(0) for s in range(int(sources.max()) + 1)])

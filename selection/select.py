@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import operator
@@ -14,8 +15,8 @@ import pyarrow as pa
 
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
-from selection.embedding import (TASK_METHODS, TaskQuery, linear_queries, query_scores, source_covariance,
-                                 source_weights, task_matrix, task_query)
+from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
+                                 source_covariance, source_weights, task_matrix, task_query)
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, extract_features, load_model
@@ -30,6 +31,8 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt
 # of its features (all of them, no split; chosen on the benchmark's dev tasks,
 # docs/method-experiments.md) or linear-probe accuracy under the protocol (fit and measured on halves).
 VERIFIERS = ("logme", "probe")
+# How a task scores the rows: one stored form, or the mean of a row's ranks under two (TaskEmbedding.query).
+SCORES = ("per-source", "full", "diagonal", "rank-mean")
 NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
 TEXT_FIELDS = ("tag", "tags", "license", "arch")
 
@@ -79,6 +82,7 @@ class SelectConfig:
     verify_top_k: int = 0
     verify_by: str = "logme"
     task_method: str = "fisher"  # chosen on the benchmark's dev tasks (docs/benchmark.md)
+    score: str | None = None     # SCORES; None: default_score(the table's form)
     task_image_size: int = 64
     constraints: tuple[Constraint, ...] = ()
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
@@ -90,6 +94,8 @@ class SelectConfig:
             raise ConfigError(f"verify_top_k must be >= 0, got {self.verify_top_k}")
         if self.verify_by not in VERIFIERS:
             raise ConfigError(f"verify_by must be one of {VERIFIERS}, got {self.verify_by!r}")
+        if self.score is not None and self.score not in SCORES:
+            raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.task_method not in TASK_METHODS:
             raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
 
@@ -103,13 +109,30 @@ class TaskEmbedding:
     n_classes: int
     seconds: float = 0.0
 
-    def query(self, std: Standard, form: str | None = None) -> TaskQuery:
-        """The query against `std`'s table; `form` scores that form's part of it (default: the table's)."""
-        form = form or std.form
-        if form != std.form and (form, std.form) != ("full", "per-source"):
-            raise ConfigError(f"a {std.form!r} table cannot be scored in the {form!r} form")
-        z_cov = source_covariance(std.z, std.sources) if form == "per-source" else None
-        return task_query(self.g, form, std.width, self.source_weights, z_cov)
+    def query(self, std: Standard, score: str | None = None) -> TaskQuery | RankQuery:
+        """The query against `std`'s table, scored by `score` (`SCORES`; default: `default_score(std.form)`).
+
+        A stored form scores that form's part of the table (a per-source table holds the full
+        form's block too); "rank-mean" ranks every row under the per-source and full forms and
+        averages the two ranks.
+        """
+        score = score or default_score(std.form)
+        if score not in SCORES:
+            raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+        if score == "rank-mean":
+            if std.form != "per-source":
+                raise ConfigError(f"score 'rank-mean' needs a 'per-source' table, standard {std.id} is {std.form!r}")
+            return RankQuery((self.query(std, "per-source"), self.query(std, "full")))
+        if score != std.form and (score, std.form) != ("full", "per-source"):
+            raise ConfigError(f"a {std.form!r} table cannot be scored in the {score!r} form")
+        z_cov = source_covariance(std.z, std.sources) if score == "per-source" else None
+        return task_query(self.g, score, std.width, self.source_weights, z_cov)
+
+
+def default_score(form: str) -> str:
+    """How a task scores a table of `form` by default: the mean rank on a per-source table (chosen
+    on the benchmark's dev tasks, docs/benchmark.md), the stored form's own score otherwise."""
+    return "rank-mean" if form == "per-source" else form
 
 
 def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +166,7 @@ class Ranked:
     is_baseline: bool
     row: dict[str, Any]
     verified: float | None = None  # the verifier's measurement (SelectConfig.verify_by)
+    parts: tuple[float, ...] = ()  # a rank-mean score's parts: the row's score under each form
 
 
 def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) -> np.ndarray:
@@ -152,7 +176,52 @@ def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) 
     return mask
 
 
-Queries = list[TaskQuery] | np.ndarray  # queries, or (T, D) weight vectors of a linear form
+Query = TaskQuery | RankQuery
+Queries = list[Query] | np.ndarray  # queries, or (T, D) weight vectors of a linear form
+EXACT_PRUNE_ROWS = 4096  # up to this many candidates, `unbeaten` counts every pair
+
+
+def _parts(query: Query) -> tuple[TaskQuery, ...]:
+    return query.parts if isinstance(query, RankQuery) else (query,)
+
+
+def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the rows of (n, V) `scores` that fewer than k other rows beat in every column.
+
+    The top k under any score that grows with each column (the column itself, a mean of ranks)
+    are among them, whatever the rest of the table holds; ties are kept. With V > 1, rows that
+    k rows of high rank sum beat are dropped first; the exact count runs on what remains when
+    that is at most EXACT_PRUNE_ROWS rows (otherwise more rows are kept, never fewer).
+    """
+    n, v = scores.shape
+    if n <= k:
+        return np.arange(n)
+    if v == 1:
+        return np.flatnonzero(scores[:, 0] >= np.partition(scores[:, 0], n - k)[n - k])
+    ranks = np.argsort(np.argsort(scores, axis=0, kind="stable"), axis=0, kind="stable").sum(1)
+    lead = scores[np.argpartition(-ranks, k - 1)[:k]].min(0)
+    idx = np.flatnonzero((scores >= lead).any(1))
+    if len(idx) <= EXACT_PRUNE_ROWS:
+        s = scores[idx]
+        beaten_by = (s[None, :, :] > s[:, None, :]).all(2).sum(1)
+        idx = idx[beaten_by < k]
+    return idx
+
+
+def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
+    """(n, V) scores -> (n,) mean over the columns of the rank fraction among the `swept` rows.
+
+    Rank fraction: (rows scoring lower + half the rows scoring the same, the row included) /
+    rows swept, so the best row of every column scores 1.
+    """
+    every = np.concatenate(swept)
+    out = np.zeros(len(scores))
+    for j in range(scores.shape[1]):
+        col = np.sort(every[:, j])
+        lo = np.searchsorted(col, scores[:, j], "left")
+        hi = np.searchsorted(col, scores[:, j], "right")
+        out += (lo + (hi - lo + 1) / 2) / len(col)
+    return out / scores.shape[1]
 
 
 def sweep(table: EmbeddingTable, queries: Queries, top_k: int,
@@ -163,38 +232,54 @@ def sweep(table: EmbeddingTable, queries: Queries, top_k: int,
 
 def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
                  constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
-    """Sweep shard by shard (one matrix product each), keep each shard's top-k, merge.
+    """Sweep shard by shard (one matrix product each), keep each shard's contenders, merge.
 
-    Memory stays at one shard; ties are broken by model id, so the result does not
-    depend on how the table is sharded.
+    Memory stays at one shard, plus, for a RankQuery, its scores of every row (4 bytes a row
+    a part). Contenders are the rows that fewer than top-k others beat under every part
+    (`unbeaten`): the top-k of one query, and all that can still reach a rank mean's top-k.
+    Ties are broken by model id, so the result does not depend on how the table is sharded.
     """
     if isinstance(queries, np.ndarray):
         if queries.ndim != 2:
             raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
         queries = linear_queries(queries)
-    width = {q.num.shape[1] for q in queries}
-    best: list[list[tuple[float, str, dict[str, Any]]]] = [[] for _ in queries]
+    flat = [p for q in queries for p in _parts(q)]
+    width = {p.num.shape[1] for p in flat}
+    pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
+    swept: list[list[np.ndarray]] = [[] for _ in queries]
     for shard in shards:
         if len(shard) == 0:
             continue
         if width != {shard.embeddings.shape[1]}:
             raise ConfigError(f"task queries have width {sorted(width)}, the table "
                               f"{shard.embeddings.shape[1]}")
-        s = query_scores(shard.embeddings, queries)  # (m_shard, T)
-        mask = constraint_mask(shard, constraints)
-        k = min(top_k, int(mask.sum()))
-        if k == 0:
+        rows_ok = np.flatnonzero(constraint_mask(shard, constraints))
+        if len(rows_ok) == 0:
             continue
-        if not mask.all():
-            s[~mask] = -np.inf
-        for t in range(len(queries)):
-            col = s[:, t]
-            idx = np.argpartition(-col, k - 1)[:k]
-            rows = shard.meta.take(pa.array(idx)).to_pylist()
-            best[t].extend((float(col[i]), row["model_id"], row) for i, row in zip(idx, rows))
-            best[t] = sorted(best[t], key=lambda x: (-x[0], x[1]))[:top_k]
-    return [[Ranked(mid, sc, r, bool(row["is_baseline"]), row)
-             for r, (sc, mid, row) in enumerate(ranked, 1)] for ranked in best]
+        s_all = query_scores(shard.embeddings, flat)[rows_ok]  # (m_ok, parts of every query)
+        col = 0
+        for t, q in enumerate(queries):
+            s = s_all[:, col:col + len(_parts(q))]
+            col += s.shape[1]
+            if isinstance(q, RankQuery):
+                swept[t].append(s)
+            keep = unbeaten(s, top_k)
+            rows = shard.meta.take(pa.array(rows_ok[keep])).to_pylist()
+            pool = pools[t] + [(s[i], row["model_id"], row) for i, row in zip(keep, rows)]
+            pools[t] = [pool[i] for i in unbeaten(np.stack([p[0] for p in pool]), top_k)]
+    out = []
+    for t, q in enumerate(queries):
+        pool = pools[t]
+        if not pool:
+            out.append([])
+            continue
+        parts = np.stack([p[0] for p in pool]).astype(np.float64)
+        score = mean_rank(parts, swept[t]) if isinstance(q, RankQuery) else parts[:, 0]
+        order = sorted(range(len(pool)), key=lambda i: (-score[i], -parts[i, 0], pool[i][1]))[:top_k]
+        out.append([Ranked(pool[i][1], float(score[i]), r, bool(pool[i][2]["is_baseline"]), pool[i][2],
+                           parts=tuple(parts[i]) if isinstance(q, RankQuery) else ())
+                    for r, i in enumerate(order, 1)])
+    return out
 
 
 def entry_of(row: dict[str, Any]) -> CatalogEntry:
@@ -237,5 +322,5 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ra
     verified.sort(key=lambda r: (-measured[r.model_id], -r.score))
     out = []
     for i, r in enumerate(verified + rest, 1):
-        out.append(Ranked(r.model_id, r.score, i, r.is_baseline, r.row, measured.get(r.model_id)))
+        out.append(dataclasses.replace(r, rank=i, verified=measured.get(r.model_id)))
     return out

@@ -233,6 +233,7 @@ def test_out_of_memory_halves_the_batch_then_reports(published, monkeypatch):
 def test_per_source_standard_end_to_end(store):
     """A per-source standard: rows of its width, tasks assigned to their source, the baseline first."""
     from selection.data import load_dataset
+    from selection.embedding import RankQuery, TaskQuery
     from selection.errors import ConfigError
     from selection.select import SelectConfig, embed_task, sweep, sweep_shards
     from selection.table import compact, iter_shards
@@ -250,14 +251,22 @@ def test_per_source_standard_end_to_end(store):
     task = load_dataset("builtin:digits?split=test&n=40", 32)
     emb = embed_task(std, task, SelectConfig(task_image_size=32))
     assert emb.source_weights.argmax() == 1  # the digits probe source
-    query = emb.query(std)
+    query = emb.query(std, "per-source")
     assert query.den is not None
-    ranked = sweep(table, [query, emb.query(std, "full")], 3)
-    assert [r[0].model_id for r in ranked] == [TINY_BASELINE.id] * 2
+    default = emb.query(std)  # the mean of the per-source and full ranks
+    assert isinstance(default, RankQuery) and default.parts[0].den is not None and default.parts[1].den is None
+    ranked = sweep(table, [query, emb.query(std, "full"), default], 3)
+    assert [r[0].model_id for r in ranked] == [TINY_BASELINE.id] * 3
     assert ranked[0][0].score == pytest.approx(1.0, abs=0.03)  # the baseline: correlation ~1 with itself
+    assert ranked[2][0].score == 1.0 and ranked[2][0].parts == pytest.approx(
+        (ranked[0][0].score, ranked[1][0].score), rel=1e-5)  # first under both forms
     compact(store, std, segment_rows=1)
-    sharded = sweep_shards(iter_shards(store, std), [query], 3)
-    assert [(r.model_id, round(r.score, 5)) for r in sharded[0]] == \
-        [(r.model_id, round(r.score, 5)) for r in ranked[0]]
+    sharded = sweep_shards(iter_shards(store, std), [query, default], 3)
+    for whole, parts in zip((ranked[0], ranked[2]), sharded):
+        assert [(r.model_id, round(r.score, 5)) for r in parts] == [(r.model_id, round(r.score, 5)) for r in whole]
     with pytest.raises(ConfigError, match="'diagonal'"):
         emb.query(std, "diagonal")
+    full_std = dataclasses.replace(std, spec={**std.spec, "form": "full"})
+    with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*'full'"):
+        emb.query(full_std, "rank-mean")
+    assert isinstance(emb.query(full_std), TaskQuery)

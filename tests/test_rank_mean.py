@@ -1,0 +1,82 @@
+"""The rank-mean score: contenders kept shard by shard, ranks over every row swept."""
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy.stats import rankdata
+
+from selection.embedding import RankQuery, linear_queries
+from selection.select import Constraint, mean_rank, sweep, sweep_shards, unbeaten
+from selection.table import EmbeddingTable
+
+
+def brute_unbeaten(s: np.ndarray, k: int) -> set[int]:
+    beaten_by = (s[None, :, :] > s[:, None, :]).all(2).sum(1)
+    return set(np.flatnonzero(beaten_by < k).tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unbeaten_keeps_exactly_the_rows_fewer_than_k_beat(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(5, 400)), int(rng.integers(1, 8))
+    s = rng.integers(0, 12, size=(n, 2)).astype(np.float32)  # many ties
+    if seed % 2:
+        s[:, 1] = s[:, 0] + rng.normal(0, 2, n).round()  # correlated columns
+    assert set(unbeaten(s, k).tolist()) == brute_unbeaten(s, k)
+    one = unbeaten(s[:, :1], k)  # one column: the top k, ties at the k-th value kept
+    assert set(one.tolist()) == set(np.flatnonzero(s[:, 0] >= np.sort(s[:, 0])[::-1][min(k, n) - 1]).tolist())
+
+
+def test_unbeaten_falls_back_to_a_superset_on_large_inputs(monkeypatch):
+    import selection.select as sel
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3000, 2))
+    monkeypatch.setattr(sel, "EXACT_PRUNE_ROWS", 10)
+    loose = set(unbeaten(s, 5).tolist())
+    assert brute_unbeaten(s, 5) <= loose and len(loose) < len(s)
+
+
+def table(n: int, width: int, seed: int) -> EmbeddingTable:
+    rng = np.random.default_rng(seed)
+    ids = [f"m{i:04d}" for i in rng.permutation(n)]
+    meta = pa.table({"model_id": ids, "is_baseline": [False] * n,
+                     "num_params": rng.integers(1, 100, n).tolist()})
+    return EmbeddingTable("std-x", meta, rng.integers(-3, 4, size=(n, width)).astype(np.float32))
+
+
+def expected(tab: EmbeddingTable, w: np.ndarray, k: int, ok: np.ndarray) -> list[tuple[str, float]]:
+    s = tab.embeddings[ok].astype(np.float64) @ w.T  # (n_ok, 2)
+    score = np.mean([rankdata(s[:, j]) / len(s) for j in range(2)], 0)
+    ids = np.array(tab.model_ids)[ok]
+    order = sorted(range(len(s)), key=lambda i: (-score[i], -s[i, 0], ids[i]))[:k]
+    return [(ids[i], round(float(score[i]), 9)) for i in order]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_mean_sweep_is_the_mean_rank_over_all_rows_however_sharded(seed):
+    tab = table(300, 6, seed)
+    w = np.random.default_rng(100 + seed).normal(size=(2, 6))
+    q = RankQuery(tuple(linear_queries(w)))
+    want = expected(tab, w, 7, np.ones(len(tab), bool))
+    got = sweep(tab, [q], 7)[0]
+    assert [(r.model_id, round(r.score, 9)) for r in got] == want
+    assert got[0].parts == pytest.approx(tuple(tab.embeddings[tab.model_ids.index(got[0].model_id)] @ w.T))
+    cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, 300), 5, replace=False))
+    shards = [EmbeddingTable("std-x", tab.meta.slice(a, b - a), tab.embeddings[a:b])
+              for a, b in zip([0, *cuts], [*cuts, 300])]
+    sharded = sweep_shards(shards, [q, linear_queries(w[:1])[0]], 7)
+    assert [(r.model_id, round(r.score, 9)) for r in sharded[0]] == want
+    assert [r.model_id for r in sharded[1]] == [r.model_id for r in sweep(tab, w[:1], 7)[0]]
+    # Constraints: ranks among the rows that pass them only.
+    cons = (Constraint.parse("num_params<=50"),)
+    ok = np.array(tab.meta.column("num_params").to_pylist()) <= 50
+    assert [(r.model_id, round(r.score, 9)) for r in sweep_shards(shards, [q], 7, cons)[0]] == expected(tab, w, 7, ok)
+
+
+def test_mean_rank_counts_ties_half_and_the_best_row_scores_one():
+    swept = [np.array([[1.0, 5.0], [2.0, 5.0], [2.0, 3.0], [0.0, 9.0]])]
+    r = mean_rank(swept[0], swept)
+    # column 0 ranks 2, 3.5, 3.5, 1; column 1 ranks 2.5, 2.5, 1, 4 (of 4 rows)
+    assert r.tolist() == pytest.approx([(2 + 2.5) / 8, (3.5 + 2.5) / 8, (3.5 + 1) / 8, (1 + 4) / 8])
+    best = np.array([[3.0, 10.0]])
+    assert mean_rank(best, [swept[0], best])[0] == 1.0
