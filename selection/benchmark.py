@@ -46,8 +46,8 @@ BENCH_VERSION = 3  # 2: verification measured inside the train half; 3: per-task
 KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"),
-            ("per-source", "probe"), ("per-source", "fisher"))
-DEFAULT_VARIANT = ("per-source", "fisher")
+            ("per-source", "probe"), ("per-source", "fisher"), ("rank-mean", "probe"), ("rank-mean", "fisher"))
+DEFAULT_VARIANT = ("rank-mean", "fisher")
 ORACLE = "oracle"  # verification by the ground truth: the ceiling of a shortlist, reported next to the verifiers
 VERIFY_KS = (1, 3, 5)
 # selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
@@ -506,7 +506,7 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
     """Task embeddings of one standard for every task and method (selection.select.embed_task).
 
     Returns `{"load_seconds", "tasks": {name: {method: {form: query, "diagonal", "seconds"}, "n_train"}}}`:
-    a `TaskQuery` for each form the standard's table holds (full; per-source), `diagonal` is
+    a query for each score the standard's table allows (full; per-source, rank-mean), `diagonal` is
     diag(G) (u), `seconds` the measured cost of the task embedding (baseline forward over the
     labelled part + G).
     """
@@ -515,7 +515,7 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
 
     t0 = time.perf_counter()
     baseline = load_model(std.baseline)
-    forms = ["full"] + (["per-source"] if std.form == "per-source" else [])
+    forms = ["full"] + (["per-source", "rank-mean"] if std.form == "per-source" else [])
     out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
     for task, protocol in zip(tasks, protocols, strict=True):
         labelled = task.subset(task_split(task, protocol)[0])  # what a user has; the rest is ground truth
@@ -543,17 +543,22 @@ def candidate_table(table: Any, ids: Sequence[str]) -> Any:
 
 def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, np.ndarray]:
     """Scores of every row (table order) for one task, per variant name `form/method`."""
-    from selection.embedding import query_scores
+    from selection.embedding import RankQuery, query_scores
+    from selection.select import mean_rank
 
     cov = np.asarray(table.meta.column("coverage").to_pylist(), np.float64)
     out = {}
     for form, method in VARIANTS:
         if form not in weights.get(method, {}):
             continue
+        query = weights[method][form]
         if form == "diagonal":
             out[f"{form}/{method}"] = cov @ weights[method]["diagonal"]
+        elif isinstance(query, RankQuery):
+            parts = query_scores(table.embeddings, list(query.parts)).astype(np.float64)
+            out[f"{form}/{method}"] = mean_rank(parts, [parts])
         else:
-            out[f"{form}/{method}"] = query_scores(table.embeddings, [weights[method][form]])[:, 0].astype(np.float64)
+            out[f"{form}/{method}"] = query_scores(table.embeddings, [query])[:, 0].astype(np.float64)
     return out
 
 
@@ -689,12 +694,14 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                           [r["verify_seconds"] for r in recs])}
         n_train = recs[0]["n_train"]
         temb = task_emb["tasks"][name]
-        sweep_s = time_sweep(table, temb[plan.methods[0]][std.form])
+        sweep_s = {form: time_sweep(table, q) for form, q in temb[plan.methods[0]].items()
+                   if form not in ("diagonal", "seconds")}
+        sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
         rows: dict[str, dict[str, Any]] = {}
         scores_out[name] = {"accuracy": acc.tolist()}
         for variant, s in se_scores(table, temb).items():
-            method = variant.split("/")[1]
-            base_cost = task_emb["load_seconds"] + temb[method]["seconds"] + table_load_s + sweep_s
+            form, method = variant.split("/")
+            base_cost = task_emb["load_seconds"] + temb[method]["seconds"] + table_load_s + sweep_s[form]
             rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
                                                 seconds=base_cost)
             scores_out[name][variant_label(variant)] = s.tolist()
@@ -950,7 +957,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"labelled *train* part (what a user has: task embedding, brute-force features, verification) and a "
              f"held-out *test* part for the ground truth, several times larger so that one image moves the "
              f"accuracy by well under a point (sizes in the task table below). "
-             f"**dev** tasks are where the method default (form and task method) is chosen; **test** tasks are only "
+             f"**dev** tasks are where the method default (score and task method) is chosen; **test** tasks are only "
              f"reported.")
     L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
              f"(`selection.linear_probe`: standardised features, L2 {plan.protocol.l2:g}, L-BFGS up to "
@@ -960,7 +967,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "prediction covariance S_s; every row also has the diagonal (coverage). Scores: `full` <C, G>, "
              "`diagonal` sum u_j v_j, `per-source` the correlation of the model's prediction with the baseline "
              "feature along each eigen-direction of G, within the probe source nearest to the task's images, "
-             "weighted by G's eigenvalues. Task embedding by a ridge probe (`probe`) or Fisher ratios "
+             "weighted by G's eigenvalues, `rank-mean` the mean of a model's rank fractions among the candidates "
+             "under `per-source` and `full`. Task embedding by a ridge probe (`probe`) or Fisher ratios "
              "(`fisher`) on the baseline features of the task's train part. *Verification of top k* "
              "(`selection.select.verify_candidate`): the k best-scored models are run on the train part and the "
              "best measured one is picked, measured by LogME evidence on all the train part's images (the "

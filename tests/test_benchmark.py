@@ -337,7 +337,10 @@ def test_verify_candidate_is_what_the_benchmark_measures():
     assert bench.VERIFIERS == VERIFIERS and bench.DEFAULT_VERIFIER == SelectConfig().verify_by
     from selection.standard import StandardConfig
 
-    assert bench.DEFAULT_VARIANT == (StandardConfig().form, SelectConfig().task_method)
+    from selection.select import default_score
+
+    assert all(s.form == StandardConfig().form for s in bench.full_plan().standards)
+    assert bench.DEFAULT_VARIANT == (default_score(StandardConfig().form), SelectConfig().task_method)
 
 
 def test_task_embeddings_are_the_library_ones(tiny_standard):
