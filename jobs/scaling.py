@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import run_main
-from selection.embedding import TaskQuery, embedding_width, linear_queries
+from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries
 from selection.keys import model_key
 from selection.select import sweep_shards
 from selection.standard import Standard, save_standard
@@ -199,6 +199,16 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
               f"{t_read:.3f} s + bare matmul {t_mm:.3f} s); load {row['load_ratio']:.2f}x bare read; "
               f"sweep {t_sweep:.3f} s = {row['sweep_ratio']:.2f}x bare matmul, "
               f"{row['sweep_gbs']:.1f} GB/s of {bw:.1f} GB/s", flush=True)
+        if form == "per-source":
+            # The default score: each task's per-source query and its full one, ranks over every row.
+            block = std.d * (std.d + 1) // 2
+            full = np.zeros((tasks, std.width))
+            full[:, :block] = rng.random((tasks, block))
+            ranked = [RankQuery((q, f)) for q, f in zip(w, linear_queries(full))]
+            t_rank = min(_timed(lambda: sweep_shards(iter_shards(store, std), ranked, 10)) for _ in range(2))
+            row.update(rank_mean_load_plus_sweep_s=t_rank, rank_mean_ratio=t_rank / t_total)
+            print(f"sweep   rank-mean m={m:>7}: load+sweep {t_rank:7.3f} s = {t_rank / t_total:.2f}x the "
+                  f"per-source score alone", flush=True)
         shutil.rmtree(root)
     return out
 

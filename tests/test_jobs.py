@@ -210,6 +210,7 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert [s["m"] for s in res["sweep"]] == [1000] and res["sweep"][0]["end_to_end_ratio"] > 0
     (ps,) = res["sweep_per_source"]  # 9x wider rows, queries with ratio rows
     assert ps["m"] == 1000 and ps["width"] == 9 * res["width"] and ps["end_to_end_ratio"] > 0
+    assert ps["rank_mean_load_plus_sweep_s"] > 0 and ps["rank_mean_ratio"] > 0  # the default score, same rows
     (tp,) = res["throughput"]
     assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
     printed = capsys.readouterr().out
