@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import operator
@@ -178,7 +179,6 @@ def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) 
 
 Query = TaskQuery | RankQuery
 Queries = list[Query] | np.ndarray  # queries, or (T, D) weight vectors of a linear form
-EXACT_PRUNE_ROWS = 4096  # up to this many candidates, `unbeaten` counts every pair
 
 
 def _parts(query: Query) -> tuple[TaskQuery, ...]:
@@ -189,9 +189,9 @@ def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the rows of (n, V) `scores` that fewer than k other rows beat in every column.
 
     The top k under any score that grows with each column (the column itself, a mean of ranks)
-    are among them, whatever the rest of the table holds; ties are kept. With V > 1, rows that
-    k rows of high rank sum beat are dropped first; the exact count runs on what remains when
-    that is at most EXACT_PRUNE_ROWS rows (otherwise more rows are kept, never fewer).
+    are among them, whatever the rest of the table holds; ties are kept. Rows that the k rows
+    of highest rank sum all beat are dropped first; with two columns the rest are then counted
+    exactly (one pass in order of the first column), with more, all the rest are kept.
     """
     n, v = scores.shape
     if n <= k:
@@ -201,11 +201,26 @@ def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
     ranks = np.argsort(np.argsort(scores, axis=0, kind="stable"), axis=0, kind="stable").sum(1)
     lead = scores[np.argpartition(-ranks, k - 1)[:k]].min(0)
     idx = np.flatnonzero((scores >= lead).any(1))
-    if len(idx) <= EXACT_PRUNE_ROWS:
-        s = scores[idx]
-        beaten_by = (s[None, :, :] > s[:, None, :]).all(2).sum(1)
-        idx = idx[beaten_by < k]
-    return idx
+    if v > 2:
+        return idx
+    keep = []
+    best: list[float] = []  # the k largest second scores among rows with a larger first score
+    order = idx[np.argsort(-scores[idx, 0], kind="stable")]
+    first, second = scores[order, 0].tolist(), scores[order, 1].tolist()
+    group_start = 0
+    for i in range(len(order) + 1):
+        if i < len(order) and first[i] == first[group_start]:
+            continue
+        for j in range(group_start, i):  # one value of the first score: none of them beats another
+            if len(best) < k or second[j] >= best[0]:
+                keep.append(order[j])
+        for j in range(group_start, i):
+            if len(best) < k:
+                heapq.heappush(best, second[j])
+            elif second[j] > best[0]:
+                heapq.heapreplace(best, second[j])
+        group_start = i
+    return np.sort(np.array(keep, dtype=np.int64))
 
 
 def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
