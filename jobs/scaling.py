@@ -141,8 +141,8 @@ def synthetic_queries(std: Standard, tasks: int, rng: np.random.Generator) -> li
     """Random task queries of the standard's form; per-source: 10 eigen-directions in one source each."""
     if std.form != "per-source":
         return linear_queries(rng.random((tasks, std.width)))
-    r = 10
-    return [TaskQuery(rng.random((r, std.width)), rng.random(r), rng.random((r, std.width)) + 1.0)
+    r = 10  # numerators scaled so that the correlations (on rows of uniform numbers) are about 0.3, not clipped
+    return [TaskQuery(rng.random((r, std.width)) / np.sqrt(std.width), rng.random(r), rng.random((r, std.width)) + 1.0)
             for _ in range(tasks)]
 
 

@@ -65,6 +65,12 @@ def test_rank_mean_sweep_is_the_mean_rank_over_all_rows_however_sharded(seed):
     sharded = sweep_shards(shards, [q, linear_queries(w[:1])[0]], 7)
     assert [(r.model_id, round(r.score, 9)) for r in sharded[0]] == want
     assert [r.model_id for r in sharded[1]] == [r.model_id for r in sweep(tab, w[:1], 7)[0]]
+    # One query with many ties (integer rows and weights): the smaller model ids, however sharded.
+    w_int = np.array([[1.0, 0, 0, 0, 0, 1]])
+    one = dict(zip(tab.model_ids, tab.embeddings.astype(np.float64) @ w_int[0]))
+    want_one = sorted(one, key=lambda m: (-one[m], m))[:7]
+    assert [r.model_id for r in sweep_shards(shards, w_int, 7)[0]] == want_one == \
+        [r.model_id for r in sweep(tab, w_int, 7)[0]]
     # Constraints: ranks among the rows that pass them only.
     cons = (Constraint.parse("num_params<=50"),)
     ok = np.array(tab.meta.column("num_params").to_pylist()) <= 50
