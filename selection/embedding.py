@@ -235,7 +235,7 @@ class RankQuery:
 
     Rank fraction: the share of the swept rows that score lower under that part, ties counted
     half, so a row's score is in (0, 1]. A table-global score: `selection.select.sweep_shards`
-    keeps every part's scores (4 bytes a row each) and only the rows no k others beat in every part.
+    keeps every part's scores (4 bytes a row each) and the rows fewer than k others beat in every part.
     """
 
     parts: tuple[TaskQuery, ...]
