@@ -12,6 +12,7 @@ import pytest
 import timm
 
 from selection.catalog import CatalogEntry, write_catalog
+from selection.errors import ConfigError
 from tests.conftest import save_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -81,7 +82,8 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
         verified = [r for r in ranks if r["verified"] is not None]
         assert len(verified) == 2 and all(math.isfinite(r["verified"]) for r in verified)
         assert verified[0]["verified"] >= verified[1]["verified"]
-        assert all(isinstance(r["score"], float) for r in ranks)
+        assert all(isinstance(r["score"], float) and r["score_parts"] is None for r in ranks)
+        assert t["scored_by"] == "full"  # the table's own form (the rank mean needs a per-source table)
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
@@ -95,6 +97,9 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     capsys.readouterr()
     ranking = json.load(open(out_json))["tasks"][0]["ranking"]
     assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"]
+    with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):
+        select.main(["--store", store.url, "--task", tasks[0], "--score", "rank-mean", "--no-save",
+                     "--no-progress", "--task-image-size", "32"])
 
     # Reindex with one model gone from the catalog removes exactly its object.
     lines = open(catalog).read().splitlines()
