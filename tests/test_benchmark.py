@@ -335,9 +335,8 @@ def test_verify_candidate_is_what_the_benchmark_measures():
     from selection.select import VERIFIERS
 
     assert bench.VERIFIERS == VERIFIERS and bench.DEFAULT_VERIFIER == SelectConfig().verify_by
-    from selection.standard import StandardConfig
-
     from selection.select import default_score
+    from selection.standard import StandardConfig
 
     assert all(s.form == StandardConfig().form for s in bench.full_plan().standards)
     assert bench.DEFAULT_VARIANT == (default_score(StandardConfig().form), SelectConfig().task_method)
