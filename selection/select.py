@@ -223,11 +223,10 @@ def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.array(keep, dtype=np.int64))
 
 
-def _contenders(scores: np.ndarray, ids: list[str], k: int) -> np.ndarray:
-    """`unbeaten` rows; with one column exactly the top k, ties by model id (the sweep's final order)."""
-    keep = unbeaten(scores, k)
+def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> np.ndarray:
+    """With one score, `unbeaten` rows `keep` (ids `ids`) cut to exactly k, ties by model id (the final order)."""
     if scores.shape[1] == 1 and len(keep) > k:
-        keep = np.array(sorted(keep, key=lambda i: (-scores[i, 0], ids[i]))[:k], dtype=np.int64)
+        keep = keep[sorted(range(len(keep)), key=lambda j: (-scores[keep[j], 0], ids[j]))[:k]]
     return keep
 
 
@@ -287,11 +286,12 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             if isinstance(q, RankQuery):
                 swept[t].append(s)
             keep = unbeaten(s, top_k)
-            ids = shard.meta.column("model_id").take(pa.array(rows_ok[keep])).to_pylist()
-            keep = keep[_contenders(s[keep], ids, top_k)]
+            keep = _cut_ties(keep, s, shard.meta.column("model_id").take(pa.array(rows_ok[keep])).to_pylist(), top_k)
             rows = shard.meta.take(pa.array(rows_ok[keep])).to_pylist()
             pool = pools[t] + [(s[i], row["model_id"], row) for i, row in zip(keep, rows)]
-            pools[t] = [pool[i] for i in _contenders(np.stack([p[0] for p in pool]), [p[1] for p in pool], top_k)]
+            pooled = np.stack([p[0] for p in pool])
+            keep = unbeaten(pooled, top_k)
+            pools[t] = [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], top_k)]
     out = []
     for t, q in enumerate(queries):
         pool = pools[t]
