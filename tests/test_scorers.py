@@ -13,6 +13,7 @@ from selection.scorers import (
     ledoit_wolf_shrinkage,
     logme,
     regularized_hscore,
+    ridge_loo,
 )
 
 
@@ -250,6 +251,54 @@ def test_regularized_hscore_prefers_separating_features_when_n_is_small() -> Non
     assert hscore(random_f, labels) == pytest.approx(3.0, abs=1e-6)
     # ... the shrunk covariance does not
     assert regularized_hscore(good_f, labels) > regularized_hscore(random_f, labels)
+
+
+# ------------------------------------------------------------------------- ridge LOO
+
+
+def refit_press(f: np.ndarray, labels: np.ndarray, lam: float) -> float:
+    """Mean leave-one-out squared error of ridge onto one-hot labels, by refitting n times.
+
+    Standardised features with an unpenalised intercept: the normal equations of [1, X]
+    with penalty diag(0, λ, ..., λ), solved without sample i, then predicting sample i."""
+    sd = f.std(0)
+    x = (f - f.mean(0)) / np.where(sd > 1e-8, sd, 1.0)
+    classes = np.unique(labels)
+    y = (labels[:, None] == classes[None]).astype(float)
+    z = np.hstack([np.ones((len(x), 1)), x])
+    pen = lam * np.diag([0.0] + [1.0] * x.shape[1])
+    err = []
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        w = np.linalg.solve(z[keep].T @ z[keep] + pen, z[keep].T @ y[keep])
+        err.append(np.sum((z[i] @ w - y[i]) ** 2))
+    return float(np.mean(err))
+
+
+@pytest.mark.parametrize("n,k,c", [(40, 5, 3), (12, 30, 2), (25, 25, 4)])
+def test_ridge_loo_equals_refitting_without_each_sample(n: int, k: int, c: int) -> None:
+    f, labels = _task(n, k, c, seed=11, signal=1.5)
+    sd = f.std(0)
+    mu = float(np.sum(((f - f.mean(0)) / sd) ** 2)) / n  # mean eigenvalue of the Gram matrix
+    for g in (0.01, 1.0, 30.0):
+        assert -ridge_loo(f, labels, grid=(g,)) == pytest.approx(refit_press(f, labels, g * mu), rel=1e-8)
+    # the default grid keeps the best penalty: its error is the smallest of the grid's
+    best = min(refit_press(f, labels, g * mu) for g in (0.1, 1.0, 10.0))
+    assert -ridge_loo(f, labels, grid=(0.1, 1.0, 10.0)) == pytest.approx(best, rel=1e-8)
+
+
+def test_ridge_loo_prefers_separating_features_and_is_scale_free() -> None:
+    random_f, labels = _task(30, 50, c=3, seed=12)
+    good_f, _ = _task(30, 50, c=3, seed=12, signal=3.0)
+    assert ridge_loo(good_f, labels) > ridge_loo(random_f, labels)
+    # interpolating features (n < k) do not look perfect: leave-one-out sees through them
+    assert ridge_loo(random_f, labels) < -0.5
+    scale = np.random.default_rng(3).uniform(0.1, 10.0, size=50)
+    assert ridge_loo(good_f * scale + 7.0, labels) == pytest.approx(ridge_loo(good_f, labels), rel=1e-9)
+    const = np.hstack([good_f, np.full((30, 1), 4.0)])  # a constant column changes nothing
+    assert ridge_loo(const, labels, grid=(1.0,)) == pytest.approx(ridge_loo(good_f, labels, grid=(1.0,)), rel=1e-9)
+    with pytest.raises(ValueError, match=r"grid should be positive finite ridge multiples, got \(0.0,\)"):
+        ridge_loo(good_f, labels, grid=(0.0,))
 
 
 # ----------------------------------------------------------------------- validation
