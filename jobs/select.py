@@ -38,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-top-k", type=int, default=0,
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures")
     p.add_argument("--verify-by", choices=list(VERIFIERS), default="logme",
-                   help="LogME evidence on the labelled split (default, chosen on the dev tasks) or linear-probe "
-                        "accuracy on the held-out split")
+                   help="LogME evidence of the labelled images (default, chosen on the dev tasks), the ridge probe's "
+                        "leave-one-out error on them (ridge-loo), or linear-probe accuracy on a held-out half (probe)")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--score", choices=list(SCORES), default=None,

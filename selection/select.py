@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
         "==": operator.eq, "=": operator.eq, "!=": operator.ne}
-# How verification measures a shortlisted candidate on the task's labelled images: LogME evidence
-# of its features (all of them, no split; chosen on the benchmark's dev tasks,
-# docs/method-experiments.md) or linear-probe accuracy under the protocol (fit and measured on halves).
-VERIFIERS = ("logme", "probe")
+# How verification measures a shortlisted candidate on the task's labelled images: a scorer of
+# selection.scorers on its features of all of them (LogME evidence, the default chosen on the
+# benchmark's dev tasks, docs/method-experiments.md; or the ridge probe's leave-one-out error), or
+# linear-probe accuracy under the protocol (fit and measured on halves).
+VERIFIERS = ("logme", "probe", "ridge-loo")
 # How a task scores the rows: one stored form, or the mean of a row's ranks under two (TaskEmbedding.query).
 SCORES = ("per-source", "full", "diagonal", "rank-mean")
 NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
@@ -329,15 +330,16 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
                      loaded: LoadedModel | None = None) -> float:
     """One shortlisted candidate measured on the task (higher is better), by `config.verify_by`.
 
-    "logme": LogME evidence of the candidate's features of all the task's images; "probe":
-    linear-probe accuracy, fit on the protocol's train split, measured on its test split.
+    "logme" / "ridge-loo": that scorer (selection.scorers) of the candidate's features of all the
+    task's images; "probe": linear-probe accuracy, fit on the protocol's train split, measured on
+    its test split.
     """
     if config.verify_by == "probe":
         return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded)
-    from selection.scorers import logme
+    from selection.scorers import SCORERS
 
     loaded = loaded or load_model(entry)
-    return logme(extract_features(loaded, task.images, input_size=std_input_size), task.labels)
+    return SCORERS[config.verify_by](extract_features(loaded, task.images, input_size=std_input_size), task.labels)
 
 
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
