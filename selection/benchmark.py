@@ -42,7 +42,7 @@ from selection.linear_probe import ProbeProtocol
 
 log = logging.getLogger(__name__)
 
-BENCH_VERSION = 3  # 2: verification measured inside the train half; 3: per-task held-out test part
+BENCH_VERSION = 4  # 2: verification inside the train half; 3: per-task test part; 4: cached per (model, task)
 KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"),
@@ -52,10 +52,10 @@ ORACLE = "oracle"  # verification by the ground truth: the ceiling of a shortlis
 VERIFY_KS = (1, 3, 5)
 # selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
 # here, so that the plan and the report load without torch).
-VERIFIERS = ("logme", "probe")
+VERIFIERS = ("logme", "probe", "ridge-loo")
 DEFAULT_VERIFIER = "logme"
-BRUTE_FORCE = ("logme", "hscore")
-PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score"}
+BRUTE_FORCE = ("logme", "hscore", "ridge-loo")  # selection.scorers.SCORERS
+PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "ridge-loo": "ridge LOO"}
 IMAGENET_INPUT_SIZE = 128
 
 # Targets of the issue (quality benchmark).
@@ -432,13 +432,21 @@ def warm_up() -> None:
     _WARM = True
 
 
-def truth_cache_key(entry: CatalogEntry, plan: QualityPlan, std_input_size: int | None) -> str:
-    blob = json.dumps({"v": BENCH_VERSION, "entry": entry.to_dict(),
-                       "tasks": [dataclasses.asdict(t) for t in plan.tasks],
-                       "protocol": dataclasses.asdict(plan.protocol), "input_size": std_input_size,
-                       "task_image_size": plan.task_image_size, "scorers": BRUTE_FORCE},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int | None) -> tuple[str, list[str]]:
+    """Cache keys of one candidate's ground truth: the model's, and one per task of the plan.
+
+    A task's record depends on the model, that task (its data and protocol), the verification
+    protocol and the scorers, never on the other tasks: adding a task computes only its records.
+    """
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    model = digest({"v": BENCH_VERSION, "entry": entry.to_dict(), "input_size": std_input_size})
+    common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
+              "scorers": BRUTE_FORCE}
+    tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})
+             for t, p in zip(plan.tasks, plan.task_protocols(), strict=True)]
+    return model, tasks
 
 
 def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
@@ -474,7 +482,7 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
         t = time.perf_counter()
         feats = extract_features(loaded, task.images[train], input_size=std_input_size)
         rec["features_seconds"] = time.perf_counter() - t
-        out["feature_dim"] = int(feats.shape[1])
+        rec["feature_dim"] = int(feats.shape[1])
         for name in scorers:
             t = time.perf_counter()
             rec[name] = float(SCORERS[name](feats, task.labels[train]))
@@ -489,16 +497,30 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
 
 def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: QualityPlan,
                               std_input_size: int | None, store: Any) -> dict[str, Any]:
-    """`evaluate_candidate`, reusing an earlier run's result from the store (resumable)."""
-    rel = f"benchmark/truth/{truth_cache_key(entry, plan, std_input_size)}.json"
-    if store.exists(rel):
-        cached = json.loads(store.read_bytes(rel))
-        cached["cached"] = True
-        return cached
-    res = evaluate_candidate(entry, tasks, std_input_size, plan.protocol, task_protocols=plan.task_protocols())
-    store.write_bytes(rel, json.dumps(res, sort_keys=True).encode())
-    res["cached"] = False
-    return res
+    """`evaluate_candidate`, reusing earlier runs' records from the store (resumable).
+
+    Records are kept per model and task (`benchmark/truth/<model>/<task>.json`, truth_cache_keys),
+    so only the tasks without one are evaluated (one model load for all of them). `cached`: how
+    many task records were reused.
+    """
+    model_key, task_keys = truth_cache_keys(entry, plan, std_input_size)
+    rel = {t.name: f"benchmark/truth/{model_key}/{k}.json" for t, k in zip(tasks, task_keys, strict=True)}
+    model_rel = f"benchmark/truth/{model_key}/model.json"
+    recs = {name: json.loads(store.read_bytes(r)) for name, r in rel.items() if store.exists(r)}
+    todo = [(t, p) for t, p in zip(tasks, plan.task_protocols(), strict=True) if t.name not in recs]
+    if todo or not store.exists(model_rel):
+        res = evaluate_candidate(entry, [t for t, _ in todo], std_input_size, plan.protocol,
+                                 task_protocols=[p for _, p in todo])
+        for name, rec in res["tasks"].items():
+            store.write_bytes(rel[name], json.dumps(rec, sort_keys=True).encode())
+        if not store.exists(model_rel):  # the first measurement of the load is kept
+            head = {k: res[k] for k in ("model_id", "num_params", "load_seconds")}
+            store.write_bytes(model_rel, json.dumps(head, sort_keys=True).encode())
+    out = json.loads(store.read_bytes(model_rel))
+    out["tasks"] = {t.name: recs.get(t.name) or json.loads(store.read_bytes(rel[t.name])) for t in tasks}
+    out["feature_dim"] = next((r["feature_dim"] for r in out["tasks"].values()), None)
+    out["cached"] = len(recs)
+    return out
 
 
 def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str],
@@ -688,10 +710,9 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         recs = [truth[i]["tasks"][name] for i in ids]
         # What each verifier measures on the labelled part only (selection.select.verify_candidate),
         # and its cost per verified model after the load.
-        seen = {"logme": (np.array([r["logme"] for r in recs], np.float64),
-                          [r["features_seconds"] + r["logme_seconds"] for r in recs]),
-                "probe": (np.array([r["verify_accuracy"] for r in recs], np.float64),
-                          [r["verify_seconds"] for r in recs])}
+        seen = {v: (np.array([r[v] for r in recs], np.float64), [r["features_seconds"] + r[f"{v}_seconds"] for r in recs])
+                for v in VERIFIERS if v in BRUTE_FORCE}
+        seen["probe"] = (np.array([r["verify_accuracy"] for r in recs], np.float64), [r["verify_seconds"] for r in recs])
         n_train = recs[0]["n_train"]
         temb = task_emb["tasks"][name]
         sweep_s = {form: time_sweep(table, q) for form, q in temb[plan.methods[0]].items()

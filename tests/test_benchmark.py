@@ -230,7 +230,8 @@ def _fake_inputs(d=3):
                  "tasks": {t: {"accuracy": accs[i], "verify_accuracy": seen[i], "verify_seconds": 1.5,
                                "n_train": 10, "n_images": 20, "truth_seconds": 2.0,
                                "features_seconds": 0.5, "logme": -k, "logme_seconds": 0.1, "hscore": k,
-                               "hscore_seconds": 0.2} for t in "ab"}} for k, i in enumerate(ids)}
+                               "hscore_seconds": 0.2, "ridge-loo": -abs(k - 2), "ridge-loo_seconds": 0.05}
+                           for t in "ab"}} for k, i in enumerate(ids)}
     return plan, sp, table, task_emb, truth
 
 
@@ -253,6 +254,9 @@ def test_standard_results_metrics_and_costs():
     v3 = rows["SE full/probe +verify top-3"]
     assert v3["pick"] == "m0" and v3["gap"] == pytest.approx(10.0) and v3["forward_passes"] == 10 + 3 * 10
     assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 0.5 + 0.1))
+    # By the ridge probe's leave-one-out error (-|k - 2|), m2 is best of the three.
+    v3 = rows["SE full/probe +verify top-3 (ridge-loo)"]
+    assert v3["pick"] == "m2" and v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 0.5 + 0.05))
     oracle = rows["SE full/probe +verify top-3 (oracle)"]  # the ground truth re-ranks m0, m2, m3: m0
     assert oracle["pick"] == "m0" and oracle["gap"] == pytest.approx(10.0) and oracle["seconds"] is None
     lm = rows["LogME (brute force)"]  # logme = -k: m0 best
@@ -260,6 +264,7 @@ def test_standard_results_metrics_and_costs():
     assert lm["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.1))
     hs = rows["H-score (brute force)"]  # hscore = k: m3 (60) picked
     assert hs["gap"] == pytest.approx(30.0) and hs["seconds"] == pytest.approx(4 * (1.0 + 0.5 + 0.2))
+    assert rows["ridge LOO (brute force)"]["pick"] == "m2"
     assert rows["largest model"]["pick"] == "m3" and rows["largest model"]["forward_passes"] == 0
     assert rows["random choice (expected)"]["gap"] == pytest.approx(100 * (0.9 - 0.75))
     assert res["groups"]["test"]["SE full/probe"]["gap"] == pytest.approx(10.0)
@@ -317,6 +322,35 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
     assert res["num_params"] > 0 and min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
 
 
+def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
+    """Adding a task evaluates only that task; the records of the others are reused as they were."""
+    import dataclasses
+
+    from selection.storage import Store
+
+    entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
+    two = bench.small_plan()
+    three = dataclasses.replace(two, tasks=two.tasks + (bench.BenchTask(
+        "digits-extra", "builtin:digits?split=test&classes=3,4&per_class=6&seed=5", "dev"),))
+    calls = []
+    real = bench.evaluate_candidate
+    monkeypatch.setattr(bench, "evaluate_candidate",
+                        lambda e, tasks, *a, **k: calls.append([t.name for t in tasks]) or real(e, tasks, *a, **k))
+    store = Store(str(tmp_path))
+    tasks2, tasks3 = bench.load_tasks(two), bench.load_tasks(three)
+    first = bench.evaluate_candidate_cached(entry, tasks2, two, None, store)
+    again = bench.evaluate_candidate_cached(entry, tasks2, two, None, store)
+    more = bench.evaluate_candidate_cached(entry, tasks3, three, None, store)
+    assert calls == [[t.name for t in two.tasks], ["digits-extra"]]
+    assert (first["cached"], again["cached"], more["cached"]) == (0, 2, 2)
+    assert again["tasks"] == first["tasks"] and {n: more["tasks"][n] for n in first["tasks"]} == first["tasks"]
+    assert more["load_seconds"] == first["load_seconds"] and more["num_params"] > 0 and more["feature_dim"] > 0
+    # what the record depends on is in its key: another verification protocol is another record
+    other = dataclasses.replace(two, protocol=ProbeProtocol(l2=0.1))
+    assert bench.truth_cache_keys(entry, other, None)[1][0] != bench.truth_cache_keys(entry, two, None)[1][0]
+    assert bench.truth_cache_keys(entry, three, None)[1][:2] == bench.truth_cache_keys(entry, two, None)[1]
+
+
 def test_verify_candidate_is_what_the_benchmark_measures():
     from selection.errors import ConfigError
     from selection.select import SelectConfig, task_split, verify_candidate
@@ -330,6 +364,8 @@ def test_verify_candidate_is_what_the_benchmark_measures():
     assert logme == pytest.approx(res["logme"])
     probe = verify_candidate(entry, labelled, None, SelectConfig(verify_by="probe"))
     assert probe == pytest.approx(res["verify_accuracy"])
+    ridge = verify_candidate(entry, labelled, None, SelectConfig(verify_by="ridge-loo"))
+    assert ridge == pytest.approx(res["ridge-loo"]) and ridge < 0
     with pytest.raises(ConfigError, match="'oracle'"):
         SelectConfig(verify_by="oracle")
     from selection.select import VERIFIERS
@@ -414,4 +450,8 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     catalog = [json.loads(line) for line in open(os.path.join(store, "benchmark", "catalog.jsonl"))]
     assert {c["id"] for c in catalog} == {m.id for m in plan.zoo}
     assert all("kind" in c["metadata"] and "trained_on" in c["metadata"] for c in catalog)
-    assert len(os.listdir(store / "benchmark" / "truth")) == len(plan.zoo)
+    models = os.listdir(store / "benchmark" / "truth")  # one folder per model: its load, one record per task
+    assert len(models) == len(plan.zoo)
+    assert all(sorted(os.listdir(store / "benchmark" / "truth" / m)) == sorted(
+        [f"{k}.json" for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None)[1]] + ["model.json"])
+        for m in models)
