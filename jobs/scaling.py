@@ -285,9 +285,8 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     torch.set_num_threads(threads)
     lm = load_model(entries[0])
     amp = torch.bfloat16 if device == "cuda" else None
-    lm.model.to(device)
+    lm.model.to(device).to(memory_format=torch.channels_last)  # the layout extract_features uses
     if device == "cuda":
-        lm.model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
     x = preprocess(std.probe_images[:batch], lm.data_config, device)
     bare = _bare_forward(lm, x, len(std.probe_images), device, amp)
