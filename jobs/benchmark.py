@@ -160,7 +160,7 @@ def quality(args: argparse.Namespace) -> int:
                              shared=(stds, tasks), desc="task embeddings", progress=progress)
     _raise_first(temb, "task embedding failed")
 
-    # 4. ground truth + brute force: every candidate on every task (cached per model in the store)
+    # 4. ground truth + brute force: every candidate on every task (cached per model and task in the store)
     say("ground truth", f"[4/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks")
     truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
                                    desc="ground truth", progress=progress)
@@ -211,7 +211,7 @@ def quality(args: argparse.Namespace) -> int:
         "run": {"command": command, "total_seconds": time.perf_counter() - t_start, "cpus": os.cpu_count(),
                 "host": f"{platform.system()} {platform.machine()}", "versions": _versions(),
                 "catalog": catalog_path, "embed": embed_info,
-                "stages_seconds": stages, "ground_truth_cached": sum(1 for r in truth_list if r.get("cached"))},
+                "stages_seconds": stages, "ground_truth_cached": sum(r["cached"] for r in truth_list)},
         "protocol": {"test_fraction": plan.protocol.test_fraction, "split_seed": plan.protocol.split_seed,
                      "l2": plan.protocol.l2, "max_iter": plan.protocol.max_iter,
                      "task_image_size": plan.task_image_size},

@@ -694,6 +694,17 @@ def choose_default_variant(results: dict[str, Any]) -> str:
     return best
 
 
+def choose_verifier(results: dict[str, Any], variant: str, k: int = 3) -> str:
+    """The verifier with the lowest dev-group mean top-k gap over the standards for `variant` (ties: VERIFIERS order)."""
+    best, best_gap = DEFAULT_VERIFIER, None
+    for verifier in VERIFIERS:
+        gap = _mean([res["groups"].get("dev", {}).get(variant_label(variant, k, verifier), {}).get("gap")
+                     for res in results.values()])
+        if gap is not None and (best_gap is None or gap < best_gap):
+            best, best_gap = verifier, gap
+    return best
+
+
 def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table: Any, table_load_s: float,
                      task_emb: dict[str, Any], truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every method's per-task metrics and costs for one standard (verification for all SE variants)."""
@@ -805,7 +816,7 @@ def evaluate_targets(res: dict[str, Any], default_variant: str) -> list[dict[str
 def compute_results(plan: QualityPlan, per_standard: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Choose the default SE variant on the dev group, then the targets per standard."""
     default = choose_default_variant(per_standard)
-    return {"default_variant": default,
+    return {"default_variant": default, "verifier_by_dev": choose_verifier(per_standard, default),
             "targets": {name: evaluate_targets(res, default) for name, res in per_standard.items()}}
 
 
@@ -993,13 +1004,16 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "(`fisher`) on the baseline features of the task's train part. *Verification of top k* "
              "(`selection.select.verify_candidate`): the k best-scored models are run on the train part and the "
              "best measured one is picked, measured by LogME evidence on all the train part's images (the "
-             "default, `+verify top-k`; chosen on the dev tasks) or by a linear probe under the same protocol "
-             "*inside the train part* (split again, seeded, stratified; `(probe)`). A user verifies on the "
+             "default, `+verify top-k`; chosen on the dev tasks), by the leave-one-out error of a ridge probe on them "
+             "(`(ridge-loo)`), or by a linear probe under the same protocol *inside the train part* (split again, "
+             "seeded, stratified; `(probe)`). A user verifies on the "
              "labelled data they have: the pick's ground-truth accuracy on the unseen test part is what the "
              "metrics use, so verification never sees the test labels. `(oracle)` rows re-rank the same "
              "shortlist by the ground truth itself: not a method, the best any verifier of that shortlist can do.")
-    L.append("- **Brute force**: LogME and H-score (`selection.scorers`) on every candidate's features of the "
-             "task's train part: m model loads and m × n_train forward passes per selection. **Random choice**: "
+    L.append("- **Brute force**: LogME, H-score and ridge LOO (`selection.scorers`: the closed-form "
+             "leave-one-out squared error of a ridge probe onto the one-hot labels, its penalty chosen by the same "
+             "error) on every candidate's features of the task's train part: m model loads and m × n_train "
+             "forward passes per selection. **Random choice**: "
              "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "
              "**Largest model**: by parameter count.")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
@@ -1008,7 +1022,10 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "single-core seconds measured in the workers (model loads, forward passes, probes/scorers, table "
              "load and sweep; summed, so the number does not depend on the benchmark's own parallelism).")
     L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
-             f"**{variant_label(default)}**; verification rows use it.\n")
+             f"**{variant_label(default)}**; verification rows use it. The verifier with the lowest dev mean "
+             f"top-3 gap over the standards: **{doc['summary'].get('verifier_by_dev')}** "
+             + ("(the library's default)" if doc["summary"].get("verifier_by_dev") == DEFAULT_VERIFIER else
+                f"(the library's default, used by the `+verify top-k` rows, is {DEFAULT_VERIFIER})") + ".\n")
 
     L.append("## Targets (test tasks)\n")
     rows = []
@@ -1087,8 +1104,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("## Reproduce\n")
     L.append(f"```\n{run['command']}\n```\n")
     L.append("Training is seeded and resumable (checkpoints that exist are reused), standards and embeddings are "
-             "reused when their ids and digests match, and each candidate's ground truth is cached in the store "
-             "(`benchmark/truth/`), so an interrupted run continues where it stopped. Timings are measured per "
+             "reused when their ids and digests match, and the ground truth is cached in the store per model and task "
+             "(`benchmark/truth/<model>/<task>.json`), so an interrupted run continues where it stopped and a new "
+             "task costs only its own records. Timings are measured per "
              "run; a resumed run reuses the cached timings of the models it does not re-measure.\n")
     return "\n".join(L)
 

@@ -271,6 +271,7 @@ def test_standard_results_metrics_and_costs():
     assert res["groups"]["dev"]["SE full/probe"]["n_tasks"] == 1
     summary = bench.compute_results(plan, {"s": res})
     assert summary["default_variant"] == "full/probe"  # ties on dev: the first variant
+    assert summary["verifier_by_dev"] == "logme"  # dev task "a": LogME's pick m0 is 10 points closer than m2
     t2 = {t["id"]: t for t in summary["targets"]["s"]}["T2"]
     assert "a perfect verifier of the same top 3: 10.00" in t2["detail"]
     assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
