@@ -245,9 +245,17 @@ def _resize_matrix(n_in: int, n_out: int, start: int, size: int, mode: str) -> t
 
 
 def _layout(device: str | torch.device) -> torch.memory_format:
-    """channels_last on every device: tensor cores on CUDA; on the CPU (torch 2.14, 2 threads, batch 64)
-    it ran forward passes 1.1-5x faster than NCHW on 9 of 10 zoo architectures (repvgg_a0 6 % slower)."""
-    return torch.channels_last
+    """Preprocessed images' layout: channels_last on CUDA (tensor cores), NCHW on the CPU.
+
+    Training (selection.zoo) runs in this layout, so that its checkpoints stay reproducible; forward
+    passes for features use INFERENCE_LAYOUT.
+    """
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+# On the CPU (torch 2.14, 2 threads, batch 64) channels_last ran forward passes 1.1-5x faster than NCHW
+# on 9 of 10 zoo architectures (repvgg_a0 6 % slower); on CUDA it is what tensor cores want.
+INFERENCE_LAYOUT = torch.channels_last
 
 
 def with_input_size(cfg: dict[str, Any], input_size: int | None) -> dict[str, Any]:
@@ -339,7 +347,7 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
     images go to the device once, are resized there, every batch has the same shape (the
     last one padded), and the features come back once.
     """
-    model = loaded.model.to(device).to(memory_format=_layout(device))
+    model = loaded.model.to(device).to(memory_format=INFERENCE_LAYOUT)
     cfg = with_input_size(loaded.data_config, input_size)
     ready = prepared is not None and prepared.key == preprocess_key(cfg) and len(prepared.array) == len(images)
     on_gpu = torch.device(device).type == "cuda"
@@ -348,13 +356,13 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
     out = []
     for s in range(0, len(images), batch_size):
         if ready:
-            x = torch.from_numpy(prepared.array[s:s + batch_size].copy()).to(device) \
-                .contiguous(memory_format=_layout(device))
+            x = torch.from_numpy(prepared.array[s:s + batch_size].copy()).to(device)
         else:
             x = preprocess(source[s:s + batch_size], cfg, device)
         n = len(x)
         if on_gpu and n < batch_size:  # pad the last batch: a new shape would mean new kernels
-            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]).contiguous(memory_format=_layout(device))
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+        x = x.contiguous(memory_format=INFERENCE_LAYOUT)
         try:
             with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None):
