@@ -905,13 +905,18 @@ def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
     markers = "osD^v"
+    palette = plt.get_cmap("tab20").colors  # one colour per method (up to 20)
+
+    def colour(mi: int) -> Any:
+        return palette[mi % len(palette)]
+
     for si, (name, res) in enumerate(per_standard.items()):
         rows = res["groups"].get(group) or res["groups"]["all"]
         for mi, method in enumerate(methods):
             r = rows.get(method)
             if not r or not r["seconds"]:
                 continue
-            kw = dict(marker=markers[si % len(markers)], s=50, color=f"C{mi % 10}", alpha=0.85)
+            kw = dict(marker=markers[si % len(markers)], s=50, color=colour(mi), alpha=0.85)
             a1.scatter(r["seconds"], r["gap"], **kw)
             if r["tau_w"] is not None:
                 a2.scatter(r["seconds"], r["tau_w"], **kw)
@@ -921,7 +926,7 @@ def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence
         ax.set_xlabel("cost of one selection (single-core seconds, log)")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], ls="", marker="o", color=f"C{mi % 10}", label=m) for mi, m in enumerate(methods)]
+    handles = [Line2D([], [], ls="", marker="o", color=colour(mi), label=m) for mi, m in enumerate(methods)]
     handles += [Line2D([], [], ls="", marker=markers[si % len(markers)], color="black", label=f"standard: {n}")
                 for si, n in enumerate(per_standard)]
     fig.legend(handles=handles, loc="center right", fontsize=8)
