@@ -695,7 +695,9 @@ def choose_default_variant(results: dict[str, Any]) -> str:
 
 
 def choose_verifier(results: dict[str, Any], variant: str, k: int = 3) -> str:
-    """The verifier with the lowest dev-group mean top-k gap over the standards for `variant` (ties: VERIFIERS order)."""
+    """The verifier with the lowest dev-group mean top-k gap over the standards for `variant`.
+
+    Ties: the first in VERIFIERS order."""
     best, best_gap = DEFAULT_VERIFIER, None
     for verifier in VERIFIERS:
         gap = _mean([res["groups"].get("dev", {}).get(variant_label(variant, k, verifier), {}).get("gap")
@@ -721,9 +723,10 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         recs = [truth[i]["tasks"][name] for i in ids]
         # What each verifier measures on the labelled part only (selection.select.verify_candidate),
         # and its cost per verified model after the load.
-        seen = {v: (np.array([r[v] for r in recs], np.float64), [r["features_seconds"] + r[f"{v}_seconds"] for r in recs])
-                for v in VERIFIERS if v in BRUTE_FORCE}
-        seen["probe"] = (np.array([r["verify_accuracy"] for r in recs], np.float64), [r["verify_seconds"] for r in recs])
+        seen = {v: (np.array([r[v] for r in recs], np.float64),
+                    [r["features_seconds"] + r[f"{v}_seconds"] for r in recs]) for v in VERIFIERS if v in BRUTE_FORCE}
+        seen["probe"] = (np.array([r["verify_accuracy"] for r in recs], np.float64),
+                         [r["verify_seconds"] for r in recs])
         n_train = recs[0]["n_train"]
         temb = task_emb["tasks"][name]
         sweep_s = {form: time_sweep(table, q) for form, q in temb[plan.methods[0]].items()
