@@ -201,6 +201,21 @@ def test_targets_and_default_choice():
     assert bench.choose_default_variant({"a": res, "b": other}) == "diagonal/probe"  # mean 0.5 vs 0.3
 
 
+def test_bootstrap_interval_of_the_targets_over_tasks():
+    lo, hi = bench.bootstrap_interval([0.0, 1.0, 2.0, 3.0, 10.0])
+    assert 0.0 <= lo < 3.2 < hi <= 10.0  # around the mean (3.2), inside the values' range
+    assert bench.bootstrap_interval([2.5] * 4) == (2.5, 2.5)
+    label, label3 = bench.variant_label("full/probe"), bench.variant_label("full/probe", 3)
+    res = _res(se_tau=0.6, se_gap=2.0, v3_gap=2.0, lm_tau=0.5, se_s=0.5, lm_s=100.0)
+    res["per_task"] = {t: {label: {"tau_w": 0.6 + d}, label3: {"gap": g}, "LogME (brute force)": {"tau_w": 0.5}}
+                       for t, d, g in (("x", 0.1, 0.0), ("y", -0.1, 4.0), ("z", 0.0, 2.0))}
+    t = {x["id"]: x for x in bench.evaluate_targets(res, "full/probe", ["x", "y", "z"])}
+    lo, hi = t["T2"]["interval"]
+    assert 0.0 <= lo < 2.0 < hi <= 4.0 and "90 % bootstrap interval over the test tasks" in t["T2"]["detail"]
+    lo, hi = t["T1"]["interval"]  # per-task margins 0.2, 0.0, 0.1
+    assert 0.0 <= lo < 0.1 < hi <= 0.2
+
+
 def _fake_inputs(d=3):
     """A 4-model table (full form, d=3) and hand-made truth/timings for one plan with 2 tasks."""
     import pyarrow as pa
@@ -274,6 +289,7 @@ def test_standard_results_metrics_and_costs():
     assert summary["verifier_by_dev"] == "logme"  # dev task "a": LogME's pick m0 is 10 points closer than m2
     t2 = {t["id"]: t for t in summary["targets"]["s"]}["T2"]
     assert "a perfect verifier of the same top 3: 10.00" in t2["detail"]
+    assert t2["interval"] is None  # one test task: no spread to resample
     assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
 
 
