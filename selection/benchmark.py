@@ -532,11 +532,11 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
     diag(G) (u), `seconds` the measured cost of the task embedding (baseline forward over the
     labelled part + G).
     """
-    from selection.models import load_model
     from selection.select import SelectConfig, embed_task, task_split
+    from selection.standard import load_standard_models
 
     t0 = time.perf_counter()
-    baseline = load_model(std.baseline)
+    models = load_standard_models(std)
     forms = ["full"] + (["per-source", "rank-mean"] if std.form == "per-source" else [])
     out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
     for task, protocol in zip(tasks, protocols, strict=True):
@@ -544,7 +544,7 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
         rec: dict[str, Any] = {"n_train": len(labelled)}
         for method in methods:
             cfg = SelectConfig(task_method=method, task_image_size=task_image_size)
-            emb = embed_task(std, labelled, cfg, baseline=baseline)
+            emb = embed_task(std, labelled, cfg, models=models)
             rec[method] = {form: emb.query(std, form) for form in forms}
             rec[method].update(diagonal=np.diag(emb.g).copy(), seconds=emb.seconds)
         out["tasks"][task.name] = rec

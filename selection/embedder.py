@@ -15,7 +15,7 @@ from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
 from selection.models import (Prepared, batch_size_for_memory, count_gflops, extract_features, load_model,
                               weights_digest)
-from selection.standard import Standard
+from selection.standard import Standard, is_standard_model
 from selection.storage import Store
 from selection.table import versions_json, write_row
 
@@ -92,7 +92,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "model_id": entry.id, "model_key": None, "arch": loaded.arch,
             "weights_source": entry.weights or "random-init",
             "weights_sha256": loaded.weights_sha256,
-            "is_baseline": loaded.weights_sha256 == std.baseline_sha256 and loaded.arch == std.baseline.arch,
+            "is_baseline": is_standard_model(std, loaded),
             "tags": list(entry.tags), "license": entry.license or loaded.model.pretrained_cfg.get("license"),
             "input_size": input_size, "feature_dim": int(h.shape[1]), "num_params": loaded.num_params,
             "gflops": count_gflops(loaded, std.input_size), "standard_id": std.id, "form": std.form,

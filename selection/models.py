@@ -92,6 +92,16 @@ def weights_digest(entry: CatalogEntry) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, values), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
     if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         from safetensors.torch import load as st_load

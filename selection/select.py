@@ -21,7 +21,7 @@ from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_quer
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, extract_features, load_model
-from selection.standard import Standard
+from selection.standard import Standard, StandardModels, standard_features
 from selection.table import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,12 @@ def load_task(spec: str, config: SelectConfig) -> ImageSet:
 
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
-               baseline: LoadedModel | None = None) -> TaskEmbedding:
+               models: StandardModels | None = None) -> TaskEmbedding:
     """Task embedding from all the task's labelled images and the standard only (never a candidate)."""
     import time
 
     t0 = time.perf_counter()
-    baseline = baseline or load_model(std.baseline)
-    z = std.project(extract_features(baseline, task.images, input_size=std.input_size))
+    z = standard_features(std, task.images, models)
     g = task_matrix(z, task.labels, config.task_method, task.name)
     weights = source_weights(z, std.z, std.sources) if std.form == "per-source" else np.ones(1)
     return TaskEmbedding(task.name, g, weights, len(task), len(task.classes), time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 
 Layout in a store:
     standards/<standard_id>/standard.json   spec, digests, versions
-    standards/<standard_id>/basis.npz       centring mean and whitening PCA projection
+    standards/<standard_id>/basis.npz       centring mean and whitening PCA projection (and the companion's)
     standards/<standard_id>/probe.npz       probe images (uint8), split, baseline features z
     standards/DEFAULT                       id of the store's default standard
 """
@@ -36,6 +36,11 @@ DEFAULT_PROBE_SOURCES = (
     "builtin:photos?n=200&seed=1",
     "builtin:textures?n=200&seed=2",
 )
+# A random-init network whose features join the baseline's in the standard's basis: what a trained
+# baseline discards (near-pixel information) is then in z too, and a task that needs it can say so.
+# Chosen on the benchmark's dev tasks (docs/method-experiments.md, "Session 7").
+DEFAULT_COMPANION = CatalogEntry(id="companion/convnext_atto", arch="convnext_atto", weights=None,
+                                 input_size=32, tags=("random-init",))
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class StandardConfig:
     split_seed: int = 0
     input_size: int | None = None  # None: every model runs at its own input size
     batch_size: int = 64
+    companion: CatalogEntry | None = DEFAULT_COMPANION  # None: the baseline's features alone
+    companion_d: int | None = None  # of the d dimensions, the companion's (None: d // 2)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -67,6 +74,16 @@ class StandardConfig:
             raise ConfigError(f"input_size must be in [8, 1024], got {self.input_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.companion is not None and not 1 <= self.split[1] < self.d:
+            raise ConfigError(f"companion_d must be in [1, d - 1] = [1, {self.d - 1}], got {self.companion_d}")
+
+    @property
+    def split(self) -> tuple[int, int]:
+        """(baseline dimensions, companion dimensions) of z; they add up to d."""
+        if self.companion is None:
+            return self.d, 0
+        cd = self.d // 2 if self.companion_d is None else self.companion_d
+        return self.d - cd, cd
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +99,8 @@ class Standard:
     projection: np.ndarray
     z: np.ndarray
     created: dict[str, Any] = field(default_factory=dict)
+    companion_mean: np.ndarray | None = None        # the companion's centring and projection, if any
+    companion_projection: np.ndarray | None = None
 
     @property
     def form(self) -> str:
@@ -116,11 +135,71 @@ class Standard:
     def baseline_sha256(self) -> str:
         return self.spec["baseline"]["weights_sha256"]
 
-    def project(self, h: np.ndarray) -> np.ndarray:
-        """Baseline features (n, k) -> standardised baseline features z (n, d)."""
-        if h.ndim != 2 or h.shape[1] != self.mean.shape[0]:
-            raise StandardMismatchError(f"baseline features should be (n, {self.mean.shape[0]}), got {h.shape}")
-        return ((h.astype(np.float64) - self.mean) @ self.projection).astype(np.float64)
+    @property
+    def companion(self) -> CatalogEntry | None:
+        part = self.spec.get("companion")
+        return None if part is None else CatalogEntry.from_dict(part["entry"], "standard companion")
+
+    def project(self, h: np.ndarray, h_companion: np.ndarray | None = None) -> np.ndarray:
+        """Baseline features (n, k) (and the companion's (n, k')) -> standardised baseline features z (n, d)."""
+        z = _project(h, self.mean, self.projection, "baseline")
+        if self.companion_mean is None:
+            if h_companion is not None:
+                raise StandardMismatchError(f"standard {self.id!r} has no companion, got companion features")
+            return z
+        if h_companion is None or len(h_companion) != len(h):
+            raise StandardMismatchError(f"standard {self.id!r} needs the companion's features for the same "
+                                        f"{len(h)} images, got {None if h_companion is None else h_companion.shape}")
+        return np.concatenate([z, _project(h_companion, self.companion_mean, self.companion_projection,
+                                           "companion")], axis=1)
+
+
+def _project(h: np.ndarray, mean: np.ndarray, projection: np.ndarray, what: str) -> np.ndarray:
+    if h.ndim != 2 or h.shape[1] != mean.shape[0]:
+        raise StandardMismatchError(f"{what} features should be (n, {mean.shape[0]}), got {h.shape}")
+    return (h.astype(np.float64) - mean) @ projection
+
+
+@dataclass(frozen=True, eq=False)
+class StandardModels:
+    """The standard's networks, loaded: what turns a task's images into z."""
+
+    baseline: Any   # selection.models.LoadedModel
+    companion: Any  # LoadedModel or None
+
+
+def load_standard_models(std: Standard) -> StandardModels:
+    """Load the baseline (and companion); a companion whose weights differ from the standard's is refused."""
+    from selection.models import load_model, state_digest
+
+    companion = None
+    if std.companion is not None:
+        companion = load_model(std.companion)
+        want = std.spec["companion"]["state_sha256"]
+        if state_digest(companion.model) != want:
+            raise StandardMismatchError(
+                f"standard {std.id!r}: the companion {std.companion.arch!r} initialises to other weights here "
+                f"than when the standard was built (torch/timm versions differ?); rebuild the standard")
+    return StandardModels(load_model(std.baseline), companion)
+
+
+def is_standard_model(std: Standard, loaded: Any) -> bool:
+    """Whether a loaded model is the standard's baseline or companion (it would cover itself)."""
+    own = [(std.baseline.arch, std.baseline_sha256)]
+    if std.companion is not None:
+        own.append((std.companion.arch, std.spec["companion"]["weights_sha256"]))
+    return (loaded.arch, loaded.weights_sha256) in own
+
+
+def standard_features(std: Standard, images: np.ndarray, models: StandardModels | None = None) -> np.ndarray:
+    """z (n, d) of images: the baseline's (and companion's) features, projected onto the standard's basis."""
+    from selection.models import extract_features
+
+    models = models or load_standard_models(std)
+    h = extract_features(models.baseline, images, input_size=std.input_size)
+    hc = None if models.companion is None else extract_features(models.companion, images,
+                                                                   input_size=std.input_size)
+    return std.project(h, hc)
 
 
 def _versions() -> dict[str, str]:
@@ -150,12 +229,12 @@ def build_probe_set(config: StandardConfig) -> tuple[np.ndarray, list[int]]:
     return images, [len(p) for p in parts]
 
 
-def _whitening(h_fit: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+def _whitening(h_fit: np.ndarray, d: int, what: str = "baseline") -> tuple[np.ndarray, np.ndarray]:
     mean = h_fit.mean(0)
     _, s, vt = np.linalg.svd(h_fit - mean, full_matrices=False)
     rank = int((s > s[0] * 1e-6).sum()) if s.size else 0
     if d > rank:
-        raise ConfigError(f"d={d} exceeds the rank {rank} of the baseline features on the probe "
+        raise ConfigError(f"d={d} exceeds the rank {rank} of the {what} features on the probe "
                           f"fit split; choose a smaller d or a larger probe set")
     comps = vt[:d]
     # Deterministic signs: the largest-magnitude loading of each component is positive.
@@ -168,7 +247,7 @@ def _whitening(h_fit: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
 def compute_standard_id(spec: dict[str, Any]) -> str:
     keyed = {k: spec[k] for k in ("baseline_arch", "baseline_sha256", "probe_sha256", "d", "form",
                                   "fit_fraction", "split_seed", "input_size", "versions",
-                                  "preprocessing", "source_crossfit") if k in spec}
+                                  "preprocessing", "source_crossfit", "companion") if k in spec}
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
     return "std-" + hashlib.sha256(blob).hexdigest()[:16]
 
@@ -210,6 +289,10 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     }
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
+    if config.companion is not None:
+        spec["companion"] = {"entry": config.companion.to_dict(), "d": config.split[1],
+                             "weights_sha256": weights_digest(config.companion),
+                             "state_sha256": _companion_state(config.companion)}
     spec["standard_id"] = compute_standard_id(spec)
     return spec, images
 
@@ -224,8 +307,15 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
     loaded = load_model(config.baseline)
     h = extract_features(loaded, images, input_size=config.input_size,
                          batch_size=config.batch_size, progress=progress).astype(np.float64)
-    mean, projection = _whitening(h[fit_idx], config.d)
+    d_base, d_comp = config.split
+    mean, projection = _whitening(h[fit_idx], d_base)
     z = (h - mean) @ projection
+    c_mean = c_projection = None
+    if config.companion is not None:
+        hc = extract_features(load_model(config.companion), images, input_size=config.input_size,
+                              batch_size=config.batch_size).astype(np.float64)
+        c_mean, c_projection = _whitening(hc[fit_idx], d_comp, "companion")
+        z = np.concatenate([z, (hc - c_mean) @ c_projection], axis=1)
     spec["baseline"]["feature_dim"] = int(h.shape[1])
     spec["baseline_data_config"] = {k: list(v) if isinstance(v, tuple) else v
                                     for k, v in loaded.data_config.items()}
@@ -233,7 +323,14 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
                "zooselect": selection.__version__}
     log.info("built standard %s (%d probe images, d=%d, form=%s) in %.1fs", spec["standard_id"],
              len(images), config.d, config.form, created["build_seconds"])
-    return Standard(spec["standard_id"], spec, images, fit_idx, val_idx, mean, projection, z, created)
+    return Standard(spec["standard_id"], spec, images, fit_idx, val_idx, mean, projection, z, created,
+                    c_mean, c_projection)
+
+
+def _companion_state(entry: CatalogEntry) -> str:
+    from selection.models import load_model, state_digest
+
+    return state_digest(load_model(entry).model)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -253,7 +350,9 @@ def _load_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
 def save_standard(store: Store, std: Standard, make_default: bool = True) -> None:
     """Publish a standard (data files first, standard.json last, so it is complete once visible)."""
     base = f"standards/{std.id}"
-    store.write_bytes(f"{base}/basis.npz", _npz(mean=std.mean, projection=std.projection))
+    companion = {} if std.companion_mean is None else {"companion_mean": std.companion_mean,
+                                                       "companion_projection": std.companion_projection}
+    store.write_bytes(f"{base}/basis.npz", _npz(mean=std.mean, projection=std.projection, **companion))
     store.write_bytes(f"{base}/probe.npz", _npz(images=std.probe_images, fit_idx=std.fit_idx,
                                                   val_idx=std.val_idx, z=std.z))
     doc = dict(std.spec, created=std.created)
@@ -296,5 +395,8 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
         raise StandardMismatchError(f"standard {sid!r}: its spec does not hash to its id (edited or corrupt)")
     basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{base}/basis.npz")
     probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{base}/probe.npz")
+    if (spec.get("companion") is None) != ("companion_mean" not in basis):
+        raise StoreError(f"corrupt standard {sid!r}: its spec and basis.npz disagree on the companion")
     return Standard(sid, spec, probe["images"], probe["fit_idx"], probe["val_idx"], basis["mean"],
-                    basis["projection"], probe["z"], created)
+                    basis["projection"], probe["z"], created, basis.get("companion_mean"),
+                    basis.get("companion_projection"))

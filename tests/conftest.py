@@ -22,7 +22,7 @@ TINY_BASELINE = CatalogEntry("baseline/resnet10t", "resnet10t", None, input_size
 
 def tiny_config(**overrides) -> StandardConfig:
     kwargs = dict(baseline=TINY_BASELINE, probe_sources=TINY_PROBE, probe_image_size=32, d=8,
-                  form="full")
+                  form="full", companion=None)  # the companion's own tests: tests/test_companion.py
     kwargs.update(overrides)
     return StandardConfig(**kwargs)
 

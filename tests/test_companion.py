@@ -1,0 +1,91 @@
+"""The standard's random-init companion: its features join the baseline's in z."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from selection.data import load_dataset
+from selection.embedder import embed_entry
+from selection.errors import ConfigError, StandardMismatchError
+from selection.standard import (DEFAULT_COMPANION, StandardConfig, build_standard, load_standard,
+                                load_standard_models, plan_standard, save_standard, standard_features)
+from selection.table import load_table
+from tests.conftest import tiny_config
+from tests.test_standard_table import A, C
+
+
+@pytest.fixture(scope="module")
+def with_companion():
+    return build_standard(tiny_config(companion=DEFAULT_COMPANION, form="per-source"))
+
+
+def test_library_default_has_the_companion_on_half_of_d():
+    config = StandardConfig()
+    assert config.companion == DEFAULT_COMPANION and config.split == (32, 32)
+    assert tiny_config(companion=DEFAULT_COMPANION, d=9, companion_d=2).split == (7, 2)
+    assert tiny_config().split == (8, 0)
+
+
+@pytest.mark.parametrize("cd", [0, 8, 20])
+def test_companion_d_out_of_range_is_a_clear_error(cd):
+    with pytest.raises(ConfigError, match=rf"companion_d must be in \[1, d - 1\] = \[1, 7\], got {cd}"):
+        tiny_config(companion=DEFAULT_COMPANION, companion_d=cd)
+
+
+def test_companion_is_part_of_the_standard_id():
+    ids = {plan_standard(c)[0]["standard_id"] for c in (
+        tiny_config(), tiny_config(companion=DEFAULT_COMPANION),
+        tiny_config(companion=DEFAULT_COMPANION, companion_d=3),
+        tiny_config(companion=dataclasses.replace(DEFAULT_COMPANION, id="companion/other-seed")))}
+    assert len(ids) == 4
+
+
+def test_z_is_both_networks_whitened_on_the_fit_split(with_companion):
+    std = with_companion
+    assert std.z.shape == (len(std.probe_images), 8)
+    z_fit = std.z[std.fit_idx]
+    assert np.allclose(z_fit.mean(0), 0, atol=1e-8)
+    assert np.allclose(np.cov(z_fit[:, :4], rowvar=False), np.eye(4), atol=1e-6)  # the baseline's half
+    assert np.allclose(np.cov(z_fit[:, 4:], rowvar=False), np.eye(4), atol=1e-6)  # the companion's half
+    # The halves are different networks: far from a copy of each other.
+    cross = np.corrcoef(z_fit[:, :4].T, z_fit[:, 4:].T)[:4, 4:]
+    assert np.abs(cross).max() < 0.99
+
+
+def test_task_features_reproduce_the_probe_z_after_a_store_roundtrip(with_companion, store):
+    save_standard(store, with_companion)
+    std = load_standard(store)
+    assert std.companion == DEFAULT_COMPANION
+    assert np.array_equal(std.companion_projection, with_companion.companion_projection)
+    z = standard_features(std, std.probe_images[:50])
+    assert np.allclose(z, with_companion.z[:50], atol=1e-5)
+    with pytest.raises(StandardMismatchError, match="needs the companion's features"):
+        std.project(np.zeros((3, std.mean.shape[0])))
+
+
+def test_a_companion_that_initialises_differently_is_refused(with_companion):
+    spec = dict(with_companion.spec, companion=dict(with_companion.spec["companion"], state_sha256="0" * 64))
+    with pytest.raises(StandardMismatchError, match="initialises to other weights here"):
+        load_standard_models(dataclasses.replace(with_companion, spec=spec))
+
+
+def test_the_companion_as_a_candidate_is_flagged_like_the_baseline(with_companion, store):
+    save_standard(store, with_companion)
+    for entry in (DEFAULT_COMPANION, A, C):
+        assert embed_entry(entry, with_companion, store).status == "embedded"
+    table = load_table(store, with_companion)
+    flags = dict(zip(table.model_ids, table.meta.column("is_baseline").to_pylist()))
+    assert flags == {DEFAULT_COMPANION.id: True, A.id: False, C.id: False}
+
+
+def test_selection_end_to_end_with_a_companion(with_companion, store):
+    from selection.select import SelectConfig, embed_task, sweep
+
+    save_standard(store, with_companion)
+    for entry in (A, C):
+        embed_entry(entry, with_companion, store)
+    task = load_dataset("builtin:digits?split=test&n=40", 32)
+    emb = embed_task(with_companion, task, SelectConfig(task_image_size=32))
+    ranked = sweep(load_table(store, with_companion), [emb.query(with_companion, "rank-mean")], top_k=2)[0]
+    assert sorted(r.model_id for r in ranked) == sorted([A.id, C.id])
