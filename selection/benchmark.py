@@ -441,7 +441,11 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
     def digest(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    model = digest({"v": BENCH_VERSION, "entry": entry.to_dict(), "input_size": std_input_size})
+    from selection.models import weights_digest
+
+    # The weights by content, not by path: a store that moved (or a bit-identical retrain) reuses its records.
+    keyed = dict(entry.to_dict(), weights=weights_digest(entry))
+    model = digest({"v": BENCH_VERSION, "entry": keyed, "input_size": std_input_size})
     common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
               "scorers": BRUTE_FORCE}
     tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})
@@ -763,7 +767,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         rows["largest model"] = dict(ranking_metrics(params, acc, ids), forward_passes=0, seconds=0.0)
         per_task[name] = rows
     return {"standard": standard.name, "title": standard.title, "standard_id": std.id,
-            "baseline": std.baseline.to_dict(), "excluded": list(standard.exclude), "n_candidates": m,
+            "baseline": std.baseline.to_dict(),
+            "companion": None if std.companion is None else std.companion.to_dict(), "excluded": list(standard.exclude), "n_candidates": m,
             "candidates": ids, "table_load_seconds": table_load_s,
             "task_embedding_load_seconds": task_emb["load_seconds"],
             "per_task": per_task, "groups": aggregate(per_task, groups), "scores": scores_out}
@@ -1031,7 +1036,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
              f"(`selection.linear_probe`: standardised features, L2 {plan.protocol.l2:g}, L-BFGS up to "
              f"{plan.protocol.max_iter} iterations), of every candidate on every task.")
-    L.append("- **Standardized Embedder (SE)**: the standards store the per-source form, which holds the full "
+    L.append("- **Standardized Embedder (SE)**: each standard's basis z is its baseline's features and, on half "
+             "of the d dimensions, a random-init companion network's (`selection.standard.DEFAULT_COMPANION`; "
+             "chosen on the dev tasks). The standards store the per-source form, which holds the full "
              "form (C, d(d+1)/2 numbers) and, for every probe source, the cross-fitted within-source C_s and "
              "prediction covariance S_s; every row also has the diagonal (coverage). Scores: `full` <C, G>, "
              "`diagonal` sum u_j v_j, `per-source` the correlation of the model's prediction with the baseline "
@@ -1074,7 +1081,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     for name, res in per_standard.items():
         L.append(f"## Standard `{name}`: {res['title']}\n")
         L.append(f"Standard id `{res['standard_id']}`, baseline `{res['baseline'].get('id')}` "
-                 f"({res['baseline'].get('arch')}), {res['n_candidates']} candidates"
+                 f"({res['baseline'].get('arch')})"
+                 + (f" with the random-init companion `{res['companion']['arch']}`" if res.get("companion") else "")
+                 + f", {res['n_candidates']} candidates"
                  + (f" ({', '.join(res['excluded'])} removed)" if res["excluded"] else "") + ". "
                  "Embedding the zoo (the O(1) update, once per model): "
                  f"{run['embed'].get(name, {}).get('detail', '')}\n")

@@ -6,6 +6,7 @@ dataset spec, seeded, saved as safetensors; its catalog entry records provenance
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -43,15 +44,19 @@ class TrainSpec:
             raise ConfigError(f"train spec {self.id!r}: epochs >= 1, lr > 0, batch_size >= 2 needed, "
                               f"got {self.epochs}, {self.lr}, {self.batch_size}")
 
-    def digest(self) -> str:
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+    def digest(self, store_url: str = "") -> str:
+        """Key of the checkpoint; data inside the store counts by its path there, not the store's URL."""
+        spec = self
+        if store_url and self.data.startswith(store_url + "/"):
+            spec = dataclasses.replace(self, data="<store>" + self.data[len(store_url):])
+        return hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
 
 
 def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
     """Train (or reuse, when a checkpoint of the same spec exists) and return its catalog entry."""
     from safetensors.torch import save
 
-    rel = f"{prefix}/{spec.digest()}.safetensors"
+    rel = f"{prefix}/{spec.digest(store.url)}.safetensors"
     data = load_dataset(spec.data, max(spec.input_size, 32))
     n_classes = len(data.classes)
     entry = CatalogEntry(id=spec.id, arch=spec.arch, weights=f"{store.url}/{rel}", tags=spec.tags,

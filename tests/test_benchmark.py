@@ -3,6 +3,7 @@ and the `--small` pipeline end to end on a real local Ray (integration)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -314,8 +315,6 @@ def _tiny_task(name="t"):
     from selection.data import load_dataset
 
     ds = load_dataset("builtin:digits?split=test&classes=0,1,2&per_class=6&seed=3", 32)
-    import dataclasses
-
     return dataclasses.replace(ds, name=name)
 
 
@@ -341,8 +340,6 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
 
 def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
     """Adding a task evaluates only that task; the records of the others are reused as they were."""
-    import dataclasses
-
     from selection.storage import Store
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
@@ -472,3 +469,30 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert all(sorted(os.listdir(store / "benchmark" / "truth" / m)) == sorted(
         [f"{k}.json" for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None)[1]] + ["model.json"])
         for m in models)
+
+
+def test_cache_keys_follow_content_not_the_store_path(tmp_path):
+    """A moved store (or a bit-identical checkpoint elsewhere) keeps its training and truth caches."""
+    import shutil
+
+    import torch
+
+    from selection.zoo import TrainSpec
+    from tests.conftest import save_checkpoint
+
+    spec = TrainSpec("g", "resnet10t", "/stores/a/benchmark/data/general-1.parquet")
+    moved = dataclasses.replace(spec, data="s3://b/p/benchmark/data/general-1.parquet")
+    assert spec.digest("/stores/a") == moved.digest("s3://b/p")
+    assert spec.digest("/stores/a") != dataclasses.replace(spec, data=spec.data.replace("-1", "-2")).digest("/stores/a")
+    assert spec.digest("/stores/b") == spec.digest() != spec.digest("/stores/a")  # outside the store: the URL counts
+    net = torch.nn.Linear(3, 2)
+    a = save_checkpoint(net, str(tmp_path / "a.safetensors"))
+    b = str(tmp_path / "b.safetensors")
+    shutil.copy(a, b)
+    plan = bench.small_plan()
+    key = lambda path: bench.truth_cache_keys(CatalogEntry("m", "resnet10t", path), plan, None)  # noqa: E731
+    assert key(a) == key(b)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    save_checkpoint(net, b)
+    assert key(a)[0] != key(b)[0] and key(a)[1] == key(b)[1]
