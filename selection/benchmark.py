@@ -768,7 +768,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         per_task[name] = rows
     return {"standard": standard.name, "title": standard.title, "standard_id": std.id,
             "baseline": std.baseline.to_dict(),
-            "companion": None if std.companion is None else std.companion.to_dict(), "excluded": list(standard.exclude), "n_candidates": m,
+            "companion": None if std.companion is None else std.companion.to_dict(),
+            "excluded": list(standard.exclude), "n_candidates": m,
             "candidates": ids, "table_load_seconds": table_load_s,
             "task_embedding_load_seconds": task_emb["load_seconds"],
             "per_task": per_task, "groups": aggregate(per_task, groups), "scores": scores_out}
