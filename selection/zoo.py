@@ -44,12 +44,15 @@ class TrainSpec:
             raise ConfigError(f"train spec {self.id!r}: epochs >= 1, lr > 0, batch_size >= 2 needed, "
                               f"got {self.epochs}, {self.lr}, {self.batch_size}")
 
-    def digest(self, store_url: str = "") -> str:
-        """Key of the checkpoint; data inside the store counts by its path there, not the store's URL."""
-        spec = self
+    def portable(self, store_url: str = "") -> "TrainSpec":
+        """This spec with data inside the store named by its path there (`<store>/...`), not the store's URL."""
         if store_url and self.data.startswith(store_url + "/"):
-            spec = dataclasses.replace(self, data="<store>" + self.data[len(store_url):])
-        return hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
+            return dataclasses.replace(self, data="<store>" + self.data[len(store_url):])
+        return self
+
+    def digest(self, store_url: str = "") -> str:
+        """Key of the checkpoint: the same wherever the store is."""
+        return hashlib.sha256(repr(self.portable(store_url)).encode()).hexdigest()[:12]
 
 
 def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
@@ -94,7 +97,8 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
             sched.step()
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    store.write_bytes(rel, save(state, metadata={"arch": spec.arch, "data": spec.data}))
+    # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
+    store.write_bytes(rel, save(state, metadata={"arch": spec.arch, "data": spec.portable(store.url).data}))
     log.info("trained %s (%s on %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data,
              time.perf_counter() - t0, loss.item())
     return entry

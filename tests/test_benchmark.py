@@ -496,3 +496,22 @@ def test_cache_keys_follow_content_not_the_store_path(tmp_path):
         net.weight.add_(1.0)
     save_checkpoint(net, b)
     assert key(a)[0] != key(b)[0] and key(a)[1] == key(b)[1]
+
+
+def test_training_gives_the_same_checkpoint_in_a_moved_store(tmp_path):
+    import shutil
+
+    from selection.data import load_dataset
+    from selection.storage import Store
+    from selection.zoo import TrainSpec, train
+
+    a = Store(str(tmp_path / "a"))
+    bench.write_dataset_parquet(a, "benchmark/data/d.parquet", load_dataset("builtin:digits?split=test&n=40", 32))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = Store(str(tmp_path / "b"))
+    spec = TrainSpec("m", "resnet10t", "", epochs=1, batch_size=16)
+    ea = train(dataclasses.replace(spec, data=f"{a.url}/benchmark/data/d.parquet"), a)
+    eb = train(dataclasses.replace(spec, data=f"{b.url}/benchmark/data/d.parquet"), b)
+    rel = ea.weights.removeprefix(a.url + "/")
+    assert eb.weights == f"{b.url}/{rel}"
+    assert a.read_bytes(rel) == b.read_bytes(rel)
