@@ -1,7 +1,7 @@
 """The embedded default, end to end on one machine: `python -m jobs.demo`.
 
-Starts a local Ray, builds the default standard (ImageNet EfficientNet-Lite2) into a
-local directory store, trains and embeds a demo zoo of 8 candidates (ImageNet
+Starts a local Ray, builds the default standard (ImageNet EfficientNet-Lite2 with its
+random-init ConvNeXt-atto companion) into a local directory store, trains and embeds a demo zoo of 8 candidates (ImageNet
 EfficientNet-Lite0/1, small timm models trained on different data, random-init
 models), selects for two tasks and prints, per task, the ranking with the score and
 every model's measured linear-probe accuracy side by side. Selection sees only each
