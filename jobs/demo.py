@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Store(args.store)
     store.check()
     runtime.init(args.address)
-    print(f"[1/5] standard (ImageNet EfficientNet-Lite2 over the built-in probe set) -> {store.url}")
+    print(f"[1/5] standard (ImageNet EfficientNet-Lite2 + random ConvNeXt-atto companion over the built-in "
+          f"probe set) -> {store.url}")
     standard_job.main(["--store", args.store] + flags)
     print("[2/5] demo zoo: training 4 small models on different data")
     trained = runtime.map_tasks(_train, [(s, store.url) for s in TRAINED], desc="train",

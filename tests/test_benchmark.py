@@ -253,7 +253,8 @@ def _fake_inputs(d=3):
 
 def test_standard_results_metrics_and_costs():
     plan, sp, table, task_emb, truth = _fake_inputs()
-    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full"})()
+    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
+                           "companion": None})()
     res = bench.standard_results(plan, sp, std, table, 0.05, task_emb, truth)
     assert res["candidates"] == ["m0", "m1", "m2", "m3"] and res["n_candidates"] == 4
     rows = res["per_task"]["b"]
