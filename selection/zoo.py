@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -98,7 +99,9 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
-    store.write_bytes(rel, save(state, metadata={"arch": spec.arch, "data": spec.portable(store.url).data}))
+    # One metadata key: safetensors writes several in a random order (a hash map), which changed the bytes.
+    meta = json.dumps({"arch": spec.arch, "data": spec.portable(store.url).data}, sort_keys=True)
+    store.write_bytes(rel, save(state, metadata={"zooselect": meta}))
     log.info("trained %s (%s on %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data,
              time.perf_counter() - t0, loss.item())
     return entry
