@@ -145,6 +145,7 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     """Build the timm model for `entry` with its weights, in eval mode on the CPU."""
     import timm
     from timm.data import resolve_model_data_config
+    from timm.models import get_pretrained_cfg
 
     w = entry.weights
     arch = entry.arch
@@ -173,10 +174,13 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
                 raise ModelError(f"model {entry.id!r}: {w} does not match {arch!r} positionally")
             state = dict(zip(target.keys(), state.values()))
         else:
-            if arch not in timm.list_models() and not timm.is_model(arch):
+            if not timm.is_model(arch):  # also knows tagged names (resnet18.a1_in1k)
                 raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}")
-            probe = _create(arch, entry, pretrained=False)
-            clf = probe.pretrained_cfg.get("classifier")
+            # The head's name, to size it from the checkpoint: from timm's registry (no model built),
+            # or from a throw-away model for an architecture registered without a config.
+            cfg = get_pretrained_cfg(arch)
+            clf = (cfg.classifier if cfg is not None
+                   else _create(arch, entry, pretrained=False).pretrained_cfg.get("classifier"))
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
             num_classes = entry.num_classes
             if num_classes is None:
