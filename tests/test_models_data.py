@@ -33,6 +33,17 @@ def test_safetensors_and_pth_checkpoints_load(tmp_path):
     assert weights_digest(entry) == load_model(entry).weights_sha256
 
 
+def test_a_checkpoint_load_builds_one_model(tmp_path, monkeypatch):
+    import selection.models as models
+
+    st = save_checkpoint(timm.create_model("resnet10t", num_classes=5), str(tmp_path / "m.safetensors"))
+    built = []
+    create = models._create
+    monkeypatch.setattr(models, "_create", lambda arch, entry, **kw: built.append(kw) or create(arch, entry, **kw))
+    assert load_model(CatalogEntry("m", "resnet10t", st)).model.num_classes == 5
+    assert built == [{"pretrained": False, "num_classes": 5}]
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/zooselect-pwned",))
