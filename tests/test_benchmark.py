@@ -514,7 +514,7 @@ def test_training_gives_the_same_checkpoint_in_a_moved_store(tmp_path):
     b = Store(str(tmp_path / "b"))
     spec = TrainSpec("m", "resnet10t", "", epochs=1, batch_size=16)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the benchmark's workers: multi-threaded CPU training is not bitwise repeatable
+    torch.set_num_threads(1)  # as the benchmark's workers train (one thread each)
     try:
         ea = train(dataclasses.replace(spec, data=f"{a.url}/benchmark/data/d.parquet"), a)
         eb = train(dataclasses.replace(spec, data=f"{b.url}/benchmark/data/d.parquet"), b)
