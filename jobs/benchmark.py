@@ -153,15 +153,17 @@ def quality(args: argparse.Namespace) -> int:
     # 3. tasks; SE task embeddings (one Ray task per standard). Run before the actors start, on the
     #    workers that trained the zoo (already warm)
     tasks = bench.load_tasks(plan)
-    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {len(stds)} standards x "
-                           f"{len(plan.methods)} methods")
-    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, plan.task_protocols(), plan.task_image_size)
+    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {plan.splits} splits x {len(stds)} "
+                           f"standards x {len(plan.methods)} methods")
+    splits = [plan.task_protocols(r) for r in range(plan.splits)]
+    temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, splits, plan.task_image_size)
                                                 for i in range(len(stds))],
                              shared=(stds, tasks), desc="task embeddings", progress=progress)
     _raise_first(temb, "task embedding failed")
 
     # 4. ground truth + brute force: every candidate on every task (cached per model and task in the store)
-    say("ground truth", f"[4/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks")
+    say("ground truth", f"[4/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks "
+                        f"x {plan.splits} splits")
     truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
                                    desc="ground truth", progress=progress)
     _raise_first(truth_list, "ground truth failed")
@@ -213,6 +215,7 @@ def quality(args: argparse.Namespace) -> int:
                 "catalog": catalog_path, "embed": embed_info,
                 "stages_seconds": stages, "ground_truth_cached": sum(r["cached"] for r in truth_list)},
         "protocol": {"test_fraction": plan.protocol.test_fraction, "split_seed": plan.protocol.split_seed,
+                     "splits": plan.splits,
                      "l2": plan.protocol.l2, "max_iter": plan.protocol.max_iter,
                      "task_image_size": plan.task_image_size},
         "zoo": bench.zoo_records(plan, entries, truth),

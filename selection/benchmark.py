@@ -9,10 +9,11 @@ Everything here is plain library code (no Ray); `jobs/benchmark.py` fans it out.
   the zoo; ImageNet EfficientNet-Lite2 with Lite2 removed from the candidates).
 - **Measurements**: `evaluate_candidate` gives one candidate's ground truth (linear-probe
   test accuracy, `selection.select.model_task_accuracy`) and its brute-force scores
-  (LogME, H-score on the task's train split) with timings; `embed_benchmark_tasks` gives
-  the task embeddings of one standard (`selection.select.embed_task`) with timings.
-- **Results** (`compute_results`): per task and group mean, weighted tau, top-1 gap
-  (points), rel@1, rel@3 and the cost of one selection (forward passes, seconds) of every
+  (LogME, H-score on the task's train split) with timings, on each of the plan's
+  labelled/held-out splits of every task; `embed_benchmark_tasks` gives the task embeddings
+  of one standard (`selection.select.embed_task`) with timings.
+- **Results** (`compute_results`): per task (mean over its splits) and group mean, weighted
+  tau, top-1 gap (points), rel@1, rel@3 and the cost of one selection (forward passes, seconds) of every
   method; the targets of the issue; `write_report` writes `benchmark.md`,
   `benchmark.json` and the plots.
 
@@ -62,6 +63,9 @@ IMAGENET_INPUT_SIZE = 128
 TARGET_GAP_POINTS = 1.0
 TARGET_SPEEDUP = 10.0
 TARGET_MIN_MODELS = 40
+# Labelled/held-out splits per task in the full plan: with 5-150 labelled images per class, one split's
+# top-1 gap moves by points with the images drawn; every metric is the mean over the splits.
+FULL_SPLITS = 5
 
 
 # -- the plan ------------------------------------------------------------------------------
@@ -146,8 +150,11 @@ class QualityPlan:
     task_image_size: int = 64
     methods: tuple[str, ...] = ("probe", "fisher")
     verify_ks: tuple[int, ...] = VERIFY_KS
+    splits: int = 1  # labelled/held-out splits per task (split seeds protocol.split_seed + 0, 1, ...)
 
     def __post_init__(self) -> None:
+        if self.splits < 1:
+            raise ConfigError(f"plan {self.name!r}: splits must be >= 1, got {self.splits}")
         ids = [m.id for m in self.zoo]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"plan {self.name!r}: duplicate zoo ids")
@@ -165,9 +172,10 @@ class QualityPlan:
     def candidates(self, standard: StandardPlan) -> list[str]:
         return [m.id for m in self.zoo if m.id not in standard.exclude]
 
-    def task_protocols(self) -> list[ProbeProtocol]:
-        """Per task (plan order): the probe protocol with the task's own labelled/held-out split."""
-        return [dataclasses.replace(self.protocol, test_fraction=t.test_fraction) for t in self.tasks]
+    def task_protocols(self, split: int = 0) -> list[ProbeProtocol]:
+        """Per task (plan order): the probe protocol with the task's own labelled/held-out split number `split`."""
+        return [dataclasses.replace(self.protocol, test_fraction=t.test_fraction,
+                                    split_seed=self.protocol.split_seed + split) for t in self.tasks]
 
 
 def _fm(classes: str | None, n: int | None = None, split: str = "train", seed: int = 0,
@@ -298,7 +306,7 @@ def full_plan() -> QualityPlan:
         general_sources=GENERAL_SOURCES)
     imagenet = StandardPlan("imagenet-lite2", "ImageNet EfficientNet-Lite2 (Lite2 removed from the candidates)",
                             baseline=_lite(2), exclude=("imagenet/tf_efficientnet_lite2",))
-    return QualityPlan("full", tuple(zoo), TASKS, (general, imagenet))
+    return QualityPlan("full", tuple(zoo), TASKS, (general, imagenet), splits=FULL_SPLITS)
 
 
 SMALL_PROBE = ("builtin:fashion-mnist-probe?n=60", "builtin:digits-probe?n=40", "builtin:photos?n=40",
@@ -327,7 +335,7 @@ def small_plan() -> QualityPlan:
         general_sources=((_fm(None, 96, seed=3), 1), ("builtin:digits?split=train&n=48", 1),
                          ("builtin:textures?n=48&seed=11", 1)),
         probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
-    return QualityPlan("small", tuple(zoo), tasks, (general,), verify_ks=(1, 3))
+    return QualityPlan("small", tuple(zoo), tasks, (general,), verify_ks=(1, 3), splits=2)
 
 
 def plan_by_name(small: bool) -> QualityPlan:
@@ -432,8 +440,9 @@ def warm_up() -> None:
     _WARM = True
 
 
-def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int | None) -> tuple[str, list[str]]:
-    """Cache keys of one candidate's ground truth: the model's, and one per task of the plan.
+def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int | None,
+                     split: int = 0) -> tuple[str, list[str]]:
+    """Cache keys of one candidate's ground truth: the model's, and one per task of the plan (split `split`).
 
     A task's record depends on the model, that task (its data and protocol), the verification
     protocol and the scorers, never on the other tasks: adding a task computes only its records.
@@ -449,109 +458,143 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
     common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
               "scorers": BRUTE_FORCE}
     tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})
-             for t, p in zip(plan.tasks, plan.task_protocols(), strict=True)]
+             for t, p in zip(plan.tasks, plan.task_protocols(split), strict=True)]
     return model, tasks
 
 
 def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
                        protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE,
-                       task_protocols: Sequence[ProbeProtocol] | None = None) -> dict[str, Any]:
+                       task_protocols: Sequence[ProbeProtocol | Sequence[ProbeProtocol]] | None = None
+                       ) -> dict[str, Any]:
     """Ground truth and brute-force scores of one candidate on every task, with timings.
 
-    Per task: `accuracy`, the ground truth (selection.select.model_task_accuracy under the
-    task's protocol, `task_protocols[i]`, default `protocol`: probe fit on the labelled
-    (train) part, accuracy on the held-out test part); brute force: the candidate's features
-    on the train part (`features_seconds`) and each scorer on them (`<scorer>_seconds`);
-    `verify_accuracy`: what verification sees, `protocol` run inside the train part only (a
-    user verifies on the labelled data they have; the test part stays unseen), with its cost
-    `verify_seconds`. `load_seconds` is paid once per model.
+    `task_protocols[i]`: the protocol of task i's labelled/held-out split (default `protocol`), or
+    several (other split seeds); `out["tasks"][name]` holds one record per protocol, in order.
+    A record: `accuracy`, the ground truth (selection.select.features_accuracy under that split:
+    probe fit on the labelled (train) part, accuracy on the held-out test part); brute force: each
+    scorer on the candidate's features of the train part; `verify_accuracy`: what verification sees,
+    `protocol` run inside the train part only (a user verifies on the labelled data they have; the
+    test part stays unseen). One feature pass of all the task's images serves every split's ground
+    truth and, after the first split, its train features. `features_seconds`, what brute force and
+    verification pay per model, is a separate pass over the first split's train part (every split's
+    train part has the same size); `<scorer>_seconds` and `verify_seconds` (features + probe fits)
+    are each split's own; `truth_seconds` is the shared pass plus the split's probe fit. `load_seconds`
+    is paid once per model.
     """
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
-    from selection.select import features_accuracy, model_task_accuracy, task_split
+    from selection.select import features_accuracy, task_split
 
     t0 = time.perf_counter()
     loaded = load_model(entry)
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
                            "load_seconds": load_s, "tasks": {}}
-    for task, task_protocol in zip(tasks, task_protocols or [protocol] * len(tasks), strict=True):
-        rec: dict[str, Any] = {}
+    for task, protos in zip(tasks, task_protocols or [protocol] * len(tasks), strict=True):
+        protos = [protos] if isinstance(protos, ProbeProtocol) else list(protos)
         t = time.perf_counter()
-        rec["accuracy"] = model_task_accuracy(entry, task, std_input_size, task_protocol, loaded=loaded)
-        rec["truth_seconds"] = time.perf_counter() - t
-        rec["n_images"] = len(task)
-        train, _ = task_split(task, task_protocol)
-        rec["n_train"] = int(len(train))
+        every = extract_features(loaded, task.images, input_size=std_input_size)
+        pool_s = time.perf_counter() - t
         t = time.perf_counter()
-        feats = extract_features(loaded, task.images[train], input_size=std_input_size)
-        rec["features_seconds"] = time.perf_counter() - t
-        rec["feature_dim"] = int(feats.shape[1])
-        for name in scorers:
+        first_train = extract_features(loaded, task.images[task_split(task, protos[0])[0]], input_size=std_input_size)
+        features_s = time.perf_counter() - t
+        recs = []
+        for j, task_protocol in enumerate(protos):
+            train, _ = task_split(task, task_protocol)
+            feats = first_train if j == 0 else every[train]
+            rec: dict[str, Any] = {"n_images": len(task), "n_train": int(len(train)),
+                                   "feature_dim": int(feats.shape[1]), "split_seed": task_protocol.split_seed}
             t = time.perf_counter()
-            rec[name] = float(SCORERS[name](feats, task.labels[train]))
-            rec[f"{name}_seconds"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rec["verify_accuracy"] = features_accuracy(feats, task.labels[train], protocol)
-        rec["verify_seconds"] = rec["features_seconds"] + time.perf_counter() - t
-        out["tasks"][task.name] = rec
+            rec["accuracy"] = features_accuracy(every, task.labels, task_protocol)
+            rec["truth_seconds"] = pool_s + time.perf_counter() - t
+            rec["features_seconds"] = features_s
+            for name in scorers:
+                t = time.perf_counter()
+                rec[name] = float(SCORERS[name](feats, task.labels[train]))
+                rec[f"{name}_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            rec["verify_accuracy"] = features_accuracy(feats, task.labels[train], protocol)
+            rec["verify_seconds"] = features_s + time.perf_counter() - t
+            recs.append(rec)
+        out["tasks"][task.name] = recs
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
 def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: QualityPlan,
                               std_input_size: int | None, store: Any) -> dict[str, Any]:
-    """`evaluate_candidate`, reusing earlier runs' records from the store (resumable).
+    """`evaluate_candidate` for the plan's tasks and splits, reusing earlier runs' records from the store.
 
-    Records are kept per model and task (`benchmark/truth/<model>/<task>.json`, truth_cache_keys),
-    so only the tasks without one are evaluated (one model load for all of them). `cached`: how
-    many task records were reused.
+    Records are kept per model, task and split (`benchmark/truth/<model>/<task key>.json`,
+    truth_cache_keys), so only the missing ones are evaluated (one model load for all of them):
+    the run is resumable, and a new task or split costs only its own records. Returns the model's
+    record with `splits`: per split, `{task name: record}`; `tasks` is split 0; `cached` counts the
+    records reused.
     """
-    model_key, task_keys = truth_cache_keys(entry, plan, std_input_size)
-    rel = {t.name: f"benchmark/truth/{model_key}/{k}.json" for t, k in zip(tasks, task_keys, strict=True)}
+    model_key = truth_cache_keys(entry, plan, std_input_size)[0]
+    rel = [{t.name: f"benchmark/truth/{model_key}/{k}.json"
+            for t, k in zip(tasks, truth_cache_keys(entry, plan, std_input_size, r)[1], strict=True)}
+           for r in range(plan.splits)]
     model_rel = f"benchmark/truth/{model_key}/model.json"
-    recs = {name: json.loads(store.read_bytes(r)) for name, r in rel.items() if store.exists(r)}
-    todo = [(t, p) for t, p in zip(tasks, plan.task_protocols(), strict=True) if t.name not in recs]
+    recs = [{name: json.loads(store.read_bytes(p)) for name, p in rel_r.items() if store.exists(p)} for rel_r in rel]
+    protocols = [plan.task_protocols(r) for r in range(plan.splits)]
+    todo = [(t, [(r, protocols[r][i]) for r in range(plan.splits) if t.name not in recs[r]])
+            for i, t in enumerate(tasks)]
+    todo = [(t, missing) for t, missing in todo if missing]
+    cached = sum(len(r) for r in recs)
     if todo or not store.exists(model_rel):
         res = evaluate_candidate(entry, [t for t, _ in todo], std_input_size, plan.protocol,
-                                 task_protocols=[p for _, p in todo])
-        for name, rec in res["tasks"].items():
-            store.write_bytes(rel[name], json.dumps(rec, sort_keys=True).encode())
+                                 task_protocols=[[p for _, p in missing] for _, missing in todo])
+        for t, missing in todo:
+            for (r, _), rec in zip(missing, res["tasks"][t.name], strict=True):
+                store.write_bytes(rel[r][t.name], json.dumps(rec, sort_keys=True).encode())
+                recs[r][t.name] = rec
         if not store.exists(model_rel):  # the first measurement of the load is kept
             head = {k: res[k] for k in ("model_id", "num_params", "load_seconds")}
             store.write_bytes(model_rel, json.dumps(head, sort_keys=True).encode())
     out = json.loads(store.read_bytes(model_rel))
-    out["tasks"] = {t.name: recs.get(t.name) or json.loads(store.read_bytes(rel[t.name])) for t in tasks}
+    out["splits"] = [{t.name: recs_r[t.name] for t in tasks} for recs_r in recs]
+    out["tasks"] = out["splits"][0]
     out["feature_dim"] = next((r["feature_dim"] for r in out["tasks"].values()), None)
-    out["cached"] = len(recs)
+    out["cached"] = cached
     return out
 
 
 def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str],
-                          protocols: Sequence[ProbeProtocol], task_image_size: int = 64) -> dict[str, Any]:
-    """Task embeddings of one standard for every task and method (selection.select.embed_task).
+                          protocols: Sequence[Sequence[ProbeProtocol]], task_image_size: int = 64) -> dict[str, Any]:
+    """Task embeddings of one standard for every task, split and method (selection.select.embed_task).
 
-    Returns `{"load_seconds", "tasks": {name: {method: {form: query, "diagonal", "seconds"}, "n_train"}}}`:
-    a query for each score the standard's table allows (full; per-source, rank-mean), `diagonal` is
-    diag(G) (u), `seconds` the measured cost of the task embedding (baseline forward over the
-    labelled part + G).
+    `protocols[r][i]`: task i's split r (QualityPlan.task_protocols(r)). Returns `{"load_seconds",
+    "splits": [{name: {method: {form: query, "diagonal", "seconds"}, "n_train"}}]}` (one dict per split),
+    `"tasks"`: split 0. A query for each score the standard's table allows (full; per-source,
+    rank-mean); `diagonal` is diag(G) (u); `seconds` the measured cost of the task embedding
+    (baseline forward over the labelled part + G), measured on split 0 by `embed_task` as a user runs
+    it. The other splits embed the same standard features of the task's images (one pass for all
+    splits), restricted to their labelled part, and carry split 0's cost.
     """
-    from selection.select import SelectConfig, embed_task, task_split
-    from selection.standard import load_standard_models
+    from selection.select import SelectConfig, embed_task, embed_task_features, task_split
+    from selection.standard import load_standard_models, standard_features
 
     t0 = time.perf_counter()
     models = load_standard_models(std)
     forms = ["full"] + (["per-source", "rank-mean"] if std.form == "per-source" else [])
-    out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "tasks": {}}
-    for task, protocol in zip(tasks, protocols, strict=True):
-        labelled = task.subset(task_split(task, protocol)[0])  # what a user has; the rest is ground truth
-        rec: dict[str, Any] = {"n_train": len(labelled)}
-        for method in methods:
-            cfg = SelectConfig(task_method=method, task_image_size=task_image_size)
-            emb = embed_task(std, labelled, cfg, models=models)
-            rec[method] = {form: emb.query(std, form) for form in forms}
-            rec[method].update(diagonal=np.diag(emb.g).copy(), seconds=emb.seconds)
-        out["tasks"][task.name] = rec
+    out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "splits": [{} for _ in protocols]}
+    configs = {m: SelectConfig(task_method=m, task_image_size=task_image_size) for m in methods}
+    for i, task in enumerate(tasks):
+        z = standard_features(std, task.images, models) if len(protocols) > 1 else None
+        for r, split in enumerate(protocols):
+            train = task_split(task, split[i])[0]  # what a user has; the rest is ground truth
+            rec: dict[str, Any] = {"n_train": len(train)}
+            for method, cfg in configs.items():
+                if r == 0:
+                    emb = embed_task(std, task.subset(train), cfg, models=models)
+                else:
+                    emb = embed_task_features(std, z[train], task.labels[train], cfg, task.name)
+                rec[method] = {form: emb.query(std, form) for form in forms}
+                rec[method].update(diagonal=np.diag(emb.g).copy(),
+                                   seconds=emb.seconds if r == 0 else out["splits"][0][task.name][method]["seconds"])
+            out["splits"][r][task.name] = rec
+    out["tasks"] = out["splits"][0]
     return out
 
 
@@ -640,6 +683,7 @@ def random_metrics(truth: np.ndarray) -> dict[str, Any]:
 
 
 METRIC_KEYS = ("tau_w", "gap", "rel1", "rel3", "forward_passes", "seconds")
+QUALITY_KEYS = ("tau_w", "gap", "rel1", "rel3", "pick")  # what differs between the splits of a task
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -713,66 +757,92 @@ def choose_verifier(results: dict[str, Any], variant: str, k: int = 3) -> str:
 
 def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table: Any, table_load_s: float,
                      task_emb: dict[str, Any], truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every method's per-task metrics and costs for one standard (verification for all SE variants)."""
+    """Every method's per-task metrics and costs for one standard (verification for all SE variants).
+
+    Quality metrics are measured on every split of a task (`task_emb["splits"]`, `truth[id]["splits"]`;
+    one split where those are missing) and `per_task` holds their means over the splits; `splits`
+    holds each split's own rows, `scores` split 0's scores. Costs are measured once per task (split 0).
+    """
     ids = plan.candidates(standard)
     table = candidate_table(table, ids)
     m = len(ids)
     groups = {t.name: t.group for t in plan.tasks}
-    per_task: dict[str, dict[str, dict[str, Any]]] = {}
+    split_embs = task_emb.get("splits") or [task_emb["tasks"]]
     scores_out: dict[str, dict[str, list[float]]] = {}
     params = np.array([truth[i]["num_params"] for i in ids], np.float64)
+    per_split: list[dict[str, dict[str, dict[str, Any]]]] = [{} for _ in split_embs]
     for task in plan.tasks:
         name = task.name
-        acc = np.array([truth[i]["tasks"][name]["accuracy"] for i in ids], np.float64)
-        recs = [truth[i]["tasks"][name] for i in ids]
-        # What each verifier measures on the labelled part only (selection.select.verify_candidate),
-        # and its cost per verified model after the load.
-        seen = {v: (np.array([r[v] for r in recs], np.float64),
-                    [r["features_seconds"] + r[f"{v}_seconds"] for r in recs]) for v in VERIFIERS if v in BRUTE_FORCE}
-        seen["probe"] = (np.array([r["verify_accuracy"] for r in recs], np.float64),
-                         [r["verify_seconds"] for r in recs])
-        n_train = recs[0]["n_train"]
-        temb = task_emb["tasks"][name]
-        sweep_s = {form: time_sweep(table, q) for form, q in temb[plan.methods[0]].items()
+        costs = [truth[i]["tasks"][name] for i in ids]  # split 0: what one selection costs
+        n_train = costs[0]["n_train"]
+        temb0 = split_embs[0][name]
+        # Cost per verified model after its load (selection.select.verify_candidate).
+        verify_s = {v: [r["features_seconds"] + r[f"{v}_seconds"] for r in costs] for v in VERIFIERS if v in BRUTE_FORCE}
+        verify_s["probe"] = [r["verify_seconds"] for r in costs]
+        sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
                    if form not in ("diagonal", "seconds")}
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
-        rows: dict[str, dict[str, Any]] = {}
-        scores_out[name] = {"accuracy": acc.tolist()}
-        for variant, s in se_scores(table, temb).items():
-            form, method = variant.split("/")
-            base_cost = task_emb["load_seconds"] + temb[method]["seconds"] + table_load_s + sweep_s[form]
-            rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
-                                                seconds=base_cost)
-            scores_out[name][variant_label(variant)] = s.tolist()
-            order = np.argsort(-s, kind="stable")
-            for k in plan.verify_ks:
-                top = order[:k]
-                for verifier, (measured, verify_s) in seen.items():
-                    cost = base_cost + sum(truth[ids[i]]["load_seconds"] + verify_s[i] for i in top)
-                    rows[variant_label(variant, k, verifier)] = dict(
-                        ranking_metrics(verified_scores(s, measured, k), acc, ids),
-                        forward_passes=n_train + len(top) * n_train, seconds=cost)
-                # The shortlist re-ranked by the ground truth itself: not a method, the ceiling
-                # that any verifier of these k can reach.
-                rows[variant_label(variant, k, ORACLE)] = dict(
-                    ranking_metrics(verified_scores(s, acc, k), acc, ids), forward_passes=None, seconds=None)
-        for scorer in BRUTE_FORCE:
-            s = np.array([r[scorer] for r in recs], np.float64)
-            cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
-                       for i, r in zip(ids, recs))
-            rows[f"{PRETTY_SCORER[scorer]} (brute force)"] = dict(
-                ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=cost)
-            scores_out[name][PRETTY_SCORER[scorer]] = s.tolist()
-        rows["random choice (expected)"] = dict(random_metrics(acc), forward_passes=0, seconds=0.0)
-        rows["largest model"] = dict(ranking_metrics(params, acc, ids), forward_passes=0, seconds=0.0)
-        per_task[name] = rows
+        for split, embs in enumerate(split_embs):
+            temb = embs[name]
+            recs = [truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
+            acc = np.array([r["accuracy"] for r in recs], np.float64)
+            # What each verifier measures on the labelled part only.
+            seen = {v: np.array([r[v] for r in recs], np.float64) for v in VERIFIERS if v in BRUTE_FORCE}
+            seen["probe"] = np.array([r["verify_accuracy"] for r in recs], np.float64)
+            rows: dict[str, dict[str, Any]] = {}
+            if split == 0:
+                scores_out[name] = {"accuracy": acc.tolist()}
+            for variant, s in se_scores(table, temb).items():
+                form, method = variant.split("/")
+                base_cost = task_emb["load_seconds"] + temb0[method]["seconds"] + table_load_s + sweep_s[form]
+                rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
+                                                    seconds=base_cost)
+                if split == 0:
+                    scores_out[name][variant_label(variant)] = s.tolist()
+                top_all = np.argsort(-s, kind="stable")
+                for k in plan.verify_ks:
+                    top = top_all[:k]
+                    for verifier, measured in seen.items():
+                        cost = base_cost + sum(truth[ids[i]]["load_seconds"] + verify_s[verifier][i] for i in top)
+                        rows[variant_label(variant, k, verifier)] = dict(
+                            ranking_metrics(verified_scores(s, measured, k), acc, ids),
+                            forward_passes=n_train + len(top) * n_train, seconds=cost)
+                    # The shortlist re-ranked by the ground truth itself: not a method, the ceiling
+                    # that any verifier of these k can reach.
+                    rows[variant_label(variant, k, ORACLE)] = dict(
+                        ranking_metrics(verified_scores(s, acc, k), acc, ids), forward_passes=None, seconds=None)
+            for scorer in BRUTE_FORCE:
+                s = np.array([r[scorer] for r in recs], np.float64)
+                cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
+                           for i, r in zip(ids, costs))
+                rows[f"{PRETTY_SCORER[scorer]} (brute force)"] = dict(
+                    ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=cost)
+                if split == 0:
+                    scores_out[name][PRETTY_SCORER[scorer]] = s.tolist()
+            rows["random choice (expected)"] = dict(random_metrics(acc), forward_passes=0, seconds=0.0)
+            rows["largest model"] = dict(ranking_metrics(params, acc, ids), forward_passes=0, seconds=0.0)
+            per_split[split][name] = rows
+    per_task = {name: mean_over_splits([p[name] for p in per_split]) for name in per_split[0]}
     return {"standard": standard.name, "title": standard.title, "standard_id": std.id,
             "baseline": std.baseline.to_dict(),
             "companion": None if std.companion is None else std.companion.to_dict(),
             "excluded": list(standard.exclude), "n_candidates": m,
             "candidates": ids, "table_load_seconds": table_load_s,
-            "task_embedding_load_seconds": task_emb["load_seconds"],
-            "per_task": per_task, "groups": aggregate(per_task, groups), "scores": scores_out}
+            "task_embedding_load_seconds": task_emb["load_seconds"], "n_splits": len(per_split),
+            "per_task": per_task, "groups": aggregate(per_task, groups),
+            "splits": [{t: {m: {k: r.get(k) for k in QUALITY_KEYS} for m, r in rows.items()} for t, rows in p.items()}
+                       for p in per_split],
+            "split_groups": [aggregate(p, groups) for p in per_split], "scores": scores_out}
+
+
+def mean_over_splits(rows: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One task's rows `{method: {metric}}` averaged over its splits (`pick`: split 0's; None/NaN left out)."""
+    out = {}
+    for method in rows[0]:
+        out[method] = {k: _mean([r[method].get(k) for r in rows]) for k in METRIC_KEYS}
+        out[method]["pick"] = rows[0][method].get("pick")
+        out[method]["n_splits"] = len(rows)
+    return out
 
 
 def method_rows(default_variant: str, verify_ks: Sequence[int]) -> list[str]:
@@ -815,25 +885,37 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
         return "" if interval is None else \
             f"; 90 % bootstrap interval over the test tasks: {interval[0]:{fmt}} to {interval[1]:{fmt}}"
 
+    def by_split(value: Any) -> list[float]:
+        """The test-group mean of `value(group rows)` on each split (empty with one split)."""
+        vals = [value(g.get("test", {})) for g in res.get("split_groups", [])]
+        return [float(v) for v in vals if v is not None] if len(vals) > 1 else []
+
+    def splits_told(vals: list[float], fmt: str) -> str:
+        return "" if not vals else \
+            f"; mean of {len(vals)} labelled/held-out splits per task, one split's mean {min(vals):{fmt}} to {max(vals):{fmt}}"
+
     out: list[dict[str, Any]] = []
     if se and lm:
         margin = (se["tau_w"] or 0.0) - (lm["tau_w"] or 0.0)
         iv = spread(lambda rows: rows[variant_label(default_variant)]["tau_w"] - rows["LogME (brute force)"]["tau_w"])
+        sp = by_split(lambda g: (g[variant_label(default_variant)]["tau_w"] - g["LogME (brute force)"]["tau_w"])
+                      if variant_label(default_variant) in g and "LogME (brute force)" in g else None)
         out.append({"id": "T1", "target": "SE without verification: mean tau_w on test tasks >= brute-force LogME",
                     "value": se["tau_w"], "reference": lm["tau_w"], "met": bool(margin >= 0),
-                    "margin": margin, "interval": iv,
+                    "margin": margin, "interval": iv, "per_split": sp,
                     "detail": f"SE {_f(se['tau_w'], 3)} vs LogME {_f(lm['tau_w'], 3)} "
-                              f"({'+' if margin >= 0 else ''}{margin:.3f}{told(iv, '+.3f')})"})
+                              f"({'+' if margin >= 0 else ''}{margin:.3f}{told(iv, '+.3f')}{splits_told(sp, '+.3f')})"})
     oracle = test.get(variant_label(default_variant, 3, ORACLE))
     if se3:
         margin = TARGET_GAP_POINTS - se3["gap"]
         iv = spread(lambda rows: rows[variant_label(default_variant, 3)]["gap"])
+        sp = by_split(lambda g: g.get(variant_label(default_variant, 3), {}).get("gap"))
         out.append({"id": "T2", "target": f"SE with top-3 verification: mean top-1 gap on test tasks <= "
                                           f"{TARGET_GAP_POINTS:.1f} point",
                     "value": se3["gap"], "reference": TARGET_GAP_POINTS, "met": bool(margin >= 0),
-                    "margin": margin, "interval": iv,
+                    "margin": margin, "interval": iv, "per_split": sp,
                     "detail": f"{se3['gap']:.2f} points ({'under' if margin >= 0 else 'over'} "
-                              f"the target by {abs(margin):.2f}{told(iv, '.2f')}"
+                              f"the target by {abs(margin):.2f}{told(iv, '.2f')}{splits_told(sp, '.2f')}"
                               + (f"; a perfect verifier of the same top 3: {oracle['gap']:.2f}"
                                  if oracle else "") + ")"})
     m = res["n_candidates"]
@@ -917,7 +999,8 @@ def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict
                 ax.scatter(sc[sel], acc[sel], s=18, c=color, label=kind, alpha=0.8)
         p = int(np.argmax(sc))
         ax.scatter([sc[p]], [acc[p]], s=90, facecolors="none", edgecolors="black", label="pick")
-        row = res["per_task"][name].get(method) or res["per_task"][name].get(f"{method} (brute force)") or {}
+        split0 = (res.get("splits") or [res["per_task"]])[0][name]  # the split whose scores are plotted
+        row = split0.get(method) or split0.get(f"{method} (brute force)") or {}
         ax.set_title(f"{name}: tau_w {_f(row.get('tau_w'))}, gap {_f(row.get('gap'), 1)}", fontsize=9)
         ax.set_xlabel("score", fontsize=8)
         ax.set_ylabel("probe accuracy (%)", fontsize=8)
@@ -1027,12 +1110,19 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
                  f"**{IMAGENET_INPUT_SIZE} px** (set in their catalog entries instead of their native 224–260 px, "
                  f"which runs at 4–11 images/s per core here and would not fit the 90-minute budget). The ground "
                  f"truth uses the same sizes.")
+    splits = (f"{plan.splits} times (split seeds {plan.protocol.split_seed} to "
+              f"{plan.protocol.split_seed + plan.splits - 1})" if plan.splits > 1 else "once")
     L.append(f"- **Tasks**: {len(plan.tasks)} tasks from held-out test splits (Fashion-MNIST t10k, the digits "
-             f"test part), never from the training or probe data; split once (seeded, stratified) into a "
+             f"test part), never from the training or probe data; split {splits}, seeded and stratified, into a "
              f"labelled *train* part (what a user has: task embedding, brute-force features, verification) and a "
              f"held-out *test* part for the ground truth, several times larger so that one image moves the "
              f"accuracy by well under a point (sizes in the task table below). "
-             f"**dev** tasks are where the method default (score and task method) is chosen; **test** tasks are only "
+             + (f"Every quality figure (tau_w, gap, rel@k) is measured on each split and averaged over the "
+                f"{plan.splits} splits of a task: with a few labelled images per class, which images are "
+                f"labelled can move one split's pick by points. Costs are measured once per task and model (on "
+                f"split {plan.protocol.split_seed}; every split has the same sizes); the plots and the picks "
+                f"table show that split. " if plan.splits > 1 else "")
+             + "**dev** tasks are where the method default (score and task method) is chosen; **test** tasks are only "
              f"reported.")
     L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
              f"(`selection.linear_probe`: standardised features, L2 {plan.protocol.l2:g}, L-BFGS up to "
@@ -1078,6 +1168,18 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         for t in targets:
             rows.append([name, t["id"], t["target"], "**met**" if t["met"] else "**not met**", t["detail"]])
     L.append(_md_table(["standard", "id", "target", "result", "by how much"], rows) + "\n")
+    if plan.splits > 1:
+        L.append("Test-group means on each labelled/held-out split alone (the targets above use their mean):\n")
+        cols = ((variant_label(default), "tau_w", "SE tau_w"), ("LogME (brute force)", "tau_w", "LogME tau_w"),
+                (variant_label(default, 3), "gap", "SE +verify top-3 gap"),
+                (variant_label(default, 3, ORACLE), "gap", "top 3 by the ground truth, gap"))
+        rows = []
+        for name, res in per_standard.items():
+            for r, g in enumerate(res.get("split_groups", [])):
+                test = g.get("test", {})
+                rows.append([name, str(plan.protocol.split_seed + r)]
+                            + [_f(test.get(m, {}).get(k), 3 if k == "tau_w" else 2) for m, k, _ in cols])
+        L.append(_md_table(["standard", "split seed"] + [c for _, _, c in cols], rows) + "\n")
 
     for name, res in per_standard.items():
         L.append(f"## Standard `{name}`: {res['title']}\n")
@@ -1129,6 +1231,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
             lm = row["LogME (brute force)"]["pick"]
             trows.append([task.name, f"{best} ({100 * acc[best]:.1f})", f"{se_pick} ({100 * acc[se_pick]:.1f})",
                           f"{v3} ({100 * acc[v3]:.1f})" if v3 else "–", f"{lm} ({100 * acc[lm]:.1f})"])
+        if plan.splits > 1:
+            L.append(f"On split {plan.protocol.split_seed} of each task (the tables above are means over the splits).\n")
         L.append(_md_table(["task", "best (acc %)", f"SE {default}", "SE +verify top-3", "LogME"], trows) + "\n")
         L.append(f"![{name}: SE score vs accuracy]({doc['images'][f'{name}/se']})\n")
         L.append(f"![{name}: LogME score vs accuracy]({doc['images'][f'{name}/logme']})\n")
@@ -1141,7 +1245,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append(_md_table(["task", "group", "spec", "classes", "train (labelled)", "test (held out)", "note"],
                        trows) + "\n")
     L.append("## Zoo and ground truth\n")
-    L.append("Linear-probe test accuracy (%) of every candidate on every task.\n")
+    L.append("Linear-probe test accuracy (%) of every candidate on every task"
+             + (f" (split {plan.protocol.split_seed}).\n" if plan.splits > 1 else ".\n"))
     trows = []
     for z in zoo:
         accs = [_f(100 * doc["truth"][t.name][z["id"]], 1) for t in plan.tasks]
@@ -1151,9 +1256,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("## Reproduce\n")
     L.append(f"```\n{run['command']}\n```\n")
     L.append("Training is seeded and resumable (checkpoints that exist are reused), standards and embeddings are "
-             "reused when their ids and digests match, and the ground truth is cached in the store per model and task "
-             "(`benchmark/truth/<model>/<task>.json`), so an interrupted run continues where it stopped and a new "
-             "task costs only its own records. Timings are measured per "
+             "reused when their ids and digests match, and the ground truth is cached in the store per model, task "
+             "and split (`benchmark/truth/<model>/<task key>.json`), so an interrupted run continues where it stopped "
+             "and a new task or split costs only its own records. Timings are measured per "
              "run; a resumed run reuses the cached timings of the models it does not re-measure.\n")
     return "\n".join(L)
 

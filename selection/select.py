@@ -155,9 +155,16 @@ def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
 
     t0 = time.perf_counter()
     z = standard_features(std, task.images, models)
-    g = task_matrix(z, task.labels, config.task_method, task.name)
+    emb = embed_task_features(std, z, task.labels, config, task.name)
+    return dataclasses.replace(emb, seconds=time.perf_counter() - t0)
+
+
+def embed_task_features(std: Standard, z: np.ndarray, labels: np.ndarray, config: SelectConfig,
+                        name: str = "task") -> TaskEmbedding:
+    """`embed_task` from the task images' standard features `z` (`standard_features`); `seconds` is 0."""
+    g = task_matrix(z, labels, config.task_method, name)
     weights = source_weights(z, std.z, std.sources) if std.form == "per-source" else np.ones(1)
-    return TaskEmbedding(task.name, g, weights, len(task), len(task.classes), time.perf_counter() - t0)
+    return TaskEmbedding(name, g, weights, len(labels), len(np.unique(labels)))
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,34 @@ def test_standard_results_metrics_and_costs():
     assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
 
 
+def test_standard_results_are_means_over_the_splits():
+    plan, sp, table, task_emb, truth = _fake_inputs()
+    plan = dataclasses.replace(plan, splits=2)
+    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
+                           "companion": None})()
+    other = {"m0": 0.6, "m1": 0.9, "m2": 0.7, "m3": 0.8}  # another labelled/held-out split: m0 is worse there
+    task_emb = dict(task_emb, splits=[task_emb["tasks"], task_emb["tasks"]])
+    for i, rec in truth.items():
+        rec["splits"] = [rec["tasks"], {t: dict(r, accuracy=other[i]) for t, r in rec["tasks"].items()}]
+    res = bench.standard_results(plan, sp, std, table, 0.05, task_emb, truth)
+    se, v3 = "SE full/probe", "SE full/probe +verify top-3"
+    assert res["n_splits"] == 2
+    assert [p["b"][se]["gap"] for p in res["splits"]] == pytest.approx([10.0, 30.0])  # m0 picked on both
+    row = res["per_task"]["b"][se]
+    assert row["gap"] == pytest.approx(20.0) and row["n_splits"] == 2 and row["pick"] == "m0"
+    single = bench.standard_results(dataclasses.replace(plan, splits=1), sp, std, table, 0.05,
+                                    {k: v for k, v in task_emb.items() if k != "splits"},
+                                    {i: {k: v for k, v in r.items() if k != "splits"} for i, r in truth.items()})
+    assert single["n_splits"] == 1 and single["per_task"]["b"][se]["gap"] == pytest.approx(10.0)
+    assert row["seconds"] == pytest.approx(single["per_task"]["b"][se]["seconds"], abs=0.01)  # costs: split 0's
+    assert res["groups"]["test"][se]["gap"] == pytest.approx(20.0)
+    assert [g["test"][v3]["gap"] for g in res["split_groups"]] == pytest.approx([10.0, 30.0])
+    assert res["scores"]["b"]["accuracy"] == [0.8, 0.9, 0.7, 0.6]  # plots show split 0
+    t2 = {t["id"]: t for t in bench.compute_results(plan, {"s": res})["targets"]["s"]}["T2"]
+    assert t2["value"] == pytest.approx(20.0) and t2["per_split"] == pytest.approx([10.0, 30.0])
+    assert "mean of 2 labelled/held-out splits per task, one split's mean 10.00 to 30.00" in t2["detail"]
+
+
 # -- measurements --------------------------------------------------------------------------
 
 def test_combined_dataset_round_trips_through_parquet(store):
@@ -327,20 +355,27 @@ def test_evaluate_candidate_is_the_protocol_and_the_scorers():
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     task, protocol = _tiny_task(), ProbeProtocol()
     task_protocol = ProbeProtocol(test_fraction=0.7)  # the ground truth's split; verification keeps 50/50
-    res = bench.evaluate_candidate(entry, [task], None, protocol, task_protocols=[task_protocol])
-    rec = res["tasks"]["t"]
-    assert rec["accuracy"] == pytest.approx(model_task_accuracy(entry, task, None, task_protocol))
-    train, _ = task_split(task, task_protocol)
-    assert len(train) < len(task) / 2
-    feats = extract_features(load_model(entry), task.images[train])
-    assert rec["logme"] == pytest.approx(logme(feats, task.labels[train]))
-    assert rec["n_train"] == len(train) and rec["n_images"] == len(task)
-    assert rec["verify_accuracy"] == pytest.approx(features_accuracy(feats, task.labels[train], protocol))
-    assert res["num_params"] > 0 and min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
+    other_split = dataclasses.replace(task_protocol, split_seed=1)
+    res = bench.evaluate_candidate(entry, [task], None, protocol, task_protocols=[[task_protocol, other_split]])
+    assert len(res["tasks"]["t"]) == 2
+    loaded = load_model(entry)
+    trains = []
+    for rec, split in zip(res["tasks"]["t"], (task_protocol, other_split)):
+        assert rec["accuracy"] == pytest.approx(model_task_accuracy(entry, task, None, split))
+        train, _ = task_split(task, split)
+        assert len(train) < len(task) / 2
+        feats = extract_features(loaded, task.images[train])
+        assert rec["logme"] == pytest.approx(logme(feats, task.labels[train]), rel=1e-4)
+        assert rec["n_train"] == len(train) and rec["n_images"] == len(task) and rec["split_seed"] == split.split_seed
+        assert rec["verify_accuracy"] == pytest.approx(features_accuracy(feats, task.labels[train], protocol))
+        assert min(rec["truth_seconds"], rec["features_seconds"], rec["logme_seconds"]) > 0
+        trains.append(set(train.tolist()))
+    assert trains[0] != trains[1]  # another split seed labels other images
+    assert res["num_params"] > 0
 
 
 def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
-    """Adding a task evaluates only that task; the records of the others are reused as they were."""
+    """Adding a task or a split evaluates only that one; the other records are reused as they were."""
     from selection.storage import Store
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
@@ -349,16 +384,23 @@ def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
         "digits-extra", "builtin:digits?split=test&classes=3,4&per_class=6&seed=5", "dev"),))
     calls = []
     real = bench.evaluate_candidate
-    monkeypatch.setattr(bench, "evaluate_candidate",
-                        lambda e, tasks, *a, **k: calls.append([t.name for t in tasks]) or real(e, tasks, *a, **k))
+    monkeypatch.setattr(bench, "evaluate_candidate", lambda e, tasks, *a, **k: calls.append(
+        [(t.name, [p.split_seed for p in ps]) for t, ps in zip(tasks, k["task_protocols"])]) or real(e, tasks, *a, **k))
     store = Store(str(tmp_path))
+    assert two.splits == 2
     tasks2, tasks3 = bench.load_tasks(two), bench.load_tasks(three)
     first = bench.evaluate_candidate_cached(entry, tasks2, two, None, store)
     again = bench.evaluate_candidate_cached(entry, tasks2, two, None, store)
     more = bench.evaluate_candidate_cached(entry, tasks3, three, None, store)
-    assert calls == [[t.name for t in two.tasks], ["digits-extra"]]
-    assert (first["cached"], again["cached"], more["cached"]) == (0, 2, 2)
-    assert again["tasks"] == first["tasks"] and {n: more["tasks"][n] for n in first["tasks"]} == first["tasks"]
+    wider = bench.evaluate_candidate_cached(entry, tasks3, dataclasses.replace(three, splits=3), None, store)
+    assert calls == [[(t.name, [0, 1]) for t in two.tasks], [("digits-extra", [0, 1])],
+                     [(t.name, [2]) for t in three.tasks]]
+    assert (first["cached"], again["cached"], more["cached"], wider["cached"]) == (0, 4, 4, 6)
+    assert again["splits"] == first["splits"] and again["tasks"] == first["splits"][0]
+    assert {n: more["tasks"][n] for n in first["tasks"]} == first["tasks"]
+    assert wider["splits"][:2] == more["splits"] and len(wider["splits"]) == 3
+    name = two.tasks[0].name
+    assert first["splits"][0][name]["logme"] != first["splits"][1][name]["logme"]  # other labelled images
     assert more["load_seconds"] == first["load_seconds"] and more["num_params"] > 0 and more["feature_dim"] > 0
     # what the record depends on is in its key: another verification protocol is another record
     other = dataclasses.replace(two, protocol=ProbeProtocol(l2=0.1))
@@ -372,7 +414,7 @@ def test_verify_candidate_is_what_the_benchmark_measures():
 
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     task = _tiny_task()
-    res = bench.evaluate_candidate(entry, [task], None, ProbeProtocol())["tasks"]["t"]
+    res = bench.evaluate_candidate(entry, [task], None, ProbeProtocol())["tasks"]["t"][0]
     # The benchmark's rows "+verify top-k" are what the select job computes on the labelled part.
     labelled = task.subset(task_split(task, ProbeProtocol())[0])
     logme = verify_candidate(entry, labelled, None, SelectConfig(verify_by="logme"))
@@ -398,14 +440,19 @@ def test_task_embeddings_are_the_library_ones(tiny_standard):
 
     task = _tiny_task()
     protocol = ProbeProtocol(test_fraction=0.7)
-    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), [protocol], 32)
-    labelled = task.subset(task_split(task, protocol)[0])  # the held-out part never reaches the embedding
-    assert out["tasks"]["t"]["n_train"] == len(labelled) < len(task) / 2
-    for method in ("probe", "fisher"):
-        ref = embed_task(tiny_standard, labelled, SelectConfig(task_method=method, task_image_size=32))
-        assert np.allclose(out["tasks"]["t"][method]["full"].num, ref.query(tiny_standard).num)
-        assert np.allclose(out["tasks"]["t"][method]["diagonal"], np.diag(ref.g))
-        assert out["tasks"]["t"][method]["diagonal"].sum() == pytest.approx(1.0)
+    splits = [protocol, dataclasses.replace(protocol, split_seed=1)]
+    out = bench.embed_benchmark_tasks(tiny_standard, [task], ("probe", "fisher"), [[p] for p in splits], 32)
+    assert out["tasks"] is out["splits"][0] and len(out["splits"]) == 2
+    for split, got in zip(splits, out["splits"]):
+        labelled = task.subset(task_split(task, split)[0])  # the held-out part never reaches the embedding
+        assert got["t"]["n_train"] == len(labelled) < len(task) / 2
+        for method in ("probe", "fisher"):
+            ref = embed_task(tiny_standard, labelled, SelectConfig(task_method=method, task_image_size=32))
+            assert np.allclose(got["t"][method]["full"].num, ref.query(tiny_standard).num, atol=1e-5)
+            assert np.allclose(got["t"][method]["diagonal"], np.diag(ref.g), atol=1e-5)
+            assert got["t"][method]["diagonal"].sum() == pytest.approx(1.0)
+            assert got["t"][method]["seconds"] == out["splits"][0]["t"][method]["seconds"] > 0
+    assert not np.allclose(out["splits"][0]["t"]["fisher"]["diagonal"], out["splits"][1]["t"]["fisher"]["diagonal"])
 
 
 # -- the --small pipeline end to end -------------------------------------------------------
@@ -465,11 +512,14 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     catalog = [json.loads(line) for line in open(os.path.join(store, "benchmark", "catalog.jsonl"))]
     assert {c["id"] for c in catalog} == {m.id for m in plan.zoo}
     assert all("kind" in c["metadata"] and "trained_on" in c["metadata"] for c in catalog)
-    models = os.listdir(store / "benchmark" / "truth")  # one folder per model: its load, one record per task
+    models = os.listdir(store / "benchmark" / "truth")  # one folder per model: its load, a record per task and split
     assert len(models) == len(plan.zoo)
-    assert all(sorted(os.listdir(store / "benchmark" / "truth" / m)) == sorted(
-        [f"{k}.json" for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None)[1]] + ["model.json"])
-        for m in models)
+    keys = [k for r in range(plan.splits) for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None, r)[1]]
+    assert len(set(keys)) == len(plan.tasks) * plan.splits == len(plan.tasks) * 2
+    assert all(sorted(os.listdir(store / "benchmark" / "truth" / m)) == sorted([f"{k}.json" for k in keys] + ["model.json"])
+               for m in models)
+    for res in doc["results"].values():  # every split measured, the tables are their means
+        assert res["n_splits"] == plan.splits and len(res["splits"]) == len(res["split_groups"]) == plan.splits
 
 
 def test_cache_keys_follow_content_not_the_store_path(tmp_path):
