@@ -683,7 +683,7 @@ def random_metrics(truth: np.ndarray) -> dict[str, Any]:
 
 
 METRIC_KEYS = ("tau_w", "gap", "rel1", "rel3", "forward_passes", "seconds")
-QUALITY_KEYS = ("tau_w", "gap", "rel1", "rel3", "pick")  # what differs between the splits of a task
+QUALITY_KEYS = ("tau_w", "gap", "rel1", "rel3")  # what differs between the splits of a task
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -777,7 +777,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         n_train = costs[0]["n_train"]
         temb0 = split_embs[0][name]
         # Cost per verified model after its load (selection.select.verify_candidate).
-        verify_s = {v: [r["features_seconds"] + r[f"{v}_seconds"] for r in costs] for v in VERIFIERS if v in BRUTE_FORCE}
+        verify_s = {v: [r["features_seconds"] + r[f"{v}_seconds"] for r in costs]
+                    for v in VERIFIERS if v in BRUTE_FORCE}
         verify_s["probe"] = [r["verify_seconds"] for r in costs]
         sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
                    if form not in ("diagonal", "seconds")}
@@ -830,9 +831,29 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
             "candidates": ids, "table_load_seconds": table_load_s,
             "task_embedding_load_seconds": task_emb["load_seconds"], "n_splits": len(per_split),
             "per_task": per_task, "groups": aggregate(per_task, groups),
-            "splits": [{t: {m: {k: r.get(k) for k in QUALITY_KEYS} for m, r in rows.items()} for t, rows in p.items()}
-                       for p in per_split],
-            "split_groups": [aggregate(p, groups) for p in per_split], "scores": scores_out}
+            "splits": split_table(per_split),
+            "split_groups": [{g: {m: {k: _round(r[k]) for k in QUALITY_KEYS} for m, r in rows.items()}
+                              for g, rows in aggregate(p, groups).items()} for p in per_split],
+            "scores": scores_out}
+
+
+def split_table(per_split: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """Each split's quality figures, compactly: `{"tasks": [name], "values": {method: {metric: [[per task]
+    per split]}}}`, rounded to 5 decimals (`split_values` reads one)."""
+    tasks = list(per_split[0])
+    methods = list(per_split[0][tasks[0]]) if tasks else []
+    return {"tasks": tasks, "values": {m: {k: [[_round(p[t][m].get(k)) for t in tasks] for p in per_split]
+                                           for k in QUALITY_KEYS} for m in methods}}
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 5)
+
+
+def split_values(res: dict[str, Any], task: str, method: str, metric: str) -> list[float | None]:
+    """One task's `metric` of `method` on each of its splits (from `standard_results`)."""
+    i = res["splits"]["tasks"].index(task)
+    return [row[i] for row in res["splits"]["values"][method][metric]]
 
 
 def mean_over_splits(rows: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -892,7 +913,8 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
 
     def splits_told(vals: list[float], fmt: str) -> str:
         return "" if not vals else \
-            f"; mean of {len(vals)} labelled/held-out splits per task, one split's mean {min(vals):{fmt}} to {max(vals):{fmt}}"
+            f"; mean of {len(vals)} labelled/held-out splits per task, one split's mean " \
+            f"{min(vals):{fmt}} to {max(vals):{fmt}}"
 
     out: list[dict[str, Any]] = []
     if se and lm:
@@ -999,9 +1021,10 @@ def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict
                 ax.scatter(sc[sel], acc[sel], s=18, c=color, label=kind, alpha=0.8)
         p = int(np.argmax(sc))
         ax.scatter([sc[p]], [acc[p]], s=90, facecolors="none", edgecolors="black", label="pick")
-        split0 = (res.get("splits") or [res["per_task"]])[0][name]  # the split whose scores are plotted
-        row = split0.get(method) or split0.get(f"{method} (brute force)") or {}
-        ax.set_title(f"{name}: tau_w {_f(row.get('tau_w'))}, gap {_f(row.get('gap'), 1)}", fontsize=9)
+        label = method if method in res["per_task"][name] else f"{method} (brute force)"
+        tau, gap = ((split_values(res, name, label, k)[0] for k in ("tau_w", "gap")) if "splits" in res
+                    else (res["per_task"][name].get(label, {}).get(k) for k in ("tau_w", "gap")))
+        ax.set_title(f"{name}: tau_w {_f(tau)}, gap {_f(gap, 1)}", fontsize=9)  # the plotted split's
         ax.set_xlabel("score", fontsize=8)
         ax.set_ylabel("probe accuracy (%)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -1160,7 +1183,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"**{variant_label(default)}**; verification rows use it. The verifier with the lowest dev mean "
              f"top-3 gap over the standards: **{doc['summary'].get('verifier_by_dev')}** "
              + ("(the library's default)" if doc["summary"].get("verifier_by_dev") == DEFAULT_VERIFIER else
-                f"(the library's default, used by the `+verify top-k` rows, is {DEFAULT_VERIFIER})") + ".\n")
+                f"(the library's default, used by the `+verify top-k` rows, is {DEFAULT_VERIFIER}; why it stays the "
+                f"default: `docs/method-experiments.md`)") + ".\n")
 
     L.append("## Targets (test tasks)\n")
     rows = []
@@ -1232,7 +1256,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
             trows.append([task.name, f"{best} ({100 * acc[best]:.1f})", f"{se_pick} ({100 * acc[se_pick]:.1f})",
                           f"{v3} ({100 * acc[v3]:.1f})" if v3 else "–", f"{lm} ({100 * acc[lm]:.1f})"])
         if plan.splits > 1:
-            L.append(f"On split {plan.protocol.split_seed} of each task (the tables above are means over the splits).\n")
+            L.append(f"On split {plan.protocol.split_seed} of each task (the tables above are means over the "
+                     f"splits).\n")
         L.append(_md_table(["task", "best (acc %)", f"SE {default}", "SE +verify top-3", "LogME"], trows) + "\n")
         L.append(f"![{name}: SE score vs accuracy]({doc['images'][f'{name}/se']})\n")
         L.append(f"![{name}: LogME score vs accuracy]({doc['images'][f'{name}/logme']})\n")

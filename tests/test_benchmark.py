@@ -307,7 +307,7 @@ def test_standard_results_are_means_over_the_splits():
     res = bench.standard_results(plan, sp, std, table, 0.05, task_emb, truth)
     se, v3 = "SE full/probe", "SE full/probe +verify top-3"
     assert res["n_splits"] == 2
-    assert [p["b"][se]["gap"] for p in res["splits"]] == pytest.approx([10.0, 30.0])  # m0 picked on both
+    assert bench.split_values(res, "b", se, "gap") == pytest.approx([10.0, 30.0])  # m0 picked on both
     row = res["per_task"]["b"][se]
     assert row["gap"] == pytest.approx(20.0) and row["n_splits"] == 2 and row["pick"] == "m0"
     single = bench.standard_results(dataclasses.replace(plan, splits=1), sp, std, table, 0.05,
@@ -514,12 +514,14 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert all("kind" in c["metadata"] and "trained_on" in c["metadata"] for c in catalog)
     models = os.listdir(store / "benchmark" / "truth")  # one folder per model: its load, a record per task and split
     assert len(models) == len(plan.zoo)
-    keys = [k for r in range(plan.splits) for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None, r)[1]]
+    keys = [k for r in range(plan.splits)
+            for k in bench.truth_cache_keys(CatalogEntry("x", "resnet10t"), plan, None, r)[1]]
     assert len(set(keys)) == len(plan.tasks) * plan.splits == len(plan.tasks) * 2
-    assert all(sorted(os.listdir(store / "benchmark" / "truth" / m)) == sorted([f"{k}.json" for k in keys] + ["model.json"])
-               for m in models)
+    assert all(sorted(os.listdir(store / "benchmark" / "truth" / m))
+               == sorted([f"{k}.json" for k in keys] + ["model.json"]) for m in models)
     for res in doc["results"].values():  # every split measured, the tables are their means
-        assert res["n_splits"] == plan.splits and len(res["splits"]) == len(res["split_groups"]) == plan.splits
+        assert res["n_splits"] == len(res["split_groups"]) == plan.splits
+        assert len(bench.split_values(res, tasks[0], "LogME (brute force)", "tau_w")) == plan.splits
 
 
 def test_cache_keys_follow_content_not_the_store_path(tmp_path):
