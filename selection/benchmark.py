@@ -63,7 +63,7 @@ IMAGENET_INPUT_SIZE = 128
 TARGET_GAP_POINTS = 1.0
 TARGET_SPEEDUP = 10.0
 TARGET_MIN_MODELS = 40
-# Labelled/held-out splits per task in the full plan: with 5-150 labelled images per class, one split's
+# Labelled/held-out splits per task in the full plan: with 5-40 labelled images per class, one split's
 # top-1 gap moves by points with the images drawn; every metric is the mean over the splits.
 FULL_SPLITS = 5
 
@@ -464,12 +464,11 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
 
 def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
                        protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE,
-                       task_protocols: Sequence[ProbeProtocol | Sequence[ProbeProtocol]] | None = None
-                       ) -> dict[str, Any]:
+                       task_protocols: Sequence[Sequence[ProbeProtocol]] | None = None) -> dict[str, Any]:
     """Ground truth and brute-force scores of one candidate on every task, with timings.
 
-    `task_protocols[i]`: the protocol of task i's labelled/held-out split (default `protocol`), or
-    several (other split seeds); `out["tasks"][name]` holds one record per protocol, in order.
+    `task_protocols[i]`: the protocols of task i's labelled/held-out splits (split seeds; default
+    `[protocol]`); `out["tasks"][name]` holds one record per protocol, in order.
     A record: `accuracy`, the ground truth (selection.select.features_accuracy under that split:
     probe fit on the labelled (train) part, accuracy on the held-out test part); brute force: each
     scorer on the candidate's features of the train part; `verify_accuracy`: what verification sees,
@@ -490,8 +489,7 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
                            "load_seconds": load_s, "tasks": {}}
-    for task, protos in zip(tasks, task_protocols or [protocol] * len(tasks), strict=True):
-        protos = [protos] if isinstance(protos, ProbeProtocol) else list(protos)
+    for task, protos in zip(tasks, task_protocols or [[protocol]] * len(tasks), strict=True):
         t = time.perf_counter()
         every = extract_features(loaded, task.images, input_size=std_input_size)
         pool_s = time.perf_counter() - t
@@ -906,10 +904,10 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
         return "" if interval is None else \
             f"; 90 % bootstrap interval over the test tasks: {interval[0]:{fmt}} to {interval[1]:{fmt}}"
 
-    def by_split(value: Any) -> list[float]:
-        """The test-group mean of `value(group rows)` on each split (empty with one split)."""
-        vals = [value(g.get("test", {})) for g in res.get("split_groups", [])]
-        return [float(v) for v in vals if v is not None] if len(vals) > 1 else []
+    def by_split(method: str, metric: str) -> list[float]:
+        """The test-group mean of `metric` of `method` on each split (empty with one split)."""
+        vals = [g.get("test", {}).get(method, {}).get(metric) for g in res.get("split_groups", [])]
+        return [float(v) for v in vals] if len(vals) > 1 and None not in vals else []
 
     def splits_told(vals: list[float], fmt: str) -> str:
         return "" if not vals else \
@@ -920,18 +918,19 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
     if se and lm:
         margin = (se["tau_w"] or 0.0) - (lm["tau_w"] or 0.0)
         iv = spread(lambda rows: rows[variant_label(default_variant)]["tau_w"] - rows["LogME (brute force)"]["tau_w"])
-        sp = by_split(lambda g: (g[variant_label(default_variant)]["tau_w"] - g["LogME (brute force)"]["tau_w"])
-                      if variant_label(default_variant) in g and "LogME (brute force)" in g else None)
+        sp = [a - b for a, b in zip(by_split(variant_label(default_variant), "tau_w"),
+                                    by_split("LogME (brute force)", "tau_w"))]
         out.append({"id": "T1", "target": "SE without verification: mean tau_w on test tasks >= brute-force LogME",
                     "value": se["tau_w"], "reference": lm["tau_w"], "met": bool(margin >= 0),
                     "margin": margin, "interval": iv, "per_split": sp,
                     "detail": f"SE {_f(se['tau_w'], 3)} vs LogME {_f(lm['tau_w'], 3)} "
-                              f"({'+' if margin >= 0 else ''}{margin:.3f}{told(iv, '+.3f')}{splits_told(sp, '+.3f')})"})
+                              f"({'+' if margin >= 0 else ''}{margin:.3f}{told(iv, '+.3f')}"
+                              f"{splits_told(sp, '+.3f')})"})
     oracle = test.get(variant_label(default_variant, 3, ORACLE))
     if se3:
         margin = TARGET_GAP_POINTS - se3["gap"]
         iv = spread(lambda rows: rows[variant_label(default_variant, 3)]["gap"])
-        sp = by_split(lambda g: g.get(variant_label(default_variant, 3), {}).get("gap"))
+        sp = by_split(variant_label(default_variant, 3), "gap")
         out.append({"id": "T2", "target": f"SE with top-3 verification: mean top-1 gap on test tasks <= "
                                           f"{TARGET_GAP_POINTS:.1f} point",
                     "value": se3["gap"], "reference": TARGET_GAP_POINTS, "met": bool(margin >= 0),
@@ -1022,9 +1021,8 @@ def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict
         p = int(np.argmax(sc))
         ax.scatter([sc[p]], [acc[p]], s=90, facecolors="none", edgecolors="black", label="pick")
         label = method if method in res["per_task"][name] else f"{method} (brute force)"
-        tau, gap = ((split_values(res, name, label, k)[0] for k in ("tau_w", "gap")) if "splits" in res
-                    else (res["per_task"][name].get(label, {}).get(k) for k in ("tau_w", "gap")))
-        ax.set_title(f"{name}: tau_w {_f(tau)}, gap {_f(gap, 1)}", fontsize=9)  # the plotted split's
+        tau, gap = (split_values(res, name, label, k)[0] for k in ("tau_w", "gap"))  # the plotted split's
+        ax.set_title(f"{name}: tau_w {_f(tau)}, gap {_f(gap, 1)}", fontsize=9)
         ax.set_xlabel("score", fontsize=8)
         ax.set_ylabel("probe accuracy (%)", fontsize=8)
         ax.tick_params(labelsize=7)
