@@ -473,12 +473,11 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     probe fit on the labelled (train) part, accuracy on the held-out test part); brute force: each
     scorer on the candidate's features of the train part; `verify_accuracy`: what verification sees,
     `protocol` run inside the train part only (a user verifies on the labelled data they have; the
-    test part stays unseen). One feature pass of all the task's images serves every split's ground
-    truth and, after the first split, its train features. `features_seconds`, what brute force and
-    verification pay per model, is a separate pass over the first split's train part (every split's
-    train part has the same size); `<scorer>_seconds` and `verify_seconds` (features + probe fits)
-    are each split's own; `truth_seconds` is the shared pass plus the split's probe fit. `load_seconds`
-    is paid once per model.
+    test part stays unseen). One feature pass of all the task's images serves every split.
+    `features_seconds`, what brute force and verification pay per model, is the part of that pass
+    over the first split's train part, timed on its own (every split's train part has the same size);
+    `<scorer>_seconds` and `verify_seconds` (features + probe fits) are each split's own;
+    `truth_seconds` is the whole pass plus the split's probe fit. `load_seconds` is paid once per model.
     """
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
@@ -490,16 +489,20 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
                            "load_seconds": load_s, "tasks": {}}
     for task, protos in zip(tasks, task_protocols or [[protocol]] * len(tasks), strict=True):
+        # The first split's train part first, timed on its own (what brute force and verification pay),
+        # then the rest of the task's images: one pass over every image in all.
+        first, rest = task_split(task, protos[0])
         t = time.perf_counter()
-        every = extract_features(loaded, task.images, input_size=std_input_size)
-        pool_s = time.perf_counter() - t
-        t = time.perf_counter()
-        first_train = extract_features(loaded, task.images[task_split(task, protos[0])[0]], input_size=std_input_size)
+        head = extract_features(loaded, task.images[first], input_size=std_input_size)
         features_s = time.perf_counter() - t
+        every = np.empty((len(task), head.shape[1]), head.dtype)
+        every[first] = head
+        every[rest] = extract_features(loaded, task.images[rest], input_size=std_input_size)
+        pool_s = time.perf_counter() - t
         recs = []
-        for j, task_protocol in enumerate(protos):
+        for task_protocol in protos:
             train, _ = task_split(task, task_protocol)
-            feats = first_train if j == 0 else every[train]
+            feats = every[train]
             rec: dict[str, Any] = {"n_images": len(task), "n_train": int(len(train)),
                                    "feature_dim": int(feats.shape[1]), "split_seed": task_protocol.split_seed}
             t = time.perf_counter()
