@@ -50,6 +50,11 @@ VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diag
             ("per-source", "probe"), ("per-source", "fisher"), ("rank-mean", "probe"), ("rank-mean", "fisher"))
 DEFAULT_VARIANT = ("rank-mean", "fisher")
 ORACLE = "oracle"  # verification by the ground truth: the ceiling of a shortlist, reported next to the verifiers
+# With several splits: every model's mean accuracy on the task's *other* splits, a reference that
+# knows how good each model is on the task at this labelled size but not which images are labelled.
+# Used over the whole zoo (EXPECTED_ROW) and as a verifier of the shortlist (`(expected)` rows).
+EXPECTED = "expected"
+EXPECTED_ROW = "expected accuracy (other splits)"
 VERIFY_KS = (1, 3, 5)
 # selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
 # here, so that the plan and the report load without torch).
@@ -784,13 +789,20 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
                    if form not in ("diagonal", "seconds")}
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
+        split_recs = [[truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
+                      for split in range(len(split_embs))]
+        split_accs = np.array([[r["accuracy"] for r in recs] for recs in split_recs], np.float64)
         for split, embs in enumerate(split_embs):
             temb = embs[name]
-            recs = [truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
-            acc = np.array([r["accuracy"] for r in recs], np.float64)
+            recs = split_recs[split]
+            acc = split_accs[split]
             # What each verifier measures on the labelled part only.
             seen = {v: np.array([r[v] for r in recs], np.float64) for v in VERIFIERS if v in BRUTE_FORCE}
             seen["probe"] = np.array([r["verify_accuracy"] for r in recs], np.float64)
+            # References, not methods: the ground truth itself, and the other splits' mean accuracy.
+            refs = {ORACLE: acc}
+            if len(split_embs) > 1:
+                refs[EXPECTED] = np.delete(split_accs, split, axis=0).mean(0)
             rows: dict[str, dict[str, Any]] = {}
             if split == 0:
                 scores_out[name] = {"accuracy": acc.tolist()}
@@ -809,10 +821,13 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                         rows[variant_label(variant, k, verifier)] = dict(
                             ranking_metrics(verified_scores(s, measured, k), acc, ids),
                             forward_passes=n_train + len(top) * n_train, seconds=cost)
-                    # The shortlist re-ranked by the ground truth itself: not a method, the ceiling
-                    # that any verifier of these k can reach.
-                    rows[variant_label(variant, k, ORACLE)] = dict(
-                        ranking_metrics(verified_scores(s, acc, k), acc, ids), forward_passes=None, seconds=None)
+                    # The shortlist re-ranked by the ground truth itself (the ceiling that any verifier of
+                    # these k can reach) and by the expected accuracy (what knowing each model's quality
+                    # on the task, but not the labelled images, would give).
+                    for ref, known in refs.items():
+                        rows[variant_label(variant, k, ref)] = dict(
+                            ranking_metrics(verified_scores(s, known, k), acc, ids), forward_passes=None,
+                            seconds=None)
             for scorer in BRUTE_FORCE:
                 s = np.array([r[scorer] for r in recs], np.float64)
                 cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
@@ -821,6 +836,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                     ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=cost)
                 if split == 0:
                     scores_out[name][PRETTY_SCORER[scorer]] = s.tolist()
+            if EXPECTED in refs:
+                rows[EXPECTED_ROW] = dict(ranking_metrics(refs[EXPECTED], acc, ids), forward_passes=None, seconds=None)
             rows["random choice (expected)"] = dict(random_metrics(acc), forward_passes=0, seconds=0.0)
             rows["largest model"] = dict(ranking_metrics(params, acc, ids), forward_passes=0, seconds=0.0)
             per_split[split][name] = rows
@@ -867,13 +884,15 @@ def mean_over_splits(rows: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dic
     return out
 
 
-def method_rows(default_variant: str, verify_ks: Sequence[int]) -> list[str]:
-    """The methods shown in the summary tables, in order."""
+def method_rows(default_variant: str, verify_ks: Sequence[int], splits: int = 1) -> list[str]:
+    """The methods shown in the summary tables, in order (the `expected` references need 2+ splits)."""
     rows = [variant_label(f"{f}/{m}") for f, m in VARIANTS]
     rows += [variant_label(default_variant, k) for k in verify_ks]
-    if 3 in verify_ks:  # the other verifiers and the oracle's ceiling, for comparison at the target's k
-        rows += [variant_label(default_variant, 3, v) for v in (*VERIFIERS, ORACLE) if v != DEFAULT_VERIFIER]
+    refs = (ORACLE, EXPECTED) if splits > 1 else (ORACLE,)
+    if 3 in verify_ks:  # the other verifiers and the references, for comparison at the target's k
+        rows += [variant_label(default_variant, 3, v) for v in (*VERIFIERS, *refs) if v != DEFAULT_VERIFIER]
     rows += [f"{PRETTY_SCORER[s]} (brute force)" for s in BRUTE_FORCE]
+    rows += [EXPECTED_ROW] if splits > 1 else []
     return rows + ["random choice (expected)", "largest model"]
 
 
@@ -930,6 +949,7 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
                               f"({'+' if margin >= 0 else ''}{margin:.3f}{told(iv, '+.3f')}"
                               f"{splits_told(sp, '+.3f')})"})
     oracle = test.get(variant_label(default_variant, 3, ORACLE))
+    expected, expected3 = test.get(EXPECTED_ROW), test.get(variant_label(default_variant, 3, EXPECTED))
     if se3:
         margin = TARGET_GAP_POINTS - se3["gap"]
         iv = spread(lambda rows: rows[variant_label(default_variant, 3)]["gap"])
@@ -941,7 +961,10 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
                     "detail": f"{se3['gap']:.2f} points ({'under' if margin >= 0 else 'over'} "
                               f"the target by {abs(margin):.2f}{told(iv, '.2f')}{splits_told(sp, '.2f')}"
                               + (f"; a perfect verifier of the same top 3: {oracle['gap']:.2f}"
-                                 if oracle else "") + ")"})
+                                 if oracle else "")
+                              + (f"; knowing every model's mean accuracy on the task's other splits: "
+                                 f"{expected3['gap']:.2f} within the same top 3, {expected['gap']:.2f} over all "
+                                 f"candidates" if expected and expected3 else "") + ")"})
     m = res["n_candidates"]
     for tid, row, what in (("T3a", se, "SE without verification"), ("T3b", se3, "SE with top-3 verification")):
         if not (row and lm and row["seconds"]):
@@ -1081,15 +1104,54 @@ def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence
     plt.close(fig)
 
 
+def plot_gap_ladder(per_standard: dict[str, dict[str, Any]], default_variant: str, path: str) -> None:
+    """Top-1 gap of the default variant's pick, step by step towards what knowing the truth would give.
+
+    One group of bars per step (no verification, verified top 3, the top 3 re-ranked by the expected
+    and by the true accuracy, the whole zoo by the expected accuracy), one bar per standard and group;
+    the dashed line is T2's target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(variant_label(default_variant), "SE, no verification"),
+             (variant_label(default_variant, 3), f"SE + verify top 3\n({DEFAULT_VERIFIER})"),
+             (variant_label(default_variant, 3, EXPECTED), "top 3 by the\nexpected accuracy"),
+             (variant_label(default_variant, 3, ORACLE), "top 3 by the\nground truth"),
+             (EXPECTED_ROW, "all candidates by the\nexpected accuracy")]
+    bars = [(f"{name} / {g}", res["groups"][g]) for name, res in per_standard.items()
+            for g in GROUPS if g in res["groups"]]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(bars), 1)
+    for bi, (label, rows) in enumerate(bars):
+        vals = [(rows.get(m) or {}).get("gap") for m, _ in steps]
+        xs = [si + (bi - (len(bars) - 1) / 2) * width for si in range(len(steps))]
+        ax.bar(xs, [np.nan if v is None else v for v in vals], width, label=label)
+    ax.axhline(TARGET_GAP_POINTS, ls="--", color="black", lw=1, label=f"T2 target ({TARGET_GAP_POINTS:.1f})")
+    ax.set_xticks(range(len(steps)), [t for _, t in steps], fontsize=8)
+    ax.set_ylabel("mean top-1 gap (points, lower is better)", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"where the gap of {variant_label(default_variant)} comes from (mean over tasks and splits)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[str, str]:
     """Write `benchmark.json`, `benchmark.md` and plots under `img/`; returns their paths."""
     os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
     per_standard = doc["results"]
     default = doc["summary"]["default_variant"]
     kinds = {z["id"]: z["kind"] for z in doc["zoo"]}
-    methods = method_rows(default, plan.verify_ks)
+    methods = method_rows(default, plan.verify_ks, plan.splits)
     images = {}
     images["cost_quality"] = os.path.join("img", "quality_vs_cost.png")
+    if plan.splits > 1:
+        images["gap_ladder"] = os.path.join("img", "gap_ladder.png")
+        plot_gap_ladder(per_standard, default, os.path.join(out_dir, images["gap_ladder"]))
     plot_cost_quality(per_standard, [m for m in methods if "random" not in m and "largest" not in m],
                       os.path.join(out_dir, images["cost_quality"]))
     for name, res in per_standard.items():
@@ -1168,7 +1230,12 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "seeded, stratified; `(probe)`). A user verifies on the "
              "labelled data they have: the pick's ground-truth accuracy on the unseen test part is what the "
              "metrics use, so verification never sees the test labels. `(oracle)` rows re-rank the same "
-             "shortlist by the ground truth itself: not a method, the best any verifier of that shortlist can do.")
+             "shortlist by the ground truth itself: not a method, the best any verifier of that shortlist can do."
+             + (f" Two more references, not methods, need the {plan.splits} splits: `{EXPECTED_ROW}` picks by every "
+                f"model's mean ground-truth accuracy on the task's other splits, and `(expected)` rows re-rank the "
+                f"shortlist by it. They know how good each model is on the task at this labelled size, but not which "
+                f"images are labelled: their gap is the part of a pick's gap that comes from the draw of the "
+                f"labelled and held-out images." if plan.splits > 1 else ""))
     L.append("- **Brute force**: LogME, H-score and ridge LOO (`selection.scorers`: the closed-form "
              "leave-one-out squared error of a ridge probe onto the one-hot labels, its penalty chosen by the same "
              "error) on every candidate's features of the task's train part: m model loads and m × n_train "
@@ -1197,7 +1264,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         L.append("Test-group means on each labelled/held-out split alone (the targets above use their mean):\n")
         cols = ((variant_label(default), "tau_w", "SE tau_w"), ("LogME (brute force)", "tau_w", "LogME tau_w"),
                 (variant_label(default, 3), "gap", "SE +verify top-3 gap"),
-                (variant_label(default, 3, ORACLE), "gap", "top 3 by the ground truth, gap"))
+                (variant_label(default, 3, ORACLE), "gap", "top 3 by the ground truth, gap"),
+                (EXPECTED_ROW, "gap", "all by the other splits' accuracy, gap"))
         rows = []
         for name, res in per_standard.items():
             for r, g in enumerate(res.get("split_groups", [])):
@@ -1205,6 +1273,21 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
                 rows.append([name, str(plan.protocol.split_seed + r)]
                             + [_f(test.get(m, {}).get(k), 3 if k == "tau_w" else 2) for m, k, _ in cols])
         L.append(_md_table(["standard", "split seed"] + [c for _, _, c in cols], rows) + "\n")
+        L.append("Where the verified pick's gap comes from: the same top 3 re-ranked by a verifier that knows each "
+                 "model's *expected* accuracy on the task (its mean over the task's other splits) and by the ground "
+                 "truth itself, and the whole zoo ranked by the expected accuracy. The last step is what knowing "
+                 "how good every model is on the task, but not which images were drawn, leaves of the gap "
+                 "(mean top-1 gap, points):\n")
+        steps = ((variant_label(default), "SE, no verification"), (variant_label(default, 3), "SE + verify top 3"),
+                 (variant_label(default, 3, EXPECTED), "top 3 by the expected accuracy"),
+                 (variant_label(default, 3, ORACLE), "top 3 by the ground truth"),
+                 (EXPECTED_ROW, "all candidates by the expected accuracy"))
+        cols2 = [(name, g) for name, res in per_standard.items() for g in GROUPS if g in res["groups"]]
+        rows = [[label] + [_f(per_standard[n]["groups"][g].get(m, {}).get("gap")) for n, g in cols2]
+                for m, label in steps]
+        L.append(_md_table(["step"] + [f"{n} {g}" for n, g in cols2], rows) + "\n")
+        if "gap_ladder" in doc["images"]:
+            L.append(f"![where the gap comes from]({doc['images']['gap_ladder']})\n")
 
     for name, res in per_standard.items():
         L.append(f"## Standard `{name}`: {res['title']}\n")

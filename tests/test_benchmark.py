@@ -321,6 +321,15 @@ def test_standard_results_are_means_over_the_splits():
     t2 = {t["id"]: t for t in bench.compute_results(plan, {"s": res})["targets"]["s"]}["T2"]
     assert t2["value"] == pytest.approx(20.0) and t2["per_split"] == pytest.approx([10.0, 30.0])
     assert "mean of 2 labelled/held-out splits per task, one split's mean 10.00 to 30.00" in t2["detail"]
+    # The references from the other split: m1 is 90 on both, so knowing it finds the best every time;
+    # within the top 3 (m0, m2, m3) the other split's best is this split's worst (60).
+    rows = res["per_task"]["b"]
+    assert rows[bench.EXPECTED_ROW]["gap"] == pytest.approx(0.0) and rows[bench.EXPECTED_ROW]["pick"] == "m1"
+    assert rows["SE full/probe +verify top-3 (expected)"]["gap"] == pytest.approx(30.0)
+    assert "30.00 within the same top 3, 0.00 over all candidates" in t2["detail"]
+    assert bench.EXPECTED_ROW not in single["per_task"]["b"]
+    assert bench.EXPECTED_ROW in bench.method_rows("full/probe", plan.verify_ks, 2)
+    assert bench.EXPECTED_ROW not in bench.method_rows("full/probe", plan.verify_ks, 1)
 
 
 # -- measurements --------------------------------------------------------------------------
