@@ -1104,22 +1104,28 @@ def plot_cost_quality(per_standard: dict[str, dict[str, Any]], methods: Sequence
     plt.close(fig)
 
 
-def plot_gap_ladder(per_standard: dict[str, dict[str, Any]], default_variant: str, path: str) -> None:
-    """Top-1 gap of the default variant's pick, step by step towards what knowing the truth would give.
+def gap_steps(default_variant: str) -> list[tuple[str, str]]:
+    """(method, label) of the steps from the default variant's pick towards what knowing the truth gives:
+    no verification, verified top 3, the top 3 re-ranked by the expected and by the true accuracy, the
+    whole zoo by the expected accuracy."""
+    return [(variant_label(default_variant), "SE, no verification"),
+            (variant_label(default_variant, 3), f"SE + verify top 3 ({DEFAULT_VERIFIER})"),
+            (variant_label(default_variant, 3, EXPECTED), "top 3 by the expected accuracy"),
+            (variant_label(default_variant, 3, ORACLE), "top 3 by the ground truth"),
+            (EXPECTED_ROW, "all candidates by the expected accuracy")]
 
-    One group of bars per step (no verification, verified top 3, the top 3 re-ranked by the expected
-    and by the true accuracy, the whole zoo by the expected accuracy), one bar per standard and group;
+
+def plot_gap_ladder(per_standard: dict[str, dict[str, Any]], default_variant: str, path: str) -> None:
+    """Top-1 gap of each of `gap_steps`: one group of bars per step, one bar per standard and group;
     the dashed line is T2's target."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [(variant_label(default_variant), "SE, no verification"),
-             (variant_label(default_variant, 3), f"SE + verify top 3\n({DEFAULT_VERIFIER})"),
-             (variant_label(default_variant, 3, EXPECTED), "top 3 by the\nexpected accuracy"),
-             (variant_label(default_variant, 3, ORACLE), "top 3 by the\nground truth"),
-             (EXPECTED_ROW, "all candidates by the\nexpected accuracy")]
+    steps = [(m, textwrap.fill(label, 22)) for m, label in gap_steps(default_variant)]
     bars = [(f"{name} / {g}", res["groups"][g]) for name, res in per_standard.items()
             for g in GROUPS if g in res["groups"]]
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -1278,10 +1284,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
                  "truth itself, and the whole zoo ranked by the expected accuracy. The last step is what knowing "
                  "how good every model is on the task, but not which images were drawn, leaves of the gap "
                  "(mean top-1 gap, points):\n")
-        steps = ((variant_label(default), "SE, no verification"), (variant_label(default, 3), "SE + verify top 3"),
-                 (variant_label(default, 3, EXPECTED), "top 3 by the expected accuracy"),
-                 (variant_label(default, 3, ORACLE), "top 3 by the ground truth"),
-                 (EXPECTED_ROW, "all candidates by the expected accuracy"))
+        steps = gap_steps(default)
         cols2 = [(name, g) for name, res in per_standard.items() for g in GROUPS if g in res["groups"]]
         rows = [[label] + [_f(per_standard[n]["groups"][g].get(m, {}).get("gap")) for n, g in cols2]
                 for m, label in steps]
