@@ -779,7 +779,10 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
     per_split: list[dict[str, dict[str, dict[str, Any]]]] = [{} for _ in split_embs]
     for task in plan.tasks:
         name = task.name
-        costs = [truth[i]["tasks"][name] for i in ids]  # split 0: what one selection costs
+        split_recs = [[truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
+                      for split in range(len(split_embs))]
+        split_accs = np.array([[r["accuracy"] for r in recs] for recs in split_recs], np.float64)
+        costs = split_recs[0]  # split 0: what one selection costs
         n_train = costs[0]["n_train"]
         temb0 = split_embs[0][name]
         # Cost per verified model after its load (selection.select.verify_candidate).
@@ -789,9 +792,6 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
                    if form not in ("diagonal", "seconds")}
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
-        split_recs = [[truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
-                      for split in range(len(split_embs))]
-        split_accs = np.array([[r["accuracy"] for r in recs] for recs in split_recs], np.float64)
         for split, embs in enumerate(split_embs):
             temb = embs[name]
             recs = split_recs[split]
