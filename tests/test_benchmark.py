@@ -193,10 +193,14 @@ def test_targets_and_default_choice():
     assert t["T2"]["met"] and t["T2"]["margin"] == pytest.approx(0.5)
     assert t["T3a"]["met"] and t["T3a"]["value"] == pytest.approx(200.0)
     assert t["T3b"]["met"] and t["T3b"]["value"] == pytest.approx(50.0)
+    # brute force costs 100/44 s per candidate: 10x from 3 candidates without verification, 9 with
+    assert (t["T3a"]["break_even_m"], t["T3b"]["break_even_m"]) == (3, 9)
+    assert "10x from m = 9" in t["T3b"]["detail"]
     bad = _res(se_tau=0.4, se_gap=2.0, v3_gap=1.5, lm_tau=0.5, se_s=5.0, lm_s=20.0, m=12)
     t = {x["id"]: x for x in bench.evaluate_targets(bad, "full/probe")}
     assert not any(x["met"] for x in t.values())
     assert "below the required m" in t["T3a"]["detail"]
+    assert (t["T3a"]["break_even_m"], t["T3b"]["break_even_m"]) == (30, 120)  # 5 s and 20 s at 20/12 s each
     assert bench.choose_default_variant({"a": res}) == "full/probe"
     other = _res(0.6, 2.0, 0.5, 0.5, 0.5, 100.0, dev_tau=(0.1, 0.2, 0.9, 0.0))
     assert bench.choose_default_variant({"a": res, "b": other}) == "diagonal/probe"  # mean 0.5 vs 0.3
