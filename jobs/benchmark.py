@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, run_main
+from jobs.common import add_ray_args, check_output, open_store, run_main
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ConfigError, ZooselectError
@@ -90,9 +90,7 @@ def _store(args: argparse.Namespace) -> Store:
     url = args.store
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))  # workers may run elsewhere than the driver's cwd
-    store = Store(url, s3_endpoint=args.s3_endpoint)
-    store.check()
-    return store
+    return open_store(args, url)
 
 
 def _versions() -> dict[str, str]:
@@ -112,6 +110,7 @@ def quality(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     progress = not args.no_progress
     plan = bench.plan_by_name(args.small)
+    check_output(args.out, directory=True)
     store = _store(args)
     ep = args.s3_endpoint
     runtime.init(args.address)

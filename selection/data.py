@@ -237,9 +237,12 @@ def _int(params: dict[str, str], key: str, default: int | None, spec: str) -> in
     if key not in params:
         return default
     try:
-        return int(params[key])
+        value = int(params[key])
     except ValueError:
         raise DataError(f"option {key}={params[key]!r} in dataset spec {spec!r} is not an integer") from None
+    if value < 0:  # counts (n, per_class) and seeds; Python slicing would take a negative count from the end
+        raise DataError(f"option {key}={value} in dataset spec {spec!r} must be >= 0")
+    return value
 
 
 def _select_classes(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...],
@@ -326,6 +329,9 @@ def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dic
         images, labels = _per_class(images, labels, _int(p, "per_class", None, spec),
                                     _int(p, "seed", 0, spec), _int(p, "n", None, spec))
         return ImageSet(resize_images(images, size), labels, names, spec)
+    from selection.storage import check_url
+
+    check_url(spec)
     if spec.rstrip("/").endswith(".parquet"):
         return _load_parquet(spec, size, store_options or {})
     return _load_image_folder(spec, size, store_options or {})

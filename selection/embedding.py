@@ -163,6 +163,9 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     return ModelEmbedding(coverage, triu(full), alpha, per_source)
 
 
+NO_SIGNAL_TOLERANCE = 1e-5  # class-mean spread below this fraction of the features' RMS is float noise
+
+
 def _check_task(z: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
     if z.ndim != 2 or labels.shape != (z.shape[0],):
         raise DataError(f"task {name!r}: features (n, d) and labels (n,) expected, got {z.shape} "
@@ -177,12 +180,18 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
     """Task embedding as a (d, d) PSD matrix G with trace 1; its diagonal is the diagonal form u."""
     classes = _check_task(z, labels, name)
     z = z.astype(np.float64)
+    # Class means that differ by float noise only (e.g. the same image under every label) would give
+    # a full-rank G from the ratio of noise to noise: refuse them, relative to the features' scale.
+    mu = z.mean(0)
+    spread = max(float(np.abs(z[labels == c].mean(0) - mu).max()) for c in classes)
+    if not spread > NO_SIGNAL_TOLERANCE * (float(np.sqrt((z ** 2).mean())) + 1e-30):
+        raise DataError(f"task {name!r}: the labels carry no signal in the baseline features "
+                        f"(all class means coincide)")
     if method == "probe":
         y = (labels[:, None] == classes[None, :]).astype(np.float64)
         w, _, _ = ridge_gcv(z, y)                       # (d, C)
         g = w @ w.T
     elif method == "fisher":
-        mu = z.mean(0)
         within = np.zeros(z.shape[1])
         means = []
         for c in classes:

@@ -31,6 +31,15 @@ T = TypeVar("T")
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
+# "s3:/bucket" or "s3:bucket" is a mistyped URL, not a local directory named "s3:".
+_MISTYPED = re.compile(r"^(file|s3|s3a|gs|gcs|az|abfs|hdfs|http|https|memory):(?!//)", re.IGNORECASE)
+
+
+def check_url(url: str) -> None:
+    """Refuse a mistyped URL (`s3:/bucket`) that would otherwise be taken as a local path."""
+    match = _MISTYPED.match(url)
+    if match:
+        raise ConfigError(f"malformed URL {url!r}: did you mean {match.group(1).lower()}://{url[match.end():].lstrip('/')}?")
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                   FileExistsError)
 
@@ -155,11 +164,12 @@ class Store:
                  retry: RetryPolicy = RetryPolicy()) -> None:
         if not isinstance(url, str) or not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
+        check_url(url)
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else "file"
         if scheme not in SUPPORTED_SCHEMES:
             raise ConfigError(f"unsupported store URL scheme {scheme!r} in {url!r} "
-                              f"(use a local path or one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)})")
+                              f"(use a local path or s3://bucket/prefix)")
         self.url = url.rstrip("/")
         self.scheme = scheme
         self.retry = retry

@@ -69,6 +69,16 @@ def test_task_embedding_rejects_one_class(rng):
         task_matrix(rng.normal(size=(10, 4)), np.zeros(10, int), name="t")
 
 
+@pytest.mark.parametrize("method", ["fisher", "probe"])
+def test_task_embedding_rejects_labels_that_differ_by_float_noise_only(rng, method):
+    z = np.tile(rng.normal(size=(1, 6)), (40, 1))  # the same image under two labels
+    y = np.repeat([0, 1], 20)
+    with pytest.raises(DataError, match="labels carry no signal"):
+        task_matrix(z + 1e-7 * rng.normal(size=z.shape), y, method, name="t")
+    z[:, 0] += 1e-3 * y  # a small real difference is signal
+    assert np.isclose(np.trace(task_matrix(z, y, method)), 1.0)
+
+
 def test_score_is_the_documented_formula(rng):
     d = 5
     a = rng.normal(size=(d, d))

@@ -139,10 +139,26 @@ def test_image_folder_and_parquet_tasks(tmp_path):
     ("builtin:digits?colour=red", r"unknown option\(s\) \['colour'\]"),
     ("builtin:digits?per_class=x", "per_class='x'"),
     ("/no/such/dir", "neither a directory of class folders nor a .parquet file"),
+    ("builtin:digits?per_class=-2", r"per_class=-2 .* must be >= 0"),
+    ("builtin:digits?n=-1", r"n=-1 .* must be >= 0"),
+    ("builtin:photos?n=-5", r"n=-5 .* must be >= 0"),
 ])
 def test_bad_task_specs(spec, match):
     with pytest.raises(DataError, match=match):
         load_dataset(spec, 16).validate_task()
+
+
+def test_mistyped_url_is_not_taken_as_a_local_path(tmp_path, monkeypatch):
+    from selection.errors import ConfigError
+    from selection.storage import Store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="malformed URL 's3:/bucket/t.parquet': did you mean s3://bucket/t.parquet"):
+        load_dataset("s3:/bucket/t.parquet", 16)
+    with pytest.raises(ConfigError, match="did you mean s3://bucket/zoo"):
+        Store("S3:bucket/zoo")
+    assert not list(tmp_path.iterdir())  # no local directory named "s3:" was made
+    assert Store(str(tmp_path / "a:b")).scheme == "file"  # a colon elsewhere in a path is fine
 
 
 def test_bad_task_files(tmp_path):

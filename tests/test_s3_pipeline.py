@@ -87,6 +87,15 @@ def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_
     for t in tasks:
         assert sorted(r["model_id"] for r in t["ranking"]) == sorted(e.id for e in ENTRIES)
 
+    # --s3-endpoint alone (no AWS_ENDPOINT_URL* in the environment) reaches the task too, not only the store.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    r = subprocess.run([sys.executable, "-m", "jobs.select", "--store", s3_store_url, "--s3-endpoint",
+                        os.environ["AWS_ENDPOINT_URL_S3"], "--task", task_url, "--top-k", "3", "--no-save",
+                        "--no-progress", "--task-image-size", "32"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"task {task_url}  (8 images, 2 classes" in r.stdout
+
     # Remove one (gone from the catalog): exactly one object deleted, none written.
     assert reindex.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
     after_rm = _objects(store)
