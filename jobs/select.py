@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, open_store, run_main
+from jobs.common import add_ray_args, add_store_args, check_output, open_store, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, default_score,
@@ -84,15 +84,17 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
             rows[0] += len(shard)
             yield shard
 
-    rankings = sweep_shards(counted(), queries, config.top_k, config.constraints)
+    # Verification re-ranks the top verify_top_k even when fewer are listed.
+    rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
     sweep_s = time.perf_counter() - t_sweep
+    n_verified = [0] * len(tasks)
     if config.verify_top_k:
         items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)
                  for r in ranked[:config.verify_top_k]]
         accs = runtime.map_tasks(_verify, items, shared=std, desc="verify", progress=progress)
         it = iter(accs)
         new = []
-        for ranked in rankings:
+        for ti, ranked in enumerate(rankings):
             measured = {}
             for r in ranked[:config.verify_top_k]:
                 acc = next(it)
@@ -101,11 +103,13 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
                 else:
                     measured[r.model_id] = acc
             new.append(rerank_verified(ranked, measured))
+            n_verified[ti] = len(measured)
         rankings = new
+    rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []
-    for spec, emb, ranked in zip(tasks, embs, rankings):
+    for spec, emb, ranked, n_ver in zip(tasks, embs, rankings, n_verified):
         out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
-                    "task_embedding_seconds": round(emb.seconds, 3),
+                    "task_embedding_seconds": round(emb.seconds, 3), "n_verified": n_ver,
                     "ranking": [_result_row(r) for r in ranked]})
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
@@ -124,6 +128,10 @@ def _result_row(r: Ranked) -> dict[str, Any]:
             "tags": r.row["tags"]}
 
 
+VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
+               "probe": "probe accuracy on a held-out half"}
+
+
 def format_results(results: list[dict[str, Any]], std_id: str, m: int,
                    truth: dict[str, dict[str, float]] | None = None) -> str:
     lines = []
@@ -134,8 +142,9 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
                          "(1 = first in both)")
         if res.get("verified_by"):
-            lines.append(f"verified: {'LogME evidence' if res['verified_by'] == 'logme' else 'probe accuracy'} "
-                         f"on the task's labelled images")
+            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
+        if not res["ranking"]:
+            lines.append("no model passes the constraints")
         head = f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9}"
         if truth:
             head += f" {'measured':>9}"
@@ -182,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           protocol=ProbeProtocol())
     if len(set(args.task)) != len(args.task):
         raise ConfigError(f"the same task is given twice: {args.task}")
+    check_output(args.json)
+    check_output(args.parquet)
     store = open_store(args)
     std = load_standard(store, args.standard)
     listing = list_table(store, std)
@@ -197,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"results saved to {saved}.json and .parquet")
     total = max(r["total_seconds"] for r in results)
     print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
-          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {config.verify_top_k * len(results)} verified; "
+          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified; "
           f"{total:.1f}s")
     return 0
 

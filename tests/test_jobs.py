@@ -97,6 +97,19 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     capsys.readouterr()
     ranking = json.load(open(out_json))["tasks"][0]["ranking"]
     assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"]
+    assert select.main(["--store", store.url, "--task", tasks[0], "--where", "params<=1", "--no-save",
+                        "--no-progress", "--task-image-size", "32"]) == 0
+    assert "no model passes the constraints" in capsys.readouterr().out
+
+    # Verifying more than are listed: the top 2 are verified and re-ranked, the best of them listed.
+    assert select.main(["--store", store.url, "--task", tasks[0], "--top-k", "1", "--verify-top-k", "2",
+                        "--verify-by", "ridge-loo", "--json", out_json, "--no-save", "--no-progress",
+                        "--task-image-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "verified: ridge probe's leave-one-out error" in printed and "1 task(s)" in printed
+    assert ", 2 verified;" in printed
+    res = json.load(open(out_json))["tasks"][0]
+    assert res["n_verified"] == 2 and len(res["ranking"]) == 1 and res["ranking"][0]["verified"] is not None
     with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):
         select.main(["--store", store.url, "--task", tasks[0], "--score", "rank-mean", "--no-save",
                      "--no-progress", "--task-image-size", "32"])
@@ -142,6 +155,13 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.embed", "--catalog", "/no/such/catalog.yaml", "--store", "/tmp/x"],
      "catalog file not found: '/no/such/catalog.yaml'"),
     (["jobs.standard", "--store", "/tmp/zs-bad-d", "--d", "1"], "d must be in [2, 512], got 1"),
+    (["jobs.standard", "--store", "s3:/zoo/x"], "malformed URL 's3:/zoo/x': did you mean s3://zoo/x?"),
+    (["jobs.select", "--store", "memory://zs", "--task", "t"], "'memory://zs' lives in one process"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/no/such/dir/out.json"],
+     "directory '/no/such/dir' does not exist"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "output file '/tmp' is a directory"),
+    (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
+     "output directory 'README.md' is a file"),
 ])
 def test_bad_input_one_line_error(args, needle):
     r = _run(*args)
