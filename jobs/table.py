@@ -1,13 +1,17 @@
-"""Inspect or edit the table: `python -m jobs.table ls|remove|compact --store STORE [...]`."""
+"""Inspect, export or edit the table: `python -m jobs.table ls|export|remove|compact --store STORE [...]`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
-from jobs.common import add_store_args, open_store, run_main
+import pyarrow.parquet as pq
+
+from jobs.common import add_store_args, check_output, open_store, run_main
+from selection.errors import ConfigError
+from selection.keys import model_key
 from selection.standard import list_standards, load_standard
-from selection.table import compact, delete_row, load_table
+from selection.table import compact, delete_rows, load_table, to_arrow
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +19,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list the standards and the models embedded under one")
     add_store_args(ls)
+    ex = sub.add_parser("export", help="write the live table (row objects and segments, less removed models) "
+                                       "as one Parquet file, for DuckDB, Polars or pandas")
+    add_store_args(ex)
+    ex.add_argument("--out", required=True, metavar="FILE", help="the Parquet file to write")
     rm = sub.add_parser("remove", help="remove models from the table (one object each)")
     add_store_args(rm)
     rm.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
@@ -26,6 +34,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "compact" and args.segment_rows < 1:
+        raise ConfigError(f"--segment-rows must be >= 1, got {args.segment_rows}")
+    check_output(getattr(args, "out", None))
+    for mid in getattr(args, "model_ids", []):
+        model_key(mid)  # a bad id is a ConfigError before anything is opened or removed
     store = open_store(args)
     std = load_standard(store, args.standard)
     if args.command == "ls":
@@ -38,12 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{'  (standard baseline)' if row['is_baseline'] else ''}")
         print(f"{len(table)} models under standard {std.id}")
         return 0
+    if args.command == "export":
+        table = to_arrow(std, load_table(store, std))
+        pq.write_table(table, args.out)
+        print(f"wrote {table.num_rows} models under standard {std.id} to {args.out}")
+        return 0
     if args.command == "compact":
         res = compact(store, std, args.segment_rows)
         print(f"compacted {res.rows} rows into {res.segments_written} segment(s), removed "
               f"{res.objects_removed} objects in {res.seconds:.1f}s")
         return 0
-    missing = [mid for mid in args.model_ids if not delete_row(store, std, mid)]
+    missing = delete_rows(store, std, args.model_ids)
     print(f"removed {len(args.model_ids) - len(missing)} model(s)"
           + (f"; not in the table: {missing}" if missing else ""))
     return 1 if missing else 0

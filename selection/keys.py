@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from selection.errors import ConfigError
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_ID_LENGTH = 4096
 
@@ -15,11 +17,13 @@ def model_key(model_id: str) -> str:
     The key is a readable slug (ASCII letters, digits, '_' and '-', at most 48 chars)
     plus 16 hex digits of the id's sha256, so distinct ids never share a key and no
     key contains '/', '.', '..' or starts with anything but a slug character.
+    A bad id (not a string, blank, too long) is a ConfigError (a ValueError too).
     """
     if not isinstance(model_id, str) or not model_id.strip():
-        raise ValueError(f"model id must be a non-empty string, got {model_id!r}")
+        raise ConfigError(f"model id must be a non-empty string, got {model_id!r}")
     if len(model_id) > MAX_ID_LENGTH:
-        raise ValueError(f"model id is {len(model_id)} characters long, more than {MAX_ID_LENGTH}")
+        raise ConfigError(f"model id {model_id[:40]!r}... is {len(model_id)} characters long, "
+                          f"more than {MAX_ID_LENGTH}")
     slug = _UNSAFE.sub("_", model_id).strip("_-")[:48] or "model"
     digest = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:16]
     return f"{slug}-{digest}"

@@ -3,13 +3,15 @@
     embeddings/<standard_id>/rows/<shard>/<model_key>.parquet   one object per model
     embeddings/<standard_id>/segments/<segment>.parquet          compacted rows (optional)
     embeddings/<standard_id>/deleted/<model_key>                deletion markers
+    embeddings/<standard_id>/_compacting/<id>                   a compaction in progress
 
-Add writes one row object; remove deletes it and, once segments exist, writes one
-deletion marker: both O(1) whatever the table's size. A row object overrides a marker
-and any segment row, a marker hides segment rows, a later segment overrides an earlier
-one. `compact` folds row objects and markers into segments, so reading 10^5-10^6 models
-lists a few segments instead of 10^6 objects. Reading validates every object against the
-standard (id, schema version, width) and refuses to mix.
+Add writes one row object; remove deletes it and, once segments exist or a compaction
+runs, writes one deletion marker: both O(1) whatever the table's size (removing a model
+without a row object reads the segments' key column, to tell whether it is in the table).
+A row object overrides a marker and any segment row, a marker hides segment rows, a later
+segment overrides an earlier one. `compact` folds row objects and markers into segments,
+so reading 10^5-10^6 models lists a few segments instead of 10^6 objects. Reading
+validates every object against the standard (id, schema version, width) and refuses to mix.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import selection
-from selection.errors import StandardMismatchError, StoreError
+from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
 from selection.storage import Store
@@ -98,17 +100,37 @@ def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
     return path
 
 
-def delete_row(store: Store, std: Standard, model_id: str) -> bool:
-    """Remove one model: delete its object and, if segments exist, write its marker.
+def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
+    """Remove models; return those that were not in the table (nothing done for them).
 
-    Returns whether the model may have been in the table (its object existed, or
-    segments exist that may hold it).
+    A model is in the table if it has a row object, or a segment row and no marker.
+    Its row object is deleted and, if segments exist or a compaction is running (which
+    may have read the object already), a marker written that hides its segment rows.
+    All ids are checked before anything is removed; segment keys are read at most once.
     """
-    had_object = store.delete(row_path(std.id, model_id))
-    if list_segments(store, std.id):
-        store.write_bytes(marker_path(std.id, model_id), model_id.encode())
-        return True
-    return had_object
+    paths = [(mid, row_path(std.id, mid), marker_path(std.id, mid)) for mid in model_ids]
+    segment_keys: set[str] | None = None
+    missing = []
+    for mid, row, marker in paths:
+        if store.delete(row):  # delete first, then look: a compaction listed before sees the marker
+            if list_segments(store, std.id) or store.list(f"{_base(std.id)}/_compacting"):
+                store.write_bytes(marker, mid.encode())
+            continue
+        if segment_keys is None:
+            segment_keys = set()
+            for seg in list_segments(store, std.id):
+                keys = store.read_table_columns(seg, ["model_key"]).column("model_key")
+                segment_keys.update(keys.to_pylist())
+        if _key_of(row) in segment_keys and not store.exists(marker):
+            store.write_bytes(marker, mid.encode())
+        else:
+            missing.append(mid)
+    return missing
+
+
+def delete_row(store: Store, std: Standard, model_id: str) -> bool:
+    """Remove one model (see delete_rows); return whether it was in the table."""
+    return not delete_rows(store, std, [model_id])
 
 
 def list_rows(store: Store, standard_id: str) -> list[str]:
@@ -273,8 +295,17 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
     its newer object, which overrides the segment). Readers see a complete table throughout.
     """
     if segment_rows < 1:
-        raise ValueError(f"segment_rows must be >= 1, got {segment_rows}")
+        raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
     t0 = time.perf_counter()
+    lease = f"{_base(std.id)}/_compacting/{uuid.uuid4().hex}"
+    store.write_bytes(lease, b"")  # written before listing: a remove from now on writes its marker
+    try:
+        return _compact(store, std, segment_rows, t0)
+    finally:
+        store.delete(lease)
+
+
+def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:
     listing = list_table(store, std)
     row_bytes = store.read_many(listing.rows)  # read once: parsed below, digests kept for the delete check
     digests = {p: hashlib.sha256(b).hexdigest() for p, b in zip(listing.rows, row_bytes)}
@@ -286,7 +317,11 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
         name = f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet"
         store.write_table(name, table.slice(start, segment_rows))
         written += 1
+    # Old segments, then markers, then row objects: stopped at any point (a crash, a reader in
+    # between), the table is the same. Rows first would let an old marker hide a re-added model.
     removed = 0
+    for p in listing.segments + listing.markers:
+        removed += store.delete(p)
     for p in listing.rows:
         try:
             unchanged = hashlib.sha256(store.read_bytes(p)).hexdigest() == digests[p]
@@ -294,8 +329,6 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
             continue
         if unchanged:
             removed += store.delete(p)
-    for p in listing.markers + listing.segments:
-        removed += store.delete(p)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", table.num_rows,
              std.id, written, removed)
     return CompactResult(written, table.num_rows, removed, time.perf_counter() - t0)

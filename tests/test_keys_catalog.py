@@ -64,3 +64,14 @@ def test_catalog_missing_file():
 def test_entry_validation():
     with pytest.raises(ConfigError, match="id must be a non-empty string"):
         CatalogEntry("", "resnet18")
+
+
+@pytest.mark.parametrize("mid,match", [("", "non-empty string, got ''"), ("  ", "non-empty string, got '  '"),
+                                       (None, "non-empty string, got None"),
+                                       pytest.param("y" * 4097, r"model id 'y+'\.\.\. is 4097 characters long, "
+                                                    "more than 4096", id="too-long")])
+def test_bad_model_ids_are_config_errors(mid, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        model_key(mid)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200  # one short line
+    assert isinstance(info.value, ValueError)  # callers catching ValueError keep working

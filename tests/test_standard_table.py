@@ -270,3 +270,147 @@ def test_per_source_standard_end_to_end(store):
     with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*'full'"):
         emb.query(full_std, "rank-mean")
     assert isinstance(emb.query(full_std), TaskQuery)
+
+
+def _quick_row(store, std, model_id):
+    """A valid row object without running a model (fast)."""
+    from selection.keys import model_key
+    from selection.table import write_row
+
+    write_row(store, std, {"model_id": model_id, "model_key": model_key(model_id), "arch": "resnet10t",
+                           "is_baseline": False, "num_params": 1, "gflops": 1.0, "input_size": 32,
+                           "weights_sha256": "0" * 64, "standard_id": std.id,
+                           "schema_version": selection.SCHEMA_VERSION,
+                           "embedding": np.full(std.width, len(model_id), np.float32),
+                           "coverage": np.zeros(std.d, np.float32)})
+
+
+def test_compact_rejects_bad_segment_rows(published, capsys):
+    from jobs import table as table_job
+    from selection.errors import ConfigError
+    from selection.table import compact, list_rows, list_segments
+
+    store, std = published
+    _quick_row(store, std, "zoo/a")
+    for bad in (0, -5):
+        with pytest.raises(ConfigError, match=f"segment rows must be >= 1, got {bad}"):
+            compact(store, std, segment_rows=bad)
+        with pytest.raises(ConfigError, match=f"--segment-rows must be >= 1, got {bad}"):
+            table_job.main(["compact", "--store", store.url, "--segment-rows", str(bad)])
+    assert len(list_rows(store, std.id)) == 1 and list_segments(store, std.id) == []
+
+
+def test_remove_job_rejects_bad_model_ids_before_removing(published):
+    from jobs import table as table_job
+    from selection.errors import ConfigError
+
+    store, std = published
+    _quick_row(store, std, "zoo/a")
+    for bad, match in (("", "model id must be a non-empty string, got ''"),
+                       ("x" * 5000, r"model id 'x+'\.\.\. is 5000 characters long")):
+        with pytest.raises(ConfigError, match=match):
+            table_job.main(["remove", "--store", store.url, "zoo/a", bad])
+    assert load_table(store, std).model_ids == ["zoo/a"]  # nothing was removed first
+
+
+def test_remove_reports_honestly_after_compact(published, capsys):
+    from jobs import table as table_job
+    from selection.table import compact, list_markers
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    compact(store, std, segment_rows=2)
+    assert not delete_row(store, std, "typo/model")
+    assert list_markers(store, std.id) == []  # an unknown id writes nothing
+    assert delete_row(store, std, "zoo/b")
+    assert not delete_row(store, std, "zoo/b")  # already removed
+    assert table_job.main(["remove", "--store", store.url, "zoo/c", "typo/model", "zoo/b"]) == 1
+    assert capsys.readouterr().out.strip() == "removed 1 model(s); not in the table: ['typo/model', 'zoo/b']"
+    assert load_table(store, std).model_ids == ["zoo/a"]
+    _quick_row(store, std, "zoo/b")  # re-added: its row object overrides the marker
+    assert table_job.main(["remove", "--store", store.url, "zoo/b"]) == 0
+    assert capsys.readouterr().out.strip() == "removed 1 model(s)"
+    assert load_table(store, std).model_ids == ["zoo/a"]
+
+    # export: the live table (segments less markers, plus row objects) as one plain Parquet file
+    _quick_row(store, std, "zoo/d")
+    out = os.path.join(store.root, "..", "table.parquet")
+    assert table_job.main(["export", "--store", store.url, "--out", out]) == 0
+    assert "wrote 2 models" in capsys.readouterr().out
+    exported = pq.read_table(out)
+    assert sorted(exported.column("model_id").to_pylist()) == ["zoo/a", "zoo/d"]
+    assert exported.schema.field("embedding").type.list_size == std.width
+    _read_by_other_tools(out, ["zoo/a", "zoo/d"], std.width)
+    # a row object is plain Parquet too
+    _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
+
+
+def _read_by_other_tools(path: str, ids: list[str], width: int) -> None:
+    """What users query the table with: DuckDB, Polars, pandas."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    got = duckdb.sql(f"select model_id, len(embedding) as w from read_parquet('{path}') order by model_id").fetchall()
+    assert got == [(i, width) for i in ids]
+    assert sorted(pl.read_parquet(path)["model_id"].to_list()) == ids
+    df = pd.read_parquet(path)
+    assert sorted(df["model_id"]) == ids and len(df["embedding"].iloc[0]) == width
+
+
+def test_compact_stopped_while_deleting_leaves_the_same_table(published):
+    """A model removed (a marker) and re-added (a row object): compact fails after its new
+    segment is written, on the first marker it deletes; the model must stay in the table."""
+    from selection.table import compact, marker_path
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    compact(store, std)
+    delete_row(store, std, "zoo/b")
+    _quick_row(store, std, "zoo/b")
+    real_delete = store.delete
+
+    def crash_on_marker(path):
+        if path == marker_path(std.id, "zoo/b"):
+            raise StoreError("simulated crash")
+        return real_delete(path)
+
+    store.delete = crash_on_marker
+    with pytest.raises(StoreError, match="simulated crash"):
+        compact(store, std)
+    store.delete = real_delete
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+    compact(store, std)  # a later compaction finishes the job
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+
+
+def test_remove_during_first_compact_stays_removed(published):
+    """compact reads the row objects, a remove deletes one, compact writes its segment."""
+    from selection.table import compact, list_markers
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    real_write = store.write_table
+    removed = []
+
+    def write_after_a_remove(path, table):
+        if "/segments/" in path and not removed:
+            removed.append(delete_row(store, std, "zoo/b"))  # between compact's read and its write
+        real_write(path, table)
+
+    store.write_table = write_after_a_remove
+    compact(store, std)
+    store.write_table = real_write
+    assert removed == [True]
+    assert load_table(store, std).model_ids == ["zoo/a"]  # the marker masks the segment row
+    compact(store, std)
+    assert load_table(store, std).model_ids == ["zoo/a"] and list_markers(store, std.id) == []
+    # Re-adding after the remove works, before and after the next compact.
+    _quick_row(store, std, "zoo/b")
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+    compact(store, std)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+    assert delete_row(store, std, "zoo/b") and load_table(store, std).model_ids == ["zoo/a"]
