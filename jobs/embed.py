@@ -7,6 +7,7 @@ embedded with the same weights digest and standard are skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,10 +16,10 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, run_main
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, needs_embedding
-from selection.errors import ZooselectError
+from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import delete_row, read_index
+from selection.table import delete_rows, read_index
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.A
 
 
 def run(args: argparse.Namespace, prune: bool) -> int:
+    opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries)
+    if os.path.isdir(args.catalog):
+        raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)
     store = open_store(args)
     std = load_standard(store, args.standard)
@@ -78,14 +82,14 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         for r in plan.invalid:
             print(f"  invalid {r.model_id}: {r.reason}")
         return 0
-    removed = sum(delete_row(store, std, mid) for mid in plan.remove)
+    removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
     results: list[EmbedResult] = list(plan.invalid)
     if plan.embed:
         runtime.init(args.address)
         results += runtime.embed_with_actors(
-            plan.embed, std, store.url, getattr(store, "endpoint", None), gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor, max_in_flight=args.max_in_flight,
-            retries=args.retries, progress=not args.no_progress)
+            plan.embed, std, store.url, getattr(store, "endpoint", None), gpus_per_actor=opts.gpus_per_actor,
+            cpus_per_actor=opts.cpus_per_actor, max_in_flight=opts.max_in_flight,
+            retries=opts.retries, progress=not args.no_progress)
     ok = [r for r in results if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]
     for r in failed:

@@ -6,13 +6,48 @@ Jobs call `init`, `map_tasks` and `embed_with_actors`; the library stays Ray-fre
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
+from selection.errors import ConfigError
 
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 5.0
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3",)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a `host:port` or `ray://host:port` address, else a ConfigError."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # IPv6: [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"Ray address must be host:port (or ray://host:port, auto), got {address!r}")
+    return host, int(port)
+
+
+def _connect(address: str, **kwargs: Any) -> None:
+    """ray.init(address=...) with a bounded reachability check first and one-line errors."""
+    import ray
+
+    if address != "auto":  # Ray itself retries an unreachable address for many minutes
+        host, port = _host_port(address)
+        log.info("connecting to Ray at %s", address)
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ConfigError(f"cannot connect to Ray at {address!r}: "
+                              f"{exc.strerror or type(exc).__name__}") from None
+    try:
+        ray.init(address=address, **kwargs)
+    except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {text[:300]}") from None
 
 
 def init(address: str | None = None) -> None:
@@ -24,12 +59,17 @@ def init(address: str | None = None) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
                               "include_dashboard": False}
-    if address:
-        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    # The job's S3 endpoint (--s3-endpoint, jobs.common.open_store) holds in its workers too.
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if address and address != "local":
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
+        _connect(address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
     else:
         # A local Ray: workers import this checkout, whatever the current directory.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+        env["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+        kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address="local", **kwargs)  # never attach to a stray `ray start` cluster
 
 
@@ -153,6 +193,44 @@ class _SharedProbe:
                 self.refs.pop(key, None)
 
 
+def _check_amount(name: str, value: Any) -> None:
+    """A Ray resource amount: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """How `embed_with_actors` sizes its actors; checked before any Ray work."""
+
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1
+    max_in_flight: int | None = None  # None: what the cluster's resources allow
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_actor is not None:
+            _check_amount("gpus_per_actor", self.gpus_per_actor)
+        _check_amount("cpus_per_actor", self.cpus_per_actor)
+        if self.max_in_flight is not None and (isinstance(self.max_in_flight, bool)
+                                               or not isinstance(self.max_in_flight, int)
+                                               or self.max_in_flight < 1):
+            raise ConfigError(f"max_in_flight must be an integer >= 1, got {self.max_in_flight!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"retries must be an integer >= 0, got {self.retries!r}")
+
+
+def _check_fits(gpus_per_actor: float, cpus_per_actor: float, res: dict[str, float]) -> None:
+    """ConfigError unless the cluster's total resources (now; autoscaling not foreseen) hold one actor."""
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    if gpus_per_actor > gpus:
+        raise ConfigError(f"an actor needs {gpus_per_actor:g} GPU(s) (gpus_per_actor) but the cluster "
+                          f"has {gpus:g} GPUs")
+    if cpus_per_actor > cpus:
+        raise ConfigError(f"an actor needs {cpus_per_actor:g} CPU(s) (cpus_per_actor) but the cluster "
+                          f"has {cpus:g} CPUs")
+
+
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                       s3_endpoint: str | None = None, *, gpus_per_actor: float | None = None,
                       cpus_per_actor: float = 1, max_in_flight: int | None = None,
@@ -161,16 +239,18 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
 
     `std` is put in the object store once and shared by every actor. A killed actor is
     restarted and its call retried (`retries`); a model that fails is reported, the
-    others finish.
+    others finish. Bad options, or an actor the cluster cannot hold, raise a ConfigError.
     """
     import ray
     from tqdm import tqdm
 
+    ActorOptions(gpus_per_actor, cpus_per_actor, max_in_flight, retries)  # validates
     entries = list(entries)
     res = cluster_resources()
     gpus = res.get("GPU", 0)
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    _check_fits(gpus_per_actor, cpus_per_actor, res)
     if max_in_flight is None:
         by_cpu = int(res.get("CPU", 1) // max(cpus_per_actor, 1e-9))
         by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu

@@ -13,8 +13,8 @@ import torch
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
-from selection.models import (Prepared, batch_size_for_memory, count_gflops, extract_features, load_model,
-                              weights_digest)
+from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, count_gflops,
+                              extract_features, load_model, weights_digest)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
 from selection.table import versions_json, write_row
@@ -38,9 +38,11 @@ class EmbedResult:
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
     """True unless the table's row for `entry` has the same weights digest and catalog entry.
 
-    `indexed` is the model's row from `selection.table.read_index` (None if absent).
+    `indexed` is the model's row from `selection.table.read_index` (None if absent). A missing
+    checkpoint raises a ModelError either way.
     """
     if indexed is None:
+        check_weights_exist(entry.weights)
         return True
     return not (indexed["weights_sha256"] == weights_digest(entry)
                 and indexed["catalog_entry"] == _entry_json(entry))

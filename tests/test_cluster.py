@@ -647,3 +647,43 @@ def test_transient_classification():
     assert not _is_transient(ValueError("model-503 bad"))
     # A status-like number inside a path is not a status code.
     assert _is_transient(TimeoutError("timed out reading s3://b/model-403.parquet"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address,needle", [
+    ("bogus", "Ray address must be host:port (or ray://host:port, auto), got 'bogus'"),
+    ("127.0.0.1:notaport", "got '127.0.0.1:notaport'"),
+    ("closed-port", "cannot connect to Ray at '127.0.0.1:"),
+    ("no-such-host.invalid:6379", "cannot connect to Ray at 'no-such-host.invalid:6379'"),
+])
+def test_bad_or_unreachable_ray_address_is_one_line_error_at_once(address, needle):
+    """Before the fix: a ValueError traceback, or minutes of silent retries on a closed port."""
+    if address == "closed-port":
+        address = f"127.0.0.1:{_free_port()}"
+    code = ("import sys; from jobs import runtime; from jobs.common import run_main; "
+            "run_main(lambda argv: runtime.init(sys.argv[1]) or 0)")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, address], cwd=REPO, capture_output=True, text=True,
+                          timeout=90, env={**os.environ, "RAY_ADDRESS": ""})
+    assert time.monotonic() - t0 < 60
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.integration
+def test_s3_checkpoint_existence_is_checked_without_loading(s3_store_url: str):
+    from selection.catalog import CatalogEntry
+    from selection.embedder import needs_embedding
+    from selection.errors import ModelError
+
+    Store(s3_store_url, retry=FAST_RETRY).write_bytes("w/ok.safetensors", b"not loaded, only seen")
+    assert needs_embedding(CatalogEntry("m/ok", "resnet10t", f"{s3_store_url}/w/ok.safetensors"), None)
+    missing = f"{s3_store_url}/w/missing.safetensors"
+    with pytest.raises(ModelError, match="checkpoint not found: 's3://"):
+        needs_embedding(CatalogEntry("m/missing", "resnet10t", missing), None)

@@ -562,6 +562,75 @@ def test_malformed_catalog_refused_by_the_embed_job(embedded, tmp_path, capsys, 
     assert _snapshot(store.root) == before
 
 
+def test_catalog_that_is_a_directory_is_named_as_one(embedded, tmp_path, capsys):
+    from jobs import embed
+
+    store, _ = embedded
+    line = _run_job(embed.main, ["--catalog", str(tmp_path), "--store", store.url, "--no-progress"], capsys)
+    assert f"catalog {str(tmp_path)!r} is a directory, not a file" in line, line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-in-flight", "0"], "max_in_flight must be an integer >= 1, got 0"),
+    (["--cpus-per-actor", "-1"], "cpus_per_actor must be a number >= 0, got -1.0"),
+    (["--gpus-per-actor", "-1"], "gpus_per_actor must be a number >= 0, got -1.0"),
+    (["--gpus-per-actor", "nan"], "gpus_per_actor must be a number >= 0, got nan"),
+    (["--retries", "-1"], "retries must be an integer >= 0, got -1"),
+])
+def test_bad_actor_options_refused_by_the_embed_job_before_ray(embedded, tmp_path, capsys, args, needle):
+    """Before the fix: --max-in-flight 0 hung, negative resources were Ray tracebacks, and
+    --retries -1 meant infinite restarts."""
+    from jobs import embed
+
+    store, _ = embedded
+    before = _snapshot(store.root)
+    line = _run_job(embed.main, ["--catalog", _catalog(tmp_path, TINY[1:2]), "--store", store.url,
+                                 "--no-progress", *args], capsys)
+    assert needle in line, line
+    assert _snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("resource", ["GPU", "CPU"])
+def test_actor_the_cluster_cannot_hold_is_refused_at_once(ray_local, embedded, tmp_path, capsys, resource):
+    """Before the fix: Ray waited forever for a node that could hold the actor."""
+    import ray
+
+    from jobs import embed
+
+    store, _ = embedded
+    have = ray.cluster_resources().get(resource, 0)
+    want = int(have) + 1
+    flag = "--gpus-per-actor" if resource == "GPU" else "--cpus-per-actor"
+    t0 = time.monotonic()
+    line = _run_job(embed.main, ["--catalog", _catalog(tmp_path, TINY[1:2]), "--store", store.url,
+                                 "--no-progress", flag, str(want)], capsys)
+    assert f"an actor needs {want} {resource}(s)" in line and f"the cluster has {have:g} {resource}s" in line, line
+    assert time.monotonic() - t0 < 60
+    assert sorted(load_table(store, embedded[1]).model_ids) == [TINY[0].id]
+
+
+def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):
+    """A new model whose local checkpoint is missing is invalid in the plan, not "embed"; hub
+    weights are not fetched to check them."""
+    from jobs import embed
+
+    store, _ = embedded
+    missing = str(tmp_path / "nope.safetensors")
+    entries = [TINY[1], CatalogEntry("rel/missing", "resnet10t", missing, input_size=32),
+               CatalogEntry("rel/missing-url", "resnet10t", f"file://{missing}", input_size=32),
+               CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32)]
+    before = _snapshot(store.root)
+    capsys.readouterr()
+    assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
+                       "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 2 to embed, 0 unchanged, 0 to remove, 2 invalid" in out, out
+    assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
+    assert f"invalid rel/missing-url: checkpoint not found: {'file://' + missing!r}" in out, out
+    assert "embed   rel/regnet" in out and "embed   rel/hub" in out, out
+    assert _snapshot(store.root) == before
+
+
 def test_unknown_baseline_architecture_refused_by_the_standard_job(tmp_path, capsys):
     from jobs import standard
 
