@@ -106,12 +106,12 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
     A model is in the table if it has a row object, or a segment row and no marker.
     Its row object is deleted and, if segments exist or a compaction is running (which
     may have read the object already), a marker written that hides its segment rows.
-    All ids are checked before anything is removed; segment keys are read at most once.
+    The segments' keys are read at most once, and only for ids without a row object.
     """
-    paths = [(mid, row_path(std.id, mid), marker_path(std.id, mid)) for mid in model_ids]
     segment_keys: set[str] | None = None
     missing = []
-    for mid, row, marker in paths:
+    for mid in model_ids:
+        row, marker = row_path(std.id, mid), marker_path(std.id, mid)
         if store.delete(row):  # delete first, then look: a compaction listed before sees the marker
             if list_segments(store, std.id) or store.list(f"{_base(std.id)}/_compacting"):
                 store.write_bytes(marker, mid.encode())
