@@ -346,6 +346,20 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
 
 
+def test_ls_lists_several_standards_without_a_default(published, capsys):
+    from jobs import table as table_job
+
+    store, std = published
+    other = build_standard(tiny_config(d=6))
+    save_standard(store, other)
+    store.delete("standards/DEFAULT")
+    assert table_job.main(["ls", "--store", store.url]) == 0
+    assert capsys.readouterr().out.strip() == (f"standards: {', '.join(sorted([std.id, other.id]))} "
+                                               f"(no default; list one's models with --standard ID)")
+    assert table_job.main(["ls", "--store", store.url, "--standard", other.id]) == 0
+    assert f"0 models under standard {other.id}" in capsys.readouterr().out
+
+
 def _read_by_other_tools(path: str, ids: list[str], width: int) -> None:
     """What users query the table with: DuckDB, Polars, pandas."""
     import duckdb
