@@ -87,14 +87,13 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     # Verification re-ranks the top verify_top_k even when fewer are listed.
     rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
     sweep_s = time.perf_counter() - t_sweep
-    n_verified = [0] * len(tasks)
     if config.verify_top_k:
         items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)
                  for r in ranked[:config.verify_top_k]]
         accs = runtime.map_tasks(_verify, items, shared=std, desc="verify", progress=progress)
         it = iter(accs)
         new = []
-        for ti, ranked in enumerate(rankings):
+        for ranked in rankings:
             measured = {}
             for r in ranked[:config.verify_top_k]:
                 acc = next(it)
@@ -103,8 +102,8 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
                 else:
                     measured[r.model_id] = acc
             new.append(rerank_verified(ranked, measured))
-            n_verified[ti] = len(measured)
         rankings = new
+    n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
     rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []
     for spec, emb, ranked, n_ver in zip(tasks, embs, rankings, n_verified):

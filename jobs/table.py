@@ -40,13 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mid in getattr(args, "model_ids", []):
         model_key(mid)  # a bad id is a ConfigError before anything is opened or removed
     store = open_store(args)
-    if args.command == "ls" and args.standard is None and len(list_standards(store)) > 1 \
-            and not store.exists("standards/DEFAULT"):
-        print(f"standards: {', '.join(list_standards(store))} (no default; list one's models with --standard ID)")
+    standards = list_standards(store) if args.command == "ls" else []
+    if len(standards) > 1 and args.standard is None and not store.exists("standards/DEFAULT"):
+        print(f"standards: {', '.join(standards)} (no default; list one's models with --standard ID)")
         return 0
     std = load_standard(store, args.standard)
     if args.command == "ls":
-        print(f"standards: {', '.join(list_standards(store))} (default/selected: {std.id})")
+        print(f"standards: {', '.join(standards)} (default/selected: {std.id})")
         table = load_table(store, std)
         cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256"]
         for row in table.meta.select(cols).to_pylist():

@@ -39,7 +39,10 @@ def check_url(url: str) -> None:
     """Refuse a mistyped URL (`s3:/bucket`) that would otherwise be taken as a local path."""
     match = _MISTYPED.match(url)
     if match:
-        raise ConfigError(f"malformed URL {url!r}: did you mean {match.group(1).lower()}://{url[match.end():].lstrip('/')}?")
+        raise ConfigError(f"malformed URL {url!r}: did you mean "
+                          f"{match.group(1).lower()}://{url[match.end():].lstrip('/')}?")
+
+
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                   FileExistsError)
 
