@@ -35,6 +35,7 @@ from selection.standard import Standard
 from selection.storage import Store
 
 log = logging.getLogger(__name__)
+STALE_LEASE_S = 6 * 3600  # a compaction lease older than this is one whose compaction crashed
 
 META_FIELDS = [
     pa.field("model_id", pa.string(), nullable=False),
@@ -297,12 +298,31 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
     if segment_rows < 1:
         raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
     t0 = time.perf_counter()
-    lease = f"{_base(std.id)}/_compacting/{uuid.uuid4().hex}"
-    store.write_bytes(lease, b"")  # written before listing: a remove from now on writes its marker
+    leases = f"{_base(std.id)}/_compacting"
+    lease = f"{leases}/{uuid.uuid4().hex}"
+    # Written before listing: a remove from now on writes its marker. It holds its start time, so
+    # that the lease of a compaction that crashed is cleared by the next one (else every remove
+    # would write a marker).
+    store.write_bytes(lease, str(time.time()).encode())
     try:
+        _clear_stale_leases(store, leases, keep=lease)
         return _compact(store, std, segment_rows, t0)
     finally:
         store.delete(lease)
+
+
+def _clear_stale_leases(store: Store, leases: str, keep: str) -> None:
+    for path in store.list(leases):
+        if path == keep:
+            continue
+        try:
+            started = float(store.read_bytes(path).decode())
+        except (StoreError, ValueError):
+            continue  # gone meanwhile, or not a lease this version wrote
+        if time.time() - started > STALE_LEASE_S:
+            log.warning("removing the lease of a compaction that started %s and never ended: %s",
+                        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), path)
+            store.delete(path)
 
 
 def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -428,3 +429,18 @@ def test_remove_during_first_compact_stays_removed(published):
     compact(store, std)
     assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
     assert delete_row(store, std, "zoo/b") and load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_compaction_clears_the_lease_of_a_crashed_one_only(published):
+    """A crashed compaction's lease made every later remove write a marker, for ever."""
+    from selection.table import STALE_LEASE_S, compact
+
+    store, std = published
+    leases = f"embeddings/{std.id}/_compacting"
+    crashed, running = f"{leases}/crashed", f"{leases}/running"
+    store.write_bytes(crashed, str(time.time() - STALE_LEASE_S - 60).encode())
+    store.write_bytes(running, str(time.time() - 60).encode())  # another compaction, still going
+    _quick_row(store, std, "zoo/a")
+    compact(store, std)
+    assert store.list(leases) == [running]
+    assert load_table(store, std).model_ids == ["zoo/a"]
