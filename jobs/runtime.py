@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
-from selection.errors import ConfigError
+from selection.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -31,23 +31,47 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame; Ray's GCS and client server speak gRPC and
+# answer with a SETTINGS frame (type 4 in the frame header's fourth byte).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _check_reachable(address: str) -> None:
+    """ClusterError unless `address` accepts a connection and answers like a gRPC server, within
+    CONNECT_TIMEOUT_S. Ray itself retries a closed port for minutes and hangs on a port that is open
+    but not Ray's. With TLS (RAY_USE_TLS) only the connection is checked."""
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            sock.sendall(_H2_PREFACE)
+            reply = sock.recv(9)
+    except socket.timeout:
+        raise ClusterError(f"cannot connect to Ray at {address!r}: no answer within "
+                           f"{CONNECT_TIMEOUT_S:g} s (is it a Ray head's GCS or ray:// port?)") from None
+    except OSError as exc:
+        raise ClusterError(f"cannot connect to Ray at {address!r}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+    if len(reply) < 4 or reply[3] != 4:
+        raise ClusterError(f"cannot connect to Ray at {address!r}: the port answers, but not like Ray "
+                           f"(first bytes {reply[:12]!r}); is it a Ray head's GCS or ray:// port?")
+
+
 def _connect(address: str, **kwargs: Any) -> None:
-    """ray.init(address=...) with a bounded reachability check first and one-line errors."""
+    """ray.init(address=...) after a bounded reachability check, with one-line errors."""
     import ray
 
-    if address != "auto":  # Ray itself retries an unreachable address for many minutes
-        host, port = _host_port(address)
+    if address != "auto":
+        _check_reachable(address)
         log.info("connecting to Ray at %s", address)
-        try:
-            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as exc:
-            raise ConfigError(f"cannot connect to Ray at {address!r}: "
-                              f"{exc.strerror or type(exc).__name__}") from None
     try:
         ray.init(address=address, **kwargs)
     except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot connect to Ray at {address!r}: {text[:300]}") from None
+        hint = ("; a cluster with token authentication also needs its token (RAY_AUTH_TOKEN_PATH)"
+                if "Failed to connect" in text else "")
+        raise ClusterError(f"cannot connect to Ray at {address!r}: {text[:300]}{hint}") from None
 
 
 def init(address: str | None = None) -> None:
@@ -207,6 +231,7 @@ class ActorOptions:
     cpus_per_actor: float = 1
     max_in_flight: int | None = None  # None: what the cluster's resources allow
     retries: int = 2
+    autoscaling: bool = False  # the cluster adds nodes on demand: actors it cannot hold now wait
 
     def __post_init__(self) -> None:
         if self.gpus_per_actor is not None:
@@ -218,43 +243,49 @@ class ActorOptions:
             raise ConfigError(f"max_in_flight must be an integer >= 1, got {self.max_in_flight!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if self.autoscaling and self.max_in_flight is None:
+            raise ConfigError("autoscaling needs max_in_flight (how many actors to run at once when "
+                              "the nodes are up: the resources now do not tell), got None")
 
 
-def _check_fits(gpus_per_actor: float, cpus_per_actor: float, res: dict[str, float]) -> None:
-    """ConfigError unless the cluster's total resources (now; autoscaling not foreseen) hold one actor."""
+def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
+    """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res`.
+
+    ConfigError if one actor does not fit `res`, unless `opts.autoscaling`: then its actors
+    wait for the nodes that their demand makes the autoscaler add.
+    """
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    if gpus_per_actor > gpus:
-        raise ConfigError(f"an actor needs {gpus_per_actor:g} GPU(s) (gpus_per_actor) but the cluster "
-                          f"has {gpus:g} GPUs")
-    if cpus_per_actor > cpus:
-        raise ConfigError(f"an actor needs {cpus_per_actor:g} CPU(s) (cpus_per_actor) but the cluster "
-                          f"has {cpus:g} CPUs")
+    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    short = [f"an actor needs {need:g} {name}(s) ({field}) but the cluster has {have:g} {name}s"
+             for need, have, name, field in ((gpus_per_actor, gpus, "GPU", "gpus_per_actor"),
+                                             (opts.cpus_per_actor, cpus, "CPU", "cpus_per_actor"))
+             if need > have]
+    if short and not opts.autoscaling:
+        raise ConfigError(f"{short[0]} (a cluster that adds nodes on demand: autoscaling)")
+    if short:
+        log.warning("%s now; its actors wait for the autoscaler to add nodes", short[0])
+    if opts.max_in_flight is not None:
+        return gpus_per_actor, opts.max_in_flight
+    by_cpu = int(cpus // max(opts.cpus_per_actor, 1e-9))
+    by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu
+    return gpus_per_actor, max(1, min(by_cpu, by_gpu))
 
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
-                      s3_endpoint: str | None = None, *, gpus_per_actor: float | None = None,
-                      cpus_per_actor: float = 1, max_in_flight: int | None = None,
-                      retries: int = 2, progress: bool = True) -> list[EmbedResult]:
-    """Fan out one actor per entry; at most `max_in_flight` alive at once.
+                      s3_endpoint: str | None = None, opts: ActorOptions = ActorOptions(), *,
+                      progress: bool = True) -> list[EmbedResult]:
+    """Fan out one actor per entry; at most max_in_flight alive at once (see `size_actors`).
 
     `std` is put in the object store once and shared by every actor. A killed actor is
-    restarted and its call retried (`retries`); a model that fails is reported, the
-    others finish. Bad options, or an actor the cluster cannot hold, raise a ConfigError.
+    restarted and its call retried (`opts.retries`); a model that fails is reported, the
+    others finish.
     """
     import ray
     from tqdm import tqdm
 
-    ActorOptions(gpus_per_actor, cpus_per_actor, max_in_flight, retries)  # validates
     entries = list(entries)
-    res = cluster_resources()
-    gpus = res.get("GPU", 0)
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
-    _check_fits(gpus_per_actor, cpus_per_actor, res)
-    if max_in_flight is None:
-        by_cpu = int(res.get("CPU", 1) // max(cpus_per_actor, 1e-9))
-        by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu
-        max_in_flight = max(1, min(by_cpu, by_gpu))
+    gpus_per_actor, max_in_flight = size_actors(opts, cluster_resources())
+    cpus_per_actor, retries = opts.cpus_per_actor, opts.retries
     actor_cls = ray.remote(_EmbedActor).options(
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries,
         max_task_retries=retries)

@@ -17,6 +17,10 @@ class ModelError(ZooselectError):
     """A model could not be created, loaded or run."""
 
 
+class ClusterError(ZooselectError):
+    """The Ray cluster could not be reached, or is not a Ray cluster."""
+
+
 class StoreError(ZooselectError):
     """The embedding store could not be reached, read or written."""
 

@@ -28,7 +28,9 @@ import yaml
 
 from cluster.seaweed import (GRPC_OFFSET, MAX_PORT, SeaweedError, SeaweedServer, find_weed,
                              is_loopback, listening_sockets, pick_ports, validate_bucket)
+from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import StoreError
+from selection.standard import save_standard
 from selection.storage import RetryPolicy, Store
 
 pytest_plugins = ["tests.s3_fixtures"]
@@ -588,7 +590,7 @@ def test_restart_keeps_data_and_ports(seaweed_factory, monkeypatch):
 
 
 @pytest.mark.integration
-def test_devstack_up_status_down(request):
+def test_devstack_up_status_down(request, monkeypatch, tiny_standard):
     from cluster.seaweed import weed_available
 
     if not weed_available():
@@ -626,6 +628,21 @@ def test_devstack_up_status_down(request):
                            f"{shlex.quote(probe)}"], cwd=REPO, env=env, capture_output=True,
             text=True, timeout=120)
         assert "OK b'1'" in driver.stdout, driver.stdout + driver.stderr[-3000:]
+        # the jobs themselves attach to that head (RAY_ADDRESS) and embed into / select from its store
+        monkeypatch.setattr(os, "environ", {**os.environ, **{k: v for k, v in exported.items()
+                                                              if k.startswith("AWS_")}})
+        save_standard(Store(exported["ZOOSELECT_STORE"]), tiny_standard)
+        catalog = root / "catalog.jsonl"
+        write_catalog([CatalogEntry("dev/resnet", "resnet10t", None, input_size=32),
+                       CatalogEntry("dev/regnet", "regnetx_002", None, input_size=32)], str(catalog))
+        for job in (f"jobs.embed --catalog {catalog} --no-progress",
+                    "jobs.select --task 'builtin:digits?classes=0,1&per_class=8' --no-save --no-progress "
+                    "--task-image-size 32"):
+            run = subprocess.run(["bash", "-c", f"source {shlex.quote(str(env_file))} && exec "
+                                  f"{shlex.quote(sys.executable)} -m {job} --store $ZOOSELECT_STORE"],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+            assert ("2 embedded, 0 skipped" if "embed" in job else "dev/re") in run.stdout, run.stdout
     finally:
         down = subprocess.run(base + ["down", "--dir", str(root)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -655,16 +672,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _silent_server() -> tuple[int, socket.socket]:
+    """A port that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    return srv.getsockname()[1], srv
+
+
+def _http_server() -> tuple[int, Any]:
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv.server_address[1], srv
+
+
 @pytest.mark.parametrize("address,needle", [
     ("bogus", "Ray address must be host:port (or ray://host:port, auto), got 'bogus'"),
     ("127.0.0.1:notaport", "got '127.0.0.1:notaport'"),
     ("closed-port", "cannot connect to Ray at '127.0.0.1:"),
     ("no-such-host.invalid:6379", "cannot connect to Ray at 'no-such-host.invalid:6379'"),
+    ("silent-port", "no answer within 5 s (is it a Ray head's GCS or ray:// port?)"),
+    ("http-port", "the port answers, but not like Ray (first bytes b'"),
 ])
 def test_bad_or_unreachable_ray_address_is_one_line_error_at_once(address, needle):
-    """Before the fix: a ValueError traceback, or minutes of silent retries on a closed port."""
+    """Before the fix: a ValueError traceback, minutes of silent retries on a closed port, or a hang
+    inside ray.init on a port that is open but not Ray's."""
+    server = None
     if address == "closed-port":
         address = f"127.0.0.1:{_free_port()}"
+    elif address in ("silent-port", "http-port"):
+        port, server = (_silent_server if address == "silent-port" else _http_server)()
+        address = f"127.0.0.1:{port}"
     code = ("import sys; from jobs import runtime; from jobs.common import run_main; "
             "run_main(lambda argv: runtime.init(sys.argv[1]) or 0)")
     t0 = time.monotonic()
@@ -674,6 +718,8 @@ def test_bad_or_unreachable_ray_address_is_one_line_error_at_once(address, needl
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert needle in lines[0], lines[0]
+    if server is not None:
+        (server.close if isinstance(server, socket.socket) else server.shutdown)()
 
 
 @pytest.mark.integration
