@@ -58,12 +58,16 @@ def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.A
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="actors alive at once (default: what the cluster's resources allow)")
     p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor")
+    p.add_argument("--autoscaling", action="store_true",
+                   help="the cluster adds nodes on demand: start actors it cannot hold now (they wait "
+                        "for new nodes) instead of refusing them; needs --max-in-flight")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return p
 
 
 def run(args: argparse.Namespace, prune: bool) -> int:
-    opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries)
+    opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
+                                args.autoscaling)
     if os.path.isdir(args.catalog):
         raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)
@@ -86,10 +90,8 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     results: list[EmbedResult] = list(plan.invalid)
     if plan.embed:
         runtime.init(args.address)
-        results += runtime.embed_with_actors(
-            plan.embed, std, store.url, getattr(store, "endpoint", None), gpus_per_actor=opts.gpus_per_actor,
-            cpus_per_actor=opts.cpus_per_actor, max_in_flight=opts.max_in_flight,
-            retries=opts.retries, progress=not args.no_progress)
+        results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
+                                             opts, progress=not args.no_progress)
     ok = [r for r in results if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]
     for r in failed:

@@ -273,9 +273,8 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     save_standard(store, std)
     runtime.init(None)
     t0 = time.perf_counter()
-    results = runtime.embed_with_actors(entries, std, store.url, cpus_per_actor=threads,
-                                        gpus_per_actor=gpus_per_actor if device == "cuda" else 0.0,
-                                        progress=False)
+    opts = runtime.ActorOptions(gpus_per_actor if device == "cuda" else 0.0, threads)
+    results = runtime.embed_with_actors(entries, std, store.url, opts=opts, progress=False)
     wall = time.perf_counter() - t0
     shutil.rmtree(work)
     for res in results:

@@ -35,7 +35,7 @@ import torch
 
 from selection.catalog import CatalogEntry, write_catalog
 from selection.embedder import embed_entry
-from selection.errors import StoreError
+from selection.errors import ConfigError, StoreError
 from selection.standard import save_standard
 from selection.storage import RetryPolicy, Store
 from selection.table import list_rows, load_table, row_path
@@ -576,6 +576,7 @@ def test_catalog_that_is_a_directory_is_named_as_one(embedded, tmp_path, capsys)
     (["--gpus-per-actor", "-1"], "gpus_per_actor must be a number >= 0, got -1.0"),
     (["--gpus-per-actor", "nan"], "gpus_per_actor must be a number >= 0, got nan"),
     (["--retries", "-1"], "retries must be an integer >= 0, got -1"),
+    (["--autoscaling"], "autoscaling needs max_in_flight"),
 ])
 def test_bad_actor_options_refused_by_the_embed_job_before_ray(embedded, tmp_path, capsys, args, needle):
     """Before the fix: --max-in-flight 0 hung, negative resources were Ray tracebacks, and
@@ -607,6 +608,22 @@ def test_actor_the_cluster_cannot_hold_is_refused_at_once(ray_local, embedded, t
     assert f"an actor needs {want} {resource}(s)" in line and f"the cluster has {have:g} {resource}s" in line, line
     assert time.monotonic() - t0 < 60
     assert sorted(load_table(store, embedded[1]).model_ids) == [TINY[0].id]
+
+
+def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
+    """Before the fix: the shipped KubeRay jobs (CPU head with 0 CPUs, GPU workers scaling from 0)
+    were refused ("the cluster has 0 GPUs") before the autoscaler could add a node."""
+    from jobs.runtime import ActorOptions, size_actors
+
+    assert size_actors(ActorOptions(), {"CPU": 16, "GPU": 4}) == (1.0, 4)
+    assert size_actors(ActorOptions(), {"CPU": 2}) == (0.0, 2)
+    assert size_actors(ActorOptions(cpus_per_actor=4), {"CPU": 16, "GPU": 8}) == (1.0, 4)
+    empty_head = {"CPU": 0.0}
+    with pytest.raises(ConfigError, match=r"the cluster has 0 GPUs \(a cluster that adds nodes on demand"):
+        size_actors(ActorOptions(gpus_per_actor=1), empty_head)
+    with caplog.at_level("WARNING", logger="jobs.runtime"):
+        assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
+    assert "wait for the autoscaler" in caplog.text
 
 
 def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):
