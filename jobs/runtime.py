@@ -46,7 +46,12 @@ def _check_reachable(address: str) -> None:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
                 return
             sock.sendall(_H2_PREFACE)
-            reply = sock.recv(9)
+            reply = b""
+            while len(reply) < 4:
+                chunk = sock.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
     except socket.timeout:
         raise ClusterError(f"cannot connect to Ray at {address!r}: no answer within "
                            f"{CONNECT_TIMEOUT_S:g} s (is it a Ray head's GCS or ray:// port?)") from None
@@ -261,7 +266,7 @@ def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
                                              (opts.cpus_per_actor, cpus, "CPU", "cpus_per_actor"))
              if need > have]
     if short and not opts.autoscaling:
-        raise ConfigError(f"{short[0]} (a cluster that adds nodes on demand: autoscaling)")
+        raise ConfigError(f"{short[0]} (if the cluster adds nodes on demand: --autoscaling)")
     if short:
         log.warning("%s now; its actors wait for the autoscaler to add nodes", short[0])
     if opts.max_in_flight is not None:

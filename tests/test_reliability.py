@@ -619,7 +619,7 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     assert size_actors(ActorOptions(), {"CPU": 2}) == (0.0, 2)
     assert size_actors(ActorOptions(cpus_per_actor=4), {"CPU": 16, "GPU": 8}) == (1.0, 4)
     empty_head = {"CPU": 0.0}
-    with pytest.raises(ConfigError, match=r"the cluster has 0 GPUs \(a cluster that adds nodes on demand"):
+    with pytest.raises(ConfigError, match=r"has 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
         size_actors(ActorOptions(gpus_per_actor=1), empty_head)
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
