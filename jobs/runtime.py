@@ -74,8 +74,11 @@ def _connect(address: str, **kwargs: Any) -> None:
         ray.init(address=address, **kwargs)
     except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ("; a cluster with token authentication also needs its token (RAY_AUTH_TOKEN_PATH)"
-                if "Failed to connect" in text else "")
+        # `ray start` turns token authentication on; a driver sends the token only when told to.
+        hint = ""
+        if "Failed to connect" in text:
+            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token (and "
+                    "RAY_AUTH_TOKEN_PATH unless the token is ~/.ray/auth_token)")
         raise ClusterError(f"cannot connect to Ray at {address!r}: {text[:300]}{hint}") from None
 
 
