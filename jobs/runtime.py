@@ -112,8 +112,9 @@ def cluster_resources() -> dict[str, float]:
 
 
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
-              desc: str = "", progress: bool = True, max_retries: int = 2) -> list[Any]:
-    """Run `fn(shared, item)` as one Ray task per item; results in input order.
+              num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2) -> list[Any]:
+    """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
+    results in input order.
 
     `shared` (e.g. the standard) is put in the object store once. A task that raises a
     ZooselectError returns it (the caller reports it); a crashed worker is retried up
@@ -121,7 +122,7 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     """
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_call_catching)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_call_catching)
     shared_ref = ray.put(shared)
     refs = [remote.remote(fn, shared_ref, item) for item in items]
     return _gather(refs, desc, progress)
@@ -256,22 +257,25 @@ class ActorOptions:
                               "the nodes are up: the resources now do not tell), got None")
 
 
-def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
-    """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res`.
-
-    ConfigError if one actor does not fit `res`, unless `opts.autoscaling`: then its actors
-    wait for the nodes that their demand makes the autoscaler add.
-    """
-    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    short = [f"an actor needs {need:g} {name}(s) ({field}) but the cluster has {have:g} {name}s"
-             for need, have, name, field in ((gpus_per_actor, gpus, "GPU", "gpus_per_actor"),
-                                             (opts.cpus_per_actor, cpus, "CPU", "cpus_per_actor"))
-             if need > have]
-    if short and not opts.autoscaling:
+def check_fits(what: str, need: dict[str, tuple[float, str]], res: dict[str, float], autoscaling: bool) -> None:
+    """ConfigError if `what` needs more of a resource (name -> (amount, option)) than the cluster's
+    total `res` now, unless `autoscaling`: then it waits for the nodes its demand makes the
+    autoscaler add (a warning says so). Without the check Ray waits for ever."""
+    short = [f"{what} needs {amount:g} {name}(s) ({option}) but the cluster has {res.get(name, 0):g} {name}s"
+             for name, (amount, option) in need.items() if amount > res.get(name, 0)]
+    if short and not autoscaling:
         raise ConfigError(f"{short[0]} (if the cluster adds nodes on demand: --autoscaling)")
     if short:
-        log.warning("%s now; its actors wait for the autoscaler to add nodes", short[0])
+        log.warning("%s now; waiting for the autoscaler to add nodes", short[0])
+
+
+def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
+    """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res`
+    (see `check_fits` for one that cannot hold an actor)."""
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
+    check_fits("an actor", need, res, opts.autoscaling)
     if opts.max_in_flight is not None:
         return gpus_per_actor, opts.max_in_flight
     by_cpu = int(cpus // max(opts.cpus_per_actor, 1e-9))

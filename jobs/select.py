@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import uuid
 from typing import Any, Iterable, Sequence
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, run_main
-from selection.errors import ConfigError, StoreError, ZooselectError
+from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, default_score,
                               embed_task, entry_of, load_task, rerank_verified, sweep_shards, verify_candidate)
@@ -40,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-by", choices=list(VERIFIERS), default="logme",
                    help="LogME evidence of the labelled images (default, chosen on the dev tasks), the ridge probe's "
                         "leave-one-out error on them (ridge-loo), or linear-probe accuracy on a held-out half (probe)")
+    p.add_argument("--verify-gpus", type=float, default=0, metavar="G",
+                   help="GPUs per verification (a Ray task each; features on CUDA, float32); default 0: CPU")
+    p.add_argument("--autoscaling", action="store_true",
+                   help="the cluster adds nodes on demand: verifications may wait for a GPU node instead of "
+                        "being refused")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--score", choices=list(SCORES), default=None,
@@ -61,14 +67,25 @@ def _task_embedding(std: Standard, item: tuple[str, SelectConfig]) -> TaskEmbedd
     return embed_task(std, load_task(spec, config), config)
 
 
-def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any]]) -> float:
-    spec, config, row = item
-    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config)
+def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool]) -> float:
+    spec, config, row, on_gpu = item
+    if on_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("verification was given a GPU (--verify-gpus) but torch sees no CUDA device "
+                             "in the worker")
+    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config,
+                            device="cuda" if on_gpu else "cpu")
 
 
 def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
-           progress: bool = True) -> list[dict[str, Any]]:
-    """Embed the tasks (in parallel), sweep the table's shards once, verify; one dict per task."""
+           progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False) -> list[dict[str, Any]]:
+    """Embed the tasks (in parallel), sweep the table's shards once, verify (each verification a Ray
+    task holding `verify_gpus` GPUs, on CUDA when > 0); one dict per task."""
+    if config.verify_top_k and verify_gpus:
+        runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")},
+                           runtime.cluster_resources(), autoscaling)
     t0 = time.perf_counter()
     embs = runtime.map_tasks(_task_embedding, [(t, config) for t in tasks], shared=std,
                              desc="tasks", progress=progress)
@@ -88,9 +105,10 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
-        items = [(spec, config, r.row) for spec, ranked in zip(tasks, rankings)
+        items = [(spec, config, r.row, verify_gpus > 0) for spec, ranked in zip(tasks, rankings)
                  for r in ranked[:config.verify_top_k]]
-        accs = runtime.map_tasks(_verify, items, shared=std, desc="verify", progress=progress)
+        accs = runtime.map_tasks(_verify, items, shared=std, num_gpus=verify_gpus, desc="verify",
+                                 progress=progress)
         it = iter(accs)
         new = []
         for ranked in rankings:
@@ -192,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"the same task is given twice: {args.task}")
     check_output(args.json)
     check_output(args.parquet)
+    if not (math.isfinite(args.verify_gpus) and args.verify_gpus >= 0):
+        raise ConfigError(f"--verify-gpus must be a number >= 0, got {args.verify_gpus}")
     store = open_store(args)
     std = load_standard(store, args.standard)
     listing = list_table(store, std)
@@ -199,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)
-    results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress)
+    results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress,
+                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling)
     m = results[0]["models_swept"]
     print(format_results(results, std.id, m))
     saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)

@@ -320,10 +320,10 @@ def entry_of(row: dict[str, Any]) -> CatalogEntry:
 
 
 def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int | None,
-                        protocol: ProbeProtocol, loaded: LoadedModel | None = None) -> float:
+                        protocol: ProbeProtocol, loaded: LoadedModel | None = None, device: str = "cpu") -> float:
     """Linear-probe test accuracy of one model on one task under the fixed protocol."""
     loaded = loaded or load_model(entry)
-    feats = extract_features(loaded, task.images, input_size=std_input_size)
+    feats = extract_features(loaded, task.images, input_size=std_input_size, device=device)
     return features_accuracy(feats, task.labels, protocol)
 
 
@@ -334,19 +334,20 @@ def features_accuracy(feats: np.ndarray, labels: np.ndarray, protocol: ProbeProt
 
 
 def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | None, config: SelectConfig,
-                     loaded: LoadedModel | None = None) -> float:
+                     loaded: LoadedModel | None = None, device: str = "cpu") -> float:
     """One shortlisted candidate measured on the task (higher is better), by `config.verify_by`.
 
     "logme" / "ridge-loo": that scorer (selection.scorers) of the candidate's features of all the
     task's images; "probe": linear-probe accuracy, fit on the protocol's train split, measured on
-    its test split.
+    its test split. The features are computed on `device` in float32 (no autocast).
     """
     if config.verify_by == "probe":
-        return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded)
+        return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded, device=device)
     from selection.scorers import SCORERS
 
     loaded = loaded or load_model(entry)
-    return SCORERS[config.verify_by](extract_features(loaded, task.images, input_size=std_input_size), task.labels)
+    feats = extract_features(loaded, task.images, input_size=std_input_size, device=device)
+    return SCORERS[config.verify_by](feats, task.labels)
 
 
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:

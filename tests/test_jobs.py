@@ -110,6 +110,11 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert ", 2 verified;" in printed
     res = json.load(open(out_json))["tasks"][0]
     assert res["n_verified"] == 2 and len(res["ranking"]) == 1 and res["ranking"][0]["verified"] is not None
+    # A GPU per verification on a cluster without one is refused before any work (Ray would wait for ever).
+    with pytest.raises(ConfigError, match=r"a verification needs 1 GPU\(s\) \(--verify-gpus\) but the cluster "
+                                          r"has 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
+        select.main(["--store", store.url, "--task", tasks[0], "--verify-top-k", "2", "--verify-gpus", "1",
+                     "--no-save", "--no-progress", "--task-image-size", "32"])
     with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):
         select.main(["--store", store.url, "--task", tasks[0], "--score", "rank-mean", "--no-save",
                      "--no-progress", "--task-image-size", "32"])
@@ -160,6 +165,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/no/such/dir/out.json"],
      "directory '/no/such/dir' does not exist"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "output file '/tmp' is a directory"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "-1"],
+     "--verify-gpus must be a number >= 0, got -1.0"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
      "output directory 'README.md' is a file"),
 ])

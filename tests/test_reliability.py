@@ -623,7 +623,7 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
         size_actors(ActorOptions(gpus_per_actor=1), empty_head)
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
-    assert "wait for the autoscaler" in caplog.text
+    assert "waiting for the autoscaler" in caplog.text
 
 
 def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):
