@@ -629,8 +629,9 @@ def test_devstack_up_status_down(request, monkeypatch, tiny_standard):
             text=True, timeout=120)
         assert "OK b'1'" in driver.stdout, driver.stdout + driver.stderr[-3000:]
         # the jobs themselves attach to that head (RAY_ADDRESS) and embed into / select from its store
-        monkeypatch.setattr(os, "environ", {**os.environ, **{k: v for k, v in exported.items()
-                                                              if k.startswith("AWS_")}})
+        for k, v in exported.items():
+            if k.startswith("AWS_"):
+                monkeypatch.setenv(k, shlex.split(v)[0] if v else v)
         save_standard(Store(exported["ZOOSELECT_STORE"]), tiny_standard)
         catalog = root / "catalog.jsonl"
         write_catalog([CatalogEntry("dev/resnet", "resnet10t", None, input_size=32),
