@@ -226,7 +226,7 @@ class _SharedProbe:
                 self.refs.pop(key, None)
 
 
-def _check_amount(name: str, value: Any) -> None:
+def check_amount(name: str, value: Any) -> None:
     """A Ray resource amount: a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
@@ -244,8 +244,8 @@ class ActorOptions:
 
     def __post_init__(self) -> None:
         if self.gpus_per_actor is not None:
-            _check_amount("gpus_per_actor", self.gpus_per_actor)
-        _check_amount("cpus_per_actor", self.cpus_per_actor)
+            check_amount("gpus_per_actor", self.gpus_per_actor)
+        check_amount("cpus_per_actor", self.cpus_per_actor)
         if self.max_in_flight is not None and (isinstance(self.max_in_flight, bool)
                                                or not isinstance(self.max_in_flight, int)
                                                or self.max_in_flight < 1):

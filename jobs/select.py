@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import uuid
 from typing import Any, Iterable, Sequence
@@ -210,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"the same task is given twice: {args.task}")
     check_output(args.json)
     check_output(args.parquet)
-    if not (math.isfinite(args.verify_gpus) and args.verify_gpus >= 0):
-        raise ConfigError(f"--verify-gpus must be a number >= 0, got {args.verify_gpus}")
+    runtime.check_amount("--verify-gpus", args.verify_gpus)
     store = open_store(args)
     std = load_standard(store, args.standard)
     listing = list_table(store, std)
