@@ -25,8 +25,10 @@ RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
 
 # Per-source coverage: each probe source's images are cross-fitted in SOURCE_FOLDS folds,
 # repeated SOURCE_REPEATS times with different fold assignments (docs/method-experiments.md).
+# A standard records the values it was built with (spec "source_crossfit"), and its rows are
+# always computed with those: these constants only apply to standards built from now on.
 SOURCE_FOLDS = 2
-SOURCE_REPEATS = 3
+SOURCE_REPEATS = 12
 
 
 def embedding_width(form: str, d: int, n_sources: int = 1) -> int:
@@ -108,34 +110,39 @@ def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return 0.5 * (cross + cross.T), zh.T @ zh / n
 
 
-def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
+                       crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS)) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
 
-    Each repeat splits the source in SOURCE_FOLDS folds (seeded), predicts every image from a
-    ridge h -> z fitted on the other folds, and measures cov(z_hat, z) and cov(z_hat, z_hat).
+    `crossfit` = (folds, repeats): each repeat r splits the source in `folds` folds (seed r),
+    predicts every image from a ridge h -> z fitted on the other folds, and measures
+    cov(z_hat, z) and cov(z_hat, z_hat).
     """
+    folds, repeats = crossfit
     c_sum = np.zeros((z.shape[1], z.shape[1]))
     s_sum = np.zeros_like(c_sum)
-    for r in range(SOURCE_REPEATS):
+    for r in range(repeats):
         perm = np.random.default_rng(r).permutation(idx)
         z_hat = np.zeros((len(perm), z.shape[1]))
-        for f in range(SOURCE_FOLDS):
-            test = np.arange(f, len(perm), SOURCE_FOLDS)
+        for f in range(folds):
+            test = np.arange(f, len(perm), folds)
             train = np.setdiff1d(np.arange(len(perm)), test)
             coef, icpt, _ = ridge_gcv(h[perm[train]], z[perm[train]])
             z_hat[test] = h[perm[test]] @ coef + icpt
         c, s = _covariances(z_hat, z[perm].astype(np.float64))
         c_sum += c
         s_sum += s
-    return c_sum / SOURCE_REPEATS, s_sum / SOURCE_REPEATS
+    return c_sum / repeats, s_sum / repeats
 
 
 def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
-                    model_id: str = "model", sources: np.ndarray | None = None) -> ModelEmbedding:
+                    model_id: str = "model", sources: np.ndarray | None = None,
+                    crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS)) -> ModelEmbedding:
     """How much of the baseline feature space z the features h reproduce (fit on P_fit, measured on P_val).
 
     With `sources` (the probe source of every image, ints 0..S-1), also the per-source form:
-    the same question asked within each probe source, cross-fitted on its images.
+    the same question asked within each probe source, cross-fitted on its images
+    (`crossfit` = (folds, repeats), `Standard.crossfit`).
     """
     if h.ndim != 2 or h.shape[0] != z.shape[0]:
         raise ModelError(f"model {model_id!r}: features should be (N={z.shape[0]}, k), got {h.shape}")
@@ -157,7 +164,7 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     if sources is not None:
         blocks = []
         for s in range(int(sources.max()) + 1):
-            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s))
+            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s), crossfit)
             blocks += [triu(c_s), triu(s_s)]
         per_source = np.concatenate(blocks)
     return ModelEmbedding(coverage, triu(full), alpha, per_source)

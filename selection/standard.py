@@ -124,6 +124,15 @@ class Standard:
         return np.repeat(np.arange(len(sizes)), sizes)
 
     @property
+    def crossfit(self) -> tuple[int, int]:
+        """(folds, repeats) of the per-source cross-fit this standard's rows are computed with."""
+        part = self.spec.get("source_crossfit")
+        if part is None:
+            raise StandardMismatchError(f"standard {self.id!r} does not record its per-source cross-fit; "
+                                        f"rebuild it to use the per-source form")
+        return int(part["folds"]), int(part["repeats"])
+
+    @property
     def input_size(self) -> int | None:
         return self.spec["input_size"]
 
