@@ -29,6 +29,11 @@ RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
 # always computed with those: these constants only apply to standards built from now on.
 SOURCE_FOLDS = 2
 SOURCE_REPEATS = 12
+# The full form and the diagonal coverage: every probe image predicted by a ridge fitted on the
+# other FULL_FOLDS - 1 folds, measured on all images, averaged over FULL_REPEATS fold draws
+# (spec "full_crossfit"). Standards that record none keep the single P_fit/P_val split.
+FULL_FOLDS = 5
+FULL_REPEATS = 2
 
 
 def embedding_width(form: str, d: int, n_sources: int = 1) -> int:
@@ -110,36 +115,59 @@ def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return 0.5 * (cross + cross.T), zh.T @ zh / n
 
 
+def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: int, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Every image of `idx` predicted by a ridge h -> z fitted on the other folds.
+
+    The images are permuted with `seed` and dealt into `folds` folds. Returns (z_hat, z) in that
+    order, and the ridge strength each fold chose.
+    """
+    perm = np.random.default_rng(seed).permutation(idx)
+    z_hat = np.zeros((len(perm), z.shape[1]))
+    alphas = []
+    for f in range(folds):
+        test = np.arange(f, len(perm), folds)
+        train = np.setdiff1d(np.arange(len(perm)), test)
+        coef, icpt, alpha = ridge_gcv(h[perm[train]], z[perm[train]])
+        z_hat[test] = h[perm[test]] @ coef + icpt
+        alphas.append(alpha)
+    return z_hat, z[perm].astype(np.float64), alphas
+
+
 def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
                        crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS)) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
 
-    `crossfit` = (folds, repeats): each repeat r splits the source in `folds` folds (seed r),
-    predicts every image from a ridge h -> z fitted on the other folds, and measures
-    cov(z_hat, z) and cov(z_hat, z_hat).
+    `crossfit` = (folds, repeats): repeat r predicts every image with `crossfit_predictions`
+    (seed r) and measures cov(z_hat, z) and cov(z_hat, z_hat).
     """
     folds, repeats = crossfit
     c_sum = np.zeros((z.shape[1], z.shape[1]))
     s_sum = np.zeros_like(c_sum)
     for r in range(repeats):
-        perm = np.random.default_rng(r).permutation(idx)
-        z_hat = np.zeros((len(perm), z.shape[1]))
-        for f in range(folds):
-            test = np.arange(f, len(perm), folds)
-            train = np.setdiff1d(np.arange(len(perm)), test)
-            coef, icpt, _ = ridge_gcv(h[perm[train]], z[perm[train]])
-            z_hat[test] = h[perm[test]] @ coef + icpt
-        c, s = _covariances(z_hat, z[perm].astype(np.float64))
+        c, s = _covariances(*crossfit_predictions(h, z, idx, folds, r)[:2])
         c_sum += c
         s_sum += s
     return c_sum / repeats, s_sum / repeats
 
 
+def _coverage(z_hat: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per-feature R^2 of the prediction, clipped to [0, 1]."""
+    sse = ((z - z_hat) ** 2).sum(0)
+    sst = ((z - z.mean(0)) ** 2).sum(0)
+    return np.clip(1.0 - sse / np.maximum(sst, 1e-12), 0.0, 1.0)
+
+
 def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
                     model_id: str = "model", sources: np.ndarray | None = None,
-                    crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS)) -> ModelEmbedding:
-    """How much of the baseline feature space z the features h reproduce (fit on P_fit, measured on P_val).
+                    crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS),
+                    full_crossfit: tuple[int, int] | None = (FULL_FOLDS, FULL_REPEATS)) -> ModelEmbedding:
+    """How much of the baseline feature space z the features h reproduce.
 
+    The full form C and the diagonal coverage: with `full_crossfit` = (folds, repeats)
+    (`Standard.full_crossfit`), every probe image is predicted by a ridge h -> z fitted on the
+    other folds and both are measured on all images, averaged over the repeats; with None, the
+    ridge is fitted on P_fit (`fit_idx`) and they are measured on P_val (`val_idx`).
     With `sources` (the probe source of every image, ints 0..S-1), also the per-source form:
     the same question asked within each probe source, cross-fitted on its images
     (`crossfit` = (folds, repeats), `Standard.crossfit`).
@@ -153,13 +181,17 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     # row space and stop a model from reproducing features that are linear in its own.
     h64 = h64 - h64[fit_idx].mean(0)
     h64 /= max(float(np.sqrt((h64[fit_idx] ** 2).mean())), 1e-30)
-    coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx])
-    z_val = z[val_idx].astype(np.float64)
-    z_hat = h64[val_idx] @ coef + icpt
-    sse = ((z_val - z_hat) ** 2).sum(0)
-    sst = ((z_val - z_val.mean(0)) ** 2).sum(0)
-    coverage = np.clip(1.0 - sse / np.maximum(sst, 1e-12), 0.0, 1.0)
-    full, _ = _covariances(z_hat, z_val)
+    if full_crossfit is None:
+        coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx])
+        z_val = z[val_idx].astype(np.float64)
+        z_hat = h64[val_idx] @ coef + icpt
+        coverage, full = _coverage(z_hat, z_val), _covariances(z_hat, z_val)[0]
+    else:
+        folds, repeats = full_crossfit
+        parts = [crossfit_predictions(h64, z, np.arange(len(z)), folds, r) for r in range(repeats)]
+        coverage = np.mean([_coverage(zh, zt) for zh, zt, _ in parts], 0)
+        full = np.mean([_covariances(zh, zt)[0] for zh, zt, _ in parts], 0)
+        alpha = float(np.median([a for _, _, alphas in parts for a in alphas]))
     per_source = None
     if sources is not None:
         blocks = []

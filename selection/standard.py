@@ -22,7 +22,7 @@ import numpy as np
 import selection
 from selection.catalog import CatalogEntry
 from selection.data import load_dataset
-from selection.embedding import FORMS, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width
+from selection.embedding import FORMS, FULL_FOLDS, FULL_REPEATS, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width
 from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.storage import Store
 
@@ -131,6 +131,13 @@ class Standard:
             raise StandardMismatchError(f"standard {self.id!r} does not record its per-source cross-fit; "
                                         f"rebuild it to use the per-source form")
         return int(part["folds"]), int(part["repeats"])
+
+    @property
+    def full_crossfit(self) -> tuple[int, int] | None:
+        """(folds, repeats) of the cross-fit over all probe images that the full form and the
+        coverage are measured with; None for standards built before it (fit on P_fit, measured on P_val)."""
+        part = self.spec.get("full_crossfit")
+        return None if part is None else (int(part["folds"]), int(part["repeats"]))
 
     @property
     def input_size(self) -> int | None:
@@ -256,7 +263,7 @@ def _whitening(h_fit: np.ndarray, d: int, what: str = "baseline") -> tuple[np.nd
 def compute_standard_id(spec: dict[str, Any]) -> str:
     keyed = {k: spec[k] for k in ("baseline_arch", "baseline_sha256", "probe_sha256", "d", "form",
                                   "fit_fraction", "split_seed", "input_size", "versions",
-                                  "preprocessing", "source_crossfit", "companion") if k in spec}
+                                  "preprocessing", "source_crossfit", "full_crossfit", "companion") if k in spec}
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
     return "std-" + hashlib.sha256(blob).hexdigest()[:16]
 
@@ -296,6 +303,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
         "versions": _versions(),
         "schema_version": selection.SCHEMA_VERSION,
     }
+    spec["full_crossfit"] = {"folds": FULL_FOLDS, "repeats": FULL_REPEATS}
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     if config.companion is not None:

@@ -34,9 +34,38 @@ def test_coverage_of_features_that_contain_z_is_one_and_noise_is_low(rng):
     assert own.coverage.min() > 0.99
     noise = model_embedding(rng.normal(size=h.shape), z, fit, val)
     assert noise.coverage.mean() < 0.2
-    # Full form: diagonal of C is close to the coverage when the fit is good.
+    # Full form: diagonal of C is close to the variance of z when the fit is good; cross-fitted
+    # (the default) it is measured on every image, on the single split on P_val only.
     c = untriu(own.full, z.shape[1])
-    assert np.allclose(np.diag(c), np.var(z[val], axis=0, ddof=1), rtol=0.05)
+    assert np.allclose(np.diag(c), np.var(z, axis=0, ddof=1), rtol=0.05)
+    split = model_embedding(h, z, fit, val, full_crossfit=None)
+    assert split.coverage.min() > 0.99
+    assert np.allclose(np.diag(untriu(split.full, z.shape[1])), np.var(z[val], axis=0, ddof=1), rtol=0.05)
+
+
+def test_cross_fitted_full_form_is_the_mean_over_fold_draws_of_held_out_predictions(rng):
+    """Each repeat predicts every image from a ridge fitted on the other folds; C and the coverage
+    are measured on all the images and averaged over the repeats (checked by refitting by hand)."""
+    h, z, fit, val = _setup(rng, k=12)
+    h = h + 0.3 * rng.normal(size=h.shape)
+    emb = model_embedding(h, z, fit, val, full_crossfit=(4, 3))
+    hs = h - h[fit].mean(0)
+    hs /= np.sqrt((hs[fit] ** 2).mean())
+    cs, covs = [], []
+    for r in range(3):
+        zh = np.zeros_like(z)
+        perm = np.random.default_rng(r).permutation(len(z))
+        for f in range(4):
+            test = perm[f::4]
+            train = np.setdiff1d(perm, test)
+            coef, icpt, _ = ridge_gcv(hs[train], z[train])
+            zh[test] = hs[test] @ coef + icpt
+        cs.append(np.cov(np.concatenate([zh, z], 1), rowvar=False)[:6, 6:])
+        covs.append(np.clip(1 - ((z - zh) ** 2).sum(0) / ((z - z.mean(0)) ** 2).sum(0), 0, 1))
+    c = np.mean(cs, 0)
+    assert np.allclose(untriu(emb.full, 6), 0.5 * (c + c.T), atol=1e-8)
+    assert np.allclose(emb.coverage, np.mean(covs, 0), atol=1e-8)
+    assert not np.allclose(emb.full, model_embedding(h, z, fit, val, full_crossfit=(4, 1)).full, atol=1e-8)
 
 
 def test_partial_features_cover_part(rng):

@@ -11,7 +11,7 @@ import selection
 from selection.catalog import CatalogEntry
 from selection.embedder import embed_entry, needs_embedding
 from selection.errors import StandardMismatchError, StoreError
-from selection.standard import build_standard, load_standard, plan_standard, save_standard
+from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.table import delete_row, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
 
@@ -295,6 +295,26 @@ def test_rows_keep_the_crossfit_their_standard_records(store, monkeypatch):
     spec = {k: v for k, v in old.spec.items() if k != "source_crossfit"}
     with pytest.raises(StandardMismatchError, match="does not record its per-source cross-fit"):
         dataclasses.replace(old, spec=spec).crossfit
+
+
+def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store):
+    """A standard that records no full-form cross-fit (built by an older zooselect) measures the full
+    form and the coverage of new rows on P_val, as its existing rows were; the cross-fit is in the id."""
+    from selection.embedding import model_embedding
+    from selection.models import extract_features, load_model
+
+    new = build_standard(tiny_config(form="full"))
+    spec = {k: v for k, v in new.spec.items() if k != "full_crossfit"}
+    spec["standard_id"] = compute_standard_id(spec)
+    old = dataclasses.replace(new, id=spec["standard_id"], spec=spec)
+    assert old.full_crossfit is None and new.full_crossfit is not None and old.id != new.id
+    save_standard(store, old)
+    assert embed_entry(A, old, store).status == "embedded"
+    h = extract_features(load_model(A), old.probe_images, input_size=old.input_size)
+    as_built, as_now = (model_embedding(h, old.z, old.fit_idx, old.val_idx, full_crossfit=c).vector("full")
+                        for c in (None, new.full_crossfit))
+    row = np.asarray(_emb(store, old, A.id), np.float32)
+    assert np.allclose(row, as_built, rtol=1e-4, atol=1e-6) and not np.allclose(row, as_now, rtol=1e-4, atol=1e-6)
 
 
 def _quick_row(store, std, model_id):
