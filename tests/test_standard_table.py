@@ -273,24 +273,30 @@ def test_per_source_standard_end_to_end(store):
     assert isinstance(emb.query(full_std), TaskQuery)
 
 
+def _embedded_row_and_features(store, std):
+    """Save `std`, embed model A under it; A's stored row and its probe features (to recompute the row)."""
+    from selection.models import extract_features, load_model
+
+    save_standard(store, std)
+    assert embed_entry(A, std, store).status == "embedded"
+    h = extract_features(load_model(A), std.probe_images, input_size=std.input_size)
+    return np.asarray(_emb(store, std, A.id), np.float32), h
+
+
 def test_rows_keep_the_crossfit_their_standard_records(store, monkeypatch):
     """A standard built with other cross-fit repeats (an older zooselect) keeps computing its rows with
     them, so one table never mixes rows of two definitions; the repeats are part of the standard's id."""
     from selection import standard as standard_mod
     from selection.embedding import SOURCE_FOLDS, SOURCE_REPEATS, model_embedding
-    from selection.models import extract_features, load_model
 
     monkeypatch.setattr(standard_mod, "SOURCE_REPEATS", 1)
     old = build_standard(tiny_config(form="per-source"))
     monkeypatch.undo()
     assert old.crossfit == (SOURCE_FOLDS, 1) and SOURCE_REPEATS != 1
     assert old.id != plan_standard(tiny_config(form="per-source"))[0]["standard_id"]
-    save_standard(store, old)
-    assert embed_entry(A, old, store).status == "embedded"
-    h = extract_features(load_model(A), old.probe_images, input_size=old.input_size)
+    row, h = _embedded_row_and_features(store, old)
     as_built, as_now = (model_embedding(h, old.z, old.fit_idx, old.val_idx, sources=old.sources,
                                         crossfit=(SOURCE_FOLDS, r)).vector("per-source") for r in (1, SOURCE_REPEATS))
-    row = np.asarray(_emb(store, old, A.id), np.float32)
     assert np.allclose(row, as_built, rtol=1e-4, atol=1e-6) and not np.allclose(row, as_now, rtol=1e-4, atol=1e-6)
     spec = {k: v for k, v in old.spec.items() if k != "source_crossfit"}
     with pytest.raises(StandardMismatchError, match="does not record its per-source cross-fit"):
@@ -301,19 +307,15 @@ def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store
     """A standard that records no full-form cross-fit (built by an older zooselect) measures the full
     form and the coverage of new rows on P_val, as its existing rows were; the cross-fit is in the id."""
     from selection.embedding import model_embedding
-    from selection.models import extract_features, load_model
 
     new = build_standard(tiny_config(form="full"))
     spec = {k: v for k, v in new.spec.items() if k != "full_crossfit"}
     spec["standard_id"] = compute_standard_id(spec)
     old = dataclasses.replace(new, id=spec["standard_id"], spec=spec)
     assert old.full_crossfit is None and new.full_crossfit is not None and old.id != new.id
-    save_standard(store, old)
-    assert embed_entry(A, old, store).status == "embedded"
-    h = extract_features(load_model(A), old.probe_images, input_size=old.input_size)
+    row, h = _embedded_row_and_features(store, old)
     as_built, as_now = (model_embedding(h, old.z, old.fit_idx, old.val_idx, full_crossfit=c).vector("full")
                         for c in (None, new.full_crossfit))
-    row = np.asarray(_emb(store, old, A.id), np.float32)
     assert np.allclose(row, as_built, rtol=1e-4, atol=1e-6) and not np.allclose(row, as_now, rtol=1e-4, atol=1e-6)
 
 
