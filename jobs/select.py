@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                         "being refused")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
+    p.add_argument("--no-part-weights", action="store_true",
+                   help="keep the task matrix as the task method gives it, instead of scaling the baseline's "
+                        "and the companion's parts by how well each predicts the labels")
     p.add_argument("--score", choices=list(SCORES), default=None,
                    help="how rows are scored: one stored form, or the mean of each row's ranks under the per-source "
                         "and full forms (rank-mean). Default: rank-mean on a per-source table (chosen on the dev "
@@ -201,8 +204,8 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
-                          task_method=args.task_method, score=args.score,
-                          task_image_size=args.task_image_size,
+                          task_method=args.task_method, weigh_parts=not args.no_part_weights,
+                          score=args.score, task_image_size=args.task_image_size,
                           constraints=tuple(Constraint.parse(w) for w in args.where),
                           protocol=ProbeProtocol())
     if len(set(args.task)) != len(args.task):

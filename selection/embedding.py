@@ -248,6 +248,45 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
     return g / tr
 
 
+def predictive_share(z: np.ndarray, labels: np.ndarray) -> float:
+    """Share of the one-hot labels' variance that a ridge probe on `z` (n, k) predicts leave-one-out.
+
+    1 - PRESS / PRESS_0, where PRESS is `selection.scorers.ridge_loo`'s leave-one-out error and
+    PRESS_0 the leave-one-out error of predicting every image by the mean of the others. In
+    [-inf, 1]: 0 when the features predict no better than the class frequencies.
+    """
+    from selection.scorers import ridge_loo
+
+    n = len(labels)
+    y = (labels[:, None] == np.unique(labels)[None, :]).astype(np.float64)
+    press0 = float(((y - y.mean(0)) ** 2).sum(1).mean()) * (n / (n - 1)) ** 2
+    return 1.0 + ridge_loo(z, labels) / press0
+
+
+PART_WEIGHT_FLOOR = 1e-3  # a part that predicts nothing keeps this much of its weight
+
+
+def weigh_parts(g: np.ndarray, z: np.ndarray, labels: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+    """G with the rows and columns of each part of z scaled by sqrt(R_p), then trace 1.
+
+    `widths`: the widths of z's consecutive parts (the baseline's and the companion's
+    dimensions). R_p = `predictive_share` of part p's features (floored at PART_WEIGHT_FLOOR),
+    so part p's block of G carries its own mass under the task method (with `fisher`, the
+    Fisher ratios of the task's classes in it) times R_p: the task says how much each kind of
+    feature tells its classes apart (docs/method-experiments.md, "Session 15"). One part: G
+    unchanged.
+    """
+    if sum(widths) != g.shape[0] or z.shape[1] != g.shape[0]:
+        raise ValueError(f"part widths {widths} should add up to d = {g.shape[0]} (z is {z.shape})")
+    if len(widths) < 2:
+        return g
+    bounds = np.cumsum((0,) + tuple(widths))
+    scale = np.concatenate([np.full(b - a, np.sqrt(max(predictive_share(z[:, a:b], labels), PART_WEIGHT_FLOOR)))
+                            for a, b in zip(bounds[:-1], bounds[1:])])
+    g = g * scale[:, None] * scale[None, :]
+    return g / np.trace(g)
+
+
 def task_weights(g: np.ndarray, form: str) -> np.ndarray:
     """The weight vector w with score = <stored embedding, w> for the linear forms.
 

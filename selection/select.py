@@ -17,7 +17,7 @@ import pyarrow as pa
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
-                                 source_covariance, source_weights, task_matrix, task_query)
+                                 source_covariance, source_weights, task_matrix, task_query, weigh_parts)
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, extract_features, load_model
@@ -85,6 +85,9 @@ class SelectConfig:
     verify_top_k: int = 0
     verify_by: str = "logme"
     task_method: str = "fisher"  # chosen on the benchmark's dev tasks (docs/benchmark.md)
+    # Scale each part of z (the baseline's, the companion's) in G by how well it predicts the labels
+    # (selection.embedding.weigh_parts; docs/method-experiments.md, "Session 15").
+    weigh_parts: bool = True
     score: str | None = None     # SCORES; None: default_score(the table's form)
     task_image_size: int = 64
     constraints: tuple[Constraint, ...] = ()
@@ -163,6 +166,8 @@ def embed_task_features(std: Standard, z: np.ndarray, labels: np.ndarray, config
                         name: str = "task") -> TaskEmbedding:
     """`embed_task` from the task images' standard features `z` (`standard_features`); `seconds` is 0."""
     g = task_matrix(z, labels, config.task_method, name)
+    if config.weigh_parts:
+        g = weigh_parts(g, z, labels, std.parts)
     weights = source_weights(z, std.z, std.sources) if std.form == "per-source" else np.ones(1)
     return TaskEmbedding(name, g, weights, len(labels), len(np.unique(labels)))
 

@@ -140,6 +140,12 @@ class Standard:
         return None if part is None else (int(part["folds"]), int(part["repeats"]))
 
     @property
+    def parts(self) -> tuple[int, ...]:
+        """Widths of z's consecutive parts: (baseline, companion) dimensions, or (d,) without a companion."""
+        part = self.spec.get("companion")
+        return (self.d,) if part is None else (self.d - int(part["d"]), int(part["d"]))
+
+    @property
     def input_size(self) -> int | None:
         return self.spec["input_size"]
 

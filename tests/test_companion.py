@@ -27,6 +27,11 @@ def test_library_default_has_the_companion_on_half_of_d():
     assert tiny_config().split == (8, 0)
 
 
+def test_the_standard_tells_the_widths_of_its_parts(with_companion):
+    assert with_companion.parts == (4, 4)
+    assert dataclasses.replace(with_companion, spec={**with_companion.spec, "companion": None}).parts == (8,)
+
+
 @pytest.mark.parametrize("cd", [0, 8, 20])
 def test_companion_d_out_of_range_is_a_clear_error(cd):
     with pytest.raises(ConfigError, match=rf"companion_d must be in \[1, d - 1\] = \[1, 7\], got {cd}"):
@@ -87,5 +92,7 @@ def test_selection_end_to_end_with_a_companion(with_companion, store):
         embed_entry(entry, with_companion, store)
     task = load_dataset("builtin:digits?split=test&n=40", 32)
     emb = embed_task(with_companion, task, SelectConfig(task_image_size=32))
+    plain = embed_task(with_companion, task, SelectConfig(task_image_size=32, weigh_parts=False))
+    assert np.isclose(np.trace(emb.g), 1.0) and not np.allclose(emb.g, plain.g)
     ranked = sweep(load_table(store, with_companion), [emb.query(with_companion, "rank-mean")], top_k=2)[0]
     assert sorted(r.model_id for r in ranked) == sorted([A.id, C.id])

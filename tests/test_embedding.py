@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from selection.embedding import (embedding_width, linear_queries, model_embedding, query_scores, ridge_gcv,
-                                 source_covariance, source_weights, task_matrix, task_query, task_weights,
-                                 triu, untriu)
+                                 predictive_share, source_covariance, source_weights, task_matrix, task_query,
+                                 task_weights, triu, untriu, weigh_parts)
 from selection.errors import DataError, ModelError
 
 
@@ -92,6 +92,35 @@ def test_task_embedding_normalised(rng, method):
     assert np.isclose(u.sum(), 1.0) and u.argmax() == 2 and u[2] > 0.5
     assert np.all(np.linalg.eigvalsh(g) > -1e-9)
 
+
+
+def test_predictive_share_is_near_one_for_separable_labels_and_near_zero_for_noise(rng):
+    y = np.repeat([0, 1, 2], 40)
+    z = rng.normal(size=(120, 4))
+    assert abs(predictive_share(z, y)) < 0.1
+    z[:, :3] += 20 * (y[:, None] == np.arange(3))  # each class on a feature of its own: linear in z
+    assert predictive_share(z, y) > 0.9
+
+
+def test_weigh_parts_scales_each_part_by_how_well_it_predicts_the_labels(rng):
+    y = np.repeat([0, 1, 2], 40)
+    z = rng.normal(size=(120, 6))
+    z[:, 4] += 2 * y                               # the labels are in the second part only
+    z[:, 1] += 0.3 * rng.normal(size=120) + 0.3 * y  # and weakly in the first
+    g = task_matrix(z, y, "fisher")
+    r = [max(predictive_share(z[:, :3], y), 1e-3), max(predictive_share(z[:, 3:], y), 1e-3)]
+    assert r[1] > 2 * r[0]
+    w = weigh_parts(g, z, y, (3, 3))
+    assert np.isclose(np.trace(w), 1.0) and np.all(np.linalg.eigvalsh(w) > -1e-9)
+    # Block by block: G's entries times sqrt(R_p R_q), up to the one trace normalisation.
+    scale = np.sqrt(np.repeat(r, 3))
+    expect = g * np.outer(scale, scale)
+    assert np.allclose(w, expect / np.trace(expect))
+    # The second part's share of the trace grows against G's own.
+    assert np.trace(w[3:, 3:]) > np.trace(g[3:, 3:])
+    assert weigh_parts(g, z, y, (6,)) is g
+    with pytest.raises(ValueError, match=r"part widths \(3, 2\) should add up to d = 6"):
+        weigh_parts(g, z, y, (3, 2))
 
 def test_task_embedding_rejects_one_class(rng):
     with pytest.raises(DataError, match="1 class"):
