@@ -93,7 +93,6 @@ def test_task_embedding_normalised(rng, method):
     assert np.all(np.linalg.eigvalsh(g) > -1e-9)
 
 
-
 def test_predictive_share_is_near_one_for_separable_labels_and_near_zero_for_noise(rng):
     y = np.repeat([0, 1, 2], 40)
     z = rng.normal(size=(120, 4))
@@ -121,6 +120,7 @@ def test_weigh_parts_scales_each_part_by_how_well_it_predicts_the_labels(rng):
     assert weigh_parts(g, z, y, (6,)) is g
     with pytest.raises(ValueError, match=r"part widths \(3, 2\) should add up to d = 6"):
         weigh_parts(g, z, y, (3, 2))
+
 
 def test_task_embedding_rejects_one_class(rng):
     with pytest.raises(DataError, match="1 class"):
