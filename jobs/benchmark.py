@@ -6,6 +6,10 @@ measures every candidate's linear-probe accuracy and brute-force scores (LogME,
 H-score) on every task, scores the Standardized Embedder against them, and writes
 `OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
 `--small` runs the same pipeline on a few tiny models and tasks (CI, < 1 minute).
+
+compare: two reports side by side (`python -m jobs.benchmark compare OLD.json NEW.json`), e.g.
+the committed `docs/benchmark.json` and a re-run: the zoo is retrained bit for bit only on the
+same CPU type, so a run elsewhere measures another zoo.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
     q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
     add_ray_args(q)
+    c = sub.add_parser("compare", help="two quality reports side by side (targets, key rows, ground truth)",
+                       description="Compare two benchmark.json files of `quality` runs; prints Markdown.")
+    c.add_argument("old", help="a benchmark.json (e.g. docs/benchmark.json)")
+    c.add_argument("new", help="another benchmark.json (e.g. a re-run's)")
+    c.add_argument("--out", default=None, help="also write the Markdown to this file")
     sub.add_parser("scaling", add_help=False,
                    help="update, sweep and throughput scaling (options: python -m jobs.scaling --help)")
     return p
@@ -91,6 +100,18 @@ def _store(args: argparse.Namespace) -> Store:
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))  # workers may run elsewhere than the driver's cwd
     return open_store(args, url)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name: a zoo trains bit for bit again only on the same CPU type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _versions() -> dict[str, str]:
@@ -210,7 +231,8 @@ def quality(args: argparse.Namespace) -> int:
     doc = {
         "benchmark": "quality", "version": bench.BENCH_VERSION, "plan": plan.name,
         "run": {"command": command, "total_seconds": time.perf_counter() - t_start, "cpus": os.cpu_count(),
-                "host": f"{platform.system()} {platform.machine()}", "versions": _versions(),
+                "host": f"{platform.system()} {platform.machine()}", "cpu_model": _cpu_model(),
+                "versions": _versions(),
                 "catalog": catalog_path, "embed": embed_info,
                 "stages_seconds": stages, "ground_truth_cached": sum(r["cached"] for r in truth_list)},
         "protocol": {"test_fraction": plan.protocol.test_fraction, "split_seed": plan.protocol.split_seed,
@@ -250,6 +272,17 @@ def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
     return f"{store.url}/{rel}"
 
 
+def compare(args: argparse.Namespace) -> int:
+    text = bench.compare_reports(bench.load_report(args.old), bench.load_report(args.new),
+                                 names=(args.old, args.new))
+    if args.out:
+        check_output(args.out)
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
     if args.command == "scaling":
@@ -258,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return scaling.main(rest)
     if rest:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "compare":
+        return compare(args)
     if args.command == "quality":
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")

@@ -1182,6 +1182,75 @@ def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[s
     return {"json": json_path, "markdown": md_path, **{k: os.path.join(out_dir, v) for k, v in images.items()}}
 
 
+def load_report(path: str) -> dict[str, Any]:
+    """A quality report (`benchmark.json`) read back; a one-line ConfigError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a benchmark report from {path!r}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("benchmark") != "quality" or "results" not in doc:
+        raise ConfigError(f"{path!r} is not a quality benchmark report (benchmark.json of "
+                          f"`python -m jobs.benchmark quality`)")
+    return doc
+
+
+def compare_rows(default_variant: str) -> list[str]:
+    """The rows `compare_reports` puts side by side: the default variant, verified, and brute force."""
+    rows = [variant_label(default_variant)]
+    rows += [variant_label(default_variant, 3, v) for v in (*VERIFIERS, ORACLE)]
+    return rows + [f"{PRETTY_SCORER[s]} (brute force)" for s in ("logme", "ridge-loo")]
+
+
+def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[str] = ("old", "new")) -> str:
+    """Markdown: two quality reports side by side (e.g. the committed one and a re-run on another machine).
+
+    Targets, dev/test means of the default variant (verified by each verifier and the ground truth)
+    and of brute force, whether each standard is the same object (its id), and how far the ground
+    truth moved: a zoo retrained on another CPU type is another zoo (README, benchmark).
+    """
+    a, b = names
+    lines = [f"# Benchmark reports compared: {a} | {b}", ""]
+    for name, doc in zip(names, (old, new)):
+        run = doc.get("run", {})
+        lines.append(f"- {name}: plan `{doc.get('plan')}`, {run.get('host', '?')} "
+                     f"({run.get('cpu_model', 'CPU model not recorded')}, {run.get('cpus', '?')} CPUs), "
+                     f"{_f(run.get('total_seconds'), 0)} s with {run.get('ground_truth_cached', '?')} "
+                     f"ground-truth records cached, versions {run.get('versions', {})}")
+    if old.get("plan") != new.get("plan"):
+        lines.append(f"- **the plans differ** ({old.get('plan')!r} vs {new.get('plan')!r}): the figures are not "
+                     f"of the same tasks and zoo")
+    pairs = [(t, i, old["truth"][t][i], new["truth"][t][i]) for t in old.get("truth", {})
+             for i in old["truth"][t] if i in new.get("truth", {}).get(t, {})]
+    if pairs:
+        diffs = np.abs([100.0 * (x - y) for *_, x, y in pairs])
+        lines.append(f"- ground truth (split 0): {int((diffs > 0).sum())} of {len(pairs)} accuracies differ "
+                     f"(mean {diffs.mean():.2f}, max {diffs.max():.2f} points)")
+    for std in [s for s in old["results"] if s in new["results"]]:
+        ro, rn = old["results"][std], new["results"][std]
+        same = ro.get("standard_id") == rn.get("standard_id")
+        lines += ["", f"## {std}: standard {ro.get('standard_id')} | {rn.get('standard_id')}"
+                  f" ({'the same' if same else 'different'})", ""]
+        targets = {t["id"]: t for t in old["summary"]["targets"].get(std, [])}
+        trows = []
+        for t in new["summary"]["targets"].get(std, []):
+            o = targets.get(t["id"])
+            trows.append([t["id"], "–" if o is None else f"{_f(o['value'], 3)} ({'met' if o['met'] else 'missed'})",
+                          f"{_f(t['value'], 3)} ({'met' if t['met'] else 'missed'})"])
+        lines += [_md_table(["target", a, b], trows), ""]
+        mrows = []
+        for method in compare_rows(new["summary"]["default_variant"]):
+            cells = [method]
+            for group in GROUPS:
+                ro_g = ro["groups"].get(group, {}).get(method, {})
+                rn_g = rn["groups"].get(group, {}).get(method, {})
+                cells += [f"{_f(ro_g.get('tau_w'), 3)} \\| {_f(rn_g.get('tau_w'), 3)}",
+                          f"{_f(ro_g.get('gap'))} \\| {_f(rn_g.get('gap'))}"]
+            mrows.append(cells)
+        lines.append(_md_table(["method", "dev τw", "dev gap", "test τw", "test gap"], mrows))
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[str]) -> str:
     default = doc["summary"]["default_variant"]
     per_standard = doc["results"]

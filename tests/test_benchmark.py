@@ -515,6 +515,7 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     for t in tasks:
         assert all(0.0 <= a <= 1.0 for a in doc["truth"][t].values())
     assert {t["id"] for ts in doc["summary"]["targets"].values() for t in ts} == {"T1", "T2", "T3a", "T3b"}
+    assert doc["run"]["cpu_model"]  # a zoo trains bit for bit again only on the same CPU type
     md = (out / "benchmark.md").read_text()
     assert "## Targets (test tasks)" in md and "smoke run" in md
     for t in tasks:
@@ -535,6 +536,42 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     for res in doc["results"].values():  # every split measured, the tables are their means
         assert res["n_splits"] == len(res["split_groups"]) == plan.splits
         assert len(bench.split_values(res, tasks[0], "LogME (brute force)", "tau_w")) == plan.splits
+
+
+def _report(std_id: str, t1: float, tau: float, acc: float) -> dict:
+    se = bench.variant_label("rank-mean/fisher")
+    return {"benchmark": "quality", "plan": "small", "run": {"cpus": 2, "cpu_model": "X"},
+            "truth": {"task-a": {"m1": 0.5, "m2": acc}},
+            "summary": {"default_variant": "rank-mean/fisher",
+                        "targets": {"general": [{"id": "T1", "value": t1, "met": t1 >= 0.7, "target": "T1"}]}},
+            "results": {"general": {"standard_id": std_id,
+                                    "groups": {"dev": {se: {"tau_w": tau, "gap": 2.0}}, "test": {}}}}}
+
+
+def test_compare_reports_puts_two_runs_side_by_side():
+    old, new = _report("std-a", 0.75, 0.5, 0.70), _report("std-b", 0.65, 0.4, 0.72)
+    md = bench.compare_reports(old, new)
+    assert "1 of 2 accuracies differ (mean 1.00, max 2.00 points)" in md
+    assert "standard std-a | std-b (different)" in md
+    assert "| T1 | 0.750 (met) | 0.650 (missed) |" in md
+    assert "| SE rank-mean/fisher | 0.500 \\| 0.400 | 2.00 \\| 2.00 | – \\| – | – \\| – |" in md
+    same = bench.compare_reports(old, old)
+    assert "0 of 2 accuracies differ" in same and "(the same)" in same
+
+
+def test_compare_job_reads_reports_and_refuses_anything_else(tmp_path, capsys):
+    from jobs import benchmark as job
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp.md"
+    a.write_text(json.dumps(_report("std-a", 0.75, 0.5, 0.70)))
+    b.write_text(json.dumps(_report("std-a", 0.75, 0.5, 0.70)))
+    assert job.main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_text() == capsys.readouterr().out
+    b.write_text(json.dumps({"benchmark": "scaling"}))
+    with pytest.raises(ConfigError, match="b.json.*is not a quality benchmark report"):
+        bench.load_report(str(b))
+    with pytest.raises(ConfigError, match="cannot read a benchmark report from .*missing.json"):
+        bench.load_report(str(tmp_path / "missing.json"))
 
 
 def test_cache_keys_follow_content_not_the_store_path(tmp_path):
