@@ -1220,12 +1220,11 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[st
     if old.get("plan") != new.get("plan"):
         lines.append(f"- **the plans differ** ({old.get('plan')!r} vs {new.get('plan')!r}): the figures are not "
                      f"of the same tasks and zoo")
-    pairs = [(t, i, old["truth"][t][i], new["truth"][t][i]) for t in old.get("truth", {})
-             for i in old["truth"][t] if i in new.get("truth", {}).get(t, {})]
-    if pairs:
-        diffs = np.abs([100.0 * (x - y) for *_, x, y in pairs])
-        lines.append(f"- ground truth (split 0): {int((diffs > 0).sum())} of {len(pairs)} accuracies differ "
-                     f"(mean {diffs.mean():.2f}, max {diffs.max():.2f} points)")
+    diffs = np.abs([100.0 * (acc - new["truth"][t][i]) for t, accs in old.get("truth", {}).items()
+                    for i, acc in accs.items() if i in new.get("truth", {}).get(t, {})])
+    if diffs.size:
+        lines.append(f"- ground truth (split 0): {int((diffs > 0).sum())} of {diffs.size} accuracies differ "
+                     f"(mean change {diffs.mean():.2f}, max {diffs.max():.2f} points)")
     for std in [s for s in old["results"] if s in new["results"]]:
         ro, rn = old["results"][std], new["results"][std]
         same = ro.get("standard_id") == rn.get("standard_id")

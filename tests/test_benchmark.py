@@ -551,7 +551,7 @@ def _report(std_id: str, t1: float, tau: float, acc: float) -> dict:
 def test_compare_reports_puts_two_runs_side_by_side():
     old, new = _report("std-a", 0.75, 0.5, 0.70), _report("std-b", 0.65, 0.4, 0.72)
     md = bench.compare_reports(old, new)
-    assert "1 of 2 accuracies differ (mean 1.00, max 2.00 points)" in md
+    assert "1 of 2 accuracies differ (mean change 1.00, max 2.00 points)" in md
     assert "standard std-a | std-b (different)" in md
     assert "| T1 | 0.750 (met) | 0.650 (missed) |" in md
     assert "| SE rank-mean/fisher | 0.500 \\| 0.400 | 2.00 \\| 2.00 | – \\| – | – \\| – |" in md
