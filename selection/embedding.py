@@ -251,8 +251,8 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
 def predictive_share(z: np.ndarray, labels: np.ndarray) -> float:
     """Share of the one-hot labels' variance that a ridge probe on `z` (n, k) predicts leave-one-out.
 
-    1 - PRESS / PRESS_0, where PRESS is `selection.scorers.ridge_loo`'s leave-one-out error and
-    PRESS_0 the leave-one-out error of predicting every image by the mean of the others. In
+    1 - PRESS / PRESS_0, where PRESS = -`selection.scorers.ridge_loo` (its mean leave-one-out
+    squared error) and PRESS_0 that of predicting every image by the mean of the others. In
     [-inf, 1]: 0 when the features predict no better than the class frequencies.
     """
     from selection.scorers import ridge_loo
