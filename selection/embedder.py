@@ -88,7 +88,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
         per_source = {"sources": std.sources, "crossfit": std.crossfit} if std.form == "per-source" else {}
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id,
-                              full_crossfit=std.full_crossfit, **per_source)
+                              full_crossfit=std.full_crossfit, ridge_scale=std.ridge_scale, **per_source)
         cfg = loaded.data_config
         input_size = std.input_size or int(cfg["input_size"][-1])
         row: dict[str, Any] = {

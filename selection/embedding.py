@@ -19,8 +19,12 @@ from selection.errors import DataError, ModelError
 
 FORMS = ("full", "diagonal", "per-source")
 TASK_METHODS = ("probe", "fisher")
-# Relative ridge strengths searched by generalised cross-validation (times mean s^2).
+# Relative ridge strengths searched by generalised cross-validation (times the scale, ridge_gcv).
 RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
+# What the grid is relative to (ridge_gcv). A standard records the scale its rows are fitted with
+# (spec "ridge_scale"); standards that record none were built with "rank". New ones use RIDGE_SCALE.
+RIDGE_SCALES = ("rank", "trace")
+RIDGE_SCALE = "trace"
 
 
 # Per-source coverage: each probe source's images are cross-fitted in SOURCE_FOLDS folds,
@@ -58,29 +62,52 @@ def untriu(vec: np.ndarray, d: int) -> np.ndarray:
     return mat + np.triu(mat, 1).T
 
 
-def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
+def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID, scale: str = "rank"
               ) -> tuple[np.ndarray, np.ndarray, float]:
     """Affine ridge regression x -> y with the strength chosen by GCV.
 
-    x (n, k), y (n, t). Returns (B (k, t), intercept (t,), alpha). Deterministic.
+    x (n, k), y (n, t). Returns (B (k, t), intercept (t,), alpha). Deterministic. The strengths
+    searched are `grid` times a scale of the centred x's spectrum: `rank`, the mean s^2 over the
+    directions an SVD resolves (s > 1e-10 s_max), or `trace`, its total variance over
+    min(n - 1, k). The two are the same number when x has full rank; `trace` does not depend on
+    how many near-zero directions a solver resolves, so it is solved through the smaller of the two
+    Gram matrices (several times faster than the SVD for wide x; `RIDGE_SCALES`).
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     mx, my = x.mean(0), y.mean(0)
     xc, yc = x - mx, y - my
-    u, s, vt = np.linalg.svd(xc, full_matrices=False)
-    keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros_like(s, bool)
-    u, s, vt = u[:, keep], s[keep], vt[keep]
-    n = x.shape[0]
-    if s.size == 0:
-        return np.zeros((x.shape[1], y.shape[1])), my, float("inf")
-    uty = u.T @ yc
-    s2 = s ** 2
-    scale = s2.mean()
+    n, k = xc.shape
+    if scale == "rank":
+        u, s, vt = np.linalg.svd(xc, full_matrices=False)
+        keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros_like(s, bool)
+        u, s, vt = u[:, keep], s[keep], vt[keep]
+        s2, uty = s ** 2, u.T @ yc
+        ref = s2.mean() if s.size else 0.0
+
+        def solve(alpha: float) -> np.ndarray:
+            return vt.T @ ((s / (s2 + alpha))[:, None] * uty)
+    elif scale == "trace":
+        wide = n <= k
+        s2, vec = np.linalg.eigh(xc @ xc.T if wide else xc.T @ xc)
+        keep = s2 > s2[-1] * 1e-12 if s2.size and s2[-1] > 0 else np.zeros_like(s2, bool)
+        s2, vec = s2[keep], vec[:, keep]  # the Gram's eigenvalues are x's s^2
+        s = np.sqrt(s2)
+        uty = vec.T @ yc if wide else (vec.T @ (xc.T @ yc)) / s[:, None]
+        ref = float((xc ** 2).sum()) / max(min(n - 1, k), 1)
+
+        def solve(alpha: float) -> np.ndarray:
+            if wide:  # x's right singular vectors are x^T u / s
+                return xc.T @ (vec @ (uty / (s2 + alpha)[:, None]))
+            return vec @ ((s / (s2 + alpha))[:, None] * uty)
+    else:
+        raise ValueError(f"ridge scale should be one of {RIDGE_SCALES}, got {scale!r}")
+    if s2.size == 0:
+        return np.zeros((k, y.shape[1])), my, float("inf")
     best = (np.inf, None)
     resid_out = (yc ** 2).sum() - (uty ** 2).sum()  # part of y outside span(u)
     for rel in grid:
-        alpha = rel * scale
+        alpha = rel * ref
         shrink = s2 / (s2 + alpha)
         resid = resid_out + (((1 - shrink)[:, None] * uty) ** 2).sum()
         dof = shrink.sum()
@@ -88,7 +115,7 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
         if gcv < best[0]:
             best = (gcv, alpha)
     alpha = float(best[1])
-    coef = vt.T @ ((s / (s2 + alpha))[:, None] * uty)
+    coef = solve(alpha)
     return coef, my - mx @ coef, alpha
 
 
@@ -115,9 +142,9 @@ def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return 0.5 * (cross + cross.T), zh.T @ zh / n
 
 
-def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: int, seed: int
-                         ) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Every image of `idx` predicted by a ridge h -> z fitted on the other folds.
+def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: int, seed: int,
+                         scale: str = "rank") -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Every image of `idx` predicted by a ridge h -> z (`ridge_gcv`, `scale`) fitted on the other folds.
 
     The images are permuted with `seed` and dealt into `folds` folds. Returns (z_hat, z) in that
     order, and the ridge strength each fold chose.
@@ -128,14 +155,15 @@ def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: i
     for f in range(folds):
         test = np.arange(f, len(perm), folds)
         train = np.setdiff1d(np.arange(len(perm)), test)
-        coef, icpt, alpha = ridge_gcv(h[perm[train]], z[perm[train]])
+        coef, icpt, alpha = ridge_gcv(h[perm[train]], z[perm[train]], scale=scale)
         z_hat[test] = h[perm[test]] @ coef + icpt
         alphas.append(alpha)
     return z_hat, z[perm].astype(np.float64), alphas
 
 
 def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
-                       crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS)) -> tuple[np.ndarray, np.ndarray]:
+                       crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS), scale: str = "rank"
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
 
     `crossfit` = (folds, repeats): repeat r predicts every image with `crossfit_predictions`
@@ -145,7 +173,7 @@ def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
     c_sum = np.zeros((z.shape[1], z.shape[1]))
     s_sum = np.zeros_like(c_sum)
     for r in range(repeats):
-        c, s = _covariances(*crossfit_predictions(h, z, idx, folds, r)[:2])
+        c, s = _covariances(*crossfit_predictions(h, z, idx, folds, r, scale)[:2])
         c_sum += c
         s_sum += s
     return c_sum / repeats, s_sum / repeats
@@ -161,7 +189,8 @@ def _coverage(z_hat: np.ndarray, z: np.ndarray) -> np.ndarray:
 def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
                     model_id: str = "model", sources: np.ndarray | None = None,
                     crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS),
-                    full_crossfit: tuple[int, int] | None = (FULL_FOLDS, FULL_REPEATS)) -> ModelEmbedding:
+                    full_crossfit: tuple[int, int] | None = (FULL_FOLDS, FULL_REPEATS),
+                    ridge_scale: str = RIDGE_SCALE) -> ModelEmbedding:
     """How much of the baseline feature space z the features h reproduce.
 
     The full form C and the diagonal coverage: with `full_crossfit` = (folds, repeats)
@@ -170,7 +199,8 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     ridge is fitted on P_fit (`fit_idx`) and they are measured on P_val (`val_idx`).
     With `sources` (the probe source of every image, ints 0..S-1), also the per-source form:
     the same question asked within each probe source, cross-fitted on its images
-    (`crossfit` = (folds, repeats), `Standard.crossfit`).
+    (`crossfit` = (folds, repeats), `Standard.crossfit`). Every ridge's strength is chosen by
+    `ridge_gcv` relative to `ridge_scale` (`Standard.ridge_scale`).
     """
     if h.ndim != 2 or h.shape[0] != z.shape[0]:
         raise ModelError(f"model {model_id!r}: features should be (N={z.shape[0]}, k), got {h.shape}")
@@ -182,13 +212,13 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     h64 = h64 - h64[fit_idx].mean(0)
     h64 /= max(float(np.sqrt((h64[fit_idx] ** 2).mean())), 1e-30)
     if full_crossfit is None:
-        coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx])
+        coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx], scale=ridge_scale)
         z_val = z[val_idx].astype(np.float64)
         z_hat = h64[val_idx] @ coef + icpt
         coverage, full = _coverage(z_hat, z_val), _covariances(z_hat, z_val)[0]
     else:
         folds, repeats = full_crossfit
-        parts = [crossfit_predictions(h64, z, np.arange(len(z)), folds, r) for r in range(repeats)]
+        parts = [crossfit_predictions(h64, z, np.arange(len(z)), folds, r, ridge_scale) for r in range(repeats)]
         coverage = np.mean([_coverage(zh, zt) for zh, zt, _ in parts], 0)
         full = np.mean([_covariances(zh, zt)[0] for zh, zt, _ in parts], 0)
         alpha = float(np.median([a for _, _, alphas in parts for a in alphas]))
@@ -196,7 +226,7 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     if sources is not None:
         blocks = []
         for s in range(int(sources.max()) + 1):
-            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s), crossfit)
+            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s), crossfit, ridge_scale)
             blocks += [triu(c_s), triu(s_s)]
         per_source = np.concatenate(blocks)
     return ModelEmbedding(coverage, triu(full), alpha, per_source)

@@ -22,7 +22,8 @@ import numpy as np
 import selection
 from selection.catalog import CatalogEntry
 from selection.data import load_dataset
-from selection.embedding import FORMS, FULL_FOLDS, FULL_REPEATS, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width
+from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_SCALE, RIDGE_SCALES, SOURCE_FOLDS,
+                                 SOURCE_REPEATS, embedding_width)
 from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.storage import Store
 
@@ -138,6 +139,16 @@ class Standard:
         coverage are measured with; None for standards built before it (fit on P_fit, measured on P_val)."""
         part = self.spec.get("full_crossfit")
         return None if part is None else (int(part["folds"]), int(part["repeats"]))
+
+    @property
+    def ridge_scale(self) -> str:
+        """What the ridge fits of this standard's rows scale their strengths by (`ridge_gcv`);
+        "rank" for standards built before it was recorded."""
+        scale = self.spec.get("ridge_scale", "rank")
+        if scale not in RIDGE_SCALES:
+            raise StandardMismatchError(f"standard {self.id!r} records ridge scale {scale!r}, which this "
+                                        f"zooselect does not know (one of {RIDGE_SCALES}); upgrade zooselect")
+        return str(scale)
 
     @property
     def parts(self) -> tuple[int, ...]:
@@ -269,7 +280,8 @@ def _whitening(h_fit: np.ndarray, d: int, what: str = "baseline") -> tuple[np.nd
 def compute_standard_id(spec: dict[str, Any]) -> str:
     keyed = {k: spec[k] for k in ("baseline_arch", "baseline_sha256", "probe_sha256", "d", "form",
                                   "fit_fraction", "split_seed", "input_size", "versions",
-                                  "preprocessing", "source_crossfit", "full_crossfit", "companion") if k in spec}
+                                  "preprocessing", "source_crossfit", "full_crossfit", "companion", "ridge_scale")
+             if k in spec}
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
     return "std-" + hashlib.sha256(blob).hexdigest()[:16]
 
@@ -310,6 +322,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
         "schema_version": selection.SCHEMA_VERSION,
     }
     spec["full_crossfit"] = {"folds": FULL_FOLDS, "repeats": FULL_REPEATS}
+    spec["ridge_scale"] = RIDGE_SCALE
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     if config.companion is not None:

@@ -28,6 +28,33 @@ def test_ridge_recovers_a_linear_map(rng):
     assert alpha < 1e-2
 
 
+def _closed_form_ridge(x, y, alpha):
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ yc)
+
+
+@pytest.mark.parametrize("n,k", [(60, 200), (200, 30)])
+def test_ridge_trace_scale_is_the_ridge_at_its_strength_and_the_rank_scale_at_full_rank(rng, n, k):
+    """The Gram-matrix solve (`trace`) is the closed-form ridge at the strength it chose, for wide and
+    narrow x; at full rank both scales search the same strengths and give the same fit. On x of exact
+    low rank the SVD's scale counts only the resolved directions, so the searched strengths differ
+    (why a standard records its scale)."""
+    x = rng.normal(size=(n, k))
+    y = x[:, :5] @ rng.normal(size=(5, 3)) + rng.normal(size=(n, 3))
+    coef, icpt, alpha = ridge_gcv(x, y, scale="trace")
+    assert np.allclose(coef, _closed_form_ridge(x, y, alpha), rtol=1e-6, atol=1e-9)
+    assert np.allclose(icpt, y.mean(0) - x.mean(0) @ coef)
+    coef_r, icpt_r, alpha_r = ridge_gcv(x, y, scale="rank")
+    assert np.isclose(alpha, alpha_r, rtol=1e-9)
+    assert np.allclose(coef, coef_r, rtol=1e-6, atol=1e-9) and np.allclose(icpt, icpt_r, atol=1e-9)
+    low = rng.normal(size=(n, 4)) @ rng.normal(size=(4, k))
+    coef, _, alpha = ridge_gcv(low, y, scale="trace")
+    assert np.allclose(coef, _closed_form_ridge(low, y, alpha), rtol=1e-6, atol=1e-9)
+    assert not np.isclose(alpha, ridge_gcv(low, y, scale="rank")[2], rtol=1e-3)
+    with pytest.raises(ValueError, match="got 'svd'"):
+        ridge_gcv(x, y, scale="svd")
+
+
 def test_coverage_of_features_that_contain_z_is_one_and_noise_is_low(rng):
     h, z, fit, val = _setup(rng)
     own = model_embedding(h, z, fit, val)
@@ -58,7 +85,7 @@ def test_cross_fitted_full_form_is_the_mean_over_fold_draws_of_held_out_predicti
         for f in range(4):
             test = perm[f::4]
             train = np.setdiff1d(perm, test)
-            coef, icpt, _ = ridge_gcv(hs[train], z[train])
+            coef, icpt, _ = ridge_gcv(hs[train], z[train], scale="trace")
             zh[test] = hs[test] @ coef + icpt
         cs.append(np.cov(np.concatenate([zh, z], 1), rowvar=False)[:6, 6:])
         covs.append(np.clip(1 - ((z - zh) ** 2).sum(0) / ((z - z.mean(0)) ** 2).sum(0), 0, 1))
