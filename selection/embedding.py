@@ -19,10 +19,10 @@ from selection.errors import DataError, ModelError
 
 FORMS = ("full", "diagonal", "per-source")
 TASK_METHODS = ("probe", "fisher")
-# Relative ridge strengths searched by generalised cross-validation (times the scale, ridge_gcv).
+# Relative ridge strengths searched by generalised cross-validation, times a scale (ridge_gcv). A
+# standard records the scale its rows are fitted with (spec "ridge_scale"); standards that record
+# none were built with "rank". New ones use RIDGE_SCALE.
 RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
-# What the grid is relative to (ridge_gcv). A standard records the scale its rows are fitted with
-# (spec "ridge_scale"); standards that record none were built with "rank". New ones use RIDGE_SCALE.
 RIDGE_SCALES = ("rank", "trace")
 RIDGE_SCALE = "trace"
 
@@ -143,7 +143,7 @@ def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: int, seed: int,
-                         scale: str = "rank") -> tuple[np.ndarray, np.ndarray, list[float]]:
+                         scale: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Every image of `idx` predicted by a ridge h -> z (`ridge_gcv`, `scale`) fitted on the other folds.
 
     The images are permuted with `seed` and dealt into `folds` folds. Returns (z_hat, z) in that
@@ -162,8 +162,7 @@ def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: i
 
 
 def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
-                       crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS), scale: str = "rank"
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       crossfit: tuple[int, int], scale: str) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
 
     `crossfit` = (folds, repeats): repeat r predicts every image with `crossfit_predictions`
