@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a lent GPU machine with torch, timm and pyarrow but no Ray:
+#   bash cluster/gpu_check.sh OUTDIR [STEP ...]      (steps: throughput select rows sharing; default all)
+# Ray and its missing dependencies come as .gpu/site.tgz, a `pip install --target` for that machine's
+# Python with Ray's Java jars left out (docs/performance.md says how it was made). Writes into OUTDIR:
+#   env.txt, run.log;
+#   throughput: scaling-gpu.json (actor vs bare forward, bf16 vs fp32, peak memory);
+#   select: select-gpu.json, select-cpu.json (one task, the top 3 verified on the GPU, then on the CPU);
+#   rows: rows.txt (cluster/gpu-check-zoo.yaml embedded by GPU actors and by CPU actors, compared);
+#   sharing: the same catalog embedded with 1 GPU per actor and with 0.25 (four at once), in run.log.
+set -u
+out=${1:?usage: gpu_check.sh OUTDIR [STEP ...]}; shift
+steps=${*:-throughput select rows sharing}
+mkdir -p "$out" /tmp/site
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+if [ -f .gpu/site.tgz ]; then tar xzf .gpu/site.tgz -C /tmp/site; fi
+export PYTHONPATH=/tmp/site:$PWD
+exec > >(tee "$out/run.log") 2>&1
+step() { echo "== $(date +%T) $*"; }
+want() { [[ " $steps " == *" $1 "* ]]; }
+ZOO=cluster/gpu-check-zoo.yaml; S=/tmp/zs-gpu; T='builtin:digits?per_class=20'
+step env
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, ray, torch, timm, pyarrow; print(sys.version.split()[0], 'ray', ray.__version__, 'torch', torch.__version__, 'timm', timm.__version__, 'pyarrow', pyarrow.__version__, 'cuda', torch.cuda.is_available())"
+  nproc; } | tee "$out/env.txt"
+if want throughput; then
+  step "throughput: actor vs bare forward, bf16 vs fp32, peak memory"
+  timeout 300 python3 -m jobs.scaling --skip update --skip sweep --device cuda \
+    --archs tf_efficientnet_lite0,resnet50 --out "$out/scaling-gpu.json"
+fi
+step "standard: random-init resnet18 baseline (no Fashion-MNIST on that machine)"
+timeout 120 python3 -m jobs.standard --store $S --baseline-arch resnet18 --baseline-weights none --no-progress \
+  --probe 'builtin:digits-probe?n=200' --probe 'builtin:photos?n=200&seed=1' --probe 'builtin:textures?n=200&seed=2'
+for d in cpu shared; do rm -rf $S-$d; cp -r $S $S-$d; done
+if want select || want rows; then
+  step "embed on GPU actors (1 GPU each)"
+  timeout 180 python3 -m jobs.embed --catalog $ZOO --store $S --no-progress
+fi
+if want select; then
+  step "select, the top 3 verified on the GPU (--verify-gpus 1), then on the CPU"
+  timeout 90 python3 -m jobs.select --store $S --task "$T" --verify-top-k 3 --verify-gpus 1 --no-progress --json "$out/select-gpu.json"
+  timeout 90 python3 -m jobs.select --store $S --task "$T" --verify-top-k 3 --no-progress --json "$out/select-cpu.json"
+fi
+if want rows; then
+  step "the same catalog on CPU actors (fp32), rows compared"
+  timeout 150 python3 -m jobs.embed --catalog $ZOO --store $S-cpu --gpus-per-actor 0 --cpus-per-actor 4 --no-progress
+  python3 - $S $S-cpu <<'PY' | tee "$out/rows.txt"
+import sys
+import numpy as np
+from selection.standard import load_standard
+from selection.storage import Store
+from selection.table import load_table, to_arrow
+def rows(url):
+    store = Store(url)
+    std = load_standard(store)
+    return {r["model_id"]: r for r in to_arrow(std, load_table(store, std)).to_pylist()}, std
+(g, std), (c, _) = rows(sys.argv[1]), rows(sys.argv[2])
+D = std.d * (std.d + 1) // 2
+print(f"{'model':34s} {'gpu s':>6s} {'img/s':>6s} {'cpu s':>6s} {'img/s':>6s} {'corr':>8s} {'full':>8s} {'max|diff|':>9s}")
+for k in sorted(g):
+    a, b = g[k], c.get(k)
+    if b is None:
+        print(f"{k:34s} {a['embed_seconds']:6.1f} {a['images_per_second']:6.0f}  (no CPU row)"); continue
+    ea, eb = np.asarray(a["embedding"]), np.asarray(b["embedding"])
+    print(f"{k:34s} {a['embed_seconds']:6.1f} {a['images_per_second']:6.0f} {b['embed_seconds']:6.1f} "
+          f"{b['images_per_second']:6.0f} {np.corrcoef(ea, eb)[0, 1]:8.5f} {np.corrcoef(ea[:D], eb[:D])[0, 1]:8.5f} "
+          f"{np.abs(ea - eb).max():9.4f}")
+PY
+fi
+if want sharing; then
+  step "sharing one GPU: 0.25 GPU per actor (four at once) against 1 (the embed step above, or now)"
+  want select || want rows || timeout 180 python3 -m jobs.embed --catalog $ZOO --store $S --no-progress
+  timeout 150 python3 -m jobs.embed --catalog $ZOO --store $S-shared --gpus-per-actor 0.25 --cpus-per-actor 2 --no-progress
+fi
+step done
