@@ -5,10 +5,12 @@ Jobs call `init`, `map_tasks` and `embed_with_actors`; the library stays Ray-fre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -156,11 +158,13 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
 class _EmbedActor:
     """One actor per candidate: loads its model once, embeds, writes its own row."""
 
-    def __init__(self, store_url: str, s3_endpoint: str | None, threads: int) -> None:
+    def __init__(self, store_url: str, s3_endpoint: str | None, threads: int, gpus: float = 1.0) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.store_url, self.s3_endpoint = store_url, s3_endpoint
+        # Actors holding a fraction of a GPU run side by side on it: each sizes its batch to its share.
+        self.memory_share = 0.5 * min(1.0, gpus)
 
     def embed(self, entry: CatalogEntry, std: Any, prepared: Any = None) -> EmbedResult:
         import ray
@@ -172,7 +176,7 @@ class _EmbedActor:
         store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
         if ray.get_gpu_ids() and torch.cuda.is_available():  # only on a GPU Ray gave this actor
             return embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
-                               prepared=prepared)
+                               prepared=prepared, memory_share=self.memory_share)
         return embed_entry(entry, std, store, prepared=prepared)
 
 
@@ -305,19 +309,24 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     shared = _SharedProbe(entries, std, enabled=gpus_per_actor == 0)
     results: list[EmbedResult] = []
     queue = shared.order(entries)
-    running: dict[Any, tuple[Any, CatalogEntry]] = {}
+    running: dict[Any, tuple[Any, CatalogEntry, float]] = {}
     threads = max(1, int(cpus_per_actor))
     with tqdm(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
         while queue or running:
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)
-                actor = actor_cls.remote(store_url, s3_endpoint, threads)
-                running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry)
+                actor = actor_cls.remote(store_url, s3_endpoint, threads, gpus_per_actor)
+                running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry,
+                                                                                      time.perf_counter())
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                actor, entry = running.pop(ref)
+                actor, entry, started = running.pop(ref)
                 try:
                     result = ray.get(ref)
+                    if result.stage_seconds:  # the rest of the wall time: actor start, imports, queueing
+                        start = max(0.0, time.perf_counter() - started - result.seconds)
+                        result = dataclasses.replace(result, stage_seconds={"actor start": start,
+                                                                            **result.stage_seconds})
                 except ray.exceptions.RayError as exc:
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     result = EmbedResult(entry.id, "failed", f"worker failed after {retries} retries: {text[:300]}")

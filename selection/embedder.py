@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
+from selection.keys import model_key
 from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, count_gflops,
                               extract_features, load_model, weights_digest)
 from selection.standard import Standard, is_standard_model
@@ -33,6 +34,11 @@ class EmbedResult:
     path: str = ""
     batch_size: int = 0
     peak_gpu_mib: float = 0.0  # 0 on the CPU
+    # Where `seconds` went (STAGES): model load, batch-size probe (GPU), probe pass, ridge fits, row write.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+STAGES = ("load", "batch probe", "probe pass", "fit", "write")
 
 
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
@@ -55,19 +61,24 @@ def _entry_json(entry: CatalogEntry) -> str:
 def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str = "cpu",
                 amp_dtype: torch.dtype | None = None, batch_size: int | None = None,
                 progress: Callable[[int], None] | None = None,
-                prepared: Prepared | None = None) -> EmbedResult:
+                prepared: Prepared | None = None, memory_share: float = 0.5) -> EmbedResult:
     """Load the model, run the probe set, compute its embedding and write its row.
 
-    On CUDA with no `batch_size`, the batch is sized to the free GPU memory.
+    On CUDA with no `batch_size`, the batch is the largest whose forward pass fits in
+    `memory_share` of the free GPU memory (less where the GPU is shared by several actors).
     """
     t0 = time.perf_counter()
     on_gpu = device.startswith("cuda")
     try:
         loaded = load_model(entry)
+        stages = {"load": time.perf_counter() - t0}
+        t1 = time.perf_counter()
         if batch_size is None and on_gpu:
             cap = 1 << max(3, (len(std.probe_images) - 1).bit_length())  # no bigger than the probe set
-            batch_size = batch_size_for_memory(loaded, std.input_size, device, amp_dtype, cap=min(512, cap))
+            batch_size = batch_size_for_memory(loaded, std.input_size, device, amp_dtype, cap=min(512, cap),
+                                               share=memory_share)
         batch = batch_size or int(std.spec.get("batch_size", 64))
+        stages["batch probe"] = time.perf_counter() - t1
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
         while True:  # out of memory: halve the batch (down to MIN_BATCH) and try again
@@ -84,11 +95,13 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
                 batch //= 2
                 if on_gpu:
                     torch.cuda.empty_cache()
-        fwd_s = time.perf_counter() - t1
+        fwd_s = stages["probe pass"] = time.perf_counter() - t1
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
+        t1 = time.perf_counter()
         per_source = {"sources": std.sources, "crossfit": std.crossfit} if std.form == "per-source" else {}
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id,
                               full_crossfit=std.full_crossfit, ridge_scale=std.ridge_scale, **per_source)
+        stages["fit"] = time.perf_counter() - t1
         cfg = loaded.data_config
         input_size = std.input_size or int(cfg["input_size"][-1])
         row: dict[str, Any] = {
@@ -104,15 +117,15 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "library_versions": versions_json(), "catalog_entry": _entry_json(entry),
             "embedding": emb.vector(std.form), "coverage": emb.coverage,
         }
-        from selection.keys import model_key
-
         row["model_key"] = model_key(entry.id)
         row["embed_seconds"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         path = write_row(store, std, row)
-        log.info("embedded %s in %.1fs (%.0f img/s, batch %d)", entry.id, row["embed_seconds"],
-                 row["images_per_second"], batch)
-        return EmbedResult(entry.id, "embedded", "", row["embed_seconds"], row["images_per_second"], path,
-                           batch, peak)
+        stages["write"] = time.perf_counter() - t1
+        log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
+                 row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+        return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
+                           batch, peak, stages)
     except ZooselectError as exc:
         log.warning("model %s failed: %s", entry.id, exc)
         return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)

@@ -56,6 +56,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out
+    assert "time per model (mean of 3): actor start " in out and ", probe pass " in out, out
     before = _mtimes(store.root)
     assert len(before) == 3
     # A rerun is a no-op: nothing embedded, no object rewritten.
@@ -264,3 +265,13 @@ def test_demo_selects_on_the_labelled_half_only(tmp_path):
         # exactly the probes' training half, image for image; the measured half is not in it
         assert len(written) == len(train) < len(task)
         assert sorted(map(bytes, written.images)) == sorted(map(bytes, task.images[train]))
+
+
+def test_stage_means_split_the_wall_time_and_name_the_rest():
+    from jobs.embed import stage_means
+    from selection.embedder import EmbedResult
+
+    a = EmbedResult("a", "embedded", seconds=3.0, stage_seconds={"actor start": 2.0, "load": 1.0, "fit": 1.5})
+    b = EmbedResult("b", "embedded", seconds=5.0, stage_seconds={"actor start": 4.0, "load": 2.0, "fit": 2.5})
+    # wall = start + seconds: 5 and 9 s; what no stage names (0.5 and 0.5 s) is "other".
+    assert stage_means([a, b]) == "actor start 3.00s, load 1.50s, fit 2.00s, other 0.50s"

@@ -9,7 +9,7 @@ import pytest
 
 import selection
 from selection.catalog import CatalogEntry
-from selection.embedder import embed_entry, needs_embedding
+from selection.embedder import STAGES, embed_entry, needs_embedding
 from selection.errors import StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.table import delete_row, load_table, read_index, row_path
@@ -59,6 +59,10 @@ def test_baseline_covers_itself_and_random_net_is_lower(published):
     assert embed_entry(TINY_BASELINE, std, store).status == "embedded"
     r = embed_entry(C, std, store)
     assert r.status == "embedded", r.reason
+    # Where the time went, by stage; together no more than the whole (the rest: GFLOPs count, row build).
+    assert list(r.stage_seconds) == list(STAGES) and min(r.stage_seconds.values()) >= 0
+    assert r.stage_seconds["batch probe"] < 0.01  # sized only on a GPU
+    assert 0 < sum(r.stage_seconds.values()) <= r.seconds
 
     def coverage(model_id):
         return np.mean(pq.read_table(os.path.join(store.root, row_path(std.id, model_id)))
