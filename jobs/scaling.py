@@ -322,7 +322,7 @@ def bench_bf16(arch: str, input_size: int, std: Standard, n: int = 500) -> dict[
     rel = float(np.linalg.norm(h16 - h32) / np.linalg.norm(h32))
     sub = _first_images(std, n)
     e32, e16 = (model_embedding(x, sub.z, sub.fit_idx, sub.val_idx, arch, full_crossfit=std.full_crossfit,
-                                ridge_scale=std.ridge_scale).vector(std.form) for x in (h32, h16))
+                                ridge_scale=std.ridge_scale, gcv=std.ridge_gcv).vector(std.form) for x in (h32, h16))
     corr = float(np.corrcoef(e32, e16)[0, 1])
     row = {"arch": arch, "images": n, "feature_rel_error": rel, "embedding_corr": corr,
            "embedding_max_abs_diff": float(np.abs(np.asarray(e32) - np.asarray(e16)).max())}

@@ -100,7 +100,8 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         t1 = time.perf_counter()
         per_source = {"sources": std.sources, "crossfit": std.crossfit} if std.form == "per-source" else {}
         emb = model_embedding(h, std.z, std.fit_idx, std.val_idx, entry.id,
-                              full_crossfit=std.full_crossfit, ridge_scale=std.ridge_scale, **per_source)
+                              full_crossfit=std.full_crossfit, ridge_scale=std.ridge_scale, gcv=std.ridge_gcv,
+                              **per_source)
         stages["fit"] = time.perf_counter() - t1
         cfg = loaded.data_config
         input_size = std.input_size or int(cfg["input_size"][-1])

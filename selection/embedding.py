@@ -25,6 +25,13 @@ TASK_METHODS = ("probe", "fisher")
 RIDGE_GRID = tuple(10.0 ** p for p in np.arange(-6.0, 2.01, 0.5))
 RIDGE_SCALES = ("rank", "trace")
 RIDGE_SCALE = "trace"
+# What GCV counts as the fit's degrees of freedom (spec "ridge_gcv"): "affine", the slopes' and the
+# unpenalised intercept's (the hat matrix's trace); "slopes", the slopes' alone, which standards that
+# record none were built with. Without the intercept's one, GCV tends to 0 as the strength does
+# whenever the centred x has full row rank (k >= n - 1: wide features, few images), so it picks the
+# grid's weakest ridge, an interpolation (docs/method-experiments.md, "Session 18").
+RIDGE_GCVS = ("slopes", "affine")
+RIDGE_GCV = "affine"
 
 
 # Per-source coverage: each probe source's images are cross-fitted in SOURCE_FOLDS folds,
@@ -62,9 +69,12 @@ def untriu(vec: np.ndarray, d: int) -> np.ndarray:
     return mat + np.triu(mat, 1).T
 
 
-def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID, scale: str = "rank"
-              ) -> tuple[np.ndarray, np.ndarray, float]:
+def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID, scale: str = "rank",
+              gcv: str = "slopes") -> tuple[np.ndarray, np.ndarray, float]:
     """Affine ridge regression x -> y with the strength chosen by GCV.
+
+    GCV(alpha) = RSS / (n - dof)^2, dof the slopes' effective degrees of freedom plus, with
+    `gcv="affine"`, the intercept's 1 (`RIDGE_GCVS`).
 
     x (n, k), y (n, t). Returns (B (k, t), intercept (t,), alpha). Deterministic. The strengths
     searched are `grid` times a scale of the centred x's spectrum: `rank`, the mean s^2 over the
@@ -102,6 +112,9 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
             return vec @ ((s / (s2 + alpha))[:, None] * uty)
     else:
         raise ValueError(f"ridge scale should be one of {RIDGE_SCALES}, got {scale!r}")
+    if gcv not in RIDGE_GCVS:
+        raise ValueError(f"ridge GCV should be one of {RIDGE_GCVS}, got {gcv!r}")
+    n_free = n - (gcv == "affine")  # observations less the intercept's degree of freedom
     if s2.size == 0:
         return np.zeros((k, y.shape[1])), my, float("inf")
     best = (np.inf, None)
@@ -111,9 +124,9 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
         shrink = s2 / (s2 + alpha)
         resid = resid_out + (((1 - shrink)[:, None] * uty) ** 2).sum()
         dof = shrink.sum()
-        gcv = resid / max(n - dof, 1e-9) ** 2
-        if gcv < best[0]:
-            best = (gcv, alpha)
+        score = resid / max(n_free - dof, 1e-9) ** 2
+        if score < best[0]:
+            best = (score, alpha)
     alpha = float(best[1])
     coef = solve(alpha)
     return coef, my - mx @ coef, alpha
@@ -143,8 +156,8 @@ def _covariances(z_hat: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: int, seed: int,
-                         scale: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Every image of `idx` predicted by a ridge h -> z (`ridge_gcv`, `scale`) fitted on the other folds.
+                         scale: str, gcv: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Every image of `idx` predicted by a ridge h -> z (`ridge_gcv`, `scale`, `gcv`) fitted on the other folds.
 
     The images are permuted with `seed` and dealt into `folds` folds. Returns (z_hat, z) in that
     order, and the ridge strength each fold chose.
@@ -155,14 +168,14 @@ def crossfit_predictions(h: np.ndarray, z: np.ndarray, idx: np.ndarray, folds: i
     for f in range(folds):
         test = np.arange(f, len(perm), folds)
         train = np.setdiff1d(np.arange(len(perm)), test)
-        coef, icpt, alpha = ridge_gcv(h[perm[train]], z[perm[train]], scale=scale)
+        coef, icpt, alpha = ridge_gcv(h[perm[train]], z[perm[train]], scale=scale, gcv=gcv)
         z_hat[test] = h[perm[test]] @ coef + icpt
         alphas.append(alpha)
     return z_hat, z[perm].astype(np.float64), alphas
 
 
 def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
-                       crossfit: tuple[int, int], scale: str) -> tuple[np.ndarray, np.ndarray]:
+                       crossfit: tuple[int, int], scale: str, gcv: str) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted (C_s, S_s) on one probe source's images `idx`, averaged over the repeats.
 
     `crossfit` = (folds, repeats): repeat r predicts every image with `crossfit_predictions`
@@ -172,7 +185,7 @@ def source_covariances(h: np.ndarray, z: np.ndarray, idx: np.ndarray,
     c_sum = np.zeros((z.shape[1], z.shape[1]))
     s_sum = np.zeros_like(c_sum)
     for r in range(repeats):
-        c, s = _covariances(*crossfit_predictions(h, z, idx, folds, r, scale)[:2])
+        c, s = _covariances(*crossfit_predictions(h, z, idx, folds, r, scale, gcv)[:2])
         c_sum += c
         s_sum += s
     return c_sum / repeats, s_sum / repeats
@@ -189,7 +202,7 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
                     model_id: str = "model", sources: np.ndarray | None = None,
                     crossfit: tuple[int, int] = (SOURCE_FOLDS, SOURCE_REPEATS),
                     full_crossfit: tuple[int, int] | None = (FULL_FOLDS, FULL_REPEATS),
-                    ridge_scale: str = RIDGE_SCALE) -> ModelEmbedding:
+                    ridge_scale: str = RIDGE_SCALE, gcv: str = RIDGE_GCV) -> ModelEmbedding:
     """How much of the baseline feature space z the features h reproduce.
 
     The full form C and the diagonal coverage: with `full_crossfit` = (folds, repeats)
@@ -199,7 +212,8 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     With `sources` (the probe source of every image, ints 0..S-1), also the per-source form:
     the same question asked within each probe source, cross-fitted on its images
     (`crossfit` = (folds, repeats), `Standard.crossfit`). Every ridge's strength is chosen by
-    `ridge_gcv` relative to `ridge_scale` (`Standard.ridge_scale`).
+    `ridge_gcv` relative to `ridge_scale` (`Standard.ridge_scale`), counting degrees of freedom
+    as `gcv` says (`Standard.ridge_gcv`).
     """
     if h.ndim != 2 or h.shape[0] != z.shape[0]:
         raise ModelError(f"model {model_id!r}: features should be (N={z.shape[0]}, k), got {h.shape}")
@@ -211,13 +225,14 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     h64 = h64 - h64[fit_idx].mean(0)
     h64 /= max(float(np.sqrt((h64[fit_idx] ** 2).mean())), 1e-30)
     if full_crossfit is None:
-        coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx], scale=ridge_scale)
+        coef, icpt, alpha = ridge_gcv(h64[fit_idx], z[fit_idx], scale=ridge_scale, gcv=gcv)
         z_val = z[val_idx].astype(np.float64)
         z_hat = h64[val_idx] @ coef + icpt
         coverage, full = _coverage(z_hat, z_val), _covariances(z_hat, z_val)[0]
     else:
         folds, repeats = full_crossfit
-        parts = [crossfit_predictions(h64, z, np.arange(len(z)), folds, r, ridge_scale) for r in range(repeats)]
+        parts = [crossfit_predictions(h64, z, np.arange(len(z)), folds, r, ridge_scale, gcv)
+                 for r in range(repeats)]
         coverage = np.mean([_coverage(zh, zt) for zh, zt, _ in parts], 0)
         full = np.mean([_covariances(zh, zt)[0] for zh, zt, _ in parts], 0)
         alpha = float(np.median([a for _, _, alphas in parts for a in alphas]))
@@ -225,7 +240,8 @@ def model_embedding(h: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: 
     if sources is not None:
         blocks = []
         for s in range(int(sources.max()) + 1):
-            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s), crossfit, ridge_scale)
+            c_s, s_s = source_covariances(h64, z, np.flatnonzero(sources == s), crossfit, ridge_scale,
+                                          gcv)
             blocks += [triu(c_s), triu(s_s)]
         per_source = np.concatenate(blocks)
     return ModelEmbedding(coverage, triu(full), alpha, per_source)

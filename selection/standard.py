@@ -22,8 +22,8 @@ import numpy as np
 import selection
 from selection.catalog import CatalogEntry
 from selection.data import load_dataset
-from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_SCALE, RIDGE_SCALES, SOURCE_FOLDS,
-                                 SOURCE_REPEATS, embedding_width)
+from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_GCV, RIDGE_GCVS, RIDGE_SCALE,
+                                 RIDGE_SCALES, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width)
 from selection.errors import ConfigError, StandardMismatchError, StoreError
 from selection.storage import Store
 
@@ -149,6 +149,16 @@ class Standard:
             raise StandardMismatchError(f"standard {self.id!r} records ridge scale {scale!r}, which this "
                                         f"zooselect does not know (one of {RIDGE_SCALES}); upgrade zooselect")
         return str(scale)
+
+    @property
+    def ridge_gcv(self) -> str:
+        """What the GCV of this standard's ridge fits counts as degrees of freedom (`ridge_gcv`);
+        "slopes" for standards built before it was recorded."""
+        kind = self.spec.get("ridge_gcv", "slopes")
+        if kind not in RIDGE_GCVS:
+            raise StandardMismatchError(f"standard {self.id!r} records ridge GCV {kind!r}, which this "
+                                        f"zooselect does not know (one of {RIDGE_GCVS}); upgrade zooselect")
+        return str(kind)
 
     @property
     def parts(self) -> tuple[int, ...]:
@@ -280,7 +290,8 @@ def _whitening(h_fit: np.ndarray, d: int, what: str = "baseline") -> tuple[np.nd
 def compute_standard_id(spec: dict[str, Any]) -> str:
     keyed = {k: spec[k] for k in ("baseline_arch", "baseline_sha256", "probe_sha256", "d", "form",
                                   "fit_fraction", "split_seed", "input_size", "versions",
-                                  "preprocessing", "source_crossfit", "full_crossfit", "companion", "ridge_scale")
+                                  "preprocessing", "source_crossfit", "full_crossfit", "companion", "ridge_scale",
+                                  "ridge_gcv")
              if k in spec}
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
     return "std-" + hashlib.sha256(blob).hexdigest()[:16]
@@ -323,6 +334,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     }
     spec["full_crossfit"] = {"folds": FULL_FOLDS, "repeats": FULL_REPEATS}
     spec["ridge_scale"] = RIDGE_SCALE
+    spec["ridge_gcv"] = RIDGE_GCV
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     if config.companion is not None:

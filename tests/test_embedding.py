@@ -55,6 +55,43 @@ def test_ridge_trace_scale_is_the_ridge_at_its_strength_and_the_rank_scale_at_fu
         ridge_gcv(x, y, scale="svd")
 
 
+def _exact_loo_strength(x, y, grid, scale_ref):
+    """The grid strength with the lowest leave-one-out error of the affine ridge, by refitting n times."""
+    errs = []
+    for rel in grid:
+        err = 0.0
+        for i in range(len(x)):
+            keep = np.arange(len(x)) != i
+            coef = _closed_form_ridge(x[keep], y[keep], rel * scale_ref)
+            icpt = y[keep].mean(0) - x[keep].mean(0) @ coef
+            err += ((x[i] @ coef + icpt - y[i]) ** 2).sum()
+        errs.append(err)
+    return grid[int(np.argmin(errs))]
+
+
+@pytest.mark.parametrize("n,k", [(40, 120), (60, 59), (150, 20)])
+def test_gcv_counting_the_intercept_picks_the_leave_one_out_strength(rng, n, k):
+    """GCV of the affine fit counts the intercept's degree of freedom: on wide x (k >= n - 1) GCV
+    without it tends to 0 with the strength and picks the grid's weakest ridge (an interpolation),
+    with it GCV picks the strength that exact leave-one-out picks; on narrow x the two agree."""
+    from selection.embedding import RIDGE_GRID
+
+    x = rng.normal(size=(n, k)) / np.sqrt(np.arange(1, k + 1))  # a decaying spectrum
+    y = x @ rng.normal(size=(k, 4)) + 0.5 * rng.normal(size=(n, 4))
+    _, _, slopes = ridge_gcv(x, y, scale="trace", gcv="slopes")
+    coef, icpt, affine = ridge_gcv(x, y, scale="trace", gcv="affine")
+    ref = float(((x - x.mean(0)) ** 2).sum()) / min(n - 1, k)
+    assert np.allclose(coef, _closed_form_ridge(x, y, affine), rtol=1e-6, atol=1e-9)
+    loo = _exact_loo_strength(x, y, RIDGE_GRID, ref)
+    assert abs(np.log10(affine / ref) - np.log10(loo)) <= 0.5 + 1e-9  # within one grid step
+    if k >= n - 1:
+        assert np.isclose(slopes, RIDGE_GRID[0] * ref) and affine > 100 * slopes
+    else:
+        assert np.isclose(slopes, affine, rtol=0.5) or abs(np.log10(slopes / affine)) <= 0.5 + 1e-9
+    with pytest.raises(ValueError, match="got 'both'"):
+        ridge_gcv(x, y, gcv="both")
+
+
 def test_coverage_of_features_that_contain_z_is_one_and_noise_is_low(rng):
     h, z, fit, val = _setup(rng)
     own = model_embedding(h, z, fit, val)

@@ -323,27 +323,29 @@ def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store
     assert np.allclose(row, as_built, rtol=1e-4, atol=1e-6) and not np.allclose(row, as_now, rtol=1e-4, atol=1e-6)
 
 
-def test_standards_built_before_the_ridge_scale_keep_the_rank_scale(store, monkeypatch):
-    """A standard that records no ridge scale (built by an older zooselect) fits the ridges of new rows
-    with the SVD's rank scale, as its existing rows were; new standards record `trace`; it is in the id."""
+@pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),
+                                                   ("ridge_gcv", "gcv", "slopes", "affine")])
+def test_standards_built_before_a_ridge_setting_keep_the_old_one(store, monkeypatch, key, kwarg, before, now):
+    """A standard that records no ridge scale / GCV kind (built by an older zooselect) fits the ridges of
+    new rows as its existing rows were (the SVD's rank scale, GCV counting the slopes alone); new
+    standards record the current one; the setting is in the id; an unknown value is refused."""
     from selection import embedder
-    from selection.embedding import RIDGE_SCALE
 
     new = build_standard(tiny_config(form="full"))
-    spec = {k: v for k, v in new.spec.items() if k != "ridge_scale"}
+    spec = {k: v for k, v in new.spec.items() if k != key}
     spec["standard_id"] = compute_standard_id(spec)
     old = dataclasses.replace(new, id=spec["standard_id"], spec=spec)
-    assert (old.ridge_scale, new.ridge_scale) == ("rank", RIDGE_SCALE) and RIDGE_SCALE != "rank"
+    assert (getattr(old, key), getattr(new, key)) == (before, now)
     assert old.id != new.id
     seen = []
     real = embedder.model_embedding
-    monkeypatch.setattr(embedder, "model_embedding", lambda *a, **kw: seen.append(kw["ridge_scale"]) or real(*a, **kw))
+    monkeypatch.setattr(embedder, "model_embedding", lambda *a, **kw: seen.append(kw[kwarg]) or real(*a, **kw))
     for std in (old, new):
         save_standard(store, std)
         assert embed_entry(A, std, store).status == "embedded"
-    assert seen == ["rank", RIDGE_SCALE]
-    with pytest.raises(StandardMismatchError, match="records ridge scale 'cubic'"):
-        dataclasses.replace(new, spec={**new.spec, "ridge_scale": "cubic"}).ridge_scale
+    assert seen == [before, now]
+    with pytest.raises(StandardMismatchError, match=f"records {key.replace('_', ' ').replace('gcv', 'GCV')} 'cubic'"):
+        getattr(dataclasses.replace(new, spec={**new.spec, key: "cubic"}), key)
 
 
 def _quick_row(store, std, model_id):
