@@ -15,6 +15,7 @@ same CPU type, so a run elsewhere measures another zoo.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -42,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
     q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
+    q.add_argument("--ridge-gcv", choices=["slopes", "affine"], default="slopes",
+                   help="the standards' ridge GCV (python -m jobs.standard --help); with everything else "
+                        "cached, a run with the other value is an A/B of it")
     add_ray_args(q)
     c = sub.add_parser("compare", help="two quality reports side by side (targets, key rows, ground truth)",
                        description="Compare two benchmark.json files of `quality` runs; prints Markdown.")
@@ -131,6 +135,8 @@ def quality(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     progress = not args.no_progress
     plan = bench.plan_by_name(args.small)
+    plan = dataclasses.replace(plan, standards=tuple(dataclasses.replace(s, ridge_gcv=args.ridge_gcv)
+                                                     for s in plan.standards))
     check_output(args.out, directory=True)
     store = _store(args)
     ep = args.s3_endpoint

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from jobs.common import add_store_args, open_store, run_main
 from selection.catalog import CatalogEntry
-from selection.embedding import FORMS
+from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
                                 build_standard, list_standards, load_standard, plan_standard, save_standard)
 
@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
                         "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2)")
     p.add_argument("--input-size", type=int, default=None,
                    help="run every model at this resolution (default: each model's own)")
+    p.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
+                   help="what the GCV of the ridge fits counts as degrees of freedom: the slopes alone "
+                        "(default; with features wider than the images it picks the weakest ridge) or the "
+                        "slopes and the intercept (as leave-one-out; docs/method-experiments.md, session 18)")
     p.add_argument("--no-default", action="store_true", help="do not make it the store's default standard")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -61,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
                                  input_size=DEFAULT_COMPANION.input_size, tags=("random-init",))
     return StandardConfig(baseline=baseline, probe_sources=tuple(args.probe or DEFAULT_PROBE_SOURCES),
                           probe_image_size=args.probe_image_size, d=args.d, form=args.form,
-                          input_size=args.input_size, companion=companion, companion_d=args.companion_d)
+                          input_size=args.input_size, companion=companion, companion_d=args.companion_d,
+                          ridge_gcv=args.ridge_gcv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,6 +130,7 @@ class StandardPlan:
     d: int = 64
     input_size: int | None = None
     form: str = "per-source"  # its table also holds the full form; the diagonal is in every row
+    ridge_gcv: str = "slopes"  # StandardConfig.ridge_gcv
 
     def __post_init__(self) -> None:
         if (self.baseline is None) == (self.general is None):
@@ -142,7 +143,7 @@ class StandardPlan:
 
         return StandardConfig(baseline=baseline, probe_sources=self.probe_sources or DEFAULT_PROBE_SOURCES,
                               probe_image_size=self.probe_image_size, d=self.d, form=self.form,
-                              input_size=self.input_size)
+                              input_size=self.input_size, ridge_gcv=self.ridge_gcv)
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,13 @@ class StandardConfig:
     batch_size: int = 64
     companion: CatalogEntry | None = DEFAULT_COMPANION  # None: the baseline's features alone
     companion_d: int | None = None  # of the d dimensions, the companion's (None: d // 2)
+    ridge_gcv: str = RIDGE_GCV  # what the ridge fits' GCV counts as degrees of freedom (RIDGE_GCVS)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.ridge_gcv not in RIDGE_GCVS:
+            raise ConfigError(f"ridge_gcv must be one of {RIDGE_GCVS}, got {self.ridge_gcv!r}")
         if not 2 <= self.d <= 512:
             raise ConfigError(f"d must be in [2, 512], got {self.d}")
         if not 0.2 <= self.fit_fraction <= 0.9:
@@ -334,7 +337,8 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     }
     spec["full_crossfit"] = {"folds": FULL_FOLDS, "repeats": FULL_REPEATS}
     spec["ridge_scale"] = RIDGE_SCALE
-    spec["ridge_gcv"] = RIDGE_GCV
+    if config.ridge_gcv != "slopes":  # recorded only when it is not what standards without it use: same ids
+        spec["ridge_gcv"] = config.ridge_gcv
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     if config.companion is not None:

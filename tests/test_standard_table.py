@@ -325,13 +325,15 @@ def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store
 
 @pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),
                                                    ("ridge_gcv", "gcv", "slopes", "affine")])
-def test_standards_built_before_a_ridge_setting_keep_the_old_one(store, monkeypatch, key, kwarg, before, now):
-    """A standard that records no ridge scale / GCV kind (built by an older zooselect) fits the ridges of
-    new rows as its existing rows were (the SVD's rank scale, GCV counting the slopes alone); new
-    standards record the current one; the setting is in the id; an unknown value is refused."""
+def test_standards_that_record_no_ridge_setting_keep_the_old_one(store, monkeypatch, key, kwarg, before, now):
+    """A standard that records no ridge scale (built by an older zooselect) or no GCV kind (the
+    default's) fits the ridges of new rows as its existing rows were (the SVD's rank scale, GCV
+    counting the slopes alone); a standard built with the other records it; the setting is in the id;
+    an unknown value is refused."""
     from selection import embedder
 
-    new = build_standard(tiny_config(form="full"))
+    new = build_standard(tiny_config(form="full", **({"ridge_gcv": now} if key == "ridge_gcv" else {})))
+    assert "ridge_gcv" not in build_standard(tiny_config(form="full")).spec  # the default's ids are unchanged
     spec = {k: v for k, v in new.spec.items() if k != key}
     spec["standard_id"] = compute_standard_id(spec)
     old = dataclasses.replace(new, id=spec["standard_id"], spec=spec)
