@@ -27,6 +27,7 @@ from jobs import runtime
 from jobs.common import add_ray_args, check_output, open_store, run_main
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, write_catalog
+from selection.embedding import RIDGE_GCV, RIDGE_GCVS
 from selection.errors import ConfigError, ZooselectError
 from selection.storage import Store
 
@@ -43,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
     q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
-    q.add_argument("--ridge-gcv", choices=["slopes", "affine"], default="slopes",
+    q.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
                    help="the standards' ridge GCV (python -m jobs.standard --help); with everything else "
                         "cached, a run with the other value is an A/B of it")
     add_ray_args(q)

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from selection.catalog import CatalogEntry
+from selection.embedding import RIDGE_GCV
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol
 
@@ -130,7 +131,7 @@ class StandardPlan:
     d: int = 64
     input_size: int | None = None
     form: str = "per-source"  # its table also holds the full form; the diagonal is in every row
-    ridge_gcv: str = "slopes"  # StandardConfig.ridge_gcv
+    ridge_gcv: str = RIDGE_GCV  # StandardConfig.ridge_gcv
 
     def __post_init__(self) -> None:
         if (self.baseline is None) == (self.general is None):
