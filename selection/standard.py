@@ -147,21 +147,20 @@ class Standard:
     def ridge_scale(self) -> str:
         """What the ridge fits of this standard's rows scale their strengths by (`ridge_gcv`);
         "rank" for standards built before it was recorded."""
-        scale = self.spec.get("ridge_scale", "rank")
-        if scale not in RIDGE_SCALES:
-            raise StandardMismatchError(f"standard {self.id!r} records ridge scale {scale!r}, which this "
-                                        f"zooselect does not know (one of {RIDGE_SCALES}); upgrade zooselect")
-        return str(scale)
+        return self._recorded("ridge_scale", "rank", RIDGE_SCALES, "ridge scale")
 
     @property
     def ridge_gcv(self) -> str:
         """What the GCV of this standard's ridge fits counts as degrees of freedom (`ridge_gcv`);
-        "slopes" for standards built before it was recorded."""
-        kind = self.spec.get("ridge_gcv", "slopes")
-        if kind not in RIDGE_GCVS:
-            raise StandardMismatchError(f"standard {self.id!r} records ridge GCV {kind!r}, which this "
-                                        f"zooselect does not know (one of {RIDGE_GCVS}); upgrade zooselect")
-        return str(kind)
+        "slopes" for standards that record none (built before it, or with the default)."""
+        return self._recorded("ridge_gcv", "slopes", RIDGE_GCVS, "ridge GCV")
+
+    def _recorded(self, key: str, unrecorded: str, known: tuple[str, ...], what: str) -> str:
+        value = self.spec.get(key, unrecorded)
+        if value not in known:
+            raise StandardMismatchError(f"standard {self.id!r} records {what} {value!r}, which this "
+                                        f"zooselect does not know (one of {known}); upgrade zooselect")
+        return str(value)
 
     @property
     def parts(self) -> tuple[int, ...]:
