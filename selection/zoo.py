@@ -6,18 +6,21 @@ dataset spec, seeded, saved as safetensors; its catalog entry records provenance
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from selection.catalog import CatalogEntry
-from selection.data import load_dataset
+from selection.data import ImageSet, load_dataset
 from selection.errors import ConfigError
 from selection.models import load_model, preprocess
 from selection.storage import Store
@@ -56,8 +59,34 @@ class TrainSpec:
         return hashlib.sha256(repr(self.portable(store_url)).encode()).hexdigest()[:12]
 
 
-def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
-    """Train (or reuse, when a checkpoint of the same spec exists) and return its catalog entry."""
+@contextlib.contextmanager
+def deterministic_kernels(device: str) -> Iterator[None]:
+    """On CUDA, torch's deterministic kernels (cuDNN's, cuBLAS's with a fixed workspace) while inside;
+    an op that has none warns. The CPU's kernels are left as they are (its zoo already retrains bit
+    for bit on one CPU type, and must keep its bytes)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts in this process
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu") -> CatalogEntry:
+    """Train (or reuse, when a checkpoint of the same spec exists) and return its catalog entry.
+
+    On `device` "cuda" the images go to the GPU once and every step runs there, with deterministic
+    kernels (`deterministic_kernels`). The batches, flips and schedule are the same as on the CPU,
+    but the float arithmetic is not: like a CPU of another type, a GPU trains another zoo (the
+    checkpoint's key is the spec, so one store holds one of them).
+    """
     from safetensors.torch import save
 
     rel = f"{prefix}/{spec.digest(store.url)}.safetensors"
@@ -70,11 +99,25 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
     if store.exists(rel):
         return entry
     t0 = time.perf_counter()
+    with deterministic_kernels(device):
+        state, loss = _fit(spec, data, device)
+    # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
+    # One metadata key: safetensors writes several in a random order (a hash map), which changed the bytes.
+    meta = json.dumps({"arch": spec.arch, "data": spec.portable(store.url).data}, sort_keys=True)
+    store.write_bytes(rel, save(state, metadata={"zooselect": meta}))
+    log.info("trained %s (%s on %s, %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data, device,
+             time.perf_counter() - t0, loss)
+    return entry
+
+
+def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.Tensor], float]:
+    """The training loop of `train`: the state dict (on the CPU) and the last batch's loss."""
+    n_classes = len(data.classes)
     torch.manual_seed(spec.seed)
     base = CatalogEntry(id=f"{spec.id}/init", arch=spec.arch, weights=spec.init, input_size=spec.input_size)
     model = load_model(base).model
     model.reset_classifier(n_classes)
-    model.train()
+    model.to(device).train()
     cfg = load_model(CatalogEntry(id="cfg", arch=spec.arch, input_size=spec.input_size)).data_config
     cfg = dict(cfg, crop_pct=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05)
@@ -82,26 +125,20 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo") -> CatalogEntry:
     n = len(data)
     steps = spec.epochs * ((n + spec.batch_size - 1) // spec.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=steps)
-    labels = torch.from_numpy(data.labels)
+    labels = torch.from_numpy(data.labels).to(device)
+    images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
     for _ in range(spec.epochs):
         perm = rng.permutation(n)
         for s in range(0, n, spec.batch_size):
-            idx = perm[s:s + spec.batch_size]
-            imgs = data.images[idx]
+            idx = torch.from_numpy(perm[s:s + spec.batch_size]).to(device)
+            imgs = images[idx]
             if rng.random() < 0.5:
-                imgs = imgs[:, :, ::-1]
-            x = preprocess(imgs, cfg)
+                imgs = imgs.flip(2)
+            x = preprocess(imgs, cfg, device)
             loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     model.eval()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
-    # One metadata key: safetensors writes several in a random order (a hash map), which changed the bytes.
-    meta = json.dumps({"arch": spec.arch, "data": spec.portable(store.url).data}, sort_keys=True)
-    store.write_bytes(rel, save(state, metadata={"zooselect": meta}))
-    log.info("trained %s (%s on %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data,
-             time.perf_counter() - t0, loss.item())
-    return entry
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, float(loss.item())
