@@ -7,6 +7,10 @@ H-score) on every task, scores the Standardized Embedder against them, and write
 `OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
 `--small` runs the same pipeline on a few tiny models and tasks (CI, < 1 minute).
 
+zoo: step 1 of quality alone: train the benchmark zoo and the general models (resumable: a
+checkpoint of the same spec is reused) and write the catalog `STORE/benchmark/catalog.jsonl`.
+On a cluster with GPUs the training runs there (`--train-gpus`).
+
 compare: two reports side by side (`python -m jobs.benchmark compare OLD.json NEW.json`), e.g.
 the committed `docs/benchmark.json` and a re-run: the zoo is retrained bit for bit only on the
 same CPU type, so a run elsewhere measures another zoo.
@@ -38,16 +42,26 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality", help="selection quality vs brute force (SPEC section 4)",
                        description="Quality benchmark: zoo, standards, ground truth, scorers, report.")
-    q.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE"), required="ZOOSELECT_STORE" not in os.environ,
-                   help="store for checkpoints, standards, embeddings and cached ground truth: a local "
-                        "directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
-    q.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+    z = sub.add_parser("zoo", help="train the benchmark zoo only (step 1 of quality) and write its catalog",
+                       description="Train the benchmark zoo and the general models; write "
+                                   "STORE/benchmark/catalog.jsonl. Resumable.")
+    for a in (q, z):
+        a.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE"),
+                       required="ZOOSELECT_STORE" not in os.environ,
+                       help="store for checkpoints, standards, embeddings and cached ground truth: a local "
+                            "directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
+        a.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+        a.add_argument("--small", action="store_true",
+                       help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
+        a.add_argument("--train-gpus", type=float, default=None,
+                       help="GPUs per training task (default: 1/%d when the cluster has GPUs, else 0: the "
+                            "zoo's models are small enough to share one); a GPU trains another zoo "
+                            "than a CPU" % TRAIN_TASKS_PER_GPU)
+        add_ray_args(a)
     q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
-    q.add_argument("--small", action="store_true", help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
     q.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
                    help="the standards' ridge GCV (python -m jobs.standard --help); with everything else "
                         "cached, a run with the other value is an A/B of it")
-    add_ray_args(q)
     c = sub.add_parser("compare", help="two quality reports side by side (targets, key rows, ground truth)",
                        description="Compare two benchmark.json files of `quality` runs; prints Markdown.")
     c.add_argument("old", help="a benchmark.json (e.g. docs/benchmark.json)")
@@ -66,12 +80,63 @@ def _threads() -> None:
     bench.warm_up()
 
 
-def _train(_: None, item: tuple[Any, str, str | None]) -> CatalogEntry:
+TRAIN_TASKS_PER_GPU = 8  # the default --train-gpus on a cluster with GPUs is 1 / this
+
+
+def _train(device: str, item: tuple[Any, str, str | None]) -> CatalogEntry:
     from selection.zoo import train
 
     _threads()
     spec, url, endpoint = item
-    return train(spec, Store(url, s3_endpoint=endpoint))
+    return train(spec, Store(url, s3_endpoint=endpoint), device=device)
+
+
+def train_gpus(requested: float | None) -> float:
+    """GPUs per training task: `requested`, else 1/TRAIN_TASKS_PER_GPU when the cluster has GPUs, else 0."""
+    if requested is not None:
+        runtime.check_amount("--train-gpus", requested)
+        gpus = runtime.cluster_resources().get("GPU", 0)
+        if requested > gpus:
+            raise ConfigError(f"--train-gpus {requested:g}: the cluster has {gpus:g} GPUs")
+        return float(requested)
+    return 1.0 / TRAIN_TASKS_PER_GPU if runtime.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build_zoo(plan: Any, store: Store, endpoint: str | None, gpus: float,
+              progress: bool) -> tuple[dict[str, CatalogEntry], dict[str, CatalogEntry], str]:
+    """Train the plan's zoo and general models in parallel (one Ray task each, `gpus` GPUs each;
+    `train` reuses existing checkpoints). Returns the zoo's entries by id, the general models' by
+    standard, and the catalog written to the store."""
+    general_specs = {}
+    for sp in plan.standards:
+        if sp.general is not None:
+            general_specs[sp.name] = bench.general_train_spec(sp, bench.prepare_general_data(store, sp))
+    members = [m for m in plan.zoo if m.train is not None]
+    specs = [m.train for m in members] + list(general_specs.values())
+    if progress:
+        print(f"[1/6] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)"
+              + (f" on {gpus:g} GPU each" if gpus else ""), flush=True)
+    trained = runtime.map_tasks(_train, [(s, store.url, endpoint) for s in specs], num_gpus=gpus,
+                                shared="cuda" if gpus else "cpu", desc="train", progress=progress)
+    _raise_first(trained, "training failed")
+    entries: dict[str, CatalogEntry] = {m.id: m.entry for m in plan.zoo if m.entry is not None}
+    for m, e in zip(members, trained):
+        entries[m.id] = bench.with_provenance(m, e)
+    general_entries = dict(zip(general_specs, trained[len(members):]))
+    return entries, general_entries, _write_catalog(store, [entries[m.id] for m in plan.zoo])
+
+
+def zoo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    plan = bench.plan_by_name(args.small)
+    store = _store(args)
+    runtime.init(args.address)
+    gpus = train_gpus(args.train_gpus)
+    entries, general, path = build_zoo(plan, store, args.s3_endpoint, gpus, not args.no_progress)
+    print(f"zoo: {len(entries)} candidates ({sum(m.train is not None for m in plan.zoo)} trained) and "
+          f"{len(general)} general model(s) in {time.perf_counter() - t0:.0f}s on "
+          f"{f'{gpus:g} GPU per training task' if gpus else 'CPUs'}; catalog {path}")
+    return 0
 
 
 def _standard(_: None, item: tuple[Any, str, str | None]) -> Any:
@@ -152,24 +217,11 @@ def quality(args: argparse.Namespace) -> int:
         if not args.no_progress and text:
             print(text, flush=True)
 
-    # 1. the zoo and the general models, trained in parallel (train() reuses existing checkpoints)
-    general_specs = {}
-    for sp in plan.standards:
-        if sp.general is not None:
-            general_specs[sp.name] = bench.general_train_spec(sp, bench.prepare_general_data(store, sp))
-    members = [m for m in plan.zoo if m.train is not None]
-    specs = [m.train for m in members] + list(general_specs.values())
-    say("train", f"[1/6] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)")
-    trained = runtime.map_tasks(_train, [(s, store.url, ep) for s in specs], desc="train", progress=progress)
-    _raise_first(trained, "training failed")
-    entries: dict[str, CatalogEntry] = {}
-    for m in plan.zoo:
-        entries[m.id] = m.entry if m.entry is not None else None  # type: ignore[assignment]
-    for m, e in zip(members, trained):
-        entries[m.id] = bench.with_provenance(m, e)
-    general_entries = dict(zip(general_specs, trained[len(members):]))
+    # 1. the zoo and the general models
+    gpus = train_gpus(args.train_gpus)
+    say("train", "")
+    entries, general_entries, catalog_path = build_zoo(plan, store, ep, gpus, progress)
     catalog = [entries[m.id] for m in plan.zoo]
-    catalog_path = _write_catalog(store, catalog)
 
     # 2. the standards (held out of the zoo)
     configs = [sp.config(sp.baseline or general_entries[sp.name]) for sp in plan.standards]
@@ -240,7 +292,7 @@ def quality(args: argparse.Namespace) -> int:
         "run": {"command": command, "total_seconds": time.perf_counter() - t_start, "cpus": os.cpu_count(),
                 "host": f"{platform.system()} {platform.machine()}", "cpu_model": _cpu_model(),
                 "versions": _versions(),
-                "catalog": catalog_path, "embed": embed_info,
+                "catalog": catalog_path, "train_gpus": gpus, "embed": embed_info,
                 "stages_seconds": stages, "ground_truth_cached": sum(r["cached"] for r in truth_list)},
         "protocol": {"test_fraction": plan.protocol.test_fraction, "split_seed": plan.protocol.split_seed,
                      "splits": plan.splits,
@@ -300,10 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "compare":
         return compare(args)
-    if args.command == "quality":
+    if args.command in ("quality", "zoo"):
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
-        return quality(args)
+        return quality(args) if args.command == "quality" else zoo(args)
     return 2
 
 

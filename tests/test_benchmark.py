@@ -625,3 +625,20 @@ def test_training_gives_the_same_checkpoint_in_a_moved_store(tmp_path):
     rel = ea.weights.removeprefix(a.url + "/")
     assert eb.weights == f"{b.url}/{rel}"
     assert a.read_bytes(rel) == b.read_bytes(rel)
+
+
+def test_zoo_job_trains_once_and_refuses_gpus_the_cluster_lacks(ray_local, tmp_path, capsys):
+    from jobs import benchmark as job
+
+    store = tmp_path / "store"
+    assert job.main(["zoo", "--store", str(store), "--small", "--no-progress"]) == 0
+    assert "on CPUs; catalog" in capsys.readouterr().out
+    catalog = [json.loads(line) for line in open(store / "benchmark" / "catalog.jsonl")]
+    plan = bench.small_plan()
+    assert [c["id"] for c in catalog] == [m.id for m in plan.zoo]
+    stamps = {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()}
+    assert len(stamps) == sum(m.train is not None for m in plan.zoo) + 1  # and the general model
+    assert job.main(["zoo", "--store", str(store), "--small", "--no-progress"]) == 0  # resumes: trains nothing
+    assert {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()} == stamps
+    with pytest.raises(ConfigError, match=r"--train-gpus 1: the cluster has 0 GPUs"):
+        job.main(["zoo", "--store", str(store), "--small", "--train-gpus", "1", "--no-progress"])
