@@ -276,7 +276,10 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
                         f"(all class means coincide)")
     if method == "probe":
         y = (labels[:, None] == classes[None, :]).astype(np.float64)
-        w, _, _ = ridge_gcv(z, y)                       # (d, C)
+        # The intercept's degree of freedom counted: without it, a task of at most d + 1 images
+        # always got the grid's weakest ridge. Nothing stored depends on it (docs/method-experiments.md,
+        # "Session 19": better on the dev tasks under all four benchmark standards).
+        w, _, _ = ridge_gcv(z, y, gcv="affine")         # (d, C)
         g = w @ w.T
     elif method == "fisher":
         within = np.zeros(z.shape[1])

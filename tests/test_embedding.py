@@ -92,6 +92,31 @@ def test_gcv_counting_the_intercept_picks_the_leave_one_out_strength(rng, n, k):
         ridge_gcv(x, y, gcv="both")
 
 
+def test_probe_task_matrix_of_a_few_shot_task_is_the_leave_one_out_ridge(rng):
+    """The probe task embedding's ridge (one-hot labels on z) has the strength exact leave-one-out
+    picks, within one grid step, also when the task has fewer images than z has features; it is
+    not the grid's weakest ridge (an interpolation of the labels)."""
+    from selection.embedding import RIDGE_GRID
+
+    n_per, d = 8, 64
+    labels = np.repeat(np.arange(3), n_per)
+    z = rng.normal(size=(len(labels), d)) / np.sqrt(np.arange(1, d + 1))
+    z[:, :3] += 0.6 * np.eye(3)[labels]
+    y = np.eye(3)[labels]
+    s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+    ref = float((s[s > s[0] * 1e-10] ** 2).mean())  # the `rank` scale task_matrix searches with
+    loo = _exact_loo_strength(z, y, RIDGE_GRID, ref)
+
+    def g_at(rel):
+        w = _closed_form_ridge(z, y, rel * ref)
+        return w @ w.T / np.trace(w @ w.T)
+
+    g = task_matrix(z, labels, "probe")
+    near = [rel for rel in RIDGE_GRID if abs(np.log10(rel) - np.log10(loo)) <= 0.5 + 1e-9]
+    assert loo > RIDGE_GRID[0] and any(np.allclose(g, g_at(rel), atol=1e-6) for rel in near)
+    assert not np.allclose(g, g_at(RIDGE_GRID[0]), atol=1e-3)
+
+
 def test_coverage_of_features_that_contain_z_is_one_and_noise_is_low(rng):
     h, z, fit, val = _setup(rng)
     own = model_embedding(h, z, fit, val)
