@@ -191,3 +191,30 @@ def test_s3_bad_store_errors_are_one_line(s3_server, s3_env, tmp_path):
                         "--s3-endpoint", "http://127.0.0.1:1", "--task", "builtin:digits"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unreachable" in r.stderr, r.stderr
+
+
+def test_s3_benchmark_zoo_trains_into_the_bucket_and_resumes(s3_ray, s3_store_url, capsys):
+    """`jobs.benchmark zoo` on an s3:// store: the general model's data, the checkpoints and the
+    catalog land in the bucket, the entries load from there, and a second run trains nothing."""
+    from jobs import benchmark as job
+    from selection import benchmark as bench
+    from selection.catalog import parse_catalog
+    from selection.models import load_model
+
+    store = Store(s3_store_url)
+    assert job.main(["zoo", "--store", s3_store_url, "--small", "--no-progress"]) == 0
+    assert f"catalog {s3_store_url}/benchmark/catalog.jsonl" in capsys.readouterr().out
+    entries = parse_catalog(store.read_bytes("benchmark/catalog.jsonl").decode(), "catalog")
+    plan = bench.small_plan()
+    assert [e.id for e in entries] == [m.id for m in plan.zoo]
+    trained = [e for e, m in zip(entries, plan.zoo) if m.train is not None]
+    assert trained and all(e.weights.startswith(f"{s3_store_url}/zoo/") for e in trained)
+    assert load_model(trained[0]).num_params > 0
+    def written() -> dict[str, object]:  # a rewrite of the same bytes keeps the ETag, not the time
+        return {p["name"]: p["LastModified"] for p in store.fs.find(store._full("zoo"), detail=True).values()}
+
+    before = written()
+    assert len(before) == len(trained) + 1  # and the general model
+    assert job.main(["zoo", "--store", s3_store_url, "--small", "--no-progress"]) == 0
+    store.fs.invalidate_cache()
+    assert written() == before
