@@ -93,13 +93,13 @@ def _train(device: str, item: tuple[Any, str, str | None]) -> CatalogEntry:
 
 def train_gpus(requested: float | None) -> float:
     """GPUs per training task: `requested`, else 1/TRAIN_TASKS_PER_GPU when the cluster has GPUs, else 0."""
-    if requested is not None:
-        runtime.check_amount("--train-gpus", requested)
-        gpus = runtime.cluster_resources().get("GPU", 0)
-        if requested > gpus:
-            raise ConfigError(f"--train-gpus {requested:g}: the cluster has {gpus:g} GPUs")
-        return float(requested)
-    return 1.0 / TRAIN_TASKS_PER_GPU if runtime.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = runtime.cluster_resources().get("GPU", 0)
+    if requested is None:
+        return 1.0 / TRAIN_TASKS_PER_GPU if gpus >= 1 else 0.0
+    runtime.check_amount("--train-gpus", requested)
+    if requested > gpus:
+        raise ConfigError(f"--train-gpus {requested:g}: the cluster has {gpus:g} GPUs")
+    return float(requested)
 
 
 def build_zoo(plan: Any, store: Store, endpoint: str | None, gpus: float,
