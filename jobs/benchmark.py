@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                             "directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
         a.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
         a.add_argument("--small", action="store_true",
-                       help="a tiny zoo and tasks: the pipeline end to end in < 1 min")
+                       help="the small plan: a few tiny models and tasks (the whole quality pipeline in < 1 min)")
         a.add_argument("--train-gpus", type=float, default=None,
                        help="GPUs per training task (default: 1/%d when the cluster has GPUs, else 0: the "
                             "zoo's models are small enough to share one); a GPU trains another zoo "
