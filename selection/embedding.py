@@ -29,10 +29,11 @@ RIDGE_SCALE = "trace"
 # uses "slopes"): "affine", the slopes' and the unpenalised intercept's (the hat matrix's trace), or
 # "slopes", the slopes' alone. With "slopes" GCV tends to 0 as the strength does whenever the
 # centred x has full row rank (k >= n - 1: wide features, few images), so it picks the grid's
-# weakest ridge, an interpolation. "affine" fits as leave-one-out would; on the benchmark it ranked
-# much better under the Lite2 standard and worse under the general one (the full form's score
-# depends on how much a tuned ridge shrinks), so it is not yet the default
-# (docs/method-experiments.md, "Session 18").
+# weakest ridge, an interpolation. "affine" fits as leave-one-out would; in a standard's rows it
+# ranked much better on the benchmark under the Lite2 standard and worse under the general one
+# (whose full form ranks better from interpolating fits, for a reason not yet found), so it is not
+# the standards' default (docs/method-experiments.md, "Session 18", "Session 19"). Everything
+# else (ridge_gcv's own default, the task side) counts the intercept.
 RIDGE_GCVS = ("slopes", "affine")
 RIDGE_GCV = "slopes"
 
@@ -73,11 +74,12 @@ def untriu(vec: np.ndarray, d: int) -> np.ndarray:
 
 
 def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID, scale: str = "rank",
-              gcv: str = "slopes") -> tuple[np.ndarray, np.ndarray, float]:
+              gcv: str = "affine") -> tuple[np.ndarray, np.ndarray, float]:
     """Affine ridge regression x -> y with the strength chosen by GCV.
 
     GCV(alpha) = RSS / (n - dof)^2, dof the slopes' effective degrees of freedom plus, with
-    `gcv="affine"`, the intercept's 1 (`RIDGE_GCVS`).
+    `gcv="affine"` (the hat matrix's trace), the intercept's 1. `gcv="slopes"` leaves that 1 out:
+    the rows of the standards that record it (`RIDGE_GCVS`, `RIDGE_GCV`) are fitted so.
 
     x (n, k), y (n, t). Returns (B (k, t), intercept (t,), alpha). Deterministic. The strengths
     searched are `grid` times a scale of the centred x's spectrum: `rank`, the mean s^2 over the
@@ -276,10 +278,9 @@ def task_matrix(z: np.ndarray, labels: np.ndarray, method: str = "probe", name: 
                         f"(all class means coincide)")
     if method == "probe":
         y = (labels[:, None] == classes[None, :]).astype(np.float64)
-        # The intercept's degree of freedom counted: without it, a task of at most d + 1 images
-        # always got the grid's weakest ridge. Nothing stored depends on it (docs/method-experiments.md,
-        # "Session 19": better on the dev tasks under all four benchmark standards).
-        w, _, _ = ridge_gcv(z, y, gcv="affine")         # (d, C)
+        # GCV counting the intercept: with "slopes" every task of at most d + 1 images got the grid's
+        # weakest ridge (until session 19; docs/method-experiments.md). Nothing stored depends on it.
+        w, _, _ = ridge_gcv(z, y)                       # (d, C)
         g = w @ w.T
     elif method == "fisher":
         within = np.zeros(z.shape[1])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from selection.embedding import (embedding_width, linear_queries, model_embedding, query_scores, ridge_gcv,
+from selection.embedding import (RIDGE_GCV, embedding_width, linear_queries, model_embedding, query_scores, ridge_gcv,
                                  predictive_share, source_covariance, source_weights, task_matrix, task_query,
                                  task_weights, triu, untriu, weigh_parts)
 from selection.errors import DataError, ModelError
@@ -147,7 +147,7 @@ def test_cross_fitted_full_form_is_the_mean_over_fold_draws_of_held_out_predicti
         for f in range(4):
             test = perm[f::4]
             train = np.setdiff1d(perm, test)
-            coef, icpt, _ = ridge_gcv(hs[train], z[train], scale="trace")
+            coef, icpt, _ = ridge_gcv(hs[train], z[train], scale="trace", gcv=RIDGE_GCV)
             zh[test] = hs[test] @ coef + icpt
         cs.append(np.cov(np.concatenate([zh, z], 1), rowvar=False)[:6, 6:])
         covs.append(np.clip(1 - ((z - zh) ** 2).sum(0) / ((z - z.mean(0)) ** 2).sum(0), 0, 1))
