@@ -8,7 +8,8 @@
 # separate calls while the machine is warm. Writes into OUTDIR:
 #   env.txt, run.log;
 #   throughput: scaling-gpu.json (actor vs bare forward, bf16 vs fp32, peak memory);
-#   select: select-gpu.json, select-cpu.json (one task, the top 3 verified on the GPU, then on the CPU);
+#   select: select-gpu.json, select-cpu.json (one task embedded and its top 3 verified on the GPU, then
+#           the same on the CPU);
 #   rows: rows.txt (cluster/gpu-check-zoo.yaml embedded by GPU actors and by CPU actors, compared);
 #   sharing: the same catalog embedded with 1 GPU per actor and with 0.25 (four at once), in run.log;
 #   zoo: the benchmark zoo trained on the GPU (`jobs.benchmark zoo`, its default GPU share), in run.log,
@@ -52,8 +53,9 @@ if want select || want rows; then
   timeout 180 python3 -m jobs.embed --catalog $ZOO --store $S --no-progress
 fi
 if want select; then
-  step "select, the top 3 verified on the GPU (--verify-gpus 1), then on the CPU"
-  timeout 90 python3 -m jobs.select --store $S --task "$T" --verify-top-k 3 --verify-gpus 1 --no-progress --json "$out/select-gpu.json"
+  step "select, the task embedded and the top 3 verified on the GPU (--task-gpus 1 --verify-gpus 1), then on the CPU"
+  timeout 90 python3 -m jobs.select --store $S --task "$T" --verify-top-k 3 --task-gpus 1 --verify-gpus 1 --no-progress \
+    --json "$out/select-gpu.json"
   timeout 90 python3 -m jobs.select --store $S --task "$T" --verify-top-k 3 --no-progress --json "$out/select-cpu.json"
 fi
 if want rows; then

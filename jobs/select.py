@@ -42,9 +42,12 @@ def parser() -> argparse.ArgumentParser:
                         "leave-one-out error on them (ridge-loo), or linear-probe accuracy on a held-out half (probe)")
     p.add_argument("--verify-gpus", type=float, default=0, metavar="G",
                    help="GPUs per verification (a Ray task each; features on CUDA, float32); default 0: CPU")
+    p.add_argument("--task-gpus", type=float, default=0, metavar="G",
+                   help="GPUs per task embedding (a Ray task each; the standard's networks on CUDA, float32); "
+                        "default 0: CPU")
     p.add_argument("--autoscaling", action="store_true",
-                   help="the cluster adds nodes on demand: verifications may wait for a GPU node instead of "
-                        "being refused")
+                   help="the cluster adds nodes on demand: task embeddings and verifications may wait for a GPU "
+                        "node instead of being refused")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--no-part-weights", action="store_true",
@@ -64,33 +67,44 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _task_embedding(std: Standard, item: tuple[str, SelectConfig]) -> TaskEmbedding:
-    spec, config = item
-    return embed_task(std, load_task(spec, config), config)
+def _device(on_gpu: bool, what: str, flag: str) -> str:
+    """The worker's torch device: "cuda" when the Ray task was given a GPU (and torch sees one)."""
+    if not on_gpu:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ModelError(f"{what} was given a GPU ({flag}) but torch sees no CUDA device in the worker")
+    return "cuda"
+
+
+def _task_embedding(std: Standard, item: tuple[str, SelectConfig, bool]) -> TaskEmbedding:
+    spec, config, on_gpu = item
+    device = _device(on_gpu, "the task embedding", "--task-gpus")
+    return embed_task(std, load_task(spec, config), config, device=device)
 
 
 def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool]) -> float:
     spec, config, row, on_gpu = item
-    if on_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ModelError("verification was given a GPU (--verify-gpus) but torch sees no CUDA device "
-                             "in the worker")
-    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config,
-                            device="cuda" if on_gpu else "cpu")
+    device = _device(on_gpu, "verification", "--verify-gpus")
+    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config, device=device)
 
 
 def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
-           progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False) -> list[dict[str, Any]]:
-    """Embed the tasks (in parallel), sweep the table's shards once, verify (each verification a Ray
-    task holding `verify_gpus` GPUs, on CUDA when > 0); one dict per task."""
-    if config.verify_top_k and verify_gpus:
-        runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")},
-                           runtime.cluster_resources(), autoscaling)
+           progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
+           task_gpus: float = 0) -> list[dict[str, Any]]:
+    """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table's shards
+    once, verify (each verification a Ray task holding `verify_gpus` GPUs); on CUDA when > 0. One dict
+    per task."""
+    wanted = [("a task embedding", task_gpus, "--task-gpus")]
+    if config.verify_top_k:
+        wanted.append(("a verification", verify_gpus, "--verify-gpus"))
+    for what, gpus, flag in wanted:
+        if gpus:
+            runtime.check_fits(what, {"GPU": (gpus, flag)}, runtime.cluster_resources(), autoscaling)
     t0 = time.perf_counter()
-    embs = runtime.map_tasks(_task_embedding, [(t, config) for t in tasks], shared=std,
-                             desc="tasks", progress=progress)
+    embs = runtime.map_tasks(_task_embedding, [(t, config, task_gpus > 0) for t in tasks], shared=std,
+                             num_gpus=task_gpus, desc="tasks", progress=progress)
     errors = [e for e in embs if isinstance(e, ZooselectError)]
     if errors:
         raise errors[0]
@@ -213,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output(args.json)
     check_output(args.parquet)
     runtime.check_amount("--verify-gpus", args.verify_gpus)
+    runtime.check_amount("--task-gpus", args.task_gpus)
     store = open_store(args)
     std = load_standard(store, args.standard)
     listing = list_table(store, std)
@@ -221,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)
     results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress,
-                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling)
+                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus)
     m = results[0]["models_swept"]
     print(format_results(results, std.id, m))
     saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)

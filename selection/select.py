@@ -152,12 +152,15 @@ def load_task(spec: str, config: SelectConfig) -> ImageSet:
 
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
-               models: StandardModels | None = None) -> TaskEmbedding:
-    """Task embedding from all the task's labelled images and the standard only (never a candidate)."""
+               models: StandardModels | None = None, device: str = "cpu") -> TaskEmbedding:
+    """Task embedding from all the task's labelled images and the standard only (never a candidate).
+
+    The standard's networks run on `device` (float32); the task matrix is computed on the CPU.
+    """
     import time
 
     t0 = time.perf_counter()
-    z = standard_features(std, task.images, models)
+    z = standard_features(std, task.images, models, device=device)
     emb = embed_task_features(std, z, task.labels, config, task.name)
     return dataclasses.replace(emb, seconds=time.perf_counter() - t0)
 

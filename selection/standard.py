@@ -236,14 +236,18 @@ def is_standard_model(std: Standard, loaded: Any) -> bool:
     return (loaded.arch, loaded.weights_sha256) in own
 
 
-def standard_features(std: Standard, images: np.ndarray, models: StandardModels | None = None) -> np.ndarray:
-    """z (n, d) of images: the baseline's (and companion's) features, projected onto the standard's basis."""
+def standard_features(std: Standard, images: np.ndarray, models: StandardModels | None = None,
+                      device: str = "cpu") -> np.ndarray:
+    """z (n, d) of images: the baseline's (and companion's) features, projected onto the standard's basis.
+
+    The forward passes run on `device` in float32 (no autocast), as when the standard was built.
+    """
     from selection.models import extract_features
 
     models = models or load_standard_models(std)
-    h = extract_features(models.baseline, images, input_size=std.input_size)
+    h = extract_features(models.baseline, images, input_size=std.input_size, device=device)
     hc = None if models.companion is None else extract_features(models.companion, images,
-                                                                   input_size=std.input_size)
+                                                                   input_size=std.input_size, device=device)
     return std.project(h, hc)
 
 

@@ -255,6 +255,11 @@ def test_kuberay_manifests_kinds_and_entrypoints():
     assert re.search(r"python -m jobs\.embed .*--catalog \S+ .*--store s3://", embed)
     select = _docs(KUBERAY / "rayjob-select.yaml")[0]["spec"]["entrypoint"]
     assert re.search(r"python -m jobs\.select .*--store s3://\S+ .*--task \S+", select)
+    # Every option the manifests pass is one the job has (argparse exits 2 on an unknown one).
+    from jobs import embed as embed_job, select as select_job
+
+    for job, line in ((embed_job, embed), (select_job, select)):
+        job.parser().parse_args(shlex.split(line)[3:])
     for path in sorted(KUBERAY.glob("*.yaml")):
         for doc in _docs(path):
             assert doc["kind"] not in ("Ingress", "Service"), f"{path.name} exposes a service"

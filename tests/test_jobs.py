@@ -116,6 +116,10 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
                                           r"has 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
         select.main(["--store", store.url, "--task", tasks[0], "--verify-top-k", "2", "--verify-gpus", "1",
                      "--no-save", "--no-progress", "--task-image-size", "32"])
+    with pytest.raises(ConfigError, match=r"a task embedding needs 0.5 GPU\(s\) \(--task-gpus\) but the cluster "
+                                          r"has 0 GPUs"):
+        select.main(["--store", store.url, "--task", tasks[0], "--task-gpus", "0.5", "--no-save", "--no-progress",
+                     "--task-image-size", "32"])
     with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):
         select.main(["--store", store.url, "--task", tasks[0], "--score", "rank-mean", "--no-save",
                      "--no-progress", "--task-image-size", "32"])
@@ -168,6 +172,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "output file '/tmp' is a directory"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "-1"],
      "--verify-gpus must be a number >= 0, got -1.0"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-gpus", "nan"],
+     "--task-gpus must be a number >= 0, got nan"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
      "output directory 'README.md' is a file"),
 ])
@@ -183,6 +189,19 @@ def test_select_on_store_without_standard(tmp_path):
     r = _run("jobs.select", "--store", str(tmp_path / "empty"), "--task", "builtin:digits")
     assert r.returncode == 2 and "has no standard" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("fn,flag", [("_task_embedding", "--task-gpus"), ("_verify", "--verify-gpus")])
+def test_a_worker_given_a_gpu_torch_cannot_see_says_so(monkeypatch, fn, flag):
+    import torch
+
+    from jobs import select
+    from selection.errors import ModelError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    item = ("builtin:digits", None, True) if fn == "_task_embedding" else ("builtin:digits", None, {}, True)
+    with pytest.raises(ModelError, match=f"was given a GPU \\({flag}\\) but torch sees no CUDA device"):
+        getattr(select, fn)(None, item)
 
 
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):
