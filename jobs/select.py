@@ -21,8 +21,8 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, run_main
 from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
-from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, default_score,
-                              embed_task, entry_of, load_task, rerank_verified, sweep_shards, verify_candidate)
+from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
+                              default_score, embed_task, entry_of, load_task, sweep_shards, verify_candidate)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -125,18 +125,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
                  for r in ranked[:config.verify_top_k]]
         accs = runtime.map_tasks(_verify, items, shared=std, num_gpus=verify_gpus, desc="verify",
                                  progress=progress)
-        it = iter(accs)
-        new = []
-        for ranked in rankings:
-            measured = {}
-            for r in ranked[:config.verify_top_k]:
-                acc = next(it)
-                if isinstance(acc, ZooselectError):
-                    print(f"warning: verification of {r.model_id} failed: {acc}")
-                else:
-                    measured[r.model_id] = acc
-            new.append(rerank_verified(ranked, measured))
-        rankings = new
+        rankings = apply_verification(rankings, config.verify_top_k, accs)
     n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
     rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []

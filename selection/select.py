@@ -358,6 +358,26 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
     return SCORERS[config.verify_by](feats, task.labels)
 
 
+def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
+    """Re-rank each task's top k by `results`: one per shortlisted row, task by task, in ranking order
+    (a float, or the ZooselectError its verification raised: logged, the row keeps its place after
+    the verified ones)."""
+    from selection.errors import ZooselectError
+
+    it = iter(results)
+    out = []
+    for ranked in rankings:
+        measured = {}
+        for r in ranked[:k]:
+            value = next(it)
+            if isinstance(value, ZooselectError):
+                log.warning("verification of %s failed: %s", r.model_id, value)
+            else:
+                measured[r.model_id] = value
+        out.append(rerank_verified(ranked, measured))
+    return out
+
+
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
     """Verified candidates first by their measurement (ties: embedding score), then the rest."""
     verified = [r for r in ranked if r.model_id in measured]
@@ -367,3 +387,60 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ra
     for i, r in enumerate(verified + rest, 1):
         out.append(dataclasses.replace(r, rank=i, verified=measured.get(r.model_id)))
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """One task's result: its embedding, the ranking (top_k), how many of the shortlist were verified."""
+
+    embedding: TaskEmbedding
+    ranking: list[Ranked]
+    n_verified: int
+    models_swept: int
+
+
+def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig = SelectConfig(), *,
+                  standard_id: str | None = None, device: str = "cpu") -> list[Selection]:
+    """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
+    runs on a cluster.
+
+    A task is an ImageSet or a dataset spec (`load_task`: resized to `config.task_image_size`).
+    Every task is embedded with the standard's networks alone (`embed_task`, on `device`), the table
+    is swept once for all tasks, and with `config.verify_top_k` the top k of each are run on the
+    task's labelled images and re-ranked (a failed verification is logged; the row stays, unverified).
+    `standard_id`: the store's default standard when None.
+    """
+    from selection.errors import StoreError, ZooselectError
+    from selection.standard import load_standard, load_standard_models
+    from selection.table import iter_shards, list_table
+
+    if isinstance(tasks, (str, ImageSet)) or not tasks:
+        raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
+    tasks = [load_task(t, config) if isinstance(t, str) else t.validate_task(2) for t in tasks]
+    std = load_standard(store, standard_id)
+    listing = list_table(store, std)
+    if not (listing.rows or listing.segments):
+        raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
+    models = load_standard_models(std)
+    embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
+    counted = [0]
+
+    def shards() -> Iterable[EmbeddingTable]:
+        for shard in iter_shards(store, std, listing):
+            counted[0] += len(shard)
+            yield shard
+
+    k = config.verify_top_k
+    rankings = sweep_shards(shards(), [e.query(std, config.score) for e in embs], max(config.top_k, k),
+                            config.constraints)
+    if k:
+        results: list[Any] = []
+        for task, ranked in zip(tasks, rankings):
+            for r in ranked[:k]:
+                try:
+                    results.append(verify_candidate(entry_of(r.row), task, std.input_size, config, device=device))
+                except ZooselectError as exc:
+                    results.append(exc)
+        rankings = apply_verification(rankings, k, results)
+    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), counted[0])
+            for e, ranked in zip(embs, rankings)]

@@ -10,7 +10,7 @@ import pytest
 import selection
 from selection.catalog import CatalogEntry
 from selection.embedder import STAGES, embed_entry, needs_embedding
-from selection.errors import StandardMismatchError, StoreError
+from selection.errors import DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.table import delete_row, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
@@ -521,3 +521,47 @@ def test_compaction_clears_the_lease_of_a_crashed_one_only(published):
     compact(store, std)
     assert store.list(leases) == [running]
     assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, caplog):
+    """The library's one-call selection (no Ray) gives what its parts give, and a shortlisted model
+    whose checkpoint went missing after it was embedded is logged and left unverified."""
+    import timm
+
+    from selection.data import load_dataset
+    from selection.errors import ConfigError
+    from selection.select import (SelectConfig, embed_task, entry_of, select_models, sweep_shards,
+                                  verify_candidate)
+    from selection.table import iter_shards
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    task = load_dataset("builtin:digits?classes=0,1,2&per_class=8", 32)
+    with pytest.raises(StoreError, match="no models are embedded under standard"):
+        select_models(store, [task])
+    ckpt = save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "gone.safetensors"))
+    for e in (A, B, C, CatalogEntry("zoo/gone", "resnet10t", ckpt, input_size=32)):
+        assert embed_entry(e, std, store).status == "embedded"
+    config = SelectConfig(top_k=3, verify_top_k=4)
+
+    emb = embed_task(std, task, config)
+    shortlist = sweep_shards(iter_shards(store, std), [emb.query(std)], 4)[0]
+    measured = {r.model_id: verify_candidate(entry_of(r.row), task, std.input_size, config) for r in shortlist}
+    [sel] = select_models(store, [task], config)
+    assert sel.models_swept == 4 and sel.n_verified == 4 and np.allclose(sel.embedding.g, emb.g)
+    want = sorted(shortlist, key=lambda r: (-measured[r.model_id], -r.score))[:3]
+    assert [(r.model_id, r.verified) for r in sel.ranking] == [(r.model_id, measured[r.model_id]) for r in want]
+    assert [r.rank for r in sel.ranking] == [1, 2, 3]
+
+    os.remove(ckpt)
+    [sel] = select_models(store, [task], SelectConfig(top_k=4, verify_top_k=4))
+    assert sel.n_verified == 3 and sel.ranking[-1].model_id == "zoo/gone" and sel.ranking[-1].verified is None
+    assert any("verification of zoo/gone failed" in m and "checkpoint not found" in m for m in caplog.messages)
+    for bad in ([], task):
+        with pytest.raises(ConfigError, match="tasks should be a non-empty list of ImageSets or dataset specs"):
+            select_models(store, bad)
+    # A spec is loaded as the job loads it; a one-class task is refused before any model runs.
+    [by_spec] = select_models(store, ["builtin:digits?classes=0,1,2&per_class=8"], SelectConfig(top_k=2))
+    assert by_spec.embedding.n_images == 24 and len(by_spec.ranking) == 2
+    with pytest.raises(DataError, match="has only one class"):
+        select_models(store, [task.subset(np.flatnonzero(task.labels == 0))])
