@@ -22,7 +22,8 @@ from jobs.common import add_ray_args, add_store_args, check_output, open_store, 
 from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
-                              default_score, embed_task, entry_of, load_task, sweep_shards, verify_candidate)
+                              default_score, embed_task, entry_of, load_task, sweep_shards, verify_candidate,
+                              warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -57,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
                    help="how rows are scored: one stored form, or the mean of each row's ranks under the per-source "
                         "and full forms (rank-mean). Default: rank-mean on a per-source table (chosen on the dev "
                         "tasks), the table's own form otherwise")
-    p.add_argument("--task-image-size", type=int, default=64, help="task images are resized to this")
+    p.add_argument("--task-image-size", type=int, default=None, metavar="PX",
+                   help="task images are resized to this (default: the standard's probe image size, 64 for the "
+                        "default standard: the size its rows were measured at)")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
@@ -81,13 +84,13 @@ def _device(on_gpu: bool, what: str, flag: str) -> str:
 def _task_embedding(std: Standard, item: tuple[str, SelectConfig, bool]) -> TaskEmbedding:
     spec, config, on_gpu = item
     device = _device(on_gpu, "the task embedding", "--task-gpus")
-    return embed_task(std, load_task(spec, config), config, device=device)
+    return embed_task(std, load_task(spec, config, std), config, device=device)
 
 
 def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool]) -> float:
     spec, config, row, on_gpu = item
     device = _device(on_gpu, "verification", "--verify-gpus")
-    return verify_candidate(entry_of(row), load_task(spec, config), std.input_size, config, device=device)
+    return verify_candidate(entry_of(row), load_task(spec, config, std), std.input_size, config, device=device)
 
 
 def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
@@ -219,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.check_amount("--task-gpus", args.task_gpus)
     store = open_store(args)
     std = load_standard(store, args.standard)
+    warn_task_image_size(config, std)
     listing = list_table(store, std)
     if not (listing.rows or listing.segments):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from selection.catalog import CatalogEntry
-from selection.data import ImageSet, load_dataset, stratified_split
+from selection.data import ImageSet, load_dataset, resize_images, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
 from selection.errors import ConfigError
@@ -89,7 +89,8 @@ class SelectConfig:
     # (selection.embedding.weigh_parts; docs/method-experiments.md, "Session 15").
     weigh_parts: bool = True
     score: str | None = None     # SCORES; None: default_score(the table's form)
-    task_image_size: int = 64
+    # Task images are resized to this; None: the standard's probe image size (what its rows were measured on).
+    task_image_size: int | None = None
     constraints: tuple[Constraint, ...] = ()
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
 
@@ -104,6 +105,9 @@ class SelectConfig:
             raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.task_method not in TASK_METHODS:
             raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
+        if self.task_image_size is not None and not 8 <= self.task_image_size <= 1024:
+            raise ConfigError(f"task_image_size must be in [8, 1024] (or None: the standard's probe image size), "
+                              f"got {self.task_image_size}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,9 +150,27 @@ def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.
     return stratified_split(task.labels, protocol.test_fraction, protocol.split_seed)
 
 
-def load_task(spec: str, config: SelectConfig) -> ImageSet:
+def task_image_size(config: SelectConfig, std: Standard | None = None) -> int:
+    """The size task images are resized to: `config.task_image_size`, else the standard's probe image
+    size (else the library's default, 64)."""
+    from selection.data import DEFAULT_TASK_SIZE
+
+    return config.task_image_size or (std.probe_image_size if std is not None else DEFAULT_TASK_SIZE)
+
+
+def warn_task_image_size(config: SelectConfig, std: Standard) -> None:
+    """Log a warning when tasks will be resized to another size than the standard's probe images:
+    allowed, but the rows were measured at the probe's size."""
+    size = task_image_size(config, std)
+    if size != std.probe_image_size:
+        log.warning("task images at %d px, the standard's probe images at %d px: its rows were measured at %d px",
+                    size, std.probe_image_size, std.probe_image_size)
+
+
+def load_task(spec: str, config: SelectConfig, std: Standard | None = None) -> ImageSet:
+    """A task dataset, resized to `task_image_size(config, std)`, checked to be a classification task."""
     min_per_class = 2  # one image of each class on each side of the split
-    return load_dataset(spec, config.task_image_size).validate_task(min_per_class)
+    return load_dataset(spec, task_image_size(config, std)).validate_task(min_per_class)
 
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
@@ -404,7 +426,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
     """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
     runs on a cluster.
 
-    A task is an ImageSet or a dataset spec (`load_task`: resized to `config.task_image_size`).
+    A task is an ImageSet or a dataset spec; either is resized to `task_image_size(config, std)`.
     Every task is embedded with the standard's networks alone (`embed_task`, on `device`), the table
     is swept once for all tasks, and with `config.verify_top_k` the top k of each are run on the
     task's labelled images and re-ranked (a failed verification is logged; the row stays, unverified).
@@ -416,8 +438,11 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
 
     if isinstance(tasks, (str, ImageSet)) or not tasks:
         raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
-    tasks = [load_task(t, config) if isinstance(t, str) else t.validate_task(2) for t in tasks]
     std = load_standard(store, standard_id)
+    warn_task_image_size(config, std)
+    size = task_image_size(config, std)
+    tasks = [load_task(t, config, std) if isinstance(t, str) else
+             dataclasses.replace(t, images=resize_images(t.images, size)).validate_task(2) for t in tasks]
     listing = list_table(store, std)
     if not (listing.rows or listing.segments):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")

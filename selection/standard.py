@@ -169,6 +169,11 @@ class Standard:
         return (self.d,) if part is None else (self.d - int(part["d"]), int(part["d"]))
 
     @property
+    def probe_image_size(self) -> int:
+        """The side of the probe images (pixels) the rows are measured on; tasks are best resized to it."""
+        return int(self.probe_images.shape[1])
+
+    @property
     def input_size(self) -> int | None:
         return self.spec["input_size"]
 

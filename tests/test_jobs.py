@@ -172,6 +172,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "output file '/tmp' is a directory"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "-1"],
      "--verify-gpus must be a number >= 0, got -1.0"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-image-size", "4"],
+     "task_image_size must be in [8, 1024] (or None: the standard's probe image size), got 4"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-gpus", "nan"],
      "--task-gpus must be a number >= 0, got nan"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
@@ -273,14 +275,14 @@ def test_demo_selects_on_the_labelled_half_only(tmp_path):
     from jobs import demo
     from selection.data import load_dataset
     from selection.linear_probe import ProbeProtocol
-    from selection.select import SelectConfig, load_task, task_split
+    from selection.select import SelectConfig, load_task, task_image_size, task_split
 
     paths = demo.labelled_tasks(str(tmp_path))
     assert set(paths) == set(demo.TASKS.values())
     for spec, path in paths.items():
         task = load_task(spec, SelectConfig())
         train, test = task_split(task, ProbeProtocol())
-        written = load_dataset(path, SelectConfig().task_image_size)
+        written = load_dataset(path, task_image_size(SelectConfig()))
         # exactly the probes' training half, image for image; the measured half is not in it
         assert len(written) == len(train) < len(task)
         assert sorted(map(bytes, written.images)) == sorted(map(bytes, task.images[train]))

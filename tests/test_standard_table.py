@@ -560,8 +560,18 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     for bad in ([], task):
         with pytest.raises(ConfigError, match="tasks should be a non-empty list of ImageSets or dataset specs"):
             select_models(store, bad)
-    # A spec is loaded as the job loads it; a one-class task is refused before any model runs.
-    [by_spec] = select_models(store, ["builtin:digits?classes=0,1,2&per_class=8"], SelectConfig(top_k=2))
-    assert by_spec.embedding.n_images == 24 and len(by_spec.ranking) == 2
+    # A spec is loaded as the job loads it, at the standard's probe image size (32 px here) unless told
+    # otherwise (then with a warning), and an ImageSet is resized to the same; a one-class task is refused
+    # before any model runs.
+    spec = "builtin:digits?classes=0,1,2&per_class=8"
+    [by_spec] = select_models(store, [spec], SelectConfig(top_k=2))
+    assert std.probe_image_size == 32 and by_spec.embedding.n_images == 24 and len(by_spec.ranking) == 2
+    assert np.array_equal(by_spec.embedding.g, emb.g)
+    caplog.clear()
+    [at64] = select_models(store, [spec], SelectConfig(top_k=2, task_image_size=64))
+    assert not np.allclose(at64.embedding.g, emb.g)
+    assert "task images at 64 px, the standard's probe images at 32 px" in caplog.text
+    [resized] = select_models(store, [load_dataset(spec, 64)], SelectConfig(top_k=2))
+    assert np.allclose(resized.embedding.g, emb.g, atol=0.02) and not np.array_equal(resized.embedding.g, at64.embedding.g)
     with pytest.raises(DataError, match="has only one class"):
         select_models(store, [task.subset(np.flatnonzero(task.labels == 0))])
