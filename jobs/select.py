@@ -22,8 +22,8 @@ from jobs.common import add_ray_args, add_store_args, check_output, open_store, 
 from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
-                              default_score, embed_task, entry_of, load_task, sweep_shards, verify_candidate,
-                              warn_task_image_size)
+                              default_score, embed_task, entry_of, load_task, sweep_shards, task_image_size,
+                              verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
 from selection.table import EmbeddingTable, iter_shards, list_table
@@ -142,6 +142,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
         o["models_swept"] = rows[0]
         o["verified_by"] = config.verify_by if config.verify_top_k else None
         o["scored_by"] = config.score or default_score(std.form)
+        o["task_image_size"] = task_image_size(config, std)
     return out
 
 

@@ -68,7 +68,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     out_pq = str(tmp_path / "res.parquet")
     tasks = ["builtin:fashion-mnist?classes=5,7,9&per_class=12", "builtin:digits?classes=0,1&per_class=10"]
     args = ["--store", store.url, "--top-k", "3", "--verify-top-k", "2", "--json", out_json,
-            "--parquet", out_pq, "--no-progress", "--task-image-size", "32"]
+            "--parquet", out_pq, "--no-progress"]  # tasks at the standard's probe size, 32 px
     for t in tasks:
         args += ["--task", t]
     assert select.main(args) == 0
@@ -85,6 +85,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
         assert verified[0]["verified"] >= verified[1]["verified"]
         assert all(isinstance(r["score"], float) and r["score_parts"] is None for r in ranks)
         assert t["scored_by"] == "full"  # the table's own form (the rank mean needs a per-source table)
+        assert t["task_image_size"] == 32
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
