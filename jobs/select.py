@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, run_main
-from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
+from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
+from selection.models import check_device
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
-                              default_score, embed_task, entry_of, load_task, sweep_shards, task_image_size,
+                              default_score, embed_task, entry_of, load_task, shortlist, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
@@ -72,13 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _device(on_gpu: bool, what: str, flag: str) -> str:
     """The worker's torch device: "cuda" when the Ray task was given a GPU (and torch sees one)."""
-    if not on_gpu:
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ModelError(f"{what} was given a GPU ({flag}) but torch sees no CUDA device in the worker")
-    return "cuda"
+    return check_device("cuda", f"{what}'s device ({flag})") if on_gpu else "cpu"
 
 
 def _task_embedding(std: Standard, item: tuple[str, SelectConfig, bool]) -> TaskEmbedding:
@@ -112,16 +107,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     if errors:
         raise errors[0]
     t_sweep = time.perf_counter()
-    queries = [e.query(std, config.score) for e in embs]
-    rows = [0]
-
-    def counted() -> Iterable[EmbeddingTable]:
-        for shard in shards:
-            rows[0] += len(shard)
-            yield shard
-
-    # Verification re-ranks the top verify_top_k even when fewer are listed.
-    rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
+    rankings, m = shortlist(shards, [e.query(std, config.score) for e in embs], config)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(spec, config, r.row, verify_gpus > 0) for spec, ranked in zip(tasks, rankings)
@@ -139,7 +125,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
-        o["models_swept"] = rows[0]
+        o["models_swept"] = m
         o["verified_by"] = config.verify_by if config.verify_top_k else None
         o["scored_by"] = config.score or default_score(std.form)
         o["task_image_size"] = task_image_size(config, std)

@@ -229,6 +229,22 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     return LoadedModel(entry, model, cfg, digest, arch, num_params)
 
 
+def check_device(device: str, what: str = "device") -> str:
+    """`device` if torch can run on it here: ConfigError for a string torch does not parse as a device,
+    ModelError for CUDA where torch sees none."""
+    from selection.errors import ConfigError
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{what} should be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"{what} is {device!r} but torch sees no CUDA device here")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} should be 'cpu' or a CUDA device, got {device!r}")
+    return device
+
+
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform.

@@ -7,6 +7,7 @@ import heapq
 import json
 import logging
 import operator
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -15,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from selection.catalog import CatalogEntry
-from selection.data import ImageSet, load_dataset, resize_images, stratified_split
+from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
-from selection.errors import ConfigError
+from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
-from selection.models import LoadedModel, extract_features, load_model
-from selection.standard import Standard, StandardModels, standard_features
-from selection.table import EmbeddingTable
+from selection.models import LoadedModel, check_device, extract_features, load_model
+from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
+from selection.table import EmbeddingTable, iter_shards, list_table
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ def task_split(task: ImageSet, protocol: ProbeProtocol) -> tuple[np.ndarray, np.
 def task_image_size(config: SelectConfig, std: Standard | None = None) -> int:
     """The size task images are resized to: `config.task_image_size`, else the standard's probe image
     size (else the library's default, 64)."""
-    from selection.data import DEFAULT_TASK_SIZE
-
     return config.task_image_size or (std.probe_image_size if std is not None else DEFAULT_TASK_SIZE)
 
 
@@ -380,12 +379,29 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
     return SCORERS[config.verify_by](feats, task.labels)
 
 
+def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
+              config: SelectConfig) -> tuple[list[list[Ranked]], int]:
+    """One sweep for every task (`sweep_shards`) under the config's constraints, keeping the top
+    max(top_k, verify_top_k): verification re-ranks its k even when fewer are listed. Returns the
+    rankings and the number of rows swept."""
+    swept = [0]
+
+    def counted() -> Iterable[EmbeddingTable]:
+        for shard in shards:
+            swept[0] += len(shard)
+            yield shard
+
+    rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
+    return rankings, swept[0]
+
+
 def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
     """Re-rank each task's top k by `results`: one per shortlisted row, task by task, in ranking order
     (a float, or the ZooselectError its verification raised: logged, the row keeps its place after
     the verified ones)."""
-    from selection.errors import ZooselectError
-
+    want = sum(len(ranked[:k]) for ranked in rankings)
+    if len(results) != want:
+        raise ValueError(f"one verification result per shortlisted row: {want} expected, got {len(results)}")
     it = iter(results)
     out = []
     for ranked in rankings:
@@ -426,38 +442,32 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
     """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
     runs on a cluster.
 
-    A task is an ImageSet or a dataset spec; either is resized to `task_image_size(config, std)`.
-    Every task is embedded with the standard's networks alone (`embed_task`, on `device`), the table
-    is swept once for all tasks, and with `config.verify_top_k` the top k of each are run on the
-    task's labelled images and re-ranked (a failed verification is logged; the row stays, unverified).
+    A task is an ImageSet or a dataset spec (a path or spec string); either is resized to
+    `task_image_size(config, std)`. Every task is embedded with the standard's networks alone
+    (`embed_task`, on `device`), the table is swept once for all tasks, and with `config.verify_top_k`
+    the top k of each are run on the task's labelled images and re-ranked (a verification that fails
+    with a zooselect error, e.g. a checkpoint gone or corrupt, is logged; the row stays, unverified).
     `standard_id`: the store's default standard when None.
     """
-    from selection.errors import StoreError, ZooselectError
-    from selection.standard import load_standard, load_standard_models
-    from selection.table import iter_shards, list_table
-
-    if isinstance(tasks, (str, ImageSet)) or not tasks:
+    if isinstance(tasks, (str, os.PathLike, ImageSet)) or not tasks:
         raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
+    odd = [t for t in tasks if not isinstance(t, (str, os.PathLike, ImageSet))]
+    if odd:
+        raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
+    check_device(device)
     std = load_standard(store, standard_id)
-    warn_task_image_size(config, std)
-    size = task_image_size(config, std)
-    tasks = [load_task(t, config, std) if isinstance(t, str) else
-             dataclasses.replace(t, images=resize_images(t.images, size)).validate_task(2) for t in tasks]
     listing = list_table(store, std)
     if not (listing.rows or listing.segments):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
+    warn_task_image_size(config, std)
+    size = task_image_size(config, std)
+    tasks = [dataclasses.replace(t, images=resize_images(t.images, size)).validate_task(2)
+             if isinstance(t, ImageSet) else load_task(os.fspath(t), config, std) for t in tasks]
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
-    counted = [0]
-
-    def shards() -> Iterable[EmbeddingTable]:
-        for shard in iter_shards(store, std, listing):
-            counted[0] += len(shard)
-            yield shard
-
+    rankings, swept = shortlist(iter_shards(store, std, listing), [e.query(std, config.score) for e in embs],
+                                config)
     k = config.verify_top_k
-    rankings = sweep_shards(shards(), [e.query(std, config.score) for e in embs], max(config.top_k, k),
-                            config.constraints)
     if k:
         results: list[Any] = []
         for task, ranked in zip(tasks, rankings):
@@ -467,5 +477,5 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)
-    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), counted[0])
+    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept)
             for e, ranked in zip(embs, rankings)]

@@ -86,6 +86,13 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
         assert all(isinstance(r["score"], float) and r["score_parts"] is None for r in ranks)
         assert t["scored_by"] == "full"  # the table's own form (the rank mean needs a per-source table)
         assert t["task_image_size"] == 32
+    # The job's workers select as the library does in one process (same size, scores, verification).
+    from selection.select import SelectConfig, select_models
+
+    [lib] = select_models(store, [tasks[1]], SelectConfig(top_k=3, verify_top_k=2))
+    job = doc["tasks"][1]["ranking"]
+    assert [(r.model_id, round(r.score, 6)) for r in lib.ranking] == [(r["model_id"], r["score"]) for r in job]
+    assert [r.verified for r in lib.ranking] == pytest.approx([r["verified"] for r in job], rel=1e-6)
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
@@ -203,7 +210,7 @@ def test_a_worker_given_a_gpu_torch_cannot_see_says_so(monkeypatch, fn, flag):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     item = ("builtin:digits", None, True) if fn == "_task_embedding" else ("builtin:digits", None, {}, True)
-    with pytest.raises(ModelError, match=f"was given a GPU \\({flag}\\) but torch sees no CUDA device"):
+    with pytest.raises(ModelError, match=f"device \\({flag}\\) is 'cuda' but torch sees no CUDA device"):
         getattr(select, fn)(None, item)
 
 

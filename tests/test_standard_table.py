@@ -566,7 +566,7 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     spec = "builtin:digits?classes=0,1,2&per_class=8"
     [by_spec] = select_models(store, [spec], SelectConfig(top_k=2))
     assert std.probe_image_size == 32 and by_spec.embedding.n_images == 24 and len(by_spec.ranking) == 2
-    assert np.array_equal(by_spec.embedding.g, emb.g)
+    assert np.array_equal(by_spec.embedding.g, emb.g) and "task images at" not in caplog.text
     caplog.clear()
     [at64] = select_models(store, [spec], SelectConfig(top_k=2, task_image_size=64))
     assert not np.allclose(at64.embedding.g, emb.g)
@@ -575,3 +575,39 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     assert np.allclose(resized.embedding.g, emb.g, atol=0.02) and not np.array_equal(resized.embedding.g, at64.embedding.g)
     with pytest.raises(DataError, match="has only one class"):
         select_models(store, [task.subset(np.flatnonzero(task.labels == 0))])
+    with pytest.raises(ConfigError, match="a task should be an ImageSet or a dataset spec, got int 3"):
+        select_models(store, [task, 3])
+    with pytest.raises(ConfigError, match="device should be a torch device such as 'cpu' or 'cuda', got 'gpu'"):
+        select_models(store, [task], device="gpu")
+
+
+def test_select_models_runs_the_standard_and_the_verification_on_its_device(published, monkeypatch):
+    """device= reaches every forward pass: the standard's networks and the verified candidates'."""
+    import torch
+
+    import selection.models
+    import selection.select
+    from selection.data import load_dataset
+    from selection.errors import ModelError
+    from selection.select import SelectConfig, select_models
+
+    store, std = published
+    for e in (A, B):
+        embed_entry(e, std, store)
+    task = load_dataset("builtin:digits?classes=0,1,2&per_class=8", 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="device is 'cuda' but torch sees no CUDA device here"):
+        select_models(store, [task], device="cuda")
+    seen = []
+    real = selection.models.extract_features
+
+    def on_cpu(loaded, images, **kw):  # what ran where: record the device asked for, run on the CPU
+        seen.append((loaded.entry.id, kw.get("device")))
+        return real(loaded, images, **{**kw, "device": "cpu"})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(selection.models, "extract_features", on_cpu)
+    monkeypatch.setattr(selection.select, "extract_features", on_cpu)
+    [sel] = select_models(store, [task], SelectConfig(top_k=2, verify_top_k=2), device="cuda:0")
+    assert sel.n_verified == 2
+    assert sorted(seen) == sorted([(std.baseline.id, "cuda:0")] + [(r.model_id, "cuda:0") for r in sel.ranking])
