@@ -172,6 +172,10 @@ class QualityPlan:
             raise ConfigError(f"plan {self.name!r}: all standards need the same input_size "
                               f"(the ground truth is measured once at that size)")
         for s in self.standards:
+            if s.probe_image_size != self.task_image_size:  # what jobs.select does by default
+                raise ConfigError(f"plan {self.name!r}: task_image_size {self.task_image_size} differs from "
+                                  f"standard {s.name!r}'s probe_image_size {s.probe_image_size}; tasks are "
+                                  f"selected at the probe's size")
             unknown = set(s.exclude) - set(ids)
             if unknown:
                 raise ConfigError(f"standard {s.name!r} excludes unknown candidates {sorted(unknown)}")
@@ -342,7 +346,7 @@ def small_plan() -> QualityPlan:
         general_sources=((_fm(None, 96, seed=3), 1), ("builtin:digits?split=train&n=48", 1),
                          ("builtin:textures?n=48&seed=11", 1)),
         probe_sources=SMALL_PROBE, probe_image_size=32, d=8)
-    return QualityPlan("small", tuple(zoo), tasks, (general,), verify_ks=(1, 3), splits=2)
+    return QualityPlan("small", tuple(zoo), tasks, (general,), task_image_size=32, verify_ks=(1, 3), splits=2)
 
 
 def plan_by_name(small: bool) -> QualityPlan:

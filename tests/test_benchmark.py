@@ -123,6 +123,9 @@ def test_plan_validation():
     bad = bench.StandardPlan("s", "s", baseline=m.entry, exclude=("nope",))
     with pytest.raises(ConfigError, match="unknown candidates"):
         bench.QualityPlan("x", FULL.zoo, FULL.tasks, (bad,))
+    other = dataclasses.replace(FULL.standards[0], probe_image_size=32)
+    with pytest.raises(ConfigError, match="task_image_size 64 differs from standard 'general'.s probe_image_size 32"):
+        bench.QualityPlan("x", FULL.zoo, FULL.tasks, (other,))
 
 
 # -- metrics -------------------------------------------------------------------------------
