@@ -11,7 +11,8 @@
 #   select: select-gpu.json, select-cpu.json (one task embedded and its top 3 verified on the GPU, then
 #           the same on the CPU);
 #   rows: rows.txt (cluster/gpu-check-zoo.yaml embedded by GPU actors and by CPU actors, compared);
-#   sharing: the same catalog embedded with 1 GPU per actor and with 0.25 (four at once), in run.log;
+#   sharing: the same catalog embedded with 1 GPU per actor and with 0.25 (four at once), then with
+#            1 GPU per actor embedding 8 models each (--models-per-actor 8), in run.log;
 #   zoo: the benchmark zoo trained on the GPU (`jobs.benchmark zoo`, its default GPU share), in run.log,
 #        and zoo-repeat.txt (one member trained again on the GPU: are the bytes the same?);
 #   retrain: retrain.txt, each scratch architecture of the zoo and a Lite0 fine-tune trained twice on
@@ -46,7 +47,7 @@ if want select || want rows || want sharing; then
   step "standard: random-init resnet18 baseline (digits, photo crops, textures)"
   timeout 120 python3 -m jobs.standard --store $S --baseline-arch resnet18 --baseline-weights none --no-progress \
     --probe 'builtin:digits-probe?n=200' --probe 'builtin:photos?n=200&seed=1' --probe 'builtin:textures?n=200&seed=2'
-  for d in cpu shared; do rm -rf $S-$d; cp -r $S $S-$d; done
+  for d in cpu shared stream; do rm -rf $S-$d; cp -r $S $S-$d; done
 fi
 if want select || want rows; then
   step "embed on GPU actors (1 GPU each)"
@@ -88,6 +89,8 @@ if want sharing; then
   step "sharing one GPU: 0.25 GPU per actor (four at once) against 1 (the embed step above, or now)"
   want select || want rows || timeout 180 python3 -m jobs.embed --catalog $ZOO --store $S --no-progress
   timeout 150 python3 -m jobs.embed --catalog $ZOO --store $S-shared --gpus-per-actor 0.25 --cpus-per-actor 2 --no-progress
+  step "streaming: one GPU per actor, each actor embedding 8 models in turn (--models-per-actor 8)"
+  timeout 150 python3 -m jobs.embed --catalog $ZOO --store $S-stream --models-per-actor 8 --no-progress
 fi
 if want zoo; then
   step "zoo: the benchmark zoo trained on the GPU (default --train-gpus), then one member again"

@@ -57,7 +57,10 @@ def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.A
     p.add_argument("--cpus-per-actor", type=float, default=1)
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="actors alive at once (default: what the cluster's resources allow)")
-    p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor")
+    p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor (per model)")
+    p.add_argument("--models-per-actor", type=int, default=1, metavar="N",
+                   help="models each actor embeds in turn before it is replaced (default 1: a fresh process per "
+                        "model); more saves the process start and imports per model on large zoos")
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: start actors it cannot hold now (they wait "
                         "for new nodes) instead of refusing them; needs --max-in-flight")
@@ -67,7 +70,7 @@ def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.A
 
 def run(args: argparse.Namespace, prune: bool) -> int:
     opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
-                                args.autoscaling)
+                                args.autoscaling, args.models_per_actor)
     if os.path.isdir(args.catalog):
         raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)

@@ -6,6 +6,7 @@ Jobs call `init`, `map_tasks` and `embed_with_actors`; the library stays Ray-fre
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -156,7 +157,8 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
 
 
 class _EmbedActor:
-    """One actor per candidate: loads its model once, embeds, writes its own row."""
+    """Embeds candidates one at a time (one per actor by default): loads the model, embeds, writes its
+    own row, and lets the model go before the next."""
 
     def __init__(self, store_url: str, s3_endpoint: str | None, threads: int, gpus: float = 1.0) -> None:
         import torch
@@ -174,10 +176,18 @@ class _EmbedActor:
         from selection.storage import Store
 
         store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
-        if ray.get_gpu_ids() and torch.cuda.is_available():  # only on a GPU Ray gave this actor
-            return embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
-                               prepared=prepared, memory_share=self.memory_share)
-        return embed_entry(entry, std, store, prepared=prepared)
+        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()  # only on a GPU Ray gave this actor
+        try:
+            if on_gpu:
+                result = embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,
+                                     prepared=prepared, memory_share=self.memory_share)
+            else:
+                result = embed_entry(entry, std, store, prepared=prepared)
+            return dataclasses.replace(result, worker=f"{socket.gethostname()}:{os.getpid()}")
+        finally:  # the model is out of scope: give its memory back before the next one
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
 
 
 class _SharedProbe:
@@ -245,6 +255,9 @@ class ActorOptions:
     max_in_flight: int | None = None  # None: what the cluster's resources allow
     retries: int = 2
     autoscaling: bool = False  # the cluster adds nodes on demand: actors it cannot hold now wait
+    # Models one actor embeds, one after another, before it is replaced: 1 (the default) gives every
+    # model a fresh process; more saves the process start and imports per model (large zoos).
+    models_per_actor: int = 1
 
     def __post_init__(self) -> None:
         if self.gpus_per_actor is not None:
@@ -256,6 +269,9 @@ class ActorOptions:
             raise ConfigError(f"max_in_flight must be an integer >= 1, got {self.max_in_flight!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if isinstance(self.models_per_actor, bool) or not isinstance(self.models_per_actor, int) \
+                or self.models_per_actor < 1:
+            raise ConfigError(f"models_per_actor must be an integer >= 1, got {self.models_per_actor!r}")
         if self.autoscaling and self.max_in_flight is None:
             raise ConfigError("autoscaling needs max_in_flight (how many actors to run at once when "
                               "the nodes are up: the resources now do not tell), got None")
@@ -290,11 +306,12 @@ def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                       s3_endpoint: str | None = None, opts: ActorOptions = ActorOptions(), *,
                       progress: bool = True) -> list[EmbedResult]:
-    """Fan out one actor per entry; at most max_in_flight alive at once (see `size_actors`).
+    """Fan the entries out over actors, at most max_in_flight alive at once (see `size_actors`); each
+    actor embeds `opts.models_per_actor` entries in turn (default one) and is then replaced.
 
     `std` is put in the object store once and shared by every actor. A killed actor is
-    restarted and its call retried (`opts.retries`); a model that fails is reported, the
-    others finish.
+    restarted and its call retried (`opts.retries` per model); a model that fails is reported,
+    the others finish, and an actor whose call failed is replaced.
     """
     import ray
     from tqdm import tqdm
@@ -302,37 +319,47 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     entries = list(entries)
     gpus_per_actor, max_in_flight = size_actors(opts, cluster_resources())
     cpus_per_actor, retries = opts.cpus_per_actor, opts.retries
-    actor_cls = ray.remote(_EmbedActor).options(
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries,
+    per_actor = opts.models_per_actor
+    actor_cls = ray.remote(_EmbedActor).options(  # each of its models may restart it `retries` times
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries * per_actor,
         max_task_retries=retries)
     std_ref = ray.put(std)
     shared = _SharedProbe(entries, std, enabled=gpus_per_actor == 0)
     results: list[EmbedResult] = []
     queue = shared.order(entries)
-    running: dict[Any, tuple[Any, CatalogEntry, float]] = {}
+    running: dict[Any, tuple[Any, CatalogEntry, float, int]] = {}
+    idle: list[tuple[Any, int]] = []  # (actor, models it has embedded) ready for another
     threads = max(1, int(cpus_per_actor))
     with tqdm(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
         while queue or running:
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)
-                actor = actor_cls.remote(store_url, s3_endpoint, threads, gpus_per_actor)
+                actor, used = idle.pop() if idle else (actor_cls.remote(store_url, s3_endpoint, threads,
+                                                                        gpus_per_actor), 0)
                 running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry,
-                                                                                      time.perf_counter())
+                                                                                      time.perf_counter(), used)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                actor, entry, started = running.pop(ref)
+                actor, entry, started, used = running.pop(ref)
                 try:
                     result = ray.get(ref)
                     if result.stage_seconds:  # the rest of the wall time: actor start, imports, queueing
                         start = max(0.0, time.perf_counter() - started - result.seconds)
                         result = dataclasses.replace(result, stage_seconds={"actor start": start,
                                                                             **result.stage_seconds})
+                    healthy = True
                 except ray.exceptions.RayError as exc:
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     result = EmbedResult(entry.id, "failed", f"worker failed after {retries} retries: {text[:300]}")
-                ray.kill(actor)
+                    healthy = False
+                if healthy and used + 1 < per_actor and queue:
+                    idle.append((actor, used + 1))
+                else:
+                    ray.kill(actor)
                 shared.release(entry)
                 results.append(result)
                 bar.update(1)
                 bar.set_postfix_str(f"{entry.id[:30]}: {result.status}")
+    for actor, _ in idle:
+        ray.kill(actor)
     return results

@@ -36,6 +36,7 @@ class EmbedResult:
     peak_gpu_mib: float = 0.0  # 0 on the CPU
     # Where `seconds` went (STAGES): model load, batch-size probe (GPU), probe pass, ridge fits, row write.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""  # "host:pid" of the process that embedded it, where a job sets it
 
 
 STAGES = ("load", "batch probe", "probe pass", "fit", "write")

@@ -246,18 +246,24 @@ class _ActorKiller(threading.Thread):
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("per_actor", [1, 3])
 def test_actor_killed_mid_embedding_is_retried_and_each_model_lands_once(ray_local, published, tmp_path,
-                                                                         capsys):
+                                                                         capsys, per_actor):
+    """Also with actors that embed several models in turn: the killed one restarts, its model is
+    retried, the models after it still land."""
     from jobs import embed
 
     store, std = published
-    # One model slow enough to be caught mid-embedding (about 5-10 s at 96 px on 2 busy cores).
-    entries = [CatalogEntry("rel/slow", "resnet10t", None, input_size=96)] + TINY[1:]
+    # One model slow enough to be caught mid-embedding (about 5-10 s at 96 px on 2 busy cores); with
+    # one actor for all three it is the second.
+    slow = CatalogEntry("rel/slow", "resnet10t", None, input_size=96)
+    entries = [slow] + TINY[1:] if per_actor == 1 else [TINY[1], slow, TINY[2]]
     cat = _catalog(tmp_path, entries)
     killer = _ActorKiller(after_s=1.5)
     killer.start()
     try:
-        code = embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--retries", "2"])
+        code = embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--retries", "2",
+                           "--models-per-actor", str(per_actor), "--max-in-flight", str(1 if per_actor > 1 else 2)])
     finally:
         killer.done.set()
         killer.join(10)
@@ -268,6 +274,27 @@ def test_actor_killed_mid_embedding_is_retried_and_each_model_lands_once(ray_loc
     assert code == 0, out
     assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out, out
     _assert_each_model_once(store, std, [e.id for e in entries])
+
+
+def test_actors_embed_several_models_in_turn_when_asked(ray_local, published):
+    """--models-per-actor N: one process embeds N models (no new process start per model); each
+    model's row is the same as from a fresh process per model."""
+    from jobs import runtime
+
+    store, std = published
+    fresh = runtime.embed_with_actors(TINY, std, store.url, opts=runtime.ActorOptions(max_in_flight=1), progress=False)
+    rows = {mid: _row_bytes(store, std, mid) for mid in (e.id for e in TINY)}
+    again = runtime.embed_with_actors(TINY, std, store.url, progress=False,
+                                      opts=runtime.ActorOptions(max_in_flight=1, models_per_actor=2))
+    assert [r.status for r in fresh + again] == ["embedded"] * 6
+    assert len({r.worker for r in fresh}) == 3  # a fresh process per model
+    assert [r.worker for r in again][:2] == [again[0].worker] * 2 and again[2].worker != again[0].worker
+    assert all(re.fullmatch(r"[^:]+:\d+", r.worker) for r in again)
+    assert {mid: _row_bytes(store, std, mid) for mid in rows} == rows
+
+
+def _row_bytes(store: Store, std, model_id: str) -> bytes:
+    return pq.read_table(os.path.join(store.root, row_path(std.id, model_id))).column("embedding")[0].as_py()
 
 
 # ------------------------------------------------------------- faults: failing models
@@ -577,6 +604,7 @@ def test_catalog_that_is_a_directory_is_named_as_one(embedded, tmp_path, capsys)
     (["--gpus-per-actor", "nan"], "gpus_per_actor must be a number >= 0, got nan"),
     (["--retries", "-1"], "retries must be an integer >= 0, got -1"),
     (["--autoscaling"], "autoscaling needs max_in_flight"),
+    (["--models-per-actor", "0"], "models_per_actor must be an integer >= 1, got 0"),
 ])
 def test_bad_actor_options_refused_by_the_embed_job_before_ray(embedded, tmp_path, capsys, args, needle):
     """Before the fix: --max-in-flight 0 hung, negative resources were Ray tracebacks, and
