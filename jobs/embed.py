@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, prune: bool) -> int:
           + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
           + f"; standard {std.id}; {time.perf_counter() - t0:.1f}s")
     if ok:
-        print(f"time per model (mean of {len(ok)}): {stage_means(ok)}")
+        workers = len({r.worker for r in ok if r.worker})
+        print(f"time per model (mean of {len(ok)}, {workers} actor process(es)): {stage_means(ok)}")
     return 1 if failed else 0
 
 

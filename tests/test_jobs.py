@@ -56,7 +56,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out
-    assert "time per model (mean of 3): actor start " in out and ", probe pass " in out, out
+    assert "time per model (mean of 3, 3 actor process(es)): actor start " in out and ", probe pass " in out, out
     before = _mtimes(store.root)
     assert len(before) == 3
     # A rerun is a no-op: nothing embedded, no object rewritten.
