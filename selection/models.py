@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from selection.catalog import CatalogEntry
-from selection.errors import ModelError, StoreError
+from selection.errors import ConfigError, ModelError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,6 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
 def check_device(device: str, what: str = "device") -> str:
     """`device` if torch can run on it here: ConfigError for a string torch does not parse as a device,
     ModelError for CUDA where torch sees none."""
-    from selection.errors import ConfigError
-
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as exc:
