@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, check_output, open_store, run_main
+from jobs.common import add_ray_args, check_output, open_store, prog, run_main
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, write_catalog
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -37,7 +37,7 @@ from selection.storage import Store
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("jobs.benchmark"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality", help="selection quality vs brute force (SPEC section 4)",

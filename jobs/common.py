@@ -66,9 +66,27 @@ def check_output(path: str | None, *, directory: bool = False) -> None:
         raise ConfigError(f"cannot write {path!r}: {parent!r} is not a writable directory")
 
 
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
-    """Run a job's main; user errors become one line on stderr and exit status 2."""
+_COMMAND: str | None = None  # "zooselect CMD" while the zooselect command runs a job
+
+
+def prog(module: str) -> str:
+    """A job's name in its usage lines: `zooselect CMD` when that command runs it, else `python -m MODULE`."""
+    return _COMMAND or f"python -m {module}"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
+             command: str | None = None) -> None:
+    """Run a job's main; user errors become one line on stderr and exit status 2. `command`: the
+    `zooselect CMD` that runs it, for its usage lines."""
+    global _COMMAND
+    _COMMAND = command
     level = os.environ.get("ZOOSELECT_LOG", "WARNING").upper()
+    if level not in LOG_LEVELS:
+        print(f"error: ZOOSELECT_LOG should be one of {', '.join(LOG_LEVELS)}, got {level!r}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = main(argv)

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import run_main
+from jobs.common import prog, run_main
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -50,7 +50,7 @@ TASKS = {"fashion-footwear": "builtin:fashion-mnist?classes=5,7,9&per_class=60",
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("jobs.demo"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE", "./zooselect-store"),
                    help="store URL (default: ./zooselect-store)")
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SelectConfig(top_k=len(entries), verify_top_k=args.verify_top_k)
     print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
     labelled = labelled_tasks(work)
-    results = select_job.select(std, [table], list(labelled.values()), config, progress=not args.no_progress)
+    results = select_job.select(std, table, list(labelled.values()), config, progress=not args.no_progress)
     print("[5/5] measuring every candidate's linear-probe accuracy on each task (ground truth, "
           "for comparison only: selection runs no candidate but the verified top k)")
     items = [(e, t) for t in TASKS.values() for e in entries]

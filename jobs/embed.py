@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, open_store, run_main
+from jobs.common import add_ray_args, add_store_args, open_store, prog, run_main
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ConfigError, ZooselectError
@@ -46,8 +46,8 @@ def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: b
     return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid))
 
 
-def parser(prog: str = "python -m jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc,
+def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog(module), description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", required=True, help="catalog file (YAML or JSON lines)")
     add_store_args(p)

@@ -14,7 +14,7 @@ from jobs.embed import parser, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(parser("python -m jobs.reindex", __doc__).parse_args(argv), prune=True)
+    return run(parser("jobs.reindex", __doc__).parse_args(argv), prune=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import run_main
+from jobs.common import prog, run_main
 from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries
 from selection.keys import model_key
 from selection.select import sweep_shards
@@ -355,7 +355,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.scaling", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("jobs.scaling"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--max-m", type=int, default=1_000_000, help="largest table for the sweep")

@@ -10,28 +10,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, check_output, open_store, run_main
+from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
 from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
-                              default_score, embed_task, entry_of, load_task, shortlist, task_image_size,
+                              default_score, embed_task, entry_of, load_task, shortlist_table, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import EmbeddingTable, iter_shards, list_table
+from selection.table import EmbeddingTable, list_table
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.select", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("jobs.select"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_args(p)
     add_ray_args(p)
@@ -88,11 +89,11 @@ def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool])
     return verify_candidate(entry_of(row), load_task(spec, config, std), std.input_size, config, device=device)
 
 
-def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], config: SelectConfig,
+def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,
            progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
            task_gpus: float = 0) -> list[dict[str, Any]]:
-    """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table's shards
-    once, verify (each verification a Ray task holding `verify_gpus` GPUs); on CUDA when > 0. One dict
+    """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table (a store's,
+    listed after the tasks are embedded, or one in memory) once, verify (each verification a Ray task holding `verify_gpus` GPUs); on CUDA when > 0. One dict
     per task."""
     wanted = [("a task embedding", task_gpus, "--task-gpus")]
     if config.verify_top_k:
@@ -107,7 +108,7 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
     if errors:
         raise errors[0]
     t_sweep = time.perf_counter()
-    rankings, m = shortlist(shards, [e.query(std, config.score) for e in embs], config)
+    rankings, m = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(spec, config, r.row, verify_gpus > 0) for spec, ranked in zip(tasks, rankings)
@@ -133,11 +134,21 @@ def select(std: Standard, shards: Iterable[EmbeddingTable], tasks: list[str], co
 
 
 def _result_row(r: Ranked) -> dict[str, Any]:
+    gflops = r.row["gflops"]
     return {"rank": r.rank, "model_id": r.model_id, "score": round(r.score, 6),
             "score_parts": [round(x, 6) for x in r.parts] or None, "verified": r.verified,
             "is_baseline": r.is_baseline,
-            "arch": r.row["arch"], "num_params": r.row["num_params"], "gflops": r.row["gflops"],
+            "arch": r.row["arch"], "num_params": r.row["num_params"],
+            "gflops": gflops if gflops is not None and math.isfinite(gflops) else None,  # NaN: not counted
             "tags": r.row["tags"]}
+
+
+# The --parquet output (and STORE/results/*.parquet): one row per task and ranked model.
+RESULT_SCHEMA = pa.schema([
+    ("rank", pa.int64()), ("model_id", pa.string()), ("score", pa.float64()),
+    ("score_parts", pa.list_(pa.float64())), ("verified", pa.float64()), ("is_baseline", pa.bool_()),
+    ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
+    ("tags", pa.list_(pa.string())), ("task", pa.string()), ("standard_id", pa.string())])
 
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
@@ -168,13 +179,14 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
                 acc = truth.get(res["task"], {}).get(row["model_id"])
                 line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
             note = "standard's own model (covers itself)" if row["is_baseline"] else ""
-            lines.append(line + f" {row['num_params'] / 1e6:>7.1f}M {row['gflops']:>7.2f}  {note}")
+            gflops = "?" if row["gflops"] is None else f"{row['gflops']:.2f}"
+            lines.append(line + f" {row['num_params'] / 1e6:>7.1f}M {gflops:>7}  {note}")
     return "\n".join(lines)
 
 
 def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
     return pa.Table.from_pylist([dict(r, task=res["task"], standard_id=std_id)
-                                 for res in results for r in res["ranking"]])
+                                 for res in results for r in res["ranking"]], schema=RESULT_SCHEMA)
 
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
@@ -215,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)
-    results = select(std, iter_shards(store, std, listing), args.task, config, progress=not args.no_progress,
+    results = select(std, store, args.task, config, progress=not args.no_progress,
                      verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus)
     m = results[0]["models_swept"]
     print(format_results(results, std.id, m))

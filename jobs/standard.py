@@ -11,7 +11,7 @@ import argparse
 import time
 from typing import Sequence
 
-from jobs.common import add_store_args, open_store, run_main
+from jobs.common import add_store_args, open_store, prog, run_main
 from selection.catalog import CatalogEntry
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
@@ -19,7 +19,7 @@ from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PRO
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.standard", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("jobs.standard"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_args(p, standard=False)  # it makes one; which one is its options
     p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline")

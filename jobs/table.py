@@ -7,15 +7,15 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from jobs.common import add_store_args, check_output, open_store, run_main
+from jobs.common import add_store_args, check_output, open_store, prog, run_main
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
-from selection.table import compact, delete_rows, load_table, to_arrow
+from selection.table import compact, delete_rows, iter_shards, load_table, read_consistently, to_arrow
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.table", description=__doc__)
+    p = argparse.ArgumentParser(prog=prog("jobs.table"), description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list the standards and the models embedded under one")
     add_store_args(ls)
@@ -47,13 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     std = load_standard(store, args.standard)
     if args.command == "ls":
         print(f"standards: {', '.join(standards)} (default/selected: {std.id})")
-        table = load_table(store, std)
         cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256"]
-        for row in table.meta.select(cols).to_pylist():
+        rows = read_consistently(store, std, lambda listing: [  # the metadata only, never the vectors
+            row for shard in iter_shards(store, std, listing, columns=cols) for row in shard.meta.to_pylist()])
+        for row in rows:
             print(f"{row['model_id']:<40} {row['arch']:<24} {row['num_params'] / 1e6:>6.1f}M "
                   f"{row['gflops']:>7.2f} GF {row['input_size']:>4}px {row['weights_sha256'][:12]}"
                   f"{'  (standard baseline)' if row['is_baseline'] else ''}")
-        print(f"{len(table)} models under standard {std.id}")
+        print(f"{len(rows)} models under standard {std.id}")
         return 0
     if args.command == "export":
         table = to_arrow(std, load_table(store, std))

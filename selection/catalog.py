@@ -54,6 +54,15 @@ class CatalogEntry:
                 raise ConfigError(f"model {self.id!r}: {name} must be a positive integer, got {value!r}")
         if self.input_size is not None and not 8 <= self.input_size <= 1024:
             raise ConfigError(f"model {self.id!r}: input_size must be in [8, 1024], got {self.input_size}")
+        if self.license is not None and not isinstance(self.license, str):
+            raise ConfigError(f"model {self.id!r}: license must be a string, got {self.license!r}")
+        if not isinstance(self.metadata, dict):
+            raise ConfigError(f"model {self.id!r}: metadata must be a mapping, got {self.metadata!r:.80}")
+        try:  # stored as JSON in the table's catalog_entry column
+            json.dumps(self.metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model {self.id!r}: metadata must hold JSON values (strings, numbers, lists, "
+                              f"mappings): {exc}") from None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "catalog") -> "CatalogEntry":
@@ -82,11 +91,21 @@ class CatalogEntry:
         return {k: v for k, v in d.items() if v not in (None, {}, [])}
 
 
+def _is_json_document(text: str) -> bool:
+    """One JSON value spanning the whole text (e.g. {"models": [...]} over several lines)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     """Parse catalog text: JSON lines (one object per line) or YAML (a list, or {models: [...]})."""
     stripped = text.lstrip()
     raws: list[Any]
-    if where.endswith((".jsonl", ".ndjson")) or (stripped.startswith("{") and "\n{" in stripped):
+    if where.endswith((".jsonl", ".ndjson")) or (stripped.startswith("{") and "\n{" in stripped
+                                                 and not _is_json_document(stripped)):
         raws = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     from jobs.common import run_main
 
-    run_main(module.main, argv[1:])
+    run_main(module.main, argv[1:], command=f"zooselect {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -25,5 +25,9 @@ class StoreError(ZooselectError):
     """The embedding store could not be reached, read or written."""
 
 
+class ObjectGoneError(StoreError):
+    """An object to read is not there (never written, or deleted since it was listed)."""
+
+
 class StandardMismatchError(ZooselectError):
     """Embeddings of different standards, schema versions or widths would be mixed."""

@@ -23,7 +23,8 @@ from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
-from selection.table import EmbeddingTable, iter_shards, list_table
+from selection.storage import Store
+from selection.table import EmbeddingTable, iter_shards, list_table, read_consistently
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +317,14 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
         if len(rows_ok) == 0:
             continue
         s_all = query_scores(shard.embeddings, flat)[rows_ok]  # (m_ok, parts of every query)
+        finite = np.isfinite(s_all).all(1)
+        if not finite.all():  # a row written by another tool with NaN/inf: it cannot be ranked
+            bad = shard.meta.column("model_id").take(pa.array(rows_ok[~finite])).to_pylist()
+            log.warning("%d model(s) left out: their scores are not finite (NaN or inf in the row): %s",
+                        len(bad), ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+            rows_ok, s_all = rows_ok[finite], s_all[finite]
+            if len(rows_ok) == 0:
+                continue
         col = 0
         for t, q in enumerate(queries):
             s = s_all[:, col:col + len(_parts(q))]
@@ -395,6 +404,22 @@ def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
     return rankings, swept[0]
 
 
+def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries,
+                    config: SelectConfig) -> tuple[list[list[Ranked]], int]:
+    """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
+    it changes during the sweep: `read_consistently`). Refuses a table with no rows."""
+    if isinstance(table, EmbeddingTable):
+        rankings, swept = shortlist([table], queries, config)
+        where = "the table given"
+    else:
+        rankings, swept = read_consistently(table, std, lambda listing: shortlist(
+            iter_shards(table, std, listing), queries, config))
+        where = table.url
+    if not swept:
+        raise StoreError(f"no models are embedded under standard {std.id} in {where}")
+    return rankings, swept
+
+
 def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
     """Re-rank each task's top k by `results`: one per shortlisted row, task by task, in ranking order
     (a float, or the ZooselectError its verification raised: logged, the row keeps its place after
@@ -410,6 +435,8 @@ def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any])
             value = next(it)
             if isinstance(value, ZooselectError):
                 log.warning("verification of %s failed: %s", r.model_id, value)
+            elif not np.isfinite(value):
+                log.warning("verification of %s measured %s; left unverified", r.model_id, value)
             else:
                 measured[r.model_id] = value
         out.append(rerank_verified(ranked, measured))
@@ -465,8 +492,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
              if isinstance(t, ImageSet) else load_task(os.fspath(t), config, std) for t in tasks]
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
-    rankings, swept = shortlist(iter_shards(store, std, listing), [e.query(std, config.score) for e in embs],
-                                config)
+    rankings, swept = shortlist_table(std, store, [e.query(std, config.score) for e in embs], config)
     k = config.verify_top_k
     if k:
         results: list[Any] = []

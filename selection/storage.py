@@ -9,6 +9,7 @@ Credentials come from the usual AWS chain and never appear in messages.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -24,7 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selection.errors import ConfigError, StoreError
+from selection.errors import ConfigError, ObjectGoneError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +46,8 @@ def check_url(url: str) -> None:
 
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                   FileExistsError)
+# OSErrors of the local machine that waiting does not fix (a full or read-only disk, a quota).
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -87,7 +90,7 @@ def _error_code(exc: BaseException) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _NOT_TRANSIENT):
+    if isinstance(exc, _NOT_TRANSIENT) or getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
         return False
     code = _error_code(exc)
     text = str(exc)
@@ -275,7 +278,7 @@ class Store:
         try:
             return self._call("read", rel, lambda: self.fs.cat_file(self._full(rel)))
         except FileNotFoundError as exc:
-            raise StoreError(f"no object at {self._display(rel)}") from exc
+            raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: local files via rename, object stores via one PUT."""
@@ -370,7 +373,7 @@ class Store:
         try:
             result = self._call("read", rel, read)
         except FileNotFoundError as exc:
-            raise StoreError(f"no object at {self._display(rel)}") from exc
+            raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         if isinstance(result, _Corrupt):
             text = str(result.exc).splitlines()[0] if str(result.exc) else type(result.exc).__name__
             raise StoreError(f"corrupt Parquet object {self._display(rel)}: {text}") from result.exc

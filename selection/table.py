@@ -10,8 +10,10 @@ runs, writes one deletion marker: both O(1) whatever the table's size (removing 
 without a row object reads the segments' key column, to tell whether it is in the table).
 A row object overrides a marker and any segment row, a marker hides segment rows, a later
 segment overrides an earlier one. `compact` folds row objects and markers into segments,
-so reading 10^5-10^6 models lists a few segments instead of 10^6 objects. Reading
-validates every object against the standard (id, schema version, width) and refuses to mix.
+so reading 10^5-10^6 models lists a few segments instead of 10^6 objects (one compaction at a
+time: a second one refuses to start). Reading validates every object against the standard
+(id, schema version, width) and refuses to mix; a read that finds a listed object gone (removed
+or compacted meanwhile) lists the table again (`read_consistently`).
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 import selection
-from selection.errors import ConfigError, StandardMismatchError, StoreError
+from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
 from selection.storage import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 STALE_LEASE_S = 6 * 3600  # a compaction lease older than this is one whose compaction crashed
 
 META_FIELDS = [
@@ -83,13 +86,18 @@ def marker_path(standard_id: str, model_id: str) -> str:
 
 
 def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
-    """One-row Parquet table; validates the embedding width."""
+    """One-row Parquet table; validates the embedding's width and that it is finite."""
     emb = np.asarray(row["embedding"], np.float32)
     if emb.shape != (std.width,):
         raise StandardMismatchError(f"embedding of {row['model_id']!r} has width {emb.shape}, "
                                     f"standard {std.id} needs ({std.width},)")
+    coverage = np.asarray(row["coverage"], np.float32)
+    for name, values in (("embedding", emb), ("coverage", coverage)):
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        if bad:
+            raise ModelError(f"the {name} of {row['model_id']!r} has {bad} non-finite value(s); not written")
     data = {f.name: [row.get(f.name)] for f in META_FIELDS}
-    data["coverage"] = [np.asarray(row["coverage"], np.float32).tolist()]
+    data["coverage"] = [coverage.tolist()]
     data["embedding"] = [emb.tolist()]
     return pa.table(data, schema=schema_for(std))
 
@@ -105,8 +113,11 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
     """Remove models; return those that were not in the table (nothing done for them).
 
     A model is in the table if it has a row object, or a segment row and no marker.
-    Its row object is deleted and, if segments exist or a compaction is running (which
-    may have read the object already), a marker written that hides its segment rows.
+    Its row object is deleted and, if a compaction is running (which may have read the object
+    already) or segments exist, a marker written that hides its segment rows. The lease is looked
+    at before the segments: a compaction writes its lease before it lists the table and deletes
+    it only after writing its segments, so a compaction that read the row is seen by one or the
+    other.
     The segments' keys are read at most once, and only for ids without a row object.
     """
     segment_keys: set[str] | None = None
@@ -114,7 +125,7 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
     for mid in model_ids:
         row, marker = row_path(std.id, mid), marker_path(std.id, mid)
         if store.delete(row):  # delete first, then look: a compaction listed before sees the marker
-            if list_segments(store, std.id) or store.list(f"{_base(std.id)}/_compacting"):
+            if store.list(f"{_base(std.id)}/_compacting") or list_segments(store, std.id):
                 store.write_bytes(marker, mid.encode())
             continue
         if segment_keys is None:
@@ -253,18 +264,34 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
         yield _shard(std, pa.concat_tables(tables), columns)
 
 
+def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
+    """`read(listing)` on a fresh listing of the table. A listed object that is gone when read (a
+    remove, re-index or compaction deleted it meanwhile) means the listing is out of date: list
+    again and read again, up to `attempts` times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return read(list_table(store, std))
+        except ObjectGoneError as exc:
+            if attempt == attempts:
+                raise StoreError(f"the table of standard {std.id} changed during each of {attempts} "
+                                 f"reads ({exc}); try again") from exc
+            log.info("the table of %s changed while it was read (%s); listing it again", std.id, exc)
+    raise AssertionError("unreachable")
+
+
 def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
     """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
-    out: dict[str, dict[str, Any]] = {}
-    for shard in iter_shards(store, std, columns=INDEX_COLUMNS):
-        for row in shard.meta.to_pylist():
-            out[row["model_id"]] = row
-    return out
+    return read_consistently(store, std, lambda listing: {
+        row["model_id"]: row for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS)
+        for row in shard.meta.to_pylist()})
 
 
 def load_table(store: Store, std: Standard, listing: Listing | None = None,
                row_bytes: list[bytes] | None = None) -> EmbeddingTable:
-    """The whole table of `std` in memory (validated, each model once)."""
+    """The whole table of `std` in memory (validated, each model once). Without `listing`, the
+    table is listed now, and again if it changes while it is read (`read_consistently`)."""
+    if listing is None:
+        return read_consistently(store, std, lambda fresh: load_table(store, std, fresh))
     shards = list(iter_shards(store, std, listing, row_bytes=row_bytes))
     if not shards:
         return _shard(std, schema_for(std).empty_table(), None)
@@ -305,24 +332,36 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
     # would write a marker).
     store.write_bytes(lease, str(time.time()).encode())
     try:
-        _clear_stale_leases(store, leases, keep=lease)
+        running = _other_leases(store, leases, keep=lease)
+        if running:
+            raise StoreError(f"another compaction of standard {std.id} is running (lease {running[0]}, "
+                             f"started {running[1]}); run this one after it ends")
         return _compact(store, std, segment_rows, t0)
     finally:
         store.delete(lease)
 
 
-def _clear_stale_leases(store: Store, leases: str, keep: str) -> None:
+def _other_leases(store: Store, leases: str, keep: str) -> tuple[str, str] | None:
+    """Clear the leases of compactions that crashed; return (path, start) of one that is running.
+
+    Two compactions that start at once may both see the other and both refuse: safe, unlike two
+    running at once (the older one's segment could be written last and bring back old rows).
+    """
+    running = None
     for path in store.list(leases):
         if path == keep:
             continue
         try:
             started = float(store.read_bytes(path).decode())
         except (StoreError, ValueError):
-            continue  # gone meanwhile, or not a lease this version wrote
+            continue  # ended meanwhile, or not a lease this version wrote
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
         if time.time() - started > STALE_LEASE_S:
-            log.warning("removing the lease of a compaction that started %s and never ended: %s",
-                        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), path)
+            log.warning("removing the lease of a compaction that started %s and never ended: %s", when, path)
             store.delete(path)
+        else:
+            running = running or (f"{store.url}/{path}", when)
+    return running
 
 
 def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:

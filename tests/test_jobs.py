@@ -236,9 +236,39 @@ def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog,
 def test_help_works():
     for mod in ("jobs.standard", "jobs.embed", "jobs.select", "jobs.reindex", "jobs.demo", "jobs.table"):
         r = _run(mod, "--help")
-        assert r.returncode == 0 and "usage:" in r.stdout, (mod, r.stderr)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m {mod} "), (mod, r.stderr)
     r = _run("selection.cli", "--help")
     assert r.returncode == 0 and "reindex" in r.stdout
+    for cmd in ("select", "reindex", "table"):  # each job's usage names the command that ran it
+        r = _run("selection.cli", cmd, "--help")
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: zooselect {cmd} "), (cmd, r.stdout[:80])
+    r = _run("selection.cli", "table", "ls", "--store", "/nonexistent", env={"ZOOSELECT_LOG": "verbose"})
+    assert r.returncode == 2 and r.stderr.strip() == ("error: ZOOSELECT_LOG should be one of DEBUG, INFO, "
+                                                      "WARNING, ERROR, CRITICAL, got 'VERBOSE'")
+
+
+def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
+    """A model whose FLOPs could not be counted (NaN) wrote a bare NaN token, which is not JSON, and
+    a selection that no model passed wrote a Parquet file with no columns."""
+    import pyarrow.parquet as pq
+
+    from jobs.select import RESULT_SCHEMA, _result_row, format_results, write_outputs
+    from selection.select import Ranked
+
+    row = {"arch": "resnet10t", "num_params": 5_000_000, "gflops": float("nan"), "tags": ["x"]}
+    ranked = Ranked("zoo/a", 0.5, 1, False, row, verified=None)
+    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [_result_row(ranked)]},
+               {"task": "t2", "n_images": 10, "n_classes": 2, "ranking": []}]
+    out_json, out_pq = str(tmp_path / "r.json"), str(tmp_path / "r.parquet")
+    write_outputs(results, "std-x", out_json, out_pq)
+    doc = json.loads(open(out_json).read(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert doc["tasks"][0]["ranking"][0]["gflops"] is None
+    t = pq.read_table(out_pq)
+    assert t.schema == RESULT_SCHEMA and t.num_rows == 1 and t.column("gflops").to_pylist() == [None]
+    assert "      ?" in format_results(results, "std-x", 1)
+    write_outputs(results[1:], "std-x", None, out_pq)
+    t = pq.read_table(out_pq)
+    assert t.schema == RESULT_SCHEMA and t.num_rows == 0
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published):

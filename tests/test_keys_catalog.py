@@ -49,11 +49,21 @@ def test_catalog_yaml_and_jsonl(tmp_path):
     ("- {id: a, arch: resnet18, weights: 'http://x/y.pth'}", "unsupported weights URL"),
     ("- {id: a, arch: resnet18, input_size: -3}", "input_size must be a positive integer"),
     ("[]", "no entries"),
+    ("- {id: a, arch: resnet18, license: 2.0}", "model 'a': license must be a string, got 2.0"),
+    ("- {id: a, arch: resnet18, metadata: {trained: 2024-05-01}}",
+     "model 'a': metadata must hold JSON values .*date is not JSON serializable"),
     ("{not yaml: [", "not valid YAML"),
 ])
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):
         parse_catalog(text, "cat.yaml")
+
+
+def test_a_json_catalog_over_several_lines_is_not_read_as_json_lines():
+    text = '{"models": [\n{"id": "a", "arch": "resnet18"},\n{"id": "b", "arch": "resnet10t"}\n]}\n'
+    assert [e.id for e in parse_catalog(text, "zoo.json")] == ["a", "b"]
+    lines = '{"id": "a", "arch": "resnet18"}\n{"id": "b", "arch": "resnet10t"}\n'
+    assert [e.id for e in parse_catalog(lines, "zoo.txt")] == ["a", "b"]
 
 
 def test_catalog_missing_file():

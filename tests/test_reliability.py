@@ -547,6 +547,29 @@ def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog):
     assert "transient storage error on read" in caplog.text and "ConnectionResetError" in caplog.text
 
 
+def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, caplog):
+    """Every OSError counted as transient: a full disk was retried for seconds and then reported as
+    'storage unreachable'."""
+    import errno
+
+    store = Store(str(tmp_path / "s"))
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.fs.open = full
+    real_replace = os.replace
+    os.replace = full
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="selection.storage"):
+            with pytest.raises(StoreError, match=r"^storage error for write .*/x: OSError: .*No space left") as err:
+                store.write_bytes("x", b"data")
+    finally:
+        os.replace = real_replace
+    assert time.monotonic() - t0 < 1 and "transient" not in caplog.text and "\n" not in str(err.value)
+
+
 # ------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def embedded_template(tmp_path_factory, tiny_standard) -> str:

@@ -1,9 +1,11 @@
 import dataclasses
 import json
+import logging
 import os
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -12,7 +14,7 @@ from selection.catalog import CatalogEntry
 from selection.embedder import STAGES, embed_entry, needs_embedding
 from selection.errors import DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
-from selection.table import delete_row, load_table, read_index, row_path
+from selection.table import delete_row, delete_rows, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
 
 A = CatalogEntry("zoo/a", "resnet10t", None, input_size=32)
@@ -508,9 +510,10 @@ def test_remove_during_first_compact_stays_removed(published):
     assert delete_row(store, std, "zoo/b") and load_table(store, std).model_ids == ["zoo/a"]
 
 
-def test_compaction_clears_the_lease_of_a_crashed_one_only(published):
-    """A crashed compaction's lease made every later remove write a marker, for ever."""
-    from selection.table import STALE_LEASE_S, compact
+def test_compaction_clears_the_lease_of_a_crashed_one_and_waits_for_a_running_one(published):
+    """A crashed compaction's lease made every later remove write a marker, for ever. A running one's
+    must stop a second compaction: the older one's segment, written last, would bring back old rows."""
+    from selection.table import STALE_LEASE_S, compact, list_segments
 
     store, std = published
     leases = f"embeddings/{std.id}/_compacting"
@@ -518,9 +521,139 @@ def test_compaction_clears_the_lease_of_a_crashed_one_only(published):
     store.write_bytes(crashed, str(time.time() - STALE_LEASE_S - 60).encode())
     store.write_bytes(running, str(time.time() - 60).encode())  # another compaction, still going
     _quick_row(store, std, "zoo/a")
-    compact(store, std)
-    assert store.list(leases) == [running]
+    with pytest.raises(StoreError, match=f"another compaction of standard {std.id} is running "
+                                         f"\\(lease .*/running, started "):
+        compact(store, std)
+    assert store.list(leases) == [running] and list_segments(store, std.id) == []
     assert load_table(store, std).model_ids == ["zoo/a"]
+    store.delete(running)  # it ended
+    compact(store, std)
+    assert store.list(leases) == [] and len(list_segments(store, std.id)) == 1
+    assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_remove_racing_the_end_of_a_first_compact_stays_removed(published):
+    """compact has read the row objects; the remove deletes its row, takes its first look (lease or
+    segments) before compact writes its segment and its second after compact has ended (lease gone,
+    segment there). Looking at the segments first saw neither, and the model came back."""
+    import threading
+
+    from selection.table import compact
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    looked, compacted = threading.Event(), threading.Event()
+    real_list, real_read_many = store.list, store.read_many
+    removed, remover = [], []
+
+    def list_(prefix, suffix=""):
+        out = real_list(prefix, suffix)
+        if threading.current_thread().name == "remover" and not looked.is_set():
+            looked.set()
+            compacted.wait(30)
+        return out
+
+    def read_many(rels, threads=16):  # compact, between listing the table and writing its segment
+        data = real_read_many(rels, threads)
+        remover.append(threading.Thread(name="remover", target=lambda: removed.append(delete_row(store, std, "zoo/b"))))
+        remover[0].start()
+        assert looked.wait(30)
+        return data
+
+    store.list, store.read_many = list_, read_many
+    try:
+        compact(store, std)
+    finally:
+        compacted.set()
+        remover[0].join(30)
+        store.list, store.read_many = real_list, real_read_many
+    assert removed == [True]
+    assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published, caplog):
+    """A remove or compaction between listing the table and reading it deleted an object the
+    listing named: the read lists again (load_table, the select's sweep, the index), and says so
+    when the table keeps changing."""
+    from selection.errors import ObjectGoneError
+    from selection.select import SelectConfig, shortlist_table
+    from selection.table import compact, read_index, row_path
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    real_read_many = store.read_many
+
+    def remove_first(rels, threads=16):  # another client removes zoo/b just after the listing
+        if store.exists(row_path(std.id, "zoo/b")):
+            delete_row(store, std, "zoo/b")
+        return real_read_many(rels, threads)
+
+    store.read_many = remove_first
+    caplog.set_level(logging.INFO, logger="selection.table")
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/c"]
+    assert any("changed while it was read" in m for m in caplog.messages)
+    store.read_many = real_read_many
+    _quick_row(store, std, "zoo/b")
+
+    queries = np.ones((1, std.width), np.float32)
+    real_read_table_columns, real_read_table = store.read_table_columns, store.read_table
+
+    folded = []
+
+    def compacted_meanwhile(rel, *args):  # a compaction folds the rows into a segment after the listing
+        if not folded:
+            folded.append("compacting")  # compact's own reads come through here too
+            folded[0] = compact(store, std)
+        return (real_read_table_columns if args and isinstance(args[0], list) else real_read_table)(rel, *args)
+
+    store.read_table_columns = store.read_table = compacted_meanwhile
+    [ranked], swept = shortlist_table(std, store, queries, SelectConfig(top_k=3))
+    assert folded[0].rows == 3 and swept == 3
+    assert sorted(r.model_id for r in ranked) == ["zoo/a", "zoo/b", "zoo/c"]
+    store.read_table_columns, store.read_table = real_read_table_columns, real_read_table
+    assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b", "zoo/c"]
+
+    def always_gone(rels, threads=16):
+        raise ObjectGoneError(f"no object at {store.url}/{rels[0]}")
+
+    _quick_row(store, std, "zoo/d")
+    store.read_many = always_gone
+    with pytest.raises(StoreError, match=f"the table of standard {std.id} changed during each of 3 reads"):
+        load_table(store, std)
+
+
+def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published, caplog):
+    """A NaN embedding is not written; one that another tool wrote is left out of the ranking
+    (it used to empty the shortlist or crash the sweep), with a warning naming it."""
+    from selection.errors import ModelError
+    from selection.select import SelectConfig, sweep_shards
+    from selection.table import iter_shards, make_row_table, row_path
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    row = {"model_id": "zoo/nan", "model_key": "k", "embedding": np.full(std.width, np.nan, np.float32),
+           "coverage": np.zeros(std.d, np.float32), "standard_id": std.id}
+    with pytest.raises(ModelError, match="the embedding of 'zoo/nan' has %d non-finite value" % std.width):
+        make_row_table(std, row)
+    row["embedding"] = np.ones(std.width, np.float32)
+    row["coverage"] = np.full(std.d, np.inf, np.float32)
+    with pytest.raises(ModelError, match="the coverage of 'zoo/nan' has"):
+        make_row_table(std, row)
+    _quick_row(store, std, "zoo/nan")  # then overwritten as another tool might write it
+    t = store.read_table(row_path(std.id, "zoo/nan"))
+    emb = np.ones(std.width, np.float32)
+    emb[3] = np.nan
+    field = t.schema.field("embedding")
+    t = t.set_column(t.schema.get_field_index("embedding"), field, pa.array([emb.tolist()], field.type))
+    store.write_table(row_path(std.id, "zoo/nan"), t)
+    queries = np.ones((1, std.width), np.float32)
+    for k in (1, 3):  # the three finite rows tie; ties go by model id
+        [ranked] = sweep_shards(iter_shards(store, std), queries, k)
+        assert [r.model_id for r in ranked] == ["zoo/a", "zoo/b", "zoo/c"][:k]
+    assert any("left out" in m and "zoo/nan" in m for m in caplog.messages)
 
 
 def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, caplog):
@@ -579,6 +712,13 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
         select_models(store, [task, 3])
     with pytest.raises(ConfigError, match="device should be a torch device such as 'cpu' or 'cuda', got 'gpu'"):
         select_models(store, [task], device="gpu")
+    # Every model removed after a compaction: segments are left, no live row; said as such.
+    from selection.table import compact
+
+    compact(store, std)
+    assert not delete_rows(store, std, ["zoo/a", "zoo/b", "zoo/c", "zoo/gone"])
+    with pytest.raises(StoreError, match=f"no models are embedded under standard {std.id} in {store.url}"):
+        select_models(store, [task])
 
 
 def test_select_models_runs_the_standard_and_the_verification_on_its_device(published, monkeypatch):
