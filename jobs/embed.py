@@ -1,7 +1,7 @@
 """Embed a catalog into the table: `python -m jobs.embed --catalog CATALOG --store STORE`.
 
 One Ray actor per candidate model (GPU where the cluster has them). Models already
-embedded with the same weights digest and standard are skipped.
+embedded under the standard with the same weights digest and catalog entry are skipped.
 """
 
 from __future__ import annotations

@@ -114,6 +114,18 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def node_resources() -> dict[str, float]:
+    """The most of each resource that one alive node has: an actor or task must fit on one node."""
+    import ray
+
+    out: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in node.get("Resources", {}).items():
+                out[name] = max(out.get(name, 0.0), float(amount))
+    return out
+
+
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
               num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2) -> list[Any]:
     """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
@@ -277,25 +289,26 @@ class ActorOptions:
                               "the nodes are up: the resources now do not tell), got None")
 
 
-def check_fits(what: str, need: dict[str, tuple[float, str]], res: dict[str, float], autoscaling: bool) -> None:
-    """ConfigError if `what` needs more of a resource (name -> (amount, option)) than the cluster's
-    total `res` now, unless `autoscaling`: then it waits for the nodes its demand makes the
-    autoscaler add (a warning says so). Without the check Ray waits for ever."""
-    short = [f"{what} needs {amount:g} {name}(s) ({option}) but the cluster has {res.get(name, 0):g} {name}s"
-             for name, (amount, option) in need.items() if amount > res.get(name, 0)]
+def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, float], autoscaling: bool) -> None:
+    """ConfigError if `what` needs more of a resource (name -> (amount, option)) than any one node has
+    now (`node`: the most of each, `node_resources`), unless `autoscaling`: then it waits for the nodes
+    its demand makes the autoscaler add (a warning says so). Without the check Ray waits for ever."""
+    short = [f"{what} needs {amount:g} {name}(s) ({option}) but no node has more than {node.get(name, 0):g} {name}s"
+             for name, (amount, option) in need.items() if amount > node.get(name, 0)]
     if short and not autoscaling:
         raise ConfigError(f"{short[0]} (if the cluster adds nodes on demand: --autoscaling)")
     if short:
         log.warning("%s now; waiting for the autoscaler to add nodes", short[0])
 
 
-def size_actors(opts: ActorOptions, res: dict[str, float]) -> tuple[float, int]:
-    """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res`
-    (see `check_fits` for one that cannot hold an actor)."""
+def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float] | None = None) -> tuple[float, int]:
+    """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res` and whose
+    largest node has `node` (default: `res`, one node; see `check_fits` for one that cannot hold an actor)."""
+    node = res if node is None else node
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if node.get("GPU", 0) >= 1 else 0.0)
     need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
-    check_fits("an actor", need, res, opts.autoscaling)
+    check_fits("an actor", need, node, opts.autoscaling)
     if opts.max_in_flight is not None:
         return gpus_per_actor, opts.max_in_flight
     by_cpu = int(cpus // max(opts.cpus_per_actor, 1e-9))
@@ -317,7 +330,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     from tqdm import tqdm
 
     entries = list(entries)
-    gpus_per_actor, max_in_flight = size_actors(opts, cluster_resources())
+    gpus_per_actor, max_in_flight = size_actors(opts, cluster_resources(), node_resources())
     cpus_per_actor, retries = opts.cpus_per_actor, opts.retries
     per_actor = opts.models_per_actor
     actor_cls = ray.remote(_EmbedActor).options(  # each of its models may restart it `retries` times
@@ -347,10 +360,12 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                         start = max(0.0, time.perf_counter() - started - result.seconds)
                         result = dataclasses.replace(result, stage_seconds={"actor start": start,
                                                                             **result.stage_seconds})
-                    healthy = True
+                    healthy = result.status != "failed"  # a model that failed may leave its process unusable
                 except ray.exceptions.RayError as exc:
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    result = EmbedResult(entry.id, "failed", f"worker failed after {retries} retries: {text[:300]}")
+                    how = (f"worker failed after {retries} retries" if isinstance(exc, ray.exceptions.RayActorError)
+                           else "raised")
+                    result = EmbedResult(entry.id, "failed", f"{how}: {text[:300]}")
                     healthy = False
                 if healthy and used + 1 < per_actor and queue:
                     idle.append((actor, used + 1))

@@ -100,7 +100,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         wanted.append(("a verification", verify_gpus, "--verify-gpus"))
     for what, gpus, flag in wanted:
         if gpus:
-            runtime.check_fits(what, {"GPU": (gpus, flag)}, runtime.cluster_resources(), autoscaling)
+            runtime.check_fits(what, {"GPU": (gpus, flag)}, runtime.node_resources(), autoscaling)
     t0 = time.perf_counter()
     embs = runtime.map_tasks(_task_embedding, [(t, config, task_gpus > 0) for t in tasks], shared=std,
                              num_gpus=task_gpus, desc="tasks", progress=progress)

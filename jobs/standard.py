@@ -15,7 +15,8 @@ from jobs.common import add_store_args, open_store, prog, run_main
 from selection.catalog import CatalogEntry
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
-                                build_standard, list_standards, load_standard, plan_standard, save_standard)
+                                build_standard, check_same_spec, list_standards, load_standard, plan_standard,
+                                save_standard)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", default=None, metavar="SPEC",
                    help="probe source dataset spec (repeatable; default: the built-in mix)")
     p.add_argument("--probe-image-size", type=int, default=64)
-    p.add_argument("--d", type=int, default=64, help="baseline feature dimensions kept (PCA)")
+    p.add_argument("--d", type=int, default=64, help="dimensions of z (PCA), the companion's share included "
+                                                           "(the baseline gets d minus --companion-d)")
     p.add_argument("--form", choices=list(FORMS), default=StandardConfig.form,
                    help="model embedding stored: full C (d(d+1)/2 numbers), its diagonal (d), or "
                         "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2)")
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, images = plan_standard(config)
     sid = spec["standard_id"]
     if sid in list_standards(store):
-        load_standard(store, sid)  # validates what is there
+        check_same_spec(load_standard(store, sid).spec, spec)  # load_standard validates what is there
         if not args.no_default:
             store.write_bytes("standards/DEFAULT", sid.encode())
         print(f"standard {sid} already published in {store.url}; nothing to do")

@@ -123,8 +123,35 @@ def state_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return digest.hexdigest()
+
+
+def _pickle_names_code(data: bytes) -> bool:
+    """Whether `data` (a pickle, or torch.save's zip of them) imports anything but torch's own tensor
+    rebuilding. Read with pickletools, never run."""
+    import pickletools
+    import zipfile
+
+    try:
+        blobs = [data]
+        if data[:2] == b"PK":
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        for blob in blobs:
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(io.BytesIO(blob)):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in ("INST", "OBJ"):
+                    return True
+                if op.name in ("GLOBAL", "STACK_GLOBAL"):
+                    name = arg.replace(" ", ".") if op.name == "GLOBAL" else ".".join(strings[-2:])
+                    if not name.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")):
+                        return True
+    except Exception:  # noqa: BLE001 - not a pickle stream (or zip of them)
+        return False
+    return False
 
 
 def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -139,9 +166,12 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc) or _pickle_names_code(data):
             raise ModelError(f"refusing checkpoint {where!r}: it contains pickled code or objects "
                              f"(only tensors are accepted; use safetensors)") from exc
+        if "weights_only" in str(exc):  # torch's unpickler met bytes that are no pickle it knows
+            raise ModelError(f"checkpoint {where!r} is not a PyTorch or safetensors checkpoint "
+                             f"({text[:120]})") from exc
         raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -422,11 +452,11 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
                 feats = model.forward_head(model.forward_features(x), pre_logits=True)
         except torch.OutOfMemoryError as exc:
             raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc
-        except RuntimeError as exc:
-            text = str(exc).splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - a model's own checks raise anything (ViT: AssertionError)
+            text = str(exc).splitlines()[0] if str(exc) else ""
             if "out of memory" in text.lower():
                 raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc
-            raise ModelError(f"model {loaded.entry.id!r}: forward pass failed: {text}") from exc
+            raise ModelError(f"model {loaded.entry.id!r}: forward pass failed: {type(exc).__name__}: {text}") from exc
         out.append(feats[:n].float().reshape(n, -1))
         if progress is not None:
             progress(n)

@@ -230,7 +230,30 @@ def load_standard_models(std: Standard) -> StandardModels:
             raise StandardMismatchError(
                 f"standard {std.id!r}: the companion {std.companion.arch!r} initialises to other weights here "
                 f"than when the standard was built (torch/timm versions differ?); rebuild the standard")
-    return StandardModels(load_model(std.baseline), companion)
+    baseline = load_model(std.baseline)
+    if baseline.weights_sha256 != std.baseline_sha256:
+        raise StandardMismatchError(
+            f"standard {std.id!r}: the baseline's weights {std.baseline.weights!r} are not the ones the standard "
+            f"was built from (sha256 {baseline.weights_sha256[:12]}, built from {std.baseline_sha256[:12]}); "
+            f"restore them or build a new standard")
+    return StandardModels(baseline, companion)
+
+
+def _unhashed(spec: dict[str, Any]) -> dict[str, Any]:
+    """What changes a standard's numbers but its id does not hash (hashing it would change every
+    published id): the baseline's input size, the probe sources and their sizes."""
+    return {"baseline input_size": spec.get("baseline", {}).get("entry", {}).get("input_size"),
+            "probe_sources": spec.get("probe_sources"), "probe_source_sizes": spec.get("probe_source_sizes")}
+
+
+def check_same_spec(published: dict[str, Any], planned: dict[str, Any]) -> None:
+    """Refuse to take a published standard for a planned one that differs where the id does not look."""
+    old_values, new_values = _unhashed(published), _unhashed(planned)
+    for key, new in new_values.items():
+        old = old_values[key]
+        if old != new:
+            raise ConfigError(f"standard {planned['standard_id']} is published in this store with {key} {old!r}, "
+                              f"not {new!r}, and its id does not tell them apart; publish this one to another store")
 
 
 def is_standard_model(std: Standard, loaded: Any) -> bool:

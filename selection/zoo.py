@@ -39,7 +39,7 @@ class TrainSpec:
     epochs: int = 2
     lr: float = 2e-3
     batch_size: int = 64
-    seed: int = 0
+    seed: int = 0  # batch order, augmentation and the new head; the initial weights are seeded by the id
     init: str | None = None  # weights to fine-tune from (catalog weights syntax)
     tags: tuple[str, ...] = ()
 

@@ -120,12 +120,12 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     res = json.load(open(out_json))["tasks"][0]
     assert res["n_verified"] == 2 and len(res["ranking"]) == 1 and res["ranking"][0]["verified"] is not None
     # A GPU per verification on a cluster without one is refused before any work (Ray would wait for ever).
-    with pytest.raises(ConfigError, match=r"a verification needs 1 GPU\(s\) \(--verify-gpus\) but the cluster "
-                                          r"has 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
+    with pytest.raises(ConfigError, match=r"a verification needs 1 GPU\(s\) \(--verify-gpus\) but no node has "
+                                          r"more than 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
         select.main(["--store", store.url, "--task", tasks[0], "--verify-top-k", "2", "--verify-gpus", "1",
                      "--no-save", "--no-progress", "--task-image-size", "32"])
-    with pytest.raises(ConfigError, match=r"a task embedding needs 0.5 GPU\(s\) \(--task-gpus\) but the cluster "
-                                          r"has 0 GPUs"):
+    with pytest.raises(ConfigError, match=r"a task embedding needs 0.5 GPU\(s\) \(--task-gpus\) but no node has "
+                                          r"more than 0 GPUs"):
         select.main(["--store", store.url, "--task", tasks[0], "--task-gpus", "0.5", "--no-save", "--no-progress",
                      "--task-image-size", "32"])
     with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):

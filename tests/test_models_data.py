@@ -59,9 +59,30 @@ def test_malicious_pickle_checkpoint_refused(tmp_path):
     assert not os.path.exists("/tmp/zooselect-pwned")
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="refusing checkpoint .* pickled code"):
         load_model(CatalogEntry("evil2", "resnet10t", str(raw)))
     assert not os.path.exists("/tmp/zooselect-pwned")
+
+
+@pytest.mark.parametrize("data", [b"<!DOCTYPE html><html>404 Not Found</html>", bytes(range(256)) * 4],
+                         ids=["html-page", "random-bytes"])
+def test_a_file_that_is_no_checkpoint_is_not_called_pickled_code(tmp_path, data):
+    """A failed download (an HTML page) was refused as if it carried code."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(data)
+    with pytest.raises(ModelError, match=r"checkpoint '.*w\.pth' is not a PyTorch or safetensors checkpoint|"
+                                         r"corrupt checkpoint") as err:
+        load_model(CatalogEntry("m", "resnet10t", str(path)))
+    assert "pickled code" not in str(err.value)
+
+
+def test_a_model_error_that_is_no_runtime_error_is_a_model_error():
+    """A ViT at another input size raises AssertionError in its forward pass: it escaped embed_entry."""
+    from selection.models import extract_features
+
+    loaded = load_model(CatalogEntry("vit", "vit_tiny_patch16_224", None))
+    with pytest.raises(ModelError, match="model 'vit': forward pass failed: AssertionError: Input height"):
+        extract_features(loaded, np.zeros((2, 32, 32, 3), np.uint8), input_size=32)
 
 
 def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):

@@ -276,9 +276,10 @@ def test_actor_killed_mid_embedding_is_retried_and_each_model_lands_once(ray_loc
     _assert_each_model_once(store, std, [e.id for e in entries])
 
 
-def test_actors_embed_several_models_in_turn_when_asked(ray_local, published):
+def test_actors_embed_several_models_in_turn_when_asked(ray_local, published, tmp_path):
     """--models-per-actor N: one process embeds N models (no new process start per model); each
-    model's row is the same as from a fresh process per model."""
+    model's row is the same as from a fresh process per model. An actor whose model failed is
+    replaced (a failure, e.g. a CUDA error, may leave the process unusable)."""
     from jobs import runtime
 
     store, std = published
@@ -291,6 +292,13 @@ def test_actors_embed_several_models_in_turn_when_asked(ray_local, published):
     assert [r.worker for r in again][:2] == [again[0].worker] * 2 and again[2].worker != again[0].worker
     assert all(re.fullmatch(r"[^:]+:\d+", r.worker) for r in again)
     assert {mid: _row_bytes(store, std, mid) for mid in rows} == rows
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    bad = CatalogEntry("zoo/corrupt", "resnet10t", str(corrupt), input_size=32)
+    mixed = runtime.embed_with_actors([bad] + TINY[:2], std, store.url, progress=False,
+                                      opts=runtime.ActorOptions(max_in_flight=1, models_per_actor=3))
+    assert [r.status for r in mixed] == ["failed", "embedded", "embedded"] and "corrupt" in mixed[0].reason
+    assert mixed[1].worker != mixed[0].worker and mixed[2].worker == mixed[1].worker
 
 
 def _row_bytes(store: Store, std, model_id: str) -> bytes:
@@ -656,7 +664,7 @@ def test_actor_the_cluster_cannot_hold_is_refused_at_once(ray_local, embedded, t
     t0 = time.monotonic()
     line = _run_job(embed.main, ["--catalog", _catalog(tmp_path, TINY[1:2]), "--store", store.url,
                                  "--no-progress", flag, str(want)], capsys)
-    assert f"an actor needs {want} {resource}(s)" in line and f"the cluster has {have:g} {resource}s" in line, line
+    assert f"an actor needs {want} {resource}(s)" in line and f"no node has more than {have:g} {resource}s" in line, line
     assert time.monotonic() - t0 < 60
     assert sorted(load_table(store, embedded[1]).model_ids) == [TINY[0].id]
 
@@ -670,8 +678,14 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     assert size_actors(ActorOptions(), {"CPU": 2}) == (0.0, 2)
     assert size_actors(ActorOptions(cpus_per_actor=4), {"CPU": 16, "GPU": 8}) == (1.0, 4)
     empty_head = {"CPU": 0.0}
-    with pytest.raises(ConfigError, match=r"has 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
+    with pytest.raises(ConfigError, match=r"no node has more than 0 GPUs \(if the cluster adds nodes on demand: "
+                                          r"--autoscaling\)"):
         size_actors(ActorOptions(gpus_per_actor=1), empty_head)
+    # Two 2-CPU nodes hold 4 CPUs, but no 3-CPU actor: Ray would wait for ever.
+    with pytest.raises(ConfigError, match=r"an actor needs 3 CPU\(s\) \(cpus_per_actor\) but no node has more "
+                                          r"than 2 CPUs"):
+        size_actors(ActorOptions(cpus_per_actor=3), {"CPU": 4}, node={"CPU": 2})
+    assert size_actors(ActorOptions(cpus_per_actor=2), {"CPU": 4}, node={"CPU": 2}) == (0.0, 2)
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
     assert "waiting for the autoscaler" in caplog.text

@@ -12,8 +12,9 @@ import pytest
 import selection
 from selection.catalog import CatalogEntry
 from selection.embedder import STAGES, embed_entry, needs_embedding
-from selection.errors import DataError, StandardMismatchError, StoreError
+from selection.errors import ConfigError, DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
+from selection.storage import Store
 from selection.table import delete_row, delete_rows, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
 
@@ -751,3 +752,44 @@ def test_select_models_runs_the_standard_and_the_verification_on_its_device(publ
     [sel] = select_models(store, [task], SelectConfig(top_k=2, verify_top_k=2), device="cuda:0")
     assert sel.n_verified == 2
     assert sorted(seen) == sorted([(std.baseline.id, "cuda:0")] + [(r.model_id, "cuda:0") for r in sel.ranking])
+
+
+def test_a_standard_refuses_a_baseline_checkpoint_changed_since_it_was_built(tmp_path):
+    """The companion's weights were checked on load, the baseline's not: a checkpoint overwritten
+    after the build gave every task features of another model, projected on the old basis."""
+    import timm
+    import torch
+
+    from selection.standard import load_standard_models
+    from tests.conftest import save_checkpoint
+
+    path = str(tmp_path / "base.safetensors")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(timm.create_model("resnet10t", num_classes=3), path)
+        if seed == 0:
+            std = build_standard(tiny_config(baseline=CatalogEntry("base", "resnet10t", path, input_size=32)))
+            load_standard_models(std)  # the same file: loads
+    with pytest.raises(StandardMismatchError, match=f"the baseline's weights '{path}' are not the ones the "
+                                                    f"standard was built from"):
+        load_standard_models(std)
+
+
+def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp_path):
+    """A BatchNorm companion crashed the build (its 0-d num_batches_tracked in the state digest). The
+    standard id does not hash the baseline's input size: publishing another input size under the
+    same id said "already published; nothing to do"."""
+    from jobs import standard as standard_job
+    from selection.standard import list_standards, load_standard_models
+
+    std = build_standard(tiny_config(companion=CatalogEntry("random/resnet10t", "resnet10t", None), d=8))
+    assert load_standard_models(std).companion.arch == "resnet10t"
+    args = ["--store", str(tmp_path / "s"), "--baseline-arch", "resnet10t", "--baseline-weights", "none",
+            "--probe", "builtin:textures?n=24", "--probe-image-size", "32", "--d", "4", "--form", "full",
+            "--no-progress"]
+    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
+    [sid] = list_standards(Store(str(tmp_path / "s")))
+    with pytest.raises(ConfigError, match=f"standard {sid} is published in this store with baseline input_size "
+                                          f"32, not 96, and its id does not tell them apart"):
+        standard_job.main(args + ["--baseline-input-size", "96"])
+    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0  # the same one: nothing to do
