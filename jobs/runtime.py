@@ -185,10 +185,13 @@ class _EmbedActor:
         import torch
 
         from selection.embedder import embed_entry
+        from selection.models import check_device
         from selection.storage import Store
 
         store = Store(self.store_url, s3_endpoint=self.s3_endpoint)
-        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()  # only on a GPU Ray gave this actor
+        on_gpu = bool(ray.get_gpu_ids())  # only on a GPU Ray gave this actor, and then never the CPU instead:
+        if on_gpu:  # a table must not mix bf16 GPU rows with float32 CPU ones unnoticed
+            check_device("cuda", "the device of an actor given a GPU (--gpus-per-actor)")
         try:
             if on_gpu:
                 result = embed_entry(entry, std, store, device="cuda", amp_dtype=torch.bfloat16,

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-import pyarrow.parquet as pq
-
 from jobs.common import add_store_args, check_output, open_store, prog, run_main
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
-from selection.table import compact, delete_rows, iter_shards, load_table, read_consistently, to_arrow
+from selection.table import compact, delete_rows, export_table, iter_shards, read_consistently
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,9 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(rows)} models under standard {std.id}")
         return 0
     if args.command == "export":
-        table = to_arrow(std, load_table(store, std))
-        pq.write_table(table, args.out)
-        print(f"wrote {table.num_rows} models under standard {std.id} to {args.out}")
+        rows = export_table(store, std, args.out)
+        print(f"wrote {rows} models under standard {std.id} to {args.out}")
         return 0
     if args.command == "compact":
         res = compact(store, std, args.segment_rows)

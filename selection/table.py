@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
@@ -302,6 +304,28 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None,
     return EmbeddingTable(std.id, meta, np.concatenate([s.embeddings for s in shards]))
 
 
+def export_table(store: Store, std: Standard, path: str) -> int:
+    """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
+    shard, not the table); return its rows. The file appears whole or not at all."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+
+    def write(listing: Listing) -> int:
+        rows = 0
+        with pq.ParquetWriter(tmp, schema_for(std)) as out:
+            for shard in iter_shards(store, std, listing):
+                out.write_table(to_arrow(std, shard))
+                rows += len(shard)
+        return rows
+
+    try:
+        rows = read_consistently(store, std, write)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rows
+
+
 @dataclass(frozen=True)
 class CompactResult:
     segments_written: int
@@ -368,14 +392,28 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     listing = list_table(store, std)
     row_bytes = store.read_many(listing.rows)  # read once: parsed below, digests kept for the delete check
     digests = {p: hashlib.sha256(b).hexdigest() for p, b in zip(listing.rows, row_bytes)}
-    table = to_arrow(std, load_table(store, std, listing, row_bytes))
-    del row_bytes
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    written = 0
-    for start in range(0, table.num_rows, segment_rows):
-        name = f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet"
-        store.write_table(name, table.slice(start, segment_rows))
+    written = rows = 0
+
+    def write_segment(t: pa.Table) -> None:
+        nonlocal written
+        store.write_table(f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet", t)
         written += 1
+
+    # Shard by shard (each old segment, then the row objects): memory holds one shard and one new
+    # segment, not the table.
+    pending = schema_for(std).empty_table()
+    for shard in iter_shards(store, std, listing, row_bytes=row_bytes):
+        rows += len(shard)
+        pending = pa.concat_tables([pending, to_arrow(std, shard)])
+        while pending.num_rows >= segment_rows:
+            write_segment(pending.slice(0, segment_rows))
+            pending = pending.slice(segment_rows)
+        # A slice keeps every chunk it came from, even at zero rows: keep only the rest's own.
+        pending = pending.combine_chunks() if pending.num_rows else schema_for(std).empty_table()
+    if pending.num_rows:
+        write_segment(pending)
+    del row_bytes, pending
     # Old segments, then markers, then row objects: stopped at any point (a crash, a reader in
     # between), the table is the same. Rows first would let an old marker hide a re-added model.
     removed = 0
@@ -388,9 +426,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
             continue
         if unchanged:
             removed += store.delete(p)
-    log.info("compacted %d rows of %s into %d segment(s), removed %d objects", table.num_rows,
-             std.id, written, removed)
-    return CompactResult(written, table.num_rows, removed, time.perf_counter() - t0)
+    log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, written, removed)
+    return CompactResult(written, rows, removed, time.perf_counter() - t0)
 
 
 def versions_json() -> str:

@@ -214,6 +214,21 @@ def test_a_worker_given_a_gpu_torch_cannot_see_says_so(monkeypatch, fn, flag):
         getattr(select, fn)(None, item)
 
 
+def test_an_actor_given_a_gpu_torch_cannot_see_says_so_instead_of_using_the_cpu(monkeypatch):
+    """It embedded on the CPU in float32, in a table meant to be bf16 GPU rows."""
+    import ray
+    import torch
+
+    from jobs.runtime import _EmbedActor
+    from selection.errors import ModelError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    with pytest.raises(ModelError, match=r"the device of an actor given a GPU \(--gpus-per-actor\) is 'cuda' but "
+                                         r"torch sees no CUDA device here"):
+        _EmbedActor("/tmp/unused-store", None, 1).embed(CatalogEntry("m", "resnet10t"), None)
+
+
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):
     from jobs import embed, select
     from jobs.common import run_main

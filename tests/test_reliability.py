@@ -530,7 +530,7 @@ def test_corrupt_parquet_footer_is_reported_not_retried_as_a_storage_fault(tmp_p
     assert "\n" not in str(err.value)
 
 
-def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog):
+def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog, monkeypatch):
     store = Store(str(tmp_path / "s"), retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.02))
     data = _parquet_bytes()
     store.write_bytes("ok.parquet", data)
@@ -548,14 +548,14 @@ def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog):
             return Flaky(data)
         return real_open(path, mode, **kw)
 
-    store.fs.open = flaky_open
+    monkeypatch.setattr(store.fs, "open", flaky_open)  # fsspec shares one local filesystem object: undone after
     with caplog.at_level(logging.WARNING, logger="selection.storage"):
         t = store.read_table_columns("ok.parquet", ["model_key"])
     assert t.num_rows == 500 and len(opens) == 2
     assert "transient storage error on read" in caplog.text and "ConnectionResetError" in caplog.text
 
 
-def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, caplog):
+def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, caplog, monkeypatch):
     """Every OSError counted as transient: a full disk was retried for seconds and then reported as
     'storage unreachable'."""
     import errno
@@ -565,16 +565,12 @@ def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, ca
     def full(*args, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    store.fs.open = full
-    real_replace = os.replace
-    os.replace = full
-    try:
-        t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="selection.storage"):
-            with pytest.raises(StoreError, match=r"^storage error for write .*/x: OSError: .*No space left") as err:
-                store.write_bytes("x", b"data")
-    finally:
-        os.replace = real_replace
+    monkeypatch.setattr(os, "replace", full)  # the local store's atomic rename
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="selection.storage"):
+        with pytest.raises(StoreError, match=r"^storage error for write .*/x: OSError: .*No space left") as err:
+            store.write_bytes("x", b"data")
+    monkeypatch.undo()
     assert time.monotonic() - t0 < 1 and "transient" not in caplog.text and "\n" not in str(err.value)
 
 

@@ -421,6 +421,7 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     assert "wrote 2 models" in capsys.readouterr().out
     exported = pq.read_table(out)
     assert sorted(exported.column("model_id").to_pylist()) == ["zoo/a", "zoo/d"]
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]  # written shard by shard, renamed
     assert exported.schema.field("embedding").type.list_size == std.width
     _read_by_other_tools(out, ["zoo/a", "zoo/d"], std.width)
     # a row object is plain Parquet too
