@@ -309,7 +309,8 @@ def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float
     largest node has `node` (default: `res`, one node; see `check_fits` for one that cannot hold an actor)."""
     node = res if node is None else node
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
-    gpus_per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if node.get("GPU", 0) >= 1 else 0.0)
+    gpus_per_actor = (opts.gpus_per_actor if opts.gpus_per_actor is not None
+                      else 1.0 if node.get("GPU", 0) >= 1 else 0.0)
     need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
     check_fits("an actor", need, node, opts.autoscaling)
     if opts.max_in_flight is not None:

@@ -92,9 +92,9 @@ def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool])
 def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,
            progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
            task_gpus: float = 0) -> list[dict[str, Any]]:
-    """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table (a store's,
-    listed after the tasks are embedded, or one in memory) once, verify (each verification a Ray task holding `verify_gpus` GPUs); on CUDA when > 0. One dict
-    per task."""
+    """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
+    store's, listed after the tasks are embedded, or one in memory), verify (each verification a Ray task
+    holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task."""
     wanted = [("a task embedding", task_gpus, "--task-gpus")]
     if config.verify_top_k:
         wanted.append(("a verification", verify_gpus, "--verify-gpus"))

@@ -257,11 +257,18 @@ def check_same_spec(published: dict[str, Any], planned: dict[str, Any]) -> None:
 
 
 def is_standard_model(std: Standard, loaded: Any) -> bool:
-    """Whether a loaded model is the standard's baseline or companion (it would cover itself)."""
+    """Whether a loaded model is the standard's baseline or companion (it would cover itself): the
+    same checkpoint, or (for the baseline, in standards built since session 21) the same tensors in
+    another file or format."""
+    from selection.models import state_digest
+
     own = [(std.baseline.arch, std.baseline_sha256)]
     if std.companion is not None:
         own.append((std.companion.arch, std.spec["companion"]["weights_sha256"]))
-    return (loaded.arch, loaded.weights_sha256) in own
+    if (loaded.arch, loaded.weights_sha256) in own:
+        return True
+    state = std.spec["baseline"].get("state_sha256")
+    return state is not None and loaded.arch == std.baseline.arch and state_digest(loaded.model) == state
 
 
 def standard_features(std: Standard, images: np.ndarray, models: StandardModels | None = None,
@@ -382,7 +389,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
 
 def build_standard(config: StandardConfig, progress: Callable[[int], None] | None = None) -> Standard:
     """Run the baseline over the probe set and fit the whitening basis on P_fit."""
-    from selection.models import extract_features, load_model
+    from selection.models import extract_features, load_model, state_digest
 
     t0 = time.perf_counter()
     spec, images = plan_standard(config)
@@ -400,6 +407,7 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
         c_mean, c_projection = _whitening(hc[fit_idx], d_comp, "companion")
         z = np.concatenate([z, (hc - c_mean) @ c_projection], axis=1)
     spec["baseline"]["feature_dim"] = int(h.shape[1])
+    spec["baseline"]["state_sha256"] = state_digest(loaded.model)  # tells a copy of it in another file
     spec["baseline_data_config"] = {k: list(v) if isinstance(v, tuple) else v
                                     for k, v in loaded.data_config.items()}
     created = {"build_seconds": round(time.perf_counter() - t0, 2), "created_at": time.time(),

@@ -794,3 +794,24 @@ def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp
                                           f"32, not 96, and its id does not tell them apart"):
         standard_job.main(args + ["--baseline-input-size", "96"])
     assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0  # the same one: nothing to do
+
+
+def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path):
+    """The baseline was recognised among the candidates by its checkpoint's bytes only: the same
+    tensors saved as safetensors were listed as an ordinary model (that covers itself)."""
+    import timm
+    import torch
+
+    from selection.models import load_model
+    from selection.standard import is_standard_model
+    from tests.conftest import save_checkpoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3)
+    pth = str(tmp_path / "base.pth")
+    torch.save(model.state_dict(), pth)
+    copy = save_checkpoint(model, str(tmp_path / "copy.safetensors"))
+    other = save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "other.safetensors"))
+    std = build_standard(tiny_config(baseline=CatalogEntry("base", "resnet10t", pth, input_size=32)))
+    assert is_standard_model(std, load_model(CatalogEntry("copy", "resnet10t", copy, input_size=32)))
+    assert not is_standard_model(std, load_model(CatalogEntry("other", "resnet10t", other, input_size=32)))
