@@ -40,7 +40,7 @@ print(sys.version.split()[0], 'ray', ray.__version__ if ray else 'missing (.gpu/
   nproc; } | tee "$out/env.txt"
 if want throughput; then
   step "throughput: actor vs bare forward, bf16 vs fp32, peak memory"
-  timeout 300 python3 -m jobs.scaling --skip update --skip sweep --device cuda \
+  timeout 300 python3 -m jobs.scaling --skip update --skip sweep --skip compaction --device cuda \
     --archs tf_efficientnet_lite0,resnet50 --out "$out/scaling-gpu.json"
 fi
 if want select || want rows || want sharing; then

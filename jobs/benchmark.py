@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("new", help="another benchmark.json (e.g. a re-run's)")
     c.add_argument("--out", default=None, help="also write the Markdown to this file")
     sub.add_parser("scaling", add_help=False,
-                   help="update, sweep and throughput scaling (options: python -m jobs.scaling --help)")
+                   help="update, sweep, throughput and compaction-memory scaling "
+                        "(options: python -m jobs.scaling --help)")
     return p
 
 

@@ -7,7 +7,9 @@ Prints ratios measured in one run (SPEC section 4, issue 3):
    against a bare pyarrow read of the same bytes and a bare numpy matrix product,
    and against the machine's memory bandwidth (a numpy copy);
 3. embedding throughput per Ray actor (CPU, or CUDA with bf16) against the bare forward pass of the same model
-   at the same batch size and thread count.
+   at the same batch size and thread count;
+4. compaction memory: the peak RSS of `compact` (each in a fresh process) on tables of m and 2m rows in
+   segments, against each other (1.0x: memory does not grow with the table; 2.0x: it holds the table).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Sequence
@@ -118,6 +122,39 @@ def bench_updates(ms: list[int], reps: int, work: str) -> list[dict[str, Any]]:
               f"(compacted)", flush=True)
     for key in stores:
         shutil.rmtree(stores[key].root)
+    return out
+
+
+def compaction_peak_mib(root: str, segment_rows: int) -> float:
+    """Compact the synthetic table at `root` in this process; its peak RSS above the RSS before (MiB)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    compact(Store(root), synthetic_standard(), segment_rows=segment_rows)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
+
+
+def bench_compaction(ms: list[int], segment_rows: int, work: str) -> list[dict[str, Any]]:
+    """Peak memory of compacting m rows held in segments of `segment_rows`, each m in a fresh process."""
+    std = synthetic_standard()
+    rng = np.random.default_rng(2)
+    out = []
+    for m in ms:
+        root = os.path.join(work, f"compact-{m}")
+        store = Store(root)
+        for i, start in enumerate(range(0, m, segment_rows)):
+            store.write_table(f"embeddings/{std.id}/segments/seg-20000101T000000-{i:08x}-00000.parquet",
+                              synthetic_rows(std, start, min(segment_rows, m - start), rng))
+        code = ("from jobs.scaling import compaction_peak_mib; "
+                f"print(compaction_peak_mib({root!r}, {segment_rows}))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        peak = float(run.stdout.strip().splitlines()[-1])
+        vectors = m * std.width * 4 / 2**20
+        out.append({"m": m, "segment_rows": segment_rows, "vectors_mib": round(vectors, 1), "peak_mib": round(peak, 1)})
+        print(f"compact m={m:>8}: {vectors:,.0f} MiB of vectors, peak RSS {peak:,.0f} MiB above the process's start",
+              flush=True)
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -362,7 +399,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=30, help="repetitions per update measurement")
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the measurements as JSON")
-    p.add_argument("--skip", action="append", default=[], choices=["update", "sweep", "throughput", "bf16"])
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["update", "sweep", "throughput", "bf16", "compaction"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="throughput device (auto: cuda when available)")
     p.add_argument("--archs", default="tf_efficientnet_lite0",
@@ -396,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   2_000 if args.quick else 10_000, form="per-source")
     if "throughput" not in args.skip:
         results.update(run_throughput(args))
+    if "compaction" not in args.skip:
+        m = 4_000 if args.quick else 60_000
+        c = results["compaction"] = bench_compaction([m, 2 * m], 1_000 if args.quick else 10_000, work)
+        print(f"ratio   compaction peak memory m={2 * m} / m={m}: {c[1]['peak_mib'] / c[0]['peak_mib']:.2f}x "
+              f"(the table: 2.00x)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -305,7 +305,7 @@ def test_probe_prepared_once_per_config_and_released(ray_local, published):
 
 
 def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
-    """The scaling benchmark's three parts run end to end and print/record their ratios."""
+    """The scaling benchmark's four parts run end to end and print/record their ratios."""
     from jobs import scaling
 
     out = tmp_path / "perf.json"
@@ -322,6 +322,8 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
     printed = capsys.readouterr().out
     assert "ratio   add" in printed and "sweep   per-source m=   1000" in printed and "bare forward" in printed
+    assert [c["m"] for c in res["compaction"]] == [4000, 8000] and all(c["peak_mib"] > 0 for c in res["compaction"])
+    assert "ratio   compaction peak memory m=8000 / m=4000" in printed
 
 
 def test_demo_selects_on_the_labelled_half_only(tmp_path):
