@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, check_output, open_store, prog, run_main
+from jobs.common import add_ray_args, check_output, open_store, prog, prog_of_subcommand, run_main
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, write_catalog
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -348,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "scaling":
         from jobs import scaling
 
+        prog_of_subcommand("scaling")
         return scaling.main(rest)
     if rest:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")

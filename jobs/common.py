@@ -74,7 +74,11 @@ def prog(module: str) -> str:
     return _COMMAND or f"python -m {module}"
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+def prog_of_subcommand(name: str) -> None:
+    """A job that hands over to another's main (`zooselect benchmark scaling`): its usage names both."""
+    global _COMMAND
+    if _COMMAND:
+        _COMMAND = f"{_COMMAND} {name}"
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
@@ -84,8 +88,9 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     global _COMMAND
     _COMMAND = command
     level = os.environ.get("ZOOSELECT_LOG", "WARNING").upper()
-    if level not in LOG_LEVELS:
-        print(f"error: ZOOSELECT_LOG should be one of {', '.join(LOG_LEVELS)}, got {level!r}", file=sys.stderr)
+    if not isinstance(logging.getLevelName(level), int):  # every name logging knows (WARN, FATAL too)
+        print(f"error: ZOOSELECT_LOG should be a logging level such as DEBUG, INFO or WARNING, got {level!r}",
+              file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -142,15 +142,18 @@ def compaction_peak_mib(root: str, segment_rows: int) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def bench_compaction(ms: list[int], segment_rows: int, work: str) -> list[dict[str, Any]]:
-    """Peak memory of compacting m rows held in segments of `segment_rows`, each m in a fresh process."""
+def bench_compaction(ms: list[int], segment_rows: int, work: str, layout: str = "segments") -> list[dict[str, Any]]:
+    """Peak memory of compacting m rows held in segments of `segment_rows` (or, `layout="rows"`, in one
+    object each, as before a first compaction), each m in a fresh process."""
     std = synthetic_standard()
     rng = np.random.default_rng(2)
     out = []
     for m in ms:
-        root = os.path.join(work, f"compact-{m}")
+        root = os.path.join(work, f"compact-{layout}-{m}")
         store = Store(root)
-        for i, start in enumerate(range(0, m, segment_rows)):
+        if layout == "rows":
+            fill_objects(root, std, m, rng)
+        for i, start in enumerate(range(0, m, segment_rows) if layout == "segments" else []):
             store.write_table(f"embeddings/{std.id}/segments/seg-20000101T000000-{i:08x}-00000.parquet",
                               synthetic_rows(std, start, min(segment_rows, m - start), rng))
         code = ("from jobs.scaling import compaction_peak_mib; "
@@ -159,9 +162,10 @@ def bench_compaction(ms: list[int], segment_rows: int, work: str) -> list[dict[s
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         peak = float(run.stdout.strip().splitlines()[-1])
         vectors = m * std.width * 4 / 2**20
-        out.append({"m": m, "segment_rows": segment_rows, "vectors_mib": round(vectors, 1), "peak_mib": round(peak, 1)})
-        print(f"compact m={m:>8}: {vectors:,.0f} MiB of vectors, peak RSS {peak:,.0f} MiB above the process's start",
-              flush=True)
+        out.append({"m": m, "layout": layout, "segment_rows": segment_rows, "vectors_mib": round(vectors, 1),
+                    "peak_mib": round(peak, 1)})
+        print(f"compact m={m:>8} in {layout:<8}: {vectors:,.0f} MiB of vectors, peak RSS {peak:,.0f} MiB above "
+              f"the process's start", flush=True)
         shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -445,10 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "compaction" not in args.skip and not os.path.exists("/proc/self/clear_refs"):
         print("compact: skipped (the peak-memory measurement needs Linux's /proc/self/clear_refs)")
     elif "compaction" not in args.skip:
-        m = 4_000 if args.quick else 60_000
-        c = results["compaction"] = bench_compaction([m, 2 * m], 1_000 if args.quick else 10_000, work)
-        ratio = f"{c[1]['peak_mib'] / c[0]['peak_mib']:.2f}x" if c[0]["peak_mib"] > 0 else "n/a (no growth at m)"
-        print(f"ratio   compaction peak memory m={2 * m} / m={m}: {ratio} (the table: 2.00x)")
+        results["compaction"] = []
+        for layout, m in (("segments", 4_000 if args.quick else 60_000), ("rows", 500 if args.quick else 10_000)):
+            c = bench_compaction([m, 2 * m], 1_000 if args.quick else 10_000, work, layout)
+            results["compaction"] += c
+            ratio = f"{c[1]['peak_mib'] / c[0]['peak_mib']:.2f}x" if c[0]["peak_mib"] > 0 else "n/a"
+            print(f"ratio   compaction peak memory, {layout}, m={2 * m} / m={m}: {ratio} (the table: 2.00x)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)

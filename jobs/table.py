@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compact", help="fold row objects into segments (fast reads at 10^5+ models)")
     add_store_args(cp)
     cp.add_argument("--segment-rows", type=int, default=50_000)
+    cp.add_argument("--break-leases", action="store_true",
+                    help="first delete the leases of compactions that crashed (a lease blocks compaction for 6 h; "
+                         "never while one is running)")
     return p
 
 
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {rows} models under standard {std.id} to {args.out}")
         return 0
     if args.command == "compact":
-        res = compact(store, std, args.segment_rows)
+        res = compact(store, std, args.segment_rows, break_leases=args.break_leases)
         print(f"compacted {res.rows} rows into {res.segments_written} segment(s), removed "
               f"{res.objects_removed} objects in {res.seconds:.1f}s")
         return 0

@@ -412,6 +412,12 @@ def batch_size_for_memory(loaded: LoadedModel, input_size: int | None, device: s
             fits = torch.cuda.max_memory_allocated(device) - base <= share * free
         except torch.OutOfMemoryError:
             fits = False
+        except Exception as exc:  # noqa: BLE001 - as in extract_features: the model's own checks (ViT)
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            if "out of memory" not in text.lower():
+                raise ModelError(f"model {loaded.entry.id!r}: forward pass failed: {type(exc).__name__}: "
+                                 f"{text}") from exc
+            fits = False
         if fits or batch <= 8:
             return batch
         x = None

@@ -164,7 +164,9 @@ def _key_of(path: str) -> str:
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 
-def _validate(t: pa.Table, std: Standard, where: str) -> None:
+def _validate(t: pa.Table, std: Standard, where: str, some_columns: bool = False) -> None:
+    """Refuse an object of another standard, schema version or width. `some_columns`: `t` holds only
+    the columns a reader asked for (no vectors), so a missing `embedding` column is expected."""
     names = set(t.column_names)
     if not {"model_id", "model_key", "standard_id", "schema_version"} <= names:
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (columns {sorted(names)})")
@@ -181,7 +183,7 @@ def _validate(t: pa.Table, std: Standard, where: str) -> None:
         if width != std.width:
             raise StandardMismatchError(f"{where}: embedding width {width}, standard {std.id} "
                                         f"({std.form}, d={std.d}) needs {std.width}")
-    elif len(names) > 8:  # a full object without an embedding column
+    elif not some_columns:  # a full object without an embedding column
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (no 'embedding' column)")
 
 
@@ -236,13 +238,17 @@ def list_table(store: Store, std: Standard) -> Listing:
                    tuple(list_markers(store, std.id)))
 
 
+ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
+
+
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
                 columns: list[str] | None = None,
-                row_bytes: list[bytes] | None = None) -> Iterator[EmbeddingTable]:
-    """The table as shards (each segment, newest first, then all row objects), each model once.
+                on_row_bytes: Callable[[str, bytes], None] | None = None) -> Iterator[EmbeddingTable]:
+    """The table as shards (each segment, newest first, then the row objects, ROW_BATCH at a time),
+    each model once.
 
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
-    `row_bytes`: the row objects' bytes, when the caller has read them already.
+    `on_row_bytes(path, data)` sees each row object's bytes as they are read.
     """
     listing = listing or list_table(store, std)
     need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
@@ -251,18 +257,21 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     hidden = {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
         t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
-        _validate(t, std, f"{store.url}/{seg}")
+        _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
         keys = t.column("model_key").to_pylist()
         keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
         if not keep.all():  # filtering copies the segment: only when something is hidden
             t = t.filter(pa.array(keep))
         yield _shard(std, t, columns)
         hidden.update(keys)
-    if listing.rows:
-        data = row_bytes if row_bytes is not None else store.read_many(listing.rows)
-        tables = [store.read_table(p, d) for p, d in zip(listing.rows, data)]
-        for p, t in zip(listing.rows, tables):
-            _validate(t, std, f"{store.url}/{p}")
+    for start in range(0, len(listing.rows), ROW_BATCH):
+        paths = listing.rows[start:start + ROW_BATCH]
+        tables = []
+        for p, data in zip(paths, store.read_many(paths)):
+            if on_row_bytes is not None:
+                on_row_bytes(p, data)
+            tables.append(store.read_table(p, data))
+            _validate(tables[-1], std, f"{store.url}/{p}")
         yield _shard(std, pa.concat_tables(tables), columns)
 
 
@@ -288,13 +297,12 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
         for row in shard.meta.to_pylist()})
 
 
-def load_table(store: Store, std: Standard, listing: Listing | None = None,
-               row_bytes: list[bytes] | None = None) -> EmbeddingTable:
+def load_table(store: Store, std: Standard, listing: Listing | None = None) -> EmbeddingTable:
     """The whole table of `std` in memory (validated, each model once). Without `listing`, the
     table is listed now, and again if it changes while it is read (`read_consistently`)."""
     if listing is None:
         return read_consistently(store, std, lambda fresh: load_table(store, std, fresh))
-    shards = list(iter_shards(store, std, listing, row_bytes=row_bytes))
+    shards = list(iter_shards(store, std, listing))
     if not shards:
         return _shard(std, schema_for(std).empty_table(), None)
     meta = pa.concat_tables([s.meta for s in shards])
@@ -339,12 +347,15 @@ def to_arrow(std: Standard, table: EmbeddingTable) -> pa.Table:
     return table.meta.append_column("embedding", emb).select(schema_for(std).names).cast(schema_for(std))
 
 
-def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactResult:
+def compact(store: Store, std: Standard, segment_rows: int = 50_000,
+            break_leases: bool = False) -> CompactResult:
     """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows.
 
     New segments are written first, consumed objects deleted after; a row object is
     deleted only if it still holds the compacted bytes (one re-embedded meanwhile keeps
     its newer object, which overrides the segment). Readers see a complete table throughout.
+    Refuses while another compaction's lease is younger than STALE_LEASE_S; `break_leases`
+    deletes such leases first (for one whose compaction crashed; never while one runs).
     """
     if segment_rows < 1:
         raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
@@ -356,17 +367,19 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000) -> CompactR
     # would write a marker).
     store.write_bytes(lease, str(time.time()).encode())
     try:
-        running = _other_leases(store, leases, keep=lease)
+        running = _other_leases(store, leases, keep=lease, remove=break_leases)
         if running:
             raise StoreError(f"another compaction of standard {std.id} is running (lease {running[0]}, "
-                             f"started {running[1]}); run this one after it ends")
+                             f"started {running[1]}); run this one after it ends, or, if that one crashed, "
+                             f"with --break-leases")
         return _compact(store, std, segment_rows, t0)
     finally:
         store.delete(lease)
 
 
-def _other_leases(store: Store, leases: str, keep: str) -> tuple[str, str] | None:
-    """Clear the leases of compactions that crashed; return (path, start) of one that is running.
+def _other_leases(store: Store, leases: str, keep: str, remove: bool = False) -> tuple[str, str] | None:
+    """Clear the leases of compactions that crashed (all other leases with `remove`); return
+    (path, start) of one that is running.
 
     Two compactions that start at once may both see the other and both refuse: safe, unlike two
     running at once (the older one's segment could be written last and bring back old rows).
@@ -380,7 +393,7 @@ def _other_leases(store: Store, leases: str, keep: str) -> tuple[str, str] | Non
         except (StoreError, ValueError):
             continue  # ended meanwhile, or not a lease this version wrote
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
-        if time.time() - started > STALE_LEASE_S:
+        if time.time() - started > STALE_LEASE_S or remove:
             log.warning("removing the lease of a compaction that started %s and never ended: %s", when, path)
             store.delete(path)
         else:
@@ -390,8 +403,7 @@ def _other_leases(store: Store, leases: str, keep: str) -> tuple[str, str] | Non
 
 def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:
     listing = list_table(store, std)
-    row_bytes = store.read_many(listing.rows)  # read once: parsed below, digests kept for the delete check
-    digests = {p: hashlib.sha256(b).hexdigest() for p, b in zip(listing.rows, row_bytes)}
+    digests: dict[str, str] = {}  # of the row objects as read: one rewritten meanwhile is not deleted
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     written = rows = 0
 
@@ -400,10 +412,11 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
         store.write_table(f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet", t)
         written += 1
 
-    # Shard by shard (each old segment, then the row objects): memory holds one shard and one new
-    # segment, not the table.
+    # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and
+    # one new segment, not the table.
     pending = schema_for(std).empty_table()
-    for shard in iter_shards(store, std, listing, row_bytes=row_bytes):
+    for shard in iter_shards(store, std, listing,
+                             on_row_bytes=lambda p, data: digests.update({p: hashlib.sha256(data).hexdigest()})):
         rows += len(shard)
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
         while pending.num_rows >= segment_rows:
@@ -413,7 +426,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
         pending = pending.combine_chunks() if pending.num_rows else schema_for(std).empty_table()
     if pending.num_rows:
         write_segment(pending)
-    del row_bytes, pending
+    del pending
     # Old segments, then markers, then row objects: stopped at any point (a crash, a reader in
     # between), the table is the same. Rows first would let an old marker hide a re-added model.
     removed = 0

@@ -600,21 +600,21 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
     _quick_row(store, std, "zoo/b")
 
     queries = np.ones((1, std.width), np.float32)
-    real_read_table_columns, real_read_table = store.read_table_columns, store.read_table
-
     folded = []
 
-    def compacted_meanwhile(rel, *args):  # a compaction folds the rows into a segment after the listing
+    def compacted_meanwhile(rels, threads=16):  # a compaction folds the rows into a segment after the listing
         if not folded:
             folded.append("compacting")  # compact's own reads come through here too
             folded[0] = compact(store, std)
-        return (real_read_table_columns if args and isinstance(args[0], list) else real_read_table)(rel, *args)
+        return real_read_many(rels, threads)
 
-    store.read_table_columns = store.read_table = compacted_meanwhile
+    store.read_many = compacted_meanwhile
+    caplog.clear()
     [ranked], swept = shortlist_table(std, store, queries, SelectConfig(top_k=3))
     assert folded[0].rows == 3 and swept == 3
     assert sorted(r.model_id for r in ranked) == ["zoo/a", "zoo/b", "zoo/c"]
-    store.read_table_columns, store.read_table = real_read_table_columns, real_read_table
+    assert any("changed while it was read" in m for m in caplog.messages)  # the sweep listed again
+    store.read_many = real_read_many
     assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b", "zoo/c"]
 
     def always_gone(rels, threads=16):
@@ -815,3 +815,46 @@ def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path
     std = build_standard(tiny_config(baseline=CatalogEntry("base", "resnet10t", pth, input_size=32)))
     assert is_standard_model(std, load_model(CatalogEntry("copy", "resnet10t", copy, input_size=32)))
     assert not is_standard_model(std, load_model(CatalogEntry("other", "resnet10t", other, input_size=32)))
+
+
+def test_ls_and_the_index_after_compaction_and_row_objects_read_in_batches(published, capsys, monkeypatch):
+    """`table ls` reads 10 metadata columns of each segment, which a check meant for full objects
+    refused ("no 'embedding' column") once the table was compacted. Row objects are read ROW_BATCH
+    at a time (they were all read at once: a table of 10^6 objects before its first compaction
+    could not be compacted)."""
+    import selection.table
+    from jobs import table as table_job
+    from selection.table import compact, iter_shards, list_rows, list_segments
+
+    store, std = published
+    monkeypatch.setattr(selection.table, "ROW_BATCH", 2)
+    ids = [f"zoo/m{i}" for i in range(5)]
+    for mid in ids:
+        _quick_row(store, std, mid)
+    assert [len(s) for s in iter_shards(store, std)] == [2, 2, 1]
+    assert sorted(load_table(store, std).model_ids) == ids
+    res = compact(store, std, segment_rows=3)
+    assert (res.rows, res.segments_written) == (5, 2) and list_rows(store, std.id) == []
+    _quick_row(store, std, "zoo/late")  # a row object next to the segments
+    capsys.readouterr()
+    assert table_job.main(["ls", "--store", store.url]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith(f"6 models under standard {std.id}") and all(mid in out for mid in ids)
+    assert len(list_segments(store, std.id)) == 2 and sorted(read_index(store, std)) == sorted(ids + ["zoo/late"])
+
+
+def test_a_crashed_compactions_lease_is_broken_on_request(published):
+    """A compaction killed mid-way leaves its lease, and the next one refuses for 6 h: the refusal
+    says how to go on, and --break-leases does."""
+    from jobs import table as table_job
+    from selection.table import compact, list_segments
+
+    store, std = published
+    _quick_row(store, std, "zoo/a")
+    leases = f"embeddings/{std.id}/_compacting"
+    store.write_bytes(f"{leases}/crashed", str(time.time() - 60).encode())
+    with pytest.raises(StoreError, match="run this one after it ends, or, if that one crashed, with --break-leases"):
+        compact(store, std)
+    assert table_job.main(["compact", "--store", store.url, "--break-leases"]) == 0
+    assert store.list(leases) == [] and len(list_segments(store, std.id)) == 1
+    assert load_table(store, std).model_ids == ["zoo/a"]
