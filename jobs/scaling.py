@@ -153,9 +153,10 @@ def bench_compaction(ms: list[int], segment_rows: int, work: str, layout: str = 
         store = Store(root)
         if layout == "rows":
             fill_objects(root, std, m, rng)
-        for i, start in enumerate(range(0, m, segment_rows) if layout == "segments" else []):
-            store.write_table(f"embeddings/{std.id}/segments/seg-20000101T000000-{i:08x}-00000.parquet",
-                              synthetic_rows(std, start, min(segment_rows, m - start), rng))
+        else:
+            for i, start in enumerate(range(0, m, segment_rows)):
+                store.write_table(f"embeddings/{std.id}/segments/seg-20000101T000000-{i:08x}-00000.parquet",
+                                  synthetic_rows(std, start, min(segment_rows, m - start), rng))
         code = ("from jobs.scaling import compaction_peak_mib; "
                 f"print(compaction_peak_mib({root!r}, {segment_rows}))")
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
