@@ -28,7 +28,7 @@ from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfi
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import EmbeddingTable, list_table
+from selection.table import EmbeddingTable, may_have_rows
 
 
 def parser() -> argparse.ArgumentParser:
@@ -222,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = open_store(args)
     std = load_standard(store, args.standard)
     warn_task_image_size(config, std)
-    listing = list_table(store, std)
-    if not (listing.rows or listing.segments):
+    if not may_have_rows(store, std.id):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)

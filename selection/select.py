@@ -24,7 +24,7 @@ from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
 from selection.storage import Store
-from selection.table import EmbeddingTable, iter_shards, list_table, read_consistently
+from selection.table import EmbeddingTable, iter_shards, may_have_rows, read_consistently
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +483,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
         raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
     check_device(device)
     std = load_standard(store, standard_id)
-    listing = list_table(store, std)
-    if not (listing.rows or listing.segments):
+    if not may_have_rows(store, std.id):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
     warn_task_image_size(config, std)
     size = task_image_size(config, std)

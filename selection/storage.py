@@ -338,6 +338,15 @@ class Store:
             out.append(rel)
         return sorted(out)
 
+    def has_entries(self, prefix: str) -> bool:
+        """Whether anything is one level under `prefix` (one LIST call, not a full listing).
+        A local directory counts even when the directories in it are empty."""
+        full = self._full(prefix)
+        try:
+            return bool(self._call("list", prefix, lambda: self.fs.ls(full, detail=False)))
+        except FileNotFoundError:
+            return False
+
     def read_many(self, rels: Iterable[str], threads: int = 16) -> list[bytes]:
         """The bytes of many objects, read concurrently (object stores reward parallelism)."""
         rels = list(rels)

@@ -159,6 +159,13 @@ def list_markers(store: Store, standard_id: str) -> list[str]:
     return store.list(f"{_base(standard_id)}/deleted")
 
 
+def may_have_rows(store: Store, standard_id: str) -> bool:
+    """A cheap check before the expensive part of a job (one or two LIST calls, where `list_table`
+    makes one per 1,000 objects): False when the table has no segment and no row object. True can
+    still be a table whose every model was removed; the sweep says so."""
+    return store.has_entries(f"{_base(standard_id)}/segments") or store.has_entries(f"{_base(standard_id)}/rows")
+
+
 def _key_of(path: str) -> str:
     name = path.rsplit("/", 1)[-1]
     return name[: -len(".parquet")] if name.endswith(".parquet") else name

@@ -429,10 +429,11 @@ def test_store_round_trip(s3_store_url: str):
     store = Store(s3_store_url, retry=FAST_RETRY)
     store.check()
     assert store.list("") == []
-    assert not store.exists("emb/std1/m1.parquet")
+    assert not store.exists("emb/std1/m1.parquet") and not store.has_entries("emb")
     store.write_bytes("emb/std1/m1.parquet", b"one")
     store.write_bytes("emb/std1/m2.parquet", b"two")
     store.write_bytes("standards/std1/standard.json", b"{}")
+    assert store.has_entries("emb") and store.has_entries("emb/std1") and not store.has_entries("emb/std2")
     assert store.exists("emb/std1/m1.parquet")
     assert store.read_bytes("emb/std1/m2.parquet") == b"two"
     assert store.list("emb") == ["emb/std1/m1.parquet", "emb/std1/m2.parquet"]
@@ -442,6 +443,8 @@ def test_store_round_trip(s3_store_url: str):
     assert store.list("emb") == ["emb/std1/m2.parquet"]
     with pytest.raises(StoreError, match="no object at s3://"):
         store.read_bytes("emb/std1/m1.parquet")
+    store.delete("emb/std1/m2.parquet")
+    assert not store.has_entries("emb")  # S3 has no directories: nothing left under the prefix
 
 
 @pytest.mark.integration

@@ -752,6 +752,15 @@ def test_store_that_is_a_file_or_names_a_missing_standard(embedded, tmp_path, ca
     assert _snapshot(store.root) == before
 
 
+def test_select_on_a_table_with_no_rows_stops_before_embedding_the_tasks(published, capsys):
+    from jobs import select
+
+    store, std = published
+    line = _run_job(select.main, ["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=4",
+                                  "--no-progress"], capsys)
+    assert f"no models are embedded under standard {std.id} in {store.url}; run `python -m jobs.embed" in line
+
+
 def _planted(store: Store, std, how: str) -> str:
     """Write an object that must be refused next to the good row; return its path."""
     from selection.table import compact, list_segments

@@ -57,11 +57,15 @@ def _catalog(tmp_path, entries) -> str:
 def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_path, capsys):
     from jobs import embed, reindex, select
 
+    from selection.table import may_have_rows
+
     store = Store(s3_store_url)
     store.check()
     save_standard(store, tiny_standard)
+    assert not may_have_rows(store, tiny_standard.id)  # select's cheap pre-check: one LIST per prefix
     cat2 = _catalog(tmp_path, ENTRIES[:2])
     assert embed.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
+    assert may_have_rows(store, tiny_standard.id)
     first = _objects(store)
     assert len(first) == 2
 

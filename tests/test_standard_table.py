@@ -670,13 +670,17 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     from selection.table import iter_shards
     from tests.conftest import save_checkpoint
 
+    from selection.table import may_have_rows
+
     store, std = published
     task = load_dataset("builtin:digits?classes=0,1,2&per_class=8", 32)
+    assert not may_have_rows(store, std.id)
     with pytest.raises(StoreError, match="no models are embedded under standard"):
         select_models(store, [task])
     ckpt = save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "gone.safetensors"))
     for e in (A, B, C, CatalogEntry("zoo/gone", "resnet10t", ckpt, input_size=32)):
         assert embed_entry(e, std, store).status == "embedded"
+    assert may_have_rows(store, std.id)
     config = SelectConfig(top_k=3, verify_top_k=4)
 
     emb = embed_task(std, task, config)
