@@ -340,7 +340,7 @@ class Store:
 
     def has_entries(self, prefix: str) -> bool:
         """Whether anything is one level under `prefix` (one LIST call, not a full listing).
-        A local directory counts even when the directories in it are empty."""
+        A directory left empty counts: locally, and on servers that keep empty folders (SeaweedFS)."""
         full = self._full(prefix)
         try:
             return bool(self._call("list", prefix, lambda: self.fs.ls(full, detail=False)))

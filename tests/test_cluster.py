@@ -443,8 +443,7 @@ def test_store_round_trip(s3_store_url: str):
     assert store.list("emb") == ["emb/std1/m2.parquet"]
     with pytest.raises(StoreError, match="no object at s3://"):
         store.read_bytes("emb/std1/m1.parquet")
-    store.delete("emb/std1/m2.parquet")
-    assert not store.has_entries("emb")  # S3 has no directories: nothing left under the prefix
+
 
 
 @pytest.mark.integration
