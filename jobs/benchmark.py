@@ -3,7 +3,9 @@
 quality: builds the benchmark zoo (training fanned out over Ray, seeded, resumable),
 two standards held out of it, embeds the zoo under both (one actor per model),
 measures every candidate's linear-probe accuracy and brute-force scores (LogME,
-H-score) on every task, scores the Standardized Embedder against them, and writes
+H-score) on every task, times every model operation of one selection in one serial
+pass (this process, one thread, nothing else running; about 7 minutes for the full
+plan here), scores the Standardized Embedder against them, and writes
 `OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
 `--small` runs the same pipeline on a few tiny models and tasks (CI, < 1 minute).
 
@@ -115,7 +117,7 @@ def build_zoo(plan: Any, store: Store, endpoint: str | None, gpus: float,
     members = [m for m in plan.zoo if m.train is not None]
     specs = [m.train for m in members] + list(general_specs.values())
     if progress:
-        print(f"[1/6] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)"
+        print(f"[1/7] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)"
               + (f" on {gpus:g} GPU each" if gpus else ""), flush=True)
     trained = runtime.map_tasks(_train, [(s, store.url, endpoint) for s in specs], num_gpus=gpus,
                                 shared="cuda" if gpus else "cpu", desc="train", progress=progress)
@@ -158,6 +160,21 @@ def _evaluate(shared: tuple[list[Any], Any, str, str | None], entry: CatalogEntr
     tasks, plan, url, endpoint = shared
     input_size = plan.standards[0].input_size
     return bench.evaluate_candidate_cached(entry, tasks, plan, input_size, Store(url, s3_endpoint=endpoint))
+
+
+def _measure_costs(plan: Any, stds: Sequence[Any], models: Sequence[CatalogEntry], tasks: Sequence[Any],
+                   store: Store, progress: bool) -> dict[str, Any]:
+    """bench.measure_costs in this process with one thread (the driver's own setting restored after)."""
+    import torch
+    from tqdm import tqdm
+
+    threads = torch.get_num_threads()
+    try:
+        _threads()
+        with tqdm(total=len(stds) + len(models), desc="costs", disable=not progress, unit="item") as bar:
+            return bench.measure_costs(plan, stds, models, tasks, store, step=lambda _: bar.update(1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _raise_first(results: Sequence[Any], what: str) -> None:
@@ -226,14 +243,14 @@ def quality(args: argparse.Namespace) -> int:
 
     # 2. the standards (held out of the zoo)
     configs = [sp.config(sp.baseline or general_entries[sp.name]) for sp in plan.standards]
-    say("standards", f"[2/6] standards: {', '.join(sp.name for sp in plan.standards)}")
+    say("standards", f"[2/7] standards: {', '.join(sp.name for sp in plan.standards)}")
     stds = runtime.map_tasks(_standard, [(c, store.url, ep) for c in configs], desc="standards", progress=progress)
     _raise_first(stds, "building a standard failed")
 
     # 3. tasks; SE task embeddings (one Ray task per standard). Run before the actors start, on the
     #    workers that trained the zoo (already warm)
     tasks = bench.load_tasks(plan)
-    say("task embeddings", f"[3/6] task embeddings: {len(tasks)} tasks x {plan.splits} splits x {len(stds)} "
+    say("task embeddings", f"[3/7] task embeddings: {len(tasks)} tasks x {plan.splits} splits x {len(stds)} "
                            f"standards x {len(plan.methods)} methods")
     splits = [plan.task_protocols(r) for r in range(plan.splits)]
     temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, splits, plan.task_image_size)
@@ -242,7 +259,7 @@ def quality(args: argparse.Namespace) -> int:
     _raise_first(temb, "task embedding failed")
 
     # 4. ground truth + brute force: every candidate on every task (cached per model and task in the store)
-    say("ground truth", f"[4/6] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks "
+    say("ground truth", f"[4/7] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks "
                         f"x {plan.splits} splits")
     truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
                                    desc="ground truth", progress=progress)
@@ -258,7 +275,7 @@ def quality(args: argparse.Namespace) -> int:
             bad = diff.invalid[0]
             raise ZooselectError(f"cannot embed {bad.model_id} under {sp.name}: {bad.reason}")
         todo = list(diff.embed)
-        say(f"embed {sp.name}", f"[5/6] embedding {len(todo)} of {len(cands)} candidates under standard "
+        say(f"embed {sp.name}", f"[5/7] embedding {len(todo)} of {len(cands)} candidates under standard "
                                 f"{sp.name} ({std.id})")
         results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
         failed = [r for r in results if r.status == "failed"]
@@ -267,14 +284,18 @@ def quality(args: argparse.Namespace) -> int:
                                  f"{failed[0].model_id}: {failed[0].reason}")
         embed_info[sp.name] = {"embedded": len(todo), "skipped": len(cands) - len(todo)}
 
-    # 6. metrics and the report
-    say("metrics", "[6/6] metrics and report")
+    # 6. costs: one serial pass in this process, after every parallel stage (nothing else runs)
+    cost_models = [entries[i] for i in dict.fromkeys(i for sp in plan.standards for i in plan.candidates(sp))]
+    say("costs", f"[6/7] costs: one serial pass over {len(stds)} standards and {len(cost_models)} models "
+                 f"x {len(tasks)} tasks")
+    costs = _measure_costs(plan, stds, cost_models, tasks, store, progress)
+
+    # 7. metrics and the report
+    say("metrics", "[7/7] metrics and report")
     per_standard = {}
     for sp, std, te in zip(plan.standards, stds, temb):
-        t = time.perf_counter()
         table = load_table(store, std)
-        load_s = time.perf_counter() - t
-        res = bench.standard_results(plan, sp, std, table, load_s, te, truth)
+        res = bench.standard_results(plan, sp, std, table, te, truth, costs)
         sub = bench.candidate_table(table, plan.candidates(sp))
         secs = sub.meta.column("embed_seconds").to_pylist()
         embed_info[sp.name].update({
@@ -304,6 +325,7 @@ def quality(args: argparse.Namespace) -> int:
         "truth": {t.name: {i: truth[i]["tasks"][t.name]["accuracy"] for i in entries} for t in plan.tasks},
         "summary": summary,
         "results": per_standard,
+        "costs": costs,
     }
     paths = bench.write_report(os.path.abspath(args.out), plan, doc)
     say("end", "")

@@ -9,17 +9,18 @@ Everything here is plain library code (no Ray); `jobs/benchmark.py` fans it out.
   the zoo; ImageNet EfficientNet-Lite2 with Lite2 removed from the candidates).
 - **Measurements**: `evaluate_candidate` gives one candidate's ground truth (linear-probe
   test accuracy, `selection.select.model_task_accuracy`) and its brute-force scores
-  (LogME, H-score on the task's train split) with timings, on each of the plan's
-  labelled/held-out splits of every task; `embed_benchmark_tasks` gives the task embeddings
-  of one standard (`selection.select.embed_task`) with timings.
+  (LogME, H-score on the task's train split), on each of the plan's labelled/held-out splits
+  of every task; `embed_benchmark_tasks` gives the task embeddings of one standard
+  (`selection.select.embed_task`); `measure_costs` times every model operation of one selection.
 - **Results** (`compute_results`): per task (mean over its splits) and group mean, weighted
   tau, top-1 gap (points), rel@1, rel@3 and the cost of one selection (forward passes, seconds) of every
   method; the targets of the issue; `write_report` writes `benchmark.md`,
   `benchmark.json` and the plots.
 
-Costs are single-core seconds measured inside the workers (one thread each), summed
-over the model operations one selection needs; they do not depend on how many workers
-the benchmark itself happened to run in parallel.
+Costs are single-core seconds, summed over the model operations one selection needs, all
+measured in the same run by one serial pass after the parallel stages (`measure_costs`: one
+process, one thread, nothing else running), so they depend neither on how many workers the
+benchmark ran in parallel nor on which records came from the cache.
 """
 
 from __future__ import annotations
@@ -495,7 +496,7 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
 def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size: int | None,
                        protocol: ProbeProtocol, scorers: Sequence[str] = BRUTE_FORCE,
                        task_protocols: Sequence[Sequence[ProbeProtocol]] | None = None) -> dict[str, Any]:
-    """Ground truth and brute-force scores of one candidate on every task, with timings.
+    """Ground truth and brute-force scores of one candidate on every task (no timings: `measure_costs`).
 
     `task_protocols[i]`: the protocols of task i's labelled/held-out splits (split seeds; default
     `[protocol]`); `out["tasks"][name]` holds one record per protocol, in order.
@@ -504,51 +505,27 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     scorer on the candidate's features of the train part; `verify_accuracy`: what verification sees,
     `protocol` run inside the train part only (a user verifies on the labelled data they have; the
     test part stays unseen). One feature pass of all the task's images serves every split.
-    `features_seconds`, what brute force and verification pay per model, is the part of that pass
-    over the first split's train part, timed on its own (every split's train part has the same size);
-    `<scorer>_seconds` and `verify_seconds` (features + probe fits) are each split's own;
-    `truth_seconds` is the whole pass plus the split's probe fit. `load_seconds` is paid once per model (the
-    median of LOAD_REPEATS loads).
     """
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
     from selection.select import features_accuracy, task_split
 
-    t0 = time.perf_counter()
-    loaded, load_s = timed_load(lambda: load_model(entry))
-    out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params,
-                           "load_seconds": load_s, "load_repeats": LOAD_REPEATS, "tasks": {}}
+    loaded = load_model(entry)
+    out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params, "tasks": {}}
     for task, protos in zip(tasks, task_protocols or [[protocol]] * len(tasks), strict=True):
-        # The first split's train part first, timed on its own (what brute force and verification pay),
-        # then the rest of the task's images: one pass over every image in all.
-        first, rest = task_split(task, protos[0])
-        t = time.perf_counter()
-        head = extract_features(loaded, task.images[first], input_size=std_input_size)
-        features_s = time.perf_counter() - t
-        every = np.empty((len(task), head.shape[1]), head.dtype)
-        every[first] = head
-        every[rest] = extract_features(loaded, task.images[rest], input_size=std_input_size)
-        pool_s = time.perf_counter() - t
+        every = extract_features(loaded, task.images, input_size=std_input_size)
         recs = []
         for task_protocol in protos:
             train, _ = task_split(task, task_protocol)
             feats = every[train]
             rec: dict[str, Any] = {"n_images": len(task), "n_train": int(len(train)),
-                                   "feature_dim": int(feats.shape[1]), "split_seed": task_protocol.split_seed}
-            t = time.perf_counter()
-            rec["accuracy"] = features_accuracy(every, task.labels, task_protocol)
-            rec["truth_seconds"] = pool_s + time.perf_counter() - t
-            rec["features_seconds"] = features_s
+                                   "feature_dim": int(feats.shape[1]), "split_seed": task_protocol.split_seed,
+                                   "accuracy": features_accuracy(every, task.labels, task_protocol)}
             for name in scorers:
-                t = time.perf_counter()
                 rec[name] = float(SCORERS[name](feats, task.labels[train]))
-                rec[f"{name}_seconds"] = time.perf_counter() - t
-            t = time.perf_counter()
             rec["verify_accuracy"] = features_accuracy(feats, task.labels[train], protocol)
-            rec["verify_seconds"] = features_s + time.perf_counter() - t
             recs.append(rec)
         out["tasks"][task.name] = recs
-    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -574,17 +551,17 @@ def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: Q
     todo = [(t, missing) for t, missing in todo if missing]
     cached = sum(len(r) for r in recs)
     head = json.loads(store.read_bytes(model_rel)) if store.exists(model_rel) else {}
-    if todo or head.get("load_repeats") != LOAD_REPEATS:
+    if todo or not head:
         res = evaluate_candidate(entry, [t for t, _ in todo], std_input_size, plan.protocol,
                                  task_protocols=[[p for _, p in missing] for _, missing in todo])
         for t, missing in todo:
             for (r, _), rec in zip(missing, res["tasks"][t.name], strict=True):
                 store.write_bytes(rel[r][t.name], json.dumps(rec, sort_keys=True).encode())
                 recs[r][t.name] = rec
-        if head.get("load_repeats") != LOAD_REPEATS:  # kept from then on (a single timing is replaced)
-            head = {k: res[k] for k in ("model_id", "num_params", "load_seconds", "load_repeats")}
+        if not head:
+            head = {k: res[k] for k in ("model_id", "num_params")}
             store.write_bytes(model_rel, json.dumps(head, sort_keys=True).encode())
-    out = dict(head)
+    out = {k: head[k] for k in ("model_id", "num_params")}  # older stores also kept a load timing here
     out["splits"] = [{t.name: recs_r[t.name] for t in tasks} for recs_r in recs]
     out["tasks"] = out["splits"][0]
     out["feature_dim"] = next((r["feature_dim"] for r in out["tasks"].values()), None)
@@ -596,14 +573,12 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
                           protocols: Sequence[Sequence[ProbeProtocol]], task_image_size: int = 64) -> dict[str, Any]:
     """Task embeddings of one standard for every task, split and method (selection.select.embed_task).
 
-    `protocols[r][i]`: task i's split r (QualityPlan.task_protocols(r)). Returns `{"load_seconds",
-    "splits": [{name: {method: {form: query, "diagonal", "seconds"}, "n_train"}}]}` (one dict per split),
-    `"tasks"`: split 0. A query for each score the standard's table allows (full; per-source,
-    rank-mean); `diagonal` is diag(G) (u); `seconds` the measured cost of the task embedding
-    (baseline forward over the labelled part + G), measured on split 0 by `embed_task` as a user runs
-    it. The other splits use the standard features of the images labelled in any split (one pass for
-    all splits; held-out images are never embedded), restricted to their labelled part, and carry
-    split 0's cost.
+    `protocols[r][i]`: task i's split r (QualityPlan.task_protocols(r)). Returns `{"splits": [{name:
+    {method: {form: query, "diagonal"}, "n_train"}}]}` (one dict per split), `"tasks"`: split 0. A query
+    for each score the standard's table allows (full; per-source, rank-mean); `diagonal` is diag(G) (u).
+    Split 0 is embedded by `embed_task` as a user runs it; the other splits use the standard features
+    of the images labelled in any split (one pass for all splits; held-out images are never embedded),
+    restricted to their labelled part. Costs: `measure_costs`.
     """
     from selection.select import SelectConfig, embed_task, embed_task_features, task_split
     from selection.standard import load_standard_models, standard_features
@@ -626,13 +601,67 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
                     emb = embed_task_features(std, z[np.searchsorted(used, train)], task.labels[train], cfg,
                                               task.name)
                 rec[method] = {form: emb.query(std, form) for form in forms}
-                rec[method].update(diagonal=np.diag(emb.g).copy(),
-                                   seconds=emb.seconds if r == 0 else out["splits"][0][task.name][method]["seconds"])
+                rec[method]["diagonal"] = np.diag(emb.g).copy()
             out["splits"][r][task.name] = rec
     out["tasks"] = out["splits"][0]
-    # The load is timed here, not at the start, where the stage's workers and the driver compete for
-    # the cores (session 22: the general standard loaded in 0.2 s alone and in 0.9 s there, 3 times in a row).
-    out["load_seconds"] = timed_load(lambda: load_standard_models(std))[1]
+    return out
+
+
+def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[CatalogEntry], tasks: Sequence[Any],
+                  store: Any, step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """What each model operation of one selection costs, measured in one serial pass on split 0 of every task.
+
+    Run in one process with one thread after every parallel stage, so that every method's cost is
+    measured in the same run under the same conditions (timings taken beside other workers or
+    reused from a cached run moved T3 by 2x between runs). `step(label)` is called after each
+    standard and model (progress). Returns
+    `{"standards": {name: {"load_seconds", "table_load_seconds", "tasks": {task: {method: seconds}}}},
+    "models": {id: {"load_seconds", "tasks": {task: {"features_seconds", "<scorer>_seconds",
+    "probe_seconds"}}}}}`: loads and the table load are the median of LOAD_REPEATS, a task
+    embedding is `embed_task`'s own measure (baseline forward over the labelled part + G), and a
+    model's features, scorers and the verification probe (`plan.protocol` inside the labelled part)
+    are each timed once on the task's labelled part.
+    """
+    from selection.models import extract_features, load_model
+    from selection.scorers import SCORERS
+    from selection.select import SelectConfig, embed_task, features_accuracy, task_split
+    from selection.standard import load_standard_models
+    from selection.table import load_table
+
+    trains = [task_split(t, p)[0] for t, p in zip(tasks, plan.task_protocols(0), strict=True)]
+    configs = {m: SelectConfig(task_method=m, task_image_size=plan.task_image_size) for m in plan.methods}
+    out: dict[str, Any] = {"standards": {}, "models": {}}
+    input_size = plan.standards[0].input_size
+    for entry in entries:
+        loaded, load_s = timed_load(lambda entry=entry: load_model(entry))
+        per_task = {}
+        for task, train in zip(tasks, trains):
+            t = time.perf_counter()
+            feats = extract_features(loaded, task.images[train], input_size=input_size)
+            rec = {"features_seconds": time.perf_counter() - t}
+            labels = task.labels[train]
+            for name in BRUTE_FORCE:
+                t = time.perf_counter()
+                SCORERS[name](feats, labels)
+                rec[f"{name}_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            features_accuracy(feats, labels, plan.protocol)
+            rec["probe_seconds"] = time.perf_counter() - t
+            per_task[task.name] = rec
+        out["models"][entry.id] = {"load_seconds": load_s, "tasks": per_task}
+        del loaded
+        if step:
+            step(entry.id)
+    # The standards after the candidates: measured first (session 23), the general standard's load
+    # once came out at 0.54 s, against 0.19-0.23 s at the end of the pass and in every check alone.
+    for sp, std in zip(plan.standards, stds, strict=True):
+        models, load_s = timed_load(lambda std=std: load_standard_models(std))
+        table_s = timed_load(lambda std=std: load_table(store, std))[1]
+        per_task = {t.name: {m: embed_task(std, t.subset(train), cfg, models=models).seconds
+                             for m, cfg in configs.items()} for t, train in zip(tasks, trains)}
+        out["standards"][sp.name] = {"load_seconds": load_s, "table_load_seconds": table_s, "tasks": per_task}
+        if step:
+            step(sp.name)
     return out
 
 
@@ -793,18 +822,21 @@ def choose_verifier(results: dict[str, Any], variant: str, k: int = 3) -> str:
     return best
 
 
-def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table: Any, table_load_s: float,
-                     task_emb: dict[str, Any], truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table: Any,
+                     task_emb: dict[str, Any], truth: dict[str, dict[str, Any]],
+                     costs: dict[str, Any]) -> dict[str, Any]:
     """Every method's per-task metrics and costs for one standard (verification for all SE variants).
 
     Quality metrics are measured on every split of a task (`task_emb["splits"]`, `truth[id]["splits"]`;
     one split where those are missing) and `per_task` holds their means over the splits; `splits`
-    holds each split's own rows, `scores` split 0's scores. Costs are measured once per task (split 0).
+    holds each split's own rows, `scores` split 0's scores. Costs come from `measure_costs` (split 0)
+    and the sweep, timed here.
     """
     ids = plan.candidates(standard)
     table = candidate_table(table, ids)
     m = len(ids)
     groups = {t.name: t.group for t in plan.tasks}
+    std_costs = costs["standards"][standard.name]
     split_embs = task_emb.get("splits") or [task_emb["tasks"]]
     scores_out: dict[str, dict[str, list[float]]] = {}
     params = np.array([truth[i]["num_params"] for i in ids], np.float64)
@@ -814,13 +846,13 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         split_recs = [[truth[i].get("splits", [truth[i]["tasks"]])[split][name] for i in ids]
                       for split in range(len(split_embs))]
         split_accs = np.array([[r["accuracy"] for r in recs] for recs in split_recs], np.float64)
-        costs = split_recs[0]  # split 0: what one selection costs
-        n_train = costs[0]["n_train"]
+        n_train = split_recs[0][0]["n_train"]
         temb0 = split_embs[0][name]
-        # Cost per verified model after its load (selection.select.verify_candidate).
-        verify_s = {v: [r["features_seconds"] + r[f"{v}_seconds"] for r in costs]
-                    for v in VERIFIERS if v in BRUTE_FORCE}
-        verify_s["probe"] = [r["verify_seconds"] for r in costs]
+        # What one selection pays per model: its load, features of the labelled part, its scorer or
+        # verifier (selection.select.verify_candidate).
+        model_costs = [(costs["models"][i]["load_seconds"], costs["models"][i]["tasks"][name]) for i in ids]
+        model_s = {v: [load + c["features_seconds"] + c[f"{v}_seconds"] for load, c in model_costs]
+                   for v in (*BRUTE_FORCE, *VERIFIERS)}
         sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
                    if form not in ("diagonal", "seconds")}
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
@@ -840,7 +872,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                 scores_out[name] = {"accuracy": acc.tolist()}
             for variant, s in se_scores(table, temb).items():
                 form, method = variant.split("/")
-                base_cost = task_emb["load_seconds"] + temb0[method]["seconds"] + table_load_s + sweep_s[form]
+                base_cost = (std_costs["load_seconds"] + std_costs["tasks"][name][method]
+                             + std_costs["table_load_seconds"] + sweep_s[form])
                 rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
                                                     seconds=base_cost)
                 if split == 0:
@@ -849,7 +882,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                 for k in plan.verify_ks:
                     top = top_all[:k]
                     for verifier, measured in seen.items():
-                        cost = base_cost + sum(truth[ids[i]]["load_seconds"] + verify_s[verifier][i] for i in top)
+                        cost = base_cost + sum(model_s[verifier][i] for i in top)
                         rows[variant_label(variant, k, verifier)] = dict(
                             ranking_metrics(verified_scores(s, measured, k), acc, ids),
                             forward_passes=n_train + len(top) * n_train, seconds=cost)
@@ -862,10 +895,8 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                             seconds=None)
             for scorer in BRUTE_FORCE:
                 s = np.array([r[scorer] for r in recs], np.float64)
-                cost = sum(truth[i]["load_seconds"] + r["features_seconds"] + r[f"{scorer}_seconds"]
-                           for i, r in zip(ids, costs))
                 rows[f"{PRETTY_SCORER[scorer]} (brute force)"] = dict(
-                    ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=cost)
+                    ranking_metrics(s, acc, ids), forward_passes=m * n_train, seconds=sum(model_s[scorer]))
                 if split == 0:
                     scores_out[name][PRETTY_SCORER[scorer]] = s.tolist()
             if EXPECTED in refs:
@@ -878,8 +909,9 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
             "baseline": std.baseline.to_dict(),
             "companion": None if std.companion is None else std.companion.to_dict(),
             "excluded": list(standard.exclude), "n_candidates": m,
-            "candidates": ids, "table_load_seconds": table_load_s,
-            "task_embedding_load_seconds": task_emb["load_seconds"], "n_splits": len(per_split),
+            "candidates": ids, "table_load_seconds": std_costs["table_load_seconds"],
+            "task_embedding_load_seconds": std_costs["load_seconds"],
+            "n_splits": len(per_split),
             "per_task": per_task, "groups": aggregate(per_task, groups),
             "splits": split_table(per_split),
             "split_groups": [{g: {m: {k: _round(r[k]) for k in QUALITY_KEYS} for m, r in rows.items()}
@@ -1364,8 +1396,10 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
              "accuracy of the selected model, points), rel@1 and rel@3 (best accuracy among the top 1 / 3 divided "
              "by the best); cost of one selection for one task: model forward passes (images × models) and "
-             "single-core seconds measured in the workers (model loads, forward passes, probes/scorers, table "
-             "load and sweep; summed, so the number does not depend on the benchmark's own parallelism).")
+             "single-core seconds (model loads, forward passes, probes/scorers, table load and sweep; summed, so "
+             "the number does not depend on the benchmark's own parallelism), all measured in this run by one "
+             "serial pass after the parallel stages (`selection.benchmark.measure_costs`: one process, one "
+             "thread, nothing else running; loads are the median of 3), on split 0 of every task.")
     L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
              f"**{variant_label(default)}**; verification rows use it. The verifier with the lowest dev mean "
              f"top-3 gap over the standards: **{doc['summary'].get('verifier_by_dev')}** "
@@ -1483,8 +1517,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("Training is seeded and resumable (checkpoints that exist are reused), standards and embeddings are "
              "reused when their ids and digests match, and the ground truth is cached in the store per model, task "
              "and split (`benchmark/truth/<model>/<task key>.json`), so an interrupted run continues where it stopped "
-             "and a new task or split costs only its own records. Timings are measured per "
-             "run; a resumed run reuses the cached timings of the models it does not re-measure.\n")
+             "and a new task or split costs only its own records. Costs are never cached: every run measures "
+             "them again in its serial cost pass.\n")
     return "\n".join(L)
 
 
