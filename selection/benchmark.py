@@ -440,7 +440,7 @@ def load_tasks(plan: QualityPlan) -> list[Any]:
     return out
 
 
-# -- measurements (run inside workers) -----------------------------------------------------
+# -- measurements (ground truth, task embeddings: in Ray workers; measure_costs: in the job) --------
 
 _WARM = False
 LOAD_REPEATS = 3  # model loads are timed this many times and the median kept: one timing on a shared machine
