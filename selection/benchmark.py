@@ -1186,6 +1186,35 @@ def gap_steps(default_variant: str) -> list[tuple[str, str]]:
             (EXPECTED_ROW, "all candidates by the expected accuracy")]
 
 
+COST_PARTS = ("standard's models: load", "task embedding", "table load + sweep", "verify top 3: loads",
+              "verify top 3: features", f"verify top 3: {DEFAULT_VERIFIER}", "brute force: loads",
+              "brute force: features", "brute force: LogME")
+
+
+def cost_parts(res: dict[str, Any], costs: dict[str, Any], default_variant: str,
+               tasks: Sequence[str]) -> dict[str, float]:
+    """Where one selection's seconds go (COST_PARTS), mean over `tasks`: the default variant and its
+    top 3 (split 0's shortlist) verified by the default verifier, against brute-force LogME."""
+    std = costs["standards"][res["standard"]]
+    method = default_variant.split("/")[1]
+    sums = dict.fromkeys(COST_PARTS, 0.0)
+    for task in tasks:
+        se = res["per_task"][task][variant_label(default_variant)]["seconds"]
+        emb = std["tasks"][task][method]
+        sums["standard's models: load"] += std["load_seconds"]
+        sums["task embedding"] += emb
+        sums["table load + sweep"] += se - std["load_seconds"] - emb
+        top = np.argsort(-np.asarray(res["scores"][task][variant_label(default_variant)]), kind="stable")[:3]
+        for who, ids, scorer, label in (("verify top 3", [res["candidates"][i] for i in top], DEFAULT_VERIFIER,
+                                         DEFAULT_VERIFIER), ("brute force", res["candidates"], "logme", "LogME")):
+            for i in ids:
+                c, t = costs["models"][i]["load_seconds"], costs["models"][i]["tasks"][task]
+                sums[f"{who}: loads"] += c
+                sums[f"{who}: features"] += t["features_seconds"]
+                sums[f"{who}: {label}"] += t[f"{scorer}_seconds"]
+    return {k: v / len(tasks) for k, v in sums.items()}
+
+
 def plot_gap_ladder(per_standard: dict[str, dict[str, Any]], default_variant: str, path: str) -> None:
     """Top-1 gap of each of `gap_steps`: one group of bars per step, one bar per standard and group;
     the dashed line is T2's target."""
@@ -1438,6 +1467,15 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         L.append(_md_table(["step"] + [f"{n} {g}" for n, g in cols2], rows) + "\n")
         if "gap_ladder" in doc["images"]:
             L.append(f"![where the gap comes from]({doc['images']['gap_ladder']})\n")
+    if "costs" in doc:
+        L.append("Where one selection's time goes (T3): single-core seconds from the run's serial cost pass, mean "
+                 f"over the test tasks, {variant_label(default)} verified by {DEFAULT_VERIFIER} against brute-force "
+                 "LogME. The verification parts are those of split 0's shortlists; the `+verify top-3` rows "
+                 "average the shortlists of every split.\n")
+        test = [t.name for t in plan.tasks if t.group == "test"] or [t.name for t in plan.tasks]
+        parts = {name: cost_parts(res, doc["costs"], default, test) for name, res in per_standard.items()}
+        rows = [[k] + [_secs(parts[n][k]) for n in parts] for k in COST_PARTS]
+        L.append(_md_table(["part"] + list(parts), rows) + "\n")
 
     for name, res in per_standard.items():
         L.append(f"## Standard `{name}`: {res['title']}\n")

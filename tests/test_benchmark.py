@@ -307,6 +307,24 @@ def test_standard_results_metrics_and_costs():
     assert {t["id"] for t in summary["targets"]["s"]} == {"T1", "T2", "T3a", "T3b"}
 
 
+def test_cost_parts_add_up_to_the_rows_seconds():
+    plan, sp, table, task_emb, truth, costs = _fake_inputs()
+    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
+                           "companion": None})()
+    res = bench.standard_results(plan, sp, std, table, task_emb, truth, costs)
+    parts = bench.cost_parts(res, costs, "full/probe", ["b"])
+    assert list(parts) == list(bench.COST_PARTS)
+    rows = res["per_task"]["b"]
+    se = [parts[k] for k in bench.COST_PARTS[:3]]
+    assert se[:2] == [0.25, 0.5] and sum(se) == pytest.approx(rows["SE full/probe"]["seconds"])
+    verify = [parts[k] for k in bench.COST_PARTS[3:6]]  # the top 3 (m0, m2, m3): load, features, LogME each
+    assert verify == pytest.approx([3 * 1.0, 3 * 0.5, 3 * 0.1])
+    assert sum(se) + sum(verify) == pytest.approx(rows["SE full/probe +verify top-3"]["seconds"])
+    brute = [parts[k] for k in bench.COST_PARTS[6:]]
+    assert brute == pytest.approx([4 * 1.0, 4 * 0.5, 4 * 0.1])
+    assert sum(brute) == pytest.approx(rows["LogME (brute force)"]["seconds"])
+
+
 def test_standard_results_are_means_over_the_splits():
     plan, sp, table, task_emb, truth, costs = _fake_inputs()
     plan = dataclasses.replace(plan, splits=2)
@@ -551,7 +569,7 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert {t["id"] for ts in doc["summary"]["targets"].values() for t in ts} == {"T1", "T2", "T3a", "T3b"}
     assert doc["run"]["cpu_model"]  # a zoo trains bit for bit again only on the same CPU type
     md = (out / "benchmark.md").read_text()
-    assert "## Targets (test tasks)" in md and "smoke run" in md
+    assert "## Targets (test tasks)" in md and "smoke run" in md and "Where one selection's time goes" in md
     for t in tasks:
         assert re.search(rf"^\| {re.escape(t)} \((dev|test)\) \|", md, re.M)
     for rel in doc["images"].values():
