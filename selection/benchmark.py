@@ -854,7 +854,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
         model_s = {v: [load + c["features_seconds"] + c[f"{v}_seconds"] for load, c in model_costs]
                    for v in (*BRUTE_FORCE, *VERIFIERS)}
         sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
-                   if form not in ("diagonal", "seconds")}
+                   if form != "diagonal"}
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
         for split, embs in enumerate(split_embs):
             temb = embs[name]
