@@ -263,10 +263,14 @@ def _fake_inputs(d=3):
     return plan, sp, table, task_emb, truth, costs
 
 
+def _fake_std():
+    return type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
+                            "companion": None})()
+
+
 def test_standard_results_metrics_and_costs():
     plan, sp, table, task_emb, truth, costs = _fake_inputs()
-    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
-                           "companion": None})()
+    std = _fake_std()
     res = bench.standard_results(plan, sp, std, table, task_emb, truth, costs)
     assert res["candidates"] == ["m0", "m1", "m2", "m3"] and res["n_candidates"] == 4
     rows = res["per_task"]["b"]
@@ -309,8 +313,7 @@ def test_standard_results_metrics_and_costs():
 
 def test_cost_parts_add_up_to_the_rows_seconds():
     plan, sp, table, task_emb, truth, costs = _fake_inputs()
-    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
-                           "companion": None})()
+    std = _fake_std()
     res = bench.standard_results(plan, sp, std, table, task_emb, truth, costs)
     parts = bench.cost_parts(res, costs, "full/probe", ["b"])
     assert list(parts) == list(bench.COST_PARTS)
@@ -328,8 +331,7 @@ def test_cost_parts_add_up_to_the_rows_seconds():
 def test_standard_results_are_means_over_the_splits():
     plan, sp, table, task_emb, truth, costs = _fake_inputs()
     plan = dataclasses.replace(plan, splits=2)
-    std = type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
-                           "companion": None})()
+    std = _fake_std()
     other = {"m0": 0.6, "m1": 0.9, "m2": 0.7, "m3": 0.8}  # another labelled/held-out split: m0 is worse there
     task_emb = dict(task_emb, splits=[task_emb["tasks"], task_emb["tasks"]])
     for i, rec in truth.items():
@@ -562,7 +564,7 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
         sc, t = costs["standards"][name], tasks[0]
         rows = res["per_task"][t]
         lm = sum(c["load_seconds"] + c["tasks"][t]["features_seconds"] + c["tasks"][t]["logme_seconds"]
-                 for c in costs["models"].values())
+                 for c in (costs["models"][i] for i in res["candidates"]))
         assert rows["LogME (brute force)"]["seconds"] == pytest.approx(lm)
         se = rows[bench.variant_label("full/probe")]["seconds"]
         assert se == pytest.approx(sc["load_seconds"] + sc["tasks"][t]["probe"] + sc["table_load_seconds"], abs=0.01)
