@@ -186,30 +186,30 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
 # --------------------------------------------------------------------------- H-score
 
 
-def _class_mean_features(feats: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
-    """``(n, k)`` array whose row i is the mean feature of sample i's class: E[f | y]."""
-    sums = np.zeros((c, feats.shape[1]))
-    np.add.at(sums, y, feats)
-    counts = np.bincount(y, minlength=c)
-    return (sums / counts[:, None])[y]
+def _centred_svd(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The centred features and their thin SVD: ``(X (n, k), U (n, r), s (r,))``, r = min(n, k).
+
+    The biased covariance is ``cov(f) = XᵀX/n = V diag(s²/n) Vᵀ``; working from ``U`` and ``s``
+    costs O(n k r) and never forms the ``(k, k)`` covariance, which matters when k >> n.
+    """
+    centred = feats - feats.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    return centred, u, s
 
 
-def _covariance(x: np.ndarray) -> np.ndarray:
-    """Biased (1/n) covariance of the rows of ``x``, shape ``(k, k)``."""
-    centred = x - x.mean(axis=0)
-    return centred.T @ centred / x.shape[0]
+def _class_energy(u: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    """``‖P uⱼ‖²`` for every column j of ``u``, P replacing each entry by its class mean."""
+    sums = np.zeros((c, u.shape[1]))
+    np.add.at(sums, y, u)
+    return np.sum(sums**2 / np.bincount(y, minlength=c)[:, None], axis=0)
 
 
-def _trace_pinv_product(cov: np.ndarray, other: np.ndarray, rtol: float) -> float:
-    """``tr(pinv(cov) @ other)`` for symmetric PSD ``cov``, eigenvalues below
-    ``rtol * max eigenvalue`` treated as zero."""
-    eigval, eigvec = np.linalg.eigh(cov)
-    top = eigval.max() if eigval.size else 0.0
-    if top <= 0.0:
+def _pinv_trace(u: np.ndarray, s: np.ndarray, y: np.ndarray, c: int, rtol: float) -> float:
+    """``tr(cov(f)⁺ cov(E[f | y]))`` from the centred SVD, directions with ``sⱼ² ≤ rtol s₀²`` dropped."""
+    if s.size == 0 or s[0] <= 0.0:
         return 0.0  # constant features: no variance to explain anything
-    keep = eigval > rtol * top
-    v = eigvec[:, keep]
-    return float(np.sum(np.einsum("ij,ij->j", v, other @ v) / eigval[keep]))
+    keep = s**2 > rtol * s[0] ** 2
+    return float(np.sum(_class_energy(u[:, keep], y, c)))
 
 
 def hscore(features: np.ndarray, labels: np.ndarray, *, rtol: float = 1e-10) -> float:
@@ -224,11 +224,28 @@ def hscore(features: np.ndarray, labels: np.ndarray, *, rtol: float = 1e-10) -> 
     ``cov(f)`` is the ``(k, k)`` covariance of the features, ``E[f | y]`` replaces each
     sample's features by its class mean. Invariant to translation and to any invertible
     linear map of the features; between 0 and ``min(k, c − 1)``. Higher is better.
+
+    Computed from the centred features' SVD ``U diag(s) Vᵀ``: ``cov(E[f | y])`` is
+    ``(PX)ᵀ(PX)/n`` with P the class-mean projection, so the trace is ``Σⱼ ‖P uⱼ‖²`` over
+    the kept singular directions.
     """
     feats, y, c = _check_inputs(features, labels)
-    cov_f = _covariance(feats)
-    cov_g = _covariance(_class_mean_features(feats, y, c))
-    return _trace_pinv_product(cov_f, cov_g, rtol)
+    _, u, s = _centred_svd(feats)
+    return _pinv_trace(u, s, y, c, rtol)
+
+
+def _ledoit_wolf(centred: np.ndarray, s: np.ndarray) -> float:
+    """Ledoit-Wolf shrinkage of centred rows ``(n, k)`` with singular values ``s``."""
+    n, k = centred.shape
+    eig = s**2 / n  # the covariance's non-zero eigenvalues (the others are 0)
+    mu = np.sum(eig) / k
+    cov_norm2 = np.sum(eig**2)  # ‖S‖²_F
+    delta2 = cov_norm2 - k * mu**2  # ‖S − μI‖²_F
+    if delta2 <= 0.0:
+        return 0.0
+    row_norm2 = np.sum(centred**2, axis=1)
+    b2 = (np.sum(row_norm2**2) - n * cov_norm2) / n**2
+    return float(min(max(b2, 0.0), delta2) / delta2)
 
 
 def ledoit_wolf_shrinkage(features: np.ndarray) -> float:
@@ -241,16 +258,8 @@ def ledoit_wolf_shrinkage(features: np.ndarray) -> float:
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2 or feats.shape[0] < 1:
         raise DataError(f"features should be 2-d (n, k) with n >= 1, got shape {feats.shape}")
-    n, k = feats.shape
     centred = feats - feats.mean(axis=0)
-    cov = centred.T @ centred / n
-    mu = np.trace(cov) / k
-    delta2 = np.sum((cov - mu * np.eye(k)) ** 2)
-    if delta2 <= 0.0:
-        return 0.0
-    row_norm2 = np.sum(centred**2, axis=1)
-    b2 = (np.sum(row_norm2**2) - n * np.sum(cov**2)) / n**2
-    return float(min(max(b2, 0.0), delta2) / delta2)
+    return _ledoit_wolf(centred, np.linalg.svd(centred, compute_uv=False))
 
 
 def regularized_hscore(
@@ -267,20 +276,21 @@ def regularized_hscore(
     Score: ``tr(Σ_α⁻¹ (1 − α) cov(E[f | y]))`` with the shrunk covariance
     ``Σ_α = (1 − α) cov(f) + α (tr cov(f) / k) I``. With ``α = 0`` it is :func:`hscore`.
     More stable than the plain H-score when ``n`` is small relative to ``k``. Higher is better.
+    ``cov(E[f | y])`` lives in the span of the singular directions, where ``Σ_α`` has the
+    eigenvalues ``(1 − α) sⱼ²/n + αμ``: the score is ``Σⱼ (1 − α) sⱼ² ‖P uⱼ‖² / ((1 − α) sⱼ² + nαμ)``.
     """
     feats, y, c = _check_inputs(features, labels)
-    if shrinkage is None:
-        alpha = ledoit_wolf_shrinkage(feats)
-    elif not (0.0 <= float(shrinkage) <= 1.0):
+    if shrinkage is not None and not (0.0 <= float(shrinkage) <= 1.0):
         raise ValueError(f"shrinkage should be in [0, 1] or None, got {shrinkage}")
-    else:
-        alpha = float(shrinkage)
-    k = feats.shape[1]
-    cov_f = _covariance(feats)
-    shrunk = (1.0 - alpha) * cov_f + alpha * (np.trace(cov_f) / k) * np.eye(k)
-    cov_g = _covariance(_class_mean_features(feats, y, c))
+    n, k = feats.shape
+    centred, u, s = _centred_svd(feats)
+    alpha = _ledoit_wolf(centred, s) if shrinkage is None else float(shrinkage)
     logger.debug("regularized H-score: shrinkage=%.4g", alpha)
-    return _trace_pinv_product(shrunk, (1.0 - alpha) * cov_g, rtol)
+    if alpha == 0.0 or s[0] <= 0.0:
+        return _pinv_trace(u, s, y, c, rtol)
+    signal = (1.0 - alpha) * s**2
+    mu = np.sum(s**2) / (n * k)
+    return float(np.sum(signal * _class_energy(u, y, c) / (signal + n * alpha * mu)))
 
 
 # ----------------------------------------------------------------------- ridge LOO

@@ -244,6 +244,22 @@ def test_regularized_hscore_matches_formula() -> None:
     assert regularized_hscore(f, labels) != pytest.approx(hscore(f, labels), rel=1e-3)
 
 
+@pytest.mark.parametrize("n,k", [(40, 5), (12, 30)])
+def test_h_scores_match_the_dense_covariance_formulas(n: int, k: int) -> None:
+    # the scorers work from the centred features' SVD; here every (k, k) matrix is formed
+    f, labels = _task(n, k, c=3, seed=n + k, signal=1.0)
+    f[:, 1] *= 10.0
+    cov_f = np.cov(f, rowvar=False, bias=True)
+    means = np.array([f[labels == c].mean(axis=0) for c in range(3)])
+    cov_g = np.cov(means[labels], rowvar=False, bias=True)
+    pinv = np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True)
+    assert hscore(f, labels) == pytest.approx(np.trace(pinv @ cov_g), rel=1e-9)
+    for alpha in (0.3, ledoit_wolf_shrinkage(f)):
+        shrunk = (1 - alpha) * cov_f + alpha * np.trace(cov_f) / k * np.eye(k)
+        want = np.trace(np.linalg.inv(shrunk) @ ((1 - alpha) * cov_g))
+        assert regularized_hscore(f, labels, shrinkage=alpha) == pytest.approx(want, rel=1e-9)
+
+
 def test_regularized_hscore_prefers_separating_features_when_n_is_small() -> None:
     random_f, labels = _task(20, 40, c=4, seed=8)
     good_f, _ = _task(20, 40, c=4, seed=8, signal=3.0)
