@@ -1343,6 +1343,22 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+def _hscore_ties(doc: dict[str, Any], rtol: float = 1e-6) -> str:
+    """A sentence on how many split-0 H-scores sit at the maximum, c − 1 (there float noise orders them)."""
+    n_classes = {t["name"]: t["n_classes"] for t in doc["tasks"]}
+    at_max = total = 0
+    for res in doc["results"].values():
+        for task, scores in res.get("scores", {}).items():
+            h = np.asarray(scores.get("H-score") or [], dtype=float)
+            at_max += int(np.sum(np.abs(h - (n_classes[task] - 1)) <= rtol * (n_classes[task] - 1)))
+            total += h.size
+    if not total:
+        return ""
+    return (f" {at_max} of the {total} H-scores (candidates x tasks x standards, split 0) sit at its maximum, "
+            f"c − 1, to {rtol:g}: with fewer labelled images than feature dimensions the centred features span "
+            f"the labelled images, so the H-score cannot tell those models apart and float noise orders them.")
+
+
 def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[str]) -> str:
     default = doc["summary"]["default_variant"]
     per_standard = doc["results"]
@@ -1419,7 +1435,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append("- **Brute force**: LogME, H-score and ridge LOO (`selection.scorers`: the closed-form "
              "leave-one-out squared error of a ridge probe onto the one-hot labels, its penalty chosen by the same "
              "error) on every candidate's features of the task's train part: m model loads and m × n_train "
-             "forward passes per selection. **Random choice**: "
+             "forward passes per selection." + _hscore_ties(doc) + " **Random choice**: "
              "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "
              "**Largest model**: by parameter count.")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "

@@ -328,6 +328,13 @@ def test_cost_parts_add_up_to_the_rows_seconds():
     assert sum(brute) == pytest.approx(rows["LogME (brute force)"]["seconds"])
 
 
+def test_report_counts_the_h_scores_at_their_maximum():
+    doc = {"tasks": [{"name": "a", "n_classes": 3}, {"name": "b", "n_classes": 2}],
+           "results": {"s": {"scores": {"a": {"H-score": [2.0, 2.0 - 1e-9, 1.5]}, "b": {"H-score": [1.0, 0.2]}}}}}
+    assert bench._hscore_ties(doc).startswith(" 3 of the 5 H-scores")
+    assert bench._hscore_ties({"tasks": [], "results": {}}) == ""
+
+
 def test_standard_results_are_means_over_the_splits():
     plan, sp, table, task_emb, truth, costs = _fake_inputs()
     plan = dataclasses.replace(plan, splits=2)
