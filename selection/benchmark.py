@@ -63,8 +63,13 @@ VERIFY_KS = (1, 3, 5)
 # here, so that the plan and the report load without torch).
 VERIFIERS = ("logme", "probe", "ridge-loo")
 DEFAULT_VERIFIER = "logme"
-BRUTE_FORCE = ("logme", "hscore", "ridge-loo")  # selection.scorers.SCORERS
-PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "ridge-loo": "ridge LOO"}
+BRUTE_FORCE = ("logme", "hscore", "regularized_hscore", "ridge-loo")  # selection.scorers.SCORERS
+PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "regularized H-score",
+                 "ridge-loo": "ridge LOO"}
+# The scorers in the ground truth's cache keys: those of the records' first version. A scorer added to
+# BRUTE_FORCE since is filled into the cached records (`evaluate_candidate_cached`: features of the
+# labelled images only), so adding one never re-runs the ground truth.
+KEYED_SCORERS = ("logme", "hscore", "ridge-loo")
 IMAGENET_INPUT_SIZE = 128
 
 # Targets of the issue (quality benchmark).
@@ -487,7 +492,7 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
     keyed = dict(entry.to_dict(), weights=weights_digest(entry))
     model = digest({"v": BENCH_VERSION, "entry": keyed, "input_size": std_input_size})
     common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
-              "scorers": BRUTE_FORCE}
+              "scorers": KEYED_SCORERS}
     tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})
              for t, p in zip(plan.tasks, plan.task_protocols(split), strict=True)]
     return model, tasks
@@ -537,7 +542,7 @@ def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: Q
     truth_cache_keys), so only the missing ones are evaluated (one model load for all of them):
     the run is resumable, and a new task or split costs only its own records. Returns the model's
     record with `splits`: per split, `{task name: record}`; `tasks` is split 0; `cached` counts the
-    records reused.
+    records reused, `upgraded` those of them given scorers added to BRUTE_FORCE since they were written.
     """
     model_key = truth_cache_keys(entry, plan, std_input_size)[0]
     rel = [{t.name: f"benchmark/truth/{model_key}/{k}.json"
@@ -561,12 +566,43 @@ def evaluate_candidate_cached(entry: CatalogEntry, tasks: Sequence[Any], plan: Q
         if not head:
             head = {k: res[k] for k in ("model_id", "num_params")}
             store.write_bytes(model_rel, json.dumps(head, sort_keys=True).encode())
+    upgraded = _add_missing_scorers(entry, tasks, plan, std_input_size, recs, rel, store)
     out = {k: head[k] for k in ("model_id", "num_params")}  # older stores also kept a load timing here
     out["splits"] = [{t.name: recs_r[t.name] for t in tasks} for recs_r in recs]
     out["tasks"] = out["splits"][0]
     out["feature_dim"] = next((r["feature_dim"] for r in out["tasks"].values()), None)
     out["cached"] = cached
+    out["upgraded"] = upgraded
     return out
+
+
+def _add_missing_scorers(entry: CatalogEntry, tasks: Sequence[Any], plan: QualityPlan, std_input_size: int | None,
+                         recs: list[dict[str, Any]], rel: list[dict[str, str]], store: Any) -> int:
+    """Fill the BRUTE_FORCE scorers that cached records lack (added since they were written) from the
+    candidate's features of the labelled images (one pass per task for every split); rewrites those
+    records in the store and returns how many."""
+    from selection.models import extract_features, load_model
+    from selection.scorers import SCORERS
+    from selection.select import task_split
+
+    loaded, upgraded = None, 0
+    for i, task in enumerate(tasks):
+        stale = [r for r in range(plan.splits) if set(BRUTE_FORCE) - recs[r][task.name].keys()]
+        if not stale:
+            continue
+        loaded = loaded or load_model(entry)
+        trains = {r: task_split(task, plan.task_protocols(r)[i])[0] for r in stale}
+        used = np.unique(np.concatenate(list(trains.values())))
+        feats = extract_features(loaded, task.images[used], input_size=std_input_size)
+        for r, train in trains.items():
+            rec = recs[r][task.name]
+            x, labels = feats[np.searchsorted(used, train)], task.labels[train]
+            rec.update({name: float(SCORERS[name](x, labels)) for name in BRUTE_FORCE if name not in rec})
+            store.write_bytes(rel[r][task.name], json.dumps(rec, sort_keys=True).encode())
+            upgraded += 1
+    if upgraded:
+        log.info("%s: %d cached ground-truth records given the scorers %s", entry.id, upgraded, BRUTE_FORCE)
+    return upgraded
 
 
 def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str],
@@ -1371,6 +1407,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     records = len(doc["zoo"]) * len(doc["tasks"]) * int(doc["protocol"].get("splits", 1))
     reused = (f"; {run['ground_truth_cached']} of the {records} ground-truth records reused from the store"
               if run.get("ground_truth_cached") else "")
+    if run.get("ground_truth_upgraded"):
+        reused += f", {run['ground_truth_upgraded']} of them given the brute-force scorers added since"
     L.append(f"Generated by `{run['command']}` (plan `{plan.name}`, {run['total_seconds']:.0f} s on "
              f"{run['cpus']} CPU core(s), {run['host']}, zooselect {run['versions'].get('zooselect')}, "
              f"timm {run['versions'].get('timm')}, torch {run['versions'].get('torch')}{reused}). "

@@ -252,13 +252,14 @@ def _fake_inputs(d=3):
     seen = {"m0": 0.7, "m1": 0.95, "m2": 0.85, "m3": 0.6}  # verification's own (train-half) estimate
     truth = {i: {"num_params": 10 * (k + 1),
                  "tasks": {t: {"accuracy": accs[i], "verify_accuracy": seen[i], "n_train": 10, "n_images": 20,
-                               "logme": -k, "hscore": k, "ridge-loo": -abs(k - 2)}
+                               "logme": -k, "hscore": k, "regularized_hscore": -k,
+                               "ridge-loo": -abs(k - 2)}
                            for t in "ab"}} for k, i in enumerate(ids)}
     costs = {"standards": {"s": {"load_seconds": 0.25, "table_load_seconds": 0.05,
                                  "tasks": {t: {"probe": 0.5, "fisher": 0.5} for t in "ab"}}},
              "models": {i: {"load_seconds": 1.0,
                             "tasks": {t: {"features_seconds": 0.5, "logme_seconds": 0.1, "hscore_seconds": 0.2,
-                                          "ridge-loo_seconds": 0.05, "probe_seconds": 1.0} for t in "ab"}}
+                                          "regularized_hscore_seconds": 0.2, "ridge-loo_seconds": 0.05, "probe_seconds": 1.0} for t in "ab"}}
                         for i in ids}}
     return plan, sp, table, task_emb, truth, costs
 
@@ -460,6 +461,19 @@ def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
     other = dataclasses.replace(two, protocol=ProbeProtocol(l2=0.1))
     assert bench.truth_cache_keys(entry, other, None)[1][0] != bench.truth_cache_keys(entry, two, None)[1][0]
     assert bench.truth_cache_keys(entry, three, None)[1][:2] == bench.truth_cache_keys(entry, two, None)[1]
+    # a scorer added since a record was written is filled in from the labelled images' features alone
+    assert again["upgraded"] == 0
+    path = tmp_path / "benchmark" / "truth" / bench.truth_cache_keys(entry, two, None)[0] / \
+        f"{bench.truth_cache_keys(entry, two, None, 1)[1][0]}.json"
+    rec = json.loads(path.read_text())
+    want = rec.pop("regularized_hscore")
+    path.write_text(json.dumps(rec))
+    calls.clear()
+    again = bench.evaluate_candidate_cached(entry, tasks2, two, None, store)
+    assert calls == [] and again["upgraded"] == 1 and again["cached"] == 4
+    assert again["splits"][1][name]["regularized_hscore"] == pytest.approx(want, rel=1e-4)
+    assert json.loads(path.read_text())["regularized_hscore"] == again["splits"][1][name]["regularized_hscore"]
+    assert bench.evaluate_candidate_cached(entry, tasks2, two, None, store)["upgraded"] == 0
 
 
 def test_timed_load_keeps_the_median_of_the_repeats():
