@@ -347,13 +347,22 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def read_many(self, rels: Iterable[str], threads: int = 16) -> list[bytes]:
-        """The bytes of many objects, read concurrently (object stores reward parallelism)."""
+    def read_many(self, rels: Iterable[str], threads: int = 16, missing_ok: bool = False) -> list[bytes | None]:
+        """The bytes of many objects, read concurrently (object stores reward parallelism).
+        `missing_ok`: an object that is gone reads as None instead of raising ObjectGoneError."""
+        def read(rel: str) -> bytes | None:
+            try:
+                return self.read_bytes(rel)
+            except ObjectGoneError:
+                if missing_ok:
+                    return None
+                raise
+
         rels = list(rels)
         if len(rels) <= 1:
-            return [self.read_bytes(r) for r in rels]
+            return [read(r) for r in rels]
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(self.read_bytes, rels))
+            return list(pool.map(read, rels))
 
     def read_table(self, rel: str, data: bytes | None = None) -> pa.Table:
         """A Parquet object (or its already-read `data`) as an Arrow table."""

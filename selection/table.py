@@ -241,8 +241,14 @@ class Listing:
 
 
 def list_table(store: Store, std: Standard) -> Listing:
-    return Listing(tuple(list_segments(store, std.id)), tuple(list_rows(store, std.id)),
-                   tuple(list_markers(store, std.id)))
+    """List the table's objects in the reverse of the order a compaction deletes them (it writes its
+    segments first, then deletes old segments and markers, then row objects): rows, markers, then
+    segments. A row object compacted and deleted after its listing is gone when read (the read lists
+    again), and one deleted before is in a segment written before that, which the later segment
+    listing sees; listing segments first could miss both."""
+    rows = tuple(list_rows(store, std.id))
+    markers = tuple(list_markers(store, std.id))
+    return Listing(tuple(list_segments(store, std.id)), rows, markers)
 
 
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
@@ -250,12 +256,14 @@ ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays boun
 
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
                 columns: list[str] | None = None,
-                on_row_bytes: Callable[[str, bytes], None] | None = None) -> Iterator[EmbeddingTable]:
+                on_row_bytes: Callable[[str, bytes], None] | None = None,
+                skip_gone: bool = False) -> Iterator[EmbeddingTable]:
     """The table as shards (each segment, newest first, then the row objects, ROW_BATCH at a time),
     each model once.
 
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
-    `on_row_bytes(path, data)` sees each row object's bytes as they are read.
+    `on_row_bytes(path, data)` sees each row object's bytes as they are read. `skip_gone`: a listed
+    row object that is gone when read is left out (else ObjectGoneError: the listing is out of date).
     """
     listing = listing or list_table(store, std)
     need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
@@ -274,12 +282,16 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     for start in range(0, len(listing.rows), ROW_BATCH):
         paths = listing.rows[start:start + ROW_BATCH]
         tables = []
-        for p, data in zip(paths, store.read_many(paths)):
+        for p, data in zip(paths, store.read_many(paths, missing_ok=skip_gone)):
+            if data is None:
+                log.info("%s/%s was removed after the table was listed; left out", store.url, p)
+                continue
             if on_row_bytes is not None:
                 on_row_bytes(p, data)
             tables.append(store.read_table(p, data))
             _validate(tables[-1], std, f"{store.url}/{p}")
-        yield _shard(std, pa.concat_tables(tables), columns)
+        if tables:
+            yield _shard(std, pa.concat_tables(tables), columns)
 
 
 def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
@@ -422,7 +434,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and
     # one new segment, not the table.
     pending = schema_for(std).empty_table()
-    for shard in iter_shards(store, std, listing,
+    # A row object removed since the listing is left out: its remove saw the lease and wrote a marker.
+    for shard in iter_shards(store, std, listing, skip_gone=True,
                              on_row_bytes=lambda p, data: digests.update({p: hashlib.sha256(data).hexdigest()})):
         rows += len(shard)
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
@@ -441,7 +454,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
         removed += store.delete(p)
     for p in listing.rows:
         try:
-            unchanged = hashlib.sha256(store.read_bytes(p)).hexdigest() == digests[p]
+            unchanged = hashlib.sha256(store.read_bytes(p)).hexdigest() == digests.get(p)
         except StoreError:
             continue
         if unchanged:

@@ -512,6 +512,53 @@ def test_remove_during_first_compact_stays_removed(published):
     assert delete_row(store, std, "zoo/b") and load_table(store, std).model_ids == ["zoo/a"]
 
 
+def test_a_read_during_a_first_compaction_sees_every_row(published, monkeypatch):
+    """The reader lists the segments (none yet), a compaction folds every row object into a segment
+    and deletes them, the reader lists the rows: listing segments first saw an empty table, no error."""
+    from selection import table as tbl
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    real, done = tbl.list_segments, []
+
+    def compacting_meanwhile(s, sid):
+        out = real(s, sid)
+        if not done:
+            done.append("compacting")  # the compaction's own listing comes through here too
+            done[0] = tbl.compact(store, std)  # runs between this reader's listings
+        return out
+
+    monkeypatch.setattr(tbl, "list_segments", compacting_meanwhile)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/c"]
+    assert done[0].rows == 3
+
+
+def test_a_remove_after_the_compactions_listing_leaves_the_model_out(published, monkeypatch):
+    """compact lists the table, a remove deletes a row object before compact reads it: compact used
+    to fail on the missing object; it leaves the model out and the model stays removed."""
+    from selection import table as tbl
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    real, removed = tbl.list_rows, []
+
+    def removed_meanwhile(s, sid):
+        out = real(s, sid)
+        if not removed:
+            removed.append(delete_row(store, std, "zoo/b"))
+        return out
+
+    monkeypatch.setattr(tbl, "list_rows", removed_meanwhile)
+    result = tbl.compact(store, std)
+    monkeypatch.setattr(tbl, "list_rows", real)
+    assert removed == [True] and result.rows == 1
+    assert load_table(store, std).model_ids == ["zoo/a"]
+    tbl.compact(store, std)
+    assert load_table(store, std).model_ids == ["zoo/a"] and tbl.list_markers(store, std.id) == []
+
+
 def test_compaction_clears_the_lease_of_a_crashed_one_and_waits_for_a_running_one(published):
     """A crashed compaction's lease made every later remove write a marker, for ever. A running one's
     must stop a second compaction: the older one's segment, written last, would bring back old rows."""
@@ -556,8 +603,8 @@ def test_remove_racing_the_end_of_a_first_compact_stays_removed(published):
             compacted.wait(30)
         return out
 
-    def read_many(rels, threads=16):  # compact, between listing the table and writing its segment
-        data = real_read_many(rels, threads)
+    def read_many(rels, threads=16, missing_ok=False):  # compact, between listing the table and writing its segment
+        data = real_read_many(rels, threads, missing_ok)
         remover.append(threading.Thread(name="remover", target=lambda: removed.append(delete_row(store, std, "zoo/b"))))
         remover[0].start()
         assert looked.wait(30)
@@ -587,10 +634,10 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
         _quick_row(store, std, mid)
     real_read_many = store.read_many
 
-    def remove_first(rels, threads=16):  # another client removes zoo/b just after the listing
+    def remove_first(rels, threads=16, missing_ok=False):  # another client removes zoo/b just after the listing
         if store.exists(row_path(std.id, "zoo/b")):
             delete_row(store, std, "zoo/b")
-        return real_read_many(rels, threads)
+        return real_read_many(rels, threads, missing_ok)
 
     store.read_many = remove_first
     caplog.set_level(logging.INFO, logger="selection.table")
@@ -602,11 +649,11 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
     queries = np.ones((1, std.width), np.float32)
     folded = []
 
-    def compacted_meanwhile(rels, threads=16):  # a compaction folds the rows into a segment after the listing
+    def compacted_meanwhile(rels, threads=16, missing_ok=False):  # a compaction folds the rows into a segment after the listing
         if not folded:
             folded.append("compacting")  # compact's own reads come through here too
             folded[0] = compact(store, std)
-        return real_read_many(rels, threads)
+        return real_read_many(rels, threads, missing_ok)
 
     store.read_many = compacted_meanwhile
     caplog.clear()
@@ -617,7 +664,7 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
     store.read_many = real_read_many
     assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b", "zoo/c"]
 
-    def always_gone(rels, threads=16):
+    def always_gone(rels, threads=16, missing_ok=False):
         raise ObjectGoneError(f"no object at {store.url}/{rels[0]}")
 
     _quick_row(store, std, "zoo/d")
