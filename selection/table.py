@@ -223,11 +223,17 @@ INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weig
                  "catalog_entry"]
 
 
-def _shard(std: Standard, t: pa.Table, columns: list[str] | None) -> EmbeddingTable:
-    if columns is not None:
-        return EmbeddingTable(std.id, t.select(columns), np.zeros((t.num_rows, 0), np.float32))
+def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) -> EmbeddingTable:
+    """One shard of the table from a read object `t`: the table's columns in order and types (or only
+    `columns`, no vectors); an object whose columns do not fit is refused in one line naming `where`."""
     schema = schema_for(std)
-    t = t.select(schema.names).cast(schema)
+    try:
+        t = t.select(columns) if columns is not None else t.select(schema.names).cast(schema)
+    except (KeyError, ValueError, pa.ArrowException) as exc:
+        raise StandardMismatchError(f"{where}: its columns do not fit the table of standard {std.id} "
+                                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    if columns is not None:
+        return EmbeddingTable(std.id, t, np.zeros((t.num_rows, 0), np.float32))
     return EmbeddingTable(std.id, t.drop_columns(["embedding"]), embeddings_matrix(t))
 
 
@@ -277,11 +283,11 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
         keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
         if not keep.all():  # filtering copies the segment: only when something is hidden
             t = t.filter(pa.array(keep))
-        yield _shard(std, t, columns)
+        yield _shard(std, t, columns, f"{store.url}/{seg}")
         hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
         paths = listing.rows[start:start + ROW_BATCH]
-        tables = []
+        tables, read = [], []
         for p, data in zip(paths, store.read_many(paths, missing_ok=skip_gone)):
             if data is None:
                 log.info("%s/%s was removed after the table was listed; left out", store.url, p)
@@ -289,9 +295,16 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
             if on_row_bytes is not None:
                 on_row_bytes(p, data)
             tables.append(store.read_table(p, data))
+            read.append(p)
             _validate(tables[-1], std, f"{store.url}/{p}")
-        if tables:
-            yield _shard(std, pa.concat_tables(tables), columns)
+        if not tables:
+            continue
+        try:
+            both = pa.concat_tables(tables)
+        except pa.ArrowInvalid:  # their schemas differ: conform each one (refusing, by name, one that cannot)
+            shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
+            both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
+        yield _shard(std, both, columns, f"{store.url}/{read[0]} (one of {len(read)} row objects)")
 
 
 def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
@@ -323,7 +336,7 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None) -> E
         return read_consistently(store, std, lambda fresh: load_table(store, std, fresh))
     shards = list(iter_shards(store, std, listing))
     if not shards:
-        return _shard(std, schema_for(std).empty_table(), None)
+        return _shard(std, schema_for(std).empty_table(), None, "an empty table")
     meta = pa.concat_tables([s.meta for s in shards])
     ids = meta.column("model_id").to_pylist()
     if len(set(ids)) != len(ids):  # one object per key makes this impossible; guard anyway

@@ -512,6 +512,31 @@ def test_remove_during_first_compact_stays_removed(published):
     assert delete_row(store, std, "zoo/b") and load_table(store, std).model_ids == ["zoo/a"]
 
 
+def test_a_row_object_whose_columns_do_not_fit_is_refused_by_name(published):
+    """A row object another tool wrote: one with its columns in another order and an extra one is
+    read; one missing a column or with a column of another type is refused in one line naming it."""
+    from selection.table import compact, row_path
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    path = row_path(std.id, "zoo/b")
+    good = store.read_table(path)
+    shuffled = good.select(list(reversed(good.column_names))).append_column("note", pa.array(["x"]))
+    store.write_table(path, shuffled)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/c"]
+    assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b", "zoo/c"]
+    for bad in (good.drop_columns(["coverage"]),
+                good.set_column(good.schema.get_field_index("num_params"), "num_params", pa.array(["lots"]))):
+        store.write_table(path, bad)
+        with pytest.raises(StandardMismatchError) as err:
+            load_table(store, std)
+        assert path in str(err.value) and "\n" not in str(err.value)
+    store.write_table(path, good)
+    compact(store, std)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/c"]
+
+
 def test_a_read_during_a_first_compaction_sees_every_row(published, monkeypatch):
     """The reader lists the segments (none yet), a compaction folds every row object into a segment
     and deletes them, the reader lists the rows: listing segments first saw an empty table, no error."""
