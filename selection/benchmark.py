@@ -605,6 +605,11 @@ def _add_missing_scorers(entry: CatalogEntry, tasks: Sequence[Any], plan: Qualit
     return upgraded
 
 
+def query_forms(std: Any) -> list[str]:
+    """The task queries a standard's table allows: full; per-source and rank-mean for that form."""
+    return ["full"] + (["per-source", "rank-mean"] if std.form == "per-source" else [])
+
+
 def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str],
                           protocols: Sequence[Sequence[ProbeProtocol]], task_image_size: int = 64) -> dict[str, Any]:
     """Task embeddings of one standard for every task, split and method (selection.select.embed_task).
@@ -620,7 +625,7 @@ def embed_benchmark_tasks(std: Any, tasks: Sequence[Any], methods: Sequence[str]
     from selection.standard import load_standard_models, standard_features
 
     models = load_standard_models(std)
-    forms = ["full"] + (["per-source", "rank-mean"] if std.form == "per-source" else [])
+    forms = query_forms(std)
     out: dict[str, Any] = {"splits": [{} for _ in protocols]}
     configs = {m: SelectConfig(task_method=m, task_image_size=task_image_size) for m in methods}
     for i, task in enumerate(tasks):
@@ -651,10 +656,12 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     measured in the same run under the same conditions (timings taken beside other workers or
     reused from a cached run moved T3 by 2x between runs). `step(label)` is called after each
     standard and model (progress). Returns
-    `{"standards": {name: {"load_seconds", "table_load_seconds", "tasks": {task: {method: seconds}}}},
+    `{"standards": {name: {"load_seconds", "table_load_seconds", "tasks": {task: {method: seconds}},
+    "sweep_seconds": {task: {form: seconds}}}},
     "models": {id: {"load_seconds", "tasks": {task: {"features_seconds", "<scorer>_seconds",
     "probe_seconds"}}}}}`: loads and the table load are the median of LOAD_REPEATS, a task
-    embedding is `embed_task`'s own measure (baseline forward over the labelled part + G), and a
+    embedding is `embed_task`'s own measure (baseline forward over the labelled part + G), a sweep
+    `time_sweep` of the standard's candidates with the first method's query of each form, and a
     model's features, scorers and the verification probe (`plan.protocol` inside the labelled part)
     are each timed once on the task's labelled part.
     """
@@ -692,10 +699,16 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     # once came out at 0.54 s, against 0.19-0.23 s at the end of the pass and in every check alone.
     for sp, std in zip(plan.standards, stds, strict=True):
         models, load_s = timed_load(lambda std=std: load_standard_models(std))
-        table_s = timed_load(lambda std=std: load_table(store, std))[1]
-        per_task = {t.name: {m: embed_task(std, t.subset(train), cfg, models=models).seconds
-                             for m, cfg in configs.items()} for t, train in zip(tasks, trains)}
-        out["standards"][sp.name] = {"load_seconds": load_s, "table_load_seconds": table_s, "tasks": per_task}
+        table, table_s = timed_load(lambda std=std: load_table(store, std))
+        table = candidate_table(table, plan.candidates(sp))
+        per_task, sweeps = {}, {}
+        for t, train in zip(tasks, trains):
+            embs = {m: embed_task(std, t.subset(train), cfg, models=models) for m, cfg in configs.items()}
+            per_task[t.name] = {m: e.seconds for m, e in embs.items()}
+            first = embs[plan.methods[0]]  # every method's queries have the same shape: one is timed
+            sweeps[t.name] = {form: time_sweep(table, first.query(std, form)) for form in query_forms(std)}
+        out["standards"][sp.name] = {"load_seconds": load_s, "table_load_seconds": table_s, "tasks": per_task,
+                                     "sweep_seconds": sweeps}
         if step:
             step(sp.name)
     return out
@@ -713,24 +726,37 @@ def candidate_table(table: Any, ids: Sequence[str]) -> Any:
     return EmbeddingTable(table.standard_id, table.meta.take(idx), table.embeddings[idx])
 
 
-def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Scores of every row (table order) for one task, per variant name `form/method`."""
+def library_rank(score: np.ndarray, first_part: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    """The library's order of the rows (`selection.select.sweep_shards`: score, then a rank mean's
+    first part, then model id) as distinct values, higher first: what picks and shortlists use."""
+    order = sorted(range(len(ids)), key=lambda i: (-score[i], -first_part[i], ids[i]))
+    rank = np.empty(len(ids), np.float64)
+    rank[order] = np.arange(len(ids), 0, -1)
+    return rank
+
+
+def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`(scores, rank)` of every row (table order) for one task, per variant name `form/method`:
+    the scores (tau_w sees their ties), and `library_rank` (the pick and the shortlist: ties broken
+    as `select` breaks them)."""
     from selection.embedding import RankQuery, query_scores
     from selection.select import mean_rank
 
     cov = np.asarray(table.meta.column("coverage").to_pylist(), np.float64)
+    ids = table.model_ids
     out = {}
     for form, method in VARIANTS:
         if form not in weights.get(method, {}):
             continue
         query = weights[method][form]
         if form == "diagonal":
-            out[f"{form}/{method}"] = cov @ weights[method]["diagonal"]
+            score = first = cov @ weights[method]["diagonal"]
         elif isinstance(query, RankQuery):
             parts = query_scores(table.embeddings, list(query.parts)).astype(np.float64)
-            out[f"{form}/{method}"] = mean_rank(parts, [parts])
+            score, first = mean_rank(parts, [parts]), parts[:, 0]
         else:
-            out[f"{form}/{method}"] = query_scores(table.embeddings, [query])[:, 0].astype(np.float64)
+            score = first = query_scores(table.embeddings, [query])[:, 0].astype(np.float64)
+        out[f"{form}/{method}"] = (score, library_rank(score, first, ids))
     return out
 
 
@@ -748,31 +774,38 @@ def time_sweep(table: Any, query: Any, repeats: int = 5) -> float:
 
 # -- metrics -------------------------------------------------------------------------------
 
-def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """Weighted tau, top-1 gap (points), rel@1, rel@3 of one score vector against accuracies in [0, 1]."""
+def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | None = None,
+                    rank: np.ndarray | None = None) -> dict[str, Any]:
+    """Weighted tau, top-1 gap (points), rel@1, rel@3 of one score vector against accuracies in [0, 1].
+
+    `rank` (distinct values, higher first), if given, orders the rows for the pick, gap and rel@k
+    (e.g. `library_rank`: ties broken as the library breaks them); tau_w always sees `scores`.
+    """
     from selection.metrics import rel_at_k, top1_gap, weighted_tau
 
     s, t = np.asarray(scores, np.float64), np.asarray(truth, np.float64)
-    pick = int(np.argmax(s))
-    out = {"tau_w": weighted_tau(s, t), "gap": 100.0 * top1_gap(s, t), "rel1": rel_at_k(s, t, 1),
-           "rel3": rel_at_k(s, t, 3)}
+    r = s if rank is None else np.asarray(rank, np.float64)
+    pick = int(np.argmax(r))
+    out = {"tau_w": weighted_tau(s, t), "gap": 100.0 * top1_gap(r, t), "rel1": rel_at_k(r, t, 1),
+           "rel3": rel_at_k(r, t, 3)}
     if ids is not None:
         out["pick"] = ids[pick]
     return out
 
 
-def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int, rank: np.ndarray | None = None) -> np.ndarray:
     """Scores after verifying the top k: they come first, ordered by measured accuracy.
 
-    The same re-ranking as `selection.select.rerank_verified` (ties by score, then index).
+    The same re-ranking as `selection.select.rerank_verified` (ties by score, then index). With
+    `rank` (distinct, higher first; see `ranking_metrics`), the top k and the ties follow it instead.
     """
     s = np.asarray(scores, np.float64)
-    order = np.argsort(-s, kind="stable")
-    top = order[:k]
+    r = s if rank is None else np.asarray(rank, np.float64)
+    top = np.argsort(-r, kind="stable")[:k]
     out = s.copy()
     span = (s.max() - s.min()) + 1.0
     # Verified candidates above every other; among them accuracy decides, then the score.
-    ranked = sorted(top, key=lambda i: (-truth[i], -s[i], i))
+    ranked = sorted(top, key=lambda i: (-truth[i], -r[i], i))
     for r, i in enumerate(ranked):
         out[i] = s.max() + span * (len(ranked) - r)
     return out
@@ -865,8 +898,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
 
     Quality metrics are measured on every split of a task (`task_emb["splits"]`, `truth[id]["splits"]`;
     one split where those are missing) and `per_task` holds their means over the splits; `splits`
-    holds each split's own rows, `scores` split 0's scores. Costs come from `measure_costs` (split 0)
-    and the sweep, timed here.
+    holds each split's own rows, `scores` split 0's scores. Costs come from `measure_costs` (split 0).
     """
     ids = plan.candidates(standard)
     table = candidate_table(table, ids)
@@ -883,14 +915,14 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                       for split in range(len(split_embs))]
         split_accs = np.array([[r["accuracy"] for r in recs] for recs in split_recs], np.float64)
         n_train = split_recs[0][0]["n_train"]
-        temb0 = split_embs[0][name]
+        # The task embedding runs the standard's networks (the baseline and its companion, if any).
+        task_passes = n_train * (1 + (std.companion is not None))
         # What one selection pays per model: its load, features of the labelled part, its scorer or
         # verifier (selection.select.verify_candidate).
         model_costs = [(costs["models"][i]["load_seconds"], costs["models"][i]["tasks"][name]) for i in ids]
         model_s = {v: [load + c["features_seconds"] + c[f"{v}_seconds"] for load, c in model_costs]
                    for v in (*BRUTE_FORCE, *VERIFIERS)}
-        sweep_s = {form: time_sweep(table, q) for form, q in temb0[plan.methods[0]].items()
-                   if form != "diagonal"}
+        sweep_s = dict(std_costs["sweep_seconds"][name])
         sweep_s["diagonal"] = sweep_s["full"]  # no diagonal table here: its one-row product, as an upper bound
         for split, embs in enumerate(split_embs):
             temb = embs[name]
@@ -906,29 +938,32 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
             rows: dict[str, dict[str, Any]] = {}
             if split == 0:
                 scores_out[name] = {"accuracy": acc.tolist()}
-            for variant, s in se_scores(table, temb).items():
+            for variant, (s, rank) in se_scores(table, temb).items():
                 form, method = variant.split("/")
                 base_cost = (std_costs["load_seconds"] + std_costs["tasks"][name][method]
                              + std_costs["table_load_seconds"] + sweep_s[form])
-                rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids), forward_passes=n_train,
-                                                    seconds=base_cost)
+                rows[variant_label(variant)] = dict(ranking_metrics(s, acc, ids, rank),
+                                                    forward_passes=task_passes, seconds=base_cost)
                 if split == 0:
                     scores_out[name][variant_label(variant)] = s.tolist()
-                top_all = np.argsort(-s, kind="stable")
+                top_all = np.argsort(-rank, kind="stable")
                 for k in plan.verify_ks:
                     top = top_all[:k]
+
+                    def verified(measured: np.ndarray) -> dict[str, Any]:
+                        return ranking_metrics(verified_scores(s, measured, k, rank), acc, ids,
+                                               verified_scores(rank, measured, k))
+
                     for verifier, measured in seen.items():
                         cost = base_cost + sum(model_s[verifier][i] for i in top)
                         rows[variant_label(variant, k, verifier)] = dict(
-                            ranking_metrics(verified_scores(s, measured, k), acc, ids),
-                            forward_passes=n_train + len(top) * n_train, seconds=cost)
+                            verified(measured), forward_passes=task_passes + len(top) * n_train, seconds=cost)
                     # The shortlist re-ranked by the ground truth itself (the ceiling that any verifier of
                     # these k can reach) and by the expected accuracy (what knowing each model's quality
                     # on the task, but not the labelled images, would give).
                     for ref, known in refs.items():
-                        rows[variant_label(variant, k, ref)] = dict(
-                            ranking_metrics(verified_scores(s, known, k), acc, ids), forward_passes=None,
-                            seconds=None)
+                        rows[variant_label(variant, k, ref)] = dict(verified(known), forward_passes=None,
+                                                                    seconds=None)
             for scorer in BRUTE_FORCE:
                 s = np.array([r[scorer] for r in recs], np.float64)
                 rows[f"{PRETTY_SCORER[scorer]} (brute force)"] = dict(
@@ -1037,9 +1072,13 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
             f"{min(vals):{fmt}} to {max(vals):{fmt}}"
 
     out: list[dict[str, Any]] = []
-    if se and lm:
-        margin = (se["tau_w"] or 0.0) - (lm["tau_w"] or 0.0)
-        iv = spread(lambda rows: rows[variant_label(default_variant)]["tau_w"] - rows["LogME (brute force)"]["tau_w"])
+    def difference(rows: dict[str, Any]) -> float | None:
+        a, b = rows[variant_label(default_variant)]["tau_w"], rows["LogME (brute force)"]["tau_w"]
+        return None if a is None or b is None else a - b
+
+    if se and lm and se["tau_w"] is not None and lm["tau_w"] is not None:  # None: no task had a tau
+        margin = se["tau_w"] - lm["tau_w"]
+        iv = spread(difference)
         sp = [a - b for a, b in zip(by_split(variant_label(default_variant), "tau_w"),
                                     by_split("LogME (brute force)", "tau_w"))]
         out.append({"id": "T1", "target": "SE without verification: mean tau_w on test tasks >= brute-force LogME",
@@ -1478,7 +1517,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "**Largest model**: by parameter count.")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
              "accuracy of the selected model, points), rel@1 and rel@3 (best accuracy among the top 1 / 3 divided "
-             "by the best); cost of one selection for one task: model forward passes (images × models) and "
+             "by the best); the SE pick and shortlist break ties in the score as `zooselect select` does (a rank "
+             "mean's first part, then the model id; tau_w sees the ties); cost of one selection for one task: "
+             "model forward passes (images × models; the task embedding runs the baseline and its companion) and "
              "single-core seconds (model loads, forward passes, probes/scorers, table load and sweep; summed, so "
              "the number does not depend on the benchmark's own parallelism), all measured in this run by one "
              "serial pass after the parallel stages (`selection.benchmark.measure_costs`: one process, one "

@@ -142,6 +142,38 @@ def test_ranking_metrics_in_points():
     assert r["pick"] == "a" and -1 <= r["tau_w"] <= 1
 
 
+def test_se_picks_and_shortlists_break_ties_as_the_library_does():
+    """Rank means tie often (two rank fractions averaged): the pick, the shortlist and tau_w's
+    input must be what `select` returns and scores, not the plan's order."""
+    import pyarrow as pa
+
+    from selection.embedding import RankQuery, linear_queries
+    from selection.select import sweep
+    from selection.table import EmbeddingTable
+
+    rng = np.random.default_rng(0)
+    n, width = 40, 5
+    ids = [f"m{i:02d}" for i in rng.permutation(n)]
+    emb = rng.integers(-2, 3, size=(n, width)).astype(np.float32)  # integer rows: many exact ties
+    meta = pa.table({"model_id": ids, "is_baseline": [False] * n, "coverage": [[0.0] * 2] * n})
+    table = EmbeddingTable("std-x", meta, emb)
+    w = rng.integers(-1, 2, size=(2, width)).astype(np.float64)
+    query = RankQuery(tuple(linear_queries(w)))
+    out = bench.se_scores(table, {"fisher": {"rank-mean": query, "full": linear_queries(w[:1])[0],
+                                             "diagonal": np.zeros(2)}})
+    for variant, q in (("rank-mean/fisher", query), ("full/fisher", linear_queries(w[:1])[0])):
+        scores, rank = out[variant]
+        assert len(np.unique(scores)) < n  # ties to break
+        want = [r.model_id for r in sweep(table, [q], n)[0]]
+        assert [ids[i] for i in np.argsort(-rank)] == want
+        assert [r.score for r in sweep(table, [q], n)[0]] == pytest.approx(np.sort(scores)[::-1])
+        truth = rng.uniform(size=n)
+        picked = bench.ranking_metrics(scores, truth, ids, rank)["pick"]
+        assert picked == want[0]
+        short = bench.verified_scores(rank, truth, 3)
+        assert {ids[i] for i in np.argsort(-short)[:3]} == set(want[:3])
+
+
 def test_verified_scores_rerank_top_k_by_accuracy():
     from selection.select import Ranked, rerank_verified
 
@@ -256,7 +288,8 @@ def _fake_inputs(d=3):
                                "ridge-loo": -abs(k - 2)}
                            for t in "ab"}} for k, i in enumerate(ids)}
     costs = {"standards": {"s": {"load_seconds": 0.25, "table_load_seconds": 0.05,
-                                 "tasks": {t: {"probe": 0.5, "fisher": 0.5} for t in "ab"}}},
+                                 "tasks": {t: {"probe": 0.5, "fisher": 0.5} for t in "ab"},
+                                 "sweep_seconds": {t: {"full": 0.01} for t in "ab"}}},
              "models": {i: {"load_seconds": 1.0,
                             "tasks": {t: {"features_seconds": 0.5, "logme_seconds": 0.1, "hscore_seconds": 0.2,
                                           "regularized_hscore_seconds": 0.2, "ridge-loo_seconds": 0.05, "probe_seconds": 1.0} for t in "ab"}}
@@ -278,7 +311,7 @@ def test_standard_results_metrics_and_costs():
     se = rows["SE full/probe"]  # scores follow coverage: m0 > m2 > m3 > m1
     assert se["pick"] == "m0" and se["gap"] == pytest.approx(10.0)
     assert se["forward_passes"] == 10
-    assert se["seconds"] == pytest.approx(0.25 + 0.5 + 0.05, abs=0.01)  # + the measured sweep
+    assert se["seconds"] == pytest.approx(0.25 + 0.5 + 0.05 + 0.01)  # load, task embedding, table, sweep
     # m0, m2, m3 verified on the train half. By a probe there, m2 looks best (85) and is picked,
     # though its test accuracy (70) is below m0's (80): verification never sees the test labels.
     v3 = rows["SE full/probe +verify top-3 (probe)"]
