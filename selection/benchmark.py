@@ -806,8 +806,8 @@ def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int, rank: np.ndar
     span = (s.max() - s.min()) + 1.0
     # Verified candidates above every other; among them accuracy decides, then the score.
     ranked = sorted(top, key=lambda i: (-truth[i], -r[i], i))
-    for r, i in enumerate(ranked):
-        out[i] = s.max() + span * (len(ranked) - r)
+    for pos, i in enumerate(ranked):
+        out[i] = s.max() + span * (len(ranked) - pos)
     return out
 
 
@@ -947,22 +947,22 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                 if split == 0:
                     scores_out[name][variant_label(variant)] = s.tolist()
                 top_all = np.argsort(-rank, kind="stable")
+
+                def verified(measured: np.ndarray, k: int) -> dict[str, Any]:
+                    return ranking_metrics(verified_scores(s, measured, k, rank), acc, ids,
+                                           verified_scores(rank, measured, k))
+
                 for k in plan.verify_ks:
                     top = top_all[:k]
-
-                    def verified(measured: np.ndarray) -> dict[str, Any]:
-                        return ranking_metrics(verified_scores(s, measured, k, rank), acc, ids,
-                                               verified_scores(rank, measured, k))
-
                     for verifier, measured in seen.items():
                         cost = base_cost + sum(model_s[verifier][i] for i in top)
                         rows[variant_label(variant, k, verifier)] = dict(
-                            verified(measured), forward_passes=task_passes + len(top) * n_train, seconds=cost)
+                            verified(measured, k), forward_passes=task_passes + len(top) * n_train, seconds=cost)
                     # The shortlist re-ranked by the ground truth itself (the ceiling that any verifier of
                     # these k can reach) and by the expected accuracy (what knowing each model's quality
                     # on the task, but not the labelled images, would give).
                     for ref, known in refs.items():
-                        rows[variant_label(variant, k, ref)] = dict(verified(known), forward_passes=None,
+                        rows[variant_label(variant, k, ref)] = dict(verified(known, k), forward_passes=None,
                                                                     seconds=None)
             for scorer in BRUTE_FORCE:
                 s = np.array([r[scorer] for r in recs], np.float64)

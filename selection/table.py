@@ -304,7 +304,7 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
         except pa.ArrowInvalid:  # their schemas differ: conform each one (refusing, by name, one that cannot)
             shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
             both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
-        yield _shard(std, both, columns, f"{store.url}/{read[0]} (one of {len(read)} row objects)")
+        yield _shard(std, both, columns, f"{len(read)} row objects alike, e.g. {store.url}/{read[0]}")
 
 
 def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
