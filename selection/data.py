@@ -20,6 +20,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -58,6 +59,10 @@ class ImageSet:
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: labels should have shape ({self.images.shape[0]},), "
                             f"got {self.labels.shape}")
+        bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))] if len(self.labels) else []
+        if len(bad):
+            raise DataError(f"{self.name}: labels should be class indices in [0, {len(self.classes)}) "
+                            f"({len(self.classes)} classes), got {int(bad[0])}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -337,12 +342,30 @@ def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dic
     return _load_image_folder(spec, size, store_options or {})
 
 
+def _rgb8(img: Any, where: str) -> np.ndarray:
+    """An opened PIL image as uint8 RGB (H, W, 3). PIL's own conversion clips 16-bit grey levels to
+    255 (a 16-bit PNG came out almost white), so those are scaled to 8 bits; float pixels (no
+    agreed range) are refused."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise DataError(f"image {where} has {img.mode} pixels from {grey.min()} to {grey.max()}; "
+                            f"8- or 16-bit images are supported")
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise DataError(f"image {where} has 32-bit float pixels (mode F), whose range is not defined; "
+                        f"save it with 8- or 16-bit pixels")
+    return np.asarray(img.convert("RGB"))
+
+
 def _decode(data: bytes, where: str, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("RGB"))
+            arr = _rgb8(img, where)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise DataError(f"cannot decode image {where}: {reason}") from exc

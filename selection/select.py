@@ -19,7 +19,7 @@ from selection.catalog import CatalogEntry
 from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
-from selection.errors import ConfigError, StoreError, ZooselectError
+from selection.errors import ConfigError, StandardMismatchError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
@@ -409,6 +409,9 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
     """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
     it changes during the sweep: `read_consistently`). Refuses a table with no rows."""
     if isinstance(table, EmbeddingTable):
+        if table.standard_id != std.id:
+            raise StandardMismatchError(f"the table given holds rows of standard {table.standard_id}, "
+                                        f"not of {std.id}; refusing to mix standards")
         rankings, swept = shortlist([table], queries, config)
         where = "the table given"
     else:

@@ -231,6 +231,14 @@ def load_standard_models(std: Standard) -> StandardModels:
                 f"standard {std.id!r}: the companion {std.companion.arch!r} initialises to other weights here "
                 f"than when the standard was built (torch/timm versions differ?); rebuild the standard")
     baseline = load_model(std.baseline)
+    recorded = std.spec.get("baseline_data_config")
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in baseline.data_config.items()}
+    if recorded is not None and now != recorded:
+        changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+        raise StandardMismatchError(
+            f"standard {std.id!r}: this timm preprocesses the baseline {std.baseline.arch!r} otherwise than when "
+            f"the standard was built ({', '.join(f'{k} {recorded.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
+            f"task features would not match the probe features: use the versions it was built with, or rebuild it")
     if baseline.weights_sha256 != std.baseline_sha256:
         raise StandardMismatchError(
             f"standard {std.id!r}: the baseline's weights {std.baseline.weights!r} are not the ones the standard "

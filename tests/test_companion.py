@@ -75,6 +75,14 @@ def test_a_companion_that_initialises_differently_is_refused(with_companion):
         load_standard_models(dataclasses.replace(with_companion, spec=spec))
 
 
+def test_a_baseline_that_timm_now_preprocesses_otherwise_is_refused(with_companion):
+    assert load_standard_models(with_companion).baseline is not None  # as built: accepted
+    recorded = with_companion.spec["baseline_data_config"]
+    spec = dict(with_companion.spec, baseline_data_config=dict(recorded, crop_pct=0.5))
+    with pytest.raises(StandardMismatchError, match=f"crop_pct 0.5 -> {recorded['crop_pct']!r}"):
+        load_standard_models(dataclasses.replace(with_companion, spec=spec))
+
+
 def test_the_companion_as_a_candidate_is_flagged_like_the_baseline(with_companion, store):
     save_standard(store, with_companion)
     for entry in (DEFAULT_COMPANION, A, C):

@@ -203,6 +203,25 @@ def test_bad_task_files(tmp_path):
         load_dataset(str(tmp_path / "corrupt.parquet"))
     with pytest.raises(DataError, match="images should be uint8"):
         ImageSet(np.zeros((2, 8, 8), np.uint8), np.zeros(2, np.int64), ("a",), "t")
+    with pytest.raises(DataError, match=r"class indices in \[0, 2\) \(2 classes\), got 2$"):
+        ImageSet(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 2]), ("a", "b"), "t")
+
+
+def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
+    """PIL's RGB conversion clips 16-bit grey levels (a 16-bit gradient came out 99.6 % white)."""
+    from PIL import Image
+
+    grey = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    for c in ("a", "b"):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        Image.fromarray(grey if c == "a" else grey[::-1].copy()).save(tmp_path / "set" / c / "x.png")
+    ds = load_dataset(str(tmp_path / "set"), 16)
+    assert Image.open(tmp_path / "set" / "a" / "x.png").mode.startswith("I")
+    first = ds.images[list(ds.classes).index("a")]
+    assert np.array_equal(first[..., 0], (grey >> 8).astype(np.uint8)) and np.array_equal(first[..., 0], first[..., 2])
+    Image.fromarray(grey.astype(np.float32) / 65535).save(tmp_path / "set" / "b" / "x.tif")
+    with pytest.raises(DataError, match=r"x\.tif has 32-bit float pixels \(mode F\)"):
+        load_dataset(str(tmp_path / "set"), 16)
 
 
 def test_builtin_sets_and_split():

@@ -122,6 +122,12 @@ def test_mixing_standards_and_widths_refused(published, tmp_path):
     store.write_bytes(row_path(std.id, B.id), store.read_bytes(src))
     with pytest.raises(StandardMismatchError, match="refusing to mix standards"):
         load_table(store, std)
+    # a table of the other standard held in memory is refused too (only the width was compared)
+    from selection.select import SelectConfig, shortlist_table
+
+    theirs = load_table(store, other)
+    with pytest.raises(StandardMismatchError, match=f"holds rows of standard {other.id}, not of {std.id}"):
+        shortlist_table(std, theirs, np.ones((1, theirs.embeddings.shape[1]), np.float32), SelectConfig())
 
 
 def test_schema_version_mismatch_refused(published, monkeypatch):
