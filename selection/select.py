@@ -298,6 +298,8 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     a part). Contenders are the rows that fewer than top-k others beat under every part
     (`unbeaten`): the top-k of one query, and all that can still reach a rank mean's top-k.
     Ties are broken by model id, so the result does not depend on how the table is sharded.
+    A row of the standard's own baseline or companion (`is_baseline`) covers itself, so its score says
+    nothing about the task: it is ranked after every other row (still listed, and flagged).
     """
     if isinstance(queries, np.ndarray):
         if queries.ndim != 2:
@@ -307,6 +309,7 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     width = {p.num.shape[1] for p in flat}
     pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
     swept: list[list[np.ndarray]] = [[] for _ in queries]
+    aside: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
     for shard in shards:
         if len(shard) == 0:
             continue
@@ -325,12 +328,26 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             rows_ok, s_all = rows_ok[finite], s_all[finite]
             if len(rows_ok) == 0:
                 continue
+        # The standard's own baseline or companion covers itself: its score says nothing about the task.
+        # Such rows (a few at most) are kept aside, out of the pruning, and ranked after every other.
+        flags = (shard.meta.column("is_baseline").take(pa.array(rows_ok)).fill_null(False)
+                 if "is_baseline" in shard.meta.column_names else None)
+        own = np.flatnonzero(flags.to_numpy(zero_copy_only=False)) if flags is not None else np.array([], int)
+        if len(own):
+            own_rows = shard.meta.take(pa.array(rows_ok[own])).to_pylist()
+            others = np.setdiff1d(np.arange(len(rows_ok)), own)
+            rows_ok, s_all, s_own = rows_ok[others], s_all[others], s_all[own]
         col = 0
         for t, q in enumerate(queries):
-            s = s_all[:, col:col + len(_parts(q))]
-            col += s.shape[1]
+            cols = slice(col, col + len(_parts(q)))
+            col = cols.stop
+            s = s_all[:, cols]
+            if len(own):
+                aside[t] += [(s_own[i, cols], row["model_id"], row) for i, row in enumerate(own_rows)]
             if isinstance(q, RankQuery):
-                swept[t].append(s)
+                swept[t] += [s, s_own[:, cols]] if len(own) else [s]
+            if len(rows_ok) == 0:
+                continue
             keep = unbeaten(s, top_k)
             keep = _cut_ties(keep, s, shard.meta.column("model_id").take(pa.array(rows_ok[keep])).to_pylist(), top_k)
             rows = shard.meta.take(pa.array(rows_ok[keep])).to_pylist()
@@ -340,13 +357,14 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             pools[t] = [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], top_k)]
     out = []
     for t, q in enumerate(queries):
-        pool = pools[t]
+        pool = pools[t] + aside[t]
         if not pool:
             out.append([])
             continue
         parts = np.stack([p[0] for p in pool]).astype(np.float64)
         score = mean_rank(parts, swept[t]) if isinstance(q, RankQuery) else parts[:, 0]
-        order = sorted(range(len(pool)), key=lambda i: (-score[i], -parts[i, 0], pool[i][1]))[:top_k]
+        last = len(pools[t])  # the standard's own models after every other
+        order = sorted(range(len(pool)), key=lambda i: (i >= last, -score[i], -parts[i, 0], pool[i][1]))[:top_k]
         out.append([Ranked(pool[i][1], float(score[i]), r, bool(pool[i][2]["is_baseline"]), pool[i][2],
                            parts=tuple(parts[i]) if isinstance(q, RankQuery) else ())
                     for r, i in enumerate(order, 1)])

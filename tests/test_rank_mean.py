@@ -77,6 +77,28 @@ def test_rank_mean_sweep_is_the_mean_rank_over_all_rows_however_sharded(seed):
     assert [(r.model_id, round(r.score, 9)) for r in sweep_shards(shards, [q], 7, cons)[0]] == expected(tab, w, 7, ok)
 
 
+def test_the_standards_own_model_ranks_after_every_other_however_sharded():
+    """It covers itself (SPEC: recognised, must not win by self-coverage): listed last, flagged."""
+    tab = table(60, 6, 7)
+    w = np.random.default_rng(7).normal(size=(2, 6))
+    scores = tab.embeddings.astype(np.float64) @ w[0]
+    best = tab.model_ids[int(np.argmax(scores))]
+    flags = [m == best for m in tab.model_ids]
+    flagged = EmbeddingTable("std-x", tab.meta.set_column(1, "is_baseline", pa.array(flags)), tab.embeddings)
+    for q in (linear_queries(w[:1])[0], RankQuery(tuple(linear_queries(w)))):
+        plain = [r.model_id for r in sweep(tab, [q], 60)[0]]
+        want = [m for m in plain if m != best] + [best]
+        got = sweep(flagged, [q], 60)[0]
+        assert [r.model_id for r in got] == want and [r.is_baseline for r in got] == [False] * 59 + [True]
+        assert [r.model_id for r in sweep(flagged, [q], 5)[0]] == want[:5]  # the pruning never counts it
+        shards = [EmbeddingTable("std-x", flagged.meta.slice(a, 20), flagged.embeddings[a:a + 20]) for a in (0, 20, 40)]
+        assert [r.model_id for r in sweep_shards(shards, [q], 60)[0]] == want
+    # its rank fraction still counts among the rows swept (the other rows' scores do not move)
+    q = RankQuery(tuple(linear_queries(w)))
+    assert {r.model_id: r.score for r in sweep(flagged, [q], 60)[0]} == \
+        pytest.approx({r.model_id: r.score for r in sweep(tab, [q], 60)[0]})
+
+
 def test_mean_rank_counts_ties_half_and_the_best_row_scores_one():
     swept = [np.array([[1.0, 5.0], [2.0, 5.0], [2.0, 3.0], [0.0, 9.0]])]
     r = mean_rank(swept[0], swept)
