@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from selection.catalog import CatalogEntry
 from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
@@ -330,9 +331,9 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
                 continue
         # The standard's own baseline or companion covers itself: its score says nothing about the task.
         # Such rows (a few at most) are kept aside, out of the pruning, and ranked after every other.
-        flags = (shard.meta.column("is_baseline").take(pa.array(rows_ok)).fill_null(False)
-                 if "is_baseline" in shard.meta.column_names else None)
-        own = np.flatnonzero(flags.to_numpy(zero_copy_only=False)) if flags is not None else np.array([], int)
+        flags = shard.meta.column("is_baseline") if "is_baseline" in shard.meta.column_names else None
+        own = (np.flatnonzero(flags.fill_null(False).to_numpy(zero_copy_only=False)[rows_ok])
+               if flags is not None and pc.any(flags).as_py() else np.array([], int))
         if len(own):
             own_rows = shard.meta.take(pa.array(rows_ok[own])).to_pylist()
             others = np.setdiff1d(np.arange(len(rows_ok)), own)
