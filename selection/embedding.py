@@ -372,8 +372,9 @@ class TaskQuery:
 class RankQuery:
     """Score each row by the mean, over `parts`, of its rank fraction among the rows swept.
 
-    Rank fraction: the share of the swept rows that score lower under that part, ties counted
-    half, so a row's score is in (0, 1]. A table-global score: `selection.select.sweep_shards`
+    Rank fraction: the row's mid-rank among the swept rows under that part (counted from 1, a tie
+    group sharing the mean of its ranks), over the rows swept, so a row's score is in (0, 1] and the
+    best scores 1 (`selection.select.mean_rank`). A table-global score: `selection.select.sweep_shards`
     keeps every part's scores (4 bytes a row each) and the rows fewer than k others beat in every part.
     """
 

@@ -272,8 +272,9 @@ def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> n
 def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
     """(n, V) scores -> (n,) mean over the columns of the rank fraction among the `swept` rows.
 
-    Rank fraction: (rows scoring lower + half the rows scoring the same, the row included) /
-    rows swept, so the best row of every column scores 1.
+    Rank fraction: (rows scoring lower + (rows scoring the same, the row included, + 1) / 2) /
+    rows swept: the mid-rank of its tie group, counted from 1, over the rows swept, so the best
+    row of every column scores 1 (and a unique row ranked r-th from the bottom, r / rows swept).
     """
     every = np.concatenate(swept)
     out = np.zeros(len(scores))
