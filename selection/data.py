@@ -86,7 +86,8 @@ class ImageSet:
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 (N, H, W, C) to (N, size, size, 3) with antialiased bilinear filtering."""
+    """Resize uint8 (N, H, W, C) to (N, size, size, 3) with antialiased bilinear filtering; images that
+    are not square are centre-cropped to their shorter side first (as image files are when loaded)."""
     import torch
     import torch.nn.functional as F
 
@@ -94,6 +95,11 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
         images = images[..., None]
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
+    h, w = images.shape[1:3]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[:, top:top + side, left:left + side]
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images[..., :3])
     out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
@@ -371,10 +377,7 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
         raise DataError(f"cannot decode image {where}: {reason}") from exc
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise DataError(f"image {where} is {arr.shape[1]}x{arr.shape[0]} pixels; at least 2x2 needed")
-    h, w = arr.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return resize_images(arr[None, top:top + side, left:left + side], size)[0]
+    return resize_images(arr[None], size)[0]  # centre-cropped to a square, then resized
 
 
 def _split_url(url: str) -> tuple[str, str]:

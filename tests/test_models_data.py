@@ -224,6 +224,23 @@ def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
         load_dataset(str(tmp_path / "set"), 16)
 
 
+def test_images_that_are_not_square_are_centre_cropped_however_given(tmp_path):
+    """An ImageSet given to select_models was stretched, the same images from files centre-cropped."""
+    from PIL import Image
+
+    from selection.data import resize_images
+
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10] = 255  # white on the left quarter: cropped away, not squeezed in
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    (tmp_path / "set" / "b").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "set" / "a" / "x.png")
+    Image.fromarray(img).save(tmp_path / "set" / "b" / "x.png")
+    from_files = load_dataset(str(tmp_path / "set"), 20).images[0]
+    given = resize_images(img[None], 20)[0]
+    assert np.array_equal(given, from_files) and given.max() == 0
+
+
 def test_builtin_sets_and_split():
     fm = load_dataset("builtin:fashion-mnist?classes=5,7,9&per_class=10", 32)
     assert fm.images.shape == (30, 32, 32, 3) and fm.classes == ("sandal", "sneaker", "ankle-boot")
