@@ -270,10 +270,12 @@ def test_per_source_standard_end_to_end(store):
     default = emb.query(std)  # the mean of the per-source and full ranks
     assert isinstance(default, RankQuery) and default.parts[0].den is not None and default.parts[1].den is None
     ranked = sweep(table, [query, emb.query(std, "full"), default], 3)
-    assert [r[0].model_id for r in ranked] == [TINY_BASELINE.id] * 3
-    assert ranked[0][0].score == pytest.approx(1.0, abs=0.03)  # the baseline: correlation ~1 with itself
-    assert ranked[2][0].score == 1.0 and ranked[2][0].parts == pytest.approx(
-        (ranked[0][0].score, ranked[1][0].score), rel=1e-5)  # first under both forms
+    # The baseline scores highest (it covers itself) and is ranked last for it, flagged.
+    assert [r[-1].model_id for r in ranked] == [TINY_BASELINE.id] * 3 and all(r[-1].is_baseline for r in ranked)
+    assert all(r[-1].score > max(x.score for x in r[:-1]) for r in ranked)
+    assert ranked[0][-1].score == pytest.approx(1.0, abs=0.03)  # correlation ~1 with itself
+    assert ranked[2][-1].score == 1.0 and ranked[2][-1].parts == pytest.approx(
+        (ranked[0][-1].score, ranked[1][-1].score), rel=1e-5)  # first under both forms
     compact(store, std, segment_rows=1)
     sharded = sweep_shards(iter_shards(store, std), [query, default], 3)
     for whole, parts in zip((ranked[0], ranked[2]), sharded):
