@@ -218,6 +218,11 @@ class StandardModels:
     companion: Any  # LoadedModel or None
 
 
+def _recorded_config(data_config: dict[str, Any]) -> dict[str, Any]:
+    """A timm data config as the standard's spec records it (JSON: tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+
+
 def load_standard_models(std: Standard) -> StandardModels:
     """Load the baseline (and companion); a companion whose weights differ from the standard's is refused."""
     from selection.models import load_model, state_digest
@@ -232,7 +237,7 @@ def load_standard_models(std: Standard) -> StandardModels:
                 f"than when the standard was built (torch/timm versions differ?); rebuild the standard")
     baseline = load_model(std.baseline)
     recorded = std.spec.get("baseline_data_config")
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in baseline.data_config.items()}
+    now = _recorded_config(baseline.data_config)
     if recorded is not None and now != recorded:
         changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
         raise StandardMismatchError(
@@ -416,8 +421,7 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
         z = np.concatenate([z, (hc - c_mean) @ c_projection], axis=1)
     spec["baseline"]["feature_dim"] = int(h.shape[1])
     spec["baseline"]["state_sha256"] = state_digest(loaded.model)  # tells a copy of it in another file
-    spec["baseline_data_config"] = {k: list(v) if isinstance(v, tuple) else v
-                                    for k, v in loaded.data_config.items()}
+    spec["baseline_data_config"] = _recorded_config(loaded.data_config)
     created = {"build_seconds": round(time.perf_counter() - t0, 2), "created_at": time.time(),
                "zooselect": selection.__version__}
     log.info("built standard %s (%d probe images, d=%d, form=%s) in %.1fs", spec["standard_id"],
