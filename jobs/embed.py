@@ -19,7 +19,7 @@ from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import delete_rows, read_index
+from selection.table import delete_rows, read_index, restore_rows
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: start actors it cannot hold now (they wait "
                         "for new nodes) instead of refusing them; needs --max-in-flight")
+    p.add_argument("--compaction-wait", type=float, default=600, metavar="SECONDS",
+                   help="rows written while a compaction ran are checked once it ends, waiting up to this long "
+                        "(default 600); a row it deleted is written back")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return p
 
@@ -71,6 +74,8 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
 def run(args: argparse.Namespace, prune: bool) -> int:
     opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
                                 args.autoscaling, args.models_per_actor)
+    if not args.compaction_wait >= 0:
+        raise ConfigError(f"--compaction-wait must be >= 0 seconds, got {args.compaction_wait}")
     if os.path.isdir(args.catalog):
         raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)
@@ -99,6 +104,14 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {r.reason}")
+    during = {r.model_id: r.written_during_compaction for r in ok if r.written_during_compaction}
+    if during:
+        try:
+            restored = restore_rows(store, std, during, wait_s=args.compaction_wait)
+            print(f"{len(during)} row(s) written while a compaction ran; {len(restored)} of them written back "
+                  f"after it had deleted them")
+        except ZooselectError as exc:
+            print(f"warning: {exc}")
     rates = [r.images_per_second for r in ok] or [0.0]
     gpu = max((r.peak_gpu_mib for r in ok), default=0.0)
     print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, "

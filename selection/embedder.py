@@ -18,7 +18,7 @@ from selection.models import (Prepared, batch_size_for_memory, check_weights_exi
                               extract_features, load_model, weights_digest)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
-from selection.table import versions_json, write_row
+from selection.table import compaction_running, row_object, versions_json
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -37,6 +37,9 @@ class EmbedResult:
     # Where `seconds` went (STAGES): model load, batch-size probe (GPU), probe pass, ridge fits, row write.
     stage_seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""  # "host:pid" of the process that embedded it, where a job sets it
+    # The row object's bytes when a compaction ran as it was written (else empty): it may have deleted
+    # them, and the job writes them back after it ends (`selection.table.restore_rows`).
+    written_during_compaction: bytes = b""
 
 
 STAGES = ("load", "batch probe", "probe pass", "fit", "write")
@@ -122,12 +125,14 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         row["model_key"] = model_key(entry.id)
         row["embed_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        path = write_row(store, std, row)
+        path, data = row_object(std, row)
+        store.write_bytes(path, data)
+        during = data if compaction_running(store, std.id) else b""
         stages["write"] = time.perf_counter() - t1
         log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
-                           batch, peak, stages)
+                           batch, peak, stages, written_during_compaction=during)
     except ZooselectError as exc:
         log.warning("model %s failed: %s", entry.id, exc)
         return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)

@@ -104,11 +104,53 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
     return pa.table(data, schema=schema_for(std))
 
 
+def row_object(std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
+    """The row object of one model: its path and its Parquet bytes."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(make_row_table(std, row), sink, compression="zstd")
+    return row_path(std.id, row["model_id"]), sink.getvalue().to_pybytes()
+
+
 def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
     """Add or replace one model: a single object write."""
-    path = row_path(std.id, row["model_id"])
-    store.write_table(path, make_row_table(std, row))
+    path, data = row_object(std, row)
+    store.write_bytes(path, data)
     return path
+
+
+def compaction_running(store: Store, standard_id: str) -> bool:
+    """Whether a compaction of the table holds its lease (a LIST of the leases)."""
+    return bool(store.list(f"{_base(standard_id)}/_compacting"))
+
+
+def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s: float = 600.0,
+                 poll_s: float = 2.0) -> list[str]:
+    """Write back the rows a compaction deleted right after they were rewritten; return their model ids.
+
+    `written`: model id -> the bytes of a row object written while a compaction held its lease (the
+    writer looked after writing). Such a compaction may have checked the object's old bytes, then
+    deleted the new ones (its check and its delete are two calls): the table would serve the old row
+    from the segment until the next re-index. Once no compaction runs (waiting up to `wait_s`), each
+    row whose object is gone is written back, unless its model was removed since (a marker).
+    A compaction still running after `wait_s` raises StoreError naming the rows left unchecked.
+    """
+    deadline = time.monotonic() + wait_s
+    while written and compaction_running(store, std.id):
+        if time.monotonic() >= deadline:
+            raise StoreError(f"a compaction of standard {std.id} still runs after {wait_s:.0f}s; "
+                             f"{len(written)} row(s) written during it are unchecked "
+                             f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted")
+        time.sleep(poll_s)
+    restored = []
+    for mid, data in sorted(written.items()):
+        path = row_path(std.id, mid)
+        if not store.exists(path) and not store.exists(marker_path(std.id, mid)):
+            store.write_bytes(path, data)
+            restored.append(mid)
+    if restored:
+        log.warning("wrote back %d row(s) a compaction deleted as they were rewritten: %s",
+                    len(restored), ", ".join(restored))
+    return restored
 
 
 def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
@@ -127,7 +169,7 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
     for mid in model_ids:
         row, marker = row_path(std.id, mid), marker_path(std.id, mid)
         if store.delete(row):  # delete first, then look: a compaction listed before sees the marker
-            if store.list(f"{_base(std.id)}/_compacting") or list_segments(store, std.id):
+            if compaction_running(store, std.id) or list_segments(store, std.id):
                 store.write_bytes(marker, mid.encode())
             continue
         if segment_keys is None:
@@ -385,7 +427,8 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000,
 
     New segments are written first, consumed objects deleted after; a row object is
     deleted only if it still holds the compacted bytes (one re-embedded meanwhile keeps
-    its newer object, which overrides the segment). Readers see a complete table throughout.
+    its newer object, which overrides the segment; one re-embedded between that check and the
+    delete is written back by its writer, see `restore_rows`). Readers see a complete table throughout.
     Refuses while another compaction's lease is younger than STALE_LEASE_S; `break_leases`
     deletes such leases first (for one whose compaction crashed; never while one runs).
     """

@@ -361,17 +361,21 @@ def test_standards_that_record_no_ridge_setting_keep_the_old_one(store, monkeypa
         getattr(dataclasses.replace(new, spec={**new.spec, key: "cubic"}), key)
 
 
-def _quick_row(store, std, model_id):
-    """A valid row object without running a model (fast)."""
-    from selection.keys import model_key
+def _quick_row(store, std, model_id, value=None):
+    """A valid row object without running a model (fast); its embedding is `value` (default: the id's length)."""
     from selection.table import write_row
 
-    write_row(store, std, {"model_id": model_id, "model_key": model_key(model_id), "arch": "resnet10t",
-                           "is_baseline": False, "num_params": 1, "gflops": 1.0, "input_size": 32,
-                           "weights_sha256": "0" * 64, "standard_id": std.id,
-                           "schema_version": selection.SCHEMA_VERSION,
-                           "embedding": np.full(std.width, len(model_id), np.float32),
-                           "coverage": np.zeros(std.d, np.float32)})
+    write_row(store, std, _row_dict(std, model_id, value))
+
+
+def _row_dict(std, model_id, value=None):
+    from selection.keys import model_key
+
+    return {"model_id": model_id, "model_key": model_key(model_id), "arch": "resnet10t",
+            "is_baseline": False, "num_params": 1, "gflops": 1.0, "input_size": 32,
+            "weights_sha256": "0" * 64, "standard_id": std.id, "schema_version": selection.SCHEMA_VERSION,
+            "embedding": np.full(std.width, len(model_id) if value is None else value, np.float32),
+            "coverage": np.zeros(std.d, np.float32)}
 
 
 def test_compact_rejects_bad_segment_rows(published, capsys):
@@ -942,3 +946,65 @@ def test_a_crashed_compactions_lease_is_broken_on_request(published):
     assert table_job.main(["compact", "--store", store.url, "--break-leases"]) == 0
     assert store.list(leases) == [] and len(list_segments(store, std.id)) == 1
     assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_a_row_rewritten_as_a_compaction_deletes_it_is_written_back(published, monkeypatch):
+    """compact checks a row object's bytes, then deletes it (two calls). A re-embed that lands between
+    them was deleted and the segment served the old row; the writer saw the lease, and once the
+    compaction ends `restore_rows` writes its row back. A model removed since stays removed."""
+    from selection import table as tbl
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid, value=1.0)
+    real_read, written = store.read_bytes, {}
+
+    def rewritten_after_the_check(rel):
+        data = real_read(rel)
+        mid = next((m for m in ("zoo/a", "zoo/b") if rel == row_path(std.id, m)), None)
+        if mid and mid not in written and tbl.list_segments(store, std.id):  # the delete phase's check
+            path, new = tbl.row_object(std, _row_dict(std, mid, value=2.0))
+            store.write_bytes(path, new)
+            assert tbl.compaction_running(store, std.id)  # what the writer sees after its write
+            written[mid] = new
+        return data
+
+    monkeypatch.setattr(store, "read_bytes", rewritten_after_the_check)
+    tbl.compact(store, std)
+    monkeypatch.setattr(store, "read_bytes", real_read)
+    assert sorted(written) == ["zoo/a", "zoo/b"]
+    t = load_table(store, std)
+    assert np.all(t.embeddings == 1.0)  # the window: both re-embeds lost, the old rows served
+    delete_row(store, std, "zoo/b")  # removed after the compaction: not brought back
+    assert tbl.restore_rows(store, std, written) == ["zoo/a"]
+    t = load_table(store, std)
+    assert t.model_ids == ["zoo/a"] and np.all(t.embeddings == 2.0)
+    assert tbl.restore_rows(store, std, written) == []  # its object is there now
+
+
+def test_restore_rows_waits_for_the_compaction_and_says_when_it_gave_up(published):
+    import threading
+
+    from selection import table as tbl
+
+    store, std = published
+    lease = f"embeddings/{std.id}/_compacting/running"
+    store.write_bytes(lease, str(time.time()).encode())
+    path, data = tbl.row_object(std, _row_dict(std, "zoo/a"))
+    with pytest.raises(StoreError, match=f"a compaction of standard {std.id} still runs after 0s; 1 row\\(s\\) "
+                                         "written during it are unchecked \\(zoo/a\\)"):
+        tbl.restore_rows(store, std, {"zoo/a": data}, wait_s=0.0)
+    ends = threading.Timer(0.3, store.delete, [lease])
+    ends.start()
+    t0 = time.monotonic()
+    assert tbl.restore_rows(store, std, {"zoo/a": data}, wait_s=30, poll_s=0.05) == ["zoo/a"]
+    assert time.monotonic() - t0 >= 0.25 and store.read_bytes(path) == data
+    ends.join()
+
+
+def test_embed_entry_keeps_the_row_it_wrote_while_a_compaction_ran(published):
+    store, std = published
+    assert embed_entry(A, std, store).written_during_compaction == b""
+    store.write_bytes(f"embeddings/{std.id}/_compacting/running", str(time.time()).encode())
+    r = embed_entry(A, std, store)
+    assert r.status == "embedded" and r.written_during_compaction == store.read_bytes(row_path(std.id, A.id))
