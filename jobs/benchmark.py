@@ -284,11 +284,14 @@ def quality(args: argparse.Namespace) -> int:
                                  f"{failed[0].model_id}: {failed[0].reason}")
         embed_info[sp.name] = {"embedded": len(todo), "skipped": len(cands) - len(todo)}
 
-    # 6. costs: one serial pass in this process, after every parallel stage (nothing else runs)
+    # 6. costs: one serial pass in this process, after every parallel stage (nothing else should run)
     cost_models = [entries[i] for i in dict.fromkeys(i for sp in plan.standards for i in plan.candidates(sp))]
     say("costs", f"[6/7] costs: one serial pass over {len(stds)} standards and {len(cost_models)} models "
                  f"x {len(tasks)} tasks")
     costs = _measure_costs(plan, stds, cost_models, tasks, store, progress)
+    if not bench.cost_pass_clean(costs):
+        print("warning: other work ran beside the cost pass (5-minute load average "
+              f"{costs['conditions']['load_average_at_end'][1]:.2f} at its end): its seconds and T3 are not clean")
 
     # 7. metrics and the report
     say("metrics", "[7/7] metrics and report")

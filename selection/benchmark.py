@@ -19,7 +19,8 @@ Everything here is plain library code (no Ray); `jobs/benchmark.py` fans it out.
 
 Costs are single-core seconds, summed over the model operations one selection needs, all
 measured in the same run by one serial pass after the parallel stages (`measure_costs`: one
-process, one thread, nothing else running), so they depend neither on how many workers the
+process, one thread, nothing else meant to run; the load average at its end is recorded, and
+the report says when other work ran beside it), so they depend neither on how many workers the
 benchmark ran in parallel nor on which records came from the cache.
 """
 
@@ -674,6 +675,7 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     trains = [task_split(t, p)[0] for t, p in zip(tasks, plan.task_protocols(0), strict=True)]
     configs = {m: SelectConfig(task_method=m, task_image_size=plan.task_image_size) for m in plan.methods}
     out: dict[str, Any] = {"standards": {}, "models": {}}
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     input_size = plan.standards[0].input_size
     for entry in entries:
         loaded, load_s = timed_load(lambda entry=entry: load_model(entry))
@@ -711,7 +713,35 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
                                      "sweep_seconds": sweeps}
         if step:
             step(sp.name)
+    out["conditions"] = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
+                         "cores": os.cpu_count(), "load_average_at_end": list(os.getloadavg())}
     return out
+
+
+def cost_pass_clean(costs: dict[str, Any]) -> bool:
+    """False when other work ran beside the cost pass, as far as its recorded `conditions` tell.
+
+    The pass keeps one core busy. Over a pass of 5 minutes or more, a 5-minute load average at its
+    end above 1.5 means other work ran beside it: then its seconds, and the T3 ratios, are not clean
+    (a run beside the test suite once moved T3a from 17x to 21x). Shorter passes are not judged.
+    """
+    c = costs.get("conditions")
+    return not c or c["wall_seconds"] < 300 or c["load_average_at_end"][1] <= 1.5
+
+
+def cost_conditions(costs: dict[str, Any]) -> str:
+    """One sentence on what else ran during the cost pass (`cost_pass_clean`), for the report."""
+    c = costs.get("conditions")
+    if not c:
+        return ""
+    one, five, _ = c["load_average_at_end"]
+    text = (f" During the pass ({c['wall_seconds']:.0f} s, {c['cpu_seconds'] / c['wall_seconds']:.0%} of it on "
+            f"the CPU) the machine's load average at its end was {one:.2f} (1 minute) and {five:.2f} (5 minutes) "
+            f"on {c['cores']} core(s); the pass alone accounts for 1.")
+    if not cost_pass_clean(costs):
+        text += (" **Other work ran beside the cost pass: its seconds, and the T3 ratios, are not clean; run "
+                 "the benchmark again with nothing beside it.**")
+    return text
 
 
 def candidate_table(table: Any, ids: Sequence[str]) -> Any:
@@ -1523,7 +1553,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "single-core seconds (model loads, forward passes, probes/scorers, table load and sweep; summed, so "
              "the number does not depend on the benchmark's own parallelism), all measured in this run by one "
              "serial pass after the parallel stages (`selection.benchmark.measure_costs`: one process, one "
-             "thread, nothing else running; loads are the median of 3), on split 0 of every task.")
+             "thread, nothing else meant to run; loads are the median of 3), on split 0 of every task."
+             + cost_conditions(doc.get("costs", {})))
     L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
              f"**{variant_label(default)}**; verification rows use it. The verifier with the lowest dev mean "
              f"top-3 gap over the standards: **{doc['summary'].get('verifier_by_dev')}** "

@@ -362,6 +362,17 @@ def test_cost_parts_add_up_to_the_rows_seconds():
     assert sum(brute) == pytest.approx(rows["LogME (brute force)"]["seconds"])
 
 
+@pytest.mark.parametrize("wall,five,clean", [(400, 1.1, True), (400, 2.3, False), (20, 2.3, True)])
+def test_the_report_says_when_other_work_ran_beside_the_cost_pass(wall, five, clean):
+    costs = {"conditions": {"wall_seconds": wall, "cpu_seconds": 0.9 * wall, "cores": 2,
+                            "load_average_at_end": [1.0, five, 0.5]}}
+    assert bench.cost_pass_clean(costs) is clean
+    text = bench.cost_conditions(costs)
+    assert f"({wall} s, 90% of it on the CPU)" in text and f"1.00 (1 minute) and {five:.2f} (5 minutes)" in text
+    assert ("Other work ran beside the cost pass" in text) is not clean
+    assert bench.cost_pass_clean({}) and bench.cost_conditions({}) == ""  # a report from before the record
+
+
 def test_report_counts_the_h_scores_at_their_maximum():
     doc = {"tasks": [{"name": "a", "n_classes": 3}, {"name": "b", "n_classes": 2}],
            "results": {"s": {"scores": {"a": {"H-score": [2.0, 2.0 - 1e-9, 1.5]}, "b": {"H-score": [1.0, 0.2]}}}}}
@@ -611,6 +622,7 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     # every cost measured in this run's serial pass; a row's seconds are the sum of its parts
     costs = doc["costs"]
     assert set(costs["models"]) == {m.id for m in plan.zoo} and set(costs["standards"]) == set(doc["results"])
+    assert 0 < costs["conditions"]["cpu_seconds"] and 0 < costs["conditions"]["wall_seconds"]
     for c in costs["models"].values():
         assert c["load_seconds"] > 0 and set(c["tasks"]) == set(tasks)
         assert all(v > 0 for r in c["tasks"].values() for v in r.values())
@@ -626,6 +638,7 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert doc["run"]["cpu_model"]  # a zoo trains bit for bit again only on the same CPU type
     md = (out / "benchmark.md").read_text()
     assert "## Targets (test tasks)" in md and "smoke run" in md and "Where one selection's time goes" in md
+    assert "the machine's load average at its end was" in md
     for t in tasks:
         assert re.search(rf"^\| {re.escape(t)} \((dev|test)\) \|", md, re.M)
     for rel in doc["images"].values():
