@@ -48,12 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     std = load_standard(store, args.standard)
     if args.command == "ls":
         print(f"standards: {', '.join(standards)} (default/selected: {std.id})")
-        cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256"]
+        cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256", "compute"]
         rows = read_consistently(store, std, lambda listing: [  # the metadata only, never the vectors
             row for shard in iter_shards(store, std, listing, columns=cols) for row in shard.meta.to_pylist()])
         for row in rows:
             print(f"{row['model_id']:<40} {row['arch']:<24} {row['num_params'] / 1e6:>6.1f}M "
-                  f"{row['gflops']:>7.2f} GF {row['input_size']:>4}px {row['weights_sha256'][:12]}"
+                  f"{row['gflops']:>7.2f} GF {row['input_size']:>4}px {row['weights_sha256'][:12]} "
+                  f"{row['compute'] or '-':<17}"
                   f"{'  (standard baseline)' if row['is_baseline'] else ''}")
         print(f"{len(rows)} models under standard {std.id}")
         return 0

@@ -14,7 +14,7 @@ from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
 from selection.keys import model_key
-from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, count_gflops,
+from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, compute_label, count_gflops,
                               extract_features, load_model, weights_digest)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
@@ -120,6 +120,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "schema_version": std.spec["schema_version"], "ridge_alpha": emb.alpha,
             "embed_seconds": 0.0, "images_per_second": len(h) / max(fwd_s, 1e-9),
             "library_versions": versions_json(), "catalog_entry": _entry_json(entry),
+            "compute": compute_label(device, amp_dtype),
             "embedding": emb.vector(std.form), "coverage": emb.coverage,
         }
         row["model_key"] = model_key(entry.id)

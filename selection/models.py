@@ -273,6 +273,18 @@ def check_device(device: str, what: str = "device") -> str:
     return device
 
 
+def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:
+    """How a forward pass computes, for the row that records it: "cpu/float32", "cuda/bfloat16", or
+    "cuda/float32-tf32" (torch's default for CUDA convolutions in float32). Rows of different
+    kinds differ slightly (`docs/performance.md`)."""
+    kind = torch.device(device).type
+    if amp_dtype is not None:
+        return f"{kind}/{str(amp_dtype).removeprefix('torch.')}"
+    if kind == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "cuda/float32-tf32"
+    return f"{kind}/float32"
+
+
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform.

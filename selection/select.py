@@ -312,9 +312,14 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
     swept: list[list[np.ndarray]] = [[] for _ in queries]
     aside: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
+    computes: dict[str, int] = {}  # how the rows' probe passes ran ("cpu/float32", ...): mixed kinds are warned of
     for shard in shards:
         if len(shard) == 0:
             continue
+        if "compute" in shard.meta.column_names:
+            for kind in pc.value_counts(shard.meta.column("compute")).to_pylist():
+                if kind["values"] is not None:
+                    computes[kind["values"]] = computes.get(kind["values"], 0) + kind["counts"]
         if width != {shard.embeddings.shape[1]}:
             raise ConfigError(f"task queries have width {sorted(width)}, the table "
                               f"{shard.embeddings.shape[1]}")
@@ -357,6 +362,10 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             pooled = np.stack([p[0] for p in pool])
             keep = unbeaten(pooled, top_k)
             pools[t] = [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], top_k)]
+    if len(computes) > 1:
+        log.warning("the table mixes rows whose probe pass ran differently (%s): their scores differ slightly "
+                    "(docs/performance.md); embed a table with one kind of actor",
+                    ", ".join(f"{n} {k}" for k, n in sorted(computes.items())))
     out = []
     for t, q in enumerate(queries):
         pool = pools[t] + aside[t]

@@ -374,7 +374,8 @@ class Store:
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
     def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
-        """Only `columns` of a Parquet object (reads the footer and those column chunks).
+        """Only `columns` of a Parquet object (reads the footer and those column chunks); columns the
+        object lacks are left out (the caller says whether that is an error).
 
         I/O errors go through the retry policy; a parse error (Arrow raises a plain
         OSError for a corrupt footer) is a corrupt object, never retried as transient.
@@ -383,7 +384,9 @@ class Store:
             with self.fs.open(self._full(rel), "rb") as fh:
                 watched = _WatchedFile(fh)
                 try:
-                    return pq.read_table(watched, columns=columns)
+                    pf = pq.ParquetFile(watched)
+                    have = set(pf.schema_arrow.names)
+                    return pf.read(columns=[c for c in columns if c in have])
                 except Exception as exc:  # noqa: BLE001 - sorted into I/O and parse errors
                     if watched.error is not None:
                         raise  # the storage read failed: classified by _call

@@ -63,7 +63,10 @@ META_FIELDS = [
     pa.field("images_per_second", pa.float64()),
     pa.field("library_versions", pa.string()),
     pa.field("catalog_entry", pa.string()),
+    # Added after the first release, so objects written before lack it: read as null.
+    pa.field("compute", pa.string()),  # device type / precision of the probe pass: "cpu/float32", "cuda/bfloat16"
 ]
+OPTIONAL_COLUMNS = ("compute",)
 
 
 def schema_for(std: Standard) -> pa.Schema:
@@ -175,8 +178,11 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
         if segment_keys is None:
             segment_keys = set()
             for seg in list_segments(store, std.id):
-                keys = store.read_table_columns(seg, ["model_key"]).column("model_key")
-                segment_keys.update(keys.to_pylist())
+                keys = store.read_table_columns(seg, ["model_key"])
+                if "model_key" not in keys.column_names:
+                    raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
+                                                f"(no 'model_key' column)")
+                segment_keys.update(keys.column("model_key").to_pylist())
         if _key_of(row) in segment_keys and not store.exists(marker):
             store.write_bytes(marker, mid.encode())
         else:
@@ -269,6 +275,9 @@ def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) ->
     """One shard of the table from a read object `t`: the table's columns in order and types (or only
     `columns`, no vectors); an object whose columns do not fit is refused in one line naming `where`."""
     schema = schema_for(std)
+    for name in OPTIONAL_COLUMNS:
+        if name not in t.column_names and (columns is None or name in columns):
+            t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
     try:
         t = t.select(columns) if columns is not None else t.select(schema.names).cast(schema)
     except (KeyError, ValueError, pa.ArrowException) as exc:

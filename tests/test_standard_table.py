@@ -1008,3 +1008,39 @@ def test_embed_entry_keeps_the_row_it_wrote_while_a_compaction_ran(published):
     store.write_bytes(f"embeddings/{std.id}/_compacting/running", str(time.time()).encode())
     r = embed_entry(A, std, store)
     assert r.status == "embedded" and r.written_during_compaction == store.read_bytes(row_path(std.id, A.id))
+
+
+def test_rows_record_how_their_probe_pass_ran_and_older_rows_without_it_still_read(published, capsys, caplog):
+    """A bf16 GPU row and a float32 CPU row differ slightly (docs/performance.md); nothing recorded which
+    was which. Rows now carry `compute`; objects written before it read as null, mixed with newer ones,
+    through a compaction, in the index and in `table ls`; a sweep over mixed kinds warns."""
+    import torch
+
+    from jobs import table as table_job
+    from selection.models import compute_label
+    from selection.select import sweep
+    from selection.table import compact, load_table, make_row_table
+
+    store, std = published
+    assert embed_entry(A, std, store).status == "embedded"
+    assert load_table(store, std).meta.column("compute").to_pylist() == ["cpu/float32"]
+    old = make_row_table(std, _row_dict(std, "zoo/old")).drop_columns(["compute"])  # as written before the column
+    store.write_table(row_path(std.id, "zoo/old"), old)
+    gpu = _row_dict(std, "zoo/gpu")
+    _quick_row(store, std, "zoo/gpu")
+    store.write_table(row_path(std.id, "zoo/gpu"), make_row_table(std, dict(gpu, compute="cuda/bfloat16")))
+    for step in ("rows", "compacted"):
+        t = load_table(store, std)
+        assert dict(zip(t.model_ids, t.meta.column("compute").to_pylist())) == {
+            "zoo/a": "cpu/float32", "zoo/old": None, "zoo/gpu": "cuda/bfloat16"}, step
+        assert set(read_index(store, std)) == {"zoo/a", "zoo/old", "zoo/gpu"}
+        assert table_job.main(["ls", "--store", store.url]) == 0
+        out = capsys.readouterr().out
+        assert "cpu/float32" in out and "cuda/bfloat16" in out and "3 models under" in out
+        with caplog.at_level(logging.WARNING, logger="selection.select"):
+            sweep(t, np.ones((1, std.width), np.float32), 2)
+        assert "mixes rows whose probe pass ran differently (1 cpu/float32, 1 cuda/bfloat16)" in caplog.text
+        caplog.clear()
+        compact(store, std)
+    assert compute_label("cuda", torch.bfloat16) == "cuda/bfloat16" and compute_label("cpu", None) == "cpu/float32"
+    assert compute_label("cuda:1", None) == ("cuda/float32-tf32" if torch.backends.cudnn.allow_tf32 else "cuda/float32")
