@@ -5,6 +5,7 @@ Checkpoints are never unpickled as code: safetensors, or `torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -12,7 +13,7 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -274,15 +275,22 @@ def check_device(device: str, what: str = "device") -> str:
 
 
 def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:
-    """How a forward pass computes, for the row that records it: "cpu/float32", "cuda/bfloat16", or
-    "cuda/float32-tf32" (torch's default for CUDA convolutions in float32). Rows of different
-    kinds differ slightly (`docs/performance.md`)."""
-    kind = torch.device(device).type
-    if amp_dtype is not None:
-        return f"{kind}/{str(amp_dtype).removeprefix('torch.')}"
-    if kind == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "cuda/float32-tf32"
-    return f"{kind}/float32"
+    """How `extract_features` computes on `device` with `amp_dtype`, for the row that records it:
+    "cpu/float32", "cuda/bfloat16", ... Rows of different kinds differ slightly (`docs/performance.md`)."""
+    return f"{torch.device(device).type}/{str(amp_dtype or torch.float32).removeprefix('torch.')}"
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """CUDA float32 without TF32 (torch runs cuDNN convolutions in TF32 by default, 10-bit mantissas):
+    a task's features on a GPU then match the standard's, computed in float32 on a CPU. The previous
+    settings are restored after."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
@@ -466,7 +474,8 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
         x = x.contiguous(memory_format=INFERENCE_LAYOUT)
         try:
             with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
-                                enabled=amp_dtype is not None):
+                                enabled=amp_dtype is not None), \
+                    full_float32() if on_gpu and amp_dtype is None else contextlib.nullcontext():
                 feats = model.forward_head(model.forward_features(x), pre_logits=True)
         except torch.OutOfMemoryError as exc:
             raise ModelError(f"model {loaded.entry.id!r}: out of memory at batch size {batch_size}") from exc

@@ -319,3 +319,22 @@ def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert "LOADED resnet10t 5 [3, 32, 32]" in r.stdout, r.stderr[-2000:]
     assert "ABSENT ModelError model 'h2': cannot create 'hf-hub:acme/absent'" in r.stdout, r.stdout
+
+
+def test_float32_passes_on_cuda_turn_tf32_off_and_restore_it():
+    """torch runs CUDA convolutions in TF32 by default: a task embedded on a GPU would differ from the
+    standard built in float32 on a CPU. The float32 GPU passes turn it off, and give the settings back."""
+    import torch
+
+    from selection.models import full_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with full_float32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

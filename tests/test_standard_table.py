@@ -1043,4 +1043,4 @@ def test_rows_record_how_their_probe_pass_ran_and_older_rows_without_it_still_re
         caplog.clear()
         compact(store, std)
     assert compute_label("cuda", torch.bfloat16) == "cuda/bfloat16" and compute_label("cpu", None) == "cpu/float32"
-    assert compute_label("cuda:1", None) == ("cuda/float32-tf32" if torch.backends.cudnn.allow_tf32 else "cuda/float32")
+    assert compute_label("cuda:1", None) == "cuda/float32"
