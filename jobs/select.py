@@ -86,7 +86,8 @@ def _task_embedding(std: Standard, item: tuple[str, SelectConfig, bool]) -> Task
 def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool]) -> float:
     spec, config, row, on_gpu = item
     device = _device(on_gpu, "verification", "--verify-gpus")
-    return verify_candidate(entry_of(row), load_task(spec, config, std), std.input_size, config, device=device)
+    return verify_candidate(entry_of(row), load_task(spec, config, std), std.input_size, config, device=device,
+                            weights_sha256=row["weights_sha256"])
 
 
 def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,

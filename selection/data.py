@@ -59,6 +59,8 @@ class ImageSet:
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: labels should have shape ({self.images.shape[0]},), "
                             f"got {self.labels.shape}")
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise DataError(f"{self.name}: labels should be integer class indices, got dtype {self.labels.dtype}")
         bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))] if len(self.labels) else []
         if len(bad):
             raise DataError(f"{self.name}: labels should be class indices in [0, {len(self.classes)}) "
@@ -266,6 +268,9 @@ def _select_classes(images: np.ndarray, labels: np.ndarray, names: tuple[str, ..
         bad = [c for c in wanted if not 0 <= c < len(names)]
         if bad:
             raise DataError(f"class id(s) {bad} in {spec!r} are out of range 0..{len(names) - 1}")
+        twice = sorted({c for c in wanted if wanted.count(c) > 1})
+        if twice:
+            raise DataError(f"class id(s) {twice} appear more than once in classes={params['classes']} of {spec!r}")
     else:
         wanted = list(range(len(names)))
     mask = np.isin(labels, wanted)
@@ -350,17 +355,18 @@ def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dic
 
 def _rgb8(img: Any, where: str) -> np.ndarray:
     """An opened PIL image as uint8 RGB (H, W, 3). PIL's own conversion clips 16-bit grey levels to
-    255 (a 16-bit PNG came out almost white), so those are scaled to 8 bits; float pixels (no
-    agreed range) are refused."""
+    255 (a 16-bit PNG came out almost white), so those are scaled to 8 bits; 32-bit integer and
+    float pixels (no agreed range: 8-bit values in a 32-bit TIFF came out black) are refused."""
+    if img.mode in ("I", "F") and not (img.mode == "I" and img.format == "PNG"):  # PNG: 16 bits at most
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise DataError(f"image {where} has {kind} pixels (mode {img.mode}), whose range is not defined; "
+                        f"save it with 8- or 16-bit pixels")
     if img.mode.startswith("I;16") or img.mode == "I":
         grey = np.asarray(img).astype(np.int64)
         if grey.min() < 0 or grey.max() > 65535:
             raise DataError(f"image {where} has {img.mode} pixels from {grey.min()} to {grey.max()}; "
                             f"8- or 16-bit images are supported")
         return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
-    if img.mode == "F":
-        raise DataError(f"image {where} has 32-bit float pixels (mode F), whose range is not defined; "
-                        f"save it with 8- or 16-bit pixels")
     return np.asarray(img.convert("RGB"))
 
 
@@ -372,7 +378,8 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
             arr = _rgb8(img, where)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        # A decompression bomb: a header that claims more pixels than PIL's limit (or a corrupt one)
         reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise DataError(f"cannot decode image {where}: {reason}") from exc
     if arr.shape[0] < 2 or arr.shape[1] < 2:

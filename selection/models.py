@@ -128,6 +128,9 @@ def state_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a torch.save zip (tensors live in other members)
+
+
 def _pickle_names_code(data: bytes) -> bool:
     """Whether `data` (a pickle, or torch.save's zip of them) imports anything but torch's own tensor
     rebuilding. Read with pickletools, never run."""
@@ -135,13 +138,16 @@ def _pickle_names_code(data: bytes) -> bool:
     import zipfile
 
     try:
-        blobs = [data]
+        blobs: list[Any] = [io.BytesIO(data)]
         if data[:2] == b"PK":
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+            z = zipfile.ZipFile(io.BytesIO(data))
+            pickles = [i for i in z.infolist() if i.filename.endswith(".pkl")]
+            if sum(i.file_size for i in pickles) > MAX_PICKLE_BYTES:  # a state dict's pickle is small: a zip bomb
+                return False
+            blobs = [z.open(i) for i in pickles]  # streamed, never held whole
         for blob in blobs:
             strings: list[str] = []
-            for op, arg, _ in pickletools.genops(io.BytesIO(blob)):
+            for op, arg, _ in pickletools.genops(blob):
                 if isinstance(arg, str):
                     strings.append(arg)
                 if op.name in ("INST", "OBJ"):
@@ -153,6 +159,24 @@ def _pickle_names_code(data: bytes) -> bool:
     except Exception:  # noqa: BLE001 - not a pickle stream (or zip of them)
         return False
     return False
+
+
+def base_arch(arch: str) -> str:
+    """A timm architecture name without its pretrained tag: 'resnet18.a1_in1k' -> 'resnet18'."""
+    return arch.split(".", 1)[0]
+
+
+def _recorded_arch(data: bytes) -> str | None:
+    """The architecture a zooselect-trained safetensors file records (`selection.zoo`), else None."""
+    import json
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        arch = json.loads(meta["zooselect"]).get("arch")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return arch if isinstance(arch, str) else None
 
 
 def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -212,7 +236,10 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     elif w.startswith(("hf-hub:", "timm:")):
         name = w if w.startswith("hf-hub:") else w[len("timm:"):]
         model = _create(name, entry, pretrained=True)
-        arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
+        hub_arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
+        if base_arch(hub_arch) != base_arch(arch):
+            raise ModelError(f"model {entry.id!r}: {w} holds {hub_arch!r} weights, but arch is {arch!r}")
+        arch = hub_arch
         digest = weights_digest(entry)
     else:
         data, where = _read_weights_bytes(w)
@@ -232,6 +259,12 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
         else:
             if not timm.is_model(arch):  # also knows tagged names (resnet18.a1_in1k)
                 raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}")
+            # Two architectures can share every key and shape (tf_efficientnet_lite0, efficientnet_lite0)
+            # and compute different features: a file that says which one it is must be loaded as that one.
+            recorded = _recorded_arch(data)
+            if recorded is not None and base_arch(recorded) != base_arch(arch):
+                raise ModelError(f"model {entry.id!r}: checkpoint {w!r} was trained as {recorded!r}, "
+                                 f"but arch is {arch!r}")
             # The head's name, to size it from the checkpoint: from timm's registry (no model built),
             # or from a throw-away model for an architecture registered without a config.
             cfg = get_pretrained_cfg(arch)
@@ -254,6 +287,9 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             shape = [k for k in state if k in target and state[k].shape != target[k].shape][:3]
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "
                              f"{arch!r} (missing {missing}, unexpected {extra}, shape mismatch {shape})") from exc
+    if entry.num_classes is not None and getattr(model, "num_classes", entry.num_classes) != entry.num_classes:
+        raise ModelError(f"model {entry.id!r}: its weights have a {model.num_classes}-class head, "
+                         f"but num_classes is {entry.num_classes}")
     model.eval()
     cfg = resolve_model_data_config(model)
     num_params = int(sum(p.numel() for p in model.parameters()))

@@ -20,7 +20,7 @@ from selection.catalog import CatalogEntry
 from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
-from selection.errors import ConfigError, StandardMismatchError, StoreError, ZooselectError
+from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
@@ -401,18 +401,25 @@ def features_accuracy(feats: np.ndarray, labels: np.ndarray, protocol: ProbeProt
 
 
 def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | None, config: SelectConfig,
-                     loaded: LoadedModel | None = None, device: str = "cpu") -> float:
+                     loaded: LoadedModel | None = None, device: str = "cpu",
+                     weights_sha256: str | None = None) -> float:
     """One shortlisted candidate measured on the task (higher is better), by `config.verify_by`.
 
     "logme" / "ridge-loo": that scorer (selection.scorers) of the candidate's features of all the
     task's images; "probe": linear-probe accuracy, fit on the protocol's train split, measured on
     its test split. The features are computed on `device` in float32 (no autocast).
+    `weights_sha256`: the digest its row was embedded from; weights that changed since are refused
+    (ModelError), so a ranking is never re-ordered by other weights than those it scored.
     """
+    loaded = loaded or load_model(entry)
+    if weights_sha256 is not None and loaded.weights_sha256 != weights_sha256:
+        raise ModelError(f"model {entry.id!r}: its weights changed since it was embedded (sha256 "
+                         f"{loaded.weights_sha256[:12]}..., the table's row {weights_sha256[:12]}...); "
+                         f"re-embed it (jobs.embed or jobs.reindex)")
     if config.verify_by == "probe":
         return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded, device=device)
     from selection.scorers import SCORERS
 
-    loaded = loaded or load_model(entry)
     feats = extract_features(loaded, task.images, input_size=std_input_size, device=device)
     return SCORERS[config.verify_by](feats, task.labels)
 
@@ -530,7 +537,8 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
         for task, ranked in zip(tasks, rankings):
             for r in ranked[:k]:
                 try:
-                    results.append(verify_candidate(entry_of(r.row), task, std.input_size, config, device=device))
+                    results.append(verify_candidate(entry_of(r.row), task, std.input_size, config, device=device,
+                                                    weights_sha256=r.row["weights_sha256"]))
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)

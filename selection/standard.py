@@ -273,15 +273,16 @@ def is_standard_model(std: Standard, loaded: Any) -> bool:
     """Whether a loaded model is the standard's baseline or companion (it would cover itself): the
     same checkpoint, or (for the baseline, in standards built since session 21) the same tensors in
     another file or format."""
-    from selection.models import state_digest
+    from selection.models import base_arch, state_digest
 
-    own = [(std.baseline.arch, std.baseline_sha256)]
+    own = [(base_arch(std.baseline.arch), std.baseline_sha256)]
     if std.companion is not None:
-        own.append((std.companion.arch, std.spec["companion"]["weights_sha256"]))
-    if (loaded.arch, loaded.weights_sha256) in own:
+        own.append((base_arch(std.companion.arch), std.spec["companion"]["weights_sha256"]))
+    arch = base_arch(loaded.arch)  # resnet10t.c3_in1k is the network resnet10t, whatever its tag
+    if (arch, loaded.weights_sha256) in own:
         return True
     state = std.spec["baseline"].get("state_sha256")
-    return state is not None and loaded.arch == std.baseline.arch and state_digest(loaded.model) == state
+    return state is not None and arch == base_arch(std.baseline.arch) and state_digest(loaded.model) == state
 
 
 def standard_features(std: Standard, images: np.ndarray, models: StandardModels | None = None,

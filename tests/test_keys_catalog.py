@@ -53,6 +53,15 @@ def test_catalog_yaml_and_jsonl(tmp_path):
     ("- {id: a, arch: resnet18, metadata: {trained: 2024-05-01}}",
      "model 'a': metadata must hold JSON values .*date is not JSON serializable"),
     ("{not yaml: [", "not valid YAML"),
+    # found by a review: keys of mixed types were a TypeError traceback; false-y values read as empty
+    ("- {id: a, arch: resnet18, 1: x, foo: y}", r"unknown key\(s\) \['foo', 1\] in entry 'a'"),
+    ("- {id: a, arch: resnet18, ~: x}", r"unknown key\(s\) \[None\]"),
+    ("- {id: a, arch: resnet18, tags: 0}", "model 'a': tags must be a list of strings, got 0"),
+    ("- {id: a, arch: resnet18, metadata: []}", r"model 'a': metadata must be a mapping, got \[\]"),
+    # timm resolves these itself, past the weights digest: changed weights would never be re-embedded
+    ("- {id: a, arch: resnet18, weights: 'timm:local-dir:/models/r18'}",
+     "model 'a': weights 'timm:local-dir:/models/r18' name another source inside timm:"),
+    ("- {id: a, arch: resnet18, weights: 'hf-hub:hf-hub:org/m'}", "name another source inside hf-hub:"),
 ])
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):

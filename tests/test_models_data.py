@@ -205,6 +205,11 @@ def test_bad_task_files(tmp_path):
         ImageSet(np.zeros((2, 8, 8), np.uint8), np.zeros(2, np.int64), ("a",), "t")
     with pytest.raises(DataError, match=r"class indices in \[0, 2\) \(2 classes\), got 2$"):
         ImageSet(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 2]), ("a", "b"), "t")
+    for labels in (np.array(["a", "b"]), np.array([0.0, 0.5])):  # a raw numpy error; 0.5 read as a class
+        with pytest.raises(DataError, match=f"t: labels should be integer class indices, got dtype {labels.dtype}"):
+            ImageSet(np.zeros((2, 8, 8, 3), np.uint8), labels, ("a", "b"), "t")
+    with pytest.raises(DataError, match=r"class id\(s\) \[3\] appear more than once in classes=3,3,7"):
+        load_dataset("builtin:digits?classes=3,3,7&per_class=5")
 
 
 def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
@@ -221,6 +226,28 @@ def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
     assert np.array_equal(first[..., 0], (grey >> 8).astype(np.uint8)) and np.array_equal(first[..., 0], first[..., 2])
     Image.fromarray(grey.astype(np.float32) / 65535).save(tmp_path / "set" / "b" / "x.tif")
     with pytest.raises(DataError, match=r"x\.tif has 32-bit float pixels \(mode F\)"):
+        load_dataset(str(tmp_path / "set"), 16)
+    # 8-bit values in a 32-bit integer TIFF came out black (read as 16-bit): refused too
+    Image.fromarray(np.full((16, 16), 128, np.int32)).save(tmp_path / "set" / "b" / "x.tif")
+    with pytest.raises(DataError, match=r"x\.tif has 32-bit integer pixels \(mode I\), whose range is not defined"):
+        load_dataset(str(tmp_path / "set"), 16)
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_a_one_line_error(tmp_path):
+    """PIL raises DecompressionBombError (not an OSError) past its pixel limit: it was a traceback
+    (a review's 69-byte PNG claiming 20000 x 20000 pixels, or a BMP with one corrupt width byte)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+    for c in ("a", "b"):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        (tmp_path / "set" / c / "x.png").write_bytes(png)
+    with pytest.raises(DataError, match=r"cannot decode image .*x\.png: Image size \(400000000 pixels\) exceeds"):
         load_dataset(str(tmp_path / "set"), 16)
 
 
@@ -305,6 +332,12 @@ try:
     load_model(CatalogEntry("h2", "resnet10t", "hf-hub:acme/absent"))
 except Exception as exc:
     print("ABSENT", type(exc).__name__, str(exc)[:60])
+for bad in (CatalogEntry("h3", "vit_base_patch16_224", "hf-hub:acme/tiny-resnet"),
+            CatalogEntry("h4", "resnet10t", "hf-hub:acme/tiny-resnet", num_classes=100)):
+    try:
+        load_model(bad)
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__, str(exc))
 """
 
 
@@ -319,6 +352,47 @@ def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert "LOADED resnet10t 5 [3, 32, 32]" in r.stdout, r.stderr[-2000:]
     assert "ABSENT ModelError model 'h2': cannot create 'hf-hub:acme/absent'" in r.stdout, r.stdout
+    # the catalog's arch and num_classes were ignored for hub weights (a review)
+    assert ("REFUSED ModelError model 'h3': hf-hub:acme/tiny-resnet holds 'resnet10t' weights, but arch is "
+            "'vit_base_patch16_224'") in r.stdout, r.stdout
+    assert "REFUSED ModelError model 'h4': its weights have a 5-class head, but num_classes is 100" in r.stdout
+
+
+def test_a_checkpoint_is_loaded_as_the_architecture_it_records_and_zip_bombs_are_not_unpacked(tmp_path):
+    """tf_efficientnet_lite0 and efficientnet_lite0 share every key and shape but differ in padding and
+    BatchNorm eps: a zooselect checkpoint records its arch, and was loaded as the other one silently.
+    A torch.save zip whose pickle inflates to hundreds of MB was unpacked whole to look for code."""
+    import json
+    import zipfile
+
+    import timm
+    from safetensors.torch import save
+
+    from selection.errors import ModelError
+    from selection.models import MAX_PICKLE_BYTES
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    path = tmp_path / "lite0.safetensors"
+    path.write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()},
+                          metadata={"zooselect": json.dumps({"arch": "tf_efficientnet_lite0"})}))
+    with pytest.raises(ModelError, match=r"model 'x': checkpoint .*lite0\.safetensors' was trained as "
+                                         r"'tf_efficientnet_lite0', but arch is 'efficientnet_lite0'"):
+        load_model(CatalogEntry("x", "efficientnet_lite0", str(path)))
+    assert load_model(CatalogEntry("y", "tf_efficientnet_lite0", str(path))).arch == "tf_efficientnet_lite0"
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x00" * (MAX_PICKLE_BYTES + 1))
+    assert bomb.stat().st_size < 1 << 20
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelError, match="corrupt checkpoint"):
+            load_model(CatalogEntry("z", "resnet10t", str(bomb)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_PICKLE_BYTES // 4  # the 64 MB member was never inflated
 
 
 def test_float32_passes_on_cuda_turn_tf32_off_and_restore_it():

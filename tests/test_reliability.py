@@ -1016,3 +1016,28 @@ def test_hostile_model_ids_stay_under_the_store_root_and_never_collide(ray_local
     names = [os.path.basename(p) for p in files if p.endswith(".parquet") and "/embeddings/" in p]
     assert len(names) == len(set(names)) == len(HOSTILE_IDS)
     assert all(n.isascii() and len(n) <= 48 + 17 + len(".parquet") for n in names)
+
+
+def test_verification_refuses_weights_that_changed_since_the_row_was_embedded(published, tmp_path, caplog):
+    """A checkpoint overwritten in place after it was embedded: the sweep ranks it by the row's vector,
+    and verification measured the new weights, silently re-ordering the shortlist (found by a review).
+    It is now refused: the row stays, unverified, and the log says why."""
+    from selection.select import SelectConfig, select_models
+
+    store, std = published
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(2)]
+    for i, path in enumerate(paths):
+        torch.manual_seed(i)
+        save_checkpoint(timm.create_model("resnet10t", num_classes=3), path)
+    for i, path in enumerate(paths):
+        assert embed_entry(CatalogEntry(f"m{i}", "resnet10t", path, input_size=32), std, store).status == "embedded"
+    cfg = SelectConfig(top_k=2, verify_top_k=2)
+    task = "builtin:digits?classes=1,7&per_class=10"
+    assert all(r.verified is not None for r in select_models(store, [task], cfg)[0].ranking)
+    torch.manual_seed(99)
+    save_checkpoint(timm.create_model("resnet10t", num_classes=3), paths[0])  # m0's file replaced
+    with caplog.at_level(logging.WARNING, logger="selection.select"):
+        ranking = select_models(store, [task], cfg)[0].ranking
+    assert {r.model_id: r.verified is not None for r in ranking} == {"m0": False, "m1": True}
+    assert ranking[0].model_id == "m1"  # the verified one first, m0 kept after it
+    assert "verification of m0 failed: model 'm0': its weights changed since it was embedded" in caplog.text

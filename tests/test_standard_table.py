@@ -78,6 +78,20 @@ def test_baseline_covers_itself_and_random_net_is_lower(published):
     assert flags == {TINY_BASELINE.id: True, C.id: False}
 
 
+def test_a_copy_of_the_baseline_under_a_tagged_arch_name_is_still_the_baseline(published, tmp_path):
+    """resnet10t.c3_in1k is the network resnet10t: the baseline's tensors catalogued under it were an
+    ordinary candidate, covering its own features (a review)."""
+    from selection.models import load_model
+    from selection.standard import is_standard_model, load_standard_models
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    path = save_checkpoint(load_standard_models(std).baseline.model, str(tmp_path / "copy.safetensors"))
+    for arch in ("resnet10t", "resnet10t.c3_in1k"):
+        assert is_standard_model(std, load_model(CatalogEntry("copy", arch, path, input_size=32))), arch
+    assert not is_standard_model(std, load_model(CatalogEntry("other", "resnet10t.c3_in1k", None, input_size=32)))
+
+
 def test_isolation_and_determinism(published, tmp_path):
     store, std = published
     assert embed_entry(A, std, store).status == "embedded"
