@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from selection.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
-FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3",)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # read by every Store, in every worker
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -85,6 +86,16 @@ def _connect(address: str, **kwargs: Any) -> None:
         raise ClusterError(f"cannot connect to Ray at {address!r}: {text[:300]}{hint}") from None
 
 
+def _job_env_vars() -> dict[str, str]:
+    """The environment variables a submitted job's runtime env gives every worker (`ray job submit
+    --runtime-env`; Ray hands the driver the job's config in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    try:
+        env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+        return {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def init(address: str | None = None) -> None:
     """Connect to a cluster (`address` or $RAY_ADDRESS), else start a local Ray."""
     import ray
@@ -96,6 +107,13 @@ def init(address: str | None = None) -> None:
                               "include_dashboard": False}
     # The job's S3 endpoint (--s3-endpoint, jobs.common.open_store) holds in its workers too.
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    # Under `ray job submit`, Ray refuses a driver runtime env that sets a variable the job's sets too:
+    # the job's reaches the workers already; a different value here could not.
+    for key, value in _job_env_vars().items():
+        if key in env and env.pop(key) != value:
+            raise ConfigError(f"{key} is {os.environ[key]!r} here (--s3-endpoint or the environment) but "
+                              f"{value!r} in the submitted job's runtime env, which is what its workers "
+                              f"get; give one value")
     if address and address != "local":
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
@@ -127,16 +145,21 @@ def node_resources() -> dict[str, float]:
 
 
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
-              num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2) -> list[Any]:
+              num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2,
+              what: str = "a task", option: str = "", autoscaling: bool = False) -> list[Any]:
     """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
     results in input order.
 
     `shared` (e.g. the standard) is put in the object store once. A task that raises a
     ZooselectError returns it (the caller reports it); a crashed worker is retried up
-    to `max_retries` times.
+    to `max_retries` times, and then its item's result is a ClusterError, as is any other
+    error Ray raises for it. The tasks' 1 CPU and `num_gpus` are checked against the nodes
+    first (`check_fits`; `autoscaling`: wait for nodes instead of refusing).
     """
     import ray
 
+    need = {"CPU": (num_cpus, "1 per task"), **({"GPU": (num_gpus, option or "num_gpus")} if num_gpus else {})}
+    check_fits(what, need, node_resources(), autoscaling)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_call_catching)
     shared_ref = ray.put(shared)
     refs = [remote.remote(fn, shared_ref, item) for item in items]
@@ -163,7 +186,11 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                results[index[ref]] = ray.get(ref)
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # its worker died (e.g. out of memory) past its retries
+                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    results[index[ref]] = ClusterError(f"a {desc or 'Ray'} task failed: {text[:300]}")
                 bar.update(1)
     return results
 
@@ -309,8 +336,15 @@ def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float
     largest node has `node` (default: `res`, one node; see `check_fits` for one that cannot hold an actor)."""
     node = res if node is None else node
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    if opts.gpus_per_actor is None and opts.autoscaling and node.get("GPU", 0) < 1:
+        # GPU nodes scaled to zero look like a CPU cluster: guessing 0 would embed on CPUs of GPU nodes
+        raise ConfigError("with autoscaling, say how many GPUs an actor takes (--gpus-per-actor: 1 for GPU "
+                          "workers, 0 for CPU ones): no node has a GPU now, which may only mean none is up yet")
     gpus_per_actor = (opts.gpus_per_actor if opts.gpus_per_actor is not None
                       else 1.0 if node.get("GPU", 0) >= 1 else 0.0)
+    if gpus_per_actor == 0 and opts.cpus_per_actor == 0 and opts.max_in_flight is None:
+        raise ConfigError("actors that take no CPU and no GPU are not bounded by the cluster: give "
+                          "--max-in-flight, or --cpus-per-actor > 0")
     need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
     check_fits("an actor", need, node, opts.autoscaling)
     if opts.max_in_flight is not None:

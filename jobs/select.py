@@ -96,15 +96,13 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
     store's, listed after the tasks are embedded, or one in memory), verify (each verification a Ray task
     holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task."""
-    wanted = [("a task embedding", task_gpus, "--task-gpus")]
-    if config.verify_top_k:
-        wanted.append(("a verification", verify_gpus, "--verify-gpus"))
-    for what, gpus, flag in wanted:
-        if gpus:
-            runtime.check_fits(what, {"GPU": (gpus, flag)}, runtime.node_resources(), autoscaling)
+    if config.verify_top_k and verify_gpus:  # checked before any work, not when the verification starts
+        runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")}, runtime.node_resources(),
+                           autoscaling)
     t0 = time.perf_counter()
     embs = runtime.map_tasks(_task_embedding, [(t, config, task_gpus > 0) for t in tasks], shared=std,
-                             num_gpus=task_gpus, desc="tasks", progress=progress)
+                             num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
+                             option="--task-gpus", autoscaling=autoscaling)
     errors = [e for e in embs if isinstance(e, ZooselectError)]
     if errors:
         raise errors[0]
@@ -115,7 +113,8 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         items = [(spec, config, r.row, verify_gpus > 0) for spec, ranked in zip(tasks, rankings)
                  for r in ranked[:config.verify_top_k]]
         accs = runtime.map_tasks(_verify, items, shared=std, num_gpus=verify_gpus, desc="verify",
-                                 progress=progress)
+                                 progress=progress, what="a verification", option="--verify-gpus",
+                                 autoscaling=autoscaling)
         rankings = apply_verification(rankings, config.verify_top_k, accs)
     n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
     rankings = [ranked[:config.top_k] for ranked in rankings]

@@ -82,9 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sid = spec["standard_id"]
     if sid in list_standards(store):
         check_same_spec(load_standard(store, sid).spec, spec)  # load_standard validates what is there
+        made_default = ""
         if not args.no_default:
+            before = store.read_bytes("standards/DEFAULT").decode() if store.exists("standards/DEFAULT") else None
             store.write_bytes("standards/DEFAULT", sid.encode())
-        print(f"standard {sid} already published in {store.url}; nothing to do")
+            made_default = "" if before == sid else f"; it is now the store's default (was {before})"
+        print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
         return 0
     with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
         std = build_standard(config, progress=bar.update)

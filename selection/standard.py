@@ -78,6 +78,8 @@ class StandardConfig:
             raise ConfigError(f"input_size must be in [8, 1024], got {self.input_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.companion is None and self.companion_d is not None:
+            raise ConfigError(f"companion_d is {self.companion_d} but the standard has no companion")
         if self.companion is not None and not 1 <= self.split[1] < self.d:
             raise ConfigError(f"companion_d must be in [1, d - 1] = [1, {self.d - 1}], got {self.companion_d}")
 

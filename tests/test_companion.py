@@ -36,6 +36,8 @@ def test_the_standard_tells_the_widths_of_its_parts(with_companion):
 def test_companion_d_out_of_range_is_a_clear_error(cd):
     with pytest.raises(ConfigError, match=rf"companion_d must be in \[1, d - 1\] = \[1, 7\], got {cd}"):
         tiny_config(companion=DEFAULT_COMPANION, companion_d=cd)
+    with pytest.raises(ConfigError, match=f"companion_d is {cd} but the standard has no companion"):
+        tiny_config(companion=None, companion_d=cd)  # was silently ignored
 
 
 def test_companion_is_part_of_the_standard_id():

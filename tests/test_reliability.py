@@ -685,6 +685,65 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
     assert "waiting for the autoscaler" in caplog.text
+    # Found by a review: GPU nodes scaled to zero made the default 0 GPUs (actors on GPU nodes' CPUs),
+    # and actors taking no CPU were unbounded (a 1,000-model zoo: 1,000 processes at once).
+    with pytest.raises(ConfigError, match=r"with autoscaling, say how many GPUs an actor takes \(--gpus-per-actor"):
+        size_actors(ActorOptions(max_in_flight=8, autoscaling=True), empty_head)
+    assert size_actors(ActorOptions(0, max_in_flight=8, autoscaling=True), {"CPU": 4}) == (0.0, 8)
+    with pytest.raises(ConfigError, match="actors that take no CPU and no GPU are not bounded"):
+        size_actors(ActorOptions(0, cpus_per_actor=0), {"CPU": 16})
+    assert size_actors(ActorOptions(0, cpus_per_actor=0, max_in_flight=3), {"CPU": 16}) == (0.0, 3)
+
+
+def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(ray_local, monkeypatch):
+    """`jobs.select` waited for ever for a 1-CPU task on a head with 0 CPUs (only GPUs were checked); a
+    worker killed past its retries (e.g. out of memory) ended it with a traceback, losing every task."""
+    from jobs import runtime
+    from selection.errors import ClusterError
+
+    real = runtime.node_resources
+    monkeypatch.setattr(runtime, "node_resources", lambda: {"CPU": 0.0})
+    with pytest.raises(ConfigError, match=r"a task embedding needs 1 CPU\(s\) \(1 per task\) but no node has more "
+                                          r"than 0 CPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
+        runtime.map_tasks(_square, [1], what="a task embedding", progress=False)
+    monkeypatch.setattr(runtime, "node_resources", real)
+    out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, desc="verify")
+    assert out[0] == 4 and out[2] == 9
+    assert isinstance(out[1], ClusterError) and str(out[1]).startswith("a verify task failed: ")
+
+
+def _square(_, x):
+    if x < 0:
+        os._exit(1)  # the worker dies, as under the out-of-memory killer
+    return x * x
+
+
+def test_a_submitted_jobs_runtime_env_is_not_set_twice(monkeypatch):
+    """Under `ray job submit --runtime-env cluster/runtime_env.yaml`, Ray refuses a driver runtime env
+    that sets a variable the job's sets too: every job failed with an S3 endpoint (a review)."""
+    import ray
+
+    from jobs import runtime
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime, "_connect", lambda address, **kw: calls.append(kw))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3:8333")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL_S3": "http://s3:8333", "OMP_NUM_THREADS": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    runtime.init("10.0.0.1:6379")
+    assert "runtime_env" not in calls[-1]  # the job's own reaches the workers
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://other:9000")
+    runtime.init("10.0.0.1:6379")  # not submitted: both endpoints are passed on
+    assert calls[-1]["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL_S3": "http://s3:8333",
+                                                     "AWS_ENDPOINT_URL": "http://other:9000"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://elsewhere:8333")
+    with pytest.raises(ConfigError, match=r"AWS_ENDPOINT_URL_S3 is 'http://elsewhere:8333' here .* but "
+                                          r"'http://s3:8333' in the submitted job's runtime env"):
+        runtime.init("10.0.0.1:6379")
 
 
 def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):

@@ -878,7 +878,7 @@ def test_a_standard_refuses_a_baseline_checkpoint_changed_since_it_was_built(tmp
         load_standard_models(std)
 
 
-def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp_path):
+def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp_path, capsys):
     """A BatchNorm companion crashed the build (its 0-d num_batches_tracked in the state digest). The
     standard id does not hash the baseline's input size: publishing another input size under the
     same id said "already published; nothing to do"."""
@@ -895,7 +895,14 @@ def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp
     with pytest.raises(ConfigError, match=f"standard {sid} is published in this store with baseline input_size "
                                           f"32, not 96, and its id does not tell them apart"):
         standard_job.main(args + ["--baseline-input-size", "96"])
-    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0  # the same one: nothing to do
+    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0  # the same one: nothing to build
+    assert capsys.readouterr().out.strip().endswith("nothing to build")
+    # Re-running it switched the store's default back to it and said "nothing to do" (a review)
+    assert standard_job.main(args[:-3] + ["--d", "6", "--no-progress"]) == 0
+    [other] = [s for s in list_standards(Store(str(tmp_path / "s"))) if s != sid]
+    capsys.readouterr()
+    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"nothing to build; it is now the store's default (was {other})")
 
 
 def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path):
