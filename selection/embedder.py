@@ -15,7 +15,7 @@ from selection.embedding import model_embedding
 from selection.errors import ModelError, ZooselectError
 from selection.keys import model_key
 from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, compute_label, count_gflops,
-                              extract_features, load_model, weights_digest)
+                              extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
 from selection.table import compaction_running, row_object, versions_json
@@ -48,14 +48,20 @@ STAGES = ("load", "batch probe", "probe pass", "fit", "write")
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
     """True unless the table's row for `entry` has the same weights digest and catalog entry.
 
-    `indexed` is the model's row from `selection.table.read_index` (None if absent). A missing
-    checkpoint raises a ModelError either way.
+    `indexed` is the model's row from `selection.table.read_index` (None if absent). A checkpoint
+    whose stamp (`weights_stamp`: one stat or HEAD) is the row's is not read again: a nightly
+    re-index costs O(m) small calls, not every checkpoint's bytes. A missing checkpoint raises a
+    ModelError either way.
     """
     if indexed is None:
         check_weights_exist(entry.weights)
         return True
-    return not (indexed["weights_sha256"] == weights_digest(entry)
-                and indexed["catalog_entry"] == _entry_json(entry))
+    if indexed["catalog_entry"] != _entry_json(entry):
+        return True
+    stamp = weights_stamp(entry.weights)
+    if stamp and indexed.get("weights_stamp") == stamp:
+        return False
+    return indexed["weights_sha256"] != weights_digest(entry)
 
 
 def _entry_json(entry: CatalogEntry) -> str:
@@ -74,6 +80,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
     t0 = time.perf_counter()
     on_gpu = device.startswith("cuda")
     try:
+        stamp = weights_stamp(entry.weights)  # before the bytes are read (see weights_stamp)
         loaded = load_model(entry)
         stages = {"load": time.perf_counter() - t0}
         t1 = time.perf_counter()
@@ -120,7 +127,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "schema_version": std.spec["schema_version"], "ridge_alpha": emb.alpha,
             "embed_seconds": 0.0, "images_per_second": len(h) / max(fwd_s, 1e-9),
             "library_versions": versions_json(), "catalog_entry": _entry_json(entry),
-            "compute": compute_label(device, amp_dtype),
+            "compute": compute_label(device, amp_dtype), "weights_stamp": stamp or None,
             "embedding": emb.vector(std.form), "coverage": emb.coverage,
         }
         row["model_key"] = model_key(entry.id)

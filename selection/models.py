@@ -100,6 +100,24 @@ def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
         return fh.read(), path
 
 
+def weights_stamp(weights: str | None) -> str:
+    """A cheap fingerprint of a checkpoint's version (`Store.stamp`: one stat or HEAD, nothing read):
+    "" for hub names and random init (their digest reads nothing) and where the store gives none.
+    Taken before the bytes are read, so a checkpoint rewritten meanwhile is hashed again next time."""
+    from selection.storage import Store
+
+    if weights is None or weights.startswith(("hf-hub:", "timm:")):
+        return ""
+    try:
+        if weights.startswith("s3://"):
+            store, name = _s3_checkpoint(weights)
+            return store.stamp(name)
+        path = _local_checkpoint(weights)
+        return Store(os.path.dirname(os.path.abspath(path))).stamp(os.path.basename(path))
+    except StoreError as exc:
+        raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
+
+
 def weights_digest(entry: CatalogEntry) -> str:
     """sha256 identifying the weights, computed without building the model.
 

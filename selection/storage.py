@@ -338,6 +338,22 @@ class Store:
             out.append(rel)
         return sorted(out)
 
+    def stamp(self, rel: str) -> str:
+        """A fingerprint of an object's version, without reading it (one HEAD or stat): on S3 its ETag
+        and size; locally its size, mtime, ctime and inode (ctime cannot be set back, so every rewrite
+        changes it). Equal stamps mean the same bytes; a store that gives none returns "" (then
+        compare the bytes). ObjectGoneError if there is no object."""
+        full = self._full(rel)
+        try:
+            if self.scheme == "file":
+                st = self._call("stat", rel, lambda: os.stat(full))
+                return f"stat:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+            info = self._call("stat", rel, lambda: self.fs.info(full))
+        except FileNotFoundError as exc:
+            raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        return f"etag:{etag}:{info.get('size')}" if etag else ""
+
     def has_entries(self, prefix: str) -> bool:
         """Whether anything is one level under `prefix` (one LIST call, not a full listing).
         A directory left empty counts: locally, and on servers that keep empty folders (SeaweedFS)."""

@@ -65,8 +65,11 @@ META_FIELDS = [
     pa.field("catalog_entry", pa.string()),
     # Added after the first release, so objects written before lack it: read as null.
     pa.field("compute", pa.string()),  # device type / precision of the probe pass: "cpu/float32", "cuda/bfloat16"
+    # The checkpoint's version when it was read (`selection.models.weights_stamp`): a re-index whose
+    # stamp matches skips reading and hashing it.
+    pa.field("weights_stamp", pa.string()),
 ]
-OPTIONAL_COLUMNS = ("compute",)
+OPTIONAL_COLUMNS = ("compute", "weights_stamp")
 
 
 def schema_for(std: Standard) -> pa.Schema:
@@ -268,7 +271,7 @@ def embeddings_matrix(t: pa.Table) -> np.ndarray:
 
 
 INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weights_sha256",
-                 "catalog_entry"]
+                 "catalog_entry", "weights_stamp"]
 
 
 def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) -> EmbeddingTable:

@@ -122,7 +122,7 @@ def _upload_parquet_task(store: Store, rel: str) -> str:
     return f"{store.url}/{rel}"
 
 
-def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standard, tmp_path):
+def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standard, tmp_path, capsys, monkeypatch):
     import numpy as np
     import timm
     from safetensors.torch import save
@@ -143,6 +143,16 @@ def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standa
     cat = _catalog(tmp_path, [entry])
     assert embed.main(["--catalog", cat, "--store", s3_store_url, "--no-progress"]) == 0
     assert len(_objects(store)) == 1
+    # The row keeps the object's ETag: a re-index compares it (one HEAD), never downloading the checkpoint
+    from selection import models
+    from selection.standard import load_standard
+    from selection.table import read_index
+
+    assert read_index(store, load_standard(store))["s3zoo/from-s3"]["weights_stamp"].startswith("etag:")
+    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: pytest.fail(f"{w} was downloaded"))
+    capsys.readouterr()
+    assert embed.main(["--catalog", cat, "--store", s3_store_url, "--no-progress"]) == 0
+    assert "0 embedded, 1 skipped" in capsys.readouterr().out
 
 
 def _local_copy(store: Store, tmp_path) -> str:

@@ -1065,3 +1065,31 @@ def test_rows_record_how_their_probe_pass_ran_and_older_rows_without_it_still_re
         compact(store, std)
     assert compute_label("cuda", torch.bfloat16) == "cuda/bfloat16" and compute_label("cpu", None) == "cpu/float32"
     assert compute_label("cuda:1", None) == "cuda/float32"
+
+
+def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_path, monkeypatch):
+    """The plan hashed every catalogued checkpoint in full on every re-index (a nightly job read the
+    whole zoo; found by a review). A checkpoint whose stamp (size, mtime, ctime, inode; an S3 ETag) is
+    its row's is now not read; one rewritten, even with the same bytes, is hashed again."""
+    import selection.models as models
+
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    path = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "m.safetensors"))
+    entry = CatalogEntry("zoo/m", "resnet10t", path, input_size=32)
+    assert embed_entry(entry, std, store).status == "embedded"
+    row = read_index(store, std)["zoo/m"]
+    assert row["weights_stamp"].startswith("stat:")
+    real, reads = models._read_weights_bytes, []
+    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    assert not needs_embedding(entry, row) and reads == []  # the stamp matched: nothing read
+    data = open(path, "rb").read()
+    open(path, "wb").write(data)  # the same bytes written again: hashed, still unchanged
+    assert not needs_embedding(entry, row) and reads == [path]
+    torch = __import__("torch")
+    torch.manual_seed(5)
+    save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), path)
+    assert needs_embedding(entry, row)
+    old = dict(row, weights_stamp=None)  # a row written before the stamp: hashed as before
+    assert needs_embedding(entry, old) and len(reads) == 3
