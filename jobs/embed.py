@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     rates = [r.images_per_second for r in ok] or [0.0]
     gpu = max((r.peak_gpu_mib for r in ok), default=0.0)
     print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, "
-          f"{len(failed)} failed; img/s per actor mean {sum(rates) / len(rates):.0f} "
+          f"{len(failed)} failed; probe pass img/s per model mean {sum(rates) / len(rates):.0f} "
           f"(min {min(rates):.0f}, max {max(rates):.0f})"
           + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
           + f"; standard {std.id}; {time.perf_counter() - t0:.1f}s")

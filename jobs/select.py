@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output(args.parquet)
     runtime.check_amount("--verify-gpus", args.verify_gpus)
     runtime.check_amount("--task-gpus", args.task_gpus)
+    if args.verify_gpus and not args.verify_top_k:
+        raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args)
     std = load_standard(store, args.standard)
     warn_task_image_size(config, std)

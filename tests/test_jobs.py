@@ -191,6 +191,8 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
      "task_image_size must be in [8, 1024] (or None: the standard's probe image size), got 4"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-gpus", "nan"],
      "--task-gpus must be a number >= 0, got nan"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "1"],
+     "--verify-gpus 1 is given but --verify-top-k is 0: nothing is verified"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
      "output directory 'README.md' is a file"),
 ])
