@@ -164,14 +164,20 @@ def _evaluate(shared: tuple[list[Any], Any, str, str | None], entry: CatalogEntr
 
 def _measure_costs(plan: Any, stds: Sequence[Any], models: Sequence[CatalogEntry], tasks: Sequence[Any],
                    store: Store, progress: bool) -> dict[str, Any]:
-    """bench.measure_costs in this process with one thread (the driver's own setting restored after)."""
+    """bench.measure_costs in this process with one thread, torch's and the BLAS's numpy uses (the
+    driver's own settings restored after), once Ray is shut down: its processes, idle or not, ran
+    beside the pass (a 5-minute load average of 1.5 at its end) and nothing after it needs Ray."""
+    import ray
     import torch
+    from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
+    ray.shutdown()  # a local Ray stops; a cluster's is only disconnected from
     threads = torch.get_num_threads()
     try:
         _threads()
-        with tqdm(total=len(stds) + len(models), desc="costs", disable=not progress, unit="item") as bar:
+        with threadpool_limits(limits=1), \
+                tqdm(total=len(stds) + len(models), desc="costs", disable=not progress, unit="item") as bar:
             return bench.measure_costs(plan, stds, models, tasks, store, step=lambda _: bar.update(1))
     finally:
         torch.set_num_threads(threads)

@@ -19,9 +19,10 @@ Everything here is plain library code (no Ray); `jobs/benchmark.py` fans it out.
 
 Costs are single-core seconds, summed over the model operations one selection needs, all
 measured in the same run by one serial pass after the parallel stages (`measure_costs`: one
-process, one thread, nothing else meant to run; the load average at its end is recorded, and
-the report says when other work ran beside it), so they depend neither on how many workers the
-benchmark ran in parallel nor on which records came from the cache.
+process, one thread for torch and BLAS, Ray shut down, nothing else meant to run; the load
+average at its end is recorded, and the report says when other work ran beside it), so they
+depend neither on how many workers the benchmark ran in parallel nor on which records came
+from the cache.
 """
 
 from __future__ import annotations
@@ -1553,7 +1554,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "single-core seconds (model loads, forward passes, probes/scorers, table load and sweep; summed, so "
              "the number does not depend on the benchmark's own parallelism), all measured in this run by one "
              "serial pass after the parallel stages (`selection.benchmark.measure_costs`: one process, one "
-             "thread, nothing else meant to run; loads are the median of 3), on split 0 of every task."
+             "thread for torch and for numpy's BLAS, Ray shut down, nothing else meant to run; loads are the "
+             "median of 3), on split 0 of every task."
              + cost_conditions(doc.get("costs", {})))
     L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
              f"**{variant_label(default)}**; verification rows use it. The verifier with the lowest dev mean "
