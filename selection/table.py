@@ -274,13 +274,23 @@ INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weig
                  "catalog_entry", "weights_stamp"]
 
 
+def _with_optional(std: Standard, t: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """`t` with the OPTIONAL_COLUMNS it lacks (of `columns`, if given) appended as nulls: objects
+    written before a column was added read as if it were null."""
+    schema = schema_for(std)
+    missing = [n for n in OPTIONAL_COLUMNS if n not in t.column_names and (columns is None or n in columns)]
+    for name in missing:
+        t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+    if missing and columns is None and set(schema.names) <= set(t.column_names):
+        t = t.select(schema.names)  # in the table's order, as newer objects are: they concatenate as one
+    return t
+
+
 def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) -> EmbeddingTable:
     """One shard of the table from a read object `t`: the table's columns in order and types (or only
     `columns`, no vectors); an object whose columns do not fit is refused in one line naming `where`."""
     schema = schema_for(std)
-    for name in OPTIONAL_COLUMNS:
-        if name not in t.column_names and (columns is None or name in columns):
-            t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+    t = _with_optional(std, t, columns)
     try:
         t = t.select(columns) if columns is not None else t.select(schema.names).cast(schema)
     except (KeyError, ValueError, pa.ArrowException) as exc:
@@ -353,8 +363,8 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
             _validate(tables[-1], std, f"{store.url}/{p}")
         if not tables:
             continue
-        try:
-            both = pa.concat_tables(tables)
+        try:  # rows written before an optional column was added lack it: null-filled, still one concat
+            both = pa.concat_tables([_with_optional(std, t) for t in tables])
         except pa.ArrowInvalid:  # their schemas differ: conform each one (refusing, by name, one that cannot)
             shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
             both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
