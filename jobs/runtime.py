@@ -22,6 +22,7 @@ from selection.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+WAIT_NOTICE_S = 300.0  # nothing finished for this long: say what is waiting (a node that never comes?)
 FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # read by every Store, in every worker
 
 
@@ -175,6 +176,21 @@ def _call_catching(fn: Callable[..., Any], shared: Any, item: Any) -> Any:
         return exc
 
 
+def _wait(refs: list[Any], what: str) -> tuple[list[Any], list[Any]]:
+    """ray.wait for one of `refs`; every WAIT_NOTICE_S that none finishes, a warning says how many wait
+    (under --autoscaling, a request no node type can meet waits for ever, silently in Ray)."""
+    import ray
+
+    waited = 0.0
+    while True:
+        done, pending = ray.wait(refs, num_returns=1, timeout=WAIT_NOTICE_S)
+        if done:
+            return done, pending
+        waited += WAIT_NOTICE_S
+        log.warning("%d %s unfinished, none done in the last %.0f s; if they wait for resources, `ray status` "
+                    "shows the demand no node meets", len(pending), what, waited)
+
+
 def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
     import ray
     from tqdm import tqdm
@@ -184,7 +200,7 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
     pending = list(refs)
     with tqdm(total=len(refs), desc=desc, disable=not progress, unit="item") as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = _wait(pending, f"{desc or 'Ray'} task(s)")
             for ref in done:
                 try:
                     results[index[ref]] = ray.get(ref)
@@ -389,7 +405,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                                                                         gpus_per_actor), 0)
                 running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry,
                                                                                       time.perf_counter(), used)
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = _wait(list(running), "embedding actor(s)")
             for ref in done:
                 actor, entry, started, used = running.pop(ref)
                 try:

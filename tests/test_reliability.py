@@ -712,6 +712,22 @@ def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(
     assert isinstance(out[1], ClusterError) and str(out[1]).startswith("a verify task failed: ")
 
 
+def test_a_wait_with_nothing_finishing_says_so(ray_local, monkeypatch, caplog):
+    """Under --autoscaling a task no node type can hold waited for ever without a word."""
+    from jobs import runtime
+
+    monkeypatch.setattr(runtime, "WAIT_NOTICE_S", 0.2)
+    with caplog.at_level(logging.WARNING, logger="jobs.runtime"):
+        assert runtime.map_tasks(_slow, [1.0], progress=False, desc="verify") == [1.0]
+    assert re.search(r"1 verify task\(s\) unfinished, none done in the last \d+ s; if they wait for resources, "
+                     r"`ray status` shows the demand", caplog.text)
+
+
+def _slow(_, seconds):
+    time.sleep(seconds)
+    return seconds
+
+
 def _square(_, x):
     if x < 0:
         os._exit(1)  # the worker dies, as under the out-of-memory killer
