@@ -1,6 +1,6 @@
 """The one thin execution module: everything that touches Ray lives here.
 
-Jobs call `init`, `map_tasks` and `embed_with_actors`; the library stays Ray-free.
+Jobs call `init`, `map_tasks` (with `put`, `fetch`) and `embed_with_actors`; the library stays Ray-free.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def node_resources() -> dict[str, float]:
 
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
               num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2,
-              what: str = "a task", option: str = "", autoscaling: bool = False) -> list[Any]:
+              what: str = "a task", option: str = "", autoscaling: bool = False, keep: bool = False) -> list[Any]:
     """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
     results in input order.
 
@@ -156,15 +156,34 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     to `max_retries` times, and then its item's result is a ClusterError, as is any other
     error Ray raises for it. The tasks' 1 CPU and `num_gpus` are checked against the nodes
     first (`check_fits`; `autoscaling`: wait for nodes instead of refusing).
+    `keep`: `fn` returns (result, value); only the result comes back, the value stays in the object
+    store for later tasks, and each item's entry is (result, a reference to the value: `fetch` it).
     """
     import ray
 
     need = {"CPU": (num_cpus, "1 per task"), **({"GPU": (num_gpus, option or "num_gpus")} if num_gpus else {})}
     check_fits(what, need, node_resources(), autoscaling)
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_call_catching)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                        num_returns=2 if keep else 1)(_call_keeping if keep else _call_catching)
     shared_ref = ray.put(shared)
     refs = [remote.remote(fn, shared_ref, item) for item in items]
-    return _gather(refs, desc, progress)
+    if not keep:
+        return _gather(refs, desc, progress)
+    return list(zip(_gather([r for r, _ in refs], desc, progress), [kept for _, kept in refs]))
+
+
+def put(value: Any) -> Any:
+    """`value` in the object store, once: a reference any task can `fetch`."""
+    import ray
+
+    return ray.put(value)
+
+
+def fetch(ref: Any) -> Any:
+    """The value of a reference from `put` or `map_tasks(keep=True)`, in a driver or a task."""
+    import ray
+
+    return ray.get(ref)
 
 
 def _call_catching(fn: Callable[..., Any], shared: Any, item: Any) -> Any:
@@ -174,6 +193,11 @@ def _call_catching(fn: Callable[..., Any], shared: Any, item: Any) -> Any:
         return fn(shared, item)
     except ZooselectError as exc:
         return exc
+
+
+def _call_keeping(fn: Callable[..., Any], shared: Any, item: Any) -> tuple[Any, Any]:
+    out = _call_catching(fn, shared, item)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def _wait(refs: list[Any], what: str) -> tuple[list[Any], list[Any]]:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
+from selection.data import ImageSet
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
@@ -77,16 +78,24 @@ def _device(on_gpu: bool, what: str, flag: str) -> str:
     return check_device("cuda", f"{what}'s device ({flag})") if on_gpu else "cpu"
 
 
-def _task_embedding(std: Standard, item: tuple[str, SelectConfig, bool]) -> TaskEmbedding:
-    spec, config, on_gpu = item
+def is_local_task(spec: str) -> bool:
+    """A task on this machine's disk (a path or file:// URL), which other nodes may not see."""
+    return not spec.startswith("builtin:") and ("://" not in spec or spec.startswith("file://"))
+
+
+def _task_embedding(std: Standard, item: tuple[Any, SelectConfig, bool]) -> tuple[TaskEmbedding, ImageSet | None]:
+    """A task's embedding, and the task when it was loaded here (from its spec) rather than passed in
+    (a reference to the driver's copy): kept in the object store for its verifications."""
+    source, config, on_gpu = item
     device = _device(on_gpu, "the task embedding", "--task-gpus")
-    return embed_task(std, load_task(spec, config, std), config, device=device)
+    task = load_task(source, config, std) if isinstance(source, str) else runtime.fetch(source)
+    return embed_task(std, task, config, device=device), task if isinstance(source, str) else None
 
 
-def _verify(std: Standard, item: tuple[str, SelectConfig, dict[str, Any], bool]) -> float:
-    spec, config, row, on_gpu = item
+def _verify(std: Standard, item: tuple[Any, SelectConfig, dict[str, Any], bool]) -> float:
+    task_ref, config, row, on_gpu = item
     device = _device(on_gpu, "verification", "--verify-gpus")
-    return verify_candidate(entry_of(row), load_task(spec, config, std), std.input_size, config, device=device,
+    return verify_candidate(entry_of(row), runtime.fetch(task_ref), std.input_size, config, device=device,
                             weights_sha256=row["weights_sha256"])
 
 
@@ -95,22 +104,30 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
            task_gpus: float = 0) -> list[dict[str, Any]]:
     """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
     store's, listed after the tasks are embedded, or one in memory), verify (each verification a Ray task
-    holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task."""
+    holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task.
+
+    Each task is read and decoded once: a local one here (the cluster's other nodes may not see this
+    machine's disk), an s3:// or built-in one by its embedding's Ray task; the decoded images then stay
+    in the object store for that task's verifications.
+    """
     if config.verify_top_k and verify_gpus:  # checked before any work, not when the verification starts
         runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")}, runtime.node_resources(),
                            autoscaling)
     t0 = time.perf_counter()
-    embs = runtime.map_tasks(_task_embedding, [(t, config, task_gpus > 0) for t in tasks], shared=std,
+    sources = [runtime.put(load_task(t, config, std)) if is_local_task(t) else t for t in tasks]
+    done = runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in sources], shared=std,
                              num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
-                             option="--task-gpus", autoscaling=autoscaling)
+                             option="--task-gpus", autoscaling=autoscaling, keep=True)
+    embs = [emb for emb, _ in done]
     errors = [e for e in embs if isinstance(e, ZooselectError)]
     if errors:
         raise errors[0]
+    task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
     rankings, m = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
-        items = [(spec, config, r.row, verify_gpus > 0) for spec, ranked in zip(tasks, rankings)
+        items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)
                  for r in ranked[:config.verify_top_k]]
         accs = runtime.map_tasks(_verify, items, shared=std, num_gpus=verify_gpus, desc="verify",
                                  progress=progress, what="a verification", option="--verify-gpus",

@@ -239,6 +239,30 @@ def test_an_actor_given_a_gpu_torch_cannot_see_says_so_instead_of_using_the_cpu(
         _EmbedActor("/tmp/unused-store", None, 1).embed(CatalogEntry("m", "resnet10t"), None)
 
 
+def test_select_reads_a_local_task_once_in_the_driver(ray_local, published, catalog, tmp_path, monkeypatch, capsys):
+    """A remote node cannot see this machine's disk, and Ray's workers keep the directory they started
+    in: a local task (here a relative path, after the driver changed directory) is read by the driver,
+    and its embedding and verifications use that one copy."""
+    import numpy as np
+    from PIL import Image
+
+    from jobs import embed, select
+
+    store, _ = published
+    assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "task" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "task" / c / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert select.main(["--store", store.url, "--task", "task", "--verify-top-k", "2", "--json", "res.json",
+                        "--no-save", "--no-progress"]) == 0
+    assert ", 2 verified;" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "res.json"))["tasks"][0]
+    assert (res["task"], res["n_images"], res["n_classes"], res["n_verified"]) == ("task", 8, 2, 2)
+
+
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):
     from jobs import embed, select
     from jobs.common import run_main

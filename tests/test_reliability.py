@@ -35,7 +35,7 @@ import torch
 
 from selection.catalog import CatalogEntry, write_catalog
 from selection.embedder import embed_entry
-from selection.errors import ConfigError, StoreError
+from selection.errors import ConfigError, DataError, StoreError
 from selection.standard import save_standard
 from selection.storage import RetryPolicy, Store
 from selection.table import list_rows, load_table, row_path
@@ -710,6 +710,31 @@ def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(
     out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, desc="verify")
     assert out[0] == 4 and out[2] == 9
     assert isinstance(out[1], ClusterError) and str(out[1]).startswith("a verify task failed: ")
+
+
+def test_kept_values_stay_in_the_object_store_and_errors_come_back(ray_local):
+    """`keep`: a task's second value (jobs.select: the decoded task) stays for later tasks; a zooselect
+    error and a dead worker are still that item's result."""
+    from jobs import runtime
+    from selection.errors import ClusterError
+
+    out = runtime.map_tasks(_square_kept, [2, 0, -1], progress=False, max_retries=0, keep=True)
+    assert out[0][0] == 4 and runtime.fetch(out[0][1]) == [2, 2]
+    assert isinstance(out[1][0], DataError) and runtime.fetch(out[1][1]) is None
+    assert isinstance(out[2][0], ClusterError)
+    assert runtime.map_tasks(_sum_fetched, [(out[0][1],)], progress=False) == [4]  # in an item, as jobs.select's
+
+
+def _square_kept(_, x):
+    if x == 0:
+        raise DataError("zero")
+    return _square(_, x), [x, x]
+
+
+def _sum_fetched(_, item):
+    from jobs import runtime
+
+    return sum(runtime.fetch(item[0]))
 
 
 def test_a_wait_with_nothing_finishing_says_so(ray_local, monkeypatch, caplog):
