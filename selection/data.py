@@ -440,12 +440,18 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
         files = [f for f in store.list("") if f.lower().endswith(IMAGE_EXTENSIONS)]
     except StoreError as exc:
         raise DataError(f"cannot read task {url!r}: {exc}") from exc
+    # As torchvision's ImageFolder: a class is a top-level folder and holds every image below it.
     by_class: dict[str, list[str]] = {}
+    loose = []
     for f in files:
         parts = f.split("/")
-        if len(parts) != 2:
-            continue
-        by_class.setdefault(parts[0], []).append(f)
+        if len(parts) == 1:
+            loose.append(f)
+        elif not any(p.startswith(".") for p in parts[:-1]):  # .ipynb_checkpoints/ and the like
+            by_class.setdefault(parts[0], []).append(f)
+    if loose:
+        log.warning("task %s: %d image(s) outside the class folders are left out (e.g. %r)", url, len(loose),
+                    loose[0])
     if not by_class:
         raise DataError(f"task {url!r} has no images in class subfolders (expected {url}/<class>/<image>)")
     names = tuple(sorted(by_class))

@@ -1,4 +1,5 @@
 import io
+import logging
 import os
 import pickle
 
@@ -151,6 +152,23 @@ def test_image_folder_and_parquet_tasks(tmp_path):
     pq.write_table(table, tmp_path / "t.parquet")
     ps = load_dataset(str(tmp_path / "t.parquet"), 16)
     assert len(ps) == 4 and ps.classes == ("a", "b") and list(ps.labels) == [0, 1, 0, 1]
+
+
+def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
+    """As torchvision's ImageFolder: images in subfolders of a class folder are that class's (they were
+    skipped silently); images beside the class folders are left out with a warning, hidden folders
+    (.ipynb_checkpoints) without one."""
+    root = tmp_path / "task"
+    for rel, color in (("cat/a.png", (255, 0, 0)), ("cat/indoor/b.png", (250, 0, 0)),
+                       ("cat/indoor/sofa/c.png", (245, 0, 0)), ("dog/d.png", (0, 0, 255)),
+                       ("dog/.ipynb_checkpoints/e.png", (0, 255, 0)), ("stray.png", (0, 255, 0))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(color))
+    with caplog.at_level(logging.WARNING, logger="selection.data"):
+        ds = load_dataset(str(root), 16)
+    assert ds.classes == ("cat", "dog") and list(ds.labels) == [0, 0, 0, 1]
+    assert [int(v) for v in ds.images[:, 0, 0, 0]] == [255, 250, 245, 0] and ds.images[:, 0, 0, 1].max() == 0
+    assert "1 image(s) outside the class folders are left out (e.g. 'stray.png')" in caplog.text
 
 
 @pytest.mark.parametrize("spec,match", [
