@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from selection.errors import ConfigError
@@ -146,7 +146,8 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
 
 
 def load_catalog(path: str) -> list[CatalogEntry]:
-    """Read a catalog from a local path (YAML or JSON lines)."""
+    """Read a catalog from a local path (YAML or JSON lines). Local checkpoint paths come back absolute:
+    a relative one is taken from the catalog file's directory, `~` is expanded."""
     if not os.path.isfile(path):
         raise ConfigError(f"catalog file not found: {path!r}")
     with open(path, encoding="utf-8") as fh:
@@ -154,7 +155,18 @@ def load_catalog(path: str) -> list[CatalogEntry]:
             text = fh.read()
         except UnicodeDecodeError:
             raise ConfigError(f"catalog {path!r} is not UTF-8 text") from None
-    return parse_catalog(text, path)
+    base = os.path.dirname(os.path.abspath(path))
+    return [_anchored(e, base) for e in parse_catalog(text, path)]
+
+
+def _anchored(entry: CatalogEntry, base: str) -> CatalogEntry:
+    """`entry` with its local checkpoint path made absolute against `base`. A row keeps the path it was
+    embedded from, and a relative one would be resolved later against whichever process reads it."""
+    w = entry.weights
+    if w is None or w.startswith(WEIGHTS_SCHEMES):
+        return entry
+    full = os.path.normpath(os.path.join(base, os.path.expanduser(w)))
+    return entry if full == w else replace(entry, weights=full)
 
 
 def write_catalog(entries: list[CatalogEntry], path: str) -> None:

