@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
         return 0
     with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
-        std = build_standard(config, progress=bar.update)
+        std = build_standard(config, progress=bar.update, planned=(spec, images))
     save_standard(store, std, make_default=not args.no_default)
     companion = f" + random {config.companion.arch} ({config.split[1]} of d)" if config.companion else ""
     print(f"standard {std.id} published in {store.url}: baseline {config.baseline.arch}{companion}, "

@@ -9,6 +9,7 @@ Layout in a store:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -403,12 +404,14 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     return spec, images
 
 
-def build_standard(config: StandardConfig, progress: Callable[[int], None] | None = None) -> Standard:
-    """Run the baseline over the probe set and fit the whitening basis on P_fit."""
+def build_standard(config: StandardConfig, progress: Callable[[int], None] | None = None,
+                   planned: tuple[dict[str, Any], np.ndarray] | None = None) -> Standard:
+    """Run the baseline over the probe set and fit the whitening basis on P_fit. `planned`: what
+    `plan_standard(config)` returned, if the caller has it (the probe set is not built again)."""
     from selection.models import extract_features, load_model, state_digest
 
     t0 = time.perf_counter()
-    spec, images = plan_standard(config)
+    spec, images = (copy.deepcopy(planned[0]), planned[1]) if planned is not None else plan_standard(config)
     fit_idx, val_idx = _split(len(images), config)
     loaded = load_model(config.baseline)
     h = extract_features(loaded, images, input_size=config.input_size,

@@ -878,19 +878,24 @@ def test_a_standard_refuses_a_baseline_checkpoint_changed_since_it_was_built(tmp
         load_standard_models(std)
 
 
-def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp_path, capsys):
+def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp_path, capsys, monkeypatch):
     """A BatchNorm companion crashed the build (its 0-d num_batches_tracked in the state digest). The
     standard id does not hash the baseline's input size: publishing another input size under the
     same id said "already published; nothing to do"."""
     from jobs import standard as standard_job
+    from selection import standard as standard_lib
     from selection.standard import list_standards, load_standard_models
 
+    plans, real = [], standard_lib.plan_standard
     std = build_standard(tiny_config(companion=CatalogEntry("random/resnet10t", "resnet10t", None), d=8))
     assert load_standard_models(std).companion.arch == "resnet10t"
+    monkeypatch.setattr(standard_job, "plan_standard", lambda c: plans.append(c) or real(c))
+    monkeypatch.setattr(standard_lib, "plan_standard", lambda c: pytest.fail("planned twice"))
     args = ["--store", str(tmp_path / "s"), "--baseline-arch", "resnet10t", "--baseline-weights", "none",
             "--probe", "builtin:textures?n=24", "--probe-image-size", "32", "--d", "4", "--form", "full",
             "--no-progress"]
     assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
+    assert len(plans) == 1  # the job's plan (probe set, baseline digest) is the one built on
     [sid] = list_standards(Store(str(tmp_path / "s")))
     with pytest.raises(ConfigError, match=f"standard {sid} is published in this store with baseline input_size "
                                           f"32, not 96, and its id does not tell them apart"):
