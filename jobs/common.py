@@ -35,6 +35,8 @@ def open_store(args: argparse.Namespace, url: str | None = None) -> Store:
     """The job's store (`url`, default `--store`), checked; `--s3-endpoint` then holds for every
     s3:// URL the job and its Ray workers read (tasks, checkpoints), not only the store."""
     store = Store(url or args.store, s3_endpoint=args.s3_endpoint)
+    if store.scheme == "file":  # its absolute path: workers may run in another directory than this driver
+        store = Store(store.root, s3_endpoint=args.s3_endpoint)
     if store.scheme == "memory":
         raise ConfigError(f"store {store.url!r} lives in one process and is gone when the job ends; "
                           f"use a local directory or s3://bucket/prefix")

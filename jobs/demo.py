@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     flags = ["--no-progress"] if args.no_progress else []
     store = Store(args.store)
+    store = Store(store.root) if store.scheme == "file" else store  # the workers' directory may differ
     store.check()
     runtime.init(args.address)
     print(f"[1/5] standard (ImageNet EfficientNet-Lite2 + random ConvNeXt-atto companion over the built-in "

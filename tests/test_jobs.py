@@ -204,6 +204,18 @@ def test_bad_input_one_line_error(args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_a_relative_local_store_reaches_the_workers_as_its_absolute_path(tmp_path, monkeypatch):
+    """`--store ./s` went to the actors as "./s": with `--address`, a worker started in another directory
+    wrote the rows there while the driver read its own (found by a review, session 26)."""
+    import argparse
+
+    from jobs.common import open_store
+
+    monkeypatch.chdir(tmp_path)
+    store = open_store(argparse.Namespace(store="./s", s3_endpoint=None))
+    assert store.url == str(tmp_path / "s") == store.root
+
+
 def test_select_on_store_without_standard(tmp_path):
     r = _run("jobs.select", "--store", str(tmp_path / "empty"), "--task", "builtin:digits")
     assert r.returncode == 2 and "has no standard" in r.stderr and "Traceback" not in r.stderr
