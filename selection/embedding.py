@@ -438,19 +438,31 @@ def linear_queries(weights: np.ndarray) -> list[TaskQuery]:
     return [TaskQuery(w[None, :], np.ones(1)) for w in np.asarray(weights)]
 
 
-def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray:
-    """(m, D) stored embeddings x T queries -> (m, T) scores: one matrix product, then per-row ratios."""
-    rows = [q.num for q in queries] + [q.den for q in queries if q.den is not None]
-    prod = embeddings.astype(np.float32, copy=False) @ np.concatenate(rows).astype(np.float32).T
-    out = np.empty((embeddings.shape[0], len(queries)), np.float32)
-    i, j = 0, sum(len(q.num) for q in queries)
-    for t, q in enumerate(queries):
-        r = len(q.num)
-        part = prod[:, i:i + r]
-        i += r
-        if q.den is not None:
-            part = np.clip(part / np.sqrt(np.maximum(prod[:, j:j + r], 1e-12)), -1.0, 1.0)
-            j += r
-        out[:, t] = part @ q.coef.astype(np.float32)
-    return out
+SCORE_ROWS = 512  # rows scored at once: their float64 copy (8.5 MB at 2,080 floats a row) stays in cache
 
+
+def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray:
+    """(m, D) stored embeddings x T queries -> (m, T) scores: one matrix product, then per-row ratios.
+
+    Computed in float64 and rounded to float32. A float32 product rounds a row's score differently by
+    the row's place in the matrix and by the other queries beside it, so the order of close or identical
+    rows depended on the table's sharding and on which tasks were selected together; rounding the
+    float64 result leaves a row's score a function of the row and its query alone, but for a float64
+    error that lands on a float32 rounding boundary (about 1e-9 of the time).
+    """
+    rows = [q.num for q in queries] + [q.den for q in queries if q.den is not None]
+    w = np.concatenate(rows).astype(np.float64).T
+    n_num = sum(len(q.num) for q in queries)
+    out = np.empty((embeddings.shape[0], len(queries)), np.float32)
+    for start in range(0, embeddings.shape[0], SCORE_ROWS):
+        prod = embeddings[start:start + SCORE_ROWS].astype(np.float64) @ w
+        i, j = 0, n_num
+        for t, q in enumerate(queries):
+            r = len(q.num)
+            part = prod[:, i:i + r]
+            i += r
+            if q.den is not None:
+                part = np.clip(part / np.sqrt(np.maximum(prod[:, j:j + r], 1e-12)), -1.0, 1.0)
+                j += r
+            out[start:start + SCORE_ROWS, t] = part @ q.coef.astype(np.float64)
+    return out

@@ -106,3 +106,30 @@ def test_mean_rank_counts_ties_half_and_the_best_row_scores_one():
     assert r.tolist() == pytest.approx([(2 + 2.5) / 8, (3.5 + 2.5) / 8, (3.5 + 1) / 8, (1 + 4) / 8])
     best = np.array([[3.0, 10.0]])
     assert mean_rank(best, [swept[0], best])[0] == 1.0
+
+
+def test_scores_do_not_depend_on_sharding_or_the_other_tasks_and_twins_tie():
+    """A float32 product rounded a row's score by its place in the matrix and by the queries beside it:
+    the order of close rows, and of one checkpoint under two ids, changed with the table's sharding and
+    with which tasks were selected together (found by a review, session 26)."""
+    rng = np.random.default_rng(3)
+    n, width = 400, 300
+    emb = rng.normal(size=(n, width)).astype(np.float32)
+    emb[[17, 311]] = emb[250]  # three ids, one checkpoint
+    ids = [f"m{i:04d}" for i in range(n)]
+    tab = EmbeddingTable("std-x", pa.table({"model_id": ids, "is_baseline": [False] * n}), emb)
+    w = rng.normal(size=(6, width))
+    w[:2] = emb[250] + 0.1 * w[:2]  # the twins at the top of the first task
+    queries = [RankQuery(tuple(linear_queries(w[:2]))), *linear_queries(w[2:])]
+
+    def listed(rankings):
+        return [[(r.model_id, r.score, r.parts) for r in ranked] for ranked in rankings]
+
+    whole = listed(sweep(tab, queries, n))
+    for cuts in ([37, 200, 201], [1, 399], list(range(50, 400, 50))):
+        shards = [EmbeddingTable("std-x", tab.meta.slice(a, b - a), emb[a:b]) for a, b in zip([0, *cuts], [*cuts, n])]
+        assert listed(sweep_shards(shards, queries, n)) == whole
+    assert [listed(sweep(tab, [q], n))[0] for q in queries] == whole
+    top = [r for r in whole[0] if r[0] in ("m0017", "m0250", "m0311")]
+    assert [r[0] for r in top] == ["m0017", "m0250", "m0311"] and len({r[1:] for r in top}) == 1
+    assert [r[0] for r in whole[0][:3]] == ["m0017", "m0250", "m0311"]
