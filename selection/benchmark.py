@@ -439,10 +439,11 @@ def ensure_standard(config: Any, store: Any) -> Any:
 
 def load_tasks(plan: QualityPlan) -> list[Any]:
     from selection.data import load_dataset
+    from selection.select import prepare_task
 
     out = []
     for t in plan.tasks:
-        ds = load_dataset(t.spec, plan.task_image_size).validate_task(2)
+        ds = prepare_task(load_dataset(t.spec, plan.task_image_size))
         out.append(dataclasses.replace(ds, name=t.name))
     return out
 

@@ -15,6 +15,7 @@ labels. A *dataset spec* string names one:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -71,6 +72,19 @@ class ImageSet:
 
     def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSet":
         return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
+    def without_repeats(self) -> tuple["ImageSet", int]:
+        """This set without the later copies of an image under the same label (same pixels after resizing),
+        and how many were dropped."""
+        seen: set[tuple[bytes, int]] = set()
+        keep = []
+        for i in range(len(self)):
+            key = (hashlib.blake2b(self.images[i].tobytes(), digest_size=16).digest(), int(self.labels[i]))
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        dropped = len(self) - len(keep)
+        return (self.subset(np.array(keep, np.int64)) if dropped else self), dropped
 
     def validate_task(self, min_per_class: int = 2) -> "ImageSet":
         """Raise DataError unless this is usable as a classification task."""

@@ -170,8 +170,18 @@ def warn_task_image_size(config: SelectConfig, std: Standard) -> None:
 
 def load_task(spec: str, config: SelectConfig, std: Standard | None = None) -> ImageSet:
     """A task dataset, resized to `task_image_size(config, std)`, checked to be a classification task."""
-    min_per_class = 2  # one image of each class on each side of the split
-    return load_dataset(spec, task_image_size(config, std)).validate_task(min_per_class)
+    return prepare_task(load_dataset(spec, task_image_size(config, std)))
+
+
+def prepare_task(task: ImageSet) -> ImageSet:
+    """`task` without repeated images (logged), checked to be a classification task. A copy of an image
+    under the same label adds nothing, and lets a model with as many features as images fit the labels
+    exactly: LogME's evidence then grows without bound, and a copy on both sides of a split leaks."""
+    task, dropped = task.without_repeats()
+    if dropped:
+        log.warning("task %s: %d repeated image(s) dropped (the same pixels under the same label)", task.name,
+                    dropped)
+    return task.validate_task(2)  # one image of each class on each side of the split
 
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,
@@ -526,7 +536,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
     warn_task_image_size(config, std)
     size = task_image_size(config, std)
-    tasks = [dataclasses.replace(t, images=resize_images(t.images, size)).validate_task(2)
+    tasks = [prepare_task(dataclasses.replace(t, images=resize_images(t.images, size)))
              if isinstance(t, ImageSet) else load_task(os.fspath(t), config, std) for t in tasks]
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]

@@ -171,6 +171,25 @@ def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
     assert "1 image(s) outside the class folders are left out (e.g. 'stray.png')" in caplog.text
 
 
+def test_a_task_loses_its_repeated_images_with_a_warning(tmp_path, caplog):
+    """A copy of an image under the same label let a model with as many features as images fit the labels
+    exactly: LogME's evidence grew without bound and a weak wide model won verification (a review,
+    session 26). Copies are dropped when a task is loaded; the same pixels under two labels stay."""
+    from selection.select import SelectConfig, load_task, prepare_task
+
+    root = tmp_path / "task"
+    for rel, color in (("cat/a.png", (255, 0, 0)), ("cat/a-copy.png", (255, 0, 0)), ("cat/b.png", (200, 0, 0)),
+                       ("dog/c.png", (0, 0, 255)), ("dog/d.png", (0, 0, 200)), ("dog/e.png", (255, 0, 0))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(color))
+    with caplog.at_level(logging.WARNING, logger="selection.select"):
+        task = load_task(str(root), SelectConfig(task_image_size=16))
+    assert len(task) == 5 and list(task.labels) == [0, 0, 1, 1, 1]
+    assert "1 repeated image(s) dropped (the same pixels under the same label)" in caplog.text
+    same = ImageSet(task.images, task.labels, task.classes, "t")
+    assert prepare_task(same) is same  # nothing repeated: the set itself
+
+
 @pytest.mark.parametrize("spec,match", [
     ("builtin:fashion-mnist?classes=5", "only one class"),
     ("builtin:fashion-mnist?classes=5,42", r"out of range"),
