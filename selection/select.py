@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import json
 import logging
 import operator
@@ -62,9 +63,11 @@ class Constraint:
                               f"(known: {', '.join(NUMERIC_FIELDS + TEXT_FIELDS)})")
         if name in NUMERIC_FIELDS:
             try:
-                float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"constraint {text!r}: {value!r} is not a number") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"constraint {text!r}: {value!r} is not a finite number")
         elif op not in ("=", "==", "!="):
             raise ConfigError(f"constraint {text!r}: text fields take only = or !=")
         return cls(name, op, value)
@@ -73,8 +76,8 @@ class Constraint:
         name = "num_params" if self.field == "params" else self.field
         if name in NUMERIC_FIELDS:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
-            with np.errstate(invalid="ignore"):
-                return np.asarray(_OPS[self.op](col, float(self.value)), bool)
+            with np.errstate(invalid="ignore"):  # an unknown value (null, NaN GFLOPs) passes no constraint
+                return np.asarray(_OPS[self.op](col, float(self.value)), bool) & ~np.isnan(col)
         if name in ("tag", "tags"):
             has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
             return has if self.op != "!=" else ~has

@@ -133,3 +133,12 @@ def test_scores_do_not_depend_on_sharding_or_the_other_tasks_and_twins_tie():
     top = [r for r in whole[0] if r[0] in ("m0017", "m0250", "m0311")]
     assert [r[0] for r in top] == ["m0017", "m0250", "m0311"] and len({r[1:] for r in top}) == 1
     assert [r[0] for r in whole[0][:3]] == ["m0017", "m0250", "m0311"]
+
+
+def test_a_model_whose_value_is_unknown_passes_no_numeric_constraint():
+    """`gflops!=1` kept the models whose GFLOPs were not counted (NaN or null), `gflops<1` and `gflops>=1`
+    dropped them (found by a review, session 26)."""
+    meta = pa.table({"model_id": ["a", "b", "c", "d"], "gflops": [0.5, 1.0, float("nan"), None]})
+    masks = {w: Constraint.parse(w).mask(meta).tolist() for w in ("gflops!=1", "gflops<1", "gflops>=1", "gflops=1")}
+    assert masks == {"gflops!=1": [True, False, False, False], "gflops<1": [True, False, False, False],
+                     "gflops>=1": [False, True, False, False], "gflops=1": [False, True, False, False]}

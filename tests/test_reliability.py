@@ -1013,6 +1013,8 @@ def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, em
     (["--where", "params"], "constraint must look like 'params<=5e6' or 'tag=x', got 'params'"),
     (["--where", "params<=lots"], "constraint 'params<=lots': 'lots' is not a number"),
     (["--where", "colour=red"], "unknown constraint field 'colour'"),
+    (["--where", "params<=nan"], "constraint 'params<=nan': 'nan' is not a finite number"),  # dropped every model
+    (["--where", "gflops>-inf"], "constraint 'gflops>-inf': '-inf' is not a finite number"),
     (["--top-k", "0"], "top_k must be >= 1, got 0"),
     (["--task", "builtin:digits"], "the same task is given twice"),
 ])
