@@ -123,13 +123,16 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
     if s2.size == 0:
         return np.zeros((k, y.shape[1])), my, float("inf")
     best = (np.inf, None)
-    resid_out = (yc ** 2).sum() - (uty ** 2).sum()  # part of y outside span(u)
+    # The part of y outside span(u): none when x spans every centred direction (rank n - 1); |y|^2 - |u'y|^2
+    # was then +-1e-15, and with the affine count's n - 1 - dof cancelling to ~1e-6 at the weakest ridges,
+    # GCV was noise over noise there: the order of a task's rows chose the strength (a review, session 26).
+    resid_out = 0.0 if s2.size >= n - 1 else max(float((yc ** 2).sum() - (uty ** 2).sum()), 0.0)
     for rel in grid:
         alpha = rel * ref
         shrink = s2 / (s2 + alpha)
         resid = resid_out + (((1 - shrink)[:, None] * uty) ** 2).sum()
-        dof = shrink.sum()
-        score = resid / max(n_free - dof, 1e-9) ** 2
+        free = (n_free - s2.size) + (alpha / (s2 + alpha)).sum()  # n_free - dof, without the cancellation
+        score = resid / max(free, 1e-9) ** 2
         if score < best[0]:
             best = (score, alpha)
     alpha = float(best[1])

@@ -317,3 +317,21 @@ def test_linear_query_pads_the_full_form_on_a_per_source_table(rng):
     assert np.allclose(q.num[0, :6], task_weights(g, "full"))
     with pytest.raises(ValueError, match="source weights"):
         task_query(g, "per-source")
+
+
+def test_the_ridge_strength_does_not_depend_on_the_order_of_the_rows():
+    """With no more images than dimensions the part of y outside x's span is 0, but was computed as
+    +-1e-15, and the affine count's n - 1 - dof cancelled: GCV was noise over noise at the weakest
+    ridges, and shuffling a task's rows changed the strength chosen (a review, session 26)."""
+    from selection.embedding import ridge_gcv
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n, c = int(rng.integers(4, 60)), int(rng.integers(2, 6))
+        y = np.arange(n) % c
+        z = rng.normal(size=(n, 64)) + 0.7 * rng.normal(size=(c, 64))[y]
+        onehot = (y[:, None] == np.arange(c)).astype(float)
+        p = rng.permutation(n)
+        for gcv in ("affine", "slopes"):
+            # the same grid step (the strengths' scale, x's mean s^2, moves by rounding only)
+            assert ridge_gcv(z, onehot, gcv=gcv)[2] == pytest.approx(ridge_gcv(z[p], onehot[p], gcv=gcv)[2], rel=1e-9)
