@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Sequence
 
 from jobs.common import add_store_args, check_output, open_store, prog, run_main
 from selection.errors import ConfigError
@@ -33,6 +33,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ls_line(row: dict[str, Any]) -> str:
+    """One model of `ls`; a null field (the schema allows it for all but the id) shows as '-'."""
+    def num(value: float | None, fmt: str, suffix: str, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:{fmt}}{suffix}"
+
+    params = None if row["num_params"] is None else row["num_params"] / 1e6
+    return (f"{row['model_id']:<40} {row['arch'] or '-':<24} {num(params, '>6.1f', 'M', 7)} "
+            f"{num(row['gflops'], '>7.2f', ' GF', 10)} {num(row['input_size'], '>4', 'px', 6)} "
+            f"{(row['weights_sha256'] or '-')[:12]:<12} {row['compute'] or '-':<17}"
+            f"{'  (standard baseline)' if row['is_baseline'] else ''}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "compact" and args.segment_rows < 1:
@@ -52,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = read_consistently(store, std, lambda listing: [  # the metadata only, never the vectors
             row for shard in iter_shards(store, std, listing, columns=cols) for row in shard.meta.to_pylist()])
         for row in rows:
-            print(f"{row['model_id']:<40} {row['arch']:<24} {row['num_params'] / 1e6:>6.1f}M "
-                  f"{row['gflops']:>7.2f} GF {row['input_size']:>4}px {row['weights_sha256'][:12]} "
-                  f"{row['compute'] or '-':<17}"
-                  f"{'  (standard baseline)' if row['is_baseline'] else ''}")
+            print(_ls_line(row))
         print(f"{len(rows)} models under standard {std.id}")
         return 0
     if args.command == "export":
@@ -67,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compacted {res.rows} rows into {res.segments_written} segment(s), removed "
               f"{res.objects_removed} objects in {res.seconds:.1f}s")
         return 0
-    missing = delete_rows(store, std, args.model_ids)
-    print(f"removed {len(args.model_ids) - len(missing)} model(s)"
+    model_ids = list(dict.fromkeys(args.model_ids))  # an id given twice is removed (and counted) once
+    missing = delete_rows(store, std, model_ids)
+    print(f"removed {len(model_ids) - len(missing)} model(s)"
           + (f"; not in the table: {missing}" if missing else ""))
     return 1 if missing else 0
 

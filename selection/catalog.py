@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from selection.errors import ConfigError
+from selection.keys import check_unicode
 
 WEIGHTS_SCHEMES = ("file://", "s3://", "hf-hub:", "timm:", "pypi:")
 _ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
@@ -38,6 +39,7 @@ class CatalogEntry:
             raise ConfigError(f"catalog entry id must be a non-empty string, got {self.id!r}")
         if len(self.id) > 1024 or any(ord(ch) < 32 for ch in self.id):
             raise ConfigError(f"catalog entry id {self.id[:80]!r} is too long or has control characters")
+        check_unicode(self.id)
         if not isinstance(self.arch, str) or not re.fullmatch(r"[A-Za-z0-9_.\-/:]+", self.arch or ""):
             raise ConfigError(f"model {self.id!r}: arch must be a timm architecture name, got {self.arch!r}")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):

@@ -46,8 +46,9 @@ def check_url(url: str) -> None:
 
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                   FileExistsError)
-# OSErrors of the local machine that waiting does not fix (a full or read-only disk, a quota).
-_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+# OSErrors that waiting does not fix: a full or read-only disk, a quota, an invalid request (s3fs
+# raises EINVAL for S3's InvalidRequest, InvalidArgument, PreconditionFailed, ...).
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.EINVAL}
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -74,19 +75,31 @@ _TRANSIENT = _transient_types()
 _PERMANENT_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                     "InvalidBucketName", "Forbidden")
 _TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway")
+                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway",
+                    "OperationAborted")  # HTTP 409, "try again": the one 4xx besides 408/429 that waiting fixes
 _HTTP_STATUS = re.compile(r"\b(?:status(?: code)?|HTTP)[ :=]*(\d{3})\b", re.IGNORECASE)
 
 
-def _error_code(exc: BaseException) -> str:
-    """The S3 error code (e.g. 'SlowDown') of a botocore ClientError anywhere in the chain."""
+def _response(exc: BaseException) -> dict:
+    """The response of a botocore ClientError anywhere in the chain ({} if none)."""
     seen: BaseException | None = exc
     while seen is not None:
         response = getattr(seen, "response", None)
         if isinstance(response, dict):
-            return str(response.get("Error", {}).get("Code", ""))
+            return response
         seen = seen.__cause__ or seen.__context__
-    return ""
+    return {}
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code (e.g. 'SlowDown') of a botocore ClientError anywhere in the chain."""
+    return str(_response(exc).get("Error", {}).get("Code", ""))
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError anywhere in the chain."""
+    status = _response(exc).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -98,6 +111,9 @@ def _is_transient(exc: BaseException) -> bool:
         return False
     if code in _TRANSIENT_CODES or any(c in text for c in _TRANSIENT_CODES):
         return True
+    http = _http_status(exc)  # a client error (InvalidRequest, QuotaExceeded, ...) is the same next time
+    if http is not None and 400 <= http < 500 and http not in (408, 429):
+        return False
     status = _HTTP_STATUS.search(text)
     if status:
         return status.group(1).startswith("5") or status.group(1) == "429"
@@ -184,7 +200,10 @@ class Store:
             self.root = os.path.abspath(os.path.expanduser(path))
             self.fs = fsspec.filesystem("file")
         elif scheme == "s3":
-            bucket_path = match.group(2).strip("/")
+            bucket_path = match.group(2).rstrip("/")
+            if bucket_path and "" in bucket_path.split("/"):
+                # s3://bucket//zoo: a write keeps the empty component in its key, a listing drops it
+                raise ConfigError(f"empty path component ('//') in store URL {url!r}")
             bucket = bucket_path.split("/")[0]
             if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
                 raise ConfigError(f"invalid S3 bucket name {bucket!r} in store URL {url!r}")
@@ -201,11 +220,14 @@ class Store:
                 client_kwargs["region_name"] = region
             import s3fs  # noqa: F401  (registers the protocol; fails clearly if missing)
 
+            # `retry` is the only retry layer: botocore (total_max_attempts=1) and s3fs (retries=1) try
+            # once per call, else their retries multiply ours (a hung endpoint: 90 requests, 45 min a call).
             self.fs = fsspec.filesystem(
                 "s3", endpoint_url=endpoint, client_kwargs=client_kwargs,
-                config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
+                config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
                                "connect_timeout": 5, "read_timeout": 30},
                 skip_instance_cache=True, use_listings_cache=False)
+            self.fs.retries = 1  # a class attribute of S3FileSystem, not a constructor argument
         else:
             self.root = match.group(2).rstrip("/")
             self.fs = fsspec.filesystem(scheme)
@@ -242,6 +264,9 @@ class Store:
         if _is_transient(exc):
             return StoreError(f"storage unreachable for {what} {where} after "
                               f"{self.retry.attempts} attempts: {type(exc).__name__}: {text}")
+        code, http = _error_code(exc), _http_status(exc)
+        if code and code not in text:  # s3fs's message drops it (e.g. "[Errno 22] Content-MD5 ... required")
+            text = f"{code}{f' (HTTP {http})' if http else ''}: {text}"
         return StoreError(f"storage error for {what} {where}: {type(exc).__name__}: {text}")
 
     def _full(self, rel: str) -> str:

@@ -6,10 +6,12 @@
     embeddings/<standard_id>/_compacting/<id>                   a compaction in progress
 
 Add writes one row object; remove deletes it and, once segments exist or a compaction
-runs, writes one deletion marker: both O(1) whatever the table's size (removing a model
+runs, writes one deletion marker (before the delete, so that a remove stopped between the two
+hides the model's older segment rows): both O(1) whatever the table's size (removing a model
 without a row object reads the segments' key column, to tell whether it is in the table).
 A row object overrides a marker and any segment row, a marker hides segment rows, a later
-segment overrides an earlier one. `compact` folds row objects and markers into segments,
+segment overrides an earlier one. A marker holds a token of its own: a compaction deletes only
+the markers it read, not one rewritten since. `compact` folds row objects and markers into segments,
 so reading 10^5-10^6 models lists a few segments instead of 10^6 objects (one compaction at a
 time: a second one refuses to start). Reading validates every object against the standard
 (id, schema version, width) and refuses to mix; a read that finds a listed object gone (removed
@@ -41,6 +43,7 @@ from selection.storage import Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STALE_LEASE_S = 6 * 3600  # a compaction lease older than this is one whose compaction crashed
+_ignored_leases: set[str] = set()  # stale leases already warned about (once per process, not per row)
 
 META_FIELDS = [
     pa.field("model_id", pa.string(), nullable=False),
@@ -125,8 +128,28 @@ def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
 
 
 def compaction_running(store: Store, standard_id: str) -> bool:
-    """Whether a compaction of the table holds its lease (a LIST of the leases)."""
-    return bool(store.list(f"{_base(standard_id)}/_compacting"))
+    """Whether a compaction of the table holds its lease (a LIST of the leases, and a read of each).
+
+    A lease older than STALE_LEASE_S is that of a compaction that crashed (the next compaction
+    deletes it): it is ignored, with a warning, as a compaction ignores it. A lease whose start
+    cannot be read as a time counts as running.
+    """
+    for path in store.list(f"{_base(standard_id)}/_compacting"):
+        try:
+            started = float(store.read_bytes(path).decode())
+        except ObjectGoneError:
+            continue  # it ended meanwhile
+        except ValueError:  # not a lease this version wrote
+            return True
+        if time.time() - started <= STALE_LEASE_S:
+            return True
+        if f"{store.url}/{path}" not in _ignored_leases:
+            _ignored_leases.add(f"{store.url}/{path}")
+            log.warning("ignoring the lease of a compaction that started %s and never ended: %s/%s "
+                        "(older than %d h; the next compaction deletes it)",
+                        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), store.url, path,
+                        STALE_LEASE_S // 3600)
+    return False
 
 
 def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s: float = 600.0,
@@ -159,38 +182,70 @@ def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s:
     return restored
 
 
+def write_marker(store: Store, standard_id: str, model_id: str) -> None:
+    """Write the deletion marker of a model: its id and a token of its own, so that a compaction
+    tells the marker it read from one written since (same path, other bytes)."""
+    store.write_bytes(marker_path(standard_id, model_id),
+                      json.dumps({"model_id": model_id, "token": uuid.uuid4().hex}).encode())
+
+
 def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
     """Remove models; return those that were not in the table (nothing done for them).
 
     A model is in the table if it has a row object, or a segment row and no marker.
     Its row object is deleted and, if a compaction is running (which may have read the object
-    already) or segments exist, a marker written that hides its segment rows. The lease is looked
-    at before the segments: a compaction writes its lease before it lists the table and deletes
-    it only after writing its segments, so a compaction that read the row is seen by one or the
-    other.
+    already) or segments exist, a marker written that hides its segment rows:
+    - segments or a compaction seen first: the marker is written before the delete (a remove
+      stopped in between leaves the row object, which overrides the marker, never an older segment
+      row), and again after it with a new token (a compaction that read the row in between and the
+      first marker deletes only the marker it read);
+    - neither: the row object is deleted, then the lease and the segments looked at again. The
+      lease is looked at before the segments: a compaction writes its lease before it lists the
+      table and deletes it only after writing its segments, so a compaction that read the row is
+      seen by one or the other.
     The segments' keys are read at most once, and only for ids without a row object.
     """
     segment_keys: set[str] | None = None
     missing = []
-    for mid in model_ids:
-        row, marker = row_path(std.id, mid), marker_path(std.id, mid)
-        if store.delete(row):  # delete first, then look: a compaction listed before sees the marker
-            if compaction_running(store, std.id) or list_segments(store, std.id):
-                store.write_bytes(marker, mid.encode())
+    for mid in dict.fromkeys(model_ids):  # an id given twice is removed once
+        row = row_path(std.id, mid)
+        if store.exists(row):
+            hide = compaction_running(store, std.id) or bool(list_segments(store, std.id))
+            if hide:
+                write_marker(store, std.id, mid)
+            store.delete(row)
+            if hide or compaction_running(store, std.id) or list_segments(store, std.id):
+                write_marker(store, std.id, mid)
             continue
         if segment_keys is None:
-            segment_keys = set()
-            for seg in list_segments(store, std.id):
-                keys = store.read_table_columns(seg, ["model_key"])
-                if "model_key" not in keys.column_names:
-                    raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
-                                                f"(no 'model_key' column)")
-                segment_keys.update(keys.column("model_key").to_pylist())
-        if _key_of(row) in segment_keys and not store.exists(marker):
-            store.write_bytes(marker, mid.encode())
+            segment_keys = _segment_keys(store, std)
+        if _key_of(row) in segment_keys and not store.exists(marker_path(std.id, mid)):
+            write_marker(store, std.id, mid)
         else:
             missing.append(mid)
     return missing
+
+
+def _segment_keys(store: Store, std: Standard, attempts: int = 3) -> set[str]:
+    """The model keys of every segment. A listed segment that is gone when read (a compaction
+    replaced it) means the listing is out of date: list again, up to `attempts` times (a compaction
+    writes its segments before it deletes the old ones, so a later listing holds every key)."""
+    for attempt in range(1, attempts + 1):
+        keys: set[str] = set()
+        try:
+            for seg in list_segments(store, std.id):
+                t = store.read_table_columns(seg, ["model_key"])
+                if "model_key" not in t.column_names:
+                    raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
+                                                f"(no 'model_key' column)")
+                keys.update(t.column("model_key").to_pylist())
+            return keys
+        except ObjectGoneError as exc:
+            if attempt == attempts:
+                raise StoreError(f"the segments of standard {std.id} changed during each of {attempts} "
+                                 f"reads ({exc}); try again") from exc
+            log.info("the segments of %s changed while they were read (%s); listing them again", std.id, exc)
+    raise AssertionError("unreachable")
 
 
 def delete_row(store: Store, std: Standard, model_id: str) -> bool:
@@ -498,9 +553,28 @@ def _other_leases(store: Store, leases: str, keep: str, remove: bool = False) ->
     return running
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _delete_if_unchanged(store: Store, path: str, digest: str | None) -> bool:
+    """Delete `path` if it still holds the bytes of `digest` (re-read and compared first); False if
+    it is gone or holds other bytes."""
+    try:
+        data = store.read_bytes(path)
+    except ObjectGoneError:
+        return False
+    return _digest(data) == digest and store.delete(path)
+
+
 def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:
     listing = list_table(store, std)
-    digests: dict[str, str] = {}  # of the row objects as read: one rewritten meanwhile is not deleted
+    # Of the objects as read: one rewritten meanwhile is not deleted. The markers are read before any
+    # row object: a remove that rewrites one after this compaction read its row is kept.
+    digests: dict[str, str] = {}
+    if listing.markers:
+        read = store.read_many(listing.markers, missing_ok=True)
+        digests = {p: _digest(data) for p, data in zip(listing.markers, read) if data is not None}
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     written = rows = 0
 
@@ -514,7 +588,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     pending = schema_for(std).empty_table()
     # A row object removed since the listing is left out: its remove saw the lease and wrote a marker.
     for shard in iter_shards(store, std, listing, skip_gone=True,
-                             on_row_bytes=lambda p, data: digests.update({p: hashlib.sha256(data).hexdigest()})):
+                             on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
         rows += len(shard)
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
         while pending.num_rows >= segment_rows:
@@ -528,15 +602,18 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     # Old segments, then markers, then row objects: stopped at any point (a crash, a reader in
     # between), the table is the same. Rows first would let an old marker hide a re-added model.
     removed = 0
-    for p in listing.segments + listing.markers:
+    for p in listing.segments:
         removed += store.delete(p)
+    # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
+    # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
+    # could hide a re-added model's row in the new segment).
+    for p in listing.markers:
+        removed += _delete_if_unchanged(store, p, digests.get(p))
     for p in listing.rows:
         try:
-            unchanged = hashlib.sha256(store.read_bytes(p)).hexdigest() == digests.get(p)
+            removed += _delete_if_unchanged(store, p, digests.get(p))
         except StoreError:
-            continue
-        if unchanged:
-            removed += store.delete(p)
+            continue  # kept: the row object overrides the segment
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, written, removed)
     return CompactResult(written, rows, removed, time.perf_counter() - t0)
 

@@ -1,0 +1,364 @@
+"""Removes racing compactions, removes stopped half-way, and the storage faults and inputs around
+them: each test here failed before its fix (review of the storage and table code)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import selection
+from selection.errors import ConfigError, StoreError
+from selection.keys import model_key
+from selection.storage import RetryPolicy, Store, _is_transient
+from selection.table import (STALE_LEASE_S, compact, compaction_running, delete_row, delete_rows, list_markers,
+                             list_rows, list_segments, load_table, restore_rows, row_object, write_row)
+
+pytest_plugins = ["tests.s3_fixtures"]
+
+
+def _row(std, model_id: str, value: float = 1.0, **fields) -> dict:
+    row = {"model_id": model_id, "model_key": model_key(model_id), "arch": "resnet10t",
+           "is_baseline": False, "num_params": 1_000_000, "gflops": 1.0, "input_size": 32,
+           "weights_sha256": "0" * 64, "standard_id": std.id, "schema_version": selection.SCHEMA_VERSION,
+           "embedding": np.full(std.width, value, np.float32), "coverage": np.zeros(std.d, np.float32)}
+    row.update(fields)
+    return row
+
+
+def _served(store: Store, std, model_id: str) -> float | None:
+    """The first embedding value the table serves for `model_id` (None: not in the table)."""
+    t = load_table(store, std)
+    return float(t.embeddings[t.model_ids.index(model_id)][0]) if model_id in t.model_ids else None
+
+
+def _removed_again_during_compaction(store: Store, std) -> None:
+    """zoo/m is compacted (value 1), removed (a marker), re-added (value 2: its row object overrides
+    the marker, which stays), then removed again while a compaction runs, right after that
+    compaction has written a segment holding the re-added row."""
+    write_row(store, std, _row(std, "zoo/m", 1.0))
+    write_row(store, std, _row(std, "zoo/x"))
+    compact(store, std)
+    assert delete_row(store, std, "zoo/m")
+    write_row(store, std, _row(std, "zoo/m", 2.0))
+    assert _served(store, std, "zoo/m") == 2.0 and len(list_markers(store, std.id)) == 1
+    real_write_table, removed = store.write_table, []
+
+    def remove_after_the_segment(rel, table):
+        real_write_table(rel, table)
+        if "/segments/" in rel and not removed:
+            removed.append(delete_row(store, std, "zoo/m"))
+
+    store.write_table = remove_after_the_segment
+    try:
+        compact(store, std)
+    finally:
+        store.write_table = real_write_table
+    assert removed == [True]
+
+
+def test_a_marker_rewritten_during_a_compaction_is_not_deleted_by_it(published):
+    """Item 1: the compaction deleted every marker it listed; the second remove had rewritten the
+    same path, so its marker went and the segment brought the model back."""
+    store, std = published
+    _removed_again_during_compaction(store, std)
+    assert load_table(store, std).model_ids == ["zoo/x"]
+    assert len(list_markers(store, std.id)) == 1 and list_rows(store, std.id) == []
+    marker = json.loads(store.read_bytes(list_markers(store, std.id)[0]))
+    assert marker["model_id"] == "zoo/m" and len(marker["token"]) == 32
+    compact(store, std)  # a later compaction folds the marker in: still removed, nothing left over
+    assert load_table(store, std).model_ids == ["zoo/x"] and list_markers(store, std.id) == []
+
+
+def test_a_marker_the_compaction_cannot_read_again_stops_it_before_the_rows(published, monkeypatch):
+    """The marker check of item 1 reads each marker again: a read that fails (not a marker that is
+    gone) must stop the compaction before it deletes row objects, or the old marker of a re-added
+    model would hide the row the new segment holds."""
+    from selection.table import marker_path
+
+    store, std = published
+    write_row(store, std, _row(std, "zoo/m", 1.0))
+    compact(store, std)
+    delete_row(store, std, "zoo/m")
+    write_row(store, std, _row(std, "zoo/m", 2.0))  # re-added: the old marker stays
+    real_read, reads = store.read_bytes, []
+
+    def fails_the_second_time(rel):
+        if rel == marker_path(std.id, "zoo/m"):
+            reads.append(rel)
+            if len(reads) == 2:  # the check before the delete
+                raise StoreError("storage unreachable (simulated)")
+        return real_read(rel)
+
+    monkeypatch.setattr(store, "read_bytes", fails_the_second_time)
+    with pytest.raises(StoreError, match="simulated"):
+        compact(store, std)
+    monkeypatch.undo()
+    assert _served(store, std, "zoo/m") == 2.0
+    compact(store, std)
+    assert _served(store, std, "zoo/m") == 2.0 and list_markers(store, std.id) == [] and list_rows(store, std.id) == []
+
+
+class _Killed(BaseException):
+    """The process killed (not an Exception: nothing may catch it)."""
+
+
+@pytest.mark.parametrize("stopped_before", [1, 2, 3, None])
+def test_a_remove_stopped_between_its_writes_never_serves_an_older_row(published, monkeypatch, stopped_before):
+    """Item 2: a compacted model re-embedded since (its row object, value 2, overrides its segment
+    row, value 1) is removed, and the remove is killed before its n-th write or delete. The row
+    object used to go first: killed before the marker, the table served the old segment row."""
+    store, std = published
+    write_row(store, std, _row(std, "zoo/m", 1.0))
+    write_row(store, std, _row(std, "zoo/x"))
+    compact(store, std)
+    write_row(store, std, _row(std, "zoo/m", 2.0))
+    assert _served(store, std, "zoo/m") == 2.0
+    changes = []
+
+    def counted(real):
+        def call(rel, *args):
+            changes.append(rel)
+            if len(changes) == stopped_before:
+                raise _Killed(rel)
+            return real(rel, *args)
+        return call
+
+    monkeypatch.setattr(store, "write_bytes", counted(store.write_bytes))
+    monkeypatch.setattr(store, "delete", counted(store.delete))
+    if stopped_before is None:
+        assert delete_rows(store, std, ["zoo/m"]) == []
+    else:
+        with pytest.raises(_Killed):
+            delete_rows(store, std, ["zoo/m"])
+    monkeypatch.undo()
+    assert _served(store, std, "zoo/m") in (2.0, None)  # the new row, or removed: never the old one
+    if stopped_before is None:
+        assert _served(store, std, "zoo/m") is None
+    compact(store, std)  # and a compaction keeps what was served
+    assert _served(store, std, "zoo/m") in (2.0, None)
+
+
+def test_a_remove_lists_the_segments_again_when_a_compaction_replaced_them(published, caplog):
+    """Item 3: a model without a row object is looked up in the segments; a compaction that ends
+    between the remove's listing and its read deleted the listed segment: ObjectGoneError."""
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        write_row(store, std, _row(std, mid))
+    compact(store, std)
+    write_row(store, std, _row(std, "zoo/d"))
+    real_read = store.read_table_columns
+    compacted = []
+
+    def compacted_first(rel, columns):
+        if not compacted:
+            store.read_table_columns = real_read
+            compacted.append(compact(store, std))  # replaces the segment just listed
+            store.read_table_columns = compacted_first
+        return real_read(rel, columns)
+
+    store.read_table_columns = compacted_first
+    caplog.set_level(logging.INFO, logger="selection.table")
+    try:
+        assert delete_rows(store, std, ["zoo/a"]) == []
+    finally:
+        store.read_table_columns = real_read
+    assert compacted[0].rows == 4
+    assert any("changed while they were read" in m for m in caplog.messages)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/b", "zoo/c", "zoo/d"]
+
+    def always_gone(rel, columns):
+        from selection.errors import ObjectGoneError
+        raise ObjectGoneError(f"no object at {store.url}/{rel}")
+
+    store.read_table_columns = always_gone
+    with pytest.raises(StoreError, match=f"the segments of standard {std.id} changed during each of 3 reads "
+                                         r"\(no object at .*/segments/seg-.*\.parquet\); try again"):
+        delete_rows(store, std, ["zoo/b"])
+
+
+@pytest.mark.parametrize("url", ["s3://zs-bucket//zoo", "s3://zs-bucket/zoo//x", "s3:///zs-bucket/zoo"])
+def test_an_s3_store_url_with_an_empty_path_component_is_refused(url):
+    """Item 4: S3 keeps the empty component in a written key, listings drop it: every row written
+    under `s3://bucket//zoo` was invisible to reads."""
+    with pytest.raises(ConfigError, match=f"^empty path component \\('//'\\) in store URL '{url}'$"):
+        Store(url, s3_endpoint="http://127.0.0.1:9")
+    assert Store("s3://zs-bucket/zoo/", s3_endpoint="http://127.0.0.1:9").root == "zs-bucket/zoo"
+    with pytest.raises(ConfigError, match="invalid S3 bucket name '' in store URL 's3://'"):
+        Store("s3://")
+
+
+def test_a_crashed_compactions_lease_does_not_hold_up_writers(published, caplog):
+    """Item 5: `compaction_running` counted any lease, so after a crashed compaction every embed job
+    flagged its rows and waited --compaction-wait (600 s) for a compaction that never ends."""
+    store, std = published
+    leases = f"embeddings/{std.id}/_compacting"
+    store.write_bytes(f"{leases}/crashed", str(time.time() - STALE_LEASE_S - 60).encode())
+    path, data = row_object(std, _row(std, "zoo/new"))
+    store.write_bytes(path, data)
+    caplog.set_level(logging.WARNING, logger="selection.table")
+    assert not compaction_running(store, std.id)
+    assert not compaction_running(store, std.id)
+    warned = [m for m in caplog.messages if "ignoring the lease of a compaction" in m]
+    assert len(warned) == 1 and warned[0].endswith(f"{leases}/crashed (older than 6 h; the next compaction deletes it)")
+    t0 = time.monotonic()
+    assert restore_rows(store, std, {"zoo/new": data}, wait_s=0.0) == []  # no wait: its object is there
+    assert time.monotonic() - t0 < 5
+    store.write_bytes(f"{leases}/running", str(time.time() - 60).encode())
+    assert compaction_running(store, std.id)  # a fresh lease still counts
+    store.delete(f"{leases}/running")
+    store.write_bytes(f"{leases}/other", b"not a time")
+    assert compaction_running(store, std.id)  # so does one this version cannot read
+
+
+def test_ls_shows_a_dash_for_null_fields(published, capsys):
+    """Item 6: the schema allows null metadata; `ls` crashed on it with a TypeError traceback."""
+    from jobs import table as table_job
+
+    store, std = published
+    write_row(store, std, _row(std, "zoo/a"))
+    write_row(store, std, _row(std, "zoo/b", num_params=None, gflops=None, input_size=None, arch=None,
+                               weights_sha256=None))
+    assert table_job.main(["ls", "--store", store.url]) == 0
+    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("zoo/")}
+    assert lines["zoo/a"][1:7] == ["resnet10t", "1.0M", "1.00", "GF", "32px", "0" * 12]
+    assert lines["zoo/b"][1:7] == ["-", "-", "-", "-", "-", "-"]
+
+
+def test_remove_of_an_id_given_twice_removes_it_once_and_says_so(published, capsys):
+    """Item 7: the second copy found nothing and the job said the model was not in the table, exit 1."""
+    from jobs import table as table_job
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        write_row(store, std, _row(std, mid))
+    assert table_job.main(["remove", "--store", store.url, "zoo/a", "zoo/a"]) == 0
+    assert capsys.readouterr().out.strip() == "removed 1 model(s)"
+    assert delete_rows(store, std, ["zoo/b", "zoo/b"]) == []
+    assert load_table(store, std).model_ids == ["zoo/c"]
+
+
+def test_a_model_id_that_is_not_unicode_text_is_a_config_error(published, tmp_path):
+    """Item 8: a lone surrogate (non-UTF-8 bytes in argv, "\\udcff" in JSON) was a UnicodeEncodeError
+    traceback out of model_key."""
+    from jobs import table as table_job
+    from selection.catalog import CatalogEntry, load_catalog
+
+    bad = "zoo/\udcff"
+    message = (r"^model id 'zoo/\\udcff' is not valid Unicode text \(a lone surrogate, "
+               r"e\.g\. from bytes that are not UTF-8\)$")
+    with pytest.raises(ConfigError, match=message):
+        model_key(bad)
+    with pytest.raises(ConfigError, match=message):
+        CatalogEntry(bad, "resnet10t")
+    catalog = tmp_path / "zoo.jsonl"
+    catalog.write_text('{"id": "zoo/\\udcff", "arch": "resnet10t"}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_catalog(str(catalog))
+    store, std = published
+    write_row(store, std, _row(std, "zoo/a"))
+    with pytest.raises(ConfigError, match=message):
+        table_job.main(["remove", "--store", store.url, "zoo/a", bad])
+    assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_a_hung_s3_endpoint_gets_one_request_per_attempt(monkeypatch):
+    """Item 9: an endpoint that accepts connections and never answers. Our retries, s3fs's (5) and
+    botocore's (max_attempts 2) multiplied: 15 requests per attempt, about 45 minutes a call."""
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept() -> None:  # hold each connection open, never answer
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        store = Store("s3://zs-bucket/zoo", s3_endpoint=f"http://127.0.0.1:{server.getsockname()[1]}",
+                      retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01))
+        assert store.fs.config_kwargs["read_timeout"] == 30 and store.fs.config_kwargs["connect_timeout"] == 5
+        store.fs.config_kwargs["read_timeout"] = 1  # before the client is made: 1 s, not 30 s, per request
+        with pytest.raises(StoreError, match=r"^storage unreachable for read s3://zs-bucket/zoo/a\.parquet after "
+                                             r"2 attempts: ReadTimeoutError"):
+            store.read_bytes("a.parquet")
+        assert len(held) == 2  # one request per attempt of our policy
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("code,status", [("InvalidRequest", 400), ("InvalidArgument", 400),
+                                         ("QuotaExceeded", 403), ("PreconditionFailed", 412)])
+def test_a_permanent_s3_client_error_is_reported_at_once(code, status, caplog):
+    """Item 10: HTTP 4xx client errors were retried 6 times and reported as 'storage unreachable'."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    store = Store("s3://zs-bucket/zoo", s3_endpoint="http://127.0.0.1:9")
+    calls = []
+
+    def pipe_file(path, data):  # as s3fs raises it: translated, the ClientError as its cause
+        calls.append(path)
+        raise translate_boto_error(ClientError({"Error": {"Code": code, "Message": "what the server said"},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+
+    store.fs.pipe_file = pipe_file
+    # the error code is in the message, whether or not s3fs's kept it
+    with pytest.raises(StoreError, match=f"^storage error for write s3://zs-bucket/zoo/a\\.parquet: OSError: "
+                                         f".*\\b{code}\\b.*what the server said$"):
+        store.write_bytes("a.parquet", b"x")
+    assert len(calls) == 1 and not [m for m in caplog.messages if "transient" in m]
+
+
+@pytest.mark.parametrize("code,status", [("SlowDown", 503), ("InternalError", 500), ("RequestTimeout", 400),
+                                         ("TooManyRequests", 429), ("RequestTimeout", 408),
+                                         ("OperationAborted", 409), ("ServiceUnavailable", 503)])
+def test_server_errors_throttling_and_timeouts_are_still_retried(code, status):
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    exc = translate_boto_error(ClientError({"Error": {"Code": code, "Message": "m"},
+                                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+    assert _is_transient(exc)
+
+
+@pytest.mark.integration
+def test_on_s3_a_model_removed_during_a_compaction_stays_removed(s3_store_url, tiny_standard):
+    """Items 1 and 9 on a real S3 server (SeaweedFS), with one retry layer: remove, re-add, remove
+    during a compaction; then a remove of a compacted model as another compaction replaces the segments."""
+    store, std = Store(s3_store_url), tiny_standard
+    _removed_again_during_compaction(store, std)
+    assert load_table(store, std).model_ids == ["zoo/x"] and len(list_markers(store, std.id)) == 1
+    write_row(store, std, _row(std, "zoo/y"))
+    real_read, compacted = store.read_table_columns, []
+
+    def compacted_first(rel, columns):
+        if not compacted:
+            compacted.append(True)
+            store.read_table_columns = real_read
+            compact(store, std)
+            store.read_table_columns = compacted_first
+        return real_read(rel, columns)
+
+    store.read_table_columns = compacted_first
+    try:
+        assert delete_rows(store, std, ["zoo/x"]) == []
+    finally:
+        store.read_table_columns = real_read
+    assert load_table(store, std).model_ids == ["zoo/y"] and len(list_segments(store, std.id)) == 1
