@@ -441,7 +441,7 @@ def linear_queries(weights: np.ndarray) -> list[TaskQuery]:
     return [TaskQuery(w[None, :], np.ones(1)) for w in np.asarray(weights)]
 
 
-SCORE_ROWS = 512  # rows scored at once: their float64 copy (8.5 MB at 2,080 floats a row) stays in cache
+SCORE_BYTES = 4 << 20  # the float64 copy of the rows multiplied at once: small enough to stay in cache
 
 
 def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray:
@@ -451,21 +451,24 @@ def query_scores(embeddings: np.ndarray, queries: list[TaskQuery]) -> np.ndarray
     the row's place in the matrix and by the other queries beside it, so the order of close or identical
     rows depended on the table's sharding and on which tasks were selected together; rounding the
     float64 result leaves a row's score a function of the row and its query alone, but for a float64
-    error that lands on a float32 rounding boundary (about 1e-9 of the time).
+    error that lands on a float32 rounding boundary (about 1e-9 of the time). The rows are converted
+    a few at a time (SCORE_BYTES), so the float64 copy stays in cache.
     """
     rows = [q.num for q in queries] + [q.den for q in queries if q.den is not None]
     w = np.concatenate(rows).astype(np.float64).T
-    n_num = sum(len(q.num) for q in queries)
-    out = np.empty((embeddings.shape[0], len(queries)), np.float32)
-    for start in range(0, embeddings.shape[0], SCORE_ROWS):
-        prod = embeddings[start:start + SCORE_ROWS].astype(np.float64) @ w
-        i, j = 0, n_num
-        for t, q in enumerate(queries):
-            r = len(q.num)
-            part = prod[:, i:i + r]
-            i += r
-            if q.den is not None:
-                part = np.clip(part / np.sqrt(np.maximum(prod[:, j:j + r], 1e-12)), -1.0, 1.0)
-                j += r
-            out[start:start + SCORE_ROWS, t] = part @ q.coef.astype(np.float64)
+    m = embeddings.shape[0]
+    prod = np.empty((m, w.shape[1]), np.float64)
+    step = max(1, SCORE_BYTES // (8 * max(1, embeddings.shape[1])))
+    for start in range(0, m, step):
+        np.matmul(embeddings[start:start + step].astype(np.float64), w, out=prod[start:start + step])
+    out = np.empty((m, len(queries)), np.float32)
+    i, j = 0, sum(len(q.num) for q in queries)
+    for t, q in enumerate(queries):
+        r = len(q.num)
+        part = prod[:, i:i + r]
+        i += r
+        if q.den is not None:
+            part = np.clip(part / np.sqrt(np.maximum(prod[:, j:j + r], 1e-12)), -1.0, 1.0)
+            j += r
+        out[:, t] = part @ q.coef.astype(np.float64)
     return out
