@@ -282,8 +282,11 @@ class Store:
     def check(self) -> None:
         """Fail with a one-line StoreError unless the store root is reachable and usable."""
         if self.scheme == "s3":
-            try:  # ls, not exists: s3fs's exists() turns every error into False
-                self._call("check", "", lambda: self.fs.ls(self.bucket, detail=False))
+            prefix = self.root[len(self.bucket):].strip("/")
+            try:  # one key listed under the store's prefix (not exists(): s3fs turns every error into False;
+                # not ls(bucket): that pages through the bucket's whole top level)
+                self._call("check", "", lambda: self.fs.call_s3(
+                    "list_objects_v2", Bucket=self.bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1))
             except FileNotFoundError as exc:
                 raise StoreError(f"bucket {self.bucket!r} does not exist "
                                  f"(store {self.url!r}, endpoint {self.endpoint or 'AWS default'})") from exc

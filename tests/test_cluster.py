@@ -535,6 +535,18 @@ def test_missing_bucket_is_a_store_error_naming_it(s3_env):
 
 
 @pytest.mark.integration
+def test_check_asks_for_one_key_under_the_store_not_the_buckets_listing(s3_env, s3_store_url):
+    """It listed the bucket's whole top level, page after page in a shared bucket (a review, session 26)."""
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    calls, real = [], store.fs.call_s3
+    store.fs.ls = lambda *a, **k: pytest.fail("check() listed the bucket")
+    store.fs.call_s3 = lambda method, **kw: calls.append((method, kw)) or real(method, **kw)
+    store.check()
+    prefix = s3_store_url.split("/", 3)[3]
+    assert calls == [("list_objects_v2", {"Bucket": store.bucket, "Prefix": f"{prefix}/", "MaxKeys": 1})]
+
+
+@pytest.mark.integration
 def test_write_to_missing_bucket_is_a_store_error(s3_env):
     bucket = f"zs-missing-{uuid.uuid4().hex[:10]}"
     store = Store(f"s3://{bucket}/zoo", retry=FAST_RETRY)
