@@ -227,25 +227,20 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
 
 
 def _segment_keys(store: Store, std: Standard, attempts: int = 3) -> set[str]:
-    """The model keys of every segment. A listed segment that is gone when read (a compaction
-    replaced it) means the listing is out of date: list again, up to `attempts` times (a compaction
-    writes its segments before it deletes the old ones, so a later listing holds every key)."""
-    for attempt in range(1, attempts + 1):
+    """The model keys of every segment, listed again if a listed segment is gone when read (a
+    compaction replaced it; it writes its segments before it deletes the old ones, so a later
+    listing holds every key)."""
+    def read() -> set[str]:
         keys: set[str] = set()
-        try:
-            for seg in list_segments(store, std.id):
-                t = store.read_table_columns(seg, ["model_key"])
-                if "model_key" not in t.column_names:
-                    raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
-                                                f"(no 'model_key' column)")
-                keys.update(t.column("model_key").to_pylist())
-            return keys
-        except ObjectGoneError as exc:
-            if attempt == attempts:
-                raise StoreError(f"the segments of standard {std.id} changed during each of {attempts} "
-                                 f"reads ({exc}); try again") from exc
-            log.info("the segments of %s changed while they were read (%s); listing them again", std.id, exc)
-    raise AssertionError("unreachable")
+        for seg in list_segments(store, std.id):
+            t = store.read_table_columns(seg, ["model_key"])
+            if "model_key" not in t.column_names:
+                raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
+                                            f"(no 'model_key' column)")
+            keys.update(t.column("model_key").to_pylist())
+        return keys
+
+    return _until_unchanged(f"the segments of standard {std.id}", read, attempts)
 
 
 def delete_row(store: Store, std: Standard, model_id: str) -> bool:
@@ -430,14 +425,18 @@ def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T],
     """`read(listing)` on a fresh listing of the table. A listed object that is gone when read (a
     remove, re-index or compaction deleted it meanwhile) means the listing is out of date: list
     again and read again, up to `attempts` times."""
+    return _until_unchanged(f"the table of standard {std.id}", lambda: read(list_table(store, std)), attempts)
+
+
+def _until_unchanged(what: str, read: Callable[[], T], attempts: int) -> T:
+    """`read()`, again while it finds an object it listed gone, up to `attempts` times; then a StoreError."""
     for attempt in range(1, attempts + 1):
         try:
-            return read(list_table(store, std))
+            return read()
         except ObjectGoneError as exc:
             if attempt == attempts:
-                raise StoreError(f"the table of standard {std.id} changed during each of {attempts} "
-                                 f"reads ({exc}); try again") from exc
-            log.info("the table of %s changed while it was read (%s); listing it again", std.id, exc)
+                raise StoreError(f"{what} changed during each of {attempts} reads ({exc}); try again") from exc
+            log.info("%s changed while it was read (%s); listing it again", what, exc)
     raise AssertionError("unreachable")
 
 

@@ -169,7 +169,7 @@ def test_a_remove_lists_the_segments_again_when_a_compaction_replaced_them(publi
     finally:
         store.read_table_columns = real_read
     assert compacted[0].rows == 4
-    assert any("changed while they were read" in m for m in caplog.messages)
+    assert any("changed while it was read" in m for m in caplog.messages)
     assert sorted(load_table(store, std).model_ids) == ["zoo/b", "zoo/c", "zoo/d"]
 
     def always_gone(rel, columns):
