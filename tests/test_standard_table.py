@@ -622,7 +622,7 @@ def test_compaction_clears_the_lease_of_a_crashed_one_and_waits_for_a_running_on
     store.write_bytes(running, str(time.time() - 60).encode())  # another compaction, still going
     _quick_row(store, std, "zoo/a")
     with pytest.raises(StoreError, match=f"another compaction of standard {std.id} is running "
-                                         f"\\(lease .*/running, started "):
+                                         f"\\(lease .*/running, last refreshed "):
         compact(store, std)
     assert store.list(leases) == [running] and list_segments(store, std.id) == []
     assert load_table(store, std).model_ids == ["zoo/a"]

@@ -205,7 +205,7 @@ def test_a_crashed_compactions_lease_does_not_hold_up_writers(published, caplog)
     assert not compaction_running(store, std.id)
     assert not compaction_running(store, std.id)
     warned = [m for m in caplog.messages if "ignoring the lease of a compaction" in m]
-    assert len(warned) == 1 and warned[0].endswith(f"{leases}/crashed (older than 6 h; the next compaction deletes it)")
+    assert len(warned) == 1 and warned[0].endswith(f"{leases}/crashed (not refreshed for 6 h; the next compaction deletes it)")
     t0 = time.monotonic()
     assert restore_rows(store, std, {"zoo/new": data}, wait_s=0.0) == []  # no wait: its object is there
     assert time.monotonic() - t0 < 5
@@ -362,3 +362,34 @@ def test_on_s3_a_model_removed_during_a_compaction_stays_removed(s3_store_url, t
     finally:
         store.read_table_columns = real_read
     assert load_table(store, std).model_ids == ["zoo/y"] and len(list_segments(store, std.id)) == 1
+
+
+def test_a_long_compaction_keeps_its_lease_fresh_and_never_writes_it_after_the_end(published, monkeypatch):
+    """A first compaction of 10^6 row objects (about 2.6 calls a row) outlived its 6 h lease, which it
+    never refreshed: a second `compact` would have taken it for a crashed one and run beside it (F21).
+    It now rewrites the lease's time as it runs; the last rewrite lands before the lease's delete."""
+    from selection import table
+
+    store, std = published
+    for i in range(6):
+        write_row(store, std, _row(std, f"zoo/m{i}"))
+    monkeypatch.setattr(table, "LEASE_REFRESH_S", 0.05)
+    lease_writes = []
+    real_write, real_read = store.write_bytes, store.read_bytes
+
+    def write(rel, data):
+        if "/_compacting/" in rel:
+            lease_writes.append((rel, float(data.decode())))
+        return real_write(rel, data)
+
+    def slow_read(rel):
+        time.sleep(0.05)  # a slow store: the compaction outlasts a few refreshes
+        return real_read(rel)
+
+    monkeypatch.setattr(store, "write_bytes", write)
+    monkeypatch.setattr(store, "read_bytes", slow_read)
+    compact(store, std)
+    assert len({rel for rel, _ in lease_writes}) == 1 and len(lease_writes) >= 3
+    assert [when for _, when in lease_writes] == sorted(when for _, when in lease_writes)
+    assert store.list(f"embeddings/{std.id}/_compacting") == []  # not written again after its delete
+    assert sorted(load_table(store, std).model_ids) == [f"zoo/m{i}" for i in range(6)]
