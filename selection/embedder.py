@@ -12,7 +12,7 @@ import torch
 
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
-from selection.errors import ModelError, ZooselectError
+from selection.errors import ModelError, StoreError, ZooselectError
 from selection.keys import model_key
 from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, compute_label, count_gflops,
                               extract_features, load_model, weights_digest, weights_stamp)
@@ -135,7 +135,12 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         t1 = time.perf_counter()
         path, data = row_object(std, row)
         store.write_bytes(path, data)
-        during = data if compaction_running(store, std.id) else b""
+        try:
+            during = data if compaction_running(store, std.id) else b""
+        except StoreError as exc:  # the row is written: not a failure; checked after, as if a compaction ran
+            log.warning("model %s: its row is written, but whether a compaction ran meanwhile is unknown (%s)",
+                        entry.id, exc)
+            during = data
         stages["write"] = time.perf_counter() - t1
         log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import selection
+from selection.catalog import CatalogEntry
 from selection.errors import ConfigError, StoreError
 from selection.keys import model_key
 from selection.storage import RetryPolicy, Store, _is_transient
@@ -393,3 +394,19 @@ def test_a_long_compaction_keeps_its_lease_fresh_and_never_writes_it_after_the_e
     assert [when for _, when in lease_writes] == sorted(when for _, when in lease_writes)
     assert store.list(f"embeddings/{std.id}/_compacting") == []  # not written again after its delete
     assert sorted(load_table(store, std).model_ids) == [f"zoo/m{i}" for i in range(6)]
+
+
+def test_a_row_written_is_not_reported_failed_when_the_lease_check_after_it_fails(published, monkeypatch):
+    """The lease check after the write failed the model although its row was written (a review,
+    session 26): the row now counts as embedded, and as written during a compaction (checked after)."""
+    from selection import embedder
+
+    store, std = published
+
+    def unreachable(*_):
+        raise StoreError("storage unreachable for list s3://b/x after 6 attempts: EndpointConnectionError")
+
+    monkeypatch.setattr(embedder, "compaction_running", unreachable)
+    r = embedder.embed_entry(CatalogEntry("zoo/m", "resnet10t", None, input_size=32), std, store)
+    assert r.status == "embedded" and r.written_during_compaction == store.read_bytes(r.path)
+    assert load_table(store, std).model_ids == ["zoo/m"]
