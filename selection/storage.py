@@ -179,6 +179,20 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+def _fsync_dir(path: str) -> None:
+    """Flush a directory's entries to disk (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
 class Store:
     """A root URL plus the fsspec filesystem behind it; paths below are relative to the root."""
 
@@ -321,6 +335,7 @@ class Store:
                         fh.flush()
                         os.fsync(fh.fileno())
                     os.replace(tmp, full)
+                    _fsync_dir(os.path.dirname(full))  # the rename itself survives a power loss
                 finally:
                     if os.path.exists(tmp):
                         os.remove(tmp)

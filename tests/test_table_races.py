@@ -410,3 +410,22 @@ def test_a_row_written_is_not_reported_failed_when_the_lease_check_after_it_fail
     r = embedder.embed_entry(CatalogEntry("zoo/m", "resnet10t", None, input_size=32), std, store)
     assert r.status == "embedded" and r.written_during_compaction == store.read_bytes(r.path)
     assert load_table(store, std).model_ids == ["zoo/m"]
+
+
+def test_a_local_write_flushes_the_file_and_then_its_directory(tmp_path, monkeypatch):
+    """The rename that publishes an object is itself flushed: without the directory's fsync a
+    power loss right after a reported write could lose the row."""
+    import os
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes("a/b/x.bin", b"data")
+    target = str(tmp_path / "store" / "a" / "b")
+    assert len(synced) == 2 and synced[0].startswith(target + "/.x.bin.") and synced[1] == target
+    assert store.read_bytes("a/b/x.bin") == b"data" and os.listdir(target) == ["x.bin"]
