@@ -8,15 +8,16 @@ of Fashion-MNIST, digits, photo crops and procedural textures.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Sequence
 
 from jobs.common import add_store_args, open_store, prog, run_main
-from selection.catalog import CatalogEntry
+from selection.catalog import CatalogEntry, anchored
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
                                 build_standard, check_same_spec, list_standards, load_standard, plan_standard,
-                                save_standard)
+                                relocate_baseline, save_standard)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,8 +57,9 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
             (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights, None):
         baseline = DEFAULT_BASELINE
     else:
-        baseline = CatalogEntry(id=f"baseline/{args.baseline_arch}", arch=args.baseline_arch,
-                                weights=weights, input_size=args.baseline_input_size)
+        # A local path is kept absolute: the standard is read later by processes started elsewhere.
+        baseline = anchored(CatalogEntry(id=f"baseline/{args.baseline_arch}", arch=args.baseline_arch,
+                                         weights=weights, input_size=args.baseline_input_size), os.getcwd())
     if args.companion == "none":
         companion = None
     elif args.companion == DEFAULT_COMPANION.arch:
@@ -81,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, images = plan_standard(config)
     sid = spec["standard_id"]
     if sid in list_standards(store):
-        check_same_spec(load_standard(store, sid).spec, spec)  # load_standard validates what is there
+        published = load_standard(store, sid)  # validates what is there
+        check_same_spec(published.spec, spec)
+        relocate_baseline(store, published, spec)
         made_default = ""
         if not args.no_default:
             before = store.read_bytes("standards/DEFAULT").decode() if store.exists("standards/DEFAULT") else None

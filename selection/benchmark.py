@@ -424,14 +424,15 @@ def with_provenance(member: ZooMember, entry: CatalogEntry) -> CatalogEntry:
 
 def ensure_standard(config: Any, store: Any) -> Any:
     """Load the standard of `config` from the store, or build and publish it (not as default)."""
-    from selection.standard import build_standard, check_same_spec, load_standard, plan_standard, save_standard
+    from selection.standard import (build_standard, check_same_spec, load_standard, plan_standard,
+                                    relocate_baseline, save_standard)
 
     spec, _ = plan_standard(config)
     sid = spec["standard_id"]
     if store.exists(f"standards/{sid}/standard.json"):
         std = load_standard(store, sid)
         check_same_spec(std.spec, spec)
-        return std
+        return relocate_baseline(store, std, spec)  # a store moved: its baseline checkpoint moved with it
     std = build_standard(config)
     save_standard(store, std, make_default=False)
     return std

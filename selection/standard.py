@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -272,6 +272,25 @@ def check_same_spec(published: dict[str, Any], planned: dict[str, Any]) -> None:
                               f"not {new!r}, and its id does not tell them apart; publish this one to another store")
 
 
+def relocate_baseline(store: Store, std: Standard, planned: dict[str, Any]) -> Standard:
+    """The published `std` with its baseline checkpoint where `planned` (same id) finds it.
+
+    The id hashes the baseline's weights, not where they lie: a store moved elsewhere, or a relative
+    path recorded before, leaves a published standard naming a checkpoint that is gone (or another copy).
+    When the planned location differs, standard.json is rewritten (one atomic write) with it.
+    """
+    old, new = std.spec["baseline"]["entry"], planned["baseline"]["entry"]
+    if old.get("weights") == new.get("weights"):
+        return std
+    spec = copy.deepcopy(std.spec)
+    spec["baseline"]["entry"]["weights"] = new.get("weights")
+    store.write_bytes(f"standards/{std.id}/standard.json",
+                      json.dumps(dict(spec, created=std.created), indent=2, sort_keys=True).encode())
+    log.warning("standard %s: its baseline's checkpoint is now recorded at %s (was %s; the same weights)",
+                std.id, new.get("weights"), old.get("weights"))
+    return replace(std, spec=spec)
+
+
 def is_standard_model(std: Standard, loaded: Any) -> bool:
     """Whether a loaded model is the standard's baseline or companion (it would cover itself): the
     same checkpoint, or (for the baseline, in standards built since session 21) the same tensors in
@@ -414,6 +433,10 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
     spec, images = (copy.deepcopy(planned[0]), planned[1]) if planned is not None else plan_standard(config)
     fit_idx, val_idx = _split(len(images), config)
     loaded = load_model(config.baseline)
+    if loaded.weights_sha256 != spec["baseline_sha256"]:  # the file changed since it was hashed into the id
+        raise StandardMismatchError(f"baseline {config.baseline.weights}: its weights changed while the standard "
+                                    f"was planned (sha256 {spec['baseline_sha256'][:12]}, now "
+                                    f"{loaded.weights_sha256[:12]}); build it again")
     h = extract_features(loaded, images, input_size=config.input_size,
                          batch_size=config.batch_size, progress=progress).astype(np.float64)
     d_base, d_comp = config.split
