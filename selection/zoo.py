@@ -11,9 +11,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +47,14 @@ class TrainSpec:
     tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 2:
-            raise ConfigError(f"train spec {self.id!r}: epochs >= 1, lr > 0, batch_size >= 2 needed, "
-                              f"got {self.epochs}, {self.lr}, {self.batch_size}")
+        def whole(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        if not (whole(self.epochs) and self.epochs >= 1 and whole(self.batch_size) and self.batch_size >= 2
+                and whole(self.seed) and self.seed >= 0
+                and isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train spec {self.id!r}: whole epochs >= 1, batch_size >= 2 and seed >= 0, "
+                              f"and a finite lr > 0 needed, got epochs={self.epochs!r}, lr={self.lr!r}, "
+                              f"batch_size={self.batch_size!r}, seed={self.seed!r}")
 
     def portable(self, store_url: str = "") -> "TrainSpec":
         """This spec with data inside the store named by its path there (`<store>/...`), not the store's URL."""
@@ -79,6 +87,18 @@ def deterministic_kernels(device: str) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one CPU thread while inside: how many threads split a reduction changes its float
+    rounding, so a spec trained under another thread count would give other bytes."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu") -> CatalogEntry:
     """Train (or reuse, when a checkpoint of the same spec exists) and return its catalog entry.
 
@@ -99,7 +119,7 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
     if store.exists(rel):
         return entry
     t0 = time.perf_counter()
-    with deterministic_kernels(device):
+    with deterministic_kernels(device), _one_thread():
         state, loss = _fit(spec, data, device)
     # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
     # One metadata key: safetensors writes several in a random order (a hash map), which changed the bytes.
@@ -123,14 +143,18 @@ def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05)
     rng = np.random.default_rng(spec.seed)
     n = len(data)
-    steps = spec.epochs * ((n + spec.batch_size - 1) // spec.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=steps)
+    if n < 2:
+        raise ConfigError(f"train spec {spec.id!r}: {spec.data} holds {n} image(s); training needs at least 2")
+    # A last batch of one image joins the one before it: BatchNorm cannot train on a batch of one.
+    starts = [s for s in range(0, n, spec.batch_size) if n - s != 1]
+    ends = starts[1:] + [n]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=spec.epochs * len(starts))
     labels = torch.from_numpy(data.labels).to(device)
     images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
     for _ in range(spec.epochs):
         perm = rng.permutation(n)
-        for s in range(0, n, spec.batch_size):
-            idx = torch.from_numpy(perm[s:s + spec.batch_size]).to(device)
+        for s, e in zip(starts, ends):
+            idx = torch.from_numpy(perm[s:e]).to(device)
             imgs = images[idx]
             if rng.random() < 0.5:
                 imgs = imgs.flip(2)
