@@ -32,7 +32,7 @@ import numpy as np
 from jobs import runtime
 from jobs.common import add_ray_args, check_output, open_store, prog, prog_of_subcommand, run_main
 from selection import benchmark as bench
-from selection.catalog import CatalogEntry, write_catalog
+from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
 from selection.errors import ConfigError, ZooselectError
 from selection.storage import Store
@@ -348,20 +348,10 @@ def quality(args: argparse.Namespace) -> int:
 
 
 def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
+    """The zoo's catalog in the store (one atomic write), by its path (local) or URL."""
     rel = "benchmark/catalog.jsonl"
-    if store.scheme == "file":
-        path = os.path.join(store.root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_catalog(entries, path)
-        return path
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "catalog.jsonl")
-        write_catalog(entries, path)
-        with open(path, "rb") as fh:
-            store.write_bytes(rel, fh.read())
-    return f"{store.url}/{rel}"
+    store.write_bytes(rel, catalog_bytes(entries))
+    return os.path.join(store.root, rel) if store.scheme == "file" else f"{store.url}/{rel}"
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -158,10 +159,10 @@ def load_catalog(path: str) -> list[CatalogEntry]:
         except UnicodeDecodeError:
             raise ConfigError(f"catalog {path!r} is not UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(path))
-    return [_anchored(e, base) for e in parse_catalog(text, path)]
+    return [anchored(e, base) for e in parse_catalog(text, path)]
 
 
-def _anchored(entry: CatalogEntry, base: str) -> CatalogEntry:
+def anchored(entry: CatalogEntry, base: str) -> CatalogEntry:
     """`entry` with its local checkpoint path made absolute against `base`. A row keeps the path it was
     embedded from, and a relative one would be resolved later against whichever process reads it."""
     w = entry.weights
@@ -171,8 +172,18 @@ def _anchored(entry: CatalogEntry, base: str) -> CatalogEntry:
     return entry if full == w else replace(entry, weights=full)
 
 
+def catalog_bytes(entries: list[CatalogEntry]) -> bytes:
+    """Entries as JSON lines."""
+    return "".join(json.dumps(e.to_dict(), sort_keys=True) + "\n" for e in entries).encode()
+
+
 def write_catalog(entries: list[CatalogEntry], path: str) -> None:
-    """Write entries as JSON lines."""
-    with open(path, "w", encoding="utf-8") as fh:
-        for e in entries:
-            fh.write(json.dumps(e.to_dict(), sort_keys=True) + "\n")
+    """Write entries as JSON lines, atomically: a write stopped part-way leaves the old catalog whole."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(catalog_bytes(entries))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

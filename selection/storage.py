@@ -48,7 +48,7 @@ _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
                   FileExistsError)
 # OSErrors that waiting does not fix: a full or read-only disk, a quota, an invalid request (s3fs
 # raises EINVAL for S3's InvalidRequest, InvalidArgument, PreconditionFailed, ...).
-_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.EINVAL}
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.EINVAL}
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
