@@ -660,8 +660,8 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     measured in the same run under the same conditions (timings taken beside other workers or
     reused from a cached run moved T3 by 2x between runs). `step(label)` is called after each
     standard and model (progress). Returns
-    `{"standards": {name: {"load_seconds", "table_load_seconds", "tasks": {task: {method: seconds}},
-    "sweep_seconds": {task: {form: seconds}}}},
+    `{"standards": {name: {"load_seconds" (reading the standard and loading its networks),
+    "table_load_seconds", "tasks": {task: {method: seconds}}, "sweep_seconds": {task: {form: seconds}}}},
     "models": {id: {"load_seconds", "tasks": {task: {"features_seconds", "<scorer>_seconds",
     "probe_seconds"}}}}}`: loads and the table load are the median of LOAD_REPEATS, a task
     embedding is `embed_task`'s own measure (baseline forward over the labelled part + G), a sweep
@@ -672,7 +672,7 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     from selection.models import extract_features, load_model
     from selection.scorers import SCORERS
     from selection.select import SelectConfig, embed_task, features_accuracy, task_split
-    from selection.standard import load_standard_models
+    from selection.standard import load_standard, load_standard_models
     from selection.table import load_table
 
     trains = [task_split(t, p)[0] for t, p in zip(tasks, plan.task_protocols(0), strict=True)]
@@ -703,7 +703,10 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     # The standards after the candidates: measured first (session 23), the general standard's load
     # once came out at 0.54 s, against 0.19-0.23 s at the end of the pass and in every check alone.
     for sp, std in zip(plan.standards, stds, strict=True):
+        # What `select_models` does first: read the standard (spec, basis) and load its networks.
+        _, spec_s = timed_load(lambda std=std: load_standard(store, std.id))
         models, load_s = timed_load(lambda std=std: load_standard_models(std))
+        load_s += spec_s
         table, table_s = timed_load(lambda std=std: load_table(store, std))
         table = candidate_table(table, plan.candidates(sp))
         per_task, sweeps = {}, {}
@@ -940,6 +943,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
     std_costs = costs["standards"][standard.name]
     split_embs = task_emb.get("splits") or [task_emb["tasks"]]
     scores_out: dict[str, dict[str, list[float]]] = {}
+    ranks_out: dict[str, dict[str, list[float]]] = {}  # split 0's library_rank of each SE variant
     params = np.array([truth[i]["num_params"] for i in ids], np.float64)
     per_split: list[dict[str, dict[str, dict[str, Any]]]] = [{} for _ in split_embs]
     for task in plan.tasks:
@@ -979,6 +983,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                                                     forward_passes=task_passes, seconds=base_cost)
                 if split == 0:
                     scores_out[name][variant_label(variant)] = s.tolist()
+                    ranks_out.setdefault(name, {})[variant_label(variant)] = rank.tolist()
                 top_all = np.argsort(-rank, kind="stable")
 
                 def verified(measured: np.ndarray, k: int) -> dict[str, Any]:
@@ -1020,7 +1025,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
             "splits": split_table(per_split),
             "split_groups": [{g: {m: {k: _round(r[k]) for k in QUALITY_KEYS} for m, r in rows.items()}
                               for g, rows in aggregate(p, groups).items()} for p in per_split],
-            "scores": scores_out}
+            "scores": scores_out, "ranks": ranks_out}
 
 
 def split_table(per_split: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
@@ -1223,7 +1228,7 @@ def plot_scores(res: dict[str, Any], plan: QualityPlan, method: str, kinds: dict
             sel = [i for i, m in enumerate(ids) if kinds.get(m) == kind]
             if sel:
                 ax.scatter(sc[sel], acc[sel], s=18, c=color, label=kind, alpha=0.8)
-        p = int(np.argmax(sc))
+        p = int(np.argmax(pick_order(res, name, method)))
         ax.scatter([sc[p]], [acc[p]], s=90, facecolors="none", edgecolors="black", label="pick")
         label = method if method in res["per_task"][name] else f"{method} (brute force)"
         tau, gap = (split_values(res, name, label, k)[0] for k in ("tau_w", "gap"))  # the plotted split's
@@ -1294,9 +1299,15 @@ def gap_steps(default_variant: str) -> list[tuple[str, str]]:
             (EXPECTED_ROW, "all candidates by the expected accuracy")]
 
 
-COST_PARTS = ("standard's models: load", "task embedding", "table load + sweep", "verify top 3: loads",
+COST_PARTS = ("standard: load (spec, basis, models)", "task embedding", "table load + sweep", "verify top 3: loads",
               "verify top 3: features", f"verify top 3: {DEFAULT_VERIFIER}", "brute force: loads",
               "brute force: features", "brute force: LogME")
+
+
+def pick_order(res: dict[str, Any], task: str, method: str) -> np.ndarray:
+    """Split 0's order of the candidates under `method` (higher first) as the pick and shortlist use it:
+    an SE variant's `library_rank` (its ties broken as the library breaks them), else the scores."""
+    return np.asarray(res.get("ranks", {}).get(task, {}).get(method, res["scores"][task][method]), np.float64)
 
 
 def cost_parts(res: dict[str, Any], costs: dict[str, Any], default_variant: str,
@@ -1309,10 +1320,10 @@ def cost_parts(res: dict[str, Any], costs: dict[str, Any], default_variant: str,
     for task in tasks:
         se = res["per_task"][task][variant_label(default_variant)]["seconds"]
         emb = std["tasks"][task][method]
-        sums["standard's models: load"] += std["load_seconds"]
+        sums["standard: load (spec, basis, models)"] += std["load_seconds"]
         sums["task embedding"] += emb
         sums["table load + sweep"] += se - std["load_seconds"] - emb
-        top = np.argsort(-np.asarray(res["scores"][task][variant_label(default_variant)]), kind="stable")[:3]
+        top = np.argsort(-pick_order(res, task, variant_label(default_variant)), kind="stable")[:3]
         for who, ids, scorer, label in (("verify top 3", [res["candidates"][i] for i in top], DEFAULT_VERIFIER,
                                          DEFAULT_VERIFIER), ("brute force", res["candidates"], "logme", "LogME")):
             for i in ids:
@@ -1638,7 +1649,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         for metric, title, digits in (("tau_w", "Weighted tau per task", 2), ("gap", "Top-1 gap per task (points)", 1),
                                       ("rel1", "rel@1 per task", 3), ("rel3", "rel@3 per task", 3)):
             L.append(f"### {title}\n")
-            short = [m.replace(" (brute force)", "").replace(" (expected)", "").replace("verify top-", "v")
+            short = [m.replace(" (brute force)", "").replace("choice (expected)", "choice").replace("verify top-", "v")
                      for m in methods]
             trows = []
             for task in plan.tasks:

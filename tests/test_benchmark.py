@@ -362,6 +362,22 @@ def test_cost_parts_add_up_to_the_rows_seconds():
     assert sum(brute) == pytest.approx(rows["LogME (brute force)"]["seconds"])
 
 
+def test_the_cost_breakdown_verifies_the_shortlist_the_library_would():
+    """Tied SE scores: the shortlist is the library's (`library_rank`), not the lowest indices (it was)."""
+    label = bench.variant_label("full/probe")
+    res = {"standard": "s", "candidates": ["m0", "m1", "m2", "m3"],
+           "per_task": {"t": {label: {"seconds": 1.0}}},
+           "scores": {"t": {label: [1.0, 1.0, 1.0, 1.0]}}, "ranks": {"t": {label: [1.0, 2.0, 3.0, 4.0]}}}
+    task = {"features_seconds": 0.0, "logme_seconds": 0.0}
+    costs = {"standards": {"s": {"load_seconds": 0.0, "tasks": {"t": {"probe": 0.0}}}},
+             "models": {f"m{i}": {"load_seconds": 10.0 ** i, "tasks": {"t": task}} for i in range(4)}}
+    parts = bench.cost_parts(res, costs, "full/probe", ["t"])
+    assert parts["verify top 3: loads"] == pytest.approx(10 + 100 + 1000)  # m1, m2, m3 by rank
+    assert bench.pick_order(res, "t", label).argmax() == 3
+    del res["ranks"]  # a report from before ranks were recorded: its scores order it
+    assert bench.cost_parts(res, costs, "full/probe", ["t"])["verify top 3: loads"] == pytest.approx(1 + 10 + 100)
+
+
 @pytest.mark.parametrize("wall,five,clean", [(400, 1.1, True), (400, 2.3, False), (20, 2.3, True)])
 def test_the_report_says_when_other_work_ran_beside_the_cost_pass(wall, five, clean):
     costs = {"conditions": {"wall_seconds": wall, "cpu_seconds": 0.9 * wall, "cores": 2,
@@ -641,6 +657,10 @@ def test_small_pipeline_end_to_end(ray_local, tmp_path, capsys):
     assert "the machine's load average at its end was" in md
     for t in tasks:
         assert re.search(rf"^\| {re.escape(t)} \((dev|test)\) \|", md, re.M)
+    for line in md.splitlines():  # every table's columns have names of their own
+        if line.startswith("| task |") or line.startswith("| method |"):
+            names = [c.strip() for c in line.strip("|").split("|")]
+            assert len(names) == len(set(names)), line
     for rel in doc["images"].values():
         assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # provenance in the catalog; ground truth cached in the store (resumable)
