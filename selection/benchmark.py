@@ -1462,6 +1462,13 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+def _largest(doc: dict[str, Any]) -> str:
+    """Which model the "largest model" baseline picks (the same on every task of a standard)."""
+    picks = sorted({row["largest model"]["pick"] for res in doc["results"].values()
+                    for row in res["per_task"].values() if row.get("largest model", {}).get("pick")})
+    return f" (it picks {', '.join(f'`{p}`' for p in picks)})" if picks else ""
+
+
 def _hscore_ties(doc: dict[str, Any], rtol: float = 1e-6) -> str:
     """A sentence on how many split-0 H-scores sit at the maximum, c − 1 (there float noise orders them)."""
     n_classes = {t["name"]: t["n_classes"] for t in doc["tasks"]}
@@ -1551,14 +1558,14 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              + (f" Two more references, not methods, need the {plan.splits} splits: `{EXPECTED_ROW}` picks by every "
                 f"model's mean ground-truth accuracy on the task's other splits, and `(expected)` rows re-rank the "
                 f"shortlist by it. They know how good each model is on the task at this labelled size, but not which "
-                f"images are labelled: their gap is the part of a pick's gap that comes from the draw of the "
+                f"images are labelled (their held-out images are mostly this split's, drawn again): their gap is the part of a pick's gap that comes from the draw of the "
                 f"labelled and held-out images." if plan.splits > 1 else ""))
     L.append("- **Brute force**: LogME, H-score and ridge LOO (`selection.scorers`: the closed-form "
              "leave-one-out squared error of a ridge probe onto the one-hot labels, its penalty chosen by the same "
              "error) on every candidate's features of the task's train part: m model loads and m × n_train "
              "forward passes per selection." + _hscore_ties(doc) + " **Random choice**: "
              "expected values (`selection.metrics.random_choice_expected`; tau_w of a random ranking is 0). "
-             "**Largest model**: by parameter count.")
+             "**Largest model**: by parameter count" + _largest(doc) + ".")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
              "accuracy of the selected model, points), rel@1 and rel@3 (best accuracy among the top 1 / 3 divided "
              "by the best); the SE pick and shortlist break ties in the score as `zooselect select` does (a rank "
