@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def _job_env_vars() -> dict[str, str]:
     --runtime-env`; Ray hands the driver the job's config in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
     try:
         env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
-        return {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
+        # As Ray gives them to a worker: ${VAR} and $VAR expanded from the node's environment, unset ones empty.
+        return {str(k): re.sub(r"\$\{\w+\}", "", os.path.expandvars(str(v)))
+                for k, v in (env.get("env_vars") or {}).items()}
     except (ValueError, AttributeError):
         return {}
 

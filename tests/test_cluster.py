@@ -209,12 +209,13 @@ def test_runtime_envs_are_valid_and_hold_no_secrets():
     from ray.runtime_env import RuntimeEnv
 
     envs = _runtime_envs()
-    assert len(envs) >= 4  # the file, two RayJobs, the CronJob
+    assert len(envs) >= 3  # the file, two RayJobs
     for fname, env in envs:
         RuntimeEnv(**env)  # Ray's own validation of the fields
         pip = env.get("pip")
         packages = pip.get("packages", []) if isinstance(pip, dict) else (pip or [])
-        assert any(str(p).startswith("zooselect") for p in packages), f"{fname}: no zooselect"
+        # zooselect is not on PyPI: a pip install of the name would fail, or fetch someone else's package
+        assert not any(re.match(r"zooselect\b", str(p)) for p in packages), f"{fname}: zooselect from PyPI"
         for key, value in (env.get("env_vars") or {}).items():
             if SECRET_NAME_RE.search(key):
                 assert re.fullmatch(r"\$\{\w+\}", value), \
@@ -303,7 +304,10 @@ def test_ray_cluster_launcher_config():
                  if re.match(r"(g4dn|g5|g6|g6e|p3|p4d|p4de|p5)\.", t["node_config"]["InstanceType"])
                  and t.get("max_workers", 0) > 0 and name != cfg["head_node_type"]]
     assert gpu_types, "no GPU worker node type that can scale up"
-    assert any("pip install zooselect" in c for c in cfg["setup_commands"])
+    # zooselect is not on PyPI: the nodes install the checkout that `ray up` copies to them
+    mount = next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
+    assert any(f'pip install "{mount}[models]"' in c for c in cfg["setup_commands"])
+    assert not any(re.search(r"pip install [\"']?zooselect\b", c) for c in cfg["setup_commands"])
     assert not any("IamInstanceProfile" in json.dumps(t) and "arn:aws:iam::" in json.dumps(t)
                    and re.search(r"\d{12}", json.dumps(t)) for t in types.values()), \
         "use a placeholder instance profile name, not a real account ARN"
@@ -761,3 +765,21 @@ def test_s3_checkpoint_existence_is_checked_without_loading(s3_store_url: str):
     missing = f"{s3_store_url}/w/missing.safetensors"
     with pytest.raises(ModelError, match="checkpoint not found: 's3://"):
         needs_embedding(CatalogEntry("m/missing", "resnet10t", missing), None)
+
+
+def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():
+    """zooselect is not on PyPI: the Ray pods run an image with the checkout installed (they ran
+    Ray's own image and pip-installed "zooselect[models]" from PyPI, which has no such package)."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert base.startswith("rayproject/ray:") and 'pip install --no-cache-dir "/opt/zooselect[models]"' in dockerfile
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
+        for name in src.split():
+            assert (CLUSTER.parent / name).exists(), name
+    tag = re.search(r"docker build -f cluster/Dockerfile -t REGISTRY/(\S+) \.", dockerfile).group(1)
+    for fname, spec in _kuberay_cluster_specs():
+        groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+        for c in (c for g in groups for c in _containers(g["template"])):
+            assert c["image"] == tag, f"{fname}: {c['name']} runs {c['image']}"
+    assert base.split(":")[1] in {spec["rayVersion"] for _, spec in _kuberay_cluster_specs()} | {
+        spec["rayVersion"] + "-py311-gpu" for _, spec in _kuberay_cluster_specs()}
