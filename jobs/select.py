@@ -197,7 +197,8 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
                 line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
             note = "standard's own model (covers itself)" if row["is_baseline"] else ""
             gflops = "?" if row["gflops"] is None else f"{row['gflops']:.2f}"
-            lines.append(line + f" {row['num_params'] / 1e6:>7.1f}M {gflops:>7}  {note}")
+            params = "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M"
+            lines.append(line + f" {params:>8} {gflops:>7}  {note}")
     return "\n".join(lines)
 
 
@@ -248,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = select(std, store, args.task, config, progress=not args.no_progress,
                      verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus)
     m = results[0]["models_swept"]
-    print(format_results(results, std.id, m))
     saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
+    print(format_results(results, std.id, m))
     if saved:
         print(f"results saved to {saved}.json and .parquet")
     total = max(r["total_seconds"] for r in results)

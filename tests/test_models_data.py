@@ -449,3 +449,18 @@ def test_float32_passes_on_cuda_turn_tf32_off_and_restore_it():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_model_has_timms_license_only_for_the_published_weights_it_records():
+    """A user checkpoint or a random init got the license timm records for the architecture's
+    pretrained weights, so `--where license=apache-2.0` admitted models whose license is unknown."""
+    from selection.embedder import model_license
+
+    model = timm.create_model("resnet10t", pretrained=False)
+    assert model.pretrained_cfg.get("license")  # what timm says of its own weights
+    assert model_license(CatalogEntry("a", "resnet10t", None), model) is None
+    assert model_license(CatalogEntry("a", "resnet10t", "/ckpt/a.safetensors"), model) is None
+    assert model_license(CatalogEntry("a", "resnet10t", "/ckpt/a.safetensors", license="proprietary"),
+                         model) == "proprietary"
+    assert model_license(CatalogEntry("a", "resnet10t", "timm:resnet10t.c3_in1k"), model) == \
+        model.pretrained_cfg["license"]
