@@ -53,9 +53,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.demo"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE", "./zooselect-store"),
-                   help="store URL (default: ./zooselect-store)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
-    p.add_argument("--verify-top-k", type=int, default=3)
+                   help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--verify-top-k", type=int, default=3,
+                   help="verify the top k of each task's ranking by LogME on its labelled images (0: none)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -90,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from selection.table import load_table
 
     args = parser().parse_args(argv)
+    config = SelectConfig(top_k=len(PRETRAINED) + len(TRAINED) + len(RANDOM),
+                          verify_top_k=args.verify_top_k)  # checked before any work
     t0 = time.perf_counter()
     flags = ["--no-progress"] if args.no_progress else []
     store = Store(args.store)
@@ -115,7 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     std = load_standard(store)
     table = load_table(store, std)
-    config = SelectConfig(top_k=len(entries), verify_top_k=args.verify_top_k)
     print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
     labelled = labelled_tasks(work)
     results = select_job.select(std, table, list(labelled.values()), config, progress=not args.no_progress)

@@ -54,7 +54,8 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     add_ray_args(p)
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default: 1 when the cluster has GPUs, else 0; fractions allowed)")
-    p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=1,
+                   help="CPUs each embedding actor takes (its torch threads; default 1)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="actors alive at once (default: what the cluster's resources allow)")
     p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor (per model)")

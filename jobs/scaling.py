@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import prog, run_main
+from jobs.common import check_output, prog, run_main
 from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries
+from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_shards
 from selection.standard import Standard, save_standard
@@ -329,7 +330,7 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     shutil.rmtree(work)
     for res in results:
         if res.status != "embedded":
-            raise RuntimeError(f"{res.model_id}: {res.reason}")
+            raise ModelError(f"throughput run of {res.model_id}: {res.reason}")
     batch = results[0].batch_size
     torch.set_num_threads(threads)
     lm = load_model(entries[0])
@@ -425,6 +426,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for flag, value in (("--max-m", args.max_m), ("--reps", args.reps), ("--images", args.images)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.quick and args.reps != parser().get_default("reps"):
+        raise ConfigError(f"--reps {args.reps} is given but --quick measures 5 repetitions")
+    check_output(args.out)
     work = args.work or tempfile.mkdtemp(prefix="zs-scaling-")
     os.makedirs(work, exist_ok=True)
     update_ms = [10, 100, 1000] if args.quick else [10, 1000, 100_000]

@@ -1,7 +1,8 @@
 """Select models for tasks: `python -m jobs.select --store STORE --task TASK [--task TASK ...]`.
 
 Task embeddings are computed in parallel (one Ray task per task), the table is swept
-once for all tasks, and the top-k may be verified on the task in parallel (LogME or a linear probe).
+once for all tasks, and the top-k may be verified on the task in parallel (LogME, a ridge probe's
+leave-one-out error, or a linear probe).
 A TASK is an ImageFolder directory, a .parquet file (local or s3://), or a built-in
 spec such as `builtin:fashion-mnist?classes=5,7,9&per_class=40`.
 """

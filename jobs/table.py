@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
     cp = sub.add_parser("compact", help="fold row objects into segments (fast reads at 10^5+ models)")
     add_store_args(cp)
-    cp.add_argument("--segment-rows", type=int, default=50_000)
+    cp.add_argument("--segment-rows", type=int, default=50_000,
+                    help="rows per compacted segment (default 50,000)")
     cp.add_argument("--break-leases", action="store_true",
                     help="first delete the leases of compactions that crashed (a lease blocks compaction for 6 h; "
                          "never while one is running)")

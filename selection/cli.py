@@ -10,7 +10,7 @@ COMMANDS = {
     "embed": ("jobs.embed", "embed a catalog into the table (one Ray actor per model)"),
     "reindex": ("jobs.reindex", "scheduled re-index: embed new/changed, remove gone, skip unchanged"),
     "select": ("jobs.select", "rank the table's models for one or more tasks"),
-    "table": ("jobs.table", "list (ls) or remove models in the table"),
+    "table": ("jobs.table", "list (ls), export, remove or compact the table's models"),
     "demo": ("jobs.demo", "the embedded default, end to end on this machine"),
     "benchmark": ("jobs.benchmark", "quality (vs LogME/H-score), its zoo alone, and scaling benchmarks"),
 }

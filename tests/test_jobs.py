@@ -196,6 +196,12 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
      "--verify-gpus 1 is given but --verify-top-k is 0: nothing is verified"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
      "output directory 'README.md' is a file"),
+    # found by a review (session 27): refused after minutes of work, or a traceback after the measurements
+    (["jobs.demo", "--store", "/tmp/zs-none", "--verify-top-k", "-1"], "verify_top_k must be >= 0, got -1"),
+    (["jobs.scaling", "--skip", "update", "--out", "/no/such/dir/x.json"], "directory '/no/such/dir' does not exist"),
+    (["jobs.scaling", "--reps", "0"], "--reps must be >= 1, got 0"),
+    (["jobs.scaling", "--images", "0"], "--images must be >= 1, got 0"),
+    (["jobs.scaling", "--quick", "--reps", "3"], "--reps 3 is given but --quick measures 5 repetitions"),
 ])
 def test_bad_input_one_line_error(args, needle):
     r = _run(*args)
