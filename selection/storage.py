@@ -459,9 +459,10 @@ class Store:
             raise StoreError(f"corrupt Parquet object {self._display(rel)}: {text}") from result.exc
         return result
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Write a Parquet object (zstd), `row_group_size` rows per row group (pyarrow's default: 1 Mi)."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
         self.write_bytes(rel, sink.getvalue())
 
     def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:

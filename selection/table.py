@@ -355,6 +355,16 @@ def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) ->
     return EmbeddingTable(std.id, t.drop_columns(["embedding"]), embeddings_matrix(t))
 
 
+def _shards_of(std: Standard, t: pa.Table, columns: list[str] | None, where: str) -> Iterator[EmbeddingTable]:
+    """`_shard` of a segment, one per chunk (row group) of its vectors: each chunk's vectors are used
+    where Arrow decoded them; one matrix of the whole segment would copy it."""
+    if columns is not None or t.column("embedding").num_chunks <= 1:
+        yield _shard(std, t, columns, where)
+        return
+    for batch in t.to_batches():
+        yield _shard(std, pa.Table.from_batches([batch]), None, where)
+
+
 @dataclass(frozen=True)
 class Listing:
     """The objects one read of the table saw."""
@@ -376,6 +386,9 @@ def list_table(store: Store, std: Standard) -> Listing:
 
 
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
+# Rows per row group of a segment: Arrow decodes such row groups 2x faster than one of 50,000 rows
+# (and several at once), and each is swept where it was decoded (`_shards_of`).
+SEGMENT_ROW_GROUP = 4096
 
 
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
@@ -401,7 +414,7 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
         keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
         if not keep.all():  # filtering copies the segment: only when something is hidden
             t = t.filter(pa.array(keep))
-        yield _shard(std, t, columns, f"{store.url}/{seg}")
+        yield from _shards_of(std, t, columns, f"{store.url}/{seg}")
         hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
         paths = listing.rows[start:start + ROW_BATCH]
@@ -598,7 +611,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
 
     def write_segment(t: pa.Table) -> None:
         nonlocal written
-        store.write_table(f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet", t)
+        store.write_table(f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet", t,
+                          row_group_size=SEGMENT_ROW_GROUP)
         written += 1
 
     # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and

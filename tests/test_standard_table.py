@@ -518,10 +518,10 @@ def test_remove_during_first_compact_stays_removed(published):
     real_write = store.write_table
     removed = []
 
-    def write_after_a_remove(path, table):
+    def write_after_a_remove(path, table, **kw):
         if "/segments/" in path and not removed:
             removed.append(delete_row(store, std, "zoo/b"))  # between compact's read and its write
-        real_write(path, table)
+        real_write(path, table, **kw)
 
     store.write_table = write_after_a_remove
     compact(store, std)
@@ -1098,3 +1098,32 @@ def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_pa
     assert needs_embedding(entry, row)
     old = dict(row, weights_stamp=None)  # a row written before the stamp: hashed as before
     assert needs_embedding(entry, old) and len(reads) == 3
+
+
+def test_compacted_segments_are_row_groups_swept_in_place(published, monkeypatch):
+    """A segment was one row group: decoding its 400 MB vector column as one took 2x longer, and its
+    matrix was then copied whole (docs/performance.md, session 27). Segments now hold row groups of
+    SEGMENT_ROW_GROUP rows, each swept where Arrow decoded it; a segment written before still reads."""
+    from selection import table as tbl
+    from selection.select import linear_queries, sweep_shards
+
+    store, std = published
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        _quick_row(store, std, f"zoo/m{i}", value=float(rng.normal()))
+    w = linear_queries(rng.normal(size=(2, std.width)).astype(np.float32))
+    before = [[(r.model_id, r.score) for r in q] for q in sweep_shards(tbl.iter_shards(store, std), w, 10)]
+    monkeypatch.setattr(tbl, "SEGMENT_ROW_GROUP", 3)
+    tbl.compact(store, std)
+    [seg] = tbl.list_segments(store, std.id)
+    assert pq.ParquetFile(os.path.join(store.root, seg)).metadata.num_row_groups == 4
+    shards = list(tbl.iter_shards(store, std))
+    assert [len(s) for s in shards] == [3, 3, 3, 1]
+    assert all(not s.embeddings.flags.owndata for s in shards)  # views of the decoded column, not copies
+    after = [[(r.model_id, r.score) for r in q] for q in sweep_shards(tbl.iter_shards(store, std), w, 10)]
+    assert after == before
+    # A segment of one row group (as compactions wrote them before) is one shard, the same rows.
+    t = pq.read_table(os.path.join(store.root, seg))
+    store.write_table(seg, t)
+    assert [len(s) for s in tbl.iter_shards(store, std)] == [10]
+    assert sorted(load_table(store, std).model_ids) == sorted(f"zoo/m{i}" for i in range(10))

@@ -50,8 +50,8 @@ def _removed_again_during_compaction(store: Store, std) -> None:
     assert _served(store, std, "zoo/m") == 2.0 and len(list_markers(store, std.id)) == 1
     real_write_table, removed = store.write_table, []
 
-    def remove_after_the_segment(rel, table):
-        real_write_table(rel, table)
+    def remove_after_the_segment(rel, table, **kw):
+        real_write_table(rel, table, **kw)
         if "/segments/" in rel and not removed:
             removed.append(delete_row(store, std, "zoo/m"))
 
