@@ -198,6 +198,9 @@ def synthetic_queries(std: Standard, tasks: int, rng: np.random.Generator) -> li
             for _ in range(tasks)]
 
 
+ONE_GROUP_MAX_M = 100_000  # the sweep also times segments of one row group up to this size (disk, time)
+
+
 def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: str = "full") -> list[dict[str, Any]]:
     std = synthetic_standard(form=form)
     rng = np.random.default_rng(1)
@@ -217,8 +220,22 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
         segs = sorted(os.path.join(root, "embeddings", std.id, "segments", f)
                       for f in os.listdir(os.path.join(root, "embeddings", std.id, "segments")))
         nbytes = sum(os.path.getsize(p) for p in segs)
-        # Ours, end to end: list, read, validate, build matrices, sweep, top-k.
-        t_total = min(_timed(lambda: sweep_shards(iter_shards(store, std), w, 10)) for _ in range(2))
+        # Ours, end to end: list, read, validate, build matrices, sweep, top-k. Up to ONE_GROUP_MAX_M, the
+        # same rows in segments of one row group each (as compactions wrote them before session 27) too,
+        # the two timed in turn.
+        one_group = None
+        if m <= ONE_GROUP_MAX_M:
+            one_group = Store(root + "-one-group")
+            for p in segs:
+                one_group.write_table(os.path.relpath(p, root), pq.read_table(p))
+        totals: dict[str, list[float]] = {"ours": [], "one group": []}
+        for _ in range(2):
+            totals["ours"].append(_timed(lambda: sweep_shards(iter_shards(store, std), w, 10)))
+            if one_group is not None:
+                totals["one group"].append(_timed(lambda: sweep_shards(iter_shards(one_group, std), w, 10)))
+        t_total = min(totals["ours"])
+        if one_group is not None:
+            shutil.rmtree(one_group.root)
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.
         wt = np.concatenate([q.num for q in w] + [q.den for q in w if q.den is not None]).astype(np.float32).T
@@ -246,11 +263,16 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
                "sweep_ratio": t_sweep / t_mm, "load_plus_sweep_s": t_total,
                "end_to_end_ratio": t_total / (t_read + t_mm),
                "sweep_gbs": emb_bytes / t_sweep / 1e9, "bandwidth_gbs": bw}
+        if totals["one group"]:
+            row.update(one_group_load_plus_sweep_s=min(totals["one group"]),
+                       row_groups_speedup=min(totals["one group"]) / t_total)
         out.append(row)
         print(f"sweep   {form} m={m:>7}: load+sweep {t_total:7.3f} s = {row['end_to_end_ratio']:.2f}x (bare read "
               f"{t_read:.3f} s + bare matmul {t_mm:.3f} s); load {row['load_ratio']:.2f}x bare read; "
               f"sweep {t_sweep:.3f} s = {row['sweep_ratio']:.2f}x bare matmul, "
-              f"{row['sweep_gbs']:.1f} GB/s of {bw:.1f} GB/s", flush=True)
+              f"{row['sweep_gbs']:.1f} GB/s of {bw:.1f} GB/s"
+              + (f"; one row group per segment: {row['one_group_load_plus_sweep_s']:.3f} s "
+                 f"({row['row_groups_speedup']:.2f}x ours)" if totals["one group"] else ""), flush=True)
         if form == "per-source":
             # The default score: each task's per-source query and its full one, ranks over every row.
             block = std.d * (std.d + 1) // 2
