@@ -555,20 +555,21 @@ def test_column_reads_still_retry_a_real_io_fault(tmp_path, caplog, monkeypatch)
     assert "transient storage error on read" in caplog.text and "ConnectionResetError" in caplog.text
 
 
-def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, caplog, monkeypatch):
-    """Every OSError counted as transient: a full disk was retried for seconds and then reported as
-    'storage unreachable'."""
+@pytest.mark.parametrize("code,text", [("ENOSPC", "No space left on device"), ("EFBIG", "File too large")])
+def test_a_full_disk_is_reported_at_once_not_retried_as_unreachable(tmp_path, caplog, monkeypatch, code, text):
+    """Every OSError counted as transient: a full disk (or a file over the size limit) was retried for
+    seconds and then reported as 'storage unreachable'."""
     import errno
 
     store = Store(str(tmp_path / "s"))
 
     def full(*args, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(getattr(errno, code), text)
 
     monkeypatch.setattr(os, "replace", full)  # the local store's atomic rename
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="selection.storage"):
-        with pytest.raises(StoreError, match=r"^storage error for write .*/x: OSError: .*No space left") as err:
+        with pytest.raises(StoreError, match=rf"^storage error for write .*/x: OSError: .*{text}") as err:
             store.write_bytes("x", b"data")
     monkeypatch.undo()
     assert time.monotonic() - t0 < 1 and "transient" not in caplog.text and "\n" not in str(err.value)
