@@ -196,18 +196,6 @@ def _store(args: argparse.Namespace) -> Store:
     return open_store(args, url)
 
 
-def _cpu_model() -> str:
-    """The CPU's model name: a zoo trains bit for bit again only on the same CPU type."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _versions() -> dict[str, str]:
     import timm
     import torch
@@ -318,10 +306,12 @@ def quality(args: argparse.Namespace) -> int:
     summary = bench.compute_results(plan, per_standard)
     say("report", "")
     command = "python -m jobs.benchmark quality --store STORE --out " + args.out + (" --small" if args.small else "")
+    from selection import zoo
+
     doc = {
         "benchmark": "quality", "version": bench.BENCH_VERSION, "plan": plan.name,
         "run": {"command": command, "total_seconds": time.perf_counter() - t_start, "cpus": os.cpu_count(),
-                "host": f"{platform.system()} {platform.machine()}", "cpu_model": _cpu_model(),
+                "host": f"{platform.system()} {platform.machine()}", "cpu_model": zoo.cpu_model(),
                 "versions": _versions(),
                 "catalog": catalog_path, "train_gpus": gpus, "embed": embed_info,
                 "stages_seconds": stages, "ground_truth_cached": sum(r["cached"] for r in truth_list),

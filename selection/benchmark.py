@@ -1462,6 +1462,19 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+def _trained_with(zoo: list[dict[str, Any]]) -> str:
+    """How the zoo's trained checkpoints were made (they retrain bit for bit only the same way)."""
+    counts: dict[str, int] = {}
+    for z in zoo:
+        if z["kind"] in ("finetune", "scratch"):
+            how = z.get("metadata", {}).get("trained_with")
+            key = ("not recorded (trained before session 27)" if not how else
+                   f"{how['device']} ({how['cpu']}, {how['machine']}), torch {how['torch']}, timm {how['timm']}")
+            counts[key] = counts.get(key, 0) + 1
+    return (" Trained checkpoints made with: " + "; ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + "."
+            if counts else "")
+
+
 def _largest(doc: dict[str, Any]) -> str:
     """Which model the "largest model" baseline picks (the same on every task of a standard)."""
     picks = sorted({row["largest model"]["pick"] for res in doc["results"].values()
@@ -1510,7 +1523,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
     L.append(f"- **Zoo**: {len(zoo)} candidates: {by_kind['imagenet']} ImageNet EfficientNet-Lite models, "
              f"{by_kind['finetune']} fine-tunes of them, {by_kind['scratch']} timm models trained from scratch "
              f"({len(fams)} timm families: {', '.join(fams)}) on different data, {by_kind['random']} random-init "
-             f"models. Every model's provenance is in the catalog (`{run['catalog']}`) and in the table below.")
+             f"models. Every model's provenance is in the catalog (`{run['catalog']}`) and in the table below."
+             + _trained_with(zoo))
     if plan.name == "full":
         L.append(f"- **Resolution**: the standards run every model at its own input size (`input_size=None`): "
                  f"models trained from scratch at 32 px, fine-tunes at 64 px, and the ImageNet models at "

@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 import os
+import platform
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset
-from selection.errors import ConfigError
+from selection.errors import ConfigError, ObjectGoneError
 from selection.models import load_model, preprocess
 from selection.storage import Store
 
@@ -116,18 +117,48 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
                          input_size=spec.input_size, num_classes=n_classes,
                          metadata={"trained_on": spec.data, "epochs": spec.epochs, "seed": spec.seed,
                                    "init": spec.init or "scratch"})
+    trained_with = rel[:-len(".safetensors")] + ".trained-with.json"
     if store.exists(rel):
-        return entry
+        how = _trained_with(store, trained_with)  # None before it was recorded: the entry (and its rows) as was
+        return entry if how is None else dataclasses.replace(entry, metadata=dict(entry.metadata, trained_with=how))
     t0 = time.perf_counter()
     with deterministic_kernels(device), _one_thread():
         state, loss = _fit(spec, data, device)
     # Nothing store-specific in the file: the same training gives the same bytes (and weights digest) anywhere.
     # One metadata key: safetensors writes several in a random order (a hash map), which changed the bytes.
     meta = json.dumps({"arch": spec.arch, "data": spec.portable(store.url).data}, sort_keys=True)
+    # How it was trained, beside the file (the bytes depend on it: a CPU type, a GPU), written first.
+    import timm
+
+    how = {"device": torch.device(device).type, "machine": platform.machine(), "cpu": cpu_model(),
+           "torch": torch.__version__, "timm": timm.__version__}
+    store.write_bytes(trained_with, json.dumps(how, sort_keys=True).encode())
     store.write_bytes(rel, save(state, metadata={"zooselect": meta}))
+    entry = dataclasses.replace(entry, metadata=dict(entry.metadata, trained_with=how))
     log.info("trained %s (%s on %s, %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data, device,
              time.perf_counter() - t0, loss)
     return entry
+
+
+def _trained_with(store: Store, rel: str) -> dict[str, Any] | None:
+    """What a reused checkpoint was trained with (None: trained before zooselect recorded it)."""
+    try:
+        return json.loads(store.read_bytes(rel))
+    except ObjectGoneError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string: a zoo trains bit for bit
+    again only on the same CPU type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.Tensor], float]:

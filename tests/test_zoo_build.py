@@ -118,3 +118,18 @@ def test_a_catalog_write_that_fails_part_way_leaves_the_old_catalog_whole(tmp_pa
         write_catalog(entries[:2] + [Broken("m9", "resnet10t", None)], path)
     assert [e.id for e in load_catalog(path)] == ["m0", "m1", "m2"]
     assert os.listdir(tmp_path) == ["catalog.jsonl"]
+
+
+def test_a_trained_checkpoint_records_how_it_was_trained_and_its_reuse_says_the_same(tmp_path):
+    """The report named the machine of the current run even when every checkpoint was reused from
+    another (a GPU run, another CPU type): the zoo's bytes depend on where it was trained."""
+    import torch as _torch
+
+    spec = TrainSpec("m", "resnet10t", "builtin:digits?split=train&n=20", epochs=1, batch_size=16)
+    store = Store(str(tmp_path / "store"))
+    entry = train(spec, store)
+    how = entry.metadata["trained_with"]
+    assert how["device"] == "cpu" and how["torch"] == _torch.__version__ and how["cpu"] and how["timm"]
+    assert train(spec, store).to_dict() == entry.to_dict()  # reused: the same catalog entry, no re-embed
+    os.remove(entry.weights[:-len(".safetensors")] + ".trained-with.json")  # as checkpoints trained before
+    assert "trained_with" not in train(spec, store).metadata
