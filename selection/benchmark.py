@@ -1572,7 +1572,8 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              + (f" Two more references, not methods, need the {plan.splits} splits: `{EXPECTED_ROW}` picks by every "
                 f"model's mean ground-truth accuracy on the task's other splits, and `(expected)` rows re-rank the "
                 f"shortlist by it. They know how good each model is on the task at this labelled size, but not which "
-                f"images are labelled (their held-out images are mostly this split's, drawn again): their gap is the part of a pick's gap that comes from the draw of the "
+                f"images are labelled (their held-out images are mostly this split's, drawn again): their gap "
+                f"is the part of a pick's gap that comes from the draw of the "
                 f"labelled and held-out images." if plan.splits > 1 else ""))
     L.append("- **Brute force**: LogME, H-score and ridge LOO (`selection.scorers`: the closed-form "
              "leave-one-out squared error of a ridge probe onto the one-hot labels, its penalty chosen by the same "
