@@ -777,8 +777,9 @@ def test_zoo_job_trains_once_and_refuses_gpus_the_cluster_lacks(ray_local, tmp_p
     catalog = [json.loads(line) for line in open(store / "benchmark" / "catalog.jsonl")]
     plan = bench.small_plan()
     assert [c["id"] for c in catalog] == [m.id for m in plan.zoo]
-    stamps = {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()}
-    assert len(stamps) == sum(m.train is not None for m in plan.zoo) + 1  # and the general model
+    stamps = {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()}  # checkpoints and how each was trained
+    assert len(stamps) == 2 * (sum(m.train is not None for m in plan.zoo) + 1)  # and the general model
+    assert all(c["metadata"]["trained_with"]["device"] == "cpu" for c in catalog if c["metadata"].get("epochs"))
     assert job.main(["zoo", "--store", str(store), "--small", "--no-progress"]) == 0  # resumes: trains nothing
     assert {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()} == stamps
     with pytest.raises(ConfigError, match=r"--train-gpus 1: the cluster has 0 GPUs"):
