@@ -93,8 +93,9 @@ def _job_env_vars() -> dict[str, str]:
     --runtime-env`; Ray hands the driver the job's config in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
     try:
         env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
-        # As Ray gives them to a worker: ${VAR} and $VAR expanded from the node's environment, unset ones empty.
-        return {str(k): re.sub(r"\$\{\w+\}", "", os.path.expandvars(str(v)))
+        # As Ray gives them to a worker (ray._private.utils.update_envs): $VAR and ${VAR} expanded from the
+        # node's environment, then an unset ${VAR} of capitals, digits and underscores removed.
+        return {str(k): re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(str(v)))
                 for k, v in (env.get("env_vars") or {}).items()}
     except (ValueError, AttributeError):
         return {}

@@ -250,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = select(std, store, args.task, config, progress=not args.no_progress,
                      verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus)
     m = results[0]["models_swept"]
-    saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
-    print(format_results(results, std.id, m))
+    try:  # printed even when the store's copy cannot be written
+        saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
+    finally:
+        print(format_results(results, std.id, m))
     if saved:
         print(f"results saved to {saved}.json and .parquet")
     total = max(r["total_seconds"] for r in results)

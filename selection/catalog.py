@@ -178,11 +178,17 @@ def catalog_bytes(entries: list[CatalogEntry]) -> bytes:
 
 
 def write_catalog(entries: list[CatalogEntry], path: str) -> None:
-    """Write entries as JSON lines, atomically: a write stopped part-way leaves the old catalog whole."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    """Write entries as JSON lines, atomically: a write stopped part-way leaves the old catalog whole.
+    A symlinked catalog is written where it points; an existing catalog keeps its permissions."""
+    path = os.path.realpath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(catalog_bytes(entries))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from selection.catalog import CatalogEntry
 from selection.data import load_dataset
 from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_GCV, RIDGE_GCVS, RIDGE_SCALE,
                                  RIDGE_SCALES, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width)
-from selection.errors import ConfigError, StandardMismatchError, StoreError
+from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError
 from selection.storage import Store
 
 log = logging.getLogger(__name__)
@@ -277,11 +278,23 @@ def relocate_baseline(store: Store, std: Standard, planned: dict[str, Any]) -> S
 
     The id hashes the baseline's weights, not where they lie: a store moved elsewhere, or a relative
     path recorded before, leaves a published standard naming a checkpoint that is gone (or another copy).
-    When the planned location differs, standard.json is rewritten (one atomic write) with it.
+    When the recorded location is relative or holds no checkpoint any more, standard.json is rewritten
+    (one atomic write) with the planned one. A recorded checkpoint that is still there is kept: other
+    machines (a cluster's workers) may read it from there.
     """
+    from selection.catalog import WEIGHTS_SCHEMES
+    from selection.models import check_weights_exist
+
     old, new = std.spec["baseline"]["entry"], planned["baseline"]["entry"]
-    if old.get("weights") == new.get("weights"):
+    recorded = old.get("weights")
+    if recorded == new.get("weights") or recorded is None or recorded.startswith(("hf-hub:", "timm:", "pypi:")):
         return std
+    if recorded.startswith(WEIGHTS_SCHEMES) or os.path.isabs(recorded):
+        try:
+            check_weights_exist(recorded)
+            return std
+        except ModelError:
+            pass  # gone: record where it lies now
     spec = copy.deepcopy(std.spec)
     spec["baseline"]["entry"]["weights"] = new.get("weights")
     store.write_bytes(f"standards/{std.id}/standard.json",

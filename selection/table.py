@@ -623,6 +623,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
                              on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
         rows += len(shard)
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
+        if pending.num_rows < segment_rows:
+            continue  # no copy: a segment's row groups come in as shards of 4,096 rows
         while pending.num_rows >= segment_rows:
             write_segment(pending.slice(0, segment_rows))
             pending = pending.slice(segment_rows)

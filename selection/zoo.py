@@ -51,11 +51,15 @@ class TrainSpec:
         def whole(v: Any) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)
         if not (whole(self.epochs) and self.epochs >= 1 and whole(self.batch_size) and self.batch_size >= 2
-                and whole(self.seed) and self.seed >= 0
-                and isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
+                and whole(self.seed) and self.seed >= 0 and isinstance(self.lr, numbers.Real)
+                and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"train spec {self.id!r}: whole epochs >= 1, batch_size >= 2 and seed >= 0, "
                               f"and a finite lr > 0 needed, got epochs={self.epochs!r}, lr={self.lr!r}, "
                               f"batch_size={self.batch_size!r}, seed={self.seed!r}")
+        # Plain Python numbers: the checkpoint's key hashes the spec's repr (np.int64(2) is not 2).
+        for name in ("epochs", "batch_size", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "lr", float(self.lr))
 
     def portable(self, store_url: str = "") -> "TrainSpec":
         """This spec with data inside the store named by its path there (`<store>/...`), not the store's URL."""

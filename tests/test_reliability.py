@@ -788,12 +788,14 @@ def test_a_submitted_jobs_runtime_env_is_not_set_twice(monkeypatch):
         runtime.init("10.0.0.1:6379")
     # A runtime env that references the node's variable (${VAR}) gives the workers its value, as Ray
     # expands it: the same value is no conflict (it was compared unexpanded and refused; a review).
-    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL_S3": "${AWS_ENDPOINT_URL_S3}", "R": "${UNSET_ZZ}"}}}
+    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL_S3": "${AWS_ENDPOINT_URL_S3}", "R": "${UNSET_ZZ}",
+                                        "L": "${lower_unset_zz}x"}}}  # Ray keeps an unset lower-case one
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     monkeypatch.delenv("UNSET_ZZ", raising=False)
     runtime.init("10.0.0.1:6379")
     assert calls[-1]["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://other:9000"}}
-    assert runtime._job_env_vars() == {"AWS_ENDPOINT_URL_S3": "http://elsewhere:8333", "R": ""}
+    assert runtime._job_env_vars() == {"AWS_ENDPOINT_URL_S3": "http://elsewhere:8333", "R": "",
+                                       "L": "${lower_unset_zz}x"}
 
 
 def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):

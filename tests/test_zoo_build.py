@@ -133,3 +133,24 @@ def test_a_trained_checkpoint_records_how_it_was_trained_and_its_reuse_says_the_
     assert train(spec, store).to_dict() == entry.to_dict()  # reused: the same catalog entry, no re-embed
     os.remove(entry.weights[:-len(".safetensors")] + ".trained-with.json")  # as checkpoints trained before
     assert "trained_with" not in train(spec, store).metadata
+
+
+def test_a_standards_baseline_that_is_still_where_it_was_recorded_is_kept(tmp_path):
+    """Another machine's copy of the same bytes must not repoint a shared standard away from a
+    checkpoint that is still there (the cluster's workers read it from there)."""
+    cluster = _checkpoint(str(tmp_path / "cluster" / "base.safetensors"))
+    std = bench.ensure_standard(_config(cluster), Store(str(tmp_path / "store")))
+    laptop = str(tmp_path / "laptop" / "base.safetensors")
+    shutil.copytree(tmp_path / "cluster", tmp_path / "laptop")
+    again = bench.ensure_standard(_config(laptop), Store(str(tmp_path / "store")))
+    assert again.baseline.weights == cluster == load_standard(Store(str(tmp_path / "store")), std.id).baseline.weights
+
+
+def test_a_symlinked_catalog_is_rewritten_where_it_points_with_its_permissions(tmp_path):
+    shared = tmp_path / "shared.jsonl"
+    write_catalog([CatalogEntry("m0", "resnet10t", None)], str(shared))
+    os.chmod(shared, 0o664)
+    os.symlink(shared, tmp_path / "catalog.jsonl")
+    write_catalog([CatalogEntry("m1", "resnet10t", None)], str(tmp_path / "catalog.jsonl"))
+    assert os.path.islink(tmp_path / "catalog.jsonl") and [e.id for e in load_catalog(str(shared))] == ["m1"]
+    assert os.stat(shared).st_mode & 0o777 == 0o664
