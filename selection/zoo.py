@@ -121,9 +121,9 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
                          input_size=spec.input_size, num_classes=n_classes,
                          metadata={"trained_on": spec.data, "epochs": spec.epochs, "seed": spec.seed,
                                    "init": spec.init or "scratch"})
-    trained_with = rel[:-len(".safetensors")] + ".trained-with.json"
+    how_rel = rel[:-len(".safetensors")] + ".trained-with.json"
     if store.exists(rel):
-        how = _trained_with(store, trained_with)  # None before it was recorded: the entry (and its rows) as was
+        how = _trained_with(store, how_rel)  # None before it was recorded: the entry (and its rows) as was
         return entry if how is None else dataclasses.replace(entry, metadata=dict(entry.metadata, trained_with=how))
     t0 = time.perf_counter()
     with deterministic_kernels(device), _one_thread():
@@ -136,7 +136,7 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
 
     how = {"device": torch.device(device).type, "machine": platform.machine(), "cpu": cpu_model(),
            "torch": torch.__version__, "timm": timm.__version__}
-    store.write_bytes(trained_with, json.dumps(how, sort_keys=True).encode())
+    store.write_bytes(how_rel, json.dumps(how, sort_keys=True).encode())
     store.write_bytes(rel, save(state, metadata={"zooselect": meta}))
     entry = dataclasses.replace(entry, metadata=dict(entry.metadata, trained_with=how))
     log.info("trained %s (%s on %s, %s) in %.1fs, last loss %.3f", spec.id, spec.arch, spec.data, device,
