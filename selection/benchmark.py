@@ -1462,7 +1462,7 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], names: Sequence[st
     return "\n".join(lines) + "\n"
 
 
-def _trained_with(zoo: list[dict[str, Any]]) -> str:
+def _zoo_trained_with(zoo: list[dict[str, Any]]) -> str:
     """How the zoo's trained checkpoints were made (they retrain bit for bit only the same way)."""
     counts: dict[str, int] = {}
     for z in zoo:
@@ -1524,7 +1524,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              f"{by_kind['finetune']} fine-tunes of them, {by_kind['scratch']} timm models trained from scratch "
              f"({len(fams)} timm families: {', '.join(fams)}) on different data, {by_kind['random']} random-init "
              f"models. Every model's provenance is in the catalog (`{run['catalog']}`) and in the table below."
-             + _trained_with(zoo))
+             + _zoo_trained_with(zoo))
     if plan.name == "full":
         L.append(f"- **Resolution**: the standards run every model at its own input size (`input_size=None`): "
                  f"models trained from scratch at 32 px, fine-tunes at 64 px, and the ImageNet models at "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from selection.errors import ConfigError
 from selection.keys import check_unicode
+from selection.storage import write_file_atomically
 
 WEIGHTS_SCHEMES = ("file://", "s3://", "hf-hub:", "timm:", "pypi:")
 _ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
@@ -180,16 +180,4 @@ def catalog_bytes(entries: list[CatalogEntry]) -> bytes:
 def write_catalog(entries: list[CatalogEntry], path: str) -> None:
     """Write entries as JSON lines, atomically: a write stopped part-way leaves the old catalog whole.
     A symlinked catalog is written where it points; an existing catalog keeps its permissions."""
-    path = os.path.realpath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(catalog_bytes(entries))
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(os.path.realpath(path), catalog_bytes(entries))

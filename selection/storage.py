@@ -179,6 +179,26 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Write a local file through a temporary file beside it, fsynced and renamed over it, then flush
+    the directory: a write stopped part-way leaves the old file whole, and a reported write survives
+    a power loss. An existing file keeps its permissions."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _fsync_dir(path: str) -> None:
     """Flush a directory's entries to disk (POSIX; a no-op where directories cannot be opened)."""
     try:
@@ -328,17 +348,7 @@ class Store:
         if self.scheme == "file":
             def write_local() -> None:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                tmp = f"{os.path.dirname(full)}/.{os.path.basename(full)}.{uuid.uuid4().hex}.tmp"
-                try:
-                    with open(tmp, "wb") as fh:
-                        fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, full)
-                    _fsync_dir(os.path.dirname(full))  # the rename itself survives a power loss
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                write_file_atomically(full, data)
             self._call("write", rel, write_local)
         else:
             try:
