@@ -248,8 +248,9 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     w = entry.weights
     arch = entry.arch
     if w is None:
-        torch.manual_seed(_seed_of(entry.id))
-        model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
+        with torch.random.fork_rng(devices=[]):  # seeded from the id, the caller's RNG left as it was
+            torch.manual_seed(_seed_of(entry.id))
+            model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
         digest = weights_digest(entry)
     elif w.startswith(("hf-hub:", "timm:")):
         name = w if w.startswith("hf-hub:") else w[len("timm:"):]

@@ -1,5 +1,5 @@
 """Building zoos, catalogs and standards: each test here failed before its fix (a review of the
-building code, session 27)."""
+building code, session 27, and after)."""
 
 from __future__ import annotations
 
@@ -154,3 +154,15 @@ def test_a_symlinked_catalog_is_rewritten_where_it_points_with_its_permissions(t
     write_catalog([CatalogEntry("m1", "resnet10t", None)], str(tmp_path / "catalog.jsonl"))
     assert os.path.islink(tmp_path / "catalog.jsonl") and [e.id for e in load_catalog(str(shared))] == ["m1"]
     assert os.stat(shared).st_mode & 0o777 == 0o664
+
+
+def test_loading_a_random_init_model_leaves_the_callers_random_state_alone():
+    # It seeded torch's global generator from the model id and left it so: whatever the caller drew
+    # next (a training run's dropout and new head) depended on the last model loaded, not its own seed.
+    from selection.models import load_model
+
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    load_model(CatalogEntry("r", "resnet10t", input_size=32))
+    assert torch.equal(torch.rand(4), expected)
