@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 from jobs.common import add_store_args, check_output, open_store, prog, run_main
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
-from selection.table import compact, delete_rows, export_table, iter_shards, read_consistently
+from selection.table import Progress, compact, delete_rows, export_table, iter_shards, read_consistently
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
                                        "as one Parquet file, for DuckDB, Polars or pandas")
     add_store_args(ex)
     ex.add_argument("--out", required=True, metavar="FILE", help="the Parquet file to write")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     rm = sub.add_parser("remove", help="remove models from the table (one object each)")
     add_store_args(rm)
     rm.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
@@ -31,7 +33,27 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--break-leases", action="store_true",
                     help="first delete the leases of compactions that crashed (a lease blocks compaction for 6 h; "
                          "never while one is running)")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+@contextlib.contextmanager
+def _bars(enabled: bool, **verbs: str) -> Iterator[Progress]:
+    """A `selection.table.Progress` that shows one bar per kind of work, named by `verbs`
+    (e.g. rows="folded": "folded: 4096 rows")."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(what: str, n: int) -> None:
+        if what not in bars:
+            bars[what] = tqdm(desc=verbs.get(what, what), unit=f" {what}", disable=not enabled)
+        bars[what].update(n)
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _ls_line(row: dict[str, Any]) -> str:
@@ -69,13 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(rows)} models under standard {std.id}")
         return 0
     if args.command == "export":
-        rows = export_table(store, std, args.out)
+        with _bars(not args.no_progress, rows="exported") as progress:
+            rows = export_table(store, std, args.out, progress)
         print(f"wrote {rows} models under standard {std.id} to {args.out}")
         return 0
     if args.command == "compact":
-        res = compact(store, std, args.segment_rows, break_leases=args.break_leases)
+        with _bars(not args.no_progress, rows="folded", objects="deleted") as progress:
+            res = compact(store, std, args.segment_rows, break_leases=args.break_leases, progress=progress)
         print(f"compacted {res.rows} rows into {res.segments_written} segment(s), removed "
-              f"{res.objects_removed} objects in {res.seconds:.1f}s")
+              f"{res.objects_removed} objects in {res.seconds:.1f}s"
+              + (f"; removed {res.temporaries_removed} temporary file(s) of interrupted writes"
+                 if res.temporaries_removed else ""))
         return 0
     model_ids = list(dict.fromkeys(args.model_ids))  # an id given twice is removed (and counted) once
     missing = delete_rows(store, std, model_ids)

@@ -179,6 +179,9 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary file of `write_file_atomically`
+
+
 def write_file_atomically(path: str, data: bytes) -> None:
     """Write a local file through a temporary file beside it, fsynced and renamed over it, then flush
     the directory: a write stopped part-way leaves the old file whole, and a reported write survives
@@ -406,6 +409,30 @@ class Store:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         return f"etag:{etag}:{info.get('size')}" if etag else ""
+
+    def remove_stale_temporaries(self, prefix: str, older_than_s: float) -> int:
+        """Delete the temporary files of local writes that were killed part-way (a write that ends,
+        even by an error, removes its own) and untouched for `older_than_s`: hidden, so never listed
+        or read, but they hold disk. Return how many. Object stores write in one PUT: nothing to do."""
+        if self.scheme != "file":
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for directory, _, names in os.walk(self._full(prefix)):
+            for name in names:
+                if not _TEMPORARY.fullmatch(name):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.remove(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # its writer renamed or removed it meanwhile
+        if removed:
+            log.info("removed %d temporary file(s) of interrupted writes under %s", removed,
+                     self._display(prefix))
+        return removed
 
     def has_entries(self, prefix: str) -> bool:
         """Whether anything is one level under `prefix` (one LIST call, not a full listing).

@@ -47,6 +47,9 @@ T = TypeVar("T")
 STALE_LEASE_S = 6 * 3600  # a compaction lease not refreshed for this long is one whose compaction crashed
 LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this often
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
+STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
+# `progress(what, n)`: n more rows read ("rows") or objects deleted ("objects") by a long table operation.
+Progress = Callable[[str, int], None]
 _ignored_leases: set[str] = set()  # stale leases already warned about (once per process, not per row)
 
 META_FIELDS = [
@@ -479,7 +482,7 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None) -> E
     return EmbeddingTable(std.id, meta, np.concatenate([s.embeddings for s in shards]))
 
 
-def export_table(store: Store, std: Standard, path: str) -> int:
+def export_table(store: Store, std: Standard, path: str, progress: Progress | None = None) -> int:
     """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
     shard, not the table); return its rows. The file appears whole or not at all."""
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
@@ -490,6 +493,8 @@ def export_table(store: Store, std: Standard, path: str) -> int:
             for shard in iter_shards(store, std, listing):
                 out.write_table(to_arrow(std, shard))
                 rows += len(shard)
+                if progress is not None:
+                    progress("rows", len(shard))
         return rows
 
     try:
@@ -507,6 +512,7 @@ class CompactResult:
     rows: int
     objects_removed: int
     seconds: float
+    temporaries_removed: int = 0  # of local writes killed part-way (`Store.remove_stale_temporaries`)
 
 
 def to_arrow(std: Standard, table: EmbeddingTable) -> pa.Table:
@@ -515,7 +521,7 @@ def to_arrow(std: Standard, table: EmbeddingTable) -> pa.Table:
 
 
 def compact(store: Store, std: Standard, segment_rows: int = 50_000,
-            break_leases: bool = False) -> CompactResult:
+            break_leases: bool = False, progress: Progress | None = None) -> CompactResult:
     """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows.
 
     New segments are written first, consumed objects deleted after; a row object is
@@ -523,7 +529,8 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000,
     its newer object, which overrides the segment; one re-embedded between that check and the
     delete is written back by its writer, see `restore_rows`). Readers see a complete table throughout.
     Refuses while another compaction's lease is younger than STALE_LEASE_S; `break_leases`
-    deletes such leases first (for one whose compaction crashed; never while one runs).
+    deletes such leases first (for one whose compaction crashed; never while one runs). The temporary
+    files of local writes killed part-way, older than STALE_TEMPORARY_S, are deleted too.
     """
     if segment_rows < 1:
         raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
@@ -543,7 +550,7 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000,
             raise StoreError(f"another compaction of standard {std.id} is running (lease {running[0]}, "
                              f"last refreshed {running[1]}); run this one after it ends, or, if that one crashed, "
                              f"with --break-leases")
-        return _compact(store, std, segment_rows, t0)
+        return _compact(store, std, segment_rows, t0, progress or (lambda what, n: None))
     finally:
         stop.set()
         heartbeat.join()  # its last write lands before the delete, never after it
@@ -598,7 +605,7 @@ def _delete_if_unchanged(store: Store, path: str, digest: str | None) -> bool:
     return _digest(data) == digest and store.delete(path)
 
 
-def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> CompactResult:
+def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress: Progress) -> CompactResult:
     listing = list_table(store, std)
     # Of the objects as read: one rewritten meanwhile is not deleted. The markers are read before any
     # row object: a remove that rewrites one after this compaction read its row is kept.
@@ -622,6 +629,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     for shard in iter_shards(store, std, listing, skip_gone=True,
                              on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
         rows += len(shard)
+        progress("rows", len(shard))
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
         if pending.num_rows < segment_rows:
             continue  # no copy: a segment's row groups come in as shards of 4,096 rows
@@ -638,11 +646,14 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
     removed = 0
     for p in listing.segments:
         removed += store.delete(p)
+        progress("objects", 1)
     # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
     # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
     # could hide a re-added model's row in the new segment).
     for p in listing.markers:
         removed += _delete_if_unchanged(store, p, digests.get(p))
+        progress("objects", 1)
+
     def drop_row(p: str) -> bool:
         try:
             return _delete_if_unchanged(store, p, digests.get(p))
@@ -650,9 +661,12 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float) -> Compa
             return False  # kept: the row object overrides the segment
 
     with ThreadPoolExecutor(DELETE_THREADS) as pool:  # two calls a row: in parallel, as the reads are
-        removed += sum(pool.map(drop_row, listing.rows))
+        for dropped in pool.map(drop_row, listing.rows):
+            removed += dropped
+            progress("objects", 1)
+    temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, written, removed)
-    return CompactResult(written, rows, removed, time.perf_counter() - t0)
+    return CompactResult(written, rows, removed, time.perf_counter() - t0, temporaries)
 
 
 def versions_json() -> str:

@@ -454,6 +454,42 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
 
 
+def test_compact_and_export_show_progress_and_compaction_deletes_temporaries_of_killed_writes(published, capsys):
+    from jobs import table as table_job
+    from selection.table import export_table
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid)
+    # What a write killed between its temporary file and the rename leaves: hidden, so never listed.
+    rows_dir = os.path.dirname(os.path.join(store.root, row_path(std.id, "zoo/a")))
+    stale, fresh, other = (os.path.join(rows_dir, name) for name in (
+        f".killed.parquet.{'a' * 32}.tmp", f".writing.parquet.{'b' * 32}.tmp", ".keep-me.tmp"))
+    for path in (stale, fresh, other):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+
+    assert table_job.main(["compact", "--store", store.url]) == 0
+    out, err = capsys.readouterr()
+    assert "removed 1 temporary file(s) of interrupted writes" in out
+    assert not os.path.exists(stale)
+    assert os.path.exists(fresh) and os.path.exists(other)  # a write may still be going; not ours
+    assert "folded: 3 rows" in err and "deleted: 3 objects" in err  # a bar for each
+
+    seen: list[tuple[str, int]] = []
+    assert export_table(store, std, os.path.join(store.root, "..", "t.parquet"),
+                        lambda what, n: seen.append((what, n))) == 3
+    assert {what for what, _ in seen} == {"rows"} and sum(n for _, n in seen) == 3
+    assert table_job.main(["export", "--store", store.url, "--out", os.path.join(store.root, "..", "u.parquet"),
+                           "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert table_job.main(["export", "--store", store.url, "--out", os.path.join(store.root, "..", "v.parquet")]) == 0
+    assert "exported: 3 rows" in capsys.readouterr().err
+
+
 def test_ls_lists_several_standards_without_a_default(published, capsys):
     from jobs import table as table_job
 
