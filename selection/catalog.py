@@ -180,4 +180,4 @@ def catalog_bytes(entries: list[CatalogEntry]) -> bytes:
 def write_catalog(entries: list[CatalogEntry], path: str) -> None:
     """Write entries as JSON lines, atomically: a write stopped part-way leaves the old catalog whole.
     A symlinked catalog is written where it points; an existing catalog keeps its permissions."""
-    write_file_atomically(os.path.realpath(path), catalog_bytes(entries))
+    write_file_atomically(path, catalog_bytes(entries))

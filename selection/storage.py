@@ -9,6 +9,7 @@ Credentials come from the usual AWS chain and never appear in messages.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -19,7 +20,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -179,19 +180,21 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
-_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary file of `write_file_atomically`
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary file of `atomic_local_file`
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Write a local file through a temporary file beside it, fsynced and renamed over it, then flush
-    the directory: a write stopped part-way leaves the old file whole, and a reported write survives
-    a power loss. An existing file keeps its permissions."""
+@contextlib.contextmanager
+def atomic_local_file(path: str) -> Iterator[str]:
+    """A temporary file beside `path` to write in; when the block ends without an error it is fsynced
+    and renamed over `path`, and the directory flushed: a write stopped part-way leaves the old file
+    whole, and a reported write survives a power loss. A symlink is written where it points; an
+    existing file keeps its permissions. On an error the temporary file is removed."""
+    path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if os.path.exists(path):
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
@@ -200,6 +203,12 @@ def write_file_atomically(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Write a local file's bytes through `atomic_local_file`."""
+    with atomic_local_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def _fsync_dir(path: str) -> None:
@@ -413,22 +422,29 @@ class Store:
     def remove_stale_temporaries(self, prefix: str, older_than_s: float) -> int:
         """Delete the temporary files of local writes that were killed part-way (a write that ends,
         even by an error, removes its own) and untouched for `older_than_s`: hidden, so never listed
-        or read, but they hold disk. Return how many. Object stores write in one PUT: nothing to do."""
+        or read, but they hold disk. Return how many; one that cannot be removed is logged and left.
+        Object stores write in one PUT: nothing to do."""
         if self.scheme != "file":
             return 0
         cutoff = time.time() - older_than_s
         removed = 0
-        for directory, _, names in os.walk(self._full(prefix)):
-            for name in names:
-                if not _TEMPORARY.fullmatch(name):
-                    continue
-                path = os.path.join(directory, name)
-                try:
-                    if os.stat(path).st_mtime < cutoff:
-                        os.remove(path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue  # its writer renamed or removed it meanwhile
+        seen: set[str] = set()
+        found = []  # the tree the table's listings see: a symlinked folder (rows on another disk) followed once
+        for directory, folders, names in os.walk(self._full(prefix), followlinks=True):
+            if os.path.realpath(directory) in seen:
+                folders[:] = []
+                continue
+            seen.add(os.path.realpath(directory))
+            found += [os.path.join(directory, name) for name in names if _TEMPORARY.fullmatch(name)]
+        for path in found:
+            try:
+                if os.lstat(path).st_mtime < cutoff:
+                    os.remove(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer renamed or removed it meanwhile
+            except OSError as exc:
+                log.warning("cannot remove the temporary file of an interrupted write %s: %s", path, exc)
         if removed:
             log.info("removed %d temporary file(s) of interrupted writes under %s", removed,
                      self._display(prefix))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
-from selection.storage import Store
+from selection.storage import Store, atomic_local_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -484,26 +483,24 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None) -> E
 
 def export_table(store: Store, std: Standard, path: str, progress: Progress | None = None) -> int:
     """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
-    shard, not the table); return its rows. The file appears whole or not at all."""
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    shard, not the table); return its rows. The file appears whole or not at all (`atomic_local_file`)."""
+    report = progress or (lambda what, n: None)
 
     def write(listing: Listing) -> int:
         rows = 0
-        with pq.ParquetWriter(tmp, schema_for(std)) as out:
-            for shard in iter_shards(store, std, listing):
-                out.write_table(to_arrow(std, shard))
-                rows += len(shard)
-                if progress is not None:
-                    progress("rows", len(shard))
+        try:
+            with pq.ParquetWriter(tmp, schema_for(std)) as out:
+                for shard in iter_shards(store, std, listing):
+                    out.write_table(to_arrow(std, shard))
+                    rows += len(shard)
+                    report("rows", len(shard))
+        except ObjectGoneError:
+            report("rows", -rows)  # read again from the start (`read_consistently`)
+            raise
         return rows
 
-    try:
-        rows = read_consistently(store, std, write)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return rows
+    with atomic_local_file(path) as tmp:
+        return read_consistently(store, std, write)
 
 
 @dataclass(frozen=True)
@@ -645,14 +642,16 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     # between), the table is the same. Rows first would let an old marker hide a re-added model.
     removed = 0
     for p in listing.segments:
-        removed += store.delete(p)
-        progress("objects", 1)
+        deleted = store.delete(p)
+        removed += deleted
+        progress("objects", deleted)
     # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
     # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
     # could hide a re-added model's row in the new segment).
     for p in listing.markers:
-        removed += _delete_if_unchanged(store, p, digests.get(p))
-        progress("objects", 1)
+        deleted = _delete_if_unchanged(store, p, digests.get(p))
+        removed += deleted
+        progress("objects", deleted)
 
     def drop_row(p: str) -> bool:
         try:
@@ -663,7 +662,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     with ThreadPoolExecutor(DELETE_THREADS) as pool:  # two calls a row: in parallel, as the reads are
         for dropped in pool.map(drop_row, listing.rows):
             removed += dropped
-            progress("objects", 1)
+            progress("objects", dropped)
     temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, written, removed)
     return CompactResult(written, rows, removed, time.perf_counter() - t0, temporaries)

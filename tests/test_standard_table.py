@@ -454,7 +454,8 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
 
 
-def test_compact_and_export_show_progress_and_compaction_deletes_temporaries_of_killed_writes(published, capsys):
+def test_compact_and_export_show_progress_and_compaction_deletes_temporaries_of_killed_writes(
+        published, capsys, monkeypatch, caplog):
     from jobs import table as table_job
     from selection.table import export_table
 
@@ -463,31 +464,62 @@ def test_compact_and_export_show_progress_and_compaction_deletes_temporaries_of_
         _quick_row(store, std, mid)
     # What a write killed between its temporary file and the rename leaves: hidden, so never listed.
     rows_dir = os.path.dirname(os.path.join(store.root, row_path(std.id, "zoo/a")))
-    stale, fresh, other = (os.path.join(rows_dir, name) for name in (
-        f".killed.parquet.{'a' * 32}.tmp", f".writing.parquet.{'b' * 32}.tmp", ".keep-me.tmp"))
-    for path in (stale, fresh, other):
+    stale, stuck, fresh, other = (os.path.join(rows_dir, name) for name in (
+        f".killed.parquet.{'a' * 32}.tmp", f".stuck.parquet.{'c' * 32}.tmp", f".writing.parquet.{'b' * 32}.tmp",
+        ".keep-me.tmp"))
+    two_hours_ago = time.time() - 7200
+    for path in (stale, stuck, fresh, other):
         with open(path, "wb") as fh:
             fh.write(b"partial")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
-    os.utime(other, (two_hours_ago, two_hours_ago))
+        if path != fresh:
+            os.utime(path, (two_hours_ago, two_hours_ago))
+    real_remove = os.remove
 
+    def remove(path, *args, **kwargs):  # a file of another user in a shared store
+        if path == stuck:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", remove)
     assert table_job.main(["compact", "--store", store.url]) == 0
+    monkeypatch.undo()
     out, err = capsys.readouterr()
     assert "removed 1 temporary file(s) of interrupted writes" in out
     assert not os.path.exists(stale)
-    assert os.path.exists(fresh) and os.path.exists(other)  # a write may still be going; not ours
+    assert all(map(os.path.exists, (stuck, fresh, other)))  # logged; a write may still be going; not ours
+    assert "cannot remove the temporary file of an interrupted write" in caplog.text
     assert "folded: 3 rows" in err and "deleted: 3 objects" in err  # a bar for each
 
+    # An export whose listing went out of date is read again: its rows are counted once.
+    _quick_row(store, std, "zoo/d")
     seen: list[tuple[str, int]] = []
+    read_many, gone = Store.read_many, []
+
+    def removed_meanwhile(self, rels, *args, **kwargs):
+        rels = list(rels)
+        if not gone and any("/rows/" in r for r in rels):
+            gone.append(delete_row(Store(store.url), std, "zoo/d"))
+        return read_many(self, rels, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "read_many", removed_meanwhile)
     assert export_table(store, std, os.path.join(store.root, "..", "t.parquet"),
                         lambda what, n: seen.append((what, n))) == 3
-    assert {what for what, _ in seen} == {"rows"} and sum(n for _, n in seen) == 3
+    monkeypatch.undo()
+    assert gone == [True] and {what for what, _ in seen} == {"rows"} and sum(n for _, n in seen) == 3
     assert table_job.main(["export", "--store", store.url, "--out", os.path.join(store.root, "..", "u.parquet"),
                            "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
-    assert table_job.main(["export", "--store", store.url, "--out", os.path.join(store.root, "..", "v.parquet")]) == 0
+    # An export over a symlink writes the file it points to, keeping its permissions.
+    shared = os.path.join(store.root, "..", "shared.parquet")
+    with open(shared, "wb") as fh:
+        fh.write(b"old")
+    os.chmod(shared, 0o640)
+    link = os.path.join(store.root, "..", "v.parquet")
+    os.symlink(shared, link)
+    assert table_job.main(["export", "--store", store.url, "--out", link]) == 0
     assert "exported: 3 rows" in capsys.readouterr().err
+    assert os.path.islink(link) and pq.read_table(shared).num_rows == 3
+    assert os.stat(shared).st_mode & 0o777 == 0o640
 
 
 def test_ls_lists_several_standards_without_a_default(published, capsys):
