@@ -211,6 +211,25 @@ def write_file_atomically(path: str, data: bytes) -> None:
         fh.write(data)
 
 
+def _local_files(top: str) -> list[str]:
+    """Every file under a local folder (or `top` itself, a file), symlinked folders followed once each
+    (`find` would list a symlinked folder as one entry: a task's class folder, or a table's rows kept
+    on another disk, would be left out)."""
+    if os.path.isfile(top):
+        return [top]
+    above: dict[str, frozenset[str]] = {}  # a folder -> the real paths of it and the folders it is in
+    files = []
+    for directory, folders, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(directory)
+        chain = above.get(os.path.dirname(directory), frozenset())
+        if real in chain:  # a link back up the tree
+            folders[:] = []
+            continue
+        above[directory] = chain | {real}
+        files += [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
+    return files
+
+
 def _fsync_dir(path: str) -> None:
     """Flush a directory's entries to disk (POSIX; a no-op where directories cannot be opened)."""
     try:
@@ -384,7 +403,8 @@ class Store:
         """Relative paths of the objects under `prefix` ending in `suffix`, sorted."""
         full = self._full(prefix)
         try:
-            found = self._call("list", prefix, lambda: self.fs.find(full))
+            found = self._call("list", prefix, lambda: _local_files(full) if self.scheme == "file"
+                               else self.fs.find(full))
         except FileNotFoundError:
             return []
         root = self._full("")
@@ -428,15 +448,9 @@ class Store:
             return 0
         cutoff = time.time() - older_than_s
         removed = 0
-        seen: set[str] = set()
-        found = []  # the tree the table's listings see: a symlinked folder (rows on another disk) followed once
-        for directory, folders, names in os.walk(self._full(prefix), followlinks=True):
-            if os.path.realpath(directory) in seen:
-                folders[:] = []
+        for path in _local_files(self._full(prefix)):  # the tree the table's listings see
+            if not _TEMPORARY.fullmatch(os.path.basename(path)):
                 continue
-            seen.add(os.path.realpath(directory))
-            found += [os.path.join(directory, name) for name in names if _TEMPORARY.fullmatch(name)]
-        for path in found:
             try:
                 if os.lstat(path).st_mtime < cutoff:
                     os.remove(path)

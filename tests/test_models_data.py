@@ -169,6 +169,14 @@ def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
     assert ds.classes == ("cat", "dog") and list(ds.labels) == [0, 0, 0, 1]
     assert [int(v) for v in ds.images[:, 0, 0, 0]] == [255, 250, 245, 0] and ds.images[:, 0, 0, 1].max() == 0
     assert "1 image(s) outside the class folders are left out (e.g. 'stray.png')" in caplog.text
+    # A class folder that is a symlink (a class subset made of links) holds its images, as in
+    # torchvision's ImageFolder; it was dropped without a word. A link back up the tree is followed once.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f.png").write_bytes(_png((0, 0, 200)))
+    os.symlink(tmp_path / "elsewhere", root / "eel")
+    os.symlink(root, root / "cat" / "loop")
+    ds = load_dataset(str(root), 16)
+    assert ds.classes == ("cat", "dog", "eel") and list(ds.labels) == [0, 0, 0, 1, 2]
 
 
 def test_a_task_loses_its_repeated_images_with_a_warning(tmp_path, caplog):
@@ -235,6 +243,12 @@ def test_bad_task_files(tmp_path):
     pq.write_table(pa.table({"img": [b"x"], "label": [1]}), tmp_path / "cols.parquet")
     with pytest.raises(DataError, match=r"lacks column\(s\) \['image'\]"):
         load_dataset(str(tmp_path / "cols.parquet"))
+    # A missing label written as NaN (pandas, Polars, Spark) became a class named "nan" (a review, session 28).
+    for labels in ([0.0, 1.0, None], [0.0, 1.0, float("nan")]):
+        pq.write_table(pa.table({"image": [_png((i, 0, 0)) for i in range(3)], "label": labels}),
+                       tmp_path / "nan.parquet")
+        with pytest.raises(DataError, match=r"nan.parquet' has 1 missing label\(s\) \(null or NaN\)$"):
+            load_dataset(str(tmp_path / "nan.parquet"))
     (tmp_path / "corrupt.parquet").write_bytes(b"garbage")
     with pytest.raises(DataError, match="corrupt Parquet"):
         load_dataset(str(tmp_path / "corrupt.parquet"))

@@ -1195,3 +1195,18 @@ def test_compacted_segments_are_row_groups_swept_in_place(published, monkeypatch
     store.write_table(seg, t)
     assert [len(s) for s in tbl.iter_shards(store, std)] == [10]
     assert sorted(load_table(store, std).model_ids) == sorted(f"zoo/m{i}" for i in range(10))
+
+
+def test_a_table_whose_row_folders_are_symlinks_is_read_whole(published, tmp_path):
+    # Rows moved to another disk and linked back: the listing skipped a linked folder, so its models
+    # were left out of every sweep and `ls` without a word.
+    import shutil
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    folder = os.path.dirname(os.path.join(store.root, row_path(std.id, "zoo/a")))
+    shutil.move(folder, tmp_path / "other-disk")
+    os.symlink(tmp_path / "other-disk", folder)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+    assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b"]
