@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -73,13 +74,23 @@ class ImageSet:
     def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSet":
         return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
 
+    def _digests(self) -> list[bytes]:
+        return [hashlib.blake2b(self.images[i].tobytes(), digest_size=16).digest() for i in range(len(self))]
+
+    def in_content_order(self) -> "ImageSet":
+        """This set ordered by its images' pixels (their digests), labels alongside: whatever depends on
+        position (a seeded split) then depends on the images, not on the order a folder or file gave."""
+        digests = self._digests()
+        return self.subset(np.array(sorted(range(len(self)), key=lambda i: (digests[i], int(self.labels[i]))),
+                                    np.int64))
+
     def without_repeats(self) -> tuple["ImageSet", int]:
         """This set without the later copies of an image under the same label (same pixels after resizing),
         and how many were dropped."""
         seen: set[tuple[bytes, int]] = set()
         keep = []
-        for i in range(len(self)):
-            key = (hashlib.blake2b(self.images[i].tobytes(), digest_size=16).digest(), int(self.labels[i]))
+        for i, digest in enumerate(self._digests()):
+            key = (digest, int(self.labels[i]))
             if key not in seen:
                 seen.add(key)
                 keep.append(i)
@@ -432,8 +443,9 @@ def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
             raise DataError(f"task Parquet {url!r} row {i}: 'image' should be encoded image bytes, "
                             f"got {type(data).__name__}")
         images.append(_decode(bytes(data), f"{url!r} row {i}", size))
-    if any(y is None for y in raw_labels):
-        raise DataError(f"task Parquet {url!r} has null labels")
+    missing = sum(y is None or (isinstance(y, float) and math.isnan(y)) for y in raw_labels)
+    if missing:  # NaN: how pandas, Polars and Spark write a missing float label
+        raise DataError(f"task Parquet {url!r} has {missing} missing label(s) (null or NaN)")
     names = tuple(sorted({str(y) for y in raw_labels}, key=lambda s: (len(s), s)))
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[str(y)] for y in raw_labels], dtype=np.int64)

@@ -81,8 +81,9 @@ class Constraint:
         if name in ("tag", "tags"):
             has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
             return has if self.op != "!=" else ~has
-        col = np.array([str(v) for v in meta.column(name).to_pylist()])
-        return _OPS[self.op](col, self.value)
+        values = meta.column(name).to_pylist()  # an unknown license or arch passes neither = nor !=
+        col = np.array(["" if v is None else str(v) for v in values])
+        return _OPS[self.op](col, self.value) & np.array([v is not None for v in values], bool)
 
 
 @dataclass(frozen=True)
@@ -429,8 +430,9 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
         raise ModelError(f"model {entry.id!r}: its weights changed since it was embedded (sha256 "
                          f"{loaded.weights_sha256[:12]}..., the table's row {weights_sha256[:12]}...); "
                          f"re-embed it (jobs.embed or jobs.reindex)")
-    if config.verify_by == "probe":
-        return model_task_accuracy(entry, task, std_input_size, config.protocol, loaded=loaded, device=device)
+    if config.verify_by == "probe":  # its split by position: made on the images, not on the order given
+        return model_task_accuracy(entry, task.in_content_order(), std_input_size, config.protocol, loaded=loaded,
+                                   device=device)
     from selection.scorers import SCORERS
 
     feats = extract_features(loaded, task.images, input_size=std_input_size, device=device)

@@ -142,3 +142,16 @@ def test_a_model_whose_value_is_unknown_passes_no_numeric_constraint():
     masks = {w: Constraint.parse(w).mask(meta).tolist() for w in ("gflops!=1", "gflops<1", "gflops>=1", "gflops=1")}
     assert masks == {"gflops!=1": [True, False, False, False], "gflops<1": [True, False, False, False],
                      "gflops>=1": [False, True, False, False], "gflops=1": [False, True, False, False]}
+
+
+def test_a_model_of_unknown_license_passes_no_license_constraint():
+    """`license!=cc-by-nc-4.0` admitted every model of unknown license (null, compared as the text
+    "None"), exactly when a user excludes the non-commercial ones; `license=None` matched them (a
+    review, session 28)."""
+    meta = pa.table({"model_id": ["a", "b", "c"], "license": ["apache-2.0", "cc-by-nc-4.0", None],
+                     "tags": [["x"], None, []]})
+    masks = {w: Constraint.parse(w).mask(meta).tolist()
+             for w in ("license!=cc-by-nc-4.0", "license=apache-2.0", "license=None", "tag!=x", "tag=x")}
+    assert masks == {"license!=cc-by-nc-4.0": [True, False, False], "license=apache-2.0": [True, False, False],
+                     "license=None": [False, False, False],
+                     "tag!=x": [False, True, True], "tag=x": [True, False, False]}  # no tags: not tagged x
