@@ -45,6 +45,12 @@ DIGITS_TRAIN_FRACTION = 0.6
 FASHION_PROBE_COUNT = 2000
 
 
+# `ImageSet.near_repeats`: thumbnails of THUMBNAIL x THUMBNAIL block means within NEAR_REPEAT_LEVELS of 255.
+THUMBNAIL = 8
+NEAR_REPEAT_LEVELS = 2.0
+NEAR_REPEAT_MAX_IMAGES = 10_000
+
+
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     """uint8 images (N, H, W, 3) with int64 labels (N,) in [0, len(classes))."""
@@ -96,6 +102,34 @@ class ImageSet:
                 keep.append(i)
         dropped = len(self) - len(keep)
         return (self.subset(np.array(keep, np.int64)) if dropped else self), dropped
+
+    def near_repeats(self, levels: float = NEAR_REPEAT_LEVELS, max_images: int = NEAR_REPEAT_MAX_IMAGES
+                     ) -> list[tuple[int, int]]:
+        """Pairs (i, j), i < j, of images under the same label that are nearly the same picture: their 8x8
+        thumbnails (block means, per channel) differ by at most `levels` of 255 everywhere. A re-encoded,
+        slightly edited or resized-back copy is; two photographs, or two drawings of a digit, are not.
+        Sets of more than `max_images` are not looked at ([]): the search is quadratic within a class,
+        and near-copies matter where a model has about as many features as there are images."""
+        n, h, w, _ = self.images.shape
+        if n > max_images or n < 2:
+            return []
+        side = min(THUMBNAIL, h, w)
+        bh, bw = h // side, w // side
+        thumbs = (self.images[:, :bh * side, :bw * side].reshape(n, side, bh, side, bw, 3)
+                  .mean(axis=(2, 4), dtype=np.float64).reshape(n, -1))
+        bound = levels ** 2 * thumbs.shape[1]  # within `levels` everywhere: within this squared distance
+        pairs = []
+        for c in np.unique(self.labels):
+            idx = np.flatnonzero(self.labels == c)
+            x = thumbs[idx]
+            sq = (x * x).sum(1)
+            for start in range(0, len(idx), 1024):  # squared distances a block of rows at a time
+                d2 = sq[start:start + 1024, None] + sq[None, :] - 2 * x[start:start + 1024] @ x.T
+                for a, b in zip(*np.nonzero(d2 <= bound + 1e-6 * sq.max() + 1)):
+                    a += start
+                    if a < b and np.abs(x[a] - x[b]).max() <= levels:
+                        pairs.append((int(idx[a]), int(idx[b])))
+        return sorted(pairs)
 
     def validate_task(self, min_per_class: int = 2) -> "ImageSet":
         """Raise DataError unless this is usable as a classification task."""

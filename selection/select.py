@@ -185,7 +185,20 @@ def prepare_task(task: ImageSet) -> ImageSet:
     if dropped:
         log.warning("task %s: %d repeated image(s) dropped (the same pixels under the same label)", task.name,
                     dropped)
+    near = task.near_repeats()
+    if near:  # told, not dropped: they may be two real images that look alike
+        log.warning("task %s: %d pair(s) of images under the same label are nearly the same picture (e.g. images "
+                    "%d and %d of class %r, counted from 0 in the task's order): if they are copies (re-encoded, "
+                    "slightly edited), remove them; like exact repeats, which are dropped, they let a model with "
+                    "as many features as images fit the labels, and favour it in verification",
+                    task.name, len(near), *_class_positions(task, near[0]), task.classes[task.labels[near[0][0]]])
     return task.validate_task(2)  # one image of each class on each side of the split
+
+
+def _class_positions(task: ImageSet, pair: tuple[int, int]) -> tuple[int, int]:
+    """Where the two images of `pair` (same label) stand among their class's images."""
+    members = np.flatnonzero(task.labels == task.labels[pair[0]]).tolist()
+    return members.index(pair[0]), members.index(pair[1])
 
 
 def embed_task(std: Standard, task: ImageSet, config: SelectConfig,

@@ -198,6 +198,32 @@ def test_a_task_loses_its_repeated_images_with_a_warning(tmp_path, caplog):
     assert prepare_task(same) is same  # nothing repeated: the set itself
 
 
+def test_a_task_with_near_copies_of_its_images_is_warned_of(caplog):
+    """A JPEG re-encode of an image, or a copy with one pixel changed, is not an exact repeat, but does the
+    same to verification (a review, session 28: LogME's order of the shortlist reversed). Such pairs are
+    found and named, not dropped (two real images may look alike); distinct digits and colours 5 apart are not."""
+    from selection.select import prepare_task
+
+    digits = load_dataset("builtin:digits?split=test&per_class=6", 32)
+
+    def jpeg(img):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+    edited = digits.images[7].copy()
+    edited[5, 5, 0] += 1
+    images = np.concatenate([digits.images, [jpeg(digits.images[0]), edited]])
+    task = ImageSet(images, np.concatenate([digits.labels, digits.labels[[0, 7]]]), digits.classes, "t")
+    assert task.near_repeats() == [(0, 60), (7, 61)] and digits.near_repeats() == []
+    with caplog.at_level(logging.WARNING, logger="selection.select"):
+        assert len(prepare_task(task)) == 62
+    assert ("task t: 2 pair(s) of images under the same label are nearly the same picture (e.g. images 0 and 6 "
+            "of class '1', counted from 0 in the task's order)") in caplog.text
+    colours = np.stack([np.full((32, 32, 3), (c, 0, 0), np.uint8) for c in (255, 250, 245, 0)])
+    assert ImageSet(colours, np.array([0, 0, 0, 1]), ("red", "black"), "c").near_repeats() == []
+
+
 @pytest.mark.parametrize("spec,match", [
     ("builtin:fashion-mnist?classes=5", "only one class"),
     ("builtin:fashion-mnist?classes=5,42", r"out of range"),
