@@ -485,21 +485,20 @@ def export_table(store: Store, std: Standard, path: str, progress: Progress | No
     """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
     shard, not the table); return its rows. The file appears whole or not at all (`atomic_local_file`)."""
     report = progress or (lambda what, n: None)
-
-    def write(listing: Listing) -> int:
-        rows = 0
-        try:
-            with pq.ParquetWriter(tmp, schema_for(std)) as out:
-                for shard in iter_shards(store, std, listing):
-                    out.write_table(to_arrow(std, shard))
-                    rows += len(shard)
-                    report("rows", len(shard))
-        except ObjectGoneError:
-            report("rows", -rows)  # read again from the start (`read_consistently`)
-            raise
-        return rows
-
     with atomic_local_file(path) as tmp:
+        def write(listing: Listing) -> int:
+            rows = 0
+            try:
+                with pq.ParquetWriter(tmp, schema_for(std)) as out:
+                    for shard in iter_shards(store, std, listing):
+                        out.write_table(to_arrow(std, shard))
+                        rows += len(shard)
+                        report("rows", len(shard))
+            except ObjectGoneError:
+                report("rows", -rows)  # read again from the start (`read_consistently`)
+                raise
+            return rows
+
         return read_consistently(store, std, write)
 
 
