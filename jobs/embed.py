@@ -19,7 +19,7 @@ from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import delete_rows, read_index, restore_rows
+from selection.table import compaction_running, delete_rows, read_index, restore_rows
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,12 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         for r in plan.invalid:
             print(f"  invalid {r.model_id}: {r.reason}")
         return 0
+    if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
+        runtime.init(args.address)
+        runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
     results: list[EmbedResult] = list(plan.invalid)
     if plan.embed:
-        runtime.init(args.address)
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress)
     ok = [r for r in results if r.status == "embedded"]
@@ -107,6 +109,10 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         print(f"failed: {r.model_id}: {r.reason}")
     during = {r.model_id: r.written_during_compaction for r in ok if r.written_during_compaction}
     if during:
+        if compaction_running(store, std.id):
+            print(f"{len(during)} row(s) written while a compaction of standard {std.id} runs: waiting up to "
+                  f"{args.compaction_wait:.0f}s for it to end, to check them (one that crashed: `jobs.table "
+                  f"compact --break-leases`)", flush=True)
         try:
             restored = restore_rows(store, std, during, wait_s=args.compaction_wait)
             print(f"{len(during)} row(s) written while a compaction ran; {len(restored)} of them written back "

@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--segment-rows", type=int, default=50_000,
                     help="rows per compacted segment (default 50,000)")
     cp.add_argument("--break-leases", action="store_true",
-                    help="first delete the leases of compactions that crashed (a lease blocks compaction for 6 h; "
-                         "never while one is running)")
+                    help="first delete the leases of compactions that crashed (one not refreshed for an hour is "
+                         "taken as crashed anyway; never while one is running)")
     cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -43,8 +43,10 @@ from selection.storage import Store, atomic_local_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-STALE_LEASE_S = 6 * 3600  # a compaction lease not refreshed for this long is one whose compaction crashed
 LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this often
+# A lease not refreshed for this long (6 refresh periods) is one whose compaction crashed. It was 6 h
+# before leases were refreshed: a crash held up every writer's check for that long (a review, session 28).
+STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
 STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
 # `progress(what, n)`: n more rows read ("rows") or objects deleted ("objects") by a long table operation.
@@ -174,7 +176,8 @@ def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s:
         if time.monotonic() >= deadline:
             raise StoreError(f"a compaction of standard {std.id} still runs after {wait_s:.0f}s; "
                              f"{len(written)} row(s) written during it are unchecked "
-                             f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted")
+                             f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted (a compaction that "
+                             f"crashed: `jobs.table compact --break-leases`)")
         time.sleep(poll_s)
     restored = []
     for mid, data in sorted(written.items()):

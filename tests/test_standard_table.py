@@ -1026,7 +1026,7 @@ def test_ls_and_the_index_after_compaction_and_row_objects_read_in_batches(publi
 
 
 def test_a_crashed_compactions_lease_is_broken_on_request(published):
-    """A compaction killed mid-way leaves its lease, and the next one refuses for 6 h: the refusal
+    """A compaction killed mid-way leaves its lease, and the next one refuses for an hour: the refusal
     says how to go on, and --break-leases does."""
     from jobs import table as table_job
     from selection.table import compact, list_segments

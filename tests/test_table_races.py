@@ -206,7 +206,7 @@ def test_a_crashed_compactions_lease_does_not_hold_up_writers(published, caplog)
     assert not compaction_running(store, std.id)
     assert not compaction_running(store, std.id)
     warned = [m for m in caplog.messages if "ignoring the lease of a compaction" in m]
-    assert len(warned) == 1 and warned[0].endswith(f"{leases}/crashed (not refreshed for 6 h; the next compaction deletes it)")
+    assert len(warned) == 1 and warned[0].endswith(f"{leases}/crashed (not refreshed for 1 h; the next compaction deletes it)")
     t0 = time.monotonic()
     assert restore_rows(store, std, {"zoo/new": data}, wait_s=0.0) == []  # no wait: its object is there
     assert time.monotonic() - t0 < 5
