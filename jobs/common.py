@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from selection.errors import ConfigError, ZooselectError
 from selection.storage import Store
@@ -61,6 +62,8 @@ def check_output(path: str | None, *, directory: bool = False) -> None:
     else:
         if os.path.isdir(full):
             raise ConfigError(f"output file {path!r} is a directory")
+        if os.path.exists(full) and not os.access(full, os.W_OK):
+            raise ConfigError(f"cannot write {path!r}: the file exists and is not writable")
         parent = os.path.dirname(full)
         if not os.path.isdir(parent):
             raise ConfigError(f"cannot write {path!r}: directory {parent!r} does not exist")
@@ -69,6 +72,19 @@ def check_output(path: str | None, *, directory: bool = False) -> None:
 
 
 _COMMAND: str | None = None  # "zooselect CMD" while the zooselect command runs a job
+_TERMINATED = 128 + signal.SIGTERM  # the exit status after SIGTERM
+_terminated = False
+
+
+def terminated(signum: int, frame: Any) -> None:
+    """The jobs' SIGTERM handler (a cancelled `ray job`, a stopped pod; installed by `jobs.runtime.init`, as
+    Ray's own aborts with a C++ stack dump): one line, then out through the job's `finally` blocks and
+    Ray's shutdown, exit status 143, as Ctrl-C gives 130. (Inside a Ray call, Ray turns the exception into
+    SystemExit(1): `run_main` gives 143 all the same.)"""
+    global _terminated
+    _terminated = True
+    print("error: terminated", file=sys.stderr, flush=True)
+    raise SystemExit(_TERMINATED)
 
 
 def prog(module: str) -> str:
@@ -103,4 +119,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
+    except SystemExit as exc:
+        code = _TERMINATED if _terminated else exc.code
     sys.exit(code)

@@ -12,11 +12,14 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from jobs.common import terminated
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
@@ -129,6 +132,8 @@ def init(address: str | None = None) -> None:
         env["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
         kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address="local", **kwargs)  # never attach to a stray `ray start` cluster
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminated)  # Ray's own handler aborts with a C++ stack dump
 
 
 def cluster_resources() -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import uuid
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfi
                               default_score, embed_task, entry_of, load_task, shortlist_table, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
-from selection.storage import Store
+from selection.storage import Store, atomic_local_file, write_file_atomically
 from selection.table import EmbeddingTable, may_have_rows
 
 
@@ -120,9 +121,12 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
                              num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
                              option="--task-gpus", autoscaling=autoscaling, keep=True)
     embs = [emb for emb, _ in done]
-    errors = [e for e in embs if isinstance(e, ZooselectError)]
-    if errors:
-        raise errors[0]
+    failed = [(t, e) for t, e in zip(tasks, embs) if isinstance(e, ZooselectError)]
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:  # every one named, not only the first
+        raise type(failed[0][1])(f"{len(failed)} of {len(tasks)} tasks failed: "
+                                 + "; ".join(f"{t!r}: {e}" for t, e in failed))
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
     rankings, m = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
@@ -135,11 +139,13 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
                                  autoscaling=autoscaling)
         rankings = apply_verification(rankings, config.verify_top_k, accs)
     n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
+    shortlisted = [len(ranked[:config.verify_top_k]) for ranked in rankings]
     rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []
-    for spec, emb, ranked, n_ver in zip(tasks, embs, rankings, n_verified):
+    for spec, emb, ranked, n_ver, n_short in zip(tasks, embs, rankings, n_verified, shortlisted):
         out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
                     "task_embedding_seconds": round(emb.seconds, 3), "n_verified": n_ver,
+                    "n_unverified": n_short - n_ver,  # its verification failed or measured no finite value
                     "ranking": [_result_row(r) for r in ranked]})
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
@@ -210,19 +216,28 @@ def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
                   parquet_path: str | None, store: Store | None = None) -> str | None:
-    """Write the results where asked; with `store`, also to STORE/results/. Returns that prefix."""
+    """Write the results where asked; with `store`, first to STORE/results/ (returns that prefix). Each
+    local file is written whole or not at all; one that cannot be written is a one-line ConfigError."""
     doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            fh.write(doc)
-    if parquet_path:
-        pq.write_table(results_table(results, std_id), parquet_path)
-    if store is None:
-        return None
-    run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    store.write_bytes(f"{run}.json", doc.encode())
-    store.write_table(f"{run}.parquet", results_table(results, std_id))
-    return f"{store.url}/{run}"
+    saved = None
+    if store is not None:
+        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        store.write_bytes(f"{run}.json", doc.encode())
+        store.write_table(f"{run}.parquet", results_table(results, std_id))
+        saved = f"{store.url}/{run}"
+    def write_parquet(path: str) -> None:
+        with atomic_local_file(path) as tmp:
+            pq.write_table(results_table(results, std_id), tmp)
+
+    for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())), (parquet_path, write_parquet)):
+        if not path:
+            continue
+        try:
+            write(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}"
+                              + (f" (the results are saved in {saved}.json)" if saved else "")) from exc
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"the same task is given twice: {args.task}")
     check_output(args.json)
     check_output(args.parquet)
+    if args.json and args.parquet and os.path.realpath(args.json) == os.path.realpath(args.parquet):
+        raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
     runtime.check_amount("--verify-gpus", args.verify_gpus)
     runtime.check_amount("--task-gpus", args.task_gpus)
     if args.verify_gpus and not args.verify_top_k:
@@ -257,10 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if saved:
         print(f"results saved to {saved}.json and .parquet")
     total = max(r["total_seconds"] for r in results)
+    unverified = sum(r["n_unverified"] for r in results)
     print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
-          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified; "
-          f"{total:.1f}s")
-    return 0
+          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified"
+          + (f", {unverified} whose verification failed (the warnings above say why)" if unverified else "")
+          + f"; {total:.1f}s")
+    return 1 if unverified else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # as argparse does without a required command: the usage on stderr, exit 2
+        print(f"error: a command is required\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0)
     if argv[0] not in COMMANDS:

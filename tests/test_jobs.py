@@ -14,7 +14,7 @@ import pytest
 import timm
 
 from selection.catalog import CatalogEntry, write_catalog
-from selection.errors import ConfigError
+from selection.errors import ConfigError, ZooselectError
 from tests.conftest import save_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -134,13 +134,34 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
         select.main(["--store", store.url, "--task", tasks[0], "--score", "rank-mean", "--no-save",
                      "--no-progress", "--task-image-size", "32"])
 
-    # Reindex with one model gone from the catalog removes exactly its object.
+    # A reindex whose actors the cluster cannot hold (a GPU each here) is refused before it changes
+    # anything: it removed the models gone from the catalog first (a review, session 28).
     lines = open(catalog).read().splitlines()
+    grown = str(tmp_path / "grown.jsonl")
+    write_catalog([CatalogEntry.from_dict(json.loads(line)) for line in lines[:2]]
+                  + [CatalogEntry("zoo/new", "resnet10t", None, input_size=32)], grown)
+    with pytest.raises(ConfigError, match=r"needs 1 GPU\(s\)"):
+        reindex.main(["--catalog", grown, "--store", store.url, "--no-progress", "--gpus-per-actor", "1"])
+    assert _mtimes(store.root) == before
+    # Reindex with one model gone from the catalog removes exactly its object.
     open(catalog, "w").write("\n".join(lines[:2]) + "\n")
     assert reindex.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
     assert "0 embedded, 2 skipped, 1 removed" in capsys.readouterr().out
     after = _mtimes(store.root)
     assert len(after) == 2 and all(before[p] == m for p, m in after.items())
+
+    # A verification that fails (its checkpoint moved away) is counted, and the job exits 1; two tasks
+    # that fail to load are both named (only the first was; a review, session 28).
+    ckpt = json.loads(lines[0])["weights"]
+    os.rename(ckpt, ckpt + ".moved")
+    assert select.main(["--store", store.url, "--task", tasks[1], "--verify-top-k", "2", "--json", out_json,
+                        "--no-save", "--no-progress"]) == 1
+    assert "1 verified, 1 whose verification failed (the warnings above say why)" in capsys.readouterr().out
+    assert json.load(open(out_json))["tasks"][0]["n_unverified"] == 1
+    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: 'builtin:digits\?classes=3,3,7': .*appear more "
+                                             r"than once.*; 'builtin:digits\?classes=42,1': .*out of range"):
+        select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3,3,7",
+                     "--task", "builtin:digits?classes=42,1", "--no-save", "--no-progress"])
 
 
 def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, capsys):
@@ -160,8 +181,11 @@ def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, caps
     assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--compaction-wait", "0"]) == 1
     out = capsys.readouterr().out
     assert "1 embedded" in out and "3 failed" in out
+    assert (f"1 row(s) written while a compaction of standard {std.id} runs: waiting up to 0s for it to end, "
+            f"to check them (one that crashed: `jobs.table compact --break-leases`)") in out
     assert (f"warning: a compaction of standard {std.id} still runs after 0s; 1 row(s) written during it are "
-            f"unchecked (ok); the next re-index restores any it deleted") in out
+            f"unchecked (ok); the next re-index restores any it deleted (a compaction that crashed: "
+            f"`jobs.table compact --break-leases`)") in out
     assert "failed: corrupt: model 'corrupt': corrupt safetensors" in out or "failed: corrupt:" in out
     assert "unknown timm architecture 'no_such_net_abc'" in out
     assert "checkpoint not found" in out
@@ -200,6 +224,9 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.demo", "--store", "/tmp/zs-none", "--verify-top-k", "-1"], "verify_top_k must be >= 0, got -1"),
     (["jobs.scaling", "--skip", "update", "--out", "/no/such/dir/x.json"], "directory '/no/such/dir' does not exist"),
     (["jobs.scaling", "--reps", "0"], "--reps must be >= 1, got 0"),
+    # found by a review (session 28): the JSON silently overwritten by the Parquet file
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/tmp/zs-r.out", "--parquet", "/tmp/zs-r.out"],
+     "--json and --parquet name the same file '/tmp/zs-r.out': one would overwrite the other"),
     (["jobs.scaling", "--images", "0"], "--images must be >= 1, got 0"),
 ])
 def test_bad_input_one_line_error(args, needle):
@@ -306,6 +333,8 @@ def test_help_works():
         assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m {mod} "), (mod, r.stderr)
     r = _run("selection.cli", "--help")
     assert r.returncode == 0 and "reindex" in r.stdout
+    r = _run("selection.cli")  # no command: a usage error (it exited 0)
+    assert r.returncode == 2 and r.stderr.startswith("error: a command is required\nusage: zooselect COMMAND")
     for cmd in ("select", "reindex", "table"):  # each job's usage names the command that ran it
         r = _run("selection.cli", cmd, "--help")
         assert r.returncode == 0 and r.stdout.startswith(f"usage: zooselect {cmd} "), (cmd, r.stdout[:80])
@@ -345,6 +374,29 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     ranked = Ranked("zoo/b", 0.5, 1, False, row)
     results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [_result_row(ranked)]}]
     assert re.search(r"zoo/b .* +\? +\?", format_results(results, "std-x", 1))
+
+
+def test_results_that_cannot_be_written_locally_are_one_line_and_kept_in_the_store(tmp_path, monkeypatch):
+    """An existing output file that is not writable passed the check, and the write failed after the
+    whole selection in a traceback, before the store's copy (a review, session 28)."""
+    from jobs.common import check_output
+    from jobs.select import write_outputs
+    from selection.storage import Store
+
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(out) else real_access(p, mode))
+    with pytest.raises(ConfigError, match=f"cannot write '{out}': the file exists and is not writable"):
+        check_output(str(out))
+    monkeypatch.undo()
+    store = Store(str(tmp_path / "store"))
+    gone = str(tmp_path / "removed-meanwhile" / "r.parquet")
+    with pytest.raises(ConfigError, match=r"cannot write '.*r.parquet': No such file or directory \(the results "
+                                          r"are saved in .*/results/select-.*\.json\)"):
+        write_outputs([{"task": "t", "ranking": []}], "std-x", str(out), gone, store)
+    assert json.loads(out.read_text())["standard_id"] == "std-x"  # written whole; the store's copy too
+    assert len(store.list("results")) == 2
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published):
@@ -415,3 +467,26 @@ def test_stage_means_split_the_wall_time_and_name_the_rest():
     b = EmbedResult("b", "embedded", seconds=5.0, stage_seconds={"actor start": 4.0, "load": 2.0, "fit": 2.5})
     # wall = start + seconds: 5 and 9 s; what no stage names (0.5 and 0.5 s) is "other".
     assert stage_means([a, b]) == "actor start 3.00s, load 1.50s, fit 2.00s, other 0.50s"
+
+
+def test_sigterm_ends_a_job_with_one_line_and_143(ray_local, capsys):
+    """SIGTERM (a cancelled `ray job`, a stopped pod) ended a job in Ray's C++ stack dump and SIGABRT; inside
+    a Ray call Ray turns the handler's exception into SystemExit(1) (a review, session 28)."""
+    import signal
+
+    from jobs import common
+
+    assert signal.getsignal(signal.SIGTERM) is common.terminated  # installed by runtime.init
+
+    def main(argv):
+        try:
+            common.terminated(signal.SIGTERM, None)
+        except SystemExit:
+            raise SystemExit(1) from None  # what ray.wait makes of it
+
+    try:
+        with pytest.raises(SystemExit) as exc:
+            common.run_main(main, [])
+    finally:
+        common._terminated = False
+    assert exc.value.code == 143 and capsys.readouterr().err == "error: terminated\n"
