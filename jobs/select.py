@@ -225,6 +225,7 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
         store.write_bytes(f"{run}.json", doc.encode())
         store.write_table(f"{run}.parquet", results_table(results, std_id))
         saved = f"{store.url}/{run}"
+
     def write_parquet(path: str) -> None:
         with atomic_local_file(path) as tmp:
             pq.write_table(results_table(results, std_id), tmp)

@@ -176,8 +176,8 @@ def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s:
         if time.monotonic() >= deadline:
             raise StoreError(f"a compaction of standard {std.id} still runs after {wait_s:.0f}s; "
                              f"{len(written)} row(s) written during it are unchecked "
-                             f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted (a compaction that "
-                             f"crashed: `jobs.table compact --break-leases`)")
+                             f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted "
+                             f"(a compaction that crashed: `jobs.table compact --break-leases`)")
         time.sleep(poll_s)
     restored = []
     for mid, data in sorted(written.items()):
