@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
-from selection.data import ImageSet
+from selection.data import ImageSet, check_spec
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
@@ -250,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           protocol=ProbeProtocol())
     if len(set(args.task)) != len(args.task):
         raise ConfigError(f"the same task is given twice: {args.task}")
+    for task in args.task:  # a bad spec is refused before Ray starts, not by its task embedding
+        check_spec(task)
     check_output(args.json)
     check_output(args.parquet)
     if args.json and args.parquet and os.path.realpath(args.json) == os.path.realpath(args.parquet):

@@ -36,6 +36,7 @@ FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
                    "sneaker", "bag", "ankle-boot")
 DEFAULT_TASK_SIZE = 64
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DIGITS_CLASSES = tuple(str(i) for i in range(10))
 # Digits 0..DIGITS_PROBE_COUNT-1 of a fixed permutation are reserved for probe sets;
 # the rest serve tasks and training, so a task never shares an image with the probe.
 DIGITS_PROBE_COUNT = 400
@@ -317,25 +318,58 @@ def _int(params: dict[str, str], key: str, default: int | None, spec: str) -> in
     return value
 
 
+def _classes(params: dict[str, str], n_names: int, spec: str) -> list[int]:
+    """The class ids of a spec's `classes=` option (every class when it is absent or empty)."""
+    if not params.get("classes"):
+        return list(range(n_names))
+    try:
+        wanted = [int(c) for c in params["classes"].split(",")]
+    except ValueError:
+        raise DataError(f"classes={params['classes']!r} in {spec!r} must be comma-separated integers") from None
+    bad = [c for c in wanted if not 0 <= c < n_names]
+    if bad:
+        raise DataError(f"class id(s) {bad} in {spec!r} are out of range 0..{n_names - 1}")
+    twice = sorted({c for c in wanted if wanted.count(c) > 1})
+    if twice:
+        raise DataError(f"class id(s) {twice} appear more than once in classes={params['classes']} of {spec!r}")
+    return wanted
+
+
 def _select_classes(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...],
-                    params: dict[str, str], spec: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    if "classes" in params and params["classes"]:
-        try:
-            wanted = [int(c) for c in params["classes"].split(",")]
-        except ValueError:
-            raise DataError(f"classes={params['classes']!r} in {spec!r} must be comma-separated integers") from None
-        bad = [c for c in wanted if not 0 <= c < len(names)]
-        if bad:
-            raise DataError(f"class id(s) {bad} in {spec!r} are out of range 0..{len(names) - 1}")
-        twice = sorted({c for c in wanted if wanted.count(c) > 1})
-        if twice:
-            raise DataError(f"class id(s) {twice} appear more than once in classes={params['classes']} of {spec!r}")
-    else:
-        wanted = list(range(len(names)))
+                    wanted: list[int]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     mask = np.isin(labels, wanted)
     remap = {c: i for i, c in enumerate(wanted)}
     new_labels = np.array([remap[int(y)] for y in labels[mask]], dtype=np.int64)
     return images[mask], new_labels, tuple(names[c] for c in wanted)
+
+
+# Each built-in dataset's options and, where `classes=` may pick some, its class names.
+_LABELLED = frozenset({"classes", "per_class", "n", "split", "seed"})
+_BUILTINS: dict[str, tuple[frozenset[str], tuple[str, ...] | None]] = {
+    "fashion-mnist": (_LABELLED, FASHION_CLASSES),
+    "digits": (_LABELLED, DIGITS_CLASSES),
+    "photos": (frozenset({"n", "seed"}), None),
+    "textures": (frozenset({"n", "seed"}), None),
+    "fashion-mnist-probe": (frozenset({"n", "seed"}), None),
+    "digits-probe": (frozenset({"n", "seed"}), None),
+}
+
+
+def check_builtin_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """The dataset name and options of a `builtin:NAME?OPTIONS` spec, every option checked without
+    reading any data (so that a job refuses a bad spec before it starts any work)."""
+    name, _, query = spec[len("builtin:"):].partition("?")
+    if name not in _BUILTINS:
+        raise DataError(f"unknown built-in dataset {name!r} in {spec!r} (known: {', '.join(_BUILTINS)})")
+    allowed, names = _BUILTINS[name]
+    params = _params(query, set(allowed), spec)
+    for key in ("per_class", "n", "seed"):
+        _int(params, key, None, spec)
+    if params.get("split", "test") not in ("train", "test"):
+        raise DataError(f"{name} split must be 'train' or 'test', got {params['split']!r} in {spec!r}")
+    if names is not None:
+        _classes(params, len(names), spec)
+    return name, params
 
 
 def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int,
@@ -352,61 +386,61 @@ def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, se
     return images[idx], labels[idx]
 
 
-def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dict | None = None) -> ImageSet:
-    """Load the dataset a spec names, resized to (size, size) RGB."""
+def check_spec(spec: str) -> None:
+    """Refuse a dataset spec that cannot name a dataset, without reading any data: a built-in spec's
+    name and options, a mistyped URL, a local path that does not exist. Jobs call it before they
+    start Ray, so that a bad spec is one line at once."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if spec.startswith("builtin:"):
+        check_builtin_spec(spec)
+        return
+    from selection.storage import check_url
+
+    check_url(spec)
+    if ("://" not in spec or spec.startswith("file://")) \
+            and not os.path.exists(spec[len("file://"):] if spec.startswith("file://") else spec):
+        raise DataError(f"dataset {spec!r} does not exist (a local path; a built-in one is builtin:NAME)")
+
+
+def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dict | None = None) -> ImageSet:
+    """Load the dataset a spec names, resized to (size, size) RGB."""
+    check_spec(spec)
     if size < 8 or size > 1024:
         raise DataError(f"image size must be in [8, 1024], got {size}")
     if spec.startswith("builtin:"):
-        body = spec[len("builtin:"):]
-        name, _, query = body.partition("?")
+        name, p = check_builtin_spec(spec)
+        seed = _int(p, "seed", 0, spec)
+        if name == "photos":
+            n = _int(p, "n", 200, spec)
+            return ImageSet(photo_crops(n, size, seed), np.zeros(n, np.int64), ("photo",), spec)
+        if name == "textures":
+            images, labels = procedural_textures(_int(p, "n", 200, spec), size, seed)
+            return ImageSet(resize_images(images, size), labels,
+                            ("grating", "checker", "blobs", "shape", "noise"), spec)
         if name == "fashion-mnist":
-            p = _params(query, {"classes", "per_class", "n", "split", "seed"}, spec)
             split = p.get("split", "test")
             images, labels = load_fashion_mnist(split)
             if split == "train":
                 images, labels = images[FASHION_PROBE_COUNT:], labels[FASHION_PROBE_COUNT:]
             names = FASHION_CLASSES
         elif name == "digits":
-            p = _params(query, {"classes", "per_class", "n", "split", "seed"}, spec)
             images, labels = load_digits_raw("task")
             cut = int(len(images) * DIGITS_TRAIN_FRACTION)
-            split = p.get("split", "test")
-            if split not in ("train", "test"):
-                raise DataError(f"digits split must be 'train' or 'test', got {split!r} in {spec!r}")
-            images, labels = (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
-            names = tuple(str(i) for i in range(10))
-        elif name == "photos":
-            p = _params(query, {"n", "seed"}, spec)
-            n = _int(p, "n", 200, spec)
-            images = photo_crops(n, size, _int(p, "seed", 0, spec))
-            return ImageSet(images, np.zeros(n, np.int64), ("photo",), spec)
-        elif name == "textures":
-            p = _params(query, {"n", "seed"}, spec)
-            images, labels = procedural_textures(_int(p, "n", 200, spec), size, _int(p, "seed", 0, spec))
-            return ImageSet(resize_images(images, size), labels,
-                            ("grating", "checker", "blobs", "shape", "noise"), spec)
-        elif name in ("fashion-mnist-probe", "digits-probe"):
-            p = _params(query, {"n", "seed"}, spec)
-            if name == "digits-probe":
-                images, labels = load_digits_raw("probe")
-                names = tuple(str(i) for i in range(10))
-            else:
-                images, labels = load_fashion_mnist("train")
-                images, labels = images[:FASHION_PROBE_COUNT], labels[:FASHION_PROBE_COUNT]
-                names = FASHION_CLASSES
-        else:
-            raise DataError(f"unknown built-in dataset {name!r} in {spec!r} (known: fashion-mnist, "
-                            f"digits, photos, textures, fashion-mnist-probe, digits-probe)")
-        images, labels, names = _select_classes(images, labels, names, p, spec) if "classes" in p \
-            else (images, labels, names)
-        images, labels = _per_class(images, labels, _int(p, "per_class", None, spec),
-                                    _int(p, "seed", 0, spec), _int(p, "n", None, spec))
+            images, labels = (images[:cut], labels[:cut]) if p.get("split", "test") == "train" \
+                else (images[cut:], labels[cut:])
+            names = DIGITS_CLASSES
+        elif name == "digits-probe":
+            images, labels = load_digits_raw("probe")
+            names = DIGITS_CLASSES
+        else:  # fashion-mnist-probe
+            images, labels = load_fashion_mnist("train")
+            images, labels = images[:FASHION_PROBE_COUNT], labels[:FASHION_PROBE_COUNT]
+            names = FASHION_CLASSES
+        if p.get("classes"):
+            images, labels, names = _select_classes(images, labels, names, _classes(p, len(names), spec))
+        images, labels = _per_class(images, labels, _int(p, "per_class", None, spec), seed, _int(p, "n", None, spec))
         return ImageSet(resize_images(images, size), labels, names, spec)
-    from selection.storage import check_url
-
-    check_url(spec)
     if spec.rstrip("/").endswith(".parquet"):
         return _load_parquet(spec, size, store_options or {})
     return _load_image_folder(spec, size, store_options or {})

@@ -23,7 +23,7 @@ import numpy as np
 
 import selection
 from selection.catalog import CatalogEntry
-from selection.data import load_dataset
+from selection.data import check_spec, load_dataset
 from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_GCV, RIDGE_GCVS, RIDGE_SCALE,
                                  RIDGE_SCALES, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width)
 from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError
@@ -74,6 +74,8 @@ class StandardConfig:
             raise ConfigError(f"fit_fraction must be in [0.2, 0.9], got {self.fit_fraction}")
         if not self.probe_sources:
             raise ConfigError("a standard needs at least one probe source")
+        for src in self.probe_sources:
+            check_spec(src)
         if not 8 <= self.probe_image_size <= 512:
             raise ConfigError(f"probe_image_size must be in [8, 512], got {self.probe_image_size}")
         if self.input_size is not None and not 8 <= self.input_size <= 1024:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from selection.catalog import CatalogEntry
-from selection.data import ImageSet, load_dataset, stratified_split
+from selection import data as data_module
+from selection.data import ImageSet, check_spec, load_dataset, stratified_split
 from selection.errors import DataError, ModelError
 from selection.models import extract_features, load_model, preprocess, weights_digest
 from tests.conftest import save_checkpoint
@@ -230,14 +231,32 @@ def test_a_task_with_near_copies_of_its_images_is_warned_of(caplog):
     ("builtin:mnist", "unknown built-in dataset 'mnist'"),
     ("builtin:digits?colour=red", r"unknown option\(s\) \['colour'\]"),
     ("builtin:digits?per_class=x", "per_class='x'"),
-    ("/no/such/dir", "neither a directory of class folders nor a .parquet file"),
+    ("/no/such/dir", "dataset '/no/such/dir' does not exist"),
+    ("builtin:digits?split=val", "digits split must be 'train' or 'test', got 'val'"),
+    ("builtin:fashion-mnist?classes=1,1", r"class id\(s\) \[1\] appear more than once"),
+    ("builtin:fashion-mnist?classes=a", "classes='a' .* must be comma-separated integers"),
     ("builtin:digits?per_class=-2", r"per_class=-2 .* must be >= 0"),
     ("builtin:digits?n=-1", r"n=-1 .* must be >= 0"),
     ("builtin:photos?n=-5", r"n=-5 .* must be >= 0"),
 ])
-def test_bad_task_specs(spec, match):
+def test_bad_task_specs(spec, match, monkeypatch):
     with pytest.raises(DataError, match=match):
         load_dataset(spec, 16).validate_task()
+    if match != "only one class":  # what needs the images aside, check_spec refuses it without them
+        def no_data(*_args):
+            raise AssertionError("check_spec read data")
+
+        monkeypatch.setattr(data_module, "load_fashion_mnist", no_data)
+        monkeypatch.setattr(data_module, "load_digits_raw", no_data)
+        with pytest.raises(DataError, match=match):
+            check_spec(spec)
+
+
+def test_check_spec_accepts_what_loads(tmp_path):
+    for spec in ("builtin:fashion-mnist?split=train&classes=5,7,9&n=30", "builtin:digits?classes=&per_class=3",
+                 "builtin:photos?n=4&seed=2", "builtin:textures", "builtin:digits-probe?n=5", str(tmp_path),
+                 f"file://{tmp_path}", "s3://bucket/task.parquet"):
+        check_spec(spec)  # no error; the s3:// one is not looked up
 
 
 def test_mistyped_url_is_not_taken_as_a_local_path(tmp_path, monkeypatch):

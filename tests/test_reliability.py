@@ -1028,9 +1028,20 @@ def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, em
     (["--where", "gflops>-inf"], "constraint 'gflops>-inf': '-inf' is not a finite number"),
     (["--top-k", "0"], "top_k must be >= 1, got 0"),
     (["--task", "builtin:digits"], "the same task is given twice"),
+    (["--task", "builtin:digits?per_class=x"], "option per_class='x' in dataset spec 'builtin:digits?per_class=x' "
+                                                 "is not an integer"),
+    (["--task", "builtin:mnist"], "unknown built-in dataset 'mnist'"),
+    (["--task", "/no/such/task"], "dataset '/no/such/task' does not exist"),
 ])
-def test_bad_select_options_refused(tmp_path, capsys, args, needle):
-    from jobs import select
+def test_bad_select_options_refused(tmp_path, capsys, monkeypatch, args, needle):
+    """Refused before the store is opened or Ray started (a bad task spec was refused by its task
+    embedding, after Ray had started: about 24 s)."""
+    from jobs import runtime, select
+
+    def no_ray(*_args, **_kw):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init", no_ray)
 
     line = _run_job(select.main, ["--store", str(tmp_path / "store"), "--task", "builtin:digits", *args,
                                   "--no-progress"], capsys)
