@@ -37,7 +37,7 @@ from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_shards
 from selection.standard import Standard, save_standard
-from selection.storage import Store
+from selection.storage import Store, parquet_bytes
 from selection.table import (META_FIELDS, SEGMENT_ROW_GROUP, compact, delete_row, iter_shards, row_path,
                              schema_for, write_row)
 
@@ -80,7 +80,8 @@ def fill_objects(root: str, std: Standard, m: int, rng: np.random.Generator) -> 
     for i in range(m):
         path = os.path.join(root, row_path(std.id, rows.column("model_id")[i].as_py()))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(rows.slice(i, 1), path, compression="zstd")
+        with open(path, "wb") as fh:
+            fh.write(parquet_bytes(rows.slice(i, 1)))
 
 
 def _time_round(store: Store, std: Standard, model_id: str, rng: np.random.Generator) -> tuple[float, float]:

@@ -39,7 +39,7 @@ import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
-from selection.storage import Store, atomic_local_file
+from selection.storage import Store, atomic_local_file, parquet_bytes, parquet_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,9 +123,7 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
 
 def row_object(std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
     """The row object of one model: its path and its Parquet bytes."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(make_row_table(std, row), sink, compression="zstd")
-    return row_path(std.id, row["model_id"]), sink.getvalue().to_pybytes()
+    return row_path(std.id, row["model_id"]), parquet_bytes(make_row_table(std, row))
 
 
 def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
@@ -492,9 +490,10 @@ def export_table(store: Store, std: Standard, path: str, progress: Progress | No
         def write(listing: Listing) -> int:
             rows = 0
             try:
-                with pq.ParquetWriter(tmp, schema_for(std)) as out:
+                with pq.ParquetWriter(tmp, schema_for(std), **parquet_options(schema_for(std))) as out:
                     for shard in iter_shards(store, std, listing):
-                        out.write_table(to_arrow(std, shard))
+                        if len(shard):  # a segment whose every row was removed or rewritten since
+                            out.write_table(to_arrow(std, shard))
                         rows += len(shard)
                         report("rows", len(shard))
             except ObjectGoneError:

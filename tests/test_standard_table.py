@@ -422,7 +422,7 @@ def test_remove_job_rejects_bad_model_ids_before_removing(published):
 
 def test_remove_reports_honestly_after_compact(published, capsys):
     from jobs import table as table_job
-    from selection.table import compact, list_markers
+    from selection.table import compact, list_markers, list_segments
 
     store, std = published
     for mid in ("zoo/a", "zoo/b", "zoo/c"):
@@ -450,8 +450,13 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]  # written shard by shard, renamed
     assert exported.schema.field("embedding").type.list_size == std.width
     _read_by_other_tools(out, ["zoo/a", "zoo/d"], std.width)
-    # a row object is plain Parquet too
+    # a row object and a segment are plain Parquet too
     _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
+    segments = list_segments(store, std.id)
+    assert len(segments) == 2
+    _read_by_other_tools(os.path.join(store.root, segments[0]),
+                         sorted(pq.read_table(os.path.join(store.root, segments[0])).column("model_id").to_pylist()),
+                         std.width)
 
 
 def test_compact_and_export_show_progress_and_compaction_deletes_temporaries_of_killed_writes(
@@ -537,16 +542,26 @@ def test_ls_lists_several_standards_without_a_default(published, capsys):
 
 
 def _read_by_other_tools(path: str, ids: list[str], width: int) -> None:
-    """What users query the table with: DuckDB, Polars, pandas."""
+    """What users query the table with: DuckDB, Polars, pandas; the embeddings as pyarrow reads them
+    (stored byte-stream-split, `storage.parquet_options`)."""
     import duckdb
     import pandas as pd
     import polars as pl
 
-    got = duckdb.sql(f"select model_id, len(embedding) as w from read_parquet('{path}') order by model_id").fetchall()
-    assert got == [(i, width) for i in ids]
-    assert sorted(pl.read_parquet(path)["model_id"].to_list()) == ids
-    df = pd.read_parquet(path)
-    assert sorted(df["model_id"]) == ids and len(df["embedding"].iloc[0]) == width
+    meta = pq.ParquetFile(path).metadata
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+               for i in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in columns["embedding.list.element"], columns
+    ref = pq.read_table(path).sort_by("model_id")
+    want = np.array(ref.column("embedding").to_pylist(), np.float32)
+    got = duckdb.sql(f"select model_id, embedding from read_parquet('{path}') order by model_id").fetchall()
+    assert [g[0] for g in got] == ids and np.array_equal(np.array([g[1] for g in got], np.float32), want)
+    polars = pl.read_parquet(path).sort("model_id")
+    assert polars["model_id"].to_list() == ids
+    assert np.array_equal(np.array(polars["embedding"].to_list(), np.float32), want)
+    df = pd.read_parquet(path).sort_values("model_id")
+    assert list(df["model_id"]) == ids and len(df["embedding"].iloc[0]) == width
+    assert np.array_equal(np.stack(df["embedding"].to_list()).astype(np.float32), want)
 
 
 def test_compact_stopped_while_deleting_leaves_the_same_table(published):
