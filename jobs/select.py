@@ -15,7 +15,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,6 +101,24 @@ def _verify(std: Standard, item: tuple[Any, SelectConfig, dict[str, Any], bool])
                             weights_sha256=row["weights_sha256"])
 
 
+def _raise_failed(tasks: list[str], outcomes: list[Any]) -> None:
+    """Raise the error of every task whose outcome is one (all of them named, not only the first)."""
+    failed = [(t, e) for t, e in zip(tasks, outcomes) if isinstance(e, ZooselectError)]
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        raise type(failed[0][1])(f"{len(failed)} of {len(tasks)} tasks failed: "
+                                 + "; ".join(f"{t!r}: {e}" for t, e in failed))
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    """fn(), or the ZooselectError it raised (so that every failed task is named at once)."""
+    try:
+        return fn()
+    except ZooselectError as exc:
+        return exc
+
+
 def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,
            progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
            task_gpus: float = 0) -> list[dict[str, Any]]:
@@ -116,17 +134,15 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")}, runtime.node_resources(),
                            autoscaling)
     t0 = time.perf_counter()
-    sources = [runtime.put(load_task(t, config, std)) if is_local_task(t) else t for t in tasks]
-    done = runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in sources], shared=std,
-                             num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
-                             option="--task-gpus", autoscaling=autoscaling, keep=True)
+    sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if is_local_task(t) else t
+               for t in tasks]  # a local task that fails to load is named with the others
+    todo = [s for s in sources if not isinstance(s, ZooselectError)]
+    embedded = iter(runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in todo], shared=std,
+                                      num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
+                                      option="--task-gpus", autoscaling=autoscaling, keep=True))
+    done = [(s, None) if isinstance(s, ZooselectError) else next(embedded) for s in sources]
     embs = [emb for emb, _ in done]
-    failed = [(t, e) for t, e in zip(tasks, embs) if isinstance(e, ZooselectError)]
-    if len(failed) == 1:
-        raise failed[0][1]
-    if failed:  # every one named, not only the first
-        raise type(failed[0][1])(f"{len(failed)} of {len(tasks)} tasks failed: "
-                                 + "; ".join(f"{t!r}: {e}" for t, e in failed))
+    _raise_failed(tasks, embs)
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
     rankings, m = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
@@ -250,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           protocol=ProbeProtocol())
     if len(set(args.task)) != len(args.task):
         raise ConfigError(f"the same task is given twice: {args.task}")
-    for task in args.task:  # a bad spec is refused before Ray starts, not by its task embedding
-        check_spec(task)
+    _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])  # before Ray starts, not by a task embedding
     check_output(args.json)
     check_output(args.parquet)
     if args.json and args.parquet and os.path.realpath(args.json) == os.path.realpath(args.parquet):

@@ -162,6 +162,11 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
                                              r"than once.*; 'builtin:digits\?classes=42,1': .*out of range"):
         select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3,3,7",
                      "--task", "builtin:digits?classes=42,1", "--no-save", "--no-progress"])
+    (tmp_path / "no-images").mkdir()  # these two pass the spec check (before Ray) and fail to load
+    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: 'builtin:digits\?classes=3': .*only one class.*; "
+                                             r"'.*no-images': .*no images in class subfolders"):
+        select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3",
+                     "--task", str(tmp_path / "no-images"), "--no-save", "--no-progress"])
 
 
 def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, capsys):
