@@ -26,7 +26,7 @@ from selection.data import ImageSet, check_spec
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
-from selection.select import (SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
+from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
                               default_score, embed_task, entry_of, load_task, shortlist_table, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                         "default standard: the size its rows were measured at)")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
+    p.add_argument("--pareto", choices=list(PARETO_COSTS), default=None,
+                   help="also list each task's Pareto front of score against this cost, found in the same sweep: "
+                        "the models that no model of at most their cost outscores, cheapest first")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -145,7 +148,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     _raise_failed(tasks, embs)
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
-    rankings, m = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
+    rankings, m, fronts = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)
@@ -156,13 +159,19 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         rankings = apply_verification(rankings, config.verify_top_k, accs)
     n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
     shortlisted = [len(ranked[:config.verify_top_k]) for ranked in rankings]
+    # A front member also in the shortlist (listed, or verified beyond --top-k) shows its rank there.
+    shortlists = [{r.model_id: r for r in ranked} for ranked in rankings]
     rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []
-    for spec, emb, ranked, n_ver, n_short in zip(tasks, embs, rankings, n_verified, shortlisted):
+    for spec, emb, ranked, n_ver, n_short, front, listed in zip(tasks, embs, rankings, n_verified, shortlisted,
+                                                                fronts, shortlists):
         out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
                     "task_embedding_seconds": round(emb.seconds, 3), "n_verified": n_ver,
                     "n_unverified": n_short - n_ver,  # its verification failed or measured no finite value
-                    "ranking": [_result_row(r) for r in ranked]})
+                    "ranking": [_result_row(r) for r in ranked],
+                    # a front member's rank and verification are the shortlist's (null: not in it)
+                    "pareto": [_result_row(listed.get(r.model_id, r)) for r in front] if config.pareto else None,
+                    "pareto_cost": config.pareto})
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
@@ -175,7 +184,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
 
 def _result_row(r: Ranked) -> dict[str, Any]:
     gflops = r.row["gflops"]
-    return {"rank": r.rank, "model_id": r.model_id, "score": round(r.score, 6),
+    return {"rank": r.rank or None, "model_id": r.model_id, "score": round(r.score, 6),
             "score_parts": [round(x, 6) for x in r.parts] or None, "verified": r.verified,
             "is_baseline": r.is_baseline,
             "arch": r.row["arch"], "num_params": r.row["num_params"],
@@ -188,7 +197,8 @@ RESULT_SCHEMA = pa.schema([
     ("rank", pa.int64()), ("model_id", pa.string()), ("score", pa.float64()),
     ("score_parts", pa.list_(pa.float64())), ("verified", pa.float64()), ("is_baseline", pa.bool_()),
     ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
-    ("tags", pa.list_(pa.string())), ("task", pa.string()), ("standard_id", pa.string())])
+    ("tags", pa.list_(pa.string())), ("task", pa.string()), ("standard_id", pa.string()),
+    ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
 
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
@@ -213,21 +223,49 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             head += f" {'measured':>9}"
         lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
         for row in res["ranking"]:
-            ver = "" if row["verified"] is None else f"{row['verified']:.4f}"
+            ver, params, gflops = _cells(row)
             line = f"{row['rank']:>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9}"
             if truth:
                 acc = truth.get(res["task"], {}).get(row["model_id"])
                 line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
             note = "standard's own model (covers itself)" if row["is_baseline"] else ""
-            gflops = "?" if row["gflops"] is None else f"{row['gflops']:.2f}"
-            params = "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M"
             lines.append(line + f" {params:>8} {gflops:>7}  {note}")
+        if res.get("pareto") is not None:
+            lines += _format_front(res["pareto"], res["pareto_cost"])
     return "\n".join(lines)
 
 
+def _cells(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A result row's verified measurement, parameters and GFLOPs as printed."""
+    return ("" if row["verified"] is None else f"{row['verified']:.4f}",
+            "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M",
+            "?" if row["gflops"] is None else f"{row['gflops']:.2f}")
+
+
+def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
+    name = {"gflops": "GFLOPs", "params": "parameters"}[cost]
+    if not front:
+        return [f"Pareto front (score against {name}): no model of known {name} passes the constraints"]
+    lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; "
+             f"no model of at most the same {name} scores higher",
+             f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
+    for row in front:
+        ver, params, gflops = _cells(row)
+        lines.append(f"{row['rank'] or '-':>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9} "
+                     f"{params:>8} {gflops:>7}")
+    return lines
+
+
 def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
-    return pa.Table.from_pylist([dict(r, task=res["task"], standard_id=std_id)
-                                 for res in results for r in res["ranking"]], schema=RESULT_SCHEMA)
+    rows = []
+    for res in results:
+        front = None if res.get("pareto") is None else {r["model_id"] for r in res["pareto"]}
+        listed = [r["model_id"] for r in res["ranking"]]
+        extra = [r for r in res.get("pareto") or [] if r["model_id"] not in listed]
+        rows += [dict(r, task=res["task"], standard_id=std_id,
+                      on_pareto_front=None if front is None else r["model_id"] in front)
+                 for r in res["ranking"] + extra]
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
@@ -263,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           task_method=args.task_method, weigh_parts=not args.no_part_weights,
                           score=args.score, task_image_size=args.task_image_size,
                           constraints=tuple(Constraint.parse(w) for w in args.where),
-                          protocol=ProbeProtocol())
+                          protocol=ProbeProtocol(), pareto=args.pareto)
     if len(set(args.task)) != len(args.task):
         raise ConfigError(f"the same task is given twice: {args.task}")
     _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])  # before Ray starts, not by a task embedding

@@ -40,6 +40,8 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt
 VERIFIERS = ("logme", "probe", "ridge-loo")
 # How a task scores the rows: one stored form, or the mean of a row's ranks under two (TaskEmbedding.query).
 SCORES = ("per-source", "full", "diagonal", "rank-mean")
+# What a Pareto front weighs the score against: a row's column of that cost (lower is better).
+PARETO_COSTS = {"gflops": "gflops", "params": "num_params"}
 NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
 TEXT_FIELDS = ("tag", "tags", "license", "arch")
 
@@ -100,6 +102,7 @@ class SelectConfig:
     task_image_size: int | None = None
     constraints: tuple[Constraint, ...] = ()
     protocol: ProbeProtocol = field(default_factory=ProbeProtocol)
+    pareto: str | None = None  # PARETO_COSTS: also find each task's score/cost Pareto front in the sweep
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -112,6 +115,8 @@ class SelectConfig:
             raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.task_method not in TASK_METHODS:
             raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
+        if self.pareto is not None and self.pareto not in PARETO_COSTS:
+            raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {self.pareto!r}")
         if self.task_image_size is not None and not 8 <= self.task_image_size <= 1024:
             raise ConfigError(f"task_image_size must be in [8, 1024] (or None: the standard's probe image size), "
                               f"got {self.task_image_size}")
@@ -229,7 +234,7 @@ def embed_task_features(std: Standard, z: np.ndarray, labels: np.ndarray, config
 class Ranked:
     model_id: str
     score: float
-    rank: int
+    rank: int  # from 1; 0 in a Pareto front (the ranking gives its place)
     is_baseline: bool
     row: dict[str, Any]
     verified: float | None = None  # the verifier's measurement (SelectConfig.verify_by)
@@ -296,6 +301,35 @@ def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> n
     return keep
 
 
+def pareto_front(objectives: np.ndarray) -> np.ndarray:
+    """Indices of the rows of (n, v) `objectives`, each to be maximised, that no other row dominates
+    (at least as large in every column and larger in one). Rows equal to each other are kept or
+    dropped together. Two columns: one sort; more: one pass in lexicographic order, each row
+    compared with the front found so far (a dominating row always comes earlier in that order).
+    """
+    n, v = objectives.shape
+    if n == 0:
+        return np.zeros(0, np.int64)
+    points, inverse = np.unique(objectives, axis=0, return_inverse=True)
+    order = np.lexsort(points.T[::-1])[::-1]  # descending by the first column, then the next, ...
+    p = points[order]
+    keep = np.zeros(len(p), bool)
+    if v <= 2:
+        keep[0] = True
+        if v == 2:  # earlier rows are >= in the first column: an earlier row >= in the second dominates
+            keep[1:] = p[1:, 1] > np.maximum.accumulate(p[:, 1])[:-1]
+    else:
+        front = np.empty((0, v))
+        for start in range(0, len(p), 4096):
+            chunk = p[start:start + 4096]
+            alive = ~(front[None] >= chunk[:, None]).all(2).any(1)
+            for i in np.flatnonzero(alive):
+                if not (front >= chunk[i]).all(1).any():
+                    front = np.vstack([front, chunk[i]])
+                    keep[start + i] = True
+    return np.flatnonzero(np.isin(inverse.reshape(-1), order[keep]))
+
+
 def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
     """(n, V) scores -> (n,) mean over the columns of the rank fraction among the `swept` rows.
 
@@ -321,6 +355,13 @@ def sweep(table: EmbeddingTable, queries: Queries, top_k: int,
 
 def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
                  constraints: tuple[Constraint, ...] = ()) -> list[list[Ranked]]:
+    """The top-k of every task (`sweep_fronts` without a front)."""
+    return sweep_fronts(shards, queries, top_k, constraints)[0]
+
+
+def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
+                 constraints: tuple[Constraint, ...] = (),
+                 pareto: str | None = None) -> tuple[list[list[Ranked]], list[list[Ranked]]]:
     """Sweep shard by shard (one matrix product each), keep each shard's contenders, merge.
 
     Memory stays at one shard, plus, for a RankQuery, its scores of every row (4 bytes a row
@@ -329,7 +370,15 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     Ties are broken by model id, so the result does not depend on how the table is sharded.
     A row of the standard's own baseline or companion (`is_baseline`) covers itself, so its score says
     nothing about the task: it is ranked after every other row (still listed, and flagged).
+
+    With `pareto` (`PARETO_COSTS`), each task's Pareto front of score against that cost is found in
+    the same sweep: the rows that no cheaper or equally cheap row outscores, cheapest first (rank 0;
+    rows of unknown cost and the standard's own rows are left out). Its contenders are each shard's
+    rows that no other row beats in every score part at no more cost (`pareto_front`): a rank mean
+    grows with every part. Returns (top-k per task, front per task: empty without `pareto`).
     """
+    cost_of = PARETO_COSTS[pareto] if pareto is not None else None
+    fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]] = [[] for _ in queries]
     if isinstance(queries, np.ndarray):
         if queries.ndim != 2:
             raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
@@ -389,12 +438,15 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             pooled = np.stack([p[0] for p in pool])
             keep = unbeaten(pooled, top_k)
             pools[t] = [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], top_k)]
+            if cost_of is not None:
+                fronts[t] = _front_contenders(fronts[t], shard, rows_ok, s, cost_of)
     if len(computes) > 1:
         log.warning("the table mixes rows whose probe pass ran differently (%s): their scores differ slightly "
                     "(docs/performance.md); embed a table with one kind of actor",
                     ", ".join(f"{n} {k}" for k, n in sorted(computes.items())))
-    out = []
+    out, front_out = [], []
     for t, q in enumerate(queries):
+        front_out.append(_final_front(fronts[t], q, swept[t]))
         pool = pools[t] + aside[t]
         if not pool:
             out.append([])
@@ -406,7 +458,36 @@ def sweep_shards(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
         out.append([Ranked(pool[i][1], float(score[i]), r, bool(pool[i][2]["is_baseline"]), pool[i][2],
                            parts=tuple(parts[i]) if isinstance(q, RankQuery) else ())
                     for r, i in enumerate(order, 1)])
-    return out
+    return out, front_out
+
+
+def _front_contenders(front: list[tuple[np.ndarray, float, str, dict[str, Any]]], shard: EmbeddingTable,
+                      rows: np.ndarray, scores: np.ndarray,
+                      cost_of: str) -> list[tuple[np.ndarray, float, str, dict[str, Any]]]:
+    """`front` (score parts, cost, model id, row) with the shard's `rows` (their `scores`) merged in,
+    keeping the rows that no other beats in every part at no more cost."""
+    cost = pc.cast(shard.meta.column(cost_of), pa.float64()).to_numpy(zero_copy_only=False)[rows]
+    known = np.flatnonzero(np.isfinite(cost))  # null or NaN: unknown
+    if len(known) == 0:
+        return front
+    new = known[pareto_front(np.column_stack([scores[known], -cost[known]]))]
+    metas = shard.meta.take(pa.array(rows[new])).to_pylist()
+    pool = front + [(scores[i], float(cost[i]), row["model_id"], row) for i, row in zip(new, metas)]
+    keep = pareto_front(np.column_stack([np.stack([p[0] for p in pool]), -np.array([p[1] for p in pool])]))
+    return [pool[i] for i in keep]
+
+
+def _final_front(front: list[tuple[np.ndarray, float, str, dict[str, Any]]], query: Query,
+                 swept: list[np.ndarray]) -> list[Ranked]:
+    """The contenders' Pareto front under the final score, cheapest first (ties: higher score, id)."""
+    if not front:
+        return []
+    parts = np.stack([p[0] for p in front]).astype(np.float64)
+    score = mean_rank(parts, swept) if isinstance(query, RankQuery) else parts[:, 0]
+    cost = np.array([p[1] for p in front])
+    keep = sorted(pareto_front(np.column_stack([score, -cost])), key=lambda i: (cost[i], -score[i], front[i][2]))
+    return [Ranked(front[i][2], float(score[i]), 0, False, front[i][3],
+                   parts=tuple(parts[i]) if isinstance(query, RankQuery) else ()) for i in keep]
 
 
 def entry_of(row: dict[str, Any]) -> CatalogEntry:
@@ -453,10 +534,10 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
 
 
 def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
-              config: SelectConfig) -> tuple[list[list[Ranked]], int]:
-    """One sweep for every task (`sweep_shards`) under the config's constraints, keeping the top
+              config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+    """One sweep for every task (`sweep_fronts`) under the config's constraints, keeping the top
     max(top_k, verify_top_k): verification re-ranks its k even when fewer are listed. Returns the
-    rankings and the number of rows swept."""
+    rankings, the number of rows swept and each task's Pareto front (empty without `config.pareto`)."""
     swept = [0]
 
     def counted() -> Iterable[EmbeddingTable]:
@@ -464,27 +545,28 @@ def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
             swept[0] += len(shard)
             yield shard
 
-    rankings = sweep_shards(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints)
-    return rankings, swept[0]
+    rankings, fronts = sweep_fronts(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints,
+                                    config.pareto)
+    return rankings, swept[0], fronts
 
 
 def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries,
-                    config: SelectConfig) -> tuple[list[list[Ranked]], int]:
+                    config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
     """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
     it changes during the sweep: `read_consistently`). Refuses a table with no rows."""
     if isinstance(table, EmbeddingTable):
         if table.standard_id != std.id:
             raise StandardMismatchError(f"the table given holds rows of standard {table.standard_id}, "
                                         f"not of {std.id}; refusing to mix standards")
-        rankings, swept = shortlist([table], queries, config)
+        rankings, swept, fronts = shortlist([table], queries, config)
         where = "the table given"
     else:
-        rankings, swept = read_consistently(table, std, lambda listing: shortlist(
+        rankings, swept, fronts = read_consistently(table, std, lambda listing: shortlist(
             iter_shards(table, std, listing), queries, config))
         where = table.url
     if not swept:
         raise StoreError(f"no models are embedded under standard {std.id} in {where}")
-    return rankings, swept
+    return rankings, swept, fronts
 
 
 def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
@@ -523,12 +605,14 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ra
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """One task's result: its embedding, the ranking (top_k), how many of the shortlist were verified."""
+    """One task's result: its embedding, the ranking (top_k), how many of the shortlist were verified,
+    and with `SelectConfig.pareto` the score/cost Pareto front of every model swept (cheapest first)."""
 
     embedding: TaskEmbedding
     ranking: list[Ranked]
     n_verified: int
     models_swept: int
+    pareto: list[Ranked] = field(default_factory=list)
 
 
 def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig = SelectConfig(), *,
@@ -558,7 +642,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
              if isinstance(t, ImageSet) else load_task(os.fspath(t), config, std) for t in tasks]
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
-    rankings, swept = shortlist_table(std, store, [e.query(std, config.score) for e in embs], config)
+    rankings, swept, fronts = shortlist_table(std, store, [e.query(std, config.score) for e in embs], config)
     k = config.verify_top_k
     if k:
         results: list[Any] = []
@@ -570,5 +654,5 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)
-    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept)
-            for e, ranked in zip(embs, rankings)]
+    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept, front)
+            for e, ranked, front in zip(embs, rankings, fronts)]

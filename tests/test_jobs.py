@@ -98,6 +98,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
+    assert pq.read_table(out_pq).column("on_pareto_front").null_count == 6  # no --pareto
     saved = store.list("results")
     assert len(saved) == 2 and {p.rsplit(".", 1)[1] for p in saved} == {"json", "parquet"}
     assert "results saved to" in printed
@@ -112,15 +113,29 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
                         "--no-progress", "--task-image-size", "32"]) == 0
     assert "no model passes the constraints" in capsys.readouterr().out
 
-    # Verifying more than are listed: the top 2 are verified and re-ranked, the best of them listed.
+    # Verifying more than are listed: the top 2 are verified and re-ranked, the best of them listed. With
+    # --pareto, the front of score against parameters over all 3 models, cheapest first.
     assert select.main(["--store", store.url, "--task", tasks[0], "--top-k", "1", "--verify-top-k", "2",
-                        "--verify-by", "ridge-loo", "--json", out_json, "--no-save", "--no-progress",
-                        "--task-image-size", "32"]) == 0
+                        "--verify-by", "ridge-loo", "--json", out_json, "--parquet", out_pq, "--no-save",
+                        "--no-progress", "--task-image-size", "32", "--pareto", "params"]) == 0
     printed = capsys.readouterr().out
     assert "verified: ridge probe's leave-one-out error" in printed and "1 task(s)" in printed
     assert ", 2 verified;" in printed
     res = json.load(open(out_json))["tasks"][0]
     assert res["n_verified"] == 2 and len(res["ranking"]) == 1 and res["ranking"][0]["verified"] is not None
+    front = res["pareto"]
+    assert res["pareto_cost"] == "params" and front and "Pareto front (score against parameters)" in printed
+    assert [r["num_params"] for r in front] == sorted(r["num_params"] for r in front)
+    assert all(a["score"] < b["score"] for a, b in zip(front, front[1:]))  # each costlier one scores higher
+    listed = res["ranking"][0]
+    for r in front:  # a shortlisted model has its rank and verification (the second: verified, not listed)
+        assert (r["rank"] is None) == (r["verified"] is None) and r["rank"] in (None, 1, 2)
+        if r["rank"] == 1:
+            assert (r["model_id"], r["verified"]) == (listed["model_id"], listed["verified"])
+    table = pq.read_table(out_pq).to_pylist()
+    assert {r["model_id"] for r in table if r["on_pareto_front"]} == {r["model_id"] for r in front}
+    assert table[0]["model_id"] == listed["model_id"] and len(table) == 1 + len({r["model_id"] for r in front}
+                                                                                - {listed["model_id"]})
     # A GPU per verification on a cluster without one is refused before any work (Ray would wait for ever).
     with pytest.raises(ConfigError, match=r"a verification needs 1 GPU\(s\) \(--verify-gpus\) but no node has "
                                           r"more than 0 GPUs \(if the cluster adds nodes on demand: --autoscaling\)"):

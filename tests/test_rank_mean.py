@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import rankdata
 
 from selection.embedding import RankQuery, linear_queries
-from selection.select import Constraint, mean_rank, sweep, sweep_shards, unbeaten
+from selection.select import Constraint, mean_rank, pareto_front, sweep, sweep_fronts, sweep_shards, unbeaten
 from selection.table import EmbeddingTable
 
 
@@ -155,3 +155,55 @@ def test_a_model_of_unknown_license_passes_no_license_constraint():
     assert masks == {"license!=cc-by-nc-4.0": [True, False, False], "license=apache-2.0": [True, False, False],
                      "license=None": [False, False, False],
                      "tag!=x": [False, True, True], "tag=x": [True, False, False]}  # no tags: not tagged x
+
+
+def brute_front(score: np.ndarray, cost: np.ndarray) -> set[int]:
+    """Rows that no row of at most their cost outscores (one better in one of the two, not worse in the other)."""
+    return {i for i in range(len(score))
+            if not any(score[j] >= score[i] and cost[j] <= cost[i] and (score[j] > score[i] or cost[j] < cost[i])
+                       for j in range(len(score)))}
+
+
+@pytest.mark.parametrize("v", [1, 2, 3, 4])
+def test_pareto_front_is_the_set_no_row_dominates(v):
+    rng = np.random.default_rng(v)
+    for _ in range(40):
+        x = rng.integers(0, 5, (int(rng.integers(1, 80)), v)).astype(float)  # many ties and repeats
+        dominated = [(x >= x[i]).all(1) & (x > x[i]).any(1) for i in range(len(x))]
+        assert set(pareto_front(x).tolist()) == {i for i in range(len(x)) if not dominated[i].any()}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_pareto_front_is_found_in_the_sweep_however_sharded(seed):
+    """Rank mean and one form: the front under the final score over every row swept (not only the
+    top k), cheapest first; rows of unknown cost and the standard's own rows left out."""
+    rng = np.random.default_rng(seed)
+    tab = table(300, 6, seed)
+    params = np.array(tab.meta.column("num_params").to_pylist(), float)
+    params[rng.choice(300, 20, replace=False)] = np.nan  # unknown: never on the front
+    own = np.zeros(300, bool)
+    own[rng.choice(300, 2, replace=False)] = True
+    meta = tab.meta.set_column(tab.meta.schema.get_field_index("num_params"), "num_params",
+                               pa.array([None if np.isnan(p) else int(p) for p in params], pa.int64()))
+    meta = meta.set_column(meta.schema.get_field_index("is_baseline"), "is_baseline", pa.array(own))
+    tab = EmbeddingTable("std-x", meta, tab.embeddings)
+    w = rng.normal(size=(2, 6))
+    q = RankQuery(tuple(linear_queries(w)))
+    ids = np.array(tab.model_ids)
+    for query, score in ((q, np.mean([rankdata(s) / 300 for s in (tab.embeddings @ w.T).T], 0)[~own]),  # every row swept
+                         (linear_queries(w[:1])[0], (tab.embeddings[~own] @ w[0]).astype(np.float64))):
+        full = np.full(300, np.nan)
+        full[~own] = score
+        known = np.flatnonzero(~np.isnan(params) & ~own)
+        want = sorted((ids[known[i]] for i in brute_front(full[known], params[known])),
+                      key=lambda m: (params[ids == m][0], -full[ids == m][0], m))
+        cuts = np.sort(rng.choice(np.arange(1, 300), 6, replace=False))
+        shards = [EmbeddingTable("std-x", tab.meta.slice(a, b - a), tab.embeddings[a:b])
+                  for a, b in zip([0, *cuts], [*cuts, 300])]
+        for source in ([tab], shards):
+            top, front = sweep_fronts(source, [query], 3, pareto="params")
+            assert [r.model_id for r in front[0]] == want and len(want) > 1
+            assert [r.score for r in front[0]] == pytest.approx([full[ids == m][0] for m in want])
+            assert all(r.rank == 0 for r in front[0]) and len(top[0]) == 3
+        assert front[0][0].model_id == ids[known][np.lexsort((-full[known], params[known]))[0]]  # cheapest, best
+    assert sweep_fronts([tab], [q], 3)[1] == [[]]  # no front unless asked
