@@ -303,31 +303,42 @@ def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> n
 
 def pareto_front(objectives: np.ndarray) -> np.ndarray:
     """Indices of the rows of (n, v) `objectives`, each to be maximised, that no other row dominates
-    (at least as large in every column and larger in one). Rows equal to each other are kept or
-    dropped together. Two columns: one sort; more: one pass in lexicographic order, each row
-    compared with the front found so far (a dominating row always comes earlier in that order).
+    (at least as large in every column and larger in one); rows equal to each other are kept or
+    dropped together. Two columns: one sort. More: one pass in decreasing order of the rows' rank
+    sums (a dominating row has the larger sum, so it comes first), in chunks that double in size,
+    each chunk's rows first compared with the front found so far at once (its 32 strongest rows
+    first), the few left one by one.
     """
     n, v = objectives.shape
-    if n == 0:
-        return np.zeros(0, np.int64)
-    points, inverse = np.unique(objectives, axis=0, return_inverse=True)
-    order = np.lexsort(points.T[::-1])[::-1]  # descending by the first column, then the next, ...
-    p = points[order]
-    keep = np.zeros(len(p), bool)
-    if v <= 2:
-        keep[0] = True
-        if v == 2:  # earlier rows are >= in the first column: an earlier row >= in the second dominates
-            keep[1:] = p[1:, 1] > np.maximum.accumulate(p[:, 1])[:-1]
-    else:
-        front = np.empty((0, v))
-        for start in range(0, len(p), 4096):
-            chunk = p[start:start + 4096]
-            alive = ~(front[None] >= chunk[:, None]).all(2).any(1)
-            for i in np.flatnonzero(alive):
-                if not (front >= chunk[i]).all(1).any():
-                    front = np.vstack([front, chunk[i]])
-                    keep[start + i] = True
-    return np.flatnonzero(np.isin(inverse.reshape(-1), order[keep]))
+    if n == 0 or v == 1:
+        return np.flatnonzero(objectives[:, 0] == objectives[:, 0].max()) if n else np.zeros(0, np.int64)
+    if v == 2:
+        points, inverse = np.unique(objectives, axis=0, return_inverse=True)
+        order = np.lexsort(points.T[::-1])[::-1]  # descending by the first column, then the second
+        p = points[order]
+        keep = np.ones(len(p), bool)  # earlier rows are >= in the first column: one >= in the second dominates
+        keep[1:] = p[1:, 1] > np.maximum.accumulate(p[:, 1])[:-1]
+        return np.flatnonzero(np.isin(inverse.reshape(-1), order[keep]))
+    rank_sum = sum(np.searchsorted(np.sort(col), col) for col in objectives.T)
+    order = np.argsort(-rank_sum, kind="stable")
+    x = objectives[order]
+    front, kept = np.empty((0, v)), []
+    start, size = 0, 64
+    while start < n:
+        chunk = x[start:start + size]
+        chunk_idx = np.flatnonzero(~_dominated(front[:32], chunk))  # the strongest rows first: most go here
+        chunk_idx = chunk_idx[~_dominated(front[32:], chunk[chunk_idx])]
+        for i in chunk_idx:
+            if not _dominated(front, chunk[i:i + 1])[0]:
+                front = np.vstack([front, chunk[i]])
+                kept.append(order[start + i])
+        start, size = start + size, min(2 * size, 4096)
+    return np.sort(np.array(kept, np.int64))
+
+
+def _dominated(front: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(len(points),) whether a row of `front` is >= each point everywhere and > somewhere."""
+    return ((front[None] >= points[:, None]).all(2) & (front[None] > points[:, None]).any(2)).any(1)
 
 
 def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
