@@ -35,7 +35,7 @@ from jobs.common import check_output, prog, run_main
 from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries
 from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
-from selection.select import sweep_shards
+from selection.select import sweep_fronts, sweep_shards
 from selection.standard import Standard, save_standard
 from selection.storage import Store, parquet_bytes
 from selection.table import (META_FIELDS, SEGMENT_ROW_GROUP, compact, delete_row, iter_shards, row_path,
@@ -199,7 +199,7 @@ def synthetic_queries(std: Standard, tasks: int, rng: np.random.Generator) -> li
             for _ in range(tasks)]
 
 
-ONE_GROUP_MAX_M = 100_000  # the sweep also times segments of one row group up to this size (disk, time)
+PLAIN_MAX_M = 100_000  # the sweep also times segments in plain zstd up to this size (disk, time)
 
 
 def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: str = "full") -> list[dict[str, Any]]:
@@ -221,22 +221,26 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
         segs = sorted(os.path.join(root, "embeddings", std.id, "segments", f)
                       for f in os.listdir(os.path.join(root, "embeddings", std.id, "segments")))
         nbytes = sum(os.path.getsize(p) for p in segs)
-        # Ours, end to end: list, read, validate, build matrices, sweep, top-k. Up to ONE_GROUP_MAX_M, the
-        # same rows in segments of one row group each (as compactions wrote them before session 27) too,
-        # the two timed in turn.
-        one_group = None
-        if m <= ONE_GROUP_MAX_M:
-            one_group = Store(root + "-one-group")
+        # Ours, end to end: list, read, validate, build matrices, sweep, top-k. Up to PLAIN_MAX_M, the
+        # same rows in plain zstd segments (float columns not byte-stream-split, as stores wrote them
+        # before session 29) too, the two timed in turn.
+        plain = None
+        if m <= PLAIN_MAX_M:
+            plain = Store(root + "-plain")
             for p in segs:
-                one_group.write_table(os.path.relpath(p, root), pq.read_table(p))
-        totals: dict[str, list[float]] = {"ours": [], "one group": []}
+                sink = io.BytesIO()
+                pq.write_table(pq.read_table(p), sink, compression="zstd", row_group_size=SEGMENT_ROW_GROUP)
+                plain.write_bytes(os.path.relpath(p, root), sink.getvalue())
+        totals: dict[str, list[float]] = {"ours": [], "plain": []}
         for _ in range(2):
             totals["ours"].append(_timed(lambda: sweep_shards(iter_shards(store, std), w, 10)))
-            if one_group is not None:
-                totals["one group"].append(_timed(lambda: sweep_shards(iter_shards(one_group, std), w, 10)))
+            if plain is not None:
+                totals["plain"].append(_timed(lambda: sweep_shards(iter_shards(plain, std), w, 10)))
         t_total = min(totals["ours"])
-        if one_group is not None:
-            shutil.rmtree(one_group.root)
+        plain_bytes = sum(os.path.getsize(os.path.join(plain.root, os.path.relpath(p, root))) for p in segs) \
+            if plain is not None else None
+        if plain is not None:
+            shutil.rmtree(plain.root)
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.
         wt = np.concatenate([q.num for q in w] + [q.den for q in w if q.den is not None]).astype(np.float32).T
@@ -264,16 +268,16 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
                "sweep_ratio": t_sweep / t_mm, "load_plus_sweep_s": t_total,
                "end_to_end_ratio": t_total / (t_read + t_mm),
                "sweep_gbs": emb_bytes / t_sweep / 1e9, "bandwidth_gbs": bw}
-        if totals["one group"]:
-            row.update(one_group_load_plus_sweep_s=min(totals["one group"]),
-                       row_groups_speedup=min(totals["one group"]) / t_total)
+        if totals["plain"]:
+            row.update(plain_zstd_load_plus_sweep_s=min(totals["plain"]), plain_zstd_bytes_on_disk=plain_bytes,
+                       encoding_speedup=min(totals["plain"]) / t_total)
         out.append(row)
         print(f"sweep   {form} m={m:>7}: load+sweep {t_total:7.3f} s = {row['end_to_end_ratio']:.2f}x (bare read "
               f"{t_read:.3f} s + bare matmul {t_mm:.3f} s); load {row['load_ratio']:.2f}x bare read; "
               f"sweep {t_sweep:.3f} s = {row['sweep_ratio']:.2f}x bare matmul, "
               f"{row['sweep_gbs']:.1f} GB/s of {bw:.1f} GB/s"
-              + (f"; one row group per segment: {row['one_group_load_plus_sweep_s']:.3f} s "
-                 f"({row['row_groups_speedup']:.2f}x ours)" if totals["one group"] else ""), flush=True)
+              + (f"; plain zstd: {row['plain_zstd_load_plus_sweep_s']:.3f} s ({row['encoding_speedup']:.2f}x "
+                 f"ours), {plain_bytes / nbytes:.2f}x the bytes" if totals["plain"] else ""), flush=True)
         if form == "per-source":
             # The default score: each task's per-source query and its full one, ranks over every row.
             block = std.d * (std.d + 1) // 2
@@ -281,9 +285,13 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             full[:, :block] = rng.random((tasks, block))
             ranked = [RankQuery((q, f)) for q, f in zip(w, linear_queries(full))]
             t_rank = min(_timed(lambda: sweep_shards(iter_shards(store, std), ranked, 10)) for _ in range(2))
-            row.update(rank_mean_load_plus_sweep_s=t_rank, rank_mean_ratio=t_rank / t_total)
+            # The same with each task's Pareto front of score against GFLOPs (jobs.select --pareto).
+            t_front = min(_timed(lambda: sweep_fronts(iter_shards(store, std), ranked, 10, pareto="gflops"))
+                          for _ in range(2))
+            row.update(rank_mean_load_plus_sweep_s=t_rank, rank_mean_ratio=t_rank / t_total,
+                       pareto_load_plus_sweep_s=t_front, pareto_ratio=t_front / t_rank)
             print(f"sweep   rank-mean m={m:>7}: load+sweep {t_rank:7.3f} s = {t_rank / t_total:.2f}x the "
-                  f"per-source score alone", flush=True)
+                  f"per-source score alone; with --pareto gflops {t_front:.3f} s = {t_front / t_rank:.2f}x", flush=True)
         shutil.rmtree(root)
     return out
 

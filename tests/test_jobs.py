@@ -451,6 +451,8 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     (ps,) = res["sweep_per_source"]  # 9x wider rows, queries with ratio rows
     assert ps["m"] == 1000 and ps["width"] == 9 * res["width"] and ps["end_to_end_ratio"] > 0
     assert ps["rank_mean_load_plus_sweep_s"] > 0 and ps["rank_mean_ratio"] > 0  # the default score, same rows
+    assert ps["pareto_load_plus_sweep_s"] > 0 and ps["pareto_ratio"] > 0  # the same with --pareto gflops
+    assert res["sweep"][0]["encoding_speedup"] > 0 and res["sweep"][0]["plain_zstd_bytes_on_disk"] > 0
     (tp,) = res["throughput"]
     assert tp["device"] == "cpu" and tp["images"] == 16 and tp["actor_img_s"] > 0 and tp["ratio"] > 0
     printed = capsys.readouterr().out
