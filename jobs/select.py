@@ -26,9 +26,9 @@ from selection.data import ImageSet, check_spec
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
-from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding, apply_verification,
-                              default_score, embed_task, entry_of, load_task, shortlist_table, task_image_size,
-                              verify_candidate, warn_task_image_size)
+from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding,
+                              apply_verification, default_score, embed_task, entry_of, front_with_shortlist, load_task,
+                              shortlist_table, task_image_size, verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store, atomic_local_file, write_file_atomically
 from selection.table import EmbeddingTable, may_have_rows
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                    help="constraint, e.g. 'params<=5e6', 'gflops<1', 'input_size<=224', 'tag=x' (repeatable)")
     p.add_argument("--pareto", choices=list(PARETO_COSTS), default=None,
                    help="also list each task's Pareto front of score against this cost, found in the same sweep: "
-                        "the models that no model of at most their cost outscores, cheapest first")
+                        "the models that no other model matches or beats in score at no more cost (one of the two "
+                        "strictly), cheapest first")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -138,12 +139,11 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
                            autoscaling)
     t0 = time.perf_counter()
     sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if is_local_task(t) else t
-               for t in tasks]  # a local task that fails to load is named with the others
-    todo = [s for s in sources if not isinstance(s, ZooselectError)]
-    embedded = iter(runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in todo], shared=std,
-                                      num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
-                                      option="--task-gpus", autoscaling=autoscaling, keep=True))
-    done = [(s, None) if isinstance(s, ZooselectError) else next(embedded) for s in sources]
+               for t in tasks]
+    _raise_failed(tasks, sources)  # every local task that fails to load, before any embedding runs
+    done = runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in sources], shared=std,
+                             num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
+                             option="--task-gpus", autoscaling=autoscaling, keep=True)
     embs = [emb for emb, _ in done]
     _raise_failed(tasks, embs)
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
@@ -159,18 +159,16 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         rankings = apply_verification(rankings, config.verify_top_k, accs)
     n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
     shortlisted = [len(ranked[:config.verify_top_k]) for ranked in rankings]
-    # A front member also in the shortlist (listed, or verified beyond --top-k) shows its rank there.
-    shortlists = [{r.model_id: r for r in ranked} for ranked in rankings]
+    fronts = [front_with_shortlist(front, ranked, config.top_k) for front, ranked in zip(fronts, rankings)]
     rankings = [ranked[:config.top_k] for ranked in rankings]
     out = []
-    for spec, emb, ranked, n_ver, n_short, front, listed in zip(tasks, embs, rankings, n_verified, shortlisted,
-                                                                fronts, shortlists):
+    for spec, emb, ranked, n_ver, n_short, front in zip(tasks, embs, rankings, n_verified, shortlisted, fronts):
         out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
                     "task_embedding_seconds": round(emb.seconds, 3), "n_verified": n_ver,
                     "n_unverified": n_short - n_ver,  # its verification failed or measured no finite value
                     "ranking": [_result_row(r) for r in ranked],
-                    # a front member's rank and verification are the shortlist's (null: not in it)
-                    "pareto": [_result_row(listed.get(r.model_id, r)) for r in front] if config.pareto else None,
+                    # a front member's rank is null unless it is listed; verified when it was
+                    "pareto": [_result_row(r) for r in front] if config.pareto else None,
                     "pareto_cost": config.pareto})
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
@@ -246,8 +244,8 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
     name = {"gflops": "GFLOPs", "params": "parameters"}[cost]
     if not front:
         return [f"Pareto front (score against {name}): no model of known {name} passes the constraints"]
-    lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; "
-             f"no model of at most the same {name} scores higher",
+    lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; no other model "
+             f"scores as high at no more {name} (one of the two strictly)",
              f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
     for row in front:
         ver, params, gflops = _cells(row)

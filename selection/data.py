@@ -398,8 +398,8 @@ def check_spec(spec: str) -> None:
     from selection.storage import check_url
 
     check_url(spec)
-    if ("://" not in spec or spec.startswith("file://")) \
-            and not os.path.exists(spec[len("file://"):] if spec.startswith("file://") else spec):
+    path = spec[len("file://"):] if spec.startswith("file://") else spec
+    if ("://" not in spec or spec.startswith("file://")) and not os.path.exists(path.rstrip("/") or "/"):
         raise DataError(f"dataset {spec!r} does not exist (a local path; a built-in one is builtin:NAME)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import math
@@ -302,43 +303,47 @@ def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> n
 
 
 def pareto_front(objectives: np.ndarray) -> np.ndarray:
-    """Indices of the rows of (n, v) `objectives`, each to be maximised, that no other row dominates
-    (at least as large in every column and larger in one); rows equal to each other are kept or
-    dropped together. Two columns: one sort. More: one pass in decreasing order of the rows' rank
-    sums (a dominating row has the larger sum, so it comes first), in chunks that double in size,
-    each chunk's rows first compared with the front found so far at once (its 32 strongest rows
-    first), the few left one by one.
+    """Indices of the rows of (n, v) `objectives`, v <= 3, each to be maximised, that no other row
+    dominates (at least as large in every column and larger in one); rows equal to each other are
+    kept or dropped together. The distinct rows are taken in lexicographically decreasing order, so
+    a row's dominators come before it: with two columns one sort decides; with three, each row is
+    looked up (a bisection) in the staircase of the rows before it that no other of them dominates
+    in the last two columns. O(n log n) either way; rows that one of the 32 of highest rank sum
+    dominates are dropped first, at once.
     """
     n, v = objectives.shape
-    if n == 0 or v == 1:
-        return np.flatnonzero(objectives[:, 0] == objectives[:, 0].max()) if n else np.zeros(0, np.int64)
-    if v == 2:
-        points, inverse = np.unique(objectives, axis=0, return_inverse=True)
-        order = np.lexsort(points.T[::-1])[::-1]  # descending by the first column, then the second
-        p = points[order]
-        keep = np.ones(len(p), bool)  # earlier rows are >= in the first column: one >= in the second dominates
+    if v > 3:
+        raise ValueError(f"pareto_front takes at most 3 columns, got {v}")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if v == 1:
+        return np.flatnonzero(objectives[:, 0] == objectives[:, 0].max())
+    candidates = np.arange(n)
+    if v == 3 and n > 64:
+        rank_sum = sum(np.searchsorted(np.sort(col), col) for col in objectives.T)
+        strong = objectives[np.argsort(-rank_sum, kind="stable")[:32]]
+        dominated = ((strong[None] >= objectives[:, None]).all(2) & (strong[None] > objectives[:, None]).any(2)).any(1)
+        candidates = np.flatnonzero(~dominated)
+    points, inverse = np.unique(objectives[candidates], axis=0, return_inverse=True)
+    order = np.lexsort(points.T[::-1])[::-1]  # descending by the first column, then the next
+    p = points[order]
+    keep = np.ones(len(p), bool)
+    if v == 2:  # the rows before are >= in the first column: one >= in the second dominates
         keep[1:] = p[1:, 1] > np.maximum.accumulate(p[:, 1])[:-1]
-        return np.flatnonzero(np.isin(inverse.reshape(-1), order[keep]))
-    rank_sum = sum(np.searchsorted(np.sort(col), col) for col in objectives.T)
-    order = np.argsort(-rank_sum, kind="stable")
-    x = objectives[order]
-    front, kept = np.empty((0, v)), []
-    start, size = 0, 64
-    while start < n:
-        chunk = x[start:start + size]
-        chunk_idx = np.flatnonzero(~_dominated(front[:32], chunk))  # the strongest rows first: most go here
-        chunk_idx = chunk_idx[~_dominated(front[32:], chunk[chunk_idx])]
-        for i in chunk_idx:
-            if not _dominated(front, chunk[i:i + 1])[0]:
-                front = np.vstack([front, chunk[i]])
-                kept.append(order[start + i])
-        start, size = start + size, min(2 * size, 4096)
-    return np.sort(np.array(kept, np.int64))
-
-
-def _dominated(front: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """(len(points),) whether a row of `front` is >= each point everywhere and > somewhere."""
-    return ((front[None] >= points[:, None]).all(2) & (front[None] > points[:, None]).any(2)).any(1)
+    else:
+        second: list[float] = []   # the staircase, by its second column ascending ...
+        third: list[float] = []    # ... so its third column descends
+        for i, (_, b, c) in enumerate(p.tolist()):
+            j = bisect.bisect_left(second, b)  # rows j.. are >= b in the second column; j has the most third
+            if j < len(second) and third[j] >= c:
+                keep[i] = False
+                continue
+            k = bisect.bisect_right(second, b)  # rows before k are <= b; those of them <= c leave the staircase
+            lo = k
+            while lo > 0 and third[lo - 1] <= c:
+                lo -= 1
+            second[lo:k], third[lo:k] = [b], [c]
+    return candidates[np.isin(inverse.reshape(-1), order[keep])]
 
 
 def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
@@ -603,6 +608,15 @@ def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any])
     return out
 
 
+def front_with_shortlist(front: list[Ranked], shortlist: list[Ranked], top_k: int) -> list[Ranked]:
+    """A task's Pareto front with its members' places in the task's (verified) shortlist: a member's rank
+    when it is among the top k listed (0 otherwise), its measurement whenever it was verified."""
+    placed = {r.model_id: r for r in shortlist}
+    return [f if f.model_id not in placed else
+            dataclasses.replace(f, rank=placed[f.model_id].rank if placed[f.model_id].rank <= top_k else 0,
+                                verified=placed[f.model_id].verified) for f in front]
+
+
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
     """Verified candidates first by their measurement (ties: embedding score), then the rest."""
     verified = [r for r in ranked if r.model_id in measured]
@@ -665,5 +679,6 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)
-    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept, front)
+    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept,
+                      front_with_shortlist(front, ranked, config.top_k))
             for e, ranked, front in zip(embs, rankings, fronts)]

@@ -257,9 +257,11 @@ def _leaf_columns(name: str, type_: pa.DataType) -> list[tuple[str, pa.DataType]
 def parquet_options(schema: pa.Schema) -> dict:
     """How zooselect writes Parquet (pyarrow's `write_table` / `ParquetWriter` options): zstd; float
     columns (the embeddings) byte-stream-split, which zstd then shrinks by their exponent bytes and
-    reads without entropy-decoding their mantissas (10,000 rows of 2,080 float32: 11 % smaller and
-    1.4x faster to read than plain zstd); the other columns dictionary-encoded, pyarrow's default.
-    DuckDB, Polars, pandas and Spark (3.2+) read the byte-stream-split encoding."""
+    reads without entropy-decoding their mantissas (about 10 % smaller than plain zstd, and 1.15-1.3x
+    faster for pyarrow to decode: docs/performance.md); the other columns dictionary-encoded, pyarrow's
+    default.
+    DuckDB, Polars, pandas and Spark (3.2+) read the byte-stream-split encoding; `jobs.table export`
+    writes plain zstd, for any reader."""
     leaves = [leaf for f in schema for leaf in _leaf_columns(f.name, f.type)]
     floats = [path for path, t in leaves if pa.types.is_floating(t)]
     if not floats:

@@ -39,7 +39,7 @@ import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
-from selection.storage import Store, atomic_local_file, parquet_bytes, parquet_options
+from selection.storage import Store, atomic_local_file, parquet_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -490,7 +490,7 @@ def export_table(store: Store, std: Standard, path: str, progress: Progress | No
         def write(listing: Listing) -> int:
             rows = 0
             try:
-                with pq.ParquetWriter(tmp, schema_for(std), **parquet_options(schema_for(std))) as out:
+                with pq.ParquetWriter(tmp, schema_for(std), compression="zstd") as out:  # for any reader: no byte-stream-split
                     for shard in iter_shards(store, std, listing):
                         if len(shard):  # a segment whose every row was removed or rewritten since
                             out.write_table(to_arrow(std, shard))

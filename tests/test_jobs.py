@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 import timm
 
 from selection.catalog import CatalogEntry, write_catalog
@@ -128,10 +129,14 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert [r["num_params"] for r in front] == sorted(r["num_params"] for r in front)
     assert all(a["score"] < b["score"] for a, b in zip(front, front[1:]))  # each costlier one scores higher
     listed = res["ranking"][0]
-    for r in front:  # a shortlisted model has its rank and verification (the second: verified, not listed)
-        assert (r["rank"] is None) == (r["verified"] is None) and r["rank"] in (None, 1, 2)
-        if r["rank"] == 1:
-            assert (r["model_id"], r["verified"]) == (listed["model_id"], listed["verified"])
+    for r in front:  # only the listed model has a rank; a verified one its measurement (listed or not)
+        assert r["rank"] == (1 if r["model_id"] == listed["model_id"] else None)
+        if r["model_id"] == listed["model_id"]:
+            assert r["verified"] == listed["verified"]
+    [lib] = select_models(store, [tasks[0]], SelectConfig(top_k=1, verify_top_k=2, verify_by="ridge-loo",
+                                                          task_image_size=32, pareto="params"))
+    assert [(r.model_id, r.rank or None, r.verified is None) for r in lib.pareto] == \
+        [(r["model_id"], r["rank"], r["verified"] is None) for r in front]  # the library's front is the job's
     table = pq.read_table(out_pq).to_pylist()
     assert {r["model_id"] for r in table if r["on_pareto_front"]} == {r["model_id"] for r in front}
     assert table[0]["model_id"] == listed["model_id"] and len(table) == 1 + len({r["model_id"] for r in front}
@@ -177,11 +182,17 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
                                              r"than once.*; 'builtin:digits\?classes=42,1': .*out of range"):
         select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3,3,7",
                      "--task", "builtin:digits?classes=42,1", "--no-save", "--no-progress"])
-    (tmp_path / "no-images").mkdir()  # these two pass the spec check (before Ray) and fail to load
-    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: 'builtin:digits\?classes=3': .*only one class.*; "
-                                             r"'.*no-images': .*no images in class subfolders"):
-        select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3",
-                     "--task", str(tmp_path / "no-images"), "--no-save", "--no-progress"])
+    # These pass the spec check (before Ray) and fail to load: the local ones before any task is embedded.
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "one-class" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / "a" / "x.png")
+    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: '.*no-images': .*no images in class subfolders.*; "
+                                             r"'.*one-class': .*only one class"):
+        select.main(["--store", store.url, "--task", tasks[1], "--task", str(tmp_path / "no-images"),
+                     "--task", str(tmp_path / "one-class"), "--no-save", "--no-progress"])
+    with pytest.raises(ZooselectError, match=r"^task 'builtin:digits\?classes=3' has only one class"):
+        select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3", "--no-save",
+                     "--no-progress"])  # loaded by its Ray task
 
 
 def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, capsys):

@@ -257,6 +257,8 @@ def test_check_spec_accepts_what_loads(tmp_path):
                  "builtin:photos?n=4&seed=2", "builtin:textures", "builtin:digits-probe?n=5", str(tmp_path),
                  f"file://{tmp_path}", "s3://bucket/task.parquet"):
         check_spec(spec)  # no error; the s3:// one is not looked up
+    (tmp_path / "t.parquet").write_bytes(b"")
+    check_spec(f"{tmp_path}/t.parquet/")  # a trailing slash, as the loader takes it
 
 
 def test_mistyped_url_is_not_taken_as_a_local_path(tmp_path, monkeypatch):

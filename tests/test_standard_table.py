@@ -449,7 +449,7 @@ def test_remove_reports_honestly_after_compact(published, capsys):
     assert sorted(exported.column("model_id").to_pylist()) == ["zoo/a", "zoo/d"]
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]  # written shard by shard, renamed
     assert exported.schema.field("embedding").type.list_size == std.width
-    _read_by_other_tools(out, ["zoo/a", "zoo/d"], std.width)
+    _read_by_other_tools(out, ["zoo/a", "zoo/d"], std.width, split=False)
     # a row object and a segment are plain Parquet too
     _read_by_other_tools(os.path.join(store.root, row_path(std.id, "zoo/d")), ["zoo/d"], std.width)
     segments = list_segments(store, std.id)
@@ -541,9 +541,9 @@ def test_ls_lists_several_standards_without_a_default(published, capsys):
     assert f"0 models under standard {other.id}" in capsys.readouterr().out
 
 
-def _read_by_other_tools(path: str, ids: list[str], width: int) -> None:
+def _read_by_other_tools(path: str, ids: list[str], width: int, split: bool = True) -> None:
     """What users query the table with: DuckDB, Polars, pandas; the embeddings as pyarrow reads them
-    (stored byte-stream-split, `storage.parquet_options`)."""
+    (stored byte-stream-split, `storage.parquet_options`; an export: plain, `split=False`)."""
     import duckdb
     import pandas as pd
     import polars as pl
@@ -551,7 +551,7 @@ def _read_by_other_tools(path: str, ids: list[str], width: int) -> None:
     meta = pq.ParquetFile(path).metadata
     columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
                for i in range(meta.num_columns)}
-    assert "BYTE_STREAM_SPLIT" in columns["embedding.list.element"], columns
+    assert ("BYTE_STREAM_SPLIT" in columns["embedding.list.element"]) == split, columns
     ref = pq.read_table(path).sort_by("model_id")
     want = np.array(ref.column("embedding").to_pylist(), np.float32)
     got = duckdb.sql(f"select model_id, embedding from read_parquet('{path}') order by model_id").fetchall()
