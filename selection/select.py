@@ -308,7 +308,7 @@ def pareto_front(objectives: np.ndarray) -> np.ndarray:
     kept or dropped together. The distinct rows are taken in lexicographically decreasing order, so
     a row's dominators come before it: with two columns one sort decides; with three, each row is
     looked up (a bisection) in the staircase of the rows before it that no other of them dominates
-    in the last two columns. O(n log n) either way; rows that one of the 32 of highest rank sum
+    in the last two columns. O(n log n) either way; rows that one of the 8 of highest rank sum
     dominates are dropped first, at once.
     """
     n, v = objectives.shape
@@ -321,7 +321,7 @@ def pareto_front(objectives: np.ndarray) -> np.ndarray:
     candidates = np.arange(n)
     if v == 3 and n > 64:
         rank_sum = sum(np.searchsorted(np.sort(col), col) for col in objectives.T)
-        strong = objectives[np.argsort(-rank_sum, kind="stable")[:32]]
+        strong = objectives[np.argsort(-rank_sum, kind="stable")[:8]]
         dominated = ((strong[None] >= objectives[:, None]).all(2) & (strong[None] > objectives[:, None]).any(2)).any(1)
         candidates = np.flatnonzero(~dominated)
     points, inverse = np.unique(objectives[candidates], axis=0, return_inverse=True)
