@@ -302,7 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           protocol=ProbeProtocol(), pareto=args.pareto)
     if len(set(args.task)) != len(args.task):
         raise ConfigError(f"the same task is given twice: {args.task}")
-    _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])  # before Ray starts, not by a task embedding
     check_output(args.json)
     check_output(args.parquet)
     if args.json and args.parquet and os.path.realpath(args.json) == os.path.realpath(args.parquet):
@@ -312,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args)
+    # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
+    _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])
     std = load_standard(store, args.standard)
     warn_task_image_size(config, std)
     if not may_have_rows(store, std.id):

@@ -388,11 +388,13 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     nothing about the task: it is ranked after every other row (still listed, and flagged).
 
     With `pareto` (`PARETO_COSTS`), each task's Pareto front of score against that cost is found in
-    the same sweep: the rows that no cheaper or equally cheap row outscores, cheapest first (rank 0;
-    rows of unknown cost and the standard's own rows are left out). Its contenders are each shard's
-    rows that no other row beats in every score part at no more cost (`pareto_front`): a rank mean
-    grows with every part. Returns (top-k per task, front per task: empty without `pareto`).
+    the same sweep: the rows that no other row matches or beats in score at no more cost (one of the
+    two strictly), cheapest first (rank 0; rows of unknown cost and the standard's own rows are left
+    out). Its contenders are each shard's rows that no other row beats in every score part at no more
+    cost (`pareto_front`): a rank mean grows with every part. Returns (top-k per task, front per task: empty without `pareto`).
     """
+    if pareto is not None and pareto not in PARETO_COSTS:
+        raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
     cost_of = PARETO_COSTS[pareto] if pareto is not None else None
     fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]] = [[] for _ in queries]
     if isinstance(queries, np.ndarray):

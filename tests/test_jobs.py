@@ -186,8 +186,8 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     (tmp_path / "no-images").mkdir()
     (tmp_path / "one-class" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / "a" / "x.png")
-    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: '.*no-images': .*no images in class subfolders.*; "
-                                             r"'.*one-class': .*only one class"):
+    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: '.*no-images': .*no images in class "
+                                             r"subfolders.*; '.*one-class': .*only one class"):
         select.main(["--store", store.url, "--task", tasks[1], "--task", str(tmp_path / "no-images"),
                      "--task", str(tmp_path / "one-class"), "--no-save", "--no-progress"])
     with pytest.raises(ZooselectError, match=r"^task 'builtin:digits\?classes=3' has only one class"):

@@ -5,6 +5,7 @@ import pytest
 from scipy.stats import rankdata
 
 from selection.embedding import RankQuery, linear_queries
+from selection.errors import ConfigError
 from selection.select import Constraint, mean_rank, pareto_front, sweep, sweep_fronts, sweep_shards, unbeaten
 from selection.table import EmbeddingTable
 
@@ -195,7 +196,8 @@ def test_the_pareto_front_is_found_in_the_sweep_however_sharded(seed):
     w = rng.normal(size=(2, 6))
     q = RankQuery(tuple(linear_queries(w)))
     ids = np.array(tab.model_ids)
-    for query, score in ((q, np.mean([rankdata(s) / 300 for s in (tab.embeddings @ w.T).T], 0)[~own]),  # every row swept
+    rank_mean = np.mean([rankdata(s) / 300 for s in (tab.embeddings @ w.T).T], 0)[~own]  # over every row swept
+    for query, score in ((q, rank_mean),
                          (linear_queries(w[:1])[0], (tab.embeddings[~own] @ w[0]).astype(np.float64))):
         full = np.full(300, np.nan)
         full[~own] = score
@@ -212,3 +214,5 @@ def test_the_pareto_front_is_found_in_the_sweep_however_sharded(seed):
             assert all(r.rank == 0 for r in front[0]) and len(top[0]) == 3
         assert front[0][0].model_id == ids[known][np.lexsort((-full[known], params[known]))[0]]  # cheapest, best
     assert sweep_fronts([tab], [q], 3)[1] == [[]]  # no front unless asked
+    with pytest.raises(ConfigError, match="pareto must be one of \\('gflops', 'params'\\) \\(or None\\), got 'flops'"):
+        sweep_fronts([tab], [q], 3, pareto="flops")

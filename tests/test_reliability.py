@@ -1034,7 +1034,7 @@ def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, em
     (["--task", "/no/such/task"], "dataset '/no/such/task' does not exist"),
 ])
 def test_bad_select_options_refused(tmp_path, capsys, monkeypatch, args, needle):
-    """Refused before the store is opened or Ray started (a bad task spec was refused by its task
+    """Refused before the standard is read or Ray started (a bad task spec was refused by its task
     embedding, after Ray had started: about 24 s)."""
     from jobs import runtime, select
 
