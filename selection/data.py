@@ -388,16 +388,20 @@ def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, se
 
 def check_spec(spec: str) -> None:
     """Refuse a dataset spec that cannot name a dataset, without reading any data: a built-in spec's
-    name and options, a mistyped URL, a local path that does not exist. Jobs call it before they
+    name and options, a mistyped URL or one of a scheme no store serves, a local path that does not exist. Jobs call it before they
     start Ray, so that a bad spec is one line at once."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if spec.startswith("builtin:"):
         check_builtin_spec(spec)
         return
-    from selection.storage import check_url
+    from selection.storage import SUPPORTED_SCHEMES, check_url
 
     check_url(spec)
+    scheme = spec.split("://", 1)[0].lower() if "://" in spec else "file"
+    if scheme not in SUPPORTED_SCHEMES:
+        raise DataError(f"dataset {spec!r}: unsupported URL scheme {scheme!r} (a local path, s3://bucket/key "
+                        f"or builtin:NAME)")
     path = spec[len("file://"):] if spec.startswith("file://") else spec
     if ("://" not in spec or spec.startswith("file://")) and not os.path.exists(path.rstrip("/") or "/"):
         raise DataError(f"dataset {spec!r} does not exist (a local path; a built-in one is builtin:NAME)")

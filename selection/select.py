@@ -303,8 +303,8 @@ def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> n
 
 
 def pareto_front(objectives: np.ndarray) -> np.ndarray:
-    """Indices of the rows of (n, v) `objectives`, v <= 3, each to be maximised, that no other row
-    dominates (at least as large in every column and larger in one); rows equal to each other are
+    """Indices of the rows of (n, v) finite `objectives`, v <= 3, each to be maximised, that no other
+    row dominates (at least as large in every column and larger in one); rows equal to each other are
     kept or dropped together. The distinct rows are taken in lexicographically decreasing order, so
     a row's dominators come before it: with two columns one sort decides; with three, each row is
     looked up (a bisection) in the staircase of the rows before it that no other of them dominates
@@ -396,11 +396,14 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     if pareto is not None and pareto not in PARETO_COSTS:
         raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
     cost_of = PARETO_COSTS[pareto] if pareto is not None else None
-    fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]] = [[] for _ in queries]
     if isinstance(queries, np.ndarray):
         if queries.ndim != 2:
             raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
         queries = linear_queries(queries)
+    if pareto is not None and any(len(_parts(q)) > 2 for q in queries):
+        raise ConfigError(f"a Pareto front takes scores of at most 2 parts, got a query of "
+                          f"{max(len(_parts(q)) for q in queries)}")
+    fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]] = [[] for _ in queries]
     flat = [p for q in queries for p in _parts(q)]
     width = {p.num.shape[1] for p in flat}
     pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]

@@ -260,8 +260,8 @@ def parquet_options(schema: pa.Schema) -> dict:
     reads without entropy-decoding their mantissas (about 10 % smaller than plain zstd, and 1.15-1.3x
     faster for pyarrow to decode: docs/performance.md); the other columns dictionary-encoded, pyarrow's
     default.
-    DuckDB, Polars, pandas and Spark (3.2+) read the byte-stream-split encoding; `jobs.table export`
-    writes plain zstd, for any reader."""
+    DuckDB, Polars and pandas read the byte-stream-split encoding (a test checks); Spark's vectorized
+    reader may not. `jobs.table export` writes plain zstd, for any reader."""
     leaves = [leaf for f in schema for leaf in _leaf_columns(f.name, f.type)]
     floats = [path for path, t in leaves if pa.types.is_floating(t)]
     if not floats:

@@ -490,7 +490,7 @@ def export_table(store: Store, std: Standard, path: str, progress: Progress | No
         def write(listing: Listing) -> int:
             rows = 0
             try:
-                # Plain zstd, for any reader (no byte-stream-split: Spark < 3.2 and older engines lack it).
+                # Plain zstd, for any reader (no byte-stream-split, which some engines lack).
                 with pq.ParquetWriter(tmp, schema_for(std), compression="zstd") as out:
                     for shard in iter_shards(store, std, listing):
                         if len(shard):  # a segment whose every row was removed or rewritten since

@@ -235,6 +235,7 @@ def test_a_task_with_near_copies_of_its_images_is_warned_of(caplog):
     ("builtin:digits?split=val", "digits split must be 'train' or 'test', got 'val'"),
     ("builtin:fashion-mnist?classes=1,1", r"class id\(s\) \[1\] appear more than once"),
     ("builtin:fashion-mnist?classes=a", "classes='a' .* must be comma-separated integers"),
+    ("gs://bucket/task.parquet", "dataset 'gs://bucket/task.parquet': unsupported URL scheme 'gs'"),
     ("builtin:digits?per_class=-2", r"per_class=-2 .* must be >= 0"),
     ("builtin:digits?n=-1", r"n=-1 .* must be >= 0"),
     ("builtin:photos?n=-5", r"n=-5 .* must be >= 0"),

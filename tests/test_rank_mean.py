@@ -216,3 +216,7 @@ def test_the_pareto_front_is_found_in_the_sweep_however_sharded(seed):
     assert sweep_fronts([tab], [q], 3)[1] == [[]]  # no front unless asked
     with pytest.raises(ConfigError, match="pareto must be one of \\('gflops', 'params'\\) \\(or None\\), got 'flops'"):
         sweep_fronts([tab], [q], 3, pareto="flops")
+    with pytest.raises(ConfigError, match="a Pareto front takes scores of at most 2 parts, got a query of 3"):
+        sweep_fronts([tab], [RankQuery(tuple(linear_queries(np.vstack([w, w[:1]]))))], 3, pareto="params")
+    with pytest.raises(ConfigError, match=r"task weights should be \(T, D\), got shape \(\)"):
+        sweep_fronts([tab], np.array(1.0), 3, pareto="params")
