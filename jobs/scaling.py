@@ -237,9 +237,9 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             if plain is not None:
                 totals["plain"].append(_timed(lambda: sweep_shards(iter_shards(plain, std), w, 10)))
         t_total = min(totals["ours"])
-        plain_bytes = sum(os.path.getsize(os.path.join(plain.root, os.path.relpath(p, root))) for p in segs) \
-            if plain is not None else None
+        plain_bytes = None
         if plain is not None:
+            plain_bytes = sum(os.path.getsize(os.path.join(plain.root, os.path.relpath(p, root))) for p in segs)
             shutil.rmtree(plain.root)
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.

@@ -388,8 +388,8 @@ def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, se
 
 def check_spec(spec: str) -> None:
     """Refuse a dataset spec that cannot name a dataset, without reading any data: a built-in spec's
-    name and options, a mistyped URL or one of a scheme no store serves, a local path that does not exist. Jobs call it before they
-    start Ray, so that a bad spec is one line at once."""
+    name and options, a mistyped URL or one of a scheme no store serves, a local path that does not
+    exist. Jobs call it before they start Ray, so that a bad spec is one line at once."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if spec.startswith("builtin:"):

@@ -391,7 +391,8 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     the same sweep: the rows that no other row matches or beats in score at no more cost (one of the
     two strictly), cheapest first (rank 0; rows of unknown cost and the standard's own rows are left
     out). Its contenders are each shard's rows that no other row beats in every score part at no more
-    cost (`pareto_front`): a rank mean grows with every part. Returns (top-k per task, front per task: empty without `pareto`).
+    cost (`pareto_front`): a rank mean grows with every part. Returns (top-k per task, front per
+    task: empty without `pareto`).
     """
     if pareto is not None and pareto not in PARETO_COSTS:
         raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
