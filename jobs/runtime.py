@@ -154,6 +154,13 @@ def node_resources() -> dict[str, float]:
     return out
 
 
+def single_node() -> bool:
+    """Whether the Ray cluster is one node (then every task sees this machine's disk)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+
+
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
               num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2,
               what: str = "a task", option: str = "", autoscaling: bool = False, keep: bool = False) -> list[Any]:

@@ -1,8 +1,8 @@
 """Select models for tasks: `python -m jobs.select --store STORE --task TASK [--task TASK ...]`.
 
 Task embeddings are computed in parallel (one Ray task per task), the table is swept
-once for all tasks, and the top-k may be verified on the task in parallel (LogME, a ridge probe's
-leave-one-out error, or a linear probe).
+once for all tasks (a table of several segments in parallel, one Ray task per segment), and the top-k
+may be verified on the task in parallel (LogME, a ridge probe's leave-one-out error, or a linear probe).
 A TASK is an ImageFolder directory, a .parquet file (local or s3://), or a built-in
 spec such as `builtin:fashion-mnist?classes=5,7,9&per_class=40`.
 """
@@ -23,15 +23,16 @@ import pyarrow.parquet as pq
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
 from selection.data import ImageSet, check_spec
-from selection.errors import ConfigError, StoreError, ZooselectError
+from selection.errors import ConfigError, ObjectGoneError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
-from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, Ranked, SelectConfig, TaskEmbedding,
-                              apply_verification, default_score, embed_task, entry_of, front_with_shortlist, load_task,
-                              shortlist_table, task_image_size, verify_candidate, warn_task_image_size)
+from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, Ranked, SelectConfig,
+                              SweepPart, TaskEmbedding, apply_verification, default_score, embed_task, entry_of,
+                              front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
+                              verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store, atomic_local_file, write_file_atomically
-from selection.table import EmbeddingTable, may_have_rows
+from selection.table import EmbeddingTable, Part, may_have_rows
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also list each task's Pareto front of score against this cost, found in the same sweep: "
                         "the models that no other model matches or beats in score at no more cost (one of the two "
                         "strictly), cheapest first")
+    p.add_argument("--serial-sweep", action="store_true",
+                   help="sweep the table in this process, one segment after another (default: a table of several "
+                        "segments or of more than 4,096 row objects is swept in Ray tasks, one per segment or batch, "
+                        "on every node for an s3:// store, on a single-node cluster only for a local one)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -105,6 +110,26 @@ def _verify(std: Standard, item: tuple[Any, SelectConfig, dict[str, Any], bool])
                             weights_sha256=row["weights_sha256"])
 
 
+def _sweep_part(shared: tuple[Standard, str, str | None, set[str], Queries, SelectConfig], part: Part) -> SweepPart:
+    std, store_url, s3_endpoint, hidden, queries, config = shared
+    return sweep_part(Store(store_url, s3_endpoint=s3_endpoint), std, part, hidden, queries, config)
+
+
+def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConfig, progress: bool) -> MapParts:
+    """`shortlist_table`'s `map_parts`: one Ray task per part of the table. A part whose listed object
+    is gone raises ObjectGoneError (the listing is out of date: listed and swept again), any other
+    failure its error."""
+    def map_parts(parts: list[Part], hidden: set[str]) -> list[SweepPart]:
+        shared = (std, store.url, getattr(store, "endpoint", None), hidden, queries, config)
+        done = runtime.map_tasks(_sweep_part, parts, shared=shared, desc="sweep", progress=progress,
+                                 what="a sweep part")
+        failed = [r for r in done if isinstance(r, ZooselectError)]
+        if failed:
+            raise next((r for r in failed if isinstance(r, ObjectGoneError)), failed[0])
+        return done
+    return map_parts
+
+
 def _raise_failed(tasks: list[str], outcomes: list[Any]) -> None:
     """Raise the error of every task whose outcome is one (all of them named, not only the first)."""
     failed = [(t, e) for t, e in zip(tasks, outcomes) if isinstance(e, ZooselectError)]
@@ -125,10 +150,11 @@ def _outcome(fn: Callable[[], Any]) -> Any:
 
 def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,
            progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
-           task_gpus: float = 0) -> list[dict[str, Any]]:
+           task_gpus: float = 0, parallel_sweep: bool = True) -> list[dict[str, Any]]:
     """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
-    store's, listed after the tasks are embedded, or one in memory), verify (each verification a Ray task
-    holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task.
+    store's, listed after the tasks are embedded, or one in memory; with `parallel_sweep`, a store of
+    several parts in one Ray task per part where the workers can read it), verify (each verification a Ray
+    task holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task.
 
     Each task is read and decoded once: a local one here (the cluster's other nodes may not see this
     machine's disk), an s3:// or built-in one by its embedding's Ray task; the decoded images then stay
@@ -148,7 +174,11 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     _raise_failed(tasks, embs)
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
-    rankings, m, fronts = shortlist_table(std, table, [e.query(std, config.score) for e in embs], config)
+    queries = [e.query(std, config.score) for e in embs]
+    in_parts = (parallel_sweep and isinstance(table, Store)
+                and (table.scheme != "file" or runtime.single_node()))  # other nodes may not see this disk
+    rankings, m, fronts = shortlist_table(std, table, queries, config,
+                                          _map_parts(std, table, queries, config, progress) if in_parts else None)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)
@@ -320,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
     runtime.init(args.address)
     results = select(std, store, args.task, config, progress=not args.no_progress,
-                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus)
+                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,
+                     parallel_sweep=not args.serial_sweep)
     m = results[0]["models_swept"]
     try:  # printed even when the store's copy cannot be written
         saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)

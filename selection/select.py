@@ -12,7 +12,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,8 @@ from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
 from selection.storage import Store
-from selection.table import EmbeddingTable, iter_shards, may_have_rows, read_consistently
+from selection.table import (EmbeddingTable, Listing, Part, hidden_keys, iter_part, iter_shards, may_have_rows,
+                             read_consistently, table_parts)
 
 log = logging.getLogger(__name__)
 
@@ -394,37 +395,67 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     cost (`pareto_front`): a rank mean grows with every part. Returns (top-k per task, front per
     task: empty without `pareto`).
     """
-    if pareto is not None and pareto not in PARETO_COSTS:
-        raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
-    cost_of = PARETO_COSTS[pareto] if pareto is not None else None
-    if isinstance(queries, np.ndarray):
-        if queries.ndim != 2:
-            raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
-        queries = linear_queries(queries)
-    if pareto is not None and any(len(_parts(q)) > 2 for q in queries):
-        raise ConfigError(f"a Pareto front takes scores of at most 2 parts, got a query of "
-                          f"{max(len(_parts(q)) for q in queries)}")
-    fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]] = [[] for _ in queries]
-    flat = [p for q in queries for p in _parts(q)]
-    width = {p.num.shape[1] for p in flat}
-    pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
-    swept: list[list[np.ndarray]] = [[] for _ in queries]
-    aside: list[list[tuple[np.ndarray, str, dict[str, Any]]]] = [[] for _ in queries]
-    computes: dict[str, int] = {}  # how the rows' probe passes ran ("cpu/float32", ...): mixed kinds are warned of
+    state = Sweep(queries, top_k, constraints, pareto)
     for shard in shards:
+        state.add(shard)
+    return state.result()
+
+
+@dataclass
+class SweepPart:
+    """What a sweep keeps of the rows it saw, per task: its contenders (score parts, model id, row), the
+    standard's own rows (kept aside), for a rank mean every row's score parts, and the Pareto
+    contenders (score parts, cost, model id, row); and how many rows of each probe-pass kind it saw.
+    The sweeps of disjoint sets of rows (in other processes) merge into the sweep of their union
+    (`Sweep.merge`)."""
+
+    pools: list[list[tuple[np.ndarray, str, dict[str, Any]]]]
+    aside: list[list[tuple[np.ndarray, str, dict[str, Any]]]]
+    swept: list[list[np.ndarray]]
+    fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]]
+    computes: dict[str, int]
+    rows: int = 0
+
+
+class Sweep:
+    """`sweep_fronts` one shard at a time (`add`), or from other sweeps' parts (`merge`), then `result`."""
+
+    def __init__(self, queries: Queries, top_k: int, constraints: tuple[Constraint, ...] = (),
+                 pareto: str | None = None) -> None:
+        if pareto is not None and pareto not in PARETO_COSTS:
+            raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
+        if isinstance(queries, np.ndarray):
+            if queries.ndim != 2:
+                raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
+            queries = linear_queries(queries)
+        if pareto is not None and any(len(_parts(q)) > 2 for q in queries):
+            raise ConfigError(f"a Pareto front takes scores of at most 2 parts, got a query of "
+                              f"{max(len(_parts(q)) for q in queries)}")
+        self.queries, self.top_k, self.constraints = list(queries), top_k, constraints
+        self.cost_of = PARETO_COSTS[pareto] if pareto is not None else None
+        self.flat = [p for q in self.queries for p in _parts(q)]
+        self.width = {p.num.shape[1] for p in self.flat}
+        n = len(self.queries)
+        self.part = SweepPart([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
+                              [[] for _ in range(n)], {})
+
+    def add(self, shard: EmbeddingTable) -> None:
+        """Sweep one more shard (one matrix product) and keep its contenders."""
         if len(shard) == 0:
-            continue
+            return
+        part = self.part
+        part.rows += len(shard)
         if "compute" in shard.meta.column_names:
             for kind in pc.value_counts(shard.meta.column("compute")).to_pylist():
                 if kind["values"] is not None:
-                    computes[kind["values"]] = computes.get(kind["values"], 0) + kind["counts"]
-        if width != {shard.embeddings.shape[1]}:
-            raise ConfigError(f"task queries have width {sorted(width)}, the table "
+                    part.computes[kind["values"]] = part.computes.get(kind["values"], 0) + kind["counts"]
+        if self.width != {shard.embeddings.shape[1]}:
+            raise ConfigError(f"task queries have width {sorted(self.width)}, the table "
                               f"{shard.embeddings.shape[1]}")
-        rows_ok = np.flatnonzero(constraint_mask(shard, constraints))
+        rows_ok = np.flatnonzero(constraint_mask(shard, self.constraints))
         if len(rows_ok) == 0:
-            continue
-        s_all = query_scores(shard.embeddings, flat)[rows_ok]  # (m_ok, parts of every query)
+            return
+        s_all = query_scores(shard.embeddings, self.flat)[rows_ok]  # (m_ok, parts of every query)
         finite = np.isfinite(s_all).all(1)
         if not finite.all():  # a row written by another tool with NaN/inf: it cannot be ranked
             bad = shard.meta.column("model_id").take(pa.array(rows_ok[~finite])).to_pylist()
@@ -432,7 +463,7 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
                         len(bad), ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
             rows_ok, s_all = rows_ok[finite], s_all[finite]
             if len(rows_ok) == 0:
-                continue
+                return
         # The standard's own baseline or companion covers itself: its score says nothing about the task.
         # Such rows (a few at most) are kept aside, out of the pruning, and ranked after every other.
         flags = shard.meta.column("is_baseline") if "is_baseline" in shard.meta.column_names else None
@@ -443,44 +474,72 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
             others = np.setdiff1d(np.arange(len(rows_ok)), own)
             rows_ok, s_all, s_own = rows_ok[others], s_all[others], s_all[own]
         col = 0
-        for t, q in enumerate(queries):
+        for t, q in enumerate(self.queries):
             cols = slice(col, col + len(_parts(q)))
             col = cols.stop
             s = s_all[:, cols]
             if len(own):
-                aside[t] += [(s_own[i, cols], row["model_id"], row) for i, row in enumerate(own_rows)]
+                part.aside[t] += [(s_own[i, cols], row["model_id"], row) for i, row in enumerate(own_rows)]
             if isinstance(q, RankQuery):
-                swept[t] += [s, s_own[:, cols]] if len(own) else [s]
+                part.swept[t] += [s, s_own[:, cols]] if len(own) else [s]
             if len(rows_ok) == 0:
                 continue
-            keep = unbeaten(s, top_k)
-            keep = _cut_ties(keep, s, shard.meta.column("model_id").take(pa.array(rows_ok[keep])).to_pylist(), top_k)
+            keep = unbeaten(s, self.top_k)
+            keep = _cut_ties(keep, s, shard.meta.column("model_id").take(pa.array(rows_ok[keep])).to_pylist(),
+                             self.top_k)
             rows = shard.meta.take(pa.array(rows_ok[keep])).to_pylist()
-            pool = pools[t] + [(s[i], row["model_id"], row) for i, row in zip(keep, rows)]
-            pooled = np.stack([p[0] for p in pool])
-            keep = unbeaten(pooled, top_k)
-            pools[t] = [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], top_k)]
-            if cost_of is not None:
-                fronts[t] = _front_contenders(fronts[t], shard, rows_ok, s, cost_of)
-    if len(computes) > 1:
-        log.warning("the table mixes rows whose probe pass ran differently (%s): their scores differ slightly "
-                    "(docs/performance.md); embed a table with one kind of actor",
-                    ", ".join(f"{n} {k}" for k, n in sorted(computes.items())))
-    out, front_out = [], []
-    for t, q in enumerate(queries):
-        front_out.append(_final_front(fronts[t], q, swept[t]))
-        pool = pools[t] + aside[t]
-        if not pool:
-            out.append([])
-            continue
-        parts = np.stack([p[0] for p in pool]).astype(np.float64)
-        score = mean_rank(parts, swept[t]) if isinstance(q, RankQuery) else parts[:, 0]
-        last = len(pools[t])  # the standard's own models after every other
-        order = sorted(range(len(pool)), key=lambda i: (i >= last, -score[i], -parts[i, 0], pool[i][1]))[:top_k]
-        out.append([Ranked(pool[i][1], float(score[i]), r, bool(pool[i][2]["is_baseline"]), pool[i][2],
-                           parts=tuple(parts[i]) if isinstance(q, RankQuery) else ())
-                    for r, i in enumerate(order, 1)])
-    return out, front_out
+            part.pools[t] = _prune(part.pools[t] + [(s[i], row["model_id"], row) for i, row in zip(keep, rows)],
+                                   self.top_k)
+            if self.cost_of is not None:
+                part.fronts[t] = _front_contenders(part.fronts[t], shard, rows_ok, s, self.cost_of)
+
+    def merge(self, other: SweepPart) -> None:
+        """Take in the part of a sweep of other rows (the same queries, k, constraints and cost)."""
+        part = self.part
+        if len(other.pools) != len(self.queries):
+            raise ConfigError(f"a sweep part of {len(other.pools)} task(s) cannot merge into a sweep of "
+                              f"{len(self.queries)}")
+        part.rows += other.rows
+        for kind, n in other.computes.items():
+            part.computes[kind] = part.computes.get(kind, 0) + n
+        for t in range(len(self.queries)):
+            part.pools[t] = _prune(part.pools[t] + other.pools[t], self.top_k)
+            part.aside[t] += other.aside[t]
+            part.swept[t] += other.swept[t]
+            part.fronts[t] = _prune_front(part.fronts[t] + other.fronts[t])
+
+    def result(self) -> tuple[list[list[Ranked]], list[list[Ranked]]]:
+        """(top-k per task, Pareto front per task) of every row added or merged."""
+        part = self.part
+        if len(part.computes) > 1:
+            log.warning("the table mixes rows whose probe pass ran differently (%s): their scores differ slightly "
+                        "(docs/performance.md); embed a table with one kind of actor",
+                        ", ".join(f"{n} {k}" for k, n in sorted(part.computes.items())))
+        out, front_out = [], []
+        for t, q in enumerate(self.queries):
+            front_out.append(_final_front(part.fronts[t], q, part.swept[t]))
+            pool = part.pools[t] + part.aside[t]
+            if not pool:
+                out.append([])
+                continue
+            parts = np.stack([p[0] for p in pool]).astype(np.float64)
+            score = mean_rank(parts, part.swept[t]) if isinstance(q, RankQuery) else parts[:, 0]
+            last = len(part.pools[t])  # the standard's own models after every other
+            order = sorted(range(len(pool)),
+                           key=lambda i: (i >= last, -score[i], -parts[i, 0], pool[i][1]))[:self.top_k]
+            out.append([Ranked(pool[i][1], float(score[i]), r, bool(pool[i][2]["is_baseline"]), pool[i][2],
+                               parts=tuple(parts[i]) if isinstance(q, RankQuery) else ())
+                        for r, i in enumerate(order, 1)])
+        return out, front_out
+
+
+def _prune(pool: list[tuple[np.ndarray, str, dict[str, Any]]], k: int) -> list[tuple[np.ndarray, str, dict[str, Any]]]:
+    """The contenders of a pool (score parts, model id, row): `unbeaten`, ties cut by model id."""
+    if not pool:
+        return pool
+    pooled = np.stack([p[0] for p in pool])
+    keep = unbeaten(pooled, k)
+    return [pool[i] for i in _cut_ties(keep, pooled, [pool[i][1] for i in keep], k)]
 
 
 def _front_contenders(front: list[tuple[np.ndarray, float, str, dict[str, Any]]], shard: EmbeddingTable,
@@ -494,7 +553,14 @@ def _front_contenders(front: list[tuple[np.ndarray, float, str, dict[str, Any]]]
         return front
     new = known[pareto_front(np.column_stack([scores[known], -cost[known]]))]
     metas = shard.meta.take(pa.array(rows[new])).to_pylist()
-    pool = front + [(scores[i], float(cost[i]), row["model_id"], row) for i, row in zip(new, metas)]
+    return _prune_front(front + [(scores[i], float(cost[i]), row["model_id"], row) for i, row in zip(new, metas)])
+
+
+def _prune_front(pool: list[tuple[np.ndarray, float, str, dict[str, Any]]]
+                 ) -> list[tuple[np.ndarray, float, str, dict[str, Any]]]:
+    """The rows of a pool (score parts, cost, model id, row) that no other beats in every part at no more cost."""
+    if not pool:
+        return pool
     keep = pareto_front(np.column_stack([np.stack([p[0] for p in pool]), -np.array([p[1] for p in pool])]))
     return [pool[i] for i in keep]
 
@@ -557,25 +623,43 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
 
 def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
               config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
-    """One sweep for every task (`sweep_fronts`) under the config's constraints, keeping the top
-    max(top_k, verify_top_k): verification re-ranks its k even when fewer are listed. Returns the
-    rankings, the number of rows swept and each task's Pareto front (empty without `config.pareto`)."""
-    swept = [0]
-
-    def counted() -> Iterable[EmbeddingTable]:
-        for shard in shards:
-            swept[0] += len(shard)
-            yield shard
-
-    rankings, fronts = sweep_fronts(counted(), queries, max(config.top_k, config.verify_top_k), config.constraints,
-                                    config.pareto)
-    return rankings, swept[0], fronts
+    """One sweep for every task (`config_sweep`), keeping the top max(top_k, verify_top_k): verification
+    re-ranks its k even when fewer are listed. Returns the rankings, the number of rows swept and each
+    task's Pareto front (empty without `config.pareto`)."""
+    state = config_sweep(queries, config)
+    for shard in shards:
+        state.add(shard)
+    rankings, fronts = state.result()
+    return rankings, state.part.rows, fronts
 
 
-def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries,
-                    config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+def config_sweep(queries: Queries, config: SelectConfig) -> Sweep:
+    """The sweep a selection runs: the top max(top_k, verify_top_k) under the config's constraints, and
+    its Pareto front."""
+    return Sweep(queries, max(config.top_k, config.verify_top_k), config.constraints, config.pareto)
+
+
+def sweep_part(store: Store, std: Standard, part: Part, hidden: set[str], queries: Queries,
+               config: SelectConfig) -> SweepPart:
+    """The sweep of one part of a listed table (`selection.table.table_parts`), for `shortlist_table`'s
+    `map_parts` to merge; `hidden`: the listing's `hidden_keys`."""
+    state = config_sweep(queries, config)
+    for shard in iter_part(store, std, part, hidden):
+        state.add(shard)
+    return state.part
+
+
+# Sweeps the parts of a listing (e.g. in parallel Ray tasks: jobs.select): `map_parts(parts, hidden)`
+# returns each part's `sweep_part`, in any order, or raises (ObjectGoneError: the listing is out of date).
+MapParts = Callable[[list[Part], set[str]], Iterable[SweepPart]]
+
+
+def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries, config: SelectConfig,
+                    map_parts: MapParts | None = None) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
     """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
-    it changes during the sweep: `read_consistently`). Refuses a table with no rows."""
+    it changes during the sweep: `read_consistently`). With `map_parts`, a listing of more than one
+    part (segments, batches of row objects) is swept part by part through it, and the parts merged:
+    the same result. Refuses a table with no rows."""
     if isinstance(table, EmbeddingTable):
         if table.standard_id != std.id:
             raise StandardMismatchError(f"the table given holds rows of standard {table.standard_id}, "
@@ -583,9 +667,20 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
         rankings, swept, fronts = shortlist([table], queries, config)
         where = "the table given"
     else:
-        rankings, swept, fronts = read_consistently(table, std, lambda listing: shortlist(
-            iter_shards(table, std, listing), queries, config))
-        where = table.url
+        store = table
+
+        def read(listing: Listing) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+            parts = table_parts(listing)
+            if map_parts is None or len(parts) < 2:
+                return shortlist(iter_shards(store, std, listing), queries, config)
+            state = config_sweep(queries, config)
+            for part in map_parts(parts, hidden_keys(listing) if listing.segments else set()):
+                state.merge(part)
+            rankings, fronts = state.result()
+            return rankings, state.part.rows, fronts
+
+        rankings, swept, fronts = read_consistently(store, std, read)
+        where = store.url
     if not swept:
         raise StoreError(f"no models are embedded under standard {std.id} in {where}")
     return rankings, swept, fronts

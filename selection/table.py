@@ -3,12 +3,16 @@
     embeddings/<standard_id>/rows/<shard>/<model_key>.parquet   one object per model
     embeddings/<standard_id>/segments/<segment>.parquet          compacted rows (optional)
     embeddings/<standard_id>/deleted/<model_key>                deletion markers
+    embeddings/<standard_id>/key_index/<compaction>/            the segments' model keys, hashed into
+                                                                 buckets (NNNNN.keys) under index.json
     embeddings/<standard_id>/_compacting/<id>                   a compaction in progress
 
 Add writes one row object; remove deletes it and, once segments exist or a compaction
 runs, writes one deletion marker (before the delete, so that a remove stopped between the two
-hides the model's older segment rows): both O(1) whatever the table's size (removing a model
-without a row object reads the segments' key column, to tell whether it is in the table).
+hides the model's older segment rows): both O(1) whatever the table's size. Removing a model
+without a row object looks its key up in the key index its compaction wrote (two small reads);
+segments without one (written before session 30, or by a compaction that stopped before writing
+it) have their key column read.
 A row object overrides a marker and any segment row, a marker hides segment rows, a later
 segment overrides an earlier one. A marker holds a token of its own: a compaction deletes only
 the markers it read, not one rewritten since. `compact` folds row objects and markers into segments,
@@ -23,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -49,6 +55,10 @@ LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this o
 STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
 STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
+KEY_BUCKET_ROWS = 2048  # model keys per object of a compaction's key index (about 60 KB)
+# A segment's name: its compaction's id (time and a random part), then its number.
+# (seconds before session 30: such a name sorts before those of later compactions in the same second).
+_SEGMENT_NAME = re.compile(r"seg-(\d{8}T\d{6}(?:\d{9})?-[0-9a-f]{8})-\d{5}\.parquet")
 # `progress(what, n)`: n more rows read ("rows") or objects deleted ("objects") by a long table operation.
 Progress = Callable[[str, int], None]
 _ignored_leases: set[str] = set()  # stale leases already warned about (once per process, not per row)
@@ -110,6 +120,9 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
     if emb.shape != (std.width,):
         raise StandardMismatchError(f"embedding of {row['model_id']!r} has width {emb.shape}, "
                                     f"standard {std.id} needs ({std.width},)")
+    if row.get("model_key") != model_key(row["model_id"]):
+        raise ModelError(f"the row of {row['model_id']!r} has model_key {row.get('model_key')!r}, not "
+                         f"{model_key(row['model_id'])!r}; not written")
     coverage = np.asarray(row["coverage"], np.float32)
     for name, values in (("embedding", emb), ("coverage", coverage)):
         bad = int(np.size(values) - np.isfinite(values).sum())
@@ -210,44 +223,124 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
       lease is looked at before the segments: a compaction writes its lease before it lists the
       table and deletes it only after writing its segments, so a compaction that read the row is
       seen by one or the other.
-    The segments' keys are read at most once, and only for ids without a row object.
+    Ids without a row object are looked up in the segments once, together (`_in_segments`).
     """
-    segment_keys: set[str] | None = None
-    missing = []
+    segment_only = {}
     for mid in dict.fromkeys(model_ids):  # an id given twice is removed once
         row = row_path(std.id, mid)
-        if store.exists(row):
-            hide = compaction_running(store, std.id) or bool(list_segments(store, std.id))
-            if hide:
-                write_marker(store, std.id, mid)
-            store.delete(row)
-            if hide or compaction_running(store, std.id) or list_segments(store, std.id):
-                write_marker(store, std.id, mid)
+        if not store.exists(row):
+            segment_only[_key_of(row)] = mid
             continue
-        if segment_keys is None:
-            segment_keys = _segment_keys(store, std)
-        if _key_of(row) in segment_keys and not store.exists(marker_path(std.id, mid)):
+        hide = compaction_running(store, std.id) or bool(list_segments(store, std.id))
+        if hide:
+            write_marker(store, std.id, mid)
+        store.delete(row)
+        if hide or compaction_running(store, std.id) or list_segments(store, std.id):
+            write_marker(store, std.id, mid)
+    found = _in_segments(store, std, set(segment_only)) if segment_only else set()
+    missing = []
+    for key, mid in segment_only.items():
+        if key in found and not store.exists(marker_path(std.id, mid)):
             write_marker(store, std.id, mid)
         else:
             missing.append(mid)
     return missing
 
 
-def _segment_keys(store: Store, std: Standard, attempts: int = 3) -> set[str]:
-    """The model keys of every segment, listed again if a listed segment is gone when read (a
-    compaction replaced it; it writes its segments before it deletes the old ones, so a later
-    listing holds every key)."""
+def _bucket_of(key: str, buckets: int) -> int:
+    """The key index bucket of a model key (any string: a segment another tool wrote may hold any)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets
+
+
+def _key_index(standard_id: str, compaction: str) -> str:
+    return f"{_base(standard_id)}/key_index/{compaction}"
+
+
+def _write_key_index(store: Store, std: Standard, compaction: str, segments: list[str], keys: pa.Array) -> int:
+    """Write the model keys of a compaction's `segments` in buckets of about KEY_BUCKET_ROWS keys (one
+    text object each, a key a line), then `index.json` (the bucket count and the segments' names) last:
+    an index without it is incomplete and never read. Return the objects written."""
+    folder = _key_index(std.id, compaction)
+    buckets = max(1, -(-len(keys) // KEY_BUCKET_ROWS))
+    of = np.fromiter((_bucket_of(k, buckets) for k in keys.to_pylist()), np.int64, len(keys))
+    order = np.argsort(of, kind="stable")
+    ends = np.searchsorted(of[order], np.arange(buckets), side="right")
+    grouped = keys.take(pa.array(order))
+
+    def write(b: int) -> None:
+        start = int(ends[b - 1]) if b else 0
+        store.write_bytes(f"{folder}/{b:05d}.keys", "\n".join(grouped[start:int(ends[b])].to_pylist()).encode())
+
+    with ThreadPoolExecutor(DELETE_THREADS) as pool:
+        list(pool.map(write, range(buckets)))
+    store.write_bytes(f"{folder}/index.json", json.dumps(
+        {"buckets": buckets, "rows": len(keys), "segments": [p.rsplit("/", 1)[-1] for p in segments]}).encode())
+    return buckets + 1
+
+
+def _in_segments(store: Store, std: Standard, keys: set[str], attempts: int = 3) -> set[str]:
+    """Which of `keys` the segments hold. The segments of a compaction whose key index is whole cost one
+    read of its `index.json` and one of each bucket `keys` fall in (read at once), whatever the table's
+    size; others have their key column read: segments written before the index existed, by a
+    compaction that stopped before writing it, or whose index covers segments no longer listed (a
+    compaction replacing them runs). Listed again if a listed segment or index object is gone when read
+    (a compaction replaced them: it writes its segments and index before it deletes the old ones, and an
+    old index's `index.json` before its buckets)."""
     def read() -> set[str]:
-        keys: set[str] = set()
-        for seg in list_segments(store, std.id):
-            t = store.read_table_columns(seg, ["model_key"])
-            if "model_key" not in t.column_names:
-                raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object "
-                                            f"(no 'model_key' column)")
-            keys.update(t.column("model_key").to_pylist())
-        return keys
+        found: set[str] = set()
+        listed = list_segments(store, std.id)
+        by_compaction: dict[str, list[str]] = {}
+        unindexed = []
+        for seg in listed:
+            if _SEGMENT_NAME.fullmatch(seg.rsplit("/", 1)[-1]):
+                by_compaction.setdefault(_compaction_of(seg), []).append(seg)
+            else:
+                unindexed.append(seg)
+        wanted: list[tuple[str, str, list[str]]] = []  # (compaction, bucket object, the keys to look for in it)
+        for compaction, segs in by_compaction.items():
+            buckets = _usable_key_index(store, _key_index(std.id, compaction), segs)
+            if buckets is None:
+                unindexed += segs
+                continue
+            groups: dict[int, list[str]] = {}
+            for k in keys:
+                groups.setdefault(_bucket_of(k, buckets), []).append(k)
+            wanted += [(compaction, f"{_key_index(std.id, compaction)}/{b:05d}.keys", ks) for b, ks in groups.items()]
+        damaged: set[str] = set()
+        for (compaction, path, ks), data in zip(wanted, store.read_many([w[1] for w in wanted], missing_ok=True)):
+            if data is None:
+                if not store.exists(f"{_key_index(std.id, compaction)}/index.json"):
+                    raise ObjectGoneError(f"no object at {store.url}/{path}")  # being deleted: list again
+                damaged.add(compaction)
+                continue
+            lines = b"\n" + data + b"\n"  # one key a line
+            found.update(k for k in ks if f"\n{k}\n".encode() in lines)
+        for compaction in sorted(damaged):
+            log.warning("the key index %s/%s lacks a bucket: reading its segments' keys instead",
+                        store.url, _key_index(std.id, compaction))
+            unindexed += by_compaction[compaction]
+        for seg in unindexed:
+            found |= keys.intersection(_segment_keys(store, seg))
+        return found
 
     return _until_unchanged(f"the segments of standard {std.id}", read, attempts)
+
+
+def _usable_key_index(store: Store, folder: str, segments: list[str]) -> int | None:
+    """The bucket count of the key index in `folder` if it is whole (its `index.json` written last, and
+    readable) and covers exactly the listed `segments` of its compaction; else None."""
+    try:
+        index = json.loads(store.read_bytes(f"{folder}/index.json"))
+        buckets, covered = int(index["buckets"]), set(index["segments"])
+        if buckets < 1:
+            raise ValueError(f"{buckets} buckets")
+    except ObjectGoneError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("unreadable key index %s/%s/index.json (%s): reading its segments' keys instead",
+                    store.url, folder, exc)
+        return None
+    return buckets if covered == {s.rsplit("/", 1)[-1] for s in segments} else None
 
 
 def delete_row(store: Store, std: Standard, model_id: str) -> bool:
@@ -406,39 +499,116 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     row object that is gone when read is left out (else ObjectGoneError: the listing is out of date).
     """
     listing = listing or list_table(store, std)
-    need = None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
+    need = _needed(columns)
     # Keys already yielded or overridden (row objects win over segments, markers delete):
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
-    hidden = {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
+    hidden = hidden_keys(listing)
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
-        t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
-        _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
-        keys = t.column("model_key").to_pylist()
-        keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
-        if not keep.all():  # filtering copies the segment: only when something is hidden
-            t = t.filter(pa.array(keep))
+        t, keys = _segment_table(store, std, seg, hidden, need)
         yield from _shards_of(std, t, columns, f"{store.url}/{seg}")
         hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
-        paths = listing.rows[start:start + ROW_BATCH]
-        tables, read = [], []
-        for p, data in zip(paths, store.read_many(paths, missing_ok=skip_gone)):
-            if data is None:
-                log.info("%s/%s was removed after the table was listed; left out", store.url, p)
-                continue
-            if on_row_bytes is not None:
-                on_row_bytes(p, data)
-            tables.append(store.read_table(p, data))
-            read.append(p)
-            _validate(tables[-1], std, f"{store.url}/{p}")
-        if not tables:
+        shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone)
+        if shard is not None:
+            yield shard
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of a listed table that one reader sweeps on its own (`table_parts`, `iter_part`): a segment
+    less the rows that row objects, markers and the `newer` segments (of later compactions) hide, or a
+    batch of row objects."""
+
+    segment: str = ""
+    newer: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()
+
+
+def table_parts(listing: Listing) -> list[Part]:
+    """The listing cut into parts whose rows, together, are those `iter_shards` yields, each model
+    once: one part per segment, one per ROW_BATCH row objects. The segments of one compaction hold
+    distinct models, so a segment's part reads the keys of later compactions' segments only (none on
+    a compacted table; segments named before session 30 each count as a compaction of their own)."""
+    segments = listing.segments
+    of = [_compaction_of(seg) for seg in segments]
+    parts = [Part(segment=seg, newer=tuple(n for n, c in zip(segments[i + 1:], of[i + 1:]) if c != of[i]))
+             for i, seg in enumerate(segments)]
+    return parts + [Part(rows=listing.rows[i:i + ROW_BATCH]) for i in range(0, len(listing.rows), ROW_BATCH)]
+
+
+def iter_part(store: Store, std: Standard, part: Part, hidden: set[str],
+              columns: list[str] | None = None) -> Iterator[EmbeddingTable]:
+    """The shards of one part of a listing (`table_parts`); `hidden`: `hidden_keys` of that listing."""
+    if part.segment:
+        if part.newer:
+            hidden = hidden.union(*(_segment_keys(store, seg) for seg in part.newer))
+        t, _ = _segment_table(store, std, part.segment, hidden, _needed(columns))
+        yield from _shards_of(std, t, columns, f"{store.url}/{part.segment}")
+    elif part.rows:
+        shard = _row_batch(store, std, part.rows, columns)
+        if shard is not None:
+            yield shard
+
+
+def hidden_keys(listing: Listing) -> set[str]:
+    """The keys whose segment rows a listing hides: those of its row objects and markers."""
+    return {_key_of(p) for p in listing.rows} | {_key_of(p) for p in listing.markers}
+
+
+def _compaction_of(segment: str) -> str:
+    """The id of the compaction that wrote a segment (its own name for one named before session 30)."""
+    name = segment.rsplit("/", 1)[-1]
+    match = _SEGMENT_NAME.fullmatch(name)
+    return match.group(1) if match else name
+
+
+def _needed(columns: list[str] | None) -> list[str] | None:
+    return None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
+
+
+def _segment_table(store: Store, std: Standard, seg: str, hidden: set[str],
+                   need: list[str] | None) -> tuple[pa.Table, list[str]]:
+    """A segment (its `need` columns; all with None), validated, less the rows of `hidden` keys; and
+    every key it holds."""
+    t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
+    _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
+    keys = t.column("model_key").to_pylist()
+    keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
+    if not keep.all():  # filtering copies the segment: only when something is hidden
+        t = t.filter(pa.array(keep))
+    return t, keys
+
+
+def _segment_keys(store: Store, seg: str) -> list[str]:
+    """The model keys a segment holds (its key column only)."""
+    t = store.read_table_columns(seg, ["model_key"])
+    if "model_key" not in t.column_names:
+        raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object (no 'model_key' column)")
+    return t.column("model_key").to_pylist()
+
+
+def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: list[str] | None,
+               on_row_bytes: Callable[[str, bytes], None] | None = None,
+               skip_gone: bool = False) -> EmbeddingTable | None:
+    """Row objects read at once as one shard (None if `skip_gone` left them all out)."""
+    tables, read = [], []
+    for p, data in zip(paths, store.read_many(paths, missing_ok=skip_gone)):
+        if data is None:
+            log.info("%s/%s was removed after the table was listed; left out", store.url, p)
             continue
-        try:  # rows written before an optional column was added lack it: null-filled, still one concat
-            both = pa.concat_tables([_with_optional(std, t) for t in tables])
-        except pa.ArrowInvalid:  # their schemas differ: conform each one (refusing, by name, one that cannot)
-            shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
-            both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
-        yield _shard(std, both, columns, f"{len(read)} row objects alike, e.g. {store.url}/{read[0]}")
+        if on_row_bytes is not None:
+            on_row_bytes(p, data)
+        tables.append(store.read_table(p, data))
+        read.append(p)
+        _validate(tables[-1], std, f"{store.url}/{p}")
+    if not tables:
+        return None
+    try:  # rows written before an optional column was added lack it: null-filled, still one concat
+        both = pa.concat_tables([_with_optional(std, t) for t in tables])
+    except pa.ArrowInvalid:  # their schemas differ: conform each one (refusing, by name, one that cannot)
+        shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
+        both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
+    return _shard(std, both, columns, f"{len(read)} row objects alike, e.g. {store.url}/{read[0]}")
 
 
 def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
@@ -612,14 +782,18 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     if listing.markers:
         read = store.read_many(listing.markers, missing_ok=True)
         digests = {p: _digest(data) for p, data in zip(listing.markers, read) if data is not None}
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    written = rows = 0
+    # Named by the time to the nanosecond: segment names sort by it, and the newest wins (two compactions
+    # in one second used to sort by their random part).
+    now = time.time_ns()
+    compaction = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
+    rows = 0
+    segments: list[str] = []
+    keys: list[pa.Array] = []  # of each segment written, for its key index
 
     def write_segment(t: pa.Table) -> None:
-        nonlocal written
-        store.write_table(f"{_base(std.id)}/segments/seg-{stamp}-{uuid.uuid4().hex[:8]}-{written:05d}.parquet", t,
-                          row_group_size=SEGMENT_ROW_GROUP)
-        written += 1
+        segments.append(f"{_base(std.id)}/segments/seg-{compaction}-{len(segments):05d}.parquet")
+        store.write_table(segments[-1], t, row_group_size=SEGMENT_ROW_GROUP)
+        keys.append(t.column("model_key").combine_chunks())
 
     # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and
     # one new segment, not the table.
@@ -640,10 +814,20 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     if pending.num_rows:
         write_segment(pending)
     del pending
-    # Old segments, then markers, then row objects: stopped at any point (a crash, a reader in
-    # between), the table is the same. Rows first would let an old marker hide a re-added model.
+    if segments:  # after the segments: a remove uses an index only once it is complete
+        _write_key_index(store, std, compaction, segments, pa.concat_arrays(keys))
+    # Old segments (then their key indexes), then markers, then row objects: stopped at any point (a
+    # crash, a reader in between), the table is the same. Rows first would let an old marker hide a
+    # re-added model.
     removed = 0
     for p in listing.segments:
+        deleted = store.delete(p)
+        removed += deleted
+        progress("objects", deleted)
+    # The key indexes of the old segments and of compactions that stopped: each `index.json` first, so
+    # that an index stopped half-deleted is never read.
+    stale = [p for p in store.list(f"{_base(std.id)}/key_index") if not p.startswith(_key_index(std.id, compaction) + "/")]
+    for p in sorted(stale, key=lambda p: not p.endswith("/index.json")):
         deleted = store.delete(p)
         removed += deleted
         progress("objects", deleted)
@@ -666,8 +850,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
             removed += dropped
             progress("objects", dropped)
     temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
-    log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, written, removed)
-    return CompactResult(written, rows, removed, time.perf_counter() - t0, temporaries)
+    log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, len(segments), removed)
+    return CompactResult(len(segments), rows, removed, time.perf_counter() - t0, temporaries)
 
 
 def versions_json() -> str:

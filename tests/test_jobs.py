@@ -339,6 +339,49 @@ def test_select_reads_a_local_task_once_in_the_driver(ray_local, published, cata
     assert (res["task"], res["n_images"], res["n_classes"], res["n_verified"]) == ("task", 8, 2, 2)
 
 
+def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(ray_local, published, tmp_path,
+                                                                                monkeypatch, capsys):
+    """A table of several segments and row objects is swept in one Ray task per part (`--serial-sweep`:
+    in the driver): the same rankings, scores and Pareto front."""
+    import numpy as np
+
+    import selection
+    from jobs import runtime, select
+    from selection.keys import model_key
+    from selection.table import compact, delete_row, write_row
+
+    store, std = published
+    rng = np.random.default_rng(0)
+
+    def row(mid):
+        return {"model_id": mid, "model_key": model_key(mid), "arch": "resnet10t", "is_baseline": False,
+                "num_params": int(rng.integers(1e5, 1e7)), "gflops": 1.0, "input_size": 32,
+                "weights_sha256": "0" * 64, "standard_id": std.id, "schema_version": selection.SCHEMA_VERSION,
+                "embedding": rng.random(std.width, dtype=np.float32), "coverage": np.zeros(std.d, np.float32)}
+
+    for i in range(40):
+        write_row(store, std, row(f"zoo/m{i}"))
+    compact(store, std, segment_rows=12)  # 4 segments
+    for i in (2, 50, 51):
+        write_row(store, std, row(f"zoo/m{i}"))
+    assert delete_row(store, std, "zoo/m7")
+    calls = []
+    real_map = runtime.map_tasks
+    monkeypatch.setattr(runtime, "map_tasks", lambda fn, items, **kw: (calls.append(kw.get("desc")),
+                                                                        real_map(fn, items, **kw))[1])
+    results = []
+    for extra in ([], ["--serial-sweep"]):
+        out = str(tmp_path / f"res{len(results)}.json")
+        assert select.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=10", "--top-k", "8",
+                            "--pareto", "params", "--json", out, "--no-save", "--no-progress", *extra]) == 0
+        capsys.readouterr()
+        res = json.load(open(out))["tasks"][0]
+        results.append((res["models_swept"], [(r["model_id"], r["score"]) for r in res["ranking"]],
+                        [(r["model_id"], r["score"]) for r in res["pareto"]]))
+    assert calls == ["tasks", "sweep", "tasks"]  # the sweep in Ray tasks once, then in the driver
+    assert results[0] == results[1] and results[0][0] == 40 + 2 - 1 and len(results[0][1]) == 8 and results[0][2]
+
+
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):
     from jobs import embed, select
     from jobs.common import run_main
@@ -457,7 +500,8 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
                          "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [u["m"] for u in res["update"]] == [10, 100, 1000]
-    assert all(u["add_objects_ms"] > 0 and u["remove_objects_ms"] > 0 for u in res["update"])
+    assert all(u["add_objects_ms"] > 0 and u["remove_objects_ms"] > 0 and u["remove_segment_only_ms"] > 0
+               for u in res["update"])
     assert [s["m"] for s in res["sweep"]] == [1000] and res["sweep"][0]["end_to_end_ratio"] > 0
     (ps,) = res["sweep_per_source"]  # 9x wider rows, queries with ratio rows
     assert ps["m"] == 1000 and ps["width"] == 9 * res["width"] and ps["end_to_end_ratio"] > 0

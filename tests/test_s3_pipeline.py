@@ -106,6 +106,20 @@ def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_
     assert set(after_add) - set(after_rm) == set(after_add) - set(first)
     assert after_rm == first
 
+    # Compacted into a segment per model: select sweeps them in Ray tasks that read the bucket (as the
+    # driver would), and a compacted model is removed through the key index on S3.
+    from selection.table import compact, delete_rows, list_segments
+
+    compact(store, tiny_standard, segment_rows=1)
+    assert len(list_segments(store, tiny_standard.id)) == 2
+    ranked = []
+    for extra in ([], ["--serial-sweep"]):
+        assert select.main(["--store", s3_store_url, "--task", task_url, "--top-k", "3", "--json", out, "--no-save",
+                            "--no-progress", "--task-image-size", "32", *extra]) == 0
+        ranked.append([(r["model_id"], r["score"]) for r in json.load(open(out))["tasks"][0]["ranking"]])
+    assert ranked[0] == ranked[1] and sorted(m for m, _ in ranked[0]) == sorted(e.id for e in ENTRIES[:2])
+    assert delete_rows(store, tiny_standard, [ENTRIES[0].id, "zoo/absent"]) == ["zoo/absent"]
+
 
 def _upload_parquet_task(store: Store, rel: str) -> str:
     import io

@@ -17,6 +17,7 @@ from selection.catalog import CatalogEntry
 from selection.errors import ConfigError, StoreError
 from selection.keys import model_key
 from selection.storage import RetryPolicy, Store, _is_transient
+from selection import table
 from selection.table import (STALE_LEASE_S, compact, compaction_running, delete_row, delete_rows, list_markers,
                              list_rows, list_segments, load_table, restore_rows, row_object, write_row)
 
@@ -145,42 +146,141 @@ def test_a_remove_stopped_between_its_writes_never_serves_an_older_row(published
     assert _served(store, std, "zoo/m") in (2.0, None)
 
 
-def test_a_remove_lists_the_segments_again_when_a_compaction_replaced_them(published, caplog):
-    """Item 3: a model without a row object is looked up in the segments; a compaction that ends
-    between the remove's listing and its read deleted the listed segment: ObjectGoneError."""
+def _key_index_objects(store: Store, std) -> list[str]:
+    return store.list(f"embeddings/{std.id}/key_index")
+
+
+def _drop_key_index(store: Store, std) -> None:
+    """The table as a compaction before session 30 left it: segments without a key index."""
+    for p in _key_index_objects(store, std):
+        store.delete(p)
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_a_remove_lists_the_segments_again_when_a_compaction_replaced_them(published, caplog, indexed):
+    """Review item 4 (F27): a remove of a compacted model, with a compaction running that, between
+    the remove's listing and its read, deleted the listed segment and its key index: ObjectGoneError.
+    The same for segments written before the key index, whose key column the remove reads."""
     store, std = published
     for mid in ("zoo/a", "zoo/b", "zoo/c"):
         write_row(store, std, _row(std, mid))
     compact(store, std)
+    if not indexed:
+        _drop_key_index(store, std)
     write_row(store, std, _row(std, "zoo/d"))
-    real_read = store.read_table_columns
     compacted = []
 
-    def compacted_first(rel, columns):
-        if not compacted:
-            store.read_table_columns = real_read
-            compacted.append(compact(store, std))  # replaces the segment just listed
-            store.read_table_columns = compacted_first
-        return real_read(rel, columns)
+    def compact_first(real):
+        def call(rel, *args):
+            if not compacted and ("/key_index/" in rel or "/segments/" in rel):
+                compacted.append(None)  # before compacting: its own reads pass through
+                compacted[0] = compact(store, std)  # replaces the segment and index just listed
+            return real(rel, *args)
+        return call
 
-    store.read_table_columns = compacted_first
+    real_read_bytes, real_read_columns = store.read_bytes, store.read_table_columns
+    store.read_bytes, store.read_table_columns = compact_first(real_read_bytes), compact_first(real_read_columns)
     caplog.set_level(logging.INFO, logger="selection.table")
     try:
         assert delete_rows(store, std, ["zoo/a"]) == []
     finally:
-        store.read_table_columns = real_read
+        store.read_bytes, store.read_table_columns = real_read_bytes, real_read_columns
     assert compacted[0].rows == 4
     assert any("changed while it was read" in m for m in caplog.messages)
     assert sorted(load_table(store, std).model_ids) == ["zoo/b", "zoo/c", "zoo/d"]
 
-    def always_gone(rel, columns):
+    def always_gone(rel, *args):
         from selection.errors import ObjectGoneError
         raise ObjectGoneError(f"no object at {store.url}/{rel}")
 
     store.read_table_columns = always_gone
+    store.read_bytes = lambda rel: always_gone(rel) if "/key_index/" in rel else real_read_bytes(rel)
     with pytest.raises(StoreError, match=f"the segments of standard {std.id} changed during each of 3 reads "
                                          r"\(no object at .*/segments/seg-.*\.parquet\); try again"):
         delete_rows(store, std, ["zoo/b"])
+
+
+def test_a_compacted_model_is_removed_by_two_reads_of_the_key_index_not_of_the_segments(published,
+                                                                                         monkeypatch):
+    """Removing a model that lives only in segments read every segment's key column (O(m) bytes) to
+    tell whether it was in the table. The compaction now writes the keys hashed into buckets: the
+    remove reads the index's `index.json` and the one bucket of the key."""
+    store, std = published
+    monkeypatch.setattr(table, "KEY_BUCKET_ROWS", 4)
+    ids = [f"zoo/m{i}" for i in range(40)]
+    for mid in ids:
+        write_row(store, std, _row(std, mid))
+    res = compact(store, std, segment_rows=16)
+    assert res.segments_written == 3
+    objects = _key_index_objects(store, std)
+    folder = objects[0].rsplit("/", 1)[0]
+    index = json.loads(store.read_bytes(f"{folder}/index.json"))
+    assert index == {"buckets": 10, "rows": 40,
+                     "segments": [p.rsplit("/", 1)[-1] for p in list_segments(store, std.id)]}
+    assert objects == [f"{folder}/{b:05d}.keys" for b in range(10)] + [f"{folder}/index.json"]
+    buckets = [store.read_bytes(f"{folder}/{b:05d}.keys").decode().split("\n") for b in range(10)]
+    assert sorted(k for b in buckets for k in b if k) == sorted(model_key(m) for m in ids)
+
+    reads = []
+    real_read = store.read_bytes
+    monkeypatch.setattr(store, "read_bytes", lambda rel: (reads.append(rel), real_read(rel))[1])
+    monkeypatch.setattr(store, "read_table_columns", lambda rel, columns: pytest.fail(f"read {rel}"))
+    assert delete_rows(store, std, ["zoo/m7", "zoo/absent"]) == ["zoo/absent"]
+    assert reads[0] == f"{folder}/index.json" and 1 <= len(reads) - 1 <= 2
+    assert all(r.startswith(folder) for r in reads)
+    assert sorted(load_table(store, std).model_ids) == sorted(set(ids) - {"zoo/m7"})
+    assert delete_rows(store, std, ids) == ["zoo/m7"]  # every other one found by the index alone
+    assert load_table(store, std).model_ids == []
+    monkeypatch.undo()
+    compact(store, std)  # nothing left: the old segments and their index are deleted
+    assert list_segments(store, std.id) == [] and _key_index_objects(store, std) == []
+
+
+def test_segments_without_a_usable_key_index_have_their_keys_read_and_the_next_compaction_cleans_up(
+        published, monkeypatch, caplog):
+    """A compaction stopped after its segments and before its index's `index.json` (its buckets are
+    never read), and an `index.json` that cannot be parsed: a remove reads those segments' key column
+    instead, and the next compaction deletes every index object but its own."""
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        write_row(store, std, _row(std, mid))
+    compact(store, std)  # indexed
+    write_row(store, std, _row(std, "zoo/c"))
+    real_write = store.write_bytes
+
+    def killed_at_the_index(rel, data):
+        if rel.endswith("/index.json"):
+            raise _Killed(rel)
+        return real_write(rel, data)
+
+    monkeypatch.setattr(store, "write_bytes", killed_at_the_index)
+    with pytest.raises(_Killed):
+        compact(store, std)
+    monkeypatch.undo()
+    segments = list_segments(store, std.id)
+    assert len(segments) == 2 and len(_key_index_objects(store, std)) == 3  # 1 + index.json, 1 orphan bucket
+    write_row(store, std, _row(std, "zoo/c2"))
+    assert delete_rows(store, std, ["zoo/c"]) == []  # its row object, still there
+    read_columns = []
+    real_columns = store.read_table_columns
+    monkeypatch.setattr(store, "read_table_columns",
+                        lambda rel, columns: (read_columns.append(rel), real_columns(rel, columns))[1])
+    assert delete_rows(store, std, ["zoo/a", "zoo/x"]) == ["zoo/x"]
+    assert read_columns == [segments[1]]  # the unindexed one only
+    first_index = [p for p in _key_index_objects(store, std) if p.endswith("index.json")][0]
+    store.write_bytes(first_index, b"not json")
+    caplog.set_level(logging.WARNING, logger="selection.table")
+    assert delete_rows(store, std, ["zoo/b"]) == []
+    assert sorted(read_columns[1:]) == sorted(segments)
+    assert any("unreadable key index" in m and "reading its segments' keys instead" in m for m in caplog.messages)
+    monkeypatch.undo()
+    assert sorted(load_table(store, std).model_ids) == ["zoo/c2"]
+    compact(store, std)
+    (segment,) = list_segments(store, std.id)
+    compaction = segment.rsplit("/", 1)[-1][len("seg-"):-len("-00000.parquet")]
+    assert {p.rsplit("/", 2)[-2] for p in _key_index_objects(store, std)} == {compaction}
+    assert delete_rows(store, std, ["zoo/c2", "zoo/a"]) == ["zoo/a"]
+    assert load_table(store, std).model_ids == []
 
 
 @pytest.mark.parametrize("url", ["s3://zs-bucket//zoo", "s3://zs-bucket/zoo//x", "s3:///zs-bucket/zoo"])
@@ -429,3 +529,149 @@ def test_a_local_write_flushes_the_file_and_then_its_directory(tmp_path, monkeyp
     target = str(tmp_path / "store" / "a" / "b")
     assert len(synced) == 2 and synced[0].startswith(target + "/.x.bin.") and synced[1] == target
     assert store.read_bytes("a/b/x.bin") == b"data" and os.listdir(target) == ["x.bin"]
+
+
+def test_the_parts_of_a_listing_hold_the_rows_iter_shards_reads_each_model_once(published, monkeypatch):
+    """`table_parts` cuts a listing for readers that sweep on their own (the select job's Ray tasks):
+    one part per segment, less what row objects, markers and later compactions' segments hide, and one
+    per batch of row objects. Together they must be exactly the table, whatever mix of compactions
+    (one that stopped before deleting the segments it replaced included) the listing holds."""
+    store, std = published
+    monkeypatch.setattr(table, "ROW_BATCH", 3)
+    for i in range(8):
+        write_row(store, std, _row(std, f"zoo/m{i}", 1.0))
+    compact(store, std, segment_rows=3)  # 3 segments of one compaction
+    write_row(store, std, _row(std, "zoo/m1", 2.0))  # re-embedded: its row object wins
+    assert delete_row(store, std, "zoo/m2")  # a marker
+    write_row(store, std, _row(std, "zoo/m3", 3.0))
+    real_delete = store.delete
+
+    def stopped_before_deleting(rel):
+        if "/segments/" in rel:
+            raise _Killed(rel)
+        return real_delete(rel)
+
+    monkeypatch.setattr(store, "delete", stopped_before_deleting)
+    with pytest.raises(_Killed):
+        compact(store, std, segment_rows=4)  # its 2 segments (m3 at 3.0) sort after the first 3
+    monkeypatch.setattr(store, "delete", real_delete)
+    store.delete(table.row_path(std.id, "zoo/m3"))  # served by the later compaction's segment alone
+    write_row(store, std, _row(std, "zoo/m4", 4.0))
+    for i in range(8, 12):
+        write_row(store, std, _row(std, f"zoo/m{i}", 5.0))
+    listing = table.list_table(store, std)
+    assert len(listing.segments) == 5 and len(listing.rows) == 6 and len(listing.markers) == 1
+    parts = table.table_parts(listing)
+    assert len(parts) == 5 + 2
+    assert [len(p.newer) for p in parts[:5]] == [2, 2, 2, 0, 0]  # later compactions' segments only
+
+    def served(shards):
+        return [(mid, float(e[0])) for s in shards for mid, e in zip(s.model_ids, s.embeddings)]
+
+    whole = served(table.iter_shards(store, std, listing))
+    hidden = table.hidden_keys(listing)
+    by_parts = served(s for p in parts for s in table.iter_part(store, std, p, hidden))
+    assert sorted(by_parts) == sorted(whole) and len({m for m, _ in by_parts}) == len(by_parts) == 11
+    assert dict(whole)["zoo/m3"] == 3.0 and dict(whole)["zoo/m4"] == 4.0 and "zoo/m2" not in dict(whole)
+    index = [(mid, row["weights_sha256"]) for p in parts
+             for s in table.iter_part(store, std, p, hidden, columns=table.INDEX_COLUMNS)
+             for mid, row in zip(s.model_ids, s.meta.to_pylist())]
+    assert sorted(m for m, _ in index) == sorted(m for m, _ in whole)
+
+
+def test_a_table_swept_in_parts_ranks_as_the_serial_sweep_and_lists_again_when_a_part_is_gone(published,
+                                                                                                monkeypatch):
+    """`shortlist_table` with `map_parts` (the select job's Ray tasks; here in this process) sweeps each
+    part of the listing on its own and merges the parts: the same rankings and fronts as one sweep. A
+    compaction that replaces the listed segments meanwhile makes a part's read fail (ObjectGoneError):
+    the table is listed and swept again."""
+    from selection.errors import ObjectGoneError
+    from selection.select import SelectConfig, linear_queries, shortlist_table, sweep_part
+
+    store, std = published
+    monkeypatch.setattr(table, "ROW_BATCH", 4)
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        write_row(store, std, _row(std, f"zoo/m{i}", embedding=rng.random(std.width, dtype=np.float32),
+                                   num_params=int(rng.integers(1, 100)), is_baseline=i == 7))
+    compact(store, std, segment_rows=7)
+    for i in (3, 12, 40, 41, 42, 43, 44):  # re-embedded or new: row objects
+        write_row(store, std, _row(std, f"zoo/m{i}", embedding=rng.random(std.width, dtype=np.float32),
+                                   num_params=int(rng.integers(1, 100))))
+    assert delete_rows(store, std, ["zoo/m5", "zoo/m20"]) == []
+    queries = linear_queries(rng.random((3, std.width)))
+    config = SelectConfig(top_k=5, verify_top_k=6, pareto="params")
+    parts_seen = []
+    serial = shortlist_table(std, store, queries, config)
+    real_sweep_part = sweep_part
+    gone = []
+
+    def in_this_process(parts, hidden):
+        parts_seen.append(len(parts))
+        if len(parts_seen) == 1:
+            compact(store, std, segment_rows=9)  # the listed segments are replaced: a part's read fails
+        try:
+            return [real_sweep_part(store, std, p, hidden, queries, config) for p in reversed(parts)]
+        except ObjectGoneError as exc:
+            gone.append(exc)
+            raise
+
+    merged = shortlist_table(std, store, queries, config, map_parts=in_this_process)
+    assert parts_seen == [5 + 2, 4] and len(gone) == 1  # 5 segments and 2 row batches, then 4 segments of 33
+
+    def listed(result):
+        rankings, m, fronts = result
+        return m, [[(r.model_id, round(r.score, 9), r.rank, r.is_baseline) for r in ranked] for ranked in rankings], \
+            [[(r.model_id, round(r.score, 9)) for r in front] for front in fronts]
+
+    assert listed(merged) == listed(serial)
+    assert serial[1] == 30 + 5 - 2 and all(len(ranked) == 6 for ranked in serial[0]) and all(serial[2])
+
+
+def test_a_key_index_is_used_only_whole_and_for_the_segments_it_covers(published, monkeypatch, caplog):
+    """A review of the key index (session 30): an index that covers a segment no longer listed (a
+    compaction replacing them is deleting them) said a model removed since was present, and a remove
+    wrote a stray marker and reported it removed; a compaction deleted an old index's buckets before
+    its `index.json`, so one stopped half-way left an index that failed every remove; a bucket count of
+    0 raised ZeroDivisionError; a row whose model_key was not its id's broke every later compaction."""
+    store, std = published
+    monkeypatch.setattr(table, "KEY_BUCKET_ROWS", 2)
+    for mid in ("zoo/a", "zoo/b", "zoo/c", "zoo/d"):
+        write_row(store, std, _row(std, mid))
+    compact(store, std, segment_rows=2)
+    first, second = list_segments(store, std.id)
+    gone = {k for k in table._segment_keys(store, first)}
+    store.delete(first)  # as a compaction that replaced both deletes them, one at a time
+    ids = ["zoo/a", "zoo/b", "zoo/c", "zoo/d"]
+    absent = [m for m in ids if model_key(m) in gone]
+    assert len(absent) == 2 and delete_rows(store, std, ids) == absent  # the listed segment decides
+    assert sorted(list_markers(store, std.id)) == sorted(table.marker_path(std.id, m) for m in ids if m not in absent)
+    for p in list_markers(store, std.id):
+        store.delete(p)
+
+    store.delete(next(p for p in list_segments(store, std.id)))
+    for mid in ("zoo/a", "zoo/b", "zoo/c", "zoo/d"):
+        write_row(store, std, _row(std, mid))
+    compact(store, std, segment_rows=2)
+    (index,) = [p for p in _key_index_objects(store, std) if p.endswith("/index.json")]
+    caplog.set_level(logging.WARNING, logger="selection.table")
+    real = store.read_bytes(index)
+    store.write_bytes(index, json.dumps({**json.loads(real), "buckets": 0}).encode())
+    assert delete_rows(store, std, ["zoo/a", "zoo/x"]) == ["zoo/x"]
+    assert any("unreadable key index" in m and "0 buckets" in m for m in caplog.messages)
+    store.write_bytes(index, real)
+    store.delete(index.replace("index.json", "00000.keys"))
+    assert delete_rows(store, std, ["zoo/b", "zoo/c", "zoo/d", "zoo/y"]) == ["zoo/y"]
+    assert any("lacks a bucket: reading its segments' keys instead" in m for m in caplog.messages)
+
+    write_row(store, std, _row(std, "zoo/e"))
+    deleted = []
+    real_delete = store.delete
+    monkeypatch.setattr(store, "delete", lambda rel: (deleted.append(rel), real_delete(rel))[1])
+    compact(store, std)
+    old_index = [p for p in deleted if "/key_index/" in p]
+    assert old_index == [index, index.replace("index.json", "00001.keys")]
+
+    with pytest.raises(selection.errors.ModelError, match=r"^the row of 'zoo/f' has model_key 'custom', not "
+                                                          r"'zoo_f-[0-9a-f]{16}'; not written$"):
+        write_row(store, std, _row(std, "zoo/f", model_key="custom"))
