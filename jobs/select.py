@@ -75,8 +75,9 @@ def parser() -> argparse.ArgumentParser:
                         "strictly), cheapest first")
     p.add_argument("--serial-sweep", action="store_true",
                    help="sweep the table in this process, one segment after another (default: a table of several "
-                        "segments or of more than 4,096 row objects is swept in Ray tasks, one per segment or batch, "
-                        "on every node for an s3:// store, on a single-node cluster only for a local one)")
+                        "segments of one compaction, or of more than 4,096 row objects, is swept in Ray tasks, one per "
+                        "segment or batch of row objects: on any node for an s3:// store, for a local one only on a "
+                        "single-node cluster without --autoscaling)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -115,14 +116,15 @@ def _sweep_part(shared: tuple[Standard, str, str | None, set[str], Queries, Sele
     return sweep_part(Store(store_url, s3_endpoint=s3_endpoint), std, part, hidden, queries, config)
 
 
-def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConfig, progress: bool) -> MapParts:
+def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConfig, progress: bool,
+               autoscaling: bool = False) -> MapParts:
     """`shortlist_table`'s `map_parts`: one Ray task per part of the table. A part whose listed object
     is gone raises ObjectGoneError (the listing is out of date: listed and swept again), any other
     failure its error."""
     def map_parts(parts: list[Part], hidden: set[str]) -> list[SweepPart]:
         shared = (std, store.url, getattr(store, "endpoint", None), hidden, queries, config)
         done = runtime.map_tasks(_sweep_part, parts, shared=shared, desc="sweep", progress=progress,
-                                 what="a sweep part")
+                                 what="a sweep part", autoscaling=autoscaling)
         failed = [r for r in done if isinstance(r, ZooselectError)]
         if failed:
             raise next((r for r in failed if isinstance(r, ObjectGoneError)), failed[0])
@@ -175,10 +177,11 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
     queries = [e.query(std, config.score) for e in embs]
+    # A local directory only where every task runs on this machine (not with nodes yet to come).
     in_parts = (parallel_sweep and isinstance(table, Store)
-                and (table.scheme != "file" or runtime.single_node()))  # other nodes may not see this disk
-    rankings, m, fronts = shortlist_table(std, table, queries, config,
-                                          _map_parts(std, table, queries, config, progress) if in_parts else None)
+                and (table.scheme == "s3" or (table.scheme == "file" and not autoscaling and runtime.single_node())))
+    map_parts = _map_parts(std, table, queries, config, progress, autoscaling) if in_parts else None
+    rankings, m, fronts = shortlist_table(std, table, queries, config, map_parts)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)

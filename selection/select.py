@@ -654,12 +654,21 @@ def sweep_part(store: Store, std: Standard, part: Part, hidden: set[str], querie
 MapParts = Callable[[list[Part], set[str]], Iterable[SweepPart]]
 
 
+def worth_parts(listing: Listing, parts: list[Part]) -> bool:
+    """Whether `shortlist_table` sweeps a listing through `map_parts`: two segments or more, or more than
+    one batch of row objects, and no segment hidden in part by another compaction's (segments named
+    before session 30 each count as a compaction: their parts would read each other's keys, S^2 / 2
+    reads; the next compaction fixes them)."""
+    return ((len(listing.segments) >= 2 or len(parts) - len(listing.segments) >= 2)
+            and not any(p.newer for p in parts))
+
+
 def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries, config: SelectConfig,
                     map_parts: MapParts | None = None) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
     """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
-    it changes during the sweep: `read_consistently`). With `map_parts`, a listing of more than one
-    part (segments, batches of row objects) is swept part by part through it, and the parts merged:
-    the same result. Refuses a table with no rows."""
+    it changes during the sweep: `read_consistently`). With `map_parts`, a listing `worth_parts` is
+    swept part by part (segments, batches of row objects) through it, and the parts merged: the same
+    result. Refuses a table with no rows."""
     if isinstance(table, EmbeddingTable):
         if table.standard_id != std.id:
             raise StandardMismatchError(f"the table given holds rows of standard {table.standard_id}, "
@@ -671,7 +680,7 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
 
         def read(listing: Listing) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
             parts = table_parts(listing)
-            if map_parts is None or len(parts) < 2:
+            if map_parts is None or not worth_parts(listing, parts):
                 return shortlist(iter_shards(store, std, listing), queries, config)
             state = config_sweep(queries, config)
             for part in map_parts(parts, hidden_keys(listing) if listing.segments else set()):

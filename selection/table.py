@@ -826,7 +826,8 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         progress("objects", deleted)
     # The key indexes of the old segments and of compactions that stopped: each `index.json` first, so
     # that an index stopped half-deleted is never read.
-    stale = [p for p in store.list(f"{_base(std.id)}/key_index") if not p.startswith(_key_index(std.id, compaction) + "/")]
+    own = _key_index(std.id, compaction) + "/"
+    stale = [p for p in store.list(f"{_base(std.id)}/key_index") if not p.startswith(own)]
     for p in sorted(stale, key=lambda p: not p.endswith("/index.json")):
         deleted = store.delete(p)
         removed += deleted

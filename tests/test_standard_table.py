@@ -812,12 +812,14 @@ def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published,
     (it used to empty the shortlist or crash the sweep), with a warning naming it."""
     from selection.errors import ModelError
     from selection.select import SelectConfig, sweep_shards
+    from selection.keys import model_key
     from selection.table import iter_shards, make_row_table, row_path
 
     store, std = published
     for mid in ("zoo/a", "zoo/b", "zoo/c"):
         _quick_row(store, std, mid)
-    row = {"model_id": "zoo/nan", "model_key": "k", "embedding": np.full(std.width, np.nan, np.float32),
+    row = {"model_id": "zoo/nan", "model_key": model_key("zoo/nan"),
+           "embedding": np.full(std.width, np.nan, np.float32),
            "coverage": np.zeros(std.d, np.float32), "standard_id": std.id}
     with pytest.raises(ModelError, match="the embedding of 'zoo/nan' has %d non-finite value" % std.width):
         make_row_table(std, row)

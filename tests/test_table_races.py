@@ -564,6 +564,13 @@ def test_the_parts_of_a_listing_hold_the_rows_iter_shards_reads_each_model_once(
     parts = table.table_parts(listing)
     assert len(parts) == 5 + 2
     assert [len(p.newer) for p in parts[:5]] == [2, 2, 2, 0, 0]  # later compactions' segments only
+    from selection.select import worth_parts
+
+    assert not worth_parts(listing, parts)  # the select job sweeps two compactions' segments in the driver
+    for segments, rows, worth in ((listing.segments[3:], 1, True), (listing.segments[3:4], 3, False),
+                                  (listing.segments[3:4], 4, True)):  # one compaction's; ROW_BATCH is 3
+        some = table.Listing(segments, listing.rows[:rows], ())
+        assert worth_parts(some, table.table_parts(some)) == worth
 
     def served(shards):
         return [(mid, float(e[0])) for s in shards for mid, e in zip(s.model_ids, s.embeddings)]
