@@ -56,8 +56,8 @@ STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
 STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
 KEY_BUCKET_ROWS = 2048  # model keys per object of a compaction's key index (about 60 KB)
-# A segment's name: its compaction's id (time and a random part), then its number.
-# (seconds before session 30: such a name sorts before those of later compactions in the same second).
+# A segment's name: its compaction's id (its start, to the nanosecond since session 30, and a random
+# part), then its number. A name of whole seconds sorts before the later ones of the same second.
 _SEGMENT_NAME = re.compile(r"seg-(\d{8}T\d{6}(?:\d{9})?-[0-9a-f]{8})-\d{5}\.parquet")
 # `progress(what, n)`: n more rows read ("rows") or objects deleted ("objects") by a long table operation.
 Progress = Callable[[str, int], None]
