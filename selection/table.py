@@ -256,10 +256,10 @@ def _key_index(standard_id: str, compaction: str) -> str:
     return f"{_base(standard_id)}/key_index/{compaction}"
 
 
-def _write_key_index(store: Store, std: Standard, compaction: str, segments: list[str], keys: pa.Array) -> int:
+def _write_key_index(store: Store, std: Standard, compaction: str, segments: list[str], keys: pa.Array) -> None:
     """Write the model keys of a compaction's `segments` in buckets of about KEY_BUCKET_ROWS keys (one
     text object each, a key a line), then `index.json` (the bucket count and the segments' names) last:
-    an index without it is incomplete and never read. Return the objects written."""
+    an index without it is incomplete and never read."""
     folder = _key_index(std.id, compaction)
     buckets = max(1, -(-len(keys) // KEY_BUCKET_ROWS))
     of = np.fromiter((_bucket_of(k, buckets) for k in keys.to_pylist()), np.int64, len(keys))
@@ -275,7 +275,6 @@ def _write_key_index(store: Store, std: Standard, compaction: str, segments: lis
         list(pool.map(write, range(buckets)))
     store.write_bytes(f"{folder}/index.json", json.dumps(
         {"buckets": buckets, "rows": len(keys), "segments": [p.rsplit("/", 1)[-1] for p in segments]}).encode())
-    return buckets + 1
 
 
 def _in_segments(store: Store, std: Standard, keys: set[str], attempts: int = 3) -> set[str]:
@@ -556,7 +555,9 @@ def hidden_keys(listing: Listing) -> set[str]:
 
 
 def _compaction_of(segment: str) -> str:
-    """The id of the compaction that wrote a segment (its own name for one named before session 30)."""
+    """The id of the compaction that wrote a segment: time and random part of its name (before session
+    30 the random part was drawn per segment, so each such segment counts as a compaction of its own);
+    a name of another pattern is its own id."""
     name = segment.rsplit("/", 1)[-1]
     match = _SEGMENT_NAME.fullmatch(name)
     return match.group(1) if match else name
