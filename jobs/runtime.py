@@ -154,16 +154,25 @@ def node_resources() -> dict[str, float]:
     return out
 
 
-def single_node() -> bool:
-    """Whether the Ray cluster is one node (then every task sees this machine's disk)."""
+def driver_node() -> str | None:
+    """The id of this driver's node, where tasks see this machine's disk, if it has a CPU for them
+    (a head started with `--num-cpus 0` has none), else None."""
     import ray
 
-    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+    here = ray.get_runtime_context().get_node_id()
+    return here if _resources_of(here).get("CPU", 0) >= 1 else None
+
+
+def _resources_of(node_id: str) -> dict[str, float]:
+    import ray
+
+    return next((dict(n.get("Resources", {})) for n in ray.nodes() if n.get("NodeID") == node_id and n.get("Alive")), {})
 
 
 def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
               num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2,
-              what: str = "a task", option: str = "", autoscaling: bool = False, keep: bool = False) -> list[Any]:
+              what: str = "a task", option: str = "", autoscaling: bool = False, keep: bool = False,
+              node: str | None = None, fail_fast: bool = False) -> list[Any]:
     """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
     results in input order.
 
@@ -174,18 +183,26 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     first (`check_fits`; `autoscaling`: wait for nodes instead of refusing).
     `keep`: `fn` returns (result, value); only the result comes back, the value stays in the object
     store for later tasks, and each item's entry is (result, a reference to the value: `fetch` it).
+    `node`: every task runs on that node (e.g. `driver_node()`), checked against its resources alone.
+    `fail_fast`: the first ZooselectError a task raises is raised here, the unfinished tasks cancelled.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     need = {"CPU": (num_cpus, "1 per task"), **({"GPU": (num_gpus, option or "num_gpus")} if num_gpus else {})}
-    check_fits(what, need, node_resources(), autoscaling)
+    if node is None:
+        check_fits(what, need, node_resources(), autoscaling)
+    else:
+        check_fits(what, need, _resources_of(node), autoscaling=False)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                         num_returns=2 if keep else 1)(_call_keeping if keep else _call_catching)
+    if node is not None:
+        remote = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     shared_ref = ray.put(shared)
     refs = [remote.remote(fn, shared_ref, item) for item in items]
     if not keep:
-        return _gather(refs, desc, progress)
-    return list(zip(_gather([r for r, _ in refs], desc, progress), [kept for _, kept in refs]))
+        return _gather(refs, desc, progress, fail_fast)
+    return list(zip(_gather([r for r, _ in refs], desc, progress, fail_fast), [kept for _, kept in refs]))
 
 
 def put(value: Any) -> Any:
@@ -231,9 +248,11 @@ def _wait(refs: list[Any], what: str) -> tuple[list[Any], list[Any]]:
                     "shows the demand no node meets", len(pending), what, waited)
 
 
-def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
+def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False) -> list[Any]:
     import ray
     from tqdm import tqdm
+
+    from selection.errors import ZooselectError
 
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
@@ -247,6 +266,11 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
                 except ray.exceptions.RayError as exc:  # its worker died (e.g. out of memory) past its retries
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     results[index[ref]] = ClusterError(f"a {desc or 'Ray'} task failed: {text[:300]}")
+                else:
+                    if fail_fast and isinstance(results[index[ref]], ZooselectError):
+                        for other in pending:
+                            ray.cancel(other)
+                        raise results[index[ref]]
                 bar.update(1)
     return results
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
 from selection.data import ImageSet, check_spec
-from selection.errors import ConfigError, ObjectGoneError, StoreError, ZooselectError
+from selection.errors import ClusterError, ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
 from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, Ranked, SelectConfig,
@@ -33,6 +34,8 @@ from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapPa
 from selection.standard import Standard, load_standard
 from selection.storage import Store, atomic_local_file, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
+
+log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,8 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--serial-sweep", action="store_true",
                    help="sweep the table in this process, one segment after another (default: a table of several "
                         "segments of one compaction, or of more than 4,096 row objects, is swept in Ray tasks, one per "
-                        "segment or batch of row objects: on any node for an s3:// store, for a local one only on a "
-                        "single-node cluster without --autoscaling)")
+                        "segment or batch of row objects: on any node for an s3:// store, for a local one on this "
+                        "machine's node)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -117,17 +120,20 @@ def _sweep_part(shared: tuple[Standard, str, str | None, set[str], Queries, Sele
 
 
 def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConfig, progress: bool,
-               autoscaling: bool = False) -> MapParts:
-    """`shortlist_table`'s `map_parts`: one Ray task per part of the table. A part whose listed object
-    is gone raises ObjectGoneError (the listing is out of date: listed and swept again), any other
-    failure its error."""
+               autoscaling: bool = False, node: str | None = None) -> MapParts:
+    """`shortlist_table`'s `map_parts`: one Ray task per part of the table (all on `node` if given). The
+    first part that raises stops the others: ObjectGoneError (a listed object is gone: the listing is
+    out of date, listed and swept again) or any other error of its read. A part whose worker crashed
+    past its retries (e.g. out of memory) is swept here instead."""
     def map_parts(parts: list[Part], hidden: set[str]) -> list[SweepPart]:
         shared = (std, store.url, getattr(store, "endpoint", None), hidden, queries, config)
         done = runtime.map_tasks(_sweep_part, parts, shared=shared, desc="sweep", progress=progress,
-                                 what="a sweep part", autoscaling=autoscaling)
-        failed = [r for r in done if isinstance(r, ZooselectError)]
-        if failed:
-            raise next((r for r in failed if isinstance(r, ObjectGoneError)), failed[0])
+                                 what="a sweep part", autoscaling=autoscaling, node=node, fail_fast=True)
+        for i, result in enumerate(done):
+            if isinstance(result, ClusterError):
+                log.warning("%s; sweeping its part (%s) here instead", result,
+                            parts[i].segment or f"{len(parts[i].rows)} row objects")
+                done[i] = sweep_part(store, std, parts[i], hidden, queries, config)
         return done
     return map_parts
 
@@ -155,7 +161,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
            task_gpus: float = 0, parallel_sweep: bool = True) -> list[dict[str, Any]]:
     """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
     store's, listed after the tasks are embedded, or one in memory; with `parallel_sweep`, a store of
-    several parts in one Ray task per part where the workers can read it), verify (each verification a Ray
+    several parts in one Ray task per part, on this machine's node for a local directory), verify (each verification a Ray
     task holding `verify_gpus` GPUs); on CUDA when > 0. One dict per task.
 
     Each task is read and decoded once: a local one here (the cluster's other nodes may not see this
@@ -177,10 +183,12 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     task_refs = [kept if isinstance(s, str) else s for s, (_, kept) in zip(sources, done)]
     t_sweep = time.perf_counter()
     queries = [e.query(std, config.score) for e in embs]
-    # A local directory only where every task runs on this machine (not with nodes yet to come).
-    in_parts = (parallel_sweep and isinstance(table, Store)
-                and (table.scheme == "s3" or (table.scheme == "file" and not autoscaling and runtime.single_node())))
-    map_parts = _map_parts(std, table, queries, config, progress, autoscaling) if in_parts else None
+    map_parts = None
+    if parallel_sweep and isinstance(table, Store) and table.scheme in ("s3", "file"):
+        # A local directory is read by tasks on this machine only: other nodes may not see its disk.
+        node = runtime.driver_node() if table.scheme == "file" else None
+        if table.scheme == "s3" or node is not None:
+            map_parts = _map_parts(std, table, queries, config, progress, autoscaling, node)
     rankings, m, fronts = shortlist_table(std, table, queries, config, map_parts)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:

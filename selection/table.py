@@ -24,6 +24,7 @@ or compacted meanwhile) lists the table again (`read_consistently`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -574,6 +575,10 @@ def _segment_table(store: Store, std: Standard, seg: str, hidden: set[str],
     t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
     _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
     keys = t.column("model_key").to_pylist()
+    if len(set(keys)) != len(keys):  # a compaction writes each model once: another tool wrote this
+        twice = next(k for k, n in collections.Counter(keys).items() if n > 1)
+        raise StoreError(f"{store.url}/{seg}: model_key {twice!r} is in the segment more than once; a segment "
+                         f"holds each model once (not written by zooselect? rewrite or delete that object)")
     keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
     if not keep.all():  # filtering copies the segment: only when something is hidden
         t = t.filter(pa.array(keep))
@@ -602,6 +607,11 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
         tables.append(store.read_table(p, data))
         read.append(p)
         _validate(tables[-1], std, f"{store.url}/{p}")
+        keys = tables[-1].column("model_key").to_pylist()
+        if keys != [_key_of(p)]:  # else the table would serve it under another model's key, or twice
+            raise StoreError(f"{store.url}/{p}: a row object holds one row, of the model its name keys; this one "
+                             f"holds {len(keys)} row(s), model_key(s) {keys[:3]!r} (not written by zooselect? "
+                             f"rewrite or delete it)")
     if not tables:
         return None
     try:  # rows written before an optional column was added lack it: null-filled, still one concat

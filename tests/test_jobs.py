@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -340,13 +341,16 @@ def test_select_reads_a_local_task_once_in_the_driver(ray_local, published, cata
 
 
 def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(ray_local, published, tmp_path,
-                                                                                monkeypatch, capsys):
-    """A table of several segments and row objects is swept in one Ray task per part (`--serial-sweep`:
-    in the driver): the same rankings, scores and Pareto front."""
+                                                                                monkeypatch, capsys, caplog):
+    """A table of several segments and row objects is swept in one Ray task per part, on the driver's
+    node for a local store (`--serial-sweep`, or a driver node without CPUs: in the driver; a part whose
+    worker crashed: that part in the driver): the same rankings, scores and Pareto front."""
     import numpy as np
+    import ray
 
     import selection
     from jobs import runtime, select
+    from selection.errors import ClusterError
     from selection.keys import model_key
     from selection.table import compact, delete_row, write_row
 
@@ -367,19 +371,36 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
     assert delete_row(store, std, "zoo/m7")
     calls = []
     real_map = runtime.map_tasks
-    monkeypatch.setattr(runtime, "map_tasks", lambda fn, items, **kw: (calls.append(kw.get("desc")),
-                                                                        real_map(fn, items, **kw))[1])
+
+    def map_tasks(fn, items, **kw):
+        calls.append((kw.get("desc"), kw.get("node")))
+        out = real_map(fn, items, **kw)
+        if kw.get("desc") == "sweep" and crash:  # the first part's worker died past its retries
+            out[0] = ClusterError("a sweep task failed: the worker died")
+        return out
+
+    monkeypatch.setattr(runtime, "map_tasks", map_tasks)
     results = []
-    for extra in ([], ["--serial-sweep"]):
+    for extra, crash, driver_node in (([], False, None), (["--serial-sweep"], False, None), ([], True, None),
+                                      ([], False, lambda: None)):  # a driver node without CPUs: in the driver
+        if driver_node:
+            monkeypatch.setattr(runtime, "driver_node", driver_node)
         out = str(tmp_path / f"res{len(results)}.json")
-        assert select.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=10", "--top-k", "8",
-                            "--pareto", "params", "--json", out, "--no-save", "--no-progress", *extra]) == 0
+        with caplog.at_level(logging.WARNING, logger="jobs.select"):
+            assert select.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=10",
+                                "--top-k", "8", "--pareto", "params", "--json", out, "--no-save", "--no-progress",
+                                *extra]) == 0
         capsys.readouterr()
         res = json.load(open(out))["tasks"][0]
         results.append((res["models_swept"], [(r["model_id"], r["score"]) for r in res["ranking"]],
                         [(r["model_id"], r["score"]) for r in res["pareto"]]))
-    assert calls == ["tasks", "sweep", "tasks"]  # the sweep in Ray tasks once, then in the driver
-    assert results[0] == results[1] and results[0][0] == 40 + 2 - 1 and len(results[0][1]) == 8 and results[0][2]
+    here = ray.get_runtime_context().get_node_id()  # a local store: its parts run on the driver's node
+    assert calls == [("tasks", None), ("sweep", here), ("tasks", None), ("tasks", None), ("sweep", here),
+                     ("tasks", None)]
+    assert re.search(r"a sweep task failed: the worker died; sweeping its part \(embeddings/.*/segments/seg-.*\.parquet\) "
+                     r"here instead", caplog.text)
+    assert results[0][0] == 40 + 2 - 1 and len(results[0][1]) == 8 and results[0][2]
+    assert results[1:] == [results[0]] * 3
 
 
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):

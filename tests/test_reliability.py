@@ -726,9 +726,51 @@ def test_kept_values_stay_in_the_object_store_and_errors_come_back(ray_local):
     assert runtime.map_tasks(_sum_fetched, [(out[0][1],)], progress=False) == [4]  # in an item, as jobs.select's
 
 
+def test_tasks_run_on_the_node_asked_for_and_the_first_error_cancels_the_rest(ray_local, monkeypatch):
+    """`node`: every task on that node (jobs.select: a local store's sweep on the driver's); a node without
+    CPUs is refused, and is no `driver_node`. `fail_fast`: the first zooselect error is raised at once,
+    the unfinished tasks cancelled (before: a stale listing's parts all ran to their end)."""
+    import ray
+
+    from jobs import runtime
+    from selection.errors import ClusterError
+
+    here = runtime.driver_node()
+    assert here == ray.get_runtime_context().get_node_id()
+    assert runtime.map_tasks(_node_of, [0, 1, 2], progress=False, node=here) == [here] * 3
+    with pytest.raises(ConfigError, match=r"a task needs 1 CPU\(s\) \(1 per task\) but no node has more than 0"):
+        runtime.map_tasks(_node_of, [0], progress=False, node="ff" * 28)  # no such node
+    monkeypatch.setattr(runtime, "_resources_of", lambda node: {"CPU": 0.0, "GPU": 1.0})
+    assert runtime.driver_node() is None
+    monkeypatch.undo()
+    cpus = ray.cluster_resources()["CPU"]
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="zero"):
+        runtime.map_tasks(_square_kept, [0] + [_SLEEP] * 3, progress=False, fail_fast=True)
+    assert time.monotonic() - t0 < _SLEEP / 2
+    deadline = time.monotonic() + _SLEEP / 2
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.2)  # the cancelled tasks give their CPUs back
+    assert ray.available_resources().get("CPU", 0) == cpus
+    # A crashed worker stays its item's ClusterError; the others finish.
+    out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, fail_fast=True)
+    assert out[0] == 4 and isinstance(out[1], ClusterError) and out[2] == 9
+
+
+_SLEEP = 60.0
+
+
+def _node_of(_, item):
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _square_kept(_, x):
     if x == 0:
         raise DataError("zero")
+    for _ in range(int(x * 10) if x == _SLEEP else 0):  # in steps: a cancel interrupts Python, not a C call
+        time.sleep(0.1)
     return _square(_, x), [x, x]
 
 

@@ -160,6 +160,28 @@ def test_corrupt_parquet_is_a_clear_error(published):
         load_table(store, std)
 
 
+def test_objects_another_tool_wrote_with_a_model_twice_or_under_another_name_are_refused(published):
+    """A row object holds one row, of the model its name keys; a segment holds each model once. Else
+    the table would serve a model twice or under another's key: refused by name, nothing deleted."""
+    from selection.select import SelectConfig, shortlist_table
+    from selection.table import make_row_table
+
+    store, std = published
+    a, b = (make_row_table(std, _row_dict(std, mid)) for mid in ("zoo/a", "zoo/b"))
+    store.write_table(row_path(std.id, "zoo/a"), pa.concat_tables([a, b]))
+    with pytest.raises(StoreError, match=r"holds 2 row\(s\), model_key\(s\) \['"):
+        load_table(store, std)
+    store.write_table(row_path(std.id, "zoo/a"), b)  # zoo/b's row under zoo/a's name
+    with pytest.raises(StoreError, match=f"model_key\\(s\\) \\['{b['model_key'][0]}'\\]"):
+        shortlist_table(std, store, np.ones((1, std.width), np.float32), SelectConfig())
+    store.delete(row_path(std.id, "zoo/a"))
+    seg = f"embeddings/{std.id}/segments/seg-20261206T000000000000000-0badc0de-00000.parquet"
+    store.write_table(seg, pa.concat_tables([a, b, a]))
+    with pytest.raises(StoreError, match=f"model_key '{a['model_key'][0]}' is in the segment more than once"):
+        load_table(store, std)
+    assert store.exists(seg)
+
+
 def test_failing_model_reported(published, tmp_path):
     store, std = published
     bad = CatalogEntry("zoo/bad", "resnet10t", str(tmp_path / "missing.safetensors"))
