@@ -833,7 +833,7 @@ def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published,
     """A NaN embedding is not written; one that another tool wrote is left out of the ranking
     (it used to empty the shortlist or crash the sweep), with a warning naming it."""
     from selection.errors import ModelError
-    from selection.select import SelectConfig, sweep_shards
+    from selection.select import sweep_shards
     from selection.keys import model_key
     from selection.table import iter_shards, make_row_table, row_path
 
