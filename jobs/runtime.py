@@ -156,9 +156,13 @@ def node_resources() -> dict[str, float]:
 
 def driver_node() -> str | None:
     """The id of this driver's node, where tasks see this machine's disk, if it has a CPU for them
-    (a head started with `--num-cpus 0` has none), else None."""
+    (a head started with `--num-cpus 0` has none), else None; None under Ray Client (`ray://`), whose
+    driver runs on a machine outside the cluster."""
     import ray
+    from ray.util.client import ray as client
 
+    if client.is_connected():
+        return None
     here = ray.get_runtime_context().get_node_id()
     return here if _resources_of(here).get("CPU", 0) >= 1 else None
 
@@ -178,13 +182,14 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
 
     `shared` (e.g. the standard) is put in the object store once. A task that raises a
     ZooselectError returns it (the caller reports it); a crashed worker is retried up
-    to `max_retries` times, and then its item's result is a ClusterError, as is any other
-    error Ray raises for it. The tasks' 1 CPU and `num_gpus` are checked against the nodes
+    to `max_retries` times, and then its item's result is a TaskCrashed (a ClusterError), any other
+    error Ray raises for it a ClusterError. The tasks' 1 CPU and `num_gpus` are checked against the nodes
     first (`check_fits`; `autoscaling`: wait for nodes instead of refusing).
     `keep`: `fn` returns (result, value); only the result comes back, the value stays in the object
     store for later tasks, and each item's entry is (result, a reference to the value: `fetch` it).
     `node`: every task runs on that node (e.g. `driver_node()`), checked against its resources alone.
-    `fail_fast`: the first ZooselectError a task raises is raised here, the unfinished tasks cancelled.
+    `fail_fast`: the first ZooselectError a task raises is raised here, the unfinished tasks cancelled
+    (a worker that crashed stays its item's `TaskCrashed`, not raised).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -193,7 +198,7 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     if node is None:
         check_fits(what, need, node_resources(), autoscaling)
     else:
-        check_fits(what, need, _resources_of(node), autoscaling=False)
+        check_fits(what, need, _resources_of(node), autoscaling=False, where=f"its node {node[:12]}… has")
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                         num_returns=2 if keep else 1)(_call_keeping if keep else _call_catching)
     if node is not None:
@@ -203,6 +208,10 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     if not keep:
         return _gather(refs, desc, progress, fail_fast)
     return list(zip(_gather([r for r, _ in refs], desc, progress, fail_fast), [kept for _, kept in refs]))
+
+
+class TaskCrashed(ClusterError):
+    """A task's worker or node died past its retries (e.g. out of memory): the item itself may be fine."""
 
 
 def put(value: Any) -> Any:
@@ -263,9 +272,12 @@ def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False)
             for ref in done:
                 try:
                     results[index[ref]] = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # its worker died (e.g. out of memory) past its retries
+                except ray.exceptions.RayError as exc:  # e.g. its worker died (out of memory) past its retries
                     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    results[index[ref]] = ClusterError(f"a {desc or 'Ray'} task failed: {text[:300]}")
+                    crashed = isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+                                               ray.exceptions.NodeDiedError))
+                    results[index[ref]] = (TaskCrashed if crashed else ClusterError)(
+                        f"a {desc or 'Ray'} task failed: {text[:300]}")
                 else:
                     if fail_fast and isinstance(results[index[ref]], ZooselectError):
                         for other in pending:
@@ -399,12 +411,16 @@ class ActorOptions:
                               "the nodes are up: the resources now do not tell), got None")
 
 
-def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, float], autoscaling: bool) -> None:
+def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, float], autoscaling: bool,
+               where: str = "") -> None:
     """ConfigError if `what` needs more of a resource (name -> (amount, option)) than any one node has
     now (`node`: the most of each, `node_resources`), unless `autoscaling`: then it waits for the nodes
-    its demand makes the autoscaler add (a warning says so). Without the check Ray waits for ever."""
-    short = [f"{what} needs {amount:g} {name}(s) ({option}) but no node has more than {node.get(name, 0):g} {name}s"
-             for name, (amount, option) in need.items() if amount > node.get(name, 0)]
+    its demand makes the autoscaler add (a warning says so). Without the check Ray waits for ever.
+    `where`: the resources are one node's (e.g. "its node … has"), which no new node changes."""
+    short = [f"{what} needs {amount:g} {name}(s) ({option}) but {where or 'no node has more than'} "
+             f"{node.get(name, 0):g} {name}s" for name, (amount, option) in need.items() if amount > node.get(name, 0)]
+    if short and where:
+        raise ConfigError(short[0])
     if short and not autoscaling:
         raise ConfigError(f"{short[0]} (if the cluster adds nodes on demand: --autoscaling)")
     if short:

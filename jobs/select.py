@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
 from selection.data import ImageSet, check_spec
-from selection.errors import ClusterError, ConfigError, StoreError, ZooselectError
+from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
 from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, Ranked, SelectConfig,
@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
                    help="sweep the table in this process, one segment after another (default: a table of several "
                         "segments of one compaction, or of more than 4,096 row objects, is swept in Ray tasks, one per "
                         "segment or batch of row objects: on any node for an s3:// store, for a local one on this "
-                        "machine's node)")
+                        "machine's node if it has a CPU and is in the cluster, not under ray://)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
@@ -123,17 +123,19 @@ def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConf
                autoscaling: bool = False, node: str | None = None) -> MapParts:
     """`shortlist_table`'s `map_parts`: one Ray task per part of the table (all on `node` if given). The
     first part that raises stops the others: ObjectGoneError (a listed object is gone: the listing is
-    out of date, listed and swept again) or any other error of its read. A part whose worker crashed
-    past its retries (e.g. out of memory) is swept here instead."""
+    out of date, listed and swept again) or any other error of its read, or of Ray. A part whose worker
+    crashed past its retries (e.g. out of memory) is swept here instead."""
     def map_parts(parts: list[Part], hidden: set[str]) -> list[SweepPart]:
         shared = (std, store.url, getattr(store, "endpoint", None), hidden, queries, config)
         done = runtime.map_tasks(_sweep_part, parts, shared=shared, desc="sweep", progress=progress,
                                  what="a sweep part", autoscaling=autoscaling, node=node, fail_fast=True)
         for i, result in enumerate(done):
-            if isinstance(result, ClusterError):
+            if isinstance(result, runtime.TaskCrashed):
                 log.warning("%s; sweeping its part (%s) here instead", result,
                             parts[i].segment or f"{len(parts[i].rows)} row objects")
                 done[i] = sweep_part(store, std, parts[i], hidden, queries, config)
+            elif isinstance(result, ZooselectError):  # Ray could not run it (e.g. a runtime env that fails)
+                raise result
         return done
     return map_parts
 

@@ -575,11 +575,12 @@ def _segment_table(store: Store, std: Standard, seg: str, hidden: set[str],
     t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
     _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
     keys = t.column("model_key").to_pylist()
-    if len(set(keys)) != len(keys):  # a compaction writes each model once: another tool wrote this
-        twice = next(k for k, n in collections.Counter(keys).items() if n > 1)
-        raise StoreError(f"{store.url}/{seg}: model_key {twice!r} is in the segment more than once; a segment "
-                         f"holds each model once (not written by zooselect? rewrite or delete that object)")
     keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
+    kept = [k for k, ok in zip(keys, keep) if ok] if not keep.all() else keys
+    if len(set(kept)) != len(kept):  # a model twice (another tool's segment): one copy would be served twice
+        twice = next(k for k, n in collections.Counter(kept).items() if n > 1)
+        raise StoreError(f"{store.url}/{seg}: model_key {twice!r} is in the segment more than once; a segment "
+                         f"holds each model once (`jobs.table remove` that model, or rewrite or delete the object)")
     if not keep.all():  # filtering copies the segment: only when something is hidden
         t = t.filter(pa.array(keep))
     return t, keys
@@ -607,11 +608,11 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
         tables.append(store.read_table(p, data))
         read.append(p)
         _validate(tables[-1], std, f"{store.url}/{p}")
-        keys = tables[-1].column("model_key").to_pylist()
-        if keys != [_key_of(p)]:  # else the table would serve it under another model's key, or twice
+        keys, ids = (tables[-1].column(c).to_pylist() for c in ("model_key", "model_id"))
+        if not _one_row_of(_key_of(p), keys, ids):  # else a model served twice, or under another's key
             raise StoreError(f"{store.url}/{p}: a row object holds one row, of the model its name keys; this one "
-                             f"holds {len(keys)} row(s), model_key(s) {keys[:3]!r} (not written by zooselect? "
-                             f"rewrite or delete it)")
+                             f"holds {len(keys)} row(s), model_key(s) {keys[:3]!r}, model id(s) {ids[:3]!r} "
+                             f"(not written by zooselect? rewrite or delete it)")
     if not tables:
         return None
     try:  # rows written before an optional column was added lack it: null-filled, still one concat
@@ -620,6 +621,14 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
         shards = [_shard(std, t, columns, f"{store.url}/{p}") for p, t in zip(read, tables)]
         both = pa.concat_tables([s.meta if columns is not None else to_arrow(std, s) for s in shards])
     return _shard(std, both, columns, f"{len(read)} row objects alike, e.g. {store.url}/{read[0]}")
+
+
+def _one_row_of(key: str, keys: list[Any], ids: list[Any]) -> bool:
+    """Whether a row object named `key` holds one row, of a model whose key that is."""
+    try:
+        return keys == [key] and model_key(ids[0]) == key
+    except ConfigError:  # not a model id at all
+        return False
 
 
 def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:

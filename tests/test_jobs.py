@@ -350,7 +350,6 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
 
     import selection
     from jobs import runtime, select
-    from selection.errors import ClusterError
     from selection.keys import model_key
     from selection.table import compact, delete_row, write_row
 
@@ -376,7 +375,7 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
         calls.append((kw.get("desc"), kw.get("node")))
         out = real_map(fn, items, **kw)
         if kw.get("desc") == "sweep" and crash:  # the first part's worker died past its retries
-            out[0] = ClusterError("a sweep task failed: the worker died")
+            out[0] = runtime.TaskCrashed("a sweep task failed: the worker died")
         return out
 
     monkeypatch.setattr(runtime, "map_tasks", map_tasks)
@@ -401,6 +400,14 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
                      r"here instead", caplog.text)
     assert results[0][0] == 40 + 2 - 1 and len(results[0][1]) == 8 and results[0][2]
     assert results[1:] == [results[0]] * 3
+    # Ray failing a part otherwise (e.g. its runtime env) is the selection's error, not a sweep here.
+    from selection.errors import ClusterError
+    from selection.select import SelectConfig
+    from selection.table import Part
+
+    monkeypatch.setattr(runtime, "map_tasks", lambda fn, items, **kw: [ClusterError("a sweep task failed: env")] * len(items))
+    with pytest.raises(ClusterError, match="env"):
+        select._map_parts(std, store, [], SelectConfig(), False)([Part(rows=("x",))], set())
 
 
 def test_select_refuses_one_class_and_empty_tasks(ray_local, published, catalog, tmp_path, capsys):

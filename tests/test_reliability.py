@@ -738,23 +738,29 @@ def test_tasks_run_on_the_node_asked_for_and_the_first_error_cancels_the_rest(ra
     here = runtime.driver_node()
     assert here == ray.get_runtime_context().get_node_id()
     assert runtime.map_tasks(_node_of, [0, 1, 2], progress=False, node=here) == [here] * 3
-    with pytest.raises(ConfigError, match=r"a task needs 1 CPU\(s\) \(1 per task\) but no node has more than 0"):
-        runtime.map_tasks(_node_of, [0], progress=False, node="ff" * 28)  # no such node
+    elsewhere = "ab" * 28  # no such node: a task pinned there is never run elsewhere
+    with pytest.raises(ConfigError, match=r"a task needs 1 CPU\(s\) \(1 per task\) but its node abababababab… has 0 "
+                                          r"CPUs$"):
+        runtime.map_tasks(_node_of, [0], progress=False, node=elsewhere)
+    monkeypatch.setattr(runtime, "_resources_of", lambda node: {"CPU": 1.0})  # as if it were there
+    out = runtime.map_tasks(_node_of, [0], progress=False, node=elsewhere, max_retries=0)
+    assert isinstance(out[0], ClusterError) and not isinstance(out[0], runtime.TaskCrashed)
+    assert "NodeAffinitySchedulingStrategy doesn't exist any more or is infeasible" in str(out[0])
     monkeypatch.setattr(runtime, "_resources_of", lambda node: {"CPU": 0.0, "GPU": 1.0})
     assert runtime.driver_node() is None
     monkeypatch.undo()
-    cpus = ray.cluster_resources()["CPU"]
+    idle = ray.available_resources().get("CPU", 0)
     t0 = time.monotonic()
     with pytest.raises(DataError, match="zero"):
         runtime.map_tasks(_square_kept, [0] + [_SLEEP] * 3, progress=False, fail_fast=True)
     assert time.monotonic() - t0 < _SLEEP / 2
     deadline = time.monotonic() + _SLEEP / 2
-    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+    while ray.available_resources().get("CPU", 0) < idle and time.monotonic() < deadline:
         time.sleep(0.2)  # the cancelled tasks give their CPUs back
-    assert ray.available_resources().get("CPU", 0) == cpus
-    # A crashed worker stays its item's ClusterError; the others finish.
+    assert ray.available_resources().get("CPU", 0) == idle
+    # A crashed worker stays its item's TaskCrashed (a ClusterError); the others finish.
     out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, fail_fast=True)
-    assert out[0] == 4 and isinstance(out[1], ClusterError) and out[2] == 9
+    assert out[0] == 4 and isinstance(out[1], runtime.TaskCrashed) and out[2] == 9
 
 
 _SLEEP = 60.0

@@ -162,7 +162,8 @@ def test_corrupt_parquet_is_a_clear_error(published):
 
 def test_objects_another_tool_wrote_with_a_model_twice_or_under_another_name_are_refused(published):
     """A row object holds one row, of the model its name keys; a segment holds each model once. Else
-    the table would serve a model twice or under another's key: refused by name, nothing deleted."""
+    the table would serve a model twice or under another's key: refused by name, nothing deleted;
+    a model twice in a segment is mended by removing it."""
     from selection.select import SelectConfig, shortlist_table
     from selection.table import make_row_table
 
@@ -174,12 +175,19 @@ def test_objects_another_tool_wrote_with_a_model_twice_or_under_another_name_are
     store.write_table(row_path(std.id, "zoo/a"), b)  # zoo/b's row under zoo/a's name
     with pytest.raises(StoreError, match=f"model_key\\(s\\) \\['{b['model_key'][0]}'\\]"):
         shortlist_table(std, store, np.ones((1, std.width), np.float32), SelectConfig())
+    b_as_a = b.set_column(b.schema.get_field_index("model_key"), "model_key", a.column("model_key"))
+    store.write_table(row_path(std.id, "zoo/a"), b_as_a)  # zoo/b's id with zoo/a's key
+    with pytest.raises(StoreError, match=r"model id\(s\) \['zoo/b'\]"):
+        load_table(store, std)
     store.delete(row_path(std.id, "zoo/a"))
     seg = f"embeddings/{std.id}/segments/seg-20261206T000000000000000-0badc0de-00000.parquet"
     store.write_table(seg, pa.concat_tables([a, b, a]))
-    with pytest.raises(StoreError, match=f"model_key '{a['model_key'][0]}' is in the segment more than once"):
+    with pytest.raises(StoreError, match=f"model_key '{a['model_key'][0]}' is in the segment more than once; .*"
+                                         "`jobs.table remove` that model"):
         load_table(store, std)
     assert store.exists(seg)
+    assert delete_rows(store, std, ["zoo/a"]) == []  # its marker hides both copies
+    assert load_table(store, std).meta.column("model_id").to_pylist() == ["zoo/b"]
 
 
 def test_failing_model_reported(published, tmp_path):
