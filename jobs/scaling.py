@@ -39,8 +39,8 @@ from selection.keys import model_key
 from selection.select import sweep_fronts, sweep_shards
 from selection.standard import Standard, save_standard
 from selection.storage import Store, parquet_bytes
-from selection.table import (META_FIELDS, SEGMENT_ROW_GROUP, compact, delete_row, iter_shards, marker_path,
-                             row_path, schema_for, write_row)
+from selection.table import (META_FIELDS, compact, delete_row, iter_shards, marker_path,
+                             row_path, schema_for, segment_row_group, write_row)
 
 
 def synthetic_standard(d: int = 64, form: str = "full") -> Standard:
@@ -175,7 +175,7 @@ def bench_compaction(ms: list[int], segment_rows: int, work: str, layout: str = 
             for i, start in enumerate(range(0, m, segment_rows)):
                 store.write_table(f"embeddings/{std.id}/segments/seg-20000101T000000-{i:08x}-00000.parquet",
                                   synthetic_rows(std, start, min(segment_rows, m - start), rng),
-                                  row_group_size=SEGMENT_ROW_GROUP)
+                                  row_group_size=segment_row_group(std))
         code = ("from jobs.scaling import compaction_peak_mib; "
                 f"print(compaction_peak_mib({root!r}, {segment_rows}))")
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -233,7 +233,7 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
         for start in range(0, m, segment_rows):
             n = min(segment_rows, m - start)
             store.write_table(f"embeddings/{std.id}/segments/seg-{start:09d}.parquet",
-                              synthetic_rows(std, start, n, rng), row_group_size=SEGMENT_ROW_GROUP)
+                              synthetic_rows(std, start, n, rng), row_group_size=segment_row_group(std))
         segs = sorted(os.path.join(root, "embeddings", std.id, "segments", f)
                       for f in os.listdir(os.path.join(root, "embeddings", std.id, "segments")))
         nbytes = sum(os.path.getsize(p) for p in segs)
@@ -245,7 +245,7 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             plain = Store(root + "-plain")
             for p in segs:
                 sink = io.BytesIO()
-                pq.write_table(pq.read_table(p), sink, compression="zstd", row_group_size=SEGMENT_ROW_GROUP)
+                pq.write_table(pq.read_table(p), sink, compression="zstd", row_group_size=segment_row_group(std))
                 plain.write_bytes(os.path.relpath(p, root), sink.getvalue())
         totals: dict[str, list[float]] = {"ours": [], "plain": []}
         for _ in range(2):

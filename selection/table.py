@@ -482,9 +482,18 @@ def list_table(store: Store, std: Standard) -> Listing:
 
 
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
-# Rows per row group of a segment: Arrow decodes such row groups 2x faster than one of 50,000 rows
-# (and several at once), and each is swept where it was decoded (`_shards_of`).
+# A segment's row groups: about SEGMENT_GROUP_BYTES of vectors, at most SEGMENT_ROW_GROUP rows
+# (`segment_row_group`). Each is swept where Arrow decoded it (`_shards_of`). Arrow decodes row groups
+# of 4,096 rows 2x faster than one of 50,000 (session 27), and groups of ~16 MB faster still: 1.6x for
+# full-form rows (2,016 rows of 8.3 KB) and 2.6x for per-source rows (224 of 75 KB) against 4,096
+# rows (session 31, docs/performance.md).
 SEGMENT_ROW_GROUP = 4096
+SEGMENT_GROUP_BYTES = 16 << 20
+
+
+def segment_row_group(std: Standard) -> int:
+    """Rows per row group of a segment of `std`'s table."""
+    return max(1, min(SEGMENT_ROW_GROUP, SEGMENT_GROUP_BYTES // (4 * std.width)))
 
 
 def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
@@ -812,7 +821,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
 
     def write_segment(t: pa.Table) -> None:
         segments.append(f"{_base(std.id)}/segments/seg-{compaction}-{len(segments):05d}.parquet")
-        store.write_table(segments[-1], t, row_group_size=SEGMENT_ROW_GROUP)
+        store.write_table(segments[-1], t, row_group_size=segment_row_group(std))
         keys.append(t.column("model_key").combine_chunks())
 
     # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and

@@ -1237,6 +1237,12 @@ def test_compacted_segments_are_row_groups_swept_in_place(published, monkeypatch
     assert all(not s.embeddings.flags.owndata for s in shards)  # views of the decoded column, not copies
     after = [[(r.model_id, r.score) for r in q] for q in sweep_shards(tbl.iter_shards(store, std), w, 10)]
     assert after == before
+    # Row groups of about 16 MB of vectors (session 31): wide per-source rows, fewer of them a group.
+    monkeypatch.setattr(tbl, "SEGMENT_ROW_GROUP", 4096)
+    from jobs.scaling import synthetic_standard
+
+    assert [tbl.segment_row_group(synthetic_standard(form=f)) for f in ("diagonal", "full", "per-source")] == \
+        [4096, 2016, 224]
     # A segment of one row group (as compactions wrote them before) is one shard, the same rows.
     t = pq.read_table(os.path.join(store.root, seg))
     store.write_table(seg, t)
