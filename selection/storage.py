@@ -20,7 +20,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -158,6 +158,83 @@ class _WatchedFile:
                 self.error = exc
                 raise
         return call
+
+
+class _Ranges(io.RawIOBase):
+    """A read-only file of an object of which only some byte ranges are fetched: its last TAIL bytes
+    (the Parquet footer) when opened, then the ranges `fetch` is given, in parallel (`cat_ranges`). A
+    read outside them fetches its own bytes (correct, one request)."""
+
+    TAIL = 1 << 20
+
+    def __init__(self, fs: Any, path: str) -> None:
+        super().__init__()
+        self.fs, self.path, self.pos = fs, path, 0
+        self.size = int(fs.size(path))
+        start = max(0, self.size - self.TAIL)
+        self.pieces = [(start, fs.cat_file(path, start=start, end=self.size))]
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> None:
+        todo = [(a, b) for a, b in ranges if self._piece(a, b) is None]
+        if todo:
+            blobs = self.fs.cat_ranges([self.path] * len(todo), [a for a, _ in todo], [b for _, b in todo],
+                                       on_error="raise")
+            self.pieces += [(a, bytes(blob)) for (a, _), blob in zip(todo, blobs)]
+
+    def _piece(self, start: int, end: int) -> bytes | None:
+        for at, blob in self.pieces:
+            if at <= start and end <= at + len(blob):
+                return blob[start - at:end - at]
+        return None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        data = self._piece(self.pos, end)
+        if data is None:
+            data = self.fs.cat_file(self.path, start=self.pos, end=end)
+            self.pieces.append((self.pos, data))
+        self.pos = end
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _chunk_ranges(meta: Any, columns: list[str], gap: int = 64 << 10) -> list[tuple[int, int]]:
+    """The byte ranges of `columns`' chunks in every row group of a Parquet file, those less than
+    `gap` apart merged."""
+    wanted, spans = set(columns), []
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            if chunk.path_in_schema.split(".")[0] in wanted:
+                start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o)
+                spans.append((start, start + chunk.total_compressed_size))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a - merged[-1][1] < gap:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 @dataclass(frozen=True)
@@ -535,27 +612,36 @@ class Store:
 
     def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
         """Only `columns` of a Parquet object (reads the footer and those column chunks: on S3, ranged
-        GETs of those bytes alone); columns the object lacks are left out (the caller says whether that
-        is an error).
+        GETs of those bytes alone, all at once); columns the object lacks are left out (the caller says
+        whether that is an error).
 
         I/O errors go through the retry policy; a parse error (Arrow raises a plain
         OSError for a corrupt footer) is a corrupt object, never retried as transient.
         """
-        # On S3, each column chunk is one ranged GET of its bytes, the chunks of a row group coalesced
-        # (pre_buffer): s3fs's default read-ahead fetched 50 MB at each chunk, most of a segment.
-        opts = {"cache_type": "none"} if self.scheme == "s3" else {}
-
         def read() -> pa.Table | _Corrupt:
-            with self.fs.open(self._full(rel), "rb", **opts) as fh:
+            # On S3 the chunks are fetched at once, in parallel (`_Ranges`); s3fs's file read-ahead
+            # fetched 50 MB at each chunk, most of a segment, and a reader's ranged reads run one by one.
+            src = _Ranges(self.fs, self._full(rel)) if self.scheme == "s3" else self.fs.open(self._full(rel), "rb")
+            with src as fh:
                 watched = _WatchedFile(fh)
                 try:
-                    pf = pq.ParquetFile(watched, pre_buffer=True)
+                    pf = pq.ParquetFile(watched)
                     have = set(pf.schema_arrow.names)
-                    return pf.read(columns=[c for c in columns if c in have])
+                    wanted = [c for c in columns if c in have]
+                    ranges = _chunk_ranges(pf.metadata, wanted) if isinstance(fh, _Ranges) else []
                 except Exception as exc:  # noqa: BLE001 - sorted into I/O and parse errors
                     if watched.error is not None:
                         raise  # the storage read failed: classified by _call
                     return _Corrupt(exc)
+                if ranges:
+                    fh.fetch(ranges)  # an I/O error: classified by _call
+                try:
+                    return pf.read(columns=wanted)
+                except Exception as exc:  # noqa: BLE001
+                    if watched.error is not None:
+                        raise
+                    return _Corrupt(exc)
+
         try:
             result = self._call("read", rel, read)
         except FileNotFoundError as exc:

@@ -484,9 +484,9 @@ def list_table(store: Store, std: Standard) -> Listing:
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
 # A segment's row groups: about SEGMENT_GROUP_BYTES of vectors, at most SEGMENT_ROW_GROUP rows
 # (`segment_row_group`). Each is swept where Arrow decoded it (`_shards_of`). Arrow decodes row groups
-# of 4,096 rows 2x faster than one of 50,000 (session 27), and groups of ~16 MB faster still: 1.6x for
-# full-form rows (2,016 rows of 8.3 KB) and 2.6x for per-source rows (224 of 75 KB) against 4,096
-# rows (session 31, docs/performance.md).
+# of 4,096 rows 2x faster than one of 50,000 (session 27), and with groups of ~16 MB a segment's read
+# and sweep ran 1.6x faster for full-form rows (2,016 rows of 8.3 KB) and 2.2x-2.6x for per-source rows
+# (224 of 75 KB) than with 4,096 rows (session 31, docs/performance.md).
 SEGMENT_ROW_GROUP = 4096
 SEGMENT_GROUP_BYTES = 16 << 20
 
@@ -834,7 +834,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         progress("rows", len(shard))
         pending = pa.concat_tables([pending, to_arrow(std, shard)])
         if pending.num_rows < segment_rows:
-            continue  # no copy: a segment's row groups come in as shards of 4,096 rows
+            continue  # no copy: a segment's row groups come in as shards of their own
         while pending.num_rows >= segment_rows:
             write_segment(pending.slice(0, segment_rows))
             pending = pending.slice(segment_rows)

@@ -462,6 +462,42 @@ def test_store_table_round_trip(s3_store_url: str):
 
 
 @pytest.mark.integration
+def test_column_reads_on_s3_fetch_the_chunks_at_once_and_retry_a_dropped_connection(s3_store_url: str,
+                                                                                     monkeypatch, caplog):
+    """The table's index reads a segment's metadata columns: s3fs's read-ahead fetched 50 MB at each
+    chunk, most of a segment, and one chunk at a time; now the footer, then every chunk at once."""
+    import logging
+
+    import numpy as np
+    import pyarrow as pa
+
+    from selection import storage
+
+    store = Store(s3_store_url, retry=FAST_RETRY)
+    n = 600
+    table = pa.table({"model_id": [f"m{i}" for i in range(n)], "model_key": [f"k{i}" for i in range(n)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(
+                          pa.array(np.random.default_rng(0).random(n * 512, dtype=np.float32)), 512)})
+    store.write_table("seg.parquet", table, row_group_size=50)  # 12 row groups, 100 KB of vectors each
+    calls, real = [], store.fs.cat_ranges
+
+    def cat_ranges(paths, starts, ends, **kw):
+        calls.append(list(zip(starts, ends)))
+        if len(calls) == 1:
+            raise ConnectionResetError("connection reset by peer")  # the first attempt drops
+        return real(paths, starts, ends, **kw)
+
+    monkeypatch.setattr(store.fs, "cat_ranges", cat_ranges)
+    monkeypatch.setattr(storage._Ranges, "TAIL", 16 << 10)  # the footer's read: not the whole 1 MB object
+    with caplog.at_level(logging.WARNING, logger="selection.storage"):
+        got = store.read_table_columns("seg.parquet", ["model_key", "model_id", "not-there"])
+    assert got.equals(table.select(["model_key", "model_id"]))
+    assert "transient storage error on read" in caplog.text and len(calls) == 2
+    assert len(calls[1]) == 12  # one range per row group (its two key chunks), fetched together
+    assert sum(b - a for a, b in calls[1]) < 0.1 * len(store.read_bytes("seg.parquet"))
+
+
+@pytest.mark.integration
 def test_store_delete_of_missing_object_returns_false(s3_store_url: str):
     store = Store(s3_store_url, retry=FAST_RETRY)
     assert store.delete("never/written.parquet") is False
