@@ -5,8 +5,8 @@ Prints ratios measured in one run (SPEC section 4, issue 3):
    10^3, 10^5 rows already in the table, as row objects and as compacted segments, and to remove one
    that lives only in the segments (found through the compaction's key index);
 2. load + sweep of m = 10^3 .. 10^6 rows (d = 64, full form: 2,080 floats a row)
-   against a bare pyarrow read of the same bytes and a bare numpy matrix product,
-   and against the machine's memory bandwidth (a numpy copy);
+   against a bare pyarrow read of the same bytes and a bare numpy float32 product (each span of columns
+   the queries weigh times the query rows weighing it), and against the machine's memory bandwidth (a numpy copy);
 3. embedding throughput per Ray actor (CPU, or CUDA with bf16) against the bare forward pass of the same model
    at the same batch size and thread count;
 4. compaction memory: the peak RSS of `compact` (each in a fresh process) on tables of m and 2m rows in
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import check_output, prog, run_main
-from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries
+from selection.embedding import RankQuery, TaskQuery, column_groups, embedding_width, linear_queries
 from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_fronts, sweep_shards
@@ -207,12 +207,28 @@ PER_SOURCE_MAX_M = 100_000
 
 
 def synthetic_queries(std: Standard, tasks: int, rng: np.random.Generator) -> list[TaskQuery]:
-    """Random task queries of the standard's form; per-source: 10 eigen-directions in one source each."""
+    """Random task queries of the standard's form. Per-source: as `selection.embedding.task_query` lays
+    them out for a 10-class task whose images are nearest one probe source (source t mod 4): 10
+    eigen-directions, each a numerator row weighing that source's C_s block and a denominator row
+    weighing its S_s block; numerators scaled so that the correlations (on rows of uniform numbers)
+    are about 0.3, not clipped."""
     if std.form != "per-source":
         return linear_queries(rng.random((tasks, std.width)))
-    r = 10  # numerators scaled so that the correlations (on rows of uniform numbers) are about 0.3, not clipped
-    return [TaskQuery(rng.random((r, std.width)) / np.sqrt(std.width), rng.random(r), rng.random((r, std.width)) + 1.0)
-            for _ in range(tasks)]
+    r, block = 10, std.d * (std.d + 1) // 2
+    queries = []
+    for t in range(tasks):
+        s = t % len(std.spec["probe_sources"])
+        num, den = np.zeros((r, std.width)), np.zeros((r, std.width))
+        num[:, block * (1 + 2 * s):block * (2 + 2 * s)] = rng.random((r, block)) / np.sqrt(block)
+        den[:, block * (2 + 2 * s):block * (3 + 2 * s)] = rng.random((r, block)) + 1.0
+        queries.append(TaskQuery(num, rng.random(r), den))
+    return queries
+
+
+def bare_product(embeddings: np.ndarray, weights: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+    """numpy's float32 product of each span of stored columns with the query rows weighing it (the
+    least a sweep multiplies): the baseline a sweep's product is measured against."""
+    return [embeddings[:, lo:hi] @ w for lo, hi, w in weights]
 
 
 PLAIN_MAX_M = 100_000  # the sweep also times segments in plain zstd up to this size (disk, time)
@@ -259,7 +275,9 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             shutil.rmtree(plain.root)
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.
-        wt = np.concatenate([q.num for q in w] + [q.den for q in w if q.den is not None]).astype(np.float32).T
+        rows = [r for q in w for r in q.num] + [r for q in w if q.den is not None for r in q.den]
+        wt = [(lo, hi, np.stack([rows[i][lo:hi] for i in index], axis=1).astype(np.float32))
+              for lo, hi, index in column_groups(rows)]
         t_load = t_sweep = t_mm = 0.0
         emb_bytes = 0
         shards = iter_shards(store, std)
@@ -270,7 +288,7 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             if shard is None:
                 break
             t_sweep += min(_timed(lambda: sweep_shards([shard], w, 10)) for _ in range(2))
-            t_mm += min(_timed(lambda: shard.embeddings @ wt) for _ in range(2))
+            t_mm += min(_timed(lambda: bare_product(shard.embeddings, wt)) for _ in range(2))
             emb_bytes += shard.embeddings.nbytes
 
         def bare_read() -> None:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from selection.catalog import CatalogEntry
 from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
-from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, query_scores,
+from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, plan_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
 from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
@@ -434,6 +434,7 @@ class Sweep:
         self.queries, self.top_k, self.constraints = list(queries), top_k, constraints
         self.cost_of = PARETO_COSTS[pareto] if pareto is not None else None
         self.flat = [p for q in self.queries for p in _parts(q)]
+        self.plan = plan_queries(self.flat)
         self.width = {p.num.shape[1] for p in self.flat}
         n = len(self.queries)
         self.part = SweepPart([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
@@ -455,7 +456,7 @@ class Sweep:
         rows_ok = np.flatnonzero(constraint_mask(shard, self.constraints))
         if len(rows_ok) == 0:
             return
-        s_all = query_scores(shard.embeddings, self.flat)[rows_ok]  # (m_ok, parts of every query)
+        s_all = query_scores(shard.embeddings, self.plan)[rows_ok]  # (m_ok, parts of every query)
         finite = np.isfinite(s_all).all(1)
         if not finite.all():  # a row written by another tool with NaN/inf: it cannot be ranked
             bad = shard.meta.column("model_id").take(pa.array(rows_ok[~finite])).to_pylist()

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from selection.embedding import (RIDGE_GCV, embedding_width, linear_queries, model_embedding, query_scores, ridge_gcv,
-                                 predictive_share, source_covariance, source_weights, task_matrix, task_query,
-                                 task_weights, triu, untriu, weigh_parts)
+from selection.embedding import (RIDGE_GCV, TaskQuery, column_groups, embedding_width, linear_queries,
+                                 model_embedding, plan_queries, predictive_share, query_scores, ridge_gcv,
+                                 source_covariance, source_weights, task_matrix, task_query, task_weights, triu,
+                                 untriu, weigh_parts)
 from selection.errors import DataError, ModelError
 
 
@@ -298,6 +299,55 @@ def test_per_source_score_is_the_documented_correlation(rng):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert s[0] == pytest.approx(1.0, abs=0.02)  # reproduces z in both sources: correlation 1
     assert s[0] > s[1] > s[2] and abs(s[2]) < 0.3  # source 0 only covers a quarter; noise nothing
+
+
+def _dense_scores(e, queries):
+    """The documented score, one dense float64 product per query (what query_scores computed until session 32)."""
+    out = []
+    for q in queries:
+        s = e.astype(np.float64) @ q.num.T
+        if q.den is not None:
+            s = np.clip(s / np.sqrt(np.maximum(e.astype(np.float64) @ q.den.T, 1e-12)), -1.0, 1.0)
+        out.append(s @ q.coef)
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("align", [1, 32])
+def test_query_rows_are_multiplied_with_the_stored_columns_they_weigh_only(rng, monkeypatch, align):
+    """A per-source query row weighs one block (C_s or S_s of one source): query_scores multiplies each group of
+    rows with its block alone, and the scores are the dense product's, however the rows are split into calls.
+    (align 1: every span exactly its block's columns.)"""
+    monkeypatch.setattr("selection.embedding.SPAN_ALIGN", align)
+    d, n_src = 7, 3
+    block, width = d * (d + 1) // 2, embedding_width("per-source", d, n_src)
+    emb = rng.normal(size=(301, width)).astype(np.float32)
+    b = rng.normal(size=(d, 3))
+    g = b @ b.T / np.trace(b @ b.T)
+    z_cov = np.stack([np.eye(d)] * n_src)
+    queries = [task_query(g, "per-source", width, np.array([0.3, 0.0, 0.7]), z_cov),
+               task_query(g, "full", width),
+               task_query(g, "per-source", width, np.array([0.0, 1.0, 0.0]), z_cov),
+               TaskQuery(np.zeros((1, width)), np.ones(1))]  # weighs nothing: scores 0
+    plan = plan_queries(queries)
+    spans = [(lo, hi) for lo, hi, _ in plan.groups]
+    # the full block, then C_s and S_s of the three sources (widened to multiples of `align` columns)
+    assert len(spans) == 7 and spans[0][0] == 0 and spans[-1][1] == width
+    assert all(hi - lo <= block + 2 * (align - 1) for lo, hi in spans)
+    assert spans == [(i * block, (i + 1) * block) for i in range(7)] or align > 1
+    rows = sum(len(q.num) + (0 if q.den is None else len(q.den)) for q in queries)
+    assert sum(w.shape[1] for _, _, w in plan.groups) == plan.rows - 1 == rows - 1
+    got = query_scores(emb, plan)
+    np.testing.assert_allclose(got, _dense_scores(emb, queries), rtol=1e-6, atol=1e-6)
+    assert not got[:, 3].any()
+    assert np.array_equal(np.concatenate([query_scores(emb[:1], queries), query_scores(emb[1:200], plan),
+                                          query_scores(emb[200:], plan)]), got)
+    assert query_scores(emb[:0], plan).shape == (0, 4)
+    # Rows that weigh the whole vector are one group: splitting them would cost more than it saves.
+    dense = linear_queries(rng.normal(size=(3, width)))
+    assert [(lo, hi) for lo, hi, _ in column_groups([q.num[0] for q in dense] + [queries[1].num[0]])] == [(0, width)]
+    np.testing.assert_allclose(query_scores(emb, dense + queries), _dense_scores(emb, dense + queries),
+                               rtol=1e-6, atol=1e-6)
+    assert column_groups([np.zeros(width)]) == []
 
 
 def test_task_is_assigned_to_its_nearest_probe_source(rng):
