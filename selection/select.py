@@ -457,8 +457,10 @@ class Sweep:
         if len(rows_ok) == 0:
             return
         s_all = query_scores(shard.embeddings, self.plan)[rows_ok]  # (m_ok, parts of every query)
-        finite = np.isfinite(s_all).all(1)
-        if not finite.all():  # a row written by another tool with NaN/inf: it cannot be ranked
+        # The whole row, not only the blocks the queries weigh: a row written by another tool with NaN/inf
+        # anywhere cannot be ranked (B105), whatever the tasks.
+        finite = np.isfinite(shard.embeddings).all(1)[rows_ok] & np.isfinite(s_all).all(1)
+        if not finite.all():
             bad = shard.meta.column("model_id").take(pa.array(rows_ok[~finite])).to_pylist()
             log.warning("%d model(s) left out: their scores are not finite (NaN or inf in the row): %s",
                         len(bad), ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))

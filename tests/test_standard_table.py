@@ -837,7 +837,7 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
         load_table(store, std)
 
 
-def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published, caplog):
+def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published, caplog, monkeypatch):
     """A NaN embedding is not written; one that another tool wrote is left out of the ranking
     (it used to empty the shortlist or crash the sweep), with a warning naming it."""
     from selection.errors import ModelError
@@ -868,6 +868,15 @@ def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published,
     for k in (1, 3):  # the three finite rows tie; ties go by model id
         [ranked] = sweep_shards(iter_shards(store, std), queries, k)
         assert [r.model_id for r in ranked] == ["zoo/a", "zoo/b", "zoo/c"][:k]
+    assert any("left out" in m and "zoo/nan" in m for m in caplog.messages)
+    # A query that weighs only the last columns: the NaN lies in columns it does not multiply, and the
+    # row is still left out (session 32 multiplies each query row with the columns it weighs only).
+    caplog.clear()
+    monkeypatch.setattr("selection.embedding.SPAN_ALIGN", 1)  # spans exactly the weighed columns
+    last = np.zeros((1, std.width), np.float32)
+    last[0, -min(8, std.width - 4):] = 1.0
+    [ranked] = sweep_shards(iter_shards(store, std), last, 4)
+    assert [r.model_id for r in ranked] == ["zoo/a", "zoo/b", "zoo/c"]
     assert any("left out" in m and "zoo/nan" in m for m in caplog.messages)
 
 
