@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import check_output, prog, run_main
-from selection.embedding import RankQuery, TaskQuery, column_groups, embedding_width, linear_queries
+from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries, plan_queries
 from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_fronts, sweep_shards
@@ -275,9 +275,7 @@ def bench_sweep(ms: list[int], tasks: int, work: str, segment_rows: int, form: s
             shutil.rmtree(plain.root)
         # Ours, load only and sweep only, shard by shard (memory stays at one segment);
         # bare: numpy multiplying the same matrices, pyarrow reading the same bytes.
-        rows = [r for q in w for r in q.num] + [r for q in w if q.den is not None for r in q.den]
-        wt = [(lo, hi, np.stack([rows[i][lo:hi] for i in index], axis=1).astype(np.float32))
-              for lo, hi, index in column_groups(rows)]
+        wt = [(lo, hi, g.astype(np.float32)) for lo, hi, g in plan_queries(w).groups]
         t_load = t_sweep = t_mm = 0.0
         emb_bytes = 0
         shards = iter_shards(store, std)

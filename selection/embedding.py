@@ -478,11 +478,13 @@ def column_groups(rows: list[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
 class QueryPlan:
     """Task queries made ready for `query_scores` once, for every shard a sweep scores.
 
-    rows: the number of query rows (every query's num rows, then every den row); groups: (lo, hi,
-    weights (hi - lo, r) float64) per `column_groups` group; order: the query rows in the groups' order.
+    width: the stored vector's; rows: the number of query rows (every query's num rows, then every den
+    row); groups: (lo, hi, weights (hi - lo, r) float64) per `column_groups` group; order: the query
+    rows in the groups' order (`in_order`: the rows' own order).
     """
 
     queries: tuple[TaskQuery, ...]
+    width: int
     rows: int
     groups: tuple[tuple[int, int, np.ndarray], ...]
     order: np.ndarray
@@ -491,12 +493,19 @@ class QueryPlan:
     def widest(self) -> int:
         return max([hi - lo for lo, hi, _ in self.groups] + [1])
 
+    @property
+    def in_order(self) -> bool:
+        return len(self.order) == self.rows and bool((self.order == np.arange(self.rows)).all())
+
 
 def plan_queries(queries: list[TaskQuery]) -> QueryPlan:
     """`queries` as a `QueryPlan`: the query rows grouped by the stored columns they weigh."""
     rows = [r for q in queries for r in q.num] + [r for q in queries if q.den is not None for r in q.den]
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise ValueError(f"task queries of one sweep must have one width, got widths {widths}")
     groups = column_groups(rows)
-    return QueryPlan(tuple(queries), len(rows),
+    return QueryPlan(tuple(queries), widths[0] if widths else 0, len(rows),
                      tuple((lo, hi, np.stack([rows[i][lo:hi] for i in index], axis=1).astype(np.float64))
                            for lo, hi, index in groups),
                      np.concatenate([index for _, _, index in groups] + [np.zeros(0, int)]))
@@ -506,17 +515,21 @@ def query_scores(embeddings: np.ndarray, queries: list[TaskQuery] | QueryPlan) -
     """(m, D) stored embeddings x T queries -> (m, T) scores: matrix products, then per-row ratios.
 
     Each group of query rows (`column_groups`) is multiplied with the stored columns it weighs
-    only. Computed in float64 and rounded to float32. A float32 product rounds a row's score
-    differently by the row's place in the matrix and by the other queries beside it, so the order of
-    close or identical rows depended on the table's sharding and on which tasks were selected
-    together; rounding the float64 result leaves a row's score a function of the row and its query
-    alone, but for a float64 error that lands on a float32 rounding boundary (about 1e-9 of the time).
-    The rows are converted a few at a time (SCORE_BYTES), so the float64 copy stays in cache.
+    only, so a non-finite value in a column no query row's span covers does not reach the scores
+    (`selection.select.Sweep` checks whole rows). Computed in float64 and rounded to float32. A
+    float32 product rounds a row's score differently by the row's place in the matrix and by the
+    other queries beside it, so the order of close or identical rows depended on the table's sharding
+    and on which tasks were selected together; rounding the float64 result leaves a row's score a
+    function of the row and its query alone, but for a float64 error that lands on a float32 rounding
+    boundary (about 1e-9 of the time). The rows are converted a few at a time (SCORE_BYTES), so the
+    float64 copy stays in cache.
     """
     plan = queries if isinstance(queries, QueryPlan) else plan_queries(queries)
     m, n = embeddings.shape[0], plan.rows
-    in_order = len(plan.order) == n and bool((plan.order == np.arange(n)).all())
-    step = max(1, min(m, SCORE_BYTES // (8 * plan.widest)))
+    if plan.rows and embeddings.shape[1] != plan.width:
+        raise ValueError(f"task queries have width {plan.width}, the stored vectors {embeddings.shape[1]}")
+    in_order = plan.in_order
+    step = max(1, min(m, SCORE_BYTES // (8 * max(plan.widest, n))))
     # Buffers made once: a fresh large array per chunk costs a page fault per 4 KB on every chunk.
     rows64 = np.empty((step, plan.widest), np.float64)
     grouped = np.empty((step, len(plan.order)), np.float64)  # the query rows in the groups' order

@@ -434,8 +434,10 @@ class Sweep:
         self.queries, self.top_k, self.constraints = list(queries), top_k, constraints
         self.cost_of = PARETO_COSTS[pareto] if pareto is not None else None
         self.flat = [p for q in self.queries for p in _parts(q)]
+        self.width = {p.num.shape[1] for p in self.flat} | {p.den.shape[1] for p in self.flat if p.den is not None}
+        if len(self.width) > 1:
+            raise ConfigError(f"the task queries of one sweep must have one width, got {sorted(self.width)}")
         self.plan = plan_queries(self.flat)
-        self.width = {p.num.shape[1] for p in self.flat}
         n = len(self.queries)
         self.part = SweepPart([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
                               [[] for _ in range(n)], {})
@@ -462,7 +464,7 @@ class Sweep:
         finite = np.isfinite(shard.embeddings).all(1)[rows_ok] & np.isfinite(s_all).all(1)
         if not finite.all():
             bad = shard.meta.column("model_id").take(pa.array(rows_ok[~finite])).to_pylist()
-            log.warning("%d model(s) left out: their scores are not finite (NaN or inf in the row): %s",
+            log.warning("%d model(s) left out: NaN or inf in the row, which cannot be ranked: %s",
                         len(bad), ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
             rows_ok, s_all = rows_ok[finite], s_all[finite]
             if len(rows_ok) == 0:
