@@ -35,7 +35,9 @@ FASHION_MNIST_DIR = os.environ.get("ZOOSELECT_FASHION_MNIST_DIR", "/usr/share/da
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "ankle-boot")
 DEFAULT_TASK_SIZE = 64
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What an image folder task reads (as torchvision's ImageFolder, and the Netpbm formats it reads too).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm")
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 # Digits 0..DIGITS_PROBE_COUNT-1 of a fixed permutation are reserved for probe sets;
 # the rest serve tasks and training, so a task never shares an image with the probe.
@@ -62,6 +64,10 @@ class ImageSet:
     name: str
 
     def __post_init__(self) -> None:
+        for what, value in (("images", self.images), ("labels", self.labels)):
+            if not isinstance(value, np.ndarray):  # a list or a torch tensor gave a raw AttributeError/TypeError
+                raise DataError(f"{self.name}: {what} should be a numpy array, got {type(value).__module__}."
+                                f"{type(value).__qualname__} (convert it with np.asarray, or tensor.numpy())")
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise DataError(f"{self.name}: images should be uint8 (N, H, W, 3), got "
                             f"{self.images.dtype} {self.images.shape}")
@@ -298,7 +304,11 @@ def procedural_textures(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, n
 # -- spec parsing ------------------------------------------------------------------------
 
 def _params(query: str, allowed: set[str], spec: str) -> dict[str, str]:
-    params = dict(parse_qsl(query, keep_blank_values=True))
+    pairs = parse_qsl(query, keep_blank_values=True)
+    twice = sorted({k for k, _ in pairs if sum(k == k2 for k2, _ in pairs) > 1})
+    if twice:  # the last one silently won
+        raise DataError(f"option(s) {twice} given more than once in dataset spec {spec!r}")
+    params = dict(pairs)
     unknown = set(params) - allowed
     if unknown:
         raise DataError(f"unknown option(s) {sorted(unknown)} in dataset spec {spec!r} "
@@ -475,9 +485,16 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
             arr = _rgb8(img, where)
     except DataError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises SyntaxError, TypeError, ... on corrupt files
         # A decompression bomb: a header that claims more pixels than PIL's limit (or a corrupt one)
-        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image file"
+        elif isinstance(exc, (Image.DecompressionBombError, OSError, ValueError)):
+            reason = str(exc)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
         raise DataError(f"cannot decode image {where}: {reason}") from exc
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise DataError(f"image {where} is {arr.shape[1]}x{arr.shape[0]} pixels; at least 2x2 needed")
@@ -535,21 +552,35 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
         raise DataError(f"task {url!r} is neither a directory of class folders nor a .parquet file")
     try:
         store = Store(url, **store_options)
-        files = [f for f in store.list("") if f.lower().endswith(IMAGE_EXTENSIONS)]
+        listed = store.list("")
     except StoreError as exc:
         raise DataError(f"cannot read task {url!r}: {exc}") from exc
     # As torchvision's ImageFolder: a class is a top-level folder and holds every image below it.
     by_class: dict[str, list[str]] = {}
-    loose = []
-    for f in files:
+    folders = {d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))} if local else set()
+    loose, skipped = [], []
+    for f in listed:
         parts = f.split("/")
-        if len(parts) == 1:
+        if any(p.startswith(".") for p in parts):  # .ipynb_checkpoints/, .DS_Store and the like
+            continue
+        if len(parts) > 1:
+            folders.add(parts[0])
+        if not f.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append(f)
+        elif len(parts) == 1:
             loose.append(f)
-        elif not any(p.startswith(".") for p in parts[:-1]):  # .ipynb_checkpoints/ and the like
+        else:
             by_class.setdefault(parts[0], []).append(f)
     if loose:
         log.warning("task %s: %d image(s) outside the class folders are left out (e.g. %r)", url, len(loose),
                     loose[0])
+    if skipped:
+        log.warning("task %s: %d file(s) of no image type read here are left out (e.g. %r; read: %s)", url,
+                    len(skipped), skipped[0], " ".join(IMAGE_EXTENSIONS))
+    empty = sorted(d for d in folders if not d.startswith(".") and d not in by_class)
+    if empty:  # a class dropped without a word would select for another task
+        raise DataError(f"task {url!r}: class folder(s) {empty[:5]}{' ...' if len(empty) > 5 else ''} hold no "
+                        f"images of a type read here ({' '.join(IMAGE_EXTENSIONS)})")
     if not by_class:
         raise DataError(f"task {url!r} has no images in class subfolders (expected {url}/<class>/<image>)")
     names = tuple(sorted(by_class))

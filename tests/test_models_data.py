@@ -239,6 +239,7 @@ def test_a_task_with_near_copies_of_its_images_is_warned_of(caplog):
     ("builtin:digits?per_class=-2", r"per_class=-2 .* must be >= 0"),
     ("builtin:digits?n=-1", r"n=-1 .* must be >= 0"),
     ("builtin:photos?n=-5", r"n=-5 .* must be >= 0"),
+    ("builtin:digits?classes=1,2&classes=3,4", r"option\(s\) \['classes'\] given more than once"),
 ])
 def test_bad_task_specs(spec, match, monkeypatch):
     with pytest.raises(DataError, match=match):
@@ -309,6 +310,59 @@ def test_bad_task_files(tmp_path):
             ImageSet(np.zeros((2, 8, 8, 3), np.uint8), labels, ("a", "b"), "t")
     with pytest.raises(DataError, match=r"class id\(s\) \[3\] appear more than once in classes=3,3,7"):
         load_dataset("builtin:digits?classes=3,3,7&per_class=5")
+    # A list or a torch tensor gave a raw AttributeError/TypeError (a review, session 32).
+    for images, labels, kind in ((np.zeros((2, 8, 8, 3), np.uint8).tolist(), np.array([0, 1]), "builtins.list"),
+                                 (np.zeros((2, 8, 8, 3), np.uint8), torch.tensor([0, 1]), "torch.Tensor")):
+        with pytest.raises(DataError, match=f"should be a numpy array, got {kind} "):
+            ImageSet(images, labels, ("a", "b"), "t")
+
+
+def _corrupt_png() -> bytes:
+    """A PNG whose second IDAT chunk's type has one byte changed: PIL raises SyntaxError on it."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    i = png.index(b"IDAT") - 4
+    n = struct.unpack(">I", png[i:i + 4])[0]
+    data = png[i + 8:i + 8 + n]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    two = png[:i] + chunk(b"IDAT", data[:n // 2]) + chunk(b"IDAT", data[n // 2:]) + png[i + 12 + n:]
+    j = two.index(b"IDAT", two.index(b"IDAT") + 4)
+    return two[:j] + b"ID\x00T" + two[j + 4:]
+
+
+def test_image_folder_classes_are_never_dropped_and_corrupt_images_are_one_line_errors(tmp_path, caplog):
+    """A class folder of Netpbm images (.ppm/.pgm, as torchvision reads) or an empty one was dropped without a
+    word, so the selection ran for another task; PIL's SyntaxError on a corrupt PNG was a traceback (a review,
+    session 32)."""
+    root = tmp_path / "task"
+    for c, ext in (("cat", "png"), ("dog", "ppm"), ("eel", "pgm")):
+        (root / c).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).convert("L" if ext == "pgm" else "RGB").save(
+                root / c / f"{k}.{ext}")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="selection.data"):
+        ds = load_dataset(str(root), 8)
+    assert ds.classes == ("cat", "dog", "eel") and list(ds.labels) == [0, 0, 1, 1, 2, 2]
+    assert "1 file(s) of no image type read here are left out (e.g. 'cat/notes.txt'" in caplog.text
+    (root / "fish").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) \['fish'\] hold no images of a type read here"):
+        load_dataset(str(root), 8)
+    (root / "fish" / "README").write_text("x")
+    with pytest.raises(DataError, match=r"class folder\(s\) \['fish'\] hold no images"):
+        load_dataset(str(root), 8)
+    (root / "fish" / "README").unlink()
+    (root / "fish").rmdir()
+    (root / "cat" / "0.png").write_bytes(_corrupt_png())
+    with pytest.raises(DataError, match=r"cannot decode image .*cat/0\.png: SyntaxError: broken PNG file"):
+        load_dataset(str(root), 8)
 
 
 def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
