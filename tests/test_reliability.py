@@ -1048,7 +1048,7 @@ def _task(tmp_path, kind: str) -> str:
 @pytest.mark.parametrize("kind,needle", [
     ("corrupt-image", "cannot decode image {task}/b/3.png"),
     ("non-image-named-jpg", "cannot decode image {task}/a/readme.jpg"),
-    ("non-image-only-class", "task {task!r} has only one class ('a')"),
+    ("non-image-only-class", "task {task!r}: class folder(s) ['b'] hold no images of a type read here"),
     ("one-image-class", "task {task!r}: class 'b' has 1 image(s); at least 2 per class are needed"),
     ("corrupt-parquet", "cannot read task {task!r}: corrupt Parquet object"),
     ("1x1-parquet", "image {task!r} row 3 is 1x1 pixels; at least 2x2 needed"),
