@@ -511,14 +511,26 @@ def _split_url(url: str) -> tuple[str, str]:
 
 
 def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
+    import pyarrow as pa
+
     from selection.storage import Store
     from selection.errors import StoreError
 
     parent, name = _split_url(url)
     try:
-        table = Store(parent, **store_options).read_table(name)
+        store = Store(parent, **store_options)
+        # A folder of part files, as Spark and Hive-style writers leave it (markers such as _SUCCESS and
+        # hidden checksum files are not parts), read in name order; else the file itself.
+        parts = [p for p in store.list(name, ".parquet") if p.startswith(name + "/")
+                 and not any(step.startswith(("_", ".")) for step in p[len(name) + 1:].split("/"))]
+        tables = [store.read_table(p) for p in parts] or [store.read_table(name)]
     except StoreError as exc:
         raise DataError(f"cannot read task {url!r}: {exc}") from exc
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"task Parquet {url!r}: its {len(tables)} part files' columns do not match "
+                        f"({str(exc).splitlines()[0]})") from exc
     missing = {"image", "label"} - set(table.column_names)
     if missing:
         raise DataError(f"task Parquet {url!r} lacks column(s) {sorted(missing)} "

@@ -365,6 +365,29 @@ def test_image_folder_classes_are_never_dropped_and_corrupt_images_are_one_line_
         load_dataset(str(root), 8)
 
 
+def test_a_parquet_task_written_as_a_folder_of_parts_is_read_whole(tmp_path):
+    """Spark and Hive-style writers leave `task.parquet/` as a folder of part files (and _SUCCESS, .crc
+    files): it was a one-line IsADirectoryError (a review, session 32)."""
+    folder = tmp_path / "task.parquet"
+    (folder / "sub").mkdir(parents=True)
+    colours = [(255, 0, 0), (250, 0, 0), (0, 0, 255), (0, 0, 250), (0, 255, 0)]
+    for i, rows in enumerate(([0, 1], [2, 3])):
+        pq.write_table(pa.table({"image": [_png(colours[r]) for r in rows], "label": ["red" if r < 2 else "blue"
+                                                                                   for r in rows]}),
+                       folder / f"part-{i:05d}-abc.snappy.parquet")
+    pq.write_table(pa.table({"image": [_png(colours[4])], "label": ["green"]}), folder / "sub" / "part-0.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / ".part-00000-abc.snappy.parquet.crc").write_bytes(b"crc")
+    pq.write_table(pa.table({"x": [1]}), folder / "_common_metadata.parquet")
+    ds = load_dataset(str(folder), 8)
+    assert len(ds.labels) == 5 and [ds.classes[y] for y in ds.labels] == ["red", "red", "blue", "blue", "green"]
+    assert [int(v) for v in ds.images[:, 0, 0, 0]] == [255, 250, 0, 0, 0]
+    assert load_dataset(str(folder) + "/", 8).labels.tolist() == ds.labels.tolist()
+    pq.write_table(pa.table({"image": [_png(colours[0])], "label": [1.5]}), folder / "part-00002-abc.snappy.parquet")
+    with pytest.raises(DataError, match=r"task.parquet': its 4 part files' columns do not match"):
+        load_dataset(str(folder), 8)
+
+
 def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
     """PIL's RGB conversion clips 16-bit grey levels (a 16-bit gradient came out 99.6 % white)."""
     from PIL import Image
