@@ -223,6 +223,13 @@ def test_a_task_with_near_copies_of_its_images_is_warned_of(caplog):
             "of class '1', counted from 0 in the task's order)") in caplog.text
     colours = np.stack([np.full((32, 32, 3), (c, 0, 0), np.uint8) for c in (255, 250, 245, 0)])
     assert ImageSet(colours, np.array([0, 0, 0, 1]), ("red", "black"), "c").near_repeats() == []
+    # At a size that is no multiple of 8 the thumbnails cover the whole image: at 12 px two images alike in
+    # their top-left 8 x 8 pixels only were called near copies (a review, session 32).
+    halves = np.zeros((3, 12, 12, 3), np.uint8)
+    halves[1, :, 8:] = 255
+    halves[2, 10:, :] = 255
+    assert ImageSet(halves, np.zeros(3, np.int64), ("a",), "h").near_repeats() == []
+    assert ImageSet(np.concatenate([halves, halves[:1]]), np.zeros(4, np.int64), ("a",), "h").near_repeats() == [(0, 3)]
 
 
 @pytest.mark.parametrize("spec,match", [
