@@ -468,7 +468,7 @@ def _rgb8(img: Any, where: str) -> np.ndarray:
     255 (a 16-bit PNG came out almost white), so those are scaled to 8 bits; 32-bit integer and
     float pixels (no agreed range: 8-bit values in a 32-bit TIFF came out black) are refused."""
     if img.mode in ("I", "F") and not (img.mode == "I" and img.format == "PNG"):  # PNG: 16 bits at most
-        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        kind = "signed or 32-bit integer" if img.mode == "I" else "32-bit float"  # PIL reads signed 16-bit as I
         raise DataError(f"image {where} has {kind} pixels (mode {img.mode}), whose range is not defined; "
                         f"save it with 8- or 16-bit pixels")
     if img.mode.startswith("I;16") or img.mode == "I":
