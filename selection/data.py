@@ -14,6 +14,7 @@ labels. A *dataset spec* string names one:
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import io
@@ -308,7 +309,7 @@ def procedural_textures(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, n
 
 def _params(query: str, allowed: set[str], spec: str) -> dict[str, str]:
     pairs = parse_qsl(query, keep_blank_values=True)
-    twice = sorted({k for k, _ in pairs if sum(k == k2 for k2, _ in pairs) > 1})
+    twice = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
     if twice:  # the last one silently won
         raise DataError(f"option(s) {twice} given more than once in dataset spec {spec!r}")
     params = dict(pairs)
