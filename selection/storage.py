@@ -291,11 +291,11 @@ def write_file_atomically(path: str, data: bytes) -> None:
 def _local_files(top: str) -> list[str]:
     """Every file under a local folder (or `top` itself, a file), symlinked folders followed once each
     (`find` would list a symlinked folder as one entry: a task's class folder, or a table's rows kept
-    on another disk, would be left out)."""
+    on another disk, would be left out). A link whose target is gone is left out with a warning naming it."""
     if os.path.isfile(top):
         return [top]
     above: dict[str, frozenset[str]] = {}  # a folder -> the real paths of it and the folders it is in
-    files = []
+    files, broken = [], []
     for directory, folders, names in os.walk(top, followlinks=True):
         real = os.path.realpath(directory)
         chain = above.get(os.path.dirname(directory), frozenset())
@@ -303,7 +303,15 @@ def _local_files(top: str) -> list[str]:
             folders[:] = []
             continue
         above[directory] = chain | {real}
-        files += [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
+        for n in names:
+            path = os.path.join(directory, n)
+            if os.path.isfile(path):
+                files.append(path)
+            elif os.path.islink(path) and not os.path.exists(path):
+                broken.append(path)
+    if broken:
+        log.warning("left out %d symbolic link(s) whose target is gone under %s: %s%s", len(broken), top,
+                    ", ".join(f"{p} -> {os.readlink(p)}" for p in broken[:3]), " ..." if len(broken) > 3 else "")
     return files
 
 

@@ -178,6 +178,12 @@ def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
     os.symlink(root, root / "cat" / "loop")
     ds = load_dataset(str(root), 16)
     assert ds.classes == ("cat", "dog", "eel") and list(ds.labels) == [0, 0, 0, 1, 2]
+    # A link whose target is gone (an image moved or deleted) is named, not skipped silently.
+    os.symlink(tmp_path / "moved.png", root / "dog" / "gone.png")
+    with caplog.at_level(logging.WARNING, logger="selection.storage"):
+        ds = load_dataset(str(root), 16)
+    assert list(ds.labels) == [0, 0, 0, 1, 2]
+    assert "left out 1 symbolic link(s) whose target is gone" in caplog.text and "gone.png -> " in caplog.text
 
 
 def test_a_task_loses_its_repeated_images_with_a_warning(tmp_path, caplog):
