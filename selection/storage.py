@@ -137,6 +137,41 @@ class _Corrupt:
     exc: BaseException
 
 
+def _parsed(watched: "_WatchedFile", fn: Callable[[], T]) -> T | _Corrupt:
+    """fn(), a parse of a Parquet object read through `watched`: its error is a storage fault (raised,
+    for the retry policy) if one of the object's reads failed, else a corrupt object (returned)."""
+    watched.error = None
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - sorted into I/O and parse errors
+        if watched.error is not None:
+            raise
+        return _Corrupt(exc)
+
+
+def _row_group_batches(meta: Any, batch_bytes: int) -> list[list[int]]:
+    """A Parquet file's row groups cut into runs of about `batch_bytes` stored bytes (at least one group)."""
+    batches: list[list[int]] = [[]]
+    size = 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if batches[-1] and size >= batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(i)
+        size += sum(group.column(j).total_compressed_size for j in range(group.num_columns))
+    return [b for b in batches if b]
+
+
+def _split_groups(table: pa.Table, meta: Any, groups: list[int]) -> Iterator[pa.Table]:
+    """The row groups `groups` of a Parquet file, read together as `table`, one table each."""
+    at = 0
+    for i in groups:
+        n = meta.row_group(i).num_rows
+        yield table.slice(at, n)
+        at += n
+
+
 class _WatchedFile:
     """A file object that remembers the last error its own reads raised (for Arrow)."""
 
@@ -181,6 +216,10 @@ class _Ranges(io.RawIOBase):
                                        on_error="raise")
             self.pieces += [(a, bytes(blob)) for (a, _), blob in zip(todo, blobs)]
 
+    def forget(self) -> None:
+        """Drop every range fetched but the footer's (a reader of one row group batch at a time)."""
+        del self.pieces[1:]
+
     def _piece(self, start: int, end: int) -> bytes | None:
         for at, blob in self.pieces:
             if at <= start and end <= at + len(blob):
@@ -217,15 +256,16 @@ class _Ranges(io.RawIOBase):
         return len(data)
 
 
-def _chunk_ranges(meta: Any, columns: list[str], gap: int = 64 << 10) -> list[tuple[int, int]]:
-    """The byte ranges of `columns`' chunks in every row group of a Parquet file, those less than
-    `gap` apart merged."""
-    wanted, spans = set(columns), []
-    for i in range(meta.num_row_groups):
+def _chunk_ranges(meta: Any, columns: list[str] | None, groups: Iterable[int] | None = None,
+                  gap: int = 64 << 10) -> list[tuple[int, int]]:
+    """The byte ranges of `columns`' chunks (all with None) in the row groups `groups` (all with None)
+    of a Parquet file, those less than `gap` apart merged."""
+    wanted, spans = None if columns is None else set(columns), []
+    for i in range(meta.num_row_groups) if groups is None else groups:
         group = meta.row_group(i)
         for j in range(group.num_columns):
             chunk = group.column(j)
-            if chunk.path_in_schema.split(".")[0] in wanted:
+            if wanted is None or chunk.path_in_schema.split(".")[0] in wanted:
                 start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o)
                 spans.append((start, start + chunk.total_compressed_size))
     merged: list[tuple[int, int]] = []
@@ -235,6 +275,11 @@ def _chunk_ranges(meta: Any, columns: list[str], gap: int = 64 << 10) -> list[tu
         else:
             merged.append((a, b))
     return merged
+
+
+# How much of a Parquet object `Store.iter_row_groups` fetches and decodes at once: a few row groups of a
+# segment (selection.table.SEGMENT_GROUP_BYTES), decoded in parallel.
+ROW_GROUP_BATCH_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -632,24 +677,67 @@ class Store:
             src = _Ranges(self.fs, self._full(rel)) if self.scheme == "s3" else self.fs.open(self._full(rel), "rb")
             with src as fh:
                 watched = _WatchedFile(fh)
+                pf = _parsed(watched, lambda: pq.ParquetFile(watched))
+                if isinstance(pf, _Corrupt):
+                    return pf
+                wanted = [c for c in columns if c in set(pf.schema_arrow.names)]
+                if isinstance(fh, _Ranges):
+                    fh.fetch(_chunk_ranges(pf.metadata, wanted))  # an I/O error: classified by _call
+                return _parsed(watched, lambda: pf.read(columns=wanted))
+
+        return self._parquet(rel, read)
+
+    def iter_row_groups(self, rel: str, batch_bytes: int | None = None) -> Iterator[pa.Table]:
+        """A Parquet object's row groups, in order, one table each, read and decoded about `batch_bytes`
+        of the object at a time (the row groups of a batch decoded in parallel; on S3 their ranges
+        fetched in parallel): memory holds one batch, never the whole object (a segment of 50,000
+        per-source rows is 3.7 GB). A local file is read by Arrow itself (no copies of its bytes in
+        Python). Errors as `read_table_columns`; the object gone between two batches is ObjectGoneError.
+        `batch_bytes`: ROW_GROUP_BATCH_BYTES when None."""
+        batch_bytes = ROW_GROUP_BATCH_BYTES if batch_bytes is None else batch_bytes
+        if self.scheme == "file":
+            def open_file() -> pq.ParquetFile | _Corrupt:
                 try:
-                    pf = pq.ParquetFile(watched)
-                    have = set(pf.schema_arrow.names)
-                    wanted = [c for c in columns if c in have]
-                    ranges = _chunk_ranges(pf.metadata, wanted) if isinstance(fh, _Ranges) else []
-                except Exception as exc:  # noqa: BLE001 - sorted into I/O and parse errors
-                    if watched.error is not None:
-                        raise  # the storage read failed: classified by _call
-                    return _Corrupt(exc)
-                if ranges:
-                    fh.fetch(ranges)  # an I/O error: classified by _call
-                try:
-                    return pf.read(columns=wanted)
-                except Exception as exc:  # noqa: BLE001
-                    if watched.error is not None:
+                    return pq.ParquetFile(self._full(rel))
+                except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+                    if isinstance(exc, FileNotFoundError):
                         raise
                     return _Corrupt(exc)
 
+            pf = self._parquet(rel, open_file)
+            try:
+                for groups in _row_group_batches(pf.metadata, batch_bytes):
+                    def decode(groups: list[int] = groups) -> pa.Table | _Corrupt:
+                        try:
+                            return pf.read_row_groups(groups)
+                        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+                            return _Corrupt(exc)
+
+                    yield from _split_groups(self._parquet(rel, decode), pf.metadata, groups)
+            finally:
+                pf.close()
+            return
+
+        def open_ranges() -> tuple[_Ranges, _WatchedFile, pq.ParquetFile] | _Corrupt:
+            src = _Ranges(self.fs, self._full(rel))
+            watched = _WatchedFile(src)
+            pf = _parsed(watched, lambda: pq.ParquetFile(watched))
+            return pf if isinstance(pf, _Corrupt) else (src, watched, pf)
+
+        src, watched, pf = self._parquet(rel, open_ranges)
+        for groups in _row_group_batches(pf.metadata, batch_bytes):
+            def read(groups: list[int] = groups) -> pa.Table | _Corrupt:
+                src.forget()
+                src.fetch(_chunk_ranges(pf.metadata, None, groups))
+                return _parsed(watched, lambda: pf.read_row_groups(groups))
+
+            table = self._parquet(rel, read)
+            src.forget()
+            yield from _split_groups(table, pf.metadata, groups)
+
+    def _parquet(self, rel: str, read: Callable[[], T | _Corrupt]) -> T:
+        """`read()` of a Parquet object under the retry policy: the object missing is ObjectGoneError, a
+        parse error (`_Corrupt`) a StoreError naming the object."""
         try:
             result = self._call("read", rel, read)
         except FileNotFoundError as exc:

@@ -451,16 +451,6 @@ def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) ->
     return EmbeddingTable(std.id, t.drop_columns(["embedding"]), embeddings_matrix(t))
 
 
-def _shards_of(std: Standard, t: pa.Table, columns: list[str] | None, where: str) -> Iterator[EmbeddingTable]:
-    """`_shard` of a segment, one per chunk (row group) of its vectors: each chunk's vectors are used
-    where Arrow decoded them; one matrix of the whole segment would copy it."""
-    if columns is not None or t.column("embedding").num_chunks <= 1:
-        yield _shard(std, t, columns, where)
-        return
-    for batch in t.to_batches():
-        yield _shard(std, pa.Table.from_batches([batch]), None, where)
-
-
 @dataclass(frozen=True)
 class Listing:
     """The objects one read of the table saw."""
@@ -483,7 +473,7 @@ def list_table(store: Store, std: Standard) -> Listing:
 
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction
 # A segment's row groups: about SEGMENT_GROUP_BYTES of vectors, at most SEGMENT_ROW_GROUP rows
-# (`segment_row_group`). Each is swept where Arrow decoded it (`_shards_of`). Arrow decodes row groups
+# (`segment_row_group`). Each is swept where Arrow decoded it (`_segment_shards`). Arrow decodes row groups
 # of 4,096 rows 2x faster than one of 50,000 (session 27), and with groups of ~16 MB a segment's read
 # and sweep ran 1.6x faster for full-form rows (2,016 rows of 8.3 KB) and 2.2x-2.6x for per-source rows
 # (224 of 75 KB) than with 4,096 rows (session 31, docs/performance.md).
@@ -508,13 +498,12 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     row object that is gone when read is left out (else ObjectGoneError: the listing is out of date).
     """
     listing = listing or list_table(store, std)
-    need = _needed(columns)
     # Keys already yielded or overridden (row objects win over segments, markers delete):
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
     hidden = hidden_keys(listing)
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
-        t, keys = _segment_table(store, std, seg, hidden, need)
-        yield from _shards_of(std, t, columns, f"{store.url}/{seg}")
+        keys, shards = _segment_shards(store, std, seg, hidden, columns)
+        yield from shards
         hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
         shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone)
@@ -551,8 +540,7 @@ def iter_part(store: Store, std: Standard, part: Part, hidden: set[str],
     if part.segment:
         if part.newer:
             hidden = hidden.union(*(_segment_keys(store, seg) for seg in part.newer))
-        t, _ = _segment_table(store, std, part.segment, hidden, _needed(columns))
-        yield from _shards_of(std, t, columns, f"{store.url}/{part.segment}")
+        yield from _segment_shards(store, std, part.segment, hidden, columns)[1]
     elif part.rows:
         shard = _row_batch(store, std, part.rows, columns)
         if shard is not None:
@@ -577,22 +565,40 @@ def _needed(columns: list[str] | None) -> list[str] | None:
     return None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
 
 
-def _segment_table(store: Store, std: Standard, seg: str, hidden: set[str],
-                   need: list[str] | None) -> tuple[pa.Table, list[str]]:
-    """A segment (its `need` columns; all with None), validated, less the rows of `hidden` keys; and
-    every key it holds."""
-    t = store.read_table(seg) if need is None else store.read_table_columns(seg, need)
-    _validate(t, std, f"{store.url}/{seg}", some_columns=need is not None)
+def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str],
+                    columns: list[str] | None) -> tuple[list[str], Iterator[EmbeddingTable]]:
+    """Every key a segment holds, and its shards less the rows of `hidden` keys, validated. With
+    `columns`, those columns (`_needed`) are read at once, one shard; without, its keys are read first,
+    then its row groups streamed (`Store.iter_row_groups`), a shard each: memory holds a few row groups,
+    not the segment (a sweep of 50,000-row per-source segments held 7 GB: the object's bytes and the
+    decoded table)."""
+    where = f"{store.url}/{seg}"
+    t = store.read_table_columns(seg, _needed(columns if columns is not None else []))
+    _validate(t, std, where, some_columns=True)
     keys = t.column("model_key").to_pylist()
     keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
     kept = [k for k, ok in zip(keys, keep) if ok] if not keep.all() else keys
     if len(set(kept)) != len(kept):  # a model twice (another tool's segment): one copy would be served twice
         twice = next(k for k, n in collections.Counter(kept).items() if n > 1)
-        raise StoreError(f"{store.url}/{seg}: model_key {twice!r} is in the segment more than once; a segment "
+        raise StoreError(f"{where}: model_key {twice!r} is in the segment more than once; a segment "
                          f"holds each model once (`jobs.table remove` that model, or rewrite or delete the object)")
-    if not keep.all():  # filtering copies the segment: only when something is hidden
-        t = t.filter(pa.array(keep))
-    return t, keys
+    if columns is not None:
+        if not keep.all():
+            t = t.filter(pa.array(keep))
+        return keys, iter([_shard(std, t, columns, where)])
+
+    def stream() -> Iterator[EmbeddingTable]:
+        at = 0
+        for group in store.iter_row_groups(seg):
+            _validate(group, std, where)
+            mask, at = keep[at:at + group.num_rows], at + group.num_rows
+            if not mask.all():  # filtering copies the row group: only when something is hidden
+                group = group.filter(pa.array(mask))
+            if group.num_rows:
+                yield _shard(std, group, None, where)
+        if at != len(keys):
+            raise StoreError(f"{where}: its row groups hold {at} rows, its key column {len(keys)}")
+    return keys, stream()
 
 
 def _segment_keys(store: Store, seg: str) -> list[str]:
