@@ -479,6 +479,10 @@ ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays boun
 # (224 of 75 KB) than with 4,096 rows (session 31, docs/performance.md).
 SEGMENT_ROW_GROUP = 4096
 SEGMENT_GROUP_BYTES = 16 << 20
+# A compacted segment: at most SEGMENT_ROWS rows and about SEGMENT_BYTES of vectors, which a compaction
+# holds, then writes, at once (50,000 per-source rows were 3.7 GB, 7 GB of memory with their bytes).
+SEGMENT_ROWS = 50_000
+SEGMENT_BYTES = 1 << 30
 
 
 def segment_row_group(std: Standard) -> int:
@@ -724,9 +728,16 @@ def to_arrow(std: Standard, table: EmbeddingTable) -> pa.Table:
     return table.meta.append_column("embedding", emb).select(schema_for(std).names).cast(schema_for(std))
 
 
-def compact(store: Store, std: Standard, segment_rows: int = 50_000,
+def default_segment_rows(std: Standard) -> int:
+    """Rows per compacted segment unless told: SEGMENT_ROWS, fewer for rows wider than SEGMENT_BYTES /
+    SEGMENT_ROWS (14,339 per-source rows of 18,720 floats)."""
+    return max(1, min(SEGMENT_ROWS, SEGMENT_BYTES // (4 * std.width)))
+
+
+def compact(store: Store, std: Standard, segment_rows: int | None = None,
             break_leases: bool = False, progress: Progress | None = None) -> CompactResult:
-    """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows.
+    """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows
+    (`default_segment_rows` when None).
 
     New segments are written first, consumed objects deleted after; a row object is
     deleted only if it still holds the compacted bytes (one re-embedded meanwhile keeps
@@ -736,6 +747,7 @@ def compact(store: Store, std: Standard, segment_rows: int = 50_000,
     deletes such leases first (for one whose compaction crashed; never while one runs). The temporary
     files of local writes killed part-way, older than STALE_TEMPORARY_S, are deleted too.
     """
+    segment_rows = default_segment_rows(std) if segment_rows is None else segment_rows
     if segment_rows < 1:
         raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
     t0 = time.perf_counter()

@@ -211,6 +211,25 @@ def test_table_readable_as_plain_parquet(published):
     assert t.num_rows == 2 and t.schema.field("embedding").type.list_size == std.width
 
 
+def test_a_compacted_segment_holds_50000_rows_or_about_1_gib_of_vectors_unless_told(published, monkeypatch):
+    """A compaction holds a segment at once: 50,000 per-source rows were 3.7 GB (7 GB with their bytes)."""
+    from selection import table as tbl
+
+    store, std = published
+    for e in (A, B, C):
+        embed_entry(e, std, store)
+    assert tbl.default_segment_rows(std) == 50_000
+    from jobs.scaling import synthetic_standard
+
+    assert tbl.default_segment_rows(synthetic_standard(form="per-source")) == 14_339  # 18,720 floats a row
+    monkeypatch.setattr(tbl, "SEGMENT_BYTES", 4 * std.width)  # one row's vector
+    assert tbl.default_segment_rows(std) == 1 and tbl.compact(store, std).segments_written == 3
+    monkeypatch.setattr(tbl, "SEGMENT_BYTES", 1)
+    assert tbl.default_segment_rows(std) == 1
+    monkeypatch.undo()
+    assert tbl.compact(store, std).segments_written == 1 and len(load_table(store, std).model_ids) == 3
+
+
 def test_compaction_keeps_the_table_and_updates_stay_single_object(published):
     from selection.table import compact, list_markers, list_rows, list_segments, marker_path
 
