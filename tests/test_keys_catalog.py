@@ -89,6 +89,23 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     ("- {id: a, arch: resnet18, weights: 'timm:local-dir:/models/r18'}",
      "model 'a': weights 'timm:local-dir:/models/r18' name another source inside timm:"),
     ("- {id: a, arch: resnet18, weights: 'hf-hub:hf-hub:org/m'}", "name another source inside hf-hub:"),
+    # found by a review (session 33): a key given twice kept its last value, and an unknown top-level key
+    # was ignored, without a word: the models of a first `models:` list, or of a misspelled one, were
+    # dropped, and a re-index then removed their rows
+    ("models:\n- {id: a, arch: resnet18}\nmodels:\n- {id: c, arch: resnet18}",
+     r"^cat\.yaml:3: key 'models' given twice in one mapping$"),
+    ("models:\n- {id: a, arch: resnet18}\nmore_models:\n- {id: b, arch: resnet18}",
+     r"unknown top-level key\(s\) \['more_models'\] \(a catalog is a list of entries"),
+    ("- {id: a, arch: resnet18, weights: /x.pt, weights: /y.pt}", "key 'weights' given twice"),
+    ('{"models": [{"id": "a", "arch": "resnet18", "id": "b"}]}', "key 'id' given twice"),
+    # metadata is stored as JSON with its keys sorted: mixed key types were a TypeError traceback in the
+    # embed job (1 and '1' are one key in JSON text: a value lost)
+    ("- {id: a, arch: resnet18, metadata: {classes: {0: cat, other: rest}}}",
+     "model 'a': metadata must hold JSON values .*: a mapping's keys mix strings and numbers"),
+    ("- {id: a, arch: resnet18, metadata: {1: one, '1': uno}}", "a mapping's keys mix strings and numbers"),
+    # a relative file:// URL was read from the current directory, not the catalog's
+    ("- {id: a, arch: resnet18, weights: 'file://w.safetensors'}",
+     r"model 'a': a file:// URL holds an absolute path \(file:///dir/model.pt\), got 'file://w.safetensors'"),
 ])
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):
@@ -100,6 +117,18 @@ def test_a_json_catalog_over_several_lines_is_not_read_as_json_lines():
     assert [e.id for e in parse_catalog(text, "zoo.json")] == ["a", "b"]
     lines = '{"id": "a", "arch": "resnet18"}\n{"id": "b", "arch": "resnet10t"}\n'
     assert [e.id for e in parse_catalog(lines, "zoo.txt")] == ["a", "b"]
+
+
+def test_json_lines_are_cut_at_newlines_only_and_may_start_with_a_byte_order_mark(tmp_path):
+    """U+2028 may stand unescaped in a JSON string (splitlines cut the line there: 'not valid JSON');
+    a byte order mark was refused; a key given twice in a line kept the last value."""
+    path = tmp_path / "zoo.jsonl"
+    path.write_text('\ufeff{"id": "a", "arch": "resnet18", "license": "line\u2028sep"}\r\n'
+                    '{"id": "b", "arch": "resnet10t"}\n', encoding="utf-8")
+    assert [(e.id, e.license) for e in load_catalog(str(path))] == [("a", "line\u2028sep"), ("b", None)]
+    with pytest.raises(ConfigError, match=r"^zoo\.jsonl:2: key 'arch' given twice in one mapping$"):
+        parse_catalog('{"id": "a", "arch": "resnet18"}\n{"id": "b", "arch": "x", "arch": "resnet10t"}\n',
+                      "zoo.jsonl")
 
 
 def test_catalog_missing_file():

@@ -99,6 +99,22 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
         load_model(CatalogEntry("m", "nope_net"))
     with pytest.raises(ModelError, match="checkpoint not found"):
         load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "absent.pth")))
+    # Found by a review (session 33), each a traceback or a silent choice before.
+    with pytest.raises(ModelError, match=f"checkpoint '{tmp_path}' is a directory, not a file"):
+        load_model(CatalogEntry("m", "resnet10t", str(tmp_path)))
+    with pytest.raises(ModelError, match=r"model 'm': cannot create 'resnet10t.bogus': Invalid pretrained tag"):
+        load_model(CatalogEntry("m", "resnet10t.bogus", st))
+    state = timm.create_model("resnet10t").state_dict()
+    for name, saved, match in (
+            ("ints", {1: torch.zeros(1)}, "is not a state dict of tensors"),
+            ("both", {**{f"module.{k}": v for k, v in state.items()}, "fc.weight": state["fc.weight"]},
+             "holds 'module.fc.weight' and 'fc.weight': which one to load is unclear")):
+        torch.save(saved, tmp_path / f"{name}.pth")
+        with pytest.raises(ModelError, match=match):
+            load_model(CatalogEntry("m", "resnet10t", str(tmp_path / f"{name}.pth")))
+    # A model saved from torch.compile (keys prefixed `_orig_mod.`) loads as the model itself.
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
+    assert load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "compiled.pth"))).model.num_classes == 1000
 
 
 def test_nan_features_detected(tmp_path):
