@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from selection.errors import ConfigError, DataError
+from selection.scorers import standardisation
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,19 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     """Test accuracy in [0, 1] of the protocol's logistic-regression probe."""
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise DataError(f"probe features should be (n, k) with equal k, got {train_x.shape} and {test_x.shape}")
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if y.shape != (len(x),) or not len(x):
+            raise DataError(f"the probe's {name} split has features {x.shape} and labels {y.shape}: one label "
+                            f"per image, at least one image")
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise DataError(f"the probe's {name} features hold {bad} non-finite value(s)")
     classes = np.unique(train_y)
     if len(classes) < 2:
         raise DataError(f"the probe's train split has {len(classes)} class(es); at least 2 are needed")
     index = {c: i for i, c in enumerate(classes)}
-    mu, sd = train_x.mean(0), train_x.std(0)
-    sd = np.where(sd > 1e-8, sd, 1.0)
+    mu, sd = standardisation(train_x)
     xtr = torch.from_numpy((train_x - mu) / sd).double()
     xte = torch.from_numpy((test_x - mu) / sd).double()
     ytr = torch.tensor([index[c] for c in train_y])

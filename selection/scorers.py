@@ -51,6 +51,16 @@ _PARAM_MAX = 1e100
 _TINY = 1e-300
 
 
+def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and std that standardise each column of `feats` (n, k). A column constant up to rounding
+    (std at most 1e-8 of its largest magnitude) keeps std 1: it stays about 0 instead of being blown
+    up. The cut is relative to the column, so its scale never decides whether it counts (an absolute
+    1e-8 left out every column of features around 1e-9: the linear probe was at chance; a review,
+    session 33)."""
+    sd = feats.std(axis=0)
+    return feats.mean(axis=0), np.where(sd > 1e-8 * np.abs(feats).max(axis=0), sd, 1.0)
+
+
 def _check_inputs(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Validate a scorer's inputs.
 
@@ -152,6 +162,12 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
     targets = np.zeros((n, c), dtype=np.float64)
     targets[np.arange(n), y] = 1.0
 
+    # The maximised evidence does not depend on F's scale (α absorbs it): F at unit RMS, so that the
+    # fixed point starts from α = β = 1 at the data's scale. Features around 1e-8 met a flat evidence
+    # there, and the iteration stopped at once, at the value of useless features (a review, session 33).
+    rms = float(np.sqrt(np.mean(feats**2)))
+    if rms > 0:
+        feats = feats / rms
     u, s, _ = np.linalg.svd(feats, full_matrices=False)
     # Numerical rank: singular values at rounding level are zero (their directions then
     # count as outside the column space of F, and in the (k - r) log α term).
@@ -321,8 +337,8 @@ def ridge_loo(features: np.ndarray, labels: np.ndarray, *, grid: tuple[float, ..
     if not grid or any(not np.isfinite(g) or g <= 0 for g in grid):
         raise ValueError(f"grid should be positive finite ridge multiples, got {grid}")
     n = feats.shape[0]
-    sd = feats.std(axis=0)
-    x = (feats - feats.mean(axis=0)) / np.where(sd > 1e-8, sd, 1.0)
+    mean, sd = standardisation(feats)
+    x = (feats - mean) / sd
     targets = np.zeros((n, c))
     targets[np.arange(n), y] = 1.0
     centred = targets - targets.mean(axis=0)

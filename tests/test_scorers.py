@@ -137,8 +137,10 @@ def test_logme_invariances_and_determinism() -> None:
     base = logme(f, labels)
     assert logme(f, labels) == base  # deterministic
     assert logme(f.astype(np.float32), labels) == pytest.approx(base, abs=1e-6)
-    # evidence is unchanged by a global feature scale (alpha absorbs it) ...
-    assert logme(7.5 * f, labels) == pytest.approx(base, abs=1e-8)
+    # evidence is unchanged by a global feature scale (alpha absorbs it), however small: from alpha =
+    # beta = 1 the fixed point met a flat evidence at 1e-8 and stopped at once (a review, session 33) ...
+    for scale in (7.5, 1e-4, 1e-8, 1e-12):
+        assert logme(scale * f, labels) == pytest.approx(base, abs=1e-8)
     # ... by reordering samples, and by renaming classes
     perm = np.random.default_rng(0).permutation(80)
     assert logme(f[perm], labels[perm]) == pytest.approx(base, abs=1e-10)
@@ -313,6 +315,12 @@ def test_ridge_loo_prefers_separating_features_and_is_scale_free() -> None:
     assert ridge_loo(good_f * scale + 7.0, labels) == pytest.approx(ridge_loo(good_f, labels), rel=1e-9)
     const = np.hstack([good_f, np.full((30, 1), 4.0)])  # a constant column changes nothing
     assert ridge_loo(const, labels, grid=(1.0,)) == pytest.approx(ridge_loo(good_f, labels, grid=(1.0,)), rel=1e-9)
+    # columns are standardised whatever their scale (an absolute cut of 1e-8 left out columns of features
+    # around 1e-9); a column constant up to rounding is still left as it is
+    for tiny in (1e-9, 1e-15):
+        assert ridge_loo(good_f * tiny, labels) == pytest.approx(ridge_loo(good_f, labels), rel=1e-9)
+    rounding = np.hstack([good_f, 0.3 + np.random.default_rng(4).normal(0, 1e-17, (30, 1))])
+    assert ridge_loo(rounding, labels, grid=(1.0,)) == pytest.approx(ridge_loo(good_f, labels, grid=(1.0,)), rel=1e-9)
     with pytest.raises(ValueError, match=r"grid should be positive finite ridge multiples, got \(0.0,\)"):
         ridge_loo(good_f, labels, grid=(0.0,))
 
@@ -345,3 +353,25 @@ def test_scorers_return_python_floats() -> None:
     for name, scorer in SCORERS.items():
         value = scorer(f, labels)
         assert type(value) is float and np.isfinite(value), name
+
+
+def test_the_linear_probe_is_scale_free_and_refuses_labels_that_do_not_fit_its_features() -> None:
+    """The ground truth's probe (selection.linear_probe) standardises each column: features around 1e-9
+    were left unstandardised (an absolute cut of 1e-8) and the probe was at chance. Labels of another
+    length broadcast (one label scored 10 images), non-finite features were scored: one-line errors."""
+    from selection.linear_probe import probe_accuracy
+
+    f, labels = _task(60, 6, c=3, seed=5, signal=2.0)
+    tr, te = np.arange(0, 60, 2), np.arange(1, 60, 2)
+    base = probe_accuracy(f[tr], labels[tr], f[te], labels[te])
+    assert base > 0.6
+    for scale in (1e-9, 1e-20):
+        assert probe_accuracy(f[tr] * scale, labels[tr], f[te] * scale, labels[te]) == base
+    nan = f[te].copy()
+    nan[3, 2] = np.nan
+    for args, match in (((f[tr], labels[tr], f[te], labels[te][:1]), r"test split has features \(30, 6\) and labels \(1,\)"),
+                        ((f[tr], labels[tr][:, None], f[te], labels[te]), r"train split .* labels \(30, 1\)"),
+                        ((f[tr], labels[tr], f[te][:0], labels[te][:0]), "at least one image"),
+                        ((f[tr], labels[tr], nan, labels[te]), "the probe's test features hold 1 non-finite value")):
+        with pytest.raises(DataError, match=match):
+            probe_accuracy(*args)
