@@ -524,6 +524,40 @@ def default_standard_id(store: Store) -> str:
     raise ConfigError(f"store {store.url!r} holds several standards {ids}; choose one with --standard")
 
 
+def _check_arrays(sid: str, spec: dict[str, Any], basis: dict[str, np.ndarray], probe: dict[str, np.ndarray]) -> None:
+    """StoreError unless a standard's arrays are whole and fit its spec (its id hashes the spec alone: a
+    missing array was a KeyError traceback, a projection of another d or a NaN z loaded silently)."""
+    def bad(what: str) -> StoreError:
+        return StoreError(f"corrupt standard {sid!r}: {what}")
+
+    for name, arrays, keys in (("basis.npz", basis, ("mean", "projection")),
+                               ("probe.npz", probe, ("images", "fit_idx", "val_idx", "z"))):
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise bad(f"{name} lacks {missing}")
+    images, z, d = probe["images"], probe["z"], int(spec["d"])
+    n = len(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or z.shape != (n, d):
+        raise bad(f"probe images {images.shape} {images.dtype} and z {z.shape}; the spec has d = {d}")
+    sizes = spec.get("probe_source_sizes")
+    if sizes is not None and sum(sizes) != n:
+        raise bad(f"{n} probe images; the spec's sources hold {sum(sizes)}")
+    for name in ("fit_idx", "val_idx"):
+        idx = probe[name]
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and not 0 <= idx.min() <= idx.max() < n):
+            raise bad(f"{name} {idx.shape} {idx.dtype} does not index its {n} probe images")
+    widths = [d] if spec.get("companion") is None else [d - int(spec["companion"]["d"]), int(spec["companion"]["d"])]
+    for (mean, projection), width in zip(((basis["mean"], basis["projection"]),
+                                          (basis.get("companion_mean"), basis.get("companion_projection"))), widths):
+        if projection is None or mean is None or projection.ndim != 2 or projection.shape[1] != width \
+                or mean.shape != (projection.shape[0],):
+            raise bad(f"a basis of mean {getattr(mean, 'shape', None)} and projection "
+                      f"{getattr(projection, 'shape', None)}; its part of z is {width} wide")
+    for name, arr in (("z", z), *((k, v) for k, v in basis.items())):
+        if not np.all(np.isfinite(arr)):
+            raise bad(f"{name} holds non-finite values")
+
+
 def load_standard(store: Store, standard_id: str | None = None) -> Standard:
     sid = standard_id or default_standard_id(store)
     base = f"standards/{sid}"
@@ -544,6 +578,7 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
     probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{base}/probe.npz")
     if (spec.get("companion") is None) != ("companion_mean" not in basis):
         raise StoreError(f"corrupt standard {sid!r}: its spec and basis.npz disagree on the companion")
+    _check_arrays(sid, spec, basis, probe)
     return Standard(sid, spec, probe["images"], probe["fit_idx"], probe["val_idx"], basis["mean"],
                     basis["projection"], probe["z"], created, basis.get("companion_mean"),
                     basis.get("companion_projection"))

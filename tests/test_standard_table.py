@@ -51,6 +51,44 @@ def test_standard_roundtrip_and_tamper_refused(published):
         load_standard(store, std.id)
 
 
+def test_a_standard_whose_arrays_do_not_fit_its_spec_is_refused_in_one_line(published):
+    """The id hashes standard.json alone: a basis.npz or probe.npz without an array was a KeyError
+    traceback, and a projection of another d, a z of other rows or with NaN loaded silently (a review,
+    session 33)."""
+    import io
+    import re
+
+    store, std = published
+    base = f"standards/{std.id}"
+    good = {name: store.read_bytes(f"{base}/{name}") for name in ("basis.npz", "probe.npz")}
+
+    def arrays(name):
+        with np.load(io.BytesIO(good[name])) as f:
+            return {k: f[k] for k in f.files}
+
+    def saved(name, **changes):
+        out = io.BytesIO()
+        np.savez(out, **{k: v for k, v in {**arrays(name), **changes}.items() if v is not None})
+        return out.getvalue()
+
+    z, proj = arrays("probe.npz")["z"], arrays("basis.npz")["projection"]
+    nan_z = z.copy()
+    nan_z[0, 0] = np.nan
+    for name, changes, match in (
+            ("probe.npz", {"z": None}, r"probe.npz lacks \['z'\]"),
+            ("basis.npz", {"projection": None}, r"basis.npz lacks \['projection'\]"),
+            ("basis.npz", {"projection": proj[:, :-1]}, re.escape(f"projection {proj[:, :-1].shape}; its part of z is {std.d} wide")),
+            ("probe.npz", {"z": z[:5]}, rf"and z \(5, {std.d}\); the spec has d = {std.d}"),
+            ("probe.npz", {"z": nan_z}, "z holds non-finite values"),
+            ("probe.npz", {"fit_idx": np.array([0, len(z)])}, f"fit_idx .* does not index its {len(z)} probe images")):
+        store.write_bytes(f"{base}/{name}", saved(name, **changes))
+        with pytest.raises(StoreError, match=f"^corrupt standard '{std.id}': .*{match}") as err:
+            load_standard(store, std.id)
+        assert "\n" not in str(err.value)
+        store.write_bytes(f"{base}/{name}", good[name])
+    assert np.array_equal(load_standard(store, std.id).z, std.z)
+
+
 def test_whitened_baseline_features(tiny_standard):
     z_fit = tiny_standard.z[tiny_standard.fit_idx]
     assert np.allclose(z_fit.mean(0), 0, atol=1e-8)
