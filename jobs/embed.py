@@ -68,7 +68,8 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     p.add_argument("--compaction-wait", type=float, default=600, metavar="SECONDS",
                    help="rows written while a compaction ran are checked once it ends, waiting up to this long "
                         "(default 600); a row it deleted is written back")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, change nothing (exit status 1 if an entry is invalid, as the run's)")
     return p
 
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
             print(f"  remove  {mid}")
         for r in plan.invalid:
             print(f"  invalid {r.model_id}: {r.reason}")
-        return 0
+        return 1 if plan.invalid else 0  # as the run would: a catalog check in CI fails on an invalid entry
     if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -60,9 +61,11 @@ class CatalogEntry:
             raise ConfigError(f"model {self.id!r}: weights {self.weights!r} name another source inside "
                               f"{self.weights.split(':', 1)[0]}:; give a checkpoint file's path instead")
         if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
-            raise ConfigError(f"model {self.id!r}: tags must be a list of strings, got {self.tags!r}")
+            raise ConfigError(f"model {self.id!r}: tags must be a tuple of strings, got {self.tags!r}")
         for name in ("input_size", "num_classes"):
             value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+                object.__setattr__(self, name, value := int(value))  # a numpy integer: stored and hashed as int
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"model {self.id!r}: {name} must be a positive integer, got {value!r}")
         if self.input_size is not None and not 8 <= self.input_size <= 1024:

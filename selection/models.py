@@ -190,6 +190,8 @@ def _recorded_arch(data: bytes) -> str | None:
     """The architecture a zooselect-trained safetensors file records (`selection.zoo`), else None."""
     import json
 
+    if data[8:9] != b"{":  # not safetensors (a .pth zip): its "header" would be a copy of most of the file
+        return None
     try:
         n = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8:8 + n]).get("__metadata__") or {}

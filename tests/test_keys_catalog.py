@@ -139,6 +139,13 @@ def test_catalog_missing_file():
 def test_entry_validation():
     with pytest.raises(ConfigError, match="id must be a non-empty string"):
         CatalogEntry("", "resnet18")
+    with pytest.raises(ConfigError, match=r"tags must be a tuple of strings, got \['a'\]"):
+        CatalogEntry("a", "resnet18", tags=["a"])
+    # a numpy integer (a size read from an array) is an int, hashed and stored as one
+    import numpy as np
+
+    e = CatalogEntry("a", "resnet18", input_size=np.int64(32), num_classes=np.int32(5))
+    assert type(e.input_size) is int and e == CatalogEntry("a", "resnet18", input_size=32, num_classes=5)
 
 
 @pytest.mark.parametrize("mid,match", [("", "non-empty string, got ''"), ("  ", "non-empty string, got '  '"),

@@ -865,8 +865,9 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
                CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32)]
     before = _snapshot(store.root)
     capsys.readouterr()
+    # exit status 1, as the run's: a catalog checked by a dry run in CI fails on an invalid entry (it was 0)
     assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
-                       "--no-progress"]) == 0
+                       "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "plan: 2 to embed, 0 unchanged, 0 to remove, 2 invalid" in out, out
     assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
