@@ -263,6 +263,11 @@ def _check_task(z: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
     if z.ndim != 2 or labels.shape != (z.shape[0],):
         raise DataError(f"task {name!r}: features (n, d) and labels (n,) expected, got {z.shape} "
                         f"and {labels.shape}")
+    bad = int(np.size(z) - np.count_nonzero(np.isfinite(z)))
+    if bad:  # it was reported as "the labels carry no signal"
+        raise DataError(f"task {name!r}: its features hold {bad} non-finite value(s)")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise DataError(f"task {name!r}: its labels hold non-finite values")
     classes = np.unique(labels)
     if len(classes) < 2:
         raise DataError(f"task {name!r} has {len(classes)} class(es); at least 2 are needed")

@@ -61,6 +61,14 @@ def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.where(sd > 1e-8 * np.abs(feats).max(axis=0), sd, 1.0)
 
 
+def _check_number(name: str, value: object, low: float, high: float) -> float:
+    """`value` as a float in [low, high]; ValueError naming it otherwise (a string, a bool, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not low <= float(value) <= high:
+        raise ValueError(f"{name} should be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def _check_inputs(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Validate a scorer's inputs.
 
@@ -156,8 +164,9 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
         log evidence). Higher is better.
     """
     feats, y, c = _check_inputs(features, labels)
-    if max_iter < 1:
-        raise ValueError(f"max_iter should be at least 1, got {max_iter}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter should be an integer of at least 1, got {max_iter!r}")
+    _check_number("tol", tol, 0.0, np.inf)
     n, k = feats.shape
     targets = np.zeros((n, c), dtype=np.float64)
     targets[np.arange(n), y] = 1.0
@@ -224,7 +233,7 @@ def _pinv_trace(u: np.ndarray, s: np.ndarray, y: np.ndarray, c: int, rtol: float
     """``tr(cov(f)⁺ cov(E[f | y]))`` from the centred SVD, directions with ``sⱼ² ≤ rtol s₀²`` dropped."""
     if s.size == 0 or s[0] <= 0.0:
         return 0.0  # constant features: no variance to explain anything
-    keep = s**2 > rtol * s[0] ** 2
+    keep = s**2 > _check_number("rtol", rtol, 0.0, 1.0) * s[0] ** 2
     return float(np.sum(_class_energy(u[:, keep], y, c)))
 
 
@@ -296,8 +305,8 @@ def regularized_hscore(
     eigenvalues ``(1 − α) sⱼ²/n + αμ``: the score is ``Σⱼ (1 − α) sⱼ² ‖P uⱼ‖² / ((1 − α) sⱼ² + nαμ)``.
     """
     feats, y, c = _check_inputs(features, labels)
-    if shrinkage is not None and not (0.0 <= float(shrinkage) <= 1.0):
-        raise ValueError(f"shrinkage should be in [0, 1] or None, got {shrinkage}")
+    if shrinkage is not None:
+        shrinkage = _check_number("shrinkage", shrinkage, 0.0, 1.0)
     n, k = feats.shape
     centred, u, s = _centred_svd(feats)
     alpha = _ledoit_wolf(centred, s) if shrinkage is None else float(shrinkage)
@@ -334,7 +343,8 @@ def ridge_loo(features: np.ndarray, labels: np.ndarray, *, grid: tuple[float, ..
     better. Cost: one SVD of an ``(n, k)`` matrix, then O(n r c) per penalty.
     """
     feats, y, c = _check_inputs(features, labels)
-    if not grid or any(not np.isfinite(g) or g <= 0 for g in grid):
+    if not isinstance(grid, (list, tuple, np.ndarray)) or not len(grid) or any(isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating))
+                       or not np.isfinite(g) or g <= 0 for g in grid):
         raise ValueError(f"grid should be positive finite ridge multiples, got {grid}")
     n = feats.shape[0]
     mean, sd = standardisation(feats)

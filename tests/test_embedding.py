@@ -215,6 +215,13 @@ def test_weigh_parts_scales_each_part_by_how_well_it_predicts_the_labels(rng):
 def test_task_embedding_rejects_one_class(rng):
     with pytest.raises(DataError, match="1 class"):
         task_matrix(rng.normal(size=(10, 4)), np.zeros(10, int), name="t")
+    # non-finite features or labels are named (they were "the labels carry no signal", or a NaN class)
+    z = rng.normal(size=(10, 4))
+    z[2, 1] = np.inf
+    with pytest.raises(DataError, match=r"task 't': its features hold 1 non-finite value\(s\)"):
+        task_matrix(z, np.arange(10) % 2, name="t")
+    with pytest.raises(DataError, match="task 't': its labels hold non-finite values"):
+        task_matrix(rng.normal(size=(4, 4)), np.array([0.0, 1.0, np.nan, 1.0]), name="t")
 
 
 @pytest.mark.parametrize("method", ["fisher", "probe"])

@@ -375,3 +375,21 @@ def test_the_linear_probe_is_scale_free_and_refuses_labels_that_do_not_fit_its_f
                         ((f[tr], labels[tr], nan, labels[te]), "the probe's test features hold 1 non-finite value")):
         with pytest.raises(DataError, match=match):
             probe_accuracy(*args)
+
+
+@pytest.mark.parametrize("scorer,params", [
+    (logme, [("max_iter", 2.5, "max_iter should be an integer of at least 1, got 2.5"),
+             ("tol", float("nan"), "tol should be a number in"), ("tol", -1, "tol should be a number in")]),
+    (hscore, [("rtol", float("nan"), r"rtol should be a number in \[0, 1\], got nan"), ("rtol", 2.0, "got 2.0")]),
+    (regularized_hscore, [("shrinkage", "0.5", r"shrinkage should be a number in \[0, 1\], got '0.5'"),
+                          ("shrinkage", True, "got True")]),
+    (ridge_loo, [("grid", ("a",), r"grid should be positive finite ridge multiples, got \('a',\)"),
+                 ("grid", 1.0, "got 1.0")]),
+])
+def test_scorer_parameters_of_the_wrong_type_or_range_are_refused_by_name(scorer, params) -> None:
+    """They were silently a score of 0.0 (rtol=nan, shrinkage=True), a loop to max_iter (tol=nan) or a
+    numpy TypeError (a review, session 33)."""
+    f, labels = _task(20, 4, c=2, seed=9)
+    for name, value, match in params:
+        with pytest.raises(ValueError, match=match):
+            scorer(f, labels, **{name: value})
