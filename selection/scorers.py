@@ -61,10 +61,14 @@ def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.where(sd > 1e-8 * np.abs(feats).max(axis=0), sd, 1.0)
 
 
+def _is_number(value: object) -> bool:
+    """A real number, not a bool (True is an int to Python)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_number(name: str, value: object, low: float, high: float) -> float:
     """`value` as a float in [low, high]; ValueError naming it otherwise (a string, a bool, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not low <= float(value) <= high:
+    if not _is_number(value) or not low <= float(value) <= high:
         raise ValueError(f"{name} should be a number in [{low:g}, {high:g}], got {value!r}")
     return float(value)
 
@@ -164,7 +168,7 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
         log evidence). Higher is better.
     """
     feats, y, c = _check_inputs(features, labels)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if not _is_number(max_iter) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter should be an integer of at least 1, got {max_iter!r}")
     _check_number("tol", tol, 0.0, np.inf)
     n, k = feats.shape
@@ -343,8 +347,8 @@ def ridge_loo(features: np.ndarray, labels: np.ndarray, *, grid: tuple[float, ..
     better. Cost: one SVD of an ``(n, k)`` matrix, then O(n r c) per penalty.
     """
     feats, y, c = _check_inputs(features, labels)
-    if not isinstance(grid, (list, tuple, np.ndarray)) or not len(grid) or any(isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating))
-                       or not np.isfinite(g) or g <= 0 for g in grid):
+    if not isinstance(grid, (list, tuple, np.ndarray)) or not len(grid) or not all(_is_number(g) and 0 < g < np.inf
+                                                                                    for g in grid):
         raise ValueError(f"grid should be positive finite ridge multiples, got {grid}")
     n = feats.shape[0]
     mean, sd = standardisation(feats)

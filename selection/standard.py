@@ -544,7 +544,8 @@ def _check_arrays(sid: str, spec: dict[str, Any], basis: dict[str, np.ndarray], 
         raise bad(f"{n} probe images; the spec's sources hold {sum(sizes)}")
     for name in ("fit_idx", "val_idx"):
         idx = probe[name]
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and not 0 <= idx.min() <= idx.max() < n):
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) \
+                or (idx.size and not 0 <= idx.min() <= idx.max() < n):
             raise bad(f"{name} {idx.shape} {idx.dtype} does not index its {n} probe images")
     widths = [d] if spec.get("companion") is None else [d - int(spec["companion"]["d"]), int(spec["companion"]["d"])]
     for (mean, projection), width in zip(((basis["mean"], basis["projection"]),

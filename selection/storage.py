@@ -356,8 +356,16 @@ def _local_files(top: str) -> list[str]:
                 broken.append(path)
     if broken:
         log.warning("left out %d symbolic link(s) whose target is gone under %s: %s%s", len(broken), top,
-                    ", ".join(f"{p} -> {os.readlink(p)}" for p in broken[:3]), " ..." if len(broken) > 3 else "")
+                    ", ".join(f"{p} -> {_link_target(p)}" for p in broken[:3]), " ..." if len(broken) > 3 else "")
     return files
+
+
+def _link_target(path: str) -> str:
+    """Where a symbolic link points ('?' if it was removed meanwhile: the listing goes on)."""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 def _fsync_dir(path: str) -> None:
@@ -677,12 +685,17 @@ class Store:
             src = _Ranges(self.fs, self._full(rel)) if self.scheme == "s3" else self.fs.open(self._full(rel), "rb")
             with src as fh:
                 watched = _WatchedFile(fh)
-                pf = _parsed(watched, lambda: pq.ParquetFile(watched))
-                if isinstance(pf, _Corrupt):
-                    return pf
-                wanted = [c for c in columns if c in set(pf.schema_arrow.names)]
-                if isinstance(fh, _Ranges):
-                    fh.fetch(_chunk_ranges(pf.metadata, wanted))  # an I/O error: classified by _call
+                def plan() -> tuple[pq.ParquetFile, list[str], list[tuple[int, int]]]:
+                    pf = pq.ParquetFile(watched)
+                    wanted = [c for c in columns if c in set(pf.schema_arrow.names)]
+                    return pf, wanted, _chunk_ranges(pf.metadata, wanted) if isinstance(fh, _Ranges) else []
+
+                planned = _parsed(watched, plan)  # a damaged footer (bad offsets too) is a corrupt object
+                if isinstance(planned, _Corrupt):
+                    return planned
+                pf, wanted, ranges = planned
+                if ranges:
+                    fh.fetch(ranges)  # an I/O error: classified by _call
                 return _parsed(watched, lambda: pf.read(columns=wanted))
 
         return self._parquet(rel, read)
@@ -690,50 +703,64 @@ class Store:
     def iter_row_groups(self, rel: str, batch_bytes: int | None = None) -> Iterator[pa.Table]:
         """A Parquet object's row groups, in order, one table each, read and decoded about `batch_bytes`
         of the object at a time (the row groups of a batch decoded in parallel; on S3 their ranges
-        fetched in parallel): memory holds one batch, never the whole object (a segment of 50,000
-        per-source rows is 3.7 GB). A local file is read by Arrow itself (no copies of its bytes in
-        Python). Errors as `read_table_columns`; the object gone between two batches is ObjectGoneError.
+        fetched in parallel): memory holds one batch, not the whole object (a segment of 50,000
+        per-source rows is 3.7 GB; one compacted before session 27 is a single row group, read whole
+        until recompacted). A local file is read by Arrow itself (no copies of its bytes in Python).
+        Errors as `read_table_columns`; the object gone between two batches is ObjectGoneError.
         `batch_bytes`: ROW_GROUP_BATCH_BYTES when None."""
         batch_bytes = ROW_GROUP_BATCH_BYTES if batch_bytes is None else batch_bytes
         if self.scheme == "file":
-            def open_file() -> pq.ParquetFile | _Corrupt:
-                try:
-                    return pq.ParquetFile(self._full(rel))
-                except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-                    if isinstance(exc, FileNotFoundError):
-                        raise
-                    return _Corrupt(exc)
-
-            pf = self._parquet(rel, open_file)
-            try:
-                for groups in _row_group_batches(pf.metadata, batch_bytes):
-                    def decode(groups: list[int] = groups) -> pa.Table | _Corrupt:
-                        try:
-                            return pf.read_row_groups(groups)
-                        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-                            return _Corrupt(exc)
-
-                    yield from _split_groups(self._parquet(rel, decode), pf.metadata, groups)
-            finally:
-                pf.close()
+            yield from self._local_row_groups(rel, batch_bytes)
             return
 
-        def open_ranges() -> tuple[_Ranges, _WatchedFile, pq.ParquetFile] | _Corrupt:
+        Batches = list[tuple[list[int], list[tuple[int, int]]]]  # row groups, and their byte ranges
+
+        def open_ranges() -> tuple[_Ranges, _WatchedFile, pq.ParquetFile, Batches] | _Corrupt:
             src = _Ranges(self.fs, self._full(rel))
             watched = _WatchedFile(src)
-            pf = _parsed(watched, lambda: pq.ParquetFile(watched))
-            return pf if isinstance(pf, _Corrupt) else (src, watched, pf)
 
-        src, watched, pf = self._parquet(rel, open_ranges)
-        for groups in _row_group_batches(pf.metadata, batch_bytes):
-            def read(groups: list[int] = groups) -> pa.Table | _Corrupt:
+            def plan() -> tuple[pq.ParquetFile, Batches]:  # a damaged footer (bad offsets too): corrupt
+                pf = pq.ParquetFile(watched)
+                batches = _row_group_batches(pf.metadata, batch_bytes)
+                return pf, [(g, _chunk_ranges(pf.metadata, None, g)) for g in batches]
+
+            planned = _parsed(watched, plan)
+            return planned if isinstance(planned, _Corrupt) else (src, watched, *planned)
+
+        src, watched, pf, batches = self._parquet(rel, open_ranges)
+        for groups, spans in batches:
+            def read(groups: list[int] = groups, spans: list[tuple[int, int]] = spans) -> pa.Table | _Corrupt:
                 src.forget()
-                src.fetch(_chunk_ranges(pf.metadata, None, groups))
+                src.fetch(spans)
                 return _parsed(watched, lambda: pf.read_row_groups(groups))
 
             table = self._parquet(rel, read)
             src.forget()
             yield from _split_groups(table, pf.metadata, groups)
+
+    def _local_row_groups(self, rel: str, batch_bytes: int) -> Iterator[pa.Table]:
+        """`iter_row_groups` of a local file. Arrow raises OSError for a parse error and for an I/O error
+        alike: one with an errno (EIO, EACCES) is an I/O error, for the retry policy; others are a corrupt
+        object."""
+        def parsed(fn: Callable[[], T]) -> T | _Corrupt:
+            try:
+                return fn()
+            except (pa.ArrowException, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise
+                return _Corrupt(exc)
+
+        def plan() -> tuple[pq.ParquetFile, list[list[int]]]:
+            pf = pq.ParquetFile(self._full(rel))
+            return pf, _row_group_batches(pf.metadata, batch_bytes)
+
+        pf, batches = self._parquet(rel, lambda: parsed(plan))
+        try:
+            for groups in batches:
+                table = self._parquet(rel, lambda groups=groups: parsed(lambda: pf.read_row_groups(groups)))
+                yield from _split_groups(table, pf.metadata, groups)
+        finally:
+            pf.close()
 
     def _parquet(self, rel: str, read: Callable[[], T | _Corrupt]) -> T:
         """`read()` of a Parquet object under the retry policy: the object missing is ObjectGoneError, a

@@ -594,6 +594,8 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str],
     def stream() -> Iterator[EmbeddingTable]:
         at = 0
         for group in store.iter_row_groups(seg):
+            if not group.num_rows:  # another tool's writer may leave an empty row group
+                continue
             _validate(group, std, where)
             mask, at = keep[at:at + group.num_rows], at + group.num_rows
             if not mask.all():  # filtering copies the row group: only when something is hidden

@@ -112,9 +112,12 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
         torch.save(saved, tmp_path / f"{name}.pth")
         with pytest.raises(ModelError, match=match):
             load_model(CatalogEntry("m", "resnet10t", str(tmp_path / f"{name}.pth")))
-    # A model saved from torch.compile (keys prefixed `_orig_mod.`) loads as the model itself.
-    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
+    # A model saved from torch.compile (keys prefixed `_orig_mod.`), of a DataParallel one too, loads as the model.
+    torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
     assert load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "compiled.pth"))).model.num_classes == 1000
+    torch.save({"module.fc.bias": state["fc.bias"], "_orig_mod.fc.bias": state["fc.bias"]}, tmp_path / "two.pth")
+    with pytest.raises(ModelError, match="holds 'module.fc.bias' and '_orig_mod.fc.bias': which one to load"):
+        load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "two.pth")))
 
 
 def test_nan_features_detected(tmp_path):

@@ -369,7 +369,8 @@ def test_the_linear_probe_is_scale_free_and_refuses_labels_that_do_not_fit_its_f
         assert probe_accuracy(f[tr] * scale, labels[tr], f[te] * scale, labels[te]) == base
     nan = f[te].copy()
     nan[3, 2] = np.nan
-    for args, match in (((f[tr], labels[tr], f[te], labels[te][:1]), r"test split has features \(30, 6\) and labels \(1,\)"),
+    for args, match in (((f[tr], labels[tr], f[te], labels[te][:1]),
+                         r"test split has features \(30, 6\) and labels \(1,\)"),
                         ((f[tr], labels[tr][:, None], f[te], labels[te]), r"train split .* labels \(30, 1\)"),
                         ((f[tr], labels[tr], f[te][:0], labels[te][:0]), "at least one image"),
                         ((f[tr], labels[tr], nan, labels[te]), "the probe's test features hold 1 non-finite value")):

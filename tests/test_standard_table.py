@@ -77,7 +77,8 @@ def test_a_standard_whose_arrays_do_not_fit_its_spec_is_refused_in_one_line(publ
     for name, changes, match in (
             ("probe.npz", {"z": None}, r"probe.npz lacks \['z'\]"),
             ("basis.npz", {"projection": None}, r"basis.npz lacks \['projection'\]"),
-            ("basis.npz", {"projection": proj[:, :-1]}, re.escape(f"projection {proj[:, :-1].shape}; its part of z is {std.d} wide")),
+            ("basis.npz", {"projection": proj[:, :-1]},
+             re.escape(f"projection {proj[:, :-1].shape}; its part of z is {std.d} wide")),
             ("probe.npz", {"z": z[:5]}, rf"and z \(5, {std.d}\); the spec has d = {std.d}"),
             ("probe.npz", {"z": nan_z}, "z holds non-finite values"),
             ("probe.npz", {"fit_idx": np.array([0, len(z)])}, f"fit_idx .* does not index its {len(z)} probe images")):

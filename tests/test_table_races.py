@@ -738,6 +738,35 @@ def test_a_segment_is_read_a_few_row_groups_at_a_time_never_whole(published, mon
     with pytest.raises(ObjectGoneError, match=f"no object at memory://zs-{tmp_path.name}/{seg}"):
         next(reader)
 
+    # A row group of no rows (another tool's writer given an empty batch) is skipped, not refused.
+    import io
+
+    good = storage.pq.read_table(f"{store.root}/{seg}")
+    sink = io.BytesIO()
+    with storage.pq.ParquetWriter(sink, good.schema) as writer:
+        for part in (good.slice(0, 2), good.slice(0, 0), good.slice(2)):
+            writer.write_table(part)
+    other = f"embeddings/{std.id}/segments/seg-other-tool.parquet"
+    store.write_bytes(other, sink.getvalue())
+    assert storage.pq.ParquetFile(f"{store.root}/{other}").metadata.row_group(1).num_rows == 0
+    assert len(load_table(store, std).model_ids) == 19
+    store.delete(other)
+
+    # A local read error with an errno (EIO) is an I/O error, retried, not a corrupt object.
+    import errno
+
+    real_read = storage.pq.ParquetFile.read_row_groups
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_read(self, *args, **kwargs)
+    monkeypatch.setattr(storage.pq.ParquetFile, "read_row_groups", flaky)
+    quick = Store(store.url, retry=RetryPolicy(attempts=2, base_delay_s=0.0, max_delay_s=0.0))
+    assert sum(g.num_rows for g in quick.iter_row_groups(seg)) == 20 and not failures
+    monkeypatch.undo()
+
     # A damaged data page in the middle of the segment (its footer intact).
     group = storage.pq.ParquetFile(f"{store.root}/{seg}").metadata.row_group(3)
     chunk = next(group.column(j) for j in range(group.num_columns)
