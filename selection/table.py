@@ -598,6 +598,8 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str],
                 continue
             _validate(group, std, where)
             mask, at = keep[at:at + group.num_rows], at + group.num_rows
+            if at > len(keys):  # the object changed between its two reads (another tool rewrote it)
+                raise StoreError(f"{where}: its row groups hold more rows than its key column ({len(keys)})")
             if not mask.all():  # filtering copies the row group: only when something is hidden
                 group = group.filter(pa.array(mask))
             if group.num_rows:

@@ -752,6 +752,14 @@ def test_a_segment_is_read_a_few_row_groups_at_a_time_never_whole(published, mon
     assert len(load_table(store, std).model_ids) == 19
     store.delete(other)
 
+    # An object rewritten between its key read and its row groups' (by another tool): one line, no traceback.
+    twice = Store.iter_row_groups
+    monkeypatch.setattr(Store, "iter_row_groups", lambda self, rel, batch_bytes=None: (
+        g for _ in range(2) for g in twice(self, rel, batch_bytes)))
+    with pytest.raises(StoreError, match=f"{seg}: its row groups hold more rows than its key column \\(20\\)"):
+        load_table(store, std)
+    monkeypatch.undo()
+
     # A local read error with an errno (EIO) is an I/O error, retried, not a corrupt object.
     import errno
 
