@@ -235,9 +235,10 @@ def _class_energy(u: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
 
 def _pinv_trace(u: np.ndarray, s: np.ndarray, y: np.ndarray, c: int, rtol: float) -> float:
     """``tr(cov(f)⁺ cov(E[f | y]))`` from the centred SVD, directions with ``sⱼ² ≤ rtol s₀²`` dropped."""
+    rtol = _check_number("rtol", rtol, 0.0, 1.0)  # before the constant case: a bad rtol is refused always
     if s.size == 0 or s[0] <= 0.0:
         return 0.0  # constant features: no variance to explain anything
-    keep = s**2 > _check_number("rtol", rtol, 0.0, 1.0) * s[0] ** 2
+    keep = s**2 > rtol * s[0] ** 2
     return float(np.sum(_class_energy(u[:, keep], y, c)))
 
 
