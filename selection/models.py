@@ -70,6 +70,9 @@ def _local_checkpoint(weights: str) -> str:
 def _s3_checkpoint(weights: str) -> tuple[Any, str]:
     from selection.storage import Store
 
+    bucket_key = weights[len("s3://"):]
+    if "/" not in bucket_key or bucket_key.endswith("/"):  # `s3://bucket` was "malformed URL 's3:/'"
+        raise ModelError(f"checkpoint {weights!r} names no object (s3://BUCKET/KEY, the key a file, not a folder)")
     parent, _, name = weights.rpartition("/")
     return Store(parent), name
 

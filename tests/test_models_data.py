@@ -112,6 +112,13 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
         torch.save(saved, tmp_path / f"{name}.pth")
         with pytest.raises(ModelError, match=match):
             load_model(CatalogEntry("m", "resnet10t", str(tmp_path / f"{name}.pth")))
+    # An S3 URL of a bucket or a folder names no checkpoint (it was "malformed URL 's3:/'", or a folder
+    # that exists planned as a model to embed); refused before any request.
+    from selection.models import check_weights_exist
+
+    for url in ("s3://zoo-bucket", "s3://zoo-bucket/models/"):
+        with pytest.raises(ModelError, match=f"checkpoint '{url}' names no object"):
+            check_weights_exist(url)
     # A model saved from torch.compile (keys prefixed `_orig_mod.`), of a DataParallel one too, loads as the model.
     torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
     assert load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "compiled.pth"))).model.num_classes == 1000
