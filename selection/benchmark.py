@@ -72,6 +72,10 @@ PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "r
 # BRUTE_FORCE since is filled into the cached records (`evaluate_candidate_cached`: features of the
 # labelled images only), so adding one never re-runs the ground truth.
 KEYED_SCORERS = ("logme", "hscore", "ridge-loo")
+# Bumped whenever a change to selection.scorers or selection.linear_probe can move a record's values,
+# so that cached records never outlive the code that computed them (the model's key stays).
+# 2: LogME on features at unit RMS; the relative standardisation cut of the probe and ridge LOO.
+SCORES_VERSION = 2
 IMAGENET_INPUT_SIZE = 128
 
 # Targets of the issue (quality benchmark).
@@ -496,7 +500,7 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
     keyed = dict(entry.to_dict(), weights=weights_digest(entry))
     model = digest({"v": BENCH_VERSION, "entry": keyed, "input_size": std_input_size})
     common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
-              "scorers": KEYED_SCORERS}
+              "scorers": KEYED_SCORERS, "scores_version": SCORES_VERSION}
     tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})
              for t, p in zip(plan.tasks, plan.task_protocols(split), strict=True)]
     return model, tasks

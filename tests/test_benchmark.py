@@ -521,6 +521,12 @@ def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
     other = dataclasses.replace(two, protocol=ProbeProtocol(l2=0.1))
     assert bench.truth_cache_keys(entry, other, None)[1][0] != bench.truth_cache_keys(entry, two, None)[1][0]
     assert bench.truth_cache_keys(entry, three, None)[1][:2] == bench.truth_cache_keys(entry, two, None)[1]
+    # and so is the version of the scorers' code: a change of their values is recomputed, the model's key kept
+    with monkeypatch.context() as m:
+        m.setattr(bench, "SCORES_VERSION", bench.SCORES_VERSION + 1)
+        bumped = bench.truth_cache_keys(entry, two, None)
+    assert bumped[0] == bench.truth_cache_keys(entry, two, None)[0]
+    assert bumped[1][0] != bench.truth_cache_keys(entry, two, None)[1][0]
     # a scorer added since a record was written is filled in from the labelled images' features alone
     assert again["upgraded"] == 0
     path = tmp_path / "benchmark" / "truth" / bench.truth_cache_keys(entry, two, None)[0] / \
