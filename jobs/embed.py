@@ -19,7 +19,7 @@ from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import compaction_running, delete_rows, read_index, restore_rows
+from selection.table import StampMemo, compaction_running, delete_rows, read_index, restore_rows
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,11 @@ class Plan:
 def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool) -> Plan:
     """Diff the catalog against the table's index: what to embed, skip and (with prune) remove."""
     index = read_index(store, std)
+    memo = StampMemo(store, std.id)
     embed, skip, invalid = [], [], []
     for e in entries:
         try:
-            needed = needs_embedding(e, index.get(e.id))
+            needed = needs_embedding(e, index.get(e.id), memo)
         except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
             invalid.append(EmbedResult(e.id, "failed", str(exc)))
             continue

@@ -18,7 +18,7 @@ from selection.models import (Prepared, batch_size_for_memory, check_weights_exi
                               extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
-from selection.table import compaction_running, row_object, versions_json
+from selection.table import StampMemo, compaction_running, row_object, versions_json
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -56,13 +56,14 @@ def model_license(entry: CatalogEntry, model: Any) -> str | None:
     return None
 
 
-def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool:
+def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None) -> bool:
     """True unless the table's row for `entry` has the same weights digest and catalog entry.
 
     `indexed` is the model's row from `selection.table.read_index` (None if absent). A checkpoint
     whose stamp (`weights_stamp`: one stat or HEAD) is the row's is not read again: a nightly
-    re-index costs O(m) small calls, not every checkpoint's bytes. A missing checkpoint raises a
-    ModelError either way.
+    re-index costs O(m) small calls, not every checkpoint's bytes. One whose stamp changed with
+    its bytes unchanged (copied, restored) is hashed once, then, with a `memo`, known by its new
+    stamp: one more small read. A missing checkpoint raises a ModelError either way.
     """
     if indexed is None:
         check_weights_exist(entry.weights)
@@ -72,7 +73,14 @@ def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None) -> bool
     stamp = weights_stamp(entry.weights)
     if stamp and indexed.get("weights_stamp") == stamp:
         return False
-    return indexed["weights_sha256"] != weights_digest(entry)
+    if stamp and memo is not None and memo.get(entry.id) == (stamp, indexed["weights_sha256"]):
+        return False
+    digest = weights_digest(entry)
+    if digest != indexed["weights_sha256"]:
+        return True
+    if stamp and memo is not None:
+        memo.put(entry.id, stamp, digest)
+    return False
 
 
 def _entry_json(entry: CatalogEntry) -> str:

@@ -6,6 +6,7 @@
     embeddings/<standard_id>/key_index/<compaction>/            the segments' model keys, hashed into
                                                                  buckets (NNNNN.keys) under index.json
     embeddings/<standard_id>/_compacting/<id>                   a compaction in progress
+    embeddings/<standard_id>/stamps/<shard>/<model_key>.json    a checkpoint's newer stamp (StampMemo)
 
 Add writes one row object; remove deletes it and, once segments exist or a compaction
 runs, writes one deletion marker (before the delete, so that a remove stopped between the two
@@ -113,6 +114,49 @@ def row_path(standard_id: str, model_id: str) -> str:
 
 def marker_path(standard_id: str, model_id: str) -> str:
     return f"{_base(standard_id)}/deleted/{model_key(model_id)}"
+
+
+def stamp_memo_path(standard_id: str, model_id: str) -> str:
+    key = model_key(model_id)
+    return f"{_base(standard_id)}/stamps/{shard_of(key)}/{key}.json"
+
+
+@dataclass(frozen=True)
+class StampMemo:
+    """Checkpoints found by their bytes to be their row's under a newer stamp (a copy, a restore
+    from backup, the same bytes written again): one small object per model, read only when the
+    row's stamp differs, so the next plan takes the stamp alone again instead of hashing the
+    checkpoint every time. It never decides alone: a memo counts only while its stamp is the
+    checkpoint's and its digest the row's, so a stale or lost memo costs one hash, nothing else.
+    Rewriting the row's stamp instead would mean writing rows outside the embed step, racing
+    compactions."""
+    store: Store
+    standard_id: str
+
+    def get(self, model_id: str) -> tuple[str, str] | None:
+        """(stamp, weights_sha256) last recorded for the model, or None (absent or unreadable)."""
+        path = stamp_memo_path(self.standard_id, model_id)
+        try:
+            memo = json.loads(self.store.read_bytes(path))
+            return str(memo["weights_stamp"]), str(memo["weights_sha256"])
+        except ObjectGoneError:
+            return None
+        except (ValueError, TypeError, KeyError) as exc:  # damaged: hashed again and written over
+            log.warning("ignoring the unreadable stamp memo %s (%s)", path, exc)
+            return None
+
+    def put(self, model_id: str, stamp: str, sha256: str) -> None:
+        """Record that the checkpoint under `stamp` has digest `sha256`; a failed write is logged
+        (the next plan hashes it again)."""
+        path = stamp_memo_path(self.standard_id, model_id)
+        try:
+            self.store.write_bytes(path, json.dumps({"model_id": model_id, "weights_stamp": stamp,
+                                                     "weights_sha256": sha256}).encode())
+        except StoreError as exc:
+            log.warning("could not record the stamp of %r (%s): the next plan hashes it again", model_id, exc)
+
+    def forget(self, model_id: str) -> None:
+        self.store.delete(stamp_memo_path(self.standard_id, model_id))
 
 
 def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
@@ -245,6 +289,9 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
             write_marker(store, std.id, mid)
         else:
             missing.append(mid)
+    memo = StampMemo(store, std.id)
+    for mid in dict.fromkeys(model_ids):  # after the rows: a remove stopped before this leaves a harmless memo
+        memo.forget(mid)
     return missing
 
 

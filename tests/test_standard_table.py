@@ -1282,6 +1282,49 @@ def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_pa
     assert needs_embedding(entry, old) and len(reads) == 3
 
 
+def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(published, tmp_path, monkeypatch):
+    """A checkpoint copied or restored with the same bytes has a new stamp but its row keeps the old
+    one, so every later plan hashed it again: a restored zoo was read in full every night (a review,
+    session 33). The plan now records the new stamp beside the table (StampMemo): hashed once only."""
+    import shutil
+
+    import selection.models as models
+    from jobs import embed as embed_job
+    from selection.table import StampMemo, delete_rows, stamp_memo_path
+
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    path = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "m.safetensors"))
+    entry = CatalogEntry("zoo/m", "resnet10t", path, input_size=32)
+    assert embed_entry(entry, std, store).status == "embedded"
+    real, reads = models._read_weights_bytes, []
+    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    shutil.copyfile(path, path + ".bak")
+    os.replace(path + ".bak", path)  # restored from a backup: same bytes, new inode and times
+
+    def plan() -> embed_job.Plan:
+        return embed_job.make_plan([entry], store, std, prune=False)
+    assert plan().skip == ("zoo/m",) and reads == [path]
+    assert plan().skip == ("zoo/m",) and plan().skip == ("zoo/m",) and reads == [path]  # known by its stamp
+    memo = StampMemo(store, std.id)
+    assert memo.get("zoo/m") == (models.weights_stamp(path), read_index(store, std)["zoo/m"]["weights_sha256"])
+    # a damaged memo costs one hash, then is written over
+    store.write_bytes(stamp_memo_path(std.id, "zoo/m"), b"{not json")
+    assert plan().skip == ("zoo/m",) and len(reads) == 2 and memo.get("zoo/m") is not None
+    # a memo never decides alone: new bytes under a new stamp are embedded, whatever the memo says
+    torch = __import__("torch")
+    torch.manual_seed(5)
+    save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), path)
+    assert plan().embed == (entry,) and len(reads) == 3
+    # nor does a memo naming the current stamp with another digest than the row's
+    memo.put("zoo/m", models.weights_stamp(path), "0" * 64)
+    assert plan().embed == (entry,)
+    # removing the model removes its memo
+    memo.put("zoo/m", "stat:1", "0" * 64)
+    assert delete_rows(store, std, ["zoo/m"]) == [] and not store.exists(stamp_memo_path(std.id, "zoo/m"))
+
+
 def test_compacted_segments_are_row_groups_swept_in_place(published, monkeypatch):
     """A segment was one row group: decoding its 400 MB vector column as one took 2x longer, and its
     matrix was then copied whole (docs/performance.md, session 27). Segments now hold row groups of
