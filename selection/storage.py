@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +42,8 @@ def check_url(url: str) -> None:
     """Refuse a mistyped URL (`s3:/bucket`) that would otherwise be taken as a local path."""
     match = _MISTYPED.match(url)
     if match:
-        raise ConfigError(f"malformed URL {url!r}: did you mean "
-                          f"{match.group(1).lower()}://{url[match.end():].lstrip('/')}?")
+        scheme, rest = match.group(1).lower(), url[match.end():].lstrip("/")
+        raise ConfigError(f"malformed URL {url!r}: did you mean {scheme}://{'/' if scheme == 'file' else ''}{rest}?")
 
 
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -280,6 +281,9 @@ def _chunk_ranges(meta: Any, columns: list[str] | None, groups: Iterable[int] | 
 # How much of a Parquet object `Store.iter_row_groups` fetches and decodes at once: a few row groups of a
 # segment (selection.table.SEGMENT_GROUP_BYTES), decoded in parallel.
 ROW_GROUP_BATCH_BYTES = 32 << 20
+# `Store.write_tables` on S3: a larger object goes up in parts of this size, this many at a time.
+UPLOAD_PART_BYTES = 32 << 20
+UPLOAD_PARTS_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,31 @@ def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=row_group_size, **parquet_options(table.schema))
     return sink.getvalue()
+
+
+def write_row_groups(path: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group_size: int) -> int:
+    """Write a stream of tables to a local Parquet file (`parquet_options`) in row groups of
+    `row_group_size` rows, whatever the tables' sizes (the last group may be smaller); return its rows.
+    Holds the tables of at most one row group besides the one in hand."""
+    if row_group_size < 1:
+        raise ConfigError(f"row group size must be >= 1, got {row_group_size}")
+    rows, pending, held = 0, [], 0
+    with pq.ParquetWriter(path, schema, **parquet_options(schema)) as out:
+        for t in tables:
+            rows += t.num_rows
+            pending.append(t)
+            held += t.num_rows
+            if held < row_group_size:
+                continue
+            whole = pa.concat_tables(pending)
+            full = held - held % row_group_size
+            out.write_table(whole.slice(0, full), row_group_size=row_group_size)
+            rest = whole.slice(full)
+            # a slice keeps every buffer it came from: keep only the rest's own
+            pending, held = ([rest.combine_chunks()] if rest.num_rows else []), rest.num_rows
+        if held:
+            out.write_table(pa.concat_tables(pending), row_group_size=row_group_size)
+    return rows
 
 
 class Store:
@@ -779,6 +808,44 @@ class Store:
     def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
         """Write a Parquet object (`parquet_bytes`)."""
         self.write_bytes(rel, parquet_bytes(table, row_group_size))
+
+    def write_tables(self, rel: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group_size: int) -> int:
+        """Write a Parquet object (`parquet_options`) from a stream of tables of `schema`, `row_group_size`
+        rows per row group; return its rows. Memory holds a row group and the table in hand, never the
+        object: the row groups go to a local temporary file, which then becomes the object whole or not
+        at all (locally renamed, `atomic_local_file`; elsewhere uploaded, on S3 in parts of
+        UPLOAD_PART_BYTES, and retried whole). An error raised by `tables` propagates as it is, and
+        nothing is written."""
+        full = self._full(rel)
+        if self.scheme == "file":
+            try:
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                with atomic_local_file(full) as tmp:
+                    return write_row_groups(tmp, schema, tables, row_group_size)
+            except OSError as exc:
+                raise self._translate("write", rel, exc) from exc
+        fd, tmp = tempfile.mkstemp(prefix=".zooselect-", suffix=".parquet")
+        os.close(fd)
+        try:
+            rows = self._spool(rel, tmp, schema, tables, row_group_size)
+            parts = {"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_PARTS_AT_ONCE} \
+                if self.scheme == "s3" else {}
+            try:
+                self._call("write", rel, lambda: self.fs.put_file(tmp, full, **parts))
+            except FileNotFoundError as exc:
+                raise StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist "
+                                 f"(store {self.url!r})") from exc
+            return rows
+        finally:
+            os.remove(tmp)
+
+    def _spool(self, rel: str, path: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group_size: int) -> int:
+        """`write_row_groups` to the local file `path` that becomes `rel`; a local write error is a StoreError."""
+        try:
+            return write_row_groups(path, schema, tables, row_group_size)
+        except OSError as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreError(f"cannot write {path}, the local file for {self._display(rel)}: {text}") from exc
 
     def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:
         rels = list(rels)

@@ -888,30 +888,21 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     segments: list[str] = []
     keys: list[pa.Array] = []  # of each segment written, for its key index
 
-    def write_segment(t: pa.Table) -> None:
-        segments.append(f"{_base(std.id)}/segments/seg-{compaction}-{len(segments):05d}.parquet")
-        store.write_table(segments[-1], t, row_group_size=segment_row_group(std))
-        keys.append(t.column("model_key").combine_chunks())
+    def tables() -> Iterator[pa.Table]:
+        nonlocal rows
+        # A row object removed since the listing is left out: its remove saw the lease and wrote a marker.
+        for shard in iter_shards(store, std, listing, skip_gone=True,
+                                 on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
+            rows += len(shard)
+            progress("rows", len(shard))
+            if len(shard):
+                yield to_arrow(std, shard)
 
-    # Shard by shard (each old segment, then the row objects in batches): memory holds one shard and
-    # one new segment, not the table.
-    pending = schema_for(std).empty_table()
-    # A row object removed since the listing is left out: its remove saw the lease and wrote a marker.
-    for shard in iter_shards(store, std, listing, skip_gone=True,
-                             on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
-        rows += len(shard)
-        progress("rows", len(shard))
-        pending = pa.concat_tables([pending, to_arrow(std, shard)])
-        if pending.num_rows < segment_rows:
-            continue  # no copy: a segment's row groups come in as shards of their own
-        while pending.num_rows >= segment_rows:
-            write_segment(pending.slice(0, segment_rows))
-            pending = pending.slice(segment_rows)
-        # A slice keeps every chunk it came from, even at zero rows: keep only the rest's own.
-        pending = pending.combine_chunks() if pending.num_rows else schema_for(std).empty_table()
-    if pending.num_rows:
-        write_segment(pending)
-    del pending
+    # Streamed: memory holds one shard (an old segment's batch of row groups, or a batch of row
+    # objects) and one row group of the new segment, never a segment or the table.
+    for segment in _split(tables(), segment_rows):
+        segments.append(f"{_base(std.id)}/segments/seg-{compaction}-{len(segments):05d}.parquet")
+        store.write_tables(segments[-1], schema_for(std), _keeping_keys(segment, keys), segment_row_group(std))
     if segments:  # after the segments: a remove uses an index only once it is complete
         _write_key_index(store, std, compaction, segments, pa.concat_arrays(keys))
     # Old segments (then their key indexes), then markers, then row objects: stopped at any point (a
@@ -951,6 +942,35 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, len(segments), removed)
     return CompactResult(len(segments), rows, removed, time.perf_counter() - t0, temporaries)
+
+
+def _split(tables: Iterator[pa.Table], rows: int) -> Iterator[Iterator[pa.Table]]:
+    """Cut a stream of non-empty tables into consecutive streams of `rows` rows (the last may hold
+    fewer), each consumed before the next is asked for."""
+    head = next(tables, None)
+    while head is not None:
+        def take() -> Iterator[pa.Table]:
+            nonlocal head
+            left = rows
+            while left and head is not None:
+                if head.num_rows <= left:
+                    yield head
+                    left -= head.num_rows
+                    head = next(tables, None)
+                else:
+                    yield head.slice(0, left)
+                    head, left = head.slice(left), 0
+        segment = take()
+        yield segment
+        for _ in segment:  # one its reader stopped early: the next begins after it
+            pass
+
+
+def _keeping_keys(tables: Iterator[pa.Table], keys: list[pa.Array]) -> Iterator[pa.Table]:
+    """The tables, each one's model keys appended to `keys` as it passes."""
+    for t in tables:
+        keys.append(t.column("model_key").combine_chunks())
+        yield t
 
 
 def versions_json() -> str:

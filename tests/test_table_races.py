@@ -49,18 +49,19 @@ def _removed_again_during_compaction(store: Store, std) -> None:
     assert delete_row(store, std, "zoo/m")
     write_row(store, std, _row(std, "zoo/m", 2.0))
     assert _served(store, std, "zoo/m") == 2.0 and len(list_markers(store, std.id)) == 1
-    real_write_table, removed = store.write_table, []
+    real_write_tables, removed = store.write_tables, []
 
-    def remove_after_the_segment(rel, table, **kw):
-        real_write_table(rel, table, **kw)
+    def remove_after_the_segment(rel, *args):
+        written = real_write_tables(rel, *args)
         if "/segments/" in rel and not removed:
             removed.append(delete_row(store, std, "zoo/m"))
+        return written
 
-    store.write_table = remove_after_the_segment
+    store.write_tables = remove_after_the_segment
     try:
         compact(store, std)
     finally:
-        store.write_table = real_write_table
+        store.write_tables = real_write_tables
     assert removed == [True]
 
 
@@ -786,3 +787,75 @@ def test_a_segment_is_read_a_few_row_groups_at_a_time_never_whole(published, mon
     with pytest.raises(StoreError, match=rf"^corrupt Parquet object {store.url}/{seg}: ") as err:
         load_table(store, std)
     assert "\n" not in str(err.value)
+
+
+def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monkeypatch, tmp_path):
+    """A compaction built each segment whole in memory, then its Parquet bytes beside it (about 2 GB
+    for a segment of per-source rows, at any table size). Segments are now streamed to the store a
+    row group at a time (`Store.write_tables`): through a local temporary file that becomes the object
+    whole or not at all, uploaded and retried whole on S3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selection import storage
+
+    # row groups of the size asked, whatever the sizes of the tables streamed in
+    schema = pa.schema([("x", pa.int64())])
+    parts = [pa.table({"x": list(range(a, b))}, schema=schema) for a, b in ((0, 1), (1, 6), (6, 8), (8, 15))]
+    assert storage.write_row_groups(str(tmp_path / "g.parquet"), schema, iter(parts), 3) == 15
+    meta = pq.ParquetFile(tmp_path / "g.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3] * 5
+    assert pq.read_table(tmp_path / "g.parquet").column("x").to_pylist() == list(range(15))
+
+    store, std = published
+    monkeypatch.setattr(table, "SEGMENT_ROW_GROUP", 3)
+    for i in range(20):
+        write_row(store, std, _row(std, f"zoo/m{i:02d}", value=float(i)))
+    streamed, real = [], store.write_tables
+
+    def write_tables(rel, schema, tables, row_group_size):
+        assert not isinstance(tables, (list, tuple, pa.Table))  # a stream, not a segment in hand
+        streamed.append(rel)
+        return real(rel, schema, tables, row_group_size)
+    monkeypatch.setattr(store, "write_tables", write_tables)
+    monkeypatch.setattr(store, "write_table", lambda *a, **k: pytest.fail("a segment written whole"))
+    assert compact(store, std, segment_rows=8).segments_written == 3
+    segs = list_segments(store, std.id)
+    assert streamed == segs
+    groups = [[m.row_group(i).num_rows for i in range(m.num_row_groups)]
+              for m in (pq.ParquetFile(f"{store.root}/{s}").metadata for s in segs)]
+    assert groups == [[3, 3, 2], [3, 3, 2], [3, 1]]
+    assert {m: _served(store, std, m) for m in load_table(store, std).model_ids} == \
+        {f"zoo/m{i:02d}": float(i) for i in range(20)}
+    # compacted again (old segments streamed into new ones) the table is the same
+    compact(store, std, segment_rows=7)
+    assert sorted(load_table(store, std).model_ids) == [f"zoo/m{i:02d}" for i in range(20)]
+    assert delete_rows(store, std, ["zoo/m03"]) == []  # through the key index written beside them
+    assert "zoo/m03" not in load_table(store, std).model_ids
+
+    # a stream that fails leaves no object and no temporary file, locally and elsewhere
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir()
+    mem = Store(f"memory://races-{time.time_ns()}", retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01))
+
+    def failing():
+        yield parts[0]
+        raise StoreError("the rows could not be read")
+    for where in (store, mem):
+        with pytest.raises(StoreError, match="could not be read"):
+            where.write_tables("t/x.parquet", schema, failing(), 2)
+        assert not where.exists("t/x.parquet")
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == []
+    assert [p for p in store.list("t")] == []
+    # an upload that fails once is retried whole from the local file
+    real_put, puts = mem.fs.put_file, []
+
+    def flaky_put(lpath, rpath, **kw):
+        puts.append(rpath)
+        if len(puts) == 1:
+            raise ConnectionError("connection reset")
+        return real_put(lpath, rpath, **kw)
+    monkeypatch.setattr(mem.fs, "put_file", flaky_put)
+    assert mem.write_tables("t/x.parquet", schema, iter(parts), 4) == 15
+    assert len(puts) == 2 and mem.read_table("t/x.parquet").column("x").to_pylist() == list(range(15))
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == []
