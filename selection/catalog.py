@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from selection.errors import ConfigError
 from selection.keys import check_unicode
-from selection.storage import write_file_atomically
+from selection.storage import check_url, write_file_atomically
 
 WEIGHTS_SCHEMES = ("file://", "s3://", "hf-hub:", "timm:", "pypi:")
 _ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
@@ -186,9 +186,13 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
         if not isinstance(doc, list):
             raise ConfigError(f"{where}: expected a list of model entries, got {type(doc).__name__}")
         raws = doc
-    entries = [CatalogEntry.from_dict(raw, f"{where} entry {i + 1}") for i, raw in enumerate(raws)]
+    entries = [_localhost(CatalogEntry.from_dict(raw, f"{where} entry {i + 1}")) for i, raw in enumerate(raws)]
     seen: set[str] = set()
     for e in entries:
+        try:
+            check_url(e.weights or "")  # `s3:/bucket/w.pt` is a mistyped URL, not a path under the catalog
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: model {e.id!r}: weights: {exc}") from None
         # Checked here, not in every entry: rows and standards written before session 33 may hold one.
         if e.weights and e.weights.startswith("file://") and not e.weights[len("file://"):].startswith("/"):
             raise ConfigError(f"{where}: model {e.id!r}: a file:// URL holds an absolute path (file:///dir/model.pt), "
@@ -199,6 +203,14 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     if not entries:
         raise ConfigError(f"{where}: the catalog has no entries")
     return entries
+
+
+def _localhost(entry: CatalogEntry) -> CatalogEntry:
+    """`file://localhost/dir/m.pt` is `file:///dir/m.pt` (RFC 8089)."""
+    w = entry.weights
+    if w and w.lower().startswith("file://localhost/"):
+        return replace(entry, weights="file://" + w[len("file://localhost"):])
+    return entry
 
 
 def load_catalog(path: str) -> list[CatalogEntry]:

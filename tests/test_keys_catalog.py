@@ -106,6 +106,10 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     # a relative file:// URL was read from the current directory, not the catalog's
     ("- {id: a, arch: resnet18, weights: 'file://w.safetensors'}",
      r"^cat.yaml: model 'a': a file:// URL holds an absolute path \(file:///dir/model.pt\), got 'file://w.safetensors'"),
+    # a mistyped URL was taken as a path under the catalog's folder: "checkpoint not found: '<dir>/s3:/b/w.pt'"
+    ("- {id: a, arch: resnet18, weights: 's3:/bucket/w.pt'}",
+     r"^cat.yaml: model 'a': weights: malformed URL 's3:/bucket/w.pt': did you mean s3://bucket/w.pt\?$"),
+    ("- {id: a, arch: resnet18, weights: 'file:/models/w.pt'}", r"did you mean file:///models/w.pt\?$"),
 ])
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):
@@ -128,6 +132,12 @@ def test_yaml_anchors_merge_keys_and_other_top_level_mappings_are_read():
         ("a", "resnet18", ("team-a",)), ("b", "resnet10t", ("team-a",))]
     # an entry stored with a relative file:// URL before session 33 still loads (rows, standards)
     assert CatalogEntry.from_dict({"id": "old", "arch": "resnet18", "weights": "file://w.pt"}).weights == "file://w.pt"
+
+
+def test_file_localhost_is_the_local_hosts_file_url():
+    """RFC 8089's file://localhost/dir/m.pt was refused as a relative file:// URL (a review, session 33)."""
+    [e] = parse_catalog("- {id: a, arch: resnet18, weights: 'file://localhost/models/w.pt'}", "cat.yaml")
+    assert e.weights == "file:///models/w.pt"
 
 
 def test_json_lines_are_cut_at_newlines_only_and_may_start_with_a_byte_order_mark(tmp_path):
