@@ -260,6 +260,30 @@ def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def _position_embedding_resampled(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                                  entry: CatalogEntry) -> dict[str, torch.Tensor]:
+    """`state` with a ViT-style absolute position embedding (`pos_embed`) trained on another patch
+    grid resampled to the model's, as timm does for its own pretrained weights at another size: a
+    catalog's `input_size` other than the one a checkpoint was trained at. Anything else is left as is
+    (a mismatch is then reported by the load)."""
+    pos, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if not isinstance(pos, torch.Tensor) or not isinstance(target, torch.Tensor) or grid is None \
+            or pos.ndim != 3 or pos.shape == target.shape or pos.shape[-1] != target.shape[-1]:
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    side = int((pos.shape[1] - prefix) ** 0.5)
+    if pos.shape[1] <= prefix or side * side != pos.shape[1] - prefix:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    log.info("model %r: position embedding resampled from a %dx%d patch grid to %dx%d (input_size %s)",
+             entry.id, side, side, grid[0], grid[1], entry.input_size)
+    resampled = resample_abs_pos_embed(pos.float(), new_size=list(grid), old_size=[side, side],
+                                       num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled.to(pos.dtype)}
+
+
 def load_model(entry: CatalogEntry) -> LoadedModel:
     """Build the timm model for `entry` with its weights, in eval mode on the CPU."""
     import timm
@@ -321,15 +345,25 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
                     if f"{k}.weight" in state:
                         num_classes = int(state[f"{k}.weight"].shape[0])
             model = _create(arch, entry, pretrained=False, num_classes=num_classes)
+            state = _position_embedding_resampled(model, state, entry)
+        target = model.state_dict()
+        ints = [k for k, v in state.items() if k in target and target[k].is_floating_point()
+                and not v.is_floating_point()]
+        if ints:  # load_state_dict would cast them: the scales of a quantized file lost without a word
+            raise ModelError(f"model {entry.id!r}: checkpoint {w!r} holds {state[ints[0]].dtype} values for the "
+                             f"floating-point parameter {ints[0]!r}{f' (and {len(ints) - 1} more)' if len(ints) > 1 else ''}"
+                             f"; a quantized checkpoint cannot be loaded: give the float one")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            target = model.state_dict()
             missing = [k for k in target if k not in state][:3]
             extra = [k for k in state if k not in target][:3]
             shape = [k for k in state if k in target and state[k].shape != target[k].shape][:3]
             why = (f"missing {missing}, unexpected {extra}, shape mismatch {shape}" if missing or extra or shape
                    else str(exc).strip().splitlines()[-1][:200])
+            if shape and not missing and not extra and entry.input_size and all("pos" in k for k in shape):
+                why += (f"; position embeddings sized for another input than input_size {entry.input_size}: "
+                        f"give the size it was trained at, or leave input_size out")
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "
                              f"{arch!r} ({why})") from exc
     if entry.num_classes is not None and getattr(model, "num_classes", entry.num_classes) != entry.num_classes:

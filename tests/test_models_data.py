@@ -122,9 +122,42 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
     # A model saved from torch.compile (keys prefixed `_orig_mod.`), of a DataParallel one too, loads as the model.
     torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
     assert load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "compiled.pth"))).model.num_classes == 1000
+    # integer tensors for float parameters (a quantized file) were cast without a word
+    torch.save(dict(state, **{"fc.weight": (state["fc.weight"] * 100).to(torch.int8)}), tmp_path / "q.pth")
+    with pytest.raises(ModelError, match=r"holds torch.int8 values for the floating-point parameter 'fc.weight'; "
+                                         r"a quantized checkpoint cannot be loaded"):
+        load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "q.pth")))
     torch.save({"module.fc.bias": state["fc.bias"], "_orig_mod.fc.bias": state["fc.bias"]}, tmp_path / "two.pth")
     with pytest.raises(ModelError, match="holds 'module.fc.bias' and '_orig_mod.fc.bias': which one to load"):
         load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "two.pth")))
+
+
+def test_a_vit_checkpoint_runs_at_the_catalogs_input_size(tmp_path, caplog):
+    """A ViT checkpoint given an `input_size` other than the one it was trained at failed to load
+    ('shape mismatch ['pos_embed']', no hint; a review, session 33). Its position embedding is now
+    resampled to the model's patch grid as timm resamples its own pretrained weights; one that cannot
+    be is named with the way out."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    trained = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = save_checkpoint(trained, str(tmp_path / "vit.safetensors"))
+    with caplog.at_level(logging.INFO, logger="selection.models"):
+        loaded = load_model(CatalogEntry("v", "vit_tiny_patch16_224", path, input_size=64))
+    assert "position embedding resampled from a 14x14 patch grid to 4x4 (input_size 64)" in caplog.text
+    assert loaded.model.pos_embed.shape == (1, 17, 192)
+    at64 = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
+    want = checkpoint_filter_fn(trained.state_dict(), at64)["pos_embed"]  # timm's own
+    torch.testing.assert_close(loaded.model.pos_embed.detach(), want)
+    at64.load_state_dict({**trained.state_dict(), "pos_embed": want})
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.model(x), at64.eval()(x))
+    # a grid that is not square is not guessed at
+    state = dict(trained.state_dict(), pos_embed=trained.pos_embed.detach()[:, :16])
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ModelError, match=r"shape mismatch \['pos_embed'\]; position embeddings sized for another "
+                                         r"input than input_size 64: give the size it was trained at"):
+        load_model(CatalogEntry("v", "vit_tiny_patch16_224", str(tmp_path / "odd.safetensors"), input_size=64))
 
 
 def test_nan_features_detected(tmp_path):
