@@ -30,10 +30,11 @@ class Plan:
     invalid: tuple[EmbedResult, ...]
 
 
-def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool) -> Plan:
-    """Diff the catalog against the table's index: what to embed, skip and (with prune) remove."""
+def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False) -> Plan:
+    """Diff the catalog against the table's index: what to embed, skip and (with prune) remove.
+    Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`."""
     index = read_index(store, std)
-    memo = StampMemo(store, std.id)
+    memo = StampMemo(store, std.id, writable=not dry_run)
     embed, skip, invalid = [], [], []
     for e in entries:
         try:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     store = open_store(args)
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
-    plan = make_plan(entries, store, std, prune)
+    plan = make_plan(entries, store, std, prune, dry_run=args.dry_run)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
     if args.dry_run:

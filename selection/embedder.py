@@ -78,7 +78,9 @@ def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: S
     digest = weights_digest(entry)
     if digest != indexed["weights_sha256"]:
         return True
-    if stamp and memo is not None:
+    # Recorded only if the stamp held over the read: an object replaced and put back meanwhile (an S3
+    # ETag comes back with its bytes) must not tie the new bytes' stamp to the old bytes' digest.
+    if stamp and memo is not None and weights_stamp(entry.weights) == stamp:
         memo.put(entry.id, stamp, digest)
     return False
 
@@ -101,6 +103,8 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
     try:
         stamp = weights_stamp(entry.weights)  # before the bytes are read (see weights_stamp)
         loaded = load_model(entry)
+        if stamp and weights_stamp(entry.weights) != stamp:
+            stamp = ""  # replaced while read: the row records no stamp, and the next plan hashes it
         stages = {"load": time.perf_counter() - t0}
         t1 = time.perf_counter()
         if batch_size is None and on_gpu:

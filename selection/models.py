@@ -345,7 +345,8 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
                     if f"{k}.weight" in state:
                         num_classes = int(state[f"{k}.weight"].shape[0])
             model = _create(arch, entry, pretrained=False, num_classes=num_classes)
-            state = _position_embedding_resampled(model, state, entry)
+            if entry.input_size:  # without one, a mismatch is another variant's checkpoint: refused below
+                state = _position_embedding_resampled(model, state, entry)
         target = model.state_dict()
         ints = [k for k, v in state.items() if k in target and target[k].is_floating_point()
                 and not v.is_floating_point()]

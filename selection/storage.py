@@ -814,17 +814,25 @@ class Store:
         rows per row group; return its rows. Memory holds a row group and the table in hand, never the
         object: the row groups go to a local temporary file, which then becomes the object whole or not
         at all (locally renamed, `atomic_local_file`; elsewhere uploaded, on S3 in parts of
-        UPLOAD_PART_BYTES, and retried whole). An error raised by `tables` propagates as it is, and
-        nothing is written."""
+        UPLOAD_PART_BYTES, and retried whole). A StoreError raised by `tables` propagates as it is,
+        and nothing is written. A remote write's spool file is in the temporary directory (`TMPDIR`):
+        a process killed mid-write leaves it there."""
         full = self._full(rel)
         if self.scheme == "file":
             try:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
                 with atomic_local_file(full) as tmp:
                     return write_row_groups(tmp, schema, tables, row_group_size)
-            except OSError as exc:
-                raise self._translate("write", rel, exc) from exc
-        fd, tmp = tempfile.mkstemp(prefix=".zooselect-", suffix=".parquet")
+            except OSError as exc:  # not retried: the stream is read once
+                if isinstance(exc, PermissionError):
+                    raise self._translate("write", rel, exc) from exc
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StoreError(f"storage error for write {self._display(rel)}: {type(exc).__name__}: {text}") from exc
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".zooselect-", suffix=".parquet")
+        except OSError as exc:
+            raise StoreError(f"cannot make a local file to write {self._display(rel)} through, in "
+                             f"{tempfile.gettempdir()!r} (TMPDIR): {exc.strerror or exc}") from exc
         os.close(fd)
         try:
             rows = self._spool(rel, tmp, schema, tables, row_group_size)

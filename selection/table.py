@@ -132,6 +132,7 @@ class StampMemo:
     compactions."""
     store: Store
     standard_id: str
+    writable: bool = True  # False: `put` records nothing (a dry run changes nothing)
 
     def get(self, model_id: str) -> tuple[str, str] | None:
         """(stamp, weights_sha256) last recorded for the model, or None (absent or unreadable)."""
@@ -141,13 +142,15 @@ class StampMemo:
             return str(memo["weights_stamp"]), str(memo["weights_sha256"])
         except ObjectGoneError:
             return None
-        except (ValueError, TypeError, KeyError) as exc:  # damaged: hashed again and written over
+        except (StoreError, ValueError, TypeError, KeyError) as exc:  # damaged or unreachable: hashed
             log.warning("ignoring the unreadable stamp memo %s (%s)", path, exc)
             return None
 
     def put(self, model_id: str, stamp: str, sha256: str) -> None:
         """Record that the checkpoint under `stamp` has digest `sha256`; a failed write is logged
         (the next plan hashes it again)."""
+        if not self.writable:
+            return
         path = stamp_memo_path(self.standard_id, model_id)
         try:
             self.store.write_bytes(path, json.dumps({"model_id": model_id, "weights_stamp": stamp,

@@ -257,3 +257,35 @@ def test_s3_benchmark_zoo_trains_into_the_bucket_and_resumes(s3_ray, s3_store_ur
     assert job.main(["zoo", "--store", s3_store_url, "--small", "--no-progress"]) == 0
     store.fs.invalidate_cache()
     assert written() == before
+
+
+def test_a_large_object_streamed_to_s3_goes_up_in_parts_whole(s3_store_url, monkeypatch):
+    """`Store.write_tables` (a compaction's segments) uploads an object larger than two parts as a
+    multipart upload from its spool file: the object reads back whole, and no spool file is left."""
+    import glob
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+
+    from selection import storage
+
+    monkeypatch.setattr(storage, "UPLOAD_PART_BYTES", 5 << 20)  # S3's smallest part
+    store = Store(s3_store_url)
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("i", pa.int64()), ("v", pa.list_(pa.float32(), 1000))])
+    values = rng.normal(size=(4000, 1000)).astype(np.float32)  # 16 MB, about 13.6 MB in Parquet
+
+    def tables():
+        for a in range(0, 4000, 700):
+            part = values[a:a + 700]
+            yield pa.table({"i": np.arange(a, a + len(part)),
+                            "v": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), 1000)}, schema=schema)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-*.parquet")))
+    assert store.write_tables("big/x.parquet", schema, tables(), 512) == 4000
+    etag = store.stamp("big/x.parquet")
+    assert etag.split(":")[1].endswith("-3")  # three parts of 5 MiB, 5 MiB and the rest
+    back = store.read_table("big/x.parquet")
+    assert back.column("i").to_pylist() == list(range(4000))
+    np.testing.assert_array_equal(np.stack(back.column("v").to_numpy(zero_copy_only=False)), values)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-*.parquet"))) == before

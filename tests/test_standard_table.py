@@ -1321,6 +1321,35 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     # nor does a memo naming the current stamp with another digest than the row's
     memo.put("zoo/m", models.weights_stamp(path), "0" * 64)
     assert plan().embed == (entry,)
+    # a dry run records nothing; a memo that cannot be read costs a hash, not the model (a review, session 34)
+    assert embed_entry(entry, std, store).status == "embedded"
+    store.delete(stamp_memo_path(std.id, "zoo/m"))
+    os.replace(shutil.copyfile(path, path + ".bak"), path)
+    assert embed_job.make_plan([entry], store, std, prune=False, dry_run=True).skip == ("zoo/m",)
+    assert memo.get("zoo/m") is None
+    real_read = store.read_bytes
+
+    def unreachable(rel):
+        if "/stamps/" in rel:
+            raise StoreError(f"storage unreachable for read {rel} after 5 attempts")
+        return real_read(rel)
+    monkeypatch.setattr(store, "read_bytes", unreachable)
+    assert plan().skip == ("zoo/m",)
+    monkeypatch.setattr(store, "read_bytes", real_read)
+    # a checkpoint replaced while it was hashed (an S3 object put back: its ETag comes back with its bytes)
+    # leaves no memo tying the stamp taken before to the digest of what was read
+    store.delete(stamp_memo_path(std.id, "zoo/m"))
+    os.replace(shutil.copyfile(path, path + ".bak"), path)
+    n = len(reads)
+
+    def replaced_while_read(w):
+        data = real(w)
+        os.replace(shutil.copyfile(path, path + ".bak"), path)
+        return data
+    monkeypatch.setattr(models, "_read_weights_bytes", replaced_while_read)
+    assert plan().skip == ("zoo/m",) and memo.get("zoo/m") is None
+    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    assert plan().skip == ("zoo/m",) and len(reads) == n + 1 and memo.get("zoo/m") is not None
     # removing the model removes its memo
     memo.put("zoo/m", "stat:1", "0" * 64)
     assert delete_rows(store, std, ["zoo/m"]) == [] and not store.exists(stamp_memo_path(std.id, "zoo/m"))

@@ -859,3 +859,8 @@ def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monk
     assert mem.write_tables("t/x.parquet", schema, iter(parts), 4) == 15
     assert len(puts) == 2 and mem.read_table("t/x.parquet").column("x").to_pylist() == list(range(15))
     assert [p.name for p in (tmp_path / "spool").iterdir()] == []
+    # a temporary directory that cannot be written is a one-line error naming it
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path / "absent"))
+    with pytest.raises(StoreError, match=f"cannot make a local file to write memory://.*/t/y.parquet through, "
+                                         f"in '{tmp_path}/absent' \\(TMPDIR\\)"):
+        mem.write_tables("t/y.parquet", schema, iter(parts), 4)
