@@ -6,6 +6,7 @@ import json
 import numbers
 import os
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
@@ -199,7 +200,17 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
                               f"got {e.weights!r}; a plain path may be relative to the catalog's folder")
         if e.id in seen:
             raise ConfigError(f"{where}: duplicate model id {e.id!r}")
+        hidden = [f"U+{ord(ch):04X}" for ch in e.id if unicodedata.category(ch) == "Cf"]
+        if hidden:  # zero-width spaces and joiners, bidi marks: an id that reads as another one
+            raise ConfigError(f"{where}: model id {e.id!r} holds invisible characters ({', '.join(hidden)}); "
+                              f"remove them")
         seen.add(e.id)
+    normal: dict[str, str] = {}
+    for e in entries:  # "café" typed on two systems: composed (NFC) and decomposed (NFD), one model twice
+        other = normal.setdefault(unicodedata.normalize("NFC", e.id), e.id)
+        if other != e.id:
+            raise ConfigError(f"{where}: model ids {other!r} and {e.id!r} differ only in their Unicode "
+                              f"normalization (composed and decomposed accents); write both the same way")
     if not entries:
         raise ConfigError(f"{where}: the catalog has no entries")
     return entries

@@ -110,6 +110,11 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     ("- {id: a, arch: resnet18, weights: 's3:/bucket/w.pt'}",
      r"^cat.yaml: model 'a': weights: malformed URL 's3:/bucket/w.pt': did you mean s3://bucket/w.pt\?$"),
     ("- {id: a, arch: resnet18, weights: 'file:/models/w.pt'}", r"did you mean file:///models/w.pt\?$"),
+    # ids that read the same but are other strings: two models where the user sees one (a review, session 33)
+    ('- {id: "zoo/m\\u200b", arch: resnet18}',
+     r"^cat.yaml: model id 'zoo/m\\u200b' holds invisible characters \(U\+200B\); remove them$"),
+    ('- {id: "caf\\u00e9", arch: resnet18}\n- {id: "cafe\\u0301", arch: resnet18}',
+     r"^cat.yaml: model ids 'caf\u00e9' and 'cafe\u0301' differ only in their Unicode normalization"),
 ])
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):
