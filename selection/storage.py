@@ -307,6 +307,7 @@ class RetryPolicy:
 
 
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary file of `atomic_local_file`
+_SPOOL = re.compile(r"\.zooselect-spool-[A-Za-z0-9_]+\.parquet")  # a remote `write_tables`' local file
 
 
 @contextlib.contextmanager
@@ -644,14 +645,20 @@ class Store:
         """Delete the temporary files of local writes that were killed part-way (a write that ends,
         even by an error, removes its own) and untouched for `older_than_s`: hidden, so never listed
         or read, but they hold disk. Return how many; one that cannot be removed is logged and left.
-        Object stores write in one PUT: nothing to do."""
-        if self.scheme != "file":
-            return 0
+        Elsewhere an object is written in one PUT or upload, from a spool file in the temporary
+        directory (`write_tables`): those of killed writes are removed instead."""
         cutoff = time.time() - older_than_s
         removed = 0
-        for path in _local_files(self._full(prefix)):  # the tree the table's listings see
-            if not _TEMPORARY.fullmatch(os.path.basename(path)):
-                continue
+        if self.scheme == "file":
+            where = self._display(prefix)
+            candidates = [p for p in _local_files(self._full(prefix)) if _TEMPORARY.fullmatch(os.path.basename(p))]
+        else:  # an upload still reading its file has it open: a removal leaves it whole
+            where = tempfile.gettempdir()
+            try:
+                candidates = [os.path.join(where, n) for n in os.listdir(where) if _SPOOL.fullmatch(n)]
+            except OSError:
+                candidates = []
+        for path in candidates:
             try:
                 if os.lstat(path).st_mtime < cutoff:
                     os.remove(path)
@@ -661,8 +668,7 @@ class Store:
             except OSError as exc:
                 log.warning("cannot remove the temporary file of an interrupted write %s: %s", path, exc)
         if removed:
-            log.info("removed %d temporary file(s) of interrupted writes under %s", removed,
-                     self._display(prefix))
+            log.info("removed %d temporary file(s) of interrupted writes under %s", removed, where)
         return removed
 
     def has_entries(self, prefix: str) -> bool:
@@ -829,7 +835,7 @@ class Store:
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise StoreError(f"storage error for write {self._display(rel)}: {type(exc).__name__}: {text}") from exc
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".zooselect-", suffix=".parquet")
+            fd, tmp = tempfile.mkstemp(prefix=".zooselect-spool-", suffix=".parquet")
         except OSError as exc:
             raise StoreError(f"cannot make a local file to write {self._display(rel)} through, in "
                              f"{tempfile.gettempdir()!r} (TMPDIR): {exc.strerror or exc}") from exc

@@ -281,11 +281,11 @@ def test_a_large_object_streamed_to_s3_goes_up_in_parts_whole(s3_store_url, monk
             part = values[a:a + 700]
             yield pa.table({"i": np.arange(a, a + len(part)),
                             "v": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), 1000)}, schema=schema)
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-*.parquet")))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-spool-*.parquet")))
     assert store.write_tables("big/x.parquet", schema, tables(), 512) == 4000
     etag = store.stamp("big/x.parquet")
     assert etag.split(":")[1].endswith("-3")  # three parts of 5 MiB, 5 MiB and the rest
     back = store.read_table("big/x.parquet")
     assert back.column("i").to_pylist() == list(range(4000))
     np.testing.assert_array_equal(np.stack(back.column("v").to_numpy(zero_copy_only=False)), values)
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-*.parquet"))) == before
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), ".zooselect-spool-*.parquet"))) == before

@@ -859,6 +859,15 @@ def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monk
     assert mem.write_tables("t/x.parquet", schema, iter(parts), 4) == 15
     assert len(puts) == 2 and mem.read_table("t/x.parquet").column("x").to_pylist() == list(range(15))
     assert [p.name for p in (tmp_path / "spool").iterdir()] == []
+    # the spool file of a write killed part-way is removed by a later compaction's clean-up, once stale
+    import os
+
+    stale, fresh = tmp_path / "spool" / ".zooselect-spool-abc123.parquet", tmp_path / "spool" / ".zooselect-spool-x.parquet"
+    stale.write_bytes(b"PAR1")
+    fresh.write_bytes(b"PAR1")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert mem.remove_stale_temporaries("embeddings", 3600) == 1 and not stale.exists() and fresh.exists()
+    fresh.unlink()
     # a temporary directory that cannot be written is a one-line error naming it
     monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path / "absent"))
     with pytest.raises(StoreError, match=f"cannot make a local file to write memory://.*/t/y.parquet through, "
