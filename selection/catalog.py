@@ -14,6 +14,11 @@ from selection.errors import ConfigError
 from selection.keys import check_unicode
 from selection.storage import check_url, write_file_atomically
 
+# Characters that print as nothing and have no use in an id (zero-width space, word joiner, byte order
+# mark, soft hyphen, bidi marks and embeddings): an id holding one reads as another. ZWJ and ZWNJ are
+# left alone: scripts (Persian, Devanagari) and emoji sequences write with them.
+_INVISIBLE = frozenset("\u00ad\u061c\u200b\u200e\u200f\u2060\ufeff") | \
+    frozenset(map(chr, range(0x202A, 0x202F))) | frozenset(map(chr, range(0x2066, 0x206A)))
 WEIGHTS_SCHEMES = ("file://", "s3://", "hf-hub:", "timm:", "pypi:")
 _ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
 
@@ -200,8 +205,8 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
                               f"got {e.weights!r}; a plain path may be relative to the catalog's folder")
         if e.id in seen:
             raise ConfigError(f"{where}: duplicate model id {e.id!r}")
-        hidden = [f"U+{ord(ch):04X}" for ch in e.id if unicodedata.category(ch) == "Cf"]
-        if hidden:  # zero-width spaces and joiners, bidi marks: an id that reads as another one
+        hidden = [f"U+{ord(ch):04X}" for ch in e.id if ch in _INVISIBLE]
+        if hidden:  # an id that reads as another one
             raise ConfigError(f"{where}: model id {e.id!r} holds invisible characters ({', '.join(hidden)}); "
                               f"remove them")
         seen.add(e.id)
@@ -209,7 +214,7 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
     for e in entries:  # "café" typed on two systems: composed (NFC) and decomposed (NFD), one model twice
         other = normal.setdefault(unicodedata.normalize("NFC", e.id), e.id)
         if other != e.id:
-            raise ConfigError(f"{where}: model ids {other!r} and {e.id!r} differ only in their Unicode "
+            raise ConfigError(f"{where}: model ids {ascii(other)} and {ascii(e.id)} differ only in their Unicode "
                               f"normalization (composed and decomposed accents); write both the same way")
     if not entries:
         raise ConfigError(f"{where}: the catalog has no entries")

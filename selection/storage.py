@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import logging
 import os
 import random
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -446,6 +448,19 @@ def write_row_groups(path: str, schema: pa.Schema, tables: Iterable[pa.Table], r
     return rows
 
 
+def _spool_in_use(path: str) -> bool:
+    """Whether a live `Store.write_tables` holds the spool file `path` (its shared lock; a killed
+    writer's lock is gone with it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class Store:
     """A root URL plus the fsspec filesystem behind it; paths below are relative to the root."""
 
@@ -521,6 +536,8 @@ class Store:
     def _translate(self, what: str, path: str, exc: BaseException) -> StoreError:
         text = _scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         where = self._display(path)
+        if isinstance(exc, PermissionError) and self.scheme == "file":
+            return StoreError(f"permission denied for {what} {where}: {text}")
         if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
                 or "SignatureDoesNotMatch" in text:
             return StoreError(f"access denied for {what} {where}: check the AWS credentials "
@@ -626,8 +643,8 @@ class Store:
         return sorted(out)
 
     def stamp(self, rel: str) -> str:
-        """A fingerprint of an object's version, without reading it (one HEAD or stat): on S3 its ETag
-        and size; locally its size, mtime, ctime and inode (ctime cannot be set back, so every rewrite
+        """A fingerprint of an object's version, without reading it (one HEAD or stat): on S3 its ETag,
+        size and time of writing; locally its size, mtime, ctime and inode (ctime cannot be set back, so every rewrite
         changes it). Equal stamps mean the same bytes; a store that gives none returns "" (then
         compare the bytes). ObjectGoneError if there is no object."""
         full = self._full(rel)
@@ -639,7 +656,11 @@ class Store:
         except FileNotFoundError as exc:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-        return f"etag:{etag}:{info.get('size')}" if etag else ""
+        # The time too: an ETag comes back with its bytes, so an object replaced and put back while it
+        # was read would otherwise match the stamp taken before (a review, session 34).
+        modified = info.get("LastModified") or info.get("last_modified") or ""
+        modified = modified.isoformat() if hasattr(modified, "isoformat") else str(modified)
+        return f"etag:{etag}:{info.get('size')}:{modified}" if etag else ""
 
     def remove_stale_temporaries(self, prefix: str, older_than_s: float) -> int:
         """Delete the temporary files of local writes that were killed part-way (a write that ends,
@@ -660,9 +681,14 @@ class Store:
                 candidates = []
         for path in candidates:
             try:
-                if os.lstat(path).st_mtime < cutoff:
-                    os.remove(path)
-                    removed += 1
+                st = os.lstat(path)
+                if st.st_mtime >= cutoff:
+                    continue
+                if self.scheme != "file" and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                                              or _spool_in_use(path)):
+                    continue  # a shared temporary directory: only this user's files, none being uploaded
+                os.remove(path)
+                removed += 1
             except FileNotFoundError:
                 continue  # its writer renamed or removed it meanwhile
             except OSError as exc:
@@ -839,19 +865,24 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot make a local file to write {self._display(rel)} through, in "
                              f"{tempfile.gettempdir()!r} (TMPDIR): {exc.strerror or exc}") from exc
-        os.close(fd)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # in use: `remove_stale_temporaries` leaves it, however old
             rows = self._spool(rel, tmp, schema, tables, row_group_size)
             parts = {"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_PARTS_AT_ONCE} \
                 if self.scheme == "s3" else {}
             try:
                 self._call("write", rel, lambda: self.fs.put_file(tmp, full, **parts))
             except FileNotFoundError as exc:
+                if not os.path.exists(tmp):
+                    raise StoreError(f"the local file {tmp} holding {self._display(rel)} was removed "
+                                     f"while it was uploaded") from exc
                 raise StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist "
                                  f"(store {self.url!r})") from exc
             return rows
         finally:
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            os.close(fd)
 
     def _spool(self, rel: str, path: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group_size: int) -> int:
         """`write_row_groups` to the local file `path` that becomes `rel`; a local write error is a StoreError."""

@@ -868,6 +868,19 @@ def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monk
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert mem.remove_stale_temporaries("embeddings", 3600) == 1 and not stale.exists() and fresh.exists()
     fresh.unlink()
+    # ... but never one a live write holds, however long its upload takes (a review, session 34)
+    swept = []
+
+    def slow_put(lpath, rpath, **kw):
+        os.utime(lpath, (time.time() - 7200, time.time() - 7200))  # an upload of more than an hour
+        swept.append(Store(f"memory://other-{time.time_ns()}").remove_stale_temporaries("x", 3600))
+        return real_put(lpath, rpath, **kw)
+    monkeypatch.setattr(mem.fs, "put_file", slow_put)
+    assert mem.write_tables("t/z.parquet", schema, iter(parts), 4) == 15 and swept == [0]
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == []
+    # a local store's permission error is not about AWS credentials (a review, session 34; root skips the check)
+    denied = store._translate("write", "t/x.parquet", PermissionError(13, "Permission denied"))
+    assert str(denied).startswith(f"permission denied for write {store.url}/t/x.parquet") and "AWS" not in str(denied)
     # a temporary directory that cannot be written is a one-line error naming it
     monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path / "absent"))
     with pytest.raises(StoreError, match=f"cannot make a local file to write memory://.*/t/y.parquet through, "
