@@ -351,9 +351,10 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
         ints = [k for k, v in state.items() if k in target and target[k].is_floating_point()
                 and not v.is_floating_point()]
         if ints:  # load_state_dict would cast them: the scales of a quantized file lost without a word
+            more = f" (and {len(ints) - 1} more)" if len(ints) > 1 else ""
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} holds {state[ints[0]].dtype} values for the "
-                             f"floating-point parameter {ints[0]!r}{f' (and {len(ints) - 1} more)' if len(ints) > 1 else ''}"
-                             f"; a quantized checkpoint cannot be loaded: give the float one")
+                             f"floating-point parameter {ints[0]!r}{more}; a quantized checkpoint cannot be "
+                             f"loaded: give the float one")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

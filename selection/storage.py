@@ -644,8 +644,8 @@ class Store:
 
     def stamp(self, rel: str) -> str:
         """A fingerprint of an object's version, without reading it (one HEAD or stat): on S3 its ETag,
-        size and time of writing; locally its size, mtime, ctime and inode (ctime cannot be set back, so every rewrite
-        changes it). Equal stamps mean the same bytes; a store that gives none returns "" (then
+        size and time of writing; locally its size, mtime, ctime and inode (ctime cannot be set back,
+        so every rewrite changes it). Equal stamps mean the same bytes; a store that gives none returns "" (then
         compare the bytes). ObjectGoneError if there is no object."""
         full = self._full(rel)
         try:

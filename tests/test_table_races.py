@@ -862,7 +862,7 @@ def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monk
     # the spool file of a write killed part-way is removed by a later compaction's clean-up, once stale
     import os
 
-    stale, fresh = tmp_path / "spool" / ".zooselect-spool-abc123.parquet", tmp_path / "spool" / ".zooselect-spool-x.parquet"
+    stale, fresh = (tmp_path / "spool" / f".zooselect-spool-{n}.parquet" for n in ("abc123", "x"))
     stale.write_bytes(b"PAR1")
     fresh.write_bytes(b"PAR1")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
