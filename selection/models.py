@@ -363,9 +363,11 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             shape = [k for k in state if k in target and state[k].shape != target[k].shape][:3]
             why = (f"missing {missing}, unexpected {extra}, shape mismatch {shape}" if missing or extra or shape
                    else str(exc).strip().splitlines()[-1][:200])
-            if shape and not missing and not extra and entry.input_size and all("pos" in k for k in shape):
+            if shape and not missing and not extra and all("pos" in k for k in shape):
                 why += (f"; position embeddings sized for another input than input_size {entry.input_size}: "
-                        f"give the size it was trained at, or leave input_size out")
+                        f"give the size it was trained at, or leave input_size out" if entry.input_size else
+                        "; position embeddings of another patch grid: name the variant it was trained as, or "
+                        "give an input_size in the catalog to resample them to")
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "
                              f"{arch!r} ({why})") from exc
     if entry.num_classes is not None and getattr(model, "num_classes", entry.num_classes) != entry.num_classes:

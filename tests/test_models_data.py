@@ -154,7 +154,9 @@ def test_a_vit_checkpoint_runs_at_the_catalogs_input_size(tmp_path, caplog):
     torch.testing.assert_close(loaded.model(x), at64.eval()(x))
     # without an input_size, a checkpoint of another grid is another variant's (a 384 px one named as
     # the 224 px arch): refused, not resampled (a review, session 34)
-    with pytest.raises(ModelError, match=r"shape mismatch \['pos_embed'\]\)$"):
+    with pytest.raises(ModelError, match=r"shape mismatch \['pos_embed'\]; position embeddings of another patch "
+                                         r"grid: name the variant it was trained as, or give an input_size in the "
+                                         r"catalog to resample them to\)$"):
         load_model(CatalogEntry("v", "vit_tiny_patch16_384", path))
     # a grid that is not square is not guessed at
     state = dict(trained.state_dict(), pos_embed=trained.pos_embed.detach()[:, :16])
