@@ -448,6 +448,11 @@ def write_row_groups(path: str, schema: pa.Schema, tables: Iterable[pa.Table], r
     return rows
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its type's name if it has none)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _spool_in_use(path: str) -> bool:
     """Whether a live `Store.write_tables` holds the spool file `path` (its shared lock; a killed
     writer's lock is gone with it)."""
@@ -604,8 +609,11 @@ class Store:
             try:
                 self._call("write", rel, lambda: self.fs.pipe_file(full, data))
             except FileNotFoundError as exc:
-                raise StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist "
-                                 f"(store {self.url!r})") from exc
+                raise self._no_bucket() from exc
+
+    def _no_bucket(self) -> StoreError:
+        """What a write's FileNotFoundError means on an object store."""
+        return StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist (store {self.url!r})")
 
     def delete(self, rel: str) -> bool:
         """Delete one object; return False when it did not exist."""
@@ -731,8 +739,7 @@ class Store:
             # exit ("terminate called without an active exception", rc 134) in 16 of 40 runs here; 0 of 80 so.
             return pq.ParquetFile(pa.BufferReader(data)).read()
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-            raise StoreError(f"corrupt Parquet object {self._display(rel)}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {_first_line(exc)}") from exc
 
     def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
         """Only `columns` of a Parquet object (reads the footer and those column chunks: on S3, ranged
@@ -833,8 +840,7 @@ class Store:
         except FileNotFoundError as exc:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         if isinstance(result, _Corrupt):
-            text = str(result.exc).splitlines()[0] if str(result.exc) else type(result.exc).__name__
-            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {text}") from result.exc
+            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {_first_line(result.exc)}") from result.exc
         return result
 
     def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
@@ -858,8 +864,8 @@ class Store:
             except OSError as exc:  # not retried: the stream is read once
                 if isinstance(exc, PermissionError):
                     raise self._translate("write", rel, exc) from exc
-                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise StoreError(f"storage error for write {self._display(rel)}: {type(exc).__name__}: {text}") from exc
+                raise StoreError(f"storage error for write {self._display(rel)}: {type(exc).__name__}: "
+                                 f"{_first_line(exc)}") from exc
         try:
             fd, tmp = tempfile.mkstemp(prefix=".zooselect-spool-", suffix=".parquet")
         except OSError as exc:
@@ -876,8 +882,7 @@ class Store:
                 if not os.path.exists(tmp):
                     raise StoreError(f"the local file {tmp} holding {self._display(rel)} was removed "
                                      f"while it was uploaded") from exc
-                raise StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist "
-                                 f"(store {self.url!r})") from exc
+                raise self._no_bucket() from exc
             return rows
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -889,8 +894,8 @@ class Store:
         try:
             return write_row_groups(path, schema, tables, row_group_size)
         except OSError as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StoreError(f"cannot write {path}, the local file for {self._display(rel)}: {text}") from exc
+            raise StoreError(f"cannot write {path}, the local file for {self._display(rel)}: "
+                             f"{_first_line(exc)}") from exc
 
     def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:
         rels = list(rels)
