@@ -75,7 +75,8 @@ KEYED_SCORERS = ("logme", "hscore", "ridge-loo")
 # Bumped whenever a change to selection.scorers or selection.linear_probe can move a record's values,
 # so that cached records never outlive the code that computed them (the model's key stays).
 # 2: LogME on features at unit RMS; the relative standardisation cut of the probe and ridge LOO.
-SCORES_VERSION = 2
+# 3: LogME counts a sample repeated in its class (equal features and label) once.
+SCORES_VERSION = 3
 IMAGENET_INPUT_SIZE = 128
 
 # Targets of the issue (quality benchmark).
