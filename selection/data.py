@@ -464,11 +464,35 @@ def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dic
     return _load_image_folder(spec, size, store_options or {})
 
 
+# Transparent pixels are laid over this colour, as a page or a viewer shows them (dropping the alpha
+# channel gave whatever colour a writer left under them: black for some tools, white for others).
+BACKGROUND = (255, 255, 255)
+
+
+def _upright(img: Any) -> Any:
+    """`img` turned as its EXIF orientation says (a phone's photo, stored sideways), as viewers show
+    it; as it is without one, or with an unreadable one."""
+    from PIL import ImageOps
+
+    try:
+        if img.getexif().get(0x0112, 1) in (1, None):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block: the pixels as stored
+        return img
+
+
 def _rgb8(img: Any, where: str) -> np.ndarray:
-    """An opened PIL image as uint8 RGB (H, W, 3). PIL's own conversion clips 16-bit grey levels to
-    255 (a 16-bit PNG came out almost white), so those are scaled to 8 bits; 32-bit integer and
-    float pixels (no agreed range: 8-bit values in a 32-bit TIFF came out black) are refused."""
-    if img.mode in ("I", "F") and not (img.mode == "I" and img.format == "PNG"):  # PNG: 16 bits at most
+    """An opened PIL image as uint8 RGB (H, W, 3), upright (`_upright`), transparent pixels over
+    BACKGROUND. PIL's own conversion clips 16-bit grey levels to 255 (a 16-bit PNG came out almost
+    white), so those are scaled to 8 bits; 32-bit integer and float pixels (no agreed range: 8-bit
+    values in a 32-bit TIFF came out black) are refused."""
+    from PIL import Image
+
+    fmt = img.format  # before turning it: a turned copy has none
+    img = _upright(img)
+    # PNG and Netpbm (PGM/PPM): 16 bits at most, which PIL reads as mode I
+    if img.mode in ("I", "F") and not (img.mode == "I" and fmt in ("PNG", "PPM")):
         kind = "signed or 32-bit integer" if img.mode == "I" else "32-bit float"  # PIL reads signed 16-bit as I
         raise DataError(f"image {where} has {kind} pixels (mode {img.mode}), whose range is not defined; "
                         f"save it with 8- or 16-bit pixels")
@@ -478,6 +502,9 @@ def _rgb8(img: Any, where: str) -> np.ndarray:
             raise DataError(f"image {where} has {img.mode} pixels from {grey.min()} to {grey.max()}; "
                             f"8- or 16-bit images are supported")
         return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        over = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(over, img.convert("RGBA"))
     return np.asarray(img.convert("RGB"))
 
 
@@ -514,6 +541,23 @@ def _split_url(url: str) -> tuple[str, str]:
     return os.path.dirname(os.path.abspath(path)) or "/", os.path.basename(path)
 
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # how Hive-style writers name the folder of null values
+
+
+def _with_partition_keys(table: Any, part: str) -> Any:
+    """A part file's table with the columns its folders name (`label=cat/part-0.parquet`: pandas'
+    and Spark's `partition_cols`, which leave that column out of the files), as strings."""
+    import pyarrow as pa
+    from urllib.parse import unquote
+
+    for step in part.split("/")[:-1]:
+        key, eq, value = step.partition("=")
+        if eq and key and key not in table.column_names:
+            value = None if value == HIVE_NULL else unquote(value)
+            table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+    return table
+
+
 def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
     import pyarrow as pa
 
@@ -527,7 +571,8 @@ def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
         # hidden checksum files are not parts), read in name order; else the file itself.
         parts = [p for p in store.list(name, ".parquet") if p.startswith(name + "/")
                  and not any(step.startswith(("_", ".")) for step in p[len(name) + 1:].split("/"))]
-        tables = [store.read_table(p) for p in parts] or [store.read_table(name)]
+        tables = [_with_partition_keys(store.read_table(p), p[len(name) + 1:]) for p in parts] \
+            or [store.read_table(name)]
     except StoreError as exc:
         raise DataError(f"cannot read task {url!r}: {exc}") from exc
     try:
@@ -544,6 +589,9 @@ def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
     images = []
     for i, cell in enumerate(images_col):
         data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if data is None and isinstance(cell, dict) and cell.get("path"):  # an image stored by reference
+            raise DataError(f"task Parquet {url!r} row {i}: 'image' holds the path {cell['path']!r}, not "
+                            f"the image's bytes; store the encoded image in the column")
         if not isinstance(data, (bytes, bytearray)):
             raise DataError(f"task Parquet {url!r} row {i}: 'image' should be encoded image bytes, "
                             f"got {type(data).__name__}")

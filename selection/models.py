@@ -205,6 +205,8 @@ def _recorded_arch(data: bytes) -> str | None:
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_EMA_KEYS = ("state_dict_ema", "model_ema")  # timm's training script, and others
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict") + _EMA_KEYS
 
 
 def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -212,22 +214,27 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load as st_load
 
         try:
-            return st_load(data)
+            obj = st_load(data)
         except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt file
             raise ModelError(f"corrupt safetensors checkpoint {where!r}: {exc}") from exc
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Unsupported global" in str(exc) or _pickle_names_code(data):
-            raise ModelError(f"refusing checkpoint {where!r}: it contains pickled code or objects "
-                             f"(only tensors are accepted; use safetensors)") from exc
-        if "weights_only" in str(exc):  # torch's unpickler met bytes that are no pickle it knows
-            raise ModelError(f"checkpoint {where!r} is not a PyTorch or safetensors checkpoint "
-                             f"({text[:120]})") from exc
-        raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
-    for key in ("state_dict", "model", "model_state_dict"):
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "Unsupported global" in str(exc) or _pickle_names_code(data):
+                raise ModelError(f"refusing checkpoint {where!r}: it contains pickled code or objects "
+                                 f"(only tensors are accepted; use safetensors)") from exc
+            if "weights_only" in str(exc):  # torch's unpickler met bytes that are no pickle it knows
+                raise ModelError(f"checkpoint {where!r} is not a PyTorch or safetensors checkpoint "
+                                 f"({text[:120]})") from exc
+            raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
+    # A training checkpoint's weights under one of these keys; the EMA ones only when it holds no others
+    for key in _CONTAINER_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            if key in _EMA_KEYS:
+                log.info("checkpoint %r: its weights are the moving average under %r (it holds no others)",
+                         where, key)
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
@@ -243,6 +250,26 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
             raise ModelError(f"checkpoint {where!r} holds {named[bare]!r} and {k!r}: which one to load is unclear")
         state[bare], named[bare] = v, k
     return state
+
+
+def _common_prefix(state: dict[str, torch.Tensor]) -> str:
+    """The first dotted step of every key (`model.` for `model.conv1.weight`, ...), or '' if they differ."""
+    firsts = {k.split(".", 1)[0] if "." in k else None for k in state}
+    return f"{firsts.pop()}." if len(firsts) == 1 and None not in firsts else ""
+
+
+def _without_prefix(state: dict[str, torch.Tensor], prefix: str, model: torch.nn.Module,
+                    where: str) -> dict[str, torch.Tensor]:
+    """`state` without the prefix all its keys share, if that makes its keys the model's exactly (a
+    LightningModule saves its network's weights as `<attribute>.<name>`); else as it is."""
+    target = model.state_dict().keys()
+    if not prefix or state.keys() == target:
+        return state
+    bare = {k[len(prefix):]: v for k, v in state.items()}
+    if bare.keys() != target:
+        return state
+    log.info("checkpoint %r: its weights are read without the prefix %r all their names have", where, prefix)
+    return bare
 
 
 def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
@@ -338,13 +365,17 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             clf = (cfg.classifier if cfg is not None
                    else _create(arch, entry, pretrained=False).pretrained_cfg.get("classifier"))
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
+            # A training wrapper's checkpoint (Lightning: every key under `model.` or another attribute)
+            prefix = _common_prefix(state)
             num_classes = entry.num_classes
             if num_classes is None:
                 num_classes = 0
                 for k in clf_keys:
-                    if f"{k}.weight" in state:
-                        num_classes = int(state[f"{k}.weight"].shape[0])
+                    for key in (f"{k}.weight", f"{prefix}{k}.weight"):
+                        if key in state:
+                            num_classes = int(state[key].shape[0])
             model = _create(arch, entry, pretrained=False, num_classes=num_classes)
+            state = _without_prefix(state, prefix, model, w)
             if entry.input_size:  # without one, a mismatch is another variant's checkpoint: refused below
                 state = _position_embedding_resampled(model, state, entry)
         target = model.state_dict()
@@ -419,7 +450,8 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     `images` may already be a uint8 tensor on `device` (the GPU path uploads the probe once).
 
     Resize the shorter side to S / crop_pct with the model's interpolation (antialiased),
-    centre-crop S, scale to [0, 1], normalise with the model's mean and std. The resize
+    centre-crop S (padded with black where the resized image is smaller: crop_pct > 1, as
+    torchvision's CenterCrop in timm's transform does), scale to [0, 1], normalise with the model's mean and std. The resize
     and crop are one separable linear map; on CUDA (`resize_by_matmul` None) it runs as two
     matrix products, several times faster there than the antialiased interpolation kernel,
     with the same weights (equal up to float rounding).
@@ -436,7 +468,7 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     h, w = x.shape[-2:]
     new_h, new_w = (scale, max(scale, round(w * scale / h))) if h <= w else \
         (max(scale, round(h * scale / w)), scale)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    top, left = _crop_start(new_h, size), _crop_start(new_w, size)
     if resize_by_matmul is None:
         resize_by_matmul = x.device.type == "cuda"
     if resize_by_matmul:
@@ -445,6 +477,9 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
         x = torch.matmul(torch.matmul(rows, x), cols.T)
     else:
         x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+        if top < 0 or left < 0:  # crop_pct > 1: black borders
+            x = F.pad(x, (max(-left, 0), max(left + size - new_w, 0), max(-top, 0), max(top + size - new_h, 0)))
+            top, left = max(top, 0), max(left, 0)
         x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
@@ -452,9 +487,16 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     return x.to(dtype).contiguous(memory_format=_layout(device))
 
 
+def _crop_start(n: int, size: int) -> int:
+    """Where a centre crop of `size` starts along an axis of `n` pixels; negative (the padding before
+    it) when n < size, as torchvision's CenterCrop pads."""
+    return (n - size) // 2 if n >= size else -((size - n) // 2)
+
+
 @functools.lru_cache(maxsize=256)
 def _resize_matrix(n_in: int, n_out: int, start: int, size: int, mode: str) -> torch.Tensor:
-    """(size, n_in) float32: rows start..start+size of the 1-D antialiased resize n_in -> n_out.
+    """(size, n_in) float32: rows start..start+size of the 1-D antialiased resize n_in -> n_out
+    (rows outside 0..n_out, a padded crop, are zero).
 
     Read off `F.interpolate` itself by resizing the n_in unit vectors, so the weights are
     exactly the kernel's (the 2-D resize is separable; the unchanged axis is the identity).
@@ -463,7 +505,9 @@ def _resize_matrix(n_in: int, n_out: int, start: int, size: int, mode: str) -> t
 
     basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
     out = F.interpolate(basis, size=(1, n_out), mode=mode, antialias=True, align_corners=False)
-    return out.view(n_in, n_out)[:, start:start + size].T.contiguous().float()
+    full = F.pad(out.view(n_in, n_out), (max(-start, 0), max(start + size - n_out, 0)))
+    start = max(start, 0)
+    return full[:, start:start + size].T.contiguous().float()
 
 
 def _layout(device: str | torch.device) -> torch.memory_format:

@@ -35,6 +35,30 @@ def test_safetensors_and_pth_checkpoints_load(tmp_path):
     assert weights_digest(entry) == load_model(entry).weights_sha256
 
 
+def test_checkpoints_of_training_wrappers_load_as_their_network(tmp_path, caplog):
+    """`module.` keys in a safetensors file, a Lightning checkpoint (`state_dict` of `model.<name>` keys)
+    and a file of EMA weights only were refused with 'missing [...], unexpected [...]' or 'not a state
+    dict' (a review, session 35)."""
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet10t", num_classes=5)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.safetensors")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "lightning.ckpt")
+    torch.save({"state_dict_ema": sd, "epoch": 3}, tmp_path / "ema.pth")
+    with caplog.at_level(logging.INFO, logger="selection.models"):
+        for name in ("ddp.safetensors", "lightning.ckpt", "ema.pth"):
+            lm = load_model(CatalogEntry(name, "resnet10t", str(tmp_path / name)))
+            assert lm.model.num_classes == 5
+            assert all(torch.equal(lm.model.state_dict()[k], v) for k, v in sd.items()), name
+    assert "without the prefix 'model.'" in caplog.text and "moving average under 'state_dict_ema'" in caplog.text
+    # a prefix is dropped only when the rest is the network exactly
+    torch.save({f"model.{k}": v for k, v in sd.items() if "fc." not in k} | {"model.extra": torch.zeros(1)},
+               tmp_path / "other.ckpt")
+    with pytest.raises(ModelError, match=r"does not match architecture 'resnet10t' \(missing"):
+        load_model(CatalogEntry("o", "resnet10t", str(tmp_path / "other.ckpt")))
+
+
 def test_a_checkpoint_load_builds_one_model(tmp_path, monkeypatch):
     import selection.models as models
 
@@ -466,6 +490,30 @@ def test_a_parquet_task_written_as_a_folder_of_parts_is_read_whole(tmp_path):
         load_dataset(str(folder), 8)
 
 
+def test_a_hive_partitioned_parquet_task_takes_its_labels_from_the_folders(tmp_path):
+    """`partition_cols=["label"]` (pandas, Spark) leaves the label out of the files, in `label=<value>/`
+    folders: it was 'lacks column(s) ['label']' (a review, session 35)."""
+    rows = pa.table({"image": [_png((255, 0, 0)), _png((0, 0, 255)), _png((250, 0, 0))],
+                     "label": ["red", "blue sky", "red"]})
+    pq.write_to_dataset(rows, tmp_path / "task.parquet", partition_cols=["label"])
+    assert (tmp_path / "task.parquet" / "label=blue%20sky").is_dir()
+    ds = load_dataset(str(tmp_path / "task.parquet"), 8)
+    assert sorted(ds.classes) == ["blue sky", "red"] and len(ds.labels) == 3
+    assert {ds.classes[y]: int(ds.images[i, 0, 0, 0]) > 200 for i, y in enumerate(ds.labels)} == \
+        {"red": True, "blue sky": False}
+    # a null label's folder is a missing label
+    (tmp_path / "task.parquet" / "label=__HIVE_DEFAULT_PARTITION__").mkdir()
+    pq.write_table(pa.table({"image": [_png((0, 255, 0))]}),
+                   tmp_path / "task.parquet" / "label=__HIVE_DEFAULT_PARTITION__" / "p.parquet")
+    with pytest.raises(DataError, match=r"has 1 missing label\(s\)"):
+        load_dataset(str(tmp_path / "task.parquet"), 8)
+    # an image stored by its path only (a dataset's image feature not embedded) names the path
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": "/data/x.png"}] * 2, "label": [0, 1]}),
+                   tmp_path / "refs.parquet")
+    with pytest.raises(DataError, match=r"row 0: 'image' holds the path '/data/x.png', not the image's bytes"):
+        load_dataset(str(tmp_path / "refs.parquet"), 8)
+
+
 def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
     """PIL's RGB conversion clips 16-bit grey levels (a 16-bit gradient came out 99.6 % white)."""
     from PIL import Image
@@ -485,6 +533,38 @@ def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
     Image.fromarray(np.full((16, 16), 128, np.int32)).save(tmp_path / "set" / "b" / "x.tif")
     with pytest.raises(DataError, match=r"x\.tif has signed or 32-bit integer pixels \(mode I\), whose range is not "):
         load_dataset(str(tmp_path / "set"), 16)
+
+
+def test_images_are_read_as_viewers_show_them(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation was embedded sideways; transparent pixels
+    took whatever colour a writer left under them (two files that look alike gave black and white); a
+    16-bit PGM was refused as 'signed or 32-bit' (a review, session 35)."""
+    def decoded(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return data_module._decode(buf.getvalue(), f"x.{fmt.lower()}", 16)
+
+    sideways = np.zeros((16, 32, 3), np.uint8)
+    sideways[:, :16] = (255, 0, 0)  # red on the left as stored: on top once turned (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = decoded(Image.fromarray(sideways), "JPEG", exif=exif.tobytes(), quality=95)
+    assert photo[2, 8, 0] > 200 > photo[13, 8, 0]  # red on top, not on the left
+    cutout = np.zeros((16, 16, 4), np.uint8)
+    cutout[4:12, 4:12] = (0, 0, 255, 255)  # an opaque blue square; black under the transparent rest
+    black_under = decoded(Image.fromarray(cutout, "RGBA"), "PNG")
+    cutout[cutout[..., 3] == 0] = (255, 255, 255, 0)
+    palette = Image.fromarray((cutout[..., 3] == 255).astype(np.uint8), "L").convert("P")
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    for got in (black_under, decoded(Image.fromarray(cutout, "RGBA"), "PNG"),
+                decoded(palette, "GIF", transparency=0), decoded(palette, "PNG", transparency=0)):
+        assert (got[0, 0] == 255).all() and tuple(got[8, 8]) == (0, 0, 255), (got[0, 0], got[8, 8])
+    grey = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    assert np.array_equal(decoded(Image.fromarray(grey), "PPM")[..., 0], (grey >> 8).astype(np.uint8))
+    # an orientation tag out of range is read as none
+    exif[0x0112] = 99
+    assert np.array_equal(decoded(Image.fromarray(sideways), "PNG", exif=exif.tobytes()),
+                          data_module.resize_images(sideways[None], 16)[0])
 
 
 def test_an_image_whose_header_claims_too_many_pixels_is_a_one_line_error(tmp_path):
@@ -539,7 +619,7 @@ def test_builtin_sets_and_split():
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64, 3), (2, 300, 200, 3), (2, 50, 90, 3)])
-@pytest.mark.parametrize("interp,size,crop", [("bicubic", 224, 0.875), ("bilinear", 32, 1.0)])
+@pytest.mark.parametrize("interp,size,crop", [("bicubic", 224, 0.875), ("bilinear", 32, 1.0), ("bicubic", 448, 1.15)])
 def test_matmul_resize_equals_the_interpolation_kernel(shape, interp, size, crop):
     """The GPU path's resize (two matrix products) gives the antialiased kernel's numbers."""
     img = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
@@ -549,6 +629,26 @@ def test_matmul_resize_equals_the_interpolation_kernel(shape, interp, size, crop
     matmul = preprocess(img, cfg, resize_by_matmul=True)
     assert kernel.shape == matmul.shape == (shape[0], 3, size, size)
     assert torch.allclose(kernel, matmul, atol=1e-4), float((kernel - matmul).abs().max())
+
+
+def test_a_crop_pct_above_one_pads_as_timms_transform():
+    """volo_d5_448 (crop_pct 1.15) resizes a 448 px image's side to 389 px, below its crop: the crop's
+    negative start wrapped around, and preprocess returned 30 x 30 pixels (a review, session 35).
+    timm's eval transform pads the crop with black."""
+    from timm.data import create_transform
+
+    img = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    cfg = dict(input_size=(3, 48, 48), crop_pct=1.15, interpolation="bilinear",
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    ours = preprocess(img, cfg)
+    ref = create_transform(input_size=cfg["input_size"], crop_pct=1.15, interpolation="bilinear",
+                           mean=cfg["mean"], std=cfg["std"])
+    theirs = torch.stack([ref(Image.fromarray(i)) for i in img])
+    assert ours.shape == theirs.shape == (2, 3, 48, 48)
+    black = (0 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    for border in (ours[..., :3, :], ours[..., -3:, :], ours[..., :, :3], ours[..., :, -3:]):
+        assert torch.allclose(border, black.view(1, 3, 1, 1).expand_as(border))
+    assert float((ours - theirs).abs().mean()) < 0.01  # the resize kernels differ (PIL and torch)
 
 
 def test_prepared_inputs_give_identical_features():
