@@ -32,9 +32,9 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def open_store(args: argparse.Namespace, url: str | None = None) -> Store:
-    """The job's store (`url`, default `--store`), checked; `--s3-endpoint` then holds for every
-    s3:// URL the job and its Ray workers read (tasks, checkpoints), not only the store."""
+def open_store(args: argparse.Namespace, url: str | None = None, writable: bool = True) -> Store:
+    """The job's store (`url`, default `--store`), checked (`Store.check`); `--s3-endpoint` then holds
+    for every s3:// URL the job and its Ray workers read (tasks, checkpoints), not only the store."""
     store = Store(url or args.store, s3_endpoint=args.s3_endpoint)
     if store.scheme == "file":  # its absolute path: workers may run in another directory than this driver
         store = Store(store.root, s3_endpoint=args.s3_endpoint)
@@ -43,7 +43,7 @@ def open_store(args: argparse.Namespace, url: str | None = None) -> Store:
                           f"use a local directory or s3://bucket/prefix")
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint  # read by every Store; runtime.init passes it on
-    store.check()
+    store.check(writable)
     return store
 
 
@@ -52,6 +52,8 @@ def check_output(path: str | None, *, directory: bool = False) -> None:
     is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""
     if not path:
         return
+    if "://" in path:
+        raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
     full = os.path.abspath(os.path.expanduser(path))
     if directory:
         if os.path.exists(full) and not os.path.isdir(full):

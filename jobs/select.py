@@ -28,8 +28,8 @@ from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
 from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, Ranked, SelectConfig,
-                              SweepPart, TaskEmbedding, apply_verification, default_score, embed_task, entry_of,
-                              front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
+                              SweepPart, TaskEmbedding, apply_verification, check_score, default_score, embed_task,
+                              entry_of, front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, load_standard
 from selection.storage import Store, atomic_local_file, write_file_atomically
@@ -225,8 +225,8 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
 
 def _result_row(r: Ranked) -> dict[str, Any]:
     gflops = r.row["gflops"]
-    return {"rank": r.rank or None, "model_id": r.model_id, "score": round(r.score, 6),
-            "score_parts": [round(x, 6) for x in r.parts] or None, "verified": r.verified,
+    return {"rank": r.rank or None, "model_id": r.model_id, "score": round(r.score, 9),
+            "score_parts": [round(x, 9) for x in r.parts] or None, "verified": r.verified,
             "is_baseline": r.is_baseline,
             "arch": r.row["arch"], "num_params": r.row["num_params"],
             "gflops": gflops if gflops is not None and math.isfinite(gflops) else None,  # NaN: not counted
@@ -259,13 +259,14 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"]:
             lines.append("no model passes the constraints")
-        head = f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9}"
+        w = _id_width(res["ranking"])
+        head = f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9}"
         if truth:
             head += f" {'measured':>9}"
         lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
         for row in res["ranking"]:
             ver, params, gflops = _cells(row)
-            line = f"{row['rank']:>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9}"
+            line = f"{row['rank']:>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9}"
             if truth:
                 acc = truth.get(res["task"], {}).get(row["model_id"])
                 line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
@@ -274,6 +275,12 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
         if res.get("pareto") is not None:
             lines += _format_front(res["pareto"], res["pareto_cost"])
     return "\n".join(lines)
+
+
+def _id_width(rows: list[dict[str, Any]]) -> int:
+    """The model column's width: the longest id printed (ids were cut to 36 characters, and timm's
+    `vit_base_patch16_clip_224.openai_ft_in12k_in1k` and `..._in1k` printed alike; a review, session 35)."""
+    return max([36] + [len(r["model_id"]) for r in rows])
 
 
 def _cells(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -289,10 +296,10 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
         return [f"Pareto front (score against {name}): no model of known {name} passes the constraints"]
     lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; no other model "
              f"scores as high at no more {name} (one of the two strictly)",
-             f"{'rank':>4}  {'model':<36} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
+             f"{'rank':>4}  {'model':<{_id_width(front)}} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
     for row in front:
         ver, params, gflops = _cells(row)
-        lines.append(f"{row['rank'] or '-':>4}  {row['model_id'][:36]:<36} {row['score']:>7.4f} {ver:>9} "
+        lines.append(f"{row['rank'] or '-':>4}  {row['model_id']:<{_id_width(front)}} {row['score']:>7.4f} {ver:>9} "
                      f"{params:>8} {gflops:>7}")
     return lines
 
@@ -311,28 +318,37 @@ def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
                   parquet_path: str | None, store: Store | None = None) -> str | None:
-    """Write the results where asked; with `store`, first to STORE/results/ (returns that prefix). Each
-    local file is written whole or not at all; one that cannot be written is a one-line ConfigError."""
+    """Write the results where asked: the local files, then with `store` its copy in STORE/results/
+    (returns that prefix). Each file is written whole or not at all, every one that can be is, then a
+    one-line error names those that could not (StoreError when the store's copy failed)."""
     doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
-    saved = None
-    if store is not None:
-        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        store.write_bytes(f"{run}.json", doc.encode())
-        store.write_table(f"{run}.parquet", results_table(results, std_id))
-        saved = f"{store.url}/{run}"
 
     def write_parquet(path: str) -> None:
         with atomic_local_file(path) as tmp:
             pq.write_table(results_table(results, std_id), tmp)
 
+    failed, written = [], []
     for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())), (parquet_path, write_parquet)):
         if not path:
             continue
         try:
             write(path)
+            written.append(path)
         except OSError as exc:
-            raise ConfigError(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}"
-                              + (f" (the results are saved in {saved}.json)" if saved else "")) from exc
+            failed.append(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}")
+    saved = None
+    if store is not None:
+        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        try:
+            store.write_bytes(f"{run}.json", doc.encode())
+            store.write_table(f"{run}.parquet", results_table(results, std_id))
+            saved = f"{store.url}/{run}"
+        except StoreError as exc:
+            failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
+    if failed:
+        kept = written + ([f"{saved}.json"] if saved else [])
+        error = StoreError if store is not None and saved is None else ConfigError
+        raise error("; ".join(failed) + (f" (the results are in {', '.join(kept)})" if kept else ""))
     return saved
 
 
@@ -353,10 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.check_amount("--task-gpus", args.task_gpus)
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
-    store = open_store(args)
+    store = open_store(args, writable=not args.no_save)  # a selection only reads unless it saves
     # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
     _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])
     std = load_standard(store, args.standard)
+    check_score(std, config.score)
     warn_task_image_size(config, std)
     if not may_have_rows(store, std.id):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "

@@ -451,10 +451,10 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
 
     Resize the shorter side to S / crop_pct with the model's interpolation (antialiased),
     centre-crop S (padded with black where the resized image is smaller: crop_pct > 1, as
-    torchvision's CenterCrop in timm's transform does), scale to [0, 1], normalise with the model's mean and std. The resize
-    and crop are one separable linear map; on CUDA (`resize_by_matmul` None) it runs as two
-    matrix products, several times faster there than the antialiased interpolation kernel,
-    with the same weights (equal up to float rounding).
+    torchvision's CenterCrop in timm's transform does), scale to [0, 1], normalise with the
+    model's mean and std. The resize and crop are one separable linear map; on CUDA
+    (`resize_by_matmul` None) it runs as two matrix products, several times faster there than
+    the antialiased interpolation kernel, with the same weights (equal up to float rounding).
     """
     import torch.nn.functional as F
 

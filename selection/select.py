@@ -140,17 +140,24 @@ class TaskEmbedding:
         form's block too); "rank-mean" ranks every row under the per-source and full forms and
         averages the two ranks.
         """
-        score = score or default_score(std.form)
-        if score not in SCORES:
-            raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+        score = check_score(std, score)
         if score == "rank-mean":
-            if std.form != "per-source":
-                raise ConfigError(f"score 'rank-mean' needs a 'per-source' table, standard {std.id} is {std.form!r}")
             return RankQuery((self.query(std, "per-source"), self.query(std, "full")))
-        if score != std.form and (score, std.form) != ("full", "per-source"):
-            raise ConfigError(f"a {std.form!r} table cannot be scored in the {score!r} form")
         z_cov = source_covariance(std.z, std.sources) if score == "per-source" else None
         return task_query(self.g, score, std.width, self.source_weights, z_cov)
+
+
+def check_score(std: Standard, score: str | None) -> str:
+    """The score tasks get against `std`'s table: `score`, or `default_score` for None; ConfigError if
+    the table cannot be scored so (checked before any task is embedded)."""
+    score = score or default_score(std.form)
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "rank-mean" and std.form != "per-source":
+        raise ConfigError(f"score 'rank-mean' needs a 'per-source' table, standard {std.id} is {std.form!r}")
+    if score not in ("rank-mean", std.form) and (score, std.form) != ("full", "per-source"):
+        raise ConfigError(f"a {std.form!r} table cannot be scored in the {score!r} form")
+    return score
 
 
 def default_score(form: str) -> str:
@@ -755,7 +762,7 @@ class Selection:
     pareto: list[Ranked] = field(default_factory=list)
 
 
-def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig = SelectConfig(), *,
+def select_models(store: Any, tasks: Iterable[ImageSet | str], config: SelectConfig = SelectConfig(), *,
                   standard_id: str | None = None, device: str = "cpu") -> list[Selection]:
     """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
     runs on a cluster.
@@ -767,6 +774,8 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
     with a zooselect error, e.g. a checkpoint gone or corrupt, is logged; the row stays, unverified).
     `standard_id`: the store's default standard when None.
     """
+    if not isinstance(tasks, (str, os.PathLike, ImageSet)):
+        tasks = list(tasks)  # a generator is read once
     if isinstance(tasks, (str, os.PathLike, ImageSet)) or not tasks:
         raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
     odd = [t for t in tasks if not isinstance(t, (str, os.PathLike, ImageSet))]
@@ -774,6 +783,7 @@ def select_models(store: Any, tasks: list[ImageSet | str], config: SelectConfig 
         raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
     check_device(device)
     std = load_standard(store, standard_id)
+    check_score(std, config.score)
     if not may_have_rows(store, std.id):
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
     warn_task_image_size(config, std)

@@ -568,8 +568,9 @@ class Store:
         return f"{self.url}/{rel.strip('/')}" if rel else self.url
 
     # -- public API --------------------------------------------------------------------
-    def check(self) -> None:
-        """Fail with a one-line StoreError unless the store root is reachable and usable."""
+    def check(self, writable: bool = True) -> None:
+        """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`: a
+        local one writable too; a job that only reads, such as a selection not saving, need not)."""
         if self.scheme == "s3":
             prefix = self.root[len(self.bucket):].strip("/")
             try:  # one key listed under the store's prefix (not exists(): s3fs turns every error into False;
@@ -585,7 +586,7 @@ class Store:
             parent = self.root
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent)
-            if not os.access(parent, os.W_OK):
+            if writable and not os.access(parent, os.W_OK):
                 raise StoreError(f"store path {self.root!r} is not writable")
 
     def exists(self, rel: str) -> bool:

@@ -93,9 +93,10 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     # The job's workers select as the library does in one process (same size, scores, verification).
     from selection.select import SelectConfig, select_models
 
-    [lib] = select_models(store, [tasks[1]], SelectConfig(top_k=3, verify_top_k=2))
+    # (tasks given as a generator: its check used it up, and the sweep met no task; a review, session 35)
+    [lib] = select_models(store, (t for t in tasks[1:]), SelectConfig(top_k=3, verify_top_k=2))
     job = doc["tasks"][1]["ranking"]
-    assert [(r.model_id, round(r.score, 6)) for r in lib.ranking] == [(r["model_id"], r["score"]) for r in job]
+    assert [(r.model_id, round(r.score, 9)) for r in lib.ranking] == [(r["model_id"], r["score"]) for r in job]
     assert [r.verified for r in lib.ranking] == pytest.approx([r["verified"] for r in job], rel=1e-6)
     import pyarrow.parquet as pq
 
@@ -495,10 +496,63 @@ def test_results_that_cannot_be_written_locally_are_one_line_and_kept_in_the_sto
     store = Store(str(tmp_path / "store"))
     gone = str(tmp_path / "removed-meanwhile" / "r.parquet")
     with pytest.raises(ConfigError, match=r"cannot write '.*r.parquet': No such file or directory \(the results "
-                                          r"are saved in .*/results/select-.*\.json\)"):
+                                          r"are in .*r\.json, .*/results/select-.*\.json\)"):
         write_outputs([{"task": "t", "ranking": []}], "std-x", str(out), gone, store)
     assert json.loads(out.read_text())["standard_id"] == "std-x"  # written whole; the store's copy too
     assert len(store.list("results")) == 2
+
+
+def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkeypatch):
+    """A read-only store was refused even with --no-save, and with one the job could not write to (an S3
+    bucket under read-only credentials) the failed store copy came first and no --json file was written
+    (a review, session 35)."""
+    from jobs.common import check_output
+    from jobs.select import write_outputs
+    from selection.errors import StoreError
+    from selection.storage import Store
+
+    store = Store(str(tmp_path / "store"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    with pytest.raises(StoreError, match="is not writable"):
+        store.check()
+    store.check(writable=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "write_bytes", lambda rel, data: (_ for _ in ()).throw(
+        StoreError(f"permission denied writing {store.url}/{rel}")))
+    out = tmp_path / "r.json"
+    with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(permission denied writing .*\); "
+                                         r"--no-save skips that \(the results are in .*r\.json\)$"):
+        write_outputs([{"task": "t", "ranking": []}], "std-x", str(out), None, store)
+    assert json.loads(out.read_text())["standard_id"] == "std-x"
+    with pytest.raises(ConfigError, match=r"cannot write 's3://bucket/r.json': outputs are local paths, not URLs"):
+        check_output("s3://bucket/r.json")
+
+
+def test_a_score_the_table_cannot_give_is_refused_before_any_work(published, monkeypatch):
+    """`--score rank-mean` on a full-form table was refused after Ray started and every task was embedded
+    (a review, session 35)."""
+    from jobs import select
+
+    store, _ = published
+    monkeypatch.setattr(select.runtime, "init", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError, match="'rank-mean' needs a 'per-source' table.*is 'full'"):
+        select.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=4", "--score",
+                     "rank-mean", "--no-save", "--no-progress"])
+
+
+def test_long_model_ids_are_printed_whole():
+    """Ids were cut to 36 characters: two timm weights of one architecture printed alike (a review,
+    session 35)."""
+    from jobs.select import format_results
+
+    ids = ["timm/vit_base_patch16_clip_224.openai_ft_in12k_in1k", "timm/vit_base_patch16_clip_224.openai_ft_in1k"]
+    rows = [{"rank": i + 1, "model_id": m, "score": 0.5, "verified": None, "is_baseline": False, "num_params": 1,
+             "gflops": 1.0} for i, m in enumerate(ids)]
+    printed = format_results([{"task": "t", "n_images": 4, "n_classes": 2, "ranking": rows, "pareto": rows,
+                               "pareto_cost": "params"}], "std-x", 2)
+    assert all(printed.count(m + " ") == 2 for m in ids)
+    assert len({line.index("0.5000") for line in printed.splitlines() if "0.5000" in line}) == 1  # aligned
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published):
