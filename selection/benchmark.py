@@ -204,8 +204,8 @@ class QualityPlan:
 
 
 def _fm(classes: str | None, n: int | None = None, split: str = "train", seed: int = 0,
-        per_class: int | None = None) -> str:
-    q = [f"split={split}"]
+        per_class: int | None = None, half: int | None = None) -> str:
+    q = [f"split={split}"] + ([f"half={half}"] if half else [])
     if classes:
         q.append(f"classes={classes}")
     if per_class is not None:
@@ -251,15 +251,20 @@ GENERAL_SOURCES = ((_fm(None, 4000, seed=3), 1), ("builtin:digits?split=train", 
 # image of the class in that test split is held out for the ground truth (session 22; 80-150 per
 # class before), so that the accuracy a selection is judged by is not the noise of a few hundred
 # images: a point of top-1 gap must be measurable.
-TEST_SPLIT_PER_CLASS = {"fashion-mnist": 1000,  # t10k: 1,000 images of each class
+# Dev and test tasks share no Fashion-MNIST image (session 35; a review found every test task's images
+# inside a dev task's): dev tasks draw from one half of each t10k class, test tasks from the other
+# (`half=1`, `half=2`). The digits test part (44 to 68 images a class) is too small to halve: its dev
+# and test tasks draw from the same images, with other classes or labelled counts.
+TEST_SPLIT_PER_CLASS = {"fashion-mnist": 500,  # half of t10k's 1,000 images of each class
                         "digits": 44}  # the smallest class of the digits test part: all tasks stay balanced
+HALF = {"dev": 1, "test": 2}  # the half of t10k each group's Fashion-MNIST tasks draw from
 
 
 def _task(name: str, source: str, train: int, seed: int, group: str, note: str,
           classes: str | None = None) -> BenchTask:
     per_class = TEST_SPLIT_PER_CLASS[source]
     if source == "fashion-mnist":
-        spec = _fm(classes, split="test", seed=seed, per_class=per_class)
+        spec = _fm(classes, split="test", seed=seed, per_class=per_class, half=HALF[group])
     else:
         spec = f"builtin:digits?split=test{'&classes=' + classes if classes else ''}&per_class={per_class}&seed={seed}"
     return BenchTask(name, spec, group, note, test_fraction=(per_class - train) / per_class)
@@ -1549,7 +1554,12 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
                 f"split {plan.protocol.split_seed}; every split has the same sizes); the plots and the picks "
                 f"table show that split. " if plan.splits > 1 else "")
              + "**dev** tasks are where the method default (score and task method) is chosen; **test** tasks are only "
-             f"reported.")
+             f"reported. Dev and test tasks share no Fashion-MNIST image: the dev group draws from one half of "
+             f"each t10k class, the test group from the other (since session 35; before, every test task's images "
+             f"were in a dev task). They do share class problems (both groups have the 10 classes, the tops and "
+             f"the footwear, with other labelled counts), and the digits tasks of both groups draw from the one "
+             f"digits test part (44 to 68 images a class, too few to halve): test measures new images and "
+             f"labelled draws of familiar problems, not unseen datasets.")
     L.append(f"- **Ground truth**: linear-probe test accuracy under the fixed protocol "
              f"(`selection.linear_probe`: standardised features, L2 {plan.protocol.l2:g}, L-BFGS up to "
              f"{plan.protocol.max_iter} iterations), of every candidate on every task.")

@@ -358,7 +358,7 @@ def _select_classes(images: np.ndarray, labels: np.ndarray, names: tuple[str, ..
 
 
 # Each built-in dataset's options and, where `classes=` may pick some, its class names.
-_LABELLED = frozenset({"classes", "per_class", "n", "split", "seed"})
+_LABELLED = frozenset({"classes", "per_class", "n", "split", "half", "seed"})
 _BUILTINS: dict[str, tuple[frozenset[str], tuple[str, ...] | None]] = {
     "fashion-mnist": (_LABELLED, FASHION_CLASSES),
     "digits": (_LABELLED, DIGITS_CLASSES),
@@ -379,11 +379,22 @@ def check_builtin_spec(spec: str) -> tuple[str, dict[str, str]]:
     params = _params(query, set(allowed), spec)
     for key in ("per_class", "n", "seed"):
         _int(params, key, None, spec)
+    if params.get("half", "1") not in ("1", "2"):
+        raise DataError(f"{name} half must be 1 or 2, got {params['half']!r} in {spec!r}")
     if params.get("split", "test") not in ("train", "test"):
         raise DataError(f"{name} split must be 'train' or 'test', got {params['split']!r} in {spec!r}")
     if names is not None:
         _classes(params, len(names), spec)
     return name, params
+
+
+def _half(images: np.ndarray, labels: np.ndarray, half: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """`half=1` or `2`: every other image of each class, in the split's order, starting with its first
+    or its second (two disjoint halves, for task groups that share no image); all without one."""
+    if half is None:
+        return images, labels
+    idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[int(half) - 1::2] for c in np.unique(labels)]))
+    return images[idx], labels[idx]
 
 
 def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int,
@@ -455,6 +466,7 @@ def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dic
             images, labels = load_fashion_mnist("train")
             images, labels = images[:FASHION_PROBE_COUNT], labels[:FASHION_PROBE_COUNT]
             names = FASHION_CLASSES
+        images, labels = _half(images, labels, p.get("half"))
         if p.get("classes"):
             images, labels, names = _select_classes(images, labels, names, _classes(p, len(names), spec))
         images, labels = _per_class(images, labels, _int(p, "per_class", None, spec), seed, _int(p, "n", None, spec))

@@ -68,6 +68,9 @@ def test_full_plan_has_8_tasks_split_into_dev_and_test():
     assert {t.group for t in fewshot} == {"dev", "test"}
     # the ground truth is measured on every other image of the task's classes in the source's test split
     assert all(int(q["per_class"]) == bench.TEST_SPLIT_PER_CLASS[source] for source, q in specs.values())
+    # dev and test Fashion-MNIST tasks draw from disjoint halves of each class
+    assert {(t.group, specs[t.name][1]["half"]) for t in tasks if specs[t.name][0] == "fashion-mnist"} == \
+        {("dev", "1"), ("test", "2")}
     assert all(t.test_fraction > 0.5 for t in tasks)
 
 

@@ -607,6 +607,12 @@ def test_builtin_sets_and_split():
     assert fm.images.shape == (30, 32, 32, 3) and fm.classes == ("sandal", "sneaker", "ankle-boot")
     dg = load_dataset("builtin:digits?per_class=5", 16)
     assert len(dg) == 50 and len(dg.classes) == 10
+    # two halves of a split: disjoint, balanced, every class in each
+    halves = [load_dataset(f"builtin:fashion-mnist?classes=5,7&half={h}&per_class=500", 8) for h in (1, 2)]
+    assert all(np.bincount(h.labels).tolist() == [500, 500] for h in halves)
+    assert not {x.tobytes() for x in halves[0].images} & {x.tobytes() for x in halves[1].images}
+    with pytest.raises(DataError, match=r"fashion-mnist half must be 1 or 2, got '0'"):
+        load_dataset("builtin:fashion-mnist?half=0", 8)
     tr, te = stratified_split(fm.labels, 0.5, 0)
     assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 30
     assert set(fm.labels[te]) == {0, 1, 2}
