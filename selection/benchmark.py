@@ -75,8 +75,10 @@ KEYED_SCORERS = ("logme", "hscore", "ridge-loo")
 # Bumped whenever a change to selection.scorers or selection.linear_probe can move a record's values,
 # so that cached records never outlive the code that computed them (the model's key stays).
 # 2: LogME on features at unit RMS; the relative standardisation cut of the probe and ridge LOO.
-# 3: LogME counts a sample repeated in its class (equal features and label) once.
-SCORES_VERSION = 3
+# 3: LogME counted a sample repeated in its class once (reverted: it scored a class collapsed onto one
+#    vector, the best features there are, as one sample of each class; a review, session 35).
+# 4: as 2 (never reuse 3: records of it are in stores).
+SCORES_VERSION = 4
 IMAGENET_INPUT_SIZE = 128
 
 # Targets of the issue (quality benchmark).

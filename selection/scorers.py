@@ -140,26 +140,6 @@ def _log_evidence_svd(
     )
 
 
-def _distinct_samples(feats: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The samples without those equal to an earlier one in features and class (order kept).
-
-    Two samples of one class with equal features (a duplicated image, or a model that maps
-    two images to one vector) make ``FFᵀ`` singular along ``eᵢ − eⱼ``, where every one-hot
-    target is zero. When the features fit the targets otherwise (n <= k), the evidence then
-    grows without bound as β → ∞, and LogME returned whatever the iteration reached: one
-    duplicate moved n = 20, k = 64 from −0.69 to 0.91. A copy adds no information to that
-    regression, so it is counted once. Inputs without copies are returned as they are.
-    """
-    first: dict[tuple[int, bytes], int] = {}
-    for i in range(y.size):  # bytes compared exactly; + 0.0 makes -0.0 equal to 0.0
-        first.setdefault((int(y[i]), (feats[i] + 0.0).tobytes()), i)
-    if len(first) == y.size:
-        return feats, y
-    logger.debug("LogME: %d of %d samples repeat another of their class; counted once", y.size - len(first), y.size)
-    keep = np.fromiter(sorted(first.values()), dtype=np.intp, count=len(first))
-    return feats[keep], y[keep]
-
-
 def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12) -> float:
     """LogME score (You et al., ICML 2021) of ``features`` for a classification task.
 
@@ -181,9 +161,13 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
 
     When the supremum lies at α → ∞ (useless features) or β → ∞ (features that fit the
     target exactly, possible when n <= k), the iteration approaches it slowly and the
-    returned evidence is within about 1e-8 per sample of it. Samples that repeat another
-    of their class (equal features and label) are counted once: with them the supremum
-    is infinite (`_distinct_samples`).
+    returned evidence is within about 1e-8 per sample of it. When the features also put two
+    samples of a class on one vector (a class collapsed onto a point; with n <= k, any two),
+    the evidence has no maximum (β → ∞ along their difference, where every target is 0): the
+    value returned is where the iteration stops, high, and a near-copy scores high too. That is
+    LogME's reading of a perfect fit; merging such samples (tried, session 35) scored a fully
+    collapsed class, the best features there are, as one sample, so it was not kept. Jobs drop
+    a task's repeated images before any scorer sees them.
 
     Returns:
         The mean over classes of the maximised log evidence divided by ``n`` (per-sample
@@ -193,7 +177,6 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
     if not _is_number(max_iter) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter should be an integer of at least 1, got {max_iter!r}")
     _check_number("tol", tol, 0.0, np.inf)
-    feats, y = _distinct_samples(feats, y)
     n, k = feats.shape
     targets = np.zeros((n, c), dtype=np.float64)
     targets[np.arange(n), y] = 1.0
