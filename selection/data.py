@@ -513,7 +513,10 @@ def _rgb8(img: Any, where: str) -> np.ndarray:
         if grey.min() < 0 or grey.max() > 65535:
             raise DataError(f"image {where} has {img.mode} pixels from {grey.min()} to {grey.max()}; "
                             f"8- or 16-bit images are supported")
-        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+        out = (grey >> 8).astype(np.uint8)
+        if isinstance(img.info.get("transparency"), int):  # one grey level marked transparent
+            out[grey == img.info["transparency"]] = BACKGROUND[0]
+        return np.repeat(out[..., None], 3, axis=-1)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         over = Image.new("RGBA", img.size, BACKGROUND + (255,))
         img = Image.alpha_composite(over, img.convert("RGBA"))

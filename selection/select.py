@@ -774,9 +774,9 @@ def select_models(store: Any, tasks: Iterable[ImageSet | str], config: SelectCon
     with a zooselect error, e.g. a checkpoint gone or corrupt, is logged; the row stays, unverified).
     `standard_id`: the store's default standard when None.
     """
-    if not isinstance(tasks, (str, os.PathLike, ImageSet)):
+    if not isinstance(tasks, (str, os.PathLike, ImageSet)) and isinstance(tasks, Iterable):
         tasks = list(tasks)  # a generator is read once
-    if isinstance(tasks, (str, os.PathLike, ImageSet)) or not tasks:
+    if not isinstance(tasks, list) or not tasks:
         raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
     odd = [t for t in tasks if not isinstance(t, (str, os.PathLike, ImageSet))]
     if odd:

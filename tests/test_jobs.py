@@ -541,6 +541,20 @@ def test_a_score_the_table_cannot_give_is_refused_before_any_work(published, mon
                      "rank-mean", "--no-save", "--no-progress"])
 
 
+def test_table_ls_and_export_read_a_store_they_cannot_write(published, tmp_path, monkeypatch, capsys):
+    """`zooselect table ls` and `export` refused a read-only store as select did (a review, session 35)."""
+    from jobs import table
+    from selection.errors import StoreError
+
+    store, std = published
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    assert table.main(["ls", "--store", store.url]) == 0
+    assert f"default/selected: {std.id}" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="is not writable"):
+        table.main(["remove", "--store", store.url, "zoo/a"])
+
+
 def test_long_model_ids_are_printed_whole():
     """Ids were cut to 36 characters: two timm weights of one architecture printed alike (a review,
     session 35)."""

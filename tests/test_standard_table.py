@@ -977,7 +977,7 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     [sel] = select_models(store, [task], SelectConfig(top_k=4, verify_top_k=4))
     assert sel.n_verified == 3 and sel.ranking[-1].model_id == "zoo/gone" and sel.ranking[-1].verified is None
     assert any("verification of zoo/gone failed" in m and "checkpoint not found" in m for m in caplog.messages)
-    for bad in ([], task):
+    for bad in ([], task, None, 3, iter([])):
         with pytest.raises(ConfigError, match="tasks should be a non-empty list of ImageSets or dataset specs"):
             select_models(store, bad)
     # A spec is loaded as the job loads it, at the standard's probe image size (32 px here) unless told
