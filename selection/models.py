@@ -488,10 +488,12 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
 
 
 def _crop_start(n: int, size: int) -> int:
-    """Where a centre crop of `size` starts along an axis of `n` pixels, as torchvision's CenterCrop
-    (timm's eval transform) puts it: rounded half to even (it was floored: a pixel off when n - size is
-    3 modulo 4, e.g. 235 -> 224; a review, session 35); negative, the padding before it, when n < size."""
-    return int(round((n - size) / 2.0)) if n >= size else -((size - n) // 2)
+    """Where a centre crop of `size` starts along an axis of `n` pixels; negative (the padding before
+    it) when n < size, as torchvision's CenterCrop pads. Floored: torchvision rounds half to even, a
+    pixel further when n - size is 3 modulo 4 (tf_efficientnet_lite2 at 128 px, mobilevit_xxs at 32).
+    Kept so: the benchmark's zoo and its Lite2 standard were embedded with it, and changing it moves
+    their features (a review, session 35; left to a change that re-embeds them)."""
+    return (n - size) // 2 if n >= size else -((size - n) // 2)
 
 
 @functools.lru_cache(maxsize=256)
