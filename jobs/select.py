@@ -294,12 +294,13 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
     name = {"gflops": "GFLOPs", "params": "parameters"}[cost]
     if not front:
         return [f"Pareto front (score against {name}): no model of known {name} passes the constraints"]
+    w = _id_width(front)
     lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; no other model "
              f"scores as high at no more {name} (one of the two strictly)",
-             f"{'rank':>4}  {'model':<{_id_width(front)}} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
+             f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
     for row in front:
         ver, params, gflops = _cells(row)
-        lines.append(f"{row['rank'] or '-':>4}  {row['model_id']:<{_id_width(front)}} {row['score']:>7.4f} {ver:>9} "
+        lines.append(f"{row['rank'] or '-':>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9} "
                      f"{params:>8} {gflops:>7}")
     return lines
 
