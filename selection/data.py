@@ -15,6 +15,7 @@ labels. A *dataset spec* string names one:
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import hashlib
 import io
@@ -40,6 +41,7 @@ DEFAULT_TASK_SIZE = 64
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm", ".pnm")
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
+
 # Digits 0..DIGITS_PROBE_COUNT-1 of a fixed permutation are reserved for probe sets;
 # the rest serve tasks and training, so a task never shares an image with the probe.
 DIGITS_PROBE_COUNT = 400
@@ -621,6 +623,18 @@ def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
     return ImageSet(imgs, labels, names, url)
 
 
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> tuple[str, ...]:
+    """IMAGE_EXTENSIONS, and `.avif` where this Pillow reads it (its wheels since 11.3)."""
+    import warnings
+
+    from PIL import features
+
+    with warnings.catch_warnings():  # an older Pillow warns of a feature it does not know
+        warnings.simplefilter("ignore")
+        return IMAGE_EXTENSIONS + ((".avif",) if features.check("avif") else ())
+
+
 def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
     from selection.storage import Store
     from selection.errors import StoreError
@@ -644,7 +658,7 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
             continue
         if len(parts) > 1:
             folders.add(parts[0])
-        if not f.lower().endswith(IMAGE_EXTENSIONS):
+        if not f.lower().endswith(image_extensions()):
             skipped.append(f)
         elif len(parts) == 1:
             loose.append(f)
@@ -655,11 +669,11 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
                     loose[0])
     if skipped:
         log.warning("task %s: %d file(s) of no image type read here are left out (e.g. %r; read: %s)", url,
-                    len(skipped), skipped[0], " ".join(IMAGE_EXTENSIONS))
+                    len(skipped), skipped[0], " ".join(image_extensions()))
     empty = sorted(d for d in folders if not d.startswith(".") and d not in by_class)
     if empty:  # a class dropped without a word would select for another task
         raise DataError(f"task {url!r}: class folder(s) {empty[:5]}{' ...' if len(empty) > 5 else ''} hold no "
-                        f"images of a type read here ({' '.join(IMAGE_EXTENSIONS)})")
+                        f"images of a type read here ({' '.join(image_extensions())})")
     if not by_class:
         raise DataError(f"task {url!r} has no images in class subfolders (expected {url}/<class>/<image>)")
     names = tuple(sorted(by_class))
