@@ -202,6 +202,9 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
         except subprocess.TimeoutExpired:
             stop_group(proc.pid)
             raise DevstackError(f"`ray start` did not finish in {timeout:.0f}s (log {log_path})")
+        except BaseException:  # Ctrl-C or SIGTERM: its own session would bring up a head nobody records
+            stop_group(proc.pid)
+            raise
     ray = {"pgid": proc.pid, "ports": ports, "temp_dir": temp_dir, "log": log_path,
            "token_path": token_path}
     if code != 0:
@@ -237,7 +240,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.makedirs(root, exist_ok=True)
     state = load_state(root)
     if state and _status(state, quiet=True):
-        print(f"dev stack already up; source {os.path.join(root, ENV_FILE)}")
+        running = [name for name, key in (("Ray", "ray"), ("SeaweedFS", "seaweed")) if state.get(key)]
+        wanted = [name for name, off in (("Ray", args.no_ray), ("SeaweedFS", args.no_s3)) if not off]
+        if running != wanted:  # `up --no-ray`, then `up`: it said "already up" and started no Ray
+            print(f"devstack up: a stack of {' and '.join(running) or 'nothing'} is already up in {root}; "
+                  f"`down` it first to start {' and '.join(wanted) or 'nothing'}", file=sys.stderr)
+            return 1
+        print(f"dev stack already up; source {write_env_file(root, state)}")  # the file may have been removed
         return 0
     if state:  # leftovers of a stack that half died: clean up first
         _down(root, state, purge=False)
@@ -257,8 +266,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             state["ray"] = start_ray(root, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                      extra_env=env_vars(state))
             _write_private(os.path.join(root, STATE_FILE), json.dumps(state, indent=1))
-    except (SeaweedError, DevstackError, OSError) as exc:
+    except BaseException as exc:  # Ctrl-C too: nothing it started is left running
         _down(root, state, purge=False)
+        if not isinstance(exc, (SeaweedError, DevstackError, OSError)):
+            raise
         print(f"devstack up failed: {exc}", file=sys.stderr)
         return 1
     env_path = write_env_file(root, state)

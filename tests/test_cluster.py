@@ -676,6 +676,15 @@ def test_devstack_up_status_down(request, monkeypatch, tiny_standard):
         status = subprocess.run(base + ["status", "--dir", str(root)], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
+        # `up` again: already up, and the env file written again; `up --no-ray` names what runs instead of
+        # saying "already up" with no Ray in it (a review, session 35)
+        env_file.unlink()
+        again = subprocess.run(base + ["up", "--dir", str(root), "--bucket", "zs-devstack"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already up" in again.stdout and env_file.exists(), again.stderr
+        other = subprocess.run(base + ["up", "--dir", str(root), "--no-ray", "--bucket", "zs-devstack"], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert other.returncode == 1 and "a stack of Ray and SeaweedFS is already up" in other.stderr, other.stderr
         # a driver that sources the env file reaches both Ray and the store
         probe = ("import os, ray\n"
                  "from selection.storage import Store\n"
