@@ -730,6 +730,29 @@ def test_devstack_up_status_down(request, monkeypatch, tiny_standard):
     assert status.returncode == 1
 
 
+def test_devstack_interrupted_while_ray_starts_leaves_no_head(tmp_path, monkeypatch):
+    """Ctrl-C during `ray start` (its own session) left the head coming up, recorded nowhere: the next
+    `up` said "already up" and `down` could not stop it (a review, session 35)."""
+    from cluster import devstack
+
+    started = []
+    real_popen = subprocess.Popen
+
+    class Interrupted:  # `ray start` stands in as a process group of its own, interrupted while awaited
+        def __init__(self, cmd, **kw):
+            self.proc = real_popen(["sleep", "60"], **{k: v for k, v in kw.items() if k != "env"})
+            self.pid = self.proc.pid
+            started.append(self.proc)
+
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(devstack.subprocess, "Popen", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        devstack.start_ray(str(tmp_path), num_cpus=1, num_gpus=None)
+    assert started and started[0].wait(timeout=10) is not None  # the group was stopped, not left running
+
+
 def test_transient_classification():
     from selection.storage import _is_transient
 
