@@ -764,7 +764,11 @@ def test_tasks_run_on_the_node_asked_for_and_the_first_error_cancels_the_rest(ra
     with pytest.raises(DataError, match="zero"):
         runtime.map_tasks(_square_kept, [0] + [_SLEEP] * 3, progress=False, fail_fast=True)
     assert time.monotonic() - t0 < _SLEEP / 2
-    assert cpus_free_within(_SLEEP / 2) >= idle  # the cancelled tasks give their CPUs back
+    # The cancelled tasks give their CPUs back: uncancelled, the three would hold them for 2 x _SLEEP (two
+    # CPUs). Ray's cancel is best effort: a task pushed to a worker that has not started it yet can run on
+    # (ray-project/ray#24359), and held a CPU past _SLEEP / 2 in one CI run of session 35; so one may run
+    # its _SLEEP out, and no more.
+    assert cpus_free_within(_SLEEP + 15) >= idle
     # A crashed worker stays its item's TaskCrashed (a ClusterError); the others finish.
     out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, fail_fast=True)
     assert out[0] == 4 and isinstance(out[1], runtime.TaskCrashed) and out[2] == 9
