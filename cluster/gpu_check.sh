@@ -27,6 +27,10 @@ if [ -d .gpu-lite ]; then cp -r .gpu-lite/. /tmp/site/; fi
 if [ -d .gpu-fm ]; then export ZOOSELECT_FASHION_MNIST_DIR=$PWD/.gpu-fm; fi
 export PYTHONPATH=/tmp/site:$PWD
 exec > >(tee "$out/run.log") 2>&1
+# Every step runs even when one fails (each measures something of its own); the exit status says
+# whether any command failed, which run.log alone did.
+failed=0
+trap 'rc=$?; failed=$((failed + 1)); echo "== FAILED (exit $rc): $BASH_COMMAND"' ERR
 step() { echo "== $(date +%T) $*"; }
 want() { [[ " $steps " == *" $1 "* ]]; }
 ZOO=cluster/gpu-check-zoo.yaml; S=/tmp/zs-gpu; T='builtin:digits?per_class=20'
@@ -127,3 +131,4 @@ for spec in specs:
 PY
 fi
 step done
+[ "$failed" = 0 ] || { echo "== $failed command(s) failed (above)"; exit 1; }
