@@ -88,7 +88,7 @@ def _entrypoints() -> dict[str, list[tuple[str, list[str]]]]:
     for path in YAML_FILES:
         for doc in _docs(path):
             for text in _strings(doc):
-                for module, rest in ENTRY_RE.findall(" ".join(text.split())):
+                for module, rest in ENTRY_RE.findall(" ".join(text.replace("\\\n", " ").split())):
                     flags = [t.split("=")[0] for t in shlex.split(rest) if t.startswith("--")]
                     out.setdefault(module, []).append((path.name, flags))
     return out
@@ -118,7 +118,7 @@ def _gpus(container: dict) -> float:
 def test_cluster_dir_has_the_expected_files():
     for rel in ("__init__.py", "seaweed.py", "devstack.py", "ray-cluster.yaml", "runtime_env.yaml",
                 "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob-embed.yaml",
-                "kuberay/rayjob-select.yaml", "kuberay/reindex-cronjob.yaml"):
+                "kuberay/rayjob-select.yaml", "kuberay/reindex-cronjob.yaml", "kuberay/networkpolicy.yaml"):
         assert (CLUSTER / rel).is_file(), f"cluster/{rel} is missing"
 
 
@@ -281,10 +281,128 @@ def test_reindex_is_scheduled():
                            for c in _containers(doc["spec"]["jobTemplate"]["spec"]["template"]))
         assert "ray job submit" in command
         assert re.search(r"--\s+python -m jobs\.reindex .*--catalog \S+ .*--store \S+",
-                         " ".join(command.split()))
+                         " ".join(command.replace("\\\n", " ").split()))
     else:  # a RayJob on a schedule
         assert doc["kind"] == "RayJob" and doc["spec"].get("schedule")
         assert "jobs.reindex" in doc["spec"]["entrypoint"]
+
+
+def _reindex_container() -> dict:
+    doc = _docs(KUBERAY / "reindex-cronjob.yaml")[0]
+    return _containers(doc["spec"]["jobTemplate"]["spec"]["template"])[0]
+
+
+@pytest.mark.parametrize("final,submit_exit,code", [("SUCCEEDED", 0, 0), ("STOPPED", 0, 1), ("FAILED", 1, 1),
+                                                     ("SUCCEEDED", 1, 0)])
+def test_reindex_cronjob_fails_unless_the_ray_job_succeeded(tmp_path, final, submit_exit, code):
+    """`ray job submit` exits 0 for a stopped job (Ray 2.60's CLI exits 1 only for FAILED), and a
+    dropped log stream ends it while the job runs on: the CronJob waits for the final status and
+    fails unless the job SUCCEEDED (it exited 0 on STOPPED). Ray's CLI and job server are stand-ins
+    here (no dashboard on this machine); JobStatus is Ray's own."""
+    container = _reindex_container()
+    script = container["args"][0]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "site").mkdir()
+    ray = tmp_path / "bin" / "ray"
+    ray.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/submitted\nexit {submit_exit}\n')
+    ray.chmod(0o755)
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "site" / "sitecustomize.py").write_text(f"""
+import time
+import ray.job_submission as js
+STATES = ["RUNNING", "RUNNING", {final!r}]
+class Client:
+    def __init__(self, address=None):
+        pass
+    def get_job_status(self, job):
+        with open({str(tmp_path / "polled")!r}, "a") as fh:
+            fh.write(job + "\\n")
+        return js.JobStatus(STATES.pop(0))
+js.JobSubmissionClient = Client
+time.sleep = lambda s: None
+""")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([*container["command"], script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    submitted = (tmp_path / "submitted").read_text().split("\n")
+    job_id = submitted[submitted.index("--submission-id") + 1]
+    assert re.fullmatch(r"reindex-\d{8}-\d{6}", job_id)
+    assert submitted[submitted.index("--") + 1:][:3] == ["python", "-m", "jobs.reindex"]
+    assert (tmp_path / "polled").read_text().split() == [job_id] * 3  # polled until the job ended
+    assert f"re-index {job_id}: {final}" in proc.stdout
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_ray_token_auth_guards_every_cluster():
+    """Ray's token auth on every cluster: a pod that can reach the head cannot submit code (which
+    would run with the S3 credentials) without the token."""
+    cluster = _docs(KUBERAY / "raycluster.yaml")[0]["spec"]
+    groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    holders = [c for g in groups for c in _containers(g["template"])]
+    holders += [cluster["autoscalerOptions"], _reindex_container()]
+    assert cluster["enableInTreeAutoscaling"]
+    for holder in holders:
+        env = _env(holder)
+        assert env["RAY_AUTH_MODE"].get("value") == "token", holder.get("name", "autoscalerOptions")
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "zooselect-ray-token",
+                                                                     "key": "auth_token"}
+    for name in ("rayjob-embed.yaml", "rayjob-select.yaml"):
+        spec = _docs(KUBERAY / name)[0]["spec"]
+        assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}, name
+        assert spec["submissionMode"] == "K8sJobMode", name
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_admit_only_the_cluster_and_its_submitter():
+    """Every Ray pod is under an ingress policy that admits its own cluster's pods and, from outside
+    it, only the job API (8265) from its submitter and the KubeRay operator."""
+    policies = _docs(KUBERAY / "networkpolicy.yaml")
+    assert {p["kind"] for p in policies} == {"NetworkPolicy"}
+    reindex_pod = _docs(KUBERAY / "reindex-cronjob.yaml")[0]["spec"]["jobTemplate"]["spec"]["template"]
+    pods = []  # (manifest, labels of a Ray pod, labels of its submitter's pod)
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            if doc["kind"] == "RayCluster":
+                spec, own = doc["spec"], {"ray.io/cluster": doc["metadata"]["name"]}
+                submitter = reindex_pod["metadata"]["labels"]
+            elif doc["kind"] == "RayJob":
+                spec, own = doc["spec"]["rayClusterSpec"], {}
+                submitter = {"ray.io/originated-from-crd": "RayJob",
+                             "ray.io/originated-from-cr-name": doc["metadata"]["name"]}
+            else:
+                continue
+            for group in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+                pods.append((path.name, {**own, **group["template"].get("metadata", {}).get("labels", {})},
+                             submitter))
+    assert len(pods) == 6
+    operator = {"app.kubernetes.io/component": "kuberay-operator"}
+    for name, labels, submitter in pods:
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert len(mine) == 1, f"{name}: {labels} is under {len(mine)} policies"
+        policy = mine[0]["spec"]
+        assert policy["podSelector"].get("matchLabels") and policy["policyTypes"] == ["Ingress"]
+        siblings = [other for n, other, _ in pods if n == name]
+        admitted = set()
+        for rule in policy["ingress"]:
+            peers = rule["from"]
+            assert peers and all("ipBlock" not in peer for peer in peers), f"{name}: {rule}"
+            if not rule.get("ports"):  # all ports: the cluster's own pods only
+                assert all("namespaceSelector" not in peer for peer in peers), f"{name}: {rule}"
+                assert all(_selects(peer["podSelector"], s) for peer in peers for s in siblings), name
+                assert not any(_selects(peer["podSelector"], {}) for peer in peers), name
+                continue
+            assert rule["ports"] == [{"port": 8265, "protocol": "TCP"}], f"{name}: {rule}"
+            for peer in peers:
+                assert peer["podSelector"].get("matchLabels"), f"{name}: {peer} admits every pod"
+                admitted |= {who for who, pod in (("submitter", submitter), ("operator", operator))
+                             if _selects(peer["podSelector"], pod)}
+        assert admitted == {"submitter", "operator"}, f"{name}: {admitted}"
 
 
 def test_ray_cluster_launcher_config():
