@@ -642,7 +642,8 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
     local = "://" not in url or url.startswith("file://")
     path = url[len("file://"):] if url.startswith("file://") else url
     if local and not os.path.isdir(path):
-        raise DataError(f"task {url!r} is neither a directory of class folders nor a .parquet file")
+        raise DataError(f"task {url!r} is neither a directory (of class folders or Parquet part files) nor a "
+                        f".parquet file")
     try:
         store = Store(url, **store_options)
         listed = store.list("")
@@ -664,6 +665,8 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
             loose.append(f)
         else:
             by_class.setdefault(parts[0], []).append(f)
+    if not by_class and not loose and any(f.lower().endswith(".parquet") for f in skipped):
+        return _load_parquet(url, size, store_options)  # part files under any name: Spark's df.write.parquet(dir)
     if loose:
         log.warning("task %s: %d image(s) outside the class folders are left out (e.g. %r)", url, len(loose),
                     loose[0])
