@@ -5,11 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+PY=${PYTHON:-python3}
+# A distribution's own Python (Debian 12 and later, Ubuntu 23.04 and later) refuses pip installs
+# (PEP 668): say how to go on instead of failing at the first pip with a page of text.
+if ! $PY -c 'import os, sys, sysconfig
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(1 if managed and sys.prefix == sys.base_prefix else 0)'; then
+  echo "error: $($PY -c 'import sys; print(sys.executable)') is managed by the system's package manager" \
+       "(PEP 668), so pip may not install into it; install into a virtual environment and run this again" \
+       "from it: ${SUDO:+$SUDO }apt-get install -y python3-venv && python3 -m venv ~/zooselect-venv" \
+       "&& . ~/zooselect-venv/bin/activate && bash cluster/install.sh" >&2
+  exit 1
+fi
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
-PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 $PY -m pip install -q --disable-pip-version-check -e ".[test,models]"
 # s3fs (through aiobotocore) pins a newer botocore than a machine's AWS CLI v1 may pin: the CLI moves

@@ -437,6 +437,23 @@ def test_readme_describes_every_config():
         assert str(path.relative_to(CLUSTER)) in readme, f"README.md does not mention {path.name}"
 
 
+def test_install_script_stops_at_once_on_a_python_pip_may_not_install_into():
+    """On a distribution's own Python (PEP 668) the install script says in one line how to go on
+    (a virtual environment) before it installs anything; it failed at its first pip with a page."""
+    system = Path("/usr/bin/python3")
+    probe = "import sysconfig, os; print(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))"
+    marker = subprocess.run([system, "-c", probe], capture_output=True, text=True).stdout.strip() \
+        if system.exists() else ""
+    if not marker or not os.path.exists(marker):
+        pytest.skip("no externally managed system Python here")
+    proc = subprocess.run(["bash", str(CLUSTER / "install.sh")], env={**os.environ, "PYTHON": str(system)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: /usr/bin/python3"), proc.stderr
+    assert "(PEP 668)" in lines[0] and "python3 -m venv" in lines[0] and "bash cluster/install.sh" in lines[0]
+
+
 def test_devstack_help():
     for argv in (["--help"], ["up", "--help"], ["down", "--help"], ["status", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "cluster.devstack", *argv], cwd=REPO,
