@@ -1,9 +1,10 @@
-"""Benchmarks (SPEC section 4): `python -m jobs.benchmark quality --store DIR --out docs [--small]`.
+"""Benchmarks: `python -m jobs.benchmark quality --store DIR --out DIR [--small]` (the committed report is
+`--out docs`).
 
 quality: builds the benchmark zoo (training fanned out over Ray, seeded, resumable),
 two standards held out of it, embeds the zoo under both (one actor per model),
 measures every candidate's linear-probe accuracy and brute-force scores (LogME,
-H-score) on every task, times every model operation of one selection in one serial
+H-score, shrinkage H-score, ridge leave-one-out) on every task, times every model operation of one selection in one serial
 pass (this process, one thread, nothing else running; about 4 minutes for the full
 plan here), scores the Standardized Embedder against them, and writes
 `OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
@@ -42,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.benchmark"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quality", help="selection quality vs brute force (SPEC section 4)",
+    q = sub.add_parser("quality", help="selection quality vs brute-force scorers (LogME, H-score, ...)",
                        description="Quality benchmark: zoo, standards, ground truth, scorers, report.")
     z = sub.add_parser("zoo", help="train the benchmark zoo only (step 1 of quality) and write its catalog",
                        description="Train the benchmark zoo and the general models; write "
@@ -60,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
                             "zoo's models are small enough to share one); a GPU trains another zoo "
                             "than a CPU" % TRAIN_TASKS_PER_GPU)
         add_ray_args(a)
-    q.add_argument("--out", default="docs", help="report directory (benchmark.md, benchmark.json, img/)")
+    q.add_argument("--out", required=True,
+                   help="report directory (benchmark.md, benchmark.json, img/); the committed report is docs")
     q.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
                    help="the standards' ridge GCV (python -m jobs.standard --help); with everything else "
                         "cached, a run with the other value is an A/B of it")

@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--verify-top-k", type=int, default=3,
-                   help="verify the top k of each task's ranking by LogME on its labelled images (0: none)")
-    p.add_argument("--no-progress", action="store_true")
+                   help="verify the top k of each task's ranking by LogME on its labelled images (default 3; 0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

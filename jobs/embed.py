@@ -60,13 +60,14 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                    help="CPUs each embedding actor takes (its torch threads; default 1)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="actors alive at once (default: what the cluster's resources allow)")
-    p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor (per model)")
+    p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor (per model; default 2)")
     p.add_argument("--models-per-actor", type=int, default=1, metavar="N",
                    help="models each actor embeds in turn before it is replaced (default 1: a fresh process per "
                         "model); more saves the process start and imports per model on large zoos")
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: start actors it cannot hold now (they wait "
-                        "for new nodes) instead of refusing them; needs --max-in-flight")
+                        "for new nodes) instead of refusing them; needs --max-in-flight, and --gpus-per-actor while no "
+                        "GPU node is up")
     p.add_argument("--compaction-wait", type=float, default=600, metavar="SECONDS",
                    help="rows written while a compaction ran are checked once it ends, waiting up to this long "
                         "(default 600); a row it deleted is written back")

@@ -1,6 +1,6 @@
 """Scaling benchmark: `python -m jobs.scaling [--quick] [--max-m 1000000] [--out docs/performance.json]`.
 
-Prints ratios measured in one run (SPEC section 4, issue 3):
+Prints ratios measured in one run:
 1. update: time to add one model (one row object) and to remove one, with m = 10,
    10^3, 10^5 rows already in the table, as row objects and as compacted segments, and to remove one
    that lives only in the segments (found through the compaction's key index);
@@ -473,13 +473,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.scaling"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--max-m", type=int, default=1_000_000, help="largest table for the sweep")
+    p.add_argument("--max-m", type=int, default=1_000_000, help="largest table for the sweep (default 1,000,000)")
     p.add_argument("--reps", type=int, default=None,
                    help="repetitions per update measurement (default 30; 5 with --quick)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the measurements as JSON")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["update", "sweep", "throughput", "bf16", "compaction"])
+                   choices=["update", "sweep", "throughput", "bf16", "compaction"],
+                   help="leave out one measurement (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="throughput device (auto: cuda when available)")
     p.add_argument("--archs", default="tf_efficientnet_lite0",

@@ -44,9 +44,10 @@ def parser() -> argparse.ArgumentParser:
     add_store_args(p)
     add_ray_args(p)
     p.add_argument("--task", action="append", required=True, metavar="TASK", help="task dataset (repeatable)")
-    p.add_argument("--top-k", type=int, default=10, help="candidates listed per task")
+    p.add_argument("--top-k", type=int, default=10, help="candidates listed per task (default 10)")
     p.add_argument("--verify-top-k", type=int, default=0,
-                   help="run the top K on the task's labelled images and re-rank them by what --verify-by measures")
+                   help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
+                        "(default 0: none; the benchmark measures 3)")
     p.add_argument("--verify-by", choices=list(VERIFIERS), default="logme",
                    help="LogME evidence of the labelled images (default, chosen on the dev tasks), the ridge probe's "
                         "leave-one-out error on them (ridge-loo), or linear-probe accuracy on a held-out half (probe)")
@@ -254,7 +255,7 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
                      f"standard {std_id}, {m} models)")
         if res.get("scored_by") == "rank-mean":
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
-                         "(1 = first in both)")
+                         "(1 = alone first in both; ties share their mid-rank)")
         if res.get("verified_by"):
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"]:

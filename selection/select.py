@@ -358,8 +358,9 @@ def mean_rank(scores: np.ndarray, swept: list[np.ndarray]) -> np.ndarray:
     """(n, V) scores -> (n,) mean over the columns of the rank fraction among the `swept` rows.
 
     Rank fraction: (rows scoring lower + (rows scoring the same, the row included, + 1) / 2) /
-    rows swept: the mid-rank of its tie group, counted from 1, over the rows swept, so the best
-    row of every column scores 1 (and a unique row ranked r-th from the bottom, r / rows swept).
+    rows swept: the mid-rank of its tie group, counted from 1, over the rows swept, so a row alone
+    best in every column scores 1 (rows tied for best share their mid-rank, below 1; a unique row
+    ranked r-th from the bottom scores r / rows swept).
     """
     every = np.concatenate(swept)
     out = np.zeros(len(scores))
