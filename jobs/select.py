@@ -343,10 +343,16 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
         run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         try:
             store.write_bytes(f"{run}.json", doc.encode())
-            store.write_table(f"{run}.parquet", results_table(results, std_id))
             saved = f"{store.url}/{run}"
+            store.write_table(f"{run}.parquet", results_table(results, std_id))
         except StoreError as exc:
             failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
+            if saved:  # the JSON without its Parquet: not left behind unsaid
+                saved = None
+                try:
+                    store.delete(f"{run}.json")
+                except StoreError:
+                    failed.append(f"{store.url}/{run}.json stays, without its .parquet")
     if failed:
         kept = written + ([f"{saved}.json"] if saved else [])
         error = StoreError if store is not None and saved is None else ConfigError
@@ -365,8 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"the same task is given twice: {args.task}")
     check_output(args.json)
     check_output(args.parquet)
-    if args.json and args.parquet and os.path.realpath(args.json) == os.path.realpath(args.parquet):
+    outputs = {flag: os.path.realpath(os.path.expanduser(path)) for flag, path in
+               (("--json", args.json), ("--parquet", args.parquet)) if path}
+    if len(set(outputs.values())) < len(outputs):
         raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
+    for task in args.task:  # a results file over a task's data (`--task t.parquet --parquet t.parquet`)
+        local = task[len("file://"):] if task.startswith("file://") else None if "://" in task or \
+            task.startswith("builtin:") else task
+        for flag, out in outputs.items():
+            if local and (out + os.sep).startswith(os.path.realpath(local).rstrip(os.sep) + os.sep):
+                raise ConfigError(f"{flag} {out!r} would write over or into the task {task!r}")
     runtime.check_amount("--verify-gpus", args.verify_gpus)
     runtime.check_amount("--task-gpus", args.task_gpus)
     if args.verify_gpus and not args.verify_top_k:

@@ -92,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(rows)} models under standard {std.id}")
         return 0
     if args.command == "export":
-        with _bars(not args.no_progress, rows="exported") as progress:
-            rows = export_table(store, std, args.out, progress)
+        try:
+            with _bars(not args.no_progress, rows="exported") as progress:
+                rows = export_table(store, std, args.out, progress)
+        except OSError as exc:  # the local file (the store's errors are StoreErrors): a full disk, a folder gone
+            raise ConfigError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
         print(f"wrote {rows} models under standard {std.id} to {args.out}")
         return 0
     if args.command == "compact":

@@ -430,6 +430,8 @@ class Sweep:
 
     def __init__(self, queries: Queries, top_k: int, constraints: tuple[Constraint, ...] = (),
                  pareto: str | None = None) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
         if pareto is not None and pareto not in PARETO_COSTS:
             raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {pareto!r}")
         if isinstance(queries, np.ndarray):
@@ -592,7 +594,14 @@ def _final_front(front: list[tuple[np.ndarray, float, str, dict[str, Any]]], que
 
 
 def entry_of(row: dict[str, Any]) -> CatalogEntry:
-    return CatalogEntry.from_dict(json.loads(row["catalog_entry"]), f"row {row['model_id']!r}")
+    """The catalog entry a row was embedded from: what verification loads (ModelError without one)."""
+    raw = row.get("catalog_entry")
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        raise ModelError(f"model {row['model_id']!r}: its row holds no readable catalog entry ({raw!r:.60}), so "
+                         f"it cannot be verified; embed it again") from None
+    return CatalogEntry.from_dict(value, f"row {row['model_id']!r}")
 
 
 def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int | None,
@@ -763,7 +772,7 @@ class Selection:
     pareto: list[Ranked] = field(default_factory=list)
 
 
-def select_models(store: Any, tasks: Iterable[ImageSet | str], config: SelectConfig = SelectConfig(), *,
+def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig = SelectConfig(), *,
                   standard_id: str | None = None, device: str = "cpu") -> list[Selection]:
     """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
     runs on a cluster.
@@ -773,7 +782,7 @@ def select_models(store: Any, tasks: Iterable[ImageSet | str], config: SelectCon
     (`embed_task`, on `device`), the table is swept once for all tasks, and with `config.verify_top_k`
     the top k of each are run on the task's labelled images and re-ranked (a verification that fails
     with a zooselect error, e.g. a checkpoint gone or corrupt, is logged; the row stays, unverified).
-    `standard_id`: the store's default standard when None.
+    `store`: a Store, or its URL. `standard_id`: the store's default standard when None.
     """
     if not isinstance(tasks, (str, os.PathLike, ImageSet)) and isinstance(tasks, Iterable):
         tasks = list(tasks)  # a generator is read once
@@ -783,6 +792,8 @@ def select_models(store: Any, tasks: Iterable[ImageSet | str], config: SelectCon
     if odd:
         raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
     check_device(device)
+    if isinstance(store, (str, os.PathLike)):  # a store URL or path, as the jobs take it
+        store = Store(os.fspath(store))
     std = load_standard(store, standard_id)
     check_score(std, config.score)
     if not may_have_rows(store, std.id):

@@ -317,8 +317,9 @@ def atomic_local_file(path: str) -> Iterator[str]:
     """A temporary file beside `path` to write in; when the block ends without an error it is fsynced
     and renamed over `path`, and the directory flushed: a write stopped part-way leaves the old file
     whole, and a reported write survives a power loss. A symlink is written where it points; an
-    existing file keeps its permissions. On an error the temporary file is removed."""
-    path = os.path.realpath(path)
+    existing file keeps its permissions. On an error the temporary file is removed. `~` is the home
+    folder, as `jobs.common.check_output` reads it."""
+    path = os.path.realpath(os.path.expanduser(path))
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
@@ -705,6 +706,18 @@ class Store:
         if removed:
             log.info("removed %d temporary file(s) of interrupted writes under %s", removed, where)
         return removed
+
+    def remove_empty_folders(self, prefix: str) -> None:
+        """Remove the empty folders under `prefix` (kept: `prefix` itself), in a local store; S3 has none.
+        Only for folders no one writes into any more (a replaced compaction's key index): a writer
+        making a file in a folder removed just before would fail."""
+        if self.scheme != "file":
+            return
+        for folder, _, _ in sorted(os.walk(self._full(prefix)), key=lambda w: -len(w[0]))[:-1]:
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty, or gone
+                continue
 
     def has_entries(self, prefix: str) -> bool:
         """Whether anything is one level under `prefix` (one LIST call, not a full listing).

@@ -199,7 +199,8 @@ def compaction_running(store: Store, standard_id: str) -> bool:
 
     A lease older than STALE_LEASE_S is that of a compaction that crashed (the next compaction
     deletes it): it is ignored, with a warning, as a compaction ignores it. A lease whose start
-    cannot be read as a time counts as running.
+    cannot be read as a time counts as running, as a compaction counts it, until `--break-leases`
+    removes it.
     """
     for path in store.list(f"{_base(standard_id)}/_compacting"):
         try:
@@ -398,8 +399,23 @@ def delete_row(store: Store, std: Standard, model_id: str) -> bool:
     return not delete_rows(store, std, [model_id])
 
 
+_strays: set[str] = set()  # row objects outside their shard folder, warned of once
+
+
 def list_rows(store: Store, standard_id: str) -> list[str]:
-    return store.list(f"{_base(standard_id)}/rows", ".parquet")
+    """The table's row objects. One outside its key's shard folder (a copy zooselect did not write, e.g.
+    `rows/zz/<key>.parquet`) is left out with a warning: read too, it served its model twice, and a
+    compaction wrote the key twice into a segment, which no read then accepted (a review, session 36)."""
+    rows = []
+    for path in store.list(f"{_base(standard_id)}/rows", ".parquet"):
+        folder, key = path.rsplit("/", 2)[-2], _key_of(path)
+        if folder == shard_of(key):
+            rows.append(path)
+        elif f"{store.url}/{path}" not in _strays:
+            _strays.add(f"{store.url}/{path}")
+            log.warning("%s/%s is not where zooselect keeps the row of key %s (rows/%s/); left out: move or "
+                        "delete it", store.url, path, key, shard_of(key))
+    return rows
 
 
 def list_segments(store: Store, standard_id: str) -> list[str]:
@@ -849,11 +865,14 @@ def _other_leases(store: Store, leases: str, keep: str, remove: bool = False) ->
         if path == keep:
             continue
         try:
-            started = float(store.read_bytes(path).decode())
-        except (StoreError, ValueError):
-            continue  # ended meanwhile, or not a lease this version wrote
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
-        if time.time() - started > STALE_LEASE_S or remove:
+            started: float | None = float(store.read_bytes(path).decode())
+        except ObjectGoneError:
+            continue  # it ended meanwhile
+        except ValueError:  # not a lease this version wrote: running, as `compaction_running` reads it
+            started = None
+        when = "at a time it does not say" if started is None else \
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
+        if remove or (started is not None and time.time() - started > STALE_LEASE_S):
             log.warning("removing the lease of a compaction last refreshed %s: %s", when, path)
             store.delete(path)
         else:
@@ -924,6 +943,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         deleted = store.delete(p)
         removed += deleted
         progress("objects", deleted)
+    store.remove_empty_folders(f"{_base(std.id)}/key_index")  # a local store's folder per compaction
     # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
     # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
     # could hide a re-added model's row in the new segment).

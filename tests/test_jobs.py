@@ -261,6 +261,11 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/tmp/zs-r.out", "--parquet", "/tmp/zs-r.out"],
      "--json and --parquet name the same file '/tmp/zs-r.out': one would overwrite the other"),
     (["jobs.scaling", "--images", "0"], "--images must be >= 1, got 0"),
+    # found by a review (session 36): the task's own file overwritten by the results
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "/tmp/zs-t.parquet", "--parquet", "/tmp/zs-t.parquet"],
+     "--parquet '/tmp/zs-t.parquet' would write over or into the task '/tmp/zs-t.parquet'"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "file:///tmp", "--json", "/tmp/zs-r.json"],
+     "--json '/tmp/zs-r.json' would write over or into the task 'file:///tmp'"),
 ])
 def test_bad_input_one_line_error(args, needle):
     r = _run(*args)
@@ -527,6 +532,20 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     assert json.loads(out.read_text())["standard_id"] == "std-x"
     with pytest.raises(ConfigError, match=r"cannot write 's3://bucket/r.json': outputs are local paths, not URLs"):
         check_output("s3://bucket/r.json")
+    # the JSON saved but not its Parquet: removed, not left half-saved and unsaid (a review, session 36)
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "write_table", lambda rel, table: (_ for _ in ()).throw(
+        StoreError(f"quota exceeded writing {store.url}/{rel}")))
+    with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(quota exceeded writing .*\.parquet\); "
+                                         r"--no-save skips that$"):
+        write_outputs([{"task": "t", "ranking": []}], "std-x", None, None, store)
+    assert store.list("results") == []
+    # `~` is the home folder where the outputs are written, as where they are checked (it was `./~`)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    os.makedirs(tmp_path / "home")
+    check_output("~/r.json")
+    write_outputs([{"task": "t", "ranking": []}], "std-x", "~/r.json", None)
+    assert json.loads((tmp_path / "home" / "r.json").read_text())["standard_id"] == "std-x"
 
 
 def test_a_score_the_table_cannot_give_is_refused_before_any_work(published, monkeypatch):

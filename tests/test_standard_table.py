@@ -11,6 +11,7 @@ import pytest
 
 import selection
 from selection.catalog import CatalogEntry
+from selection.data import ImageSet
 from selection.embedder import STAGES, embed_entry, needs_embedding
 from selection.errors import ConfigError, DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
@@ -227,6 +228,89 @@ def test_objects_another_tool_wrote_with_a_model_twice_or_under_another_name_are
     assert store.exists(seg)
     assert delete_rows(store, std, ["zoo/a"]) == []  # its marker hides both copies
     assert load_table(store, std).meta.column("model_id").to_pylist() == ["zoo/b"]
+
+
+def test_a_row_object_outside_its_shard_folder_is_left_out_not_served_twice(published, caplog):
+    """A copy of a row object in another shard folder (`rows/zz/`) was read too: its model ranked twice,
+    and a compaction wrote its key twice into a segment, which no read then accepted (a review)."""
+    from selection.select import SelectConfig, shortlist_table
+    from selection.table import compact, export_table, list_rows
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        _quick_row(store, std, mid)
+    good = row_path(std.id, "zoo/a")
+    stray = good.rsplit("/", 2)[0] + "/zz/" + good.rsplit("/", 1)[1]
+    assert good != stray
+    store.write_bytes(stray, store.read_bytes(good))
+    with caplog.at_level(logging.WARNING, logger="selection.table"):
+        assert list_rows(store, std.id) == sorted([good, row_path(std.id, "zoo/b")])
+    assert f"{stray} is not where zooselect keeps the row of key" in caplog.text
+    ranked = shortlist_table(std, store, np.ones((1, std.width), np.float32), SelectConfig())[0][0]
+    assert sorted(r.model_id for r in ranked) == ["zoo/a", "zoo/b"]
+    compact(store, std)
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+    assert export_table(store, std, str(store.root) + "/../export.parquet") == 2
+
+
+def test_an_unreadable_compaction_lease_counts_as_running_until_break_leases_removes_it(published):
+    """A lease that is not a time counted as running for writers for ever, while compaction skipped it
+    and `--break-leases`, the remedy the writers named, left it in place (a review)."""
+    from selection.table import compact, compaction_running, list_segments
+
+    store, std = published
+    lease = f"embeddings/{std.id}/_compacting/foreign"
+    store.write_bytes(lease, b'{"started": "yesterday"}')
+    _quick_row(store, std, "zoo/a")
+    assert compaction_running(store, std.id)
+    with pytest.raises(StoreError, match=r"is running \(lease .*/foreign, last refreshed at a time it does not say\)"):
+        compact(store, std)
+    assert store.exists(lease) and list_segments(store, std.id) == []
+    compact(store, std, break_leases=True)
+    assert not store.exists(lease) and not compaction_running(store, std.id)
+    assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_compactions_leave_no_empty_key_index_folders_in_a_local_store(published):
+    """Each compaction emptied the previous one's key index folder and left it (a review)."""
+    from selection.table import compact
+
+    store, std = published
+    folder = os.path.join(store.root, "embeddings", std.id, "key_index")
+    for i in range(3):
+        _quick_row(store, std, f"zoo/{i}")
+        compact(store, std)
+        assert len(os.listdir(folder)) == 1 and all(os.listdir(os.path.join(folder, d)) for d in os.listdir(folder))
+    assert load_table(store, std).model_ids == ["zoo/0", "zoo/1", "zoo/2"]
+
+
+def test_library_inputs_a_review_found_unchecked(published, tmp_path, capsys, monkeypatch):
+    """A store given as its URL, top_k < 1 to a sweep, a row without its catalog entry to verify, and a
+    local export that fails: each an error that says what it got (they were AttributeError, numpy's
+    `kth out of bounds`, `json.loads(None)`'s TypeError and a traceback; a review, session 36)."""
+    from jobs import table as table_job
+    from selection.errors import ModelError
+    from selection.select import SelectConfig, entry_of, select_models, sweep
+
+    store, std = published
+    _quick_row(store, std, "zoo/a")
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    task = ImageSet(images, np.array([0, 1] * 4), ("a", "b"), "t")
+    by_url = select_models(store.url, [task], SelectConfig(top_k=1))
+    assert [r.model_id for r in by_url[0].ranking] == ["zoo/a"]
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"top_k must be an integer >= 1, got {k!r}"):
+            sweep(load_table(store, std), np.ones((1, std.width), np.float32), k)
+    with pytest.raises(ModelError, match=r"model 'zoo/a': its row holds no readable catalog entry \(None\)"):
+        entry_of({"model_id": "zoo/a", "catalog_entry": None})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(table_job, "export_table", full_disk)
+    out = str(tmp_path / "t.parquet")
+    with pytest.raises(ConfigError, match=f"cannot write '{out}': No space left on device"):
+        table_job.main(["export", "--store", store.url, "--out", out, "--no-progress"])
 
 
 def test_failing_model_reported(published, tmp_path):
