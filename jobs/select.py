@@ -259,7 +259,7 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
         if res.get("verified_by"):
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"]:
-            lines.append("no model passes the constraints")
+            lines.append("no model ranked: none passes the constraints, or every row was left out (the warnings say why)")
         w = _id_width(res["ranking"])
         head = f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9}"
         if truth:
