@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, check_output, open_store, prog, prog_of_subcommand, run_main
+from jobs.common import add_ray_args, check_output, open_store, prog, prog_of_subcommand, run_program
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -376,4 +376,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import prog, run_main
+from jobs.common import prog, run_program
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -142,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, open_store, prog, run_main
+from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, needs_embedding
 from selection.errors import ConfigError, ZooselectError
@@ -151,4 +151,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

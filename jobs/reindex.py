@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from jobs.common import run_main
+from jobs.common import run_program
 from jobs.embed import parser, run
 
 
@@ -18,4 +18,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

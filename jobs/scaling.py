@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import check_output, prog, run_main
+from jobs.common import check_output, prog, run_program
 from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries, plan_queries
 from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
@@ -538,4 +538,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

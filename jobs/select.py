@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_main
+from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_program
 from selection.data import ImageSet, check_spec
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -415,4 +415,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Sequence
 
-from jobs.common import add_store_args, open_store, prog, run_main
+from jobs.common import add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, anchored
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
@@ -105,4 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from typing import Any, Iterator, Sequence
 
-from jobs.common import add_store_args, check_output, open_store, prog, run_main
+from jobs.common import add_store_args, check_output, open_store, prog, run_program
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
@@ -115,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    from jobs.common import run_main
+    from jobs.common import run_program
 
-    run_main(module.main, argv[1:], command=f"zooselect {argv[0]}")
+    run_program(module.main, argv[1:], command=f"zooselect {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -308,6 +308,13 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+# Parquet is decoded on the calling thread, not on Arrow's CPU thread pool: with torch imported, a process
+# that had decoded on the pool aborted at exit ("terminate called without an active exception", status
+# 134) in 3-7 of 45 runs on this loaded 2-core machine, 0 of 45 without the pool (a review, session 36).
+# Decoding a 20,000-row segment took as long either way here (0.17 s); the sweep's parallelism is
+# across segments and row groups (Ray tasks), not inside one.
+READ_THREADS = False
+
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary file of `atomic_local_file`
 _SPOOL = re.compile(r"\.zooselect-spool-[A-Za-z0-9_]+\.parquet")  # a remote `write_tables`' local file
 
@@ -751,7 +758,8 @@ class Store:
         try:
             # Not pq.read_table: its dataset reader over an in-memory file left the process to abort at
             # exit ("terminate called without an active exception", rc 134) in 16 of 40 runs here; 0 of 80 so.
-            return pq.ParquetFile(pa.BufferReader(data)).read()
+            # READ_THREADS: see there.
+            return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=READ_THREADS)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
             raise StoreError(f"corrupt Parquet object {self._display(rel)}: {_first_line(exc)}") from exc
 
@@ -780,7 +788,7 @@ class Store:
                 pf, wanted, ranges = planned
                 if ranges:
                     fh.fetch(ranges)  # an I/O error: classified by _call
-                return _parsed(watched, lambda: pf.read(columns=wanted))
+                return _parsed(watched, lambda: pf.read(columns=wanted, use_threads=READ_THREADS))
 
         return self._parquet(rel, read)
 
@@ -816,7 +824,7 @@ class Store:
             def read(groups: list[int] = groups, spans: list[tuple[int, int]] = spans) -> pa.Table | _Corrupt:
                 src.forget()
                 src.fetch(spans)
-                return _parsed(watched, lambda: pf.read_row_groups(groups))
+                return _parsed(watched, lambda: pf.read_row_groups(groups, use_threads=READ_THREADS))
 
             table = self._parquet(rel, read)
             src.forget()
@@ -841,7 +849,8 @@ class Store:
         pf, batches = self._parquet(rel, lambda: parsed(plan))
         try:
             for groups in batches:
-                table = self._parquet(rel, lambda groups=groups: parsed(lambda: pf.read_row_groups(groups)))
+                table = self._parquet(rel, lambda groups=groups: parsed(
+                    lambda: pf.read_row_groups(groups, use_threads=READ_THREADS)))
                 yield from _split_groups(table, pf.metadata, groups)
         finally:
             pf.close()
