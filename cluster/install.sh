@@ -7,14 +7,20 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 PY=${PYTHON:-python3}
 # A distribution's own Python (Debian 12 and later, Ubuntu 23.04 and later) refuses pip installs
-# (PEP 668): say how to go on instead of failing at the first pip with a page of text.
-if ! $PY -c 'import os, sys, sysconfig
+# (PEP 668): say how to go on instead of failing at the first pip with a page of text
+# (PIP_BREAK_SYSTEM_PACKAGES=1 installs into it all the same, as pip itself allows).
+managed=0
+$PY -c 'import os, sys, sysconfig
 managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
-sys.exit(1 if managed and sys.prefix == sys.base_prefix else 0)'; then
+sys.exit(3 if managed and sys.prefix == sys.base_prefix else 0)' || managed=$?
+if [ "$managed" = 3 ] && [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ]; then
   echo "error: $($PY -c 'import sys; print(sys.executable)') is managed by the system's package manager" \
        "(PEP 668), so pip may not install into it; install into a virtual environment and run this again" \
        "from it: ${SUDO:+$SUDO }apt-get install -y python3-venv && python3 -m venv ~/zooselect-venv" \
        "&& . ~/zooselect-venv/bin/activate && bash cluster/install.sh" >&2
+  exit 1
+elif [ "$managed" != 0 ] && [ "$managed" != 3 ]; then
+  echo "error: cannot run Python as '$PY' (exit status $managed); set PYTHON to a Python >= 3.10" >&2
   exit 1
 fi
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then

@@ -715,7 +715,9 @@ class Store:
         return removed
 
     def remove_empty_folders(self, prefix: str) -> None:
-        """Remove the empty folders under `prefix` (kept: `prefix` itself), in a local store; S3 has none.
+        """Remove the empty folders under `prefix` (kept: `prefix` itself), in a local store. On S3 a folder
+        is a key prefix and goes with its last object (a server that keeps an emptied one, as SeaweedFS's
+        filer does, keeps it: not removed here).
         Only for folders no one writes into any more (a replaced compaction's key index): a writer
         making a file in a folder removed just before would fail."""
         if self.scheme != "file":
