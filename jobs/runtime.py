@@ -324,8 +324,15 @@ class _EmbedActor:
                 torch.cuda.empty_cache()
 
 
+# A preprocessed probe set larger than this is not shared: float32 at the model's size, it grows with the
+# square of it (1,000 images: 0.6 GB at 224 px, 2.9 GB at 512 px, built in the driver in 45 s; a review,
+# session 36), while each actor preprocesses one batch at a time.
+SHARED_PROBE_BYTES = 1 << 30
+
+
 class _SharedProbe:
-    """The probe set preprocessed once per preprocessing config shared by >= 2 models (CPU).
+    """The probe set preprocessed once per preprocessing config shared by >= 2 models (CPU), up to
+    SHARED_PROBE_BYTES.
 
     Each group's tensor is put in the object store when its first model starts and
     released when its last finishes, so memory holds only the groups in flight. On GPUs
@@ -344,7 +351,9 @@ class _SharedProbe:
                 self.key[e.id] = preprocess_key(cfg)
                 self.cfg[self.key[e.id]] = cfg
         self.left = {k: list(self.key.values()).count(k) for k in self.cfg}  # models not yet done
-        self.shared = {k for k, n in self.left.items() if n >= 2}
+        n_images = len(std.probe_images) if self.cfg else 0
+        self.shared = {k for k, n in self.left.items() if n >= 2 and
+                       n_images * 4 * math.prod(self.cfg[k]["input_size"]) <= SHARED_PROBE_BYTES}
         self.refs: dict[tuple, Any] = {}
 
     def order(self, entries: list[CatalogEntry]) -> list[CatalogEntry]:

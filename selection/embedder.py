@@ -14,7 +14,7 @@ from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, StoreError, ZooselectError
 from selection.keys import model_key
-from selection.models import (Prepared, batch_size_for_memory, check_weights_exist, compute_label, count_gflops,
+from selection.models import (Prepared, batch_size_for_memory, check_entry, compute_label, count_gflops,
                               extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
@@ -65,10 +65,8 @@ def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: S
     its bytes unchanged (copied, restored) is hashed once, then, with a `memo`, known by its new
     stamp: one more small read. A missing checkpoint raises a ModelError either way.
     """
-    if indexed is None:
-        check_weights_exist(entry.weights)
-        return True
-    if indexed["catalog_entry"] != _entry_json(entry):
+    if indexed is None or indexed["catalog_entry"] != _entry_json(entry):
+        check_entry(entry)  # what fails without loading it fails in the plan (a dry run's too)
         return True
     stamp = weights_stamp(entry.weights)
     if stamp and indexed.get("weights_stamp") == stamp:

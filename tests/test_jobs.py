@@ -588,7 +588,7 @@ def test_long_model_ids_are_printed_whole():
     assert len({line.index("0.5000") for line in printed.splitlines() if "0.5000" in line}) == 1  # aligned
 
 
-def test_probe_prepared_once_per_config_and_released(ray_local, published):
+def test_probe_prepared_once_per_config_and_released(ray_local, published, monkeypatch):
     from jobs.runtime import _SharedProbe
 
     _, std = published
@@ -604,6 +604,13 @@ def test_probe_prepared_once_per_config_and_released(ray_local, published):
     shared.release(c)
     assert not shared.refs  # released once the group's last model is done
     assert _SharedProbe([a, c], std, enabled=False).acquire(a) is None
+    # a probe set that would be large preprocessed is not built in the driver (2.9 GB at 512 px; a review)
+    from jobs import runtime
+
+    big = [CatalogEntry(mid, "resnet10t", None, input_size=64) for mid in ("d", "e")]
+    monkeypatch.setattr(runtime, "SHARED_PROBE_BYTES", len(std.probe_images) * 4 * 3 * 32 * 32)
+    assert _SharedProbe(big, std, enabled=True).acquire(big[0]) is None
+    assert _SharedProbe([a, c], std, enabled=True).acquire(a) is not None  # 32 px: within it
 
 
 def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):

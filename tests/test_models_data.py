@@ -112,7 +112,7 @@ def test_a_model_error_that_is_no_runtime_error_is_a_model_error():
         extract_features(loaded, np.zeros((2, 32, 32, 3), np.uint8), input_size=32)
 
 
-def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
+def test_wrong_architecture_and_corrupt_checkpoint(tmp_path, monkeypatch):
     st = save_checkpoint(timm.create_model("resnet10t"), str(tmp_path / "r.safetensors"))
     with pytest.raises(ModelError, match="does not match architecture 'regnetx_002'"):
         load_model(CatalogEntry("m", "regnetx_002", st))
@@ -144,6 +144,18 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path):
     for url in ("s3://zoo-bucket", "s3://zoo-bucket/models/"):
         with pytest.raises(ModelError, match=f"checkpoint '{url}' names no object"):
             check_weights_exist(url)
+    # a checkpoint this user may not read fails its model, not the plan (a PermissionError traceback stopped
+    # every other model's plan; a review, session 36). Root reads any file: the refusal is stood in for.
+    import selection.models as models_module
+
+    def refused(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    torch.save(state, tmp_path / "theirs.pth")
+    monkeypatch.setattr(models_module, "open", refused, raising=False)
+    with pytest.raises(ModelError, match=f"cannot read checkpoint '{tmp_path / 'theirs.pth'}': Permission denied"):
+        models_module.weights_digest(CatalogEntry("m", "resnet10t", str(tmp_path / "theirs.pth")))
+    monkeypatch.undo()
     # A model saved from torch.compile (keys prefixed `_orig_mod.`), of a DataParallel one too, loads as the model.
     torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
     assert load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "compiled.pth"))).model.num_classes == 1000

