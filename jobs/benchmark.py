@@ -4,10 +4,10 @@
 quality: builds the benchmark zoo (training fanned out over Ray, seeded, resumable),
 two standards held out of it, embeds the zoo under both (one actor per model),
 measures every candidate's linear-probe accuracy and brute-force scores (LogME,
-H-score, shrinkage H-score, ridge leave-one-out) on every task, times every model operation of one selection in one serial
-pass (this process, one thread, nothing else running; about 4 minutes for the full
-plan here), scores the Standardized Embedder against them, and writes
-`OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
+H-score, shrinkage H-score, ridge leave-one-out) on every task, times every model
+operation of one selection in one serial pass (this process, one thread, nothing else
+running; about 4 minutes for the full plan here), scores the Standardized Embedder
+against them, and writes `OUT/benchmark.md`, `OUT/benchmark.json` and plots under `OUT/img/`.
 `--small` runs the same pipeline on a few tiny models and tasks (CI, < 1 minute).
 
 zoo: step 1 of quality alone: train the benchmark zoo and the general models (resumable: a

@@ -376,10 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(outputs.values())) < len(outputs):
         raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
     for task in args.task:  # a results file over a task's data (`--task t.parquet --parquet t.parquet`)
-        local = task[len("file://"):] if task.startswith("file://") else None if "://" in task or \
-            task.startswith("builtin:") else task
+        if task.startswith("builtin:") or ("://" in task and not task.startswith("file://")):
+            continue
+        local = os.path.realpath(task[len("file://"):] if task.startswith("file://") else task).rstrip(os.sep)
         for flag, out in outputs.items():
-            if local and (out + os.sep).startswith(os.path.realpath(local).rstrip(os.sep) + os.sep):
+            if (out + os.sep).startswith(local + os.sep):
                 raise ConfigError(f"{flag} {out!r} would write over or into the task {task!r}")
     runtime.check_amount("--verify-gpus", args.verify_gpus)
     runtime.check_amount("--task-gpus", args.task_gpus)
