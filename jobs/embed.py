@@ -28,6 +28,7 @@ class Plan:
     skip: tuple[str, ...]
     remove: tuple[str, ...]
     invalid: tuple[EmbedResult, ...]
+    indexed: int = 0  # models in the table before the plan
 
 
 def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False) -> Plan:
@@ -45,7 +46,7 @@ def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: b
         (embed.append(e) if needed else skip.append(e.id))
     wanted = {e.id for e in entries}
     remove = sorted(mid for mid in index if mid not in wanted) if prune else []
-    return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid))
+    return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid), len(index))
 
 
 def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:
@@ -73,6 +74,10 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                         "(default 600); a row it deleted is written back")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, change nothing (exit status 1 if an entry is invalid, as the run's)")
+    if module == "jobs.reindex":
+        p.add_argument("--max-remove", type=float, default=0.5, metavar="FRACTION",
+                       help="refuse, before any change, a plan that removes more than this fraction of the table's "
+                            "models (default 0.5: a catalog mounted half-empty would remove the rest; 1 allows all)")
     return p
 
 
@@ -87,9 +92,16 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     store = open_store(args)
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
+    max_remove = getattr(args, "max_remove", 1.0)
+    if not 0 <= max_remove <= 1:
+        raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
     plan = make_plan(entries, store, std, prune, dry_run=args.dry_run)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
+    too_many = None
+    if len(plan.remove) > max_remove * plan.indexed:  # a guard against a catalog that is not the whole zoo
+        too_many = (f"removing {len(plan.remove)} of the table's {plan.indexed} models is more than --max-remove "
+                    f"{max_remove:g} allows (is {args.catalog!r} the whole zoo? --max-remove 1 removes them)")
     if args.dry_run:
         print(head)
         for e in plan.embed:
@@ -98,7 +110,11 @@ def run(args: argparse.Namespace, prune: bool) -> int:
             print(f"  remove  {mid}")
         for r in plan.invalid:
             print(f"  invalid {r.model_id}: {r.reason}")
-        return 1 if plan.invalid else 0  # as the run would: a catalog check in CI fails on an invalid entry
+        if too_many:
+            print(f"refused: {too_many}")
+        return 1 if plan.invalid or too_many else 0  # as the run would: a catalog check in CI fails
+    if too_many:
+        raise ConfigError(f"{head}; nothing changed: {too_many}")
     if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())

@@ -689,3 +689,38 @@ def test_sigterm_ends_a_job_with_one_line_and_143(ray_local, capsys):
     finally:
         common._terminated = False
     assert exc.value.code == 143 and capsys.readouterr().err == "error: terminated\n"
+
+
+def test_a_reindex_that_would_remove_most_of_the_table_is_refused_before_any_change(published, tmp_path, capsys):
+    """A catalog mounted half-empty (a ConfigMap cut short, the wrong file) made the nightly re-index remove
+    every model it lacked, exit 0 (a review, session 36): more than --max-remove of the table is refused."""
+    import numpy as np
+
+    import selection
+    from jobs import reindex
+    from selection.keys import model_key
+    from selection.table import load_table, write_row
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        write_row(store, std, {"model_id": mid, "model_key": model_key(mid), "arch": "resnet10t",
+                               "is_baseline": False, "num_params": 1, "gflops": 1.0, "input_size": 32,
+                               "weights_sha256": "0" * 64, "standard_id": std.id,
+                               "schema_version": selection.SCHEMA_VERSION,
+                               "embedding": np.ones(std.width, np.float32), "coverage": np.zeros(std.d, np.float32)})
+    catalog = str(tmp_path / "cut.jsonl")  # one model, whose checkpoint is not there either
+    write_catalog([CatalogEntry("zoo/new", "resnet10t", str(tmp_path / "gone.safetensors"))], catalog)
+    base = ["--catalog", catalog, "--store", store.url, "--no-progress"]
+    assert reindex.main(base + ["--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "plan: 0 to embed, 0 unchanged, 3 to remove, 1 invalid" in out and out.count("  remove  zoo/") == 3
+    assert "refused: removing 3 of the table's 3 models is more than --max-remove 0.5 allows" in out, out
+    before = _mtimes(store.root)
+    with pytest.raises(ConfigError, match=r"3 to remove, 1 invalid .*; nothing changed: removing 3 of the table's 3 "
+                                          r"models is more than --max-remove 0.5 allows \(is '.*cut.jsonl' the whole zoo"):
+        reindex.main(base)
+    assert _mtimes(store.root) == before
+    with pytest.raises(ConfigError, match="--max-remove must be a fraction from 0 to 1, got 2.0"):
+        reindex.main(base + ["--max-remove", "2"])
+    assert reindex.main(base + ["--max-remove", "1"]) == 1  # removed; the invalid entry still fails the run
+    assert load_table(store, std).model_ids == []
