@@ -124,18 +124,10 @@ def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
         except StoreError as exc:
             raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
     path = _local_checkpoint(weights)
-    with _checkpoint_file(path) as fh:
-        return fh.read(), path
-
-
-@contextlib.contextmanager
-def _checkpoint_file(path: str) -> Iterator[Any]:
-    """A local checkpoint opened for reading; one that cannot be read (permissions) is a ModelError: its
-    model fails, the others go on (a PermissionError traceback stopped a whole plan; a review)."""
     try:
         with open(path, "rb") as fh:
-            yield fh
-    except OSError as exc:
+            return fh.read(), path
+    except OSError as exc:  # unreadable (permissions), a folder: the model fails, the others go on
         raise ModelError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from exc
 
 
@@ -171,13 +163,8 @@ def weights_digest(entry: CatalogEntry) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
     if w.startswith(("hf-hub:", "timm:")):
         return hashlib.sha256(w.encode()).hexdigest()
-    if w.startswith("s3://"):
-        return hashlib.sha256(_read_weights_bytes(w)[0]).hexdigest()
-    digest = hashlib.sha256()
-    with _checkpoint_file(_local_checkpoint(w)) as fh:  # in pieces: a plan holds no checkpoint whole
-        for piece in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(piece)
-    return digest.hexdigest()
+    data, _ = _read_weights_bytes(w)
+    return hashlib.sha256(data).hexdigest()
 
 
 def state_digest(model: torch.nn.Module) -> str:
