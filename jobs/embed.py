@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
@@ -31,19 +32,32 @@ class Plan:
     indexed: int = 0  # models in the table before the plan
 
 
-def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False) -> Plan:
+PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
+
+
+def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False,
+              progress: Callable[[int], None] | None = None) -> Plan:
     """Diff the catalog against the table's index: what to embed, skip and (with prune) remove.
-    Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`."""
+    Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`. Entries are
+    checked PLAN_THREADS at once (a zoo on S3 is one HEAD each); `progress(n)`: n more checked."""
     index = read_index(store, std)
     memo = StampMemo(store, std.id, writable=not dry_run)
-    embed, skip, invalid = [], [], []
-    for e in entries:
+
+    def check(e: CatalogEntry) -> bool | EmbedResult:
         try:
-            needed = needs_embedding(e, index.get(e.id), memo)
+            return needs_embedding(e, index.get(e.id), memo)
         except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
-            invalid.append(EmbedResult(e.id, "failed", str(exc)))
-            continue
-        (embed.append(e) if needed else skip.append(e.id))
+            return EmbedResult(e.id, "failed", str(exc))
+        finally:
+            if progress is not None:
+                progress(1)
+    embed, skip, invalid = [], [], []
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        for e, outcome in zip(entries, pool.map(check, entries)):
+            if isinstance(outcome, EmbedResult):
+                invalid.append(outcome)
+            else:
+                (embed.append(e) if outcome else skip.append(e.id))
     wanted = {e.id for e in entries}
     remove = sorted(mid for mid in index if mid not in wanted) if prune else []
     return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid), len(index))
@@ -83,6 +97,8 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace, prune: bool) -> int:
+    from tqdm import tqdm
+
     opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
                                 args.autoscaling, args.models_per_actor)
     if not args.compaction_wait >= 0:
@@ -96,7 +112,8 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     max_remove = getattr(args, "max_remove", 1.0)
     if not 0 <= max_remove <= 1:
         raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
-    plan = make_plan(entries, store, std, prune, dry_run=args.dry_run)
+    with tqdm(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
+        plan = make_plan(entries, store, std, prune, dry_run=args.dry_run, progress=bar.update)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
     too_many = None  # a catalog cut short (a ConfigMap, the wrong file), not renames or a zoo retired and grown

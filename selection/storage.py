@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -658,6 +659,24 @@ class Store:
                 continue
             out.append(rel)
         return sorted(out)
+
+    def sha256(self, rel: str, piece_bytes: int = 1 << 24) -> str:
+        """The sha256 of an object's bytes, read in pieces of `piece_bytes` so that it is never held
+        whole (a checkpoint of gigabytes), retried from its start on a transient error.
+        ObjectGoneError if there is no object."""
+        full = self._full(rel)
+
+        def digest() -> str:
+            h = hashlib.sha256()
+            with (open(full, "rb") if self.scheme == "file" else
+                  self.fs.open(full, "rb", block_size=piece_bytes, cache_type="none")) as fh:
+                for piece in iter(lambda: fh.read(piece_bytes), b""):
+                    h.update(piece)
+            return h.hexdigest()
+        try:
+            return self._call("read", rel, digest)
+        except FileNotFoundError as exc:
+            raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
 
     def stamp(self, rel: str) -> str:
         """A fingerprint of an object's version, without reading it (one HEAD or stat): on S3 its ETag,

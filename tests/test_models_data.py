@@ -146,15 +146,22 @@ def test_wrong_architecture_and_corrupt_checkpoint(tmp_path, monkeypatch):
             check_weights_exist(url)
     # a checkpoint this user may not read fails its model, not the plan (a PermissionError traceback stopped
     # every other model's plan; a review, session 36). Root reads any file: the refusal is stood in for.
+    import builtins
+
     import selection.models as models_module
 
-    def refused(path, mode="r", *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
+    theirs, real_open = str(tmp_path / "theirs.pth"), builtins.open
 
-    torch.save(state, tmp_path / "theirs.pth")
-    monkeypatch.setattr(models_module, "open", refused, raising=False)
-    with pytest.raises(ModelError, match=f"cannot read checkpoint '{tmp_path / 'theirs.pth'}': Permission denied"):
-        models_module.weights_digest(CatalogEntry("m", "resnet10t", str(tmp_path / "theirs.pth")))
+    def refused(path, mode="r", *args, **kwargs):
+        if str(path) == theirs:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    torch.save(state, theirs)
+    monkeypatch.setattr(builtins, "open", refused)
+    for read in (lambda e: models_module.weights_digest(e), load_model):  # hashed in a plan, read to load
+        with pytest.raises(ModelError, match=f"cannot read checkpoint '{theirs}': .*Permission denied"):
+            read(CatalogEntry("m", "resnet10t", theirs))
     monkeypatch.undo()
     # A model saved from torch.compile (keys prefixed `_orig_mod.`), of a DataParallel one too, loads as the model.
     torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")

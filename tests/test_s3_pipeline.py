@@ -174,7 +174,8 @@ def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standa
     from selection.table import read_index
 
     assert read_index(store, load_standard(store))["s3zoo/from-s3"]["weights_stamp"].startswith("etag:")
-    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: pytest.fail(f"{w} was downloaded"))
+    for reader in ("_read_weights_bytes", "_hash_weights"):
+        monkeypatch.setattr(models, reader, lambda w: pytest.fail(f"{w} was downloaded"))
     capsys.readouterr()
     assert embed.main(["--catalog", cat, "--store", s3_store_url, "--no-progress"]) == 0
     assert "0 embedded, 1 skipped" in capsys.readouterr().out
@@ -298,3 +299,31 @@ def test_a_large_object_streamed_to_s3_goes_up_in_parts_whole(s3_store_url, monk
     time.sleep(1.1)  # S3 keeps whole seconds
     store.write_bytes("big/y.bin", b"same bytes")
     assert first.split(":")[1] == store.stamp("big/y.bin").split(":")[1] and first != store.stamp("big/y.bin")
+
+
+def test_store_sha256_reads_an_object_in_pieces(s3_store_url, tmp_path, monkeypatch):
+    """`Store.sha256` (a plan hashing a changed checkpoint) reads the object in pieces of `piece_bytes`,
+    never whole: a checkpoint of gigabytes was read into the driver in one piece."""
+    import hashlib
+
+    import numpy as np
+
+    from selection.errors import ObjectGoneError
+
+    data = np.random.default_rng(0).bytes(3 * (1 << 20) + 5)
+    for store in (Store(s3_store_url), Store(str(tmp_path))):
+        store.write_bytes("ckpt/w.bin", data)
+        assert store.sha256("ckpt/w.bin") == hashlib.sha256(data).hexdigest()
+        with pytest.raises(ObjectGoneError, match="no object at .*ckpt/gone.bin"):
+            store.sha256("ckpt/gone.bin")
+    store = Store(s3_store_url)
+    real_open, reads = store.fs.open, []
+
+    def counting_open(*args, **kwargs):
+        fh = real_open(*args, **kwargs)
+        real_read = fh.read
+        fh.read = lambda n=-1: reads.append(n) or real_read(n)
+        return fh
+    monkeypatch.setattr(store.fs, "open", counting_open)
+    assert store.sha256("ckpt/w.bin", piece_bytes=1 << 20) == hashlib.sha256(data).hexdigest()
+    assert reads == [1 << 20] * 5  # 3 whole pieces, the 5 bytes left, then the end

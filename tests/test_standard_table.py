@@ -1353,8 +1353,8 @@ def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_pa
     assert embed_entry(entry, std, store).status == "embedded"
     row = read_index(store, std)["zoo/m"]
     assert row["weights_stamp"].startswith("stat:")
-    real, reads = models._read_weights_bytes, []
-    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    real, reads = models._hash_weights, []
+    monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or real(w))
     assert not needs_embedding(entry, row) and reads == []  # the stamp matched: nothing read
     data = open(path, "rb").read()
     open(path, "wb").write(data)  # the same bytes written again: hashed, still unchanged
@@ -1365,6 +1365,40 @@ def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_pa
     assert needs_embedding(entry, row)
     old = dict(row, weights_stamp=None)  # a row written before the stamp: hashed as before
     assert needs_embedding(entry, old) and len(reads) == 3
+
+
+def test_a_plan_checks_entries_concurrently_in_catalog_order(published, tmp_path, monkeypatch):
+    """A plan checked its entries one by one: a zoo on S3 is a HEAD per model, minutes for thousands,
+    with no progress shown. They are now checked PLAN_THREADS at once, reported one by one to
+    `progress`; the plan keeps the catalog's order."""
+    import threading
+
+    import selection.embedder as embedder
+    from jobs import embed as embed_job
+
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    path = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "m.safetensors"))
+    entries = [CatalogEntry(f"zoo/m{i:02d}", "resnet10t", path if i % 3 else str(tmp_path / f"gone{i}.pth"),
+                            input_size=32) for i in range(24)]
+    real, lock, active, peak = embedder.check_entry, threading.Lock(), [0], [0]
+
+    def slow_check(entry):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        real(entry)
+    monkeypatch.setattr(embedder, "check_entry", slow_check)
+    done = []
+    plan = embed_job.make_plan(entries, store, std, prune=False, progress=done.append)
+    assert peak[0] > 1 and done == [1] * len(entries)
+    assert [e.id for e in plan.embed] == [e.id for e in entries if e.weights == path]
+    assert [r.model_id for r in plan.invalid] == [e.id for e in entries if e.weights != path]
+    assert all("checkpoint not found" in r.reason for r in plan.invalid)
 
 
 def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(published, tmp_path, monkeypatch):
@@ -1383,8 +1417,8 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     path = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "m.safetensors"))
     entry = CatalogEntry("zoo/m", "resnet10t", path, input_size=32)
     assert embed_entry(entry, std, store).status == "embedded"
-    real, reads = models._read_weights_bytes, []
-    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    real, reads = models._hash_weights, []
+    monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or real(w))
     shutil.copyfile(path, path + ".bak")
     os.replace(path + ".bak", path)  # restored from a backup: same bytes, new inode and times
 
@@ -1430,9 +1464,9 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
         data = real(w)
         os.replace(shutil.copyfile(path, path + ".bak"), path)
         return data
-    monkeypatch.setattr(models, "_read_weights_bytes", replaced_while_read)
+    monkeypatch.setattr(models, "_hash_weights", replaced_while_read)
     assert plan().skip == ("zoo/m",) and memo.get("zoo/m") is None
-    monkeypatch.setattr(models, "_read_weights_bytes", lambda w: reads.append(w) or real(w))
+    monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or real(w))
     assert plan().skip == ("zoo/m",) and len(reads) == n + 1 and memo.get("zoo/m") is not None
     # removing the model removes its memo
     memo.put("zoo/m", "stat:1", "0" * 64)
