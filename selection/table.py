@@ -694,7 +694,11 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
             continue
         if on_row_bytes is not None:
             on_row_bytes(p, data)
-        tables.append(store.read_table(p, data))
+        try:
+            tables.append(store.read_table(p, data))
+        except StoreError as exc:  # its bytes in hand: a corrupt object, one model's
+            raise StoreError(f"{exc} (a row object: delete it, and the next `jobs.embed` or `jobs.reindex` run "
+                             f"embeds its model again)") from exc
         read.append(p)
         _validate(tables[-1], std, f"{store.url}/{p}")
         keys, ids = (tables[-1].column(c).to_pylist() for c in ("model_key", "model_id"))

@@ -990,6 +990,11 @@ def test_table_of_another_standard_schema_width_or_corrupt_is_refused(embedded, 
     line = _run_job(table.main, ["ls", "--store", store.url], capsys)
     assert needle in line and path in line, line
     assert _snapshot(store.root) == before
+    if how == "corrupt":  # what to do is said, and works
+        assert line.endswith("(a row object: delete it, and the next `jobs.embed` or `jobs.reindex` run embeds "
+                             "its model again)"), line
+        store.delete(path)
+        assert table.main(["ls", "--store", store.url]) == 0
 
 
 @pytest.mark.parametrize("how,needle", [
