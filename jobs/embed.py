@@ -161,11 +161,11 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index
             print(f"warning: {exc}")
             unchecked = True
-    rates = [r.images_per_second for r in ok] or [0.0]
+    rates = [r.images_per_second for r in ok]
     gpu = max((r.peak_gpu_mib for r in ok), default=0.0)
-    print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, "
-          f"{len(failed)} failed; probe pass img/s per model mean {sum(rates) / len(rates):.0f} "
-          f"(min {min(rates):.0f}, max {max(rates):.0f})"
+    print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, {len(failed)} failed"
+          + (f"; probe pass img/s per model mean {sum(rates) / len(rates):.0f} (min {min(rates):.0f}, "
+             f"max {max(rates):.0f})" if rates else "")
           + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
           + f"; standard {std.id}; {time.perf_counter() - t0:.1f}s")
     if ok:

@@ -168,5 +168,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
                            batch, peak, stages, written_during_compaction=during)
     except ZooselectError as exc:
-        log.warning("model %s failed: %s", entry.id, exc)
+        # The result says it (a job prints it as `failed:`): a warning from an actor reached the driver again,
+        # late, after the job's summary line
+        log.info("model %s failed: %s", entry.id, exc)
         return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)

@@ -313,11 +313,14 @@ def test_library_inputs_a_review_found_unchecked(published, tmp_path, capsys, mo
         table_job.main(["export", "--store", store.url, "--out", out, "--no-progress"])
 
 
-def test_failing_model_reported(published, tmp_path):
+def test_failing_model_reported(published, tmp_path, caplog):
+    """In the result, not as a warning: an actor's warning reached the job's output again, after its summary."""
     store, std = published
     bad = CatalogEntry("zoo/bad", "resnet10t", str(tmp_path / "missing.safetensors"))
-    r = embed_entry(bad, std, store)
+    with caplog.at_level(logging.INFO, logger="selection"):
+        r = embed_entry(bad, std, store)
     assert r.status == "failed" and "checkpoint not found" in r.reason
+    assert [rec.levelno for rec in caplog.records if "zoo/bad" in rec.getMessage()] == [logging.INFO]
     unknown = CatalogEntry("zoo/unknown", "no_such_arch_xyz", None)
     r = embed_entry(unknown, std, store)
     assert r.status == "failed" and "unknown timm architecture 'no_such_arch_xyz'" in r.reason
