@@ -247,7 +247,8 @@ def _stop_all() -> None:
 
 # --------------------------------------------------------------------------- server
 class SeaweedServer:
-    """A local `weed mini` S3 endpoint on 127.0.0.1 with one identity and one bucket.
+    """A local `weed mini` S3 endpoint on 127.0.0.1 with one bucket, one identity that may do anything
+    and one that may only read and list (random keys: `reader_key`, `reader_secret`, `env(read_only=True)`).
 
     Parameters
     ----------
@@ -267,6 +268,8 @@ class SeaweedServer:
         self.bucket = validate_bucket(bucket)
         self.access_key = access_key or "ZS" + secrets.token_hex(9).upper()
         self.secret_key = secret_key or secrets.token_hex(20)
+        # a second identity that may only read and list (tests of read-only credentials)
+        self.reader_key, self.reader_secret = "ZR" + secrets.token_hex(9).upper(), secrets.token_hex(20)
         for name, value in (("access_key", self.access_key), ("secret_key", self.secret_key)):
             if not isinstance(value, str) or len(value) < 3 or any(c.isspace() for c in value):
                 raise SeaweedError(f"{name} must be a string of >= 3 non-space characters")
@@ -316,10 +319,12 @@ class SeaweedServer:
         return sorted((HOST, p) for port in self.ports.values()
                       for p in (port, port + GRPC_OFFSET))
 
-    def env(self) -> dict[str, str]:
-        """AWS_* variables that point any AWS SDK (botocore, s3fs, the CLI) at this server."""
-        return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": REGION,
+    def env(self, read_only: bool = False) -> dict[str, str]:
+        """AWS_* variables that point any AWS SDK (botocore, s3fs, the CLI) at this server (`read_only`:
+        with the identity that may only read and list)."""
+        key, secret = (self.reader_key, self.reader_secret) if read_only else (self.access_key, self.secret_key)
+        return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": key,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": REGION,
                 "AWS_DEFAULT_REGION": REGION}
 
     def store_url(self, prefix: str = "") -> str:
@@ -464,6 +469,10 @@ class SeaweedServer:
             "name": "zooselect",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }, {
+            "name": "zooselect-reader",
+            "credentials": [{"accessKey": self.reader_key, "secretKey": self.reader_secret}],
+            "actions": ["Read", "List"],
         }]}
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -210,6 +210,7 @@ def _versions() -> dict[str, str]:
 
 def quality(args: argparse.Namespace) -> int:
     from jobs.embed import make_plan
+    from selection.embedder import refresh_rows
     from selection.table import load_table
 
     t_start = time.perf_counter()
@@ -274,6 +275,7 @@ def quality(args: argparse.Namespace) -> int:
         say(f"embed {sp.name}", f"[5/7] embedding {len(todo)} of {len(cands)} candidates under standard "
                                 f"{sp.name} ({std.id})")
         results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
+        results += refresh_rows(list(diff.refresh), std, store)  # catalog entries changed, not their weights
         failed = [r for r in results if r.status == "failed"]
         if failed:
             raise ZooselectError(f"embedding failed for {len(failed)} model(s) under {sp.name}: "

@@ -1,7 +1,9 @@
 """Embed a catalog into the table: `python -m jobs.embed --catalog CATALOG --store STORE`.
 
 One Ray actor per candidate model (GPU where the cluster has them). Models already
-embedded under the standard with the same weights digest and catalog entry are skipped.
+embedded under the standard with the same weights digest and catalog entry are skipped; those
+whose entry changed only in its tags, license, metadata or checkpoint path (same bytes) have
+their rows rewritten, with no model loaded ("refreshed").
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Sequence
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, load_catalog
-from selection.embedder import EmbedResult, needs_embedding
+from selection.embedder import EmbedResult, plan_entry, refresh_rows
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
@@ -30,6 +32,7 @@ class Plan:
     remove: tuple[str, ...]
     invalid: tuple[EmbedResult, ...]
     indexed: int = 0  # models in the table before the plan
+    refresh: tuple[CatalogEntry, ...] = ()  # rows only rewritten (`plan_entry`), no model loaded
 
 
 PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
@@ -37,30 +40,31 @@ PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a ha
 
 def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False,
               progress: Callable[[int], None] | None = None) -> Plan:
-    """Diff the catalog against the table's index: what to embed, skip and (with prune) remove.
+    """Diff the catalog against the table's index: what to embed, refresh (`plan_entry`), skip and
+    (with prune) remove.
     Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`. Entries are
     checked PLAN_THREADS at once (a zoo on S3 is one HEAD each); `progress(n)`: n more checked."""
     index = read_index(store, std)
     memo = StampMemo(store, std.id, writable=not dry_run)
 
-    def check(e: CatalogEntry) -> bool | EmbedResult:
+    def check(e: CatalogEntry) -> str | EmbedResult:
         try:
-            return needs_embedding(e, index.get(e.id), memo)
+            return plan_entry(e, index.get(e.id), memo)
         except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
             return EmbedResult(e.id, "failed", str(exc))
         finally:
             if progress is not None:
                 progress(1)
-    embed, skip, invalid = [], [], []
+    embed, refresh, skip, invalid = [], [], [], []
     with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
         for e, outcome in zip(entries, pool.map(check, entries)):
             if isinstance(outcome, EmbedResult):
                 invalid.append(outcome)
             else:
-                (embed.append(e) if outcome else skip.append(e.id))
+                {"embed": embed, "refresh": refresh}.get(outcome, skip).append(e)
     wanted = {e.id for e in entries}
     remove = sorted(mid for mid in index if mid not in wanted) if prune else []
-    return Plan(tuple(embed), tuple(skip), tuple(remove), tuple(invalid), len(index))
+    return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(index), tuple(refresh))
 
 
 def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if os.path.isdir(args.catalog):
         raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)
-    store = open_store(args)
+    store = open_store(args, writable=not args.dry_run)  # a dry run changes nothing, not even a write check
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
     max_remove = getattr(args, "max_remove", 1.0)
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
     with tqdm(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
         plan = make_plan(entries, store, std, prune, dry_run=args.dry_run, progress=bar.update)
-    head = (f"plan: {len(plan.embed)} to embed, {len(plan.skip)} unchanged, "
+    head = (f"plan: {len(plan.embed)} to embed, {len(plan.refresh)} to refresh, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
     too_many = None  # a catalog cut short (a ConfigMap, the wrong file), not renames or a zoo retired and grown
     if len(plan.remove) > max_remove * plan.indexed and len(entries) < plan.indexed:
@@ -125,6 +129,8 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         print(head)
         for e in plan.embed:
             print(f"  embed   {e.id}")
+        for e in plan.refresh:
+            print(f"  refresh {e.id}")
         for mid in plan.remove:
             print(f"  remove  {mid}")
         for r in plan.invalid:
@@ -139,11 +145,12 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
-    results: list[EmbedResult] = list(plan.invalid)
+    results: list[EmbedResult] = list(plan.invalid) + refresh_rows(list(plan.refresh), std, store)
     if plan.embed:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress)
-    ok = [r for r in results if r.status == "embedded"]
+    ok = [r for r in results if r.status in ("embedded", "refreshed")]
+    embedded = [r for r in ok if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {r.reason}")
@@ -161,16 +168,17 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index
             print(f"warning: {exc}")
             unchecked = True
-    rates = [r.images_per_second for r in ok]
-    gpu = max((r.peak_gpu_mib for r in ok), default=0.0)
-    print(f"summary: {len(ok)} embedded, {len(plan.skip)} skipped, {removed} removed, {len(failed)} failed"
+    rates = [r.images_per_second for r in embedded]
+    gpu = max((r.peak_gpu_mib for r in embedded), default=0.0)
+    print(f"summary: {len(embedded)} embedded, {len(ok) - len(embedded)} refreshed, {len(plan.skip)} skipped, "
+          f"{removed} removed, {len(failed)} failed"
           + (f"; probe pass img/s per model mean {sum(rates) / len(rates):.0f} (min {min(rates):.0f}, "
              f"max {max(rates):.0f})" if rates else "")
           + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
           + f"; standard {std.id}; {time.perf_counter() - t0:.1f}s")
-    if ok:
-        workers = len({r.worker for r in ok if r.worker})
-        print(f"time per model (mean of {len(ok)}, {workers} actor process(es)): {stage_means(ok)}")
+    if embedded:
+        workers = len({r.worker for r in embedded if r.worker})
+        print(f"time per model (mean of {len(embedded)}, {workers} actor process(es)): {stage_means(embedded)}")
     return 1 if failed or unchecked or too_many else 0
 
 

@@ -18,7 +18,7 @@ from selection.models import (Prepared, batch_size_for_memory, check_entry, comp
                               extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
-from selection.table import StampMemo, compaction_running, row_object, versions_json
+from selection.table import StampMemo, compaction_running, read_rows, row_object, versions_json
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -27,7 +27,7 @@ MIN_BATCH = 8
 @dataclass(frozen=True)
 class EmbedResult:
     model_id: str
-    status: str  # "embedded" | "skipped" | "failed"
+    status: str  # "embedded" | "refreshed" (`refresh_rows`) | "skipped" | "failed"
     reason: str = ""
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -57,30 +57,103 @@ def model_license(entry: CatalogEntry, model: Any) -> str | None:
 
 
 def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None) -> bool:
-    """True unless the table's row for `entry` has the same weights digest and catalog entry.
+    """True unless the table's row for `entry` has the same weights digest and catalog entry
+    (`plan_entry` says whether the model must be embedded or its row only rewritten)."""
+    return plan_entry(entry, indexed, memo) != "skip"
+
+
+def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None) -> str:
+    """What a run does for `entry`: "skip" (the row has its weights digest and catalog entry),
+    "refresh" (only what the row records about the model changed: tags, metadata, a license given, the
+    checkpoint's path to the same bytes; `refresh_rows` rewrites the row, keeping its vectors) or
+    "embed".
 
     `indexed` is the model's row from `selection.table.read_index` (None if absent). A checkpoint
     whose stamp (`weights_stamp`: one stat or HEAD) is the row's is not read again: a nightly
     re-index costs O(m) small calls, not every checkpoint's bytes. One whose stamp changed with
-    its bytes unchanged (copied, restored) is hashed once, then, with a `memo`, known by its new
-    stamp: one more small read. A missing checkpoint raises a ModelError either way.
+    its bytes unchanged (copied, restored, moved) is hashed once, then, with a `memo`, known by its
+    new stamp: one more small read. A missing checkpoint raises a ModelError either way.
     """
-    if indexed is None or indexed["catalog_entry"] != _entry_json(entry):
+    if indexed is None:
         check_entry(entry)  # what fails without loading it fails in the plan (a dry run's too)
-        return True
+        return "embed"
+    same = indexed["catalog_entry"] == _entry_json(entry)
+    if not same:
+        check_entry(entry)
+        if not _describes_the_same_vectors(entry, indexed["catalog_entry"]):
+            return "embed"
+    if not _same_weights(entry, indexed, memo):
+        return "embed"
+    return "skip" if same else "refresh"
+
+
+def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:
+    """Whether `entry` differs from the catalog entry a row recorded only where the row's vectors do not
+    depend on it: tags, metadata, a license given (one taken from the model needs it loaded), or the
+    path of a checkpoint file (its bytes are compared after)."""
+    try:
+        old = CatalogEntry.from_dict(json.loads(recorded))
+    except (ValueError, ZooselectError):  # a row another tool wrote: embedded again
+        return False
+    files = all(w is not None and not w.startswith(("hf-hub:", "timm:")) for w in (entry.weights, old.weights))
+    return (entry.arch, entry.input_size, entry.num_classes) == (old.arch, old.input_size, old.num_classes) \
+        and (entry.weights == old.weights or files) and (entry.license is not None or old.license is None)
+
+
+def _same_weights(entry: CatalogEntry, indexed: dict[str, Any], memo: StampMemo | None) -> bool:
+    """Whether `entry`'s weights are those the row was embedded from (see `plan_entry`)."""
     stamp = weights_stamp(entry.weights)
     if stamp and indexed.get("weights_stamp") == stamp:
-        return False
+        return True
     if stamp and memo is not None and memo.get(entry.id) == (stamp, indexed["weights_sha256"]):
-        return False
+        return True
     digest = weights_digest(entry)
     if digest != indexed["weights_sha256"]:
-        return True
+        return False
     # Recorded only if the stamp held over the read: an object replaced and put back meanwhile (an S3
     # ETag comes back with its bytes) must not tie the new bytes' stamp to the old bytes' digest.
     if stamp and memo is not None and weights_stamp(entry.weights) == stamp:
         memo.put(entry.id, stamp, digest)
-    return False
+    return True
+
+
+def refresh_rows(entries: list[CatalogEntry], std: Standard, store: Store) -> list[EmbedResult]:
+    """Rewrite the rows of `entries` that `plan_entry` planned to "refresh": each row as it is (vectors,
+    weights digest and stamp, timings) but for the tags, license, weights source and catalog entry it
+    records. No model is loaded; the rows are read with `read_rows` (a few small reads). A model whose
+    row is gone meanwhile fails (the next run embeds it)."""
+    rows = read_rows(store, std, [e.id for e in entries]) if entries else {}
+    results = []
+    for entry in entries:
+        t0 = time.perf_counter()
+        try:
+            old = rows.get(entry.id)
+            if old is None:
+                raise ModelError(f"model {entry.id!r}: its row left the table before it was rewritten (removed "
+                                 f"meanwhile?); the next run embeds it")
+            row = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
+                       license=old["license"] if entry.license is None else entry.license,
+                       catalog_entry=_entry_json(entry))
+            path, during = _write_row(store, std, row)
+            results.append(EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
+                                       written_during_compaction=during))
+        except ZooselectError as exc:
+            log.info("model %s failed: %s", entry.id, exc)
+            results.append(EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0))
+    return results
+
+
+def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
+    """Write a model's row object; return its path and, if a compaction ran as it was written (it may
+    have deleted it: the job writes it back after, `selection.table.restore_rows`), its bytes, else b""."""
+    path, data = row_object(std, row)
+    store.write_bytes(path, data)
+    try:
+        return path, data if compaction_running(store, std.id) else b""
+    except StoreError as exc:  # the row is written: not a failure; checked after, as if a compaction ran
+        log.warning("model %s: its row is written, but whether a compaction ran meanwhile is unknown (%s)",
+                    row["model_id"], exc)
+        return path, data
 
 
 def _entry_json(entry: CatalogEntry) -> str:
@@ -154,14 +227,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         row["model_key"] = model_key(entry.id)
         row["embed_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        path, data = row_object(std, row)
-        store.write_bytes(path, data)
-        try:
-            during = data if compaction_running(store, std.id) else b""
-        except StoreError as exc:  # the row is written: not a failure; checked after, as if a compaction ran
-            log.warning("model %s: its row is written, but whether a compaction ran meanwhile is unknown (%s)",
-                        entry.id, exc)
-            during = data
+        path, during = _write_row(store, std, row)
         stages["write"] = time.perf_counter() - t1
         log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))

@@ -24,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -134,6 +134,9 @@ def _scrub(text: str) -> str:
     return text
 
 
+WRITE_CHECK = ".zooselect-write-check"  # `Store.check` writes and deletes it: hidden, never listed
+
+
 @dataclass(frozen=True)
 class _Corrupt:
     """A parse error of an object that was read successfully (not a storage fault)."""
@@ -153,11 +156,18 @@ def _parsed(watched: "_WatchedFile", fn: Callable[[], T]) -> T | _Corrupt:
         return _Corrupt(exc)
 
 
-def _row_group_batches(meta: Any, batch_bytes: int) -> list[list[int]]:
-    """A Parquet file's row groups cut into runs of about `batch_bytes` stored bytes (at least one group)."""
+def _row_group_batches(meta: Any, batch_bytes: int, rows: Collection[int] | None = None) -> list[list[int]]:
+    """A Parquet file's row groups (with `rows`, those holding one of these row numbers) cut into runs of
+    about `batch_bytes` stored bytes (at least one group)."""
+    groups, start = [], 0
+    for i in range(meta.num_row_groups):
+        n = meta.row_group(i).num_rows
+        if rows is None or any(start <= r < start + n for r in rows):
+            groups.append(i)
+        start += n
     batches: list[list[int]] = [[]]
     size = 0
-    for i in range(meta.num_row_groups):
+    for i in groups:
         group = meta.row_group(i)
         if batches[-1] and size >= batch_bytes:
             batches.append([])
@@ -578,8 +588,9 @@ class Store:
 
     # -- public API --------------------------------------------------------------------
     def check(self, writable: bool = True) -> None:
-        """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`: a
-        local one writable too; a job that only reads, such as a selection not saving, need not)."""
+        """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`:
+        writable too, a local one by its permissions, an S3 one by writing and deleting the empty hidden
+        object WRITE_CHECK; a job that only reads, such as a selection not saving, need not)."""
         if self.scheme == "s3":
             prefix = self.root[len(self.bucket):].strip("/")
             try:  # one key listed under the store's prefix (not exists(): s3fs turns every error into False;
@@ -589,6 +600,12 @@ class Store:
             except FileNotFoundError as exc:
                 raise StoreError(f"bucket {self.bucket!r} does not exist "
                                  f"(store {self.url!r}, endpoint {self.endpoint or 'AWS default'})") from exc
+            if writable:  # read-only credentials fail here, not when the work is done and its results are lost
+                self.write_bytes(WRITE_CHECK, b"")
+                try:
+                    self._call("delete", WRITE_CHECK, lambda: self.fs.rm_file(self._full(WRITE_CHECK)))
+                except (StoreError, FileNotFoundError) as exc:  # hidden, never listed: left (one, rewritten)
+                    log.warning("could not delete %s (%s)", self._display(WRITE_CHECK), exc)
         elif self.scheme == "file":
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise StoreError(f"store path {self.root!r} exists and is not a directory")
@@ -813,17 +830,19 @@ class Store:
 
         return self._parquet(rel, read)
 
-    def iter_row_groups(self, rel: str, batch_bytes: int | None = None) -> Iterator[pa.Table]:
+    def iter_row_groups(self, rel: str, batch_bytes: int | None = None,
+                        rows: Collection[int] | None = None) -> Iterator[pa.Table]:
         """A Parquet object's row groups, in order, one table each, read and decoded about `batch_bytes`
         of the object at a time (the row groups of a batch decoded in parallel; on S3 their ranges
         fetched in parallel): memory holds one batch, not the whole object (a segment of 50,000
         per-source rows is 3.7 GB; one compacted before session 27 is a single row group, read whole
         until recompacted). A local file is read by Arrow itself (no copies of its bytes in Python).
         Errors as `read_table_columns`; the object gone between two batches is ObjectGoneError.
-        `batch_bytes`: ROW_GROUP_BATCH_BYTES when None."""
+        `batch_bytes`: ROW_GROUP_BATCH_BYTES when None. `rows`: only the row groups holding one of these
+        row numbers (counted from 0 over the object) are read, each whole."""
         batch_bytes = ROW_GROUP_BATCH_BYTES if batch_bytes is None else batch_bytes
         if self.scheme == "file":
-            yield from self._local_row_groups(rel, batch_bytes)
+            yield from self._local_row_groups(rel, batch_bytes, rows)
             return
 
         Batches = list[tuple[list[int], list[tuple[int, int]]]]  # row groups, and their byte ranges
@@ -834,7 +853,7 @@ class Store:
 
             def plan() -> tuple[pq.ParquetFile, Batches]:  # a damaged footer (bad offsets too): corrupt
                 pf = pq.ParquetFile(watched)
-                batches = _row_group_batches(pf.metadata, batch_bytes)
+                batches = _row_group_batches(pf.metadata, batch_bytes, rows)
                 return pf, [(g, _chunk_ranges(pf.metadata, None, g)) for g in batches]
 
             planned = _parsed(watched, plan)
@@ -851,7 +870,7 @@ class Store:
             src.forget()
             yield from _split_groups(table, pf.metadata, groups)
 
-    def _local_row_groups(self, rel: str, batch_bytes: int) -> Iterator[pa.Table]:
+    def _local_row_groups(self, rel: str, batch_bytes: int, rows: Collection[int] | None) -> Iterator[pa.Table]:
         """`iter_row_groups` of a local file. Arrow raises OSError for a parse error and for an I/O error
         alike: one with an errno (EIO, EACCES) is an I/O error, for the retry policy; others are a corrupt
         object."""
@@ -865,7 +884,7 @@ class Store:
 
         def plan() -> tuple[pq.ParquetFile, list[list[int]]]:
             pf = pq.ParquetFile(self._full(rel))
-            return pf, _row_group_batches(pf.metadata, batch_bytes)
+            return pf, _row_group_batches(pf.metadata, batch_bytes, rows)
 
         pf, batches = self._parquet(rel, lambda: parsed(plan))
         try:

@@ -750,6 +750,44 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
         for row in shard.meta.to_pylist()})
 
 
+def read_rows(store: Store, std: Standard, model_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """model_id -> its whole row (`embedding` an array, as written) for those of `model_ids` in the
+    table, as a read of the table serves them: the model's row object, else (unless a marker removed
+    it) its row in the newest segment holding it. Reads those row objects, then the key columns of the
+    segments, newest first, until every model is found, and of a segment only the row groups that
+    hold one: a few models cost O(segments) small reads, not the table's vectors. Listed again if an
+    object is gone when read (`read_consistently`)."""
+    wanted = {model_key(m): m for m in model_ids}
+
+    def read(listing: Listing) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+
+        def add(shard: EmbeddingTable | None) -> None:
+            for row, vector in zip(shard.meta.to_pylist() if shard else [], shard.embeddings if shard else []):
+                if wanted.get(row["model_key"]) == row["model_id"]:
+                    found[row["model_id"]] = dict(row, embedding=vector)
+        objects = tuple(p for p in listing.rows if _key_of(p) in wanted)
+        for start in range(0, len(objects), ROW_BATCH):
+            add(_row_batch(store, std, objects[start:start + ROW_BATCH], None))
+        todo = set(wanted) - hidden_keys(listing)
+        for seg in reversed(listing.segments):  # newest first: the newest holds the row a read serves
+            if not todo:
+                break
+            keys = _segment_keys(store, seg)
+            at = [i for i, k in enumerate(keys) if k in todo]
+            if len({keys[i] for i in at}) != len(at):
+                raise StoreError(f"{store.url}/{seg}: a model_key is in the segment more than once; a segment "
+                                 f"holds each model once (rewrite or delete the object)")
+            for group in store.iter_row_groups(seg, rows=at):
+                _validate(group, std, f"{store.url}/{seg}")
+                mask = pc.is_in(group.column("model_key"), pa.array(sorted(todo), pa.string()))
+                add(_shard(std, group.filter(mask), None, f"{store.url}/{seg}"))
+            todo -= {keys[i] for i in at}
+        return found
+
+    return read_consistently(store, std, read)
+
+
 def load_table(store: Store, std: Standard, listing: Listing | None = None) -> EmbeddingTable:
     """The whole table of `std` in memory (validated, each model once). Without `listing`, the
     table is listed now, and again if it changes while it is read (`read_consistently`)."""

@@ -861,7 +861,7 @@ def test_devstack_up_status_down(request, monkeypatch, tiny_standard):
                                   f"{shlex.quote(sys.executable)} -m {job} --store $ZOOSELECT_STORE"],
                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-            assert ("2 embedded, 0 skipped" if "embed" in job else "dev/re") in run.stdout, run.stdout
+            assert ("2 embedded, 0 refreshed, 0 skipped" if "embed" in job else "dev/re") in run.stdout, run.stdout
         # a driver without the head's token is refused in one line that says what is missing
         run = subprocess.run(["bash", "-c", f"source {shlex.quote(str(env_file))} && unset RAY_AUTH_MODE "
                               f"RAY_AUTH_TOKEN_PATH && exec {shlex.quote(sys.executable)} -m {job} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -11,12 +12,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 import timm
 
-from selection.catalog import CatalogEntry, write_catalog
+from selection.catalog import CatalogEntry, load_catalog, write_catalog
 from selection.errors import ConfigError, ZooselectError
+from selection.table import load_table, row_path
 from tests.conftest import save_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -59,14 +62,34 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     store, std = published
     assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out
+    assert "summary: 3 embedded, 0 refreshed, 0 skipped, 0 removed, 0 failed" in out
     assert "time per model (mean of 3, 3 actor process(es)): actor start " in out and ", probe pass " in out, out
     before = _mtimes(store.root)
     assert len(before) == 3
     # A rerun is a no-op: nothing embedded, no object rewritten.
     assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
-    assert "summary: 0 embedded, 3 skipped" in capsys.readouterr().out
+    assert "summary: 0 embedded, 0 refreshed, 3 skipped" in capsys.readouterr().out
     assert _mtimes(store.root) == before
+    # New tags: that row alone is rewritten, its vectors kept, in the driver (no actor: no time per model)
+    entries = load_catalog(catalog)
+    retagged = str(tmp_path / "retagged.jsonl")
+    write_catalog([dataclasses.replace(entries[0], tags=("t", "new"))] + entries[1:], retagged)
+    vectors = load_table(store, std)
+    assert embed.main(["--catalog", retagged, "--store", store.url, "--dry-run"]) == 0
+    assert "plan: 0 to embed, 1 to refresh, 2 unchanged" in capsys.readouterr().out
+    assert embed.main(["--catalog", retagged, "--store", store.url, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "summary: 0 embedded, 1 refreshed, 2 skipped" in out and "time per model" not in out, out
+    after = load_table(store, std)
+    assert after.meta.column("tags").to_pylist()[after.model_ids.index("zoo/trained-ish")] == ["t", "new"]
+    np.testing.assert_array_equal(after.embeddings[[after.model_ids.index(m) for m in vectors.model_ids]],
+                                  vectors.embeddings)
+    assert [p for p, t in _mtimes(store.root).items() if before[p] != t] == [
+        os.path.join(store.root, row_path(std.id, "zoo/trained-ish"))]
+    write_catalog(entries, catalog)  # as it was, for the rest of this test
+    assert embed.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
+    assert "summary: 0 embedded, 1 refreshed, 2 skipped" in capsys.readouterr().out
+    before = _mtimes(store.root)
 
     out_json = str(tmp_path / "res.json")
     out_pq = str(tmp_path / "res.parquet")
@@ -168,7 +191,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     # Reindex with one model gone from the catalog removes exactly its object.
     open(catalog, "w").write("\n".join(lines[:2]) + "\n")
     assert reindex.main(["--catalog", catalog, "--store", store.url, "--no-progress"]) == 0
-    assert "0 embedded, 2 skipped, 1 removed" in capsys.readouterr().out
+    assert "0 embedded, 0 refreshed, 2 skipped, 1 removed" in capsys.readouterr().out
     after = _mtimes(store.root)
     assert len(after) == 2 and all(before[p] == m for p, m in after.items())
 
@@ -727,7 +750,7 @@ def test_a_reindex_with_a_catalog_cut_short_removes_nothing(published, tmp_path,
     base = ["--catalog", catalog, "--store", store.url, "--no-progress"]
     assert reindex.main(base + ["--dry-run"]) == 1
     out = capsys.readouterr().out
-    assert "plan: 0 to embed, 0 unchanged, 3 to remove, 1 invalid" in out and out.count("  remove  zoo/") == 3
+    assert "plan: 0 to embed, 0 to refresh, 0 unchanged, 3 to remove, 1 invalid" in out and out.count("  remove  zoo/") == 3
     assert "refused: not removing 3 of the table's 3 models, more than --max-remove 0.5 allows, with a catalog " \
            "of only 1 (is '" in out, out
     assert reindex.main(base) == 1

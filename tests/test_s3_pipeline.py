@@ -71,7 +71,7 @@ def test_s3_embed_select_update_remove(s3_ray, s3_store_url, tiny_standard, tmp_
 
     # Rerun: nothing written (same ETags, same objects).
     assert embed.main(["--catalog", cat2, "--store", s3_store_url, "--no-progress"]) == 0
-    assert "0 embedded, 2 skipped" in capsys.readouterr().out
+    assert "0 embedded, 0 refreshed, 2 skipped" in capsys.readouterr().out
     assert _objects(store) == first
 
     # Add one model: exactly one new object, the others untouched.
@@ -178,7 +178,7 @@ def test_s3_checkpoint_loads_through_the_store(s3_ray, s3_store_url, tiny_standa
         monkeypatch.setattr(models, reader, lambda w: pytest.fail(f"{w} was downloaded"))
     capsys.readouterr()
     assert embed.main(["--catalog", cat, "--store", s3_store_url, "--no-progress"]) == 0
-    assert "0 embedded, 1 skipped" in capsys.readouterr().out
+    assert "0 embedded, 0 refreshed, 1 skipped" in capsys.readouterr().out
 
 
 def _local_copy(store: Store, tmp_path) -> str:
@@ -327,3 +327,44 @@ def test_store_sha256_reads_an_object_in_pieces(s3_store_url, tmp_path, monkeypa
     monkeypatch.setattr(store.fs, "open", counting_open)
     assert store.sha256("ckpt/w.bin", piece_bytes=1 << 20) == hashlib.sha256(data).hexdigest()
     assert reads == [1 << 20] * 5  # 3 whole pieces, the 5 bytes left, then the end
+
+
+def test_read_only_credentials_are_refused_before_the_work_unless_nothing_is_written(s3_server, s3_store_url,
+                                                                                    tiny_standard, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """A selection saving its results to an S3 store with credentials that may only read ran its whole
+    work, then failed to save (a local store's permissions were checked first). `Store.check` now
+    writes and deletes a hidden empty object; a job that only reads (`--no-save`, a dry run) is not refused."""
+    from jobs import embed, select
+    from jobs.common import run_main
+    from selection.errors import StoreError
+    from selection.storage import WRITE_CHECK
+    from tests.s3_fixtures import point_env_at
+
+    store = Store(s3_store_url)
+    save_standard(store, tiny_standard)
+    store.check()
+    assert not store.exists(WRITE_CHECK) and store.list("") == store.list("standards")  # deleted, never listed
+    monkeypatch.setattr(s3_server, "access_key", s3_server.reader_key)  # point_env_at reads these
+    monkeypatch.setattr(s3_server, "secret_key", s3_server.reader_secret)
+    point_env_at(s3_server, monkeypatch)
+    reader = Store(s3_store_url)
+    reader.check(writable=False)
+    with pytest.raises(StoreError, match=rf"^access denied for write {s3_store_url}/{WRITE_CHECK}: check the AWS "):
+        reader.check()
+    task, catalog = "builtin:digits?classes=0,1&per_class=4", str(tmp_path / "c.jsonl")
+    write_catalog([CatalogEntry("m", "resnet10t", None, input_size=32)], catalog)
+
+    def error_of(job, *args: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            run_main(job.main, [*args, "--store", s3_store_url, "--no-progress"])
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+    for job, args in ((select, ["--task", task]), (embed, ["--catalog", catalog])):
+        assert f"error: access denied for write {s3_store_url}/{WRITE_CHECK}: " in error_of(job, *args)
+    # reading is allowed: past the store check, to the empty table
+    assert "no models are embedded under standard" in error_of(select, "--task", task, "--no-save")
+    capsys.readouterr()
+    assert embed.main(["--catalog", catalog, "--store", s3_store_url, "--dry-run"]) == 0
+    assert "plan: 1 to embed" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from selection.embedder import STAGES, embed_entry, needs_embedding
 from selection.errors import ConfigError, DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.storage import Store
-from selection.table import delete_row, delete_rows, load_table, read_index, row_path
+from selection.table import compact, delete_row, delete_rows, load_table, read_index, row_path
 from tests.conftest import TINY_BASELINE, tiny_config
 
 A = CatalogEntry("zoo/a", "resnet10t", None, input_size=32)
@@ -1524,3 +1524,107 @@ def test_a_table_whose_row_folders_are_symlinks_is_read_whole(published, tmp_pat
     os.symlink(tmp_path / "other-disk", folder)
     assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
     assert sorted(read_index(store, std)) == ["zoo/a", "zoo/b"]
+
+
+def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded(published, tmp_path, monkeypatch):
+    """A change to a model's tags, metadata, license or checkpoint path re-embedded it: re-tagging a zoo
+    meant loading every model again. `plan_entry` now says "refresh" when the vectors cannot have
+    changed, and `refresh_rows` rewrites the row, keeping its vectors, with no model loaded; anything
+    the vectors depend on still means "embed"."""
+    import dataclasses
+    import shutil
+
+    import selection.embedder as embedder
+    import selection.models as models
+    from selection.embedder import plan_entry, refresh_rows
+    from selection.table import StampMemo
+
+    from tests.conftest import save_checkpoint
+
+    store, std = published
+    path = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "m.safetensors"))
+    entry = CatalogEntry("zoo/m", "resnet10t", path, tags=("a",), input_size=32, license="mit")
+    assert embed_entry(entry, std, store).status == "embedded"
+    before = _emb(store, std, "zoo/m")
+    memo = StampMemo(store, std.id)
+
+    def plan(e):
+        return plan_entry(e, read_index(store, std).get(e.id), memo)
+    moved = str(tmp_path / "moved.safetensors")
+    shutil.copyfile(path, moved)
+    changed = {"tags": dataclasses.replace(entry, tags=("a", "b")),
+               "metadata": dataclasses.replace(entry, metadata={"team": "x"}),
+               "license": dataclasses.replace(entry, license="apache-2.0"),
+               "path": dataclasses.replace(entry, weights=moved)}
+    assert {k: plan(e) for k, e in changed.items()} == dict.fromkeys(changed, "refresh")
+    torch = __import__("torch")
+    torch.manual_seed(3)
+    other = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "o.safetensors"))
+    for e in (dataclasses.replace(entry, weights=other), dataclasses.replace(entry, input_size=48),
+              dataclasses.replace(entry, license=None),  # the row's license would come from the model
+              dataclasses.replace(entry, arch="resnet14t"), dataclasses.replace(entry, num_classes=2),
+              dataclasses.replace(entry, weights=None)):
+        assert plan(e) == "embed", e
+    assert plan(entry) == "skip"
+
+    monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
+    new = dataclasses.replace(entry, weights=moved, tags=("b",), license="apache-2.0", metadata={"team": "x"})
+    [r] = refresh_rows([new], std, store)
+    assert r.status == "refreshed" and r.path == row_path(std.id, "zoo/m")
+    row = read_index(store, std)["zoo/m"]
+    assert json.loads(row["catalog_entry"]) == new.to_dict() and plan(new) == "skip"
+    full = load_table(store, std)
+    assert full.meta.column("tags").to_pylist() == [["b"]] and full.meta.column("license").to_pylist() == ["apache-2.0"]
+    assert full.meta.column("weights_source").to_pylist() == [moved]
+    np.testing.assert_array_equal(_emb(store, std, "zoo/m"), before)
+    reads = []
+    monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or pytest.fail(f"{w} hashed"))
+    assert plan(new) == "skip" and reads == []  # the moved file's stamp was recorded when the plan hashed it
+    # a model removed between plan and refresh fails, for the next run to embed
+    delete_row(store, std, "zoo/m")
+    [r] = refresh_rows([dataclasses.replace(new, tags=())], std, store)
+    assert r.status == "failed" and "its row left the table before it was rewritten" in r.reason
+
+
+def test_read_rows_serves_what_a_read_of_the_table_serves_reading_only_the_groups_it_needs(published, monkeypatch):
+    """`read_rows` (a refresh's read): row objects over segment rows, the newest segment over older
+    ones, removed models absent; of a segment only the row groups that hold a wanted row are read."""
+    from selection import table as tbl
+    from selection.storage import Store as StoreClass
+    from selection.table import read_rows
+
+    store, std = published
+    rng = np.random.default_rng(0)
+
+    def put(mid, tag):
+        tbl.write_row(store, std, {
+            "model_id": mid, "model_key": tbl.model_key(mid), "arch": "resnet10t", "weights_sha256": "0" * 64,
+            "tags": [tag], "standard_id": std.id, "form": std.form, "schema_version": selection.SCHEMA_VERSION,
+            "catalog_entry": "{}", "embedding": rng.normal(size=std.width).astype(np.float32),
+            "coverage": np.ones(std.d, np.float32)})
+    ids = [f"m{i:02d}" for i in range(12)]
+    for mid in ids:
+        put(mid, "first")
+    monkeypatch.setattr(tbl, "segment_row_group", lambda std: 2)  # 6 row groups of 2 rows
+    compact(store, std)
+    for mid in ids[:4]:  # a newer segment for 4 of them
+        put(mid, "second")
+    compact(store, std)
+    put(ids[0], "row object")
+    delete_row(store, std, ids[1])
+    groups = []
+    real = StoreClass.iter_row_groups
+
+    def counting(self, rel, batch_bytes=None, rows=None):
+        for g in real(self, rel, batch_bytes, rows):
+            groups.append(rel)
+            yield g
+    monkeypatch.setattr(StoreClass, "iter_row_groups", counting)
+    want = [ids[0], ids[1], ids[2], ids[9], "never-embedded"]
+    got = read_rows(store, std, want)
+    assert sorted(got) == [ids[0], ids[2], ids[9]]
+    assert [got[m]["tags"] for m in (ids[0], ids[2], ids[9])] == [["row object"], ["second"], ["first"]]
+    assert len(groups) == 2  # one group of the newer segment (m02), one of the older (m09); not 6 + 2
+    served = load_table(store, std)
+    for mid, row in got.items():
+        np.testing.assert_array_equal(row["embedding"], served.embeddings[served.model_ids.index(mid)])
