@@ -275,12 +275,12 @@ def quality(args: argparse.Namespace) -> int:
         say(f"embed {sp.name}", f"[5/7] embedding {len(todo)} of {len(cands)} candidates under standard "
                                 f"{sp.name} ({std.id})")
         results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
-        results += refresh_rows(list(diff.refresh), std, store)  # catalog entries changed, not their weights
+        results += refresh_rows(diff.refresh, std, store)  # catalog entries changed, not their weights
         failed = [r for r in results if r.status == "failed"]
         if failed:
             raise ZooselectError(f"embedding failed for {len(failed)} model(s) under {sp.name}: "
                                  f"{failed[0].model_id}: {failed[0].reason}")
-        embed_info[sp.name] = {"embedded": len(todo), "skipped": len(cands) - len(todo)}
+        embed_info[sp.name] = {"embedded": len(todo), "refreshed": len(diff.refresh), "skipped": len(diff.skip)}
 
     # 6. costs: one serial pass in this process, after every parallel stage (nothing else should run)
     cost_models = [entries[i] for i in dict.fromkeys(i for sp in plan.standards for i in plan.candidates(sp))]

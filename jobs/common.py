@@ -35,9 +35,11 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def open_store(args: argparse.Namespace, url: str | None = None, writable: bool = True) -> Store:
-    """The job's store (`url`, default `--store`), checked (`Store.check`); `--s3-endpoint` then holds
-    for every s3:// URL the job and its Ray workers read (tasks, checkpoints), not only the store."""
+def open_store(args: argparse.Namespace, url: str | None = None, writable: bool = True,
+               write_prefix: str = "") -> Store:
+    """The job's store (`url`, default `--store`), checked (`Store.check`: `writable` under `write_prefix`,
+    the folder the job writes); `--s3-endpoint` then holds for every s3:// URL the job and its Ray
+    workers read (tasks, checkpoints), not only the store."""
     store = Store(url or args.store, s3_endpoint=args.s3_endpoint)
     if store.scheme == "file":  # its absolute path: workers may run in another directory than this driver
         store = Store(store.root, s3_endpoint=args.s3_endpoint)
@@ -46,7 +48,7 @@ def open_store(args: argparse.Namespace, url: str | None = None, writable: bool 
                           f"use a local directory or s3://bucket/prefix")
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint  # read by every Store; runtime.init passes it on
-    store.check(writable)
+    store.check(writable, write_prefix)
     return store
 
 

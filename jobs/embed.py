@@ -2,8 +2,8 @@
 
 One Ray actor per candidate model (GPU where the cluster has them). Models already
 embedded under the standard with the same weights digest and catalog entry are skipped; those
-whose entry changed only in its tags, license, metadata or checkpoint path (same bytes) have
-their rows rewritten, with no model loaded ("refreshed").
+whose entry changed only in its tags, metadata, given license or checkpoint file's path (same
+bytes) have their rows rewritten, with no model loaded ("refreshed").
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
@@ -32,7 +32,8 @@ class Plan:
     remove: tuple[str, ...]
     invalid: tuple[EmbedResult, ...]
     indexed: int = 0  # models in the table before the plan
-    refresh: tuple[CatalogEntry, ...] = ()  # rows only rewritten (`plan_entry`), no model loaded
+    # rows only rewritten (`plan_entry`), no model loaded: each entry with the row it was planned against
+    refresh: tuple[tuple[CatalogEntry, dict[str, Any]], ...] = ()
 
 
 PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
@@ -60,8 +61,10 @@ def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: b
         for e, outcome in zip(entries, pool.map(check, entries)):
             if isinstance(outcome, EmbedResult):
                 invalid.append(outcome)
+            elif outcome == "refresh":
+                refresh.append((e, index[e.id]))
             else:
-                {"embed": embed, "refresh": refresh}.get(outcome, skip).append(e)
+                (embed if outcome == "embed" else skip).append(e)
     wanted = {e.id for e in entries}
     remove = sorted(mid for mid in index if mid not in wanted) if prune else []
     return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(index), tuple(refresh))
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if os.path.isdir(args.catalog):
         raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
     entries = load_catalog(args.catalog)
-    store = open_store(args, writable=not args.dry_run)  # a dry run changes nothing, not even a write check
+    store = open_store(args, writable=not args.dry_run, write_prefix="embeddings")  # a dry run writes nothing
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
     max_remove = getattr(args, "max_remove", 1.0)
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         print(head)
         for e in plan.embed:
             print(f"  embed   {e.id}")
-        for e in plan.refresh:
+        for e, _ in plan.refresh:
             print(f"  refresh {e.id}")
         for mid in plan.remove:
             print(f"  remove  {mid}")
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
-    results: list[EmbedResult] = list(plan.invalid) + refresh_rows(list(plan.refresh), std, store)
+    results: list[EmbedResult] = list(plan.invalid) + refresh_rows(plan.refresh, std, store)
     if plan.embed:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress)

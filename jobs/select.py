@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.check_amount("--task-gpus", args.task_gpus)
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
-    store = open_store(args, writable=not args.no_save)  # a selection only reads unless it saves
+    store = open_store(args, writable=not args.no_save, write_prefix="results")  # it only reads unless it saves
     # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
     _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])
     std = load_standard(store, args.standard)

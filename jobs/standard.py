@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     args = parser().parse_args(argv)
-    store = open_store(args)
+    store = open_store(args, write_prefix="standards")
     config = config_from_args(args)
     t0 = time.perf_counter()
     spec, images = plan_standard(config)

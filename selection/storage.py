@@ -587,10 +587,11 @@ class Store:
         return f"{self.url}/{rel.strip('/')}" if rel else self.url
 
     # -- public API --------------------------------------------------------------------
-    def check(self, writable: bool = True) -> None:
+    def check(self, writable: bool = True, write_prefix: str = "") -> None:
         """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`:
         writable too, a local one by its permissions, an S3 one by writing and deleting the empty hidden
-        object WRITE_CHECK; a job that only reads, such as a selection not saving, need not)."""
+        object WRITE_CHECK under `write_prefix`, where the job writes: credentials may allow writes
+        there only; a job that only reads, such as a selection not saving, need not)."""
         if self.scheme == "s3":
             prefix = self.root[len(self.bucket):].strip("/")
             try:  # one key listed under the store's prefix (not exists(): s3fs turns every error into False;
@@ -601,11 +602,12 @@ class Store:
                 raise StoreError(f"bucket {self.bucket!r} does not exist "
                                  f"(store {self.url!r}, endpoint {self.endpoint or 'AWS default'})") from exc
             if writable:  # read-only credentials fail here, not when the work is done and its results are lost
-                self.write_bytes(WRITE_CHECK, b"")
+                probe = f"{write_prefix.strip('/')}/{WRITE_CHECK}".lstrip("/")
+                self.write_bytes(probe, b"")
                 try:
-                    self._call("delete", WRITE_CHECK, lambda: self.fs.rm_file(self._full(WRITE_CHECK)))
+                    self._call("delete", probe, lambda: self.fs.rm_file(self._full(probe)))
                 except (StoreError, FileNotFoundError) as exc:  # hidden, never listed: left (one, rewritten)
-                    log.warning("could not delete %s (%s)", self._display(WRITE_CHECK), exc)
+                    log.warning("could not delete %s (%s)", self._display(probe), exc)
         elif self.scheme == "file":
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise StoreError(f"store path {self.root!r} exists and is not a directory")

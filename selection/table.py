@@ -753,10 +753,10 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
 def read_rows(store: Store, std: Standard, model_ids: list[str]) -> dict[str, dict[str, Any]]:
     """model_id -> its whole row (`embedding` an array, as written) for those of `model_ids` in the
     table, as a read of the table serves them: the model's row object, else (unless a marker removed
-    it) its row in the newest segment holding it. Reads those row objects, then the key columns of the
-    segments, newest first, until every model is found, and of a segment only the row groups that
-    hold one: a few models cost O(segments) small reads, not the table's vectors. Listed again if an
-    object is gone when read (`read_consistently`)."""
+    it) its row in the newest segment holding it. Lists the table, reads those row objects, then the
+    key columns of the segments, newest first, until every model is found, and of a segment only the
+    row groups that hold one: not the table's vectors. Listed again if an object is gone when read
+    (`read_consistently`)."""
     wanted = {model_key(m): m for m in model_ids}
 
     def read(listing: Listing) -> dict[str, dict[str, Any]]:
@@ -775,6 +775,8 @@ def read_rows(store: Store, std: Standard, model_ids: list[str]) -> dict[str, di
                 break
             keys = _segment_keys(store, seg)
             at = [i for i, k in enumerate(keys) if k in todo]
+            if not at:
+                continue
             if len({keys[i] for i in at}) != len(at):
                 raise StoreError(f"{store.url}/{seg}: a model_key is in the segment more than once; a segment "
                                  f"holds each model once (rewrite or delete the object)")

