@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,7 +19,7 @@ from selection.models import (Prepared, batch_size_for_memory, check_entry, comp
                               extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
-from selection.table import StampMemo, compaction_running, read_rows, row_object, versions_json
+from selection.table import StampMemo, compaction_running, iter_rows, row_object, row_path, versions_json
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -94,7 +94,7 @@ def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:
     path of a checkpoint file (its bytes are compared after; a `pypi:` package's file loads otherwise)."""
     try:
         old = CatalogEntry.from_dict(json.loads(recorded))
-    except (ValueError, ZooselectError):  # a row another tool wrote: embedded again
+    except (ValueError, TypeError, AttributeError, ZooselectError):  # a row another tool wrote: embedded again
         return False
     files = all(w is not None and not w.startswith(("hf-hub:", "timm:", "pypi:")) for w in (entry.weights, old.weights))
     return (entry.arch, entry.input_size, entry.num_classes) == (old.arch, old.input_size, old.num_classes) \
@@ -118,49 +118,65 @@ def _same_weights(entry: CatalogEntry, indexed: dict[str, Any], memo: StampMemo 
     return True
 
 
-REFRESH_BATCH = 2048  # rows a refresh holds at once (2,048 per-source rows: about 150 MB of vectors)
+REFRESH_THREADS = 16  # rows a refresh writes at once
 
 
 def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std: Standard,
                  store: Store) -> list[EmbedResult]:
     """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
     planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
-    for the tags, license, weights source and catalog entry it records. No model is loaded; the rows are
-    read with `read_rows`, REFRESH_BATCH at a time, and written 16 at once. A model whose row is gone or
-    no longer the planned one (another run rewrote it meanwhile), or cannot be read, fails: the next
-    run plans it again."""
-    results: list[EmbedResult] = []
-    for start in range(0, len(planned), REFRESH_BATCH):
-        batch = planned[start:start + REFRESH_BATCH]
-        rows: dict[str, dict[str, Any]] | None = None
-        error = ""
-        try:
-            rows = read_rows(store, std, [e.id for e, _ in batch])
-        except ZooselectError as exc:  # a damaged segment: these models fail, the job goes on
-            error = str(exc)
+    for the tags, license, weights source and catalog entry it records. No model is loaded: the rows
+    are read in the order they are stored (`iter_rows`: every row group once, memory bounded) and
+    written REFRESH_THREADS at once. A row another run already refreshed to this entry counts as
+    refreshed; one removed or rewritten otherwise since the plan, or that cannot be read, fails its
+    model (the next run plans it again). While a compaction runs nothing is refreshed (the rows written
+    during it would have to be held to check after it): the models fail, for the next run."""
+    if not planned:
+        return []
+    try:
+        compacting = compaction_running(store, std.id)
+    except StoreError as exc:
+        compacting = f"whether a compaction runs is unknown ({exc})"
+    if compacting:
+        why = compacting if isinstance(compacting, str) else f"a compaction of standard {std.id} runs"
+        return [EmbedResult(e.id, "failed", f"model {e.id!r}: {why}; not refreshed now, the next run refreshes it")
+                for e, _ in planned]
+    was = {e.id: (e, row) for e, row in planned}
 
-        def refresh(item: tuple[CatalogEntry, Mapping[str, Any]]) -> EmbedResult:
-            entry, was = item
-            t0 = time.perf_counter()
-            try:
-                if rows is None:
-                    raise ModelError(f"model {entry.id!r}: cannot read its row to rewrite it: {error}")
-                old = rows.get(entry.id)
-                if old is None or (old["catalog_entry"], old["weights_sha256"]) != \
-                        (was["catalog_entry"], was["weights_sha256"]):
-                    raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
-                                     f"another run?); not refreshed, the next run plans it again")
-                row = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
-                           license=entry.license or old["license"], catalog_entry=_entry_json(entry))
-                path, during = _write_row(store, std, row)
-                return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
-                                   written_during_compaction=during)
-            except ZooselectError as exc:
-                log.info("model %s failed: %s", entry.id, exc)
-                return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            results += pool.map(refresh, batch)
-    return results
+    def refresh(old: dict[str, Any]) -> EmbedResult:
+        entry, row = was[old["model_id"]]
+        t0 = time.perf_counter()
+        try:
+            now = (old["catalog_entry"], old["weights_sha256"])
+            if now == (_entry_json(entry), row["weights_sha256"]):  # another run refreshed it to this entry
+                return EmbedResult(entry.id, "refreshed", "", 0.0, path=row_path(std.id, entry.id))
+            if now != (row["catalog_entry"], row["weights_sha256"]):
+                raise ModelError(f"model {entry.id!r}: its row was rewritten after the plan (by another run?); "
+                                 f"not refreshed, the next run plans it again")
+            new = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
+                       license=entry.license or old["license"], catalog_entry=_entry_json(entry))
+            path, during = _write_row(store, std, new)
+            return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
+                               written_during_compaction=during)
+        except ZooselectError as exc:
+            log.info("model %s failed: %s", entry.id, exc)
+            return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)
+
+    results: dict[str, EmbedResult] = {}
+    error = "its row was removed after the plan"
+    with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
+        pending: set[Future[EmbedResult]] = set()
+        try:
+            for old in iter_rows(store, std, list(was)):
+                pending.add(pool.submit(refresh, old))
+                if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    results.update((r.model_id, r) for r in (f.result() for f in finished))
+        except ZooselectError as exc:  # a damaged segment: the models not yet refreshed fail, the job goes on
+            error = f"cannot read its row to rewrite it: {exc}"
+        results.update((r.model_id, r) for r in (f.result() for f in pending))
+    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {error}; the next run plans it "
+                                             f"again") for e, _ in planned]
 
 
 def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:

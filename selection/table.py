@@ -750,44 +750,57 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
         for row in shard.meta.to_pylist()})
 
 
-def read_rows(store: Store, std: Standard, model_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """model_id -> its whole row (`embedding` an array, as written) for those of `model_ids` in the
-    table, as a read of the table serves them: the model's row object, else (unless a marker removed
-    it) its row in the newest segment holding it. Lists the table, reads those row objects, then the
-    key columns of the segments, newest first, until every model is found, and of a segment only the
-    row groups that hold one: not the table's vectors. Listed again if an object is gone when read
-    (`read_consistently`)."""
+def iter_rows(store: Store, std: Standard, model_ids: list[str], attempts: int = 3) -> Iterator[dict[str, Any]]:
+    """The whole rows (`embedding` an array, as written) of those of `model_ids` in the table, each once,
+    as a read of the table serves them: the model's row object, else (unless a marker removed it) its
+    row in the newest segment holding it. In the order they are stored, so that memory holds
+    ROW_BATCH row objects or a batch of row groups, not the rows: the table is listed, the wanted row
+    objects read, then the key columns of the segments, newest first, until every model is found, and
+    of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
+    read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
+    up to `attempts` times."""
     wanted = {model_key(m): m for m in model_ids}
+    done: set[str] = set()
+    for attempt in range(1, attempts + 1):
+        try:
+            for row in _rows_of(store, std, list_table(store, std), wanted, done):
+                done.add(row["model_key"])
+                yield row
+            return
+        except ObjectGoneError as exc:
+            if attempt == attempts:
+                raise StoreError(f"the table of standard {std.id} changed during each of {attempts} reads "
+                                 f"({exc}); try again") from exc
+            log.info("the table of standard %s changed while it was read (%s); listing it again", std.id, exc)
 
-    def read(listing: Listing) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
 
-        def add(shard: EmbeddingTable | None) -> None:
-            for row, vector in zip(shard.meta.to_pylist() if shard else [], shard.embeddings if shard else []):
-                if wanted.get(row["model_key"]) == row["model_id"]:
-                    found[row["model_id"]] = dict(row, embedding=vector)
-        objects = tuple(p for p in listing.rows if _key_of(p) in wanted)
-        for start in range(0, len(objects), ROW_BATCH):
-            add(_row_batch(store, std, objects[start:start + ROW_BATCH], None))
-        todo = set(wanted) - hidden_keys(listing)
-        for seg in reversed(listing.segments):  # newest first: the newest holds the row a read serves
-            if not todo:
-                break
-            keys = _segment_keys(store, seg)
-            at = [i for i, k in enumerate(keys) if k in todo]
-            if not at:
-                continue
-            if len({keys[i] for i in at}) != len(at):
-                raise StoreError(f"{store.url}/{seg}: a model_key is in the segment more than once; a segment "
-                                 f"holds each model once (rewrite or delete the object)")
-            for group in store.iter_row_groups(seg, rows=at):
-                _validate(group, std, f"{store.url}/{seg}")
-                mask = pc.is_in(group.column("model_key"), pa.array(sorted(todo), pa.string()))
-                add(_shard(std, group.filter(mask), None, f"{store.url}/{seg}"))
-            todo -= {keys[i] for i in at}
-        return found
-
-    return read_consistently(store, std, read)
+def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, str],
+             done: set[str]) -> Iterator[dict[str, Any]]:
+    """`iter_rows` over one listing, less the keys in `done`."""
+    def rows(shard: EmbeddingTable | None) -> Iterator[dict[str, Any]]:
+        for row, vector in zip(shard.meta.to_pylist() if shard else [], shard.embeddings if shard else []):
+            if wanted.get(row["model_key"]) == row["model_id"] and row["model_key"] not in done:
+                yield dict(row, embedding=vector)
+    objects = tuple(p for p in listing.rows if _key_of(p) in wanted and _key_of(p) not in done)
+    for start in range(0, len(objects), ROW_BATCH):
+        yield from rows(_row_batch(store, std, objects[start:start + ROW_BATCH], None))
+    todo = set(wanted) - hidden_keys(listing) - done
+    for seg in reversed(listing.segments):  # newest first: the newest holds the row a read serves
+        if not todo:
+            break
+        keys = _segment_keys(store, seg)
+        at = [i for i, k in enumerate(keys) if k in todo]
+        if not at:
+            continue
+        if len({keys[i] for i in at}) != len(at):
+            raise StoreError(f"{store.url}/{seg}: a model_key is in the segment more than once; a segment "
+                             f"holds each model once (rewrite or delete the object)")
+        found = pa.array(sorted(keys[i] for i in at), pa.string())
+        for group in store.iter_row_groups(seg, rows=at):
+            _validate(group, std, f"{store.url}/{seg}")
+            yield from rows(_shard(std, group.filter(pc.is_in(group.column("model_key"), found)), None,
+                                   f"{store.url}/{seg}"))
+        todo -= {keys[i] for i in at}
 
 
 def load_table(store: Store, std: Standard, listing: Listing | None = None) -> EmbeddingTable:

@@ -823,3 +823,17 @@ def test_a_model_has_timms_license_only_for_the_published_weights_it_records():
                          model) == "proprietary"
     assert model_license(CatalogEntry("a", "resnet10t", "timm:resnet10t.c3_in1k"), model) == \
         model.pretrained_cfg["license"]
+
+
+def test_s3_checkpoints_of_one_bucket_share_a_store(monkeypatch):
+    """A Store per checkpoint made a plan pay a new S3 client (about 0.2 s) for each model's HEAD: 300
+    unchanged checkpoints planned in 77 s, 1.3 s with one Store per bucket (session 37, SeaweedFS here).
+    A change of the AWS settings gets a new one (credentials, endpoint)."""
+    from selection.models import _s3_checkpoint
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    (a, key_a), (b, key_b) = _s3_checkpoint("s3://zoo/x/a.pt"), _s3_checkpoint("s3://zoo/y/z/b.pt")
+    assert a is b and a.url == "s3://zoo" and (key_a, key_b) == ("x/a.pt", "y/z/b.pt")
+    assert _s3_checkpoint("s3://other/a.pt")[0] is not a
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    assert _s3_checkpoint("s3://zoo/x/a.pt")[0] is not a
