@@ -19,7 +19,8 @@ from selection.models import (Prepared, batch_size_for_memory, check_entry, comp
                               extract_features, load_model, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
-from selection.table import StampMemo, compaction_running, iter_rows, row_object, row_path, versions_json
+from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
+                             versions_json)
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -126,57 +127,72 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
     planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
     for the tags, license, weights source and catalog entry it records. No model is loaded: the rows
-    are read in the order they are stored (`iter_rows`: every row group once, memory bounded) and
-    written REFRESH_THREADS at once. A row another run already refreshed to this entry counts as
-    refreshed; one removed or rewritten otherwise since the plan, or that cannot be read, fails its
-    model (the next run plans it again). While a compaction runs nothing is refreshed (the rows written
-    during it would have to be held to check after it): the models fail, for the next run."""
+    are read in the order they are stored (`iter_rows`, memory bounded) and written REFRESH_THREADS at
+    once. A row another run already refreshed to this entry counts as refreshed. A model fails, for the
+    next run to plan again, if its row was removed or rewritten since the plan (a row read from a
+    segment is written only if no marker or row object of the model has appeared since), cannot be
+    read, or while a compaction runs: the rows written during one would have to be held to check after
+    it, so none is refreshed while one runs, and none after one starts."""
     if not planned:
         return []
-    try:
-        compacting = compaction_running(store, std.id)
-    except StoreError as exc:
-        compacting = f"whether a compaction runs is unknown ({exc})"
-    if compacting:
-        why = compacting if isinstance(compacting, str) else f"a compaction of standard {std.id} runs"
-        return [EmbedResult(e.id, "failed", f"model {e.id!r}: {why}; not refreshed now, the next run refreshes it")
-                for e, _ in planned]
     was = {e.id: (e, row) for e, row in planned}
+    stop: list[str] = []  # why no more rows are written (a compaction runs)
+    try:
+        if compaction_running(store, std.id):
+            stop.append(f"a compaction of standard {std.id} runs")
+    except StoreError as exc:
+        stop.append(f"whether a compaction runs is unknown ({exc})")
+    if stop:
+        return [EmbedResult(e.id, "failed", f"model {e.id!r}: {stop[0]}; not refreshed now, the next run plans it "
+                                            f"again") for e, _ in planned]
 
-    def refresh(old: dict[str, Any]) -> EmbedResult:
+    def refresh(old: dict[str, Any], source: str) -> EmbedResult:
         entry, row = was[old["model_id"]]
         t0 = time.perf_counter()
         try:
-            now = (old["catalog_entry"], old["weights_sha256"])
+            now, path = (old["catalog_entry"], old["weights_sha256"]), row_path(std.id, entry.id)
             if now == (_entry_json(entry), row["weights_sha256"]):  # another run refreshed it to this entry
-                return EmbedResult(entry.id, "refreshed", "", 0.0, path=row_path(std.id, entry.id))
-            if now != (row["catalog_entry"], row["weights_sha256"]):
-                raise ModelError(f"model {entry.id!r}: its row was rewritten after the plan (by another run?); "
-                                 f"not refreshed, the next run plans it again")
+                return EmbedResult(entry.id, "refreshed", "", 0.0, path=path)
+            if stop:
+                raise ModelError(f"model {entry.id!r}: {stop[0]}; not refreshed now, the next run plans it again")
+            if now != (row["catalog_entry"], row["weights_sha256"]) or source != path and (
+                    store.exists(marker_path(std.id, entry.id)) or store.exists(path)):
+                raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
+                                 f"another run?); not refreshed, the next run plans it again")
             new = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
                        license=entry.license or old["license"], catalog_entry=_entry_json(entry))
             path, during = _write_row(store, std, new)
+            if during:
+                stop.append(f"a compaction of standard {std.id} started during the refresh")
             return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
                                written_during_compaction=during)
-        except ZooselectError as exc:
-            log.info("model %s failed: %s", entry.id, exc)
-            return EmbedResult(entry.id, "failed", str(exc), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - one model's failure, reported; the others go on
+            reason = str(exc) if isinstance(exc, ZooselectError) else f"model {entry.id!r}: {type(exc).__name__}: {exc}"
+            log.info("model %s failed: %s", entry.id, reason)
+            return EmbedResult(entry.id, "failed", reason, time.perf_counter() - t0)
 
     results: dict[str, EmbedResult] = {}
     error = "its row was removed after the plan"
+    rows = iter_rows(store, std, list(was))
     with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
         pending: set[Future[EmbedResult]] = set()
         try:
-            for old in iter_rows(store, std, list(was)):
-                pending.add(pool.submit(refresh, old))
+            for old, source in rows:
+                if stop:  # the rest fail as one
+                    break
+                pending.add(pool.submit(refresh, old, source))
                 if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     results.update((r.model_id, r) for r in (f.result() for f in finished))
-        except ZooselectError as exc:  # a damaged segment: the models not yet refreshed fail, the job goes on
+        except Exception as exc:  # noqa: BLE001 - a damaged segment: the models not yet refreshed fail
             error = f"cannot read its row to rewrite it: {exc}"
+        finally:
+            rows.close()
         results.update((r.model_id, r) for r in (f.result() for f in pending))
-    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {error}; the next run plans it "
-                                             f"again") for e, _ in planned]
+    if stop:
+        error = f"{stop[0]}; not refreshed now"
+    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {error}; the next run plans it again")
+            for e, _ in planned]
 
 
 def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:

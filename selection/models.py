@@ -73,13 +73,16 @@ def _s3_checkpoint(weights: str) -> tuple[Any, str]:
     if "/" not in bucket_key or bucket_key.endswith("/"):  # `s3://bucket` was "malformed URL 's3:/'"
         raise ModelError(f"checkpoint {weights!r} names no object (s3://BUCKET/KEY, the key a file, not a folder)")
     bucket, _, key = bucket_key.partition("/")
-    return _bucket_store(bucket, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))), key
+    settings = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))).encode())
+    return _bucket_store(bucket, settings.hexdigest(), os.getpid()), key
 
 
 @functools.lru_cache(maxsize=16)
-def _bucket_store(bucket: str, aws_env: tuple[tuple[str, str], ...]) -> Any:
-    """One Store per bucket (and AWS settings, `aws_env`), shared by every checkpoint in it: a new one's
-    first request costs about 0.2 s (its S3 client), 20x a HEAD, and a plan stamps every checkpoint."""
+def _bucket_store(bucket: str, aws_settings: str, pid: int) -> Any:
+    """One Store per bucket, shared by every checkpoint in it: a new one's first request costs about
+    0.2 s (its S3 client), 20x a HEAD, and a plan stamps every checkpoint. Another one for other AWS_*
+    settings (`aws_settings`, their digest) and in a forked process (`pid`: s3fs's client is not
+    fork-safe)."""
     from selection.storage import Store
 
     return Store(f"s3://{bucket}")

@@ -750,10 +750,12 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
         for row in shard.meta.to_pylist()})
 
 
-def iter_rows(store: Store, std: Standard, model_ids: list[str], attempts: int = 3) -> Iterator[dict[str, Any]]:
+def iter_rows(store: Store, std: Standard, model_ids: list[str],
+              attempts: int = 3) -> Iterator[tuple[dict[str, Any], str]]:
     """The whole rows (`embedding` an array, as written) of those of `model_ids` in the table, each once,
-    as a read of the table serves them: the model's row object, else (unless a marker removed it) its
-    row in the newest segment holding it. In the order they are stored, so that memory holds
+    with the object each was read from: as a read of the table serves them, the model's row object,
+    else (unless a marker removed it) its row in the newest segment holding it (a row object or
+    marker written since then is not seen). In the order they are stored, so that memory holds
     ROW_BATCH row objects or a batch of row groups, not the rows: the table is listed, the wanted row
     objects read, then the key columns of the segments, newest first, until every model is found, and
     of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
@@ -763,9 +765,9 @@ def iter_rows(store: Store, std: Standard, model_ids: list[str], attempts: int =
     done: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            for row in _rows_of(store, std, list_table(store, std), wanted, done):
+            for row, source in _rows_of(store, std, list_table(store, std), wanted, done):
                 done.add(row["model_key"])
-                yield row
+                yield row, source
             return
         except ObjectGoneError as exc:
             if attempt == attempts:
@@ -775,12 +777,12 @@ def iter_rows(store: Store, std: Standard, model_ids: list[str], attempts: int =
 
 
 def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, str],
-             done: set[str]) -> Iterator[dict[str, Any]]:
+             done: set[str]) -> Iterator[tuple[dict[str, Any], str]]:
     """`iter_rows` over one listing, less the keys in `done`."""
-    def rows(shard: EmbeddingTable | None) -> Iterator[dict[str, Any]]:
+    def rows(shard: EmbeddingTable | None, segment: str = "") -> Iterator[tuple[dict[str, Any], str]]:
         for row, vector in zip(shard.meta.to_pylist() if shard else [], shard.embeddings if shard else []):
             if wanted.get(row["model_key"]) == row["model_id"] and row["model_key"] not in done:
-                yield dict(row, embedding=vector)
+                yield dict(row, embedding=vector), segment or row_path(std.id, row["model_id"])
     objects = tuple(p for p in listing.rows if _key_of(p) in wanted and _key_of(p) not in done)
     for start in range(0, len(objects), ROW_BATCH):
         yield from rows(_row_batch(store, std, objects[start:start + ROW_BATCH], None))
@@ -799,7 +801,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
         for group in store.iter_row_groups(seg, rows=at):
             _validate(group, std, f"{store.url}/{seg}")
             yield from rows(_shard(std, group.filter(pc.is_in(group.column("model_key"), found)), None,
-                                   f"{store.url}/{seg}"))
+                                   f"{store.url}/{seg}"), seg)
         todo -= {keys[i] for i in at}
 
 

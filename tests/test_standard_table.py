@@ -1582,7 +1582,7 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     monkeypatch.undo()
     assert embed_entry(dataclasses.replace(entry, input_size=48), std, store).status == "embedded"
     [r] = refresh_rows([(new, planned)], std, store)
-    assert r.status == "failed" and "its row was rewritten after the plan" in r.reason
+    assert r.status == "failed" and "its row was removed or rewritten after the plan" in r.reason
     assert json.loads(read_index(store, std)["zoo/m"]["catalog_entry"])["input_size"] == 48
     assert embed_entry(entry, std, store).status == "embedded"
     monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
@@ -1655,10 +1655,11 @@ def test_iter_rows_serves_what_a_read_of_the_table_serves_reading_only_the_group
             yield g
     monkeypatch.setattr(StoreClass, "iter_row_groups", counting)
     want = [ids[0], ids[1], ids[2], ids[9], "old-only", "never-embedded"]
-    got = {}
-    for row in iter_rows(store, std, want):
+    got, sources = {}, {}
+    for row, source in iter_rows(store, std, want):
         assert row["model_id"] not in got
-        got[row["model_id"]] = row
+        got[row["model_id"]], sources[row["model_id"]] = row, source
+    assert sources == {ids[0]: row_path(std.id, ids[0]), ids[2]: newer, ids[9]: newer, "old-only": older}
     monkeypatch.undo()
     served = load_table(store, std)
     assert sorted(got) == sorted(set(want) & set(served.model_ids)) == sorted([ids[0], ids[2], ids[9], "old-only"])
@@ -1668,3 +1669,70 @@ def test_iter_rows_serves_what_a_read_of_the_table_serves_reading_only_the_group
         np.testing.assert_array_equal(row["embedding"], served.embeddings[served.model_ids.index(mid)])
     # of 13 row groups, those holding m02 and m09 in the newer segment, old-only's in the older one
     assert 1 <= groups.count(newer) <= 2 and groups.count(older) == 1 and set(groups) == {newer, older}
+
+
+def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkeypatch):
+    """Rows read from a segment are rewritten only if no marker or row object of the model appeared
+    since the read's listing (a remove or another run's embed mid-refresh: the refresh brought back the
+    removed model and overwrote the new row; a review); an unexpected error fails its model only; a
+    compaction that starts mid-refresh stops it (the rows written during it would be held)."""
+    import selection.embedder as embedder
+    from selection import table as tbl
+    from selection.embedder import plan_entry, refresh_rows
+
+    store, std = published
+    rng = np.random.default_rng(0)
+    entries = [CatalogEntry(f"zoo/m{i:03d}", "resnet10t", None, input_size=32) for i in range(100)]
+
+    def put(e, **extra):
+        tbl.write_row(store, std, dict({
+            "model_id": e.id, "model_key": tbl.model_key(e.id), "arch": "resnet10t",
+            "weights_sha256": embedder.weights_digest(e), "tags": list(e.tags), "standard_id": std.id,
+            "form": std.form, "schema_version": selection.SCHEMA_VERSION,
+            "catalog_entry": json.dumps(e.to_dict(), sort_keys=True),
+            "embedding": rng.normal(size=std.width).astype(np.float32), "coverage": np.ones(std.d, np.float32)},
+            **extra))
+    for e in entries:
+        put(e)
+    compact(store, std)
+    index = read_index(store, std)
+    retagged = [dataclasses.replace(e, tags=("new",)) for e in entries]
+    assert all(plan_entry(e, index[e.id]) == "refresh" for e in retagged)
+    planned = [(e, index[e.id]) for e in retagged]
+    monkeypatch.setattr(embedder, "REFRESH_THREADS", 1)  # in order: the first write happens before the others
+    real_write, calls = embedder._write_row, []
+
+    def write(store_, std_, row):
+        calls.append(row["model_id"])
+        if len(calls) == 1:  # beside it: one model removed, one embedded again by another run, one broken
+            others = [e for e in entries if e.id != row["model_id"]]
+            delete_row(store, std, others[0].id)
+            put(dataclasses.replace(others[1], input_size=48))
+        if row["model_id"] == entries[-1].id:
+            raise RuntimeError("disk on fire")
+        return real_write(store_, std_, row)
+    monkeypatch.setattr(embedder, "_write_row", write)
+    results = {r.model_id: r for r in refresh_rows(planned, std, store)}
+    assert list(results) == [e.id for e in entries]
+    first, others = calls[0], [e.id for e in entries if e.id != calls[0]]
+    assert "removed or rewritten after the plan" in results[others[0]].reason
+    assert "removed or rewritten after the plan" in results[others[1]].reason
+    assert results[entries[-1].id].reason == f"model {entries[-1].id!r}: RuntimeError: disk on fire"
+    assert sum(r.status == "refreshed" for r in results.values()) == 97
+    table = load_table(store, std)
+    assert others[0] not in table.model_ids and len(table) == 99
+    tags = dict(zip(table.model_ids, table.meta.column("tags").to_pylist()))
+    sizes = dict(zip(table.model_ids, table.meta.column("catalog_entry").to_pylist()))
+    assert json.loads(sizes[others[1]])["input_size"] == 48 and tags[others[1]] == []
+    assert sum(t == ["new"] for t in tags.values()) == 97
+    # a compaction that starts during a refresh stops it: rows written during it are few, the rest fail
+    index = read_index(store, std)
+    newer = [dataclasses.replace(e, tags=("newer",)) for e in entries if e.id in index]
+    planned = [(e, index[e.id]) for e in newer if plan_entry(e, index[e.id]) == "refresh"]
+    assert len(planned) == 98  # others[1] is embedded again (its row is of another input size)
+    monkeypatch.setattr(embedder, "_write_row", lambda s, d, row: (real_write(s, d, row)[0], b"held"))
+    results = refresh_rows(planned, std, store)
+    held = [r for r in results if r.written_during_compaction]
+    assert 1 <= len(held) <= 5 and all(r.status == "refreshed" for r in held)
+    assert len(held) + sum("a compaction of standard" in r.reason and "started during the refresh" in r.reason
+                           for r in results if r.status == "failed") == 98
