@@ -142,9 +142,11 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             stop.append(f"a compaction of standard {std.id} runs")
     except StoreError as exc:
         stop.append(f"whether a compaction runs is unknown ({exc})")
+
+    def deferred(model_id: str) -> str:
+        return f"model {model_id!r}: {stop[0]}; not refreshed now, the next run plans it again"
     if stop:
-        return [EmbedResult(e.id, "failed", f"model {e.id!r}: {stop[0]}; not refreshed now, the next run plans it "
-                                            f"again") for e, _ in planned]
+        return [EmbedResult(e.id, "failed", deferred(e.id)) for e, _ in planned]
 
     def refresh(old: dict[str, Any], source: str) -> EmbedResult:
         entry, row = was[old["model_id"]]
@@ -154,7 +156,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             if now == (_entry_json(entry), row["weights_sha256"]):  # another run refreshed it to this entry
                 return EmbedResult(entry.id, "refreshed", "", 0.0, path=path)
             if stop:
-                raise ModelError(f"model {entry.id!r}: {stop[0]}; not refreshed now, the next run plans it again")
+                raise ModelError(deferred(entry.id))
             if now != (row["catalog_entry"], row["weights_sha256"]) or source != path and (
                     store.exists(marker_path(std.id, entry.id)) or store.exists(path)):
                 raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
@@ -189,9 +191,8 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
         finally:
             rows.close()
         results.update((r.model_id, r) for r in (f.result() for f in pending))
-    if stop:
-        error = f"{stop[0]}; not refreshed now"
-    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {error}; the next run plans it again")
+    return [results.get(e.id) or EmbedResult(e.id, "failed", deferred(e.id) if stop else
+                                             f"model {e.id!r}: {error}; the next run plans it again")
             for e, _ in planned]
 
 
