@@ -674,7 +674,8 @@ class Store:
                 root_cmp = root
             rel = path[len(root_cmp):].lstrip("/") if path.startswith(root_cmp) else path
             name = rel.rsplit("/", 1)[-1]
-            if name.startswith(".") or not rel.endswith(suffix):
+            if not name or name.startswith(".") or not rel.endswith(suffix):  # no name: a folder (SeaweedFS's, a
+                # console's "folder/" object), e.g. one a write check left empty
                 continue
             out.append(rel)
         return sorted(out)
