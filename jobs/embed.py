@@ -92,7 +92,8 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                         "GPU node is up")
     p.add_argument("--compaction-wait", type=float, default=600, metavar="SECONDS",
                    help="rows written while a compaction ran are checked once it ends, waiting up to this long "
-                        "(default 600); a row it deleted is written back")
+                        "(default 600); a row it deleted is written back. Rows to refresh wait as long for a "
+                        "running compaction to end")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, change nothing (exit status 1 if an entry is invalid, as the run's)")
     if module == "jobs.reindex":
@@ -148,10 +149,12 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
-    results: list[EmbedResult] = list(plan.invalid) + refresh_rows(plan.refresh, std, store)
+    results: list[EmbedResult] = list(plan.invalid)
     if plan.embed:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress)
+    if plan.refresh:  # after the embedding: a compaction running now may have ended by then
+        results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait)
     ok = [r for r in results if r.status in ("embedded", "refreshed")]
     embedded = [r for r in ok if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]

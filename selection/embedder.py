@@ -120,10 +120,11 @@ def _same_weights(entry: CatalogEntry, indexed: dict[str, Any], memo: StampMemo 
 
 
 REFRESH_THREADS = 16  # rows a refresh writes at once
+REFRESH_POLL_S = 2.0  # how often a refresh waiting for a compaction to end looks again
 
 
 def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std: Standard,
-                 store: Store) -> list[EmbedResult]:
+                 store: Store, wait_s: float = 0.0) -> list[EmbedResult]:
     """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
     planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
     for the tags, license, weights source and catalog entry it records. No model is loaded: the rows
@@ -132,14 +133,19 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     next run to plan again, if its row was removed or rewritten since the plan (a row read from a
     segment is written only if no marker or row object of the model has appeared since), cannot be
     read, or while a compaction runs: the rows written during one would have to be held to check after
-    it, so none is refreshed while one runs, and none after one starts."""
+    it, so none is refreshed while one runs (a running one is waited for up to `wait_s` first), and
+    none after one starts."""
     if not planned:
         return []
     was = {e.id: (e, row) for e, row in planned}
     stop: list[str] = []  # why no more rows are written (a compaction runs)
+    deadline = time.monotonic() + wait_s
     try:
-        if compaction_running(store, std.id):
-            stop.append(f"a compaction of standard {std.id} runs")
+        while compaction_running(store, std.id):
+            if time.monotonic() >= deadline:
+                stop.append(f"a compaction of standard {std.id} runs" + (f" after {wait_s:.0f}s" if wait_s else ""))
+                break
+            time.sleep(REFRESH_POLL_S)
     except StoreError as exc:
         stop.append(f"whether a compaction runs is unknown ({exc})")
 

@@ -1588,8 +1588,13 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
     planned = read_index(store, std)["zoo/m"]
     monkeypatch.setattr(embedder, "compaction_running", lambda store, sid: True)  # then nothing is refreshed
-    [r] = refresh_rows([(new, planned)], std, store)
-    assert r.status == "failed" and f"a compaction of standard {std.id} runs; not refreshed now" in r.reason
+    monkeypatch.setattr(embedder, "REFRESH_POLL_S", 0.01)
+    [r] = refresh_rows([(new, planned)], std, store, wait_s=0.05)
+    assert r.status == "failed" and f"a compaction of standard {std.id} runs after 0s; not refreshed now" in r.reason
+    looks = []  # one that ends within wait_s is waited for
+    monkeypatch.setattr(embedder, "compaction_running", lambda store, sid: looks.append(1) or len(looks) < 3)
+    [r] = refresh_rows([(new, planned)], std, store, wait_s=30)
+    assert r.status == "refreshed" and len(looks) >= 3
     monkeypatch.setattr(embedder, "compaction_running", compaction_running)
     [r] = refresh_rows([(new, planned)], std, store)
     assert r.status == "refreshed" and r.path == row_path(std.id, "zoo/m")
