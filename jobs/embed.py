@@ -154,7 +154,8 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress)
     if plan.refresh:  # after the embedding: a compaction running now may have ended by then
-        results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait)
+        with tqdm(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:
+            results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait, progress=bar.update)
     ok = [r for r in results if r.status in ("embedded", "refreshed")]
     embedded = [r for r in ok if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]

@@ -124,7 +124,7 @@ REFRESH_POLL_S = 2.0  # how often a refresh waiting for a compaction to end look
 
 
 def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std: Standard,
-                 store: Store, wait_s: float = 0.0) -> list[EmbedResult]:
+                 store: Store, wait_s: float = 0.0, progress: Callable[[int], None] | None = None) -> list[EmbedResult]:
     """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
     planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
     for the tags, license, weights source and catalog entry it records. No model is loaded: the rows
@@ -134,7 +134,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     segment is written only if no marker or row object of the model has appeared since), cannot be
     read, or while a compaction runs: the rows written during one would have to be held to check after
     it, so none is refreshed while one runs (a running one is waited for up to `wait_s` first), and
-    none after one starts."""
+    none after one starts. `progress(n)`: n more rows refreshed or failed."""
     if not planned:
         return []
     was = {e.id: (e, row) for e, row in planned}
@@ -180,6 +180,11 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             return EmbedResult(entry.id, "failed", reason, time.perf_counter() - t0)
 
     results: dict[str, EmbedResult] = {}
+
+    def collect(done: set[Future[EmbedResult]]) -> None:
+        results.update((r.model_id, r) for r in (f.result() for f in done))
+        if progress is not None:
+            progress(len(done))
     error = "its row was removed after the plan"
     rows = iter_rows(store, std, list(was))
     with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
@@ -191,12 +196,12 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
                 pending.add(pool.submit(refresh, old, source))
                 if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    results.update((r.model_id, r) for r in (f.result() for f in finished))
+                    collect(finished)
         except Exception as exc:  # noqa: BLE001 - a damaged segment: the models not yet refreshed fail
             error = f"cannot read its row to rewrite it: {exc}"
         finally:
             rows.close()
-        results.update((r.model_id, r) for r in (f.result() for f in pending))
+        collect(pending)
     return [results.get(e.id) or EmbedResult(e.id, "failed", deferred(e.id) if stop else
                                              f"model {e.id!r}: {error}; the next run plans it again")
             for e, _ in planned]

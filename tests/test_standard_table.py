@@ -1717,8 +1717,9 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
             raise RuntimeError("disk on fire")
         return real_write(store_, std_, row)
     monkeypatch.setattr(embedder, "_write_row", write)
-    results = {r.model_id: r for r in refresh_rows(planned, std, store)}
-    assert list(results) == [e.id for e in entries]
+    reported = []
+    results = {r.model_id: r for r in refresh_rows(planned, std, store, progress=reported.append)}
+    assert list(results) == [e.id for e in entries] and sum(reported) == 100
     first, others = calls[0], [e.id for e in entries if e.id != calls[0]]
     assert "removed or rewritten after the plan" in results[others[0]].reason
     assert "removed or rewritten after the plan" in results[others[1]].reason
