@@ -605,8 +605,8 @@ class Store:
                 probe = f"{write_prefix.strip('/')}/{WRITE_CHECK}".lstrip("/")
                 self.write_bytes(probe, b"")
                 try:
-                    self._call("delete", probe, lambda: self.fs.rm_file(self._full(probe)))
-                except (StoreError, FileNotFoundError) as exc:  # hidden, never listed: left (one, rewritten)
+                    self.delete(probe)
+                except StoreError as exc:  # hidden, never listed: left (one, rewritten)
                     log.warning("could not delete %s (%s)", self._display(probe), exc)
         elif self.scheme == "file":
             if os.path.exists(self.root) and not os.path.isdir(self.root):
