@@ -9,6 +9,7 @@ Credentials come from the usual AWS chain and never appear in messages.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -159,11 +160,12 @@ def _parsed(watched: "_WatchedFile", fn: Callable[[], T]) -> T | _Corrupt:
 def _row_group_batches(meta: Any, batch_bytes: int, rows: Collection[int] | None = None) -> list[list[int]]:
     """A Parquet file's row groups (with `rows`, those holding one of these row numbers) cut into runs of
     about `batch_bytes` stored bytes (at least one group)."""
+    wanted = None if rows is None else sorted(rows)
     groups, start = [], 0
     for i in range(meta.num_row_groups):
         n = meta.row_group(i).num_rows
-        if rows is None or any(start <= r < start + n for r in rows):
-            groups.append(i)
+        if wanted is None or bisect.bisect_left(wanted, start) < bisect.bisect_left(wanted, start + n):
+            groups.append(i)  # a wanted row number in [start, start + n): O(log rows) a group, not O(rows)
         start += n
     batches: list[list[int]] = [[]]
     size = 0
