@@ -516,8 +516,8 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
         images = torch.from_numpy(np.array(images, copy=True))
     x = images.to(device).permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
-    new_h, new_w = (scale, max(scale, round(w * scale / h))) if h <= w else \
-        (max(scale, round(h * scale / w)), scale)
+    # the long side as torchvision's Resize(int) sizes it: truncated, not rounded
+    new_h, new_w = (scale, int(scale * w / h)) if h <= w else (int(scale * h / w), scale)
     top, left = _crop_start(new_h, size), _crop_start(new_w, size)
     if resize_by_matmul is None:
         resize_by_matmul = x.device.type == "cuda"
@@ -538,12 +538,11 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
 
 
 def _crop_start(n: int, size: int) -> int:
-    """Where a centre crop of `size` starts along an axis of `n` pixels; negative (the padding before
-    it) when n < size, as torchvision's CenterCrop pads. Floored: torchvision rounds half to even, a
-    pixel further when n - size is 3 modulo 4 (tf_efficientnet_lite2 at 128 px, mobilevit_xxs at 32).
-    Kept so: the benchmark's zoo and its Lite2 standard were embedded with it, and changing it moves
-    their features (a review, session 35; left to a change that re-embeds them)."""
-    return (n - size) // 2 if n >= size else -((size - n) // 2)
+    """Where a centre crop of `size` starts along an axis of `n` pixels, as torchvision's CenterCrop
+    (timm's eval transform) puts it: rounded half to even, so a pixel further than floored when
+    n - size is 3 modulo 4 (tf_efficientnet_lite2 at 128 px: 143 -> 128); negative, the padding
+    before it, when n < size."""
+    return int(round((n - size) / 2.0)) if n >= size else -((size - n) // 2)
 
 
 @functools.lru_cache(maxsize=256)

@@ -670,7 +670,8 @@ def test_matmul_resize_equals_the_interpolation_kernel(shape, interp, size, crop
     kernel = preprocess(img, cfg, resize_by_matmul=False)
     matmul = preprocess(img, cfg, resize_by_matmul=True)
     assert kernel.shape == matmul.shape == (shape[0], 3, size, size)
-    assert torch.allclose(kernel, matmul, atol=1e-4), float((kernel - matmul).abs().max())
+    # float32 rounding of sums over up to 300 inputs: 2e-4 after normalising is 0.01 of a grey level
+    assert torch.allclose(kernel, matmul, atol=2e-4), float((kernel - matmul).abs().max())
 
 
 def test_a_crop_pct_above_one_pads_as_timms_transform():
@@ -691,6 +692,35 @@ def test_a_crop_pct_above_one_pads_as_timms_transform():
     for border in (ours[..., :3, :], ours[..., -3:, :], ours[..., :, :3], ours[..., :, -3:]):
         assert torch.allclose(border, black.view(1, 3, 1, 1).expand_as(border))
     assert float((ours - theirs).abs().mean()) < 0.01  # the resize kernels differ (PIL and torch)
+    # a crop 11 pixels narrower than the image starts 6 pixels in, as torchvision's CenterCrop rounds
+    # (it started 5 in: a pixel off whenever the margin is 3 modulo 4; a review, session 35)
+    img = np.random.default_rng(2).integers(0, 256, (2, 43, 43, 3)).astype(np.uint8)
+    cfg = dict(cfg, input_size=(3, 32, 32), crop_pct=32 / 43)
+    ref = create_transform(input_size=(3, 32, 32), crop_pct=32 / 43, interpolation="bilinear", mean=cfg["mean"],
+                           std=cfg["std"])
+    theirs = torch.stack([ref(Image.fromarray(i)) for i in img])
+    for by_matmul in (False, True):
+        assert torch.allclose(preprocess(img, cfg, resize_by_matmul=by_matmul), theirs, atol=1e-5)
+
+
+def test_a_wide_image_is_resized_and_cropped_as_torchvisions_transform():
+    """timm's eval transform on a tensor (torchvision's Resize(int), antialiased, then CenterCrop), on
+    an image whose long side torchvision truncates (35 * 65 / 40 = 56.9 -> 56; it was rounded to 57)
+    and whose crop margin is 3 modulo 4 (35 -> 32 starts 2 pixels in; it started 1 in)."""
+    import torchvision.transforms.functional as TF
+
+    img = np.random.default_rng(3).integers(0, 256, (2, 40, 65, 3)).astype(np.uint8)
+    cfg = dict(input_size=(3, 32, 32), crop_pct=0.9, interpolation="bilinear",
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    x = torch.from_numpy(img).permute(0, 3, 1, 2).float()
+    x = TF.resize(x, 35, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    assert x.shape[-2:] == (35, 56)
+    x = TF.center_crop(x, [32, 32]).clamp(0, 255) / 255.0
+    theirs = TF.normalize(x, cfg["mean"], cfg["std"])
+    for by_matmul in (False, True):
+        ours = preprocess(img, cfg, resize_by_matmul=by_matmul)
+        assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+        assert ours.shape == (2, 3, 32, 32)
 
 
 def test_prepared_inputs_give_identical_features():
