@@ -508,9 +508,7 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     """
     import torch.nn.functional as F
 
-    size = int(cfg["input_size"][-1])
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
-    scale = int(np.floor(size / crop_pct))
+    size, scale = _crop_and_short_side(cfg)
     mode = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images, copy=True))
@@ -535,6 +533,29 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
     x = (x.clamp(0, 255) / 255.0 - mean) / std
     return x.to(dtype).contiguous(memory_format=_layout(device))
+
+
+def _crop_and_short_side(cfg: dict[str, Any]) -> tuple[int, int]:
+    """The crop's side and the side the shorter image side is resized to (input / crop_pct, floored)."""
+    size = int(cfg["input_size"][-1])
+    return size, int(np.floor(size / float(cfg.get("crop_pct") or 1.0)))
+
+
+# How `preprocess` crops, recorded in every standard (its probe and task features must be cropped
+# alike): 1 (before session 38) floored the crop's start and rounded the long side; 2 crops as
+# torchvision's transform does (`_crop_start`) and truncates the long side as its Resize does.
+PREPROCESS_VERSION = 2
+
+
+def crop_change(cfg: dict[str, Any], version: int) -> str | None:
+    """How square images under `cfg` are cropped otherwise now than by preprocess `version`
+    (None if alike): version 1 started the crop a pixel earlier when input / crop_pct - input is 3
+    modulo 4 (the long side's rounding does not touch square images)."""
+    size, scale = _crop_and_short_side(cfg)
+    if version >= PREPROCESS_VERSION or scale < size or (scale - size) % 4 != 3:
+        return None
+    return f"the {size} px crop of its {scale} px resize started at pixel {(scale - size) // 2}, now at " \
+           f"{_crop_start(scale, size)}"
 
 
 def _crop_start(n: int, size: int) -> int:

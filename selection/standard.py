@@ -230,8 +230,9 @@ def _recorded_config(data_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_standard_models(std: Standard) -> StandardModels:
-    """Load the baseline (and companion); a companion whose weights differ from the standard's is refused."""
-    from selection.models import load_model, state_digest
+    """Load the baseline (and companion); a companion whose weights differ from the standard's, or one of
+    them that this version preprocesses otherwise than when the standard was built, is refused."""
+    from selection.models import crop_change, load_model, state_digest, with_input_size
 
     companion = None
     if std.companion is not None:
@@ -250,6 +251,14 @@ def load_standard_models(std: Standard) -> StandardModels:
             f"standard {std.id!r}: this timm preprocesses the baseline {std.baseline.arch!r} otherwise than when "
             f"the standard was built ({', '.join(f'{k} {recorded.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
             f"task features would not match the probe features: use the versions it was built with, or rebuild it")
+    built = int(std.spec.get("versions", {}).get("preprocess", 1))  # standards before it recorded none
+    for role, loaded in (("baseline", baseline), ("companion", companion)):
+        change = loaded and crop_change(with_input_size(loaded.data_config, std.input_size), built)
+        if change:
+            raise StandardMismatchError(
+                f"standard {std.id!r} was built by a zooselect that cropped its {role} {loaded.entry.arch!r}'s "
+                f"inputs a pixel off timm's transform ({change}); task features would not match the probe "
+                f"features: build the standard again with this version (a new id)")
     if baseline.weights_sha256 != std.baseline_sha256:
         raise StandardMismatchError(
             f"standard {std.id!r}: the baseline's weights {std.baseline.weights!r} are not the ones the standard "
@@ -341,9 +350,11 @@ def _versions() -> dict[str, str]:
     import timm
     import torch
 
+    from selection.models import PREPROCESS_VERSION
+
     major_minor = lambda v: ".".join(v.split("+")[0].split(".")[:2])  # noqa: E731
     return {"timm": major_minor(timm.__version__), "torch": major_minor(torch.__version__),
-            "schema": str(selection.SCHEMA_VERSION)}
+            "schema": str(selection.SCHEMA_VERSION), "preprocess": str(PREPROCESS_VERSION)}
 
 
 # The per-source form cross-fits within each source: enough images for SOURCE_FOLDS ridge fits.
