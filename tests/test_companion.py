@@ -85,6 +85,22 @@ def test_a_baseline_that_timm_now_preprocesses_otherwise_is_refused(with_compani
         load_standard_models(dataclasses.replace(with_companion, spec=spec))
 
 
+def test_a_standard_built_by_the_floored_crop_is_refused_only_where_its_crop_moved(with_companion):
+    """Standards before the preprocessing version 2 floored the crop's start: where a model's resize is
+    3 pixels (modulo 4) wider than its crop, task features now start a pixel further than the probe's."""
+    versions = {k: v for k, v in with_companion.spec["versions"].items() if k != "preprocess"}
+    assert with_companion.spec["versions"]["preprocess"] == "2"
+    older = dict(with_companion.spec, versions=versions)  # as an older zooselect recorded it
+    assert load_standard_models(dataclasses.replace(with_companion, spec=older)).baseline is not None  # 36 -> 32
+    # resnet10t (crop_pct 0.875) at 24 px resizes to 27: the crop started at pixel 1, now at 2
+    older = dict(older, input_size=24)
+    with pytest.raises(StandardMismatchError, match=r"cropped its baseline 'resnet10t'.s inputs a pixel off "
+                       r"timm's transform \(the 24 px crop of its 27 px resize started at pixel 1, now at 2\)"):
+        load_standard_models(dataclasses.replace(with_companion, spec=older))
+    assert load_standard_models(dataclasses.replace(with_companion, spec=dict(
+        with_companion.spec, input_size=24))).baseline is not None  # built by this version: accepted
+
+
 def test_the_companion_as_a_candidate_is_flagged_like_the_baseline(with_companion, store):
     save_standard(store, with_companion)
     for entry in (DEFAULT_COMPANION, A, C):
