@@ -73,15 +73,29 @@ def _s3_checkpoint(weights: str) -> tuple[Any, str]:
     if "/" not in bucket_key or bucket_key.endswith("/"):  # `s3://bucket` was "malformed URL 's3:/'"
         raise ModelError(f"checkpoint {weights!r} names no object (s3://BUCKET/KEY, the key a file, not a folder)")
     bucket, _, key = bucket_key.partition("/")
-    settings = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))).encode())
-    return _bucket_store(bucket, settings.hexdigest(), os.getpid()), key
+    return _bucket_store(bucket, _aws_settings(), os.getpid()), key
+
+
+def _aws_settings() -> str:
+    """A digest of what an S3 client's credentials and endpoint come from: the AWS_* environment and
+    the versions (size, mtime) of the shared credentials and config files (a rotated key is written
+    there by `aws configure` or a credentials helper while a long-lived process runs)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    files = []
+    for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
+        try:
+            st = os.stat(os.path.expanduser(os.environ.get(var, default)))
+            files.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            files.append(None)
+    return hashlib.sha256(repr((env, files)).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
 def _bucket_store(bucket: str, aws_settings: str, pid: int) -> Any:
     """One Store per bucket, shared by every checkpoint in it: a new one's first request costs about
-    0.2 s (its S3 client), 20x a HEAD, and a plan stamps every checkpoint. Another one for other AWS_*
-    settings (`aws_settings`, their digest) and in a forked process (`pid`: s3fs's client is not
+    0.2 s (its S3 client), 20x a HEAD, and a plan stamps every checkpoint. Another one for other AWS
+    settings (`aws_settings`: `_aws_settings()`) and in a forked process (`pid`: s3fs's client is not
     fork-safe)."""
     from selection.storage import Store
 

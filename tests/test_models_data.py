@@ -855,13 +855,19 @@ def test_a_model_has_timms_license_only_for_the_published_weights_it_records():
         model.pretrained_cfg["license"]
 
 
-def test_s3_checkpoints_of_one_bucket_share_a_store(monkeypatch):
+def test_s3_checkpoints_of_one_bucket_share_a_store(monkeypatch, tmp_path):
     """A Store per checkpoint made a plan pay a new S3 client (about 0.2 s) for each model's HEAD: 300
     unchanged checkpoints planned in 77 s, 1.3 s with one Store per bucket (session 37, SeaweedFS here).
-    A change of the AWS settings gets a new one (credentials, endpoint)."""
+    A change of the AWS settings gets a new one (credentials, endpoint), and so does a rewrite of the
+    shared credentials file (it kept a rotated-out key for the life of the process)."""
     from selection.models import _s3_checkpoint
 
+    creds = tmp_path / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    a = _s3_checkpoint("s3://zoo/x/a.pt")[0]
+    creds.write_text("[default]\naws_access_key_id = new\naws_secret_access_key = key\n")
+    assert _s3_checkpoint("s3://zoo/x/a.pt")[0] is not a
     (a, key_a), (b, key_b) = _s3_checkpoint("s3://zoo/x/a.pt"), _s3_checkpoint("s3://zoo/y/z/b.pt")
     assert a is b and a.url == "s3://zoo" and (key_a, key_b) == ("x/a.pt", "y/z/b.pt")
     assert _s3_checkpoint("s3://other/a.pt")[0] is not a
