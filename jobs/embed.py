@@ -93,7 +93,7 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     p.add_argument("--compaction-wait", type=float, default=600, metavar="SECONDS",
                    help="rows written while a compaction ran are checked once it ends, waiting up to this long "
                         "(default 600); a row it deleted is written back. Rows to refresh wait as long for a "
-                        "running compaction to end")
+                        "compaction to end, whether it runs at the start or starts during the refresh")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, change nothing (exit status 1 if an entry is invalid, as the run's)")
     if module == "jobs.reindex":

@@ -131,30 +131,21 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     are read in the order they are stored (`iter_rows`, memory bounded) and written REFRESH_THREADS at
     once. A row another run already refreshed to this entry counts as refreshed. A model fails, for the
     next run to plan again, if its row was removed or rewritten since the plan (a row read from a
-    segment is written only if no marker or row object of the model has appeared since), cannot be
-    read, or while a compaction runs: the rows written during one would have to be held to check after
-    it, so none is refreshed while one runs (a running one is waited for up to `wait_s` first), and
-    none after one starts. `progress(n)`: n more rows refreshed or failed."""
+    segment is written only if no marker or row object of the model has appeared since) or cannot be
+    read. No row is written while a compaction runs (the rows written during one are held, for the job
+    to check after it: `EmbedResult.written_during_compaction`): one running is waited for, up to
+    `wait_s`, and one that starts during the refresh pauses it until it ends (up to `wait_s` again), after
+    which the rest are read again from the compacted table; the rows left when a wait runs out fail.
+    `progress(n)`: n more rows refreshed or failed."""
     if not planned:
         return []
     was = {e.id: (e, row) for e, row in planned}
-    stop: list[str] = []  # why no more rows are written (a compaction runs)
-    deadline = time.monotonic() + wait_s
-    try:
-        while compaction_running(store, std.id):
-            if time.monotonic() >= deadline:
-                stop.append(f"a compaction of standard {std.id} runs" + (f" after {wait_s:.0f}s" if wait_s else ""))
-                break
-            time.sleep(REFRESH_POLL_S)
-    except StoreError as exc:
-        stop.append(f"whether a compaction runs is unknown ({exc})")
+    results: dict[str, EmbedResult] = {}
+    stop: list[str] = []  # why this pass writes no more rows (a compaction started)
+    halt = ""  # why the refresh ends with rows left (a compaction still runs, a damaged segment)
 
-    def deferred(model_id: str) -> str:
-        return f"model {model_id!r}: {stop[0]}; not refreshed now, the next run plans it again"
-    if stop:
-        return [EmbedResult(e.id, "failed", deferred(e.id)) for e, _ in planned]
-
-    def refresh(old: dict[str, Any], source: str) -> EmbedResult:
+    def refresh(old: dict[str, Any], source: str) -> EmbedResult | None:
+        """The model's result, or None if the pass stopped before its row was written."""
         entry, row = was[old["model_id"]]
         t0 = time.perf_counter()
         try:
@@ -162,7 +153,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             if now == (_entry_json(entry), row["weights_sha256"]):  # another run refreshed it to this entry
                 return EmbedResult(entry.id, "refreshed", "", 0.0, path=path)
             if stop:
-                raise ModelError(deferred(entry.id))
+                return None
             if now != (row["catalog_entry"], row["weights_sha256"]) or source != path and (
                     store.exists(marker_path(std.id, entry.id)) or store.exists(path)):
                 raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
@@ -179,32 +170,55 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             log.info("model %s failed: %s", entry.id, reason)
             return EmbedResult(entry.id, "failed", reason, time.perf_counter() - t0)
 
-    results: dict[str, EmbedResult] = {}
+    def collect(done: set[Future[EmbedResult | None]]) -> None:
+        finished = [r for r in (f.result() for f in done) if r is not None]
+        results.update((r.model_id, r) for r in finished)
+        if progress is not None and finished:
+            progress(len(finished))
 
-    def collect(done: set[Future[EmbedResult]]) -> None:
-        results.update((r.model_id, r) for r in (f.result() for f in done))
-        if progress is not None:
-            progress(len(done))
-    error = "its row was removed after the plan"
-    rows = iter_rows(store, std, list(was))
-    with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
-        pending: set[Future[EmbedResult]] = set()
-        try:
-            for old, source in rows:
-                if stop:  # the rest fail as one
-                    break
-                pending.add(pool.submit(refresh, old, source))
-                if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    collect(finished)
-        except Exception as exc:  # noqa: BLE001 - a damaged segment: the models not yet refreshed fail
-            error = f"cannot read its row to rewrite it: {exc}"
-        finally:
-            rows.close()
-        collect(pending)
-    return [results.get(e.id) or EmbedResult(e.id, "failed", deferred(e.id) if stop else
-                                             f"model {e.id!r}: {error}; the next run plans it again")
-            for e, _ in planned]
+    error, halt = "its row was removed after the plan", ""
+    while True:
+        halt = _compaction_ended(store, std.id, wait_s, "started during the refresh" if stop else "runs")
+        todo = [i for i in was if i not in results]
+        if halt or not todo:
+            break
+        stop.clear()
+        broken = False
+        rows = iter_rows(store, std, todo)
+        with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
+            pending: set[Future[EmbedResult | None]] = set()
+            try:
+                for old, source in rows:
+                    if stop:  # a compaction started: the rest wait for it to end
+                        break
+                    pending.add(pool.submit(refresh, old, source))
+                    if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        collect(finished)
+            except Exception as exc:  # noqa: BLE001 - a damaged segment: the models not yet refreshed fail
+                error, broken = f"cannot read its row to rewrite it: {exc}", True
+            finally:
+                rows.close()
+            collect(pending)
+        if broken or not stop:  # a pass that stopped wrote a row: each pass gets further
+            break
+    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {halt or error}; " + (
+        "not refreshed now, " if halt else "") + "the next run plans it again") for e, _ in planned]
+
+
+def _compaction_ended(store: Store, standard_id: str, wait_s: float, how: str) -> str:
+    """Wait up to `wait_s` for a running compaction of the standard to end: "" once none runs, else
+    why the refresh ends (one still runs, or whether one runs is unknown)."""
+    deadline = time.monotonic() + wait_s
+    try:
+        while compaction_running(store, standard_id):
+            if time.monotonic() >= deadline:
+                still = "" if how == "runs" else " and still runs"
+                return f"a compaction of standard {standard_id} {how}{still}" + (f" after {wait_s:.0f}s" if wait_s else "")
+            time.sleep(REFRESH_POLL_S)
+    except StoreError as exc:
+        return f"whether a compaction runs is unknown ({exc})"
+    return ""
 
 
 def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
