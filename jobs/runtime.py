@@ -347,7 +347,7 @@ class _SharedProbe:
         self.cfg: dict[tuple, dict] = {}
         for e in entries if enabled else []:
             cfg = expected_data_config(e, std.input_size)
-            if cfg is not None:
+            if cfg is not None and cfg["input_size"][-2] == cfg["input_size"][-1]:  # else its actor refuses it
                 self.key[e.id] = preprocess_key(cfg)
                 self.cfg[self.key[e.id]] = cfg
         self.left = {k: list(self.key.values()).count(k) for k in self.cfg}  # models not yet done

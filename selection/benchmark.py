@@ -502,11 +502,12 @@ def truth_cache_keys(entry: CatalogEntry, plan: QualityPlan, std_input_size: int
     def digest(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    from selection.models import weights_digest
+    from selection.models import PREPROCESS_VERSION, weights_digest
 
     # The weights by content, not by path: a store that moved (or a bit-identical retrain) reuses its records.
+    # The preprocessing's version: its features are cropped otherwise under another (session 38).
     keyed = dict(entry.to_dict(), weights=weights_digest(entry))
-    model = digest({"v": BENCH_VERSION, "entry": keyed, "input_size": std_input_size})
+    model = digest({"v": BENCH_VERSION, "entry": keyed, "input_size": std_input_size, "preprocess": PREPROCESS_VERSION})
     common = {"protocol": dataclasses.asdict(plan.protocol), "task_image_size": plan.task_image_size,
               "scorers": KEYED_SCORERS, "scores_version": SCORES_VERSION}
     tasks = [digest({**common, "name": t.name, "spec": t.spec, "task_protocol": dataclasses.asdict(p)})

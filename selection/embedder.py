@@ -177,10 +177,9 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             progress(len(finished))
 
     error, halt = "its row was removed after the plan", ""
-    while True:
+    while todo := [i for i in was if i not in results]:
         halt = _compaction_ended(store, std.id, wait_s, "started during the refresh" if stop else "runs")
-        todo = [i for i in was if i not in results]
-        if halt or not todo:
+        if halt:
             break
         stop.clear()
         broken = False
@@ -202,8 +201,12 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             collect(pending)
         if broken or not stop:  # a pass that stopped wrote a row: each pass gets further
             break
-    return [results.get(e.id) or EmbedResult(e.id, "failed", f"model {e.id!r}: {halt or error}; " + (
-        "not refreshed now, " if halt else "") + "the next run plans it again") for e, _ in planned]
+    left = [e.id for e, _ in planned if e.id not in results]
+    results.update((i, EmbedResult(i, "failed", f"model {i!r}: {halt or error}; " + (
+        "not refreshed now, " if halt else "") + "the next run plans it again")) for i in left)
+    if progress is not None and left:
+        progress(len(left))
+    return [results[e.id] for e, _ in planned]
 
 
 def _compaction_ended(store: Store, standard_id: str, wait_s: float, how: str) -> str:
@@ -214,7 +217,7 @@ def _compaction_ended(store: Store, standard_id: str, wait_s: float, how: str) -
         while compaction_running(store, standard_id):
             if time.monotonic() >= deadline:
                 still = "" if how == "runs" else " and still runs"
-                return f"a compaction of standard {standard_id} {how}{still}" + (f" after {wait_s:.0f}s" if wait_s else "")
+                return f"a compaction of standard {standard_id} {how}{still}" + (f" after {wait_s:g}s" if wait_s else "")
             time.sleep(REFRESH_POLL_S)
     except StoreError as exc:
         return f"whether a compaction runs is unknown ({exc})"

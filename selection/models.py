@@ -509,7 +509,9 @@ def full_float32() -> Iterator[None]:
 
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform.
+    """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform (its
+    centre crop mode; `crop_mode` 'squash' and 'border' give the same on square images, which is what
+    the library's readers pass).
 
     `images` may already be a uint8 tensor on `device` (the GPU path uploads the probe once).
 
@@ -550,7 +552,11 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
 
 
 def _crop_and_short_side(cfg: dict[str, Any]) -> tuple[int, int]:
-    """The crop's side and the side the shorter image side is resized to (input / crop_pct, floored)."""
+    """The crop's side and the side the shorter image side is resized to (input / crop_pct, floored).
+    ModelError for a model whose input is not square (timm's `vit_*_sapiens2`: 1024 x 768)."""
+    if int(cfg["input_size"][-2]) != int(cfg["input_size"][-1]):
+        raise ModelError(f"input size {cfg['input_size'][-2]} x {cfg['input_size'][-1]} is not square; zooselect "
+                         f"runs models on square crops: give the entry an input_size")
     size = int(cfg["input_size"][-1])
     return size, int(np.floor(size / float(cfg.get("crop_pct") or 1.0)))
 
@@ -708,6 +714,10 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
     """
     model = loaded.model.to(device).to(memory_format=INFERENCE_LAYOUT)
     cfg = with_input_size(loaded.data_config, input_size)
+    try:
+        _crop_and_short_side(cfg)
+    except ModelError as exc:
+        raise ModelError(f"model {loaded.entry.id!r}: {exc}") from None
     ready = prepared is not None and prepared.key == preprocess_key(cfg) and len(prepared.array) == len(images)
     on_gpu = torch.device(device).type == "cuda"
     source = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device) \

@@ -530,6 +530,12 @@ def test_ground_truth_cache_is_per_model_and_task(tmp_path, monkeypatch):
         bumped = bench.truth_cache_keys(entry, two, None)
     assert bumped[0] == bench.truth_cache_keys(entry, two, None)[0]
     assert bumped[1][0] != bench.truth_cache_keys(entry, two, None)[1][0]
+    # and the preprocessing's: records of features cropped otherwise are the model's under another key
+    import selection.models as models
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "PREPROCESS_VERSION", models.PREPROCESS_VERSION + 1)
+        assert bench.truth_cache_keys(entry, two, None)[0] != bumped[0]
     # a scorer added since a record was written is filled in from the labelled images' features alone
     assert again["upgraded"] == 0
     path = tmp_path / "benchmark" / "truth" / bench.truth_cache_keys(entry, two, None)[0] / \

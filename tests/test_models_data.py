@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import logging
 import os
@@ -721,6 +722,17 @@ def test_a_wide_image_is_resized_and_cropped_as_torchvisions_transform():
         ours = preprocess(img, cfg, resize_by_matmul=by_matmul)
         assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
         assert ours.shape == (2, 3, 32, 32)
+
+
+def test_a_model_whose_input_is_not_square_is_refused_unless_given_a_size():
+    """timm's vit_*_sapiens2 configs are 1024 x 768; preprocess cropped a 768 px square for them."""
+    lm = load_model(CatalogEntry("zoo/tall", "resnet10t", None, input_size=32))
+    tall = dataclasses.replace(lm, data_config=dict(lm.data_config, input_size=(3, 40, 32)))
+    imgs = np.zeros((2, 36, 36, 3), np.uint8)
+    with pytest.raises(ModelError, match=r"^model 'zoo/tall': input size 40 x 32 is not square; zooselect runs "
+                                         r"models on square crops: give the entry an input_size$"):
+        extract_features(tall, imgs)
+    assert extract_features(tall, imgs, input_size=32).shape[0] == 2  # a standard's own size: square
 
 
 def test_prepared_inputs_give_identical_features():

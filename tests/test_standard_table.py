@@ -1590,7 +1590,7 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     monkeypatch.setattr(embedder, "compaction_running", lambda store, sid: True)  # then nothing is refreshed
     monkeypatch.setattr(embedder, "REFRESH_POLL_S", 0.01)
     [r] = refresh_rows([(new, planned)], std, store, wait_s=0.05)
-    assert r.status == "failed" and f"a compaction of standard {std.id} runs after 0s; not refreshed now" in r.reason
+    assert r.status == "failed" and f"a compaction of standard {std.id} runs after 0.05s; not refreshed now" in r.reason
     looks = []  # one that ends within wait_s is waited for
     monkeypatch.setattr(embedder, "compaction_running", lambda store, sid: looks.append(1) or len(looks) < 3)
     [r] = refresh_rows([(new, planned)], std, store, wait_s=30)
@@ -1763,11 +1763,19 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
     # one that does not end within --compaction-wait: the rows not yet written fail, for the next run
     planned = [(dataclasses.replace(e, tags=("newest",)), row) for e, row in
                ((e, read_index(store, std)[e.id]) for e, _ in planned)]
-    compaction.update(writes=0, looks=10 ** 9)
+    compaction.update(writes=0, looks=0)
     written.clear()
     monkeypatch.setattr(embedder, "compaction_running", lambda store_, sid: compaction["writes"] >= 3)
-    results = {r.model_id: r for r in refresh_rows(planned, std, store, wait_s=0.05)}
-    assert len(written) == 3 and all(results[i].status == "refreshed" for i in written)
+    reported = []
+    results = {r.model_id: r for r in refresh_rows(planned, std, store, wait_s=0.05, progress=reported.append)}
+    assert [i for i, r in results.items() if r.written_during_compaction] == written[2:3]  # the 3rd write found it
+    assert len(written) == 3 and all(results[i].status == "refreshed" for i in written) and sum(reported) == 98
     assert all(r.status == "failed" and f"a compaction of standard {std.id} started during the refresh and still "
-               f"runs after 0s; not refreshed now, the next run plans it again" in r.reason
+               f"runs after 0.05s; not refreshed now, the next run plans it again" in r.reason
                for i, r in results.items() if i not in written)
+    # the last row is written as a compaction starts: nothing is left to wait for (it waited wait_s)
+    e, row = next((e, read_index(store, std)[e.id]) for e, _ in planned if e.id in written)
+    compaction.update(writes=0, looks=1)
+    t0 = time.monotonic()
+    [r] = refresh_rows([(dataclasses.replace(e, tags=("last",)), row)], std, store, wait_s=60)
+    assert r.status == "refreshed" and r.written_during_compaction and time.monotonic() - t0 < 30
