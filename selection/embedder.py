@@ -142,7 +142,6 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     was = {e.id: (e, row) for e, row in planned}
     results: dict[str, EmbedResult] = {}
     stop: list[str] = []  # why this pass writes no more rows (a compaction started)
-    halt = ""  # why the refresh ends with rows left (a compaction still runs, a damaged segment)
 
     def refresh(old: dict[str, Any], source: str) -> EmbedResult | None:
         """The model's result, or None if the pass stopped before its row was written."""
@@ -176,6 +175,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
         if progress is not None and finished:
             progress(len(finished))
 
+    # why rows are left: a compaction still runs (halt), a damaged segment (error), or the row is gone
     error, halt = "its row was removed after the plan", ""
     while todo := [i for i in was if i not in results]:
         halt = _compaction_ended(store, std.id, wait_s, "started during the refresh" if stop else "runs")

@@ -78,14 +78,14 @@ def _s3_checkpoint(weights: str) -> tuple[Any, str]:
 
 def _aws_settings() -> str:
     """A digest of what an S3 client's credentials and endpoint come from: the AWS_* environment and
-    the versions (size, mtime) of the shared credentials and config files (a rotated key is written
+    the versions (inode, size, mtime) of the shared credentials and config files (a rotated key is written
     there by `aws configure` or a credentials helper while a long-lived process runs)."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
     files = []
     for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
         try:
             st = os.stat(os.path.expanduser(os.environ.get(var, default)))
-            files.append((st.st_size, st.st_mtime_ns))
+            files.append((st.st_ino, st.st_size, st.st_mtime_ns))  # a rename over it: another inode
         except OSError:
             files.append(None)
     return hashlib.sha256(repr((env, files)).encode()).hexdigest()
