@@ -50,7 +50,7 @@ def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: b
 
     def check(e: CatalogEntry) -> str | EmbedResult:
         try:
-            return plan_entry(e, index.get(e.id), memo)
+            return plan_entry(e, index.get(e.id), memo, std.input_size)
         except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
             return EmbedResult(e.id, "failed", str(exc))
         finally:

@@ -15,8 +15,9 @@ from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
 from selection.errors import ModelError, StoreError, ZooselectError
 from selection.keys import model_key
-from selection.models import (Prepared, batch_size_for_memory, check_entry, compute_label, count_gflops,
-                              extract_features, load_model, weights_digest, weights_stamp)
+from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_entry, compute_label,
+                              count_gflops, crop_change, expected_data_config, extract_features, load_model,
+                              weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
@@ -58,13 +59,15 @@ def model_license(entry: CatalogEntry, model: Any) -> str | None:
     return None
 
 
-def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None) -> bool:
+def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None,
+                    input_size: int | None = None) -> bool:
     """True unless the table's row for `entry` has the same weights digest and catalog entry
     (`plan_entry` says whether the model must be embedded or its row only rewritten)."""
-    return plan_entry(entry, indexed, memo) != "skip"
+    return plan_entry(entry, indexed, memo, input_size) != "skip"
 
 
-def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None) -> str:
+def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None,
+               input_size: int | None = None) -> str:
     """What a run does for `entry`: "skip" (the row has its weights digest and catalog entry),
     "refresh" (only what the row records about the model changed: tags, metadata, a license given, the
     checkpoint's path to the same bytes; `refresh_rows` rewrites the row, keeping its vectors) or
@@ -74,9 +77,11 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
     whose stamp (`weights_stamp`: one stat or HEAD) is the row's is not read again: a nightly
     re-index costs O(m) small calls, not every checkpoint's bytes. One whose stamp changed with
     its bytes unchanged (copied, restored, moved) is hashed once, then, with a `memo`, known by its
-    new stamp: one more small read. A missing checkpoint raises a ModelError either way.
+    new stamp: one more small read. A missing checkpoint raises a ModelError either way. A row
+    embedded by an older preprocessing that crops this model otherwise (at the standard's
+    `input_size`) is embedded again (`_cropped_otherwise`).
     """
-    if indexed is None:
+    if indexed is None or _cropped_otherwise(entry, indexed, input_size):
         check_entry(entry)  # what fails without loading it fails in the plan (a dry run's too)
         return "embed"
     same = indexed["catalog_entry"] == _entry_json(entry)
@@ -87,6 +92,23 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
     if not _same_weights(entry, indexed, memo):
         return "embed"
     return "skip" if same else "refresh"
+
+
+def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size: int | None) -> bool:
+    """Whether the row was embedded by a preprocessing version (`library_versions`; rows before
+    version 2 record none) that cropped this model's probe images otherwise than `preprocess` does
+    now. A model whose data config is unknown without loading it (hub weights) keeps its row."""
+    try:
+        version = int(json.loads(indexed.get("library_versions") or "{}").get("preprocess", 1))
+    except (ValueError, TypeError, AttributeError):  # a row another tool wrote
+        version = 1
+    if version >= PREPROCESS_VERSION:
+        return False
+    try:
+        cfg = expected_data_config(entry, input_size)
+        return cfg is not None and crop_change(cfg, version) is not None
+    except ModelError:  # not square: the embed refuses it, the row stays
+        return False
 
 
 def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:

@@ -487,7 +487,7 @@ def embeddings_matrix(t: pa.Table) -> np.ndarray:
 
 
 INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weights_sha256",
-                 "catalog_entry", "weights_stamp"]
+                 "catalog_entry", "weights_stamp", "library_versions"]
 
 
 def _with_optional(std: Standard, t: pa.Table, columns: list[str] | None = None) -> pa.Table:
@@ -1060,6 +1060,8 @@ def versions_json() -> str:
     import timm
     import torch
 
+    from selection.models import PREPROCESS_VERSION
+
     return json.dumps({"zooselect": selection.__version__, "timm": timm.__version__,
                        "torch": torch.__version__, "numpy": np.__version__,
-                       "pyarrow": pyarrow.__version__}, sort_keys=True)
+                       "pyarrow": pyarrow.__version__, "preprocess": PREPROCESS_VERSION}, sort_keys=True)

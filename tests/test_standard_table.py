@@ -1620,6 +1620,32 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     assert plan_entry(new, dict(planned, catalog_entry=None)) == "embed"
 
 
+def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_moved(published):
+    """Rows before preprocessing version 2 record none in `library_versions`; where `preprocess` now
+    crops the model's probe images otherwise (resnet10t at 24 px: 27 -> 24 started at pixel 1, now 2),
+    a re-index embeds it again; elsewhere the row stays (nothing to re-embed on an upgrade)."""
+    from selection.embedder import plan_entry
+
+    store, std = published
+    moved, kept = (CatalogEntry(f"zoo/r{s}", "resnet10t", None, input_size=s) for s in (24, 32))
+    for e in (moved, kept):
+        assert embed_entry(e, std, store).status == "embedded"
+    index = read_index(store, std)
+    assert json.loads(index[moved.id]["library_versions"])["preprocess"] == 2
+    assert plan_entry(moved, index[moved.id]) == plan_entry(kept, index[kept.id]) == "skip"
+
+    def older(e, versions=None):  # the row as an older zooselect recorded it
+        recorded = {k: v for k, v in json.loads(index[e.id]["library_versions"]).items() if k != "preprocess"}
+        return dict(index[e.id], library_versions=json.dumps(recorded) if versions is None else versions)
+    assert plan_entry(moved, older(moved)) == "embed"
+    assert plan_entry(kept, older(kept)) == "skip"  # 36 -> 32: the same crop either way
+    assert plan_entry(kept, older(kept), input_size=24) == "embed"  # the standard's own size moves it
+    assert plan_entry(moved, older(moved, "not json")) == "embed"  # another tool's row: as the oldest
+    assert plan_entry(moved, dict(index[moved.id], library_versions=None)) == "embed"
+    tagged = dataclasses.replace(moved, tags=("new",))  # a catalog edit of such a row: embedded, not refreshed
+    assert plan_entry(tagged, older(moved)) == "embed" and plan_entry(tagged, index[moved.id]) == "refresh"
+
+
 def test_iter_rows_serves_what_a_read_of_the_table_serves_reading_only_the_groups_it_needs(published, monkeypatch):
     """`iter_rows` (a refresh's read): row objects over segment rows, the newest segment over older
     ones, removed models absent; of a segment only the row groups that hold a wanted row are read."""
