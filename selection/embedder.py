@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -100,12 +101,19 @@ def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size:
     now. A model whose data config is unknown without loading it (hub weights) keeps its row."""
     try:
         version = int(json.loads(indexed.get("library_versions") or "{}").get("preprocess", 1))
-    except (ValueError, TypeError, AttributeError):  # a row another tool wrote
+    except (ValueError, TypeError, AttributeError, OverflowError):  # a row another tool wrote
         version = 1
-    if version >= PREPROCESS_VERSION:
+    if version >= PREPROCESS_VERSION or entry.weights and entry.weights.startswith(("hf-hub:", "timm:")):
         return False
+    return _crop_moved(entry.arch, entry.input_size, input_size, version)
+
+
+@functools.lru_cache(maxsize=4096)
+def _crop_moved(arch: str, entry_input_size: int | None, input_size: int | None, version: int) -> bool:
+    """`_cropped_otherwise` for a model of `arch` (its config is timm's: 50 us, and a re-index asks it
+    for every older row; a zoo has few architectures)."""
     try:
-        cfg = expected_data_config(entry, input_size)
+        cfg = expected_data_config(CatalogEntry("crop", arch, None, input_size=entry_input_size), input_size)
         return cfg is not None and crop_change(cfg, version) is not None
     except ModelError:  # not square: the embed refuses it, the row stays
         return False

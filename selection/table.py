@@ -745,9 +745,14 @@ def _until_unchanged(what: str, read: Callable[[], T], attempts: int) -> T:
 
 def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
     """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
-    return read_consistently(store, std, lambda listing: {
-        row["model_id"]: row for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS)
-        for row in shard.meta.to_pylist()})
+    def index(listing: Listing) -> dict[str, dict[str, Any]]:
+        rows, versions = {}, {}  # rows share a few library_versions strings: each held once
+        for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS):
+            for row in shard.meta.to_pylist():
+                row["library_versions"] = versions.setdefault(row["library_versions"], row["library_versions"])
+                rows[row["model_id"]] = row
+        return rows
+    return read_consistently(store, std, index)
 
 
 def iter_rows(store: Store, std: Standard, model_ids: list[str],
@@ -1064,4 +1069,4 @@ def versions_json() -> str:
 
     return json.dumps({"zooselect": selection.__version__, "timm": timm.__version__,
                        "torch": torch.__version__, "numpy": np.__version__,
-                       "pyarrow": pyarrow.__version__, "preprocess": PREPROCESS_VERSION}, sort_keys=True)
+                       "pyarrow": pyarrow.__version__, "preprocess": str(PREPROCESS_VERSION)}, sort_keys=True)

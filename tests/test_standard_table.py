@@ -1631,7 +1631,7 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     for e in (moved, kept):
         assert embed_entry(e, std, store).status == "embedded"
     index = read_index(store, std)
-    assert json.loads(index[moved.id]["library_versions"])["preprocess"] == 2
+    assert json.loads(index[moved.id]["library_versions"])["preprocess"] == "2"
     assert plan_entry(moved, index[moved.id]) == plan_entry(kept, index[kept.id]) == "skip"
 
     def older(e, versions=None):  # the row as an older zooselect recorded it
@@ -1644,6 +1644,16 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     assert plan_entry(moved, dict(index[moved.id], library_versions=None)) == "embed"
     tagged = dataclasses.replace(moved, tags=("new",))  # a catalog edit of such a row: embedded, not refreshed
     assert plan_entry(tagged, older(moved)) == "embed" and plan_entry(tagged, index[moved.id]) == "refresh"
+    assert plan_entry(moved, older(moved, '{"preprocess": Infinity}')) == "embed"  # not a crash of the plan
+    # the job's plan asks at the standard's own input size
+    from jobs.embed import make_plan
+    from selection.table import iter_rows, write_row
+
+    [(row, _)] = iter_rows(store, std, [kept.id])
+    write_row(store, std, dict(row, library_versions=older(kept)["library_versions"]))
+    at_24 = dataclasses.replace(std, spec=dict(std.spec, input_size=24))
+    assert make_plan([kept], store, std, prune=False, dry_run=True).skip == (kept.id,)
+    assert make_plan([kept], store, at_24, prune=False, dry_run=True).embed == (kept,)
 
 
 def test_iter_rows_serves_what_a_read_of_the_table_serves_reading_only_the_groups_it_needs(published, monkeypatch):
