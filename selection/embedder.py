@@ -98,22 +98,24 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
 def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size: int | None) -> bool:
     """Whether the row was embedded by a preprocessing version (`library_versions`; rows before
     version 2 record none) that cropped this model's probe images otherwise than `preprocess` does
-    now. A model whose data config is unknown without loading it (hub weights) keeps its row."""
+    now. A model whose data config is unknown without loading it (`hf-hub:` weights) keeps its row."""
     try:
         version = int(json.loads(indexed.get("library_versions") or "{}").get("preprocess", 1))
     except (ValueError, TypeError, AttributeError, OverflowError):  # a row another tool wrote
         version = 1
-    if version >= PREPROCESS_VERSION or entry.weights and entry.weights.startswith(("hf-hub:", "timm:")):
+    if version >= PREPROCESS_VERSION:
         return False
-    return _crop_moved(entry.arch, entry.input_size, input_size, version)
+    return _crop_moved(entry.arch, entry.weights if entry.weights and entry.weights.startswith(("hf-hub:", "timm:"))
+                       else None, entry.input_size, input_size, version)
 
 
 @functools.lru_cache(maxsize=4096)
-def _crop_moved(arch: str, entry_input_size: int | None, input_size: int | None, version: int) -> bool:
-    """`_cropped_otherwise` for a model of `arch` (its config is timm's: 50 us, and a re-index asks it
-    for every older row; a zoo has few architectures)."""
+def _crop_moved(arch: str, hub: str | None, entry_input_size: int | None, input_size: int | None,
+                version: int) -> bool:
+    """`_cropped_otherwise` for a model of `arch` (and hub weights `hub`): its config is timm's, 50 us,
+    and a re-index asks it for every older row; a zoo has few architectures."""
     try:
-        cfg = expected_data_config(CatalogEntry("crop", arch, None, input_size=entry_input_size), input_size)
+        cfg = expected_data_config(CatalogEntry("crop", arch, hub, input_size=entry_input_size), input_size)
         return cfg is not None and crop_change(cfg, version) is not None
     except ModelError:  # not square: the embed refuses it, the row stays
         return False

@@ -631,14 +631,17 @@ def preprocess_key(cfg: dict[str, Any]) -> tuple:
 
 
 def expected_data_config(entry: CatalogEntry, input_size: int | None = None) -> dict[str, Any] | None:
-    """The data config `load_model(entry)` will have, without building the model (None if unknown)."""
+    """The data config `load_model(entry)` will have, without building the model (None if unknown:
+    `hf-hub:` weights bring their config with them; `timm:NAME` weights have NAME's, from timm's
+    registry, as their model is built from it)."""
     import timm
     from timm.data import resolve_data_config
 
-    if entry.weights and entry.weights.startswith(("hf-hub:", "timm:")):
+    if entry.weights and entry.weights.startswith("hf-hub:"):
         return None
+    name = entry.weights[len("timm:"):] if entry.weights and entry.weights.startswith("timm:") else entry.arch
     try:
-        pcfg = timm.models.get_pretrained_cfg(entry.arch)
+        pcfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - unknown architecture: the actor reports it
         return None
     if pcfg is None:

@@ -747,6 +747,16 @@ def test_prepared_inputs_give_identical_features():
         prep = prepare(imgs, cfg)
         assert np.array_equal(extract_features(lm, imgs), extract_features(lm, imgs, prepared=prep))
     assert expected_data_config(CatalogEntry("u", "no_such_arch_q")) is None
+    # timm:NAME weights: NAME's config from timm's registry, the one load_model's model is built with
+    # (compared on models built without their weights: nothing is downloaded here)
+    from timm.data import resolve_model_data_config
+
+    for name, size in (("resnet18.a1_in1k", None), ("resnet10t.c3_in1k", 24), ("tf_efficientnet_lite0.in1k", 48)):
+        entry = CatalogEntry("h", name.split(".")[0], f"timm:{name}", input_size=size)
+        built = timm.create_model(name, pretrained=False,
+                                  pretrained_cfg_overlay={"input_size": (3, size, size)} if size else None)
+        assert expected_data_config(entry) == resolve_model_data_config(built)
+    assert expected_data_config(CatalogEntry("h", "resnet18", "hf-hub:timm/resnet18.a1_in1k")) is None
 
 
 HUB_SNIPPET = """

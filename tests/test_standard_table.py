@@ -1624,6 +1624,7 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     """Rows before preprocessing version 2 record none in `library_versions`; where `preprocess` now
     crops the model's probe images otherwise (resnet10t at 24 px: 27 -> 24 started at pixel 1, now 2),
     a re-index embeds it again; elsewhere the row stays (nothing to re-embed on an upgrade)."""
+    import selection.embedder as embedder
     from selection.embedder import plan_entry
 
     store, std = published
@@ -1645,6 +1646,15 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     tagged = dataclasses.replace(moved, tags=("new",))  # a catalog edit of such a row: embedded, not refreshed
     assert plan_entry(tagged, older(moved)) == "embed" and plan_entry(tagged, index[moved.id]) == "refresh"
     assert plan_entry(moved, older(moved, '{"preprocess": Infinity}')) == "embed"  # not a crash of the plan
+    # timm:NAME weights too (their config is NAME's in timm's registry); hf-hub: ones keep their rows
+    from selection.embedder import _entry_json
+
+    for weights, size, plan in (("timm:resnet10t.c3_in1k", 24, "embed"), ("timm:resnet10t.c3_in1k", 32, "skip"),
+                                ("hf-hub:timm/resnet10t.c3_in1k", 24, "skip")):
+        hub = CatalogEntry("zoo/hub", "resnet10t", weights, input_size=size)
+        row = {"catalog_entry": _entry_json(hub), "weights_sha256": embedder.weights_digest(hub),
+               "weights_stamp": "", "library_versions": "{}"}
+        assert plan_entry(hub, row) == plan, (weights, size)
     # the job's plan asks at the standard's own input size
     from jobs.embed import make_plan
     from selection.table import iter_rows, write_row
