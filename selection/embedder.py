@@ -98,7 +98,7 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
 def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size: int | None) -> bool:
     """Whether the row was embedded by a preprocessing version (`library_versions`; rows before
     version 2 record none) that cropped this model's probe images otherwise than `preprocess` does
-    now. A model whose data config is unknown without loading it (`hf-hub:` weights) keeps its row."""
+    now. Only such older rows of `hf-hub:` weights read the hub's config (one small file, cached)."""
     try:
         version = int(json.loads(indexed.get("library_versions") or "{}").get("preprocess", 1))
     except (ValueError, TypeError, AttributeError, OverflowError):  # a row another tool wrote
@@ -113,11 +113,15 @@ def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size:
 def _crop_moved(arch: str, hub: str | None, entry_input_size: int | None, input_size: int | None,
                 version: int) -> bool:
     """`_cropped_otherwise` for a model of `arch` (and hub weights `hub`): its config is timm's, 50 us,
-    and a re-index asks it for every older row; a zoo has few architectures."""
+    or an `hf-hub:` repo's, and a re-index asks it for every older row; a zoo has few of them."""
     try:
-        cfg = expected_data_config(CatalogEntry("crop", arch, hub, input_size=entry_input_size), input_size)
+        cfg = expected_data_config(CatalogEntry("crop", arch, hub, input_size=entry_input_size), input_size,
+                                   fetch_hub_config=True)
         return cfg is not None and crop_change(cfg, version) is not None
-    except ModelError:  # not square: the embed refuses it, the row stays
+    except ModelError as exc:  # not square: the embed refuses it; a hub config unread: the row stays
+        if hub and hub.startswith("hf-hub:") and "cannot read the config" in str(exc):
+            log.warning("%s; rows of it embedded by preprocessing version %d are kept (they may crop its "
+                        "probe images a pixel otherwise than an embed now does)", str(exc).split(": ", 1)[1], version)
         return False
 
 

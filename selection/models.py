@@ -6,6 +6,7 @@ Checkpoints are never unpickled as code: safetensors, or `torch.load(weights_onl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -630,15 +631,31 @@ def preprocess_key(cfg: dict[str, Any]) -> tuple:
             tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]))
 
 
-def expected_data_config(entry: CatalogEntry, input_size: int | None = None) -> dict[str, Any] | None:
-    """The data config `load_model(entry)` will have, without building the model (None if unknown:
-    `hf-hub:` weights bring their config with them; `timm:NAME` weights have NAME's, from timm's
-    registry, as their model is built from it)."""
+def expected_data_config(entry: CatalogEntry, input_size: int | None = None,
+                         fetch_hub_config: bool = False) -> dict[str, Any] | None:
+    """The data config `load_model(entry)` will have, without building the model (None if unknown).
+
+    `timm:NAME` weights have NAME's, from timm's registry, as their model is built from it.
+    `hf-hub:` weights bring their config with them: with `fetch_hub_config`, it is read from the
+    hub (its `config.json` alone, through the Hugging Face cache, as `load_model` reads it); a
+    failed read raises a ModelError. Without, their config is unknown (no network call).
+    """
     import timm
     from timm.data import resolve_data_config
 
+    overlay = {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
     if entry.weights and entry.weights.startswith("hf-hub:"):
-        return None
+        if not fetch_hub_config:
+            return None
+        from timm.models import PretrainedCfg, load_model_config_from_hf
+
+        try:
+            hub_cfg = load_model_config_from_hf(entry.weights[len("hf-hub:"):])[0]
+            cfg = dataclasses.replace(PretrainedCfg(**hub_cfg), **overlay).to_dict()
+        except Exception as exc:  # noqa: BLE001 - network, missing repo, a config timm cannot read
+            raise ModelError(f"model {entry.id!r}: cannot read the config of {entry.weights}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        return with_input_size(resolve_data_config(pretrained_cfg=cfg), input_size)
     name = entry.weights[len("timm:"):] if entry.weights and entry.weights.startswith("timm:") else entry.arch
     try:
         pcfg = timm.models.get_pretrained_cfg(name)
@@ -646,10 +663,7 @@ def expected_data_config(entry: CatalogEntry, input_size: int | None = None) -> 
         return None
     if pcfg is None:
         return None
-    cfg = pcfg.to_dict()
-    if entry.input_size:
-        cfg["input_size"] = (3, entry.input_size, entry.input_size)
-    return with_input_size(resolve_data_config(pretrained_cfg=cfg), input_size)
+    return with_input_size(resolve_data_config(pretrained_cfg={**pcfg.to_dict(), **overlay}), input_size)
 
 
 @dataclass(frozen=True, eq=False)

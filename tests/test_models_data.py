@@ -780,6 +780,25 @@ try:
     load_model(CatalogEntry("h2", "resnet10t", "hf-hub:acme/absent"))
 except Exception as exc:
     print("ABSENT", type(exc).__name__, str(exc)[:60])
+# their data config read from the hub before loading (only for rows embedded before the crop fix)
+from timm.data import resolve_model_data_config
+from selection.models import expected_data_config
+for size in (None, 24):
+    e = CatalogEntry("h", "resnet10t", "hf-hub:acme/tiny-resnet", input_size=size)
+    print("CONFIG", size, expected_data_config(e, fetch_hub_config=True) == resolve_model_data_config(load_model(e).model),
+          expected_data_config(e) is None)
+snap = os.path.join(cache, "models--acme--crop09", "snapshots", "1" * 40)
+os.makedirs(snap)
+os.makedirs(os.path.join(cache, "models--acme--crop09", "refs"))
+open(os.path.join(cache, "models--acme--crop09", "refs", "main"), "w").write("1" * 40)
+json.dump({"architecture": "resnet10t", "pretrained_cfg": {"input_size": [3, 32, 32], "crop_pct": 0.9}},
+          open(os.path.join(snap, "config.json"), "w"))
+from selection.embedder import _entry_json, plan_entry, weights_digest
+for repo, size in (("acme/crop09", None), ("acme/crop09", 24), ("acme/tiny-resnet", None), ("acme/absent", None)):
+    e = CatalogEntry("zoo/hub", "resnet10t", "hf-hub:" + repo, input_size=size)
+    row = {"catalog_entry": _entry_json(e), "weights_sha256": weights_digest(e), "weights_stamp": "",
+           "library_versions": "{}"}  # as preprocessing version 1 wrote it
+    print("PLAN", repo, size, plan_entry(e, row), plan_entry(e, dict(row, library_versions='{"preprocess": "2"}')))
 for bad in (CatalogEntry("h3", "vit_base_patch16_224", "hf-hub:acme/tiny-resnet"),
             CatalogEntry("h4", "resnet10t", "hf-hub:acme/tiny-resnet", num_classes=100)):
     try:
@@ -804,6 +823,15 @@ def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
     assert ("REFUSED ModelError model 'h3': hf-hub:acme/tiny-resnet holds 'resnet10t' weights, but arch is "
             "'vit_base_patch16_224'") in r.stdout, r.stdout
     assert "REFUSED ModelError model 'h4': its weights have a 5-class head, but num_classes is 100" in r.stdout
+    assert "CONFIG None True True" in r.stdout and "CONFIG 24 True True" in r.stdout, r.stdout
+    # a row embedded before the crop fix: embedded again where the hub config's crop moved (35 -> 32 px
+    # starts a pixel further now), kept where it did not (crop_pct 1, or 27 -> 24), and kept, with a
+    # warning, where the config cannot be read; a row of the current preprocessing is never read again
+    for line in ("PLAN acme/crop09 None embed skip", "PLAN acme/crop09 24 skip skip",
+                 "PLAN acme/tiny-resnet None skip skip", "PLAN acme/absent None skip skip"):
+        assert line in r.stdout, r.stdout
+    assert ("cannot read the config of hf-hub:acme/absent: LocalEntryNotFoundError" in r.stderr and
+            "rows of it embedded by preprocessing version 1 are kept" in r.stderr), r.stderr[-2000:]
 
 
 def test_a_checkpoint_is_loaded_as_the_architecture_it_records_and_zip_bombs_are_not_unpacked(tmp_path):

@@ -1646,11 +1646,11 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     tagged = dataclasses.replace(moved, tags=("new",))  # a catalog edit of such a row: embedded, not refreshed
     assert plan_entry(tagged, older(moved)) == "embed" and plan_entry(tagged, index[moved.id]) == "refresh"
     assert plan_entry(moved, older(moved, '{"preprocess": Infinity}')) == "embed"  # not a crash of the plan
-    # timm:NAME weights too (their config is NAME's in timm's registry); hf-hub: ones keep their rows
+    # timm:NAME weights too (their config is NAME's in timm's registry; hf-hub: ones read theirs from the
+    # hub: tests/test_models_data.py::test_hub_weights_load_through_timm_from_the_hub_cache)
     from selection.embedder import _entry_json
 
-    for weights, size, plan in (("timm:resnet10t.c3_in1k", 24, "embed"), ("timm:resnet10t.c3_in1k", 32, "skip"),
-                                ("hf-hub:timm/resnet10t.c3_in1k", 24, "skip")):
+    for weights, size, plan in (("timm:resnet10t.c3_in1k", 24, "embed"), ("timm:resnet10t.c3_in1k", 32, "skip")):
         hub = CatalogEntry("zoo/hub", "resnet10t", weights, input_size=size)
         row = {"catalog_entry": _entry_json(hub), "weights_sha256": embedder.weights_digest(hub),
                "weights_stamp": "", "library_versions": "{}"}
