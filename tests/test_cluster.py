@@ -994,6 +994,13 @@ def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
         for name in src.split():
             assert (CLUSTER.parent / name).exists(), name
+    # Fashion-MNIST (builtin: tasks, the default probe set): the package install.sh installs, where the
+    # library looks for it
+    from selection.data import FASHION_MNIST_DIR
+
+    install = (CLUSTER / "install.sh").read_text()
+    assert "apt-get install" in dockerfile and "dataset-fashion-mnist" in dockerfile and "dataset-fashion-mnist" in install
+    assert f"test -e {FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz" in dockerfile
     tag = re.search(r"docker build -f cluster/Dockerfile -t REGISTRY/(\S+) \.", dockerfile).group(1)
     for fname, spec in _kuberay_cluster_specs():
         groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
