@@ -1016,7 +1016,15 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         removed += deleted
         progress("objects", deleted)
 
+    # A marker left now (written or rewritten since the markers were read: a remove while this compaction
+    # ran, its model perhaps added back since, its new row object folded in above) hides that model's
+    # row in the new segment. Its row object, which overrides the marker, is kept for the next compaction:
+    # deleted, a model added back would be hidden.
+    marked = {_key_of(p) for p in list_markers(store, std.id)}
+
     def drop_row(p: str) -> bool:
+        if _key_of(p) in marked:
+            return False
         try:
             return _delete_if_unchanged(store, p, digests.get(p))
         except StoreError:

@@ -78,6 +78,39 @@ def test_a_marker_rewritten_during_a_compaction_is_not_deleted_by_it(published):
     assert load_table(store, std).model_ids == ["zoo/x"] and list_markers(store, std.id) == []
 
 
+@pytest.mark.parametrize("marked_before", [False, True])
+def test_a_model_removed_and_added_back_during_a_compaction_stays_in_the_table(published, marked_before):
+    """A review (session 39): removed after the compaction listed its row object and added back before it
+    read it, the model's new row went into the segment and its object was deleted, while the remove's
+    marker (not listed, or rewritten since it was read) stayed and hid it. Now the row object is kept."""
+    store, std = published
+    write_row(store, std, _row(std, "zoo/x"))
+    if marked_before:  # a marker already listed: compacted, removed, added back (the object overrides it)
+        write_row(store, std, _row(std, "zoo/k", 1.0))
+        compact(store, std)
+        assert delete_row(store, std, "zoo/k")
+    write_row(store, std, _row(std, "zoo/k", 1.0))
+    real_read_many, done = store.read_many, []
+
+    def remove_and_add_back_before_the_read(rels, *args, **kwargs):
+        rels = list(rels)
+        if not done and any(model_key("zoo/k") in r and "/rows/" in r for r in rels):
+            done.append(delete_row(store, std, "zoo/k"))
+            write_row(store, std, _row(std, "zoo/k", 2.0))
+        return real_read_many(rels, *args, **kwargs)
+
+    store.read_many = remove_and_add_back_before_the_read
+    try:
+        compact(store, std)
+    finally:
+        store.read_many = real_read_many
+    assert done == [True] and _served(store, std, "zoo/k") == 2.0
+    assert [r.rsplit("/", 1)[-1] for r in list_rows(store, std.id)] == [model_key("zoo/k") + ".parquet"]
+    compact(store, std)  # the next compaction folds the row and the marker: served, nothing left over
+    assert _served(store, std, "zoo/k") == 2.0 and _served(store, std, "zoo/x") == 1.0
+    assert list_rows(store, std.id) == [] and list_markers(store, std.id) == []
+
+
 def test_a_marker_the_compaction_cannot_read_again_stops_it_before_the_rows(published, monkeypatch):
     """The marker check of item 1 reads each marker again: a read that fails (not a marker that is
     gone) must stop the compaction before it deletes row objects, or the old marker of a re-added
