@@ -7,6 +7,7 @@ for at most `max_iter` iterations from zero; accuracy on the test split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,20 @@ class ProbeProtocol:
     max_iter: int = 200
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.l2 < 0 or self.max_iter < 1:
-            raise ConfigError(f"l2 must be >= 0 and max_iter >= 1, got l2={self.l2} max_iter={self.max_iter}")
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v: object, least: int) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+        if not number(self.test_fraction) or not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if not number(self.l2) or self.l2 < 0:
+            raise ConfigError(f"l2 must be a finite number >= 0, got {self.l2!r}")
+        if not integer(self.max_iter, 1):
+            raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if not integer(self.split_seed, 0):
+            raise ConfigError(f"split_seed must be an integer >= 0, got {self.split_seed!r}")
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

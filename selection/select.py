@@ -58,7 +58,7 @@ class Constraint:
 
     @classmethod
     def parse(cls, text: str) -> "Constraint":
-        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>|=)\s*(\S.*?)\s*", text or "")
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>|=)\s*([^\s<>=!].*?)\s*", text or "")
         if not m:
             raise ConfigError(f"constraint must look like 'params<=5e6' or 'tag=x', got {text!r}")
         name, op, value = m.groups()
@@ -107,10 +107,20 @@ class SelectConfig:
     pareto: str | None = None  # PARETO_COSTS: also find each task's score/cost Pareto front in the sweep
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if self.verify_top_k < 0:
-            raise ConfigError(f"verify_top_k must be >= 0, got {self.verify_top_k}")
+        for name, least in (("top_k", 1), ("verify_top_k", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
+        if isinstance(self.constraints, (str, Constraint)) or not isinstance(self.constraints, (tuple, list)):
+            raise ConfigError(f"constraints must be a tuple of Constraint (or of texts such as 'params<=5e6'), "
+                              f"got {self.constraints!r}")
+        parsed = tuple(Constraint.parse(c) if isinstance(c, str) else c for c in self.constraints)
+        bad = [c for c in parsed if not isinstance(c, Constraint)]
+        if bad:
+            raise ConfigError(f"constraints must be Constraint objects or texts such as 'params<=5e6', got {bad[0]!r}")
+        object.__setattr__(self, "constraints", parsed)
         if self.verify_by not in VERIFIERS:
             raise ConfigError(f"verify_by must be one of {VERIFIERS}, got {self.verify_by!r}")
         if self.score is not None and self.score not in SCORES:
@@ -119,7 +129,8 @@ class SelectConfig:
             raise ConfigError(f"task method must be one of {TASK_METHODS}, got {self.task_method!r}")
         if self.pareto is not None and self.pareto not in PARETO_COSTS:
             raise ConfigError(f"pareto must be one of {tuple(PARETO_COSTS)} (or None), got {self.pareto!r}")
-        if self.task_image_size is not None and not 8 <= self.task_image_size <= 1024:
+        if self.task_image_size is not None and (isinstance(self.task_image_size, bool) or not isinstance(
+                self.task_image_size, (int, np.integer)) or not 8 <= self.task_image_size <= 1024):
             raise ConfigError(f"task_image_size must be in [8, 1024] (or None: the standard's probe image size), "
                               f"got {self.task_image_size}")
 
@@ -750,10 +761,12 @@ def front_with_shortlist(front: list[Ranked], shortlist: list[Ranked], top_k: in
 
 
 def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
-    """Verified candidates first by their measurement (ties: embedding score), then the rest."""
+    """Verified candidates first by their measurement, then the rest. `ranked` is in the sweep's order,
+    which ties keep: the standard's own models after every other (their scores are their coverage of
+    themselves, the highest), equal scores as the sweep broke them."""
     verified = [r for r in ranked if r.model_id in measured]
     rest = [r for r in ranked if r.model_id not in measured]
-    verified.sort(key=lambda r: (-measured[r.model_id], -r.score))
+    verified.sort(key=lambda r: -measured[r.model_id])  # stable
     out = []
     for i, r in enumerate(verified + rest, 1):
         out.append(dataclasses.replace(r, rank=i, verified=measured.get(r.model_id)))

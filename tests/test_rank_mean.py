@@ -158,6 +158,52 @@ def test_a_model_of_unknown_license_passes_no_license_constraint():
                      "tag!=x": [False, True, True], "tag=x": [True, False, False]}  # no tags: not tagged x
 
 
+def test_a_tie_in_verification_keeps_the_sweeps_order_the_standards_own_model_last():
+    """A review (session 39): ties in the measurement were broken by the embedding score, and the standard's
+    own baseline, swept after every other row, has the highest (its coverage of itself): verified beside
+    candidates (a small zoo, a tight --where) and tied with one (probe accuracy comes in coarse steps), it
+    was ranked first."""
+    from selection.select import Ranked, rerank_verified
+
+    swept = [Ranked("zoo/a", 0.75, 1, False, {}), Ranked("zoo/b", 0.75, 2, False, {}),
+             Ranked("zoo/c", 0.5, 3, False, {}), Ranked("baseline/r", 1.0, 4, True, {})]
+    measured = {"zoo/a": 0.8, "zoo/b": 0.9, "zoo/c": 0.8, "baseline/r": 0.9}
+    out = rerank_verified(swept, measured)
+    assert [(r.model_id, r.rank, r.verified) for r in out] == [
+        ("zoo/b", 1, 0.9), ("baseline/r", 2, 0.9), ("zoo/a", 3, 0.8), ("zoo/c", 4, 0.8)]
+    assert [r.model_id for r in rerank_verified(swept, {"zoo/c": 0.8})] == ["zoo/c", "zoo/a", "zoo/b", "baseline/r"]
+
+
+def test_select_and_probe_configs_refuse_what_they_cannot_run_with_at_construction():
+    """A review (session 39): constraints given as text failed after the task embeddings with an
+    AttributeError, a float verify_top_k at the slice, and a NaN l2 gave a chance-level probe silently."""
+    from selection.linear_probe import ProbeProtocol
+    from selection.select import SelectConfig
+
+    assert SelectConfig(constraints=("params<=5e6", Constraint.parse("tag=x"))).constraints == (
+        Constraint("params", "<=", "5e6"), Constraint("tag", "=", "x"))
+    for kwargs, message in (
+            ({"constraints": "params<=5e6"}, "constraints must be a tuple of Constraint (or of texts such as "
+                                             "'params<=5e6'), got 'params<=5e6'"),
+            ({"constraints": (3,)}, "constraints must be Constraint objects or texts such as 'params<=5e6', got 3"),
+            ({"constraints": ("params<=",)}, "constraint must look like 'params<=5e6' or 'tag=x', got 'params<='"),
+            ({"verify_top_k": 2.0}, "verify_top_k must be an integer, got 2.0"),
+            ({"top_k": "3"}, "top_k must be an integer, got '3'"), ({"top_k": True}, "top_k must be an integer, got True"),
+            ({"top_k": 0}, "top_k must be >= 1, got 0"),
+            ({"task_image_size": 32.5}, "task_image_size must be in [8, 1024]")):
+        with pytest.raises(ConfigError) as exc:
+            SelectConfig(**kwargs)
+        assert str(exc.value).startswith(message), (kwargs, str(exc.value))
+    for kwargs, message in (({"l2": float("nan")}, "l2 must be a finite number >= 0, got nan"),
+                            ({"split_seed": -1}, "split_seed must be an integer >= 0, got -1"),
+                            ({"max_iter": 2.5}, "max_iter must be an integer >= 1, got 2.5"),
+                            ({"test_fraction": "0.5"}, "test_fraction must be in (0, 1), got '0.5'")):
+        with pytest.raises(ConfigError) as exc:
+            ProbeProtocol(**kwargs)
+        assert str(exc.value) == message
+    assert ProbeProtocol(l2=np.float32(0.1), split_seed=np.int64(3)).split_seed == 3
+
+
 def brute_front(score: np.ndarray, cost: np.ndarray) -> set[int]:
     """Rows that no row of at most their cost outscores (one better in one of the two, not worse in the other)."""
     return {i for i in range(len(score))
