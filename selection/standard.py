@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -501,8 +502,8 @@ def _load_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (ValueError, OSError) as exc:
-        raise StoreError(f"corrupt standard file {where}: {exc}") from exc
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # truncated, not a zip, bad member
+        raise StoreError(f"corrupt standard file {where}: {type(exc).__name__}: {exc}") from exc
 
 
 def save_standard(store: Store, std: Standard, make_default: bool = True) -> None:
@@ -525,7 +526,12 @@ def list_standards(store: Store) -> list[str]:
 
 def default_standard_id(store: Store) -> str:
     if store.exists("standards/DEFAULT"):
-        return store.read_bytes("standards/DEFAULT").decode().strip()
+        data = store.read_bytes("standards/DEFAULT")
+        try:
+            return data.decode().strip()
+        except UnicodeDecodeError:
+            raise StoreError(f"corrupt {store.url}/standards/DEFAULT (it should name a standard id, holds "
+                             f"{data[:40]!r}): write the id there, or name the standard with --standard") from None
     ids = list_standards(store)
     if len(ids) == 1:
         return ids[0]
@@ -580,14 +586,17 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
         spec = json.loads(store.read_bytes(f"{base}/standard.json"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"corrupt {store.url}/{base}/standard.json: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise StoreError(f"corrupt {store.url}/{base}/standard.json: it holds a JSON {type(spec).__name__}, "
+                         f"not an object")
     created = spec.pop("created", {})
     if spec.get("schema_version") != selection.SCHEMA_VERSION:
         raise StandardMismatchError(f"standard {sid!r} has schema version {spec.get('schema_version')}, "
                                     f"this zooselect reads {selection.SCHEMA_VERSION}")
     if compute_standard_id(spec) != sid:
         raise StandardMismatchError(f"standard {sid!r}: its spec does not hash to its id (edited or corrupt)")
-    basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{base}/basis.npz")
-    probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{base}/probe.npz")
+    basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{store.url}/{base}/basis.npz")
+    probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{store.url}/{base}/probe.npz")
     if (spec.get("companion") is None) != ("companion_mean" not in basis):
         raise StoreError(f"corrupt standard {sid!r}: its spec and basis.npz disagree on the companion")
     _check_arrays(sid, spec, basis, probe)

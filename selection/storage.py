@@ -78,6 +78,7 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 _TRANSIENT = _transient_types()
 
 
+_DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 _PERMANENT_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                     "InvalidBucketName", "Forbidden")
 _TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
@@ -108,15 +109,26 @@ def _http_status(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+_QUOTED_OR_URL = re.compile(r"\S+://\S*|\"[^\"]*\"|'[^']*'")
+
+
+def _mentions(exc: BaseException, codes: tuple[str, ...]) -> bool:
+    """Whether the message of `exc` names one of the error `codes` (for errors whose code is only in
+    their text), outside the URLs and quoted names it holds: a model id or store prefix holding
+    `AccessDenied` or `Forbidden` is not an error code."""
+    text = _QUOTED_OR_URL.sub(" ", str(exc))
+    return any(re.search(rf"\b{c}\b", text) for c in codes)
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _NOT_TRANSIENT) or getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
         return False
     code = _error_code(exc)
-    text = str(exc)
-    if code in _PERMANENT_CODES or any(c in text for c in _PERMANENT_CODES):
+    if code in _PERMANENT_CODES or _mentions(exc, _PERMANENT_CODES):
         return False
-    if code in _TRANSIENT_CODES or any(c in text for c in _TRANSIENT_CODES):
+    if code in _TRANSIENT_CODES or _mentions(exc, _TRANSIENT_CODES):
         return True
+    text = _QUOTED_OR_URL.sub(" ", str(exc))
     http = _http_status(exc)  # a client error (InvalidRequest, QuotaExceeded, ...) is the same next time
     if http is not None and 400 <= http < 500 and http not in (408, 429):
         return False
@@ -369,7 +381,11 @@ def _local_files(top: str) -> list[str]:
         return [top]
     above: dict[str, frozenset[str]] = {}  # a folder -> the real paths of it and the folders it is in
     files, broken = [], []
-    for directory, folders, names in os.walk(top, followlinks=True):
+    def unreadable(exc: OSError) -> None:  # left out without a word, a folder's rows were missing from a read
+        if exc.errno != errno.ENOENT:  # one removed meanwhile is not there to list
+            raise exc
+
+    for directory, folders, names in os.walk(top, followlinks=True, onerror=unreadable):
         real = os.path.realpath(directory)
         chain = above.get(os.path.dirname(directory), frozenset())
         if real in chain:  # a link back up the tree
@@ -564,17 +580,17 @@ class Store:
         where = self._display(path)
         if isinstance(exc, PermissionError) and self.scheme == "file":
             return StoreError(f"permission denied for {what} {where}: {text}")
-        if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
-                or "SignatureDoesNotMatch" in text:
+        code = _error_code(exc)
+        if isinstance(exc, PermissionError) or code in _DENIED_CODES or _mentions(exc, _DENIED_CODES):
             return StoreError(f"access denied for {what} {where}: check the AWS credentials "
                               f"(environment or profile) for this store")
-        if "NoSuchBucket" in text:
+        if code == "NoSuchBucket" or _mentions(exc, ("NoSuchBucket",)):
             return StoreError(f"bucket {getattr(self, 'bucket', '?')!r} does not exist "
                               f"(store {self.url!r})")
         if _is_transient(exc):
             return StoreError(f"storage unreachable for {what} {where} after "
                               f"{self.retry.attempts} attempts: {type(exc).__name__}: {text}")
-        code, http = _error_code(exc), _http_status(exc)
+        http = _http_status(exc)
         if code and code not in text:  # s3fs's message drops it (e.g. "[Errno 22] Content-MD5 ... required")
             text = f"{code}{f' (HTTP {http})' if http else ''}: {text}"
         return StoreError(f"storage error for {what} {where}: {type(exc).__name__}: {text}")
@@ -668,7 +684,8 @@ class Store:
         root = self._full("")
         out = []
         for path in found:
-            path = path.replace("\\", "/")
+            if os.sep != "/":  # a local path's separators (a backslash is a name's character on POSIX)
+                path = path.replace(os.sep, "/")
             if self.scheme == "s3" or self.scheme == "memory":
                 path = path.lstrip("/")
                 root_cmp = root.lstrip("/")

@@ -914,6 +914,20 @@ def test_transient_classification():
     assert not _is_transient(ValueError("model-503 bad"))
     # A status-like number inside a path is not a status code.
     assert _is_transient(TimeoutError("timed out reading s3://b/model-403.parquet"))
+    # An error code inside a model id or store prefix is not the error's code (a review, session 39): the
+    # connection error is retried, and reported as what it is
+    from botocore.exceptions import EndpointConnectionError
+
+    from selection.storage import Store
+
+    store = Store("s3://zs-bucket/AccessDenied-team", s3_endpoint="http://127.0.0.1:1")
+    for key in ("AccessDeniedNet_resnet", "Forbidden-fruit_vit", "NoSuchBucket_x", "SlowDown_m"):
+        exc = EndpointConnectionError(endpoint_url=f"http://127.0.0.1:1/zs-bucket/AccessDenied-team/rows/{key}.parquet")
+        assert _is_transient(exc), key
+        assert "storage unreachable for write" in str(store._translate("write", f"rows/{key}.parquet", exc)), key
+    assert not _is_transient(FileNotFoundError(2, "The specified key does not exist", "s3://b/SlowDown.parquet"))
+    assert "access denied for write" in str(store._translate("write", "rows/m.parquet", OSError(
+        "An error occurred (AccessDenied) when calling the PutObject operation: Access Denied")))
 
 
 def _free_port() -> int:

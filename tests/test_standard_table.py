@@ -88,6 +88,23 @@ def test_a_standard_whose_arrays_do_not_fit_its_spec_is_refused_in_one_line(publ
             load_standard(store, std.id)
         assert "\n" not in str(err.value)
         store.write_bytes(f"{base}/{name}", good[name])
+    # damaged files (an interrupted copy of a store): tracebacks before (a review, session 39)
+    from selection.standard import default_standard_id
+
+    spec = store.read_bytes(f"{base}/standard.json")
+    for name, data, match in (("basis.npz", good["basis.npz"][:100], "basis.npz: BadZipFile: File is not a zip file"),
+                              ("probe.npz", good["probe.npz"][: len(good["probe.npz"]) // 2], "probe.npz: BadZipFile"),
+                              ("standard.json", b"[1, 2]", "standard.json: it holds a JSON list, not an object")):
+        store.write_bytes(f"{base}/{name}", data)
+        with pytest.raises(StoreError, match=f"^corrupt (standard file )?{re.escape(store.url)}/{base}/{match}"):
+            load_standard(store, std.id)
+        store.write_bytes(f"{base}/{name}", good.get(name, spec))
+    default = store.read_bytes("standards/DEFAULT")
+    store.write_bytes("standards/DEFAULT", b"\xff\xfe")
+    with pytest.raises(StoreError, match=r"^corrupt .*/standards/DEFAULT \(it should name a standard id, holds "
+                                         r"b'\\xff\\xfe'\): write the id there, or name the standard with --standard$"):
+        default_standard_id(store)
+    store.write_bytes("standards/DEFAULT", default)
     assert np.array_equal(load_standard(store, std.id).z, std.z)
 
 

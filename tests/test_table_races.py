@@ -111,6 +111,37 @@ def test_a_model_removed_and_added_back_during_a_compaction_stays_in_the_table(p
     assert list_rows(store, std.id) == [] and list_markers(store, std.id) == []
 
 
+def test_a_local_folder_that_cannot_be_listed_fails_the_read_and_a_backslash_in_the_path_is_a_name(
+        published, tmp_path, monkeypatch):
+    """A review (session 39): a local listing left out a folder it could not read without a word (the
+    table served fewer models; an S3 listing error raises), and a store under a folder whose name holds a
+    backslash (a name's character on Linux) listed every object under a wrong path."""
+    import errno
+    import os
+
+    from selection.table import row_path
+
+    store, std = published
+    for i in range(4):
+        write_row(store, std, _row(std, f"zoo/w{i}"))
+    bad = os.path.dirname(os.path.join(store.root, row_path(std.id, "zoo/w3")))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == bad:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StoreError, match="storage unreachable for list .* Input/output error"):
+        load_table(store, std)
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    assert len(load_table(store, std)) == 4
+    odd = Store(str(tmp_path / "back\\slash"), retry=RetryPolicy(attempts=1))
+    write_row(odd, std, _row(std, "zoo/a", 3.0))
+    assert _served(odd, std, "zoo/a") == 3.0 and compact(odd, std).rows == 1 and _served(odd, std, "zoo/a") == 3.0
+
+
 def test_a_marker_the_compaction_cannot_read_again_stops_it_before_the_rows(published, monkeypatch):
     """The marker check of item 1 reads each marker again: a read that fails (not a marker that is
     gone) must stop the compaction before it deletes row objects, or the old marker of a re-added
