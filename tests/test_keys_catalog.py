@@ -89,6 +89,15 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     ("- {id: a, arch: resnet18, weights: 'timm:local-dir:/models/r18'}",
      "model 'a': weights 'timm:local-dir:/models/r18' name another source inside timm:"),
     ("- {id: a, arch: resnet18, weights: 'hf-hub:hf-hub:org/m'}", "name another source inside hf-hub:"),
+    # ... and as an arch (a review, session 39): built from a config the digest did not see
+    ("- {id: a, arch: 'local-dir:/models/r18'}", r"model 'a': arch 'local-dir:/models/r18' names a source, not an "
+                                               r"architecture; give the architecture's name as arch and the source "
+                                               r"as weights \(weights: hf-hub:REPO, or a checkpoint file\)"),
+    ("- {id: a, arch: 'hf-hub:org/m'}", "model 'a': arch 'hf-hub:org/m' names a source, not an architecture"),
+    # text that has no UTF-8 form failed the row's write, after the model's probe pass (a review, session 39)
+    ('- {id: a, arch: resnet18, tags: ["cnn\\udcff"]}', r"model 'a': tag 'cnn\\udcff' is not valid Unicode text"),
+    ('- {id: a, arch: resnet18, license: "mit\\udcff"}', r"model 'a': license 'mit\\udcff' is not valid Unicode"),
+    ('- {id: a, arch: resnet18, weights: "/w\\udcff.pt"}', r"model 'a': weights '/w\\udcff.pt' is not valid Unicode"),
     # found by a review (session 33): a key given twice kept its last value, and an unknown top-level key
     # was ignored, without a word: the models of a first `models:` list, or of a misspelled one, were
     # dropped, and a re-index then removed their rows

@@ -733,6 +733,13 @@ def test_a_model_whose_input_is_not_square_is_refused_unless_given_a_size():
                                          r"models on square crops: give the entry an input_size$"):
         extract_features(tall, imgs)
     assert extract_features(tall, imgs, input_size=32).shape[0] == 2  # a standard's own size: square
+    # an interpolation preprocess does not implement (a hub or local config may name timm's others) was run
+    # as bilinear without a word: up to 86 grey levels off timm's transform (a review, session 39)
+    for interpolation in ("lanczos", "nearest", None):
+        odd = dataclasses.replace(lm, data_config=dict(lm.data_config, interpolation=interpolation))
+        with pytest.raises(ModelError, match=rf"^model 'zoo/tall': its data config's interpolation {interpolation!r} "
+                                             r"is not one zooselect implements \(bilinear, bicubic\)"):
+            extract_features(odd, imgs)
 
 
 def test_prepared_inputs_give_identical_features():
@@ -757,6 +764,10 @@ def test_prepared_inputs_give_identical_features():
                                   pretrained_cfg_overlay={"input_size": (3, size, size)} if size else None)
         assert expected_data_config(entry) == resolve_model_data_config(built)
     assert expected_data_config(CatalogEntry("h", "resnet18", "hf-hub:timm/resnet18.a1_in1k")) is None
+    # timm:NAME weights of another architecture are refused before their download (a review, session 39)
+    with pytest.raises(ModelError, match=r"^model 'h': timm:resnet18.a1_in1k holds 'resnet18' weights, but arch is "
+                                         r"'resnet10t'$"):
+        load_model(CatalogEntry("h", "resnet10t", "timm:resnet18.a1_in1k"))
 
 
 HUB_SNIPPET = """

