@@ -22,7 +22,7 @@ from selection.embedder import EmbedResult, plan_entry, refresh_rows
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
-from selection.table import StampMemo, compaction_running, delete_rows, read_index, restore_rows
+from selection.table import HeldRows, StampMemo, compaction_running, delete_rows, read_index, restore_rows
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,10 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
     results: list[EmbedResult] = list(plan.invalid)
+    during = HeldRows()  # the rows written while a compaction ran, on local disk until it ends
     if plan.embed:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
-                                             opts, progress=not args.no_progress)
+                                             opts, progress=not args.no_progress, held=during)
     if plan.refresh:  # after the embedding: a compaction running now may have ended by then
         with tqdm(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:
             results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait, progress=bar.update)
@@ -161,7 +162,9 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {r.reason}")
-    during = {r.model_id: r.written_during_compaction for r in ok if r.written_during_compaction}
+    for r in ok:
+        if r.written_during_compaction:  # a refresh's (few: it pauses while a compaction runs)
+            during.add(r.model_id, r.written_during_compaction)
     unchecked = False
     if during:
         if compaction_running(store, std.id):
@@ -175,6 +178,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index
             print(f"warning: {exc}")
             unchecked = True
+    during.close()
     rates = [r.images_per_second for r in embedded]
     gpu = max((r.peak_gpu_mib for r in embedded), default=0.0)
     print(f"summary: {len(embedded)} embedded, {len(ok) - len(embedded)} refreshed, {len(plan.skip)} skipped, "

@@ -23,6 +23,7 @@ from jobs.common import terminated
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
+from selection.table import HeldRows
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -461,9 +462,11 @@ def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                       s3_endpoint: str | None = None, opts: ActorOptions = ActorOptions(), *,
-                      progress: bool = True) -> list[EmbedResult]:
+                      progress: bool = True, held: HeldRows | None = None) -> list[EmbedResult]:
     """Fan the entries out over actors, at most max_in_flight alive at once (see `size_actors`); each
     actor embeds `opts.models_per_actor` entries in turn (default one) and is then replaced.
+    With `held`, the bytes of rows written during a compaction move there as each result arrives
+    (`EmbedResult.written_during_compaction` then empty): the driver's memory does not grow with them.
 
     `std` is put in the object store once and shared by every actor. A killed actor is
     restarted and its call retried (`opts.retries` per model); a model that fails is reported,
@@ -515,6 +518,9 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                 else:
                     ray.kill(actor)
                 shared.release(entry)
+                if held is not None and result.written_during_compaction:
+                    held.add(result.model_id, result.written_during_compaction)
+                    result = dataclasses.replace(result, written_during_compaction=b"")
                 results.append(result)
                 bar.update(1)
                 bar.set_postfix_str(f"{entry.id[:30]}: {result.status}")

@@ -26,6 +26,7 @@ or compacted meanwhile) lists the table again (`read_consistently`).
 from __future__ import annotations
 
 import collections
+import collections.abc
 import hashlib
 import json
 import logging
@@ -220,7 +221,38 @@ def compaction_running(store: Store, standard_id: str) -> bool:
     return False
 
 
-def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s: float = 600.0,
+class HeldRows(collections.abc.Mapping):
+    """Row objects' bytes held for `restore_rows` (model id -> bytes) in an unnamed temporary file, not in
+    memory: a re-embed of a large zoo during a compaction of hours holds a row a model (10^4 per-source
+    rows are 750 MB). A model held again keeps its last bytes."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._file = tempfile.TemporaryFile()
+        self._at: dict[str, tuple[int, int]] = {}
+
+    def add(self, model_id: str, data: bytes) -> None:
+        self._file.seek(0, 2)
+        self._at[model_id] = (self._file.tell(), len(data))
+        self._file.write(data)
+
+    def __getitem__(self, model_id: str) -> bytes:
+        start, size = self._at[model_id]
+        self._file.seek(start)
+        return self._file.read(size)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[str, bytes], wait_s: float = 600.0,
                  poll_s: float = 2.0) -> list[str]:
     """Write back the rows a compaction deleted right after they were rewritten; return their model ids.
 
@@ -240,10 +272,10 @@ def restore_rows(store: Store, std: Standard, written: dict[str, bytes], wait_s:
                              f"(a compaction that crashed: `jobs.table compact --break-leases`)")
         time.sleep(poll_s)
     restored = []
-    for mid, data in sorted(written.items()):
+    for mid in sorted(written):  # each one's bytes read only if written back (`HeldRows`: from its file)
         path = row_path(std.id, mid)
         if not store.exists(path) and not store.exists(marker_path(std.id, mid)):
-            store.write_bytes(path, data)
+            store.write_bytes(path, written[mid])
             restored.append(mid)
     if restored:
         log.warning("wrote back %d row(s) a compaction deleted as they were rewritten: %s",
