@@ -30,6 +30,7 @@ import collections.abc
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -195,6 +196,15 @@ def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
     return path
 
 
+def _lease_time(data: bytes) -> float:
+    """The time a compaction's lease says it was last refreshed; ValueError if it says none (not a lease
+    this version wrote: `nan`, `inf`, text that is not a number or not UTF-8)."""
+    started = float(data.decode())
+    if not math.isfinite(started):
+        raise ValueError(f"not a time: {started}")
+    return started
+
+
 def compaction_running(store: Store, standard_id: str) -> bool:
     """Whether a compaction of the table holds its lease (a LIST of the leases, and a read of each).
 
@@ -205,7 +215,7 @@ def compaction_running(store: Store, standard_id: str) -> bool:
     """
     for path in store.list(f"{_base(standard_id)}/_compacting"):
         try:
-            started = float(store.read_bytes(path).decode())
+            started = _lease_time(store.read_bytes(path))
         except ObjectGoneError:
             continue  # it ended meanwhile
         except ValueError:  # not a lease this version wrote
@@ -961,7 +971,7 @@ def _other_leases(store: Store, leases: str, keep: str, remove: bool = False) ->
         if path == keep:
             continue
         try:
-            started: float | None = float(store.read_bytes(path).decode())
+            started: float | None = _lease_time(store.read_bytes(path))
         except ObjectGoneError:
             continue  # it ended meanwhile
         except ValueError:  # not a lease this version wrote: running, as `compaction_running` reads it
