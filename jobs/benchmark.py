@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, check_output, open_store, prog, prog_of_subcommand, run_program
+from jobs.common import (add_ray_args, check_output, check_outside_store, open_store, prog, prog_of_subcommand,
+                         run_program)
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -220,6 +221,7 @@ def quality(args: argparse.Namespace) -> int:
                                                      for s in plan.standards))
     check_output(args.out, directory=True)
     store = _store(args)
+    check_outside_store(store, {"--out": args.out})
     ep = args.s3_endpoint
     runtime.init(args.address)
     stages: dict[str, float] = {}

@@ -52,6 +52,18 @@ def open_store(args: argparse.Namespace, url: str | None = None, writable: bool 
     return store
 
 
+def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
+    """Refuse an output path (flag -> path) inside a local store's folder: a results file written over
+    `standards/DEFAULT` or a row object broke the store (a review, session 39)."""
+    if getattr(store, "scheme", None) != "file":
+        return
+    root = os.path.realpath(store.root).rstrip(os.sep)
+    for flag, path in outputs.items():
+        if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(root + os.sep):
+            raise ConfigError(f"{flag} {path!r} is inside the store {store.url!r}: write it elsewhere (the store "
+                              f"holds only what zooselect writes there)")
+
+
 def check_output(path: str | None, *, directory: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written (a file where a directory
     is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, check_output, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, check_output, check_outside_store, open_store, prog, run_program
 from selection.data import ImageSet, check_spec
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -367,8 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           score=args.score, task_image_size=args.task_image_size,
                           constraints=tuple(Constraint.parse(w) for w in args.where),
                           protocol=ProbeProtocol(), pareto=args.pareto)
-    if len(set(args.task)) != len(args.task):
-        raise ConfigError(f"the same task is given twice: {args.task}")
+    seen: dict[str, str] = {}
+    for task in args.task:  # a local task by its real path: `task1` and `./task1/` are one task
+        local = task.startswith("file://") or not (task.startswith("builtin:") or "://" in task)
+        same = os.path.realpath(os.path.expanduser(task.removeprefix("file://"))) if local and task.strip() else task
+        if same in seen:
+            raise ConfigError(f"the same task is given twice: {seen[same]!r} and {task!r}")
+        seen[same] = task
     check_output(args.json)
     check_output(args.parquet)
     outputs = {flag: os.path.realpath(os.path.expanduser(path)) for flag, path in
@@ -387,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args, writable=not args.no_save, write_prefix="results")  # it only reads unless it saves
+    check_outside_store(store, {"--json": args.json, "--parquet": args.parquet})
     # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
     _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])
     std = load_standard(store, args.standard)

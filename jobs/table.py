@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from typing import Any, Iterator, Sequence
 
-from jobs.common import add_store_args, check_output, open_store, prog, run_program
+from jobs.common import add_store_args, check_output, check_outside_store, open_store, prog, run_program
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_key(mid)  # a bad id is a ConfigError before anything is opened or removed
     store = open_store(args, writable=args.command not in ("ls", "export"),  # those two only read
                        write_prefix="embeddings")
+    check_outside_store(store, {"--out": getattr(args, "out", None)})
     standards = list_standards(store) if args.command == "ls" else []
     if len(standards) > 1 and args.standard is None and not store.exists("standards/DEFAULT"):
         print(f"standards: {', '.join(standards)} (no default; list one's models with --standard ID)")

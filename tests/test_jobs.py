@@ -298,6 +298,24 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     assert held == [(entry.id, len(written[0]))] and store.read_bytes(row) == written[0]
 
 
+def test_outputs_inside_a_local_store_are_refused_before_any_work(published, tmp_path):
+    """A review (session 39): `--json STORE/standards/DEFAULT` replaced the store's default with the results
+    (every later selection failed), and `--parquet` over a row object replaced that model's row."""
+    from jobs import select, table as table_job
+
+    store, std = published
+    default, basis = store.read_bytes("standards/DEFAULT"), store.read_bytes(f"standards/{std.id}/basis.npz")
+    for flag, path in (("--json", os.path.join(store.root, "standards", "DEFAULT")),
+                       ("--parquet", os.path.join(store.root, "standards", std.id, "basis.npz"))):
+        with pytest.raises(ConfigError, match=rf"^{flag} '{re.escape(path)}' is inside the store '.*': write it "
+                                              r"elsewhere \(the store holds only what zooselect writes there\)$"):
+            select.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=5", flag, path])
+    with pytest.raises(ConfigError, match=r"^--out '.*/x.parquet' is inside the store"):
+        table_job.main(["export", "--store", store.url, "--out", os.path.join(store.root, "x.parquet")])
+    assert store.read_bytes("standards/DEFAULT") == default
+    assert store.read_bytes(f"standards/{std.id}/basis.npz") == basis
+
+
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})})

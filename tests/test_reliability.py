@@ -1107,7 +1107,9 @@ def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, em
     (["--where", "params<=nan"], "constraint 'params<=nan': 'nan' is not a finite number"),  # dropped every model
     (["--where", "gflops>-inf"], "constraint 'gflops>-inf': '-inf' is not a finite number"),
     (["--top-k", "0"], "top_k must be >= 1, got 0"),
-    (["--task", "builtin:digits"], "the same task is given twice"),
+    (["--task", "builtin:digits"], "the same task is given twice: 'builtin:digits' and 'builtin:digits'"),
+    (["--task", "/no/task", "--task", "/no/../no/task/"], "the same task is given twice: '/no/task' and "
+                                                          "'/no/../no/task/'"),  # a review, session 39
     (["--task", "builtin:digits?per_class=x"], "option per_class='x' in dataset spec 'builtin:digits?per_class=x' "
                                                  "is not an integer"),
     (["--task", "builtin:mnist"], "unknown built-in dataset 'mnist'"),
