@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     add_store_args(p)
     add_ray_args(p)
     p.add_argument("--task", action="append", required=True, metavar="TASK", help="task dataset (repeatable)")
-    p.add_argument("--top-k", type=int, default=10, help="candidates listed per task (default 10)")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="candidates listed per task (default 10; with more verified, the best verified are listed)")
     p.add_argument("--verify-top-k", type=int, default=0,
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
                         "(default 0: none; the benchmark measures 3)")
@@ -221,7 +222,18 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         o["verified_by"] = config.verify_by if config.verify_top_k else None
         o["scored_by"] = config.score or default_score(std.form)
         o["task_image_size"] = task_image_size(config, std)
+        # what else the query was: an archived result (STORE/results/) can be read and run again
+        o["top_k"], o["verify_top_k"] = config.top_k, config.verify_top_k
+        o["where"] = [f"{c.field}{c.op}{c.value}" for c in config.constraints]
+        o["task_path"] = _local_task_path(o["task"])
     return out
+
+
+def _local_task_path(spec: str) -> str | None:
+    """The real path of a local task (a folder or file, `file://` or not); None for others."""
+    if not spec.strip() or spec.startswith("builtin:") or ("://" in spec and not spec.startswith("file://")):
+        return None
+    return os.path.realpath(os.path.expanduser(spec.removeprefix("file://"))).rstrip(os.sep) or os.sep
 
 
 def _result_row(r: Ranked) -> dict[str, Any]:
@@ -231,7 +243,7 @@ def _result_row(r: Ranked) -> dict[str, Any]:
             "is_baseline": r.is_baseline,
             "arch": r.row["arch"], "num_params": r.row["num_params"],
             "gflops": gflops if gflops is not None and math.isfinite(gflops) else None,  # NaN: not counted
-            "tags": r.row["tags"]}
+            "tags": r.row["tags"], "verify_error": r.verify_error}
 
 
 # The --parquet output (and STORE/results/*.parquet): one row per task and ranked model.
@@ -239,8 +251,8 @@ RESULT_SCHEMA = pa.schema([
     ("rank", pa.int64()), ("model_id", pa.string()), ("score", pa.float64()),
     ("score_parts", pa.list_(pa.float64())), ("verified", pa.float64()), ("is_baseline", pa.bool_()),
     ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
-    ("tags", pa.list_(pa.string())), ("task", pa.string()), ("standard_id", pa.string()),
-    ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
+    ("tags", pa.list_(pa.string())), ("verify_error", pa.string()), ("task", pa.string()),
+    ("standard_id", pa.string()), ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
 
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
@@ -271,7 +283,8 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             if truth:
                 acc = truth.get(res["task"], {}).get(row["model_id"])
                 line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
-            note = "standard's own model (covers itself)" if row["is_baseline"] else ""
+            note = "; ".join(n for n in ("standard's own model (covers itself)" if row["is_baseline"] else "",
+                                         (row.get("verify_error") or "")[:120]) if n)
             lines.append(line + f" {params:>8} {gflops:>7}  {note}")
         if res.get("pareto") is not None:
             lines += _format_front(res["pareto"], res["pareto_cost"])
@@ -369,8 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           protocol=ProbeProtocol(), pareto=args.pareto)
     seen: dict[str, str] = {}
     for task in args.task:  # a local task by its real path: `task1` and `./task1/` are one task
-        local = task.startswith("file://") or not (task.startswith("builtin:") or "://" in task)
-        same = os.path.realpath(os.path.expanduser(task.removeprefix("file://"))) if local and task.strip() else task
+        same = _local_task_path(task) or task
         if same in seen:
             raise ConfigError(f"the same task is given twice: {seen[same]!r} and {task!r}")
         seen[same] = task
@@ -381,9 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(outputs.values())) < len(outputs):
         raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
     for task in args.task:  # a results file over a task's data (`--task t.parquet --parquet t.parquet`)
-        if not task.strip() or task.startswith("builtin:") or ("://" in task and not task.startswith("file://")):
+        local = _local_task_path(task)
+        if local is None:
             continue  # an empty spec is refused as such below
-        local = os.path.realpath(task[len("file://"):] if task.startswith("file://") else task).rstrip(os.sep)
         for flag, out in outputs.items():
             if (out + os.sep).startswith(local + os.sep):
                 raise ConfigError(f"{flag} {out!r} would write over or into the task {task!r}")

@@ -259,6 +259,7 @@ class Ranked:
     row: dict[str, Any]
     verified: float | None = None  # the verifier's measurement (SelectConfig.verify_by)
     parts: tuple[float, ...] = ()  # a rank-mean score's parts: the row's score under each form
+    verify_error: str | None = None  # why its verification measured nothing (it failed, or not finite)
 
 
 def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) -> np.ndarray:
@@ -738,16 +739,18 @@ def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any])
     it = iter(results)
     out = []
     for ranked in rankings:
-        measured = {}
+        measured, errors = {}, {}
         for r in ranked[:k]:
             value = next(it)
             if isinstance(value, ZooselectError):
-                log.warning("verification of %s failed: %s", r.model_id, value)
+                errors[r.model_id] = f"verification failed: {value}"
             elif not np.isfinite(value):
-                log.warning("verification of %s measured %s; left unverified", r.model_id, value)
+                errors[r.model_id] = f"verification measured {value}; left unverified"
             else:
                 measured[r.model_id] = value
-        out.append(rerank_verified(ranked, measured))
+            if r.model_id in errors:
+                log.warning("verification of %s %s", r.model_id, errors[r.model_id][len("verification "):])
+        out.append(rerank_verified(ranked, measured, errors))
     return out
 
 
@@ -760,7 +763,8 @@ def front_with_shortlist(front: list[Ranked], shortlist: list[Ranked], top_k: in
                                 verified=placed[f.model_id].verified) for f in front]
 
 
-def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ranked]:
+def rerank_verified(ranked: list[Ranked], measured: dict[str, float],
+                    errors: dict[str, str] | None = None) -> list[Ranked]:
     """Verified candidates first by their measurement, then the rest. `ranked` is in the sweep's order,
     which ties keep: the standard's own models after every other (their scores are their coverage of
     themselves, the highest), equal scores as the sweep broke them."""
@@ -769,7 +773,8 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float]) -> list[Ra
     verified.sort(key=lambda r: -measured[r.model_id])  # stable
     out = []
     for i, r in enumerate(verified + rest, 1):
-        out.append(dataclasses.replace(r, rank=i, verified=measured.get(r.model_id)))
+        out.append(dataclasses.replace(r, rank=i, verified=measured.get(r.model_id),
+                                       verify_error=(errors or {}).get(r.model_id)))
     return out
 
 

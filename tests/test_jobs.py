@@ -113,6 +113,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
         assert all(isinstance(r["score"], float) and r["score_parts"] is None for r in ranks)
         assert t["scored_by"] == "full"  # the table's own form (the rank mean needs a per-source table)
         assert t["task_image_size"] == 32
+        assert (t["top_k"], t["verify_top_k"], t["where"], t["task_path"]) == (3, 2, [], None)  # the query too
     # The job's workers select as the library does in one process (same size, scores, verification).
     from selection.select import SelectConfig, select_models
 
@@ -202,7 +203,9 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert select.main(["--store", store.url, "--task", tasks[1], "--verify-top-k", "2", "--json", out_json,
                         "--no-save", "--no-progress"]) == 1
     assert "1 verified, 1 whose verification failed (the warnings above say why)" in capsys.readouterr().out
-    assert json.load(open(out_json))["tasks"][0]["n_unverified"] == 1
+    failed_row = json.load(open(out_json))["tasks"][0]
+    assert failed_row["n_unverified"] == 1 and [r["model_id"] for r in failed_row["ranking"] if r["verify_error"]] \
+        == [json.loads(lines[0])["id"]]  # why, in the results too (a review, session 39)
     with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: 'builtin:digits\?classes=3,3,7': .*appear more "
                                              r"than once.*; 'builtin:digits\?classes=42,1': .*out of range"):
         select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3,3,7",

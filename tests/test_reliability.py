@@ -1247,6 +1247,9 @@ def test_verification_refuses_weights_that_changed_since_the_row_was_embedded(pu
     assert {r.model_id: r.verified is not None for r in ranking} == {"m0": False, "m1": True}
     assert ranking[0].model_id == "m1"  # the verified one first, m0 kept after it
     assert "verification of m0 failed: model 'm0': its weights changed since it was embedded" in caplog.text
+    # ... and the result says it too, not the log alone (a review, session 39)
+    assert ranking[1].verify_error.startswith("verification failed: model 'm0': its weights changed since it was")
+    assert ranking[0].verify_error is None
 
 
 def test_a_process_that_read_parquet_objects_exits_with_its_own_status(tmp_path):
