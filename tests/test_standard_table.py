@@ -1197,6 +1197,18 @@ def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp
     capsys.readouterr()
     assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"nothing to build; it is now the store's default (was {other})")
+    # A new default leaves the models under the old one: said, and a selection names where they are (a review,
+    # session 39: the zoo seemed gone)
+    from jobs import select as select_job
+
+    store = Store(str(tmp_path / "s"))
+    _quick_row(store, load_standard(store, sid), "zoo/a")
+    assert standard_job.main(args[:-3] + ["--d", "6", "--no-progress"]) == 0
+    assert (f"note: the store's default standard was {sid}, which has embedded models; {other} has none yet"
+            in capsys.readouterr().out)
+    with pytest.raises(StoreError, match=f"no models are embedded under standard {other} .*; run .* first \\(models "
+                                         f"are embedded under {sid}: choose it with --standard\\)$"):
+        select_job.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=5", "--no-save"])
 
 
 def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path):
