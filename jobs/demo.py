@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pick = res["ranking"][0]["model_id"]
         print(f"task {res['task']}: selected {pick} ({100 * truth[res['task']][pick]:.1f}%), "
               f"best {best[0]} ({100 * best[1]:.1f}%), gap {100 * (best[1] - truth[res['task']][pick]):.1f} points")
-    print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}")
+    print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}; its catalog and "
+          f"labelled tasks are in {work} (remove it when done)")
     return 0
 
 

@@ -304,7 +304,8 @@ def _cells(row: dict[str, Any]) -> tuple[str, str, str]:
     """A result row's verified measurement, parameters and GFLOPs as printed."""
     return ("" if row["verified"] is None else f"{row['verified']:.4f}",
             "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M",
-            "?" if row["gflops"] is None else f"{row['gflops']:.2f}")
+            "?" if row["gflops"] is None else f"{row['gflops']:.2f}" if row["gflops"] >= 0.01 or not row["gflops"]
+            else f"{row['gflops']:.1e}")  # a tiny model's 0.0046 GFLOPs printed as 0.00
 
 
 def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:

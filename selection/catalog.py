@@ -185,7 +185,10 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
         try:
             doc = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML or JSON lines: {str(exc).splitlines()[0]}") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f"{where}:{mark.line + 1}" if mark is not None else where
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{at}: not valid YAML or JSON lines: {problem}") from None
         except ConfigError as exc:
             raise ConfigError(f"{where}:{exc}") from None
         # A list under another key would be ignored: its models dropped, then removed by a re-index. Other

@@ -536,7 +536,8 @@ def default_standard_id(store: Store) -> str:
     if len(ids) == 1:
         return ids[0]
     if not ids:
-        raise StoreError(f"store {store.url!r} has no standard; build one with "
+        gone = " (no such directory: a typo?)" if store.scheme == "file" and not os.path.isdir(store.root) else ""
+        raise StoreError(f"store {store.url!r} has no standard{gone}; build one with "
                          f"`python -m jobs.standard --store {store.url}`")
     raise ConfigError(f"store {store.url!r} holds several standards {ids}; choose one with --standard")
 

@@ -384,7 +384,8 @@ def test_a_relative_local_store_reaches_the_workers_as_its_absolute_path(tmp_pat
 
 def test_select_on_store_without_standard(tmp_path):
     r = _run("jobs.select", "--store", str(tmp_path / "empty"), "--task", "builtin:digits")
-    assert r.returncode == 2 and "has no standard" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "has no standard (no such directory: a typo?); build one" in r.stderr
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.parquet"))
 
 

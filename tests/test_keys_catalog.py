@@ -80,6 +80,8 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     ("- {id: a, arch: resnet18, metadata: {trained: 2024-05-01}}",
      "model 'a': metadata must hold JSON values .*date is not JSON serializable"),
     ("{not yaml: [", "not valid YAML"),
+    ("- {id: a, arch: resnet18}\n- {id: b arch: x}", r"^cat.yaml:2: not valid YAML or JSON lines: expected ',' or '}', "
+                                                     r"but got ':'$"),  # the line, as for JSON lines (session 39)
     # found by a review: keys of mixed types were a TypeError traceback; false-y values read as empty
     ("- {id: a, arch: resnet18, 1: x, foo: y}", r"unknown key\(s\) \['foo', 1\] in entry 'a'"),
     ("- {id: a, arch: resnet18, ~: x}", r"unknown key\(s\) \[None\]"),
