@@ -272,7 +272,8 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
-                         f"that is unknown passes none; text is compared exactly, case included: `jobs.table ls`)")
+                         f"that is unknown passes none; text is compared exactly, case included: `jobs.table ls`), "
+                         f"or every row was left out (the warnings say why)")
         elif not res["ranking"]:
             lines.append("no model ranked: every row was left out (the warnings say why)")
         w = _id_width(res["ranking"])

@@ -845,8 +845,9 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | 
 def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int, rank: np.ndarray | None = None) -> np.ndarray:
     """Scores after verifying the top k: they come first, ordered by measured accuracy.
 
-    The same re-ranking as `selection.select.rerank_verified` (ties by score, then index). With
-    `rank` (distinct, higher first; see `ranking_metrics`), the top k and the ties follow it instead.
+    The re-ranking of `selection.select.rerank_verified`, which keeps the sweep's order on ties: here
+    ties go by score, then index, or, with `rank` (distinct, higher first; see `ranking_metrics`, the
+    sweep's order), by `rank`, which also picks the top k.
     """
     s = np.asarray(scores, np.float64)
     r = s if rank is None else np.asarray(rank, np.float64)

@@ -154,8 +154,11 @@ def check_entry(entry: CatalogEntry) -> None:
 def _check_timm_weights_arch(entry: CatalogEntry) -> None:
     """ModelError if `timm:NAME` weights are of another architecture than the entry's `arch` (known from
     the name: refused before a download)."""
-    name = entry.weights[len("timm:"):]
-    if base_arch(name) != base_arch(entry.arch):
+    from timm.models import get_deprecated_models
+
+    renamed = get_deprecated_models()  # timm's old names (convnext_tiny_in22ft1k: convnext_tiny.fb_in22k_ft_in1k)
+    name, arch = (renamed.get(n) or n for n in (entry.weights[len("timm:"):], entry.arch))
+    if base_arch(name) != base_arch(arch):
         raise ModelError(f"model {entry.id!r}: {entry.weights} holds {base_arch(name)!r} weights, but arch is "
                          f"{entry.arch!r}")
 

@@ -78,8 +78,8 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 _TRANSIENT = _transient_types()
 
 
-_DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-_PERMANENT_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+_DENIED_CODES = ("AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_PERMANENT_CODES = ("AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                     "InvalidBucketName", "Forbidden")
 _TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway",
@@ -382,8 +382,9 @@ def _local_files(top: str) -> list[str]:
     above: dict[str, frozenset[str]] = {}  # a folder -> the real paths of it and the folders it is in
     files, broken = [], []
     def unreadable(exc: OSError) -> None:  # left out without a word, a folder's rows were missing from a read
-        if exc.errno != errno.ENOENT:  # one removed meanwhile is not there to list
-            raise exc
+        where = os.path.relpath(exc.filename, top) if exc.filename else ""
+        if exc.errno != errno.ENOENT and not any(p.startswith(".") for p in where.split(os.sep) if p != ".."):
+            raise exc  # not one removed meanwhile, nor a hidden one (a task's `.Trash-1001`: never read)
 
     for directory, folders, names in os.walk(top, followlinks=True, onerror=unreadable):
         real = os.path.realpath(directory)

@@ -30,7 +30,6 @@ import collections.abc
 import hashlib
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -200,7 +199,11 @@ def _lease_time(data: bytes) -> float:
     """The time a compaction's lease says it was last refreshed; ValueError if it says none (not a lease
     this version wrote: `nan`, `inf`, text that is not a number or not UTF-8)."""
     started = float(data.decode())
-    if not math.isfinite(started):
+    try:
+        time.gmtime(started)  # also refuses a time before 1970 and far beyond (1e20: an OverflowError)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"not a time: {started}") from None
+    if started < 0:
         raise ValueError(f"not a time: {started}")
     return started
 

@@ -263,8 +263,6 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     """The compaction here deletes the job's new row object and ends: the job writes it back from the
     bytes it held, on local disk (`HeldRows`), not in each result in the driver's memory (a review,
     session 39: 10^4 per-source rows held during a long compaction are 750 MB)."""
-    import threading
-
     from jobs import embed
     from selection import table
 
@@ -275,28 +273,21 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     lease, row = f"embeddings/{std.id}/_compacting/running", row_path(std.id, entry.id)
     store.write_bytes(lease, str(time.time()).encode())
     held, written = [], []
-    real_add = table.HeldRows.add
+    real_add, real_restore = table.HeldRows.add, embed.restore_rows
 
     def add(self, model_id, data):
         held.append((model_id, len(data)))
         real_add(self, model_id, data)
 
-    monkeypatch.setattr(table.HeldRows, "add", add)
-
-    def compaction():  # deletes the row object the job wrote, then ends
-        deadline = time.monotonic() + 240
-        while not store.exists(row) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def compaction_ends_then_restore(store_, std_, rows, **kwargs):  # it deleted the new row object, and ends
         written.append(store.read_bytes(row))
         store.delete(row)
         store.delete(lease)
+        return real_restore(store_, std_, rows, **kwargs)
 
-    thread = threading.Thread(target=compaction)
-    thread.start()
-    try:
-        assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--compaction-wait", "120"]) == 0
-    finally:
-        thread.join()
+    monkeypatch.setattr(table.HeldRows, "add", add)
+    monkeypatch.setattr(embed, "restore_rows", compaction_ends_then_restore)
+    assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--compaction-wait", "120"]) == 0
     out = capsys.readouterr().out
     assert "1 row(s) written while a compaction ran; 1 of them written back after it had deleted them" in out, out
     assert held == [(entry.id, len(written[0]))] and store.read_bytes(row) == written[0]

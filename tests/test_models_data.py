@@ -768,6 +768,9 @@ def test_prepared_inputs_give_identical_features():
     with pytest.raises(ModelError, match=r"^model 'h': timm:resnet18.a1_in1k holds 'resnet18' weights, but arch is "
                                          r"'resnet10t'$"):
         load_model(CatalogEntry("h", "resnet10t", "timm:resnet18.a1_in1k"))
+    from selection.models import check_entry
+
+    check_entry(CatalogEntry("h", "convnext_tiny", "timm:convnext_tiny_in22ft1k"))  # timm's old name for its weights
 
 
 HUB_SNIPPET = """

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import selection
 from selection.catalog import CatalogEntry
@@ -137,6 +138,26 @@ def test_a_local_folder_that_cannot_be_listed_fails_the_read_and_a_backslash_in_
         load_table(store, std)
     monkeypatch.setattr(os, "scandir", real_scandir)
     assert len(load_table(store, std)) == 4
+    # a hidden folder is never read (a task's `.Trash-1001` of another user): one that cannot be listed is
+    # left out, as before (a review of the fix, session 39)
+    from selection.data import load_dataset
+
+    task = tmp_path / "task"
+    for c in ("a", "b"):
+        (task / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(task / c / f"{i}.png")
+    (task / ".Trash-1001").mkdir()
+    hidden = str(task / ".Trash-1001")
+
+    def scandir_hidden(path="."):
+        if os.fspath(path) == hidden:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_hidden)
+    assert len(load_dataset(str(task))) == 4
+    monkeypatch.setattr(os, "scandir", real_scandir)
     odd = Store(str(tmp_path / "back\\slash"), retry=RetryPolicy(attempts=1))
     write_row(odd, std, _row(std, "zoo/a", 3.0))
     assert _served(odd, std, "zoo/a") == 3.0 and compact(odd, std).rows == 1 and _served(odd, std, "zoo/a") == 3.0
