@@ -252,7 +252,8 @@ RESULT_SCHEMA = pa.schema([
     ("score_parts", pa.list_(pa.float64())), ("verified", pa.float64()), ("is_baseline", pa.bool_()),
     ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
     ("tags", pa.list_(pa.string())), ("verify_error", pa.string()), ("task", pa.string()),
-    ("standard_id", pa.string()), ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
+    ("standard_id", pa.string()),
+    ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
 
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",

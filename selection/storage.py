@@ -79,8 +79,7 @@ _TRANSIENT = _transient_types()
 
 
 _DENIED_CODES = ("AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-_PERMANENT_CODES = ("AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
-                    "InvalidBucketName", "Forbidden")
+_PERMANENT_CODES = (*_DENIED_CODES, "NoSuchBucket", "InvalidBucketName", "Forbidden")
 _TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway",
                     "OperationAborted")  # HTTP 409, "try again": the one 4xx besides 408/429 that waiting fixes
