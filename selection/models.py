@@ -359,12 +359,16 @@ def _without_prefix(state: dict[str, torch.Tensor], prefix: str, model: torch.nn
     return bare
 
 
+def _size_overlay(entry: CatalogEntry) -> dict[str, Any]:
+    """What the catalog's `input_size` changes in the model's timm config ({} without one)."""
+    return {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
+
+
 def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
     import timm
 
-    overlay = {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else None
     try:
-        return timm.create_model(arch, pretrained_cfg_overlay=overlay, **kwargs)
+        return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}") from None
@@ -676,7 +680,7 @@ def expected_data_config(entry: CatalogEntry, input_size: int | None = None,
     import timm
     from timm.data import resolve_data_config
 
-    overlay = {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
+    overlay = _size_overlay(entry)  # as `_create` builds the model with it
     if entry.weights and entry.weights.startswith("hf-hub:"):
         if not fetch_hub_config:
             return None
