@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, check_output, check_outside_store, open_store, prog, run_program
-from selection.data import ImageSet, check_spec
+from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
@@ -97,7 +97,7 @@ def _device(on_gpu: bool, what: str, flag: str) -> str:
 
 def is_local_task(spec: str) -> bool:
     """A task on this machine's disk (a path or file:// URL), which other nodes may not see."""
-    return not spec.startswith("builtin:") and ("://" not in spec or spec.startswith("file://"))
+    return not spec.startswith("builtin:") and local_path(spec) is not None
 
 
 def _task_embedding(std: Standard, item: tuple[Any, SelectConfig, bool]) -> tuple[TaskEmbedding, ImageSet | None]:
@@ -231,9 +231,8 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
 
 def _local_task_path(spec: str) -> str | None:
     """The real path of a local task (a folder or file, `file://` or not); None for others."""
-    if not spec.strip() or spec.startswith("builtin:") or ("://" in spec and not spec.startswith("file://")):
-        return None
-    return os.path.realpath(os.path.expanduser(spec.removeprefix("file://"))).rstrip(os.sep) or os.sep
+    path = None if not spec.strip() or spec.startswith("builtin:") else local_path(spec)
+    return None if path is None else os.path.realpath(path).rstrip(os.sep) or os.sep
 
 
 def _result_row(r: Ranked) -> dict[str, Any]:

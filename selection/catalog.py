@@ -50,6 +50,9 @@ class CatalogEntry:
         check_unicode(self.id)
         if not isinstance(self.arch, str) or not re.fullmatch(r"[A-Za-z0-9_.\-/:]+", self.arch or ""):
             raise ConfigError(f"model {self.id!r}: arch must be a timm architecture name, got {self.arch!r}")
+        if self.arch.endswith(".") or ".." in self.arch:  # timm builds "resnet18." with a default tag it never names
+            raise ConfigError(f"model {self.id!r}: arch {self.arch!r} has an empty pretrained tag; give the "
+                              f"architecture alone ({self.arch.rstrip('.').split('..')[0]!r}) or NAME.TAG")
         if ":" in self.arch:  # timm would build it from a config past the digest: changed, never re-embedded
             raise ConfigError(f"model {self.id!r}: arch {self.arch!r} names a source, not an architecture; give "
                               f"the architecture's name as arch and the source as weights (weights: hf-hub:REPO, "
@@ -244,7 +247,8 @@ def _localhost(entry: CatalogEntry) -> CatalogEntry:
 
 def load_catalog(path: str) -> list[CatalogEntry]:
     """Read a catalog from a local path (YAML or JSON lines). Local checkpoint paths come back absolute:
-    a relative one is taken from the catalog file's directory, `~` is expanded."""
+    a relative one is taken from the catalog file's directory, `~` is expanded (in `path` too)."""
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise ConfigError(f"catalog file not found: {path!r}")
     with open(path, encoding="utf-8-sig") as fh:  # a byte order mark (some Windows editors) is dropped

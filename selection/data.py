@@ -413,6 +413,13 @@ def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, se
     return images[idx], labels[idx]
 
 
+def local_path(spec: str) -> str | None:
+    """The local path a dataset spec names (`file://` dropped, `~` expanded); None for other URLs."""
+    if "://" in spec and not spec.startswith("file://"):
+        return None
+    return os.path.expanduser(spec.removeprefix("file://"))
+
+
 def check_spec(spec: str) -> None:
     """Refuse a dataset spec that cannot name a dataset, without reading any data: a built-in spec's
     name and options, a mistyped URL or one of a scheme no store serves, a local path that does not
@@ -429,8 +436,8 @@ def check_spec(spec: str) -> None:
     if scheme not in SUPPORTED_SCHEMES:
         raise DataError(f"dataset {spec!r}: unsupported URL scheme {scheme!r} (a local path, s3://bucket/key "
                         f"or builtin:NAME)")
-    path = spec[len("file://"):] if spec.startswith("file://") else spec
-    if ("://" not in spec or spec.startswith("file://")) and not os.path.exists(path.rstrip("/") or "/"):
+    path = local_path(spec)
+    if path is not None and not os.path.exists(path.rstrip("/") or "/"):
         raise DataError(f"dataset {spec!r} does not exist (a local path; a built-in one is builtin:NAME)")
 
 
@@ -551,10 +558,10 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
 
 def _split_url(url: str) -> tuple[str, str]:
     url = url.rstrip("/")
-    if "://" in url and not url.startswith("file://"):
+    path = local_path(url)
+    if path is None:
         head, _, tail = url.rpartition("/")
         return head, tail
-    path = url[len("file://"):] if url.startswith("file://") else url
     return os.path.dirname(os.path.abspath(path)) or "/", os.path.basename(path)
 
 
@@ -639,8 +646,8 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
     from selection.storage import Store
     from selection.errors import StoreError
 
-    local = "://" not in url or url.startswith("file://")
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = local_path(url)
+    local = path is not None
     if local and not os.path.isdir(path):
         raise DataError(f"task {url!r} is neither a directory (of class folders or Parquet part files) nor a "
                         f".parquet file")

@@ -30,7 +30,7 @@ def test_model_key_rejects_empty():
         model_key("  ")
 
 
-def test_catalog_yaml_and_jsonl(tmp_path):
+def test_catalog_yaml_and_jsonl(tmp_path, monkeypatch):
     y = tmp_path / "c.yaml"
     y.write_text("models:\n  - id: a\n    arch: resnet18\n    tags: [x, y]\n  - {id: b, arch: resnet10t, weights: /w.safetensors}\n")
     entries = load_catalog(str(y))
@@ -38,6 +38,8 @@ def test_catalog_yaml_and_jsonl(tmp_path):
     j = tmp_path / "c.jsonl"
     j.write_text("\n".join(json.dumps(e.to_dict()) for e in entries) + "\n")
     assert load_catalog(str(j)) == entries
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted '~/c.yaml' reaches us unexpanded
+    assert load_catalog("~/c.yaml") == entries
 
 
 def test_relative_checkpoint_paths_are_taken_from_the_catalogs_directory(tmp_path, monkeypatch):
@@ -96,6 +98,9 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
                                                r"architecture; give the architecture's name as arch and the source "
                                                r"as weights \(weights: hf-hub:REPO, or a checkpoint file\)"),
     ("- {id: a, arch: 'hf-hub:org/m'}", "model 'a': arch 'hf-hub:org/m' names a source, not an architecture"),
+    # timm builds 'resnet18.' (an empty pretrained tag) where the plan refused it (session 40)
+    ("- {id: a, arch: resnet18.}", r"model 'a': arch 'resnet18\.' has an empty pretrained tag; give the "
+                                   r"architecture alone \('resnet18'\) or NAME\.TAG"),
     # text that has no UTF-8 form failed the row's write, after the model's probe pass (a review, session 39)
     ('- {id: a, arch: resnet18, tags: ["cnn\\udcff"]}', r"model 'a': tag 'cnn\\udcff' is not valid Unicode text"),
     ('- {id: a, arch: resnet18, license: "mit\\udcff"}', r"model 'a': license 'mit\\udcff' is not valid Unicode"),

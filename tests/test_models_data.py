@@ -270,6 +270,18 @@ def test_image_folder_and_parquet_tasks(tmp_path):
         assert len(ds) == 7 and ds.images[-1, 0, 0, 1] > 200
 
 
+def test_task_paths_starting_with_a_tilde_are_read_from_home(tmp_path, monkeypatch):
+    # A quoted '~/task' (a config file, a script) reaches us unexpanded: it names the user's home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for cls in ("cat", "dog"):
+        (tmp_path / "task" / cls).mkdir(parents=True)
+        (tmp_path / "task" / cls / "0.png").write_bytes(_png((255, 0, 0)))
+    assert load_dataset("~/task", 16).classes == ("cat", "dog")
+    assert load_dataset("file://~/task", 16).classes == ("cat", "dog")
+    pq.write_table(pa.table({"image": [_png((0, 0, 0))] * 2, "label": ["a", "b"]}), tmp_path / "t.parquet")
+    assert len(load_dataset("~/t.parquet", 16)) == 2
+
+
 def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
     """As torchvision's ImageFolder: images in subfolders of a class folder are that class's (they were
     skipped silently); images beside the class folders are left out with a warning, hidden folders
@@ -793,7 +805,7 @@ print("LOADED", lm.arch, lm.model.num_classes, lm.data_config["input_size"])
 try:
     load_model(CatalogEntry("h2", "resnet10t", "hf-hub:acme/absent"))
 except Exception as exc:
-    print("ABSENT", type(exc).__name__, str(exc)[:60])
+    print("ABSENT", type(exc).__name__, str(exc)[:160])
 # their data config read from the hub before loading (only for rows embedded before the crop fix)
 from timm.data import resolve_model_data_config
 from selection.models import expected_data_config
@@ -832,7 +844,8 @@ def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
     r = subprocess.run([sys.executable, "-c", HUB_SNIPPET, str(tmp_path / "hub")], env=env, cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert "LOADED resnet10t 5 [3, 32, 32]" in r.stdout, r.stderr[-2000:]
-    assert "ABSENT ModelError model 'h2': cannot create 'hf-hub:acme/absent'" in r.stdout, r.stdout
+    assert ("ABSENT ModelError model 'h2': cannot create 'hf-hub:acme/absent': the Hugging Face hub was not "
+            "reached and the HF cache ($HF_HOME) holds no copy of its weights") in r.stdout, r.stdout
     # the catalog's arch and num_classes were ignored for hub weights (a review)
     assert ("REFUSED ModelError model 'h3': hf-hub:acme/tiny-resnet holds 'resnet10t' weights, but arch is "
             "'vit_base_patch16_224'") in r.stdout, r.stdout
