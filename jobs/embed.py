@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         for mid in plan.remove:
             print(f"  remove  {mid}")
         for r in plan.invalid:
-            print(f"  invalid {r.model_id}: {r.reason}")
+            print(f"  invalid {r.model_id}: {_reason(r)}")
         if too_many:
             print(f"refused: {too_many}")
         return 1 if plan.invalid or too_many else 0  # as the run would: a catalog check in CI fails
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     embedded = [r for r in ok if r.status == "embedded"]
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
-        print(f"failed: {r.model_id}: {r.reason}")
+        print(f"failed: {r.model_id}: {_reason(r)}")
     for r in ok:
         if r.written_during_compaction:  # a refresh's (few: it pauses while a compaction runs)
             during.add(r.model_id, r.written_during_compaction)
@@ -191,6 +191,11 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         workers = len({r.worker for r in embedded if r.worker})
         print(f"time per model (mean of {len(embedded)}, {workers} actor process(es)): {stage_means(embedded)}")
     return 1 if failed or unchecked or too_many else 0
+
+
+def _reason(r: EmbedResult) -> str:
+    """Why a model failed, without the `model 'ID': ` its error starts with (the line names it already)."""
+    return r.reason.removeprefix(f"model {r.model_id!r}: ")
 
 
 def stage_means(results: Sequence[EmbedResult]) -> str:

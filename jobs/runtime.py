@@ -105,6 +105,10 @@ def _job_env_vars() -> dict[str, str]:
         return {}
 
 
+def _quiet_auth_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def init(address: str | None = None) -> None:
     """Connect to a cluster (`address` or $RAY_ADDRESS), else start a local Ray."""
     import ray
@@ -132,6 +136,9 @@ def init(address: str | None = None) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
         kwargs["runtime_env"] = {"env_vars": env}
+        # Ray turns token authentication on for a new local cluster, then tells how to turn it off, on
+        # every run of every job: kept on, that advice is not shown.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_quiet_auth_advice)
         ray.init(address="local", **kwargs)  # never attach to a stray `ray start` cluster
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminated)  # Ray's own handler aborts with a C++ stack dump
