@@ -374,8 +374,12 @@ def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
             raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}") from None
         raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - hub/network errors and bad kwargs
-        raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if type(exc).__name__ == "LocalEntryNotFoundError":  # huggingface_hub, after about a minute of retries
+            why = ("the Hugging Face hub was not reached and the HF cache ($HF_HOME) holds no copy of its "
+                   "weights: download them where the hub is reachable, or give a checkpoint file as weights "
+                   "(HF_HUB_OFFLINE=1 fails at once, without retries)")
+        raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {why}") from exc
 
 
 def _position_embedding_resampled(model: torch.nn.Module, state: dict[str, torch.Tensor],
