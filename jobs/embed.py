@@ -19,6 +19,7 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, plan_entry, refresh_rows
+from selection.models import timm_fingerprint
 from selection.errors import ConfigError, ZooselectError
 from selection.standard import Standard, load_standard
 from selection.storage import Store
@@ -159,6 +160,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
             results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait, progress=bar.update)
     ok = [r for r in results if r.status in ("embedded", "refreshed")]
     embedded = [r for r in ok if r.status == "embedded"]
+    _warn_if_workers_decide_otherwise(plan.embed, embedded)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {_reason(r)}")
@@ -191,6 +193,20 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         workers = len({r.worker for r in embedded if r.worker})
         print(f"time per model (mean of {len(embedded)}, {workers} actor process(es)): {stage_means(embedded)}")
     return 1 if failed or unchecked or too_many else 0
+
+
+def _warn_if_workers_decide_otherwise(entries: Sequence[CatalogEntry], embedded: Sequence[EmbedResult]) -> None:
+    """A plan embeds a model again when timm's registry decides its preprocessing otherwise than its row
+    records (`selection.embedder.plan_entry`): workers whose timm differs from this driver's would have
+    every run embed those models again."""
+    mine = {e.id: timm_fingerprint(e) for e in entries}
+    other = [r.model_id for r in embedded if r.timm_config != mine.get(r.model_id)]
+    if other:
+        import timm
+
+        print(f"warning: the workers' timm preprocesses {len(other)} model(s) otherwise than this driver's "
+              f"(timm {timm.__version__}), e.g. {other[0]!r}: every run would embed them again; run the job "
+              f"with the workers' libraries (`ray job submit`, or the cluster's image)")
 
 
 def _reason(r: EmbedResult) -> str:

@@ -18,7 +18,7 @@ from selection.errors import ModelError, StoreError, ZooselectError
 from selection.keys import model_key
 from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_entry, compute_label,
                               count_gflops, crop_change, expected_data_config, extract_features, load_model,
-                              weights_digest, weights_stamp)
+                              timm_fingerprint, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
@@ -44,6 +44,7 @@ class EmbedResult:
     # The row object's bytes when a compaction ran as it was written (else empty): it may have deleted
     # them, and the job writes them back after it ends (`selection.table.restore_rows`).
     written_during_compaction: bytes = b""
+    timm_config: str | None = None  # the row's `timm_fingerprint`, as the process that embedded it computed it
 
 
 STAGES = ("load", "batch probe", "probe pass", "fit", "write")
@@ -80,9 +81,12 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
     its bytes unchanged (copied, restored, moved) is hashed once, then, with a `memo`, known by its
     new stamp: one more small read. A missing checkpoint raises a ModelError either way. A row
     embedded by an older preprocessing that crops this model otherwise (at the standard's
-    `input_size`) is embedded again (`_cropped_otherwise`).
+    `input_size`) is embedded again (`_cropped_otherwise`), as is one for which timm's registry now
+    decides otherwise (another data config or default tag: `_timm_decides_otherwise`).
     """
-    if indexed is None or _cropped_otherwise(entry, indexed, input_size):
+    recorded = _recorded_versions(indexed)
+    if indexed is None or _cropped_otherwise(entry, recorded, input_size) or \
+            _timm_decides_otherwise(entry, recorded):
         check_entry(entry)  # what fails without loading it fails in the plan (a dry run's too)
         return "embed"
     same = indexed["catalog_entry"] == _entry_json(entry)
@@ -95,13 +99,36 @@ def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampM
     return "skip" if same else "refresh"
 
 
-def _cropped_otherwise(entry: CatalogEntry, indexed: dict[str, Any], input_size: int | None) -> bool:
+def _versions(entry: CatalogEntry) -> str:
+    """A row's `library_versions`: the libraries', with what timm decided about the model (if anything)."""
+    fingerprint = timm_fingerprint(entry)
+    return versions_json(**({"timm_config": fingerprint} if fingerprint else {}))
+
+
+def _recorded_versions(indexed: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A row's `library_versions` as a dict ({} if it has none, or one another tool wrote unreadably)."""
+    try:
+        recorded = json.loads((indexed or {}).get("library_versions") or "{}")
+    except (ValueError, TypeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _timm_decides_otherwise(entry: CatalogEntry, recorded: dict[str, Any]) -> bool:
+    """Whether timm's registry now decides otherwise about the model's vectors than when its row was
+    embedded (`timm_fingerprint`: another data config or default pretrained tag, after a timm upgrade).
+    Rows embedded before the fingerprint was recorded are kept."""
+    was = recorded.get("timm_config")
+    return was is not None and timm_fingerprint(entry) not in (None, was)
+
+
+def _cropped_otherwise(entry: CatalogEntry, recorded: dict[str, Any], input_size: int | None) -> bool:
     """Whether the row was embedded by a preprocessing version (`library_versions`; rows before
     version 2 record none) that cropped this model's probe images otherwise than `preprocess` does
     now. Only such older rows of `hf-hub:` weights read the hub's config (one small file, cached)."""
     try:
-        version = int(json.loads(indexed.get("library_versions") or "{}").get("preprocess", 1))
-    except (ValueError, TypeError, AttributeError, OverflowError):  # a row another tool wrote
+        version = int(recorded.get("preprocess", 1))
+    except (ValueError, TypeError, OverflowError):  # a row another tool wrote
         version = 1
     if version >= PREPROCESS_VERSION:
         return False
@@ -337,7 +364,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
             "gflops": count_gflops(loaded, std.input_size), "standard_id": std.id, "form": std.form,
             "schema_version": std.spec["schema_version"], "ridge_alpha": emb.alpha,
             "embed_seconds": 0.0, "images_per_second": len(h) / max(fwd_s, 1e-9),
-            "library_versions": versions_json(), "catalog_entry": _entry_json(entry),
+            "library_versions": _versions(entry), "catalog_entry": _entry_json(entry),
             "compute": compute_label(device, amp_dtype), "weights_stamp": stamp or None,
             "embedding": emb.vector(std.form), "coverage": emb.coverage,
         }
@@ -349,7 +376,8 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
         log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
-                           batch, peak, stages, written_during_compaction=during)
+                           batch, peak, stages, written_during_compaction=during,
+                           timm_config=_recorded_versions(row).get("timm_config"))
     except ZooselectError as exc:
         # The result says it (a job prints it as `failed:`): a warning from an actor reached the driver again,
         # late, after the job's summary line

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -705,6 +706,35 @@ def expected_data_config(entry: CatalogEntry, input_size: int | None = None,
     if pcfg is None:
         return None
     return with_input_size(resolve_data_config(pretrained_cfg={**pcfg.to_dict(), **overlay}), input_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _timm_fingerprint(arch: str, timm_weights: str | None, entry_input_size: int | None) -> str | None:
+    cfg = expected_data_config(CatalogEntry("fingerprint", arch, timm_weights, input_size=entry_input_size))
+    if cfg is None:
+        return None
+    facts: dict[str, Any] = {"data_config": cfg}
+    if timm_weights:
+        import timm
+
+        facts["tag"] = timm.models.get_pretrained_cfg(timm_weights[len("timm:"):]).tag
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def timm_fingerprint(entry: CatalogEntry) -> str | None:
+    """A digest of what timm's registry decides about `entry`'s vectors that its catalog entry does not
+    say: the data config (size, mean, std, crop, interpolation), and for `timm:NAME` weights the
+    pretrained tag NAME resolves to. Another timm release may change either for the same arch (a new
+    default tag, a new crop); each row records it (`library_versions`), so the plan embeds such a model
+    again. None where timm does not decide it (`hf-hub:` weights bring their config) or knows nothing
+    (an unknown arch or tag: the plan's `check_entry` says why)."""
+    if entry.weights and entry.weights.startswith("hf-hub:"):
+        return None
+    timm_weights = entry.weights if entry.weights and entry.weights.startswith("timm:") else None
+    try:
+        return _timm_fingerprint(entry.arch, timm_weights, entry.input_size)
+    except Exception:  # noqa: BLE001 - a name timm refuses
+        return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -1113,7 +1113,8 @@ def _keeping_keys(tables: Iterator[pa.Table], keys: list[pa.Array]) -> Iterator[
         yield t
 
 
-def versions_json() -> str:
+def versions_json(**extra: str) -> str:
+    """The versions a row was made by (`library_versions`), with `extra` facts of the same kind."""
     import pyarrow
     import timm
     import torch
@@ -1122,4 +1123,5 @@ def versions_json() -> str:
 
     return json.dumps({"zooselect": selection.__version__, "timm": timm.__version__,
                        "torch": torch.__version__, "numpy": np.__version__,
-                       "pyarrow": pyarrow.__version__, "preprocess": str(PREPROCESS_VERSION)}, sort_keys=True)
+                       "pyarrow": pyarrow.__version__, "preprocess": str(PREPROCESS_VERSION), **extra},
+                      sort_keys=True)

@@ -1670,6 +1670,7 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
         assert embed_entry(e, std, store).status == "embedded"
     index = read_index(store, std)
     assert json.loads(index[moved.id]["library_versions"])["preprocess"] == "2"
+    assert json.loads(index[moved.id]["library_versions"])["timm_config"] == embedder.timm_fingerprint(moved)
     assert plan_entry(moved, index[moved.id]) == plan_entry(kept, index[kept.id]) == "skip"
 
     def older(e, versions=None):  # the row as an older zooselect recorded it
@@ -1701,6 +1702,48 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     at_24 = dataclasses.replace(std, spec=dict(std.spec, input_size=24))
     assert make_plan([kept], store, std, prune=False, dry_run=True).skip == (kept.id,)
     assert make_plan([kept], store, at_24, prune=False, dry_run=True).embed == (kept,)
+
+
+def test_a_row_is_embedded_again_when_timm_decides_its_preprocessing_or_default_weights_otherwise(
+        published, monkeypatch, capsys):
+    """A timm release may change an architecture's data config (crop, mean, ...) or the tag `timm:NAME`
+    resolves to, under the same catalog entry: the rows it made were kept, silently stale (session 40).
+    Each row now records `timm_fingerprint`; the plan embeds a model again where it changed."""
+    import timm.models._registry as registry
+
+    import selection.models as models
+    from jobs.embed import _warn_if_workers_decide_otherwise
+    from selection.embedder import EmbedResult, _versions, plan_entry
+
+    store, std = published
+    local, named = CatalogEntry("zoo/local", "resnet10t", None, input_size=32), \
+        CatalogEntry("zoo/named", "resnet10t", "timm:resnet10t", input_size=32)
+    rows = {}
+    for e in (local, named):  # rows as an embed writes them (the weights are not fetched: no network here)
+        versions = json.loads(_versions(e))
+        assert versions["timm_config"] == models.timm_fingerprint(e) is not None
+        rows[e.id] = {"catalog_entry": json.dumps(e.to_dict(), sort_keys=True),
+                      "weights_sha256": models.weights_digest(e), "weights_stamp": "",
+                      "library_versions": json.dumps(versions)}
+    assert [plan_entry(e, rows[e.id]) for e in (local, named)] == ["skip", "skip"]
+    cfg = registry._model_pretrained_cfgs["resnet10t"]
+    for changed, plans in ((dataclasses.replace(cfg, crop_pct=0.95), ["embed", "embed"]),  # a new crop
+                           (dataclasses.replace(cfg, tag="new_in1k"), ["skip", "embed"])):  # a new default tag
+        monkeypatch.setitem(registry._model_pretrained_cfgs, "resnet10t", changed)
+        models._timm_fingerprint.cache_clear()
+        assert [plan_entry(e, rows[e.id]) for e in (local, named)] == plans
+        # a row from before the fingerprint was recorded is kept, as before
+        legacy = dict(rows[local.id], library_versions=json.dumps(
+            {k: v for k, v in json.loads(rows[local.id]["library_versions"]).items() if k != "timm_config"}))
+        assert plan_entry(local, legacy) == "skip"
+        # workers whose timm decides otherwise than the driver's would have every run embed it again: said
+        _warn_if_workers_decide_otherwise([local, named], [EmbedResult(local.id, "embedded", timm_config=json.loads(
+            rows[local.id]["library_versions"])["timm_config"])])
+        said = capsys.readouterr().out
+        assert ("warning: the workers' timm preprocesses 1 model(s) otherwise than this driver's" in said) == \
+            (plans[0] == "embed"), said
+    monkeypatch.undo()
+    models._timm_fingerprint.cache_clear()
 
 
 def test_iter_rows_serves_what_a_read_of_the_table_serves_reading_only_the_groups_it_needs(published, monkeypatch):
