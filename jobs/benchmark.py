@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import time
@@ -375,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("quality", "zoo"):
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
+        if args.command == "quality" and importlib.util.find_spec("matplotlib") is None:  # before hours of work
+            raise ConfigError("the quality report draws plots with matplotlib, which is not installed: "
+                              "pip install 'zooselect[plots]' (or matplotlib)")
         return quality(args) if args.command == "quality" else zoo(args)
     return 2
 

@@ -1386,22 +1386,23 @@ def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[s
     default = doc["summary"]["default_variant"]
     kinds = {z["id"]: z["kind"] for z in doc["zoo"]}
     methods = method_rows(default, plan.verify_ks, plan.splits)
-    images = {}
-    images["cost_quality"] = os.path.join("img", "quality_vs_cost.png")
+    images = {"cost_quality": os.path.join("img", "quality_vs_cost.png")}
     if plan.splits > 1:
         images["gap_ladder"] = os.path.join("img", "gap_ladder.png")
+    scores = {f"{name}/{key}": (res, method, os.path.join("img", f"scores_{name}_{key}.png"))
+              for name, res in per_standard.items()
+              for method, key in ((variant_label(default), "se"), ("LogME", "logme"))}
+    images.update((k, rel) for k, (_, _, rel) in scores.items())
+    doc = dict(doc, images=images)
+    json_path = os.path.join(out_dir, "benchmark.json")  # first: a plot that fails loses no measurement
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(doc), fh, indent=1, sort_keys=True)
+    if plan.splits > 1:
         plot_gap_ladder(per_standard, default, os.path.join(out_dir, images["gap_ladder"]))
     plot_cost_quality(per_standard, [m for m in methods if "random" not in m and "largest" not in m],
                       os.path.join(out_dir, images["cost_quality"]))
-    for name, res in per_standard.items():
-        for method, key in ((variant_label(default), "se"), ("LogME", "logme")):
-            rel = os.path.join("img", f"scores_{name}_{key}.png")
-            plot_scores(res, plan, method, kinds, os.path.join(out_dir, rel))
-            images[f"{name}/{key}"] = rel
-    doc = dict(doc, images=images)
-    json_path = os.path.join(out_dir, "benchmark.json")
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(doc), fh, indent=1, sort_keys=True)
+    for res, method, rel in scores.values():
+        plot_scores(res, plan, method, kinds, os.path.join(out_dir, rel))
     md_path = os.path.join(out_dir, "benchmark.md")
     with open(md_path, "w", encoding="utf-8") as fh:
         fh.write(render_markdown(plan, doc, methods))

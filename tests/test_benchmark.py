@@ -810,3 +810,18 @@ def test_zoo_job_trains_once_and_refuses_gpus_the_cluster_lacks(ray_local, tmp_p
     assert {p: p.stat().st_mtime_ns for p in (store / "zoo").iterdir()} == stamps
     with pytest.raises(ConfigError, match=r"--train-gpus 1: the cluster has 0 GPUs"):
         job.main(["zoo", "--store", str(store), "--small", "--train-gpus", "1", "--no-progress"])
+
+
+def test_quality_job_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch):
+    """The report's plots need matplotlib (the `plots` extra): without it, a run of hours ended in
+    ModuleNotFoundError after every measurement, before benchmark.json was written (a review, session 40)."""
+    import importlib.util
+
+    from jobs import benchmark as job
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^the quality report draws plots with matplotlib, which is not installed: "
+                                          r"pip install 'zooselect\[plots\]'"):
+        job.main(["quality", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--small"])
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
