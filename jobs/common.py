@@ -13,7 +13,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from selection.errors import ConfigError, ZooselectError
-from selection.storage import Store
+from selection.storage import ScrubCredentials, Store
 
 log = logging.getLogger("zooselect")
 
@@ -130,6 +130,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
               file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubCredentials())
     try:
         code = main(argv)
     except ZooselectError as exc:

@@ -137,13 +137,30 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT)
 
 
+# A session token in botocore's DEBUG request log: "x-amz-security-token:TOKEN" (the canonical request)
+# and "'X-Amz-Security-Token': b'TOKEN'" (the headers), whichever provider gave it (SSO, STS, a profile)
+_TOKEN_HEADER = re.compile(r"""(x-amz-security-token['"]?\s*[:=]\s*b?['"]?)[^\s'",}]+""", re.IGNORECASE)
+
+
 def _scrub(text: str) -> str:
-    """Remove anything that looks like a credential from an error message."""
+    """Remove anything that looks like a credential from an error message or a log line."""
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return _TOKEN_HEADER.sub(r"\1***", text)
+
+
+class ScrubCredentials(logging.Filter):
+    """A handler's filter that takes credentials (`_scrub`) out of every record it writes: botocore logs
+    each request's session token at DEBUG (`ZOOSELECT_LOG=DEBUG`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = _scrub(text)
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
 
 
 WRITE_CHECK = ".zooselect-write-check"  # `Store.check` writes and deletes it: hidden, never listed
@@ -344,20 +361,24 @@ _SPOOL = re.compile(r"\.zooselect-spool-[A-Za-z0-9_]+\.parquet")  # a remote `wr
 
 
 @contextlib.contextmanager
-def atomic_local_file(path: str) -> Iterator[str]:
+def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
     """A temporary file beside `path` to write in; when the block ends without an error it is fsynced
     and renamed over `path`, and the directory flushed: a write stopped part-way leaves the old file
-    whole, and a reported write survives a power loss. A symlink is written where it points; an
-    existing file keeps its permissions. On an error the temporary file is removed. `~` is the home
-    folder, as `jobs.common.check_output` reads it."""
-    path = os.path.realpath(os.path.expanduser(path))
+    whole, and a reported write survives a power loss. A symlink is written where it points (a file
+    the user named), or, with `follow_link=False` (a store's object: whoever else may write the store
+    could plant a link to a file of the user's), replaced by the file. An existing file keeps its
+    permissions. On an error the temporary file is removed. `~` is the home folder, as
+    `jobs.common.check_output` reads it."""
+    path = os.path.abspath(os.path.expanduser(path))
+    path = os.path.realpath(path) if follow_link else \
+        os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # folders still followed
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        if os.path.exists(path):
+        if os.path.isfile(path) and not os.path.islink(path):
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
         _fsync_dir(directory)
@@ -366,9 +387,9 @@ def atomic_local_file(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
+def write_file_atomically(path: str, data: bytes, follow_link: bool = True) -> None:
     """Write a local file's bytes through `atomic_local_file`."""
-    with atomic_local_file(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_local_file(path, follow_link) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
 
 
@@ -650,7 +671,7 @@ class Store:
         if self.scheme == "file":
             def write_local() -> None:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                write_file_atomically(full, data)
+                write_file_atomically(full, data, follow_link=False)
             self._call("write", rel, write_local)
         else:
             try:
@@ -944,7 +965,7 @@ class Store:
         if self.scheme == "file":
             try:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                with atomic_local_file(full) as tmp:
+                with atomic_local_file(full, follow_link=False) as tmp:
                     return write_row_groups(tmp, schema, tables, row_group_size)
             except OSError as exc:  # not retried: the stream is read once
                 if isinstance(exc, PermissionError):

@@ -1210,6 +1210,50 @@ def test_credentials_never_in_logs_results_or_errors(s3_server, s3_env, s3_store
         assert secret.encode() not in data and key_id.encode() not in data, k
 
 
+def test_a_session_token_from_a_profile_is_in_no_debug_log_line(tmp_path):
+    """botocore logs each request's session token at DEBUG ("x-amz-security-token:…", and in the headers);
+    a token from a profile (SSO, STS) is not in the environment, where error messages were scrubbed from:
+    12 log lines carried it (a review, session 40)."""
+    creds = tmp_path / "credentials"
+    token = "TokenFromProfile" + uuid.uuid4().hex + "+/=="
+    creds.write_text(f"[p]\naws_access_key_id = AKIDEXAMPLE\naws_secret_access_key = SecretFromProfile123\n"
+                     f"aws_session_token = {token}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    r = subprocess.run([sys.executable, "-m", "jobs.table", "ls", "--store", "s3://zooselect-test/x",
+                        "--s3-endpoint", "http://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**env, "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_PROFILE": "p", "ZOOSELECT_LOG": "DEBUG"})
+    assert r.returncode == 2 and "storage unreachable" in r.stderr, r.stderr[-2000:]
+    assert "x-amz-security-token:***" in r.stderr.lower(), r.stderr[-3000:]  # the request was logged, token blanked
+    assert token not in r.stdout + r.stderr and "SecretFromProfile123" not in r.stdout + r.stderr
+
+
+def test_a_symlink_planted_in_a_local_store_is_replaced_not_written_through(tmp_path):
+    """Whoever else may write a shared local store (an NFS folder) could plant a link at an object's path
+    (standards/DEFAULT -> ~/.ssh/authorized_keys): the next write of that object overwrote the link's
+    target with the user's permissions (a review, session 40). A store's object replaces the link; a
+    folder linked elsewhere (rows kept on another disk) is still written through; a file the user names
+    (`--json`) is still written where its link points."""
+    from selection.storage import write_file_atomically
+
+    victim, disk = tmp_path / "authorized_keys", tmp_path / "other-disk"
+    victim.write_text("ssh-ed25519 AAAA user\n")
+    disk.mkdir()
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes("standards/x", b"")
+    os.symlink(victim, tmp_path / "store" / "standards" / "DEFAULT")
+    os.symlink(disk, tmp_path / "store" / "rows")
+    store.write_bytes("standards/DEFAULT", b"std-0123456789abcdef")
+    store.write_tables("rows/r.parquet", pa.schema([("a", pa.int64())]), iter([pa.table({"a": [1]})]), 10)
+    assert victim.read_text() == "ssh-ed25519 AAAA user\n"
+    assert not os.path.islink(tmp_path / "store" / "standards" / "DEFAULT")
+    assert store.read_bytes("standards/DEFAULT") == b"std-0123456789abcdef"
+    assert (disk / "r.parquet").is_file()  # through the linked folder
+    out = tmp_path / "results.json"
+    os.symlink(victim, out)
+    write_file_atomically(str(out), b"{}")  # a path the user gave: its link is followed, as before
+    assert victim.read_bytes() == b"{}" and os.path.islink(out)
+
+
 # Traversal, absolute, very long and non-ASCII ids, and two ids that slug alike ('a/b', 'a_b').
 # More shapes ('..', '~root', 'C:\\...', 3000 characters) are unit-tested in test_keys_catalog.py.
 HOSTILE_IDS = ["../../escape-relative", "/tmp/zs-escape-absolute/model", "a/../../../b", "模型/ünïcödé",
