@@ -12,8 +12,12 @@ PY=${PYTHON:-python3}
 managed=0
 $PY -c 'import os, sys, sysconfig
 managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
-sys.exit(3 if managed and sys.prefix == sys.base_prefix else 0)' || managed=$?
-if [ "$managed" = 3 ] && [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ]; then
+sys.exit(4 if sys.version_info < (3, 11) else 3 if managed and sys.prefix == sys.base_prefix else 0)' || managed=$?
+if [ "$managed" = 4 ]; then  # the pins (cluster/constraints.txt: numpy, scipy, pandas) need 3.11
+  echo "error: $($PY -c 'import sys; print(sys.executable, ".".join(map(str, sys.version_info[:3])))') is older than the" \
+       "Python 3.11 the pinned versions need; set PYTHON to a Python >= 3.11" >&2
+  exit 1
+elif [ "$managed" = 3 ] && [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ]; then
   echo "error: $($PY -c 'import sys; print(sys.executable)') is managed by the system's package manager" \
        "(PEP 668), so pip may not install into it; install into a virtual environment and run this again" \
        "from it: ${SUDO:+$SUDO }apt-get install -y python3-venv && python3 -m venv ~/zooselect-venv" \

@@ -599,6 +599,16 @@ def test_install_script_stops_at_once_on_a_python_pip_may_not_install_into():
     assert proc.returncode == 1 and "error: cannot run Python as '/no/such/python3' (exit status 127)" in proc.stderr
 
 
+def test_install_script_stops_at_once_on_a_python_older_than_the_pins_need(tmp_path):
+    """The pins (constraints.txt) need Python 3.11: on 3.10 pip failed with a page of resolver errors."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.version_info = (3, 10, 12, 'final', 0)\n")
+    proc = subprocess.run(["bash", str(CLUSTER / "install.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr == (f"error: {sys.executable} 3.10.12 is older than the Python 3.11 the pinned versions "
+                           f"need; set PYTHON to a Python >= 3.11\n"), proc.stderr
+
+
 def _constraints() -> dict[str, str]:
     pins = {}
     for line in (CLUSTER / "constraints.txt").read_text().splitlines():
