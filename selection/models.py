@@ -287,7 +287,7 @@ def _recorded_arch(data: bytes) -> str | None:
         n = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
         arch = json.loads(meta["zooselect"]).get("arch")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return arch if isinstance(arch, str) else None
 

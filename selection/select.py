@@ -610,7 +610,7 @@ def entry_of(row: dict[str, Any]) -> CatalogEntry:
     raw = row.get("catalog_entry")
     try:
         value = json.loads(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise ModelError(f"model {row['model_id']!r}: its row holds no readable catalog entry ({raw!r:.60}), so "
                          f"it cannot be verified; embed it again") from None
     return CatalogEntry.from_dict(value, f"row {row['model_id']!r}")

@@ -424,7 +424,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
         "baseline_sha256": digest,
         "probe_sources": list(config.probe_sources),
         "probe_image_size": config.probe_image_size,
-        "probe_sha256": hashlib.sha256(images.tobytes() + str(images.shape).encode()).hexdigest(),
+        "probe_sha256": _probe_digest(images),
         "probe_source_sizes": sizes,
         "n_probe": n, "n_fit": int(len(fit_idx)), "n_val": int(len(val_idx)),
         "d": config.d, "form": config.form,
@@ -478,12 +478,36 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
     spec["baseline"]["feature_dim"] = int(h.shape[1])
     spec["baseline"]["state_sha256"] = state_digest(loaded.model)  # tells a copy of it in another file
     spec["baseline_data_config"] = _recorded_config(loaded.data_config)
+    # Not hashed into the id (the id names the build's inputs; its floats vary with the machine's BLAS):
+    # a basis or z damaged, or copied from another standard, is refused on load
+    spec["arrays_sha256"] = arrays_digest(_arrays(mean, projection, z, fit_idx, val_idx, c_mean, c_projection))
     created = {"build_seconds": round(time.perf_counter() - t0, 2), "created_at": time.time(),
                "zooselect": selection.__version__}
     log.info("built standard %s (%d probe images, d=%d, form=%s) in %.1fs", spec["standard_id"],
              len(images), config.d, config.form, created["build_seconds"])
     return Standard(spec["standard_id"], spec, images, fit_idx, val_idx, mean, projection, z, created,
                     c_mean, c_projection)
+
+
+def _probe_digest(images: np.ndarray) -> str:
+    return hashlib.sha256(images.tobytes() + str(images.shape).encode()).hexdigest()
+
+
+def arrays_digest(arrays: dict[str, np.ndarray | None]) -> str:
+    """sha256 of a standard's arrays other than the probe images (name, dtype, shape and bytes of each,
+    in name order; None left out): recorded in its spec as `arrays_sha256`, checked on load."""
+    h = hashlib.sha256()
+    for name in sorted(k for k, v in arrays.items() if v is not None):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _arrays(mean: np.ndarray, projection: np.ndarray, z: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
+            companion_mean: np.ndarray | None, companion_projection: np.ndarray | None) -> dict[str, np.ndarray | None]:
+    return {"mean": mean, "projection": projection, "z": z, "fit_idx": fit_idx, "val_idx": val_idx,
+            "companion_mean": companion_mean, "companion_projection": companion_projection}
 
 
 def _companion_state(entry: CatalogEntry) -> str:
@@ -498,9 +522,14 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _load_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
+def _load_npz(data: bytes, where: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an npz file (those it holds); a member of another name is refused unread
+    (a standard's files hold no other: one could be a decompression bomb)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            other = sorted(set(f.files) - set(names))
+            if other:
+                raise StoreError(f"corrupt standard file {where}: it holds arrays {other[:5]} besides {list(names)}")
             return {k: f[k] for k in f.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # truncated, not a zip, bad member
         raise StoreError(f"corrupt standard file {where}: {type(exc).__name__}: {exc}") from exc
@@ -585,7 +614,7 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
                          f"(have: {list_standards(store) or 'none'})")
     try:
         spec = json.loads(store.read_bytes(f"{base}/standard.json"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise StoreError(f"corrupt {store.url}/{base}/standard.json: {exc}") from exc
     if not isinstance(spec, dict):
         raise StoreError(f"corrupt {store.url}/{base}/standard.json: it holds a JSON {type(spec).__name__}, "
@@ -596,11 +625,22 @@ def load_standard(store: Store, standard_id: str | None = None) -> Standard:
                                     f"this zooselect reads {selection.SCHEMA_VERSION}")
     if compute_standard_id(spec) != sid:
         raise StandardMismatchError(f"standard {sid!r}: its spec does not hash to its id (edited or corrupt)")
-    basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{store.url}/{base}/basis.npz")
-    probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{store.url}/{base}/probe.npz")
+    basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{store.url}/{base}/basis.npz",
+                      ("mean", "projection", "companion_mean", "companion_projection"))
+    probe = _load_npz(store.read_bytes(f"{base}/probe.npz"), f"{store.url}/{base}/probe.npz",
+                      ("images", "fit_idx", "val_idx", "z"))
     if (spec.get("companion") is None) != ("companion_mean" not in basis):
         raise StoreError(f"corrupt standard {sid!r}: its spec and basis.npz disagree on the companion")
     _check_arrays(sid, spec, basis, probe)
+    if _probe_digest(probe["images"]) != spec["probe_sha256"]:
+        raise StoreError(f"corrupt standard {sid!r}: probe.npz holds other probe images than its spec records "
+                         f"(sha256 {_probe_digest(probe['images'])[:12]}..., recorded {spec['probe_sha256'][:12]}...)")
+    recorded = spec.get("arrays_sha256")  # standards built before session 40 record none
+    if recorded is not None and arrays_digest(_arrays(basis["mean"], basis["projection"], probe["z"], probe["fit_idx"],
+                                                      probe["val_idx"], basis.get("companion_mean"),
+                                                      basis.get("companion_projection"))) != recorded:
+        raise StoreError(f"corrupt standard {sid!r}: basis.npz or probe.npz holds other arrays than its spec "
+                         f"records (arrays_sha256); restore them from a copy of the store, or build it again")
     return Standard(sid, spec, probe["images"], probe["fit_idx"], probe["val_idx"], basis["mean"],
                     basis["projection"], probe["z"], created, basis.get("companion_mean"),
                     basis.get("companion_projection"))

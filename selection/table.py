@@ -143,7 +143,7 @@ class StampMemo:
             return str(memo["weights_stamp"]), str(memo["weights_sha256"])
         except ObjectGoneError:
             return None
-        except (StoreError, ValueError, TypeError, KeyError) as exc:  # damaged or unreachable: hashed
+        except (StoreError, ValueError, TypeError, KeyError, RecursionError) as exc:  # damaged or unreachable: hashed
             log.warning("ignoring the unreadable stamp memo %s (%s)", path, exc)
             return None
 
@@ -432,7 +432,7 @@ def _usable_key_index(store: Store, folder: str, segments: list[str]) -> int | N
             raise ValueError(f"{buckets} buckets")
     except ObjectGoneError:
         return None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("unreadable key index %s/%s/index.json (%s): reading its segments' keys instead",
                     store.url, folder, exc)
         return None

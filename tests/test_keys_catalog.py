@@ -1,5 +1,7 @@
 import json
+import re
 import os
+import time
 
 import pytest
 
@@ -135,6 +137,27 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
 def test_catalog_errors_name_the_value(text, match):
     with pytest.raises(ConfigError, match=match):
         parse_catalog(text, "cat.yaml")
+
+
+def test_hostile_catalogs_are_one_line_errors_in_little_time_and_memory():
+    """A review (session 40): a "billion laughs" catalog (600 bytes, 10^9 values through nested aliases)
+    took minutes and gigabytes, then a MemoryError traceback; 5,000 nested brackets a RecursionError one."""
+    levels = ["defaults:", "  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb = "\n".join(levels + ["models:", "  - {id: m, arch: resnet18, metadata: {x: *a8}}"]) + "\n"
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^cat.yaml: its YAML aliases expand it to more than [\d,]+ values \(from "
+                                          r"[\d,]+ characters\); write the catalog without nested aliases$"):
+        parse_catalog(bomb, "cat.yaml")
+    assert time.perf_counter() - t0 < 30  # minutes before; well under a second here
+    for text, where in (("[" * 5000 + "]" * 5000, "cat.yaml"), ('{"id": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+                                                               '{"id": "b", "arch": "resnet18"}', "cat.jsonl")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(where)}(:1)?: nested too deeply to read$"):
+            parse_catalog(text, where)
+    # anchors reused by every entry of a large zoo are far from the limit
+    many = "defaults: &d {arch: resnet18, tags: [a, b, c], metadata: {team: x, data: [1, 2, 3]}}\nmodels:\n" + \
+        "".join(f"- {{id: m{i}, <<: *d}}\n" for i in range(5000))
+    assert len(parse_catalog(many, "cat.yaml")) == 5000
 
 
 def test_a_json_catalog_over_several_lines_is_not_read_as_json_lines():

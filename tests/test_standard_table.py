@@ -82,12 +82,31 @@ def test_a_standard_whose_arrays_do_not_fit_its_spec_is_refused_in_one_line(publ
              re.escape(f"projection {proj[:, :-1].shape}; its part of z is {std.d} wide")),
             ("probe.npz", {"z": z[:5]}, rf"and z \(5, {std.d}\); the spec has d = {std.d}"),
             ("probe.npz", {"z": nan_z}, "z holds non-finite values"),
-            ("probe.npz", {"fit_idx": np.array([0, len(z)])}, f"fit_idx .* does not index its {len(z)} probe images")):
+            ("probe.npz", {"fit_idx": np.array([0, len(z)])}, f"fit_idx .* does not index its {len(z)} probe images"),
+            # arrays of the right shapes but not the build's: damaged, or copied from another standard
+            # (loaded silently before session 40: the id hashes the spec alone)
+            ("basis.npz", {"projection": proj * 1.001}, "basis.npz or probe.npz holds other arrays than its spec "
+                                                        r"records \(arrays_sha256\); restore them"),
+            ("probe.npz", {"images": arrays("probe.npz")["images"][::-1]},
+             r"probe.npz holds other probe images than its spec records \(sha256 ")):
         store.write_bytes(f"{base}/{name}", saved(name, **changes))
         with pytest.raises(StoreError, match=f"^corrupt standard '{std.id}': .*{match}") as err:
             load_standard(store, std.id)
         assert "\n" not in str(err.value)
         store.write_bytes(f"{base}/{name}", good[name])
+    store.write_bytes(f"{base}/basis.npz", saved("basis.npz", junk=np.zeros(3)))  # never decompressed: a bomb?
+    with pytest.raises(StoreError, match=r"basis.npz: it holds arrays \['junk'\] besides \['mean', 'projection'"):
+        load_standard(store, std.id)
+    store.write_bytes(f"{base}/basis.npz", good["basis.npz"])
+    assert "arrays_sha256" in json.loads(store.read_bytes(f"{base}/standard.json"))
+    # a standard built before the digest was recorded still loads
+    spec_doc = json.loads(store.read_bytes(f"{base}/standard.json"))
+    store.write_bytes(f"{base}/standard.json", json.dumps({k: v for k, v in spec_doc.items()
+                                                            if k != "arrays_sha256"}).encode())
+    store.write_bytes(f"{base}/basis.npz", saved("basis.npz", projection=proj * 1.001))
+    assert load_standard(store, std.id).id == std.id
+    store.write_bytes(f"{base}/basis.npz", good["basis.npz"])
+    store.write_bytes(f"{base}/standard.json", json.dumps(spec_doc).encode())
     # damaged files (an interrupted copy of a store): tracebacks before (a review, session 39)
     from selection.standard import default_standard_id
 
