@@ -839,3 +839,36 @@ def test_a_local_ray_keeps_token_authentication_without_advice_to_turn_it_off(tm
     assert r.returncode == 0 and r.stdout.split() == ["token", "ran"], (r.stdout, r.stderr[-2000:])
     assert "RAY_AUTH_MODE" not in r.stderr and "Token authentication" not in r.stderr, r.stderr[-2000:]
     assert (tmp_path / ".ray" / "auth_token").exists()  # Ray made the token, as before
+
+
+def _readme_python_blocks() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+
+
+def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys):
+    """README.md's Python blocks, run with their placeholders (a bucket, a task folder, a catalog) pointed
+    at a local store, a task and a catalog of tiny models: the library's documented use stays true."""
+    store, std = published
+    for cls, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / "task" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20, 20), tuple(min(255, c + 9 * i) for c in color)).save(tmp_path / "task" / cls / f"{i}.png")
+    catalog = tmp_path / "zoo.yaml"
+    catalog.write_text("models:\n" + "".join(f"  - {{id: zoo/{a}, arch: {a}, input_size: 32}}\n"
+                                             for a in ("resnet10t", "regnetx_002", "mobilenetv3_small_050")))
+    select_block, embed_block = _readme_python_blocks()
+    assert '"s3://bucket/zoo"' in select_block and '"path/to/imagefolder"' in select_block
+    assert '"zoo.yaml"' in embed_block
+    scope: dict = {}
+    exec(select_block.split("[result] =")[0].replace('"s3://bucket/zoo"', repr(store.url)), scope)  # the store
+    exec(embed_block.replace('"zoo.yaml"', repr(str(catalog))), scope)
+    assert capsys.readouterr().out.split() == ["embedded"] * 3
+    exec(embed_block.replace('"zoo.yaml"', repr(str(catalog))), scope)  # planned again: nothing to embed
+    assert capsys.readouterr().out == ""
+    exec(select_block.replace('"s3://bucket/zoo"', repr(store.url))
+         .replace('"path/to/imagefolder"', repr(str(tmp_path / "task"))), scope)
+    ranked = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in ranked] == ["1", "2", "3"], ranked  # three models: all ranked (top_k=5)
+    assert {r[1] for r in ranked} == {"zoo/resnet10t", "zoo/regnetx_002", "zoo/mobilenetv3_small_050"}
+    assert all(r[3] != "None" for r in ranked)  # the top 3 verified
