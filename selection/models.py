@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,6 +41,9 @@ class LoadedModel:
     weights_sha256: str
     arch: str
     num_params: int
+
+
+_SEEDED_BUILD = threading.Lock()  # `load_model`'s random-init builds, one at a time
 
 
 def _seed_of(model_id: str) -> int:
@@ -416,7 +420,11 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
     w = entry.weights
     arch = entry.arch
     if w is None:
-        with torch.random.fork_rng(devices=[]):  # seeded from the id, the caller's RNG left as it was
+        # Seeded from the id, the caller's RNG left as it was. timm draws the weights from torch's one
+        # process-wide generator: two threads building at once drew from each other's stream (other
+        # weights under the same digest, a companion refused as changed), hence the lock. A thread of the
+        # caller's that draws from torch's generator meanwhile still interleaves: not while models load.
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(entry.id))
             model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
         digest = weights_digest(entry)
@@ -533,14 +541,27 @@ def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """CUDA float32 without TF32 (torch runs cuDNN convolutions in TF32 by default, 10-bit mantissas):
-    a task's features on a GPU then match the standard's, computed in float32 on a CPU. The previous
-    settings are restored after."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    a task's features on a GPU then match the standard's, computed in float32 on a CPU. The flags are
+    process-wide: the previous settings are restored when the last of the threads inside leaves (the
+    first to leave restored TF32 under the others)."""
+    global _FLOAT32_USERS, _FLOAT32_SAVED
+    with _FLOAT32_LOCK:
+        if _FLOAT32_USERS == 0:
+            _FLOAT32_SAVED = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _FLOAT32_USERS += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+        with _FLOAT32_LOCK:
+            _FLOAT32_USERS -= 1
+            if _FLOAT32_USERS == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _FLOAT32_SAVED
+
+
+_FLOAT32_LOCK = threading.Lock()
+_FLOAT32_USERS = 0
+_FLOAT32_SAVED = (True, False)
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # of timm's eval transform's: what `preprocess` implements
