@@ -13,7 +13,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from selection.errors import ConfigError, ZooselectError
-from selection.storage import ScrubCredentials, Store
+from selection.storage import ScrubCredentials, Store, check_output, check_outside_store  # noqa: F401 - the jobs' import
 
 log = logging.getLogger("zooselect")
 
@@ -50,44 +50,6 @@ def open_store(args: argparse.Namespace, url: str | None = None, writable: bool 
         os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint  # read by every Store; runtime.init passes it on
     store.check(writable, write_prefix)
     return store
-
-
-def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
-    """Refuse an output path (flag -> path) inside a local store's folder: a results file written over
-    `standards/DEFAULT` or a row object broke the store (a review, session 39)."""
-    if getattr(store, "scheme", None) != "file":
-        return
-    root = os.path.realpath(store.root).rstrip(os.sep)
-    for flag, path in outputs.items():
-        if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(root + os.sep):
-            raise ConfigError(f"{flag} {path!r} is inside the store {store.url!r}: write it elsewhere (the store "
-                              f"holds only what zooselect writes there)")
-
-
-def check_output(path: str | None, *, directory: bool = False) -> None:
-    """Refuse, before any work, an output path that cannot be written (a file where a directory
-    is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""
-    if not path:
-        return
-    if "://" in path:
-        raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
-    full = os.path.abspath(os.path.expanduser(path))
-    if directory:
-        if os.path.exists(full) and not os.path.isdir(full):
-            raise ConfigError(f"output directory {path!r} is a file")
-        parent = full
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-    else:
-        if os.path.isdir(full):
-            raise ConfigError(f"output file {path!r} is a directory")
-        if os.path.exists(full) and not os.access(full, os.W_OK):
-            raise ConfigError(f"cannot write {path!r}: the file exists and is not writable")
-        parent = os.path.dirname(full)
-        if not os.path.isdir(parent):
-            raise ConfigError(f"cannot write {path!r}: directory {parent!r} does not exist")
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write {path!r}: {parent!r} is not a writable directory")
 
 
 _COMMAND: str | None = None  # "zooselect CMD" while the zooselect command runs a job

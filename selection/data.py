@@ -156,6 +156,9 @@ class ImageSet:
             c = int(present[int(np.argmin(counts))])
             raise DataError(f"task {self.name!r}: class {self.classes[c]!r} has {counts.min()} "
                             f"image(s); at least {min_per_class} per class are needed")
+        if self.images.max() <= 1:  # ranked and verified as near-black images, without a word
+            raise DataError(f"task {self.name!r}: every pixel is 0 or 1 (0-1 float images cast to uint8?); "
+                            f"scale them to 0-255 before the cast: (images * 255).round().astype(np.uint8)")
         return self
 
 
@@ -441,8 +444,10 @@ def check_spec(spec: str) -> None:
         raise DataError(f"dataset {spec!r} does not exist (a local path; a built-in one is builtin:NAME)")
 
 
-def load_dataset(spec: str, size: int = DEFAULT_TASK_SIZE, *, store_options: dict | None = None) -> ImageSet:
-    """Load the dataset a spec names, resized to (size, size) RGB."""
+def load_dataset(spec: str | os.PathLike[str], size: int = DEFAULT_TASK_SIZE, *,
+                 store_options: dict | None = None) -> ImageSet:
+    """Load the dataset a spec names (a `pathlib.Path` too), resized to (size, size) RGB."""
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     check_spec(spec)
     if size < 8 or size > 1024:
         raise DataError(f"image size must be in [8, 1024], got {size}")

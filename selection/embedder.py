@@ -14,13 +14,14 @@ import torch
 
 from selection.catalog import CatalogEntry
 from selection.embedding import model_embedding
-from selection.errors import ModelError, StoreError, ZooselectError
+from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.keys import model_key
-from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_entry, compute_label,
+from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_device, check_entry,
+                              compute_label,
                               count_gflops, crop_change, expected_data_config, extract_features, load_model,
                               timm_fingerprint, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
-from selection.storage import Store
+from selection.storage import Store, as_store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
                              versions_json)
 
@@ -304,7 +305,7 @@ def _entry_json(entry: CatalogEntry) -> str:
     return json.dumps(entry.to_dict(), sort_keys=True)
 
 
-def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str = "cpu",
+def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, device: str = "cpu",
                 amp_dtype: torch.dtype | None = None, batch_size: int | None = None,
                 progress: Callable[[int], None] | None = None,
                 prepared: Prepared | None = None, memory_share: float = 0.5) -> EmbedResult:
@@ -312,7 +313,13 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store, *, device: str
 
     On CUDA with no `batch_size`, the batch is the largest whose forward pass fits in
     `memory_share` of the free GPU memory (less where the GPU is shared by several actors).
+    `store`: a Store, or its URL or path. A device this process cannot use, or a batch size below 1,
+    is a ConfigError before any work; what fails with the model comes back as a "failed" result.
     """
+    check_device(device)
+    store = as_store(store)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be an integer >= 1 (or None: the standard's), got {batch_size!r}")
     t0 = time.perf_counter()
     on_gpu = device.startswith("cuda")
     try:

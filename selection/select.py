@@ -26,7 +26,7 @@ from selection.errors import ConfigError, ModelError, StandardMismatchError, Sto
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
-from selection.storage import Store
+from selection.storage import Store, as_store
 from selection.table import (EmbeddingTable, Listing, Part, hidden_keys, iter_part, iter_shards, may_have_rows,
                              read_consistently, table_parts)
 
@@ -113,6 +113,10 @@ class SelectConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if value < least:
                 raise ConfigError(f"{name} must be >= {least}, got {value}")
+        if not isinstance(self.weigh_parts, (bool, np.bool_)):  # "no" read as true
+            raise ConfigError(f"weigh_parts must be True or False, got {self.weigh_parts!r}")
+        if not isinstance(self.protocol, ProbeProtocol):
+            raise ConfigError(f"protocol must be a ProbeProtocol, got {self.protocol!r:.80}")
         if isinstance(self.constraints, (str, Constraint)) or not isinstance(self.constraints, (tuple, list)):
             raise ConfigError(f"constraints must be a tuple of Constraint (or of texts such as 'params<=5e6'), "
                               f"got {self.constraints!r}")
@@ -790,7 +794,7 @@ class Selection:
     pareto: list[Ranked] = field(default_factory=list)
 
 
-def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig = SelectConfig(), *,
+def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig | None = None, *,
                   standard_id: str | None = None, device: str = "cpu") -> list[Selection]:
     """Select models for `tasks` from a store's table, in this process (no Ray): what `jobs.select`
     runs on a cluster.
@@ -809,9 +813,11 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
     odd = [t for t in tasks if not isinstance(t, (str, os.PathLike, ImageSet))]
     if odd:
         raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
+    config = SelectConfig() if config is None else config
+    if not isinstance(config, SelectConfig):
+        raise ConfigError(f"config should be a SelectConfig, got {type(config).__name__} {config!r:.80}")
     check_device(device)
-    if isinstance(store, (str, os.PathLike)):  # a store URL or path, as the jobs take it
-        store = Store(os.fspath(store))
+    store = as_store(store)  # or a store URL or path, as the jobs take it
     std = load_standard(store, standard_id)
     check_score(std, config.score)
     if not may_have_rows(store, std.id):

@@ -368,7 +368,7 @@ def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
     the user named), or, with `follow_link=False` (a store's object: whoever else may write the store
     could plant a link to a file of the user's), replaced by the file. An existing file keeps its
     permissions. On an error the temporary file is removed. `~` is the home folder, as
-    `jobs.common.check_output` reads it."""
+    `check_output` reads it."""
     path = os.path.abspath(os.path.expanduser(path))
     path = os.path.realpath(path) if follow_link else \
         os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # folders still followed
@@ -385,6 +385,44 @@ def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
+    """Refuse an output path (flag -> path) inside a local store's folder: a results file written over
+    `standards/DEFAULT` or a row object broke the store (a review, session 39)."""
+    if getattr(store, "scheme", None) != "file":
+        return
+    root = os.path.realpath(store.root).rstrip(os.sep)
+    for flag, path in outputs.items():
+        if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(root + os.sep):
+            raise ConfigError(f"{flag} {path!r} is inside the store {store.url!r}: write it elsewhere (the store "
+                              f"holds only what zooselect writes there)")
+
+
+def check_output(path: str | None, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written (a file where a directory
+    is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""
+    if not path:
+        return
+    if "://" in path:
+        raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
+    full = os.path.abspath(os.path.expanduser(path))
+    if directory:
+        if os.path.exists(full) and not os.path.isdir(full):
+            raise ConfigError(f"output directory {path!r} is a file")
+        parent = full
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    else:
+        if os.path.isdir(full):
+            raise ConfigError(f"output file {path!r} is a directory")
+        if os.path.exists(full) and not os.access(full, os.W_OK):
+            raise ConfigError(f"cannot write {path!r}: the file exists and is not writable")
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"cannot write {path!r}: directory {parent!r} does not exist")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {path!r}: {parent!r} is not a writable directory")
 
 
 def write_file_atomically(path: str, data: bytes, follow_link: bool = True) -> None:
@@ -524,11 +562,19 @@ def _spool_in_use(path: str) -> bool:
         os.close(fd)
 
 
+def as_store(store: "Store | str | os.PathLike[str]") -> "Store":
+    """`store` itself, or the Store a URL or local path names: the library's functions take either (the
+    jobs take a URL). Anything else is a ConfigError naming it."""
+    return store if isinstance(store, Store) else Store(store)
+
+
 class Store:
     """A root URL plus the fsspec filesystem behind it; paths below are relative to the root."""
 
-    def __init__(self, url: str, *, s3_endpoint: str | None = None, s3_region: str | None = None,
+    def __init__(self, url: str | os.PathLike[str], *, s3_endpoint: str | None = None, s3_region: str | None = None,
                  retry: RetryPolicy = RetryPolicy()) -> None:
+        if isinstance(url, os.PathLike):  # a pathlib.Path to a local store
+            url = os.fspath(url)
         if not isinstance(url, str) or not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
         check_url(url)

@@ -30,6 +30,7 @@ import collections.abc
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -48,7 +49,7 @@ import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
-from selection.storage import Store, atomic_local_file, parquet_bytes
+from selection.storage import Store, as_store, atomic_local_file, check_output, check_outside_store, parquet_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -303,7 +304,13 @@ def write_marker(store: Store, standard_id: str, model_id: str) -> None:
                       json.dumps({"model_id": model_id, "token": uuid.uuid4().hex}).encode())
 
 
-def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
+def _check_ids(model_ids: Any) -> None:
+    if isinstance(model_ids, (str, bytes)):  # iterated, it was one id per character
+        raise ConfigError(f"model_ids must be a list of model ids, got one string {model_ids!r}; pass "
+                          f"[{model_ids!r}]")
+
+
+def delete_rows(store: Store | str, std: Standard, model_ids: list[str]) -> list[str]:
     """Remove models; return those that were not in the table (nothing done for them).
 
     A model is in the table if it has a row object, or a segment row and no marker.
@@ -319,6 +326,8 @@ def delete_rows(store: Store, std: Standard, model_ids: list[str]) -> list[str]:
       seen by one or the other.
     Ids without a row object are looked up in the segments once, together (`_in_segments`).
     """
+    store = as_store(store)
+    _check_ids(model_ids)
     segment_only = {}
     for mid in dict.fromkeys(model_ids):  # an id given twice is removed once
         row = row_path(std.id, mid)
@@ -788,8 +797,9 @@ def _until_unchanged(what: str, read: Callable[[], T], attempts: int) -> T:
     raise AssertionError("unreachable")
 
 
-def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
+def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
     """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
+    store = as_store(store)
     def index(listing: Listing) -> dict[str, dict[str, Any]]:
         rows, versions = {}, {}  # rows share a few library_versions strings: each held once
         for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS):
@@ -800,7 +810,7 @@ def read_index(store: Store, std: Standard) -> dict[str, dict[str, Any]]:
     return read_consistently(store, std, index)
 
 
-def iter_rows(store: Store, std: Standard, model_ids: list[str],
+def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
               attempts: int = 3) -> Iterator[tuple[dict[str, Any], str]]:
     """The whole rows (`embedding` an array, as written) of those of `model_ids` in the table, each once,
     with the object each was read from: as a read of the table serves them, the model's row object,
@@ -811,6 +821,8 @@ def iter_rows(store: Store, std: Standard, model_ids: list[str],
     of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
     read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
     up to `attempts` times."""
+    store = as_store(store)
+    _check_ids(model_ids)
     wanted = {model_key(m): m for m in model_ids}
     done: set[str] = set()
     for attempt in range(1, attempts + 1):
@@ -855,9 +867,10 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
         todo -= {keys[i] for i in at}
 
 
-def load_table(store: Store, std: Standard, listing: Listing | None = None) -> EmbeddingTable:
+def load_table(store: Store | str, std: Standard, listing: Listing | None = None) -> EmbeddingTable:
     """The whole table of `std` in memory (validated, each model once). Without `listing`, the
     table is listed now, and again if it changes while it is read (`read_consistently`)."""
+    store = as_store(store)
     if listing is None:
         return read_consistently(store, std, lambda fresh: load_table(store, std, fresh))
     shards = list(iter_shards(store, std, listing))
@@ -870,9 +883,14 @@ def load_table(store: Store, std: Standard, listing: Listing | None = None) -> E
     return EmbeddingTable(std.id, meta, np.concatenate([s.embeddings for s in shards]))
 
 
-def export_table(store: Store, std: Standard, path: str, progress: Progress | None = None) -> int:
+def export_table(store: Store | str, std: Standard, path: str | os.PathLike, progress: Progress | None = None) -> int:
     """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
-    shard, not the table); return its rows. The file appears whole or not at all (`atomic_local_file`)."""
+    shard, not the table); return its rows. The file appears whole or not at all (`atomic_local_file`).
+    A path that cannot be written, or inside a local store, is a ConfigError before anything is read."""
+    store = as_store(store)
+    path = os.fspath(path)
+    check_output(path)
+    check_outside_store(store, {"path": path})
     report = progress or (lambda what, n: None)
     with atomic_local_file(path) as tmp:
         def write(listing: Listing) -> int:
@@ -913,7 +931,7 @@ def default_segment_rows(std: Standard) -> int:
     return max(1, min(SEGMENT_ROWS, SEGMENT_BYTES // (4 * std.width)))
 
 
-def compact(store: Store, std: Standard, segment_rows: int | None = None,
+def compact(store: Store | str, std: Standard, segment_rows: int | None = None,
             break_leases: bool = False, progress: Progress | None = None) -> CompactResult:
     """Fold row objects, markers and old segments into new segments of <= `segment_rows` rows
     (`default_segment_rows` when None).
@@ -926,9 +944,10 @@ def compact(store: Store, std: Standard, segment_rows: int | None = None,
     deletes such leases first (for one whose compaction crashed; never while one runs). The temporary
     files of local writes killed part-way, older than STALE_TEMPORARY_S, are deleted too.
     """
+    store = as_store(store)
     segment_rows = default_segment_rows(std) if segment_rows is None else segment_rows
-    if segment_rows < 1:
-        raise ConfigError(f"segment rows must be >= 1, got {segment_rows}")
+    if isinstance(segment_rows, bool) or not isinstance(segment_rows, (int, np.integer)) or segment_rows < 1:
+        raise ConfigError(f"segment rows must be an integer >= 1, got {segment_rows!r}")
     t0 = time.perf_counter()
     leases = f"{_base(std.id)}/_compacting"
     lease = f"{leases}/{uuid.uuid4().hex}"

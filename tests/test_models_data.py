@@ -960,3 +960,43 @@ def test_num_classes_other_than_the_checkpoints_head_is_refused_naming_both(tmp_
         load_model(CatalogEntry("m", "mobilenetv3_small_050", path, num_classes=7))
     assert load_model(CatalogEntry("m", "mobilenetv3_small_050", path, num_classes=5)).model.num_classes == 5
     assert load_model(CatalogEntry("m", "mobilenetv3_small_050", path)).model.num_classes == 5
+
+
+def test_random_init_models_built_in_threads_have_the_weights_built_alone():
+    """timm draws a random init from torch's one process-wide generator: models built in threads at once
+    drew from each other's seeded stream (other weights under the same digest; a standard's companion
+    refused as changed; a review, session 40)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selection.models import state_digest
+
+    entries = [CatalogEntry(f"zoo/{a}-{i}", a, None, input_size=32)
+               for i in range(2) for a in ("resnet10t", "regnetx_002", "mobilenetv3_small_050")]
+    alone = [state_digest(load_model(e).model) for e in entries]
+    with ThreadPoolExecutor(len(entries)) as pool:
+        together = list(pool.map(lambda e: state_digest(load_model(e).model), entries))
+    assert together == alone
+
+
+def test_float32_flags_hold_until_the_last_thread_inside_leaves():
+    """Two GPU passes at once: the first to leave restored TF32 while the second still ran (a review)."""
+    import threading
+
+    from selection.models import full_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    inside, leave = threading.Event(), threading.Event()
+
+    def second() -> None:
+        with full_float32():
+            inside.set()
+            leave.wait(10)
+
+    with full_float32():
+        t = threading.Thread(target=second)
+        t.start()
+        assert inside.wait(10)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    leave.set()
+    t.join(10)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before

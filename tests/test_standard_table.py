@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import selection
 from selection.catalog import CatalogEntry
@@ -613,7 +614,7 @@ def test_compact_rejects_bad_segment_rows(published, capsys):
     store, std = published
     _quick_row(store, std, "zoo/a")
     for bad in (0, -5):
-        with pytest.raises(ConfigError, match=f"segment rows must be >= 1, got {bad}"):
+        with pytest.raises(ConfigError, match=f"segment rows must be an integer >= 1, got {bad}"):
             compact(store, std, segment_rows=bad)
         with pytest.raises(ConfigError, match=f"--segment-rows must be >= 1, got {bad}"):
             table_job.main(["compact", "--store", store.url, "--segment-rows", str(bad)])
@@ -1924,3 +1925,57 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
     t0 = time.monotonic()
     [r] = refresh_rows([(dataclasses.replace(e, tags=("last",)), row)], std, store, wait_s=60)
     assert r.status == "refreshed" and r.written_during_compaction and time.monotonic() - t0 < 30
+
+
+def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_line(published, tmp_path):
+    """A review from a library user's side (session 40): stores given as paths were AttributeErrors
+    outside `select_models`; one id given as a string removed "each character"; `export_table` wrote over
+    `standards/DEFAULT` (the job refuses it); `embed_entry` ran a whole probe pass before failing on a
+    store given as a string, and raised a torch RuntimeError for a device it cannot use."""
+    import pathlib
+
+    from selection.errors import ModelError
+    from selection.select import SelectConfig, select_models
+    from selection.table import export_table, iter_rows
+
+    store, std = published
+    _quick_row(store, std, "zoo/a")
+    for given in (store.url, pathlib.Path(store.url)):
+        assert load_standard(given).id == std.id
+        assert set(read_index(given, std)) == {"zoo/a"} and load_table(given, std).model_ids == ["zoo/a"]
+    out = tmp_path / "export" / "t.parquet"
+    out.parent.mkdir()
+    assert export_table(pathlib.Path(store.url), std, out) == 1
+    for path, match in ((os.path.join(store.root, "standards", "DEFAULT"), r"^path '.*/standards/DEFAULT' is inside "
+                                                                           r"the store"),
+                        ("s3://bucket/x.parquet", "outputs are local paths, not URLs"),
+                        (str(tmp_path), "is a directory"), (str(tmp_path / "no" / "x.parquet"), "does not exist")):
+        with pytest.raises(ConfigError, match=match):
+            export_table(store, std, path)
+    assert store.read_bytes("standards/DEFAULT") == std.id.encode()
+    for fn in (delete_rows, lambda s, t, ids: list(iter_rows(s, t, ids))):
+        with pytest.raises(ConfigError, match=r"^model_ids must be a list of model ids, got one string 'zoo/a'; "
+                                              r"pass \['zoo/a'\]$"):
+            fn(store, std, "zoo/a")
+    assert load_table(store, std).model_ids == ["zoo/a"]
+    with pytest.raises(ConfigError, match=r"segment rows must be an integer >= 1, got 2.5"):
+        compact(store, std, segment_rows=2.5)
+    entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
+    for kwargs, error, match in (({"device": "mps"}, ConfigError, "should be 'cpu' or a CUDA device, got 'mps'"),
+                                 ({"batch_size": 0}, ConfigError, "batch_size must be an integer >= 1"),
+                                 ({"batch_size": -1}, ConfigError, "batch_size must be an integer >= 1")):
+        with pytest.raises(error, match=match):
+            embed_entry(entry, std, store, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="torch sees no CUDA device here"):
+            embed_entry(entry, std, store, device="cuda")
+    assert embed_entry(entry, std, store.url).status == "embedded"  # a URL, as for select_models
+    with pytest.raises(ConfigError, match=r"^config should be a SelectConfig, got dict \{'top_k': 3\}"):
+        select_models(store, ["builtin:digits?classes=0,1&per_class=4"], {"top_k": 3})
+    with pytest.raises(ConfigError, match=r"^weigh_parts must be True or False, got 'no'$"):
+        SelectConfig(weigh_parts="no")
+    # images of 0-1 floats cast to uint8 (near-black) were ranked and verified without a word
+    dark = ImageSet(np.random.default_rng(0).integers(0, 2, (8, 16, 16, 3)).astype(np.uint8),
+                    np.repeat(np.arange(2), 4), ("a", "b"), "dark")
+    with pytest.raises(DataError, match=r"^task 'dark': every pixel is 0 or 1 \(0-1 float images cast to uint8\?\)"):
+        select_models(store, [dark])
