@@ -734,7 +734,7 @@ def _timm_fingerprint(arch: str, timm_weights: str | None, entry_input_size: int
     cfg = expected_data_config(CatalogEntry("fingerprint", arch, timm_weights, input_size=entry_input_size))
     if cfg is None:
         return None
-    facts: dict[str, Any] = {"data_config": cfg}
+    facts: dict[str, Any] = {"preprocess": preprocess_key(cfg)}  # what `preprocess` reads of it
     if timm_weights:
         import timm
 
