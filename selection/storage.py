@@ -156,10 +156,17 @@ class ScrubCredentials(logging.Filter):
     each request's session token at DEBUG (`ZOOSELECT_LOG=DEBUG`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: the handler reports it, as without this filter
+            return True
         clean = _scrub(text)
         if clean != text:
             record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:  # a traceback's messages too (the handler prints exc_text)
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _scrub(record.exc_text)
         return True
 
 

@@ -1225,6 +1225,26 @@ def test_a_session_token_from_a_profile_is_in_no_debug_log_line(tmp_path):
     assert r.returncode == 2 and "storage unreachable" in r.stderr, r.stderr[-2000:]
     assert "x-amz-security-token:***" in r.stderr.lower(), r.stderr[-3000:]  # the request was logged, token blanked
     assert token not in r.stdout + r.stderr and "SecretFromProfile123" not in r.stdout + r.stderr
+    # the filter itself: a traceback's text is scrubbed too; a malformed call of another library's is the
+    # handler's "Logging error" report, as without the filter, not an exception in the caller (a review)
+    from selection.storage import ScrubCredentials
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(ScrubCredentials())
+    logger = logging.getLogger("zs-scrub-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise RuntimeError(f"'X-Amz-Security-Token': b'{token}'")
+        except RuntimeError:
+            logger.exception("request failed")
+        logger.error("malformed %s", 1, 2)  # reported by the handler, not raised here
+    finally:
+        logger.removeHandler(handler)
+    assert "request failed" in out.getvalue() and "'X-Amz-Security-Token': b'***'" in out.getvalue()
+    assert token not in out.getvalue()
 
 
 def test_a_symlink_planted_in_a_local_store_is_replaced_not_written_through(tmp_path):
