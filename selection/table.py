@@ -822,7 +822,12 @@ def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
     read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
     up to `attempts` times."""
     store = as_store(store)
-    _check_ids(model_ids)
+    _check_ids(model_ids)  # at the call, not at the first row
+    return _iter_rows(store, std, model_ids, attempts)
+
+
+def _iter_rows(store: Store, std: Standard, model_ids: list[str],
+               attempts: int) -> Iterator[tuple[dict[str, Any], str]]:
     wanted = {model_key(m): m for m in model_ids}
     done: set[str] = set()
     for attempt in range(1, attempts + 1):
