@@ -320,6 +320,8 @@ class Client:
             raise ConnectionError("Failed to connect to Ray at address: http://zooselect-head-svc:8265")
         if state == "missing":
             raise RuntimeError(f"Request failed with status code 404: Job {{job}} does not exist.")
+        if state == "unauthenticated":
+            raise RuntimeError("Request failed with status code 401: Unauthenticated: invalid token")
         return js.JobStatus(state)
 js.JobSubmissionClient = Client
 time.sleep = lambda s: None
@@ -337,7 +339,8 @@ time.sleep = lambda s: None
     (["RUNNING", "RUNNING", "SUCCEEDED"], 0, 0), (["RUNNING", "RUNNING", "STOPPED"], 0, 1),
     (["RUNNING", "FAILED"], 1, 1),
     (["RUNNING", "unreachable", "SUCCEEDED"], 1, 0),  # the log stream dropped, the head away for a while
-    (["unreachable", "SUCCEEDED"], 0, 0)])  # submitted, then the head away at the first poll: waited out
+    (["unreachable", "SUCCEEDED"], 0, 0),  # submitted, then the head away at the first poll: waited out
+    (["unreachable", "RUNNING", "SUCCEEDED"], 1, 0)])  # the log stream dropped with the head away: waited out
 def test_reindex_cronjob_fails_unless_the_ray_job_succeeded(tmp_path, states, submit_exit, code):
     """`ray job submit` exits 0 for a stopped job (Ray 2.60's CLI exits 1 only for FAILED), and a
     dropped log stream ends it while the job runs on: the CronJob waits for the final status and
@@ -350,9 +353,9 @@ def test_reindex_cronjob_fails_unless_the_ray_job_succeeded(tmp_path, states, su
     assert f"re-index {job_id}: {states[-1]}" in proc.stdout
 
 
-@pytest.mark.parametrize("state", ["unreachable", "missing"])
+@pytest.mark.parametrize("state", ["missing", "unauthenticated"])
 def test_reindex_cronjob_fails_at_once_when_the_submission_failed(tmp_path, state):
-    """A submission that failed (a bad token, the head unreachable) left no job: the script polled its
+    """A submission that failed left no job (the head says so, or refuses the token): the script polled its
     status 60 times 30 s apart and reported after 30 minutes that it "cannot be read" (a review)."""
     proc, job_id, polled = _run_reindex_script(tmp_path, [state] * 61, 2)
     assert proc.returncode == 1 and polled == [job_id], proc.stdout + proc.stderr
@@ -547,6 +550,8 @@ def test_ray_cluster_launcher_config():
     # versions, into a virtualenv: Ubuntu 24.04's python3 refuses pip (PEP 668), 22.04's is older than the pins
     mount = next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
     setup = cfg["setup_commands"]
+    # the autoscaler's AWS provider imports boto3, which the venv lacks (Ray's defaults install it there)
+    assert any("boto3" in c and "constraints.txt" in c for c in cfg["head_setup_commands"]), cfg["head_setup_commands"]
     assert any(f'pip install -c {mount}/cluster/constraints.txt "{mount}[models,plots]"' in c for c in setup)
     assert not any(re.search(r"pip install [\"']?zooselect\b", c) for c in setup)
     first_pip = min(i for i, c in enumerate(setup) if re.search(r"\bpip\b", c))
