@@ -32,13 +32,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import (add_ray_args, check_output, check_outside_store, open_store, prog, prog_of_subcommand,
-                         run_program)
+from jobs.common import add_ray_args, open_store, prog, prog_of_subcommand, run_program
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
 from selection.errors import ConfigError, ZooselectError
-from selection.storage import Store
+from selection.storage import Store, check_output, check_outside_store
 
 
 def parser() -> argparse.ArgumentParser:

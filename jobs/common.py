@@ -13,7 +13,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from selection.errors import ConfigError, ZooselectError
-from selection.storage import ScrubCredentials, Store, check_output, check_outside_store  # noqa: F401 - the jobs' import
+from selection.storage import ScrubCredentials, Store
 
 log = logging.getLogger("zooselect")
 

@@ -32,13 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import check_output, prog, run_program
+from jobs.common import prog, run_program
 from selection.embedding import RankQuery, TaskQuery, embedding_width, linear_queries, plan_queries
 from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_fronts, sweep_shards
 from selection.standard import Standard, save_standard
-from selection.storage import Store, parquet_bytes
+from selection.storage import Store, check_output, parquet_bytes
 from selection.table import (META_FIELDS, compact, delete_row, iter_shards, marker_path,
                              row_path, schema_for, segment_row_group, write_row)
 

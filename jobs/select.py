@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, check_output, check_outside_store, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
 from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -32,7 +32,7 @@ from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapPa
                               entry_of, front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
                               verify_candidate, warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
-from selection.storage import Store, atomic_local_file, write_file_atomically
+from selection.storage import Store, atomic_local_file, check_output, check_outside_store, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,11 @@ import argparse
 import contextlib
 from typing import Any, Iterator, Sequence
 
-from jobs.common import add_store_args, check_output, check_outside_store, open_store, prog, run_program
+from jobs.common import add_store_args, open_store, prog, run_program
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
+from selection.storage import check_output, check_outside_store
 from selection.table import Progress, compact, delete_rows, export_table, iter_shards, read_consistently
 
 

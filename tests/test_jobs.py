@@ -574,7 +574,7 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
 def test_results_that_cannot_be_written_locally_are_one_line_and_kept_in_the_store(tmp_path, monkeypatch):
     """An existing output file that is not writable passed the check, and the write failed after the
     whole selection in a traceback, before the store's copy (a review, session 28)."""
-    from jobs.common import check_output
+    from selection.storage import check_output
     from jobs.select import write_outputs
     from selection.storage import Store
 
@@ -598,7 +598,7 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     """A read-only store was refused even with --no-save, and with one the job could not write to (an S3
     bucket under read-only credentials) the failed store copy came first and no --json file was written
     (a review, session 35)."""
-    from jobs.common import check_output
+    from selection.storage import check_output
     from jobs.select import write_outputs
     from selection.errors import StoreError
     from selection.storage import Store
