@@ -188,7 +188,8 @@ REFRESH_POLL_S = 2.0  # how often a refresh waiting for a compaction to end look
 
 
 def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std: Standard,
-                 store: Store, wait_s: float = 0.0, progress: Callable[[int], None] | None = None) -> list[EmbedResult]:
+                 store: Store | str, wait_s: float = 0.0,
+                 progress: Callable[[int], None] | None = None) -> list[EmbedResult]:
     """Rewrite the rows of the entries `plan_entry` planned to "refresh", each given with the row it was
     planned against (`read_index`'s): each row as it is (vectors, weights digest and stamp, timings) but
     for the tags, license, weights source and catalog entry it records. No model is loaded: the rows
@@ -200,7 +201,8 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     to check after it: `EmbedResult.written_during_compaction`): one running is waited for, up to
     `wait_s`, and one that starts during the refresh pauses it until it ends (up to `wait_s` again), after
     which the rest are read again from the compacted table; the rows left when a wait runs out fail.
-    `progress(n)`: n more rows refreshed or failed."""
+    `progress(n)`: n more rows refreshed or failed. `store`: a Store, or its URL or path."""
+    store = as_store(store)
     if not planned:
         return []
     was = {e.id: (e, row) for e, row in planned}

@@ -189,10 +189,10 @@ def row_object(std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
     return row_path(std.id, row["model_id"]), parquet_bytes(make_row_table(std, row))
 
 
-def write_row(store: Store, std: Standard, row: dict[str, Any]) -> str:
-    """Add or replace one model: a single object write."""
+def write_row(store: Store | str, std: Standard, row: dict[str, Any]) -> str:
+    """Add or replace one model: a single object write (`store`: a Store, or its URL or path)."""
     path, data = row_object(std, row)
-    store.write_bytes(path, data)
+    as_store(store).write_bytes(path, data)
     return path
 
 

@@ -1970,6 +1970,15 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
         with pytest.raises(ModelError, match="torch sees no CUDA device here"):
             embed_entry(entry, std, store, device="cuda")
     assert embed_entry(entry, std, store.url).status == "embedded"  # a URL, as for select_models
+    from selection.embedder import refresh_rows
+    from selection.table import write_row
+
+    [refreshed] = refresh_rows([(dataclasses.replace(entry, tags=("x",)), read_index(store, std)[entry.id])], std,
+                               store.url)
+    assert refreshed.status == "refreshed", refreshed
+    assert json.loads(read_index(store, std)[entry.id]["catalog_entry"])["tags"] == ["x"]
+    write_row(pathlib.Path(store.url), std, _row_dict(std, "zoo/b"))
+    assert "zoo/b" in load_table(store.url, std).model_ids
     with pytest.raises(ConfigError, match=r"^config should be a SelectConfig, got dict \{'top_k': 3\}"):
         select_models(store, ["builtin:digits?classes=0,1&per_class=4"], {"top_k": 3})
     with pytest.raises(ConfigError, match=r"^weigh_parts must be True or False, got 'no'$"):
