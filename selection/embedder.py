@@ -386,7 +386,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
                            batch, peak, stages, written_during_compaction=during,
-                           timm_config=_recorded_versions(row).get("timm_config"))
+                           timm_config=timm_fingerprint(entry))
     except ZooselectError as exc:
         # The result says it (a job prints it as `failed:`): a warning from an actor reached the driver again,
         # late, after the job's summary line
