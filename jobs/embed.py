@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         print(f"failed: {r.model_id}: {_reason(r)}")
     for r in ok:
         if r.written_during_compaction:  # a refresh's (few: it pauses while a compaction runs)
-            during.add(r.model_id, r.written_during_compaction)
+            during.add(r.model_id, r.written_during_compaction, r.compactions_at_write)
     unchecked = False
     if during:
         if compaction_running(store, std.id):
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
                   f"{args.compaction_wait:.0f}s for it to end, to check them (one that crashed: `jobs.table "
                   f"compact --break-leases`)", flush=True)
         try:
-            restored = restore_rows(store, std, during, wait_s=args.compaction_wait)
+            restored = restore_rows(store, std, during, wait_s=args.compaction_wait, seen=during.seen)
             print(f"{len(during)} row(s) written while a compaction ran; {len(restored)} of them written back "
                   f"after it had deleted them")
         except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index

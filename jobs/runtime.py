@@ -526,7 +526,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                     ray.kill(actor)
                 shared.release(entry)
                 if held is not None and result.written_during_compaction:
-                    held.add(result.model_id, result.written_during_compaction)
+                    held.add(result.model_id, result.written_during_compaction, result.compactions_at_write)
                     result = dataclasses.replace(result, written_during_compaction=b"")
                 results.append(result)
                 bar.update(1)

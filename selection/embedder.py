@@ -23,7 +23,7 @@ from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memor
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store, as_store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
-                             versions_json)
+                             running_compactions, versions_json)
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -45,6 +45,7 @@ class EmbedResult:
     # The row object's bytes when a compaction ran as it was written (else empty): it may have deleted
     # them, and the job writes them back after it ends (`selection.table.restore_rows`).
     written_during_compaction: bytes = b""
+    compactions_at_write: frozenset[str] | None = None  # those running as it was written; None: unknown
     timm_config: str | None = None  # the row's `timm_fingerprint`, as the process that embedded it computed it
 
 
@@ -225,11 +226,11 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
                                  f"another run?); not refreshed, the next run plans it again")
             new = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
                        license=entry.license or old["license"], catalog_entry=_entry_json(entry))
-            path, during = _write_row(store, std, new)
+            path, during, running = _write_row(store, std, new)
             if during:
                 stop.append(f"a compaction of standard {std.id} started during the refresh")
             return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
-                               written_during_compaction=during)
+                               written_during_compaction=during, compactions_at_write=running)
         except Exception as exc:  # noqa: BLE001 - one model's failure, reported; the others go on
             reason = str(exc) if isinstance(exc, ZooselectError) else f"model {entry.id!r}: {type(exc).__name__}: {exc}"
             log.info("model %s failed: %s", entry.id, reason)
@@ -290,17 +291,19 @@ def _compaction_ended(store: Store, standard_id: str, wait_s: float, how: str) -
     return ""
 
 
-def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
+def _write_row(store: Store, std: Standard, row: dict[str, Any]) -> tuple[str, bytes, frozenset[str] | None]:
     """Write a model's row object; return its path and, if a compaction ran as it was written (it may
-    have deleted it: the job writes it back after, `selection.table.restore_rows`), its bytes, else b""."""
+    have deleted it: the job writes it back after, `selection.table.restore_rows`), its bytes and the
+    compactions that ran (None: unknown), else b"" and None."""
     path, data = row_object(std, row)
     store.write_bytes(path, data)
     try:
-        return path, data if compaction_running(store, std.id) else b""
+        running = running_compactions(store, std.id)
     except StoreError as exc:  # the row is written: not a failure; checked after, as if a compaction ran
         log.warning("model %s: its row is written, but whether a compaction ran meanwhile is unknown (%s)",
                     row["model_id"], exc)
-        return path, data
+        return path, data, None
+    return (path, data, running) if running else (path, b"", None)
 
 
 def _entry_json(entry: CatalogEntry) -> str:
@@ -380,12 +383,12 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
         row["model_key"] = model_key(entry.id)
         row["embed_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        path, during = _write_row(store, std, row)
+        path, during, running = _write_row(store, std, row)
         stages["write"] = time.perf_counter() - t1
         log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
-                           batch, peak, stages, written_during_compaction=during,
+                           batch, peak, stages, written_during_compaction=during, compactions_at_write=running,
                            timm_config=timm_fingerprint(entry))
     except ZooselectError as exc:
         # The result says it (a job prints it as `failed:`): a warning from an actor reached the driver again,

@@ -209,47 +209,61 @@ def _lease_time(data: bytes) -> float:
     return started
 
 
-def compaction_running(store: Store, standard_id: str) -> bool:
-    """Whether a compaction of the table holds its lease (a LIST of the leases, and a read of each).
+def running_compactions(store: Store, standard_id: str) -> frozenset[str]:
+    """The compactions of the table that hold a lease (a LIST of the leases, and a read of each), each
+    named by the first 8 characters of its lease's name, which also end its segments' names.
 
     A lease older than STALE_LEASE_S is that of a compaction that crashed (the next compaction
     deletes it): it is ignored, with a warning, as a compaction ignores it. A lease whose start
     cannot be read as a time counts as running, as a compaction counts it, until `--break-leases`
     removes it.
     """
+    running = set()
     for path in store.list(f"{_base(standard_id)}/_compacting"):
         try:
             started = _lease_time(store.read_bytes(path))
         except ObjectGoneError:
             continue  # it ended meanwhile
         except ValueError:  # not a lease this version wrote
-            return True
+            started = time.time()
         if time.time() - started <= STALE_LEASE_S:
-            return True
-        if f"{store.url}/{path}" not in _ignored_leases:
+            running.add(_lease_id(path))
+        elif f"{store.url}/{path}" not in _ignored_leases:
             _ignored_leases.add(f"{store.url}/{path}")
             log.warning("ignoring the lease of a compaction last refreshed %s, which crashed: %s/%s "
                         "(not refreshed for %d h; the next compaction deletes it)",
                         time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), store.url, path,
                         STALE_LEASE_S // 3600)
-    return False
+    return frozenset(running)
+
+
+def compaction_running(store: Store, standard_id: str) -> bool:
+    """Whether a compaction of the table holds its lease (`running_compactions`)."""
+    return bool(running_compactions(store, standard_id))
+
+
+def _lease_id(path: str) -> str:
+    return path.rsplit("/", 1)[-1][:8]
 
 
 class HeldRows(collections.abc.Mapping):
     """Row objects' bytes held for `restore_rows` (model id -> bytes) in an unnamed temporary file, not in
     memory: a re-embed of a large zoo during a compaction of hours holds a row a model (10^4 per-source
-    rows are 750 MB). A model held again keeps its last bytes."""
+    rows are 750 MB). `seen`: model id -> the compactions running as its row was written
+    (`running_compactions`), None where that is unknown. A model held again keeps its last bytes."""
 
     def __init__(self) -> None:
         import tempfile
 
         self._file = tempfile.TemporaryFile()
         self._at: dict[str, tuple[int, int]] = {}
+        self.seen: dict[str, frozenset[str] | None] = {}
 
-    def add(self, model_id: str, data: bytes) -> None:
+    def add(self, model_id: str, data: bytes, seen: frozenset[str] | None = None) -> None:
         self._file.seek(0, 2)
         self._at[model_id] = (self._file.tell(), len(data))
         self._file.write(data)
+        self.seen[model_id] = seen
 
     def __getitem__(self, model_id: str) -> bytes:
         start, size = self._at[model_id]
@@ -267,7 +281,8 @@ class HeldRows(collections.abc.Mapping):
 
 
 def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[str, bytes], wait_s: float = 600.0,
-                 poll_s: float = 2.0) -> list[str]:
+                 poll_s: float = 2.0,
+                 seen: collections.abc.Mapping[str, collections.abc.Set[str] | None] | None = None) -> list[str]:
     """Write back the rows a compaction deleted right after they were rewritten; return their model ids.
 
     `written`: model id -> the bytes of a row object written while a compaction held its lease (the
@@ -276,6 +291,14 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
     from the segment until the next re-index. Once no compaction runs (waiting up to `wait_s`), each
     row whose object is gone is written back, unless its model was removed since (a marker).
     A compaction still running after `wait_s` raises StoreError naming the rows left unchecked.
+
+    `seen`: model id -> the compactions running as its row was written (`running_compactions`; None or
+    absent: unknown). Where the table's segments are another, later compaction's, that one listed the
+    table after the write: it holds this row (nothing to do) or, if the row was deleted before, the
+    model's older row, a newer one written since, or none (a remove since, its marker folded in).
+    Such a row is never written back: one whose model the segments hold in another row is named by a
+    StoreError, raised after the others are written back (the next `jobs.embed` embeds it again if its
+    row is stale).
     """
     deadline = time.monotonic() + wait_s
     while written and compaction_running(store, std.id):
@@ -285,16 +308,34 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
                              f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted "
                              f"(a compaction that crashed: `jobs.table compact --break-leases`)")
         time.sleep(poll_s)
+    gone = [mid for mid in sorted(written)
+            if not store.exists(row_path(std.id, mid)) and not store.exists(marker_path(std.id, mid))]
+    seen = seen or {}
+    compactions = {_compaction_of(seg).rsplit("-", 1)[-1] for seg in list_segments(store, std.id)}
+    later = [mid for mid in gone if seen.get(mid) is not None and not compactions <= seen[mid]]
+    in_segments = {row["model_id"]: row for row, _ in _iter_rows(store, std, later, 3)} if later else {}
+    unsure = [mid for mid in later if mid in in_segments and not _same_row(written[mid], in_segments[mid])]
     restored = []
-    for mid in sorted(written):  # each one's bytes read only if written back (`HeldRows`: from its file)
-        path = row_path(std.id, mid)
-        if not store.exists(path) and not store.exists(marker_path(std.id, mid)):
-            store.write_bytes(path, written[mid])
+    for mid in gone:  # each one's bytes read only if written back (`HeldRows`: from its file)
+        if mid not in later:
+            store.write_bytes(row_path(std.id, mid), written[mid])
             restored.append(mid)
     if restored:
         log.warning("wrote back %d row(s) a compaction deleted as they were rewritten: %s",
                     len(restored), ", ".join(restored))
+    if unsure:
+        raise StoreError(f"{len(unsure)} row(s) written during a compaction of standard {std.id} were deleted, "
+                         f"and a later compaction holds another row of the model ({', '.join(unsure[:5])}): not "
+                         f"written back, as that row may be newer; the next `jobs.embed` embeds them again if "
+                         f"their rows are stale" + (f" ({len(restored)} other(s) written back)" if restored else ""))
     return restored
+
+
+def _same_row(data: bytes, row: dict[str, Any]) -> bool:
+    """Whether a row object's bytes hold `row` (as `iter_rows` yields it)."""
+    held = pq.read_table(pa.BufferReader(data)).to_pylist()[0]
+    return np.array_equal(np.asarray(held.pop("embedding"), np.float32), row["embedding"]) and \
+        all(row.get(k) == v for k, v in held.items())
 
 
 def write_marker(store: Store, standard_id: str, model_id: str) -> None:
@@ -969,7 +1010,7 @@ def compact(store: Store | str, std: Standard, segment_rows: int | None = None,
             raise StoreError(f"another compaction of standard {std.id} is running (lease {running[0]}, "
                              f"last refreshed {running[1]}); run this one after it ends, or, if that one crashed, "
                              f"with --break-leases")
-        return _compact(store, std, segment_rows, t0, progress or (lambda what, n: None))
+        return _compact(store, std, segment_rows, t0, progress or (lambda what, n: None), _lease_id(lease))
     finally:
         stop.set()
         heartbeat.join()  # its last write lands before the delete, never after it
@@ -1027,7 +1068,8 @@ def _delete_if_unchanged(store: Store, path: str, digest: str | None) -> bool:
     return _digest(data) == digest and store.delete(path)
 
 
-def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress: Progress) -> CompactResult:
+def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress: Progress,
+             lease_id: str) -> CompactResult:
     listing = list_table(store, std)
     # Of the objects as read: one rewritten meanwhile is not deleted. The markers are read before any
     # row object: a remove that rewrites one after this compaction read its row is kept.
@@ -1036,9 +1078,10 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         read = store.read_many(listing.markers, missing_ok=True)
         digests = {p: _digest(data) for p, data in zip(listing.markers, read) if data is not None}
     # Named by the time to the nanosecond: segment names sort by it, and the newest wins (two compactions
-    # in one second used to sort by their random part).
+    # in one second used to sort by their random part); then by the lease's id, which `restore_rows`
+    # compares with the compactions a writer saw running.
     now = time.time_ns()
-    compaction = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
+    compaction = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}{now % 10**9:09d}-{lease_id}"
     rows = 0
     segments: list[str] = []
     keys: list[pa.Array] = []  # of each segment written, for its key index

@@ -275,9 +275,9 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     held, written = [], []
     real_add, real_restore = table.HeldRows.add, embed.restore_rows
 
-    def add(self, model_id, data):
-        held.append((model_id, len(data)))
-        real_add(self, model_id, data)
+    def add(self, model_id, data, seen):
+        held.append((model_id, len(data), seen))
+        real_add(self, model_id, data, seen)
 
     def compaction_ends_then_restore(store_, std_, rows, **kwargs):  # it deleted the new row object, and ends
         written.append(store.read_bytes(row))
@@ -290,7 +290,7 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--compaction-wait", "120"]) == 0
     out = capsys.readouterr().out
     assert "1 row(s) written while a compaction ran; 1 of them written back after it had deleted them" in out, out
-    assert held == [(entry.id, len(written[0]))] and store.read_bytes(row) == written[0]
+    assert held == [(entry.id, len(written[0]), frozenset({"running"}))] and store.read_bytes(row) == written[0]
 
 
 def test_outputs_inside_a_local_store_are_refused_before_any_work(published, tmp_path):

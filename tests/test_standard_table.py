@@ -1335,6 +1335,48 @@ def test_a_row_rewritten_as_a_compaction_deletes_it_is_written_back(published, m
     assert tbl.restore_rows(store, std, written) == []  # its object is there now
 
 
+def test_a_deleted_row_is_not_written_back_over_what_a_later_compaction_holds(published, monkeypatch):
+    """restore_rows wrote a held row back wherever its object was gone. If another compaction ran after
+    the one that deleted it, the table may hold a newer row of the model, written by another run, or
+    none, a remove since: the held row replaced the newer one, or brought the removed model back. Rows
+    record the compactions they saw (`running_compactions`, the id that ends their segments' names);
+    a later one's row that differs is left and named, a removed model stays removed, and a row the later
+    compaction folded in as written is left alone."""
+    from selection import table as tbl
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        _quick_row(store, std, mid, value=1.0)
+    real_read, held = store.read_bytes, tbl.HeldRows()
+
+    def rewritten_after_the_check(rel):  # the race of the test above, for each of the three rows
+        data = real_read(rel)
+        mid = next((m for m in ("zoo/a", "zoo/b", "zoo/c") if rel == row_path(std.id, m)), None)
+        if mid and mid not in held and tbl.list_segments(store, std.id):
+            for m in (mid, "zoo/e") if mid == "zoo/a" else (mid,):  # zoo/e: new, not in this compaction's listing
+                path, new = tbl.row_object(std, _row_dict(std, m, value=2.0))
+                store.write_bytes(path, new)
+                held.add(m, new, tbl.running_compactions(store, std.id))
+        return data
+
+    monkeypatch.setattr(store, "read_bytes", rewritten_after_the_check)
+    tbl.compact(store, std)
+    monkeypatch.setattr(store, "read_bytes", real_read)
+    first = {tbl._compaction_of(s).rsplit("-", 1)[-1] for s in tbl.list_segments(store, std.id)}
+    assert sorted(held) == ["zoo/a", "zoo/b", "zoo/c", "zoo/e"] and all(held.seen[m] == first for m in held)
+    _quick_row(store, std, "zoo/a", value=3.0)  # another run embeds zoo/a again
+    delete_row(store, std, "zoo/b")  # and zoo/b is removed
+    tbl.compact(store, std)  # a later compaction folds both in, and zoo/e's row
+    with pytest.raises(StoreError, match=r"2 row\(s\) written during a compaction of standard .* were deleted, and "
+                                         r"a later compaction holds another row of the model \(zoo/a, zoo/c\): not "
+                                         r"written back, as that row may be newer"):
+        tbl.restore_rows(store, std, held, seen=held.seen)
+    t = load_table(store, std)
+    assert dict(zip(t.model_ids, t.embeddings[:, 0])) == {"zoo/a": 3.0, "zoo/c": 1.0, "zoo/e": 2.0}
+    assert not tbl.list_rows(store, std.id)  # nothing written back
+    held.close()
+
+
 def test_restore_rows_waits_for_the_compaction_and_says_when_it_gave_up(published):
     import threading
 
@@ -1361,6 +1403,7 @@ def test_embed_entry_keeps_the_row_it_wrote_while_a_compaction_ran(published):
     store.write_bytes(f"embeddings/{std.id}/_compacting/running", str(time.time()).encode())
     r = embed_entry(A, std, store)
     assert r.status == "embedded" and r.written_during_compaction == store.read_bytes(row_path(std.id, A.id))
+    assert r.compactions_at_write == frozenset({"running"})  # the lease's id, for `restore_rows`
 
 
 def test_rows_record_how_their_probe_pass_ran_and_older_rows_without_it_still_read(published, capsys, caplog):
@@ -1892,7 +1935,7 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
         written.append(row["model_id"])
         if compaction["writes"] == 3:
             compaction["looks"] = 3
-        return path, data if compaction["looks"] else b""
+        return (path, data, frozenset({"lease-id"})) if compaction["looks"] else (path, b"", None)
 
     def running(store_, sid):
         compaction["looks"] = max(compaction["looks"] - 1, 0)
