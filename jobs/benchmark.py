@@ -135,7 +135,7 @@ def build_zoo(plan: Any, store: Store, endpoint: str | None, gpus: float,
 def zoo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     plan = bench.plan_by_name(args.small)
-    store = _store(args)
+    store = open_store(args)
     runtime.init(args.address)
     gpus = train_gpus(args.train_gpus)
     entries, general, path = build_zoo(plan, store, args.s3_endpoint, gpus, not args.no_progress)
@@ -192,13 +192,6 @@ def _raise_first(results: Sequence[Any], what: str) -> None:
         raise type(errors[0])(f"{what}: {errors[0]} ({len(errors)} failed)")
 
 
-def _store(args: argparse.Namespace) -> Store:
-    url = args.store
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))  # workers may run elsewhere than the driver's cwd
-    return open_store(args, url)
-
-
 def _versions() -> dict[str, str]:
     import timm
     import torch
@@ -210,7 +203,7 @@ def _versions() -> dict[str, str]:
 
 
 def quality(args: argparse.Namespace) -> int:
-    from jobs.embed import make_plan
+    from selection.embedder import make_plan
     from selection.embedder import refresh_rows
     from selection.table import load_table
 
@@ -220,7 +213,7 @@ def quality(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, standards=tuple(dataclasses.replace(s, ridge_gcv=args.ridge_gcv)
                                                      for s in plan.standards))
     check_output(args.out, directory=True)
-    store = _store(args)
+    store = open_store(args)
     check_outside_store(store, {"--out": args.out})
     ep = args.s3_endpoint
     runtime.init(args.address)
@@ -347,7 +340,7 @@ def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
     """The zoo's catalog in the store (one atomic write), by its path (local) or URL."""
     rel = "benchmark/catalog.jsonl"
     store.write_bytes(rel, catalog_bytes(entries))
-    return os.path.join(store.root, rel) if store.scheme == "file" else f"{store.url}/{rel}"
+    return store.location(rel)
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -18,9 +18,9 @@ from selection.storage import ScrubCredentials, Store
 log = logging.getLogger("zooselect")
 
 
-def add_store_args(p: argparse.ArgumentParser, required: bool = True, standard: bool = True) -> None:
+def add_store_args(p: argparse.ArgumentParser, standard: bool = True) -> None:
     default = os.environ.get("ZOOSELECT_STORE")
-    p.add_argument("--store", required=required and default is None, default=default,
+    p.add_argument("--store", required=default is None, default=default,
                    help="embedding store URL: a local directory or s3://bucket/prefix "
                         "(default: $ZOOSELECT_STORE)")
     p.add_argument("--s3-endpoint", default=None,

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import prog, run_program
+from jobs.common import add_ray_args, prog, run_program
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -54,11 +54,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE", "./zooselect-store"),
                    help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--verify-top-k", type=int, default=3,
                    help="verify the top k of each task's ranking by LogME on its labelled images (default 3; 0: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_ray_args(p)
     return p
 
 

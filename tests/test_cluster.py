@@ -809,7 +809,7 @@ def test_store_table_round_trip(s3_store_url: str):
     table = pa.table({"model_id": ["a/b", "c"], "embedding": [[1.0, 2.0], [3.0, 4.0]]})
     store.write_table("emb/x.parquet", table)
     assert store.read_table("emb/x.parquet").equals(table)
-    assert [t.num_rows for t in store.read_tables(["emb/x.parquet"] * 3)] == [2, 2, 2]
+    assert [store.read_table("emb/x.parquet", d).num_rows for d in store.read_many(["emb/x.parquet"] * 3)] == [2, 2, 2]
 
 
 @pytest.mark.integration
@@ -1222,14 +1222,14 @@ def test_bad_or_unreachable_ray_address_is_one_line_error_at_once(address, needl
 @pytest.mark.integration
 def test_s3_checkpoint_existence_is_checked_without_loading(s3_store_url: str):
     from selection.catalog import CatalogEntry
-    from selection.embedder import needs_embedding
+    from selection.embedder import plan_entry
     from selection.errors import ModelError
 
     Store(s3_store_url, retry=FAST_RETRY).write_bytes("w/ok.safetensors", b"not loaded, only seen")
-    assert needs_embedding(CatalogEntry("m/ok", "resnet10t", f"{s3_store_url}/w/ok.safetensors"), None)
+    assert plan_entry(CatalogEntry("m/ok", "resnet10t", f"{s3_store_url}/w/ok.safetensors"), None) != "skip"
     missing = f"{s3_store_url}/w/missing.safetensors"
     with pytest.raises(ModelError, match="checkpoint not found: 's3://"):
-        needs_embedding(CatalogEntry("m/missing", "resnet10t", missing), None)
+        plan_entry(CatalogEntry("m/missing", "resnet10t", missing), None) != "skip"
 
 
 def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():

@@ -473,7 +473,7 @@ def test_storage_outage_beyond_the_retries_fails_cleanly_and_a_rerun_completes(s
     """The other branch, made deterministic: the server stays down longer than the retry
     budget. The model's write fails with one line naming the store and the fault, nothing
     of it is written; after the restart the job's plan embeds exactly that model again."""
-    from jobs.embed import make_plan
+    from selection.embedder import make_plan
     from tests.s3_fixtures import point_env_at
 
     server = seaweed_factory("zs-fault-outage")

@@ -13,7 +13,7 @@ import torch
 import selection
 from selection.catalog import CatalogEntry
 from selection.data import ImageSet
-from selection.embedder import STAGES, embed_entry, needs_embedding
+from selection.embedder import STAGES, Plan, embed_entry, make_plan, plan_entry
 from selection.errors import ConfigError, DataError, StandardMismatchError, StoreError
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.storage import Store
@@ -196,10 +196,10 @@ def test_isolation_and_determinism(published, tmp_path):
 
 def test_rerun_is_skipped_when_digest_unchanged(published):
     store, std = published
-    assert needs_embedding(A, read_index(store, std).get(A.id))
+    assert plan_entry(A, read_index(store, std).get(A.id)) != "skip"
     embed_entry(A, std, store)
-    assert not needs_embedding(A, read_index(store, std).get(A.id))
-    assert needs_embedding(dataclasses.replace(A, input_size=40), read_index(store, std).get(A.id))
+    assert plan_entry(A, read_index(store, std).get(A.id)) == "skip"
+    assert plan_entry(dataclasses.replace(A, input_size=40), read_index(store, std).get(A.id)) != "skip"
 
 
 def test_mixing_standards_and_widths_refused(published, tmp_path):
@@ -409,7 +409,7 @@ def test_compaction_keeps_the_table_and_updates_stay_single_object(published):
     order = [after.model_ids.index(m) for m in before.model_ids]
     assert np.array_equal(after.embeddings[order], before.embeddings)
     # The index (used to skip unchanged models) reads segments too.
-    assert not needs_embedding(A, read_index(store, std).get(A.id))
+    assert plan_entry(A, read_index(store, std).get(A.id)) == "skip"
 
     # Remove one compacted model: no row object to delete, one marker written.
     objects = set(store.list("embeddings"))
@@ -1458,16 +1458,16 @@ def test_a_reindex_reads_no_checkpoint_whose_stamp_is_the_rows(published, tmp_pa
     assert row["weights_stamp"].startswith("stat:")
     real, reads = models._hash_weights, []
     monkeypatch.setattr(models, "_hash_weights", lambda w: reads.append(w) or real(w))
-    assert not needs_embedding(entry, row) and reads == []  # the stamp matched: nothing read
+    assert plan_entry(entry, row) == "skip" and reads == []  # the stamp matched: nothing read
     data = open(path, "rb").read()
     open(path, "wb").write(data)  # the same bytes written again: hashed, still unchanged
-    assert not needs_embedding(entry, row) and reads == [path]
+    assert plan_entry(entry, row) == "skip" and reads == [path]
     torch = __import__("torch")
     torch.manual_seed(5)
     save_checkpoint(__import__("timm").create_model("resnet10t", num_classes=2), path)
-    assert needs_embedding(entry, row)
+    assert plan_entry(entry, row) != "skip"
     old = dict(row, weights_stamp=None)  # a row written before the stamp: hashed as before
-    assert needs_embedding(entry, old) and len(reads) == 3
+    assert plan_entry(entry, old) != "skip" and len(reads) == 3
 
 
 def test_a_plan_checks_entries_concurrently_in_catalog_order(published, tmp_path, monkeypatch):
@@ -1477,8 +1477,6 @@ def test_a_plan_checks_entries_concurrently_in_catalog_order(published, tmp_path
     import threading
 
     import selection.embedder as embedder
-    from jobs import embed as embed_job
-
     from tests.conftest import save_checkpoint
 
     store, std = published
@@ -1497,7 +1495,7 @@ def test_a_plan_checks_entries_concurrently_in_catalog_order(published, tmp_path
         real(entry)
     monkeypatch.setattr(embedder, "check_entry", slow_check)
     done = []
-    plan = embed_job.make_plan(entries, store, std, prune=False, progress=done.append)
+    plan = make_plan(entries, store, std, prune=False, progress=done.append)
     assert peak[0] > 1 and done == [1] * len(entries)
     assert [e.id for e in plan.embed] == [e.id for e in entries if e.weights == path]
     assert [r.model_id for r in plan.invalid] == [e.id for e in entries if e.weights != path]
@@ -1511,7 +1509,6 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     import shutil
 
     import selection.models as models
-    from jobs import embed as embed_job
     from selection.table import StampMemo, delete_rows, stamp_memo_path
 
     from tests.conftest import save_checkpoint
@@ -1525,8 +1522,8 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     shutil.copyfile(path, path + ".bak")
     os.replace(path + ".bak", path)  # restored from a backup: same bytes, new inode and times
 
-    def plan() -> embed_job.Plan:
-        return embed_job.make_plan([entry], store, std, prune=False)
+    def plan() -> Plan:
+        return make_plan([entry], store, std, prune=False)
     assert plan().skip == ("zoo/m",) and reads == [path]
     assert plan().skip == ("zoo/m",) and plan().skip == ("zoo/m",) and reads == [path]  # known by its stamp
     memo = StampMemo(store, std.id)
@@ -1546,7 +1543,7 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     assert embed_entry(entry, std, store).status == "embedded"
     store.delete(stamp_memo_path(std.id, "zoo/m"))
     os.replace(shutil.copyfile(path, path + ".bak"), path)
-    assert embed_job.make_plan([entry], store, std, prune=False, dry_run=True).skip == ("zoo/m",)
+    assert make_plan([entry], store, std, prune=False, dry_run=True).skip == ("zoo/m",)
     assert memo.get("zoo/m") is None
     real_read = store.read_bytes
 
@@ -1909,7 +1906,7 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
     reported = []
     results = {r.model_id: r for r in refresh_rows(planned, std, store, progress=reported.append)}
     assert list(results) == [e.id for e in entries] and sum(reported) == 100
-    first, others = calls[0], [e.id for e in entries if e.id != calls[0]]
+    others = [e.id for e in entries if e.id != calls[0]]
     assert "removed or rewritten after the plan" in results[others[0]].reason
     assert "removed or rewritten after the plan" in results[others[1]].reason
     assert results[entries[-1].id].reason == f"model {entries[-1].id!r}: RuntimeError: disk on fire"
