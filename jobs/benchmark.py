@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, open_store, prog, prog_of_subcommand, run_program
+from jobs.common import add_ray_args, open_store, prog, progress_bar, prog_of_subcommand, run_program
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -173,14 +173,13 @@ def _measure_costs(plan: Any, stds: Sequence[Any], models: Sequence[CatalogEntry
     import ray
     import torch
     from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
 
     ray.shutdown()  # a local Ray stops; a cluster's is only disconnected from
     threads = torch.get_num_threads()
     try:
         _threads()
         with threadpool_limits(limits=1), \
-                tqdm(total=len(stds) + len(models), desc="costs", disable=not progress, unit="item") as bar:
+                progress_bar(total=len(stds) + len(models), desc="costs", disable=not progress, unit="item") as bar:
             return bench.measure_costs(plan, stds, models, tasks, store, step=lambda _: bar.update(1))
     finally:
         torch.set_num_threads(threads)

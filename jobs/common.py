@@ -19,7 +19,7 @@ log = logging.getLogger("zooselect")
 
 
 def add_store_args(p: argparse.ArgumentParser, standard: bool = True) -> None:
-    default = os.environ.get("ZOOSELECT_STORE")
+    default = os.environ.get("ZOOSELECT_STORE") or None  # set but empty: as unset, --store is required
     p.add_argument("--store", required=default is None, default=default,
                    help="embedding store URL: a local directory or s3://bucket/prefix "
                         "(default: $ZOOSELECT_STORE)")
@@ -54,6 +54,7 @@ def open_store(args: argparse.Namespace, url: str | None = None, writable: bool 
 
 _COMMAND: str | None = None  # "zooselect CMD" while the zooselect command runs a job
 _TERMINATED = 128 + signal.SIGTERM  # the exit status after SIGTERM
+_BROKEN_PIPE = 128 + signal.SIGPIPE  # after its output's reader went away (as a shell tool killed by SIGPIPE)
 _terminated = False
 
 
@@ -68,9 +69,52 @@ def terminated(signum: int, frame: Any) -> None:
     raise SystemExit(_TERMINATED)
 
 
+LOG_BAR_INTERVAL_S = 30.0  # off a terminal, a progress bar writes a line this often (and one at the end)
+
+
+class _Lines:
+    """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*, disable: bool = False, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr (`kwargs`: tqdm's). On a terminal it is redrawn in place; elsewhere (a file,
+    `ray job logs`, a pod's log) it writes a plain line every LOG_BAR_INTERVAL_S, on each postfix change
+    and at the end, kept, rather than carriage-return frames."""
+    from tqdm import tqdm
+
+    if disable or sys.stderr.isatty():
+        return tqdm(disable=disable, **kwargs)
+    return tqdm(file=_Lines(sys.stderr), mininterval=LOG_BAR_INTERVAL_S, ascii=True, ncols=100,
+                **dict(kwargs, leave=True))
+
+
 def prog(module: str) -> str:
     """A job's name in its usage lines: `zooselect CMD` when that command runs it, else `python -m MODULE`."""
     return _COMMAND or f"python -m {module}"
+
+
+def format_gflops(value: float | None) -> str:
+    """GFLOPs as the jobs print them: '?' unknown, two decimals, a tiny model's 0.0046 as 4.6e-03 (not 0.00)."""
+    if value is None:
+        return "?"
+    return f"{value:.2f}" if value >= 0.01 or not value else f"{value:.1e}"
+
+
+def command(module: str) -> str:
+    """How to run another job, in a hint: as this one was run (`zooselect embed` or `python -m jobs.embed`)."""
+    return f"zooselect {module.split('.', 1)[1]}" if _COMMAND else f"python -m {module}"
 
 
 def prog_of_subcommand(name: str) -> None:
@@ -102,6 +146,9 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `zooselect table ls | head`: the reader went away; the job stops, as by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
+        code = _BROKEN_PIPE
     except SystemExit as exc:
         code = _TERMINATED if _terminated else exc.code
     sys.exit(code)

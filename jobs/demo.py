@@ -52,7 +52,7 @@ TASKS = {"fashion-footwear": "builtin:fashion-mnist?classes=5,7,9&per_class=60",
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.demo"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE", "./zooselect-store"),
+    p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE") or "./zooselect-store",
                    help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store)")
     p.add_argument("--verify-top-k", type=int, default=3,
                    help="verify the top k of each task's ranking by LogME on its labelled images (default 3; 0: none)")

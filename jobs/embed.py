@@ -15,12 +15,13 @@ from dataclasses import replace
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, load_catalog
-from selection.embedder import EmbedResult, make_plan, refresh_rows
+from selection.embedder import EmbedResult, Plan, make_plan, refresh_rows
 from selection.models import timm_fingerprint
 from selection.errors import ConfigError, ZooselectError
-from selection.standard import load_standard
+from selection.standard import Standard, load_standard
+from selection.storage import Store
 from selection.table import HeldRows, compaction_running, delete_rows, restore_rows
 
 
@@ -59,8 +60,6 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace, prune: bool) -> int:
-    from tqdm import tqdm
-
     opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
                                 args.autoscaling, args.models_per_actor)
     if not args.compaction_wait >= 0:
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     max_remove = getattr(args, "max_remove", 1.0)
     if not 0 <= max_remove <= 1:
         raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
-    with tqdm(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
+    with progress_bar(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
         plan = make_plan(entries, store, std, prune, dry_run=args.dry_run, progress=bar.update)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.refresh)} to refresh, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
@@ -84,17 +83,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
                     f"{max_remove:g} allows, with a catalog of only {len(entries)} (is {args.catalog!r} the whole "
                     f"zoo? --max-remove 1 removes them)")
     if args.dry_run:
-        print(head)
-        for e in plan.embed:
-            print(f"  embed   {e.id}")
-        for e, _ in plan.refresh:
-            print(f"  refresh {e.id}")
-        for mid in plan.remove:
-            print(f"  remove  {mid}")
-        for r in plan.invalid:
-            print(f"  invalid {r.model_id}: {_reason(r)}")
-        if too_many:
-            print(f"refused: {too_many}")
+        _print_plan(head, plan, too_many)
         return 1 if plan.invalid or too_many else 0  # as the run would: a catalog check in CI fails
     if too_many:  # the rest of the plan goes on; the run exits 1
         print(f"refused: {too_many}", flush=True)
@@ -102,14 +91,17 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
         runtime.init(args.address)
         runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
-    removed = len(plan.remove) - len(delete_rows(store, std, list(plan.remove)))
+    absent = set(delete_rows(store, std, list(plan.remove)))  # removed since the plan: nothing to say
+    removed = [mid for mid in plan.remove if mid not in absent]
+    for mid in removed:  # a nightly re-index's log names what it deleted
+        print(f"removed: {mid}", flush=True)
     results: list[EmbedResult] = list(plan.invalid)
     during = HeldRows()  # the rows written while a compaction ran, on local disk until it ends
     if plan.embed:
         results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
                                              opts, progress=not args.no_progress, held=during)
     if plan.refresh:  # after the embedding: a compaction running now may have ended by then
-        with tqdm(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:
+        with progress_bar(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:
             results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait, progress=bar.update)
     ok = [r for r in results if r.status in ("embedded", "refreshed")]
     embedded = [r for r in ok if r.status == "embedded"]
@@ -120,24 +112,12 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     for r in ok:
         if r.written_during_compaction:  # a refresh's (few: it pauses while a compaction runs)
             during.add(r.model_id, r.written_during_compaction, r.compactions_at_write)
-    unchecked = False
-    if during:
-        if compaction_running(store, std.id):
-            print(f"{len(during)} row(s) written while a compaction of standard {std.id} runs: waiting up to "
-                  f"{args.compaction_wait:.0f}s for it to end, to check them (one that crashed: `jobs.table "
-                  f"compact --break-leases`)", flush=True)
-        try:
-            restored = restore_rows(store, std, during, wait_s=args.compaction_wait, seen=during.seen)
-            print(f"{len(during)} row(s) written while a compaction ran; {len(restored)} of them written back "
-                  f"after it had deleted them")
-        except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index
-            print(f"warning: {exc}")
-            unchecked = True
+    unchecked = bool(during) and not _check_held_rows(store, std, during, args.compaction_wait)
     during.close()
     rates = [r.images_per_second for r in embedded]
     gpu = max((r.peak_gpu_mib for r in embedded), default=0.0)
     print(f"summary: {len(embedded)} embedded, {len(ok) - len(embedded)} refreshed, {len(plan.skip)} skipped, "
-          f"{removed} removed, {len(failed)} failed"
+          f"{len(removed)} removed, {len(failed)} failed"
           + (f"; probe pass img/s per model mean {sum(rates) / len(rates):.0f} (min {min(rates):.0f}, "
              f"max {max(rates):.0f})" if rates else "")
           + (f", peak GPU memory {gpu:.0f} MiB" if gpu else "")
@@ -146,6 +126,37 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         workers = len({r.worker for r in embedded if r.worker})
         print(f"time per model (mean of {len(embedded)}, {workers} actor process(es)): {stage_means(embedded)}")
     return 1 if failed or unchecked or too_many else 0
+
+
+def _print_plan(head: str, plan: Plan, too_many: str | None) -> None:
+    print(head)
+    for e in plan.embed:
+        print(f"  embed   {e.id}")
+    for e, _ in plan.refresh:
+        print(f"  refresh {e.id}")
+    for mid in plan.remove:
+        print(f"  remove  {mid}")
+    for r in plan.invalid:
+        print(f"  invalid {r.model_id}: {_reason(r)}")
+    if too_many:
+        print(f"refused: {too_many}")
+
+
+def _check_held_rows(store: Store, std: Standard, during: HeldRows, wait_s: float) -> bool:
+    """Once no compaction runs, write back the held rows one deleted (`restore_rows`); False if some are
+    left unchecked (one still runs after `wait_s`, or a later one's rows cannot be told from them)."""
+    if compaction_running(store, std.id):
+        print(f"{len(during)} row(s) written while a compaction of standard {std.id} runs: waiting up to "
+              f"{wait_s:.0f}s for it to end, to check them (one that crashed: `{command('jobs.table')} "
+              f"compact --break-leases`)", flush=True)
+    try:
+        restored = restore_rows(store, std, during, wait_s=wait_s, seen=during.seen)
+    except ZooselectError as exc:  # exit 1: the table may lack some of them until the next re-index
+        print(f"warning: {exc}")
+        return False
+    print(f"{len(during)} row(s) written while a compaction ran; {len(restored)} of them written back "
+          f"after it had deleted them")
+    return True
 
 
 def _warn_if_workers_decide_otherwise(entries: Sequence[CatalogEntry], embedded: Sequence[EmbedResult]) -> None:

@@ -17,9 +17,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
-from jobs.common import terminated
+from jobs.common import progress_bar, terminated
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
@@ -267,14 +267,13 @@ def _wait(refs: list[Any], what: str) -> tuple[list[Any], list[Any]]:
 
 def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False) -> list[Any]:
     import ray
-    from tqdm import tqdm
 
     from selection.errors import ZooselectError
 
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, disable=not progress, unit="item") as bar:
+    with progress_bar(total=len(refs), desc=desc, disable=not progress, unit="item") as bar:
         while pending:
             done, pending = _wait(pending, f"{desc or 'Ray'} task(s)")
             for ref in done:
@@ -426,6 +425,13 @@ class ActorOptions:
         if self.autoscaling and self.max_in_flight is None:
             raise ConfigError("autoscaling needs max_in_flight (how many actors to run at once when "
                               "the nodes are up: the resources now do not tell), got None")
+        if self.gpus_per_actor == 0 and self.cpus_per_actor == 0 and self.max_in_flight is None:
+            _unbounded()  # here too, not only with the cluster's resources: a dry run refuses it as the run
+
+
+def _unbounded() -> NoReturn:
+    raise ConfigError("actors that take no CPU and no GPU are not bounded by the cluster: give "
+                      "--max-in-flight, or --cpus-per-actor > 0")
 
 
 def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, float], autoscaling: bool,
@@ -456,8 +462,7 @@ def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float
     gpus_per_actor = (opts.gpus_per_actor if opts.gpus_per_actor is not None
                       else 1.0 if node.get("GPU", 0) >= 1 else 0.0)
     if gpus_per_actor == 0 and opts.cpus_per_actor == 0 and opts.max_in_flight is None:
-        raise ConfigError("actors that take no CPU and no GPU are not bounded by the cluster: give "
-                          "--max-in-flight, or --cpus-per-actor > 0")
+        _unbounded()
     need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
     check_fits("an actor", need, node, opts.autoscaling)
     if opts.max_in_flight is not None:
@@ -480,7 +485,6 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     the others finish, and an actor whose call failed is replaced.
     """
     import ray
-    from tqdm import tqdm
 
     entries = list(entries)
     gpus_per_actor, max_in_flight = size_actors(opts, cluster_resources(), node_resources())
@@ -496,7 +500,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     running: dict[Any, tuple[Any, CatalogEntry, float, int]] = {}
     idle: list[tuple[Any, int]] = []  # (actor, models it has embedded) ready for another
     threads = max(1, int(cpus_per_actor))
-    with tqdm(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
+    with progress_bar(total=len(entries), desc="embed", disable=not progress, unit="model") as bar:
         while queue or running:
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, command, format_gflops, open_store, prog, run_program
 from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -83,7 +84,8 @@ def parser() -> argparse.ArgumentParser:
                         "segments of one compaction, or of more than 4,096 row objects, is swept in Ray tasks, one per "
                         "segment or batch of row objects: on any node for an s3:// store, for a local one on this "
                         "machine's node if it has a CPU and is in the cluster, not under ray://)")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the results as JSON to this file ('-': to standard output, the table then to stderr)")
     p.add_argument("--parquet", default=None, metavar="OUT", help="write the results as Parquet")
     p.add_argument("--no-save", action="store_true",
                    help="do not keep the results next to the table (STORE/results/<run>.{json,parquet})")
@@ -268,7 +270,7 @@ def format_results(results: list[dict[str, Any]], std_id: str, m: int,
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
-                         f"that is unknown passes none; text is compared exactly, case included: `jobs.table ls`), "
+                         f"that is unknown passes none; text is compared exactly, case included: `{command('jobs.table')} ls`), "
                          f"or every row was left out (the warnings say why)")
         elif not res["ranking"]:
             lines.append("no model ranked: every row was left out (the warnings say why)")
@@ -301,8 +303,7 @@ def _cells(row: dict[str, Any]) -> tuple[str, str, str]:
     """A result row's verified measurement, parameters and GFLOPs as printed."""
     return ("" if row["verified"] is None else f"{row['verified']:.4f}",
             "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M",
-            "?" if row["gflops"] is None else f"{row['gflops']:.2f}" if row["gflops"] >= 0.01 or not row["gflops"]
-            else f"{row['gflops']:.1e}")  # a tiny model's 0.0046 GFLOPs printed as 0.00
+            format_gflops(row["gflops"]))
 
 
 def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
@@ -334,10 +335,13 @@ def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
                   parquet_path: str | None, store: Store | None = None) -> str | None:
-    """Write the results where asked: the local files, then with `store` its copy in STORE/results/
-    (returns that prefix). Each file is written whole or not at all, every one that can be is, then a
-    one-line error names those that could not (StoreError when the store's copy failed)."""
+    """Write the results where asked: the local files (`json_path` "-": standard output), then with `store`
+    its copy in STORE/results/ (returns that prefix). Each file is written whole or not at all, every one
+    that can be is, then a one-line error names those that could not (StoreError when the store's copy failed)."""
     doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
+    if json_path == "-":
+        print(doc, flush=True)
+        json_path = None
 
     def write_parquet(path: str) -> None:
         with atomic_local_file(path) as tmp:
@@ -387,10 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if same in seen:
             raise ConfigError(f"the same task is given twice: {seen[same]!r} and {task!r}")
         seen[same] = task
-    check_output(args.json)
+    json_file = None if args.json == "-" else args.json
+    check_output(json_file)
     check_output(args.parquet)
     outputs = {flag: os.path.realpath(os.path.expanduser(path)) for flag, path in
-               (("--json", args.json), ("--parquet", args.parquet)) if path}
+               (("--json", json_file), ("--parquet", args.parquet)) if path}
     if len(set(outputs.values())) < len(outputs):
         raise ConfigError(f"--json and --parquet name the same file {args.json!r}: one would overwrite the other")
     for task in args.task:  # a results file over a task's data (`--task t.parquet --parquet t.parquet`)
@@ -405,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args, writable=not args.no_save, write_prefix="results")  # it only reads unless it saves
-    check_outside_store(store, {"--json": args.json, "--parquet": args.parquet})
+    check_outside_store(store, {"--json": json_file, "--parquet": args.parquet})
     # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
     _raise_failed(args.task, [_outcome(lambda t=t: check_spec(t)) for t in args.task])
     std = load_standard(store, args.standard)
@@ -414,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not may_have_rows(store, std.id):
         others = [s for s in list_standards(store) if s != std.id and may_have_rows(store, s)]
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
-                         f"run `python -m jobs.embed --catalog CATALOG --store {store.url}` first"
+                         f"run `{command('jobs.embed')} --catalog CATALOG --store {store.url}` first"
                          + (f" (models are embedded under {', '.join(others)}: choose it with --standard)"
                             if others else ""))
     runtime.init(args.address)
@@ -422,18 +427,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                      verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,
                      parallel_sweep=not args.serial_sweep)
     m = results[0]["models_swept"]
+    out = sys.stderr if args.json == "-" else sys.stdout  # standard output holds the JSON alone
     try:  # printed even when the store's copy cannot be written
         saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
     finally:
-        print(format_results(results, std.id, m))
+        print(format_results(results, std.id, m), file=out)
     if saved:
-        print(f"results saved to {saved}.json and .parquet")
+        print(f"results saved to {saved}.json and .parquet", file=out)
     total = max(r["total_seconds"] for r in results)
     unverified = sum(r["n_unverified"] for r in results)
     print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
           f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified"
           + (f", {unverified} whose verification failed (the warnings above say why)" if unverified else "")
-          + f"; {total:.1f}s")
+          + f"; {total:.1f}s", file=out)
     return 1 if unverified else 0
 
 

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Sequence
 
-from jobs.common import add_store_args, open_store, prog, run_program
+from jobs.common import add_store_args, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, anchored
 from selection.errors import ConfigError
 from selection.models import pypi_weights_for
@@ -93,7 +93,6 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm import tqdm
 
     args = parser().parse_args(argv)
     store = open_store(args, write_prefix="standards")
@@ -114,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not may_have_rows(store, sid):
             _say_default_moved(store, before, sid)
         return 0
-    with tqdm(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
+    with progress_bar(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
         std = build_standard(config, progress=bar.update, planned=(spec, images))
     before = _default_before(store, args.no_default)
     save_standard(store, std, make_default=not args.no_default)
@@ -138,7 +137,7 @@ def _say_default_moved(store: Store, before: str | None, sid: str) -> None:
     --standard then finds none (a review, session 39: the zoo seemed gone)."""
     if before and before != sid and may_have_rows(store, before):
         print(f"note: the store's default standard was {before}, which has embedded models; {sid} has none "
-              f"yet: embed the zoo under it (`python -m jobs.embed --catalog CATALOG --store {store.url}`), "
+              f"yet: embed the zoo under it (`{command('jobs.embed')} --catalog CATALOG --store {store.url}`), "
               f"or select with `--standard {before}` (`--no-default` publishes a standard without making it "
               f"the default)")
 

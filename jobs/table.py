@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from typing import Any, Iterator, Sequence
 
-from jobs.common import add_store_args, open_store, prog, run_program
+from jobs.common import add_store_args, format_gflops, open_store, prog, progress_bar, run_program
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.standard import list_standards, load_standard
@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("remove", help="remove models from the table (one object each)")
     add_store_args(rm)
     rm.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
+    for quiet in (ls, rm):  # accepted as by every job, for scripts that pass it to each: these have no bars
+        quiet.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     cp = sub.add_parser("compact", help="fold row objects into segments (fast reads at 10^5+ models)")
     add_store_args(cp)
     cp.add_argument("--segment-rows", type=int, default=None,
@@ -43,13 +45,12 @@ def parser() -> argparse.ArgumentParser:
 def _bars(enabled: bool, **verbs: str) -> Iterator[Progress]:
     """A `selection.table.Progress` that shows one bar per kind of work, named by `verbs`
     (e.g. rows="folded": "folded: 4096 rows")."""
-    from tqdm import tqdm
 
     bars: dict[str, Any] = {}
 
     def update(what: str, n: int) -> None:
         if what not in bars:
-            bars[what] = tqdm(desc=verbs.get(what, what), unit=f" {what}", disable=not enabled)
+            bars[what] = progress_bar(desc=verbs.get(what, what), unit=f" {what}", disable=not enabled)
         bars[what].update(n)
     try:
         yield update
@@ -58,15 +59,21 @@ def _bars(enabled: bool, **verbs: str) -> Iterator[Progress]:
             bar.close()
 
 
+LS_HEAD = (f"{'model_id':<40} {'arch':<24} {'params':>7} {'GFLOPs':>10} {'size':>6} {'sha256':<12} {'compute':<17}"
+           f"license / tags")
+
+
 def _ls_line(row: dict[str, Any]) -> str:
     """One model of `ls`; a null field (the schema allows it for all but the id) shows as '-'."""
     def num(value: float | None, fmt: str, suffix: str, width: int) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:{fmt}}{suffix}"
 
     params = None if row["num_params"] is None else row["num_params"] / 1e6
+    tags = ",".join(row["tags"] or []) or "-"
     return (f"{row['model_id']:<40} {row['arch'] or '-':<24} {num(params, '>6.1f', 'M', 7)} "
-            f"{num(row['gflops'], '>7.2f', ' GF', 10)} {num(row['input_size'], '>4', 'px', 6)} "
-            f"{(row['weights_sha256'] or '-')[:12]:<12} {row['compute'] or '-':<17}"
+            f"{'-' if row['gflops'] is None else format_gflops(row['gflops']) + ' GF':>10} "
+            f"{num(row['input_size'], '>4', 'px', 6)} "
+            f"{(row['weights_sha256'] or '-')[:12]:<12} {row['compute'] or '-':<17}{row['license'] or '-'} / {tags}"
             f"{'  (standard baseline)' if row['is_baseline'] else ''}")
 
 
@@ -87,10 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     std = load_standard(store, args.standard)
     if args.command == "ls":
         print(f"standards: {', '.join(standards)} (default/selected: {std.id})")
-        cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256", "compute"]
+        cols = ["model_id", "arch", "is_baseline", "num_params", "gflops", "input_size", "weights_sha256", "compute",
+                "license", "tags"]
         rows = read_consistently(store, std, lambda listing: [  # the metadata only, never the vectors
             row for shard in iter_shards(store, std, listing, columns=cols) for row in shard.meta.to_pylist()])
-        for row in rows:
+        print(LS_HEAD)
+        for row in sorted(rows, key=lambda r: r["model_id"]):
             print(_ls_line(row))
         print(f"{len(rows)} models under standard {std.id}")
         return 0

@@ -114,9 +114,12 @@ class CatalogEntry:
         metadata = {} if raw.get("metadata") is None else raw["metadata"]
         if not isinstance(metadata, dict):
             raise ConfigError(f"{where}: model {raw['id']!r}: metadata must be a mapping, got {metadata!r}")
-        return cls(id=raw["id"], arch=raw["arch"], weights=raw.get("weights"), tags=tuple(tags),
-                   input_size=raw.get("input_size"), license=raw.get("license"),
-                   num_classes=raw.get("num_classes"), metadata=dict(metadata))
+        try:
+            return cls(id=raw["id"], arch=raw["arch"], weights=raw.get("weights"), tags=tuple(tags),
+                       input_size=raw.get("input_size"), license=raw.get("license"),
+                       num_classes=raw.get("num_classes"), metadata=dict(metadata))
+        except ConfigError as exc:  # the entry's own checks: where in the catalog, as the checks above say
+            raise ConfigError(f"{where}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

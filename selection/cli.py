@@ -18,7 +18,8 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: zooselect COMMAND [options]   (zooselect COMMAND --help for each)", "", "commands:"]
+    lines = ["usage: zooselect COMMAND [options]   (zooselect COMMAND --help for each; zooselect --version)", "",
+             "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -34,10 +35,19 @@ def main(argv: list[str] | None = None) -> None:
         except BrokenPipeError:  # `zooselect --help | head -2`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"zooselect {version('zooselect')}")
+        sys.exit(0)
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        module = importlib.import_module(COMMANDS[argv[0]][0])  # seconds: torch, Ray
+    except KeyboardInterrupt:  # Ctrl-C before the job runs: as after, one line and 130, not an import traceback
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
     from jobs.common import run_program
 
     run_program(module.main, argv[1:], command=f"zooselect {argv[0]}")

@@ -937,6 +937,9 @@ def export_table(store: Store | str, std: Standard, path: str | os.PathLike, pro
     path = os.fspath(path)
     check_output(path)
     check_outside_store(store, {"path": path})
+    if os.path.splitext(path)[1].lower() in (".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow", ".feather"):
+        raise ConfigError(f"cannot export to {path!r}: the table is written as Parquet; name the file .parquet "
+                          f"(DuckDB, Polars and pandas read it, and write the other formats)")
     report = progress or (lambda what, n: None)
     with atomic_local_file(path) as tmp:
         def write(listing: Listing) -> int:

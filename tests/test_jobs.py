@@ -130,12 +130,13 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert len(saved) == 2 and {p.rsplit(".", 1)[1] for p in saved} == {"json", "parquet"}
     assert "results saved to" in printed
 
-    # Constraints filter inside the sweep.
+    # Constraints filter inside the sweep. `--json -`: the JSON alone on standard output, the table on stderr.
     assert select.main(["--store", store.url, "--task", tasks[0], "--where", "tag=small",
-                        "--json", out_json, "--no-progress", "--task-image-size", "32"]) == 0
-    capsys.readouterr()
-    ranking = json.load(open(out_json))["tasks"][0]["ranking"]
-    assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"]
+                        "--json", "-", "--no-progress", "--task-image-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    ranking = json.loads(out)["tasks"][0]["ranking"]
+    assert [r["model_id"] for r in ranking] == ["zoo/mobilenet"] and "summary: 1 task(s)" in err
+    assert not os.path.exists("-")
     assert select.main(["--store", store.url, "--task", tasks[0], "--where", "params<=1", "--no-save",
                         "--no-progress", "--task-image-size", "32"]) == 0
     assert "no model ranked: none of the 3 models passes --where params<=1 (a value that is unknown" in \
@@ -242,7 +243,7 @@ def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, caps
     out = capsys.readouterr().out
     assert "1 embedded" in out and "3 failed" in out
     assert (f"1 row(s) written while a compaction of standard {std.id} runs: waiting up to 0s for it to end, "
-            f"to check them (one that crashed: `jobs.table compact --break-leases`)") in out
+            f"to check them (one that crashed: `python -m jobs.table compact --break-leases`)") in out
     assert (f"warning: a compaction of standard {std.id} still runs after 0s; 1 row(s) written during it are "
             f"unchecked (ok); the next re-index restores any it deleted (a compaction that crashed: "
             f"`jobs.table compact --break-leases`)") in out
@@ -359,6 +360,24 @@ def test_bad_input_one_line_error(args, needle):
     lines = [line for line in r.stderr.splitlines() if line.strip() and "WARNING" not in line]
     assert lines == [f"error: {lines[0][7:]}"] and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
+    """A review (session 41): Ctrl-C in the seconds `zooselect CMD` imports torch and Ray gave a 40-line
+    traceback from inside torch's import, and the process died by the signal."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "selection.cli", "select", "--help"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)  # inside the job's imports (2-3 s here), well after Python's own start
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err)
+
+
+def test_an_empty_zooselect_store_is_as_unset():
+    r = _run("jobs.table", "ls", env={"ZOOSELECT_STORE": ""})
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith("error: the following arguments are required: --store")
 
 
 def test_a_relative_local_store_reaches_the_workers_as_its_absolute_path(tmp_path, monkeypatch):
@@ -659,6 +678,55 @@ def test_table_ls_and_export_read_a_store_they_cannot_write(published, tmp_path,
     assert f"default/selected: {std.id}" in capsys.readouterr().out
     with pytest.raises(StoreError, match="is not writable"):
         table.main(["remove", "--store", store.url, "zoo/a"])
+
+
+def test_a_closed_pipe_ends_a_job_quietly_and_bars_off_a_terminal_write_lines(published, capsys):
+    """A review (session 41): `zooselect table ls | head -1` ended in a BrokenPipeError traceback, exit 1;
+    progress bars wrote carriage-return frames into logs (`ray job logs`, a pod's, a file)."""
+    from jobs.common import progress_bar
+
+    store, _ = published
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.table", "ls", "--store", store.url], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.close()  # the reader is gone before the job prints (its imports take seconds)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err  # as a tool killed by SIGPIPE, without a word
+    with progress_bar(total=3, desc="embed", unit="model", leave=False) as bar:  # stderr is no terminal here
+        for i in range(3):
+            bar.update(1)
+            bar.set_postfix_str(f"zoo/m{i}: embedded")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[0].startswith("embed:   0%") and "3/3" in err.splitlines()[-1]
+    assert "zoo/m1: embedded" in err  # a line per change of its note: a log names each model
+
+
+def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_parquet_only(published, tmp_path,
+                                                                                             capsys):
+    """A review (session 41): `ls` had no header and listed in storage-key order, without the license and
+    tags that `select --where` filters on; `export --out t.csv` wrote Parquet into t.csv."""
+    import selection
+    from jobs import table
+    from selection.keys import model_key
+    from selection.table import write_row
+
+    store, std = published
+    for mid, tags in (("zoo/b", ["cnn", "small"]), ("zoo/a", [])):
+        write_row(store, std, {"model_id": mid, "model_key": model_key(mid), "arch": "resnet10t", "tags": tags,
+                               "license": "mit" if tags else None, "standard_id": std.id,
+                               "schema_version": selection.SCHEMA_VERSION,
+                               "embedding": np.zeros(std.width, np.float32), "coverage": np.zeros(std.d, np.float32)})
+    assert table.main(["ls", "--store", store.url, "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["model_id", "arch", "params", "GFLOPs", "size", "sha256", "compute", "license", "/", "tags"]
+    assert [ln.split()[0] for ln in lines[2:4]] == ["zoo/a", "zoo/b"]
+    assert lines[2].endswith("- / -") and lines[3].endswith("mit / cnn,small")
+    with pytest.raises(ConfigError, match=r"^cannot export to '.*t.csv': the table is written as Parquet; name the "
+                                          r"file .parquet"):
+        table.main(["export", "--store", store.url, "--out", str(tmp_path / "t.csv")])
+    for out in ("-", "/dev/stdout"):
+        with pytest.raises(ConfigError, match=rf"^cannot write '{out}': outputs are regular files, written whole"):
+            table.main(["export", "--store", store.url, "--out", out])
+    assert os.listdir(tmp_path) == ["store"]  # no t.csv
 
 
 def test_long_model_ids_are_printed_whole():

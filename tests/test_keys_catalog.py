@@ -63,11 +63,10 @@ def test_relative_checkpoint_paths_are_taken_from_the_catalogs_directory(tmp_pat
 
 def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute_path(tmp_path, monkeypatch):
     from selection.storage import Store
-    from selection.zoo import _location
 
     monkeypatch.chdir(tmp_path)
-    assert _location(Store("./s"), "zoo/x.safetensors") == str(tmp_path / "s" / "zoo" / "x.safetensors")
-    assert _location(Store("s3://bucket/p"), "zoo/x.safetensors") == "s3://bucket/p/zoo/x.safetensors"
+    assert Store("./s").location("zoo/x.safetensors") == str(tmp_path / "s" / "zoo" / "x.safetensors")
+    assert Store("s3://bucket/p").location("zoo/x.safetensors") == "s3://bucket/p/zoo/x.safetensors"
 
 
 @pytest.mark.parametrize("text,match", [

@@ -602,7 +602,7 @@ def _write_text(path, text: str | bytes) -> str:
     ("bad-line.jsonl", '{"id": "a", "arch": "resnet10t"}\n{"id": "b", arch: }\n', "bad-line.jsonl:2: not valid JSON"),
     ("unknown-key.yaml", "- {id: a, arch: resnet10t, colour: red}\n", "unknown key(s) ['colour'] in entry 'a'"),
     ("latin1.yaml", "- {id: caf\xe9, arch: resnet10t}\n".encode("latin-1"), "is not UTF-8 text"),
-    ("size.yaml", "- {id: a, arch: resnet10t, input_size: big}\n", "input_size must be a positive integer, got 'big'"),
+    ("size.yaml", "- {id: a, arch: resnet10t, input_size: big}\n", "size.yaml entry 1: model 'a': input_size must be a positive integer, got 'big'"),
     ("url.yaml", "- {id: a, arch: resnet10t, weights: 'http://example.com/w.pth'}\n",
      "unsupported weights URL 'http://example.com/w.pth'"),
 ])
@@ -692,7 +692,9 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
         size_actors(ActorOptions(max_in_flight=8, autoscaling=True), empty_head)
     assert size_actors(ActorOptions(0, max_in_flight=8, autoscaling=True), {"CPU": 4}) == (0.0, 8)
     with pytest.raises(ConfigError, match="actors that take no CPU and no GPU are not bounded"):
-        size_actors(ActorOptions(0, cpus_per_actor=0), {"CPU": 16})
+        ActorOptions(0, cpus_per_actor=0)  # before the cluster is asked: a dry run refuses it as the run
+    with pytest.raises(ConfigError, match="actors that take no CPU and no GPU are not bounded"):
+        size_actors(ActorOptions(cpus_per_actor=0), {"CPU": 16})  # no GPU on the cluster: 0 GPUs each
     assert size_actors(ActorOptions(0, cpus_per_actor=0, max_in_flight=3), {"CPU": 16}) == (0.0, 3)
 
 
