@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from selection.errors import ConfigError, ZooselectError
 from selection.storage import ScrubCredentials, Store
@@ -103,6 +105,19 @@ def progress_bar(*, disable: bool = False, **kwargs: Any) -> Any:
 def prog(module: str) -> str:
     """A job's name in its usage lines: `zooselect CMD` when that command runs it, else `python -m MODULE`."""
     return _COMMAND or f"python -m {module}"
+
+
+@contextlib.contextmanager
+def as_flags(*fields: str) -> Iterator[None]:
+    """A library config's errors name its fields (`top_k must be >= 1`); the job's user gave flags: within
+    this block, such an error names `--top-k` instead."""
+    try:
+        yield
+    except ConfigError as exc:
+        text = str(exc)
+        for name in fields:
+            text = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), text)
+        raise ConfigError(text) from None
 
 
 def format_gflops(value: float | None) -> str:

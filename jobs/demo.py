@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import add_ray_args, prog, run_program
+from jobs.common import add_ray_args, as_flags, prog, run_program
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from selection.table import load_table
 
     args = parser().parse_args(argv)
-    config = SelectConfig(top_k=len(PRETRAINED) + len(TRAINED) + len(RANDOM),
-                          verify_top_k=args.verify_top_k)  # checked before any work
+    with as_flags("verify_top_k"):  # checked before any work
+        config = SelectConfig(top_k=len(PRETRAINED) + len(TRAINED) + len(RANDOM), verify_top_k=args.verify_top_k)
     t0 = time.perf_counter()
     flags = ["--no-progress"] if args.no_progress else []
     store = Store(args.store)

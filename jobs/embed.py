@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, command, open_store, prog, progress_bar, run_program
+from jobs.common import add_ray_args, add_store_args, as_flags, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, load_catalog
 from selection.embedder import EmbedResult, Plan, make_plan, refresh_rows
 from selection.models import timm_fingerprint
@@ -60,8 +60,9 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace, prune: bool) -> int:
-    opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
-                                args.autoscaling, args.models_per_actor)
+    with as_flags("gpus_per_actor", "cpus_per_actor", "max_in_flight", "retries", "autoscaling", "models_per_actor"):
+        opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
+                                    args.autoscaling, args.models_per_actor)
     if not args.compaction_wait >= 0:
         raise ConfigError(f"--compaction-wait must be >= 0 seconds, got {args.compaction_wait}")
     if os.path.isdir(args.catalog):

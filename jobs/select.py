@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, command, format_gflops, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, as_flags, command, format_gflops, open_store, prog, run_program
 from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -380,11 +380,12 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
-                          task_method=args.task_method, weigh_parts=not args.no_part_weights,
-                          score=args.score, task_image_size=args.task_image_size,
-                          constraints=tuple(Constraint.parse(w) for w in args.where),
-                          protocol=ProbeProtocol(), pareto=args.pareto)
+    with as_flags("top_k", "verify_top_k", "verify_by", "task_method", "score", "task_image_size", "pareto"):
+        config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
+                              task_method=args.task_method, weigh_parts=not args.no_part_weights,
+                              score=args.score, task_image_size=args.task_image_size,
+                              constraints=tuple(Constraint.parse(w) for w in args.where),
+                              protocol=ProbeProtocol(), pareto=args.pareto)
     seen: dict[str, str] = {}
     for task in args.task:  # a local task by its real path: `task1` and `./task1/` are one task
         same = _local_task_path(task) or task

@@ -333,7 +333,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "-1"],
      "--verify-gpus must be a number >= 0, got -1.0"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-image-size", "4"],
-     "task_image_size must be in [8, 1024] (or None: the standard's probe image size), got 4"),
+     "--task-image-size must be in [8, 1024] (or None: the standard's probe image size), got 4"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-gpus", "nan"],
      "--task-gpus must be a number >= 0, got nan"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "1"],
@@ -341,7 +341,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
      "output directory 'README.md' is a file"),
     # found by a review (session 27): refused after minutes of work, or a traceback after the measurements
-    (["jobs.demo", "--store", "/tmp/zs-none", "--verify-top-k", "-1"], "verify_top_k must be >= 0, got -1"),
+    (["jobs.demo", "--store", "/tmp/zs-none", "--verify-top-k", "-1"], "--verify-top-k must be >= 0, got -1"),
     (["jobs.scaling", "--skip", "update", "--out", "/no/such/dir/x.json"], "directory '/no/such/dir' does not exist"),
     (["jobs.scaling", "--reps", "0"], "--reps must be >= 1, got 0"),
     # found by a review (session 28): the JSON silently overwritten by the Parquet file

@@ -626,13 +626,13 @@ def test_catalog_that_is_a_directory_is_named_as_one(embedded, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--max-in-flight", "0"], "max_in_flight must be an integer >= 1, got 0"),
-    (["--cpus-per-actor", "-1"], "cpus_per_actor must be a number >= 0, got -1.0"),
-    (["--gpus-per-actor", "-1"], "gpus_per_actor must be a number >= 0, got -1.0"),
-    (["--gpus-per-actor", "nan"], "gpus_per_actor must be a number >= 0, got nan"),
-    (["--retries", "-1"], "retries must be an integer >= 0, got -1"),
-    (["--autoscaling"], "autoscaling needs max_in_flight"),
-    (["--models-per-actor", "0"], "models_per_actor must be an integer >= 1, got 0"),
+    (["--max-in-flight", "0"], "--max-in-flight must be an integer >= 1, got 0"),
+    (["--cpus-per-actor", "-1"], "--cpus-per-actor must be a number >= 0, got -1.0"),
+    (["--gpus-per-actor", "-1"], "--gpus-per-actor must be a number >= 0, got -1.0"),
+    (["--gpus-per-actor", "nan"], "--gpus-per-actor must be a number >= 0, got nan"),
+    (["--retries", "-1"], "--retries must be an integer >= 0, got -1"),
+    (["--autoscaling"], "--autoscaling needs --max-in-flight"),
+    (["--models-per-actor", "0"], "--models-per-actor must be an integer >= 1, got 0"),
 ])
 def test_bad_actor_options_refused_by_the_embed_job_before_ray(embedded, tmp_path, capsys, args, needle):
     """Before the fix: --max-in-flight 0 hung, negative resources were Ray tracebacks, and
@@ -1122,7 +1122,7 @@ def test_unreadable_or_wrong_shape_tasks_refused_by_the_select_job(ray_local, em
     (["--where", "colour=red"], "unknown constraint field 'colour'"),
     (["--where", "params<=nan"], "constraint 'params<=nan': 'nan' is not a finite number"),  # dropped every model
     (["--where", "gflops>-inf"], "constraint 'gflops>-inf': '-inf' is not a finite number"),
-    (["--top-k", "0"], "top_k must be >= 1, got 0"),
+    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
     (["--task", "builtin:digits"], "the same task is given twice: 'builtin:digits' and 'builtin:digits'"),
     (["--task", "/no/task", "--task", "/no/../no/task/"], "the same task is given twice: '/no/task' and "
                                                           "'/no/../no/task/'"),  # a review, session 39
