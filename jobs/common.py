@@ -115,9 +115,11 @@ def as_flags(*fields: str) -> Iterator[None]:
         yield
     except ConfigError as exc:
         text = str(exc)
+        quoted = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=len(text))
+        head = text[:quoted]  # before the first quote: the value the user gave is quoted after it, as given
         for name in fields:
-            text = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), text)
-        raise ConfigError(text) from None
+            head = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), head)
+        raise ConfigError(head + text[quoted:]) from None
 
 
 def format_gflops(value: float | None) -> str:
@@ -202,6 +204,8 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except (OSError, ValueError):  # a closed pipe
+            except BrokenPipeError:  # output still buffered, its reader gone (`| head`): as when printed
+                code = code or _BROKEN_PIPE
+            except (OSError, ValueError):  # a stream closed
                 pass
         os._exit(code or 0)

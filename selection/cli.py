@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         except BrokenPipeError:  # `zooselect --help | head -2`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    if argv[0] == "--version":
-        from importlib.metadata import version
+    if argv[0] == "--version":  # the version rows record (a checkout on PYTHONPATH has no package metadata)
+        from selection import __version__
 
-        print(f"zooselect {version('zooselect')}")
+        print(f"zooselect {__version__}")
         sys.exit(0)
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)

@@ -415,7 +415,8 @@ def check_output(path: str | None, *, directory: bool = False) -> None:
         raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
     full = os.path.abspath(os.path.expanduser(path))
     real = os.path.realpath(full)
-    if path == "-" or any(p.startswith(("/dev/", "/proc/")) for p in (full, real)) or (
+    streams = ("/dev/std", "/dev/fd/", "/dev/tty", "/proc/")  # /dev/shm holds regular files: not among them
+    if path == "-" or any(p.startswith(streams) for p in (full, real)) or (
             os.path.exists(real) and not os.path.isdir(real) and not os.path.isfile(real)):
         raise ConfigError(f"cannot write {path!r}: outputs are regular files, written whole (a temporary file "
                           f"beside the path, then moved over it), not standard output, a device or a pipe")

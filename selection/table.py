@@ -312,7 +312,9 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
             if not store.exists(row_path(std.id, mid)) and not store.exists(marker_path(std.id, mid))]
     seen = seen or {}
     compactions = {_compaction_of(seg).rsplit("-", 1)[-1] for seg in list_segments(store, std.id)}
-    later = [mid for mid in gone if seen.get(mid) is not None and not compactions <= seen[mid]]
+    # Known: the compaction(s) it ran beside. Segments of no other mean none has run since; no segments at all
+    # mean one has (the compaction that deleted the row had folded its older one into a segment).
+    later = [mid for mid in gone if seen.get(mid) is not None and not (compactions and compactions <= seen[mid])]
     in_segments = {row["model_id"]: row for row, _ in _iter_rows(store, std, later, 3)} if later else {}
     unsure = [mid for mid in later if mid in in_segments and not _same_row(written[mid], in_segments[mid])]
     restored = []
@@ -325,7 +327,8 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
                     len(restored), ", ".join(restored))
     if unsure:
         raise StoreError(f"{len(unsure)} row(s) written during a compaction of standard {std.id} were deleted, "
-                         f"and a later compaction holds another row of the model ({', '.join(unsure[:5])}): not "
+                         f"and the table's segments, another compaction's (a later one, or one run by an older "
+                         f"zooselect), hold another row of the model ({', '.join(unsure[:5])}): not "
                          f"written back, as that row may be newer; the next `jobs.embed` embeds them again if "
                          f"their rows are stale" + (f" ({len(restored)} other(s) written back)" if restored else ""))
     return restored
@@ -334,8 +337,11 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
 def _same_row(data: bytes, row: dict[str, Any]) -> bool:
     """Whether a row object's bytes hold `row` (as `iter_rows` yields it)."""
     held = pq.read_table(pa.BufferReader(data)).to_pylist()[0]
+
+    def same(a: Any, b: Any) -> bool:  # NaN too (a model whose FLOPs could not be counted)
+        return a == b or isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b)
     return np.array_equal(np.asarray(held.pop("embedding"), np.float32), row["embedding"]) and \
-        all(row.get(k) == v for k, v in held.items())
+        all(same(v, row.get(k)) for k, v in held.items())
 
 
 def write_marker(store: Store, standard_id: str, model_id: str) -> None:

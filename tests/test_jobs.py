@@ -375,6 +375,23 @@ def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err)
 
 
+def test_config_errors_name_flags_but_quote_the_value_as_given(tmp_path):
+    from jobs.common import as_flags
+    from selection.storage import check_output
+
+    with pytest.raises(ConfigError, match=r"^--score must be one of \('full'\), got 'pareto' \(not top_k\)$"):
+        with as_flags("score", "pareto", "top_k"):
+            raise ConfigError("score must be one of ('full'), got 'pareto' (not top_k)")
+    with pytest.raises(ConfigError, match=r"^--autoscaling needs --max-in-flight, got None$"):
+        with as_flags("autoscaling", "max_in_flight"):
+            raise ConfigError("autoscaling needs max_in_flight, got None")
+    if os.path.isdir("/dev/shm"):  # a tmpfs of regular files, scratch space in pods: not a stream
+        check_output("/dev/shm/zooselect-check.parquet")
+    for bad in ("-", "/dev/stdout", "/dev/stderr", "/dev/null", "/proc/self/fd/1"):
+        with pytest.raises(ConfigError, match="outputs are regular files"):
+            check_output(bad)
+
+
 def test_an_empty_zooselect_store_is_as_unset():
     r = _run("jobs.table", "ls", env={"ZOOSELECT_STORE": ""})
     assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith("error: the following arguments are required: --store")
@@ -686,11 +703,14 @@ def test_a_closed_pipe_ends_a_job_quietly_and_bars_off_a_terminal_write_lines(pu
     from jobs.common import progress_bar
 
     store, _ = published
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.table", "ls", "--store", store.url], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc.stdout.close()  # the reader is gone before the job prints (its imports take seconds)
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141 and err == "", err  # as a tool killed by SIGPIPE, without a word
+    for unbuffered in (True, False):  # output printed at once, or still buffered when the job ends
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.table", "ls", "--store", store.url], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**env, "PYTHONUNBUFFERED": "1"} if unbuffered else env)
+        proc.stdout.close()  # the reader is gone before the job prints (its imports take seconds)
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141 and err == "", (unbuffered, err)  # as a tool killed by SIGPIPE
     with progress_bar(total=3, desc="embed", unit="model", leave=False) as bar:  # stderr is no terminal here
         for i in range(3):
             bar.update(1)

@@ -1304,7 +1304,7 @@ def test_a_row_rewritten_as_a_compaction_deletes_it_is_written_back(published, m
     store, std = published
     for mid in ("zoo/a", "zoo/b"):
         _quick_row(store, std, mid, value=1.0)
-    real_read, written = store.read_bytes, {}
+    real_read, written, seen = store.read_bytes, {}, {}
 
     def rewritten_after_the_check(rel):
         data = real_read(rel)
@@ -1312,7 +1312,7 @@ def test_a_row_rewritten_as_a_compaction_deletes_it_is_written_back(published, m
         if mid and mid not in written and tbl.list_segments(store, std.id):  # the delete phase's check
             path, new = tbl.row_object(std, _row_dict(std, mid, value=2.0))
             store.write_bytes(path, new)
-            assert tbl.compaction_running(store, std.id)  # what the writer sees after its write
+            seen[mid] = tbl.running_compactions(store, std.id)  # what the writer sees after its write
             written[mid] = new
         return data
 
@@ -1326,9 +1326,9 @@ def test_a_row_rewritten_as_a_compaction_deletes_it_is_written_back(published, m
     held = tbl.HeldRows()  # as the embed job holds them: on local disk, the last bytes of a model kept
     for mid, data in written.items():
         held.add(mid, b"older bytes")
-        held.add(mid, data)
-    assert len(held) == 2 and dict(held) == written
-    assert tbl.restore_rows(store, std, held) == ["zoo/a"]
+        held.add(mid, data, seen[mid])
+    assert len(held) == 2 and dict(held) == written and held.seen == seen and all(len(s) == 1 for s in seen.values())
+    assert tbl.restore_rows(store, std, held, seen=held.seen) == ["zoo/a"]  # no other compaction ran since
     held.close()
     t = load_table(store, std)
     assert t.model_ids == ["zoo/a"] and np.all(t.embeddings == 2.0)
@@ -1354,7 +1354,8 @@ def test_a_deleted_row_is_not_written_back_over_what_a_later_compaction_holds(pu
         mid = next((m for m in ("zoo/a", "zoo/b", "zoo/c") if rel == row_path(std.id, m)), None)
         if mid and mid not in held and tbl.list_segments(store, std.id):
             for m in (mid, "zoo/e") if mid == "zoo/a" else (mid,):  # zoo/e: new, not in this compaction's listing
-                path, new = tbl.row_object(std, _row_dict(std, m, value=2.0))
+                # (and FLOPs that could not be counted: NaN, equal to itself here)
+                path, new = tbl.row_object(std, dict(_row_dict(std, m, value=2.0), gflops=float("nan") if m == "zoo/e" else 1.0))
                 store.write_bytes(path, new)
                 held.add(m, new, tbl.running_compactions(store, std.id))
         return data
@@ -1368,12 +1369,18 @@ def test_a_deleted_row_is_not_written_back_over_what_a_later_compaction_holds(pu
     delete_row(store, std, "zoo/b")  # and zoo/b is removed
     tbl.compact(store, std)  # a later compaction folds both in, and zoo/e's row
     with pytest.raises(StoreError, match=r"2 row\(s\) written during a compaction of standard .* were deleted, and "
-                                         r"a later compaction holds another row of the model \(zoo/a, zoo/c\): not "
+                                         r"the table's segments, another compaction's \(a later one, or one run by "
+                                         r"an older zooselect\), hold another row of the model \(zoo/a, zoo/c\): not "
                                          r"written back, as that row may be newer"):
         tbl.restore_rows(store, std, held, seen=held.seen)
     t = load_table(store, std)
     assert dict(zip(t.model_ids, t.embeddings[:, 0])) == {"zoo/a": 3.0, "zoo/c": 1.0, "zoo/e": 2.0}
     assert not tbl.list_rows(store, std.id)  # nothing written back
+    for mid in ("zoo/a", "zoo/c", "zoo/e"):  # every model removed, and a compaction that leaves no segment
+        delete_row(store, std, mid)
+    tbl.compact(store, std)
+    assert not tbl.list_segments(store, std.id)
+    assert tbl.restore_rows(store, std, held, seen=held.seen) == [] and len(load_table(store, std)) == 0
     held.close()
 
 
@@ -1754,7 +1761,6 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
                "weights_stamp": "", "library_versions": "{}"}
         assert plan_entry(hub, row) == plan, (weights, size)
     # the job's plan asks at the standard's own input size
-    from jobs.embed import make_plan
     from selection.table import iter_rows, write_row
 
     [(row, _)] = iter_rows(store, std, [kept.id])
