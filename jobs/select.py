@@ -10,6 +10,7 @@ spec such as `builtin:fashion-mnist?classes=5,7,9&per_class=40`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -334,13 +335,14 @@ def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
 
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
-                  parquet_path: str | None, store: Store | None = None) -> str | None:
-    """Write the results where asked: the local files (`json_path` "-": standard output), then with `store`
-    its copy in STORE/results/ (returns that prefix). Each file is written whole or not at all, every one
-    that can be is, then a one-line error names those that could not (StoreError when the store's copy failed)."""
+                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None) -> str | None:
+    """Write the results where asked: the local files (`json_path` "-": to `json_stream`, default standard
+    output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
+    or not at all, every one that can be is, then a one-line error names those that could not (StoreError
+    when the store's copy failed)."""
     doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
     if json_path == "-":
-        print(doc, flush=True)
+        print(doc, file=json_stream or sys.stdout, flush=True)
         json_path = None
 
     def write_parquet(path: str) -> None:
@@ -423,24 +425,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"run `{command('jobs.embed')} --catalog CATALOG --store {store.url}` first"
                          + (f" (models are embedded under {', '.join(others)}: choose it with --standard)"
                             if others else ""))
-    runtime.init(args.address)
-    results = select(std, store, args.task, config, progress=not args.no_progress,
-                     verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,
-                     parallel_sweep=not args.serial_sweep)
-    m = results[0]["models_swept"]
-    out = sys.stderr if args.json == "-" else sys.stdout  # standard output holds the JSON alone
-    try:  # printed even when the store's copy cannot be written
-        saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store)
-    finally:
-        print(format_results(results, std.id, m), file=out)
-    if saved:
-        print(f"results saved to {saved}.json and .parquet", file=out)
-    total = max(r["total_seconds"] for r in results)
-    unverified = sum(r["n_unverified"] for r in results)
-    print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
-          f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified"
-          + (f", {unverified} whose verification failed (the warnings above say why)" if unverified else "")
-          + f"; {total:.1f}s", file=out)
+    # `--json -`: standard output holds the JSON alone; all else, the workers' output Ray forwards too, on stderr
+    json_stream = sys.stdout if args.json == "-" else None
+    with contextlib.redirect_stdout(sys.stderr) if json_stream else contextlib.nullcontext():
+        runtime.init(args.address)
+        results = select(std, store, args.task, config, progress=not args.no_progress,
+                         verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,
+                         parallel_sweep=not args.serial_sweep)
+        m = results[0]["models_swept"]
+        try:  # printed even when the store's copy cannot be written
+            saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store,
+                                  json_stream)
+        finally:
+            print(format_results(results, std.id, m))
+        if saved:
+            print(f"results saved to {saved}.json and .parquet")
+        total = max(r["total_seconds"] for r in results)
+        unverified = sum(r["n_unverified"] for r in results)
+        print(f"\nsummary: {len(results)} task(s), {m} models loaded and swept in "
+              f"{results[0]['sweep_seconds'] * 1e3:.1f} ms, {sum(r['n_verified'] for r in results)} verified"
+              + (f", {unverified} whose verification failed (the warnings above say why)" if unverified else "")
+              + f"; {total:.1f}s")
     return 1 if unverified else 0
 
 
