@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -439,15 +440,15 @@ def test_a_model_id_that_is_not_unicode_text_is_a_config_error(published, tmp_pa
     from selection.catalog import CatalogEntry, load_catalog
 
     bad = "zoo/\udcff"
-    message = (r"^model id 'zoo/\\udcff' is not valid Unicode text \(a lone surrogate, "
-               r"e\.g\. from bytes that are not UTF-8\)$")
+    text = r"model id 'zoo/\\udcff' is not valid Unicode text \(a lone surrogate, e\.g\. from bytes that are not UTF-8\)$"
+    message = "^" + text
     with pytest.raises(ConfigError, match=message):
         model_key(bad)
     with pytest.raises(ConfigError, match=message):
         CatalogEntry(bad, "resnet10t")
     catalog = tmp_path / "zoo.jsonl"
     catalog.write_text('{"id": "zoo/\\udcff", "arch": "resnet10t"}\n')
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(catalog))} entry 1: {text}"):  # where, as for the catalog's other errors
         load_catalog(str(catalog))
     store, std = published
     write_row(store, std, _row(std, "zoo/a"))
