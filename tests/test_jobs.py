@@ -261,9 +261,9 @@ def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, caps
 
 def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_after_it(ray_local, published,
                                                                                       tmp_path, capsys, monkeypatch):
-    """The compaction here deletes the job's new row object and ends: the job writes it back from the
-    bytes it held, on local disk (`HeldRows`), not in each result in the driver's memory (a review,
-    session 39: 10^4 per-source rows held during a long compaction are 750 MB)."""
+    """The compaction here writes its segment, deletes the job's new row object and ends: the job writes it
+    back from the bytes it held, on local disk (`HeldRows`), not in each result in the driver's memory (a
+    review, session 39: 10^4 per-source rows held during a long compaction are 750 MB)."""
     from jobs import embed
     from selection import table
 
@@ -271,7 +271,8 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     entry = CatalogEntry("zoo/held", "resnet10t", None, input_size=32)
     cat = str(tmp_path / "c.jsonl")
     write_catalog([entry], cat)
-    lease, row = f"embeddings/{std.id}/_compacting/running", row_path(std.id, entry.id)
+    lease, row = f"embeddings/{std.id}/_compacting/0badc0de-lease", row_path(std.id, entry.id)
+    segment = f"embeddings/{std.id}/segments/seg-20261207T000000000000000-0badc0de-00000.parquet"  # the lease's id
     store.write_bytes(lease, str(time.time()).encode())
     held, written = [], []
     real_add, real_restore = table.HeldRows.add, embed.restore_rows
@@ -282,6 +283,7 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
 
     def compaction_ends_then_restore(store_, std_, rows, **kwargs):  # it deleted the new row object, and ends
         written.append(store.read_bytes(row))
+        store.write_table(segment, store.read_table(row))  # (as a compaction that read the row before the job wrote it)
         store.delete(row)
         store.delete(lease)
         return real_restore(store_, std_, rows, **kwargs)
@@ -291,7 +293,7 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     assert embed.main(["--catalog", cat, "--store", store.url, "--no-progress", "--compaction-wait", "120"]) == 0
     out = capsys.readouterr().out
     assert "1 row(s) written while a compaction ran; 1 of them written back after it had deleted them" in out, out
-    assert held == [(entry.id, len(written[0]), frozenset({"running"}))] and store.read_bytes(row) == written[0]
+    assert held == [(entry.id, len(written[0]), frozenset({"0badc0de"}))] and store.read_bytes(row) == written[0]
 
 
 def test_outputs_inside_a_local_store_are_refused_before_any_work(published, tmp_path):
