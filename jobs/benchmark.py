@@ -202,8 +202,7 @@ def _versions() -> dict[str, str]:
 
 
 def quality(args: argparse.Namespace) -> int:
-    from selection.embedder import make_plan
-    from selection.embedder import refresh_rows
+    from selection.embedder import make_plan, refresh_rows
     from selection.table import load_table
 
     t_start = time.perf_counter()
