@@ -293,12 +293,12 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
     A compaction still running after `wait_s` raises StoreError naming the rows left unchecked.
 
     `seen`: model id -> the compactions running as its row was written (`running_compactions`; None or
-    absent: unknown). Where the table's segments are another, later compaction's, that one listed the
-    table after the write: it holds this row (nothing to do) or, if the row was deleted before, the
-    model's older row, a newer one written since, or none (a remove since, its marker folded in).
-    Such a row is never written back: one whose model the segments hold in another row is named by a
-    StoreError, raised after the others are written back (the next `jobs.embed` embeds it again if its
-    row is stale).
+    absent: unknown). Where the table's segments are another, later compaction's (or there are none: a later
+    one left none), that one listed the table after the write: it holds this row (nothing to do) or, if the
+    row was deleted before, the model's older row, a newer one written since, or none (a remove since,
+    its marker folded in). Such a row is never written back: one whose model the segments hold in another
+    row is named by a StoreError, raised after the others are written back (the next `jobs.embed` embeds
+    it again if its row is stale).
     """
     deadline = time.monotonic() + wait_s
     while written and compaction_running(store, std.id):
