@@ -286,14 +286,14 @@ def check_same_spec(published: dict[str, Any], planned: dict[str, Any]) -> None:
                               f"not {new!r}, and its id does not tell them apart; publish this one to another store")
 
 
-def relocate_baseline(store: Store, std: Standard, planned: dict[str, Any]) -> Standard:
+def relocate_baseline(store: Store | str, std: Standard, planned: dict[str, Any]) -> Standard:
     """The published `std` with its baseline checkpoint where `planned` (same id) finds it.
 
     The id hashes the baseline's weights, not where they lie: a store moved elsewhere, or a relative
     path recorded before, leaves a published standard naming a checkpoint that is gone (or another copy).
     When the recorded location is relative or holds no checkpoint any more, standard.json is rewritten
     (one atomic write) with the planned one. A recorded checkpoint that is still there is kept: other
-    machines (a cluster's workers) may read it from there.
+    machines (a cluster's workers) may read it from there. `store`: a Store, or its URL or path.
     """
     from selection.catalog import WEIGHTS_SCHEMES
     from selection.models import check_weights_exist
@@ -310,8 +310,8 @@ def relocate_baseline(store: Store, std: Standard, planned: dict[str, Any]) -> S
             pass  # gone: record where it lies now
     spec = copy.deepcopy(std.spec)
     spec["baseline"]["entry"]["weights"] = new.get("weights")
-    store.write_bytes(f"standards/{std.id}/standard.json",
-                      json.dumps(dict(spec, created=std.created), indent=2, sort_keys=True).encode())
+    as_store(store).write_bytes(f"standards/{std.id}/standard.json",
+                                json.dumps(dict(spec, created=std.created), indent=2, sort_keys=True).encode())
     log.warning("standard %s: its baseline's checkpoint is now recorded at %s (was %s; the same weights)",
                 std.id, new.get("weights"), old.get("weights"))
     return replace(std, spec=spec)

@@ -132,9 +132,12 @@ class StampMemo:
     checkpoint's and its digest the row's, so a stale or lost memo costs one hash, nothing else.
     Rewriting the row's stamp instead would mean writing rows outside the embed step, racing
     compactions."""
-    store: Store
+    store: Store  # or its URL or path
     standard_id: str
     writable: bool = True  # False: `put` records nothing (a dry run changes nothing)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", as_store(self.store))
 
     def get(self, model_id: str) -> tuple[str, str] | None:
         """(stamp, weights_sha256) last recorded for the model, or None (absent or unreadable)."""
@@ -209,15 +212,16 @@ def _lease_time(data: bytes) -> float:
     return started
 
 
-def running_compactions(store: Store, standard_id: str) -> frozenset[str]:
+def running_compactions(store: Store | str, standard_id: str) -> frozenset[str]:
     """The compactions of the table that hold a lease (a LIST of the leases, and a read of each), each
     named by the first 8 characters of its lease's name, which also end its segments' names.
 
     A lease older than STALE_LEASE_S is that of a compaction that crashed (the next compaction
     deletes it): it is ignored, with a warning, as a compaction ignores it. A lease whose start
     cannot be read as a time counts as running, as a compaction counts it, until `--break-leases`
-    removes it.
+    removes it. `store`: a Store, or its URL or path.
     """
+    store = as_store(store)
     running = set()
     for path in store.list(f"{_base(standard_id)}/_compacting"):
         try:
@@ -237,7 +241,7 @@ def running_compactions(store: Store, standard_id: str) -> frozenset[str]:
     return frozenset(running)
 
 
-def compaction_running(store: Store, standard_id: str) -> bool:
+def compaction_running(store: Store | str, standard_id: str) -> bool:
     """Whether a compaction of the table holds its lease (`running_compactions`)."""
     return bool(running_compactions(store, standard_id))
 
@@ -280,7 +284,7 @@ class HeldRows(collections.abc.Mapping):
         self._file.close()
 
 
-def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[str, bytes], wait_s: float = 600.0,
+def restore_rows(store: Store | str, std: Standard, written: collections.abc.Mapping[str, bytes], wait_s: float = 600.0,
                  poll_s: float = 2.0,
                  seen: collections.abc.Mapping[str, collections.abc.Set[str] | None] | None = None) -> list[str]:
     """Write back the rows a compaction deleted right after they were rewritten; return their model ids.
@@ -298,8 +302,9 @@ def restore_rows(store: Store, std: Standard, written: collections.abc.Mapping[s
     row was deleted before, the model's older row, a newer one written since, or none (a remove since,
     its marker folded in). Such a row is never written back: one whose model the segments hold in another
     row is named by a StoreError, raised after the others are written back (the next `jobs.embed` embeds
-    it again if its row is stale).
+    it again if its row is stale). `store`: a Store, or its URL or path.
     """
+    store = as_store(store)
     deadline = time.monotonic() + wait_s
     while written and compaction_running(store, std.id):
         if time.monotonic() >= deadline:
@@ -627,12 +632,13 @@ class Listing:
     markers: tuple[str, ...]
 
 
-def list_table(store: Store, std: Standard) -> Listing:
+def list_table(store: Store | str, std: Standard) -> Listing:
     """List the table's objects in the reverse of the order a compaction deletes them (it writes its
     segments first, then deletes old segments and markers, then row objects): rows, markers, then
     segments. A row object compacted and deleted after its listing is gone when read (the read lists
     again), and one deleted before is in a segment written before that, which the later segment
-    listing sees; listing segments first could miss both."""
+    listing sees; listing segments first could miss both. `store`: a Store, or its URL or path."""
+    store = as_store(store)
     rows = tuple(list_rows(store, std.id))
     markers = tuple(list_markers(store, std.id))
     return Listing(tuple(list_segments(store, std.id)), rows, markers)
@@ -657,7 +663,7 @@ def segment_row_group(std: Standard) -> int:
     return max(1, min(SEGMENT_ROW_GROUP, SEGMENT_GROUP_BYTES // (4 * std.width)))
 
 
-def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
+def iter_shards(store: Store | str, std: Standard, listing: Listing | None = None,
                 columns: list[str] | None = None,
                 on_row_bytes: Callable[[str, bytes], None] | None = None,
                 skip_gone: bool = False) -> Iterator[EmbeddingTable]:
@@ -667,7 +673,9 @@ def iter_shards(store: Store, std: Standard, listing: Listing | None = None,
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
     `on_row_bytes(path, data)` sees each row object's bytes as they are read. `skip_gone`: a listed
     row object that is gone when read is left out (else ObjectGoneError: the listing is out of date).
+    `store`: a Store, or its URL or path.
     """
+    store = as_store(store)
     listing = listing or list_table(store, std)
     # Keys already yielded or overridden (row objects win over segments, markers delete):
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).

@@ -1986,9 +1986,18 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
 
     store, std = published
     _quick_row(store, std, "zoo/a")
+    from selection import table as tbl
+    from selection.standard import relocate_baseline
+
     for given in (store.url, pathlib.Path(store.url)):
         assert load_standard(given).id == std.id
         assert set(read_index(given, std)) == {"zoo/a"} and load_table(given, std).model_ids == ["zoo/a"]
+        # the lower-level functions too (session 41; they took a Store only)
+        assert tbl.list_table(given, std).rows == (row_path(std.id, "zoo/a"),)
+        assert [s.model_ids for s in tbl.iter_shards(given, std)] == [["zoo/a"]]
+        assert not tbl.compaction_running(given, std.id) and tbl.restore_rows(given, std, {}) == []
+        assert tbl.StampMemo(given, std.id).store.url == store.url
+        assert relocate_baseline(given, std, std.spec) is std
     out = tmp_path / "export" / "t.parquet"
     out.parent.mkdir()
     assert export_table(pathlib.Path(store.url), std, out) == 1
