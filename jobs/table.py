@@ -45,7 +45,6 @@ def parser() -> argparse.ArgumentParser:
 def _bars(enabled: bool, **verbs: str) -> Iterator[Progress]:
     """A `selection.table.Progress` that shows one bar per kind of work, named by `verbs`
     (e.g. rows="folded": "folded: 4096 rows")."""
-
     bars: dict[str, Any] = {}
 
     def update(what: str, n: int) -> None:
