@@ -74,16 +74,24 @@ def terminated(signum: int, frame: Any) -> None:
 LOG_BAR_INTERVAL_S = 30.0  # off a terminal, a progress bar writes a line this often (and one at the end)
 
 
+_BAR_TIMES = re.compile(r"\[[\d:]+(?:<[^,\]]*)?(?:, [^,\]]*)?")  # `[00:12<00:30, 2.5model/s` of a tqdm line
+
+
 class _Lines:
-    """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns."""
+    """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns, and
+    none that repeats the previous one's progress and note with only the times changed (tqdm's closing
+    redraw after a last update)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self._last = ""
 
     def write(self, text: str) -> int:
         line = text.replace("\r", "").rstrip()
-        if line:
+        news = _BAR_TIMES.sub("[", line)
+        if line and news != self._last:
             self.stream.write(line + "\n")
+            self._last = news
         return len(text)
 
     def flush(self) -> None:

@@ -720,6 +720,7 @@ def test_a_closed_pipe_ends_a_job_quietly_and_bars_off_a_terminal_write_lines(pu
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[0].startswith("embed:   0%") and "3/3" in err.splitlines()[-1]
     assert "zoo/m1: embedded" in err  # a line per change of its note: a log names each model
+    assert sum("3/3" in line for line in err.splitlines()) == 1  # not again when the bar closes (session 42)
 
 
 def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_parquet_only(published, tmp_path,
