@@ -130,13 +130,6 @@ def as_flags(*fields: str) -> Iterator[None]:
         raise ConfigError(head + text[quoted:]) from None
 
 
-def format_gflops(value: float | None) -> str:
-    """GFLOPs as the jobs print them: '?' unknown, two decimals, a tiny model's 0.0046 as 4.6e-03 (not 0.00)."""
-    if value is None:
-        return "?"
-    return f"{value:.2f}" if value >= 0.01 or not value else f"{value:.1e}"
-
-
 def command(module: str) -> str:
     """How to run another job, in a hint: as this one was run (`zooselect embed` or `python -m jobs.embed`)."""
     return f"zooselect {module.split('.', 1)[1]}" if _COMMAND else f"python -m {module}"

@@ -22,6 +22,7 @@ from jobs.common import add_ray_args, as_flags, prog, run_program
 from selection.catalog import CatalogEntry, write_catalog
 from selection.errors import ZooselectError
 from selection.linear_probe import ProbeProtocol
+from selection.results import format_results
 from selection.select import SelectConfig, load_task, model_task_accuracy, task_split
 from selection.storage import Store
 from selection.zoo import TrainSpec, train
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (e, t), acc in zip(items, accs):
         if not isinstance(acc, ZooselectError):
             truth.setdefault(labelled[t], {})[e.id] = acc
-    print(select_job.format_results(results, std.id, len(table), truth))
+    print(format_results(results, std.id, len(table), truth))
     for res in results:
         best = max(truth[res["task"]].items(), key=lambda kv: kv[1])
         pick = res["ranking"][0]["model_id"]

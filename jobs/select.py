@@ -13,26 +13,24 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
 from typing import Any, Callable, Sequence, TextIO
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, as_flags, command, format_gflops, open_store, prog, run_program
+from jobs.common import add_ray_args, add_store_args, as_flags, command, open_store, prog, run_program
 from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
-from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, Ranked, SelectConfig,
-                              SweepPart, TaskEmbedding, apply_verification, check_score, default_score, embed_task,
-                              entry_of, front_with_shortlist, load_task, shortlist_table, sweep_part, task_image_size,
-                              verify_candidate, warn_task_image_size)
+from selection.results import format_results, results_table, selection_record
+from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, SelectConfig, SweepPart,
+                              TaskEmbedding, apply_verification, check_score, embed_task, entry_of, load_task,
+                              selection_of, shortlist_table, sweep_part, verify_candidate, warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
 from selection.storage import Store, atomic_local_file, check_output, check_outside_store, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
@@ -200,29 +198,11 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
                                  progress=progress, what="a verification", option="--verify-gpus",
                                  autoscaling=autoscaling)
         rankings = apply_verification(rankings, config.verify_top_k, accs)
-    n_verified = [sum(r.verified is not None for r in ranked) for ranked in rankings]
-    shortlisted = [len(ranked[:config.verify_top_k]) for ranked in rankings]
-    fronts = [front_with_shortlist(front, ranked, config.top_k) for front, ranked in zip(fronts, rankings)]
-    rankings = [ranked[:config.top_k] for ranked in rankings]
-    out = []
-    for spec, emb, ranked, n_ver, n_short, front in zip(tasks, embs, rankings, n_verified, shortlisted, fronts):
-        out.append({"task": spec, "n_images": emb.n_images, "n_classes": emb.n_classes,
-                    "task_embedding_seconds": round(emb.seconds, 3), "n_verified": n_ver,
-                    "n_unverified": n_short - n_ver,  # its verification failed or measured no finite value
-                    "ranking": [_result_row(r) for r in ranked],
-                    # a front member's rank is null unless it is listed; verified when it was
-                    "pareto": [_result_row(r) for r in front] if config.pareto else None,
-                    "pareto_cost": config.pareto})
+    out = [selection_record(spec, selection_of(emb, ranked, m, front, config), config, std)
+           for spec, emb, ranked, front in zip(tasks, embs, rankings, fronts)]
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)
         o["total_seconds"] = round(time.perf_counter() - t0, 3)
-        o["models_swept"] = m
-        o["verified_by"] = config.verify_by if config.verify_top_k else None
-        o["scored_by"] = config.score or default_score(std.form)
-        o["task_image_size"] = task_image_size(config, std)
-        # what else the query was: an archived result (STORE/results/) can be read and run again
-        o["top_k"], o["verify_top_k"] = config.top_k, config.verify_top_k
-        o["where"] = [f"{c.field}{c.op}{c.value}" for c in config.constraints]
         o["task_path"] = _local_task_path(o["task"])
     return out
 
@@ -232,106 +212,6 @@ def _local_task_path(spec: str) -> str | None:
     see; None for others."""
     path = None if not spec.strip() or spec.startswith("builtin:") else local_path(spec)
     return None if path is None else os.path.realpath(path).rstrip(os.sep) or os.sep
-
-
-def _result_row(r: Ranked) -> dict[str, Any]:
-    gflops = r.row["gflops"]
-    return {"rank": r.rank or None, "model_id": r.model_id, "score": round(r.score, 9),
-            "score_parts": [round(x, 9) for x in r.parts] or None, "verified": r.verified,
-            "is_baseline": r.is_baseline,
-            "arch": r.row["arch"], "num_params": r.row["num_params"],
-            "gflops": gflops if gflops is not None and math.isfinite(gflops) else None,  # NaN: not counted
-            "tags": r.row["tags"], "verify_error": r.verify_error}
-
-
-# The --parquet output (and STORE/results/*.parquet): one row per task and ranked model.
-RESULT_SCHEMA = pa.schema([
-    ("rank", pa.int64()), ("model_id", pa.string()), ("score", pa.float64()),
-    ("score_parts", pa.list_(pa.float64())), ("verified", pa.float64()), ("is_baseline", pa.bool_()),
-    ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
-    ("tags", pa.list_(pa.string())), ("verify_error", pa.string()), ("task", pa.string()),
-    ("standard_id", pa.string()),
-    ("on_pareto_front", pa.bool_())])  # null: no --pareto; a front member not listed has a null rank
-
-
-VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
-               "probe": "probe accuracy on a held-out half"}
-
-
-def format_results(results: list[dict[str, Any]], std_id: str, m: int,
-                   truth: dict[str, dict[str, float]] | None = None) -> str:
-    lines = []
-    for res in results:
-        lines.append(f"\ntask {res['task']}  ({res['n_images']} images, {res['n_classes']} classes; "
-                     f"standard {std_id}, {m} models)")
-        if res.get("scored_by") == "rank-mean":
-            lines.append("score: mean of the model's rank fractions under the per-source and full forms "
-                         "(1 = alone first in both; ties share their mid-rank)")
-        if res.get("verified_by"):
-            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
-        if not res["ranking"] and res.get("where"):
-            lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
-                         f"that is unknown passes none; text is compared exactly, case included: `{command('jobs.table')} ls`), "
-                         f"or every row was left out (the warnings say why)")
-        elif not res["ranking"]:
-            lines.append("no model ranked: every row was left out (the warnings say why)")
-        w = _id_width(res["ranking"])
-        head = f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9}"
-        if truth:
-            head += f" {'measured':>9}"
-        lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
-        for row in res["ranking"]:
-            ver, params, gflops = _cells(row)
-            line = f"{row['rank']:>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9}"
-            if truth:
-                acc = truth.get(res["task"], {}).get(row["model_id"])
-                line += f" {'' if acc is None else f'{100 * acc:.1f}%':>9}"
-            note = "; ".join(n for n in ("standard's own model (covers itself)" if row["is_baseline"] else "",
-                                         (row.get("verify_error") or "")[:120]) if n)
-            lines.append(line + f" {params:>8} {gflops:>7}  {note}")
-        if res.get("pareto") is not None:
-            lines += _format_front(res["pareto"], res["pareto_cost"])
-    return "\n".join(lines)
-
-
-def _id_width(rows: list[dict[str, Any]]) -> int:
-    """The model column's width: the longest id printed (ids were cut to 36 characters, and timm's
-    `vit_base_patch16_clip_224.openai_ft_in12k_in1k` and `..._in1k` printed alike; a review, session 35)."""
-    return max([36] + [len(r["model_id"]) for r in rows])
-
-
-def _cells(row: dict[str, Any]) -> tuple[str, str, str]:
-    """A result row's verified measurement, parameters and GFLOPs as printed."""
-    return ("" if row["verified"] is None else f"{row['verified']:.4f}",
-            "?" if row["num_params"] is None else f"{row['num_params'] / 1e6:.1f}M",
-            format_gflops(row["gflops"]))
-
-
-def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
-    name = {"gflops": "GFLOPs", "params": "parameters"}[cost]
-    if not front:
-        return [f"Pareto front (score against {name}): no model of known {name} passes the constraints"]
-    w = _id_width(front)
-    lines = [f"Pareto front (score against {name}): {len(front)} model(s), cheapest first; no other model "
-             f"scores as high at no more {name} (one of the two strictly)",
-             f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9} {'params':>8} {'GFLOPs':>7}"]
-    for row in front:
-        ver, params, gflops = _cells(row)
-        lines.append(f"{row['rank'] or '-':>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9} "
-                     f"{params:>8} {gflops:>7}")
-    return lines
-
-
-def results_table(results: list[dict[str, Any]], std_id: str) -> pa.Table:
-    rows = []
-    for res in results:
-        front = None if res.get("pareto") is None else {r["model_id"] for r in res["pareto"]}
-        listed = [r["model_id"] for r in res["ranking"]]
-        extra = [r for r in res.get("pareto") or [] if r["model_id"] not in listed]
-        rows += [dict(r, task=res["task"], standard_id=std_id,
-                      on_pareto_front=None if front is None else r["model_id"] in front)
-                 for r in res["ranking"] + extra]
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
@@ -437,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store,
                                   json_stream)
         finally:
-            print(format_results(results, std.id, m))
+            print(format_results(results, std.id, m, ls_command=f"{command('jobs.table')} ls"))
         if saved:
             print(f"results saved to {saved}.json and .parquet")
         total = max(r["total_seconds"] for r in results)

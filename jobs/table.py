@@ -6,9 +6,10 @@ import argparse
 import contextlib
 from typing import Any, Iterator, Sequence
 
-from jobs.common import add_store_args, format_gflops, open_store, prog, progress_bar, run_program
+from jobs.common import add_store_args, open_store, prog, progress_bar, run_program
 from selection.errors import ConfigError
 from selection.keys import model_key
+from selection.results import format_gflops
 from selection.standard import list_standards, load_standard
 from selection.storage import check_output, check_outside_store
 from selection.table import Progress, compact, delete_rows, export_table, iter_shards, read_consistently

@@ -785,13 +785,16 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float],
 @dataclass(frozen=True, eq=False)
 class Selection:
     """One task's result: its embedding, the ranking (top_k), how many of the shortlist were verified,
-    and with `SelectConfig.pareto` the score/cost Pareto front of every model swept (cheapest first)."""
+    with `SelectConfig.pareto` the score/cost Pareto front of every model swept (cheapest first), and
+    how many of the shortlist measured nothing (their verification failed: `Ranked.verify_error`).
+    `selection.results` writes it as the jobs do."""
 
     embedding: TaskEmbedding
     ranking: list[Ranked]
     n_verified: int
     models_swept: int
     pareto: list[Ranked] = field(default_factory=list)
+    n_unverified: int = 0
 
 
 def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig | None = None, *,
@@ -840,6 +843,12 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)
-    return [Selection(e, ranked[:config.top_k], sum(r.verified is not None for r in ranked), swept,
-                      front_with_shortlist(front, ranked, config.top_k))
-            for e, ranked, front in zip(embs, rankings, fronts)]
+    return [selection_of(e, ranked, swept, front, config) for e, ranked, front in zip(embs, rankings, fronts)]
+
+
+def selection_of(emb: TaskEmbedding, ranked: list[Ranked], swept: int, front: list[Ranked],
+                 config: SelectConfig) -> Selection:
+    """A task's Selection from its ranking as verified (every model kept by the sweep) and its front."""
+    n_verified = sum(r.verified is not None for r in ranked)
+    return Selection(emb, ranked[:config.top_k], n_verified, swept, front_with_shortlist(front, ranked, config.top_k),
+                     n_unverified=len(ranked[:config.verify_top_k]) - n_verified)

@@ -122,6 +122,18 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     job = doc["tasks"][1]["ranking"]
     assert [(r.model_id, round(r.score, 9)) for r in lib.ranking] == [(r["model_id"], r["score"]) for r in job]
     assert [r.verified for r in lib.ranking] == pytest.approx([r["verified"] for r in job], rel=1e-6)
+    # ... and writes its results as the job does (selection.results; session 42)
+    from selection.results import RESULT_SCHEMA, results_table, selection_record
+
+    record = selection_record(tasks[1], lib, SelectConfig(top_k=3, verify_top_k=2), std)
+    timings = ("task_embedding_seconds", "sweep_seconds", "total_seconds", "task_path")
+
+    def comparable(rec):
+        return {k: ([dict(r, verified=None) for r in v] if k == "ranking" else v) for k, v in rec.items()
+                if k not in timings}
+
+    assert comparable(record) == comparable(doc["tasks"][1]) and record["n_verified"] == 2
+    assert results_table([record], std.id).schema == RESULT_SCHEMA
     import pyarrow.parquet as pq
 
     assert pq.read_table(out_pq).num_rows == 6
@@ -585,12 +597,13 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     a selection that no model passed wrote a Parquet file with no columns."""
     import pyarrow.parquet as pq
 
-    from jobs.select import RESULT_SCHEMA, _result_row, format_results, write_outputs
+    from jobs.select import write_outputs
+    from selection.results import RESULT_SCHEMA, format_results, ranked_record
     from selection.select import Ranked
 
     row = {"arch": "resnet10t", "num_params": 5_000_000, "gflops": float("nan"), "tags": ["x"]}
     ranked = Ranked("zoo/a", 0.5, 1, False, row, verified=None)
-    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [_result_row(ranked)]},
+    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [ranked_record(ranked)]},
                {"task": "t2", "n_images": 10, "n_classes": 2, "ranking": []}]
     out_json, out_pq = str(tmp_path / "r.json"), str(tmp_path / "r.parquet")
     write_outputs(results, "std-x", out_json, out_pq)
@@ -605,7 +618,7 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     # A row written by another tool with no parameter count (the schema allows it): `?`, not a traceback
     row = dict(row, num_params=None)
     ranked = Ranked("zoo/b", 0.5, 1, False, row)
-    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [_result_row(ranked)]}]
+    results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [ranked_record(ranked)]}]
     assert re.search(r"zoo/b .* +\? +\?", format_results(results, "std-x", 1))
 
 
@@ -755,7 +768,7 @@ def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_
 def test_long_model_ids_are_printed_whole():
     """Ids were cut to 36 characters: two timm weights of one architecture printed alike (a review,
     session 35)."""
-    from jobs.select import format_results
+    from selection.results import format_results
 
     ids = ["timm/vit_base_patch16_clip_224.openai_ft_in12k_in1k", "timm/vit_base_patch16_clip_224.openai_ft_in1k"]
     rows = [{"rank": i + 1, "model_id": m, "score": 0.5, "verified": None, "is_baseline": False, "num_params": 1,
