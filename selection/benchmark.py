@@ -532,7 +532,7 @@ def evaluate_candidate(entry: CatalogEntry, tasks: Sequence[Any], std_input_size
     from selection.scorers import SCORERS
     from selection.select import features_accuracy, task_split
 
-    loaded = load_model(entry)
+    loaded = load_model(entry, std_input_size)
     out: dict[str, Any] = {"model_id": entry.id, "num_params": loaded.num_params, "tasks": {}}
     for task, protos in zip(tasks, task_protocols or [[protocol]] * len(tasks), strict=True):
         every = extract_features(loaded, task.images, input_size=std_input_size)
@@ -607,7 +607,7 @@ def _add_missing_scorers(entry: CatalogEntry, tasks: Sequence[Any], plan: Qualit
         stale = [r for r in range(plan.splits) if set(BRUTE_FORCE) - recs[r][task.name].keys()]
         if not stale:
             continue
-        loaded = loaded or load_model(entry)
+        loaded = loaded or load_model(entry, std_input_size)
         trains = {r: task_split(task, plan.task_protocols(r)[i])[0] for r in stale}
         used = np.unique(np.concatenate(list(trains.values())))
         feats = extract_features(loaded, task.images[used], input_size=std_input_size)
@@ -694,7 +694,7 @@ def measure_costs(plan: QualityPlan, stds: Sequence[Any], entries: Sequence[Cata
     wall0, cpu0 = time.perf_counter(), time.process_time()
     input_size = plan.standards[0].input_size
     for entry in entries:
-        loaded, load_s = timed_load(lambda entry=entry: load_model(entry))
+        loaded, load_s = timed_load(lambda entry=entry: load_model(entry, input_size))
         per_task = {}
         for task, train in zip(tasks, trains):
             t = time.perf_counter()

@@ -369,7 +369,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     on_gpu = device.startswith("cuda")
     try:
         stamp = weights_stamp(entry.weights)  # before the bytes are read (see weights_stamp)
-        loaded = load_model(entry)
+        loaded = load_model(entry, std.input_size)
         if stamp and weights_stamp(entry.weights) != stamp:
             stamp = ""  # replaced while read: the row records no stamp, and the next plan hashes it
         stages = {"load": time.perf_counter() - t0}

@@ -369,9 +369,27 @@ def _size_overlay(entry: CatalogEntry) -> dict[str, Any]:
     return {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
 
 
+def _fixed_input_size(name: str) -> bool:
+    """Whether timm builds `name` (an architecture, `timm:`'s NAME or an `hf-hub:` name) for one input size
+    (ViT-style position embeddings: its config's `fixed_input_size`, or a hub config's `img_size`). False
+    where its config cannot be read: creating the model then says why."""
+    from timm.models import get_pretrained_cfg, load_model_config_from_hf
+
+    try:
+        if name.startswith("hf-hub:"):
+            cfg, _, args = load_model_config_from_hf(name[len("hf-hub:"):])
+            return bool(cfg.get("fixed_input_size")) or "img_size" in (args or {})
+        cfg = get_pretrained_cfg(name)
+        return bool(cfg is not None and cfg.fixed_input_size)
+    except Exception:  # noqa: BLE001 - unknown names, an unreachable hub: reported by _create
+        return False
+
+
 def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
     import timm
 
+    if entry.input_size and _fixed_input_size(arch):  # a hub config's own `img_size` would win over the overlay
+        kwargs.setdefault("img_size", entry.input_size)
     try:
         return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
     except RuntimeError as exc:
@@ -411,14 +429,21 @@ def _position_embedding_resampled(model: torch.nn.Module, state: dict[str, torch
     return {**state, "pos_embed": resampled.to(pos.dtype)}
 
 
-def load_model(entry: CatalogEntry) -> LoadedModel:
-    """Build the timm model for `entry` with its weights, in eval mode on the CPU."""
+def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedModel:
+    """Build the timm model for `entry` with its weights, in eval mode on the CPU. `input_size`: the
+    resolution it will run at when not its own (a standard's, which fixes one for all models): a model
+    built for one input size (a ViT's position embeddings) is then built at it, its weights' position
+    embeddings resampled, as for a catalog's `input_size`; other models are built as they are."""
     import timm
     from timm.data import resolve_model_data_config
     from timm.models import get_pretrained_cfg
 
     w = entry.weights
     arch = entry.arch
+    published = w if w and w.startswith("hf-hub:") else w[len("timm:"):] if w and w.startswith("timm:") else None
+    built = entry  # the entry as the model is built: at `input_size` if it has a fixed one
+    if input_size and input_size != entry.input_size and _fixed_input_size(published or arch):
+        built = dataclasses.replace(entry, input_size=input_size)
     if w is None:
         # Seeded from the id, the caller's RNG left as it was. timm draws the weights from torch's one
         # process-wide generator: two threads building at once drew from each other's stream (other
@@ -426,13 +451,12 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
         # caller's that draws from torch's generator meanwhile still interleaves: not while models load.
         with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(entry.id))
-            model = _create(arch, entry, pretrained=False, num_classes=entry.num_classes or 0)
+            model = _create(arch, built, pretrained=False, num_classes=entry.num_classes or 0)
         digest = weights_digest(entry)
     elif w.startswith(("hf-hub:", "timm:")):
         if w.startswith("timm:"):
             _check_timm_weights_arch(entry)
-        name = w if w.startswith("hf-hub:") else w[len("timm:"):]
-        model = _create(name, entry, pretrained=True)
+        model = _create(published, built, pretrained=True)
         hub_arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
         if base_arch(hub_arch) != base_arch(arch):
             raise ModelError(f"model {entry.id!r}: {w} holds {hub_arch!r} weights, but arch is {arch!r}")
@@ -447,7 +471,7 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             if arch != expected_arch:
                 raise ModelError(f"model {entry.id!r}: {w} holds {expected_arch!r} weights, "
                                  f"but arch is {arch!r}")
-            model = _create(arch, entry, pretrained=False)
+            model = _create(arch, built, pretrained=False)
             target = model.state_dict()
             if len(target) != len(state) or any(a.shape != b.shape for a, b in
                                                  zip(target.values(), state.values())):
@@ -469,7 +493,7 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             except RuntimeError as exc:  # an unknown pretrained tag: "resnet18.bogus"
                 raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {exc}") from None
             clf = (cfg.classifier if cfg is not None
-                   else _create(arch, entry, pretrained=False).pretrained_cfg.get("classifier"))
+                   else _create(arch, built, pretrained=False).pretrained_cfg.get("classifier"))
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
             # A training wrapper's checkpoint (Lightning: every key under `model.` or another attribute)
             prefix = _common_prefix(state)
@@ -482,10 +506,10 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
                 raise ModelError(f"model {entry.id!r}: its weights have a {in_file}-class head, but num_classes is "
                                  f"{entry.num_classes}")
             num_classes = in_file if entry.num_classes is None else entry.num_classes
-            model = _create(arch, entry, pretrained=False, num_classes=num_classes)
+            model = _create(arch, built, pretrained=False, num_classes=num_classes)
             state = _without_prefix(state, prefix, model, w)
-            if entry.input_size:  # without one, a mismatch is another variant's checkpoint: refused below
-                state = _position_embedding_resampled(model, state, entry)
+            if built.input_size:  # without one, a mismatch is another variant's checkpoint: refused below
+                state = _position_embedding_resampled(model, state, built)
         target = model.state_dict()
         ints = [k for k, v in state.items() if k in target and target[k].is_floating_point()
                 and not v.is_floating_point()]
@@ -503,8 +527,8 @@ def load_model(entry: CatalogEntry) -> LoadedModel:
             why = (f"missing {missing}, unexpected {extra}, shape mismatch {shape}" if missing or extra or shape
                    else str(exc).strip().splitlines()[-1][:200])
             if shape and not missing and not extra and all("pos" in k for k in shape):
-                why += (f"; position embeddings sized for another input than input_size {entry.input_size}: "
-                        f"give the size it was trained at, or leave input_size out" if entry.input_size else
+                why += (f"; position embeddings sized for another input than input_size {built.input_size}: "
+                        f"give the size it was trained at, or leave input_size out" if built.input_size else
                         "; position embeddings of another patch grid: name the variant it was trained as, or "
                         "give an input_size in the catalog to resample them to")
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "

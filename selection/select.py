@@ -623,7 +623,7 @@ def entry_of(row: dict[str, Any]) -> CatalogEntry:
 def model_task_accuracy(entry: CatalogEntry, task: ImageSet, std_input_size: int | None,
                         protocol: ProbeProtocol, loaded: LoadedModel | None = None, device: str = "cpu") -> float:
     """Linear-probe test accuracy of one model on one task under the fixed protocol."""
-    loaded = loaded or load_model(entry)
+    loaded = loaded or load_model(entry, std_input_size)
     feats = extract_features(loaded, task.images, input_size=std_input_size, device=device)
     return features_accuracy(feats, task.labels, protocol)
 
@@ -645,7 +645,7 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
     `weights_sha256`: the digest its row was embedded from; weights that changed since are refused
     (ModelError), so a ranking is never re-ordered by other weights than those it scored.
     """
-    loaded = loaded or load_model(entry)
+    loaded = loaded or load_model(entry, std_input_size)
     if weights_sha256 is not None and loaded.weights_sha256 != weights_sha256:
         raise ModelError(f"model {entry.id!r}: its weights changed since it was embedded (sha256 "
                          f"{loaded.weights_sha256[:12]}..., the table's row {weights_sha256[:12]}...); "

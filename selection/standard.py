@@ -237,14 +237,14 @@ def load_standard_models(std: Standard) -> StandardModels:
 
     companion = None
     if std.companion is not None:
-        companion = load_model(std.companion)
+        companion = load_model(std.companion, std.input_size)
         want = std.spec["companion"]["state_sha256"]
         if state_digest(companion.model) != want:
             raise StandardMismatchError(
                 f"standard {std.id!r}: the companion {std.companion.arch!r} initialises to other weights here "
                 f"than when the standard was built (torch/timm versions differ?, or a thread of this process "
                 f"drew from torch's random generator while it was built); rebuild the standard")
-    baseline = load_model(std.baseline)
+    baseline = load_model(std.baseline, std.input_size)
     recorded = std.spec.get("baseline_data_config")
     now = _recorded_config(baseline.data_config)
     if recorded is not None and now != recorded:
@@ -446,7 +446,7 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     if config.companion is not None:
         spec["companion"] = {"entry": config.companion.to_dict(), "d": config.split[1],
                              "weights_sha256": weights_digest(config.companion),
-                             "state_sha256": _companion_state(config.companion)}
+                             "state_sha256": _companion_state(config.companion, config.input_size)}
     spec["standard_id"] = compute_standard_id(spec)
     return spec, images
 
@@ -460,7 +460,7 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
     t0 = time.perf_counter()
     spec, images = (copy.deepcopy(planned[0]), planned[1]) if planned is not None else plan_standard(config)
     fit_idx, val_idx = _split(len(images), config)
-    loaded = load_model(config.baseline)
+    loaded = load_model(config.baseline, config.input_size)
     if loaded.weights_sha256 != spec["baseline_sha256"]:  # the file changed since it was hashed into the id
         raise StandardMismatchError(f"baseline {config.baseline.weights}: its weights changed while the standard "
                                     f"was planned (sha256 {spec['baseline_sha256'][:12]}, now "
@@ -472,7 +472,7 @@ def build_standard(config: StandardConfig, progress: Callable[[int], None] | Non
     z = (h - mean) @ projection
     c_mean = c_projection = None
     if config.companion is not None:
-        hc = extract_features(load_model(config.companion), images, input_size=config.input_size,
+        hc = extract_features(load_model(config.companion, config.input_size), images, input_size=config.input_size,
                               batch_size=config.batch_size).astype(np.float64)
         c_mean, c_projection = _whitening(hc[fit_idx], d_comp, "companion")
         z = np.concatenate([z, (hc - c_mean) @ c_projection], axis=1)
@@ -520,10 +520,10 @@ def _arrays(mean: np.ndarray, projection: np.ndarray, z: np.ndarray, fit_idx: np
             "companion_mean": companion_mean, "companion_projection": companion_projection}
 
 
-def _companion_state(entry: CatalogEntry) -> str:
+def _companion_state(entry: CatalogEntry, input_size: int | None) -> str:
     from selection.models import load_model, state_digest
 
-    return state_digest(load_model(entry).model)
+    return state_digest(load_model(entry, input_size).model)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

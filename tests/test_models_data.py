@@ -825,6 +825,24 @@ for repo, size in (("acme/crop09", None), ("acme/crop09", 24), ("acme/tiny-resne
     row = {"catalog_entry": _entry_json(e), "weights_sha256": weights_digest(e), "weights_stamp": "",
            "library_versions": "{}"}  # as preprocessing version 1 wrote it
     print("PLAN", repo, size, plan_entry(e, row), plan_entry(e, dict(row, library_versions='{"preprocess": "2"}')))
+# a ViT pushed with its own img_size (128, in the hub config's model_args), run at 64 px: by the catalog's
+# input_size, or by a standard's fixed size (model_args won over the size asked for; a review, session 42)
+snap = os.path.join(cache, "models--acme--vit128", "snapshots", "2" * 40)
+os.makedirs(snap)
+os.makedirs(os.path.join(cache, "models--acme--vit128", "refs"))
+open(os.path.join(cache, "models--acme--vit128", "refs", "main"), "w").write("2" * 40)
+vit = timm.create_model("vit_tiny_patch16_224", img_size=128, num_classes=0, depth=1)
+save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, os.path.join(snap, "model.safetensors"))
+json.dump({"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"img_size": 128, "depth": 1},
+           "pretrained_cfg": {"input_size": [3, 128, 128], "fixed_input_size": True, "crop_pct": 1.0}},
+          open(os.path.join(snap, "config.json"), "w"))
+import numpy as np
+from selection.models import extract_features
+images = np.zeros((2, 64, 64, 3), np.uint8)
+for e, size in ((CatalogEntry("v1", "vit_tiny_patch16_224", "hf-hub:acme/vit128", input_size=64), None),
+                (CatalogEntry("v2", "vit_tiny_patch16_224", "hf-hub:acme/vit128"), 64)):
+    lm = load_model(e, size)
+    print("VIT", e.id, lm.model.patch_embed.img_size, extract_features(lm, images, input_size=size).shape)
 for bad in (CatalogEntry("h3", "vit_base_patch16_224", "hf-hub:acme/tiny-resnet"),
             CatalogEntry("h4", "resnet10t", "hf-hub:acme/tiny-resnet", num_classes=100)):
     try:
@@ -851,6 +869,7 @@ def test_hub_weights_load_through_timm_from_the_hub_cache(tmp_path):
             "'vit_base_patch16_224'") in r.stdout, r.stdout
     assert "REFUSED ModelError model 'h4': its weights have a 5-class head, but num_classes is 100" in r.stdout
     assert "CONFIG None True True" in r.stdout and "CONFIG 24 True True" in r.stdout, r.stdout
+    assert "VIT v1 (64, 64) (2, 192)" in r.stdout and "VIT v2 (64, 64) (2, 192)" in r.stdout, r.stderr[-2000:]
     # a row embedded before the crop fix: embedded again where the hub config's crop moved (35 -> 32 px
     # starts a pixel further now), kept where it did not (crop_pct 1, or 27 -> 24), and kept, with a
     # warning, where the config cannot be read; a row of the current preprocessing is never read again

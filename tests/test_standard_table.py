@@ -18,7 +18,7 @@ from selection.errors import ConfigError, DataError, StandardMismatchError, Stor
 from selection.standard import build_standard, compute_standard_id, load_standard, plan_standard, save_standard
 from selection.storage import Store
 from selection.table import compact, compaction_running, delete_row, delete_rows, load_table, read_index, row_path
-from tests.conftest import TINY_BASELINE, tiny_config
+from tests.conftest import TINY_BASELINE, save_checkpoint, tiny_config
 
 A = CatalogEntry("zoo/a", "resnet10t", None, input_size=32)
 B = CatalogEntry("zoo/b", "regnetx_002", None, input_size=32)
@@ -2043,3 +2043,28 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
                     np.repeat(np.arange(2), 4), ("a", "b"), "dark")
     with pytest.raises(DataError, match=r"^task 'dark': every pixel is 0 or 1 \(0-1 float images cast to uint8\?\)"):
         select_models(store, [dark])
+
+
+def test_a_standard_of_one_input_size_builds_fixed_size_models_at_it(store, tmp_path):
+    """A standard built with an input_size ran every model at it, but built a ViT at its own: no ViT
+    could be embedded, verified or be the baseline (`Input height (32) doesn't match model (224)`; a
+    review, session 42). A model of one input size is now built at the standard's (a checkpoint's
+    position embeddings resampled); others are built as before."""
+    import timm
+
+    from selection.data import load_dataset
+    from selection.models import load_model
+    from selection.select import SelectConfig, verify_candidate
+
+    vit = CatalogEntry("baseline/vit", "vit_tiny_patch16_224", None)
+    std = build_standard(tiny_config(baseline=vit, input_size=32))
+    save_standard(store, std)
+    trained = save_checkpoint(timm.create_model("vit_tiny_patch16_224", num_classes=3), str(tmp_path / "v.safetensors"))
+    for entry in (CatalogEntry("zoo/vit", "vit_tiny_patch16_224", trained), TINY_BASELINE):
+        assert embed_entry(entry, std, store).status == "embedded"
+    rows = {r["model_id"]: r for r in load_table(store, std).meta.to_pylist()}
+    assert rows["zoo/vit"]["input_size"] == 32 and rows["zoo/vit"]["feature_dim"] == 192
+    task = load_dataset("builtin:digits?classes=0,1&per_class=6", size=32)
+    assert np.isfinite(verify_candidate(CatalogEntry("zoo/vit", "vit_tiny_patch16_224", trained), task, 32,
+                                        SelectConfig()))
+    assert load_model(TINY_BASELINE, 48).data_config["input_size"] == (3, 32, 32)  # a CNN: built as before
