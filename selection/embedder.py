@@ -8,7 +8,7 @@ import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -66,13 +66,34 @@ class Plan:
 PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a hash where it changed
 
 
-def make_plan(entries: list[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
+def _check_kinds(std: Any, entries: Sequence[Any] = ()) -> None:
+    """ConfigError unless `std` is a Standard and every one of `entries` a CatalogEntry."""
+    if not isinstance(std, Standard):
+        raise ConfigError(f"std should be a Standard (selection.standard.load_standard), got "
+                          f"{type(std).__name__} {std!r:.80}")
+    odd = [e for e in entries if not isinstance(e, CatalogEntry)]
+    if odd:
+        raise ConfigError(f"a catalog entry should be a CatalogEntry (selection.catalog.load_catalog reads a "
+                          f"catalog file), got {type(odd[0]).__name__} {odd[0]!r:.80}")
+
+
+def make_plan(entries: Iterable[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
               dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Plan:
     """Diff the catalog against the table's index: what to embed, refresh (`plan_entry`), skip and
     (with prune) remove.
     Records the new stamps of checkpoints found unchanged (`StampMemo`) unless `dry_run`. Entries are
     checked PLAN_THREADS at once (a zoo on S3 is one HEAD each); `progress(n)`: n more checked.
-    `store`: a Store, or its URL or path."""
+    `entries`: the whole catalog (any iterable, read once; with `prune`, every model of the table
+    missing from it is to be removed). `store`: a Store, or its URL or path."""
+    if isinstance(entries, (str, bytes, CatalogEntry, Mapping)) or not isinstance(entries, Iterable):
+        raise ConfigError(f"entries should be a list of CatalogEntry (selection.catalog.load_catalog reads a "
+                          f"catalog file), got {type(entries).__name__} {entries!r:.80}")
+    entries = list(entries)  # a generator is read once: the plan reads them twice
+    _check_kinds(std, entries)
+    ids = [e.id for e in entries]
+    if len(set(ids)) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"entries hold the model id {twice!r} twice: which one to embed is unclear")
     store = as_store(store)
     index = read_index(store, std)
     memo = StampMemo(store, std.id, writable=not dry_run)
@@ -361,6 +382,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     `store`: a Store, or its URL or path. A device this process cannot use, or a batch size below 1,
     is a ConfigError before any work; what fails with the model comes back as a "failed" result.
     """
+    _check_kinds(std, [entry])
     check_device(device)
     store = as_store(store)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):

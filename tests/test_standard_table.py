@@ -2068,3 +2068,22 @@ def test_a_standard_of_one_input_size_builds_fixed_size_models_at_it(store, tmp_
     assert np.isfinite(verify_candidate(CatalogEntry("zoo/vit", "vit_tiny_patch16_224", trained), task, 32,
                                         SelectConfig()))
     assert load_model(TINY_BASELINE, 48).data_config["input_size"] == (3, 32, 32)  # a CNN: built as before
+
+
+def test_make_plan_reads_a_generator_once_and_names_what_is_not_a_catalog(published):
+    """A review (session 42): `make_plan((e for e in catalog if ...), prune=True)` used the generator up
+    checking it and planned to remove every model of the table; a file name, a dict or one entry were
+    AttributeError/TypeError tracebacks, as was embed_entry given a standard's id."""
+    store, std = published
+    a, b = CatalogEntry("zoo/a", "resnet10t", None, input_size=32), TINY_BASELINE
+    assert embed_entry(a, std, store).status == "embedded"
+    plan = make_plan((e for e in [a, b]), store, std, prune=True, dry_run=True)
+    assert plan.skip == ("zoo/a",) and [e.id for e in plan.embed] == [b.id] and plan.remove == ()
+    for bad, name in (("zoo.yaml", "str 'zoo.yaml'"), (a, "CatalogEntry"), ([{"id": "x"}], "dict {'id': 'x'}")):
+        with pytest.raises(ConfigError, match=f"should be a (list of )?CatalogEntry .*got {name}"):
+            make_plan(bad, store, std, prune=True)
+    with pytest.raises(ConfigError, match="^entries hold the model id 'zoo/a' twice"):
+        make_plan([a, a], store, std)
+    with pytest.raises(ConfigError, match=r"^std should be a Standard .*got str 'std-"):
+        embed_entry(a, std.id, store)
+    assert load_table(store, std).model_ids == ["zoo/a"]
