@@ -56,24 +56,38 @@ class Constraint:
     op: str
     value: str
 
+    def __post_init__(self) -> None:
+        if isinstance(self.value, (int, float, np.integer, np.floating)) and not isinstance(self.value, bool) \
+                and self.field in NUMERIC_FIELDS:  # Constraint("params", "<=", 5e6)
+            object.__setattr__(self, "value", str(self.value))
+        for name in ("field", "op", "value"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"a constraint's {name} must be a string, got {getattr(self, name)!r:.80}")
+        text = f"{self.field}{self.op}{self.value}"
+        if self.field not in NUMERIC_FIELDS + TEXT_FIELDS:
+            raise ConfigError(f"unknown constraint field {self.field!r} in {text!r} "
+                              f"(known: {', '.join(NUMERIC_FIELDS + TEXT_FIELDS)})")
+        if self.op not in _OPS:
+            raise ConfigError(f"constraint {text!r}: unknown operator {self.op!r} (known: {', '.join(_OPS)})")
+        if self.field in NUMERIC_FIELDS:
+            try:
+                number = float(self.value)
+            except ValueError:
+                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a finite number")
+        elif self.op not in ("=", "==", "!="):
+            raise ConfigError(f"constraint {text!r}: text fields take only = or !=")
+
     @classmethod
     def parse(cls, text: str) -> "Constraint":
-        m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>|=)\s*([^\s<>=!].*?)\s*", text or "")
+        m = re.fullmatch(r"\s*(\w+)\s*(<=|>=|==|!=|<|>|=)\s*([^\s<>=!].*?)\s*", text or "")
         if not m:
             raise ConfigError(f"constraint must look like 'params<=5e6' or 'tag=x', got {text!r}")
         name, op, value = m.groups()
-        if name not in NUMERIC_FIELDS + TEXT_FIELDS:
+        if name not in NUMERIC_FIELDS + TEXT_FIELDS:  # named in the text as given (spaces and all)
             raise ConfigError(f"unknown constraint field {name!r} in {text!r} "
                               f"(known: {', '.join(NUMERIC_FIELDS + TEXT_FIELDS)})")
-        if name in NUMERIC_FIELDS:
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"constraint {text!r}: {value!r} is not a number") from None
-            if not math.isfinite(number):
-                raise ConfigError(f"constraint {text!r}: {value!r} is not a finite number")
-        elif op not in ("=", "==", "!="):
-            raise ConfigError(f"constraint {text!r}: text fields take only = or !=")
         return cls(name, op, value)
 
     def mask(self, meta: Any) -> np.ndarray:
@@ -117,14 +131,7 @@ class SelectConfig:
             raise ConfigError(f"weigh_parts must be True or False, got {self.weigh_parts!r}")
         if not isinstance(self.protocol, ProbeProtocol):
             raise ConfigError(f"protocol must be a ProbeProtocol, got {self.protocol!r:.80}")
-        if isinstance(self.constraints, (str, Constraint)) or not isinstance(self.constraints, (tuple, list)):
-            raise ConfigError(f"constraints must be a tuple of Constraint (or of texts such as 'params<=5e6'), "
-                              f"got {self.constraints!r}")
-        parsed = tuple(Constraint.parse(c) if isinstance(c, str) else c for c in self.constraints)
-        bad = [c for c in parsed if not isinstance(c, Constraint)]
-        if bad:
-            raise ConfigError(f"constraints must be Constraint objects or texts such as 'params<=5e6', got {bad[0]!r}")
-        object.__setattr__(self, "constraints", parsed)
+        object.__setattr__(self, "constraints", as_constraints(self.constraints))
         if self.verify_by not in VERIFIERS:
             raise ConfigError(f"verify_by must be one of {VERIFIERS}, got {self.verify_by!r}")
         if self.score is not None and self.score not in SCORES:
@@ -266,9 +273,21 @@ class Ranked:
     verify_error: str | None = None  # why its verification measured nothing (it failed, or not finite)
 
 
+def as_constraints(constraints: Iterable[Constraint | str]) -> tuple[Constraint, ...]:
+    """Constraints given as Constraint objects or texts (`params<=5e6`), as a tuple of Constraint."""
+    if isinstance(constraints, (str, Constraint)) or not isinstance(constraints, (tuple, list)):
+        raise ConfigError(f"constraints must be a tuple of Constraint (or of texts such as 'params<=5e6'), "
+                          f"got {constraints!r:.120}")
+    parsed = tuple(Constraint.parse(c) if isinstance(c, str) else c for c in constraints)
+    bad = [c for c in parsed if not isinstance(c, Constraint)]
+    if bad:
+        raise ConfigError(f"constraints must be Constraint objects or texts such as 'params<=5e6', got {bad[0]!r:.80}")
+    return parsed
+
+
 def constraint_mask(table: EmbeddingTable, constraints: tuple[Constraint, ...]) -> np.ndarray:
     mask = np.ones(len(table), bool)
-    for c in constraints:
+    for c in as_constraints(constraints):
         mask &= c.mask(table.meta)
     return mask
 
@@ -457,7 +476,7 @@ class Sweep:
         if pareto is not None and any(len(_parts(q)) > 2 for q in queries):
             raise ConfigError(f"a Pareto front takes scores of at most 2 parts, got a query of "
                               f"{max(len(_parts(q)) for q in queries)}")
-        self.queries, self.top_k, self.constraints = list(queries), top_k, constraints
+        self.queries, self.top_k, self.constraints = list(queries), top_k, as_constraints(constraints)
         self.cost_of = PARETO_COSTS[pareto] if pareto is not None else None
         self.flat = [p for q in self.queries for p in _parts(q)]
         self.width = {p.num.shape[1] for p in self.flat} | {p.den.shape[1] for p in self.flat if p.den is not None}

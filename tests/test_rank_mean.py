@@ -1,4 +1,6 @@
 """The rank-mean score: contenders kept shard by shard, ranks over every row swept."""
+import re
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -266,3 +268,26 @@ def test_the_pareto_front_is_found_in_the_sweep_however_sharded(seed):
         sweep_fronts([tab], [RankQuery(tuple(linear_queries(np.vstack([w, w[:1]]))))], 3, pareto="params")
     with pytest.raises(ConfigError, match=r"task weights should be \(T, D\), got shape \(\)"):
         sweep_fronts([tab], np.array(1.0), 3, pareto="params")
+
+
+def test_constraint_objects_are_checked_when_built_and_texts_are_taken_wherever_constraints_are():
+    """A review (session 42): `Constraint("colour", "=", "red")`, `Constraint("params", "<=", "lots")`, an
+    operator `=<` passed SelectConfig and failed mid-selection as KeyError/ValueError tracebacks (after every
+    task was embedded); `Constraint("license", "<", "z")` compared text by order, which parse() refuses;
+    `sweep(..., ("params<=5e6",))` was an AttributeError; `Params<=5` got the generic message."""
+    from selection.select import SelectConfig, constraint_mask
+
+    for args, message in ((("colour", "=", "red"), "unknown constraint field 'colour' in 'colour=red'"),
+                          (("params", "<=", "lots"), "constraint 'params<=lots': 'lots' is not a number"),
+                          (("params", "=<", "5"), "constraint 'params=<5': unknown operator '=<'"),
+                          (("license", "<", "z"), "constraint 'license<z': text fields take only = or !="),
+                          (("license", "=", 2024), "a constraint's value must be a string, got 2024")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            SelectConfig(constraints=(Constraint(*args),))
+    with pytest.raises(ConfigError, match="^unknown constraint field 'Params' in 'Params<=5'"):
+        Constraint.parse("Params<=5")
+    assert Constraint("params", "<=", 5e6) == Constraint.parse("params<=5000000.0")  # a number for a number
+    meta = pa.table({"model_id": ["a", "b"], "is_baseline": [False, False], "num_params": [1e6, 9e6]})
+    table = EmbeddingTable("std-x", meta, np.eye(2, dtype=np.float32))
+    assert constraint_mask(table, ("params<=5e6",)).tolist() == [True, False]
+    assert [r.model_id for r in sweep(table, np.ones((1, 2)), 2, ("params<=5e6",))[0]] == ["a"]
