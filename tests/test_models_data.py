@@ -1029,3 +1029,51 @@ def test_float32_flags_hold_until_the_last_thread_inside_leaves():
     leave.set()
     t.join(10)
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_checkpoints_of_timms_training_script_load_and_say_what_they_hold(tmp_path, caplog):
+    """A review (session 42): every checkpoint timm's train.py writes (`model_best.pth.tar`, its
+    CheckpointSaver) was refused as "pickled code" for the argparse.Namespace of its arguments; of a file
+    holding weights and their moving average, the average was dropped without a word; the architecture
+    such a file records (`arch`, from `args.model`) was ignored; torch's AveragedModel was refused."""
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    model = timm.create_model("resnet10t", num_classes=3)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    args = argparse.Namespace(model="resnet10t", lr=0.1, epochs=2, data_dir=str(tmp_path))
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, model_ema=ema,
+                            checkpoint_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=1, metric=0.5)
+    best = str(tmp_path / "model_best.pth.tar")
+    with caplog.at_level(logging.WARNING, logger="selection.models"):
+        loaded = load_model(CatalogEntry("m", "resnet10t", best))
+    assert torch.equal(loaded.model.fc.weight, model.fc.weight) and not torch.equal(loaded.model.fc.weight,
+                                                                                   ema.module.fc.weight)
+    assert ("holds weights under 'state_dict' and their moving average under 'state_dict_ema': 'state_dict' "
+            "are loaded") in caplog.text
+    # the average saved alone, through torch's AveragedModel (EMA, SWA): loaded
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    torch.save(averaged.state_dict(), tmp_path / "swa.pth")
+    swa = load_model(CatalogEntry("m", "resnet10t", str(tmp_path / "swa.pth"))).model
+    assert torch.equal(swa.fc.weight, model.fc.weight)
+    # the architecture the file records is the one it is loaded as (two that share every key and shape)
+    lite = timm.create_model("efficientnet_lite0", num_classes=3)
+    torch.save({"arch": "efficientnet_lite0", "args": argparse.Namespace(model="efficientnet_lite0"), "epoch": 1,
+                "state_dict": lite.state_dict()}, tmp_path / "lite.pth.tar")
+    with pytest.raises(ModelError, match=r"was trained as 'efficientnet_lite0', but arch is 'tf_efficientnet_lite0'$"):
+        load_model(CatalogEntry("m", "tf_efficientnet_lite0", str(tmp_path / "lite.pth.tar")))
+    assert load_model(CatalogEntry("m", "efficientnet_lite0.ra_in1k", str(tmp_path / "lite.pth.tar"))).num_params
+    # without `args`, timm's saver records the model's class name (`efficientnet`): not an architecture
+    torch.save({"arch": "efficientnet", "state_dict": lite.state_dict()}, tmp_path / "class.pth.tar")
+    assert load_model(CatalogEntry("m", "efficientnet_lite0", str(tmp_path / "class.pth.tar"))).num_params
+    # other objects than the arguments are still refused
+    torch.save({"state_dict": lite.state_dict(), "when": __import__("datetime").date(2026, 1, 1)},
+               tmp_path / "obj.pth")
+    with pytest.raises(ModelError, match="it contains pickled code or objects"):
+        load_model(CatalogEntry("m", "efficientnet_lite0", str(tmp_path / "obj.pth")))
