@@ -595,17 +595,36 @@ def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:
     return f"{torch.device(device).type}/{str(amp_dtype or torch.float32).removeprefix('torch.')}"
 
 
+def _tf32_settings() -> tuple[Any, Any]:
+    """CUDA matmul's and cuDNN convolution's float32 precision settings: torch's per-backend
+    `fp32_precision` where it has them (reading the older `allow_tf32` flags raises once they are set),
+    else those flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_settings(settings: tuple[Any, Any] | None) -> None:
+    """Set what `_tf32_settings` returns; None: full float32 (IEEE), no TF32."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
+            settings or ("ieee", "ieee")
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = settings or (False, False)
+
+
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """CUDA float32 without TF32 (torch runs cuDNN convolutions in TF32 by default, 10-bit mantissas):
-    a task's features on a GPU then match the standard's, computed in float32 on a CPU. The flags are
-    process-wide: the previous settings are restored when the last of the threads inside leaves (the
-    first to leave restored TF32 under the others)."""
+    a task's features on a GPU then match the standard's, computed in float32 on a CPU. The settings are
+    process-wide: those found are restored when the last of the threads inside leaves (the first to
+    leave restored TF32 under the others), through the API torch offers (its older flags raised under
+    the newer `fp32_precision` a user had set)."""
     global _FLOAT32_USERS, _FLOAT32_SAVED
     with _FLOAT32_LOCK:
         if _FLOAT32_USERS == 0:
-            _FLOAT32_SAVED = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            _FLOAT32_SAVED = _tf32_settings()
+            _set_tf32_settings(None)
         _FLOAT32_USERS += 1
     try:
         yield
@@ -613,12 +632,12 @@ def full_float32() -> Iterator[None]:
         with _FLOAT32_LOCK:
             _FLOAT32_USERS -= 1
             if _FLOAT32_USERS == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _FLOAT32_SAVED
+                _set_tf32_settings(_FLOAT32_SAVED)
 
 
 _FLOAT32_LOCK = threading.Lock()
 _FLOAT32_USERS = 0
-_FLOAT32_SAVED = (True, False)
+_FLOAT32_SAVED: tuple[Any, Any] | None = None
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # of timm's eval transform's: what `preprocess` implements

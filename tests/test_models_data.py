@@ -919,21 +919,44 @@ def test_a_checkpoint_is_loaded_as_the_architecture_it_records_and_zip_bombs_are
 
 def test_float32_passes_on_cuda_turn_tf32_off_and_restore_it():
     """torch runs CUDA convolutions in TF32 by default: a task embedded on a GPU would differ from the
-    standard built in float32 on a CPU. The float32 GPU passes turn it off, and give the settings back."""
-    import torch
+    standard built in float32 on a CPU. The float32 GPU passes turn it off, and give the settings back,
+    however the user set them: through torch's `fp32_precision`, read as the older `allow_tf32` flags, they
+    made the pass raise, and `set_float32_matmul_precision("medium")` then left torch unable to report
+    its precision (a review, session 42)."""
+    import subprocess
+    import sys
 
-    from selection.models import full_float32
-
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    snippet = """
+import sys, torch
+from selection.models import full_float32
+setting = sys.argv[1]
+if setting == "legacy":
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with pytest.raises(RuntimeError, match="inside"):
-            with full_float32():
-                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-                raise RuntimeError("inside")
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+elif setting == "fp32_precision":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+elif setting == "medium":
+    torch.set_float32_matmul_precision("medium")
+def state():
+    return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.get_float32_matmul_precision() if setting != "fp32_precision" else None)
+before = state()
+try:
+    with full_float32():
+        inside = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        raise RuntimeError("inside")
+except RuntimeError as exc:
+    assert str(exc) == "inside", exc
+print("OK", inside, state() == before)
+if setting == "legacy":
+    print("LEGACY", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for setting in ("default", "legacy", "fp32_precision", "medium"):  # each in a process of its own
+        r = subprocess.run([sys.executable, "-c", snippet, setting], cwd=root, capture_output=True, text=True,
+                           timeout=120)
+        assert "OK ('ieee', 'ieee') True" in r.stdout, (setting, r.stdout, r.stderr[-1500:])
+        if setting == "legacy":
+            assert "LEGACY True True" in r.stdout
 
 
 def test_a_model_has_timms_license_only_for_the_published_weights_it_records():
@@ -1013,7 +1036,9 @@ def test_float32_flags_hold_until_the_last_thread_inside_leaves():
 
     from selection.models import full_float32
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    from selection.models import _tf32_settings
+
+    before = _tf32_settings()
     inside, leave = threading.Event(), threading.Event()
 
     def second() -> None:
@@ -1025,10 +1050,10 @@ def test_float32_flags_hold_until_the_last_thread_inside_leaves():
         t = threading.Thread(target=second)
         t.start()
         assert inside.wait(10)
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    assert _tf32_settings() == ("ieee", "ieee")
     leave.set()
     t.join(10)
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert _tf32_settings() == before
 
 
 def test_checkpoints_of_timms_training_script_load_and_say_what_they_hold(tmp_path, caplog):
