@@ -67,6 +67,12 @@ class ImageSet:
     name: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise DataError(f"an ImageSet's name should be a string, got {self.name!r:.80}")
+        if isinstance(self.classes, (str, bytes)) or not isinstance(self.classes, (tuple, list)) or \
+                not all(isinstance(c, str) for c in self.classes):
+            raise DataError(f"{self.name}: classes should be a tuple of class names, got {self.classes!r:.80}")
+        object.__setattr__(self, "classes", tuple(self.classes))
         for what, value in (("images", self.images), ("labels", self.labels)):
             if not isinstance(value, np.ndarray):  # a list or a torch tensor gave a raw AttributeError/TypeError
                 raise DataError(f"{self.name}: {what} should be a numpy array, got {type(value).__module__}."
@@ -74,6 +80,9 @@ class ImageSet:
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise DataError(f"{self.name}: images should be uint8 (N, H, W, 3), got "
                             f"{self.images.dtype} {self.images.shape}")
+        if min(self.images.shape[1:3]) < 2:  # as an image file's: nothing to resize from
+            raise DataError(f"{self.name}: images are {self.images.shape[2]}x{self.images.shape[1]} pixels; "
+                            f"at least 2x2 needed")
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.name}: labels should have shape ({self.images.shape[0]},), "
                             f"got {self.labels.shape}")
@@ -449,8 +458,8 @@ def load_dataset(spec: str | os.PathLike[str], size: int = DEFAULT_TASK_SIZE, *,
     """Load the dataset a spec names (a `pathlib.Path` too), resized to (size, size) RGB."""
     spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     check_spec(spec)
-    if size < 8 or size > 1024:
-        raise DataError(f"image size must be in [8, 1024], got {size}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 1024:
+        raise DataError(f"image size must be an integer in [8, 1024], got {size!r}")
     if spec.startswith("builtin:"):
         name, p = check_builtin_spec(spec)
         seed = _int(p, "seed", 0, spec)

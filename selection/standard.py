@@ -621,6 +621,10 @@ def _check_arrays(sid: str, spec: dict[str, Any], basis: dict[str, np.ndarray], 
 
 def load_standard(store: Store | str, standard_id: str | None = None) -> Standard:
     store = as_store(store)
+    if standard_id is not None and (not isinstance(standard_id, str) or not standard_id.strip()
+                                    or any(c in standard_id for c in "/\\") or standard_id.startswith(".")):
+        raise ConfigError(f"a standard id names one of the store's standards (std-..., or None: the store's "
+                          f"default), got {standard_id!r:.80}")
     sid = standard_id or default_standard_id(store)
     base = f"standards/{sid}"
     if not store.exists(f"{base}/standard.json"):

@@ -3,6 +3,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -1102,3 +1103,23 @@ def test_checkpoints_of_timms_training_script_load_and_say_what_they_hold(tmp_pa
                tmp_path / "obj.pth")
     with pytest.raises(ModelError, match="it contains pickled code or objects"):
         load_model(CatalogEntry("m", "efficientnet_lite0", str(tmp_path / "obj.pth")))
+
+
+def test_an_imageset_names_images_without_pixels_and_classes_or_names_of_another_kind():
+    """A review (session 42): 0x0 images passed the ImageSet and failed inside torch's resize; 1x1 ones were
+    ranked, while an image file that small is refused (B45); `classes="abc"` became three classes, a
+    name of None was printed as `None`; `load_dataset(spec, size=None)` was a TypeError."""
+    from selection.data import ImageSet, load_dataset
+
+    labels = np.zeros(3, np.int64)
+    for side in (0, 1):
+        with pytest.raises(DataError, match=f"^t: images are {side}x{side} pixels; at least 2x2 needed$"):
+            ImageSet(np.zeros((3, side, side, 3), np.uint8), labels, ("a",), "t")
+    with pytest.raises(DataError, match="^t: classes should be a tuple of class names, got 'abc'$"):
+        ImageSet(np.zeros((3, 2, 2, 3), np.uint8), labels, "abc", "t")
+    with pytest.raises(DataError, match="^an ImageSet's name should be a string, got None$"):
+        ImageSet(np.zeros((3, 2, 2, 3), np.uint8), labels, ("a",), None)
+    assert ImageSet(np.zeros((3, 2, 2, 3), np.uint8), labels, ["a"], "t").classes == ("a",)
+    for size in (None, "64", 7.5, True):
+        with pytest.raises(DataError, match=f"^image size must be an integer in \\[8, 1024\\], got {re.escape(repr(size))}$"):
+            load_dataset("builtin:digits?per_class=2", size=size)

@@ -2087,3 +2087,13 @@ def test_make_plan_reads_a_generator_once_and_names_what_is_not_a_catalog(publis
     with pytest.raises(ConfigError, match=r"^std should be a Standard .*got str 'std-"):
         embed_entry(a, std.id, store)
     assert load_table(store, std).model_ids == ["zoo/a"]
+
+
+def test_a_standard_id_that_names_no_standard_is_refused_not_read_as_the_default(published):
+    """A review (session 42): `standard_id=""` (`--standard ''`) selected with the store's default standard;
+    `"../standards"` read as a storage fault."""
+    store, std = published
+    for bad in ("", " ", "../standards", "a/b", 5):
+        with pytest.raises(ConfigError, match=r"^a standard id names one of the store's standards .*got "):
+            load_standard(store, bad)
+    assert load_standard(store, None).id == load_standard(store, std.id).id == std.id
