@@ -71,12 +71,13 @@ class CatalogEntry:
                               f"{self.weights.split(':', 1)[0]}:; give a checkpoint file's path instead")
         if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
             raise ConfigError(f"model {self.id!r}: tags must be a tuple of strings, got {self.tags!r}")
-        for name in ("input_size", "num_classes"):
+        for name, least, what in (("input_size", 1, "a positive integer"),
+                                  ("num_classes", 0, "an integer >= 0 (0: no head)")):
             value = getattr(self, name)
             if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
                 object.__setattr__(self, name, value := int(value))  # a numpy integer: stored and hashed as int
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"model {self.id!r}: {name} must be a positive integer, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ConfigError(f"model {self.id!r}: {name} must be {what}, got {value!r}")
         if self.input_size is not None and not 8 <= self.input_size <= 1024:
             raise ConfigError(f"model {self.id!r}: input_size must be in [8, 1024], got {self.input_size}")
         if self.license is not None and not isinstance(self.license, str):

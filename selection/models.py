@@ -538,6 +538,10 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
             if entry.num_classes is not None and in_file and in_file != entry.num_classes:
                 raise ModelError(f"model {entry.id!r}: its weights have a {in_file}-class head, but num_classes is "
                                  f"{entry.num_classes}")
+            if entry.num_classes and not in_file and clf_keys and \
+                    not any(k.startswith(tuple(f"{p}{c}." for c in clf_keys for p in ("", prefix))) for k in state):
+                raise ModelError(f"model {entry.id!r}: its weights have no head ({', '.join(clf_keys)}), but "
+                                 f"num_classes is {entry.num_classes}: leave num_classes out, or give 0")
             num_classes = in_file if entry.num_classes is None else entry.num_classes
             model = _create(arch, built, pretrained=False, num_classes=num_classes)
             state = _without_prefix(state, prefix, model, w)

@@ -17,7 +17,7 @@ from PIL import Image
 from selection.catalog import CatalogEntry
 from selection import data as data_module
 from selection.data import ImageSet, check_spec, load_dataset, stratified_split
-from selection.errors import DataError, ModelError
+from selection.errors import ConfigError, DataError, ModelError
 from selection.models import extract_features, load_model, preprocess, weights_digest
 from tests.conftest import save_checkpoint
 
@@ -1123,3 +1123,16 @@ def test_an_imageset_names_images_without_pixels_and_classes_or_names_of_another
     for size in (None, "64", 7.5, True):
         with pytest.raises(DataError, match=f"^image size must be an integer in \\[8, 1024\\], got {re.escape(repr(size))}$"):
             load_dataset("builtin:digits?per_class=2", size=size)
+
+
+def test_a_headless_checkpoint_can_be_declared_and_a_head_asked_of_it_is_named(tmp_path):
+    """A review (session 42): `num_classes: 0` (no head) was refused as not positive, and `num_classes: 5`
+    for a checkpoint without a head said only `missing ['fc.weight', 'fc.bias']`."""
+    path = str(tmp_path / "headless.pth")
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
+    assert load_model(CatalogEntry("m", "resnet10t", path, num_classes=0)).model.num_classes == 0
+    with pytest.raises(ModelError, match=r"^model 'm': its weights have no head \(fc\), but num_classes is 5: "
+                                         r"leave num_classes out, or give 0$"):
+        load_model(CatalogEntry("m", "resnet10t", path, num_classes=5))
+    with pytest.raises(ConfigError, match=r"num_classes must be an integer >= 0 \(0: no head\), got -1"):
+        CatalogEntry("m", "resnet10t", path, num_classes=-1)
