@@ -48,7 +48,8 @@ from selection.linear_probe import ProbeProtocol
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BENCH_VERSION = 4  # 2: verification inside the train half; 3: per-task test part; 4: cached per (model, task)
+BENCH_VERSION = 5  # 2: verification inside the train half; 3: per-task test part; 4: cached per (model, task);
+# 5: columns constant up to rounding are constant (selection.scorers.rounding_constant)
 KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"),

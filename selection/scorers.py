@@ -34,7 +34,7 @@ References (implemented from the published formulas):
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -51,14 +51,30 @@ _PARAM_MAX = 1e100
 _TINY = 1e-300
 
 
-def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+ROUNDING_STEPS = 16  # a column whose values span at most this many rounding steps of its magnitude is constant
+
+
+def _eps(feats: Any) -> float:
+    """The relative rounding step of the precision `feats` was computed in (0 for integers: exact)."""
+    dtype = np.asarray(feats).dtype if not hasattr(feats, "dtype") else feats.dtype
+    return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
+
+
+def rounding_constant(feats: np.ndarray, eps: float | None = None) -> np.ndarray:
+    """Which columns of `feats` (n, k) are constant up to rounding: their range is at most ROUNDING_STEPS
+    relative steps `eps` (default: of `feats`' own dtype; float32 for a model's features) of their
+    largest magnitude. Relative to the column, so its scale never decides (an absolute cut left out
+    every column of features around 1e-9; a review, session 33); a range, so its offset does not either;
+    in the features' own precision (float32 features constant but for one-ulp jitter between batches
+    were taken for signal, and blown up to unit variance; a review, session 42)."""
+    eps = _eps(feats) if eps is None else eps
+    return np.ptp(feats, axis=0) <= ROUNDING_STEPS * eps * np.abs(feats).max(axis=0)
+
+
+def standardisation(feats: np.ndarray, eps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The mean and std that standardise each column of `feats` (n, k). A column constant up to rounding
-    (std at most 1e-8 of its largest magnitude) keeps std 1: it stays about 0 instead of being blown
-    up. The cut is relative to the column, so its scale never decides whether it counts (an absolute
-    1e-8 left out every column of features around 1e-9: the linear probe was at chance; a review,
-    session 33)."""
-    sd = feats.std(axis=0)
-    return feats.mean(axis=0), np.where(sd > 1e-8 * np.abs(feats).max(axis=0), sd, 1.0)
+    (`rounding_constant`) keeps std 1: it stays about 0 instead of being blown up."""
+    return feats.mean(axis=0), np.where(rounding_constant(feats, eps), 1.0, feats.std(axis=0))
 
 
 def _is_number(value: object) -> bool:
@@ -221,13 +237,17 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
 # --------------------------------------------------------------------------- H-score
 
 
-def _centred_svd(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _centred_svd(feats: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The centred features and their thin SVD: ``(X (n, k), U (n, r), s (r,))``, r = min(n, k).
 
     The biased covariance is ``cov(f) = XᵀX/n = V diag(s²/n) Vᵀ``; working from ``U`` and ``s``
-    costs O(n k r) and never forms the ``(k, k)`` covariance, which matters when k >> n.
+    costs O(n k r) and never forms the ``(k, k)`` covariance, which matters when k >> n. A column
+    constant up to rounding (`rounding_constant`, steps `eps`) is exactly 0 once centred: its leftover
+    rounding was a direction of its own, kept by the pseudo-inverse (constant features scored the
+    maximum H-score on binary tasks; a review, session 42).
     """
     centred = feats - feats.mean(axis=0)
+    centred[:, rounding_constant(feats, eps)] = 0.0
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     return centred, u, s
 
@@ -266,7 +286,7 @@ def hscore(features: np.ndarray, labels: np.ndarray, *, rtol: float = 1e-10) -> 
     the kept singular directions.
     """
     feats, y, c = _check_inputs(features, labels)
-    _, u, s = _centred_svd(feats)
+    _, u, s = _centred_svd(feats, _eps(features))
     return _pinv_trace(u, s, y, c, rtol)
 
 
@@ -319,7 +339,7 @@ def regularized_hscore(
     if shrinkage is not None:
         shrinkage = _check_number("shrinkage", shrinkage, 0.0, 1.0)
     n, k = feats.shape
-    centred, u, s = _centred_svd(feats)
+    centred, u, s = _centred_svd(feats, _eps(features))
     alpha = _ledoit_wolf(centred, s) if shrinkage is None else float(shrinkage)
     logger.debug("regularized H-score: shrinkage=%.4g", alpha)
     if alpha == 0.0 or s[0] <= 0.0:
@@ -358,7 +378,7 @@ def ridge_loo(features: np.ndarray, labels: np.ndarray, *, grid: tuple[float, ..
                                                                                     for g in grid):
         raise ValueError(f"grid should be positive finite ridge multiples, got {grid}")
     n = feats.shape[0]
-    mean, sd = standardisation(feats)
+    mean, sd = standardisation(feats, _eps(features))
     x = (feats - mean) / sd
     targets = np.zeros((n, c))
     targets[np.arange(n), y] = 1.0

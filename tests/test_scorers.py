@@ -395,3 +395,32 @@ def test_scorer_parameters_of_the_wrong_type_or_range_are_refused_by_name(scorer
         for feats in (f, np.ones_like(f)):  # constant features return early: the parameter is checked first
             with pytest.raises(ValueError, match=match):
                 scorer(feats, labels, **{name: value})
+
+
+def test_columns_constant_up_to_rounding_count_as_constant_in_every_scorer_and_the_probe() -> None:
+    """A review (session 42): constant float64 features (0.1 centres to a 1e-17 leftover) scored the maximum
+    H-score on a binary task; float32 columns constant but for one-ulp jitter (another batch's kernel)
+    were standardised into unit-variance noise, taking the ridge LOO and the linear probe (the benchmark's
+    ground truth) from 0.88 to 0.56; the cut, relative to the largest magnitude alone, also left a
+    float64 column of spread 1e-3 around 1e6 unstandardised."""
+    from selection.linear_probe import ProbeProtocol, probe_accuracy
+    from selection.scorers import hscore, regularized_hscore, ridge_loo, rounding_constant
+
+    rng = np.random.default_rng(0)
+    y = np.arange(100) % 2
+    dead = np.full((100, 16), 0.1)
+    assert hscore(dead, y) == regularized_hscore(dead, y) == hscore(dead.tolist(), y) == 0.0
+    n, y3 = 200, np.arange(200) % 3
+    good = (rng.normal(size=(n, 8)) + 2 * rng.normal(size=(3, 8))[y3]).astype(np.float32)
+    three = np.float32(3.0)
+    jitter = (three + np.spacing(three) * rng.integers(-1, 2, (n, 300))).astype(np.float32)
+    assert rounding_constant(jitter).all() and not rounding_constant(jitter.astype(np.float64)).any()
+    train, test = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
+    for feats in (good, np.hstack([good, jitter])):
+        assert probe_accuracy(feats[train], y3[train], feats[test], y3[test], ProbeProtocol()) == pytest.approx(
+            probe_accuracy(good[train], y3[train], good[test], y3[test], ProbeProtocol()))
+        assert ridge_loo(feats[:60], y3[:60]) == pytest.approx(ridge_loo(good[:60], y3[:60]), rel=1e-9)
+    shifted = rng.normal(size=(60, 3))
+    moved = shifted.copy()
+    moved[:, 0] = shifted[:, 0] * 1e-3 + 1e6  # float64: a spread far above its rounding
+    assert ridge_loo(moved, y3[:60]) == pytest.approx(ridge_loo(shifted, y3[:60]), rel=1e-6)
