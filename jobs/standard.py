@@ -49,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    help="model embedding stored: full C (d(d+1)/2 numbers), its diagonal (d), or "
                         "per-source (full + per probe source C_s and S_s, (1 + 2 S) d(d+1)/2; the default)")
     p.add_argument("--input-size", type=int, default=None,
-                   help="run every model at this resolution (default: each model's own); a model built for one "
-                        "input size (a ViT) is built at it, its weights' position embeddings resampled")
+                   help="run every model at this resolution (default: each model's own); a model whose patch "
+                        "embedding takes one input size only (ViT, DeiT, Swin, EVA) is built at it, its "
+                        "weights' position embeddings resampled")
     p.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
                    help="what the GCV of the ridge fits counts as degrees of freedom: the slopes alone "
                         "(default; with features wider than the images it picks the weakest ridge) or the "

@@ -329,9 +329,11 @@ def _load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], 
     else:
         try:
             # timm's training script saves its arguments (`args`, an argparse.Namespace of plain values)
-            # beside the weights; timm's own loader allows that class too
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            # beside the weights; timm's own loader allows that class too. Added to torch's allow-list for
+            # the process: `safe_globals` is a process-wide setting too, and a thread leaving it took the
+            # class off under another's load (and off a list the user had set; a review, session 42).
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "Unsupported global" in str(exc) or _pickle_names_code(data):
@@ -401,34 +403,19 @@ def _size_overlay(entry: CatalogEntry) -> dict[str, Any]:
     return {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
 
 
-def _fixed_input_size(name: str) -> bool:
-    """Whether timm builds `name` (an architecture, `timm:`'s NAME or an `hf-hub:` name) for one input size
-    (ViT-style position embeddings: its config's `fixed_input_size`, or a hub config's `img_size`). False
-    where its config cannot be read: creating the model then says why."""
-    from timm.models import get_pretrained_cfg, load_model_config_from_hf
-
-    try:
-        if name.startswith("hf-hub:"):
-            cfg, _, args = load_model_config_from_hf(name[len("hf-hub:"):])
-            return bool(cfg.get("fixed_input_size")) or "img_size" in (args or {})
-        cfg = get_pretrained_cfg(name)
-        return bool(cfg is not None and cfg.fixed_input_size)
-    except Exception:  # noqa: BLE001 - unknown names, an unreachable hub: reported by _create
-        return False
-
-
-def _create(arch: str, entry: CatalogEntry, seed: int | None = None, **kwargs: Any) -> torch.nn.Module:
-    """timm's model for `arch`, initialised from `seed` (else from a draw nobody sees), the caller's random
-    state left as it was. timm initialises every model from torch's one process-wide generator, also
+def _create(arch: str, entry: CatalogEntry, seed: int | None = None, keep_rng: bool = True,
+            **kwargs: Any) -> torch.nn.Module:
+    """timm's model for `arch`, initialised from `seed`, else from torch's generator as it is; with
+    `keep_rng` the caller's random state is left as it was (without, the init's draws advance it, as
+    `selection.zoo` needs). timm initialises every model from torch's one process-wide generator, also
     one whose weights are then loaded: two threads building at once drew from each other's stream
     (a seeded model got other weights under the same digest, a companion was refused as changed),
-    hence the lock around every build (a caller's own thread drawing meanwhile still interleaves)."""
+    hence the lock around every build (a caller's own thread drawing meanwhile still interleaves; a
+    build that downloads its weights holds it meanwhile)."""
     import timm
 
-    if entry.input_size and _fixed_input_size(arch):  # a hub config's own `img_size` would win over the overlay
-        kwargs.setdefault("img_size", entry.input_size)
     try:
-        with _BUILD, torch.random.fork_rng(devices=[]):
+        with _BUILD, torch.random.fork_rng(devices=[], enabled=keep_rng or seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
@@ -469,11 +456,40 @@ def _position_embedding_resampled(model: torch.nn.Module, state: dict[str, torch
     return {**state, "pos_embed": resampled.to(pos.dtype)}
 
 
-def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedModel:
-    """Build the timm model for `entry` with its weights, in eval mode on the CPU. `input_size`: the
-    resolution it will run at when not its own (a standard's, which fixes one for all models): a model
-    built for one input size (a ViT's position embeddings) is then built at it, its weights' position
-    embeddings resampled, as for a catalog's `input_size`; other models are built as they are."""
+def load_model(entry: CatalogEntry, input_size: int | None = None, keep_rng: bool = True) -> LoadedModel:
+    """Build the timm model for `entry` with its weights, in eval mode on the CPU.
+
+    `input_size`: the resolution it will run at when not its own (a standard's, which fixes one for all
+    models). A model whose patch embedding accepts one input size only (a ViT's, DeiT's, Swin's, EVA's:
+    timm's PatchEmbed with `strict_img_size`) and was built for another (its own, or an `hf-hub:`
+    config's `img_size`, which won over the catalog's `input_size`) is built again at the size it will
+    run at, its weights' position embeddings resampled as for a catalog's `input_size`; such a model
+    could not run at all before. Every other model is built as it is. `keep_rng`: see `_create`.
+    """
+    loaded = _load_model(entry, entry, None, keep_rng)
+    want = input_size or entry.input_size
+    fixed = _fixed_patch_size(loaded.model)
+    if want and fixed is not None and fixed != (want, want):
+        log.info("model %r: its patch embedding takes %dx%d inputs only; built again at %d px", entry.id,
+                 fixed[0], fixed[1], want)
+        loaded = _load_model(entry, dataclasses.replace(entry, input_size=want), want, keep_rng)
+    return loaded
+
+
+def _fixed_patch_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The one input size (H, W) a model's patch embedding accepts (timm's PatchEmbed, strict), else None."""
+    from timm.layers import PatchEmbed
+
+    for module in model.modules():
+        if isinstance(module, PatchEmbed) and module.strict_img_size and module.img_size is not None \
+                and not getattr(module, "dynamic_img_pad", False):
+            return tuple(int(v) for v in module.img_size)  # type: ignore[return-value]
+    return None
+
+
+def _load_model(entry: CatalogEntry, built: CatalogEntry, img_size: int | None, keep_rng: bool) -> LoadedModel:
+    """`load_model`'s build: `built` is the entry as built (its `input_size` the size asked for), and with
+    `img_size` the model is built for that input size whatever its config says."""
     import timm
     from timm.data import resolve_model_data_config
     from timm.models import get_pretrained_cfg
@@ -481,16 +497,15 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
     w = entry.weights
     arch = entry.arch
     published = w if w and w.startswith("hf-hub:") else w[len("timm:"):] if w and w.startswith("timm:") else None
-    built = entry  # the entry as the model is built: at `input_size` if it has a fixed one
-    if input_size and input_size != entry.input_size and _fixed_input_size(published or arch):
-        built = dataclasses.replace(entry, input_size=input_size)
+    sized = {"img_size": img_size} if img_size else {}
     if w is None:  # random init, seeded from the id
-        model = _create(arch, built, _seed_of(entry.id), pretrained=False, num_classes=entry.num_classes or 0)
+        model = _create(arch, built, _seed_of(entry.id), pretrained=False, num_classes=entry.num_classes or 0,
+                        **sized)
         digest = weights_digest(entry)
     elif w.startswith(("hf-hub:", "timm:")):
         if w.startswith("timm:"):
             _check_timm_weights_arch(entry)
-        model = _create(published, built, pretrained=True)
+        model = _create(published, built, keep_rng=keep_rng, pretrained=True, **sized)
         hub_arch = model.pretrained_cfg.get("architecture") or arch  # the hub config names it
         if base_arch(hub_arch) != base_arch(arch):
             raise ModelError(f"model {entry.id!r}: {w} holds {hub_arch!r} weights, but arch is {arch!r}")
@@ -506,7 +521,7 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
             if arch != expected_arch:
                 raise ModelError(f"model {entry.id!r}: {w} holds {expected_arch!r} weights, "
                                  f"but arch is {arch!r}")
-            model = _create(arch, built, pretrained=False)
+            model = _create(arch, built, keep_rng=keep_rng, pretrained=False, **sized)
             target = model.state_dict()
             if len(target) != len(state) or any(a.shape != b.shape for a, b in
                                                  zip(target.values(), state.values())):
@@ -527,7 +542,8 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
             except RuntimeError as exc:  # an unknown pretrained tag: "resnet18.bogus"
                 raise ModelError(f"model {entry.id!r}: cannot create {arch!r}: {exc}") from None
             clf = (cfg.classifier if cfg is not None
-                   else _create(arch, built, pretrained=False).pretrained_cfg.get("classifier"))
+                   else _create(arch, built, keep_rng=keep_rng, pretrained=False, **sized).pretrained_cfg.get(
+                       "classifier"))
             clf_keys = [clf] if isinstance(clf, str) else list(clf or [])
             # A training wrapper's checkpoint (Lightning: every key under `model.` or another attribute)
             prefix = _common_prefix(state)
@@ -544,7 +560,7 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
                 raise ModelError(f"model {entry.id!r}: its weights have no head ({', '.join(clf_keys)}), but "
                                  f"num_classes is {entry.num_classes}: leave num_classes out, or give 0")
             num_classes = in_file if entry.num_classes is None else entry.num_classes
-            model = _create(arch, built, pretrained=False, num_classes=num_classes)
+            model = _create(arch, built, keep_rng=keep_rng, pretrained=False, num_classes=num_classes, **sized)
             state = _without_prefix(state, prefix, model, w)
             if built.input_size:  # without one, a mismatch is another variant's checkpoint: refused below
                 state = _position_embedding_resampled(model, state, built)
@@ -566,7 +582,11 @@ def load_model(entry: CatalogEntry, input_size: int | None = None) -> LoadedMode
                    else str(exc).strip().splitlines()[-1][:200])
             if shape and not missing and not extra and all("pos" in k for k in shape):
                 why += (f"; position embeddings sized for another input than input_size {built.input_size}: "
-                        f"give the size it was trained at, or leave input_size out" if built.input_size else
+                        f"give the size it was trained at, or leave input_size out"
+                        if built.input_size and built.input_size == entry.input_size else
+                        f"; position embeddings that cannot be resampled to {built.input_size} px, the size the "
+                        f"standard runs every model at (this model takes one input size only)" if built.input_size
+                        else
                         "; position embeddings of another patch grid: name the variant it was trained as, or "
                         "give an input_size in the catalog to resample them to")
             raise ModelError(f"model {entry.id!r}: checkpoint {w!r} does not match architecture "

@@ -176,7 +176,9 @@ def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.
     n_classes = len(data.classes)
     torch.manual_seed(spec.seed)
     base = CatalogEntry(id=f"{spec.id}/init", arch=spec.arch, weights=spec.init, input_size=spec.input_size)
-    model = load_model(base).model
+    # keep_rng=False: a pretrained base's init draws advance the seeded generator before the new head's,
+    # as when its checkpoints were first trained (a CPU zoo keeps its bytes)
+    model = load_model(base, keep_rng=False).model
     model.reset_classifier(n_classes)
     model.to(device).train()
     cfg = load_model(CatalogEntry(id="cfg", arch=spec.arch, input_size=spec.input_size)).data_config

@@ -70,7 +70,7 @@ def test_a_checkpoint_load_builds_one_model(tmp_path, monkeypatch):
     create = models._create
     monkeypatch.setattr(models, "_create", lambda arch, entry, **kw: built.append(kw) or create(arch, entry, **kw))
     assert load_model(CatalogEntry("m", "resnet10t", st)).model.num_classes == 5
-    assert built == [{"pretrained": False, "num_classes": 5}]
+    assert built == [{"keep_rng": True, "pretrained": False, "num_classes": 5}]
 
 
 class Evil:

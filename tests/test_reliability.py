@@ -358,8 +358,8 @@ def test_out_of_memory_model_is_reported_and_the_next_model_embeds(published, mo
         raised.append(inputs[0].shape[0])
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    def load_with_oom(entry):
-        loaded = real_load(entry)
+    def load_with_oom(entry, *args, **kwargs):
+        loaded = real_load(entry, *args, **kwargs)
         if entry.id == "oom/model":
             conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d))
             conv.register_forward_hook(hook)

@@ -1679,7 +1679,7 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     assert plan_entry(dataclasses.replace(pkg, tags=("x",)), row) == "refresh"
     assert plan_entry(dataclasses.replace(pkg, weights=models._local_checkpoint(pkg.weights)), row) == "embed"
 
-    monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
+    monkeypatch.setattr(embedder, "load_model", lambda e, *_, **__: pytest.fail(f"{e.id} was loaded"))
     new = dataclasses.replace(entry, weights=moved, tags=("b",), license="apache-2.0", metadata={"team": "x"})
     planned = read_index(store, std)["zoo/m"]
     # a row another run rewrote after the plan (here: embedded at another size) is left as that run wrote it
@@ -1689,7 +1689,7 @@ def test_an_entry_changed_only_in_what_its_row_records_is_refreshed_not_embedded
     assert r.status == "failed" and "its row was removed or rewritten after the plan" in r.reason
     assert json.loads(read_index(store, std)["zoo/m"]["catalog_entry"])["input_size"] == 48
     assert embed_entry(entry, std, store).status == "embedded"
-    monkeypatch.setattr(embedder, "load_model", lambda e: pytest.fail(f"{e.id} was loaded"))
+    monkeypatch.setattr(embedder, "load_model", lambda e, *_, **__: pytest.fail(f"{e.id} was loaded"))
     planned = read_index(store, std)["zoo/m"]
     monkeypatch.setattr(embedder, "compaction_running", lambda store, sid: True)  # then nothing is refreshed
     monkeypatch.setattr(embedder, "REFRESH_POLL_S", 0.01)

