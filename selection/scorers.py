@@ -278,8 +278,10 @@ def hscore(features: np.ndarray, labels: np.ndarray, *, rtol: float = 1e-10) -> 
             zero by the pseudo-inverse (so redundant or constant features add nothing).
 
     ``cov(f)`` is the ``(k, k)`` covariance of the features, ``E[f | y]`` replaces each
-    sample's features by its class mean. Invariant to translation and to any invertible
-    linear map of the features; between 0 and ``min(k, c − 1)``. Higher is better.
+    sample's features by its class mean. Invariant to translation and to an invertible
+    linear map of the features whose condition number stays below about ``rtol^-1/2`` (1e5:
+    directions of less variance are dropped as rounding); between 0 and ``min(k, c − 1)``.
+    Higher is better.
 
     Computed from the centred features' SVD ``U diag(s) Vᵀ``: ``cov(E[f | y])`` is
     ``(PX)ᵀ(PX)/n`` with P the class-mean projection, so the trace is ``Σⱼ ‖P uⱼ‖²`` over
