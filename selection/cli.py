@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         module = importlib.import_module(COMMANDS[argv[0]][0])  # seconds: torch, Ray
     except KeyboardInterrupt:  # Ctrl-C before the job runs: as after, one line and 130, not an import traceback
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print("error: interrupted", file=sys.stderr, flush=True)
+        # Nothing to clean up yet; a half-imported torch's exit handlers, run by sys.exit, sometimes
+        # ended the process by the signal instead (status -2; CI, session 42)
+        os._exit(130)
     from jobs.common import run_program
 
     run_program(module.main, argv[1:], command=f"zooselect {argv[0]}")
