@@ -462,18 +462,33 @@ def load_model(entry: CatalogEntry, input_size: int | None = None, keep_rng: boo
     `input_size`: the resolution it will run at when not its own (a standard's, which fixes one for all
     models). A model whose patch embedding accepts one input size only (a ViT's, DeiT's, Swin's, EVA's:
     timm's PatchEmbed with `strict_img_size`) and was built for another (its own, or an `hf-hub:`
-    config's `img_size`, which won over the catalog's `input_size`) is built again at the size it will
-    run at, its weights' position embeddings resampled as for a catalog's `input_size`; such a model
-    could not run at all before. Every other model is built as it is. `keep_rng`: see `_create`.
+    config's `img_size`, which won over the catalog's `input_size`) is built at the size it will run
+    at, its weights' position embeddings resampled as for a catalog's `input_size` (the first model of
+    its arch and config is built as it is first, to find that out). Every other model is built as it
+    is. `keep_rng`: see `_create`.
     """
-    loaded = _load_model(entry, entry, None, keep_rng)
     want = input_size or entry.input_size
-    fixed = _fixed_patch_size(loaded.model)
-    if want and fixed is not None and fixed != (want, want):
-        log.info("model %r: its patch embedding takes %dx%d inputs only; built again at %d px", entry.id,
-                 fixed[0], fixed[1], want)
-        loaded = _load_model(entry, dataclasses.replace(entry, input_size=want), want, keep_rng)
-    return loaded
+    kind = (entry.arch, entry.input_size, entry.weights if _is_published(entry.weights) else None)
+    loaded = None
+    fixed = _STRICT_SIZE.get(kind, False) if keep_rng else False  # without keep_rng: both builds' draws, as ever
+    if fixed is False:  # not known yet: built as it is, and looked at
+        loaded = _load_model(entry, entry, None, keep_rng)
+        fixed = _STRICT_SIZE[kind] = _fixed_patch_size(loaded.model)
+    if not (want and fixed is not None and fixed != (want, want)):
+        return loaded or _load_model(entry, entry, None, keep_rng)
+    log.info("model %r: its patch embedding takes %dx%d inputs only; built at %d px", entry.id, fixed[0], fixed[1],
+             want)
+    return _load_model(entry, dataclasses.replace(entry, input_size=want), want, keep_rng)
+
+
+# What `_fixed_patch_size` found for (arch, catalog input size, published weights) built as it is: after the
+# first of its kind, a model of a strict patch embedding at another size is built once, not twice.
+_STRICT_SIZE: dict[tuple[str, int | None, str | None], tuple[int, int] | None] = {}
+
+
+def _is_published(weights: str | None) -> bool:
+    """Weights whose config (an `hf-hub:` model's `img_size`) may shape the model beyond its arch."""
+    return bool(weights) and weights.startswith(("hf-hub:", "timm:"))
 
 
 def _fixed_patch_size(model: torch.nn.Module) -> tuple[int, int] | None:

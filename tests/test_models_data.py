@@ -212,6 +212,34 @@ def test_a_vit_checkpoint_runs_at_the_catalogs_input_size(tmp_path, caplog):
         load_model(CatalogEntry("v", "vit_tiny_patch16_224", str(tmp_path / "odd.safetensors"), input_size=64))
 
 
+def test_a_model_of_one_input_size_is_built_once_at_another_after_the_first_of_its_kind(tmp_path, monkeypatch):
+    """A ViT run at a standard's size was built twice, at its own size and then at the standard's (a
+    note, session 42): every later model of its arch is now built once, with the same weights."""
+    from selection import models
+    from selection.models import state_digest
+
+    monkeypatch.setattr(models, "_STRICT_SIZE", {})
+    builds = []
+    real = models._load_model
+    monkeypatch.setattr(models, "_load_model", lambda *a: builds.append(a[2]) or real(*a))
+    path = save_checkpoint(timm.create_model("vit_tiny_patch16_224", num_classes=0), str(tmp_path / "v.safetensors"))
+    first = load_model(CatalogEntry("a", "vit_tiny_patch16_224", path), 32)
+    assert builds == [None, 32]  # the first of its kind: built as it is, seen to take 224 px only, built at 32
+    builds.clear()
+    again = load_model(CatalogEntry("b", "vit_tiny_patch16_224", path), 32)
+    assert builds == [32] and state_digest(again.model) == state_digest(first.model)
+    assert again.model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+    builds.clear()
+    load_model(CatalogEntry("c", "vit_tiny_patch16_224", None), 224)  # its own size: built once, as it is
+    load_model(CatalogEntry("d", "vit_tiny_patch16_224", None, input_size=32), 32)  # another kind: found out
+    assert builds == [None, None]
+    builds.clear()
+    seeded = load_model(CatalogEntry("c", "vit_tiny_patch16_224", None), 32)  # a seeded init: the same weights
+    monkeypatch.setattr(models, "_STRICT_SIZE", {})
+    assert builds == [32] and state_digest(seeded.model) == state_digest(
+        load_model(CatalogEntry("c", "vit_tiny_patch16_224", None), 32).model)
+
+
 def test_nan_features_detected(tmp_path):
     m = timm.create_model("resnet10t", num_classes=0)
     with torch.no_grad():
