@@ -59,22 +59,24 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         raise DataError(f"the probe's train split has {len(classes)} class(es); at least 2 are needed")
     index = {c: i for i, c in enumerate(classes)}
     mu, sd = standardisation(train_x)
-    xtr = torch.from_numpy((train_x - mu) / sd).double()
-    xte = torch.from_numpy((test_x - mu) / sd).double()
-    ytr = torch.tensor([index[c] for c in train_y])
-    w = torch.zeros(xtr.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=protocol.max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    # The fit needs autograd whatever the caller's mode: `enable_grad` does not lift a caller's
+    # `inference_mode` (its tensors cannot require grad), so both are set, and every tensor made inside.
+    with torch.inference_mode(False), torch.enable_grad():
+        xtr = torch.from_numpy((train_x - mu) / sd).double()
+        xte = torch.from_numpy((test_x - mu) / sd).double()
+        ytr = torch.tensor([index[c] for c in train_y])
+        w = torch.zeros(xtr.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=protocol.max_iter, history_size=20,
+                                tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + protocol.l2 * (w * w).sum()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + protocol.l2 * (w * w).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        pred = classes[(xte @ w + b).argmax(1).numpy()]
+        with torch.no_grad():
+            pred = classes[(xte @ w + b).argmax(1).numpy()]
     return float((pred == test_y).mean())

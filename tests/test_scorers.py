@@ -367,6 +367,13 @@ def test_the_linear_probe_is_scale_free_and_refuses_labels_that_do_not_fit_its_f
     assert base > 0.6
     for scale in (1e-9, 1e-20):
         assert probe_accuracy(f[tr] * scale, labels[tr], f[te] * scale, labels[te]) == base
+    # a caller's inference mode (service code's habit) was a RuntimeError that ended the selection after
+    # every task was swept: 'element 0 of tensors does not require grad' (a review, session 43)
+    import torch
+
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert probe_accuracy(f[tr], labels[tr], f[te], labels[te]) == base
     nan = f[te].copy()
     nan[3, 2] = np.nan
     for args, match in (((f[tr], labels[tr], f[te], labels[te][:1]),
