@@ -171,38 +171,62 @@ class ImageSet:
         return self
 
 
+# `resize_images` converts this many bytes of float32 pixels at a time (512 images of 1,024 x 1,024 took 6 GB)
+RESIZE_STEP_BYTES = 64 << 20
+
+
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 (N, H, W, C) to (N, size, size, 3) with antialiased bilinear filtering; images that
-    are not square are centre-cropped to their shorter side first (as image files are when loaded)."""
+    are not square are centre-cropped to their shorter side first (as image files are when loaded).
+    C is 1 or 3, or 2 or 4 with alpha, composited over BACKGROUND as image files are; (N, H, W) is grey."""
     import torch
     import torch.nn.functional as F
 
     if images.ndim == 3:
         images = images[..., None]
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4) or images.dtype != np.uint8:
+        raise DataError(f"images should be uint8 (N, H, W) or (N, H, W, C) with C of 1-4, got {images.dtype} "
+                        f"{images.shape}")
     h, w = images.shape[1:3]
     if h != w:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         images = images[:, top:top + side, left:left + side]
-    if images.shape[1:3] == (size, size):
-        return np.ascontiguousarray(images[..., :3])
     out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
-    for s in range(0, images.shape[0], 512):
-        x = torch.from_numpy(np.array(images[s:s + 512, ..., :3])).permute(0, 3, 1, 2).float()  # a copy
+    step = max(1, min(512, RESIZE_STEP_BYTES // (4 * 3 * images.shape[1] * images.shape[2])))
+    for s in range(0, images.shape[0], step):
+        rgb = _opaque_rgb(images[s:s + step])
+        if images.shape[1:3] == (size, size):
+            out[s:s + step] = rgb
+            continue
+        x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[s:s + 512] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[s:s + step] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
 
 
+def _opaque_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) of (n, H, W, C): grey repeated, alpha composited over BACKGROUND."""
+    colour = images[..., :images.shape[-1] - 1] if images.shape[-1] in (2, 4) else images
+    rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else np.ascontiguousarray(colour)
+    if images.shape[-1] in (1, 3):
+        return rgb
+    alpha = images[..., -1:].astype(np.float32) / 255
+    return np.round(rgb * alpha + np.array(BACKGROUND, np.float32) * (1 - alpha)).astype(np.uint8)
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test) with at least one image of every class on each side."""
+    """Indices (train, test) with at least one image of every class on each side (DataError for a class
+    of one image)."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     train, test = [], []
-    for c in np.unique(labels):
+    present, counts = np.unique(labels, return_counts=True)
+    if len(counts) and counts.min() < 2:
+        raise DataError(f"class {present[np.argmin(counts)].item()!r} has 1 image: a split needs at least 2 of every class, "
+                        f"one on each side")
+    for c in present:
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
         n_test = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - 1)

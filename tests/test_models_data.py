@@ -694,12 +694,40 @@ def test_builtin_sets_and_split():
     tr, te = stratified_split(fm.labels, 0.5, 0)
     assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 30
     assert set(fm.labels[te]) == {0, 1, 2}
+    with pytest.raises(DataError, match=r"^class 1 has 1 image: a split needs at least 2 of every class"):
+        stratified_split(np.array([0, 0, 0, 0, 1]), 0.5, 0)  # was a test side without class 1 (a review, s. 43)
     # Probe and task digits never overlap.
     from selection.data import load_digits_raw
 
     p, _ = load_digits_raw("probe")
     t, _ = load_digits_raw("task")
     assert not ({x.tobytes() for x in p} & {x.tobytes() for x in t}) or len(p) + len(t) == 1797
+
+
+def test_resize_images_works_in_steps_of_bounded_memory_and_composites_alpha(monkeypatch):
+    """A review (session 43): `resize_images` converted 512 images at a time to float32 (128 images of
+    1,024 px: +1.9 GB peak; docs/performance.md), dropped an RGBA array's alpha, and broke on grey + alpha
+    (a broadcast ValueError; returned as is at its own size). Steps of RESIZE_STEP_BYTES give the same
+    pixels; alpha is composited over the white BACKGROUND, as an image file's (B205); other input is named."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (7, 40, 30, 3), dtype=np.uint8)
+    whole = data_module.resize_images(x, 16)
+    monkeypatch.setattr(data_module, "RESIZE_STEP_BYTES", 1)  # one image a step
+    assert np.array_equal(data_module.resize_images(x, 16), whole)
+    assert np.array_equal(data_module.resize_images(x, 30), x[:, 5:35])  # at its size: cropped only
+    rgba = np.concatenate([x, np.full((7, 40, 30, 1), 255, np.uint8)], -1)
+    assert np.array_equal(data_module.resize_images(rgba, 16), whole)  # opaque: the colours
+    rgba[..., 3] = 0
+    assert (data_module.resize_images(rgba, 16) == 255).all() and (data_module.resize_images(rgba, 30) == 255).all()
+    rgba[..., 3] = 128  # half over white
+    assert np.abs(data_module.resize_images(rgba, 30) - (x[:, 5:35].astype(float) + 255) / 2).max() <= 1
+    grey = x[..., :1]
+    la = np.concatenate([grey, np.full_like(grey, 255)], -1)
+    assert np.array_equal(data_module.resize_images(la, 16), data_module.resize_images(grey, 16))
+    assert data_module.resize_images(la, 30).shape == (7, 30, 30, 3)
+    for bad in (np.zeros((2, 9, 9, 5), np.uint8), x.astype(np.float32), np.zeros((9, 9), np.uint8)):
+        with pytest.raises(DataError, match=re.escape(f"C of 1-4, got {bad.dtype} {bad.shape}")):
+            data_module.resize_images(bad, 8)
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64, 3), (2, 300, 200, 3), (2, 50, 90, 3)])
