@@ -224,8 +224,8 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     train, test = [], []
     present, counts = np.unique(labels, return_counts=True)
     if len(counts) and counts.min() < 2:
-        raise DataError(f"class {present[np.argmin(counts)].item()!r} has 1 image: a split needs at least 2 of every class, "
-                        f"one on each side")
+        raise DataError(f"class {present[np.argmin(counts)].item()!r} has 1 image: a split needs at least 2 of "
+                        f"every class, one on each side")
     for c in present:
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]

@@ -42,9 +42,13 @@ SUPPORTED_SCHEMES = ("file", "s3", "memory")
 _MISTYPED = re.compile(r"^(file|s3|s3a|gs|gcs|az|abfs|hdfs|http|https|memory):(?!//)", re.IGNORECASE)
 
 
+# "s3//bucket" (the colon left out) is one too.
+_NO_COLON = re.compile(r"^(file|s3|s3a|gs|gcs|az|abfs|hdfs|http|https|memory)//", re.IGNORECASE)
+
+
 def check_url(url: str) -> None:
-    """Refuse a mistyped URL (`s3:/bucket`) that would otherwise be taken as a local path."""
-    match = _MISTYPED.match(url)
+    """Refuse a mistyped URL (`s3:/bucket`, `s3//bucket`) that would otherwise be taken as a local path."""
+    match = _MISTYPED.match(url) or _NO_COLON.match(url)
     if match:
         scheme, rest = match.group(1).lower(), url[match.end():].lstrip("/")
         raise ConfigError(f"malformed URL {url!r}: did you mean {scheme}://{'/' if scheme == 'file' else ''}{rest}?")
@@ -385,8 +389,9 @@ def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        if os.path.isfile(path) and not os.path.islink(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile (a compaction, a remove): written anew
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
         _fsync_dir(directory)
     finally:
@@ -482,6 +487,18 @@ def _link_target(path: str) -> str:
         return os.readlink(path)
     except OSError:
         return "?"
+
+
+def make_folders(directory: str) -> None:
+    """`os.makedirs`, every folder it creates flushed into its parent: a file reported as written into a
+    new folder (a table's first row of a shard, a new standard's) survives a power loss with its folder."""
+    created, d = [], os.path.abspath(directory)
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(directory, exist_ok=True)
+    for d in reversed(created):
+        _fsync_dir(os.path.dirname(d))
 
 
 def _fsync_dir(path: str) -> None:
@@ -590,6 +607,9 @@ class Store:
             url = os.fspath(url)
         if not isinstance(url, str) or not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
+        if url != url.strip() or any(ord(c) < 32 or ord(c) == 127 for c in url):
+            # ' s3://b/x' was a local folder named ' s3:', 's3://b/x ' another S3 prefix than 's3://b/x'
+            raise ConfigError(f"store URL {url!r} holds leading or trailing spaces or control characters")
         check_url(url)
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else "file"
@@ -601,6 +621,11 @@ class Store:
         self.retry = retry
         if scheme == "file":
             path = match.group(2) if match else url
+            if match and path.lower().startswith("localhost/"):  # RFC 8089, as a catalog's weights (B199)
+                path = path[len("localhost"):]
+            if match and not path.startswith(("/", "~")):  # file://nas01/zoo was the folder ./nas01/zoo
+                raise ConfigError(f"a file:// store URL holds an absolute path (file:///dir/store), got {url!r}; "
+                                  f"a plain path may be relative")
             self.root = os.path.abspath(os.path.expanduser(path))
             self.fs = fsspec.filesystem("file")
         elif scheme == "s3":
@@ -608,6 +633,8 @@ class Store:
             if bucket_path and "" in bucket_path.split("/"):
                 # s3://bucket//zoo: a write keeps the empty component in its key, a listing drops it
                 raise ConfigError(f"empty path component ('//') in store URL {url!r}")
+            if {".", ".."} & set(bucket_path.split("/")):  # an S3 key is not normalised: HTTP 400 InvalidRequest
+                raise ConfigError(f"'.' or '..' path component in store URL {url!r}: S3 keys are not folders")
             bucket = bucket_path.split("/")[0]
             if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
                 raise ConfigError(f"invalid S3 bucket name {bucket!r} in store URL {url!r}")
@@ -734,7 +761,7 @@ class Store:
         full = self._full(rel)
         if self.scheme == "file":
             def write_local() -> None:
-                os.makedirs(os.path.dirname(full), exist_ok=True)
+                make_folders(os.path.dirname(full))
                 write_file_atomically(full, data, follow_link=False)
             self._call("write", rel, write_local)
         else:
@@ -1028,7 +1055,7 @@ class Store:
         full = self._full(rel)
         if self.scheme == "file":
             try:
-                os.makedirs(os.path.dirname(full), exist_ok=True)
+                make_folders(os.path.dirname(full))
                 with atomic_local_file(full, follow_link=False) as tmp:
                     return write_row_groups(tmp, schema, tables, row_group_size)
             except OSError as exc:  # not retried: the stream is read once

@@ -49,7 +49,8 @@ import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
-from selection.storage import Store, as_store, atomic_local_file, check_output, check_outside_store, parquet_bytes
+from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
+                               parquet_bytes)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -341,7 +342,8 @@ def restore_rows(store: Store | str, std: Standard, written: collections.abc.Map
 
 def _same_row(data: bytes, row: dict[str, Any]) -> bool:
     """Whether a row object's bytes hold `row` (as `iter_rows` yields it)."""
-    held = pq.read_table(pa.BufferReader(data)).to_pylist()[0]
+    # Not pq.read_table, which over an in-memory file leaves the process to abort at exit (Store.read_table)
+    held = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=READ_THREADS).to_pylist()[0]
 
     def same(a: Any, b: Any) -> bool:  # NaN too (a model whose FLOPs could not be counted)
         return a == b or isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b)

@@ -931,12 +931,30 @@ def test_unknown_baseline_architecture_refused_by_the_standard_job(tmp_path, cap
      "S3 endpoint must be an http(s) URL, got 'not-a-url'"),
     (["--store", "s3://zs-bucket/zoo", "--s3-endpoint", "ftp://127.0.0.1:21"],
      "S3 endpoint must be an http(s) URL, got 'ftp://127.0.0.1:21'"),
+    # a review (session 43): these were a local folder ('$PWD/nas01/zoo', '$PWD/ s3:/zs-bucket/zoo',
+    # '$PWD/s3/zs-bucket/zoo'), another S3 prefix ('zoo '), or S3's HTTP 400 InvalidRequest
+    (["--store", "file://nas01/zoo"], "a file:// store URL holds an absolute path (file:///dir/store), got "
+                                      "'file://nas01/zoo'; a plain path may be relative"),
+    (["--store", " s3://zs-bucket/zoo"], "store URL ' s3://zs-bucket/zoo' holds leading or trailing spaces"),
+    (["--store", "s3://zs-bucket/zoo "], "store URL 's3://zs-bucket/zoo ' holds leading or trailing spaces"),
+    (["--store", "s3//zs-bucket/zoo"], "malformed URL 's3//zs-bucket/zoo': did you mean s3://zs-bucket/zoo?"),
+    (["--store", "s3://zs-bucket/zoo/../other"], "'.' or '..' path component in store URL "
+                                                 "'s3://zs-bucket/zoo/../other': S3 keys are not folders"),
 ])
 def test_malformed_store_urls_refused(args, needle, capsys):
     from jobs import table
 
     line = _run_job(table.main, ["ls", *args], capsys)
     assert needle in line, line
+
+
+def test_a_file_localhost_store_url_is_the_local_hosts_folder(tmp_path, monkeypatch):
+    """`file://localhost/dir` was the folder `$PWD/localhost/dir` (a review, session 43); it is `/dir`
+    (RFC 8089), as a catalog's weights read it (B199)."""
+    from selection.storage import Store
+
+    monkeypatch.chdir(tmp_path)
+    assert Store(f"file://localhost{tmp_path}/zoo").root == Store(f"file://{tmp_path}/zoo").root == f"{tmp_path}/zoo"
 
 
 def test_store_that_is_a_file_or_names_a_missing_standard(embedded, tmp_path, capsys):

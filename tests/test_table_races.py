@@ -604,7 +604,8 @@ def test_a_row_written_is_not_reported_failed_when_the_lease_check_after_it_fail
 
 def test_a_local_write_flushes_the_file_and_then_its_directory(tmp_path, monkeypatch):
     """The rename that publishes an object is itself flushed: without the directory's fsync a
-    power loss right after a reported write could lose the row."""
+    power loss right after a reported write could lose the row. So is every folder the write created,
+    into its parent (a review, session 43: a new shard's first row could vanish with its folder)."""
     import os
     synced = []
     real_fsync = os.fsync
@@ -616,9 +617,15 @@ def test_a_local_write_flushes_the_file_and_then_its_directory(tmp_path, monkeyp
     monkeypatch.setattr(os, "fsync", fsync)
     store = Store(str(tmp_path / "store"))
     store.write_bytes("a/b/x.bin", b"data")
-    target = str(tmp_path / "store" / "a" / "b")
-    assert len(synced) == 2 and synced[0].startswith(target + "/.x.bin.") and synced[1] == target
+    root = str(tmp_path / "store")
+    target = root + "/a/b"
+    # the folders made (store, a, b), each into its parent; then the file, then its folder
+    assert synced[:3] == [str(tmp_path), root, root + "/a"], synced
+    assert len(synced) == 5 and synced[3].startswith(target + "/.x.bin.") and synced[4] == target
     assert store.read_bytes("a/b/x.bin") == b"data" and os.listdir(target) == ["x.bin"]
+    synced.clear()
+    store.write_bytes("a/b/y.bin", b"data")  # into folders that are there: the file and its folder only
+    assert len(synced) == 2 and synced[1] == target
 
 
 def test_the_parts_of_a_listing_hold_the_rows_iter_shards_reads_each_model_once(published, monkeypatch):
@@ -973,3 +980,44 @@ def test_a_compaction_streams_its_segments_a_row_group_at_a_time(published, monk
     with pytest.raises(StoreError, match=f"cannot make a local file to write memory://.*/t/y.parquet through, "
                                          f"in '{tmp_path}/absent' \\(TMPDIR\\)"):
         mem.write_tables("t/y.parquet", schema, iter(parts), 4)
+
+
+def test_a_local_write_over_an_object_deleted_meanwhile_writes_it(tmp_path, monkeypatch):
+    """A review (session 43): a local write read the old object's permissions after checking it was
+    there; an object deleted in between (a compaction's delete beside a re-embed, F23) made the write
+    fail with a raw FileNotFoundError (9 of 20,000 writes beside a deleting thread) and the row was lost."""
+    import os
+
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes("rows/a.parquet", b"old")
+    target = os.path.join(store.root, "rows", "a.parquet")
+    isfile = os.path.isfile
+
+    def deleted_after_the_check(path):
+        found = isfile(path)
+        if path == target and found:
+            os.remove(path)  # the other process's delete, between the check and the stat
+        return found
+
+    monkeypatch.setattr(os.path, "isfile", deleted_after_the_check)
+    store.write_bytes("rows/a.parquet", b"new")
+    monkeypatch.undo()
+    assert store.read_bytes("rows/a.parquet") == b"new"
+    assert os.listdir(os.path.dirname(target)) == ["a.parquet"]  # no temporary file left
+
+
+def test_a_held_rows_comparison_reads_its_bytes_without_the_reader_that_aborts_at_exit(published, monkeypatch):
+    """`_same_row` (the embed job's check of rows held over a compaction) read the row object's bytes
+    with `pq.read_table`, whose reader over an in-memory file leaves a process that imported torch to
+    abort at exit (rc 134 in 3 of 12 runs; a review, session 43): a re-index that had printed its
+    summary could fail. It reads as `Store.read_table` does; the comparison is unchanged."""
+    import pyarrow.parquet as pq
+
+    store, std = published
+    path = write_row(store, std, _row(std, "zoo/m", 0.5))
+    data = store.read_bytes(path)
+    row = next(r for r, _ in table.iter_rows(store, std, ["zoo/m"]))
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("pq.read_table over a buffer"))
+    assert table._same_row(data, row)
+    assert not table._same_row(data, dict(row, embedding=row["embedding"] + 1))
+    assert not table._same_row(data, dict(row, gflops=2.0))
