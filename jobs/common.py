@@ -75,19 +75,20 @@ LOG_BAR_INTERVAL_S = 30.0  # off a terminal, a progress bar writes a line this o
 
 
 _BAR_TIMES = re.compile(r"\[[\d:]+(?:<[^,\]]*)?(?:, [^,\]]*)?")  # `[00:12<00:30, 2.5model/s` of a tqdm line
+_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal control sequence: tqdm moves up (`ESC[A`) to a second bar
 
 
 class _Lines:
     """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns, and
     none that repeats the previous one's progress and note with only the times changed (tqdm's closing
-    redraw after a last update)."""
+    redraw after a last update), nor a terminal's cursor moves (two bars open: a review, session 43)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self._last = ""
 
     def write(self, text: str) -> int:
-        line = text.replace("\r", "").rstrip()
+        line = _CSI.sub("", text.replace("\r", "")).rstrip()
         news = _BAR_TIMES.sub("[", line)
         if line and news != self._last:
             self.stream.write(line + "\n")

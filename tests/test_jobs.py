@@ -736,6 +736,17 @@ def test_a_closed_pipe_ends_a_job_quietly_and_bars_off_a_terminal_write_lines(pu
     assert sum("3/3" in line for line in err.splitlines()) == 1  # not again when the bar closes (session 42)
 
 
+def test_two_bars_off_a_terminal_write_no_cursor_moves(capsys):
+    """A review (session 43): `table compact` (two bars open) wrote tqdm's `ESC[A` into logs as a line."""
+    from jobs.common import progress_bar
+
+    with progress_bar(total=2, desc="folded") as rows, progress_bar(total=2, desc="deleted") as objects:
+        for bar in (rows, objects, rows, objects):
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and all(line.startswith(("folded:", "deleted:")) for line in err.splitlines()), err
+
+
 def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_parquet_only(published, tmp_path,
                                                                                              capsys):
     """A review (session 41): `ls` had no header and listed in storage-key order, without the license and
