@@ -679,6 +679,15 @@ def test_devstack_help():
     assert all(cmd in proc.stdout for cmd in ("--dir",))
 
 
+def test_devstack_up_refuses_to_start_nothing(tmp_path):
+    """A review (session 43): `up --no-ray --no-s3` started nothing, wrote an empty env file and exited 0."""
+    proc = subprocess.run([sys.executable, "-m", "cluster.devstack", "up", "--dir", str(tmp_path), "--no-ray",
+                           "--no-s3"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith(
+        "error: argument --no-s3: not allowed with argument --no-ray"), proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_devstack_status_without_a_stack(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cluster.devstack", "status", "--dir",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
