@@ -546,10 +546,15 @@ def _key_of(path: str) -> str:
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 
-def _validate(t: pa.Table, std: Standard, where: str, some_columns: bool = False) -> None:
+def _validate(t: pa.Table, std: Standard, where: str, some_columns: bool = False, known_only: bool = False) -> None:
     """Refuse an object of another standard, schema version or width. `some_columns`: `t` holds only
-    the columns a reader asked for (no vectors), so a missing `embedding` column is expected."""
+    the columns a reader asked for (no vectors), so a missing `embedding` column is expected.
+    `known_only`: refuse columns this version does not know (a rewrite would drop them)."""
     names = set(t.column_names)
+    if known_only and names - set(schema_for(std).names):
+        raise StandardMismatchError(f"{where}: holds column(s) {sorted(names - set(schema_for(std).names))} that "
+                                    f"this zooselect ({selection.__version__}) does not know, written by a newer "
+                                    f"one: rewriting its rows would drop them; run this with that version")
     if not {"model_id", "model_key", "standard_id", "schema_version"} <= names:
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (columns {sorted(names)})")
     sids = set(pc.unique(t.column("standard_id")).to_pylist())
@@ -668,14 +673,15 @@ def segment_row_group(std: Standard) -> int:
 def iter_shards(store: Store | str, std: Standard, listing: Listing | None = None,
                 columns: list[str] | None = None,
                 on_row_bytes: Callable[[str, bytes], None] | None = None,
-                skip_gone: bool = False) -> Iterator[EmbeddingTable]:
+                skip_gone: bool = False, known_only: bool = False) -> Iterator[EmbeddingTable]:
     """The table as shards (each segment, newest first, then the row objects, ROW_BATCH at a time),
     each model once.
 
     With `columns`, only those metadata columns are read (no vectors): the cheap index.
     `on_row_bytes(path, data)` sees each row object's bytes as they are read. `skip_gone`: a listed
     row object that is gone when read is left out (else ObjectGoneError: the listing is out of date).
-    `store`: a Store, or its URL or path.
+    `known_only`: an object holding a column this version does not know is refused (StandardMismatchError),
+    where the rows are to be rewritten. `store`: a Store, or its URL or path.
     """
     store = as_store(store)
     listing = listing or list_table(store, std)
@@ -683,11 +689,12 @@ def iter_shards(store: Store | str, std: Standard, listing: Listing | None = Non
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
     hidden = hidden_keys(listing)
     for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
-        keys, shards = _segment_shards(store, std, seg, hidden, columns)
+        keys, shards = _segment_shards(store, std, seg, hidden, columns, known_only)
         yield from shards
         hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
-        shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone)
+        shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone,
+                           known_only)
         if shard is not None:
             yield shard
 
@@ -746,8 +753,8 @@ def _needed(columns: list[str] | None) -> list[str] | None:
     return None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
 
 
-def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str],
-                    columns: list[str] | None) -> tuple[list[str], Iterator[EmbeddingTable]]:
+def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], columns: list[str] | None,
+                    known_only: bool = False) -> tuple[list[str], Iterator[EmbeddingTable]]:
     """Every key a segment holds, and its shards less the rows of `hidden` keys, validated. With
     `columns`, those columns (`_needed`) are read at once, one shard; without, its keys are read first,
     then its row groups streamed (`Store.iter_row_groups`), a shard each: memory holds a few row groups,
@@ -773,7 +780,7 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str],
         for group in store.iter_row_groups(seg):
             if not group.num_rows:  # another tool's writer may leave an empty row group
                 continue
-            _validate(group, std, where)
+            _validate(group, std, where, known_only=known_only)
             mask, at = keep[at:at + group.num_rows], at + group.num_rows
             if at > len(keys):  # the object changed between its two reads (another tool rewrote it)
                 raise StoreError(f"{where}: its row groups hold more rows than its key column ({len(keys)})")
@@ -796,7 +803,7 @@ def _segment_keys(store: Store, seg: str) -> list[str]:
 
 def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: list[str] | None,
                on_row_bytes: Callable[[str, bytes], None] | None = None,
-               skip_gone: bool = False) -> EmbeddingTable | None:
+               skip_gone: bool = False, known_only: bool = False) -> EmbeddingTable | None:
     """Row objects read at once as one shard (None if `skip_gone` left them all out)."""
     tables, read = [], []
     for p, data in zip(paths, store.read_many(paths, missing_ok=skip_gone)):
@@ -811,7 +818,7 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
             raise StoreError(f"{exc} (a row object: delete it, and the next `jobs.embed` or `jobs.reindex` run "
                              f"embeds its model again)") from exc
         read.append(p)
-        _validate(tables[-1], std, f"{store.url}/{p}")
+        _validate(tables[-1], std, f"{store.url}/{p}", known_only=known_only)
         keys, ids = (tables[-1].column(c).to_pylist() for c in ("model_key", "model_id"))
         if not _one_row_of(_key_of(p), keys, ids):  # else a model served twice, or under another's key
             raise StoreError(f"{store.url}/{p}: a row object holds one row, of the model its name keys; this one "
@@ -1108,7 +1115,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     def tables() -> Iterator[pa.Table]:
         nonlocal rows
         # A row object removed since the listing is left out: its remove saw the lease and wrote a marker.
-        for shard in iter_shards(store, std, listing, skip_gone=True,
+        for shard in iter_shards(store, std, listing, skip_gone=True, known_only=True,
                                  on_row_bytes=lambda p, data: digests.update({p: _digest(data)})):
             rows += len(shard)
             progress("rows", len(shard))

@@ -1021,3 +1021,27 @@ def test_a_held_rows_comparison_reads_its_bytes_without_the_reader_that_aborts_a
     assert table._same_row(data, row)
     assert not table._same_row(data, dict(row, embedding=row["embedding"] + 1))
     assert not table._same_row(data, dict(row, gflops=2.0))
+
+
+def test_a_compaction_refuses_rows_holding_columns_it_does_not_know(published):
+    """A review (session 43): a compaction run by an older zooselect (a CronJob behind the embed image)
+    folded rows holding a column added since (as `compute` and `weights_stamp` were) into segments
+    without it, and deleted the row objects: the column was gone without a word. Such an object now
+    stops the compaction, naming it and the column; nothing is deleted. Reads still serve it."""
+    import pyarrow as pa
+
+    from selection.errors import StandardMismatchError
+    from selection.storage import parquet_bytes
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b"):
+        write_row(store, std, _row(std, mid))
+    path, _ = row_object(std, _row(std, "zoo/new"))
+    t = table.make_row_table(std, _row(std, "zoo/new"))
+    store.write_bytes(path, parquet_bytes(t.append_column("quantization", pa.array(["int8"]))))
+    before = store.list("")
+    with pytest.raises(StandardMismatchError, match=re.escape(f"{store.url}/{path}: holds column(s) ['quantization'] "
+                                                              f"that this zooselect (") + r".* does not know"):
+        compact(store, std)
+    assert store.list("") == before
+    assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/new"]
