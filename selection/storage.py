@@ -411,11 +411,17 @@ def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
                               f"holds only what zooselect writes there)")
 
 
-def check_output(path: str | None, *, directory: bool = False) -> None:
+def check_output(path: str | None, *, directory: bool = False, flag: str = "output path") -> None:
     """Refuse, before any work, an output path that cannot be written (a file where a directory
-    is wanted or the reverse, a missing or read-only parent): results must not be lost at the end."""
-    if not path:
+    is wanted or the reverse, a missing or read-only parent): results must not be lost at the end.
+    None: no output asked for; `flag` names the option in errors about the path's form."""
+    if path is None:
         return
+    if not isinstance(path, str) or not path.strip():  # `--json "$OUT"` with OUT unset ran and wrote nothing
+        raise ConfigError(f"{flag} should name a {'folder' if directory else 'file'}, got {path!r} (an unset "
+                          f"variable?)")
+    if not directory and path.endswith(("/", os.sep)):  # `--json newdir/` wrote a file named newdir
+        raise ConfigError(f"{flag} {path!r} ends with '/': name a file, not a folder")
     if "://" in path:
         raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
     full = os.path.abspath(os.path.expanduser(path))

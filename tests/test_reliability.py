@@ -1397,3 +1397,22 @@ def test_a_process_that_read_parquet_objects_exits_with_its_own_status(tmp_path)
     assert (child.returncode, child.stdout.split("\n")) == (143, ["main done", "exit handler", ""]), \
         child.stdout + child.stderr  # it exited 0 and skipped the exit handlers
     assert "error: terminated" in child.stderr
+
+
+def test_an_empty_output_path_or_one_ending_in_a_slash_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A review (session 43): `--json "$OUT"` with OUT unset ran the whole selection and wrote nothing
+    (exit 0), `table export --out ''` failed after reading the table, and `--json newdir/` wrote a file
+    named `newdir`."""
+    from selection.storage import check_output
+
+    monkeypatch.chdir(tmp_path)
+    for bad, needle in (("", "--json should name a file, got '' (an unset variable?)"),
+                        ("  ", "--json should name a file, got '  '"),
+                        ("newdir/", "--json 'newdir/' ends with '/': name a file, not a folder")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            check_output(bad, flag="--json")
+    with pytest.raises(ConfigError, match=re.escape("--out should name a folder, got ''")):
+        check_output("", directory=True, flag="--out")
+    check_output("newdir/", directory=True)
+    check_output(None)
+    assert os.listdir(tmp_path) == []
