@@ -91,6 +91,9 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):  # a 1-D y broadcast to a (k, k) answer
+        raise DataError(f"ridge_gcv needs x (n, k) and y (n, t), got {x.shape} and {y.shape} (y[:, None] for one "
+                         f"target)")
     mx, my = x.mean(0), y.mean(0)
     xc, yc = x - mx, y - my
     n, k = xc.shape

@@ -403,6 +403,18 @@ def _size_overlay(entry: CatalogEntry) -> dict[str, Any]:
     return {"input_size": (3, entry.input_size, entry.input_size)} if entry.input_size else {}
 
 
+@contextlib.contextmanager
+def _float32_default() -> Iterator[None]:
+    """torch's default dtype float32 while a model is built: a caller's float64 default built float64
+    models (other random inits, a companion refused as changed; inputs are float32)."""
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(was)
+
+
 def _create(arch: str, entry: CatalogEntry, seed: int | None = None, keep_rng: bool = True,
             **kwargs: Any) -> torch.nn.Module:
     """timm's model for `arch`, initialised from `seed`, else from torch's generator as it is; with
@@ -415,7 +427,7 @@ def _create(arch: str, entry: CatalogEntry, seed: int | None = None, keep_rng: b
     import timm
 
     try:
-        with _BUILD, torch.random.fork_rng(devices=[], enabled=keep_rng or seed is not None):
+        with _BUILD, torch.random.fork_rng(devices=[], enabled=keep_rng or seed is not None), _float32_default():
             if seed is not None:
                 torch.manual_seed(seed)
             return timm.create_model(arch, pretrained_cfg_overlay=_size_overlay(entry) or None, **kwargs)
@@ -952,7 +964,11 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
         if ready:
             x = torch.from_numpy(prepared.array[s:s + batch_size].copy()).to(device)
         else:
-            x = preprocess(source[s:s + batch_size], cfg, device)
+            try:  # on CUDA a resize by matrix products: what the caller's torch settings refuse is named
+                x = preprocess(source[s:s + batch_size], cfg, device)
+            except RuntimeError as exc:
+                raise ModelError(f"model {loaded.entry.id!r}: preprocessing on {device} failed: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         n = len(x)
         if on_gpu and n < batch_size:  # pad the last batch: a new shape would mean new kernels
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])

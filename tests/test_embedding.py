@@ -27,6 +27,13 @@ def test_ridge_recovers_a_linear_map(rng):
     coef, icpt, alpha = ridge_gcv(x, x @ b + 2.0)
     assert np.allclose(coef, b, atol=1e-3) and np.allclose(icpt, 2.0, atol=1e-3)
     assert alpha < 1e-2
+    # a 1-D y broadcast to a (k, k) answer and a wrong strength, without an error (a review, session 43)
+    from selection.errors import DataError
+
+    one = ridge_gcv(x, (x @ b)[:, :1])
+    assert one[0].shape == (10, 1) and np.allclose(one[0][:, 0], b[:, 0], atol=1e-3)
+    with pytest.raises(DataError, match=r"ridge_gcv needs x \(n, k\) and y \(n, t\), got \(200, 10\) and \(200,\)"):
+        ridge_gcv(x, (x @ b)[:, 0])
 
 
 def _closed_form_ridge(x, y, alpha):

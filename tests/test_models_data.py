@@ -1192,3 +1192,31 @@ def test_a_headless_checkpoint_can_be_declared_and_a_head_asked_of_it_is_named(t
         load_model(CatalogEntry("m", "resnet10t", path, num_classes=5))
     with pytest.raises(ConfigError, match=r"num_classes must be an integer >= 0 \(0: no head\), got -1"):
         CatalogEntry("m", "resnet10t", path, num_classes=-1)
+
+
+def test_a_callers_float64_default_and_a_failing_preprocess_are_not_the_models_fault(monkeypatch):
+    """A review (session 43): after `torch.set_default_dtype(torch.float64)` every model was built in
+    float64 ('Input type (torch.FloatTensor) and weight type (torch.DoubleTensor)', blamed on the
+    baseline; other random inits, a companion refused as changed). Models are built in float32, the
+    caller's default restored. An error of the preprocessing (on CUDA, a resize that the caller's
+    deterministic-algorithms setting refuses) was a raw RuntimeError: it is the model's ModelError."""
+    from selection import models
+    from selection.models import state_digest
+
+    entry = CatalogEntry("m", "resnet10t", None, input_size=32)
+    want = state_digest(load_model(entry).model)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    torch.set_default_dtype(torch.float64)
+    try:
+        loaded = load_model(entry)
+        assert torch.get_default_dtype() == torch.float64
+        assert state_digest(loaded.model) == want and extract_features(loaded, images).shape == (3, 512)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+    def refused(*a, **k):
+        raise RuntimeError("Deterministic behavior was enabled with either `torch.use_deterministic_algorithms(True)`")
+
+    monkeypatch.setattr(models, "preprocess", refused)
+    with pytest.raises(ModelError, match=r"^model 'm': preprocessing on cpu failed: RuntimeError: Deterministic"):
+        extract_features(loaded, images)
