@@ -24,7 +24,7 @@ from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_quer
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
 from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol, probe_accuracy
-from selection.models import LoadedModel, check_device, extract_features, load_model
+from selection.models import LoadedModel, base_arch, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
 from selection.storage import Store, as_store
 from selection.table import (EmbeddingTable, Listing, Part, hidden_keys, iter_part, iter_shards, may_have_rows,
@@ -101,7 +101,12 @@ class Constraint:
             return has if self.op != "!=" else ~has
         values = meta.column(name).to_pylist()  # an unknown license or arch passes neither = nor !=
         col = np.array(["" if v is None else str(v) for v in values])
-        return _OPS[self.op](col, self.value) & np.array([v is not None for v in values], bool)
+        value = self.value
+        if name == "arch" and "." not in value:  # 'resnet10t' is resnet10t.c3_in1k too: a tag names weights
+            col = np.array([base_arch(v) for v in col])
+        if name == "license":  # SPDX identifiers are case-insensitive: MIT is mit
+            col, value = np.char.lower(col), value.lower()
+        return _OPS[self.op](col, value) & np.array([v is not None for v in values], bool)
 
 
 @dataclass(frozen=True)

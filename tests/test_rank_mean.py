@@ -147,6 +147,20 @@ def test_a_model_whose_value_is_unknown_passes_no_numeric_constraint():
                      "gflops>=1": [False, True, False, False], "gflops=1": [False, True, False, False]}
 
 
+def test_an_arch_constraint_matches_tagged_architectures_and_licenses_match_in_any_case():
+    """A review (session 43): `arch=resnet10t` dropped a model catalogued as `resnet10t.c3_in1k` (a
+    tag names its weights, not its network) and `arch!=resnet10t` kept it; `license=MIT` missed `mit`
+    (SPDX identifiers are case-insensitive). A constraint that names a tag still matches it exactly."""
+    meta = pa.table({"model_id": ["a", "b", "c", "d"], "arch": ["resnet10t", "resnet10t.c3_in1k", "resnet18", None],
+                     "license": ["MIT", "mit", "Apache-2.0", None]})
+    masks = {w: Constraint.parse(w).mask(meta).tolist()
+             for w in ("arch=resnet10t", "arch!=resnet10t", "arch=resnet10t.c3_in1k", "license=mit",
+                       "license!=MIT", "license=apache-2.0")}
+    assert masks == {"arch=resnet10t": [True, True, False, False], "arch!=resnet10t": [False, False, True, False],
+                     "arch=resnet10t.c3_in1k": [False, True, False, False], "license=mit": [True, True, False, False],
+                     "license!=MIT": [False, False, True, False], "license=apache-2.0": [False, False, True, False]}
+
+
 def test_a_model_of_unknown_license_passes_no_license_constraint():
     """`license!=cc-by-nc-4.0` admitted every model of unknown license (null, compared as the text
     "None"), exactly when a user excludes the non-commercial ones; `license=None` matched them (a
