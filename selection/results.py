@@ -24,7 +24,9 @@ RESULT_SCHEMA = pa.schema([
     ("arch", pa.string()), ("num_params", pa.int64()), ("gflops", pa.float64()),
     ("tags", pa.list_(pa.string())), ("verify_error", pa.string()), ("task", pa.string()),
     ("standard_id", pa.string()),
-    ("on_pareto_front", pa.bool_())])  # null: no Pareto front asked; a front member not listed has a null rank
+    ("on_pareto_front", pa.bool_()),  # null: no Pareto front asked; a front member not listed has a null rank
+    # what `score` and `verified` measure (a folder of results mixes runs): the record's, as `--json` says
+    ("scored_by", pa.string()), ("verified_by", pa.string())])
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
                "probe": "probe accuracy on a held-out half"}
@@ -68,7 +70,8 @@ def results_table(records: list[dict[str, Any]], std_id: str) -> pa.Table:
         listed = [r["model_id"] for r in res["ranking"]]
         extra = [r for r in res.get("pareto") or [] if r["model_id"] not in listed]
         rows += [dict(r, task=res["task"], standard_id=std_id,
-                      on_pareto_front=None if front is None else r["model_id"] in front)
+                      on_pareto_front=None if front is None else r["model_id"] in front,
+                      scored_by=res.get("scored_by"), verified_by=res.get("verified_by"))
                  for r in res["ranking"] + extra]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
@@ -96,7 +99,7 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
             lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
-                         f"that is unknown passes none; text is compared exactly, case included: `{ls_command}`), "
+                         f"that is unknown passes none; a tag is compared exactly, case included: `{ls_command}`), "
                          f"or every row was left out (the warnings say why)")
         elif not res["ranking"]:
             lines.append("no model ranked: every row was left out (the warnings say why)")

@@ -65,6 +65,27 @@ class StandardConfig:
     ridge_gcv: str = RIDGE_GCV  # what the ridge fits' GCV counts as degrees of freedom (RIDGE_GCVS)
 
     def __post_init__(self) -> None:
+        def integer(v: object) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        # of another type, each failed late, after the probe set was built (`d=8.0`: 'slice indices must
+        # be integers'; a string of probe sources was read one character at a time; a review, session 43)
+        for name in ("d", "probe_image_size", "split_seed", "batch_size", "input_size", "companion_d"):
+            value = getattr(self, name)
+            if not integer(value) and not (value is None and name in ("input_size", "companion_d")):
+                raise ConfigError(f"{name} must be an integer, got {value!r:.80}")
+        if self.split_seed < 0:
+            raise ConfigError(f"split_seed must be >= 0, got {self.split_seed}")
+        if isinstance(self.fit_fraction, bool) or not isinstance(self.fit_fraction, (int, float, np.floating)):
+            raise ConfigError(f"fit_fraction must be a number, got {self.fit_fraction!r:.80}")
+        for name in ("baseline", "companion"):
+            value = getattr(self, name)
+            if not isinstance(value, CatalogEntry) and not (value is None and name == "companion"):
+                raise ConfigError(f"{name} must be a CatalogEntry, got {type(value).__name__} {value!r:.80}")
+        if isinstance(self.probe_sources, (str, bytes)) or not isinstance(self.probe_sources, (tuple, list)) or \
+                not all(isinstance(src, str) for src in self.probe_sources):
+            raise ConfigError(f"probe_sources must be a tuple of dataset specs, got {self.probe_sources!r:.80}")
+        object.__setattr__(self, "probe_sources", tuple(self.probe_sources))
         if self.form not in FORMS:
             raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.ridge_gcv not in RIDGE_GCVS:

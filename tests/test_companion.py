@@ -1,6 +1,7 @@
 """The standard's random-init companion: its features join the baseline's in z."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -122,3 +123,23 @@ def test_selection_end_to_end_with_a_companion(with_companion, store):
     assert np.isclose(np.trace(emb.g), 1.0) and not np.allclose(emb.g, plain.g)
     ranked = sweep(load_table(store, with_companion), [emb.query(with_companion, "rank-mean")], top_k=2)[0]
     assert sorted(r.model_id for r in ranked) == sorted([A.id, C.id])
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("d", 8.0, "d must be an integer, got 8.0"),
+    ("d", True, "d must be an integer, got True"),
+    ("batch_size", 2.5, "batch_size must be an integer, got 2.5"),
+    ("split_seed", -1, "split_seed must be >= 0, got -1"),
+    ("input_size", 32.0, "input_size must be an integer, got 32.0"),
+    ("fit_fraction", "0.7", "fit_fraction must be a number, got '0.7'"),
+    ("probe_sources", "builtin:digits-probe?n=40", "probe_sources must be a tuple of dataset specs, got "
+                                                   "'builtin:digits-probe?n=40'"),
+    ("baseline", "resnet10t", "baseline must be a CatalogEntry, got str 'resnet10t'"),
+])
+def test_a_standard_config_of_another_type_is_refused_when_made(field, value, needle):
+    """A review (session 43): each was accepted, then failed after the probe set was built ('slice
+    indices must be integers', 'expected non-negative integer', a probe source read one character at
+    a time: "dataset 'b' does not exist")."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(needle)}$"):
+        tiny_config(**{field: value})
+    assert tiny_config(probe_sources=["builtin:digits-probe?n=40"]).probe_sources == ("builtin:digits-probe?n=40",)

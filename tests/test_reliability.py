@@ -1416,3 +1416,20 @@ def test_an_empty_output_path_or_one_ending_in_a_slash_is_refused_before_any_wor
     check_output("newdir/", directory=True)
     check_output(None)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_parquet_results_say_what_their_scores_and_verified_values_measure():
+    """A review (session 43): `verified` holds LogME evidence, a negated LOO error or a probe accuracy,
+    and `score` a rank fraction or a raw score, but only the JSON said which: a query over a store's
+    `results/*.parquet` mixed them. Each row now carries its task's `scored_by` and `verified_by`."""
+    from selection.results import RESULT_SCHEMA, results_table
+
+    row = {"rank": 1, "model_id": "m", "score": 0.9, "score_parts": None, "verified": -0.5, "is_baseline": False,
+           "arch": "resnet10t", "num_params": 5, "gflops": None, "tags": [], "verify_error": None}
+    records = [{"task": "a", "ranking": [row], "scored_by": "rank-mean", "verified_by": "logme"},
+               {"task": "b", "ranking": [dict(row, verified=None)], "scored_by": "full", "verified_by": None}]
+    t = results_table(records, "std-x")
+    assert t.schema == RESULT_SCHEMA
+    assert t.select(["task", "scored_by", "verified_by"]).to_pylist() == [
+        {"task": "a", "scored_by": "rank-mean", "verified_by": "logme"},
+        {"task": "b", "scored_by": "full", "verified_by": None}]
