@@ -83,9 +83,19 @@ _TRANSIENT = _transient_types()
 
 
 _DENIED_CODES = ("AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-_PERMANENT_CODES = (*_DENIED_CODES, "NoSuchBucket", "InvalidBucketName", "Forbidden")
+# What the next attempt meets again, each said in words: s3fs raises some as a PermissionError (clock skew,
+# an archived object), which read as bad credentials; 501 and 301 were retried as an unreachable server.
+_EXPLAINED = {
+    "RequestTimeTooSkewed": "this node's clock and the S3 server's differ by more than S3 allows (15 min): "
+                            "set the clock (NTP)",
+    "InvalidObjectState": "the object is archived (a Glacier or Deep Archive storage class): restore it first",
+    "PermanentRedirect": "the bucket is in another region or at another endpoint: give its region "
+                         "(AWS_REGION) or endpoint (--s3-endpoint)",
+    "NotImplemented": "the S3 server does not implement this request (HTTP 501)",
+}
+_PERMANENT_CODES = (*_DENIED_CODES, "NoSuchBucket", "InvalidBucketName", "Forbidden", *_EXPLAINED)
 _TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "BadGateway",
+                    "ServiceUnavailable", "InternalError", "BadGateway",
                     "OperationAborted")  # HTTP 409, "try again": the one 4xx besides 408/429 that waiting fixes
 _HTTP_STATUS = re.compile(r"\b(?:status(?: code)?|HTTP)[ :=]*(\d{3})\b", re.IGNORECASE)
 
@@ -694,6 +704,9 @@ class Store:
         if isinstance(exc, PermissionError) and self.scheme == "file":
             return StoreError(f"permission denied for {what} {where}: {text}")
         code = _error_code(exc)
+        explained = code if code in _EXPLAINED else next((c for c in _EXPLAINED if _mentions(exc, (c,))), None)
+        if explained:
+            return StoreError(f"storage error for {what} {where}: {explained}: {_EXPLAINED[explained]}")
         if isinstance(exc, PermissionError) or code in _DENIED_CODES or _mentions(exc, _DENIED_CODES):
             return StoreError(f"access denied for {what} {where}: check the AWS credentials "
                               f"(environment or profile) for this store")

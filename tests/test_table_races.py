@@ -516,6 +516,34 @@ def test_a_permanent_s3_client_error_is_reported_at_once(code, status, caplog):
     assert len(calls) == 1 and not [m for m in caplog.messages if "transient" in m]
 
 
+@pytest.mark.parametrize("code,status,needle", [
+    ("RequestTimeTooSkewed", 403, "this node's clock and the S3 server's differ by more than S3 allows (15 min): "
+                                  "set the clock (NTP)"),
+    ("InvalidObjectState", 403, "the object is archived (a Glacier or Deep Archive storage class): restore it first"),
+    ("PermanentRedirect", 301, "the bucket is in another region or at another endpoint: give its region"),
+    ("NotImplemented", 501, "the S3 server does not implement this request (HTTP 501)")])
+def test_s3_errors_that_are_not_the_credentials_or_the_network_say_what_they_are(code, status, needle):
+    """A review (session 43): s3fs raises clock skew and an archived object as PermissionError, reported
+    as 'access denied … check the AWS credentials'; a 501 and a 301 were retried, then reported as
+    'storage unreachable … after 6 attempts'. Each is now said at once, by its code."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    store = Store("s3://zs-bucket/zoo", s3_endpoint="http://127.0.0.1:9")
+    calls = []
+
+    def pipe_file(path, data):
+        calls.append(path)
+        raise translate_boto_error(ClientError({"Error": {"Code": code, "Message": "m"},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+
+    store.fs.pipe_file = pipe_file
+    with pytest.raises(StoreError, match="^" + re.escape(f"storage error for write s3://zs-bucket/zoo/a.parquet: "
+                                                         f"{code}: {needle}")):
+        store.write_bytes("a.parquet", b"x")
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("code,status", [("SlowDown", 503), ("InternalError", 500), ("RequestTimeout", 400),
                                          ("TooManyRequests", 429), ("RequestTimeout", 408),
                                          ("OperationAborted", 409), ("ServiceUnavailable", 503)])
