@@ -273,10 +273,30 @@ def _localhost(entry: CatalogEntry) -> CatalogEntry:
     return entry
 
 
+_STREAMS = ("/dev/std", "/dev/fd/", "/proc/self/fd/")  # a shell's `<(...)` is /dev/fd/63: read once, then gone
+
+
 def load_catalog(path: str) -> list[CatalogEntry]:
-    """Read a catalog from a local path (YAML or JSON lines). Local checkpoint paths come back absolute:
-    a relative one is taken from the catalog file's directory, `~` is expanded (in `path` too)."""
+    """Read a catalog from a local file (YAML or JSON lines), by its path or file:// URL. Local checkpoint
+    paths come back absolute: a relative one is taken from the catalog file's directory, `~` is expanded
+    (in `path` too)."""
+    given = path
+    if path.lower().startswith("file://localhost/"):
+        path = path[len("file://localhost"):]
+    elif path.startswith("file://"):
+        path = path[len("file://"):]
+        if not path.startswith("/"):
+            raise ConfigError(f"catalog {given!r}: a file:// URL holds an absolute path (file:///dir/zoo.yaml)")
+    elif "://" in path:
+        raise ConfigError(f"catalog {given!r}: a catalog is a local file (YAML or JSON lines), not a URL: "
+                          f"copy it here first")
     path = os.path.expanduser(path)
+    if path == "-" or path.startswith(_STREAMS) or (os.path.exists(path) and not os.path.isfile(path)
+                                                    and not os.path.isdir(path)):
+        raise ConfigError(f"catalog {given!r}: a catalog is a local file (YAML or JSON lines), not standard "
+                          f"input or a pipe: write it to a file first")
+    if os.path.isdir(path):
+        raise ConfigError(f"catalog {path!r} is a directory, not a file")
     if not os.path.isfile(path):
         raise ConfigError(f"catalog file not found: {path!r}")
     with open(path, encoding="utf-8-sig") as fh:  # a byte order mark (some Windows editors) is dropped

@@ -207,6 +207,27 @@ def test_catalog_missing_file():
         load_catalog("/nope.yaml")
 
 
+def test_catalog_given_as_a_file_url_is_read_and_urls_and_streams_are_named(tmp_path):
+    """A review (session 43): `--catalog file:///abs/zoo.yaml`, `s3://...`, `-` and `<(...)` (/dev/fd/63)
+    were each "catalog file not found"."""
+    (tmp_path / "w.pt").write_bytes(b"")
+    path = tmp_path / "zoo.yaml"
+    path.write_text("- {id: a, arch: resnet18, weights: w.pt}\n")
+    for url in (f"file://{path}", f"file://localhost{path}"):  # relative weights still from the file's folder
+        assert [e.weights for e in load_catalog(url)] == [str(tmp_path / "w.pt")]
+    with pytest.raises(ConfigError, match=r"^catalog 'file://zoo\.yaml': a file:// URL holds an absolute path"):
+        load_catalog("file://zoo.yaml")
+    with pytest.raises(ConfigError, match=r"^catalog 's3://b/zoo\.yaml': a catalog is a local file \(YAML or JSON "
+                                          r"lines\), not a URL: copy it here first$"):
+        load_catalog("s3://b/zoo.yaml")
+    for stream in ("-", "/dev/fd/63", "/dev/stdin"):
+        with pytest.raises(ConfigError, match=rf"^catalog '{stream}': a catalog is a local file \(YAML or JSON "
+                                              r"lines\), not standard input or a pipe: write it to a file first$"):
+            load_catalog(stream)
+    with pytest.raises(ConfigError, match=rf"^catalog '{tmp_path}' is a directory, not a file$"):
+        load_catalog(f"file://{tmp_path}")
+
+
 def test_entry_validation():
     with pytest.raises(ConfigError, match="id must be a non-empty string"):
         CatalogEntry("", "resnet18")
