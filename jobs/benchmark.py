@@ -26,6 +26,7 @@ import dataclasses
 import importlib.util
 import os
 import platform
+import sys
 import time
 from typing import Any, Sequence
 
@@ -43,7 +44,7 @@ from selection.storage import Store, check_output, check_outside_store
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.benchmark"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{quality,zoo,compare,scaling}")
     q = sub.add_parser("quality", help="selection quality vs brute-force scorers (LogME, H-score, ...)",
                        description="Quality benchmark: zoo, standards, ground truth, scorers, report.")
     z = sub.add_parser("zoo", help="train the benchmark zoo only (step 1 of quality) and write its catalog",
@@ -75,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("scaling", add_help=False,
                    help="update, sweep, throughput and compaction-memory scaling "
                         "(options: python -m jobs.scaling --help)")
+    p.set_defaults(subcommands=sub.choices)  # main names an unknown argument with its subcommand's usage
     return p
 
 
@@ -102,8 +104,7 @@ def train_gpus(requested: float | None) -> float:
     gpus = runtime.cluster_resources().get("GPU", 0)
     if requested is None:
         return 1.0 / TRAIN_TASKS_PER_GPU if gpus >= 1 else 0.0
-    runtime.check_amount("--train-gpus", requested)
-    if requested > gpus:
+    if requested > gpus:  # a number >= 0: main checked it before any work
         raise ConfigError(f"--train-gpus {requested:g}: the cluster has {gpus:g} GPUs")
     return float(requested)
 
@@ -324,8 +325,10 @@ def quality(args: argparse.Namespace) -> int:
         "results": per_standard,
         "costs": costs,
     }
-    paths = bench.write_report(os.path.abspath(args.out), plan, doc)
+    paths = bench.write_report(os.path.abspath(os.path.expanduser(args.out)), plan, doc)
     say("end", "")
+    for path in paths.values():  # where: under `ray job submit`, the head node's (a review, session 43)
+        print(f"wrote {path}")
     met = [f"{name}:{t['id']}={'met' if t['met'] else 'not met'}"
            for name, ts in summary["targets"].items() for t in ts]
     print(f"summary: quality benchmark ({plan.name}) of {len(catalog)} models x {len(tasks)} tasks x "
@@ -346,8 +349,10 @@ def compare(args: argparse.Namespace) -> int:
                                  names=(args.old, args.new))
     if args.out:
         check_output(args.out)
-        with open(args.out, "w", encoding="utf-8") as fh:
+        out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
+        with open(out, "w", encoding="utf-8") as fh:
             fh.write(text)
+        print(f"wrote {out}", file=sys.stderr)  # standard output holds the Markdown
     print(text, end="")
     return 0
 
@@ -359,13 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prog_of_subcommand("scaling")
         return scaling.main(rest)
-    if rest:
-        parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:  # `quality --bogus`: with quality's usage, not the benchmark's (a review, session 43)
+        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "compare":
         return compare(args)
     if args.command in ("quality", "zoo"):
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
+        if args.train_gpus is not None:  # before the store is opened and Ray started (a review, session 43)
+            runtime.check_amount("--train-gpus", args.train_gpus)
         if args.command == "quality" and importlib.util.find_spec("matplotlib") is None:  # before hours of work
             raise ConfigError("the quality report draws plots with matplotlib, which is not installed: "
                               "pip install 'zooselect[plots]' (or matplotlib)")

@@ -133,7 +133,14 @@ def as_flags(*fields: str) -> Iterator[None]:
 
 def command(module: str) -> str:
     """How to run another job, in a hint: as this one was run (`zooselect embed` or `python -m jobs.embed`)."""
-    return f"zooselect {module.split('.', 1)[1]}" if _COMMAND else f"python -m {module}"
+    name = module.split(".", 1)[1]
+    return f"zooselect {'benchmark scaling' if name == 'scaling' else name}" if _COMMAND else f"python -m {module}"
+
+
+def _as_run(text: str) -> str:
+    """An error's hint as this job was run: the library (which knows no command) names `python -m jobs.X`,
+    which under `zooselect` is `zooselect X` (a review, session 43)."""
+    return re.sub(r"`python -m (jobs\.\w+)", lambda m: "`" + command(m[1]), text) if _COMMAND else text
 
 
 def prog_of_subcommand(name: str) -> None:
@@ -160,7 +167,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         code = main(argv)
     except ZooselectError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_as_run(str(exc))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -211,3 +218,9 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
             except (OSError, ValueError):  # a stream closed
                 pass
         os._exit(code or 0)
+
+
+if __name__ == "__main__":  # `python -m jobs.common --help` printed nothing, exit 0
+    print("error: jobs.common is not a command: it holds what the jobs share (`zooselect --help` lists the "
+          "commands)", file=sys.stderr)
+    sys.exit(2)

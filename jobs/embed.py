@@ -9,7 +9,6 @@ bytes) have their rows rewritten, with no model loaded ("refreshed").
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -65,15 +64,13 @@ def run(args: argparse.Namespace, prune: bool) -> int:
                                     args.autoscaling, args.models_per_actor)
     if not args.compaction_wait >= 0:
         raise ConfigError(f"--compaction-wait must be >= 0 seconds, got {args.compaction_wait}")
-    if os.path.isdir(args.catalog):
-        raise ConfigError(f"catalog {args.catalog!r} is a directory, not a file")
+    max_remove = getattr(args, "max_remove", 1.0)
+    if not 0 <= max_remove <= 1:  # before the catalog and the store are read (a review, session 43)
+        raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
     entries = load_catalog(args.catalog)
     store = open_store(args, writable=not args.dry_run, write_prefix="embeddings")  # a dry run writes nothing
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
-    max_remove = getattr(args, "max_remove", 1.0)
-    if not 0 <= max_remove <= 1:
-        raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
     with progress_bar(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
         plan = make_plan(entries, store, std, prune, dry_run=args.dry_run, progress=bar.update)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.refresh)} to refresh, {len(plan.skip)} unchanged, "

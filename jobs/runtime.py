@@ -538,3 +538,11 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
     for actor, _ in idle:
         ray.kill(actor)
     return results
+
+
+if __name__ == "__main__":  # `python -m jobs.runtime --help` printed nothing, exit 0
+    import sys
+
+    print("error: jobs.runtime is not a command: it holds the jobs' Ray calls (`zooselect --help` lists the "
+          "commands)", file=sys.stderr)
+    sys.exit(2)

@@ -496,6 +496,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     check_output(args.out)
+    check_output(args.work, directory=True)  # a file there was a FileExistsError traceback (a review, session 43)
+    if "throughput" not in args.skip:  # checked before any stage, not when the throughput stage starts
+        import timm
+        import torch
+
+        archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+        if not archs:
+            raise ConfigError(f"--archs names no timm architecture, got {args.archs!r}")
+        for arch in archs:
+            if not timm.is_model(arch):
+                raise ConfigError(f"--archs: unknown timm architecture {arch!r}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device here")
     work = args.work or tempfile.mkdtemp(prefix="zs-scaling-")
     os.makedirs(work, exist_ok=True)
     update_ms = [10, 100, 1000] if args.quick else [10, 1000, 100_000]
@@ -529,8 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratio = f"{c[1]['peak_mib'] / c[0]['peak_mib']:.2f}x" if c[0]["peak_mib"] > 0 else "n/a"
             print(f"ratio   compaction peak memory, {layout}, m={2 * m} / m={m}: {ratio} (the table: 2.00x)")
     if args.out:
-        with open(args.out, "w") as fh:
+        out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
+        with open(out, "w") as fh:
             json.dump(results, fh, indent=2)
+        print(f"wrote {out}")  # under `ray job submit`, on the head node (a review, session 43)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     print("summary: scaling benchmark done")

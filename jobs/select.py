@@ -49,17 +49,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-top-k", type=int, default=0,
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
                         "(default 0: none; the benchmark measures 3)")
-    p.add_argument("--verify-by", choices=list(VERIFIERS), default="logme",
-                   help="LogME evidence of the labelled images (default, chosen on the dev tasks), the ridge probe's "
-                        "leave-one-out error on them (ridge-loo), or linear-probe accuracy on a held-out half (probe)")
+    p.add_argument("--verify-by", choices=list(VERIFIERS), default=None,
+                   help="with --verify-top-k: LogME evidence of the labelled images (default, chosen on the dev "
+                        "tasks), the ridge probe's leave-one-out error on them (ridge-loo), or linear-probe accuracy "
+                        "on a held-out half (probe)")
     p.add_argument("--verify-gpus", type=float, default=0, metavar="G",
                    help="GPUs per verification (a Ray task each; features on CUDA, float32); default 0: CPU")
     p.add_argument("--task-gpus", type=float, default=0, metavar="G",
                    help="GPUs per task embedding (a Ray task each; the standard's networks on CUDA, float32); "
                         "default 0: CPU")
     p.add_argument("--autoscaling", action="store_true",
-                   help="the cluster adds nodes on demand: task embeddings and verifications may wait for a GPU "
-                        "node instead of being refused")
+                   help="the cluster adds nodes on demand: task embeddings, sweep parts and verifications may wait "
+                        "for a node (a GPU node for --task-gpus/--verify-gpus; one with CPUs where no node has any "
+                        "now, e.g. a KubeRay head with num-cpus 0) instead of being refused")
     p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
                    help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
     p.add_argument("--no-part-weights", action="store_true",
@@ -263,7 +265,8 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     with as_flags("top_k", "verify_top_k", "verify_by", "task_method", "score", "task_image_size", "pareto"):
-        config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k, verify_by=args.verify_by,
+        config = SelectConfig(top_k=args.top_k, verify_top_k=args.verify_top_k,
+                              verify_by=args.verify_by or SelectConfig.verify_by,
                               task_method=args.task_method, weigh_parts=not args.no_part_weights,
                               score=args.score, task_image_size=args.task_image_size,
                               constraints=tuple(Constraint.parse(w) for w in args.where),
@@ -292,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.check_amount("--task-gpus", args.task_gpus)
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
+    if args.verify_by and not args.verify_top_k:  # it ran no verification and exited 0 (a review, session 43)
+        raise ConfigError(f"--verify-by {args.verify_by} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args, writable=not args.no_save, write_prefix="results")  # it only reads unless it saves
     check_outside_store(store, {"--json": json_file, "--parquet": args.parquet})
     # Every bad task spec, before the standard is read or Ray started (not by its task embedding).
@@ -318,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   json_stream)
         finally:
             print(format_results(results, std.id, m, ls_command=f"{command('jobs.table')} ls"))
+        for path in (json_file, args.parquet):  # where: under `ray job submit`, the head node's (a review, session 43)
+            if path:
+                print(f"wrote {os.path.abspath(os.path.expanduser(path))}")
         if saved:
             print(f"results saved to {saved}.json and .parquet")
         total = max(r["total_seconds"] for r in results)

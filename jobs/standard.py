@@ -12,7 +12,7 @@ import os
 import time
 from typing import Sequence
 
-from jobs.common import add_store_args, command, open_store, prog, progress_bar, run_program
+from jobs.common import add_store_args, as_flags, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, anchored
 from selection.errors import ConfigError
 from selection.models import pypi_weights_for
@@ -74,6 +74,9 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
                               f"s3://, hf-hub:REPO, timm:NAME, or 'none' for a random-init baseline); only "
                               f"EfficientNet-Lite baselines have default weights")
     weights = None if weights == "none" else weights
+    size = args.baseline_input_size  # checked here: the baseline's entry would name itself and input_size
+    if size is not None and not 8 <= size <= 1024:
+        raise ConfigError(f"--baseline-input-size must be in [8, 1024], got {size}")
     if (args.baseline_arch, weights, args.baseline_input_size) == \
             (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights, None):
         baseline = DEFAULT_BASELINE
@@ -88,17 +91,18 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
     else:
         companion = CatalogEntry(id=f"companion/{args.companion}", arch=args.companion, weights=None,
                                  input_size=DEFAULT_COMPANION.input_size, tags=("random-init",))
-    return StandardConfig(baseline=baseline, probe_sources=tuple(args.probe or DEFAULT_PROBE_SOURCES),
-                          probe_image_size=args.probe_image_size, d=args.d, form=args.form,
-                          input_size=args.input_size, companion=companion, companion_d=args.companion_d,
-                          ridge_gcv=args.ridge_gcv)
+    with as_flags("companion_d", "probe_image_size", "input_size", "d", "form", "ridge_gcv"):
+        return StandardConfig(baseline=baseline, probe_sources=tuple(args.probe or DEFAULT_PROBE_SOURCES),
+                              probe_image_size=args.probe_image_size, d=args.d, form=args.form,
+                              input_size=args.input_size, companion=companion, companion_d=args.companion_d,
+                              ridge_gcv=args.ridge_gcv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
+    config = config_from_args(args)  # a bad value before the store is opened
     store = open_store(args, write_prefix="standards")
-    config = config_from_args(args)
     t0 = time.perf_counter()
     spec, images = plan_standard(config)
     sid = spec["standard_id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from typing import Any, Iterator, Sequence
 
 from jobs.common import add_store_args, open_store, prog, progress_bar, run_program
@@ -17,7 +18,7 @@ from selection.table import Progress, compact, delete_rows, export_table, iter_s
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.table"), description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ls,export,remove,compact}")
     ls = sub.add_parser("ls", help="list the standards and the models embedded under one")
     add_store_args(ls)
     ex = sub.add_parser("export", help="write the live table (row objects and segments, less removed models) "
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = export_table(store, std, args.out, progress)
         except OSError as exc:  # the local file (the store's errors are StoreErrors): a full disk, a folder gone
             raise ConfigError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
-        print(f"wrote {rows} models under standard {std.id} to {args.out}")
+        print(f"wrote {rows} models under standard {std.id} to {os.path.abspath(os.path.expanduser(args.out))}")
         return 0
     if args.command == "compact":
         with _bars(not args.no_progress, rows="folded", objects="deleted") as progress:

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:  # as argparse does without a required command: the usage on stderr, exit 2
         print(f"error: a command is required\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    if argv[0] == "help" and argv[1:]:  # `zooselect help select [scaling]`: that command's help
+        argv = argv[1:] + ["--help"]
     if argv[0] in ("-h", "--help", "help"):
         try:
             print(usage(), flush=True)

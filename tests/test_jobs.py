@@ -101,6 +101,7 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     assert select.main(args) == 0
     printed = capsys.readouterr().out
     assert "task builtin:fashion-mnist?classes=5,7,9&per_class=12" in printed
+    assert f"\nwrote {out_json}\nwrote {out_pq}\nresults saved to " in printed  # where (a review, session 43)
     doc = json.load(open(out_json))
     assert doc["standard_id"] == std.id and [t["task"] for t in doc["tasks"]] == tasks
     for t in doc["tasks"]:
@@ -338,7 +339,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
      "catalog file not found: '/no/such/catalog.yaml'"),
     (["jobs.embed", "--catalog", "/tmp/c.yaml", "--store", "/tmp/x", "--compaction-wait", "-1"],
      "--compaction-wait must be >= 0 seconds, got -1.0"),
-    (["jobs.standard", "--store", "/tmp/zs-bad-d", "--d", "1"], "d must be in [2, 512], got 1"),
+    (["jobs.standard", "--store", "/tmp/zs-bad-d", "--d", "1"], "--d must be in [2, 512], got 1"),
     (["jobs.standard", "--store", "s3:/zoo/x"], "malformed URL 's3:/zoo/x': did you mean s3://zoo/x?"),
     (["jobs.select", "--store", "memory://zs", "--task", "t"], "'memory://zs' lives in one process"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/no/such/dir/out.json"],
@@ -367,6 +368,24 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
      "--parquet '/tmp/zs-t.parquet' would write over or into the task '/tmp/zs-t.parquet'"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "file:///tmp", "--json", "/tmp/zs-r.json"],
      "--json '/tmp/zs-r.json' would write over or into the task 'file:///tmp'"),
+    # found by a review (session 43): the library's field names, not the flags; checked after I/O or Ray's
+    # start; a verifier that ran no verification; a hint naming `python -m` under `zooselect`
+    (["jobs.standard", "--store", "/tmp/zs-none", "--companion-d", "100"],
+     "--companion-d must be in [1, --d - 1] = [1, 63], got 100"),
+    (["jobs.standard", "--store", "/tmp/zs-none", "--probe-image-size", "4"],
+     "--probe-image-size must be in [8, 512], got 4"),
+    (["jobs.standard", "--store", "/tmp/zs-none", "--baseline-input-size", "-1"],
+     "--baseline-input-size must be in [8, 1024], got -1"),
+    (["jobs.reindex", "--catalog", "/no/such/catalog.yaml", "--store", "/tmp/zs-none", "--max-remove", "2"],
+     "--max-remove must be a fraction from 0 to 1, got 2.0"),
+    (["jobs.benchmark", "zoo", "--store", "s3://Bad_Bucket/x", "--train-gpus", "-1"],
+     "--train-gpus must be a number >= 0, got -1.0"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-by", "probe"],
+     "--verify-by probe is given but --verify-top-k is 0: nothing is verified"),
+    (["jobs.embed", "--catalog", "s3://bucket/zoo.yaml", "--store", "/tmp/zs-none"],
+     "catalog 's3://bucket/zoo.yaml': a catalog is a local file (YAML or JSON lines), not a URL"),
+    (["selection.cli", "select", "--store", "/tmp/zs-none-43", "--task", "builtin:digits", "--no-save"],
+     "build one with `zooselect standard --store /tmp/zs-none-43`"),
 ])
 def test_bad_input_one_line_error(args, needle):
     r = _run(*args)
@@ -592,6 +611,23 @@ def test_help_works():
     assert "ZOOSELECT_LOG" not in r.stderr  # every name logging knows is accepted
 
 
+def test_usage_errors_and_help_name_the_subcommand():
+    """A review (session 43): `benchmark quality --bogus` printed the benchmark's usage, not quality's;
+    `zooselect table` said "required: command"; `zooselect help select` printed the general usage;
+    `python -m jobs.common --help` printed nothing and exited 0."""
+    r = _run("jobs.benchmark", "quality", "--store", "/tmp/zs-none", "--out", "/tmp/zs-none-out", "--bogus")
+    assert r.returncode == 2 and r.stderr.startswith("usage: python -m jobs.benchmark quality "), r.stderr
+    assert r.stderr.endswith("quality: error: unrecognized arguments: --bogus\n"), r.stderr
+    r = _run("selection.cli", "table")
+    assert r.returncode == 2 and r.stderr.startswith("usage: zooselect table [-h] {ls,export,remove,compact} ")
+    assert r.stderr.endswith("error: the following arguments are required: {ls,export,remove,compact}\n")
+    r = _run("selection.cli", "help", "select")
+    assert r.returncode == 0 and r.stdout.startswith("usage: zooselect select "), r.stdout[:80]
+    for mod in ("jobs.common", "jobs.runtime"):
+        r = _run(mod, "--help")
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith(f"error: {mod} is not a command"), r
+
+
 def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     """A model whose FLOPs could not be counted (NaN) wrote a bare NaN token, which is not JSON, and
     a selection that no model passed wrote a Parquet file with no columns."""
@@ -748,9 +784,10 @@ def test_two_bars_off_a_terminal_write_no_cursor_moves(capsys):
 
 
 def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_parquet_only(published, tmp_path,
-                                                                                             capsys):
+                                                                                             capsys, monkeypatch):
     """A review (session 41): `ls` had no header and listed in storage-key order, without the license and
-    tags that `select --where` filters on; `export --out t.csv` wrote Parquet into t.csv."""
+    tags that `select --where` filters on; `export --out t.csv` wrote Parquet into t.csv. A review (session
+    43): a relative `--out` was named as given (under `ray job submit`, a path on the head node)."""
     import selection
     from jobs import table
     from selection.keys import model_key
@@ -774,6 +811,26 @@ def test_table_ls_lists_models_in_order_with_license_and_tags_and_export_writes_
         with pytest.raises(ConfigError, match=rf"^cannot write '{out}': outputs are regular files, written whole"):
             table.main(["export", "--store", store.url, "--out", out])
     assert os.listdir(tmp_path) == ["store"]  # no t.csv
+    monkeypatch.chdir(tmp_path)
+    assert table.main(["export", "--store", store.url, "--out", "t.parquet", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"wrote 2 models under standard {std.id} to {tmp_path / 't.parquet'}\n"
+
+
+def test_a_local_output_is_named_by_its_absolute_path(tmp_path, monkeypatch, capsys):
+    """A review (session 43): under `ray job submit` a relative output path lands on the head node, unsaid;
+    `compare --out` says where on stderr (its standard output is the Markdown)."""
+    from jobs import benchmark as job
+    from selection import benchmark as bench
+
+    se = bench.variant_label("rank-mean/fisher")
+    (tmp_path / "a.json").write_text(json.dumps({
+        "benchmark": "quality", "plan": "small", "run": {"cpus": 2, "cpu_model": "X"}, "truth": {"t": {"m": 0.5}},
+        "summary": {"default_variant": "rank-mean/fisher", "targets": {}},
+        "results": {"general": {"standard_id": "std-a", "groups": {"dev": {se: {"tau_w": 0.5, "gap": 2.0}}}}}}))
+    monkeypatch.chdir(tmp_path)
+    assert job.main(["compare", "a.json", "a.json", "--out", "cmp.md"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == f"wrote {tmp_path / 'cmp.md'}\n" and printed.out == (tmp_path / "cmp.md").read_text()
 
 
 def test_long_model_ids_are_printed_whole():
@@ -841,6 +898,26 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert all(c["peak_mib"] > 0 for c in res["compaction"])
     assert "ratio   compaction peak memory, segments, m=8000 / m=4000" in printed
     assert "ratio   compaction peak memory, rows, m=1000 / m=500" in printed
+
+
+def test_scaling_checks_its_flags_before_any_stage(tmp_path):
+    """A review (session 43): `--archs ''` was an IndexError on a GPU (on the CPU no throughput at all),
+    `--device cuda` without one failed after the other stages, `--work FILE` a FileExistsError traceback."""
+    import torch
+
+    from jobs import scaling
+
+    (tmp_path / "f").write_text("")
+    cases = [(["--archs", " , "], "--archs names no timm architecture, got ' , '"),
+             (["--archs", "resnet18,nope"], "--archs: unknown timm architecture 'nope'"),
+             (["--work", str(tmp_path / "f")], f"output directory '{tmp_path / 'f'}' is a file")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: torch sees no CUDA device here"))
+    for args, message in cases:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            scaling.main(["--quick", "--skip", "update", "--skip", "sweep", "--skip", "compaction", *args,
+                          "--out", str(tmp_path / "out.json")])
+    assert os.listdir(tmp_path) == ["f"]
 
 
 def test_demo_selects_on_the_labelled_half_only(tmp_path):
