@@ -177,15 +177,41 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
     if row.get("model_key") != model_key(row["model_id"]):
         raise ModelError(f"the row of {row['model_id']!r} has model_key {row.get('model_key')!r}, not "
                          f"{model_key(row['model_id'])!r}; not written")
+    if row.get("standard_id") != std.id or row.get("schema_version") != selection.SCHEMA_VERSION:
+        # written, it made the whole table unreadable ('rows of standard(s) [...] found in the table of ...')
+        raise StandardMismatchError(f"the row of {row['model_id']!r} says standard {row.get('standard_id')!r}, schema "
+                                    f"version {row.get('schema_version')!r}; the table of standard {std.id} holds "
+                                    f"version {selection.SCHEMA_VERSION}: not written")
     coverage = np.asarray(row["coverage"], np.float32)
     for name, values in (("embedding", emb), ("coverage", coverage)):
         bad = int(np.size(values) - np.isfinite(values).sum())
         if bad:
             raise ModelError(f"the {name} of {row['model_id']!r} has {bad} non-finite value(s); not written")
+    for f in META_FIELDS:
+        if not _fits(row.get(f.name), f.type):  # tags="cnn" was ['c', 'n', 'n'], input_size=3.5 was 3
+            raise ModelError(f"the row of {row['model_id']!r}: {f.name} should be {f.type}, got "
+                             f"{type(row.get(f.name)).__name__} {row.get(f.name)!r:.80}; not written")
     data = {f.name: [row.get(f.name)] for f in META_FIELDS}
     data["coverage"] = [coverage.tolist()]
     data["embedding"] = [emb.tolist()]
     return pa.table(data, schema=schema_for(std))
+
+
+def _fits(value: Any, kind: pa.DataType) -> bool:
+    """Whether a row's value is one of its column's type (None: null), without a conversion that changes it."""
+    if value is None:
+        return True
+    if pa.types.is_string(kind):
+        return isinstance(value, str)
+    if pa.types.is_boolean(kind):
+        return isinstance(value, (bool, np.bool_))
+    if pa.types.is_integer(kind):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if pa.types.is_floating(kind):
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if pa.types.is_list(kind):
+        return isinstance(value, (list, tuple, np.ndarray)) and all(_fits(v, kind.value_type) for v in value)
+    return True
 
 
 def row_object(std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:

@@ -1035,7 +1035,8 @@ def test_non_finite_rows_are_refused_on_write_and_left_out_of_a_sweep(published,
         _quick_row(store, std, mid)
     row = {"model_id": "zoo/nan", "model_key": model_key("zoo/nan"),
            "embedding": np.full(std.width, np.nan, np.float32),
-           "coverage": np.zeros(std.d, np.float32), "standard_id": std.id}
+           "coverage": np.zeros(std.d, np.float32), "standard_id": std.id,
+           "schema_version": selection.SCHEMA_VERSION}
     with pytest.raises(ModelError, match="the embedding of 'zoo/nan' has %d non-finite value" % std.width):
         make_row_table(std, row)
     row["embedding"] = np.ones(std.width, np.float32)

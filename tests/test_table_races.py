@@ -1073,3 +1073,24 @@ def test_a_compaction_refuses_rows_holding_columns_it_does_not_know(published):
         compact(store, std)
     assert store.list("") == before
     assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/new"]
+
+
+def test_a_row_that_readers_would_refuse_or_that_would_change_when_stored_is_not_written(published):
+    """A review (session 43): `write_row` of a row saying another standard or schema version wrote it,
+    and then every read of the table was refused; `tags="cnn"` was stored as ['c', 'n', 'n'],
+    `input_size=3.5` as 3, and `num_params="5M"` was a raw ArrowInvalid naming neither field nor model."""
+    from selection.errors import ModelError, StandardMismatchError
+
+    store, std = published
+    for fields, error, needle in (
+            ({"standard_id": "std-other"}, StandardMismatchError, "the row of 'zoo/a' says standard 'std-other'"),
+            ({"schema_version": 7}, StandardMismatchError, "schema version 7; the table of standard"),
+            ({"tags": "cnn"}, ModelError, "the row of 'zoo/a': tags should be list<item: string>, got str 'cnn'"),
+            ({"input_size": 3.5}, ModelError, "input_size should be int32, got float 3.5"),
+            ({"num_params": "5M"}, ModelError, "num_params should be int64, got str '5M'"),
+            ({"is_baseline": 1}, ModelError, "is_baseline should be bool, got int 1")):
+        with pytest.raises(error, match=re.escape(needle)):
+            write_row(store, std, _row(std, "zoo/a", **fields))
+    assert list_rows(store, std.id) == []
+    write_row(store, std, _row(std, "zoo/a", tags=("x",), num_params=np.int64(5), gflops=np.float32(0.5)))
+    assert load_table(store, std).meta.to_pylist()[0]["tags"] == ["x"]
