@@ -7,11 +7,16 @@ models), selects for two tasks and prints, per task, the ranking with the score 
 every model's measured linear-probe accuracy side by side. Selection sees only each
 task's labelled half (written as a Parquet task); the accuracies are measured by probes
 fit on that half and tested on the other.
+
+The store is the demo's own: a new one, or an earlier demo's. One holding other models or
+standards (a zoo's, as $ZOOSELECT_STORE may name) is refused, and a store's default standard
+is never changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -20,7 +25,8 @@ from typing import Sequence
 from jobs import runtime
 from jobs.common import add_ray_args, as_flags, prog, run_program
 from selection.catalog import CatalogEntry, write_catalog
-from selection.errors import ZooselectError
+from selection.errors import ConfigError, ZooselectError
+from selection.keys import model_key
 from selection.linear_probe import ProbeProtocol
 from selection.results import format_results
 from selection.select import SelectConfig, load_task, model_task_accuracy, task_split
@@ -48,13 +54,15 @@ RANDOM = [
 ]
 TASKS = {"fashion-footwear": "builtin:fashion-mnist?classes=5,7,9&per_class=60",
          "digits": "builtin:digits?per_class=20"}
+MARK = "demo.json"  # written in a store the demo uses: it may use it again
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("jobs.demo"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE") or "./zooselect-store",
-                   help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store)")
+    p.add_argument("--store", default=None,
+                   help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store): a new store or an earlier "
+                        "demo's; one holding other models or standards is refused, and a default standard is kept")
     p.add_argument("--verify-top-k", type=int, default=3,
                    help="verify the top k of each task's ranking by LogME on its labelled images (default 3; 0: none)")
     add_ray_args(p)
@@ -69,6 +77,34 @@ def _train(_: None, item: tuple[TrainSpec, str]) -> CatalogEntry:
 def _truth(std_input_size: int | None, item: tuple[CatalogEntry, str]) -> float:
     entry, task = item
     return model_task_accuracy(entry, load_task(task, SelectConfig()), std_input_size, ProbeProtocol())
+
+
+def check_store(store: Store, named_by: str = "") -> bool:
+    """Refuse a store that is not the demo's: one holding models other than the demo's, or a standard
+    that no demo built (no MARK, no demo rows: it may be a zoo's that has none embedded yet, whose table
+    the demo would add its toy and random-init models to). True when the store has a default standard,
+    which the demo then keeps. `named_by`: where the store's URL came from, for the error (a review,
+    session 43: $ZOOSELECT_STORE, set for a real zoo, had the demo switch its default standard and embed
+    the demo's models into its table)."""
+    from selection.standard import list_standards
+    from selection.table import list_rows, list_segments
+
+    demo_keys = {model_key(e.id) for e in PRETRAINED + RANDOM} | {model_key(s.id) for s in TRAINED}
+    standards, demo_rows = list_standards(store), False
+    for sid in standards:
+        keys = {p.rsplit("/", 1)[-1].removesuffix(".parquet") for p in list_rows(store, sid)}
+        other = len(keys - demo_keys) + len(list_segments(store, sid))  # the demo never compacts its table
+        if other:
+            raise ConfigError(f"store {store.url!r}{named_by} holds models other than the demo's ({other} row "
+                              f"object(s) or segment(s) under standard {sid}); the demo embeds its toy and "
+                              f"random-init models, so it runs on a store of its own: --store DIR (a new "
+                              f"directory, or an earlier demo's)")
+        demo_rows = demo_rows or bool(keys)
+    if standards and not demo_rows and not store.exists(MARK):
+        raise ConfigError(f"store {store.url!r}{named_by} holds standard(s) {', '.join(standards)} that no demo "
+                          f"built; the demo embeds its toy and random-init models, so it runs on a store of its "
+                          f"own: --store DIR (a new directory, or an earlier demo's)")
+    return store.exists("standards/DEFAULT")
 
 
 def labelled_tasks(folder: str) -> dict[str, str]:
@@ -95,13 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SelectConfig(top_k=len(PRETRAINED) + len(TRAINED) + len(RANDOM), verify_top_k=args.verify_top_k)
     t0 = time.perf_counter()
     flags = ["--no-progress"] if args.no_progress else []
-    store = Store(args.store)
+    from_env = args.store is None and bool(os.environ.get("ZOOSELECT_STORE"))
+    store = Store(args.store or os.environ.get("ZOOSELECT_STORE") or "./zooselect-store")
     store = Store(store.root) if store.scheme == "file" else store  # the workers' directory may differ
     store.check()
+    keep_default = check_store(store, " ($ZOOSELECT_STORE)" if from_env else "")
+    store.write_bytes(MARK, json.dumps({"written_by": "jobs.demo", "created_at": time.time()}).encode())
     runtime.init(args.address)
     print(f"[1/5] standard (ImageNet EfficientNet-Lite2 + random ConvNeXt-atto companion over the built-in "
           f"probe set) -> {store.url}")
-    standard_job.main(["--store", args.store] + flags)
+    sid = standard_job.publish(standard_job.parser().parse_args(
+        ["--store", store.url] + flags + (["--no-default"] if keep_default else [])))
     print("[2/5] demo zoo: training 4 small models on different data")
     trained = runtime.map_tasks(_train, [(s, store.url) for s in TRAINED], desc="train",
                                 progress=not args.no_progress)
@@ -113,10 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog = os.path.join(work, "catalog.jsonl")
     write_catalog(entries, catalog)
     print(f"[3/5] embedding {len(entries)} candidates (one Ray actor each); catalog {catalog}")
-    code = embed_job.main(["--catalog", catalog, "--store", args.store] + flags)
+    code = embed_job.main(["--catalog", catalog, "--store", store.url, "--standard", sid] + flags)
     if code:
         return code
-    std = load_standard(store)
+    std = load_standard(store, sid)
     table = load_table(store, std)
     print(f"[4/5] selecting for {len(TASKS)} tasks (verify top {args.verify_top_k})")
     labelled = labelled_tasks(work)
@@ -136,8 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pick = res["ranking"][0]["model_id"]
         print(f"task {res['task']}: selected {pick} ({100 * truth[res['task']][pick]:.1f}%), "
               f"best {best[0]} ({100 * best[1]:.1f}%), gap {100 * (best[1] - truth[res['task']][pick]):.1f} points")
-    print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}; its catalog and "
-          f"labelled tasks are in {work} (remove it when done)")
+    other_default = keep_default and store.read_bytes("standards/DEFAULT").decode(errors="replace").strip() != sid
+    kept = f" (not the store's default: select with --standard {sid})" if other_default else ""
+    print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}, standard {sid}{kept}; "
+          f"its catalog and labelled tasks are in {work} (remove it when done)")
     return 0
 
 

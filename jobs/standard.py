@@ -99,8 +99,13 @@ def config_from_args(args: argparse.Namespace) -> StandardConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    publish(parser().parse_args(argv))
+    return 0
 
-    args = parser().parse_args(argv)
+
+def publish(args: argparse.Namespace) -> str:
+    """Build the standard `args` (this job's) describe and publish it in their store, or find it published
+    there; its id."""
     config = config_from_args(args)  # a bad value before the store is opened
     store = open_store(args, write_prefix="standards")
     t0 = time.perf_counter()
@@ -118,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
         if not may_have_rows(store, sid):
             _say_default_moved(store, before, sid)
-        return 0
+        return sid
     with progress_bar(total=len(images), desc="standard", unit="img", disable=args.no_progress) as bar:
         std = build_standard(config, progress=bar.update, planned=(spec, images))
     before = _default_before(store, args.no_default)
@@ -128,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(images)} probe images, d={config.d}, form={config.form}, "
           f"{time.perf_counter() - t0:.1f}s")
     _say_default_moved(store, before, std.id)
-    return 0
+    return std.id
 
 
 def _default_before(store: Store, no_default: bool) -> str | None:

@@ -937,6 +937,56 @@ def test_demo_selects_on_the_labelled_half_only(tmp_path):
         assert sorted(map(bytes, written.images)) == sorted(map(bytes, task.images[train]))
 
 
+def test_the_demo_runs_on_a_store_of_its_own_and_keeps_its_default_standard(published, tmp_path, monkeypatch):
+    """A review (session 43): with $ZOOSELECT_STORE set for a real zoo, the demo made its standard that
+    store's default and embedded its toy and random-init models into the zoo's table."""
+    import selection
+    from jobs import demo, runtime, standard as standard_job
+    from selection.keys import model_key
+    from selection.storage import Store
+    from selection.standard import save_standard
+    from selection.table import write_row
+
+    store, std = published  # a zoo's standard, nothing embedded under it yet
+
+    def add_row(store, mid):
+        write_row(store, std, {"model_id": mid, "model_key": model_key(mid), "arch": "resnet10t", "tags": [],
+                               "standard_id": std.id, "schema_version": selection.SCHEMA_VERSION,
+                               "embedding": np.zeros(std.width, np.float32), "coverage": np.zeros(std.d, np.float32)})
+
+    default = store.read_bytes("standards/DEFAULT")
+    monkeypatch.setattr(runtime, "init", lambda address=None: pytest.fail("Ray started"))
+    monkeypatch.setenv("ZOOSELECT_STORE", store.url)
+    with pytest.raises(ConfigError, match=rf"^store '{re.escape(store.url)}' \(\$ZOOSELECT_STORE\) holds standard\(s\) "
+                                          rf"{std.id} that no demo built; .*: --store DIR \(a new directory, or an "
+                                          r"earlier demo's\)$"):
+        demo.main(["--no-progress"])
+    add_row(store, "team-a/footwear-v3")
+    with pytest.raises(ConfigError, match=rf"^store '{re.escape(store.url)}' holds models other than the demo's "
+                                          rf"\(1 row object\(s\) or segment\(s\) under standard {std.id}\)"):
+        demo.main(["--store", store.url, "--no-progress"])
+    assert store.read_bytes("standards/DEFAULT") == default and not store.exists(demo.MARK)
+    # An earlier demo's store (the demo's rows alone) is used; its default standard is kept
+    old = Store(str(tmp_path / "old-demo"))
+    save_standard(old, std)
+    add_row(old, "random/resnet18")
+
+    class Built(Exception):
+        pass
+
+    def publish(args):
+        raise Built(args)
+    monkeypatch.setattr(runtime, "init", lambda address=None: None)
+    monkeypatch.setattr(standard_job, "publish", publish)
+    with pytest.raises(Built) as built:
+        demo.main(["--store", old.url, "--no-progress"])
+    assert built.value.args[0].no_default and built.value.args[0].store == old.url and old.exists(demo.MARK)
+    fresh = str(tmp_path / "new")  # a new store gets the demo's standard as its default
+    with pytest.raises(Built) as built:
+        demo.main(["--store", fresh, "--no-progress"])
+    assert not built.value.args[0].no_default
+
+
 def test_stage_means_split_the_wall_time_and_name_the_rest():
     from jobs.embed import stage_means
     from selection.embedder import EmbedResult
