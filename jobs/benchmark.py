@@ -211,7 +211,7 @@ def quality(args: argparse.Namespace) -> int:
     plan = bench.plan_by_name(args.small)
     plan = dataclasses.replace(plan, standards=tuple(dataclasses.replace(s, ridge_gcv=args.ridge_gcv)
                                                      for s in plan.standards))
-    check_output(args.out, directory=True)
+    check_output(args.out, directory=True, flag="--out")
     store = open_store(args)
     check_outside_store(store, {"--out": args.out})
     ep = args.s3_endpoint
@@ -348,7 +348,7 @@ def compare(args: argparse.Namespace) -> int:
     text = bench.compare_reports(bench.load_report(args.old), bench.load_report(args.new),
                                  names=(args.old, args.new))
     if args.out:
-        check_output(args.out)
+        check_output(args.out, flag="--out")
         out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
         with open(out, "w", encoding="utf-8") as fh:
             fh.write(text)

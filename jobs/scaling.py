@@ -495,8 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--max-m", args.max_m), ("--reps", args.reps), ("--images", args.images)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    check_output(args.out)
-    check_output(args.work, directory=True)  # a file there was a FileExistsError traceback (a review, session 43)
+    check_output(args.out, flag="--out")
+    check_output(args.work, directory=True, flag="--work")  # a file there was a FileExistsError traceback (a review, session 43)
     if "throughput" not in args.skip:  # checked before any stage, not when the throughput stage starts
         import timm
         import torch

@@ -50,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
                         "(default 0: none; the benchmark measures 3)")
     p.add_argument("--verify-by", choices=list(VERIFIERS), default=None,
-                   help="with --verify-top-k: LogME evidence of the labelled images (default, chosen on the dev "
-                        "tasks), the ridge probe's leave-one-out error on them (ridge-loo), or linear-probe accuracy "
-                        "on a held-out half (probe)")
+                   help="with --verify-top-k: linear-probe accuracy on a held-out half of the labelled images "
+                        "(probe: the default, chosen on the benchmark's dev tasks), their LogME evidence (logme), or "
+                        "the ridge probe's leave-one-out error on them (ridge-loo)")
     p.add_argument("--verify-gpus", type=float, default=0, metavar="G",
                    help="GPUs per verification (a Ray task each; features on CUDA, float32); default 0: CPU")
     p.add_argument("--task-gpus", type=float, default=0, metavar="G",
@@ -278,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"the same task is given twice: {seen[same]!r} and {task!r}")
         seen[same] = task
     json_file = None if args.json == "-" else args.json
-    check_output(json_file)
-    check_output(args.parquet)
+    check_output(json_file, flag="--json")
+    check_output(args.parquet, flag="--parquet")
     outputs = {flag: os.path.realpath(os.path.expanduser(path)) for flag, path in
                (("--json", json_file), ("--parquet", args.parquet)) if path}
     if len(set(outputs.values())) < len(outputs):

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "compact" and args.segment_rows is not None and args.segment_rows < 1:
         raise ConfigError(f"--segment-rows must be >= 1, got {args.segment_rows}")
-    check_output(getattr(args, "out", None))
+    check_output(getattr(args, "out", None), flag="--out")
     for mid in getattr(args, "model_ids", []):
         model_key(mid)  # a bad id is a ConfigError before anything is opened or removed
     store = open_store(args, writable=args.command not in ("ls", "export"),  # those two only read

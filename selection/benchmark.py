@@ -65,7 +65,7 @@ VERIFY_KS = (1, 3, 5)
 # selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
 # here, so that the plan and the report load without torch).
 VERIFIERS = ("logme", "probe", "ridge-loo")
-DEFAULT_VERIFIER = "logme"
+DEFAULT_VERIFIER = "probe"
 BRUTE_FORCE = ("logme", "hscore", "regularized_hscore", "ridge-loo")  # selection.scorers.SCORERS
 PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "regularized H-score",
                  "ridge-loo": "ridge LOO"}
@@ -787,8 +787,8 @@ def library_rank(score: np.ndarray, first_part: np.ndarray, ids: Sequence[str]) 
 
 def se_scores(table: Any, weights: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`(scores, rank)` of every row (table order) for one task, per variant name `form/method`:
-    the scores (tau_w sees their ties), and `library_rank` (the pick and the shortlist: ties broken
-    as `select` breaks them)."""
+    the scores, and `library_rank` (the order `select` returns, ties broken as it breaks them: what
+    the metrics measure)."""
     from selection.embedding import RankQuery, query_scores
     from selection.select import mean_rank
 
@@ -828,18 +828,26 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | 
                     rank: np.ndarray | None = None) -> dict[str, Any]:
     """Weighted tau, top-1 gap (points), rel@1, rel@3 of one score vector against accuracies in [0, 1].
 
-    `rank` (distinct values, higher first), if given, orders the rows for the pick, gap and rel@k
-    (e.g. `library_rank`: ties broken as the library breaks them); tau_w always sees `scores`.
+    `rank` (distinct values, higher first), if given, is the order the method returns (e.g.
+    `library_rank`: ties broken as the library breaks them), and every metric is of that order, tau_w
+    too (scipy's weightedtau gives a tie more than the mean of its two orders: a rank mean's ties
+    flattered it; a review, session 43). Without, the scores' ties are ordered at random in expectation
+    for the gap and rel@k (`expected_best_of_top_k`: a tie is not won by the candidate listed first),
+    and tau_w sees them as scipy does (the brute-force H-score's many ties: to its advantage).
     """
-    from selection.metrics import rel_at_k, top1_gap, weighted_tau
+    from selection.metrics import expected_best_of_top_k, rel_at_k, top1_gap, weighted_tau
 
     s, t = np.asarray(scores, np.float64), np.asarray(truth, np.float64)
-    r = s if rank is None else np.asarray(rank, np.float64)
-    pick = int(np.argmax(r))
-    out = {"tau_w": weighted_tau(s, t), "gap": 100.0 * top1_gap(r, t), "rel1": rel_at_k(r, t, 1),
-           "rel3": rel_at_k(r, t, 3)}
+    if rank is not None:
+        r = np.asarray(rank, np.float64)
+        out = {"tau_w": weighted_tau(r, t), "gap": 100.0 * top1_gap(r, t), "rel1": rel_at_k(r, t, 1),
+               "rel3": rel_at_k(r, t, 3)}
+    else:
+        r, best = s, float(t.max())
+        out = {"tau_w": weighted_tau(s, t), "gap": 100.0 * (best - expected_best_of_top_k(s, t, 1)),
+               "rel1": expected_best_of_top_k(s, t, 1) / best, "rel3": expected_best_of_top_k(s, t, 3) / best}
     if ids is not None:
-        out["pick"] = ids[pick]
+        out["pick"] = ids[int(np.argmax(r))]
     return out
 
 
@@ -1167,8 +1175,8 @@ def evaluate_targets(res: dict[str, Any], default_variant: str,
         # but for its sweep (microseconds per row). So the zoo size at which the ratio reaches the target:
         per_candidate = lm["seconds"] / m
         break_even = math.ceil(TARGET_SPEEDUP * row["seconds"] * m / lm["seconds"])
-        out.append({"id": tid, "target": f"{what}: selection wall time >= {TARGET_SPEEDUP:.0f}x below "
-                                         f"brute-force LogME with m >= {TARGET_MIN_MODELS}",
+        out.append({"id": tid, "target": f"{what}: selection time (single-core seconds, one serial pass) >= "
+                                         f"{TARGET_SPEEDUP:.0f}x below brute-force LogME with m >= {TARGET_MIN_MODELS}",
                     "value": speedup, "reference": TARGET_SPEEDUP, "met": met, "margin": speedup / TARGET_SPEEDUP,
                     "break_even_m": break_even,
                     "detail": f"{speedup:.1f}x ({row['seconds']:.2f} s vs {lm['seconds']:.1f} s per selection, "
@@ -1499,7 +1507,7 @@ def _largest(doc: dict[str, Any]) -> str:
 
 
 def _hscore_ties(doc: dict[str, Any], rtol: float = 1e-6) -> str:
-    """A sentence on how many split-0 H-scores sit at the maximum, c − 1 (there float noise orders them)."""
+    """A sentence on how many split-0 H-scores sit at the maximum, c − 1."""
     n_classes = {t["name"]: t["n_classes"] for t in doc["tasks"]}
     at_max = total = 0
     for res in doc["results"].values():
@@ -1511,7 +1519,8 @@ def _hscore_ties(doc: dict[str, Any], rtol: float = 1e-6) -> str:
         return ""
     return (f" {at_max} of the {total} H-scores (candidates x tasks x standards, split 0) sit at its maximum, "
             f"c − 1, to {rtol:g}: with fewer labelled images than feature dimensions the centred features span "
-            f"the labelled images, so the H-score cannot tell those models apart and float noise orders them.")
+            f"the labelled images, so the H-score cannot tell those models apart: float noise orders them, and "
+            f"exactly equal ones count as ordered at random (the expected gap and rel@k).")
 
 
 def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[str]) -> str:
@@ -1605,8 +1614,11 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              "**Largest model**: by parameter count" + _largest(doc) + ".")
     L.append("- **Metrics**: weighted Kendall tau (`scipy.stats.weightedtau`), top-1 gap (best accuracy − "
              "accuracy of the selected model, points), rel@1 and rel@3 (best accuracy among the top 1 / 3 divided "
-             "by the best); the SE pick and shortlist break ties in the score as `zooselect select` does (a rank "
-             "mean's first part, then the model id; tau_w sees the ties); cost of one selection for one task: "
+             "by the best); an SE variant's metrics, tau_w included, are of the order `zooselect select` returns "
+             "(ties in the score broken as it breaks them: a rank mean's first part, then the model id); a "
+             "brute-force scorer's exactly equal scores count as ordered at random for the gap and rel@k "
+             "(`selection.metrics.expected_best_of_top_k`), and tau_w sees them as scipy does; "
+             "cost of one selection for one task: "
              "model forward passes (images × models; the task embedding runs the baseline and its companion) and "
              "single-core seconds (model loads, forward passes, probes/scorers, table load and sweep; summed, so "
              "the number does not depend on the benchmark's own parallelism), all measured in this run by one "

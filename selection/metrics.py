@@ -97,6 +97,29 @@ def rel_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(t[_ranking(s)[:k]].max() / best)
 
 
+def expected_best_of_top_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """The expected best ``truth`` among the ``k`` top-scored models when equal scores are ordered at
+    random (every order of a tie equally likely), not by index: what a scorer that ties says about
+    its pick. Without ties it is ``truth[top k].max()``. ``top1_gap`` and ``rel_at_k`` follow from it
+    (``truth.max() - expected_best_of_top_k(s, t, 1)``, ``expected_best_of_top_k(s, t, k) / truth.max()``).
+    """
+    s, t = _check_pair(scores, truth)
+    k = min(_check_k(k), s.size)
+    order = _ranking(s)
+    boundary = s[order[k - 1]]  # the score of the k-th place: its tie group is drawn from at random
+    sure = t[s > boundary]
+    group = np.sort(t[s == boundary])[::-1]  # g_1 >= g_2 >= ...
+    n, j = group.size, k - sure.size  # j of the group's n models are in the top k
+    # P(the best of a random j-subset is g_i) = C(n - i, j - 1) / C(n, j), i = 1..n
+    i = np.arange(1, n + 1)
+    ok = n - i >= j - 1
+    logp = np.full(n, -np.inf)
+    logp[ok] = (gammaln(n - i[ok] + 1) - gammaln(j) - gammaln(n - i[ok] - j + 2)) - \
+        (gammaln(n + 1) - gammaln(j + 1) - gammaln(n - j + 1))
+    floor = sure.max() if sure.size else -np.inf
+    return float(np.sum(np.exp(logp) * np.maximum(group, floor)))
+
+
 @dataclass(frozen=True)
 class RandomChoice:
     """Expected selection quality of picking candidates uniformly at random.

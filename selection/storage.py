@@ -421,17 +421,18 @@ def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
                               f"holds only what zooselect writes there)")
 
 
-def check_output(path: str | None, *, directory: bool = False, flag: str = "output path") -> None:
+def check_output(path: str | None, *, directory: bool = False, flag: str | None = None) -> None:
     """Refuse, before any work, an output path that cannot be written (a file where a directory
     is wanted or the reverse, a missing or read-only parent): results must not be lost at the end.
-    None: no output asked for; `flag` names the option in errors about the path's form."""
+    None: no output asked for; `flag` (the option given it) names the path in errors."""
     if path is None:
         return
+    what = flag or ("output directory" if directory else "output file")
     if not isinstance(path, str) or not path.strip():  # `--json "$OUT"` with OUT unset ran and wrote nothing
-        raise ConfigError(f"{flag} should name a {'folder' if directory else 'file'}, got {path!r} (an unset "
+        raise ConfigError(f"{what} should name a {'folder' if directory else 'file'}, got {path!r} (an unset "
                           f"variable?)")
     if not directory and path.endswith(("/", os.sep)):  # `--json newdir/` wrote a file named newdir
-        raise ConfigError(f"{flag} {path!r} ends with '/': name a file, not a folder")
+        raise ConfigError(f"{what} {path!r} ends with '/': name a file, not a folder")
     if "://" in path:
         raise ConfigError(f"cannot write {path!r}: outputs are local paths, not URLs")
     full = os.path.abspath(os.path.expanduser(path))
@@ -443,13 +444,13 @@ def check_output(path: str | None, *, directory: bool = False, flag: str = "outp
                           f"beside the path, then moved over it), not standard output, a device or a pipe")
     if directory:
         if os.path.exists(full) and not os.path.isdir(full):
-            raise ConfigError(f"output directory {path!r} is a file")
+            raise ConfigError(f"{what} {path!r} is a file")
         parent = full
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
     else:
         if os.path.isdir(full):
-            raise ConfigError(f"output file {path!r} is a directory")
+            raise ConfigError(f"{what} {path!r} is a directory")
         if os.path.exists(full) and not os.access(full, os.W_OK):
             raise ConfigError(f"cannot write {path!r}: the file exists and is not writable")
         parent = os.path.dirname(full)

@@ -317,11 +317,12 @@ def test_standard_results_metrics_and_costs():
     assert se["seconds"] == pytest.approx(0.25 + 0.5 + 0.05 + 0.01)  # load, task embedding, table, sweep
     # m0, m2, m3 verified on the train half. By a probe there, m2 looks best (85) and is picked,
     # though its test accuracy (70) is below m0's (80): verification never sees the test labels.
-    v3 = rows["SE full/probe +verify top-3 (probe)"]
+    v3 = rows["SE full/probe +verify top-3"]  # the probe: the default verifier (session 43)
+    assert v3 == rows[bench.variant_label("full/probe", 3, "probe")]
     assert v3["pick"] == "m2" and v3["gap"] == pytest.approx(20.0) and v3["forward_passes"] == 10 + 3 * 10
     assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 1.5))
-    # By LogME (the default verifier; logme = -k), m0 is best of the three: load + features + LogME.
-    v3 = rows["SE full/probe +verify top-3"]
+    # By LogME (logme = -k), m0 is best of the three: load + features + LogME.
+    v3 = rows["SE full/probe +verify top-3 (logme)"]
     assert v3["pick"] == "m0" and v3["gap"] == pytest.approx(10.0) and v3["forward_passes"] == 10 + 3 * 10
     assert v3["seconds"] == pytest.approx(se["seconds"] + 3 * (1.0 + 0.5 + 0.1))
     # By the ridge probe's leave-one-out error (-|k - 2|), m2 is best of the three.
@@ -357,8 +358,8 @@ def test_cost_parts_add_up_to_the_rows_seconds():
     rows = res["per_task"]["b"]
     se = [parts[k] for k in bench.COST_PARTS[:3]]
     assert se[:2] == [0.25, 0.5] and sum(se) == pytest.approx(rows["SE full/probe"]["seconds"])
-    verify = [parts[k] for k in bench.COST_PARTS[3:6]]  # the top 3 (m0, m2, m3): load, features, LogME each
-    assert verify == pytest.approx([3 * 1.0, 3 * 0.5, 3 * 0.1])
+    verify = [parts[k] for k in bench.COST_PARTS[3:6]]  # the top 3 (m0, m2, m3): load, features, probe each
+    assert verify == pytest.approx([3 * 1.0, 3 * 0.5, 3 * 1.0])
     assert sum(se) + sum(verify) == pytest.approx(rows["SE full/probe +verify top-3"]["seconds"])
     brute = [parts[k] for k in bench.COST_PARTS[6:]]
     assert brute == pytest.approx([4 * 1.0, 4 * 0.5, 4 * 0.1])
@@ -371,7 +372,7 @@ def test_the_cost_breakdown_verifies_the_shortlist_the_library_would():
     res = {"standard": "s", "candidates": ["m0", "m1", "m2", "m3"],
            "per_task": {"t": {label: {"seconds": 1.0}}},
            "scores": {"t": {label: [1.0, 1.0, 1.0, 1.0]}}, "ranks": {"t": {label: [1.0, 2.0, 3.0, 4.0]}}}
-    task = {"features_seconds": 0.0, "logme_seconds": 0.0}
+    task = {"features_seconds": 0.0, "logme_seconds": 0.0, "probe_seconds": 0.0}
     costs = {"standards": {"s": {"load_seconds": 0.0, "tasks": {"t": {"probe": 0.0}}}},
              "models": {f"m{i}": {"load_seconds": 10.0 ** i, "tasks": {"t": task}} for i in range(4)}}
     parts = bench.cost_parts(res, costs, "full/probe", ["t"])
@@ -408,7 +409,7 @@ def test_standard_results_are_means_over_the_splits():
     for i, rec in truth.items():
         rec["splits"] = [rec["tasks"], {t: dict(r, accuracy=other[i]) for t, r in rec["tasks"].items()}]
     res = bench.standard_results(plan, sp, std, table, task_emb, truth, costs)
-    se, v3 = "SE full/probe", "SE full/probe +verify top-3"
+    se, v3 = "SE full/probe", "SE full/probe +verify top-3 (logme)"  # LogME picks m0 of the top 3
     assert res["n_splits"] == 2
     assert bench.split_values(res, "b", se, "gap") == pytest.approx([10.0, 30.0])  # m0 picked on both
     row = res["per_task"]["b"][se]
@@ -422,9 +423,10 @@ def test_standard_results_are_means_over_the_splits():
     assert res["groups"]["test"][se]["gap"] == pytest.approx(20.0)
     assert [g["test"][v3]["gap"] for g in res["split_groups"]] == pytest.approx([10.0, 30.0])
     assert res["scores"]["b"]["accuracy"] == [0.8, 0.9, 0.7, 0.6]  # plots show split 0
+    # T2 is verified by the default verifier, the probe: it picks m2 (70) on both splits
     t2 = {t["id"]: t for t in bench.compute_results(plan, {"s": res})["targets"]["s"]}["T2"]
-    assert t2["value"] == pytest.approx(20.0) and t2["per_split"] == pytest.approx([10.0, 30.0])
-    assert "mean of 2 labelled/held-out splits per task, one split's mean 10.00 to 30.00" in t2["detail"]
+    assert t2["value"] == pytest.approx(20.0) and t2["per_split"] == pytest.approx([20.0, 20.0])
+    assert "mean of 2 labelled/held-out splits per task, one split's mean 20.00 to 20.00" in t2["detail"]
     # The references from the other split: m1 is 90 on both, so knowing it finds the best every time;
     # within the top 3 (m0, m2, m3) the other split's best is this split's worst (60).
     rows = res["per_task"]["b"]

@@ -344,7 +344,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "memory://zs", "--task", "t"], "'memory://zs' lives in one process"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--json", "/no/such/dir/out.json"],
      "directory '/no/such/dir' does not exist"),
-    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "output file '/tmp' is a directory"),
+    (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--parquet", "/tmp"], "--parquet '/tmp' is a directory"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "-1"],
      "--verify-gpus must be a number >= 0, got -1.0"),
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--task-image-size", "4"],
@@ -354,7 +354,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["jobs.select", "--store", "/tmp/zs-none", "--task", "t", "--verify-gpus", "1"],
      "--verify-gpus 1 is given but --verify-top-k is 0: nothing is verified"),
     (["jobs.benchmark", "quality", "--small", "--store", "/tmp/zs-none", "--out", "README.md"],
-     "output directory 'README.md' is a file"),
+     "--out 'README.md' is a file"),
     # found by a review (session 27): refused after minutes of work, or a traceback after the measurements
     (["jobs.demo", "--store", "/tmp/zs-none", "--verify-top-k", "-1"], "--verify-top-k must be >= 0, got -1"),
     (["jobs.scaling", "--skip", "update", "--out", "/no/such/dir/x.json"], "directory '/no/such/dir' does not exist"),
@@ -910,7 +910,7 @@ def test_scaling_checks_its_flags_before_any_stage(tmp_path):
     (tmp_path / "f").write_text("")
     cases = [(["--archs", " , "], "--archs names no timm architecture, got ' , '"),
              (["--archs", "resnet18,nope"], "--archs: unknown timm architecture 'nope'"),
-             (["--work", str(tmp_path / "f")], f"output directory '{tmp_path / 'f'}' is a file")]
+             (["--work", str(tmp_path / "f")], f"--work '{tmp_path / 'f'}' is a file")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: torch sees no CUDA device here"))
     for args, message in cases:

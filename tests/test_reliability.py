@@ -1413,6 +1413,8 @@ def test_an_empty_output_path_or_one_ending_in_a_slash_is_refused_before_any_wor
             check_output(bad, flag="--json")
     with pytest.raises(ConfigError, match=re.escape("--out should name a folder, got ''")):
         check_output("", directory=True, flag="--out")
+    with pytest.raises(ConfigError, match=re.escape("output file 'x/' ends with '/'")):  # the library's own words
+        check_output("x/")
     check_output("newdir/", directory=True)
     check_output(None)
     assert os.listdir(tmp_path) == []
