@@ -17,10 +17,13 @@
 #        and zoo-repeat.txt (one member trained again on the GPU: are the bytes the same?);
 #   retrain: retrain.txt, each scratch architecture of the zoo and a Lite0 fine-tune trained twice on
 #        the GPU on the digits (no Ray, no Fashion-MNIST; .gpu-lite for the Lite0 weights): same bytes?
-set -u
+set -u -o pipefail  # a step piped into tee fails as its command does, not as tee (a review, session 43)
 out=${1:?usage: gpu_check.sh OUTDIR [STEP ...]}; shift
 steps=${*:-throughput select rows sharing zoo retrain}
 mkdir -p "$out" /tmp/site
+# A second run on a warm machine measured the first run's leftovers: the standard "already published",
+# every model skipped as embedded, the copies compared with themselves, the zoo's checkpoints reused.
+rm -rf /tmp/zs-gpu /tmp/zs-gpu-* /tmp/zs-zoo /tmp/zs-zoo-again /tmp/zs-retrain-*
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 if [ -f .gpu/site.tgz ]; then tar xzf .gpu/site.tgz -C /tmp/site; fi
 if [ -d .gpu-lite ]; then cp -r .gpu-lite/. /tmp/site/; fi

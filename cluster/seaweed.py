@@ -479,9 +479,12 @@ class SeaweedServer:
             json.dump(config, fh)
 
     def _child_env(self) -> dict[str, str]:
-        # never hand the caller's cloud credentials or bucket settings to the server
-        return {k: v for k, v in os.environ.items()
-                if not k.startswith(("AWS_", "S3_", "WEED_"))}
+        # never hand the caller's cloud credentials or bucket settings to the server; HOME is the server's
+        # root: weed reads filer.toml and security.toml from $HOME/.seaweedfs, and a developer's own
+        # (a Postgres filer store) became the tests' metadata store (a review, session 43)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
+        env["HOME"] = self.root
+        return env
 
     def _grpc_socket_files(self) -> list[str]:
         # weed makes /tmp/seaweedfs-<component>-grpc-<grpc port>.sock (a fixed path,
@@ -497,6 +500,11 @@ class SeaweedServer:
         if busy:
             raise _PortTaken(f"port(s) {busy} on {HOST} are in use; SeaweedFS would move "
                              f"to other ports, refusing to start")
+        for folder in ("/usr/local/etc/seaweedfs", "/etc/seaweedfs"):  # read after ./ and $HOME/.seaweedfs
+            found = sorted(f for f in os.listdir(folder) if f.endswith(".toml")) if os.path.isdir(folder) else []
+            if found:
+                log.warning("SeaweedFS will read the system's configuration in %s (%s): a filer store or security "
+                            "setting there applies to this server too", folder, ", ".join(found))
         for sock in ("filer.sock", "s3.sock"):  # stale after a SIGKILL
             try:
                 os.remove(os.path.join(self.root, sock))

@@ -64,8 +64,7 @@ def parser() -> argparse.ArgumentParser:
                    help="store URL (default: $ZOOSELECT_STORE, else ./zooselect-store): a new store or an earlier "
                         "demo's; one holding other models or standards is refused, and a default standard is kept")
     p.add_argument("--verify-top-k", type=int, default=3,
-                   help="verify the top k of each task's ranking on its labelled images by the default verifier (a linear "
-                        "probe on a held-out half; default 3; 0: none)")
+                   help="verify the top k of each task's ranking by LogME on its labelled images (default 3; 0: none)")
     add_ray_args(p)
     return p
 

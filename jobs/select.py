@@ -50,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
                         "(default 0: none; the benchmark measures 3)")
     p.add_argument("--verify-by", choices=list(VERIFIERS), default=None,
-                   help="with --verify-top-k: linear-probe accuracy on a held-out half of the labelled images "
-                        "(probe: the default, chosen on the benchmark's dev tasks), their LogME evidence (logme), or "
-                        "the ridge probe's leave-one-out error on them (ridge-loo)")
+                   help="with --verify-top-k: LogME evidence of the labelled images (default, kept by the dev "
+                        "tasks' rule), the ridge probe's leave-one-out error on them (ridge-loo), or linear-probe "
+                        "accuracy on a held-out half (probe)")
     p.add_argument("--verify-gpus", type=float, default=0, metavar="G",
                    help="GPUs per verification (a Ray task each; features on CUDA, float32); default 0: CPU")
     p.add_argument("--task-gpus", type=float, default=0, metavar="G",
@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the cluster adds nodes on demand: task embeddings, sweep parts and verifications may wait "
                         "for a node (a GPU node for --task-gpus/--verify-gpus; one with CPUs where no node has any "
                         "now, e.g. a KubeRay head with num-cpus 0) instead of being refused")
-    p.add_argument("--task-method", choices=["probe", "fisher"], default="fisher",
-                   help="task embedding: Fisher ratios (default, chosen on the dev tasks) or a ridge probe")
+    p.add_argument("--task-method", choices=["probe", "fisher"], default="probe",
+                   help="task embedding: a ridge probe (default, chosen on the dev tasks) or Fisher ratios")
     p.add_argument("--no-part-weights", action="store_true",
                    help="keep the task matrix as the task method gives it, instead of scaling the baseline's "
                         "and the companion's parts by how well each predicts the labels")

@@ -54,7 +54,7 @@ KINDS = ("imagenet", "finetune", "scratch", "random")
 GROUPS = ("dev", "test")
 VARIANTS = (("full", "probe"), ("full", "fisher"), ("diagonal", "probe"), ("diagonal", "fisher"),
             ("per-source", "probe"), ("per-source", "fisher"), ("rank-mean", "probe"), ("rank-mean", "fisher"))
-DEFAULT_VARIANT = ("rank-mean", "fisher")
+DEFAULT_VARIANT = ("rank-mean", "probe")
 ORACLE = "oracle"  # verification by the ground truth: the ceiling of a shortlist, reported next to the verifiers
 # With several splits: every model's mean accuracy on the task's *other* splits, a reference that
 # knows how good each model is on the task at this labelled size but not which images are labelled.
@@ -65,7 +65,7 @@ VERIFY_KS = (1, 3, 5)
 # selection.select.VERIFIERS and SelectConfig's default (a test keeps them equal; not imported
 # here, so that the plan and the report load without torch).
 VERIFIERS = ("logme", "probe", "ridge-loo")
-DEFAULT_VERIFIER = "probe"
+DEFAULT_VERIFIER = "logme"
 BRUTE_FORCE = ("logme", "hscore", "regularized_hscore", "ridge-loo")  # selection.scorers.SCORERS
 PRETTY_SCORER = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "regularized H-score",
                  "ridge-loo": "ridge LOO"}
