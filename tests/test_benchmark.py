@@ -845,3 +845,25 @@ def test_quality_job_without_matplotlib_stops_before_any_work(tmp_path, monkeypa
                                           r"pip install 'zooselect\[plots\]'"):
         job.main(["quality", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--small"])
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_dev_rule_replaces_logme_only_by_a_verifier_ahead_of_it_everywhere():
+    """A review (session 43): the report named the verifier of the lowest mean dev top-3 gap (the
+    probe) while the library kept LogME, against the README's "every default chosen on dev". The
+    rule is now the code's: another verifier replaces LogME only when it is ahead of it with every
+    standard at top 3 and top 5."""
+    v = "rank-mean/probe"
+
+    def results(gaps):  # {standard: {(verifier, k): gap}}
+        return {name: {"groups": {"dev": {bench.variant_label(v, k, ver): {"gap": g}
+                                          for (ver, k), g in row.items()}}}
+                for name, row in gaps.items()}
+
+    everywhere = {"a": {("logme", 3): 2.0, ("probe", 3): 1.0, ("logme", 5): 2.0, ("probe", 5): 1.5},
+                  "b": {("logme", 3): 2.0, ("probe", 3): 1.5, ("logme", 5): 2.0, ("probe", 5): 1.9}}
+    assert bench.choose_verifier(results(everywhere), v) == "probe"
+    once_behind = {**everywhere, "b": {**everywhere["b"], ("probe", 5): 2.1}}  # session 43's rank-mean/probe
+    assert bench.choose_verifier(results(once_behind), v) == "logme"
+    both = {name: {**row, ("ridge-loo", 3): row[("probe", 3)] - 0.1, ("ridge-loo", 5): row[("probe", 5)] - 0.1}
+            for name, row in everywhere.items()}
+    assert bench.choose_verifier(results(both), v) == "ridge-loo"  # both ahead: the lower top-3 mean
