@@ -20,10 +20,11 @@
 set -u -o pipefail  # a step piped into tee fails as its command does, not as tee (a review, session 43)
 out=${1:?usage: gpu_check.sh OUTDIR [STEP ...]}; shift
 steps=${*:-throughput select rows sharing zoo retrain}
-mkdir -p "$out" /tmp/site
 # A second run on a warm machine measured the first run's leftovers: the standard "already published",
 # every model skipped as embedded, the copies compared with themselves, the zoo's checkpoints reused.
+# (Before OUTDIR is made: an OUTDIR among these names is emptied, not lost after the run started.)
 rm -rf /tmp/zs-gpu /tmp/zs-gpu-* /tmp/zs-zoo /tmp/zs-zoo-again /tmp/zs-retrain-*
+mkdir -p "$out" /tmp/site
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 if [ -f .gpu/site.tgz ]; then tar xzf .gpu/site.tgz -C /tmp/site; fi
 if [ -d .gpu-lite ]; then cp -r .gpu-lite/. /tmp/site/; fi

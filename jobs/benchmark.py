@@ -347,7 +347,7 @@ def _write_catalog(store: Store, entries: list[CatalogEntry]) -> str:
 def compare(args: argparse.Namespace) -> int:
     text = bench.compare_reports(bench.load_report(args.old), bench.load_report(args.new),
                                  names=(args.old, args.new))
-    if args.out:
+    if args.out is not None:
         check_output(args.out, flag="--out")
         out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
         with open(out, "w", encoding="utf-8") as fh:

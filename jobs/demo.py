@@ -87,16 +87,17 @@ def check_store(store: Store, named_by: str = "") -> bool:
     session 43: $ZOOSELECT_STORE, set for a real zoo, had the demo switch its default standard and embed
     the demo's models into its table)."""
     from selection.standard import list_standards
-    from selection.table import list_rows, list_segments
+    from selection.table import list_rows, list_segments, segment_keys
 
     demo_keys = {model_key(e.id) for e in PRETRAINED + RANDOM} | {model_key(s.id) for s in TRAINED}
     standards, demo_rows = list_standards(store), False
     for sid in standards:
         keys = {p.rsplit("/", 1)[-1].removesuffix(".parquet") for p in list_rows(store, sid)}
-        other = len(keys - demo_keys) + len(list_segments(store, sid))  # the demo never compacts its table
+        keys |= {k for seg in list_segments(store, sid) for k in segment_keys(store, seg)}  # a compacted table
+        other = len(keys - demo_keys)
         if other:
-            raise ConfigError(f"store {store.url!r}{named_by} holds models other than the demo's ({other} row "
-                              f"object(s) or segment(s) under standard {sid}); the demo embeds its toy and "
+            raise ConfigError(f"store {store.url!r}{named_by} holds models other than the demo's ({other} of them "
+                              f"under standard {sid}); the demo embeds its toy and "
                               f"random-init models, so it runs on a store of its own: --store DIR (a new "
                               f"directory, or an earlier demo's)")
         demo_rows = demo_rows or bool(keys)

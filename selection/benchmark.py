@@ -833,7 +833,8 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | 
     too (scipy's weightedtau gives a tie more than the mean of its two orders: a rank mean's ties
     flattered it; a review, session 43). Without, the scores' ties are ordered at random in expectation
     for the gap and rel@k (`expected_best_of_top_k`: a tie is not won by the candidate listed first),
-    and tau_w sees them as scipy does (the brute-force H-score's many ties: to its advantage).
+    and tau_w sees them as scipy does (the brute-force H-score's many ties: to its advantage); `pick` is
+    then the first of the tied top (an example, not what the gap measures).
     """
     from selection.metrics import expected_best_of_top_k, rel_at_k, top1_gap, weighted_tau
 
@@ -1638,7 +1639,9 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
              + cost_conditions(doc.get("costs", {})))
     L.append(f"- **Default SE variant** chosen on the dev tasks (best mean tau_w over the standards): "
              f"**{variant_label(default)}**; verification rows use it. The dev rule's verifier ({DEFAULT_VERIFIER} "
-             f"unless another is ahead of it on the dev tasks' mean top-3 and top-5 gap with both standards; "
+             f"unless another is ahead of it on the dev tasks' mean "
+             f"{' and '.join(f'top-{k}' for k in (3, 5) if k in plan.verify_ks)} gap with "
+             f"{'both standards' if len(doc['results']) == 2 else 'every standard'}; "
              f"`docs/method-experiments.md`, session 43): **{doc['summary'].get('verifier_by_dev')}** "
              + ("(the library's default)" if doc["summary"].get("verifier_by_dev") == DEFAULT_VERIFIER else
                 f"(**not** the library's default, {DEFAULT_VERIFIER}, which the `+verify top-k` rows use: the "

@@ -283,7 +283,7 @@ def load_catalog(path: str) -> list[CatalogEntry]:
     given = path
     if path.lower().startswith("file://localhost/"):
         path = path[len("file://localhost"):]
-    elif path.startswith("file://"):
+    elif path.lower().startswith("file://"):  # a scheme is case-insensitive (RFC 3986)
         path = path[len("file://"):]
         if not path.startswith("/"):
             raise ConfigError(f"catalog {given!r}: a file:// URL holds an absolute path (file:///dir/zoo.yaml)")

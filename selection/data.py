@@ -193,7 +193,8 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
         top, left = (h - side) // 2, (w - side) // 2
         images = images[:, top:top + side, left:left + side]
     out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
-    step = max(1, min(512, RESIZE_STEP_BYTES // (4 * 3 * images.shape[1] * images.shape[2])))
+    pixels = max(images.shape[1] * images.shape[2], size * size)  # the float32 input or output, the larger
+    step = max(1, min(512, RESIZE_STEP_BYTES // (4 * 3 * pixels)))
     for s in range(0, images.shape[0], step):
         rgb = _opaque_rgb(images[s:s + step])
         if images.shape[1:3] == (size, size):
@@ -208,7 +209,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 def _opaque_rgb(images: np.ndarray) -> np.ndarray:
     """uint8 (n, H, W, 3) of (n, H, W, C): grey repeated, alpha composited over BACKGROUND."""
     colour = images[..., :images.shape[-1] - 1] if images.shape[-1] in (2, 4) else images
-    rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else np.ascontiguousarray(colour)
+    rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else np.require(colour, requirements=["C", "W"])
     if images.shape[-1] in (1, 3):
         return rgb
     alpha = images[..., -1:].astype(np.float32) / 255

@@ -8,7 +8,8 @@ model, ``m >= 2``, all finite):
   accuracy (higher = better).
 
 Ties in ``scores`` are broken by the lowest index (the candidate listed first wins), so
-every metric is deterministic.
+every metric is deterministic; ``expected_best_of_top_k`` instead counts tied candidates as
+ordered at random, in expectation (what a scorer that ties says about its pick).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ RESULT_SCHEMA = pa.schema([
     ("standard_id", pa.string()),
     ("on_pareto_front", pa.bool_()),  # null: no Pareto front asked; a front member not listed has a null rank
     # what `score` and `verified` measure (a folder of results mixes runs): the record's, as `--json` says
-    ("scored_by", pa.string()), ("verified_by", pa.string())])
+    ("scored_by", pa.string()), ("verified_by", pa.string()), ("task_method", pa.string()),
+    ("weigh_parts", pa.bool_())])
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
                "probe": "probe accuracy on a held-out half"}
@@ -57,6 +58,7 @@ def selection_record(task: str, sel: Selection, config: SelectConfig, std: Stand
             "pareto_cost": config.pareto, "models_swept": sel.models_swept,
             "verified_by": config.verify_by if config.verify_top_k else None,
             "scored_by": config.score or default_score(std.form),
+            "task_method": config.task_method, "weigh_parts": config.weigh_parts,
             "task_image_size": task_image_size(config, std),
             "top_k": config.top_k, "verify_top_k": config.verify_top_k,
             "where": [f"{c.field}{c.op}{c.value}" for c in config.constraints]}
@@ -71,7 +73,8 @@ def results_table(records: list[dict[str, Any]], std_id: str) -> pa.Table:
         extra = [r for r in res.get("pareto") or [] if r["model_id"] not in listed]
         rows += [dict(r, task=res["task"], standard_id=std_id,
                       on_pareto_front=None if front is None else r["model_id"] in front,
-                      scored_by=res.get("scored_by"), verified_by=res.get("verified_by"))
+                      scored_by=res.get("scored_by"), verified_by=res.get("verified_by"),
+                      task_method=res.get("task_method"), weigh_parts=res.get("weigh_parts"))
                  for r in res["ranking"] + extra]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 

@@ -100,7 +100,7 @@ class Constraint:
             has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
             return has if self.op != "!=" else ~has
         values = meta.column(name).to_pylist()  # an unknown license or arch passes neither = nor !=
-        col = np.array(["" if v is None else str(v) for v in values])
+        col = np.array(["" if v is None else str(v) for v in values], dtype=str)
         value = self.value
         if name == "arch" and "." not in value:  # 'resnet10t' is resnet10t.c3_in1k too: a tag names weights
             col = np.array([base_arch(v) for v in col])

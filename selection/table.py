@@ -505,7 +505,7 @@ def _in_segments(store: Store, std: Standard, keys: set[str], attempts: int = 3)
                         store.url, _key_index(std.id, compaction))
             unindexed += by_compaction[compaction]
         for seg in unindexed:
-            found |= keys.intersection(_segment_keys(store, seg))
+            found |= keys.intersection(segment_keys(store, seg))
         return found
 
     return _until_unchanged(f"the segments of standard {std.id}", read, attempts)
@@ -753,7 +753,7 @@ def iter_part(store: Store, std: Standard, part: Part, hidden: set[str],
     """The shards of one part of a listing (`table_parts`); `hidden`: `hidden_keys` of that listing."""
     if part.segment:
         if part.newer:
-            hidden = hidden.union(*(_segment_keys(store, seg) for seg in part.newer))
+            hidden = hidden.union(*(segment_keys(store, seg) for seg in part.newer))
         yield from _segment_shards(store, std, part.segment, hidden, columns)[1]
     elif part.rows:
         shard = _row_batch(store, std, part.rows, columns)
@@ -819,7 +819,7 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], col
     return keys, stream()
 
 
-def _segment_keys(store: Store, seg: str) -> list[str]:
+def segment_keys(store: Store, seg: str) -> list[str]:
     """The model keys a segment holds (its key column only)."""
     t = store.read_table_columns(seg, ["model_key"])
     if "model_key" not in t.column_names:
@@ -947,7 +947,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
     for seg in reversed(listing.segments):  # newest first: the newest holds the row a read serves
         if not todo:
             break
-        keys = _segment_keys(store, seg)
+        keys = segment_keys(store, seg)
         at = [i for i, k in enumerate(keys) if k in todo]
         if not at:
             continue

@@ -772,7 +772,7 @@ def test_a_key_index_is_used_only_whole_and_for_the_segments_it_covers(published
         write_row(store, std, _row(std, mid))
     compact(store, std, segment_rows=2)
     first, second = list_segments(store, std.id)
-    gone = {k for k in table._segment_keys(store, first)}
+    gone = {k for k in table.segment_keys(store, first)}
     store.delete(first)  # as a compaction that replaced both deletes them, one at a time
     ids = ["zoo/a", "zoo/b", "zoo/c", "zoo/d"]
     absent = [m for m in ids if model_key(m) in gone]
@@ -1073,6 +1073,19 @@ def test_a_compaction_refuses_rows_holding_columns_it_does_not_know(published):
         compact(store, std)
     assert store.list("") == before
     assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b", "zoo/new"]
+    # the same in a segment (another version's compaction wrote it)
+    import pyarrow.parquet as pq
+
+    store.delete(path)
+    compact(store, std)
+    (seg,) = list_segments(store, std.id)
+    t = pq.ParquetFile(pa.BufferReader(store.read_bytes(seg))).read()
+    store.write_bytes(seg, parquet_bytes(t.append_column("quantization", pa.array(["int8"] * t.num_rows))))
+    write_row(store, std, _row(std, "zoo/c"))
+    before = store.list("")
+    with pytest.raises(StandardMismatchError, match=re.escape(f"{store.url}/{seg}: holds column(s) ['quantization']")):
+        compact(store, std)
+    assert store.list("") == before
 
 
 def test_a_row_that_readers_would_refuse_or_that_would_change_when_stored_is_not_written(published):
