@@ -401,8 +401,12 @@ def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     traceback from inside torch's import, and the process died by the signal."""
     import signal
 
+    def interruptible() -> None:  # as at a terminal: an ignored or blocked SIGINT is inherited from this process
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "selection.cli", "select", "--help"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     # Inside the job's imports: once torch's library is mapped (a fixed 0.7 s sleep sometimes fell
     # outside them on a loaded CI machine: exit 0, nothing printed; session 43)
     deadline = time.monotonic() + 30
@@ -414,7 +418,7 @@ def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     assert proc.poll() is None, "the command ended before it imported torch"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err)
+    assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err, out[:80])
 
 
 def test_config_errors_name_flags_but_quote_the_value_as_given(tmp_path):
