@@ -18,7 +18,7 @@ from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.keys import model_key
 from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_device, check_entry,
                               compute_label,
-                              count_gflops, crop_change, expected_data_config, extract_features, load_model,
+                              count_gflops, crop_change, expected_data_config, extract_features, is_published, load_model,
                               timm_fingerprint, weights_digest, weights_stamp)
 from selection.standard import Standard, is_standard_model
 from selection.storage import Store, as_store
@@ -195,8 +195,8 @@ def _cropped_otherwise(entry: CatalogEntry, recorded: dict[str, Any], input_size
         version = 1
     if version >= PREPROCESS_VERSION:
         return False
-    return _crop_moved(entry.arch, entry.weights if entry.weights and entry.weights.startswith(("hf-hub:", "timm:"))
-                       else None, entry.input_size, input_size, version)
+    return _crop_moved(entry.arch, entry.weights if is_published(entry.weights) else None, entry.input_size,
+                       input_size, version)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -47,6 +47,12 @@ class LoadedModel:
 _BUILD = threading.Lock()  # `load_model`'s builds, one at a time (timm draws every init from torch's one generator)
 
 
+def is_published(weights: str | None) -> bool:
+    """Weights timm fetches by name (`hf-hub:`, `timm:`): no file of ours, and a config that may shape
+    the model beyond its arch (an `hf-hub:` model's `img_size`)."""
+    return bool(weights) and weights.startswith(("hf-hub:", "timm:"))
+
+
 def _seed_of(model_id: str) -> int:
     return int(hashlib.sha256(model_id.encode()).hexdigest()[:8], 16)
 
@@ -119,7 +125,7 @@ def check_weights_exist(weights: str | None) -> None:
 
     Hub weights (`hf-hub:`, `timm:`) are not checked: that would mean fetching them.
     """
-    if weights is None or weights.startswith(("hf-hub:", "timm:")):
+    if weights is None or is_published(weights):
         return
     if weights.startswith("s3://"):
         store, name = _s3_checkpoint(weights)
@@ -208,7 +214,7 @@ def weights_stamp(weights: str | None) -> str:
     """A cheap fingerprint of a checkpoint's version (`Store.stamp`: one stat or HEAD, nothing read):
     "" for hub names and random init (their digest reads nothing) and where the store gives none.
     Taken before the bytes are read, so a checkpoint rewritten meanwhile is hashed again next time."""
-    if weights is None or weights.startswith(("hf-hub:", "timm:")):
+    if weights is None or is_published(weights):
         return ""
     store, name = _checkpoint_store(weights)
     try:
@@ -229,7 +235,7 @@ def weights_digest(entry: CatalogEntry) -> str:
     if w is None:
         text = f"random-init:{entry.arch}:{_seed_of(entry.id)}:{timm.__version__}:{entry.num_classes}"
         return hashlib.sha256(text.encode()).hexdigest()
-    if w.startswith(("hf-hub:", "timm:")):
+    if is_published(w):
         return hashlib.sha256(w.encode()).hexdigest()
     return _hash_weights(w)
 
@@ -480,7 +486,7 @@ def load_model(entry: CatalogEntry, input_size: int | None = None, keep_rng: boo
     is. `keep_rng`: see `_create`.
     """
     want = input_size or entry.input_size
-    kind = (entry.arch, entry.input_size, entry.weights if _is_published(entry.weights) else None)
+    kind = (entry.arch, entry.input_size, entry.weights if is_published(entry.weights) else None)
     loaded = None
     fixed = _STRICT_SIZE.get(kind, False) if keep_rng else False  # without keep_rng: both builds' draws, as ever
     if fixed is False:  # not known yet: built as it is, and looked at
@@ -496,11 +502,6 @@ def load_model(entry: CatalogEntry, input_size: int | None = None, keep_rng: boo
 # What `_fixed_patch_size` found for (arch, catalog input size, published weights) built as it is: after the
 # first of its kind, a model of a strict patch embedding at another size is built once, not twice.
 _STRICT_SIZE: dict[tuple[str, int | None, str | None], tuple[int, int] | None] = {}
-
-
-def _is_published(weights: str | None) -> bool:
-    """Weights whose config (an `hf-hub:` model's `img_size`) may shape the model beyond its arch."""
-    return bool(weights) and weights.startswith(("hf-hub:", "timm:"))
 
 
 def _fixed_patch_size(model: torch.nn.Module) -> tuple[int, int] | None:
@@ -529,7 +530,7 @@ def _load_model(entry: CatalogEntry, built: CatalogEntry, img_size: int | None, 
         model = _create(arch, built, _seed_of(entry.id), pretrained=False, num_classes=entry.num_classes or 0,
                         **sized)
         digest = weights_digest(entry)
-    elif w.startswith(("hf-hub:", "timm:")):
+    elif is_published(w):
         if w.startswith("timm:"):
             _check_timm_weights_arch(entry)
         model = _create(published, built, keep_rng=keep_rng, pretrained=True, **sized)
