@@ -311,7 +311,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             break
         stop.clear()
         broken = False
-        rows = iter_rows(store, std, todo)
+        rows = iter_rows(store, std, todo, known_only=True)  # a newer version's columns are not dropped
         with ThreadPoolExecutor(max_workers=REFRESH_THREADS) as pool:
             pending: set[Future[EmbedResult | None]] = set()
             try:

@@ -107,7 +107,7 @@ class StandardConfig:
         if self.companion is None and self.companion_d is not None:
             raise ConfigError(f"companion_d is {self.companion_d} but the standard has no companion")
         if self.companion is not None and not 1 <= self.split[1] < self.d:
-            raise ConfigError(f"companion_d must be in [1, d - 1] = [1, {self.d - 1}], got {self.companion_d}")
+            raise ConfigError(f"companion_d must be between 1 and {self.d - 1} (one less than d = {self.d}), got {self.companion_d}")
 
     @property
     def split(self) -> tuple[int, int]:

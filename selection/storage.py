@@ -794,16 +794,26 @@ class Store:
         """What a write's FileNotFoundError means on an object store."""
         return StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist (store {self.url!r})")
 
-    def delete(self, rel: str) -> bool:
-        """Delete one object; return False when it did not exist."""
+    def delete(self, rel: str, flush: bool = True) -> bool:
+        """Delete one object; return False when it did not exist. On a local store the folder is then
+        flushed (a delete survives a power loss, as a write does); `flush=False` leaves that to one
+        `flush_folders` after many deletes."""
         full = self._full(rel)
         if self.scheme == "s3" and not self._call("exists", rel, lambda: self.fs.exists(full)):
             return False  # S3 DeleteObject succeeds on a missing key
         try:
             self._call("delete", rel, lambda: self.fs.rm_file(full))
-            return True
         except FileNotFoundError:
             return False
+        if flush:
+            self.flush_folders([rel])
+        return True
+
+    def flush_folders(self, rels: Iterable[str]) -> None:
+        """Flush the folders holding these objects to disk, each once (local stores; a no-op elsewhere)."""
+        if self.scheme == "file":
+            for folder in sorted({os.path.dirname(self._full(r)) for r in rels}):
+                _fsync_dir(folder)
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Relative paths of the objects under `prefix` ending in `suffix`, sorted."""

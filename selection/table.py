@@ -901,7 +901,7 @@ def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
 
 
 def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
-              attempts: int = 3) -> Iterator[tuple[dict[str, Any], str]]:
+              attempts: int = 3, known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
     """The whole rows (`embedding` an array, as written) of those of `model_ids` in the table, each once,
     with the object each was read from: as a read of the table serves them, the model's row object,
     else (unless a marker removed it) its row in the newest segment holding it (a row object or
@@ -910,19 +910,19 @@ def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
     objects read, then the key columns of the segments, newest first, until every model is found, and
     of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
     read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
-    up to `attempts` times."""
+    up to `attempts` times. `known_only`: as `iter_shards`'s (the rows are to be rewritten)."""
     store = as_store(store)
     _check_ids(model_ids)  # at the call, not at the first row
-    return _iter_rows(store, std, model_ids, attempts)
+    return _iter_rows(store, std, model_ids, attempts, known_only)
 
 
 def _iter_rows(store: Store, std: Standard, model_ids: list[str],
-               attempts: int) -> Iterator[tuple[dict[str, Any], str]]:
+               attempts: int, known_only: bool) -> Iterator[tuple[dict[str, Any], str]]:
     wanted = {model_key(m): m for m in model_ids}
     done: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            for row, source in _rows_of(store, std, list_table(store, std), wanted, done):
+            for row, source in _rows_of(store, std, list_table(store, std), wanted, done, known_only):
                 done.add(row["model_key"])
                 yield row, source
             return
@@ -934,7 +934,7 @@ def _iter_rows(store: Store, std: Standard, model_ids: list[str],
 
 
 def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, str],
-             done: set[str]) -> Iterator[tuple[dict[str, Any], str]]:
+             done: set[str], known_only: bool) -> Iterator[tuple[dict[str, Any], str]]:
     """`iter_rows` over one listing, less the keys in `done`."""
     def rows(shard: EmbeddingTable | None, segment: str = "") -> Iterator[tuple[dict[str, Any], str]]:
         for row, vector in zip(shard.meta.to_pylist() if shard else [], shard.embeddings if shard else []):
@@ -942,7 +942,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
                 yield dict(row, embedding=vector), segment or row_path(std.id, row["model_id"])
     objects = tuple(p for p in listing.rows if _key_of(p) in wanted and _key_of(p) not in done)
     for start in range(0, len(objects), ROW_BATCH):
-        yield from rows(_row_batch(store, std, objects[start:start + ROW_BATCH], None))
+        yield from rows(_row_batch(store, std, objects[start:start + ROW_BATCH], None, known_only=known_only))
     todo = set(wanted) - hidden_keys(listing) - done
     for seg in reversed(listing.segments):  # newest first: the newest holds the row a read serves
         if not todo:
@@ -956,7 +956,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
                              f"holds each model once (rewrite or delete the object)")
         found = pa.array(sorted(keys[i] for i in at), pa.string())
         for group in store.iter_row_groups(seg, rows=at):
-            _validate(group, std, f"{store.url}/{seg}")
+            _validate(group, std, f"{store.url}/{seg}", known_only=known_only)
             yield from rows(_shard(std, group.filter(pc.is_in(group.column("model_key"), found)), None,
                                    f"{store.url}/{seg}"), seg)
         todo -= {keys[i] for i in at}
@@ -1110,14 +1110,14 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _delete_if_unchanged(store: Store, path: str, digest: str | None) -> bool:
+def _delete_if_unchanged(store: Store, path: str, digest: str | None, flush: bool = True) -> bool:
     """Delete `path` if it still holds the bytes of `digest` (re-read and compared first); False if
     it is gone or holds other bytes."""
     try:
         data = store.read_bytes(path)
     except ObjectGoneError:
         return False
-    return _digest(data) == digest and store.delete(path)
+    return _digest(data) == digest and store.delete(path, flush=flush)
 
 
 def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress: Progress,
@@ -1157,28 +1157,31 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         _write_key_index(store, std, compaction, segments, pa.concat_arrays(keys))
     # Old segments (then their key indexes), then markers, then row objects: stopped at any point (a
     # crash, a reader in between), the table is the same. Rows first would let an old marker hide a
-    # re-added model.
+    # re-added model. Each step's deletes are flushed to disk (local stores) before the next step's.
     removed = 0
     for p in listing.segments:
-        deleted = store.delete(p)
+        deleted = store.delete(p, flush=False)
         removed += deleted
         progress("objects", deleted)
+    store.flush_folders(listing.segments)
     # The key indexes of the old segments and of compactions that stopped: each `index.json` first, so
     # that an index stopped half-deleted is never read.
     own = _key_index(std.id, compaction) + "/"
     stale = [p for p in store.list(f"{_base(std.id)}/key_index") if not p.startswith(own)]
     for p in sorted(stale, key=lambda p: not p.endswith("/index.json")):
-        deleted = store.delete(p)
+        deleted = store.delete(p, flush=False)
         removed += deleted
         progress("objects", deleted)
+    store.flush_folders(stale)
     store.remove_empty_folders(f"{_base(std.id)}/key_index")  # a local store's folder per compaction
     # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
     # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
     # could hide a re-added model's row in the new segment).
     for p in listing.markers:
-        deleted = _delete_if_unchanged(store, p, digests.get(p))
+        deleted = _delete_if_unchanged(store, p, digests.get(p), flush=False)
         removed += deleted
         progress("objects", deleted)
+    store.flush_folders(listing.markers)
 
     # A marker left now (written or rewritten since the markers were read: a remove while this compaction
     # ran, its model perhaps added back since, its new row object folded in above) hides that model's
@@ -1190,7 +1193,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         if _key_of(p) in marked:
             return False
         try:
-            return _delete_if_unchanged(store, p, digests.get(p))
+            return _delete_if_unchanged(store, p, digests.get(p), flush=False)
         except StoreError:
             return False  # kept: the row object overrides the segment
 
@@ -1198,6 +1201,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
         for dropped in pool.map(drop_row, listing.rows):
             removed += dropped
             progress("objects", dropped)
+    store.flush_folders(listing.rows)
     temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, len(segments), removed)
     return CompactResult(len(segments), rows, removed, time.perf_counter() - t0, temporaries)

@@ -35,7 +35,7 @@ def test_the_standard_tells_the_widths_of_its_parts(with_companion):
 
 @pytest.mark.parametrize("cd", [0, 8, 20])
 def test_companion_d_out_of_range_is_a_clear_error(cd):
-    with pytest.raises(ConfigError, match=rf"companion_d must be in \[1, d - 1\] = \[1, 7\], got {cd}"):
+    with pytest.raises(ConfigError, match=rf"companion_d must be between 1 and 7 \(one less than d = 8\), got {cd}"):
         tiny_config(companion=DEFAULT_COMPANION, companion_d=cd)
     with pytest.raises(ConfigError, match=f"companion_d is {cd} but the standard has no companion"):
         tiny_config(companion=None, companion_d=cd)  # was silently ignored

@@ -792,10 +792,10 @@ def test_compact_stopped_while_deleting_leaves_the_same_table(published):
     _quick_row(store, std, "zoo/b")
     real_delete = store.delete
 
-    def crash_on_marker(path):
+    def crash_on_marker(path, **kw):
         if path == marker_path(std.id, "zoo/b"):
             raise StoreError("simulated crash")
-        return real_delete(path)
+        return real_delete(path, **kw)
 
     store.delete = crash_on_marker
     with pytest.raises(StoreError, match="simulated crash"):

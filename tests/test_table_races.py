@@ -3,6 +3,7 @@ them: each test here failed before its fix (review of the storage and table code
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -211,11 +212,11 @@ def test_a_remove_stopped_between_its_writes_never_serves_an_older_row(published
     changes = []
 
     def counted(real):
-        def call(rel, *args):
+        def call(rel, *args, **kw):
             changes.append(rel)
             if len(changes) == stopped_before:
                 raise _Killed(rel)
-            return real(rel, *args)
+            return real(rel, *args, **kw)
         return call
 
     monkeypatch.setattr(store, "write_bytes", counted(store.write_bytes))
@@ -656,6 +657,26 @@ def test_a_local_write_flushes_the_file_and_then_its_directory(tmp_path, monkeyp
     assert len(synced) == 2 and synced[1] == target
 
 
+def test_a_local_delete_flushes_its_folder_and_a_compaction_each_folder_once(published, monkeypatch):
+    """A removed row came back after a power loss: the unlink was not flushed (a known limit until
+    session 44). A compaction's deletes flush each folder once per step, not once per object."""
+    import os
+    store, std = published
+    for i in range(6):
+        write_row(store, std, _row(std, f"zoo/m{i}", 1.0))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    row = table.row_path(std.id, "zoo/m0")
+    assert delete_rows(store, std, ["zoo/m0"]) == []
+    assert synced == [os.path.dirname(store._full(row))], synced
+    synced.clear()
+    assert compact(store, std).objects_removed >= 5
+    folders = {os.path.dirname(store._full(table.row_path(std.id, f"zoo/m{i}"))) for i in range(1, 6)}
+    flushed = [p for p in synced if p in folders]
+    assert sorted(flushed) == sorted(folders), synced  # the row objects' folders, each once
+
+
 def test_the_parts_of_a_listing_hold_the_rows_iter_shards_reads_each_model_once(published, monkeypatch):
     """`table_parts` cuts a listing for readers that sweep on their own (the select job's Ray tasks):
     one part per segment, less what row objects, markers and later compactions' segments hide, and one
@@ -671,10 +692,10 @@ def test_the_parts_of_a_listing_hold_the_rows_iter_shards_reads_each_model_once(
     write_row(store, std, _row(std, "zoo/m3", 3.0))
     real_delete = store.delete
 
-    def stopped_before_deleting(rel):
+    def stopped_before_deleting(rel, **kw):
         if "/segments/" in rel:
             raise _Killed(rel)
-        return real_delete(rel)
+        return real_delete(rel, **kw)
 
     monkeypatch.setattr(store, "delete", stopped_before_deleting)
     with pytest.raises(_Killed):
@@ -799,7 +820,7 @@ def test_a_key_index_is_used_only_whole_and_for_the_segments_it_covers(published
     write_row(store, std, _row(std, "zoo/e"))
     deleted = []
     real_delete = store.delete
-    monkeypatch.setattr(store, "delete", lambda rel: (deleted.append(rel), real_delete(rel))[1])
+    monkeypatch.setattr(store, "delete", lambda rel, **kw: (deleted.append(rel), real_delete(rel, **kw))[1])
     compact(store, std)
     old_index = [p for p in deleted if "/key_index/" in p]
     assert old_index == [index, index.replace("index.json", "00001.keys")]
@@ -1049,6 +1070,30 @@ def test_a_held_rows_comparison_reads_its_bytes_without_the_reader_that_aborts_a
     assert table._same_row(data, row)
     assert not table._same_row(data, dict(row, embedding=row["embedding"] + 1))
     assert not table._same_row(data, dict(row, gflops=2.0))
+
+
+def test_a_metadata_refresh_refuses_rows_holding_columns_it_does_not_know(published):
+    """A known limit until session 44: an older zooselect's metadata refresh (a tag changed) rewrote a
+    row a newer one wrote without the columns added since. That model now fails, naming the column;
+    its row is left as it was."""
+    import json
+
+    import pyarrow as pa
+
+    from selection.embedder import refresh_rows
+    from selection.storage import parquet_bytes
+
+    store, std = published
+    entry = CatalogEntry("zoo/new", "resnet10t", None, input_size=32)
+    row = _row(std, "zoo/new", catalog_entry=json.dumps(entry.to_dict(), sort_keys=True))
+    path, _ = row_object(std, row)
+    t = table.make_row_table(std, row)
+    store.write_bytes(path, parquet_bytes(t.append_column("quantization", pa.array(["int8"]))))
+    before = store.read_bytes(path)
+    planned = table.read_index(store, std)["zoo/new"]
+    [r] = refresh_rows([(dataclasses.replace(entry, tags=("x",)), planned)], std, store)
+    assert r.status == "failed" and "holds column(s) ['quantization'] that this zooselect (" in r.reason, r
+    assert "run this with that version" in r.reason and store.read_bytes(path) == before, r.reason
 
 
 def test_a_compaction_refuses_rows_holding_columns_it_does_not_know(published):
