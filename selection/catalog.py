@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from selection.errors import ConfigError
 from selection.keys import check_unicode
-from selection.storage import check_url, write_file_atomically
+from selection.storage import check_url, file_url_path, write_file_atomically
 
 # Characters that print as nothing and have no use in an id (zero-width space, word joiner, byte order
 # mark, soft hyphen, bidi marks and embeddings): an id holding one reads as another. ZWJ and ZWNJ are
@@ -244,9 +244,10 @@ def parse_catalog(text: str, where: str) -> list[CatalogEntry]:
         except ConfigError as exc:
             raise ConfigError(f"{where}: model {e.id!r}: weights: {exc}") from None
         # Checked here, not in every entry: rows and standards written before session 33 may hold one.
-        if e.weights and e.weights.startswith("file://") and not e.weights[len("file://"):].startswith("/"):
-            raise ConfigError(f"{where}: model {e.id!r}: a file:// URL holds an absolute path (file:///dir/model.pt), "
-                              f"got {e.weights!r}; a plain path may be relative to the catalog's folder")
+        try:
+            file_url_path(e.weights or "")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: model {e.id!r}: weights: {exc} (to the catalog's folder)") from None
         if e.id in seen:
             raise ConfigError(f"{where}: duplicate model id {e.id!r}")
         hidden = [f"U+{ord(ch):04X}" for ch in e.id if ch in _INVISIBLE]
@@ -281,12 +282,12 @@ def load_catalog(path: str) -> list[CatalogEntry]:
     paths come back absolute: a relative one is taken from the catalog file's directory, `~` is expanded
     (in `path` too)."""
     given = path
-    if path.lower().startswith("file://localhost/"):
-        path = path[len("file://localhost"):]
-    elif path.lower().startswith("file://"):  # a scheme is case-insensitive (RFC 3986)
-        path = path[len("file://"):]
-        if not path.startswith("/"):
-            raise ConfigError(f"catalog {given!r}: a file:// URL holds an absolute path (file:///dir/zoo.yaml)")
+    try:
+        url_path = file_url_path(path)
+    except ConfigError as exc:
+        raise ConfigError(f"catalog {given!r}: {exc}") from None
+    if url_path is not None:
+        path = url_path
     elif "://" in path:
         raise ConfigError(f"catalog {given!r}: a catalog is a local file (YAML or JSON lines), not a URL: "
                           f"copy it here first")

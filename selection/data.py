@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from selection.errors import DataError
+from selection.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -451,10 +451,17 @@ def _per_class(images: np.ndarray, labels: np.ndarray, per_class: int | None, se
 
 
 def local_path(spec: str) -> str | None:
-    """The local path a dataset spec names (`file://` dropped, `~` expanded); None for other URLs."""
-    if "://" in spec and not spec.startswith("file://"):
+    """The local path a dataset spec names (a `file://` URL's, as `storage.file_url_path` reads it; `~`
+    expanded); None for other URLs."""
+    from selection.storage import file_url_path  # pyarrow and fsspec: not at every task read's import
+
+    try:
+        path = file_url_path(spec)
+    except ConfigError as exc:
+        raise DataError(f"dataset {spec!r}: {exc}") from None
+    if path is None and "://" in spec:
         return None
-    return os.path.expanduser(spec.removeprefix("file://"))
+    return os.path.expanduser(spec if path is None else path)
 
 
 def check_spec(spec: str) -> None:

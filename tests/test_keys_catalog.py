@@ -122,7 +122,8 @@ def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute
     ("- {id: a, arch: resnet18, metadata: {1: one, '1': uno}}", "a mapping's keys are of mixed types"),
     # a relative file:// URL was read from the current directory, not the catalog's
     ("- {id: a, arch: resnet18, weights: 'file://w.safetensors'}",
-     r"^cat.yaml: model 'a': a file:// URL holds an absolute path \(file:///dir/model.pt\), got 'file://w.safetensors'"),
+     r"^cat.yaml: model 'a': weights: a file:// URL holds an absolute path \(file:///dir/name\), got "
+     r"'file://w.safetensors'; a plain path may be relative \(to the catalog's folder\)$"),
     # a mistyped URL was taken as a path under the catalog's folder: "checkpoint not found: '<dir>/s3:/b/w.pt'"
     ("- {id: a, arch: resnet18, weights: 's3:/bucket/w.pt'}",
      r"^cat.yaml: model 'a': weights: malformed URL 's3:/bucket/w.pt': did you mean s3://bucket/w.pt\?$"),

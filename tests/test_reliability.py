@@ -933,7 +933,7 @@ def test_unknown_baseline_architecture_refused_by_the_standard_job(tmp_path, cap
      "S3 endpoint must be an http(s) URL, got 'ftp://127.0.0.1:21'"),
     # a review (session 43): these were a local folder ('$PWD/nas01/zoo', '$PWD/ s3:/zs-bucket/zoo',
     # '$PWD/s3/zs-bucket/zoo'), another S3 prefix ('zoo '), or S3's HTTP 400 InvalidRequest
-    (["--store", "file://nas01/zoo"], "a file:// store URL holds an absolute path (file:///dir/store), got "
+    (["--store", "file://nas01/zoo"], "a file:// URL holds an absolute path (file:///dir/name), got "
                                       "'file://nas01/zoo'; a plain path may be relative"),
     (["--store", " s3://zs-bucket/zoo"], "store URL ' s3://zs-bucket/zoo' holds leading or trailing spaces"),
     (["--store", "s3://zs-bucket/zoo "], "store URL 's3://zs-bucket/zoo ' holds leading or trailing spaces"),
@@ -955,6 +955,30 @@ def test_a_file_localhost_store_url_is_the_local_hosts_folder(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     assert Store(f"file://localhost{tmp_path}/zoo").root == Store(f"file://{tmp_path}/zoo").root == f"{tmp_path}/zoo"
+
+
+def test_file_urls_are_percent_decoded_wherever_a_path_is_taken(tmp_path):
+    """`file:///my%20zoo` (as a browser or `pathlib.Path.as_uri()` writes a folder with a space) was the
+    folder `my%20zoo` for a store, a catalog, a checkpoint and a task (session 44): RFC 8089 URLs are
+    percent-encoded. A plain path is taken as written."""
+    from selection.catalog import load_catalog
+    from selection.data import local_path
+    from selection.models import _local_checkpoint
+    from selection.storage import Store, file_url_path
+
+    folder = tmp_path / "my zoo"
+    folder.mkdir()
+    (folder / "w.pt").write_bytes(b"")
+    (folder / "zoo.yaml").write_text("- {id: a, arch: resnet18, weights: w.pt}\n")
+    url = folder.as_uri()  # file:///.../my%20zoo
+    assert "%20" in url and Store(url).root == str(folder)
+    assert Store(str(tmp_path / "my%20zoo")).root == str(tmp_path / "my%20zoo")
+    assert [e.weights for e in load_catalog(url + "/zoo.yaml")] == [str(folder / "w.pt")]
+    assert _local_checkpoint(url + "/w.pt") == str(folder / "w.pt")
+    assert local_path(url) == str(folder) and local_path(str(tmp_path / "a%20b")) == str(tmp_path / "a%20b")
+    assert file_url_path("FILE://localhost/x%2Fy") == "/x/y" and file_url_path("s3://b/k") is None
+    with pytest.raises(ConfigError, match=r"file:// URL 'file:///a%00b' decodes to a path holding a NUL"):
+        file_url_path("file:///a%00b")
 
 
 def test_store_that_is_a_file_or_names_a_missing_standard(embedded, tmp_path, capsys):
