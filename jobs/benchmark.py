@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
         if args.train_gpus is not None:  # before the store is opened and Ray started (a review, session 43)
-            runtime.check_amount("--train-gpus", args.train_gpus)
+            runtime.check_amount("--train-gpus", args.train_gpus, gpus=True)
         if args.command == "quality" and importlib.util.find_spec("matplotlib") is None:  # before hours of work
             raise ConfigError("the quality report draws plots with matplotlib, which is not installed: "
                               "pip install 'zooselect[plots]' (or matplotlib)")

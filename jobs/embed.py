@@ -31,7 +31,7 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     add_store_args(p)
     add_ray_args(p)
     p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0; fractions allowed)")
+                   help="GPUs per actor, at most 1 (default: 1 when the cluster has GPUs, else 0; a fraction shares one)")
     p.add_argument("--cpus-per-actor", type=float, default=1,
                    help="CPUs each embedding actor takes (its torch threads; default 1)")
     p.add_argument("--max-in-flight", type=int, default=None,

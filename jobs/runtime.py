@@ -23,6 +23,7 @@ from jobs.common import progress_bar, terminated
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
+from selection.storage import Store
 from selection.table import HeldRows
 
 log = logging.getLogger(__name__)
@@ -150,15 +151,20 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def node_resources() -> dict[str, float]:
-    """The most of each resource that one alive node has: an actor or task must fit on one node."""
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each alive node: an actor or task must fit on one node (`check_fits`)."""
     import ray
 
+    return [{name: float(amount) for name, amount in node.get("Resources", {}).items()}
+            for node in ray.nodes() if node.get("Alive")]
+
+
+def _most(nodes: dict[str, float] | Sequence[dict[str, float]]) -> dict[str, float]:
+    """The most of each resource that one node has (`nodes`: one node's resources, or each node's)."""
     out: dict[str, float] = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            for name, amount in node.get("Resources", {}).items():
-                out[name] = max(out.get(name, 0.0), float(amount))
+    for n in [nodes] if isinstance(nodes, dict) else nodes:
+        for name, amount in n.items():
+            out[name] = max(out.get(name, 0.0), amount)
     return out
 
 
@@ -390,10 +396,16 @@ class _SharedProbe:
                 self.refs.pop(key, None)
 
 
-def check_amount(name: str, value: Any) -> None:
-    """A Ray resource amount: a finite number >= 0."""
+def check_amount(name: str, value: Any, gpus: bool = False) -> None:
+    """A Ray resource amount: a finite number >= 0, none or at least 0.0001 (Ray's unit); of GPUs (`gpus`)
+    at most 1: a process uses one device, and Ray refuses fractions above 1 (when the work is submitted)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+    if 0 < value < 1e-4:
+        raise ConfigError(f"{name} must be 0 or at least 0.0001 (Ray's smallest share), got {value!r}")
+    if gpus and value > 1:
+        raise ConfigError(f"{name} must be at most 1 (each process uses one GPU; a fraction shares one), "
+                          f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -411,7 +423,7 @@ class ActorOptions:
 
     def __post_init__(self) -> None:
         if self.gpus_per_actor is not None:
-            check_amount("gpus_per_actor", self.gpus_per_actor)
+            check_amount("gpus_per_actor", self.gpus_per_actor, gpus=True)
         check_amount("cpus_per_actor", self.cpus_per_actor)
         if self.max_in_flight is not None and (isinstance(self.max_in_flight, bool)
                                                or not isinstance(self.max_in_flight, int)
@@ -434,14 +446,22 @@ def _unbounded() -> NoReturn:
                       "--max-in-flight, or --cpus-per-actor > 0")
 
 
-def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, float], autoscaling: bool,
-               where: str = "") -> None:
-    """ConfigError if `what` needs more of a resource (name -> (amount, option)) than any one node has
-    now (`node`: the most of each, `node_resources`), unless `autoscaling`: then it waits for the nodes
-    its demand makes the autoscaler add (a warning says so). Without the check Ray waits for ever.
-    `where`: the resources are one node's (e.g. "its node … has"), which no new node changes."""
+def check_fits(what: str, need: dict[str, tuple[float, str]], nodes: dict[str, float] | Sequence[dict[str, float]],
+               autoscaling: bool, where: str = "") -> None:
+    """ConfigError if no one node has now all that `what` needs (resource name -> (amount, option);
+    `nodes`: each node's resources, `node_resources`, or one node's), unless `autoscaling`: then it waits
+    for the nodes its demand makes the autoscaler add (a warning says so). Without the check Ray waits
+    for ever. `where`: the resources are one node's (e.g. "its node … has"), which no new node changes."""
+    most = _most(nodes)
     short = [f"{what} needs {amount:g} {name}(s) ({option}) but {where or 'no node has more than'} "
-             f"{node.get(name, 0):g} {name}s" for name, (amount, option) in need.items() if amount > node.get(name, 0)]
+             f"{most.get(name, 0):g} {name}s" for name, (amount, option) in need.items() if amount > most.get(name, 0)]
+    listed = [nodes] if isinstance(nodes, dict) else list(nodes)
+    if not short and not any(all(n.get(r, 0) >= a for r, (a, _) in need.items()) for n in listed):
+        # 2 CPUs and 1 GPU: one node has the CPUs, another the GPU (a review, session 44: Ray waited for ever)
+        wants = " and ".join(f"{a:g} {r}(s) ({o})" for r, (a, o) in need.items() if a)
+        sizes = "; ".join(", ".join(f"{n.get(r, 0):g} {r}" for r in need) for n in listed[:4])
+        short = [f"{what} needs {wants} on one node, but no node has them all (nodes: {sizes}"
+                 f"{'; …' if len(listed) > 4 else ''})"]
     if short and where:
         raise ConfigError(short[0])
     if short and not autoscaling:
@@ -450,10 +470,13 @@ def check_fits(what: str, need: dict[str, tuple[float, str]], node: dict[str, fl
         log.warning("%s now; waiting for the autoscaler to add nodes", short[0])
 
 
-def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float] | None = None) -> tuple[float, int]:
+def size_actors(opts: ActorOptions, res: dict[str, float],
+                node: dict[str, float] | Sequence[dict[str, float]] | None = None) -> tuple[float, int]:
     """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res` and whose
-    largest node has `node` (default: `res`, one node; see `check_fits` for one that cannot hold an actor)."""
-    node = res if node is None else node
+    nodes have `node` (each node's resources, or one node's; default: `res`, one node; see `check_fits`
+    for one that cannot hold an actor)."""
+    nodes = res if node is None else node
+    node = _most(nodes)
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
     if opts.gpus_per_actor is None and opts.autoscaling and node.get("GPU", 0) < 1:
         # GPU nodes scaled to zero look like a CPU cluster: guessing 0 would embed on CPUs of GPU nodes
@@ -464,12 +487,25 @@ def size_actors(opts: ActorOptions, res: dict[str, float], node: dict[str, float
     if gpus_per_actor == 0 and opts.cpus_per_actor == 0 and opts.max_in_flight is None:
         _unbounded()
     need = {"GPU": (gpus_per_actor, "gpus_per_actor"), "CPU": (opts.cpus_per_actor, "cpus_per_actor")}
-    check_fits("an actor", need, node, opts.autoscaling)
+    check_fits("an actor", need, nodes, opts.autoscaling)
     if opts.max_in_flight is not None:
         return gpus_per_actor, opts.max_in_flight
     by_cpu = int(cpus // max(opts.cpus_per_actor, 1e-9))
     by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu
     return gpus_per_actor, max(1, min(by_cpu, by_gpu))
+
+
+def row_seen_here(result: EmbedResult, local: Store | None) -> EmbedResult:
+    """An embedded model's result, failed if `local` (a local-directory store) does not hold the row its
+    actor wrote: the actor ran on a node whose disk this driver does not see (a review, session 44: the
+    job said "3 embedded" and the store held none)."""
+    if local is None or result.status != "embedded" or not result.path or local.exists(result.path):
+        return result
+    host = result.worker.rsplit(":", 1)[0] or "another node"
+    return dataclasses.replace(result, status="failed", reason=(
+        f"model {result.model_id!r}: its row was written to {local.root} on {host}, where this driver does not "
+        f"see it: on a cluster of several nodes a local-directory store must be a folder every node mounts "
+        f"at the same path; use s3:// or such a folder"))
 
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
@@ -494,6 +530,8 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries * per_actor,
         max_task_retries=retries)
     std_ref = ray.put(std)
+    local = None if re.match(r"(?i)^s3://", store_url) else Store(store_url)  # whose rows the driver checks
+    local = local if local is not None and local.scheme == "file" else None
     shared = _SharedProbe(entries, std, enabled=gpus_per_actor == 0)
     results: list[EmbedResult] = []
     queue = shared.order(entries)
@@ -524,6 +562,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                            else "raised")
                     result = EmbedResult(entry.id, "failed", f"{how}: {text[:300]}")
                     healthy = False
+                result = row_seen_here(result, local)
                 if healthy and used + 1 < per_actor and queue:
                     idle.append((actor, used + 1))
                 else:

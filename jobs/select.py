@@ -171,8 +171,8 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     in the object store for that task's verifications.
     """
     if config.verify_top_k and verify_gpus:  # checked before any work, not when the verification starts
-        runtime.check_fits("a verification", {"GPU": (verify_gpus, "--verify-gpus")}, runtime.node_resources(),
-                           autoscaling)
+        runtime.check_fits("a verification", {"CPU": (1, "1 per task"), "GPU": (verify_gpus, "--verify-gpus")},
+                           runtime.node_resources(), autoscaling)
     t0 = time.perf_counter()
     sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if _local_task_path(t) is not None else t
                for t in tasks]
@@ -291,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, out in outputs.items():
             if (out + os.sep).startswith(local + os.sep):
                 raise ConfigError(f"{flag} {out!r} would write over or into the task {task!r}")
-    runtime.check_amount("--verify-gpus", args.verify_gpus)
-    runtime.check_amount("--task-gpus", args.task_gpus)
+    runtime.check_amount("--verify-gpus", args.verify_gpus, gpus=True)
+    runtime.check_amount("--task-gpus", args.task_gpus, gpus=True)
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
     if args.verify_by and not args.verify_top_k:  # it ran no verification and exited 0 (a review, session 43)

@@ -372,7 +372,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # found by a review (session 43): the library's field names, not the flags; checked after I/O or Ray's
     # start; a verifier that ran no verification; a hint naming `python -m` under `zooselect`
     (["jobs.standard", "--store", "/tmp/zs-none", "--companion-d", "100"],
-     "--companion-d must be in [1, --d - 1] = [1, 63], got 100"),
+     "--companion-d must be between 1 and 63 (one less than --d = 64), got 100"),
     (["jobs.standard", "--store", "/tmp/zs-none", "--probe-image-size", "4"],
      "--probe-image-size must be in [8, 512], got 4"),
     (["jobs.standard", "--store", "/tmp/zs-none", "--baseline-input-size", "-1"],
@@ -858,6 +858,27 @@ def test_long_model_ids_are_printed_whole():
                                "pareto_cost": "params"}], "std-x", 2)
     assert all(printed.count(m + " ") == 2 for m in ids)
     assert len({line.index("0.5000") for line in printed.splitlines() if "0.5000" in line}) == 1  # aligned
+
+
+def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(tmp_path):
+    """A review (session 44): on a cluster whose nodes do not share a local store's folder, actors wrote
+    their rows to their own nodes' disks; `jobs.embed` said "3 embedded", exit 0, and the store the user
+    named held none. The driver now checks each row it is told of (a local store only)."""
+    from jobs.runtime import row_seen_here
+    from selection.embedder import EmbedResult
+    from selection.storage import Store
+
+    store = Store(str(tmp_path / "s"))
+    store.write_bytes("embeddings/x/rows/here.parquet", b"x")
+    here = EmbedResult("zoo/a", "embedded", path="embeddings/x/rows/here.parquet", worker="node-a:12")
+    gone = EmbedResult("zoo/b", "embedded", path="embeddings/x/rows/there.parquet", worker="node-b:34")
+    assert row_seen_here(here, store) is here and row_seen_here(gone, None) is gone  # None: an S3 store
+    failed = row_seen_here(gone, store)
+    assert failed.status == "failed" and failed.reason == (
+        f"model 'zoo/b': its row was written to {store.root} on node-b, where this driver does not see it: on a "
+        f"cluster of several nodes a local-directory store must be a folder every node mounts at the same path; "
+        f"use s3:// or such a folder")
+    assert row_seen_here(EmbedResult("zoo/c", "failed", "boom"), store).reason == "boom"
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published, monkeypatch):

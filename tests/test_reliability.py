@@ -696,6 +696,34 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     with pytest.raises(ConfigError, match="actors that take no CPU and no GPU are not bounded"):
         size_actors(ActorOptions(cpus_per_actor=0), {"CPU": 16})  # no GPU on the cluster: 0 GPUs each
     assert size_actors(ActorOptions(0, cpus_per_actor=0, max_in_flight=3), {"CPU": 16}) == (0.0, 3)
+    # A review (session 44): the most CPUs of any node and the most GPUs of any node were checked apart:
+    # a 2-CPU, 1-GPU actor passed on a 4-CPU head beside a 1-CPU GPU node, and Ray waited for ever.
+    head, gpu_node = {"CPU": 4.0}, {"CPU": 1.0, "GPU": 1.0}
+    with pytest.raises(ConfigError, match=re.escape(
+            "an actor needs 1 GPU(s) (gpus_per_actor) and 2 CPU(s) (cpus_per_actor) on one node, but no node has "
+            "them all (nodes: 0 GPU, 4 CPU; 1 GPU, 1 CPU) (if the cluster adds nodes on demand: --autoscaling)")):
+        size_actors(ActorOptions(1, cpus_per_actor=2), {"CPU": 5, "GPU": 1}, node=[head, gpu_node])
+    assert size_actors(ActorOptions(1, cpus_per_actor=1), {"CPU": 5, "GPU": 1}, node=[head, gpu_node]) == (1.0, 1)
+
+
+@pytest.mark.parametrize("value,needle", [
+    (1.5, "--verify-gpus must be at most 1 (each process uses one GPU; a fraction shares one), got 1.5"),
+    (2, "--verify-gpus must be at most 1"),
+    (1e-5, "--verify-gpus must be 0 or at least 0.0001 (Ray's smallest share), got 1e-05"),
+])
+def test_gpu_amounts_ray_refuses_when_work_is_submitted_are_refused_before_it(value, needle):
+    """A review (session 44): `--verify-gpus 1.5` passed the check, and Ray refused it with a ValueError
+    traceback when the verifications were submitted, after every task was embedded and the table swept
+    (`reindex --gpus-per-actor 1.5`: after the removed models were deleted). A process uses one device, so
+    more than 1 GPU would only reserve GPUs that sit idle."""
+    from jobs.runtime import ActorOptions, check_amount
+
+    with pytest.raises(ConfigError, match="^" + re.escape(needle)):
+        check_amount("--verify-gpus", value, gpus=True)
+    with pytest.raises(ConfigError, match="^gpus_per_actor must be"):
+        ActorOptions(gpus_per_actor=value)
+    check_amount("--cpus-per-actor", 1.5)  # CPUs: fractions above 1 are Ray's to give
+    check_amount("--verify-gpus", 0.25, gpus=True)
 
 
 def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(ray_local, monkeypatch):
@@ -705,7 +733,7 @@ def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(
     from selection.errors import ClusterError
 
     real = runtime.node_resources
-    monkeypatch.setattr(runtime, "node_resources", lambda: {"CPU": 0.0})
+    monkeypatch.setattr(runtime, "node_resources", lambda: [{"CPU": 0.0}])
     with pytest.raises(ConfigError, match=r"a task embedding needs 1 CPU\(s\) \(1 per task\) but no node has more "
                                           r"than 0 CPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
         runtime.map_tasks(_square, [1], what="a task embedding", progress=False)
