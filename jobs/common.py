@@ -203,12 +203,26 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         code = 1
     if sys.gettrace() is not None or sys.getprofile() is not None:
         sys.exit(code)
+    interrupted: list[bool] = []
+
+    def on_interrupt(*_: Any) -> None:  # an exit handler's KeyboardInterrupt is printed as "ignored": none is raised
+        if interrupted:  # a second Ctrl-C: a handler (Ray's shutdown) that hangs is not waited for
+            os._exit(130)
+        interrupted.append(True)
+
     try:
         try:
             threading._shutdown()  # type: ignore[attr-defined]  # what interpreter shutdown does: executors too
-        except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C or SIGTERM while waiting for threads
-            code = 130 if isinstance(exc, KeyboardInterrupt) else _TERMINATED
+        except KeyboardInterrupt:  # Ctrl-C while waiting for threads
+            interrupted.append(True)
+        except SystemExit:  # SIGTERM
+            code = _TERMINATED
+        with contextlib.suppress(ValueError):  # not the main thread: signals are not this code's
+            signal.signal(signal.SIGINT, on_interrupt)
         atexit._run_exitfuncs()
+        if interrupted and code != 130:  # after the work: still one line and 130, as before it (B274)
+            print("error: interrupted", file=sys.stderr)
+            code = 130
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

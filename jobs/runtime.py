@@ -115,6 +115,7 @@ def init(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
+        _own_sigterm()
         return
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
@@ -141,8 +142,14 @@ def init(address: str | None = None) -> None:
         # every run of every job: kept on, that advice is not shown.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_quiet_auth_advice)
         ray.init(address="local", **kwargs)  # never attach to a stray `ray start` cluster
+    _own_sigterm()
+
+
+def _own_sigterm() -> None:
+    """SIGTERM ends the job with one line and 143 (`jobs.common.terminated`): Ray's own handler, which
+    `ray.init` installs, aborts with a C++ stack dump."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, terminated)  # Ray's own handler aborts with a C++ stack dump
+        signal.signal(signal.SIGTERM, terminated)
 
 
 def cluster_resources() -> dict[str, float]:

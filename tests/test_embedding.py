@@ -77,52 +77,70 @@ def _exact_loo_strength(x, y, grid, scale_ref):
     return grid[int(np.argmin(errs))]
 
 
+DRAWS = 20  # the ridge-strength properties below hold for most draws of the data, not every one
+
+
 @pytest.mark.parametrize("n,k", [(40, 120), (60, 59), (150, 20)])
-def test_gcv_counting_the_intercept_picks_the_leave_one_out_strength(rng, n, k):
+def test_gcv_counting_the_intercept_picks_the_leave_one_out_strength(n, k):
     """GCV of the affine fit counts the intercept's degree of freedom: on wide x (k >= n - 1) GCV
     without it tends to 0 with the strength and picks the grid's weakest ridge (an interpolation),
-    with it GCV picks the strength that exact leave-one-out picks; on narrow x the two agree."""
+    with it GCV picks the strength that exact leave-one-out picks; on narrow x the two agree. Stated
+    over 20 draws: on 100 draws affine GCV was within one grid step of leave-one-out on 93-100 %, and
+    where leave-one-out wants a ridge (>= 1000x the weakest) it was > 100x slopes GCV's on 89-94 %."""
     from selection.embedding import RIDGE_GRID
 
-    x = rng.normal(size=(n, k)) / np.sqrt(np.arange(1, k + 1))  # a decaying spectrum
-    y = x @ rng.normal(size=(k, 4)) + 0.5 * rng.normal(size=(n, 4))
-    _, _, slopes = ridge_gcv(x, y, scale="trace", gcv="slopes")
-    coef, icpt, affine = ridge_gcv(x, y, scale="trace", gcv="affine")
-    ref = float(((x - x.mean(0)) ** 2).sum()) / min(n - 1, k)
-    assert np.allclose(coef, _closed_form_ridge(x, y, affine), rtol=1e-6, atol=1e-9)
-    loo = _exact_loo_strength(x, y, RIDGE_GRID, ref)
-    assert abs(np.log10(affine / ref) - np.log10(loo)) <= 0.5 + 1e-9  # within one grid step
+    near = weakest = wanted = ahead = 0
+    for seed in range(DRAWS):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, k)) / np.sqrt(np.arange(1, k + 1))  # a decaying spectrum
+        y = x @ rng.normal(size=(k, 4)) + 0.5 * rng.normal(size=(n, 4))
+        _, _, slopes = ridge_gcv(x, y, scale="trace", gcv="slopes")
+        coef, icpt, affine = ridge_gcv(x, y, scale="trace", gcv="affine")
+        ref = float(((x - x.mean(0)) ** 2).sum()) / min(n - 1, k)
+        assert np.allclose(coef, _closed_form_ridge(x, y, affine), rtol=1e-6, atol=1e-9)
+        loo = _exact_loo_strength(x, y, RIDGE_GRID, ref)
+        near += abs(np.log10(affine / ref) - np.log10(loo)) <= 0.5 + 1e-9  # within one grid step
+        if k >= n - 1:
+            weakest += bool(np.isclose(slopes, RIDGE_GRID[0] * ref))
+            wanted += loo >= 1000 * RIDGE_GRID[0]
+            ahead += loo >= 1000 * RIDGE_GRID[0] and affine > 100 * slopes
+        else:
+            assert np.isclose(slopes, affine, rtol=0.5) or abs(np.log10(slopes / affine)) <= 0.5 + 1e-9
+    assert near >= 0.8 * DRAWS, near
     if k >= n - 1:
-        assert np.isclose(slopes, RIDGE_GRID[0] * ref) and affine > 100 * slopes
-    else:
-        assert np.isclose(slopes, affine, rtol=0.5) or abs(np.log10(slopes / affine)) <= 0.5 + 1e-9
+        assert weakest >= 0.8 * DRAWS and wanted >= 0.25 * DRAWS and ahead >= 0.8 * wanted, (weakest, wanted, ahead)
     with pytest.raises(ValueError, match="got 'both'"):
         ridge_gcv(x, y, gcv="both")
 
 
-def test_probe_task_matrix_of_a_few_shot_task_is_the_leave_one_out_ridge(rng):
+def test_probe_task_matrix_of_a_few_shot_task_is_the_leave_one_out_ridge():
     """The probe task embedding's ridge (one-hot labels on z) has the strength exact leave-one-out
     picks, within one grid step, also when the task has fewer images than z has features; it is
-    not the grid's weakest ridge (an interpolation of the labels)."""
+    not the grid's weakest ridge (an interpolation of the labels). Stated over 20 draws (on 100, 91 % of
+    draws had both)."""
     from selection.embedding import RIDGE_GRID
 
     n_per, d = 8, 64
     labels = np.repeat(np.arange(3), n_per)
-    z = rng.normal(size=(len(labels), d)) / np.sqrt(np.arange(1, d + 1))
-    z[:, :3] += 0.6 * np.eye(3)[labels]
     y = np.eye(3)[labels]
-    s = np.linalg.svd(z - z.mean(0), compute_uv=False)
-    ref = float((s[s > s[0] * 1e-10] ** 2).mean())  # the `rank` scale task_matrix searches with
-    loo = _exact_loo_strength(z, y, RIDGE_GRID, ref)
+    near = not_weakest = 0
+    for seed in range(DRAWS):
+        rng = np.random.default_rng(seed)
+        z = rng.normal(size=(len(labels), d)) / np.sqrt(np.arange(1, d + 1))
+        z[:, :3] += 0.6 * np.eye(3)[labels]
+        s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+        ref = float((s[s > s[0] * 1e-10] ** 2).mean())  # the `rank` scale task_matrix searches with
+        loo = _exact_loo_strength(z, y, RIDGE_GRID, ref)
 
-    def g_at(rel):
-        w = _closed_form_ridge(z, y, rel * ref)
-        return w @ w.T / np.trace(w @ w.T)
+        def g_at(rel):
+            w = _closed_form_ridge(z, y, rel * ref)
+            return w @ w.T / np.trace(w @ w.T)
 
-    g = task_matrix(z, labels, "probe")
-    near = [rel for rel in RIDGE_GRID if abs(np.log10(rel) - np.log10(loo)) <= 0.5 + 1e-9]
-    assert loo > RIDGE_GRID[0] and any(np.allclose(g, g_at(rel), atol=1e-6) for rel in near)
-    assert not np.allclose(g, g_at(RIDGE_GRID[0]), atol=1e-3)
+        g = task_matrix(z, labels, "probe")
+        near += any(np.allclose(g, g_at(rel), atol=1e-6) for rel in RIDGE_GRID
+                    if abs(np.log10(rel) - np.log10(loo)) <= 0.5 + 1e-9)
+        not_weakest += not np.allclose(g, g_at(RIDGE_GRID[0]), atol=1e-3)
+    assert near >= 0.8 * DRAWS and not_weakest >= 0.8 * DRAWS, (near, not_weakest)
 
 
 def test_coverage_of_features_that_contain_z_is_one_and_noise_is_low(rng):

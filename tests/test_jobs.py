@@ -396,29 +396,67 @@ def test_bad_input_one_line_error(args, needle):
     assert "Traceback" not in r.stderr
 
 
+_HELD_IN_TORCH_IMPORT = r"""
+import importlib.abc, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever pytest's process had
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+fd = int(os.environ.pop("ZS_HELD_FD"))
+
+
+class Held(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch._C":  # torch half imported: where the 40-line traceback came from
+            sys.meta_path.remove(self)
+            os.write(fd, b"x")
+            os.close(fd)
+            while True:  # until the test's SIGINT
+                time.sleep(0.05)
+        return None
+
+
+sys.meta_path.insert(0, Held())
+import runpy
+runpy.run_module("selection.cli", run_name="__main__", alter_sys=True)  # as python -m selection.cli
+"""
+
+
 def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     """A review (session 41): Ctrl-C in the seconds `zooselect CMD` imports torch and Ray gave a 40-line
-    traceback from inside torch's import, and the process died by the signal."""
+    traceback from inside torch's import, and the process died by the signal. The command is held inside
+    torch's import until the signal is sent (sessions 43-44: a signal sent after polling the child's
+    memory map for libtorch could land after the imports, on a loaded machine: exit 0, no line)."""
+    import select
     import signal
 
-    def interruptible() -> None:  # as at a terminal: an ignored or blocked SIGINT is inherited from this process
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-    proc = subprocess.Popen([sys.executable, "-m", "selection.cli", "select", "--help"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
-    # Inside the job's imports: once torch's library is mapped (a fixed 0.7 s sleep sometimes fell
-    # outside them on a loaded CI machine: exit 0, nothing printed; session 43)
-    deadline = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/maps") as fh:
-            if "libtorch" in fh.read():
-                break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the command ended before it imported torch"
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_IN_TORCH_IMPORT, "select", "--help"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(write,),
+                            env={**os.environ, "ZS_HELD_FD": str(write)})
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 120)[0] and os.read(read, 1) == b"x", "never reached torch's import"
+    finally:
+        os.close(read)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err, out[:80])
+
+
+@pytest.mark.parametrize("stage", ["threads", "exit handlers"])
+def test_ctrl_c_after_the_work_is_one_line_and_130(stage):
+    """A review (session 44): a Ctrl-C while a job's process ended (joining threads, running exit handlers
+    such as Ray's shutdown) exited 130 with no line, or 0 with an "Exception ignored in atexit callback …
+    KeyboardInterrupt" traceback. The signal is sent from inside that stage."""
+    code = ("import atexit, os, signal, threading, time\n"
+            "from jobs.common import run_program\n"
+            "def ctrl_c():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.5)\n"
+            + ("threading.Thread(target=lambda: (time.sleep(0.3), ctrl_c())).start()\n" if stage == "threads"
+               else "atexit.register(ctrl_c)\n")
+            + "run_program(lambda argv: print('done') or 0, [])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "done\n", "error: interrupted\n")
 
 
 def test_config_errors_name_flags_but_quote_the_value_as_given(tmp_path):
@@ -1042,7 +1080,10 @@ def test_sigterm_ends_a_job_with_one_line_and_143(ray_local, capsys):
 
     from jobs import common
 
-    assert signal.getsignal(signal.SIGTERM) is common.terminated  # installed by runtime.init
+    from jobs import runtime
+
+    runtime.init(None)  # Ray runs already (the module's): the handler is installed all the same
+    assert signal.getsignal(signal.SIGTERM) is common.terminated
 
     def main(argv):
         try:
