@@ -124,7 +124,8 @@ def build_zoo(plan: Any, store: Store, endpoint: str | None, gpus: float,
         print(f"[1/7] training {len(specs)} models ({len(members)} zoo members, {len(general_specs)} general)"
               + (f" on {gpus:g} GPU each" if gpus else ""), flush=True)
     trained = runtime.map_tasks(_train, [(s, store.url, endpoint) for s in specs], num_gpus=gpus,
-                                shared="cuda" if gpus else "cpu", desc="train", progress=progress)
+                                shared="cuda" if gpus else "cpu", desc="train", progress=progress,
+                                what="a training")
     _raise_first(trained, "training failed")
     entries: dict[str, CatalogEntry] = {m.id: m.entry for m in plan.zoo if m.entry is not None}
     for m, e in zip(members, trained):
@@ -235,7 +236,8 @@ def quality(args: argparse.Namespace) -> int:
     # 2. the standards (held out of the zoo)
     configs = [sp.config(sp.baseline or general_entries[sp.name]) for sp in plan.standards]
     say("standards", f"[2/7] standards: {', '.join(sp.name for sp in plan.standards)}")
-    stds = runtime.map_tasks(_standard, [(c, store.url, ep) for c in configs], desc="standards", progress=progress)
+    stds = runtime.map_tasks(_standard, [(c, store.url, ep) for c in configs], desc="standards", progress=progress,
+                            what="a standard's build")
     _raise_first(stds, "building a standard failed")
 
     # 3. tasks; SE task embeddings (one Ray task per standard). Run before the actors start, on the
@@ -246,14 +248,15 @@ def quality(args: argparse.Namespace) -> int:
     splits = [plan.task_protocols(r) for r in range(plan.splits)]
     temb = runtime.map_tasks(_task_embeddings, [(i, plan.methods, splits, plan.task_image_size)
                                                 for i in range(len(stds))],
-                             shared=(stds, tasks), desc="task embeddings", progress=progress)
+                             shared=(stds, tasks), desc="task embeddings", progress=progress,
+                             what="a standard's task embeddings")
     _raise_first(temb, "task embedding failed")
 
     # 4. ground truth + brute force: every candidate on every task (cached per model and task in the store)
     say("ground truth", f"[4/7] ground truth and brute-force scores: {len(catalog)} models x {len(tasks)} tasks "
                         f"x {plan.splits} splits")
     truth_list = runtime.map_tasks(_evaluate, catalog, shared=(tasks, plan, store.url, ep),
-                                   desc="ground truth", progress=progress)
+                                   desc="ground truth", progress=progress, what="a model's ground truth")
     _raise_first(truth_list, "ground truth failed")
     truth = {e.id: r for e, r in zip(catalog, truth_list)}
 

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["--store", store.url] + flags + (["--no-default"] if keep_default else [])))
     print("[2/5] demo zoo: training 4 small models on different data")
     trained = runtime.map_tasks(_train, [(s, store.url) for s in TRAINED], desc="train",
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, what="a training")
     failed = [t for t in trained if isinstance(t, ZooselectError)]
     if failed:
         raise failed[0]
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "for comparison only: selection runs no candidate but the verified top k)")
     items = [(e, t) for t in TASKS.values() for e in entries]
     accs = runtime.map_tasks(_truth, items, shared=std.input_size, desc="ground truth",
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, what="a ground-truth probe")
     truth: dict[str, dict[str, float]] = {}
     for (e, t), acc in zip(items, accs):
         if not isinstance(acc, ZooselectError):

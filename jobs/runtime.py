@@ -227,8 +227,8 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     shared_ref = ray.put(shared)
     refs = [remote.remote(fn, shared_ref, item) for item in items]
     if not keep:
-        return _gather(refs, desc, progress, fail_fast)
-    return list(zip(_gather([r for r, _ in refs], desc, progress, fail_fast), [kept for _, kept in refs]))
+        return _gather(refs, desc, progress, fail_fast, what)
+    return list(zip(_gather([r for r, _ in refs], desc, progress, fail_fast, what), [kept for _, kept in refs]))
 
 
 class TaskCrashed(ClusterError):
@@ -278,7 +278,7 @@ def _wait(refs: list[Any], what: str) -> tuple[list[Any], list[Any]]:
                     "shows the demand no node meets", len(pending), what, waited)
 
 
-def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False) -> list[Any]:
+def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False, what: str = "a task") -> list[Any]:
     import ray
 
     from selection.errors import ZooselectError
@@ -297,7 +297,7 @@ def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False)
                     crashed = isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
                                                ray.exceptions.NodeDiedError))
                     results[index[ref]] = (TaskCrashed if crashed else ClusterError)(
-                        f"a {desc or 'Ray'} task failed: {text[:300]}")
+                        f"{what} failed: {text[:300]}")
                 else:
                     if fail_fast and isinstance(results[index[ref]], ZooselectError):
                         for other in pending:

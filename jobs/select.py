@@ -145,6 +145,9 @@ def _raise_failed(tasks: list[str], outcomes: list[Any]) -> None:
     failed = [(t, e) for t, e in zip(tasks, outcomes) if isinstance(e, ZooselectError)]
     if len(failed) == 1:
         raise failed[0][1]
+    if failed and len({str(e) for _, e in failed}) == 1:  # one cause (Ray's node died): said once
+        raise type(failed[0][1])(f"{len(failed)} of {len(tasks)} tasks failed ({', '.join(repr(t) for t, _ in failed)}): "
+                                 f"{failed[0][1]}")
     if failed:
         raise type(failed[0][1])(f"{len(failed)} of {len(tasks)} tasks failed: "
                                  + "; ".join(f"{t!r}: {e}" for t, e in failed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"zooselect {__version__}")
         sys.exit(0)
     if argv[0] not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"error: unknown command {argv[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}\n{usage()}",
+              file=sys.stderr)
         sys.exit(2)
     try:
         module = importlib.import_module(COMMANDS[argv[0]][0])  # seconds: torch, Ray

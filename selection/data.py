@@ -688,6 +688,23 @@ def image_extensions() -> tuple[str, ...]:
         return IMAGE_EXTENSIONS + ((".avif",) if features.check("avif") else ())
 
 
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"})
+
+
+def _refuse_split_folders(url: str, by_class: dict[str, list[str]]) -> None:
+    """A dataset's root (`train/<class>/`, `val/<class>/`: Kaggle's, torchvision's layout) read as a task would
+    be a task of telling the splits apart, selected for without a word (a review, session 44): refused when
+    every class folder is named as a split and holds its images only in subfolders."""
+    if not all(c.lower() in SPLIT_NAMES for c in by_class):
+        return
+    inner = {c: {f.split("/")[1] for f in files if f.count("/") >= 2} for c, files in by_class.items()}
+    if all(inner[c] and all(f.count("/") >= 2 for f in files) for c, files in by_class.items()):
+        one = sorted(by_class)[0]
+        raise DataError(f"task {url!r}: its class folders {sorted(by_class)} are a dataset's splits, each holding "
+                        f"the images in subfolders (e.g. {sorted(inner[one])[:5]}): pass one split as the task, "
+                        f"e.g. {url.rstrip('/')}/{one}")
+
+
 def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
     from selection.storage import Store
     from selection.errors import StoreError
@@ -733,6 +750,7 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
     if not by_class:
         raise DataError(f"task {url!r} has no images in class subfolders (expected {url}/<class>/<image>)")
     names = tuple(sorted(by_class))
+    _refuse_split_folders(url, by_class)
     images, labels = [], []
     for ci, cname in enumerate(names):
         for f in sorted(by_class[cname]):

@@ -30,7 +30,7 @@ RESULT_SCHEMA = pa.schema([
     ("weigh_parts", pa.bool_())])
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
-               "probe": "probe accuracy on a held-out half"}
+               "probe": "probe accuracy on a held-out half of"}
 
 
 def ranked_record(r: Ranked) -> dict[str, Any]:
@@ -99,7 +99,8 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
                          "(1 = alone first in both; ties share their mid-rank)")
         if res.get("verified_by"):
-            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} on the task's labelled images")
+            by = VERIFIED_BY[res['verified_by']]
+            lines.append(f"verified: {by}{'' if by.endswith(' of') else ' on'} the task's labelled images")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
                          f"that is unknown passes none; a tag is compared exactly, case included: `{ls_command}`), "

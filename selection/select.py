@@ -48,6 +48,16 @@ NUMERIC_FIELDS = ("num_params", "params", "gflops", "input_size", "feature_dim")
 TEXT_FIELDS = ("tag", "tags", "license", "arch")
 
 
+_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}  # as `table ls` prints params (4.9M); B: billions
+
+
+def _number(text: str) -> float:
+    """A constraint's number: `5e6`, or with a K, M, G (or B) suffix, `5M` (ValueError if neither)."""
+    if len(text) > 1 and text[-1].lower() in _SUFFIXES and (text[-2].isdigit() or text[-2] == "."):
+        return float(text[:-1]) * _SUFFIXES[text[-1].lower()]
+    return float(text)
+
+
 @dataclass(frozen=True)
 class Constraint:
     """`field op value`, e.g. `params<=5e6`, `gflops<1`, `tag=footwear`, `license!=cc-by-nc`."""
@@ -71,9 +81,9 @@ class Constraint:
             raise ConfigError(f"constraint {text!r}: unknown operator {self.op!r} (known: {', '.join(_OPS)})")
         if self.field in NUMERIC_FIELDS:
             try:
-                number = float(self.value)
+                number = _number(self.value)
             except ValueError:
-                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number") from None
+                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number (e.g. 5e6, 5M, 0.5G)") from None
             if not math.isfinite(number):
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a finite number")
         elif self.op not in ("=", "==", "!="):
@@ -95,7 +105,7 @@ class Constraint:
         if name in NUMERIC_FIELDS:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
             with np.errstate(invalid="ignore"):  # an unknown value (null, NaN GFLOPs) passes no constraint
-                return np.asarray(_OPS[self.op](col, float(self.value)), bool) & ~np.isnan(col)
+                return np.asarray(_OPS[self.op](col, _number(self.value)), bool) & ~np.isnan(col)
         if name in ("tag", "tags"):
             has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
             return has if self.op != "!=" else ~has

@@ -396,6 +396,18 @@ def test_bad_input_one_line_error(args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_tasks_failing_for_one_cause_say_it_once():
+    """A review (session 44): a Ray node that died gave "a tasks task failed: The task's local raylet died…"
+    once per task, four times over; the cause is said once, the tasks named."""
+    from jobs.select import _raise_failed
+    from selection.errors import ClusterError
+
+    died = ClusterError("a task embedding failed: The task's local raylet died.")
+    with pytest.raises(ClusterError, match=re.escape("2 of 3 tasks failed ('a', 'c'): a task embedding failed: "
+                                                     "The task's local raylet died.") + "$"):
+        _raise_failed(["a", "b", "c"], [died, 1, ClusterError(str(died))])
+
+
 _HELD_IN_TORCH_IMPORT = r"""
 import importlib.abc, os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever pytest's process had
@@ -650,6 +662,8 @@ def test_help_works():
     assert r.returncode == 0 and "reindex" in r.stdout
     r = _run("selection.cli")  # no command: a usage error (it exited 0)
     assert r.returncode == 2 and r.stderr.startswith("error: a command is required\nusage: zooselect COMMAND")
+    r = _run("selection.cli", "selct")  # a typo is named, with what it is close to (session 44)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'selct' (did you mean 'select'?)\n")
     for cmd in ("select", "reindex", "table"):  # each job's usage names the command that ran it
         r = _run("selection.cli", cmd, "--help")
         assert r.returncode == 0 and r.stdout.startswith(f"usage: zooselect {cmd} "), (cmd, r.stdout[:80])

@@ -311,6 +311,28 @@ def test_task_paths_starting_with_a_tilde_are_read_from_home(tmp_path, monkeypat
     assert len(load_dataset("~/t.parquet", 16)) == 2
 
 
+def test_a_dataset_root_of_split_folders_is_refused_not_read_as_a_task_of_its_splits(tmp_path):
+    """A review (session 44): `--task data` over `data/train/<class>/`, `data/val/<class>/` (Kaggle's and
+    torchvision's layout) was a 2-class task "train vs val", ranked with exit 0. Classes named otherwise,
+    or split folders holding images of their own, are read as before."""
+    root = tmp_path / "data"
+    for rel in ("train/sandal/a.png", "train/sneaker/b.png", "val/sandal/c.png", "val/sneaker/d.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png((255, 0, 0)))
+    with pytest.raises(DataError, match=re.escape(
+            f"task {str(root)!r}: its class folders ['train', 'val'] are a dataset's splits, each holding the images "
+            f"in subfolders (e.g. ['sandal', 'sneaker']): pass one split as the task, e.g. {root}/train")):
+        load_dataset(str(root), 16)
+    assert load_dataset(str(root / "train"), 16).classes == ("sandal", "sneaker")
+    (root / "val" / "e.png").write_bytes(_png((0, 0, 255)))  # an image of its own: a class after all
+    assert load_dataset(str(root), 16).classes == ("train", "val")
+    other = tmp_path / "pets"
+    for rel in ("cat/indoor/a.png", "dog/indoor/b.png"):
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_bytes(_png((0, 255, 0)))
+    assert load_dataset(str(other), 16).classes == ("cat", "dog")
+
+
 def test_image_folder_classes_hold_their_nested_images(tmp_path, caplog):
     """As torchvision's ImageFolder: images in subfolders of a class folder are that class's (they were
     skipped silently); images beside the class folders are left out with a warning, hidden folders

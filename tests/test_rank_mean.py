@@ -147,6 +147,19 @@ def test_a_model_whose_value_is_unknown_passes_no_numeric_constraint():
                      "gflops>=1": [False, True, False, False], "gflops=1": [False, True, False, False]}
 
 
+def test_numeric_constraints_take_the_units_the_tables_print():
+    """A review (session 44): `table ls` prints params as 4.9M, and `--where params<=5M` was "not a number"."""
+    meta = pa.table({"model_id": ["a", "b", "c"], "num_params": [4_900_000, 5_000_001, 1_200_000_000]})
+    masks = {w: Constraint.parse(w).mask(meta).tolist() for w in ("params<=5M", "params<=5m", "params>1.1B",
+                                                               "params<5e6", "params<=5000k", "params>=0.5G")}
+    assert masks == {"params<=5M": [True, False, False], "params<=5m": [True, False, False],
+                     "params>1.1B": [False, False, True], "params<5e6": [True, False, False],
+                     "params<=5000k": [True, False, False], "params>=0.5G": [False, False, True]}
+    for bad in ("5MM", "M", "5X"):
+        with pytest.raises(ConfigError, match=re.escape(f"'{bad}' is not a number (e.g. 5e6, 5M, 0.5G)")):
+            Constraint.parse(f"params<={bad}")
+
+
 def test_an_arch_constraint_matches_tagged_architectures_and_licenses_match_in_any_case():
     """A review (session 43): `arch=resnet10t` dropped a model catalogued as `resnet10t.c3_in1k` (a
     tag names its weights, not its network) and `arch!=resnet10t` kept it; `license=MIT` missed `mit`

@@ -738,9 +738,9 @@ def test_tasks_that_no_node_can_hold_are_refused_and_a_dead_worker_is_one_error(
                                           r"than 0 CPUs \(if the cluster adds nodes on demand: --autoscaling\)"):
         runtime.map_tasks(_square, [1], what="a task embedding", progress=False)
     monkeypatch.setattr(runtime, "node_resources", real)
-    out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, desc="verify")
+    out = runtime.map_tasks(_square, [2, -1, 3], progress=False, max_retries=0, desc="verify", what="a verification")
     assert out[0] == 4 and out[2] == 9
-    assert isinstance(out[1], ClusterError) and str(out[1]).startswith("a verify task failed: ")
+    assert isinstance(out[1], ClusterError) and str(out[1]).startswith("a verification failed: ")  # was "a verify task"
 
 
 def test_kept_values_stay_in_the_object_store_and_errors_come_back(ray_local):
