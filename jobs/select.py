@@ -163,7 +163,8 @@ def _outcome(fn: Callable[[], Any]) -> Any:
 
 def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], config: SelectConfig,
            progress: bool = True, verify_gpus: float = 0, autoscaling: bool = False,
-           task_gpus: float = 0, parallel_sweep: bool = True) -> list[dict[str, Any]]:
+           task_gpus: float = 0, parallel_sweep: bool = True,
+           loaded: dict[str, tuple[ImageSet, float]] | None = None) -> list[dict[str, Any]]:
     """Embed the tasks (in parallel, each a Ray task holding `task_gpus` GPUs), sweep the table once (a
     store's, listed after the tasks are embedded, or one in memory; with `parallel_sweep`, a store of
     several parts in one Ray task per part, on this machine's node for a local directory), verify (each verification a Ray
@@ -171,14 +172,17 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
 
     Each task is read and decoded once: a local one here (the cluster's other nodes may not see this
     machine's disk), an s3:// or built-in one by its embedding's Ray task; the decoded images then stay
-    in the object store for that task's verifications.
+    in the object store for that task's verifications. `loaded`: local tasks read already (`load_local_tasks`,
+    before Ray started), with the seconds that took; each is handed to the object store and let go here.
     """
     if config.verify_top_k and verify_gpus:  # checked before any work, not when the verification starts
         runtime.check_fits("a verification", {"CPU": (1, "1 per task"), "GPU": (verify_gpus, "--verify-gpus")},
                            runtime.node_resources(), autoscaling)
-    t0 = time.perf_counter()
-    sources = [_outcome(lambda t=t: runtime.put(load_task(t, config, std))) if _local_task_path(t) is not None else t
-               for t in tasks]
+    loaded = loaded if loaded is not None else {}
+    t0 = time.perf_counter() - sum(seconds for _, seconds in loaded.values())
+    sources = [runtime.put(loaded.pop(t)[0]) if t in loaded
+               else _outcome(lambda t=t: runtime.put(load_task(t, config, std))) if _local_task_path(t) is not None
+               else t for t in tasks]
     _raise_failed(tasks, sources)  # every local task that fails to load, before any embedding runs
     done = runtime.map_tasks(_task_embedding, [(s, config, task_gpus > 0) for s in sources], shared=std,
                              num_gpus=task_gpus, desc="tasks", progress=progress, what="a task embedding",
@@ -212,6 +216,20 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     return out
 
 
+def load_local_tasks(tasks: list[str], config: SelectConfig, std: Standard) -> dict[str, tuple[ImageSet, float]]:
+    """The local tasks read and checked here, each with the seconds it took; every one that fails is named
+    at once (before Ray starts: a task folder's mistakes took 10 s of Ray's start to be told; a review,
+    session 44)."""
+    loaded: dict[str, Any] = {}
+    for t in tasks:
+        if _local_task_path(t) is not None:
+            start = time.perf_counter()
+            task = _outcome(lambda t=t: load_task(t, config, std))
+            loaded[t] = task if isinstance(task, ZooselectError) else (task, time.perf_counter() - start)
+    _raise_failed(tasks, [loaded.get(t) for t in tasks])
+    return loaded
+
+
 def _local_task_path(spec: str) -> str | None:
     """The real path of a local task (a folder or file, `file://` or not), which other nodes may not
     see; None for others."""
@@ -225,14 +243,16 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
     output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
     or not at all, every one that can be is, then a one-line error names those that could not (StoreError
     when the store's copy failed)."""
-    doc = json.dumps({"standard_id": std_id, "created_at": time.time(), "tasks": results}, indent=2)
+    created_at, run_id = time.time(), uuid.uuid4().hex[:8]
+    doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
+    table = results_table(results, std_id, run_id, created_at)
     if json_path == "-":
         print(doc, file=json_stream or sys.stdout, flush=True)
         json_path = None
 
     def write_parquet(path: str) -> None:
         with atomic_local_file(path) as tmp:
-            pq.write_table(results_table(results, std_id), tmp)
+            pq.write_table(table, tmp)
 
     failed, written = [], []
     for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())), (parquet_path, write_parquet)):
@@ -245,11 +265,11 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
             failed.append(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}")
     saved = None
     if store is not None:
-        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(created_at))}-{run_id}"
         try:
             store.write_bytes(f"{run}.json", doc.encode())
             saved = f"{store.url}/{run}"
-            store.write_table(f"{run}.parquet", results_table(results, std_id))
+            store.write_table(f"{run}.parquet", table)
         except StoreError as exc:
             failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
             if saved:  # the JSON without its Parquet: not left behind unsaid
@@ -316,10 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `--json -`: standard output holds the JSON alone; all else, the workers' output Ray forwards too, on stderr
     json_stream = sys.stdout if args.json == "-" else None
     with contextlib.redirect_stdout(sys.stderr) if json_stream else contextlib.nullcontext():
+        loaded = load_local_tasks(args.task, config, std)
         runtime.init(args.address)
         results = select(std, store, args.task, config, progress=not args.no_progress,
                          verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,
-                         parallel_sweep=not args.serial_sweep)
+                         parallel_sweep=not args.serial_sweep, loaded=loaded)
         m = results[0]["models_swept"]
         try:  # printed even when the store's copy cannot be written
             saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,11 @@ RESULT_SCHEMA = pa.schema([
     ("on_pareto_front", pa.bool_()),  # null: no Pareto front asked; a front member not listed has a null rank
     # what `score` and `verified` measure (a folder of results mixes runs): the record's, as `--json` says
     ("scored_by", pa.string()), ("verified_by", pa.string()), ("task_method", pa.string()),
-    ("weigh_parts", pa.bool_())])
+    ("weigh_parts", pa.bool_()),
+    # what makes two runs' scores comparable (a rank mean's score is a fraction among the run's candidates),
+    # and which run and task folder a row is of (a review, session 44): the record's, as `--json` says
+    ("models_swept", pa.int64()), ("where", pa.list_(pa.string())), ("task_path", pa.string()),
+    ("run_id", pa.string()), ("created_at", pa.timestamp("ms", tz="UTC"))])
 
 VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
                "probe": "probe accuracy on a held-out half of"}
@@ -64,8 +69,11 @@ def selection_record(task: str, sel: Selection, config: SelectConfig, std: Stand
             "where": [f"{c.field}{c.op}{c.value}" for c in config.constraints]}
 
 
-def results_table(records: list[dict[str, Any]], std_id: str) -> pa.Table:
-    """The records' ranked models (and front members not listed) as one table, RESULT_SCHEMA."""
+def results_table(records: list[dict[str, Any]], std_id: str, run_id: str | None = None,
+                  created_at: float | None = None) -> pa.Table:
+    """The records' ranked models (and front members not listed) as one table, RESULT_SCHEMA. `run_id`,
+    `created_at` (seconds since the epoch): the run's, on every row (what the job's JSON holds once)."""
+    when = None if created_at is None else datetime.datetime.fromtimestamp(round(created_at, 3), datetime.timezone.utc)
     rows = []
     for res in records:
         front = None if res.get("pareto") is None else {r["model_id"] for r in res["pareto"]}
@@ -74,7 +82,9 @@ def results_table(records: list[dict[str, Any]], std_id: str) -> pa.Table:
         rows += [dict(r, task=res["task"], standard_id=std_id,
                       on_pareto_front=None if front is None else r["model_id"] in front,
                       scored_by=res.get("scored_by"), verified_by=res.get("verified_by"),
-                      task_method=res.get("task_method"), weigh_parts=res.get("weigh_parts"))
+                      task_method=res.get("task_method"), weigh_parts=res.get("weigh_parts"),
+                      models_swept=res.get("models_swept"), where=res.get("where"), task_path=res.get("task_path"),
+                      run_id=run_id, created_at=when)
                  for r in res["ranking"] + extra]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 

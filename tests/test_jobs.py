@@ -140,6 +140,9 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
 
     assert pq.read_table(out_pq).num_rows == 6
     assert pq.read_table(out_pq).column("on_pareto_front").null_count == 6  # no --pareto
+    got = pq.read_table(out_pq).select(["run_id", "created_at", "models_swept", "where"]).to_pylist()
+    assert {r["run_id"] for r in got} == {doc["run_id"]} and {r["models_swept"] for r in got} == {doc["tasks"][0]["models_swept"]}
+    assert all(abs(r["created_at"].timestamp() - doc["created_at"]) <= 1e-3 for r in got)
     saved = store.list("results")
     assert len(saved) == 2 and {p.rsplit(".", 1)[1] for p in saved} == {"json", "parquet"}
     assert "results saved to" in printed
@@ -230,10 +233,17 @@ def test_embed_select_end_to_end(ray_local, published, catalog, tmp_path, capsys
     (tmp_path / "no-images").mkdir()
     (tmp_path / "one-class" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "one-class" / "a" / "x.png")
-    with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: '.*no-images': .*no images in class "
-                                             r"subfolders.*; '.*one-class': .*only one class"):
-        select.main(["--store", store.url, "--task", tasks[1], "--task", str(tmp_path / "no-images"),
-                     "--task", str(tmp_path / "one-class"), "--no-save", "--no-progress"])
+    from jobs import runtime
+
+    real_init = runtime.init
+    runtime.init = lambda *a: pytest.fail("Ray started before the local tasks were read")  # (session 44: 10 s later)
+    try:
+        with pytest.raises(ZooselectError, match=r"^2 of 3 tasks failed: '.*no-images': .*no images in class "
+                                                 r"subfolders.*; '.*one-class': .*only one class"):
+            select.main(["--store", store.url, "--task", tasks[1], "--task", str(tmp_path / "no-images"),
+                         "--task", str(tmp_path / "one-class"), "--no-save", "--no-progress"])
+    finally:
+        runtime.init = real_init
     with pytest.raises(ZooselectError, match=r"^task 'builtin:digits\?classes=3' has only one class"):
         select.main(["--store", store.url, "--task", tasks[1], "--task", "builtin:digits?classes=3", "--no-save",
                      "--no-progress"])  # loaded by its Ray task

@@ -1487,3 +1487,15 @@ def test_the_parquet_results_say_what_their_scores_and_verified_values_measure()
     assert t.select(["task", "scored_by", "verified_by"]).to_pylist() == [
         {"task": "a", "scored_by": "rank-mean", "verified_by": "logme"},
         {"task": "b", "scored_by": "full", "verified_by": None}]
+    # A review (session 44): a rank mean's score is a fraction among the run's candidates, so two runs with
+    # another --where scored one model 0.5 and 0.667, and nothing in the Parquet told the runs apart.
+    import datetime
+
+    records[0].update(models_swept=12, where=["params<=5M"], task_path="/data/a")
+    t = results_table(records, "std-x", run_id="0123abcd", created_at=1.5e9)
+    assert t.schema == RESULT_SCHEMA
+    assert t.select(["models_swept", "where", "task_path", "run_id", "created_at"]).to_pylist() == [
+        {"models_swept": 12, "where": ["params<=5M"], "task_path": "/data/a", "run_id": "0123abcd",
+         "created_at": datetime.datetime(2017, 7, 14, 2, 40, tzinfo=datetime.timezone.utc)},
+        {"models_swept": None, "where": None, "task_path": None, "run_id": "0123abcd",
+         "created_at": datetime.datetime(2017, 7, 14, 2, 40, tzinfo=datetime.timezone.utc)}]
