@@ -240,9 +240,26 @@ def test_targets_and_default_choice():
     assert not any(x["met"] for x in t.values())
     assert "below the required m" in t["T3a"]["detail"]
     assert (t["T3a"]["break_even_m"], t["T3b"]["break_even_m"]) == (30, 120)  # 5 s and 20 s at 20/12 s each
-    assert bench.choose_default_variant({"a": res}) == "full/probe"
-    other = _res(0.6, 2.0, 0.5, 0.5, 0.5, 100.0, dev_tau=(0.1, 0.2, 0.9, 0.0))
-    assert bench.choose_default_variant({"a": res, "b": other}) == "diagonal/probe"  # mean 0.5 vs 0.3
+
+
+def test_the_default_variant_changes_only_on_a_lead_beyond_the_noise():
+    """Session 44's rule: the incumbent (the library's default) stays unless a challenger's mean dev tau_w
+    leads it by more than 2 standard errors of the paired per-(task, standard) difference (the Fisher and
+    probe task embeddings had swapped the default on leads of 0.0004-0.0005)."""
+    inc, other = bench.variant_label("/".join(bench.DEFAULT_VARIANT)), bench.variant_label("per-source/fisher")
+    tasks = [f"t{i}" for i in range(6)]
+
+    def results(leads):
+        return {"a": {"per_task": {t: {inc: {"tau_w": 0.5}, other: {"tau_w": 0.5 + d}} for t, d in zip(tasks, leads)}},
+                "b": {"per_task": {t: {inc: {"tau_w": 0.6}, other: {"tau_w": 0.6 + d}} for t, d in zip(tasks, leads)}}}
+
+    noisy = results([0.05, -0.04, 0.03, -0.02, 0.01, -0.01])  # mean +0.003, SE about 0.008: noise
+    assert bench.choose_default_variant(noisy, tasks) == "/".join(bench.DEFAULT_VARIANT)
+    steady = results([0.03, 0.02, 0.04, 0.02, 0.03, 0.025])  # +0.0275, SE about 0.0011
+    assert bench.choose_default_variant(steady, tasks) == "per-source/fisher"
+    assert bench.choose_default_variant(steady, tasks[:0]) == "/".join(bench.DEFAULT_VARIANT)  # no dev task
+    test_only = {"a": {"per_task": {"t0": {inc: {"tau_w": 0.1}, other: {"tau_w": 0.9}}}}}
+    assert bench.choose_default_variant(test_only, ["t1"]) == "/".join(bench.DEFAULT_VARIANT)
 
 
 def test_bootstrap_interval_of_the_targets_over_tasks():
