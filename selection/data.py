@@ -486,8 +486,12 @@ def check_spec(spec: str) -> None:
 
 
 def load_dataset(spec: str | os.PathLike[str], size: int = DEFAULT_TASK_SIZE, *,
-                 store_options: dict | None = None) -> ImageSet:
-    """Load the dataset a spec names (a `pathlib.Path` too), resized to (size, size) RGB."""
+                 store_options: dict | None = None, draft: bool = False) -> ImageSet:
+    """Load the dataset a spec names (a `pathlib.Path` too), resized to (size, size) RGB. `draft`: JPEG
+    files are decoded at a reduced scale no smaller than twice `size` before the resize (45 photos of
+    1600x1200 to 64 px: 0.95 s -> 0.40 s, to 224 px: 0.90 s -> 0.50 s on one core; pixels within 1-3
+    levels of the full decode's); what a task takes, not a standard's probe set, whose pixels its digest
+    records."""
     spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     check_spec(spec)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 1024:
@@ -527,8 +531,8 @@ def load_dataset(spec: str | os.PathLike[str], size: int = DEFAULT_TASK_SIZE, *,
         images, labels = _per_class(images, labels, _int(p, "per_class", None, spec), seed, _int(p, "n", None, spec))
         return ImageSet(resize_images(images, size), labels, names, spec)
     if spec.rstrip("/").endswith(".parquet"):
-        return _load_parquet(spec, size, store_options or {})
-    return _load_image_folder(spec, size, store_options or {})
+        return _load_parquet(spec, size, store_options or {}, draft)
+    return _load_image_folder(spec, size, store_options or {}, draft)
 
 
 # Transparent pixels are laid over this colour, as a page or a viewer shows them (dropping the alpha
@@ -578,11 +582,13 @@ def _rgb8(img: Any, where: str) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+def _decode(data: bytes, where: str, size: int, draft: bool = False) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if draft:  # JPEG's DCT scaling (1/2, 1/4, 1/8): a no-op for other formats
+                img.draft(None, (2 * size, 2 * size))
             arr = _rgb8(img, where)
     except DataError:
         raise
@@ -628,7 +634,7 @@ def _with_partition_keys(table: Any, part: str) -> Any:
     return table
 
 
-def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
+def _load_parquet(url: str, size: int, store_options: dict, draft: bool = False) -> ImageSet:
     import pyarrow as pa
 
     from selection.storage import Store
@@ -665,7 +671,7 @@ def _load_parquet(url: str, size: int, store_options: dict) -> ImageSet:
         if not isinstance(data, (bytes, bytearray)):
             raise DataError(f"task Parquet {url!r} row {i}: 'image' should be encoded image bytes, "
                             f"got {type(data).__name__}")
-        images.append(_decode(bytes(data), f"{url!r} row {i}", size))
+        images.append(_decode(bytes(data), f"{url!r} row {i}", size, draft))
     missing = sum(y is None or (isinstance(y, float) and math.isnan(y)) for y in raw_labels)
     if missing:  # NaN: how pandas, Polars and Spark write a missing float label
         raise DataError(f"task Parquet {url!r} has {missing} missing label(s) (null or NaN)")
@@ -705,7 +711,7 @@ def _refuse_split_folders(url: str, by_class: dict[str, list[str]]) -> None:
                         f"e.g. {url.rstrip('/')}/{one}")
 
 
-def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
+def _load_image_folder(url: str, size: int, store_options: dict, draft: bool = False) -> ImageSet:
     from selection.storage import Store
     from selection.errors import StoreError
 
@@ -736,7 +742,7 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
         else:
             by_class.setdefault(parts[0], []).append(f)
     if not by_class and not loose and any(f.lower().endswith(".parquet") for f in skipped):
-        return _load_parquet(url, size, store_options)  # part files under any name: Spark's df.write.parquet(dir)
+        return _load_parquet(url, size, store_options, draft)  # part files under any name: Spark's df.write.parquet(dir)
     if loose:
         log.warning("task %s: %d image(s) outside the class folders are left out (e.g. %r)", url, len(loose),
                     loose[0])
@@ -758,6 +764,6 @@ def _load_image_folder(url: str, size: int, store_options: dict) -> ImageSet:
                 data = store.read_bytes(f)
             except StoreError as exc:
                 raise DataError(f"cannot read task image {f!r}: {exc}") from exc
-            images.append(_decode(data, f"{url}/{f}", size))
+            images.append(_decode(data, f"{url}/{f}", size, draft))
             labels.append(ci)
     return ImageSet(np.stack(images), np.array(labels, np.int64), names, url)

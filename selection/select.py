@@ -224,8 +224,9 @@ def warn_task_image_size(config: SelectConfig, std: Standard) -> None:
 
 
 def load_task(spec: str, config: SelectConfig, std: Standard | None = None) -> ImageSet:
-    """A task dataset, resized to `task_image_size(config, std)`, checked to be a classification task."""
-    return prepare_task(load_dataset(spec, task_image_size(config, std)))
+    """A task dataset, resized to `task_image_size(config, std)`, checked to be a classification task
+    (JPEG photos decoded at a reduced scale first: `load_dataset`'s `draft`)."""
+    return prepare_task(load_dataset(spec, task_image_size(config, std), draft=True))
 
 
 def prepare_task(task: ImageSet) -> ImageSet:

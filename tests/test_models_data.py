@@ -311,6 +311,36 @@ def test_task_paths_starting_with_a_tilde_are_read_from_home(tmp_path, monkeypat
     assert len(load_dataset("~/t.parquet", 16)) == 2
 
 
+def test_a_task_of_large_jpegs_is_decoded_at_a_reduced_scale_to_nearly_the_same_pixels(tmp_path, monkeypatch):
+    """A review (session 44): 450 photos of 1600x1200 took 25 s to read, mostly resizing full-size pixels
+    down to 64. A task's JPEGs are now decoded at 1/2-1/8 scale (no smaller than twice the target) first."""
+    import time
+
+    from selection.select import SelectConfig, load_task
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "task" / c).mkdir(parents=True)
+        for i in range(2):
+            ramp = np.linspace(0, 200, 1600)[None, :, None] + (40 if c == "a" else 0)
+            arr = (rng.random((1200, 1600, 3)) * 40 + ramp).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "task" / c / f"{i}.jpg", quality=90)
+    t0 = time.perf_counter()
+    full = load_dataset(str(tmp_path / "task"), 64)
+    t1 = time.perf_counter()
+    fast = load_dataset(str(tmp_path / "task"), 64, draft=True)
+    t2 = time.perf_counter()
+    diff = np.abs(full.images.astype(int) - fast.images.astype(int))
+    assert 0 < diff.mean() < 0.5 and diff.max() <= 3, (diff.mean(), diff.max())  # another decode, nearly the same
+    print(f"4 photos 1600x1200 to 64 px: {t1 - t0:.2f} s full, {t2 - t1:.2f} s at a reduced scale")
+    assert np.array_equal(load_task(str(tmp_path / "task"), SelectConfig(task_image_size=64)).images, fast.images)
+    png = tmp_path / "png"  # other formats: decoded whole, as before
+    for c in ("a", "b"):
+        (png / c).mkdir(parents=True)
+        Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(png / c / "x.png")
+    assert np.array_equal(load_dataset(str(png), 32).images, load_dataset(str(png), 32, draft=True).images)
+
+
 def test_a_dataset_root_of_split_folders_is_refused_not_read_as_a_task_of_its_splits(tmp_path):
     """A review (session 44): `--task data` over `data/train/<class>/`, `data/val/<class>/` (Kaggle's and
     torchvision's layout) was a 2-class task "train vs val", ranked with exit 0. Classes named otherwise,
