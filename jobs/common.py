@@ -207,7 +207,11 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
 
     def on_interrupt(*_: Any) -> None:  # an exit handler's KeyboardInterrupt is printed as "ignored": none is raised
         if interrupted:  # a second Ctrl-C: a handler (Ray's shutdown) that hangs is not waited for
-            os._exit(130)
+            print("error: interrupted", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code or 130)
         interrupted.append(True)
 
     try:
@@ -220,9 +224,9 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         with contextlib.suppress(ValueError):  # not the main thread: signals are not this code's
             signal.signal(signal.SIGINT, on_interrupt)
         atexit._run_exitfuncs()
-        if interrupted and code != 130:  # after the work: still one line and 130, as before it (B274)
+        if interrupted and code != 130:  # after the work: still one line, and 130 unless it had failed (B274)
             print("error: interrupted", file=sys.stderr)
-            code = 130
+            code = code or 130
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

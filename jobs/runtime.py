@@ -24,7 +24,7 @@ from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
 from selection.storage import Store
-from selection.table import HeldRows
+from selection.table import HeldRows, read_index
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -166,10 +166,10 @@ def node_resources() -> list[dict[str, float]]:
             for node in ray.nodes() if node.get("Alive")]
 
 
-def _most(nodes: dict[str, float] | Sequence[dict[str, float]]) -> dict[str, float]:
-    """The most of each resource that one node has (`nodes`: one node's resources, or each node's)."""
+def _most(nodes: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The most of each resource that one node has (`nodes`: each node's resources)."""
     out: dict[str, float] = {}
-    for n in [nodes] if isinstance(nodes, dict) else nodes:
+    for n in nodes:
         for name, amount in n.items():
             out[name] = max(out.get(name, 0.0), amount)
     return out
@@ -219,7 +219,7 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     if node is None:
         check_fits(what, need, node_resources(), autoscaling)
     else:
-        check_fits(what, need, _resources_of(node), autoscaling=False, where=f"its node {node[:12]}… has")
+        check_fits(what, need, [_resources_of(node)], autoscaling=False, where=f"its node {node[:12]}… has")
     remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=max_retries,
                         num_returns=2 if keep else 1)(_call_keeping if keep else _call_catching)
     if node is not None:
@@ -453,22 +453,23 @@ def _unbounded() -> NoReturn:
                       "--max-in-flight, or --cpus-per-actor > 0")
 
 
-def check_fits(what: str, need: dict[str, tuple[float, str]], nodes: dict[str, float] | Sequence[dict[str, float]],
+def check_fits(what: str, need: dict[str, tuple[float, str]], nodes: Sequence[dict[str, float]],
                autoscaling: bool, where: str = "") -> None:
     """ConfigError if no one node has now all that `what` needs (resource name -> (amount, option);
-    `nodes`: each node's resources, `node_resources`, or one node's), unless `autoscaling`: then it waits
+    `nodes`: each node's resources, `node_resources`), unless `autoscaling`: then it waits
     for the nodes its demand makes the autoscaler add (a warning says so). Without the check Ray waits
     for ever. `where`: the resources are one node's (e.g. "its node … has"), which no new node changes."""
+    if not any(amount for amount, _ in need.values()):
+        return  # nothing asked of a node
     most = _most(nodes)
     short = [f"{what} needs {amount:g} {name}(s) ({option}) but {where or 'no node has more than'} "
              f"{most.get(name, 0):g} {name}s" for name, (amount, option) in need.items() if amount > most.get(name, 0)]
-    listed = [nodes] if isinstance(nodes, dict) else list(nodes)
-    if not short and not any(all(n.get(r, 0) >= a for r, (a, _) in need.items()) for n in listed):
+    if not short and not any(all(n.get(r, 0) >= a for r, (a, _) in need.items()) for n in nodes):
         # 2 CPUs and 1 GPU: one node has the CPUs, another the GPU (a review, session 44: Ray waited for ever)
         wants = " and ".join(f"{a:g} {r}(s) ({o})" for r, (a, o) in need.items() if a)
-        sizes = "; ".join(", ".join(f"{n.get(r, 0):g} {r}" for r in need) for n in listed[:4])
+        sizes = "; ".join(", ".join(f"{n.get(r, 0):g} {r}" for r in need) for n in nodes[:4])
         short = [f"{what} needs {wants} on one node, but no node has them all (nodes: {sizes}"
-                 f"{'; …' if len(listed) > 4 else ''})"]
+                 f"{'; …' if len(nodes) > 4 else ''})"]
     if short and where:
         raise ConfigError(short[0])
     if short and not autoscaling:
@@ -478,11 +479,11 @@ def check_fits(what: str, need: dict[str, tuple[float, str]], nodes: dict[str, f
 
 
 def size_actors(opts: ActorOptions, res: dict[str, float],
-                node: dict[str, float] | Sequence[dict[str, float]] | None = None) -> tuple[float, int]:
+                nodes: Sequence[dict[str, float]] | None = None) -> tuple[float, int]:
     """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res` and whose
-    nodes have `node` (each node's resources, or one node's; default: `res`, one node; see `check_fits`
-    for one that cannot hold an actor)."""
-    nodes = res if node is None else node
+    nodes have `nodes` (each node's resources; default: `res`, one node; see `check_fits` for one that
+    cannot hold an actor)."""
+    nodes = [res] if nodes is None else nodes
     node = _most(nodes)
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
     if opts.gpus_per_actor is None and opts.autoscaling and node.get("GPU", 0) < 1:
@@ -502,17 +503,19 @@ def size_actors(opts: ActorOptions, res: dict[str, float],
     return gpus_per_actor, max(1, min(by_cpu, by_gpu))
 
 
-def row_seen_here(result: EmbedResult, local: Store | None) -> EmbedResult:
+def row_seen_here(result: EmbedResult, local: Store | None, std: Any) -> EmbedResult:
     """An embedded model's result, failed if `local` (a local-directory store) does not hold the row its
     actor wrote: the actor ran on a node whose disk this driver does not see (a review, session 44: the
-    job said "3 embedded" and the store held none)."""
-    if local is None or result.status != "embedded" or not result.path or local.exists(result.path):
+    job said "3 embedded" and the store held none). A row written during a compaction is the job's to
+    check after it (`HeldRows`); one a compaction folded into a segment since is in the table's index."""
+    if local is None or result.status != "embedded" or not result.path or result.written_during_compaction \
+            or local.exists(result.path) or result.model_id in read_index(local, std):
         return result
     host = result.worker.rsplit(":", 1)[0] or "another node"
     return dataclasses.replace(result, status="failed", reason=(
-        f"model {result.model_id!r}: its row was written to {local.root} on {host}, where this driver does not "
-        f"see it: on a cluster of several nodes a local-directory store must be a folder every node mounts "
-        f"at the same path; use s3:// or such a folder"))
+        f"model {result.model_id!r}: its row was written to {local.root} on {host}, but this driver does not "
+        f"see it there (unless removed meanwhile): on a cluster of several nodes a local-directory store must "
+        f"be a folder every node mounts at the same path; use s3:// or such a folder"))
 
 
 def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
@@ -569,7 +572,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                            else "raised")
                     result = EmbedResult(entry.id, "failed", f"{how}: {text[:300]}")
                     healthy = False
-                result = row_seen_here(result, local)
+                result = row_seen_here(result, local, std)
                 if healthy and used + 1 < per_actor and queue:
                     idle.append((actor, used + 1))
                 else:

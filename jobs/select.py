@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -245,14 +246,14 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
     when the store's copy failed)."""
     created_at, run_id = time.time(), uuid.uuid4().hex[:8]
     doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
-    table = results_table(results, std_id, run_id, created_at)
+    table = functools.cache(lambda: results_table(results, std_id, run_id, created_at))  # built where written
     if json_path == "-":
         print(doc, file=json_stream or sys.stdout, flush=True)
         json_path = None
 
     def write_parquet(path: str) -> None:
         with atomic_local_file(path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table(), tmp)
 
     failed, written = [], []
     for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())), (parquet_path, write_parquet)):
@@ -269,7 +270,7 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
         try:
             store.write_bytes(f"{run}.json", doc.encode())
             saved = f"{store.url}/{run}"
-            store.write_table(f"{run}.parquet", table)
+            store.write_table(f"{run}.parquet", table())
         except StoreError as exc:
             failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
             if saved:  # the JSON without its Parquet: not left behind unsaid

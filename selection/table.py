@@ -917,7 +917,7 @@ def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
 
 
 def _iter_rows(store: Store, std: Standard, model_ids: list[str],
-               attempts: int, known_only: bool) -> Iterator[tuple[dict[str, Any], str]]:
+               attempts: int, known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
     wanted = {model_key(m): m for m in model_ids}
     done: set[str] = set()
     for attempt in range(1, attempts + 1):

@@ -260,6 +260,9 @@ def test_the_default_variant_changes_only_on_a_lead_beyond_the_noise():
     assert bench.choose_default_variant(steady, tasks[:0]) == "/".join(bench.DEFAULT_VARIANT)  # no dev task
     test_only = {"a": {"per_task": {"t0": {inc: {"tau_w": 0.1}, other: {"tau_w": 0.9}}}}}
     assert bench.choose_default_variant(test_only, ["t1"]) == "/".join(bench.DEFAULT_VARIANT)
+    full = bench.variant_label("full/probe")  # a plan that does not measure the incumbent: the best mean
+    unmeasured = {"a": {"per_task": {"t0": {other: {"tau_w": 0.4}, full: {"tau_w": 0.3}}}}}
+    assert bench.choose_default_variant(unmeasured, ["t0"]) == "per-source/fisher"
 
 
 def test_bootstrap_interval_of_the_targets_over_tasks():

@@ -464,8 +464,8 @@ def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     assert proc.returncode == 130 and err == "error: interrupted\n" and out == "", (proc.returncode, err, out[:80])
 
 
-@pytest.mark.parametrize("stage", ["threads", "exit handlers"])
-def test_ctrl_c_after_the_work_is_one_line_and_130(stage):
+@pytest.mark.parametrize("stage,status", [("threads", 0), ("exit handlers", 0), ("exit handlers", 2)])
+def test_ctrl_c_after_the_work_is_one_line_and_130(stage, status):
     """A review (session 44): a Ctrl-C while a job's process ended (joining threads, running exit handlers
     such as Ray's shutdown) exited 130 with no line, or 0 with an "Exception ignored in atexit callback …
     KeyboardInterrupt" traceback. The signal is sent from inside that stage."""
@@ -476,9 +476,22 @@ def test_ctrl_c_after_the_work_is_one_line_and_130(stage):
             "    time.sleep(0.5)\n"
             + ("threading.Thread(target=lambda: (time.sleep(0.3), ctrl_c())).start()\n" if stage == "threads"
                else "atexit.register(ctrl_c)\n")
-            + "run_program(lambda argv: print('done') or 0, [])\n")
+            + f"run_program(lambda argv: print('done') or {status}, [])\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (r.returncode, r.stdout, r.stderr) == (130, "done\n", "error: interrupted\n")
+    assert (r.returncode, r.stdout, r.stderr) == (status or 130, "done\n", "error: interrupted\n")  # a failure stays one
+
+
+def test_a_second_ctrl_c_during_exit_handlers_ends_at_once_with_the_output_kept():
+    """An exit handler that hangs (Ray's shutdown) is not waited for after a second Ctrl-C; what the job
+    printed still reaches a file or pipe (a review of session 44: `os._exit` dropped buffered output)."""
+    code = ("import atexit, os, signal, time\n"
+            "from jobs.common import run_program\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3),\n"
+            "                         os.kill(os.getpid(), signal.SIGINT), time.sleep(60)))\n"
+            "run_program(lambda argv: print('done') or 0, [])\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "done\n", "error: interrupted\n") and time.monotonic() - t0 < 30
 
 
 def test_config_errors_name_flags_but_quote_the_value_as_given(tmp_path):
@@ -610,7 +623,7 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
         calls.append((kw.get("desc"), kw.get("node")))
         out = real_map(fn, items, **kw)
         if kw.get("desc") == "sweep" and crash:  # the first part's worker died past its retries
-            out[0] = runtime.TaskCrashed("a sweep task failed: the worker died")
+            out[0] = runtime.TaskCrashed("a sweep part failed: the worker died")
         return out
 
     monkeypatch.setattr(runtime, "map_tasks", map_tasks)
@@ -631,7 +644,7 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
     here = ray.get_runtime_context().get_node_id()  # a local store: its parts run on the driver's node
     assert calls == [("tasks", None), ("sweep", here), ("tasks", None), ("tasks", None), ("sweep", here),
                      ("tasks", None)]
-    assert re.search(r"a sweep task failed: the worker died; sweeping its part \(embeddings/.*/segments/seg-.*\.parquet\) "
+    assert re.search(r"a sweep part failed: the worker died; sweeping its part \(embeddings/.*/segments/seg-.*\.parquet\) "
                      r"here instead", caplog.text)
     assert results[0][0] == 40 + 2 - 1 and len(results[0][1]) == 8 and results[0][2]
     assert results[1:] == [results[0]] * 3
@@ -640,7 +653,7 @@ def test_select_sweeps_a_table_of_several_parts_in_ray_tasks_as_the_driver_does(
     from selection.select import SelectConfig
     from selection.table import Part
 
-    monkeypatch.setattr(runtime, "map_tasks", lambda fn, items, **kw: [ClusterError("a sweep task failed: env")] * len(items))
+    monkeypatch.setattr(runtime, "map_tasks", lambda fn, items, **kw: [ClusterError("a sweep part failed: env")] * len(items))
     with pytest.raises(ClusterError, match="env"):
         select._map_parts(std, store, [], SelectConfig(), False)([Part(rows=("x",))], set())
 
@@ -922,7 +935,7 @@ def test_long_model_ids_are_printed_whole():
     assert len({line.index("0.5000") for line in printed.splitlines() if "0.5000" in line}) == 1  # aligned
 
 
-def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(tmp_path):
+def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(published):
     """A review (session 44): on a cluster whose nodes do not share a local store's folder, actors wrote
     their rows to their own nodes' disks; `jobs.embed` said "3 embedded", exit 0, and the store the user
     named held none. The driver now checks each row it is told of (a local store only)."""
@@ -930,17 +943,24 @@ def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(tmp_pat
     from selection.embedder import EmbedResult
     from selection.storage import Store
 
-    store = Store(str(tmp_path / "s"))
+    store, std = published
     store.write_bytes("embeddings/x/rows/here.parquet", b"x")
     here = EmbedResult("zoo/a", "embedded", path="embeddings/x/rows/here.parquet", worker="node-a:12")
     gone = EmbedResult("zoo/b", "embedded", path="embeddings/x/rows/there.parquet", worker="node-b:34")
-    assert row_seen_here(here, store) is here and row_seen_here(gone, None) is gone  # None: an S3 store
-    failed = row_seen_here(gone, store)
+    assert row_seen_here(here, store, std) is here and row_seen_here(gone, None, std) is gone  # None: an S3 store
+    failed = row_seen_here(gone, store, std)
     assert failed.status == "failed" and failed.reason == (
-        f"model 'zoo/b': its row was written to {store.root} on node-b, where this driver does not see it: on a "
-        f"cluster of several nodes a local-directory store must be a folder every node mounts at the same path; "
-        f"use s3:// or such a folder")
-    assert row_seen_here(EmbedResult("zoo/c", "failed", "boom"), store).reason == "boom"
+        f"model 'zoo/b': its row was written to {store.root} on node-b, but this driver does not see it there "
+        f"(unless removed meanwhile): on a cluster of several nodes a local-directory store must be a folder every "
+        f"node mounts at the same path; use s3:// or such a folder")
+    assert row_seen_here(EmbedResult("zoo/c", "failed", "boom"), store, std).reason == "boom"
+    held = dataclasses.replace(gone, written_during_compaction=b"row")  # the job checks those after the compaction
+    assert row_seen_here(held, store, std) is held
+    from selection.table import compact, write_row  # folded into a segment by a compaction since: in the table
+    from tests.test_table_races import _row
+    write_row(store, std, _row(std, "zoo/b"))
+    compact(store, std)
+    assert row_seen_here(gone, store, std) is gone
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published, monkeypatch):

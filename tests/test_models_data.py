@@ -350,11 +350,16 @@ def test_a_dataset_root_of_split_folders_is_refused_not_read_as_a_task_of_its_sp
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(_png((255, 0, 0)))
     with pytest.raises(DataError, match=re.escape(
-            f"task {str(root)!r}: its class folders ['train', 'val'] are a dataset's splits, each holding the images "
-            f"in subfolders (e.g. ['sandal', 'sneaker']): pass one split as the task, e.g. {root}/train")):
+            f"task {str(root)!r}: its class folders ['train', 'val'] are a dataset's splits, 'train' holding the "
+            f"images in subfolders (e.g. ['sandal', 'sneaker']): pass one split as the task, e.g. {root}/train")):
         load_dataset(str(root), 16)
     assert load_dataset(str(root / "train"), 16).classes == ("sandal", "sneaker")
-    (root / "val" / "e.png").write_bytes(_png((0, 0, 255)))  # an image of its own: a class after all
+    for f in ("val/sandal/c.png", "val/sneaker/d.png"):  # Kaggle's: a flat, unlabelled test folder
+        (root / f).unlink()
+    (root / "val" / "e.png").write_bytes(_png((0, 0, 255)))
+    with pytest.raises(DataError, match=r"are a dataset's splits, 'train' holding the images in subfolders"):
+        load_dataset(str(root), 16)
+    (root / "train" / "f.png").write_bytes(_png((0, 0, 255)))  # images of their own in both: classes after all
     assert load_dataset(str(root), 16).classes == ("train", "val")
     other = tmp_path / "pets"
     for rel in ("cat/indoor/a.png", "dog/indoor/b.png"):

@@ -155,9 +155,12 @@ def test_numeric_constraints_take_the_units_the_tables_print():
     assert masks == {"params<=5M": [True, False, False], "params<=5m": [True, False, False],
                      "params>1.1B": [False, False, True], "params<5e6": [True, False, False],
                      "params<=5000k": [True, False, False], "params>=0.5G": [False, False, True]}
-    for bad in ("5MM", "M", "5X"):
+    for bad in ("5MM", "M", "5X", "1e5M"):
         with pytest.raises(ConfigError, match=re.escape(f"'{bad}' is not a number (e.g. 5e6, 5M, 0.5G)")):
             Constraint.parse(f"params<={bad}")
+    for other in ("gflops<4G", "input_size<=1k"):  # units of their own: a suffix is not taken for them
+        with pytest.raises(ConfigError, match=r"is not a number$"):
+            Constraint.parse(other)
 
 
 def test_an_arch_constraint_matches_tagged_architectures_and_licenses_match_in_any_case():

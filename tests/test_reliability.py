@@ -681,8 +681,8 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     # Two 2-CPU nodes hold 4 CPUs, but no 3-CPU actor: Ray would wait for ever.
     with pytest.raises(ConfigError, match=r"an actor needs 3 CPU\(s\) \(cpus_per_actor\) but no node has more "
                                           r"than 2 CPUs"):
-        size_actors(ActorOptions(cpus_per_actor=3), {"CPU": 4}, node={"CPU": 2})
-    assert size_actors(ActorOptions(cpus_per_actor=2), {"CPU": 4}, node={"CPU": 2}) == (0.0, 2)
+        size_actors(ActorOptions(cpus_per_actor=3), {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])
+    assert size_actors(ActorOptions(cpus_per_actor=2), {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}]) == (0.0, 2)
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
     assert "waiting for the autoscaler" in caplog.text
@@ -702,8 +702,11 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
     with pytest.raises(ConfigError, match=re.escape(
             "an actor needs 1 GPU(s) (gpus_per_actor) and 2 CPU(s) (cpus_per_actor) on one node, but no node has "
             "them all (nodes: 0 GPU, 4 CPU; 1 GPU, 1 CPU) (if the cluster adds nodes on demand: --autoscaling)")):
-        size_actors(ActorOptions(1, cpus_per_actor=2), {"CPU": 5, "GPU": 1}, node=[head, gpu_node])
-    assert size_actors(ActorOptions(1, cpus_per_actor=1), {"CPU": 5, "GPU": 1}, node=[head, gpu_node]) == (1.0, 1)
+        size_actors(ActorOptions(1, cpus_per_actor=2), {"CPU": 5, "GPU": 1}, [head, gpu_node])
+    assert size_actors(ActorOptions(1, cpus_per_actor=1), {"CPU": 5, "GPU": 1}, [head, gpu_node]) == (1.0, 1)
+    from jobs.runtime import check_fits
+
+    check_fits("an actor", {"CPU": (0, "cpus_per_actor"), "GPU": (0, "gpus_per_actor")}, [], False)  # asks nothing
 
 
 @pytest.mark.parametrize("value,needle", [
@@ -1007,6 +1010,10 @@ def test_file_urls_are_percent_decoded_wherever_a_path_is_taken(tmp_path):
     assert file_url_path("FILE://localhost/x%2Fy") == "/x/y" and file_url_path("s3://b/k") is None
     with pytest.raises(ConfigError, match=r"file:// URL 'file:///a%00b' decodes to a path holding a NUL"):
         file_url_path("file:///a%00b")
+    from selection.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^checkpoint 'file://w.pt': a file:// URL holds an absolute path"):
+        _local_checkpoint("file://w.pt")  # a row from before the catalog refused it: the model fails, named
 
 
 def test_store_that_is_a_file_or_names_a_missing_standard(embedded, tmp_path, capsys):
@@ -1499,3 +1506,6 @@ def test_the_parquet_results_say_what_their_scores_and_verified_values_measure()
          "created_at": datetime.datetime(2017, 7, 14, 2, 40, tzinfo=datetime.timezone.utc)},
         {"models_swept": None, "where": None, "task_path": None, "run_id": "0123abcd",
          "created_at": datetime.datetime(2017, 7, 14, 2, 40, tzinfo=datetime.timezone.utc)}]
+    # a task folder whose name is not UTF-8 (`file:///data/caf%E9`, a POSIX name): the table is still written
+    records[0].update(task="/data/caf\udce9", task_path="/data/caf\udce9")
+    assert results_table(records, "std-x").column("task_path")[0].as_py() == "/data/caf\ufffd"
