@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -941,7 +940,6 @@ def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(publish
     named held none. The driver now checks each row it is told of (a local store only)."""
     from jobs.runtime import row_seen_here
     from selection.embedder import EmbedResult
-    from selection.storage import Store
 
     store, std = published
     store.write_bytes("embeddings/x/rows/here.parquet", b"x")
