@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence, TextIO
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from jobs.common import add_ray_args, add_store_args, as_flags, command, open_store, prog, run_program
+from jobs.common import (add_ray_args, add_store_args, as_flags, command, open_store, prog, progress_bar,
+                         run_program)
 from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
@@ -217,15 +218,22 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     return out
 
 
-def load_local_tasks(tasks: list[str], config: SelectConfig, std: Standard) -> dict[str, tuple[ImageSet, float]]:
-    """The local tasks read and checked here, each with the seconds it took; every one that fails is named
-    at once (before Ray starts: a task folder's mistakes took 10 s of Ray's start to be told; a review,
-    session 44)."""
+def load_local_tasks(tasks: list[str], config: SelectConfig, std: Standard,
+                     progress: bool = True) -> dict[str, tuple[ImageSet, float]]:
+    """The local tasks read and checked here, each with the seconds it took (a bar of its images each);
+    every one that fails is named at once (before Ray starts: a task folder's mistakes took 10 s of Ray's
+    start to be told; a review, session 44)."""
     loaded: dict[str, Any] = {}
     for t in tasks:
         if _local_task_path(t) is not None:
             start = time.perf_counter()
-            task = _outcome(lambda t=t: load_task(t, config, std))
+            with progress_bar(desc=f"read {os.path.basename(t.rstrip('/')) or t}"[:40], unit="img",
+                              disable=not progress) as bar:
+                def tick(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                task = _outcome(lambda t=t: load_task(t, config, std, progress=tick))
             loaded[t] = task if isinstance(task, ZooselectError) else (task, time.perf_counter() - start)
     _raise_failed(tasks, [loaded.get(t) for t in tasks])
     return loaded
@@ -337,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `--json -`: standard output holds the JSON alone; all else, the workers' output Ray forwards too, on stderr
     json_stream = sys.stdout if args.json == "-" else None
     with contextlib.redirect_stdout(sys.stderr) if json_stream else contextlib.nullcontext():
-        loaded = load_local_tasks(args.task, config, std)
+        loaded = load_local_tasks(args.task, config, std, progress=not args.no_progress)
         runtime.init(args.address)
         results = select(std, store, args.task, config, progress=not args.no_progress,
                          verify_gpus=args.verify_gpus, autoscaling=args.autoscaling, task_gpus=args.task_gpus,

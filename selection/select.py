@@ -225,10 +225,11 @@ def warn_task_image_size(config: SelectConfig, std: Standard) -> None:
                     size, std.probe_image_size, std.probe_image_size)
 
 
-def load_task(spec: str, config: SelectConfig, std: Standard | None = None) -> ImageSet:
+def load_task(spec: str, config: SelectConfig, std: Standard | None = None,
+              progress: Callable[[int, int], None] | None = None) -> ImageSet:
     """A task dataset, resized to `task_image_size(config, std)`, checked to be a classification task
-    (JPEG photos decoded at a reduced scale first: `load_dataset`'s `draft`)."""
-    return prepare_task(load_dataset(spec, task_image_size(config, std), draft=True))
+    (JPEG photos decoded at a reduced scale first: `load_dataset`'s `draft`; `progress`: its)."""
+    return prepare_task(load_dataset(spec, task_image_size(config, std), draft=True, progress=progress))
 
 
 def prepare_task(task: ImageSet) -> ImageSet:
