@@ -748,7 +748,8 @@ def _load_image_folder(url: str, size: int, store_options: dict, draft: bool = F
         else:
             by_class.setdefault(parts[0], []).append(f)
     if not by_class and not loose and any(f.lower().endswith(".parquet") for f in skipped):
-        return _load_parquet(url, size, store_options, draft, progress)  # part files under any name: Spark's df.write.parquet(dir)
+        # part files under any name: Spark's df.write.parquet(dir)
+        return _load_parquet(url, size, store_options, draft, progress)
     if loose:
         log.warning("task %s: %d image(s) outside the class folders are left out (e.g. %r)", url, len(loose),
                     loose[0])

@@ -54,7 +54,7 @@ _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}  # as `table ls` prints par
 def _number(text: str, field: str) -> float:
     """A constraint's number: `5e6`; for `params`, also a plain decimal with a K, M, G (or B) suffix, `5M`
     (GFLOPs and sizes have units of their own). ValueError if neither."""
-    if field == "params" and re.fullmatch(r"(\d+\.?\d*|\.\d+)[kmgbKMGB]", text):
+    if field in ("params", "num_params") and re.fullmatch(r"(\d+\.?\d*|\.\d+)[kmgbKMGB]", text):
         return float(text[:-1]) * _SUFFIXES[text[-1].lower()]
     return float(text)
 
@@ -85,7 +85,7 @@ class Constraint:
                 number = _number(self.value, self.field)
             except ValueError:
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number"
-                                  + (" (e.g. 5e6, 5M, 0.5G)" if self.field == "params" else "")) from None
+                                  + (" (e.g. 5e6, 5M, 0.5G)" if self.field in ("params", "num_params") else "")) from None
             if not math.isfinite(number):
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a finite number")
         elif self.op not in ("=", "==", "!="):

@@ -158,6 +158,7 @@ def test_numeric_constraints_take_the_units_the_tables_print():
     for bad in ("5MM", "M", "5X", "1e5M"):
         with pytest.raises(ConfigError, match=re.escape(f"'{bad}' is not a number (e.g. 5e6, 5M, 0.5G)")):
             Constraint.parse(f"params<={bad}")
+    assert Constraint.parse("num_params<=5M").mask(meta).tolist() == [True, False, False]
     for other in ("gflops<4G", "input_size<=1k"):  # units of their own: a suffix is not taken for them
         with pytest.raises(ConfigError, match=r"is not a number$"):
             Constraint.parse(other)
