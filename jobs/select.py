@@ -20,8 +20,6 @@ import time
 import uuid
 from typing import Any, Callable, Sequence, TextIO
 
-import pyarrow.parquet as pq
-
 from jobs import runtime
 from jobs.common import (add_ray_args, add_store_args, as_flags, command, open_store, prog, progress_bar,
                          run_program)
@@ -34,7 +32,7 @@ from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapPa
                               TaskEmbedding, apply_verification, check_score, embed_task, entry_of, load_task,
                               selection_of, shortlist_table, sweep_part, verify_candidate, warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
-from selection.storage import Store, atomic_local_file, check_output, check_outside_store, write_file_atomically
+from selection.storage import Store, check_output, check_outside_store, parquet_bytes, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
 
 log = logging.getLogger(__name__)
@@ -254,17 +252,15 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
     when the store's copy failed)."""
     created_at, run_id = time.time(), uuid.uuid4().hex[:8]
     doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
-    table = functools.cache(lambda: results_table(results, std_id, run_id, created_at))  # built where written
+    # built where written; plain zstd (`portable`) as `jobs.table export` writes, for any reader
+    table = functools.cache(lambda: parquet_bytes(results_table(results, std_id, run_id, created_at), portable=True))
     if json_path == "-":
         print(doc, file=json_stream or sys.stdout, flush=True)
         json_path = None
 
-    def write_parquet(path: str) -> None:
-        with atomic_local_file(path) as tmp:
-            pq.write_table(table(), tmp)
-
     failed, written = [], []
-    for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())), (parquet_path, write_parquet)):
+    for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())),
+                        (parquet_path, lambda p: write_file_atomically(p, table()))):
         if not path:
             continue
         try:
@@ -278,7 +274,7 @@ def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | N
         try:
             store.write_bytes(f"{run}.json", doc.encode())
             saved = f"{store.url}/{run}"
-            store.write_table(f"{run}.parquet", table())
+            store.write_bytes(f"{run}.parquet", table())
         except StoreError as exc:
             failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
             if saved:  # the JSON without its Parquet: not left behind unsaid

@@ -561,27 +561,28 @@ def _leaf_columns(name: str, type_: pa.DataType) -> list[tuple[str, pa.DataType]
     return [(name, type_)]
 
 
-def parquet_options(schema: pa.Schema) -> dict:
+def parquet_options(schema: pa.Schema, portable: bool = False) -> dict:
     """How zooselect writes Parquet (pyarrow's `write_table` / `ParquetWriter` options): zstd; float
     columns (the embeddings) byte-stream-split, which zstd then shrinks by their exponent bytes and
     reads without entropy-decoding their mantissas (about 10 % smaller than plain zstd, and 1.15-1.3x
     faster for pyarrow to decode: docs/performance.md); the other columns dictionary-encoded, pyarrow's
     default.
     DuckDB, Polars and pandas read the byte-stream-split encoding (a test checks); Spark's vectorized
-    reader may not. `jobs.table export` writes plain zstd, for any reader."""
+    reader may not. `portable`: plain zstd, for any reader (what users take away: `jobs.table export`,
+    the results of `jobs.select`)."""
     leaves = [leaf for f in schema for leaf in _leaf_columns(f.name, f.type)]
     floats = [path for path, t in leaves if pa.types.is_floating(t)]
-    if not floats:
+    if portable or not floats:
         return {"compression": "zstd"}
     return {"compression": "zstd", "use_byte_stream_split": floats,
             "use_dictionary": [path for path, _ in leaves if path not in floats]}
 
 
-def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
-    """A table as Parquet bytes (`parquet_options`), `row_group_size` rows per row group (pyarrow's
-    default: 1 Mi). The same table gives the same bytes."""
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None, portable: bool = False) -> bytes:
+    """A table as Parquet bytes (`parquet_options`, `portable` as there), `row_group_size` rows per row
+    group (pyarrow's default: 1 Mi). The same table gives the same bytes."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=row_group_size, **parquet_options(table.schema))
+    pq.write_table(table, sink, row_group_size=row_group_size, **parquet_options(table.schema, portable))
     return sink.getvalue()
 
 

@@ -50,7 +50,7 @@ from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardM
 from selection.keys import model_key, shard_of
 from selection.standard import Standard
 from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
-                               parquet_bytes)
+                               parquet_bytes, parquet_options)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -994,8 +994,8 @@ def export_table(store: Store | str, std: Standard, path: str | os.PathLike, pro
         def write(listing: Listing) -> int:
             rows = 0
             try:
-                # Plain zstd, for any reader (no byte-stream-split, which some engines lack).
-                with pq.ParquetWriter(tmp, schema_for(std), compression="zstd") as out:
+                schema = schema_for(std)
+                with pq.ParquetWriter(tmp, schema, **parquet_options(schema, portable=True)) as out:
                     for shard in iter_shards(store, std, listing):
                         if len(shard):  # a segment whose every row was removed or rewritten since
                             out.write_table(to_arrow(std, shard))
