@@ -38,7 +38,7 @@ from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
 from selection.errors import ConfigError, ZooselectError
-from selection.storage import Store, check_output, check_outside_store
+from selection.storage import Store, check_output, check_outside_store, write_file_atomically
 
 
 def parser() -> argparse.ArgumentParser:
@@ -353,8 +353,7 @@ def compare(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output(args.out, flag="--out")
         out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
-        with open(out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_file_atomically(out, text.encode())
         print(f"wrote {out}", file=sys.stderr)  # standard output holds the Markdown
     print(text, end="")
     return 0

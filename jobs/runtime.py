@@ -231,6 +231,13 @@ def map_tasks(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = Non
     return list(zip(_gather([r for r, _ in refs], desc, progress, fail_fast, what), [kept for _, kept in refs]))
 
 
+def _last_line(exc: BaseException) -> str:
+    """What a Ray error says in one line: its message's last line (Ray's put the traceback first), at most
+    300 characters, or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
+
+
 class TaskCrashed(ClusterError):
     """A task's worker or node died past its retries (e.g. out of memory): the item itself may be fine."""
 
@@ -293,11 +300,10 @@ def _gather(refs: list[Any], desc: str, progress: bool, fail_fast: bool = False,
                 try:
                     results[index[ref]] = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # e.g. its worker died (out of memory) past its retries
-                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     crashed = isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
                                                ray.exceptions.NodeDiedError))
                     results[index[ref]] = (TaskCrashed if crashed else ClusterError)(
-                        f"{what} failed: {text[:300]}")
+                        f"{what} failed: {_last_line(exc)}")
                 else:
                     if fail_fast and isinstance(results[index[ref]], ZooselectError):
                         for other in pending:
@@ -567,10 +573,9 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
                                                                             **result.stage_seconds})
                     healthy = result.status != "failed"  # a model that failed may leave its process unusable
                 except ray.exceptions.RayError as exc:
-                    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     how = (f"worker failed after {retries} retries" if isinstance(exc, ray.exceptions.RayActorError)
                            else "raised")
-                    result = EmbedResult(entry.id, "failed", f"{how}: {text[:300]}")
+                    result = EmbedResult(entry.id, "failed", f"{how}: {_last_line(exc)}")
                     healthy = False
                 result = row_seen_here(result, local, std)
                 if healthy and used + 1 < per_actor and queue:

@@ -44,6 +44,7 @@ from selection.catalog import CatalogEntry
 from selection.embedding import RIDGE_GCV
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol
+from selection.storage import write_file_atomically
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1427,8 +1428,7 @@ def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[s
     images.update((k, rel) for k, (_, _, rel) in scores.items())
     doc = dict(doc, images=images)
     json_path = os.path.join(out_dir, "benchmark.json")  # first: a plot that fails loses no measurement
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(doc), fh, indent=1, sort_keys=True)
+    write_file_atomically(json_path, json.dumps(_jsonable(doc), indent=1, sort_keys=True).encode())
     if plan.splits > 1:
         plot_gap_ladder(per_standard, default, os.path.join(out_dir, images["gap_ladder"]))
     plot_cost_quality(per_standard, [m for m in methods if "random" not in m and "largest" not in m],
@@ -1436,8 +1436,7 @@ def write_report(out_dir: str, plan: QualityPlan, doc: dict[str, Any]) -> dict[s
     for res, method, rel in scores.values():
         plot_scores(res, plan, method, kinds, os.path.join(out_dir, rel))
     md_path = os.path.join(out_dir, "benchmark.md")
-    with open(md_path, "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(plan, doc, methods))
+    write_file_atomically(md_path, render_markdown(plan, doc, methods).encode())
     return {"json": json_path, "markdown": md_path, **{k: os.path.join(out_dir, v) for k, v in images.items()}}
 
 

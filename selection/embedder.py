@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from selection.catalog import CatalogEntry
+from selection.catalog import CatalogEntry, is_named_weights
 from selection.embedding import model_embedding
 from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.keys import model_key
@@ -32,7 +32,7 @@ MIN_BATCH = 8
 @dataclass(frozen=True)
 class EmbedResult:
     model_id: str
-    status: str  # "embedded" | "refreshed" (`refresh_rows`) | "skipped" | "failed"
+    status: str  # "embedded" | "refreshed" (`refresh_rows`) | "failed" (a skipped model has none: `Plan.skip`)
     reason: str = ""
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -126,7 +126,7 @@ def model_license(entry: CatalogEntry, model: Any) -> str | None:
     timm's record is that of the architecture's pretrained weights, not of these."""
     if entry.license:
         return entry.license
-    if entry.weights and entry.weights.startswith(("timm:", "hf-hub:", "pypi:")):
+    if is_named_weights(entry.weights):
         return (getattr(model, "pretrained_cfg", None) or {}).get("license")
     return None
 
@@ -223,7 +223,7 @@ def _describes_the_same_vectors(entry: CatalogEntry, recorded: str) -> bool:
         old = CatalogEntry.from_dict(json.loads(recorded))
     except (ValueError, TypeError, AttributeError, RecursionError, ZooselectError):  # another tool's row: embedded again
         return False
-    files = all(w is not None and not w.startswith(("hf-hub:", "timm:", "pypi:")) for w in (entry.weights, old.weights))
+    files = all(w is not None and not is_named_weights(w) for w in (entry.weights, old.weights))
     return (entry.arch, entry.input_size, entry.num_classes) == (old.arch, old.input_size, old.num_classes) \
         and (entry.weights == old.weights or files) and (bool(entry.license) or not old.license)
 

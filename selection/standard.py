@@ -316,12 +316,12 @@ def relocate_baseline(store: Store | str, std: Standard, planned: dict[str, Any]
     (one atomic write) with the planned one. A recorded checkpoint that is still there is kept: other
     machines (a cluster's workers) may read it from there. `store`: a Store, or its URL or path.
     """
-    from selection.catalog import WEIGHTS_SCHEMES
+    from selection.catalog import WEIGHTS_SCHEMES, is_named_weights
     from selection.models import check_weights_exist
 
     old, new = std.spec["baseline"]["entry"], planned["baseline"]["entry"]
     recorded = old.get("weights")
-    if recorded == new.get("weights") or recorded is None or recorded.startswith(("hf-hub:", "timm:", "pypi:")):
+    if recorded == new.get("weights") or recorded is None or is_named_weights(recorded):
         return std
     if recorded.startswith(WEIGHTS_SCHEMES) or os.path.isabs(recorded):
         try:

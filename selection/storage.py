@@ -1,8 +1,9 @@
 """The one place for storage I/O: any fsspec URL (local directory, s3://, memory://).
 
-Every call goes through `Store._call`, which retries transient faults (connection
+Every remote call goes through `Store._call`, which retries transient faults (connection
 resets, timeouts, throttling, a restarting server) by exception *type* with capped
-exponential backoff, and translates storage errors into `StoreError` at this boundary.
+exponential backoff; every storage error becomes a `StoreError` at this boundary (a local
+file written from a stream, which cannot be read twice, is not retried).
 Writes are atomic: a reader sees the old object, the new one, or none, never half.
 Credentials come from the usual AWS chain and never appear in messages.
 """
@@ -362,7 +363,7 @@ def _chunk_ranges(meta: Any, columns: list[str] | None, groups: Iterable[int] | 
 
 
 # How much of a Parquet object `Store.iter_row_groups` fetches and decodes at once: a few row groups of a
-# segment (selection.table.SEGMENT_GROUP_BYTES), decoded in parallel.
+# segment (selection.table.SEGMENT_GROUP_BYTES); on S3 their byte ranges are fetched in parallel.
 ROW_GROUP_BATCH_BYTES = 32 << 20
 # `Store.write_tables` on S3: a larger object goes up in parts of this size, this many at a time.
 UPLOAD_PART_BYTES = 32 << 20
@@ -1012,8 +1013,8 @@ class Store:
     def iter_row_groups(self, rel: str, batch_bytes: int | None = None,
                         rows: Collection[int] | None = None) -> Iterator[pa.Table]:
         """A Parquet object's row groups, in order, one table each, read and decoded about `batch_bytes`
-        of the object at a time (the row groups of a batch decoded in parallel; on S3 their ranges
-        fetched in parallel): memory holds one batch, not the whole object (a segment of 50,000
+        of the object at a time (decoded on this thread, `READ_THREADS`; on S3 a batch's ranges fetched
+        in parallel): memory holds one batch, not the whole object (a segment of 50,000
         per-source rows is 3.7 GB; one compacted before session 27 is a single row group, read whole
         until recompacted). A local file is read by Arrow itself (no copies of its bytes in Python).
         Errors as `read_table_columns`; the object gone between two batches is ObjectGoneError.

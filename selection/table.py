@@ -581,7 +581,7 @@ def _validate(t: pa.Table, std: Standard, where: str, some_columns: bool = False
         raise StandardMismatchError(f"{where}: holds column(s) {sorted(names - set(schema_for(std).names))} that "
                                     f"this zooselect ({selection.__version__}) does not know, written by a newer "
                                     f"one: rewriting its rows would drop them; run this with that version")
-    if not {"model_id", "model_key", "standard_id", "schema_version"} <= names:
+    if not set(REQUIRED_COLUMNS) <= names:
         raise StandardMismatchError(f"{where}: not a zooselect embedding object (columns {sorted(names)})")
     sids = set(pc.unique(t.column("standard_id")).to_pylist())
     if sids != {std.id}:
@@ -625,7 +625,8 @@ def embeddings_matrix(t: pa.Table) -> np.ndarray:
     return flat.reshape(len(col), width)
 
 
-INDEX_COLUMNS = ["model_id", "model_key", "standard_id", "schema_version", "weights_sha256",
+REQUIRED_COLUMNS = ("model_id", "model_key", "standard_id", "schema_version")  # what makes an object a row
+INDEX_COLUMNS = [*REQUIRED_COLUMNS, "weights_sha256",
                  "catalog_entry", "weights_stamp", "library_versions"]
 
 
@@ -776,7 +777,7 @@ def _compaction_of(segment: str) -> str:
 
 
 def _needed(columns: list[str] | None) -> list[str] | None:
-    return None if columns is None else sorted(set(columns) | set(INDEX_COLUMNS[:4]))
+    return None if columns is None else sorted(set(columns) | set(REQUIRED_COLUMNS))
 
 
 def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], columns: list[str] | None,

