@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from selection.catalog import CatalogEntry, is_named_weights
+from selection.catalog import CatalogEntry, anchored, is_named_weights
 from selection.embedding import model_embedding
 from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
 from selection.keys import model_key
@@ -20,7 +21,7 @@ from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memor
                               compute_label,
                               count_gflops, crop_change, expected_data_config, extract_features, is_published, load_model,
                               timm_fingerprint, weights_digest, weights_stamp)
-from selection.standard import Standard, is_standard_model
+from selection.standard import Standard, check_standard, is_standard_model, list_standards
 from selection.storage import Store, as_store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, read_index, row_object,
                              row_path, running_compactions, versions_json)
@@ -31,6 +32,8 @@ MIN_BATCH = 8
 
 @dataclass(frozen=True)
 class EmbedResult:
+    """One model's outcome (`embed_entry`, `refresh_rows`): its `status`, and the `reason` of a failure."""
+
     model_id: str
     status: str  # "embedded" | "refreshed" (`refresh_rows`) | "failed" (a skipped model has none: `Plan.skip`)
     reason: str = ""
@@ -54,6 +57,9 @@ STAGES = ("load", "batch probe", "probe pass", "fit", "write")
 
 @dataclass(frozen=True)
 class Plan:
+    """What `make_plan` found: entries to `embed` (`embed_entry`), rows to `refresh` (`refresh_rows`), model
+    ids to `skip` (unchanged) and to `remove` (with `prune`), and entries `invalid` (each with its reason)."""
+
     embed: tuple[CatalogEntry, ...]
     skip: tuple[str, ...]
     remove: tuple[str, ...]
@@ -68,13 +74,19 @@ PLAN_THREADS = 16  # entries checked at once: each is a stat or an S3 HEAD, a ha
 
 def _check_kinds(std: Any, entries: Sequence[Any] = ()) -> None:
     """ConfigError unless `std` is a Standard and every one of `entries` a CatalogEntry."""
-    if not isinstance(std, Standard):
-        raise ConfigError(f"std should be a Standard (selection.standard.load_standard), got "
-                          f"{type(std).__name__} {std!r:.80}")
+    check_standard(std)
     odd = [e for e in entries if not isinstance(e, CatalogEntry)]
     if odd:
         raise ConfigError(f"a catalog entry should be a CatalogEntry (selection.catalog.load_catalog reads a "
                           f"catalog file), got {type(odd[0]).__name__} {odd[0]!r:.80}")
+
+
+def _check_published(store: Store, std: Standard) -> None:
+    """ConfigError unless the store holds the standard: rows written beside none would never be selected."""
+    if not store.exists(f"standards/{std.id}/standard.json"):
+        raise ConfigError(f"store {store.url!r} does not hold standard {std.id} (it has: "
+                          f"{', '.join(list_standards(store)) or 'none'}): embed into the store the standard was "
+                          f"loaded from, or publish it there first (selection.standard.save_standard)")
 
 
 def make_plan(entries: Iterable[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
@@ -90,11 +102,13 @@ def make_plan(entries: Iterable[CatalogEntry], store: Store | str, std: Standard
                           f"catalog file), got {type(entries).__name__} {entries!r:.80}")
     entries = list(entries)  # a generator is read once: the plan reads them twice
     _check_kinds(std, entries)
+    entries = [anchored(e, os.getcwd()) for e in entries]  # as load_catalog does against the catalog's folder
     ids = [e.id for e in entries]
     if len(set(ids)) < len(ids):
         twice = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"entries hold the model id {twice!r} twice: which one to embed is unclear")
     store = as_store(store)
+    _check_published(store, std)
     index = read_index(store, std)
     memo = StampMemo(store, std.id, writable=not dry_run)
 
@@ -385,6 +399,8 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     _check_kinds(std, [entry])
     check_device(device)
     store = as_store(store)
+    _check_published(store, std)
+    entry = anchored(entry, os.getcwd())  # a row keeps its checkpoint's path: relative, it is read from anywhere
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be an integer >= 1 (or None: the standard's), got {batch_size!r}")
     t0 = time.perf_counter()

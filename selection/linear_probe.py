@@ -19,6 +19,9 @@ from selection.scorers import standardisation
 
 @dataclass(frozen=True)
 class ProbeProtocol:
+    """The linear probe's protocol: a seeded, stratified split (`test_fraction` held out, `split_seed`),
+    an L2-penalised (`l2`) softmax fitted by L-BFGS (`max_iter`) on standardised features."""
+
     test_fraction: float = 0.5
     split_seed: int = 0
     l2: float = 1e-3

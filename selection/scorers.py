@@ -56,7 +56,9 @@ ROUNDING_STEPS = 16  # a column whose values span at most this many rounding ste
 
 def _eps(feats: Any) -> float:
     """The relative rounding step of the precision `feats` was computed in (0 for integers: exact)."""
-    dtype = np.asarray(feats).dtype if not hasattr(feats, "dtype") else feats.dtype
+    dtype = getattr(feats, "dtype", None)
+    if not isinstance(dtype, np.dtype):  # a list, or a torch tensor (torch.float32 is no numpy dtype)
+        dtype = np.asarray(feats).dtype
     return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
 
 

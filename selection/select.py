@@ -85,7 +85,9 @@ class Constraint:
                 number = _number(self.value, self.field)
             except ValueError:
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a number"
-                                  + (" (e.g. 5e6, 5M, 0.5G)" if self.field in ("params", "num_params") else "")) from None
+                                  + (" (e.g. 5e6, 5M, 0.5G)" if self.field in ("params", "num_params") else
+                                     f" (the K, M, G and B suffixes are for params; {self.field} is a plain number, "
+                                     f"e.g. 0.5)" if self.value[-1:].lower() in _SUFFIXES else "")) from None
             if not math.isfinite(number):
                 raise ConfigError(f"constraint {text!r}: {self.value!r} is not a finite number")
         elif self.op not in ("=", "==", "!="):
@@ -123,6 +125,13 @@ class Constraint:
 
 @dataclass(frozen=True)
 class SelectConfig:
+    """How to select (`select_models`; the jobs' flags of the same names). `top_k`: models listed per
+    task; `verify_top_k`: how many of the best to run on the task's labelled images and re-rank by
+    `verify_by` (VERIFIERS); `task_method` (TASK_METHODS) and `weigh_parts`: how the task is embedded;
+    `score`: how rows are scored (SCORES; None: the rank mean on a per-source table); `constraints`:
+    `--where` texts or Constraint objects; `protocol`: the linear probe's (`verify_by="probe"`);
+    `pareto`: a cost (PARETO_COSTS) whose score/cost front to find in the same sweep. Checked on creation."""
+
     top_k: int = 10
     verify_top_k: int = 0
     verify_by: str = "logme"  # kept by the benchmark's dev rule (docs/method-experiments.md, session 43)
@@ -165,6 +174,8 @@ class SelectConfig:
 
 @dataclass(frozen=True, eq=False)
 class TaskEmbedding:
+    """A task as the standard sees it (`embed_task`): what its `query` scores every row with."""
+
     name: str
     g: np.ndarray               # (d, d) task matrix, trace 1
     source_weights: np.ndarray  # (S,) share of the task's images nearest to each probe source
@@ -282,6 +293,10 @@ def embed_task_features(std: Standard, z: np.ndarray, labels: np.ndarray, config
 
 @dataclass(frozen=True)
 class Ranked:
+    """One candidate of a task's ranking: its `score` (higher is better; under the rank mean a fraction
+    among the run's candidates, not an accuracy), its `rank` after verification re-ranked the verified
+    ones, and its table `row` (metadata; the embedding left out)."""
+
     model_id: str
     score: float
     rank: int  # from 1; 0 in a Pareto front (the ranking gives its place)
@@ -870,6 +885,10 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
     rankings, swept, fronts = shortlist_table(std, store, [e.query(std, config.score) for e in embs], config)
+    if config.constraints and not any(rankings):  # as the jobs' printed table says it
+        log.warning("no model ranked: none of the %d models passes the constraints %s (a value that is unknown "
+                    "passes none; a tag is compared exactly, case included)", swept,
+                    " ".join(f"{c.field}{c.op}{c.value}" for c in config.constraints))
     k = config.verify_top_k
     if k:
         results: list[Any] = []

@@ -307,6 +307,15 @@ def check_same_spec(published: dict[str, Any], planned: dict[str, Any]) -> None:
                               f"not {new!r}, and its id does not tell them apart; publish this one to another store")
 
 
+def check_standard(std: Any) -> Standard:
+    """`std` itself if it is a Standard, else a ConfigError naming what came instead (an id, a store)."""
+    if not isinstance(std, Standard):
+        hint = ": a standard's id? `load_standard(store, id)` loads it" if isinstance(std, str) else ""
+        raise ConfigError(f"std should be a Standard (selection.standard.load_standard), got "
+                          f"{type(std).__name__} {std!r:.80}{hint}")
+    return std
+
+
 def relocate_baseline(store: Store | str, std: Standard, planned: dict[str, Any]) -> Standard:
     """The published `std` with its baseline checkpoint where `planned` (same id) finds it.
 

@@ -643,7 +643,11 @@ class Store:
                  retry: RetryPolicy = RetryPolicy()) -> None:
         if isinstance(url, os.PathLike):  # a pathlib.Path to a local store
             url = os.fspath(url)
-        if not isinstance(url, str) or not url.strip():
+        if not isinstance(url, str):  # a Standard in the store's place (arguments swapped): its name, not its arrays
+            name = getattr(url, "id", None)
+            shown = repr(name) if isinstance(name, str) else f"{url!r:.80}"
+            raise ConfigError(f"a store should be a Store, a URL or a local path, got {type(url).__name__} {shown}")
+        if not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
         if url != url.strip() or any(ord(c) < 32 or ord(c) == 127 for c in url):
             # ' s3://b/x' was a local folder named ' s3:', 's3://b/x ' another S3 prefix than 's3://b/x'

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import selection
 from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
 from selection.keys import model_key, shard_of
-from selection.standard import Standard
+from selection.standard import Standard, check_standard
 from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
                                parquet_bytes, parquet_options)
 
@@ -221,8 +221,9 @@ def row_object(std: Standard, row: dict[str, Any]) -> tuple[str, bytes]:
 
 def write_row(store: Store | str, std: Standard, row: dict[str, Any]) -> str:
     """Add or replace one model: a single object write (`store`: a Store, or its URL or path)."""
+    store, std = as_store(store), check_standard(std)
     path, data = row_object(std, row)
-    as_store(store).write_bytes(path, data)
+    store.write_bytes(path, data)
     return path
 
 
@@ -331,7 +332,7 @@ def restore_rows(store: Store | str, std: Standard, written: collections.abc.Map
     row is named by a StoreError, raised after the others are written back (the next `jobs.embed` embeds
     it again if its row is stale). `store`: a Store, or its URL or path.
     """
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     deadline = time.monotonic() + wait_s
     while written and compaction_running(store, std.id):
         if time.monotonic() >= deadline:
@@ -406,7 +407,7 @@ def delete_rows(store: Store | str, std: Standard, model_ids: list[str]) -> list
       seen by one or the other.
     Ids without a row object are looked up in the segments once, together (`_in_segments`).
     """
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     _check_ids(model_ids)
     segment_only = {}
     for mid in dict.fromkeys(model_ids):  # an id given twice is removed once
@@ -672,7 +673,7 @@ def list_table(store: Store | str, std: Standard) -> Listing:
     segments. A row object compacted and deleted after its listing is gone when read (the read lists
     again), and one deleted before is in a segment written before that, which the later segment
     listing sees; listing segments first could miss both. `store`: a Store, or its URL or path."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     rows = tuple(list_rows(store, std.id))
     markers = tuple(list_markers(store, std.id))
     return Listing(tuple(list_segments(store, std.id)), rows, markers)
@@ -710,7 +711,7 @@ def iter_shards(store: Store | str, std: Standard, listing: Listing | None = Non
     `known_only`: an object holding a column this version does not know is refused (StandardMismatchError),
     where the rows are to be rewritten. `store`: a Store, or its URL or path.
     """
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     listing = listing or list_table(store, std)
     # Keys already yielded or overridden (row objects win over segments, markers delete):
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
@@ -890,7 +891,7 @@ def _until_unchanged(what: str, read: Callable[[], T], attempts: int) -> T:
 
 def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
     """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     def index(listing: Listing) -> dict[str, dict[str, Any]]:
         rows, versions = {}, {}  # rows share a few library_versions strings: each held once
         for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS):
@@ -912,7 +913,7 @@ def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
     of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
     read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
     up to `attempts` times. `known_only`: as `iter_shards`'s (the rows are to be rewritten)."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     _check_ids(model_ids)  # at the call, not at the first row
     return _iter_rows(store, std, model_ids, attempts, known_only)
 
@@ -966,7 +967,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
 def load_table(store: Store | str, std: Standard, listing: Listing | None = None) -> EmbeddingTable:
     """The whole table of `std` in memory (validated, each model once). Without `listing`, the
     table is listed now, and again if it changes while it is read (`read_consistently`)."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     if listing is None:
         return read_consistently(store, std, lambda fresh: load_table(store, std, fresh))
     shards = list(iter_shards(store, std, listing))
@@ -983,7 +984,7 @@ def export_table(store: Store | str, std: Standard, path: str | os.PathLike, pro
     """Write the live table of `std` to one local Parquet file, shard by shard (memory holds one
     shard, not the table); return its rows. The file appears whole or not at all (`atomic_local_file`).
     A path that cannot be written, or inside a local store, is a ConfigError before anything is read."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     path = os.fspath(path)
     check_output(path)
     check_outside_store(store, {"path": path})
@@ -1043,7 +1044,7 @@ def compact(store: Store | str, std: Standard, segment_rows: int | None = None,
     deletes such leases first (for one whose compaction crashed; never while one runs). The temporary
     files of local writes killed part-way, older than STALE_TEMPORARY_S, are deleted too.
     """
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     segment_rows = default_segment_rows(std) if segment_rows is None else segment_rows
     if isinstance(segment_rows, bool) or not isinstance(segment_rows, (int, np.integer)) or segment_rows < 1:
         raise ConfigError(f"segment rows must be an integer >= 1, got {segment_rows!r}")

@@ -160,8 +160,11 @@ def test_numeric_constraints_take_the_units_the_tables_print():
             Constraint.parse(f"params<={bad}")
     assert Constraint.parse("num_params<=5M").mask(meta).tolist() == [True, False, False]
     for other in ("gflops<4G", "input_size<=1k"):  # units of their own: a suffix is not taken for them
-        with pytest.raises(ConfigError, match=r"is not a number$"):
+        with pytest.raises(ConfigError, match=r"is not a number \(the K, M, G and B suffixes are for params; "
+                                              r"\w+ is a plain number, e\.g\. 0\.5\)$"):
             Constraint.parse(other)
+    with pytest.raises(ConfigError, match=r"'gflops<=x': 'x' is not a number$"):
+        Constraint.parse("gflops<=x")
 
 
 def test_an_arch_constraint_matches_tagged_architectures_and_licenses_match_in_any_case():

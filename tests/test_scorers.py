@@ -431,3 +431,17 @@ def test_columns_constant_up_to_rounding_count_as_constant_in_every_scorer_and_t
     moved = shifted.copy()
     moved[:, 0] = shifted[:, 0] * 1e-3 + 1e6  # float64: a spread far above its rounding
     assert ridge_loo(moved, y3[:60]) == pytest.approx(ridge_loo(shifted, y3[:60]), rel=1e-6)
+
+
+def test_every_scorer_takes_torch_tensors_as_numpy_arrays():
+    """`hscore`, `regularized_hscore` and `ridge_loo` raised `TypeError: Cannot interpret 'torch.float64' as a
+    data type` on torch tensors, which `logme` took (a review, session 45)."""
+    import torch
+
+    from selection.scorers import hscore, logme, regularized_hscore, ridge_loo
+
+    x = np.random.default_rng(3).normal(size=(40, 8))
+    y = np.arange(40) % 3
+    for score in (hscore, regularized_hscore, ridge_loo, logme):
+        assert score(torch.tensor(x), torch.tensor(y)) == score(x, y), score.__name__
+        assert score(torch.tensor(x, dtype=torch.float32), torch.tensor(y)) == score(x.astype(np.float32), y)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import timm
 import torch
 
 import selection
@@ -2105,3 +2106,43 @@ def test_a_standard_id_that_names_no_standard_is_refused_not_read_as_the_default
         with pytest.raises(ConfigError, match=r"^a standard id names one of the store's standards .*got "):
             load_standard(store, bad)
     assert load_standard(store, None).id == load_standard(store, std.id).id == std.id
+
+
+def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, monkeypatch, caplog):
+    """A review of the library's use from Python (session 45): a checkpoint path given relative in a
+    CatalogEntry was stored relative (the model then failed to verify from any other folder, or read
+    another file of that name); a standard's id where a Standard goes was an AttributeError; a Standard
+    where a store goes was a 16,000-character message; rows embedded into a store without the standard
+    were written where no selection would find them."""
+    store, std = published
+    (tmp_path / "sub").mkdir()
+    save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "sub" / "here.safetensors"))
+    monkeypatch.chdir(tmp_path / "sub")
+    entry = CatalogEntry("zoo/rel", "resnet10t", "here.safetensors")
+    [planned] = make_plan([entry], store, std).embed
+    assert planned.weights == str(tmp_path / "sub" / "here.safetensors")
+    assert embed_entry(entry, std, store).status == "embedded"
+    monkeypatch.chdir(tmp_path)
+    row = read_index(store, std)["zoo/rel"]
+    assert json.loads(row["catalog_entry"])["weights"] == str(tmp_path / "sub" / "here.safetensors")
+    assert make_plan([CatalogEntry("zoo/rel", "resnet10t", "sub/here.safetensors")], store, std).skip == ("zoo/rel",)
+    for call in (lambda: load_table(store, std.id), lambda: read_index(store, std.id),
+                 lambda: delete_rows(store, std.id, ["zoo/rel"]), lambda: compact(store, std.id)):
+        with pytest.raises(ConfigError, match=rf"^std should be a Standard .*got str '{std.id}': a standard's id\? "):
+            call()
+    with pytest.raises(ConfigError) as exc:
+        load_table(std, store)  # swapped
+    assert str(exc.value) == f"a store should be a Store, a URL or a local path, got Standard '{std.id}'"
+    assert "zoo/rel" in read_index(store, std)  # nothing removed by the calls refused
+    # constraints no model passes: an empty ranking, and a warning that says why (the jobs print it)
+    from selection.select import SelectConfig, select_models
+
+    with caplog.at_level(logging.WARNING, logger="selection.select"):
+        [sel] = select_models(store, ["builtin:digits?per_class=4"], SelectConfig(top_k=3, constraints=("tag=CNN",)))
+    assert sel.ranking == [] and sel.models_swept == 1
+    assert "no model ranked: none of the 1 models passes the constraints tag=CNN (" in caplog.text, caplog.text
+    other = Store(str(tmp_path / "other"))
+    for call in (lambda: embed_entry(entry, std, other), lambda: make_plan([entry], other, std)):
+        with pytest.raises(ConfigError, match=rf"does not hold standard {std.id} \(it has: none\)"):
+            call()
+    assert not os.path.exists(tmp_path / "other" / "embeddings")
