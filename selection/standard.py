@@ -134,6 +134,10 @@ class Standard:
     companion_mean: np.ndarray | None = None        # the companion's centring and projection, if any
     companion_projection: np.ndarray | None = None
 
+    def __repr__(self) -> str:  # the arrays and spec would print as 16,000 characters in a notebook
+        return (f"Standard(id={self.id!r}, form={self.form!r}, d={self.d}, baseline={self.baseline.arch!r}, "
+                f"probe_images={len(self.probe_images)})")
+
     @property
     def form(self) -> str:
         return self.spec["form"]

@@ -801,8 +801,9 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
         check_output("s3://bucket/r.json")
     # the JSON saved but not its Parquet: removed, not left half-saved and unsaid (a review, session 36)
     monkeypatch.undo()
-    monkeypatch.setattr(store, "write_table", lambda rel, table: (_ for _ in ()).throw(
-        StoreError(f"quota exceeded writing {store.url}/{rel}")))
+    real_write = store.write_bytes
+    monkeypatch.setattr(store, "write_bytes", lambda rel, data: (_ for _ in ()).throw(
+        StoreError(f"quota exceeded writing {store.url}/{rel}")) if rel.endswith(".parquet") else real_write(rel, data))
     with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(quota exceeded writing .*\.parquet\); "
                                          r"--no-save skips that$"):
         write_outputs([{"task": "t", "ranking": []}], "std-x", None, None, store)

@@ -2133,6 +2133,8 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     with pytest.raises(ConfigError) as exc:
         load_table(std, store)  # swapped
     assert str(exc.value) == f"a store should be a Store, a URL or a local path, got Standard '{std.id}'"
+    assert repr(std) == f"Standard(id='{std.id}', form='{std.form}', d={std.d}, baseline='resnet10t', probe_images=" \
+        f"{len(std.probe_images)})"  # not its arrays: 16,000 characters in a notebook
     assert "zoo/rel" in read_index(store, std)  # nothing removed by the calls refused
     # constraints no model passes: an empty ranking, and a warning that says why (the jobs print it)
     from selection.select import SelectConfig, select_models
