@@ -399,8 +399,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     """
     _check_kinds(std, [entry])
     check_device(device)
-    store = as_store(store)
-    _check_published(store, std)
+    store = as_store(store)  # that it holds the standard is `make_plan`'s check: here a store's fault fails the model
     entry = anchored(entry, os.getcwd())  # a row keeps its checkpoint's path: relative, it is read from anywhere
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be an integer >= 1 (or None: the standard's), got {batch_size!r}")

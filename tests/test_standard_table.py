@@ -2112,8 +2112,8 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     """A review of the library's use from Python (session 45): a checkpoint path given relative in a
     CatalogEntry was stored relative (the model then failed to verify from any other folder, or read
     another file of that name); a standard's id where a Standard goes was an AttributeError; a Standard
-    where a store goes was a 16,000-character message; rows embedded into a store without the standard
-    were written where no selection would find them."""
+    where a store goes was a 16,000-character message; a plan against a store without the standard went on
+    to write rows where no selection would find them."""
     store, std = published
     (tmp_path / "sub").mkdir()
     save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "sub" / "here.safetensors"))
@@ -2144,7 +2144,6 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     assert sel.ranking == [] and sel.models_swept == 1
     assert "no model ranked: none of the 1 models passes the constraints tag=CNN (" in caplog.text, caplog.text
     other = Store(str(tmp_path / "other"))
-    for call in (lambda: embed_entry(entry, std, other), lambda: make_plan([entry], other, std)):
-        with pytest.raises(ConfigError, match=rf"does not hold standard {std.id} \(it has: none\)"):
-            call()
+    with pytest.raises(ConfigError, match=rf"does not hold standard {std.id} \(it has: none\)"):
+        make_plan([entry], other, std)
     assert not os.path.exists(tmp_path / "other" / "embeddings")
