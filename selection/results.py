@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+from selection.errors import ConfigError
 
 if TYPE_CHECKING:  # not imported at run time: `jobs.table` prints with this module and needs no torch
     from selection.select import Ranked, SelectConfig, Selection
@@ -51,8 +54,14 @@ def ranked_record(r: Ranked) -> dict[str, Any]:
 
 def selection_record(task: str, sel: Selection, config: SelectConfig, std: Standard) -> dict[str, Any]:
     """One task's result as a JSON-ready dict: its ranking and front as `ranked_record`s, and the query
-    that made it (an archived result can be read and run again). `task`: the name to show for it."""
+    that made it (an archived result can be read and run again). `task`: the name to show for it;
+    `config`: the one `sel` was made with (another is a ConfigError: the record would describe another query)."""
     from selection.select import default_score, task_image_size
+
+    if sel.config is not None and config != sel.config:
+        changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(sel.config, f.name)]
+        raise ConfigError(f"config is not the one this selection was made with (it differs in {', '.join(changed)}): "
+                          f"pass the same SelectConfig, `sel.config`")
 
     return {"task": task, "n_images": sel.embedding.n_images, "n_classes": sel.embedding.n_classes,
             "task_embedding_seconds": round(sel.embedding.seconds, 3), "n_verified": sel.n_verified,

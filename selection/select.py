@@ -251,6 +251,7 @@ def prepare_task(task: ImageSet) -> ImageSet:
     if dropped:
         log.warning("task %s: %d repeated image(s) dropped (the same pixels under the same label)", task.name,
                     dropped)
+    task = task.validate_task(2)  # one image of each class on each side of the split; before any warning
     near = task.near_repeats()
     if near:  # told, not dropped: they may be two real images that look alike
         log.warning("task %s: %d pair(s) of images under the same label are nearly the same picture (e.g. images "
@@ -258,7 +259,7 @@ def prepare_task(task: ImageSet) -> ImageSet:
                     "slightly edited), remove them; like exact repeats, which are dropped, they let a model with "
                     "as many features as images fit the labels, and favour it in verification",
                     task.name, len(near), *_class_positions(task, near[0]), task.classes[task.labels[near[0][0]]])
-    return task.validate_task(2)  # one image of each class on each side of the split
+    return task
 
 
 def _class_positions(task: ImageSet, pair: tuple[int, int]) -> tuple[int, int]:
@@ -839,8 +840,8 @@ def rerank_verified(ranked: list[Ranked], measured: dict[str, float],
 class Selection:
     """One task's result: its embedding, the ranking (top_k), how many of the shortlist were verified,
     with `SelectConfig.pareto` the score/cost Pareto front of every model swept (cheapest first), and
-    how many of the shortlist measured nothing (their verification failed: `Ranked.verify_error`).
-    `selection.results` writes it as the jobs do."""
+    how many of the shortlist measured nothing (their verification failed: `Ranked.verify_error`), and
+    the `config` it was made with. `selection.results` writes it as the jobs do."""
 
     embedding: TaskEmbedding
     ranking: list[Ranked]
@@ -848,6 +849,7 @@ class Selection:
     models_swept: int
     pareto: list[Ranked] = field(default_factory=list)
     n_unverified: int = 0
+    config: SelectConfig | None = None
 
 
 def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig | None = None, *,
@@ -908,4 +910,4 @@ def selection_of(emb: TaskEmbedding, ranked: list[Ranked], swept: int, front: li
     """A task's Selection from its ranking as verified (every model kept by the sweep) and its front."""
     n_verified = sum(r.verified is not None for r in ranked)
     return Selection(emb, ranked[:config.top_k], n_verified, swept, front_with_shortlist(front, ranked, config.top_k),
-                     n_unverified=len(ranked[:config.verify_top_k]) - n_verified)
+                     n_unverified=len(ranked[:config.verify_top_k]) - n_verified, config=config)

@@ -1976,7 +1976,7 @@ def test_refresh_rows_of_a_compacted_table_with_runs_beside_it(published, monkey
     assert r.status == "refreshed" and r.written_during_compaction and time.monotonic() - t0 < 30
 
 
-def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_line(published, tmp_path):
+def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_line(published, tmp_path, caplog):
     """A review from a library user's side (session 40): stores given as paths were AttributeErrors
     outside `select_models`; one id given as a string removed "each character"; `export_table` wrote over
     `standards/DEFAULT` (the job refuses it); `embed_entry` ran a whole probe pass before failing on a
@@ -2044,8 +2044,22 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
     # images of 0-1 floats cast to uint8 (near-black) were ranked and verified without a word
     dark = ImageSet(np.random.default_rng(0).integers(0, 2, (8, 16, 16, 3)).astype(np.uint8),
                     np.repeat(np.arange(2), 4), ("a", "b"), "dark")
-    with pytest.raises(DataError, match=r"^task 'dark': every pixel is 0 or 1 \(0-1 float images cast to uint8\?\)"):
+    with pytest.raises(DataError, match=r"^task 'dark': every pixel is 0 or 1 \(0-1 float images cast to uint8\?\)"), \
+            caplog.at_level(logging.WARNING):
         select_models(store, [dark])
+    assert "nearly the same picture" not in caplog.text  # the error alone, not a warning on what it refuses first
+    # a Selection's record is of the config it was made with: another's wrote `verify_top_k: 0` beside verified values
+    from types import SimpleNamespace
+
+    from selection.results import selection_record
+    from selection.select import Selection
+
+    made = SelectConfig(top_k=3, verify_top_k=3)
+    sel = Selection(SimpleNamespace(n_images=8, n_classes=2, seconds=0.1), [], 0, 1, config=made)
+    with pytest.raises(ConfigError, match=r"^config is not the one this selection was made with \(it differs in "
+                                          r"top_k, verify_top_k\): pass the same SelectConfig, `sel.config`$"):
+        selection_record("t", sel, SelectConfig(), std)
+    assert selection_record("t", sel, made, std)["verify_top_k"] == 3
 
 
 def test_a_standard_of_one_input_size_builds_fixed_size_models_at_it(store, tmp_path):
