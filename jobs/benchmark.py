@@ -271,7 +271,7 @@ def quality(args: argparse.Namespace) -> int:
         todo = list(diff.embed)
         say(f"embed {sp.name}", f"[5/7] embedding {len(todo)} of {len(cands)} candidates under standard "
                                 f"{sp.name} ({std.id})")
-        results = runtime.embed_with_actors(todo, std, store.url, ep, progress=progress) if todo else []
+        results = runtime.embed_with_actors(todo, std, store, progress=progress) if todo else []
         results += refresh_rows(diff.refresh, std, store)  # catalog entries changed, not their weights
         failed = [r for r in results if r.status == "failed"]
         if failed:

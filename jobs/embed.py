@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     results: list[EmbedResult] = list(plan.invalid)
     during = HeldRows()  # the rows written while a compaction ran, on local disk until it ends
     if plan.embed:
-        results += runtime.embed_with_actors(plan.embed, std, store.url, getattr(store, "endpoint", None),
+        results += runtime.embed_with_actors(plan.embed, std, store,
                                              opts, progress=not args.no_progress, held=during)
     if plan.refresh:  # after the embedding: a compaction running now may have ended by then
         with progress_bar(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:

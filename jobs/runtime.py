@@ -23,6 +23,7 @@ from jobs.common import progress_bar, terminated
 from selection.catalog import CatalogEntry
 from selection.embedder import EmbedResult
 from selection.errors import ClusterError, ConfigError
+from selection.standard import Standard
 from selection.storage import Store
 from selection.table import HeldRows, read_index
 
@@ -325,7 +326,7 @@ class _EmbedActor:
         # Actors holding a fraction of a GPU run side by side on it: each sizes its batch to its share.
         self.memory_share = 0.5 * min(1.0, gpus)
 
-    def embed(self, entry: CatalogEntry, std: Any, prepared: Any = None) -> EmbedResult:
+    def embed(self, entry: CatalogEntry, std: Standard, prepared: Any = None) -> EmbedResult:
         import ray
         import torch
 
@@ -365,7 +366,7 @@ class _SharedProbe:
     the actors resize uint8 images on the device instead (cheaper than shipping floats).
     """
 
-    def __init__(self, entries: list[CatalogEntry], std: Any, enabled: bool) -> None:
+    def __init__(self, entries: list[CatalogEntry], std: Standard, enabled: bool) -> None:
         from selection.models import expected_data_config, preprocess_key
 
         self.std = std
@@ -509,7 +510,7 @@ def size_actors(opts: ActorOptions, res: dict[str, float],
     return gpus_per_actor, max(1, min(by_cpu, by_gpu))
 
 
-def row_seen_here(result: EmbedResult, local: Store | None, std: Any) -> EmbedResult:
+def row_seen_here(result: EmbedResult, local: Store | None, std: Standard) -> EmbedResult:
     """An embedded model's result, failed if `local` (a local-directory store) does not hold the row its
     actor wrote: the actor ran on a node whose disk this driver does not see (a review, session 44: the
     job said "3 embedded" and the store held none). A row written during a compaction is the job's to
@@ -524,8 +525,8 @@ def row_seen_here(result: EmbedResult, local: Store | None, std: Any) -> EmbedRe
         f"be a folder every node mounts at the same path; use s3:// or such a folder"))
 
 
-def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
-                      s3_endpoint: str | None = None, opts: ActorOptions = ActorOptions(), *,
+def embed_with_actors(entries: Iterable[CatalogEntry], std: Standard, store: Store,
+                      opts: ActorOptions = ActorOptions(), *,
                       progress: bool = True, held: HeldRows | None = None) -> list[EmbedResult]:
     """Fan the entries out over actors, at most max_in_flight alive at once (see `size_actors`); each
     actor embeds `opts.models_per_actor` entries in turn (default one) and is then replaced.
@@ -546,8 +547,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=retries * per_actor,
         max_task_retries=retries)
     std_ref = ray.put(std)
-    local = None if re.match(r"(?i)^s3://", store_url) else Store(store_url)  # whose rows the driver checks
-    local = local if local is not None and local.scheme == "file" else None
+    local = store if store.scheme == "file" else None  # whose rows the driver checks
     shared = _SharedProbe(entries, std, enabled=gpus_per_actor == 0)
     results: list[EmbedResult] = []
     queue = shared.order(entries)
@@ -558,7 +558,7 @@ def embed_with_actors(entries: Iterable[CatalogEntry], std: Any, store_url: str,
         while queue or running:
             while queue and len(running) < max_in_flight:
                 entry = queue.pop(0)
-                actor, used = idle.pop() if idle else (actor_cls.remote(store_url, s3_endpoint, threads,
+                actor, used = idle.pop() if idle else (actor_cls.remote(store.url, store.endpoint, threads,
                                                                         gpus_per_actor), 0)
                 running[actor.embed.remote(entry, std_ref, shared.acquire(entry))] = (actor, entry,
                                                                                       time.perf_counter(), used)

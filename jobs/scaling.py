@@ -389,7 +389,7 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     runtime.init(None)
     t0 = time.perf_counter()
     opts = runtime.ActorOptions(gpus_per_actor if device == "cuda" else 0.0, threads)
-    results = runtime.embed_with_actors(entries, std, store.url, opts=opts, progress=False)
+    results = runtime.embed_with_actors(entries, std, store, opts=opts, progress=False)
     wall = time.perf_counter() - t0
     shutil.rmtree(work)
     for res in results:

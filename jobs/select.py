@@ -126,7 +126,7 @@ def _map_parts(std: Standard, store: Store, queries: Queries, config: SelectConf
     out of date, listed and swept again) or any other error of its read, or of Ray. A part whose worker
     crashed past its retries (e.g. out of memory) is swept here instead."""
     def map_parts(parts: list[Part], hidden: set[str]) -> list[SweepPart]:
-        shared = (std, store.url, getattr(store, "endpoint", None), hidden, queries, config)
+        shared = (std, store.url, store.endpoint, hidden, queries, config)
         done = runtime.map_tasks(_sweep_part, parts, shared=shared, desc="sweep", progress=progress,
                                  what="a sweep part", autoscaling=autoscaling, node=node, fail_fast=True)
         for i, result in enumerate(done):

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -284,7 +285,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
         return []
     was = {e.id: (e, row) for e, row in planned}
     results: dict[str, EmbedResult] = {}
-    stop: list[str] = []  # why this pass writes no more rows (a compaction started)
+    stop = threading.Event()  # this pass writes no more rows: a compaction started
 
     def refresh(old: dict[str, Any], source: str) -> EmbedResult | None:
         """The model's result, or None if the pass stopped before its row was written."""
@@ -294,17 +295,17 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             now, path = (old["catalog_entry"], old["weights_sha256"]), row_path(std.id, entry.id)
             if now == (_entry_json(entry), row["weights_sha256"]):  # another run refreshed it to this entry
                 return EmbedResult(entry.id, "refreshed", "", 0.0, path=path)
-            if stop:
+            if stop.is_set():
                 return None
-            if now != (row["catalog_entry"], row["weights_sha256"]) or source != path and (
-                    store.exists(marker_path(std.id, entry.id)) or store.exists(path)):
+            if now != (row["catalog_entry"], row["weights_sha256"]) or (source != path and (
+                    store.exists(marker_path(std.id, entry.id)) or store.exists(path))):
                 raise ModelError(f"model {entry.id!r}: its row was removed or rewritten after the plan (by "
                                  f"another run?); not refreshed, the next run plans it again")
             new = dict(old, tags=list(entry.tags), weights_source=entry.weights or "random-init",
                        license=entry.license or old["license"], catalog_entry=_entry_json(entry))
             path, during, running = _write_row(store, std, new)
             if during:
-                stop.append(f"a compaction of standard {std.id} started during the refresh")
+                stop.set()
             return EmbedResult(entry.id, "refreshed", "", time.perf_counter() - t0, path=path,
                                written_during_compaction=during, compactions_at_write=running)
         except Exception as exc:  # noqa: BLE001 - one model's failure, reported; the others go on
@@ -321,7 +322,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
     # why rows are left: a compaction still runs (halt), a damaged segment (error), or the row is gone
     error, halt = "its row was removed after the plan", ""
     while todo := [i for i in was if i not in results]:
-        halt = _compaction_ended(store, std.id, wait_s, "started during the refresh" if stop else "runs")
+        halt = _compaction_ended(store, std.id, wait_s, "started during the refresh" if stop.is_set() else "runs")
         if halt:
             break
         stop.clear()
@@ -331,7 +332,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             pending: set[Future[EmbedResult | None]] = set()
             try:
                 for old, source in rows:
-                    if stop:  # a compaction started: the rest wait for it to end
+                    if stop.is_set():  # a compaction started: the rest wait for it to end
                         break
                     pending.add(pool.submit(refresh, old, source))
                     if len(pending) >= 4 * REFRESH_THREADS:  # rows in hand stay few
@@ -342,7 +343,7 @@ def refresh_rows(planned: Sequence[tuple[CatalogEntry, Mapping[str, Any]]], std:
             finally:
                 rows.close()
             collect(pending)
-        if broken or not stop:  # a pass that stopped wrote a row: each pass gets further
+        if broken or not stop.is_set():  # a pass that stopped wrote a row: each pass gets further
             break
     left = [e.id for e, _ in planned if e.id not in results]
     results.update((i, EmbedResult(i, "failed", f"model {i!r}: {halt or error}; " + (

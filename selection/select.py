@@ -104,7 +104,7 @@ class Constraint:
                               f"(known: {', '.join(NUMERIC_FIELDS + TEXT_FIELDS)})")
         return cls(name, op, value)
 
-    def mask(self, meta: Any) -> np.ndarray:
+    def mask(self, meta: pa.Table) -> np.ndarray:
         name = "num_params" if self.field == "params" else self.field
         if name in NUMERIC_FIELDS:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)

@@ -429,7 +429,7 @@ def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
             os.remove(tmp)
 
 
-def check_outside_store(store: Any, outputs: dict[str, str | None]) -> None:
+def check_outside_store(store: Store, outputs: dict[str, str | None]) -> None:
     """Refuse an output path (flag -> path) inside a local store's folder: a results file written over
     `standards/DEFAULT` or a row object broke the store (a review, session 39)."""
     if getattr(store, "scheme", None) != "file":
@@ -661,6 +661,8 @@ class Store:
         self.url = url.rstrip("/")
         self.scheme = scheme
         self.retry = retry
+        self.bucket: str | None = None  # S3's
+        self.endpoint: str | None = None
         if scheme == "file":
             path = file_url_path(url) if match else url
             self.root = os.path.abspath(os.path.expanduser(path))
@@ -732,8 +734,7 @@ class Store:
             return StoreError(f"access denied for {what} {where}: check the AWS credentials "
                               f"(environment or profile) for this store")
         if code == "NoSuchBucket" or _mentions(exc, ("NoSuchBucket",)):
-            return StoreError(f"bucket {getattr(self, 'bucket', '?')!r} does not exist "
-                              f"(store {self.url!r})")
+            return self._no_bucket()
         if _is_transient(exc):
             return StoreError(f"storage unreachable for {what} {where} after "
                               f"{self.retry.attempts} attempts: {type(exc).__name__}: {text}")
@@ -812,7 +813,7 @@ class Store:
 
     def _no_bucket(self) -> StoreError:
         """What a write's FileNotFoundError means on an object store."""
-        return StoreError(f"bucket {getattr(self, 'bucket', self.root)!r} does not exist (store {self.url!r})")
+        return StoreError(f"bucket {self.bucket or self.root!r} does not exist (store {self.url!r})")
 
     def delete(self, rel: str, flush: bool = True) -> bool:
         """Delete one object; return False when it did not exist. On a local store the folder is then

@@ -283,9 +283,9 @@ def test_actors_embed_several_models_in_turn_when_asked(ray_local, published, tm
     from jobs import runtime
 
     store, std = published
-    fresh = runtime.embed_with_actors(TINY, std, store.url, opts=runtime.ActorOptions(max_in_flight=1), progress=False)
+    fresh = runtime.embed_with_actors(TINY, std, store, opts=runtime.ActorOptions(max_in_flight=1), progress=False)
     rows = {mid: _row_bytes(store, std, mid) for mid in (e.id for e in TINY)}
-    again = runtime.embed_with_actors(TINY, std, store.url, progress=False,
+    again = runtime.embed_with_actors(TINY, std, store, progress=False,
                                       opts=runtime.ActorOptions(max_in_flight=1, models_per_actor=2))
     assert [r.status for r in fresh + again] == ["embedded"] * 6
     assert len({r.worker for r in fresh}) == 3  # a fresh process per model
@@ -295,7 +295,7 @@ def test_actors_embed_several_models_in_turn_when_asked(ray_local, published, tm
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     bad = CatalogEntry("zoo/corrupt", "resnet10t", str(corrupt), input_size=32)
-    mixed = runtime.embed_with_actors([bad] + TINY[:2], std, store.url, progress=False,
+    mixed = runtime.embed_with_actors([bad] + TINY[:2], std, store, progress=False,
                                       opts=runtime.ActorOptions(max_in_flight=1, models_per_actor=3))
     assert [r.status for r in mixed] == ["failed", "embedded", "embedded"] and "corrupt" in mixed[0].reason
     assert mixed[1].worker != mixed[0].worker and mixed[2].worker == mixed[1].worker
