@@ -240,6 +240,26 @@ def _lease_time(data: bytes) -> float:
     return started
 
 
+def _leases(store: Store, folder: str, skip: str | None = None) -> Iterator[tuple[str, float | None]]:
+    """Each compaction lease in `folder` but `skip`, with the time it was last refreshed: None for one this
+    version did not write, which counts as running until `--break-leases` removes it. A lease gone
+    meanwhile (its compaction ended) is left out."""
+    for path in store.list(folder):
+        if path == skip:
+            continue
+        try:
+            yield path, _lease_time(store.read_bytes(path))
+        except ObjectGoneError:
+            continue
+        except ValueError:
+            yield path, None
+
+
+def _stale(started: float) -> bool:
+    """A lease not refreshed for STALE_LEASE_S: its compaction crashed (the next compaction deletes it)."""
+    return time.time() - started > STALE_LEASE_S
+
+
 def running_compactions(store: Store | str, standard_id: str) -> frozenset[str]:
     """The compactions of the table that hold a lease (a LIST of the leases, and a read of each), each
     named by the first 8 characters of its lease's name, which also end its segments' names.
@@ -251,14 +271,8 @@ def running_compactions(store: Store | str, standard_id: str) -> frozenset[str]:
     """
     store = as_store(store)
     running = set()
-    for path in store.list(f"{_base(standard_id)}/_compacting"):
-        try:
-            started = _lease_time(store.read_bytes(path))
-        except ObjectGoneError:
-            continue  # it ended meanwhile
-        except ValueError:  # not a lease this version wrote
-            started = time.time()
-        if time.time() - started <= STALE_LEASE_S:
+    for path, started in _leases(store, f"{_base(standard_id)}/_compacting"):
+        if started is None or not _stale(started):
             running.add(_lease_id(path))
         elif f"{store.url}/{path}" not in _ignored_leases:
             _ignored_leases.add(f"{store.url}/{path}")
@@ -1089,18 +1103,10 @@ def _other_leases(store: Store, leases: str, keep: str, remove: bool = False) ->
     running at once (the older one's segment could be written last and bring back old rows).
     """
     running = None
-    for path in store.list(leases):
-        if path == keep:
-            continue
-        try:
-            started: float | None = _lease_time(store.read_bytes(path))
-        except ObjectGoneError:
-            continue  # it ended meanwhile
-        except ValueError:  # not a lease this version wrote: running, as `compaction_running` reads it
-            started = None
+    for path, started in _leases(store, leases, skip=keep):
         when = "at a time it does not say" if started is None else \
             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
-        if remove or (started is not None and time.time() - started > STALE_LEASE_S):
+        if remove or (started is not None and _stale(started)):
             log.warning("removing the lease of a compaction last refreshed %s: %s", when, path)
             store.delete(path)
         else:
