@@ -489,10 +489,10 @@ def size_actors(opts: ActorOptions, res: dict[str, float],
                 nodes: Sequence[dict[str, float]] | None = None) -> tuple[float, int]:
     """(GPUs per actor, actors in flight) on a cluster whose total resources now are `res` and whose
     nodes have `nodes` (each node's resources; default: `res`, one node; see `check_fits` for one that
-    cannot hold an actor)."""
+    cannot hold an actor). In flight by default: as many actors as the nodes hold, each node counted
+    whole (CPUs of a node without GPUs hold no GPU actor)."""
     nodes = [res] if nodes is None else nodes
     node = _most(nodes)
-    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
     if opts.gpus_per_actor is None and opts.autoscaling and node.get("GPU", 0) < 1:
         # GPU nodes scaled to zero look like a CPU cluster: guessing 0 would embed on CPUs of GPU nodes
         raise ConfigError("with autoscaling, say how many GPUs an actor takes (--gpus-per-actor: 1 for GPU "
@@ -505,9 +505,10 @@ def size_actors(opts: ActorOptions, res: dict[str, float],
     check_fits("an actor", need, nodes, opts.autoscaling)
     if opts.max_in_flight is not None:
         return gpus_per_actor, opts.max_in_flight
-    by_cpu = int(cpus // max(opts.cpus_per_actor, 1e-9))
-    by_gpu = int(gpus // gpus_per_actor) if gpus_per_actor else by_cpu
-    return gpus_per_actor, max(1, min(by_cpu, by_gpu))
+    def held(node: dict[str, float]) -> int:  # the actors one node holds
+        return min(math.floor(node.get(kind, 0) / each + 1e-9) if each else math.inf
+                   for kind, each in (("CPU", opts.cpus_per_actor), ("GPU", gpus_per_actor)))
+    return gpus_per_actor, max(1, sum(held(n) for n in nodes))
 
 
 def row_seen_here(result: EmbedResult, local: Store | None, std: Standard) -> EmbedResult:

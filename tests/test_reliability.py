@@ -683,6 +683,13 @@ def test_actors_are_sized_by_the_cluster_or_wait_for_an_autoscaler(caplog):
                                           r"than 2 CPUs"):
         size_actors(ActorOptions(cpus_per_actor=3), {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])
     assert size_actors(ActorOptions(cpus_per_actor=2), {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}]) == (0.0, 2)
+    # Each node counted whole (session 45): the cluster's totals counted 4 actors of 2 CPUs on three
+    # 3-CPU nodes (3 fit), and 2 GPU actors where the only GPU node has 1 CPU (1 fits; the head's 8 CPUs
+    # hold no GPU actor); the rest waited in Ray's queue
+    assert size_actors(ActorOptions(cpus_per_actor=2), {"CPU": 9}, [{"CPU": 3}] * 3) == (0.0, 3)
+    assert size_actors(ActorOptions(), {"CPU": 9, "GPU": 2}, [{"CPU": 8}, {"CPU": 1, "GPU": 2}]) == (1.0, 1)
+    assert size_actors(ActorOptions(0.25), {"CPU": 9, "GPU": 2}, [{"CPU": 8}, {"CPU": 4, "GPU": 2}]) == (0.25, 4)
+    assert size_actors(ActorOptions(0, cpus_per_actor=0.1), {"CPU": 1}) == (0.0, 10)  # not 9 by float rounding
     with caplog.at_level("WARNING", logger="jobs.runtime"):
         assert size_actors(ActorOptions(1, max_in_flight=8, autoscaling=True), empty_head) == (1.0, 8)
     assert "waiting for the autoscaler" in caplog.text
