@@ -33,9 +33,9 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor, at most 1 (default: 1 when the cluster has GPUs, else 0; a fraction shares one)")
     p.add_argument("--cpus-per-actor", type=float, default=1,
-                   help="CPUs each embedding actor takes (its torch threads; default 1)")
+                   help="CPUs each embedding actor takes (default 1; it runs as many torch threads as whole CPUs, at least one)")
     p.add_argument("--max-in-flight", type=int, default=None,
-                   help="actors alive at once (default: what the cluster's resources allow)")
+                   help="actors alive at once (default: as many as the nodes hold, each node counted whole)")
     p.add_argument("--retries", type=int, default=2, help="restarts of a killed actor (per model; default 2)")
     p.add_argument("--models-per-actor", type=int, default=1, metavar="N",
                    help="models each actor embeds in turn before it is replaced (default 1: a fresh process per "
