@@ -10,9 +10,8 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-import torch
 
 from selection.catalog import CatalogEntry, anchored, is_named_weights
 from selection.embedding import model_embedding
@@ -26,6 +25,9 @@ from selection.standard import Standard, check_standard, is_standard_model, list
 from selection.storage import Store, as_store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, read_index, row_object,
                              row_path, running_compactions, versions_json)
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (a job's --help needs none)
+    import torch
 
 log = logging.getLogger(__name__)
 MIN_BATCH = 8
@@ -398,6 +400,8 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     `store`: a Store, or its URL or path. A device this process cannot use, or a batch size below 1,
     is a ConfigError before any work; what fails with the model comes back as a "failed" result.
     """
+    import torch
+
     _check_kinds(std, [entry])
     check_device(device)
     store = as_store(store)  # that it holds the standard is `make_plan`'s check: here a store's fault fails the model

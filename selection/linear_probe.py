@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from selection.errors import ConfigError, DataError
 from selection.scorers import standardisation
@@ -47,6 +46,8 @@ class ProbeProtocol:
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                    protocol: ProbeProtocol = ProbeProtocol()) -> float:
     """Test accuracy in [0, 1] of the protocol's logistic-regression probe."""
+    import torch
+
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise DataError(f"probe features should be (n, k) with equal k, got {train_x.shape} and {test_x.shape}")
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)

@@ -17,13 +17,15 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
-import torch
 
 from selection.catalog import CatalogEntry
 from selection.errors import ConfigError, ModelError, StoreError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (a job's --help needs none)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class LoadedModel:
     num_params: int
 
 
+T = TypeVar("T")
 _BUILD = threading.Lock()  # `load_model`'s builds, one at a time (timm draws every init from torch's one generator)
 
 
@@ -247,6 +250,8 @@ def weights_digest(entry: CatalogEntry) -> str:
 
 def state_digest(model: torch.nn.Module) -> str:
     """sha256 of a model's parameters and buffers (names, shapes, dtypes, values), in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -329,6 +334,8 @@ def _load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], 
     """The checkpoint's tensors by parameter name, and the architecture it records (a zooselect
     safetensors file's metadata, or the `arch` of a checkpoint timm's training script saved with its
     arguments, `args.model`), else None."""
+    import torch
+
     recorded = _recorded_arch(data)
     if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
         from safetensors.torch import load as st_load
@@ -418,6 +425,8 @@ def _size_overlay(entry: CatalogEntry) -> dict[str, Any]:
 def _float32_default() -> Iterator[None]:
     """torch's default dtype float32 while a model is built: a caller's float64 default built float64
     models (other random inits, a companion refused as changed; inputs are float32)."""
+    import torch
+
     was = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -435,6 +444,7 @@ def _create(arch: str, entry: CatalogEntry, seed: int | None = None, keep_rng: b
     (a seeded model got other weights under the same digest, a companion was refused as changed),
     hence the lock around every build (a caller's own thread drawing meanwhile still interleaves; a
     build that downloads its weights holds it meanwhile)."""
+    import torch
     import timm
 
     try:
@@ -461,6 +471,8 @@ def _position_embedding_resampled(model: torch.nn.Module, state: dict[str, torch
     grid resampled to the model's, as timm does for its own pretrained weights at another size: a
     catalog's `input_size` other than the one a checkpoint was trained at. Anything else is left as is
     (a mismatch is then reported by the load)."""
+    import torch
+
     pos, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if not isinstance(pos, torch.Tensor) or not isinstance(target, torch.Tensor) or grid is None \
@@ -636,6 +648,8 @@ def _load_model(entry: CatalogEntry, built: CatalogEntry, img_size: int | None, 
 def check_device(device: str, what: str = "device") -> str:
     """`device` if torch can run on it here: ConfigError for a string torch does not parse as a device,
     ModelError for CUDA where torch sees none."""
+    import torch
+
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as exc:
@@ -650,6 +664,8 @@ def check_device(device: str, what: str = "device") -> str:
 def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:
     """How `extract_features` computes on `device` with `amp_dtype`, for the row that records it:
     "cpu/float32", "cuda/bfloat16", ... Rows of different kinds differ slightly (`docs/performance.md`)."""
+    import torch
+
     return f"{torch.device(device).type}/{str(amp_dtype or torch.float32).removeprefix('torch.')}"
 
 
@@ -657,6 +673,8 @@ def _tf32_settings() -> tuple[Any, Any]:
     """CUDA matmul's and cuDNN convolution's float32 precision settings: torch's per-backend
     `fp32_precision` where it has them (reading the older `allow_tf32` flags raises once they are set),
     else those flags."""
+    import torch
+
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -664,6 +682,8 @@ def _tf32_settings() -> tuple[Any, Any]:
 
 def _set_tf32_settings(settings: tuple[Any, Any] | None) -> None:
     """Set what `_tf32_settings` returns; None: full float32 (IEEE), no TF32."""
+    import torch
+
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
             settings or ("ieee", "ieee")
@@ -702,12 +722,13 @@ INTERPOLATIONS = ("bilinear", "bicubic")  # of timm's eval transform's: what `pr
 
 
 def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, resize_by_matmul: bool | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, resize_by_matmul: bool | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, S, S), the tensor form of timm's eval transform (its
     centre crop mode; `crop_mode` 'squash' and 'border' give the same on square images, which is what
     the library's readers pass).
 
-    `images` may already be a uint8 tensor on `device` (the GPU path uploads the probe once).
+    `images` may already be a uint8 tensor on `device` (the GPU path uploads the probe once). `dtype`:
+    the output's (default float32).
 
     Resize the shorter side to S / crop_pct with the model's interpolation (antialiased),
     centre-crop S (padded with black where the resized image is smaller: crop_pct > 1, as
@@ -716,6 +737,7 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     (`resize_by_matmul` None) it runs as two matrix products, several times faster there than
     the antialiased interpolation kernel, with the same weights (equal up to float rounding).
     """
+    import torch
     import torch.nn.functional as F
 
     size, scale = _crop_and_short_side(cfg)
@@ -742,7 +764,7 @@ def preprocess(images: np.ndarray | torch.Tensor, cfg: dict[str, Any], device: s
     mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
     x = (x.clamp(0, 255) / 255.0 - mean) / std
-    return x.to(dtype).contiguous(memory_format=_layout(device))
+    return x.to(dtype or torch.float32).contiguous(memory_format=_layout(device))
 
 
 def _crop_and_short_side(cfg: dict[str, Any]) -> tuple[int, int]:
@@ -792,6 +814,7 @@ def _resize_matrix(n_in: int, n_out: int, start: int, size: int, mode: str) -> t
     Read off `F.interpolate` itself by resizing the n_in unit vectors, so the weights are
     exactly the kernel's (the 2-D resize is separable; the unchanged axis is the identity).
     """
+    import torch
     import torch.nn.functional as F
 
     basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
@@ -805,14 +828,22 @@ def _layout(device: str | torch.device) -> torch.memory_format:
     """Preprocessed images' layout: channels_last on CUDA (tensor cores), NCHW on the CPU.
 
     Training (selection.zoo) runs in this layout, so that its checkpoints stay reproducible; forward
-    passes for features use INFERENCE_LAYOUT.
+    passes for features use channels_last (`extract_features`).
     """
+    import torch
+
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
-# On the CPU (torch 2.14, 2 threads, batch 64) channels_last ran forward passes 1.1-5x faster than NCHW
-# on 9 of 10 zoo architectures (repvgg_a0 6 % slower); on CUDA it is what tensor cores want.
-INFERENCE_LAYOUT = torch.channels_last
+def _inference_mode(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` under `torch.inference_mode()` (torch is imported when it runs: a job's `--help` needs none)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return run
 
 
 def with_input_size(cfg: dict[str, Any], input_size: int | None) -> dict[str, Any]:
@@ -906,7 +937,7 @@ def prepare(images: np.ndarray, cfg: dict[str, Any], batch_size: int = 256) -> P
     return Prepared(preprocess_key(cfg), np.concatenate(parts))
 
 
-@torch.inference_mode()
+@_inference_mode
 def batch_size_for_memory(loaded: LoadedModel, input_size: int | None, device: str,
                           amp_dtype: torch.dtype | None = None, cap: int = 512, share: float = 0.5) -> int:
     """The largest power-of-two batch (<= `cap`) whose forward pass fits in `share` of free GPU memory.
@@ -915,6 +946,8 @@ def batch_size_for_memory(loaded: LoadedModel, input_size: int | None, device: s
     (cuDNN chooses, and may compile, kernels per shape: seconds for some models), so the
     run that follows at this batch size is steady.
     """
+    import torch
+
     model = loaded.model.to(device).to(memory_format=_layout(device))
     shape = with_input_size(loaded.data_config, input_size)["input_size"]
     free, _ = torch.cuda.mem_get_info(device)
@@ -944,7 +977,7 @@ def batch_size_for_memory(loaded: LoadedModel, input_size: int | None, device: s
         batch //= 2
 
 
-@torch.inference_mode()
+@_inference_mode
 def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int | None = None,
                      batch_size: int = 64, device: str = "cpu", amp_dtype: torch.dtype | None = None,
                      progress: Any = None, prepared: Prepared | None = None) -> np.ndarray:
@@ -955,7 +988,11 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
     images go to the device once, are resized there, every batch has the same shape (the
     last one padded), and the features come back once.
     """
-    model = loaded.model.to(device).to(memory_format=INFERENCE_LAYOUT)
+    # channels_last: on the CPU (torch 2.14, 2 threads, batch 64) it ran forward passes 1.1-5x faster than
+    # NCHW on 9 of 10 zoo architectures (repvgg_a0 6 % slower); on CUDA it is what tensor cores want.
+    import torch
+
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
     cfg = with_input_size(loaded.data_config, input_size)
     try:
         _crop_and_short_side(cfg)
@@ -978,7 +1015,7 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
         n = len(x)
         if on_gpu and n < batch_size:  # pad the last batch: a new shape would mean new kernels
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-        x = x.contiguous(memory_format=INFERENCE_LAYOUT)
+        x = x.contiguous(memory_format=torch.channels_last)
         try:
             with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None), \
@@ -1002,6 +1039,7 @@ def extract_features(loaded: LoadedModel, images: np.ndarray, *, input_size: int
 
 def count_gflops(loaded: LoadedModel, input_size: int | None = None) -> float:
     """GFLOPs (2 x multiply-adds) of one forward pass at the model's input size."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = with_input_size(loaded.data_config, input_size)

@@ -17,17 +17,19 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from selection.catalog import CatalogEntry, is_named_weights
 from selection.data import ImageSet, load_dataset
 from selection.errors import ConfigError, ObjectGoneError
 from selection.models import load_model, preprocess, weights_digest
 from selection.storage import Store
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs (a job's --help needs none)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ def deterministic_kernels(device: str) -> Iterator[None]:
     """On CUDA, torch's deterministic kernels (cuDNN's, cuBLAS's with a fixed workspace) while inside;
     an op that has none warns. The CPU's kernels are left as they are (its zoo already retrains bit
     for bit on one CPU type, and must keep its bytes)."""
+    import torch
+
     if torch.device(device).type != "cuda":
         yield
         return
@@ -102,6 +106,8 @@ def deterministic_kernels(device: str) -> Iterator[None]:
 def _one_thread() -> Iterator[None]:
     """Torch on one CPU thread while inside: how many threads split a reduction changes its float
     rounding, so a spec trained under another thread count would give other bytes."""
+    import torch
+
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -118,6 +124,7 @@ def train(spec: TrainSpec, store: Store, prefix: str = "zoo", device: str = "cpu
     but the float arithmetic is not: like a CPU of another type, a GPU trains another zoo (the
     checkpoint's key is the spec, so one store holds one of them).
     """
+    import torch
     from safetensors.torch import save
 
     rel = f"{prefix}/{spec.digest(store.url)}.safetensors"
@@ -173,6 +180,8 @@ def cpu_model() -> str:
 
 def _fit(spec: TrainSpec, data: ImageSet, device: str) -> tuple[dict[str, torch.Tensor], float]:
     """The training loop of `train`: the state dict (on the CPU) and the last batch's loss."""
+    import torch
+
     n_classes = len(data.classes)
     torch.manual_seed(spec.seed)
     base = CatalogEntry(id=f"{spec.id}/init", arch=spec.arch, weights=spec.init, input_size=spec.input_size)

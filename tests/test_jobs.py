@@ -698,6 +698,17 @@ def test_help_works():
     assert "ZOOSELECT_LOG" not in r.stderr  # every name logging knows is accepted
 
 
+def test_a_jobs_help_imports_no_torch_ray_or_scipy():
+    """`--help` of a Ray job took 1.6 s, 1.3 s of it importing torch (session 45): the jobs and the library
+    import torch, timm, Ray, SciPy and matplotlib where they run, so that parsing the command line needs none."""
+    code = ("import sys\n"
+            "import jobs.select, jobs.embed, jobs.standard, jobs.table, jobs.demo, jobs.benchmark, jobs.reindex\n"
+            "import jobs.scaling, selection.cli, selection.select, selection.embedder, selection.zoo\n"
+            "print(sorted(m for m in ('torch', 'timm', 'ray', 'scipy', 'matplotlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
 def test_usage_errors_and_help_name_the_subcommand():
     """A review (session 43): `benchmark quality --bogus` printed the benchmark's usage, not quality's;
     `zooselect table` said "required: command"; `zooselect help select` printed the general usage;
