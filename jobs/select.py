@@ -30,7 +30,8 @@ from selection.models import check_device
 from selection.results import format_results, results_table, selection_record
 from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, SelectConfig, SweepPart,
                               TaskEmbedding, apply_verification, check_score, embed_task, entry_of, load_task,
-                              selection_of, shortlist_table, sweep_part, verify_candidate, warn_task_image_size)
+                              selection_of, shortlist_table, sweep_part, verification_shortlist, verify_candidate,
+                              warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
 from selection.storage import Store, check_output, check_outside_store, parquet_bytes, write_file_atomically
 from selection.table import EmbeddingTable, Part, may_have_rows
@@ -48,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="candidates listed per task (default 10; with more verified, the best verified are listed)")
     p.add_argument("--verify-top-k", type=int, default=0,
                    help="run the top K on the task's labelled images and re-rank them by what --verify-by measures "
-                        "(default 0: none; the benchmark measures 3)")
+                        "(default 0: none; the benchmark measures 3); models tied in score with the K-th are run "
+                        "too, up to 2K in all")
     p.add_argument("--verify-by", choices=list(VERIFIERS), default=None,
                    help="with --verify-top-k: LogME evidence of the labelled images (default, kept by the dev "
                         "tasks' rule), the ridge probe's leave-one-out error on them (ridge-loo), or linear-probe "
@@ -202,7 +204,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)
-                 for r in ranked[:config.verify_top_k]]
+                 for r in verification_shortlist(ranked, config.verify_top_k)]
         accs = runtime.map_tasks(_verify, items, shared=std, num_gpus=verify_gpus, desc="verify",
                                  progress=progress, what="a verification", option="--verify-gpus",
                                  autoscaling=autoscaling)

@@ -853,16 +853,32 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | 
     return out
 
 
-def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int, rank: np.ndarray | None = None) -> np.ndarray:
-    """Scores after verifying the top k: they come first, ordered by measured accuracy.
+def verification_top(scores: np.ndarray, k: int, rank: np.ndarray | None = None) -> np.ndarray:
+    """The indices verification runs on, as `selection.select.verification_shortlist` picks them: the top
+    k in the order returned (`rank`, distinct, higher first; default the scores, ties by index), and
+    those after them that tie the k-th in score, at most TIE_CAP * k in all."""
+    from selection.select import TIE_CAP
+
+    s = np.asarray(scores, np.float64)
+    order = np.argsort(-(s if rank is None else np.asarray(rank, np.float64)), kind="stable")
+    n = min(k, len(order))
+    while k <= n < min(len(order), TIE_CAP * k) and s[order[n]] == s[order[k - 1]]:
+        n += 1
+    return order[:n]
+
+
+def verified_scores(scores: np.ndarray, truth: np.ndarray, k: int, rank: np.ndarray | None = None,
+                    top: np.ndarray | None = None) -> np.ndarray:
+    """Scores after verifying the top k (`top`: the indices verified; default the first k in the order
+    of `rank`, else of the scores): they come first, ordered by measured accuracy.
 
     The re-ranking of `selection.select.rerank_verified`, which keeps the sweep's order on ties: here
     ties go by score, then index, or, with `rank` (distinct, higher first; see `ranking_metrics`, the
-    sweep's order), by `rank`, which also picks the top k.
+    sweep's order), by `rank`.
     """
     s = np.asarray(scores, np.float64)
     r = s if rank is None else np.asarray(rank, np.float64)
-    top = np.argsort(-r, kind="stable")[:k]
+    top = np.argsort(-r, kind="stable")[:k] if top is None else np.asarray(top)
     out = s.copy()
     span = (s.max() - s.min()) + 1.0
     # Verified candidates above every other; among them accuracy decides, then the score.
@@ -1031,23 +1047,22 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
                 if split == 0:
                     scores_out[name][variant_label(variant)] = s.tolist()
                     ranks_out.setdefault(name, {})[variant_label(variant)] = rank.tolist()
-                top_all = np.argsort(-rank, kind="stable")
 
-                def verified(measured: np.ndarray, k: int) -> dict[str, Any]:
-                    return ranking_metrics(verified_scores(s, measured, k, rank), acc, ids,
-                                           verified_scores(rank, measured, k))
+                def verified(measured: np.ndarray, top: np.ndarray) -> dict[str, Any]:
+                    return ranking_metrics(verified_scores(s, measured, len(top), rank, top), acc, ids,
+                                           verified_scores(rank, measured, len(top), top=top))
 
                 for k in plan.verify_ks:
-                    top = top_all[:k]
+                    top = verification_top(s, k, rank)  # the top k, and rows tied with the k-th
                     for verifier, measured in seen.items():
                         cost = base_cost + sum(model_s[verifier][i] for i in top)
                         rows[variant_label(variant, k, verifier)] = dict(
-                            verified(measured, k), forward_passes=task_passes + len(top) * n_train, seconds=cost)
+                            verified(measured, top), forward_passes=task_passes + len(top) * n_train, seconds=cost)
                     # The shortlist re-ranked by the ground truth itself (the ceiling that any verifier of
                     # these k can reach) and by the expected accuracy (what knowing each model's quality
                     # on the task, but not the labelled images, would give).
                     for ref, known in refs.items():
-                        rows[variant_label(variant, k, ref)] = dict(verified(known, k), forward_passes=None,
+                        rows[variant_label(variant, k, ref)] = dict(verified(known, top), forward_passes=None,
                                                                     seconds=None)
             for scorer in BRUTE_FORCE:
                 s = np.array([r[scorer] for r in recs], np.float64)
@@ -1360,7 +1375,8 @@ def pick_order(res: dict[str, Any], task: str, method: str) -> np.ndarray:
 def cost_parts(res: dict[str, Any], costs: dict[str, Any], default_variant: str,
                tasks: Sequence[str]) -> dict[str, float]:
     """Where one selection's seconds go (COST_PARTS), mean over `tasks`: the default variant and its
-    top 3 (split 0's shortlist) verified by the default verifier, against brute-force LogME."""
+    top 3 (split 0's shortlist, with any tie at the third place) verified by the default verifier, against
+    brute-force LogME."""
     std = costs["standards"][res["standard"]]
     method = default_variant.split("/")[1]
     sums = dict.fromkeys(COST_PARTS, 0.0)
@@ -1370,7 +1386,8 @@ def cost_parts(res: dict[str, Any], costs: dict[str, Any], default_variant: str,
         sums["standard: load (spec, basis, models)"] += std["load_seconds"]
         sums["task embedding"] += emb
         sums["table load + sweep"] += se - std["load_seconds"] - emb
-        top = np.argsort(-pick_order(res, task, variant_label(default_variant)), kind="stable")[:3]
+        label = variant_label(default_variant)
+        top = verification_top(res["scores"][task][label], 3, pick_order(res, task, label))
         for who, ids, scorer, label in (("verify top 3", [res["candidates"][i] for i in top], DEFAULT_VERIFIER,
                                          DEFAULT_VERIFIER), ("brute force", res["candidates"], "logme", "LogME")):
             for i in ids:

@@ -713,10 +713,25 @@ def verify_candidate(entry: CatalogEntry, task: ImageSet, std_input_size: int | 
     return SCORERS[config.verify_by](feats, task.labels)
 
 
+TIE_CAP = 2  # a tie at the verification cut-off is verified whole, up to this many times K rows in all
+
+
+def verification_shortlist(ranked: list[Ranked], k: int) -> list[Ranked]:
+    """The rows verification runs on: the top k, and the rows after them that tie the k-th in score (the
+    sweep orders equals by model id, which says nothing about the task: a tie at the cut-off left the
+    best model of the demo's footwear task unverified, by its name), at most TIE_CAP * k in all."""
+    short = ranked[:k]
+    for r in ranked[k:TIE_CAP * k]:
+        if not short or r.score != short[-1].score or r.is_baseline != short[-1].is_baseline:
+            break
+        short.append(r)
+    return short
+
+
 def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
               config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
-    """One sweep for every task (`config_sweep`), keeping the top max(top_k, verify_top_k): verification
-    re-ranks its k even when fewer are listed. Returns the rankings, the number of rows swept and each
+    """One sweep for every task (`config_sweep`), keeping the top max(top_k, TIE_CAP * verify_top_k):
+    verification re-ranks its shortlist even when fewer are listed. Returns the rankings, the number of rows swept and each
     task's Pareto front (empty without `config.pareto`)."""
     state = config_sweep(queries, config)
     for shard in shards:
@@ -726,9 +741,9 @@ def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
 
 
 def config_sweep(queries: Queries, config: SelectConfig) -> Sweep:
-    """The sweep a selection runs: the top max(top_k, verify_top_k) under the config's constraints, and
-    its Pareto front."""
-    return Sweep(queries, max(config.top_k, config.verify_top_k), config.constraints, config.pareto)
+    """The sweep a selection runs: the top max(top_k, TIE_CAP * verify_top_k) under the config's constraints
+    (`verification_shortlist` may take ties at the cut-off), and its Pareto front."""
+    return Sweep(queries, max(config.top_k, TIE_CAP * config.verify_top_k), config.constraints, config.pareto)
 
 
 def sweep_part(store: Store, std: Standard, part: Part, hidden: set[str], queries: Queries,
@@ -788,17 +803,17 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
 
 
 def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
-    """Re-rank each task's top k by `results`: one per shortlisted row, task by task, in ranking order
-    (a float, or the ZooselectError its verification raised: logged, the row keeps its place after
-    the verified ones)."""
-    want = sum(len(ranked[:k]) for ranked in rankings)
+    """Re-rank each task's top k (`verification_shortlist`) by `results`: one per shortlisted row, task by
+    task, in ranking order (a float, or the ZooselectError its verification raised: logged, the row keeps
+    its place after the verified ones)."""
+    want = sum(len(verification_shortlist(ranked, k)) for ranked in rankings)
     if len(results) != want:
         raise ValueError(f"one verification result per shortlisted row: {want} expected, got {len(results)}")
     it = iter(results)
     out = []
     for ranked in rankings:
         measured, errors = {}, {}
-        for r in ranked[:k]:
+        for r in verification_shortlist(ranked, k):
             value = next(it)
             if isinstance(value, ZooselectError):
                 errors[r.model_id] = f"verification failed: {value}"
@@ -895,7 +910,7 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
     if k:
         results: list[Any] = []
         for task, ranked in zip(tasks, rankings):
-            for r in ranked[:k]:
+            for r in verification_shortlist(ranked, k):
                 try:
                     results.append(verify_candidate(entry_of(r.row), task, std.input_size, config, device=device,
                                                     weights_sha256=r.row["weights_sha256"]))
@@ -910,4 +925,4 @@ def selection_of(emb: TaskEmbedding, ranked: list[Ranked], swept: int, front: li
     """A task's Selection from its ranking as verified (every model kept by the sweep) and its front."""
     n_verified = sum(r.verified is not None for r in ranked)
     return Selection(emb, ranked[:config.top_k], n_verified, swept, front_with_shortlist(front, ranked, config.top_k),
-                     n_unverified=len(ranked[:config.verify_top_k]) - n_verified, config=config)
+                     n_unverified=sum(r.verify_error is not None for r in ranked), config=config)

@@ -387,18 +387,25 @@ def test_cost_parts_add_up_to_the_rows_seconds():
 
 
 def test_the_cost_breakdown_verifies_the_shortlist_the_library_would():
-    """Tied SE scores: the shortlist is the library's (`library_rank`), not the lowest indices (it was)."""
+    """Tied SE scores: the shortlist is the library's (`library_rank`), not the lowest indices (it was);
+    since session 45 a tie at the third place is verified whole, up to 6 (`verification_top`)."""
     label = bench.variant_label("full/probe")
-    res = {"standard": "s", "candidates": ["m0", "m1", "m2", "m3"],
+    n = 7
+    res = {"standard": "s", "candidates": [f"m{i}" for i in range(n)],
            "per_task": {"t": {label: {"seconds": 1.0}}},
-           "scores": {"t": {label: [1.0, 1.0, 1.0, 1.0]}}, "ranks": {"t": {label: [1.0, 2.0, 3.0, 4.0]}}}
+           "scores": {"t": {label: [1.0] * n}}, "ranks": {"t": {label: [float(i) for i in range(n)]}}}
     task = {"features_seconds": 0.0, "logme_seconds": 0.0, "probe_seconds": 0.0}
     costs = {"standards": {"s": {"load_seconds": 0.0, "tasks": {"t": {"probe": 0.0}}}},
-             "models": {f"m{i}": {"load_seconds": 10.0 ** i, "tasks": {"t": task}} for i in range(4)}}
+             "models": {f"m{i}": {"load_seconds": 10.0 ** i, "tasks": {"t": task}} for i in range(n)}}
     parts = bench.cost_parts(res, costs, "full/probe", ["t"])
-    assert parts["verify top 3: loads"] == pytest.approx(10 + 100 + 1000)  # m1, m2, m3 by rank
-    assert bench.pick_order(res, "t", label).argmax() == 3
+    assert parts["verify top 3: loads"] == pytest.approx(sum(10.0 ** i for i in range(1, 7)))  # m6..m1 by rank
+    assert bench.pick_order(res, "t", label).argmax() == n - 1
     del res["ranks"]  # a report from before ranks were recorded: its scores order it
+    assert bench.cost_parts(res, costs, "full/probe", ["t"])["verify top 3: loads"] == pytest.approx(
+        sum(10.0 ** i for i in range(6)))
+    res["scores"]["t"][label] = [3.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5]  # a tie of two at the third place: 4
+    assert bench.cost_parts(res, costs, "full/probe", ["t"])["verify top 3: loads"] == pytest.approx(1 + 10 + 100 + 1000)
+    res["scores"]["t"][label] = [3.0, 2.0, 1.0, 0.9, 0.5, 0.5, 0.5]  # none at the cut: the top 3 alone
     assert bench.cost_parts(res, costs, "full/probe", ["t"])["verify top 3: loads"] == pytest.approx(1 + 10 + 100)
 
 

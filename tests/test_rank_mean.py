@@ -1,4 +1,5 @@
 """The rank-mean score: contenders kept shard by shard, ranks over every row swept."""
+import dataclasses
 import re
 
 import numpy as np
@@ -325,3 +326,27 @@ def test_constraint_objects_are_checked_when_built_and_texts_are_taken_wherever_
     table = EmbeddingTable("std-x", meta, np.eye(2, dtype=np.float32))
     assert constraint_mask(table, ("params<=5e6",)).tolist() == [True, False]
     assert [r.model_id for r in sweep(table, np.ones((1, 2)), 2, ("params<=5e6",))[0]] == ["a"]
+
+
+def test_a_tie_at_the_verification_cut_off_is_verified_whole():
+    """The demo's footwear task (a review, session 45): ranks 3-5 tied at 0.625 under the rank mean, and
+    `--verify-top-k 3` verified rank 3 only, `digits/...` before `fmnist-footwear/...` by name; the domain
+    model, the task's best, went unverified. Every row tied with the K-th is verified now, up to 2K."""
+    from selection.select import (TIE_CAP, Ranked, SelectConfig, apply_verification, config_sweep,
+                                  verification_shortlist)
+
+    def ranked(scores):
+        return [Ranked(f"m{i}", s, i + 1, False, {}) for i, s in enumerate(scores)]
+
+    demo = ranked([0.9, 0.7, 0.625, 0.625, 0.625, 0.5])
+    assert [r.model_id for r in verification_shortlist(demo, 3)] == ["m0", "m1", "m2", "m3", "m4"]
+    assert [r.model_id for r in verification_shortlist(demo, 2)] == ["m0", "m1"]  # no tie at the cut
+    assert len(verification_shortlist(ranked([0.5] * 10), 3)) == TIE_CAP * 3  # at most 2K
+    own = [*demo[:3], dataclasses.replace(demo[3], is_baseline=True)]  # the standard's own: ordered apart
+    assert len(verification_shortlist(own, 3)) == 3
+    assert verification_shortlist([], 3) == []
+    # the verified order: m3, unverified before by its name, now measured and first
+    [out] = apply_verification([demo], 3, [0.1, 0.2, 0.3, 0.9, 0.4])
+    assert [r.model_id for r in out] == ["m3", "m4", "m2", "m1", "m0", "m5"]
+    assert [r.verified for r in out][-1] is None
+    assert config_sweep([], SelectConfig(top_k=3, verify_top_k=3)).top_k == 6  # the sweep keeps the ties
