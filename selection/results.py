@@ -124,7 +124,8 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
                          "(1 = alone first in both; ties share their mid-rank)")
         if res.get("verified_by"):
-            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} the task's labelled images")
+            lines.append(f"verified: {VERIFIED_BY[res['verified_by']]} the task's labelled images (listed first, "
+                         f"best first; the rest by score)")
         if not res["ranking"] and res.get("where"):
             lines.append(f"no model ranked: none of the {m} models passes --where {' '.join(res['where'])} (a value "
                          f"that is unknown passes none; a tag is compared exactly, case included: `{ls_command}`), "
