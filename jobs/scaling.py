@@ -380,7 +380,7 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
 
     from jobs import runtime
     from selection.catalog import CatalogEntry
-    from selection.models import INFERENCE_LAYOUT, load_model, preprocess
+    from selection.models import load_model, preprocess
 
     entries = [CatalogEntry(f"bench/{arch}/{i}", arch, None, input_size=input_size) for i in range(actors)]
     work = tempfile.mkdtemp(prefix="zs-tput-")
@@ -399,10 +399,10 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     torch.set_num_threads(threads)
     lm = load_model(entries[0])
     amp = torch.bfloat16 if device == "cuda" else None
-    lm.model.to(device).to(memory_format=INFERENCE_LAYOUT)  # the layout extract_features uses
+    lm.model.to(device).to(memory_format=torch.channels_last)  # the layout extract_features uses
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    x = preprocess(std.probe_images[:batch], lm.data_config, device).contiguous(memory_format=INFERENCE_LAYOUT)
+    x = preprocess(std.probe_images[:batch], lm.data_config, device).contiguous(memory_format=torch.channels_last)
     bare = _bare_forward(lm, x, len(std.probe_images), device, amp)
     bare_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     actor = [r.images_per_second for r in results]

@@ -417,7 +417,7 @@ def test_tasks_failing_for_one_cause_say_it_once():
         _raise_failed(["a", "b", "c"], [died, 1, ClusterError(str(died))])
 
 
-_HELD_IN_TORCH_IMPORT = r"""
+_HELD_IN_AN_IMPORT = r"""
 import importlib.abc, os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever pytest's process had
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -426,7 +426,7 @@ fd = int(os.environ.pop("ZS_HELD_FD"))
 
 class Held(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "torch._C":  # torch half imported: where the 40-line traceback came from
+        if name == "pyarrow.lib":  # the job's imports half done (torch's, until session 45: the 40-line traceback)
             sys.meta_path.remove(self)
             os.write(fd, b"x")
             os.close(fd)
@@ -444,18 +444,19 @@ runpy.run_module("selection.cli", run_name="__main__", alter_sys=True)  # as pyt
 def test_ctrl_c_while_a_command_imports_its_job_is_one_line_and_130():
     """A review (session 41): Ctrl-C in the seconds `zooselect CMD` imports torch and Ray gave a 40-line
     traceback from inside torch's import, and the process died by the signal. The command is held inside
-    torch's import until the signal is sent (sessions 43-44: a signal sent after polling the child's
-    memory map for libtorch could land after the imports, on a loaded machine: exit 0, no line)."""
+    an import of its job's (pyarrow's; torch's until session 45, when a job stopped importing torch before
+    it runs) until the signal is sent (sessions 43-44: a signal sent after polling the child's memory map
+    could land after the imports, on a loaded machine: exit 0, no line)."""
     import select
     import signal
 
     read, write = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", _HELD_IN_TORCH_IMPORT, "select", "--help"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_IN_AN_IMPORT, "select", "--help"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(write,),
                             env={**os.environ, "ZS_HELD_FD": str(write)})
     os.close(write)
     try:
-        assert select.select([read], [], [], 120)[0] and os.read(read, 1) == b"x", "never reached torch's import"
+        assert select.select([read], [], [], 120)[0] and os.read(read, 1) == b"x", "never reached the import"
     finally:
         os.close(read)
     proc.send_signal(signal.SIGINT)
