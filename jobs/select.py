@@ -200,7 +200,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
         node = runtime.driver_node() if table.scheme == "file" else None
         if table.scheme == "s3" or node is not None:
             map_parts = _map_parts(std, table, queries, config, progress, autoscaling, node)
-    rankings, m, fronts = shortlist_table(std, table, queries, config, map_parts)
+    rankings, m, fronts, candidates = shortlist_table(std, table, queries, config, map_parts)
     sweep_s = time.perf_counter() - t_sweep
     if config.verify_top_k:
         items = [(ref, config, r.row, verify_gpus > 0) for ref, ranked in zip(task_refs, rankings)
@@ -209,7 +209,7 @@ def select(std: Standard, table: Store | EmbeddingTable, tasks: list[str], confi
                                  progress=progress, what="a verification", option="--verify-gpus",
                                  autoscaling=autoscaling)
         rankings = apply_verification(rankings, config.verify_top_k, accs)
-    out = [selection_record(spec, selection_of(emb, ranked, m, front, config), config, std)
+    out = [selection_record(spec, selection_of(emb, ranked, m, front, config, candidates), config, std)
            for spec, emb, ranked, front in zip(tasks, embs, rankings, fronts)]
     for o in out:
         o["sweep_seconds"] = round(sweep_s, 6)

@@ -34,7 +34,7 @@ RESULT_SCHEMA = pa.schema([
     ("weigh_parts", pa.bool_()),
     # what makes two runs' scores comparable (a rank mean's score is a fraction among the run's candidates),
     # and which run and task folder a row is of (a review, session 44): the record's, as `--json` says
-    ("models_swept", pa.int64()), ("where", pa.list_(pa.string())), ("task_path", pa.string()),
+    ("models_swept", pa.int64()), ("models_ranked", pa.int64()), ("where", pa.list_(pa.string())), ("task_path", pa.string()),
     ("run_id", pa.string()), ("created_at", pa.timestamp("ms", tz="UTC"))])
 
 VERIFIED_BY = {"logme": "LogME evidence on", "ridge-loo": "ridge probe's leave-one-out error (negated) on",
@@ -69,7 +69,7 @@ def selection_record(task: str, sel: Selection, config: SelectConfig, std: Stand
             "ranking": [ranked_record(r) for r in sel.ranking],
             # a front member's rank is null unless it is listed; verified when it was
             "pareto": [ranked_record(r) for r in sel.pareto] if config.pareto else None,
-            "pareto_cost": config.pareto, "models_swept": sel.models_swept,
+            "pareto_cost": config.pareto, "models_swept": sel.models_swept, "models_ranked": sel.candidates,
             "verified_by": config.verify_by if config.verify_top_k else None,
             "scored_by": config.score or default_score(std.form),
             "task_method": config.task_method, "weigh_parts": config.weigh_parts,
@@ -98,7 +98,8 @@ def results_table(records: list[dict[str, Any]], std_id: str, run_id: str | None
                       on_pareto_front=None if front is None else r["model_id"] in front,
                       scored_by=res.get("scored_by"), verified_by=res.get("verified_by"),
                       task_method=res.get("task_method"), weigh_parts=res.get("weigh_parts"),
-                      models_swept=res.get("models_swept"), where=res.get("where"), task_path=_text(res.get("task_path")),
+                      models_swept=res.get("models_swept"), models_ranked=res.get("models_ranked"),
+                      where=res.get("where"), task_path=_text(res.get("task_path")),
                       run_id=run_id, created_at=when)
                  for r in res["ranking"] + extra]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
@@ -118,8 +119,11 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
     model passes the constraints."""
     lines = []
     for res in records:
+        ranked = res.get("models_ranked")
+        passed = f", {ranked} of them passing --where {' '.join(res['where'])}" \
+            if res.get("where") and ranked is not None and ranked < m else ""
         lines.append(f"\ntask {res['task']}  ({res['n_images']} images, {res['n_classes']} classes; "
-                     f"standard {std_id}, {m} models)")
+                     f"standard {std_id}, {m} models{passed})")
         if res.get("scored_by") == "rank-mean":
             lines.append("score: mean of the model's rank fractions under the per-source and full forms "
                          "(1 = alone first in both; ties share their mid-rank)")

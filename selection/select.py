@@ -493,6 +493,7 @@ class SweepPart:
     fronts: list[list[tuple[np.ndarray, float, str, dict[str, Any]]]]
     computes: dict[str, int]
     rows: int = 0
+    candidates: int = 0  # rows that pass the constraints and can be ranked: a rank fraction's denominator
 
 
 class Sweep:
@@ -549,6 +550,7 @@ class Sweep:
             rows_ok, s_all = rows_ok[finite], s_all[finite]
             if len(rows_ok) == 0:
                 return
+        part.candidates += len(rows_ok)
         # The standard's own baseline or companion covers itself: its score says nothing about the task.
         # Such rows (a few at most) are kept aside, out of the pruning, and ranked after every other.
         flags = shard.meta.column("is_baseline") if "is_baseline" in shard.meta.column_names else None
@@ -585,6 +587,7 @@ class Sweep:
             raise ConfigError(f"a sweep part of {len(other.pools)} task(s) cannot merge into a sweep of "
                               f"{len(self.queries)}")
         part.rows += other.rows
+        part.candidates += other.candidates
         for kind, n in other.computes.items():
             part.computes[kind] = part.computes.get(kind, 0) + n
         for t in range(len(self.queries)):
@@ -728,16 +731,20 @@ def verification_shortlist(ranked: list[Ranked], k: int) -> list[Ranked]:
     return short
 
 
-def shortlist(shards: Iterable[EmbeddingTable], queries: Queries,
-              config: SelectConfig) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+Shortlist = tuple[list[list[Ranked]], int, list[list[Ranked]], int]
+
+
+def shortlist(shards: Iterable[EmbeddingTable], queries: Queries, config: SelectConfig) -> Shortlist:
     """One sweep for every task (`config_sweep`), keeping the top max(top_k, TIE_CAP * verify_top_k):
-    verification re-ranks its shortlist even when fewer are listed. Returns the rankings, the number of rows swept and each
-    task's Pareto front (empty without `config.pareto`)."""
+    verification re-ranks its shortlist even when fewer are listed. Returns the rankings, the number of
+    rows swept, each task's Pareto front (empty without `config.pareto`) and the number of candidates
+    (the rows that pass the constraints and can be ranked: under the rank mean, what a score is a fraction
+    among)."""
     state = config_sweep(queries, config)
     for shard in shards:
         state.add(shard)
     rankings, fronts = state.result()
-    return rankings, state.part.rows, fronts
+    return rankings, state.part.rows, fronts, state.part.candidates
 
 
 def config_sweep(queries: Queries, config: SelectConfig) -> Sweep:
@@ -771,7 +778,7 @@ def worth_parts(listing: Listing, parts: list[Part]) -> bool:
 
 
 def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queries, config: SelectConfig,
-                    map_parts: MapParts | None = None) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+                    map_parts: MapParts | None = None) -> Shortlist:
     """`shortlist` over a table in memory, or over a store's table of `std` listed now (and again if
     it changes during the sweep: `read_consistently`). With `map_parts`, a listing `worth_parts` is
     swept part by part (segments, batches of row objects) through it, and the parts merged: the same
@@ -780,12 +787,12 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
         if table.standard_id != std.id:
             raise StandardMismatchError(f"the table given holds rows of standard {table.standard_id}, "
                                         f"not of {std.id}; refusing to mix standards")
-        rankings, swept, fronts = shortlist([table], queries, config)
+        result = shortlist([table], queries, config)
         where = "the table given"
     else:
         store = table
 
-        def read(listing: Listing) -> tuple[list[list[Ranked]], int, list[list[Ranked]]]:
+        def read(listing: Listing) -> Shortlist:
             parts = table_parts(listing)
             if map_parts is None or not worth_parts(listing, parts):
                 return shortlist(iter_shards(store, std, listing), queries, config)
@@ -793,13 +800,13 @@ def shortlist_table(std: Standard, table: Store | EmbeddingTable, queries: Queri
             for part in map_parts(parts, hidden_keys(listing) if listing.segments else set()):
                 state.merge(part)
             rankings, fronts = state.result()
-            return rankings, state.part.rows, fronts
+            return rankings, state.part.rows, fronts, state.part.candidates
 
-        rankings, swept, fronts = read_consistently(store, std, read)
+        result = read_consistently(store, std, read)
         where = store.url
-    if not swept:
+    if not result[1]:
         raise StoreError(f"no models are embedded under standard {std.id} in {where}")
-    return rankings, swept, fronts
+    return result
 
 
 def apply_verification(rankings: list[list[Ranked]], k: int, results: list[Any]) -> list[list[Ranked]]:
@@ -865,6 +872,7 @@ class Selection:
     pareto: list[Ranked] = field(default_factory=list)
     n_unverified: int = 0
     config: SelectConfig | None = None
+    candidates: int | None = None  # of the models swept, those that passed the constraints and could be ranked
 
 
 def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: SelectConfig | None = None, *,
@@ -901,7 +909,8 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
              if isinstance(t, ImageSet) else load_task(os.fspath(t), config, std) for t in tasks]
     models = load_standard_models(std)
     embs = [embed_task(std, task, config, models=models, device=device) for task in tasks]
-    rankings, swept, fronts = shortlist_table(std, store, [e.query(std, config.score) for e in embs], config)
+    rankings, swept, fronts, candidates = shortlist_table(std, store, [e.query(std, config.score) for e in embs],
+                                                          config)
     if config.constraints and not any(rankings):  # as the jobs' printed table says it
         log.warning("no model ranked: none of the %d models passes the constraints %s (a value that is unknown "
                     "passes none; a tag is compared exactly, case included)", swept,
@@ -917,12 +926,15 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
                 except ZooselectError as exc:
                     results.append(exc)
         rankings = apply_verification(rankings, k, results)
-    return [selection_of(e, ranked, swept, front, config) for e, ranked, front in zip(embs, rankings, fronts)]
+    return [selection_of(e, ranked, swept, front, config, candidates)
+            for e, ranked, front in zip(embs, rankings, fronts)]
 
 
 def selection_of(emb: TaskEmbedding, ranked: list[Ranked], swept: int, front: list[Ranked],
-                 config: SelectConfig) -> Selection:
-    """A task's Selection from its ranking as verified (every model kept by the sweep) and its front."""
+                 config: SelectConfig, candidates: int | None = None) -> Selection:
+    """A task's Selection from its ranking as verified (every model kept by the sweep) and its front;
+    `candidates`: how many of the `swept` rows passed the constraints and could be ranked."""
     n_verified = sum(r.verified is not None for r in ranked)
     return Selection(emb, ranked[:config.top_k], n_verified, swept, front_with_shortlist(front, ranked, config.top_k),
-                     n_unverified=sum(r.verify_error is not None for r in ranked), config=config)
+                     n_unverified=sum(r.verify_error is not None for r in ranked), config=config,
+                     candidates=candidates)

@@ -350,3 +350,28 @@ def test_a_tie_at_the_verification_cut_off_is_verified_whole():
     assert [r.model_id for r in out] == ["m3", "m4", "m2", "m1", "m0", "m5"]
     assert [r.verified for r in out][-1] is None
     assert config_sweep([], SelectConfig(top_k=3, verify_top_k=3)).top_k == 6  # the sweep keeps the ties
+
+
+def test_a_selection_says_how_many_models_passed_its_constraints():
+    """A new user (session 45): with `--where params<=5M` three of four models were listed under a header
+    of "4 models", and a rank mean's score is a fraction among the three: nothing said so. The sweep counts
+    its candidates (in parts as in one sweep), the record and Parquet carry `models_ranked`, the header says it."""
+    from selection.results import format_results, results_table
+    from selection.select import SelectConfig, shortlist
+
+    tab = table(60, 4, seed=3)
+    w = np.random.default_rng(4).normal(size=(2, 4))
+    query = RankQuery(tuple(linear_queries(w)))
+    config = SelectConfig(top_k=3, constraints=("params<=50",))
+    passed = int((np.asarray(tab.meta.column("num_params").to_pylist()) <= 50).sum())
+    assert 0 < passed < 60
+    whole = shortlist([tab], [query], config)
+    parts = shortlist([EmbeddingTable("std-x", tab.meta.slice(a, 20), tab.embeddings[a:a + 20]) for a in (0, 20, 40)],
+                      [query], config)
+    assert (whole[1], whole[3]) == (parts[1], parts[3]) == (60, passed)
+    assert shortlist([tab], [query], SelectConfig(top_k=3))[3] == 60
+    record = {"task": "t", "n_images": 8, "n_classes": 2, "ranking": [], "models_swept": 60, "models_ranked": passed,
+              "where": ["params<=50"]}
+    assert f"standard std-x, 60 models, {passed} of them passing --where params<=50)" in format_results([record], "std-x", 60)
+    assert results_table([dict(record, ranking=[{"rank": 1, "model_id": "m", "score": 0.5}])], "std-x") \
+        .column("models_ranked").to_pylist() == [passed]

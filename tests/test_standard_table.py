@@ -1008,7 +1008,7 @@ def test_a_read_that_finds_a_listed_object_gone_lists_the_table_again(published,
 
     store.read_many = compacted_meanwhile
     caplog.clear()
-    [ranked], swept, _ = shortlist_table(std, store, queries, SelectConfig(top_k=3))
+    [ranked], swept, _, _ = shortlist_table(std, store, queries, SelectConfig(top_k=3))
     assert folded[0].rows == 3 and swept == 3
     assert sorted(r.model_id for r in ranked) == ["zoo/a", "zoo/b", "zoo/c"]
     assert any("changed while it was read" in m for m in caplog.messages)  # the sweep listed again

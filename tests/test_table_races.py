@@ -773,13 +773,14 @@ def test_a_table_swept_in_parts_ranks_as_the_serial_sweep_and_lists_again_when_a
     assert parts_seen == [5 + 2, 4] and len(gone) == 1  # 5 segments and 2 row batches, then 4 segments of 33
 
     def listed(result):
-        rankings, m, fronts = result
-        return m, [[(r.model_id, round(r.score, 9), r.rank, r.is_baseline) for r in ranked] for ranked in rankings], \
+        rankings, m, fronts, candidates = result
+        return m, candidates, [[(r.model_id, round(r.score, 9), r.rank, r.is_baseline) for r in ranked] for ranked in rankings], \
             [[(r.model_id, round(r.score, 9)) for r in front] for front in fronts]
 
     assert listed(merged) == listed(serial)
     # the sweep keeps 2 x verify_top_k rows (ties at the verification cut-off, session 45)
     assert serial[1] == 30 + 5 - 2 and all(len(ranked) == 12 for ranked in serial[0]) and all(serial[2])
+    assert serial[3] == serial[1]  # every row a candidate (no constraint), counted in the parts as in one sweep
 
 
 def test_a_key_index_is_used_only_whole_and_for_the_segments_it_covers(published, monkeypatch, caplog):
