@@ -140,7 +140,8 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
         head = f"{'rank':>4}  {'model':<{w}} {'score':>7} {'verified':>9}"
         if truth:
             head += f" {'measured':>9}"
-        lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
+        if res["ranking"]:  # no header over an empty table
+            lines.append(head + f" {'params':>8} {'GFLOPs':>7}  note")
         for row in res["ranking"]:
             ver, params, gflops = _cells(row)
             line = f"{row['rank']:>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9}"

@@ -372,6 +372,8 @@ def test_a_selection_says_how_many_models_passed_its_constraints():
     assert shortlist([tab], [query], SelectConfig(top_k=3))[3] == 60
     record = {"task": "t", "n_images": 8, "n_classes": 2, "ranking": [], "models_swept": 60, "models_ranked": passed,
               "where": ["params<=50"]}
-    assert f"standard std-x, 60 models, {passed} of them passing --where params<=50)" in format_results([record], "std-x", 60)
+    printed = format_results([record], "std-x", 60)
+    assert f"standard std-x, 60 models, {passed} of them passing --where params<=50)" in printed
+    assert "no model ranked" in printed and "rank  model" not in printed  # no header over an empty table
     assert results_table([dict(record, ranking=[{"rank": 1, "model_id": "m", "score": 0.5}])], "std-x") \
         .column("models_ranked").to_pylist() == [passed]
