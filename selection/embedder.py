@@ -89,8 +89,7 @@ def _check_published(store: Store, std: Standard) -> None:
     if not store.exists(f"standards/{std.id}/standard.json"):
         raise ConfigError(f"store {store.url!r} does not hold standard {std.id} (it has: "
                           f"{', '.join(list_standards(store)) or 'none'}): embed into the store the standard was "
-                          f"loaded from, or publish it there first (selection.standard.save_standard); on a cluster "
-                          f"of several nodes, a local-directory store must be a folder every node mounts")
+                          f"loaded from, or publish it there first (selection.standard.save_standard)")
 
 
 def make_plan(entries: Iterable[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
