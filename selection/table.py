@@ -38,7 +38,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +59,7 @@ LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this o
 # before leases were refreshed: a crash held up every writer's check for that long (a review, session 28).
 STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
+READS = 3  # listings of the table a read tries while an object it listed is gone when read (`read_consistently`)
 STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
 KEY_BUCKET_ROWS = 2048  # model keys per object of a compaction's key index (about 60 KB)
 # A segment's name: its compaction's id (its start, to the nanosecond since session 30, and a random
@@ -362,7 +363,7 @@ def restore_rows(store: Store | str, std: Standard, written: collections.abc.Map
     # Known: the compaction(s) it ran beside. Segments of no other mean none has run since; no segments at all
     # mean one has (the compaction that deleted the row had folded its older one into a segment).
     later = [mid for mid in gone if seen.get(mid) is not None and not (compactions and compactions <= seen[mid])]
-    in_segments = {row["model_id"]: row for row, _ in _iter_rows(store, std, later, 3)} if later else {}
+    in_segments = {row["model_id"]: row for row, _ in _iter_rows(store, std, later)} if later else {}
     unsure = [mid for mid in later if mid in in_segments and not _same_row(written[mid], in_segments[mid])]
     restored = []
     for mid in gone:  # each one's bytes read only if written back (`HeldRows`: from its file)
@@ -478,7 +479,7 @@ def _write_key_index(store: Store, std: Standard, compaction: str, segments: lis
         {"buckets": buckets, "rows": len(keys), "segments": [p.rsplit("/", 1)[-1] for p in segments]}).encode())
 
 
-def _in_segments(store: Store, std: Standard, keys: set[str], attempts: int = 3) -> set[str]:
+def _in_segments(store: Store, std: Standard, keys: set[str]) -> set[str]:
     """Which of `keys` the segments hold. The segments of a compaction whose key index is whole cost one
     read of its `index.json` and one of each bucket `keys` fall in (read at once), whatever the table's
     size; others have their key column read: segments written before the index existed, by a
@@ -523,7 +524,7 @@ def _in_segments(store: Store, std: Standard, keys: set[str], attempts: int = 3)
             found |= keys.intersection(segment_keys(store, seg))
         return found
 
-    return _until_unchanged(f"the segments of standard {std.id}", read, attempts)
+    return _until_unchanged(f"the segments of standard {std.id}", read)
 
 
 def _usable_key_index(store: Store, folder: str, segments: list[str]) -> int | None:
@@ -884,23 +885,28 @@ def _one_row_of(key: str, keys: list[Any], ids: list[Any]) -> bool:
         return False
 
 
-def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T], attempts: int = 3) -> T:
+def read_consistently(store: Store, std: Standard, read: Callable[[Listing], T]) -> T:
     """`read(listing)` on a fresh listing of the table. A listed object that is gone when read (a
     remove, re-index or compaction deleted it meanwhile) means the listing is out of date: list
-    again and read again, up to `attempts` times."""
-    return _until_unchanged(f"the table of standard {std.id}", lambda: read(list_table(store, std)), attempts)
+    again and read again, up to READS times."""
+    return _until_unchanged(f"the table of standard {std.id}", lambda: read(list_table(store, std)))
 
 
-def _until_unchanged(what: str, read: Callable[[], T], attempts: int) -> T:
-    """`read()`, again while it finds an object it listed gone, up to `attempts` times; then a StoreError."""
-    for attempt in range(1, attempts + 1):
+def _until_unchanged(what: str, read: Callable[[], T]) -> T:
+    """`read()`, again while it finds an object it listed gone, up to READS times; then a StoreError."""
+    for attempt in range(1, READS + 1):
         try:
             return read()
         except ObjectGoneError as exc:
-            if attempt == attempts:
-                raise StoreError(f"{what} changed during each of {attempts} reads ({exc}); try again") from exc
-            log.info("%s changed while it was read (%s); listing it again", what, exc)
+            _changed(what, exc, attempt)
     raise AssertionError("unreachable")
+
+
+def _changed(what: str, exc: ObjectGoneError, attempt: int) -> None:
+    """A read of `what` found an object it listed gone: a StoreError after the last of READS."""
+    if attempt == READS:
+        raise StoreError(f"{what} changed during each of {READS} reads ({exc}); try again") from exc
+    log.info("%s changed while it was read (%s); listing it again", what, exc)
 
 
 def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
@@ -917,7 +923,7 @@ def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
 
 
 def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
-              attempts: int = 3, known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
+              known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
     """The whole rows (`embedding` an array, as written) of those of `model_ids` in the table, each once,
     with the object each was read from: as a read of the table serves them, the model's row object,
     else (unless a marker removed it) its row in the newest segment holding it (a row object or
@@ -926,27 +932,24 @@ def iter_rows(store: Store | str, std: Standard, model_ids: list[str],
     objects read, then the key columns of the segments, newest first, until every model is found, and
     of a segment only the row groups that hold one (not the table's vectors). A listed object gone when
     read (a compaction replaced it) lists the table again and goes on with the models not yet yielded,
-    up to `attempts` times. `known_only`: as `iter_shards`'s (the rows are to be rewritten)."""
+    up to READS times. `known_only`: as `iter_shards`'s (the rows are to be rewritten)."""
     store, std = as_store(store), check_standard(std)
     _check_ids(model_ids)  # at the call, not at the first row
-    return _iter_rows(store, std, model_ids, attempts, known_only)
+    return _iter_rows(store, std, model_ids, known_only)
 
 
 def _iter_rows(store: Store, std: Standard, model_ids: list[str],
-               attempts: int, known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
+               known_only: bool = False) -> Iterator[tuple[dict[str, Any], str]]:
     wanted = {model_key(m): m for m in model_ids}
     done: set[str] = set()
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, READS + 1):
         try:
             for row, source in _rows_of(store, std, list_table(store, std), wanted, done, known_only):
                 done.add(row["model_key"])
                 yield row, source
             return
         except ObjectGoneError as exc:
-            if attempt == attempts:
-                raise StoreError(f"the table of standard {std.id} changed during each of {attempts} reads "
-                                 f"({exc}); try again") from exc
-            log.info("the table of standard %s changed while it was read (%s); listing it again", std.id, exc)
+            _changed(f"the table of standard {std.id}", exc, attempt)
 
 
 def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, str],
@@ -1166,30 +1169,25 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
     # Old segments (then their key indexes), then markers, then row objects: stopped at any point (a
     # crash, a reader in between), the table is the same. Rows first would let an old marker hide a
     # re-added model. Each step's deletes are flushed to disk (local stores) before the next step's.
-    removed = 0
-    for p in listing.segments:
-        deleted = store.delete(p, flush=False)
-        removed += deleted
-        progress("objects", deleted)
-    store.flush_folders(listing.segments)
+    def step(paths: Sequence[str], delete: Callable[[str], bool], mapper: Callable[..., Iterable[bool]] = map) -> int:
+        deleted = 0
+        for gone in mapper(delete, paths):
+            deleted += gone
+            progress("objects", gone)
+        store.flush_folders(paths)
+        return deleted
+
+    removed = step(listing.segments, lambda p: store.delete(p, flush=False))
     # The key indexes of the old segments and of compactions that stopped: each `index.json` first, so
     # that an index stopped half-deleted is never read.
     own = _key_index(std.id, compaction) + "/"
     stale = [p for p in store.list(f"{_base(std.id)}/key_index") if not p.startswith(own)]
-    for p in sorted(stale, key=lambda p: not p.endswith("/index.json")):
-        deleted = store.delete(p, flush=False)
-        removed += deleted
-        progress("objects", deleted)
-    store.flush_folders(stale)
+    removed += step(sorted(stale, key=lambda p: not p.endswith("/index.json")), lambda p: store.delete(p, flush=False))
     store.remove_empty_folders(f"{_base(std.id)}/key_index")  # a local store's folder per compaction
     # A marker rewritten since it was read is a remove of a row this compaction may have folded in:
     # kept. One that cannot be read stops the compaction here (deleting rows after it, the marker
     # could hide a re-added model's row in the new segment).
-    for p in listing.markers:
-        deleted = _delete_if_unchanged(store, p, digests.get(p), flush=False)
-        removed += deleted
-        progress("objects", deleted)
-    store.flush_folders(listing.markers)
+    removed += step(listing.markers, lambda p: _delete_if_unchanged(store, p, digests.get(p), flush=False))
 
     # A marker left now (written or rewritten since the markers were read: a remove while this compaction
     # ran, its model perhaps added back since, its new row object folded in above) hides that model's
@@ -1206,10 +1204,7 @@ def _compact(store: Store, std: Standard, segment_rows: int, t0: float, progress
             return False  # kept: the row object overrides the segment
 
     with ThreadPoolExecutor(DELETE_THREADS) as pool:  # two calls a row: in parallel, as the reads are
-        for dropped in pool.map(drop_row, listing.rows):
-            removed += dropped
-            progress("objects", dropped)
-    store.flush_folders(listing.rows)
+        removed += step(listing.rows, drop_row, pool.map)
     temporaries = store.remove_stale_temporaries(_base(std.id), STALE_TEMPORARY_S)
     log.info("compacted %d rows of %s into %d segment(s), removed %d objects", rows, std.id, len(segments), removed)
     return CompactResult(len(segments), rows, removed, time.perf_counter() - t0, temporaries)
