@@ -264,7 +264,7 @@ def quality(args: argparse.Namespace) -> int:
     embed_info: dict[str, dict[str, Any]] = {}
     for sp, std in zip(plan.standards, stds):
         cands = [entries[i] for i in plan.candidates(sp)]
-        diff = make_plan(cands, store, std, prune=False)
+        diff = make_plan(cands, std, store, prune=False)
         if diff.invalid:
             bad = diff.invalid[0]
             raise ZooselectError(f"cannot embed {bad.model_id} under {sp.name}: {bad.reason}")

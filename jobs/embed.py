@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     std = load_standard(store, args.standard)
     t0 = time.perf_counter()
     with progress_bar(total=len(entries), desc="plan", unit="model", disable=args.no_progress, leave=False) as bar:
-        plan = make_plan(entries, store, std, prune, dry_run=args.dry_run, progress=bar.update)
+        plan = make_plan(entries, std, store, prune, dry_run=args.dry_run, progress=bar.update)
     head = (f"plan: {len(plan.embed)} to embed, {len(plan.refresh)} to refresh, {len(plan.skip)} unchanged, "
             f"{len(plan.remove)} to remove, {len(plan.invalid)} invalid (standard {std.id})")
     too_many = None  # a catalog cut short (a ConfigMap, the wrong file), not renames or a zoo retired and grown

@@ -92,7 +92,7 @@ def _check_published(store: Store, std: Standard) -> None:
                           f"loaded from, or publish it there first (selection.standard.save_standard)")
 
 
-def make_plan(entries: Iterable[CatalogEntry], store: Store | str, std: Standard, prune: bool = False,
+def make_plan(entries: Iterable[CatalogEntry], std: Standard, store: Store | str, prune: bool = False,
               dry_run: bool = False, progress: Callable[[int], None] | None = None) -> Plan:
     """Diff the catalog against the table's index: what to embed, refresh (`plan_entry`), skip and
     (with prune) remove.

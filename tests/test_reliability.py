@@ -492,7 +492,7 @@ def test_storage_outage_beyond_the_retries_fails_cleanly_and_a_rerun_completes(s
                                f"after 3 attempts: "), r.reason
     assert "\n" not in r.reason and server.secret_key not in r.reason
     server.restart()
-    plan = make_plan([a, b], store, tiny_standard, prune=False)
+    plan = make_plan([a, b], tiny_standard, store, prune=False)
     assert [e.id for e in plan.embed] == [b.id] and plan.skip == (a.id,)
     assert embed_entry(b, tiny_standard, store).status == "embedded"
     _assert_each_model_once(store, tiny_standard, [a.id, b.id])

@@ -1505,7 +1505,7 @@ def test_a_plan_checks_entries_concurrently_in_catalog_order(published, tmp_path
         real(entry)
     monkeypatch.setattr(embedder, "check_entry", slow_check)
     done = []
-    plan = make_plan(entries, store, std, prune=False, progress=done.append)
+    plan = make_plan(entries, std, store, prune=False, progress=done.append)
     assert peak[0] > 1 and done == [1] * len(entries)
     assert [e.id for e in plan.embed] == [e.id for e in entries if e.weights == path]
     assert [r.model_id for r in plan.invalid] == [e.id for e in entries if e.weights != path]
@@ -1533,7 +1533,7 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     os.replace(path + ".bak", path)  # restored from a backup: same bytes, new inode and times
 
     def plan() -> Plan:
-        return make_plan([entry], store, std, prune=False)
+        return make_plan([entry], std, store, prune=False)
     assert plan().skip == ("zoo/m",) and reads == [path]
     assert plan().skip == ("zoo/m",) and plan().skip == ("zoo/m",) and reads == [path]  # known by its stamp
     memo = StampMemo(store, std.id)
@@ -1553,7 +1553,7 @@ def test_a_copied_checkpoint_is_hashed_once_then_known_by_its_new_stamp(publishe
     assert embed_entry(entry, std, store).status == "embedded"
     store.delete(stamp_memo_path(std.id, "zoo/m"))
     os.replace(shutil.copyfile(path, path + ".bak"), path)
-    assert make_plan([entry], store, std, prune=False, dry_run=True).skip == ("zoo/m",)
+    assert make_plan([entry], std, store, prune=False, dry_run=True).skip == ("zoo/m",)
     assert memo.get("zoo/m") is None
     real_read = store.read_bytes
 
@@ -1769,8 +1769,8 @@ def test_a_row_embedded_by_the_floored_crop_is_embedded_again_where_the_crop_mov
     [(row, _)] = iter_rows(store, std, [kept.id])
     write_row(store, std, dict(row, library_versions=older(kept)["library_versions"]))
     at_24 = dataclasses.replace(std, spec=dict(std.spec, input_size=24))
-    assert make_plan([kept], store, std, prune=False, dry_run=True).skip == (kept.id,)
-    assert make_plan([kept], store, at_24, prune=False, dry_run=True).embed == (kept,)
+    assert make_plan([kept], std, store, prune=False, dry_run=True).skip == (kept.id,)
+    assert make_plan([kept], at_24, store, prune=False, dry_run=True).embed == (kept,)
 
 
 def test_a_row_is_embedded_again_when_timm_decides_its_preprocessing_or_default_weights_otherwise(
@@ -2100,13 +2100,13 @@ def test_make_plan_reads_a_generator_once_and_names_what_is_not_a_catalog(publis
     store, std = published
     a, b = CatalogEntry("zoo/a", "resnet10t", None, input_size=32), TINY_BASELINE
     assert embed_entry(a, std, store).status == "embedded"
-    plan = make_plan((e for e in [a, b]), store, std, prune=True, dry_run=True)
+    plan = make_plan((e for e in [a, b]), std, store, prune=True, dry_run=True)
     assert plan.skip == ("zoo/a",) and [e.id for e in plan.embed] == [b.id] and plan.remove == ()
     for bad, name in (("zoo.yaml", "str 'zoo.yaml'"), (a, "CatalogEntry"), ([{"id": "x"}], "dict {'id': 'x'}")):
         with pytest.raises(ConfigError, match=f"should be a (list of )?CatalogEntry .*got {name}"):
-            make_plan(bad, store, std, prune=True)
+            make_plan(bad, std, store, prune=True)
     with pytest.raises(ConfigError, match="^entries hold the model id 'zoo/a' twice"):
-        make_plan([a, a], store, std)
+        make_plan([a, a], std, store)
     with pytest.raises(ConfigError, match=r"^std should be a Standard .*got str 'std-"):
         embed_entry(a, std.id, store)
     assert load_table(store, std).model_ids == ["zoo/a"]
@@ -2133,13 +2133,13 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     save_checkpoint(timm.create_model("resnet10t", num_classes=3), str(tmp_path / "sub" / "here.safetensors"))
     monkeypatch.chdir(tmp_path / "sub")
     entry = CatalogEntry("zoo/rel", "resnet10t", "here.safetensors")
-    [planned] = make_plan([entry], store, std).embed
+    [planned] = make_plan([entry], std, store).embed
     assert planned.weights == str(tmp_path / "sub" / "here.safetensors")
     assert embed_entry(entry, std, store).status == "embedded"
     monkeypatch.chdir(tmp_path)
     row = read_index(store, std)["zoo/rel"]
     assert json.loads(row["catalog_entry"])["weights"] == str(tmp_path / "sub" / "here.safetensors")
-    assert make_plan([CatalogEntry("zoo/rel", "resnet10t", "sub/here.safetensors")], store, std).skip == ("zoo/rel",)
+    assert make_plan([CatalogEntry("zoo/rel", "resnet10t", "sub/here.safetensors")], std, store).skip == ("zoo/rel",)
     for call in (lambda: load_table(store, std.id), lambda: read_index(store, std.id),
                  lambda: delete_rows(store, std.id, ["zoo/rel"]), lambda: compact(store, std.id)):
         with pytest.raises(ConfigError, match=rf"^std should be a Standard .*got str '{std.id}': a standard's id\? "):
@@ -2159,5 +2159,5 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     assert "no model ranked: none of the 1 models passes the constraints tag=CNN (" in caplog.text, caplog.text
     other = Store(str(tmp_path / "other"))
     with pytest.raises(ConfigError, match=rf"does not hold standard {std.id} \(it has: none\)"):
-        make_plan([entry], other, std)
+        make_plan([entry], std, other)
     assert not os.path.exists(tmp_path / "other" / "embeddings")
