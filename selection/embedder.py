@@ -396,8 +396,9 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
 
     On CUDA with no `batch_size`, the batch is the largest whose forward pass fits in
     `memory_share` of the free GPU memory (less where the GPU is shared by several actors).
-    `store`: a Store, or its URL or path. A device this process cannot use, or a batch size below 1,
-    is a ConfigError before any work; what fails with the model comes back as a "failed" result.
+    `store`: a Store, or its URL or path. Before any work: a device torch does not know, or a batch size
+    below 1, is a ConfigError; CUDA where torch sees none a ModelError (`check_device`: this machine's
+    fault, not the call's). What fails with the model comes back as a "failed" result.
     """
     import torch
 
@@ -407,6 +408,9 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
     entry = anchored(entry, os.getcwd())  # a row keeps its checkpoint's path: relative, it is read from anywhere
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be an integer >= 1 (or None: the standard's), got {batch_size!r}")
+    if entry.input_size and std.input_size and entry.input_size != std.input_size:
+        log.info("model %s: catalog input_size %d, embedded at the standard's %d px (every model is, on the same "
+                 "probe images)", entry.id, entry.input_size, std.input_size)
     t0 = time.perf_counter()
     on_gpu = device.startswith("cuda")
     try:
@@ -467,7 +471,7 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
         t1 = time.perf_counter()
         path, during, running = _write_row(store, std, row)
         stages["write"] = time.perf_counter() - t1
-        log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, row["embed_seconds"],
+        log.info("embedded %s in %.1fs (%.0f img/s, batch %d; %s)", entry.id, time.perf_counter() - t0,
                  row["images_per_second"], batch, ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
         return EmbedResult(entry.id, "embedded", "", time.perf_counter() - t0, row["images_per_second"], path,
                            batch, peak, stages, written_during_compaction=during, compactions_at_write=running,

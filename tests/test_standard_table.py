@@ -2161,3 +2161,20 @@ def test_a_library_users_mistakes_are_one_line_naming_them(published, tmp_path, 
     with pytest.raises(ConfigError, match=rf"does not hold standard {std.id} \(it has: none\)"):
         make_plan([entry], std, other)
     assert not os.path.exists(tmp_path / "other" / "embeddings")
+
+
+def test_a_catalog_input_size_other_than_the_standards_is_logged_and_the_row_records_the_size_run(published, caplog):
+    """A standard with its own input size embeds every model at it: an entry's `input_size` is then not
+    the one run, which the log says (it was silent) and the row records."""
+    import dataclasses
+    import logging
+
+    store, std = published
+    at_24 = dataclasses.replace(std, spec=dict(std.spec, input_size=24))
+    with caplog.at_level(logging.INFO, logger="selection.embedder"):
+        assert embed_entry(CatalogEntry("zoo/s", "resnet10t", None, input_size=32), at_24, store).status == "embedded"
+        assert embed_entry(CatalogEntry("zoo/t", "resnet10t", None, input_size=24), at_24, store).status == "embedded"
+    assert "model zoo/s: catalog input_size 32, embedded at the standard's 24 px" in caplog.text
+    assert "zoo/t: catalog input_size" not in caplog.text
+    meta = load_table(store, at_24).meta
+    assert dict(zip(*(meta.column(c).to_pylist() for c in ("model_id", "input_size")))) == {"zoo/s": 24, "zoo/t": 24}
