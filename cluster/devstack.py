@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefix", default="zoo", help="key prefix of ZOOSELECT_STORE in the bucket")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use")
     up.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may use")
-    only = up.add_mutually_exclusive_group()  # both: nothing started, an empty env file (a review, session 43)
+    only = up.add_mutually_exclusive_group()  # both: nothing started, an empty env file
     only.add_argument("--no-ray", action="store_true", help="start only the S3 endpoint")
     only.add_argument("--no-s3", action="store_true", help="start only the Ray head")
     up.set_defaults(func=cmd_up)

@@ -481,7 +481,7 @@ class SeaweedServer:
     def _child_env(self) -> dict[str, str]:
         # never hand the caller's cloud credentials or bucket settings to the server; HOME is the server's
         # root: weed reads filer.toml and security.toml from $HOME/.seaweedfs, and a developer's own
-        # (a Postgres filer store) became the tests' metadata store (a review, session 43)
+        # (a Postgres filer store) became the tests' metadata store
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
         env["HOME"] = self.root
         return env

@@ -330,7 +330,7 @@ def quality(args: argparse.Namespace) -> int:
     }
     paths = bench.write_report(os.path.abspath(os.path.expanduser(args.out)), plan, doc)
     say("end", "")
-    for path in paths.values():  # where: under `ray job submit`, the head node's (a review, session 43)
+    for path in paths.values():  # where: under `ray job submit`, the head node's
         print(f"wrote {path}")
     met = [f"{name}:{t['id']}={'met' if t['met'] else 'not met'}"
            for name, ts in summary["targets"].items() for t in ts]
@@ -366,14 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prog_of_subcommand("scaling")
         return scaling.main(rest)
-    if rest:  # `quality --bogus`: with quality's usage, not the benchmark's (a review, session 43)
+    if rest:  # `quality --bogus`: with quality's usage, not the benchmark's
         args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "compare":
         return compare(args)
     if args.command in ("quality", "zoo"):
         if not args.store:
             raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
-        if args.train_gpus is not None:  # before the store is opened and Ray started (a review, session 43)
+        if args.train_gpus is not None:  # before the store is opened and Ray started
             runtime.check_amount("--train-gpus", args.train_gpus, gpus=True)
         if args.command == "quality" and importlib.util.find_spec("matplotlib") is None:  # before hours of work
             raise ConfigError("the quality report draws plots with matplotlib, which is not installed: "

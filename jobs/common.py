@@ -81,7 +81,7 @@ _CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal control sequence: tq
 class _Lines:
     """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns, and
     none that repeats the previous one's progress and note with only the times changed (tqdm's closing
-    redraw after a last update), nor a terminal's cursor moves (two bars open: a review, session 43)."""
+    redraw after a last update), nor a terminal's cursor moves (two bars open)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -139,7 +139,7 @@ def command(module: str) -> str:
 
 def _as_run(text: str) -> str:
     """An error's hint as this job was run: the library (which knows no command) names `python -m jobs.X`,
-    which under `zooselect` is `zooselect X` (a review, session 43)."""
+    which under `zooselect` is `zooselect X`."""
     return re.sub(r"`python -m (jobs\.\w+)", lambda m: "`" + command(m[1]), text) if _COMMAND else text
 
 
@@ -187,7 +187,7 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     logging's flush), but without the C++ teardown after it. There, a process that had imported torch and
     used Arrow's thread pools aborted now and then ("terminate called without an active exception",
     status 134, after its work was done and printed: 4 of 75 runs of a script that read Parquet on this
-    loaded machine, 0 of 120 so; a review, session 36). Reads no longer use Arrow's CPU pool
+    loaded machine, 0 of 120 so). Reads no longer use Arrow's CPU pool
     (`selection.storage.READ_THREADS`); file reads still start its I/O pool. Under a tracer or profiler
     (`coverage run`, `cProfile`), which save their data in Python's own teardown, it exits as Python does."""
     try:

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, prune: bool) -> int:
     if not args.compaction_wait >= 0:
         raise ConfigError(f"--compaction-wait must be >= 0 seconds, got {args.compaction_wait}")
     max_remove = getattr(args, "max_remove", 1.0)
-    if not 0 <= max_remove <= 1:  # before the catalog and the store are read (a review, session 43)
+    if not 0 <= max_remove <= 1:  # before the catalog and the store are read
         raise ConfigError(f"--max-remove must be a fraction from 0 to 1, got {max_remove}")
     entries = load_catalog(args.catalog)
     store = open_store(args, writable=not args.dry_run, write_prefix="embeddings")  # a dry run writes nothing

@@ -472,7 +472,7 @@ def check_fits(what: str, need: dict[str, tuple[float, str]], nodes: Sequence[di
     short = [f"{what} needs {amount:g} {name}(s) ({option}) but {where or 'no node has more than'} "
              f"{most.get(name, 0):g} {name}s" for name, (amount, option) in need.items() if amount > most.get(name, 0)]
     if not short and not any(all(n.get(r, 0) >= a for r, (a, _) in need.items()) for n in nodes):
-        # 2 CPUs and 1 GPU: one node has the CPUs, another the GPU (a review, session 44: Ray waited for ever)
+        # 2 CPUs and 1 GPU: one node has the CPUs, another the GPU (Ray waited for ever)
         wants = " and ".join(f"{a:g} {r}(s) ({o})" for r, (a, o) in need.items() if a)
         sizes = "; ".join(", ".join(f"{n.get(r, 0):g} {r}" for r in need) for n in nodes[:4])
         short = [f"{what} needs {wants} on one node, but no node has them all (nodes: {sizes}"
@@ -513,7 +513,7 @@ def size_actors(opts: ActorOptions, res: dict[str, float],
 
 def row_seen_here(result: EmbedResult, local: Store | None, std: Standard) -> EmbedResult:
     """An embedded model's result, failed if `local` (a local-directory store) does not hold the row its
-    actor wrote: the actor ran on a node whose disk this driver does not see (a review, session 44: the
+    actor wrote: the actor ran on a node whose disk this driver does not see (the
     job said "3 embedded" and the store held none). A row written during a compaction is the job's to
     check after it (`HeldRows`); one a compaction folded into a segment since is in the table's index."""
     if local is None or result.status != "embedded" or not result.path or result.written_during_compaction \

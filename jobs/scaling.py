@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     check_output(args.out, flag="--out")
-    check_output(args.work, directory=True, flag="--work")  # a file there was a FileExistsError traceback (a review, session 43)
+    check_output(args.work, directory=True, flag="--work")  # a file there was a FileExistsError traceback
     if "throughput" not in args.skip:  # checked before any stage, not when the throughput stage starts
         import timm
         import torch
@@ -545,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
         with open(out, "w") as fh:
             json.dump(results, fh, indent=2)
-        print(f"wrote {out}")  # under `ray job submit`, on the head node (a review, session 43)
+        print(f"wrote {out}")  # under `ray job submit`, on the head node
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     print("summary: scaling benchmark done")

@@ -222,7 +222,7 @@ def load_local_tasks(tasks: list[str], config: SelectConfig, std: Standard,
                      progress: bool = True) -> dict[str, tuple[ImageSet, float]]:
     """The local tasks read and checked here, each with the seconds it took (a bar of its images each);
     every one that fails is named at once (before Ray starts: a task folder's mistakes took 10 s of Ray's
-    start to be told; a review, session 44)."""
+    start to be told)."""
     loaded: dict[str, Any] = {}
     for t in tasks:
         if _local_task_path(t) is not None:
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.check_amount("--task-gpus", args.task_gpus, gpus=True)
     if args.verify_gpus and not args.verify_top_k:
         raise ConfigError(f"--verify-gpus {args.verify_gpus:g} is given but --verify-top-k is 0: nothing is verified")
-    if args.verify_by and not args.verify_top_k:  # it ran no verification and exited 0 (a review, session 43)
+    if args.verify_by and not args.verify_top_k:  # it ran no verification and exited 0
         raise ConfigError(f"--verify-by {args.verify_by} is given but --verify-top-k is 0: nothing is verified")
     store = open_store(args, writable=not args.no_save, write_prefix="results")  # it only reads unless it saves
     check_outside_store(store, {"--json": json_file, "--parquet": args.parquet})
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   json_stream)
         finally:
             print(format_results(results, std.id, m, ls_command=f"{command('jobs.table')} ls"))
-        for path in (json_file, args.parquet):  # where: under `ray job submit`, the head node's (a review, session 43)
+        for path in (json_file, args.parquet):  # where: under `ray job submit`, the head node's
             if path:
                 print(f"wrote {os.path.abspath(os.path.expanduser(path))}")
         if saved:

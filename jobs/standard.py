@@ -145,7 +145,7 @@ def _default_before(store: Store, no_default: bool) -> str | None:
 
 def _say_default_moved(store: Store, before: str | None, sid: str) -> None:
     """A new default leaves the models embedded under the old one where they are: a selection without
-    --standard then finds none (a review, session 39: the zoo seemed gone)."""
+    --standard then finds none (the zoo seemed gone)."""
     if before and before != sid and may_have_rows(store, before):
         print(f"note: the store's default standard was {before}, which has embedded models; {sid} has none "
               f"yet: embed the zoo under it (`{command('jobs.embed')} --catalog CATALOG --store {store.url}`), "

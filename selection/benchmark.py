@@ -78,7 +78,7 @@ KEYED_SCORERS = ("logme", "hscore", "ridge-loo")
 # so that cached records never outlive the code that computed them (the model's key stays).
 # 2: LogME on features at unit RMS; the relative standardisation cut of the probe and ridge LOO.
 # 3: LogME counted a sample repeated in its class once (reverted: it scored a class collapsed onto one
-#    vector, the best features there are, as one sample of each class; a review, session 35).
+#    vector, the best features there are, as one sample of each class).
 # 4: as 2 (never reuse 3: records of it are in stores).
 SCORES_VERSION = 4
 IMAGENET_INPUT_SIZE = 128
@@ -832,7 +832,7 @@ def ranking_metrics(scores: np.ndarray, truth: np.ndarray, ids: Sequence[str] | 
     `rank` (distinct values, higher first), if given, is the order the method returns (e.g.
     `library_rank`: ties broken as the library breaks them), and every metric is of that order, tau_w
     too (scipy's weightedtau gives a tie more than the mean of its two orders: a rank mean's ties
-    flattered it; a review, session 43). Without, the scores' ties are ordered at random in expectation
+    flattered it). Without, the scores' ties are ordered at random in expectation
     for the gap and rel@k (`expected_best_of_top_k`: a tie is not won by the candidate listed first),
     and tau_w sees them as scipy does (the brute-force H-score's many ties: to its advantage); `pick` is
     then the first of the tied top (an example, not what the gap measures).

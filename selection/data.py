@@ -703,7 +703,7 @@ SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "tes
 
 def _refuse_split_folders(url: str, by_class: dict[str, list[str]]) -> None:
     """A dataset's root (`train/<class>/`, `val/<class>/`: Kaggle's, torchvision's layout) read as a task would
-    be a task of telling the splits apart, selected for without a word (a review, session 44): refused when
+    be a task of telling the splits apart, selected for without a word: refused when
     every class folder is named as a split and one holds its images only in subfolders (Kaggle's flat,
     unlabelled `test/` beside `train/<class>/` too)."""
     if not all(c.lower() in SPLIT_NAMES for c in by_class):

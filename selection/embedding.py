@@ -129,7 +129,7 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID
     best = (np.inf, None)
     # The part of y outside span(u): none when x spans every centred direction (rank n - 1); |y|^2 - |u'y|^2
     # was then +-1e-15, and with the affine count's n - 1 - dof cancelling to ~1e-6 at the weakest ridges,
-    # GCV was noise over noise there: the order of a task's rows chose the strength (a review, session 26).
+    # GCV was noise over noise there: the order of a task's rows chose the strength.
     resid_out = 0.0 if s2.size >= n - 1 else max(float((yc ** 2).sum() - (uty ** 2).sum()), 0.0)
     for rel in grid:
         alpha = rel * ref

@@ -349,7 +349,7 @@ def _load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], 
             # timm's training script saves its arguments (`args`, an argparse.Namespace of plain values)
             # beside the weights; timm's own loader allows that class too. Added to torch's allow-list for
             # the process: `safe_globals` is a process-wide setting too, and a thread leaving it took the
-            # class off under another's load (and off a list the user had set; a review, session 42).
+            # class off under another's load (and off a list the user had set).
             torch.serialization.add_safe_globals([argparse.Namespace])
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - UnpicklingError for code, others for corruption

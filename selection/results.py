@@ -33,7 +33,7 @@ RESULT_SCHEMA = pa.schema([
     ("scored_by", pa.string()), ("verified_by", pa.string()), ("task_method", pa.string()),
     ("weigh_parts", pa.bool_()),
     # what makes two runs' scores comparable (a rank mean's score is a fraction among the run's candidates),
-    # and which run and task folder a row is of (a review, session 44): the record's, as `--json` says
+    # and which run and task folder a row is of: the record's, as `--json` says
     ("models_swept", pa.int64()), ("models_ranked", pa.int64()), ("where", pa.list_(pa.string())), ("task_path", pa.string()),
     ("run_id", pa.string()), ("created_at", pa.timestamp("ms", tz="UTC"))])
 
@@ -158,7 +158,7 @@ def format_results(records: list[dict[str, Any]], std_id: str, m: int,
 
 def _id_width(rows: list[dict[str, Any]]) -> int:
     """The model column's width: the longest id printed (ids were cut to 36 characters, and timm's
-    `vit_base_patch16_clip_224.openai_ft_in12k_in1k` and `..._in1k` printed alike; a review, session 35)."""
+    `vit_base_patch16_clip_224.openai_ft_in12k_in1k` and `..._in1k` printed alike)."""
     return max([36] + [len(r["model_id"]) for r in rows])
 
 

@@ -66,9 +66,9 @@ def rounding_constant(feats: np.ndarray, eps: float | None = None) -> np.ndarray
     """Which columns of `feats` (n, k) are constant up to rounding: their range is at most ROUNDING_STEPS
     relative steps `eps` (default: of `feats`' own dtype; float32 for a model's features) of their
     largest magnitude. Relative to the column, so its scale never decides (an absolute cut left out
-    every column of features around 1e-9; a review, session 33); a range, so its offset does not either;
+    every column of features around 1e-9); a range, so its offset does not either;
     in the features' own precision (float32 features constant but for one-ulp jitter between batches
-    were taken for signal, and blown up to unit variance; a review, session 42)."""
+    were taken for signal, and blown up to unit variance)."""
     eps = _eps(feats) if eps is None else eps
     return np.ptp(feats, axis=0) <= ROUNDING_STEPS * eps * np.abs(feats).max(axis=0)
 
@@ -201,7 +201,7 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
 
     # The maximised evidence does not depend on F's scale (α absorbs it): F at unit RMS, so that the
     # fixed point starts from α = β = 1 at the data's scale. Features around 1e-8 met a flat evidence
-    # there, and the iteration stopped at once, at the value of useless features (a review, session 33).
+    # there, and the iteration stopped at once, at the value of useless features.
     rms = float(np.sqrt(np.mean(feats**2)))
     if rms > 0:
         feats = feats / rms
@@ -246,7 +246,7 @@ def _centred_svd(feats: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray,
     costs O(n k r) and never forms the ``(k, k)`` covariance, which matters when k >> n. A column
     constant up to rounding (`rounding_constant`, steps `eps`) is exactly 0 once centred: its leftover
     rounding was a direction of its own, kept by the pseudo-inverse (constant features scored the
-    maximum H-score on binary tasks; a review, session 42).
+    maximum H-score on binary tasks).
     """
     centred = feats - feats.mean(axis=0)
     centred[:, rounding_constant(feats, eps)] = 0.0

@@ -69,7 +69,7 @@ class StandardConfig:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
         # of another type, each failed late, after the probe set was built (`d=8.0`: 'slice indices must
-        # be integers'; a string of probe sources was read one character at a time; a review, session 43)
+        # be integers'; a string of probe sources was read one character at a time)
         for name in ("d", "probe_image_size", "split_seed", "batch_size", "input_size", "companion_d"):
             value = getattr(self, name)
             if not integer(value) and not (value is None and name in ("input_size", "companion_d")):

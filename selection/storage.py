@@ -392,7 +392,7 @@ class RetryPolicy:
 
 # Parquet is decoded on the calling thread, not on Arrow's CPU thread pool: with torch imported, a process
 # that had decoded on the pool aborted at exit ("terminate called without an active exception", status
-# 134) in 3-7 of 45 runs on this loaded 2-core machine, 0 of 45 without the pool (a review, session 36).
+# 134) in 3-7 of 45 runs on this loaded 2-core machine, 0 of 45 without the pool.
 # Decoding a 20,000-row segment took as long either way here (0.17 s); the sweep's parallelism is
 # across segments and row groups (Ray tasks), not inside one.
 READ_THREADS = False
@@ -431,7 +431,7 @@ def atomic_local_file(path: str, follow_link: bool = True) -> Iterator[str]:
 
 def check_outside_store(store: Store, outputs: dict[str, str | None]) -> None:
     """Refuse an output path (flag -> path) inside a local store's folder: a results file written over
-    `standards/DEFAULT` or a row object broke the store (a review, session 39)."""
+    `standards/DEFAULT` or a row object broke the store."""
     if getattr(store, "scheme", None) != "file":
         return
     root = os.path.realpath(store.root).rstrip(os.sep)
@@ -895,7 +895,7 @@ class Store:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         # The time too: an ETag comes back with its bytes, so an object replaced and put back while it
-        # was read would otherwise match the stamp taken before (a review, session 34).
+        # was read would otherwise match the stamp taken before.
         modified = info.get("LastModified") or info.get("last_modified") or ""
         modified = modified.isoformat() if hasattr(modified, "isoformat") else str(modified)
         return f"etag:{etag}:{info.get('size')}:{modified}" if etag else ""

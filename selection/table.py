@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this often
 # A lease not refreshed for this long (6 refresh periods) is one whose compaction crashed. It was 6 h
-# before leases were refreshed: a crash held up every writer's check for that long (a review, session 28).
+# before leases were refreshed: a crash held up every writer's check for that long.
 STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
 READS = 3  # listings of the table a read tries while an object it listed is gone when read (`read_consistently`)
@@ -555,7 +555,7 @@ _strays: set[str] = set()  # row objects outside their shard folder, warned of o
 def list_rows(store: Store, standard_id: str) -> list[str]:
     """The table's row objects. One outside its key's shard folder (a copy zooselect did not write, e.g.
     `rows/zz/<key>.parquet`) is left out with a warning: read too, it served its model twice, and a
-    compaction wrote the key twice into a segment, which no read then accepted (a review, session 36)."""
+    compaction wrote the key twice into a segment, which no read then accepted."""
     rows = []
     for path in store.list(f"{_base(standard_id)}/rows", ".parquet"):
         folder, key = path.rsplit("/", 2)[-2], _key_of(path)
