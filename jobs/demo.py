@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Sequence
@@ -169,19 +170,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                              progress=not args.no_progress, what="a ground-truth probe")
     truth: dict[str, dict[str, float]] = {}
     for (e, t), acc in zip(items, accs):
-        if not isinstance(acc, ZooselectError):
+        if isinstance(acc, ZooselectError):
+            print(f"no ground truth for {e.id} on task {labelled[t]}: {acc}", file=sys.stderr)
+        else:
             truth.setdefault(labelled[t], {})[e.id] = acc
     print(format_results(results, std.id, len(table), truth))
     for res in results:
-        best = max(truth[res["task"]].items(), key=lambda kv: kv[1])
-        pick = res["ranking"][0]["model_id"]
-        print(f"task {res['task']}: selected {pick} ({100 * truth[res['task']][pick]:.1f}%), "
-              f"best {best[0]} ({100 * best[1]:.1f}%), gap {100 * (best[1] - truth[res['task']][pick]):.1f} points")
+        print(_gap_line(res["task"], res["ranking"][0]["model_id"], truth.get(res["task"], {})))
     other_default = keep_default and store.read_bytes("standards/DEFAULT").decode(errors="replace").strip() != sid
     kept = f" (not the store's default: select with --standard {sid})" if other_default else ""
     print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}, standard {sid}{kept}; "
           f"its catalog and labelled tasks are in {work} (remove it when done)")
     return 0
+
+
+def _gap_line(task: str, pick: str, accs: dict[str, float]) -> str:
+    """The selected model's ground truth against the best measured one's (either may have failed)."""
+    if not accs:
+        return f"task {task}: selected {pick}; no ground truth measured"
+    best, top = max(accs.items(), key=lambda kv: kv[1])
+    if pick not in accs:
+        return f"task {task}: selected {pick} (no ground truth measured), best {best} ({100 * top:.1f}%)"
+    return (f"task {task}: selected {pick} ({100 * accs[pick]:.1f}%), best {best} ({100 * top:.1f}%), "
+            f"gap {100 * (top - accs[pick]):.1f} points")
 
 
 if __name__ == "__main__":

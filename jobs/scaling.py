@@ -38,7 +38,7 @@ from selection.errors import ConfigError, ModelError
 from selection.keys import model_key
 from selection.select import sweep_fronts, sweep_shards
 from selection.standard import Standard, save_standard
-from selection.storage import Store, check_output, parquet_bytes
+from selection.storage import Store, check_output, parquet_bytes, write_file_atomically
 from selection.table import (META_FIELDS, compact, delete_row, iter_shards, marker_path,
                              row_path, schema_for, segment_row_group, write_row)
 
@@ -386,12 +386,14 @@ def bench_throughput(arch: str, input_size: int, std: Standard, threads: int, de
     work = tempfile.mkdtemp(prefix="zs-tput-")
     store = Store(work)
     save_standard(store, std)
-    runtime.init(None)
-    t0 = time.perf_counter()
-    opts = runtime.ActorOptions(gpus_per_actor if device == "cuda" else 0.0, threads)
-    results = runtime.embed_with_actors(entries, std, store, opts=opts, progress=False)
-    wall = time.perf_counter() - t0
-    shutil.rmtree(work)
+    try:
+        runtime.init(None)
+        t0 = time.perf_counter()
+        opts = runtime.ActorOptions(gpus_per_actor if device == "cuda" else 0.0, threads)
+        results = runtime.embed_with_actors(entries, std, store, opts=opts, progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     for res in results:
         if res.status != "embedded":
             raise ModelError(f"throughput run of {res.model_id}: {res.reason}")
@@ -511,6 +513,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--device cuda: torch sees no CUDA device here")
     work = args.work or tempfile.mkdtemp(prefix="zs-scaling-")
     os.makedirs(work, exist_ok=True)
+    try:
+        results = _stages(args, work)
+    finally:  # an error or Ctrl-C leaves no scratch table (10^6 rows: about 8 GB) behind
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
+        write_file_atomically(out, json.dumps(results, indent=2).encode())
+        print(f"wrote {out}")  # under `ray job submit`, on the head node
+    print("summary: scaling benchmark done")
+    return 0
+
+
+def _stages(args: argparse.Namespace, work: str) -> dict[str, Any]:
+    """The stages `args` asks for, their tables under `work`: what `--out` records."""
     update_ms = [10, 100, 1000] if args.quick else [10, 1000, 100_000]
     sweep_ms = [m for m in ([1000, 10_000] if args.quick else [1000, 10_000, 100_000, 1_000_000])
                 if m <= args.max_m]
@@ -541,15 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["compaction"] += c
             ratio = f"{c[1]['peak_mib'] / c[0]['peak_mib']:.2f}x" if c[0]["peak_mib"] > 0 else "n/a"
             print(f"ratio   compaction peak memory, {layout}, m={2 * m} / m={m}: {ratio} (the table: 2.00x)")
-    if args.out:
-        out = os.path.abspath(os.path.expanduser(args.out))  # as check_output checked it
-        with open(out, "w") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {out}")  # under `ray job submit`, on the head node
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    print("summary: scaling benchmark done")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

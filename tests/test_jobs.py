@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -1033,6 +1034,25 @@ def test_scaling_benchmark_smoke(ray_local, tmp_path, capsys):
     assert "ratio   compaction peak memory, rows, m=1000 / m=500" in printed
 
 
+def test_scaling_leaves_no_scratch_table_when_a_stage_fails(tmp_path, monkeypatch):
+    """A stage that failed or was interrupted left its scratch tables (10^6 rows: about 8 GB) in the
+    temporary folder, and an existing --out untouched or half-written (a review, session 46)."""
+    from jobs import scaling
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "perf.json"
+    out.write_text('{"kept": true}')
+
+    def interrupted(ms, reps, work):
+        os.makedirs(os.path.join(work, "upd-10-objects"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(scaling, "bench_updates", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scaling.main(["--quick", "--skip", "sweep", "--skip", "throughput", "--skip", "compaction",
+                      "--out", str(out)])
+    assert sorted(os.listdir(tmp_path)) == ["perf.json"] and json.loads(out.read_text()) == {"kept": True}
+
+
 def test_scaling_checks_its_flags_before_any_stage(tmp_path):
     """A review (session 43): `--archs ''` was an IndexError on a GPU (on the CPU no throughput at all),
     `--device cuda` without one failed after the other stages, `--work FILE` a FileExistsError traceback."""
@@ -1068,6 +1088,17 @@ def test_demo_selects_on_the_labelled_half_only(tmp_path):
         # exactly the probes' training half, image for image; the measured half is not in it
         assert len(written) == len(train) < len(task)
         assert sorted(map(bytes, written.images)) == sorted(map(bytes, task.images[train]))
+
+
+def test_the_demos_gap_line_says_which_ground_truth_failed():
+    """A ground-truth probe that failed left the task's or the pick's accuracy out, and the demo ended,
+    after all its work, with a KeyError traceback (a review, session 46)."""
+    from jobs.demo import _gap_line
+
+    assert _gap_line("t", "a", {"a": 0.5, "b": 0.75}) == \
+        "task t: selected a (50.0%), best b (75.0%), gap 25.0 points"
+    assert _gap_line("t", "a", {"b": 0.75}) == "task t: selected a (no ground truth measured), best b (75.0%)"
+    assert _gap_line("t", "a", {}) == "task t: selected a; no ground truth measured"
 
 
 def test_the_demo_runs_on_a_store_of_its_own_and_keeps_its_default_standard(published, tmp_path, monkeypatch):
