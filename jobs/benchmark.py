@@ -204,7 +204,8 @@ def _versions() -> dict[str, str]:
 
 
 def quality(args: argparse.Namespace) -> int:
-    from selection.embedder import make_plan, refresh_rows
+    from jobs.embed import apply_plan
+    from selection.embedder import make_plan
     from selection.table import load_table
 
     t_start = time.perf_counter()
@@ -271,8 +272,9 @@ def quality(args: argparse.Namespace) -> int:
         todo = list(diff.embed)
         say(f"embed {sp.name}", f"[5/7] embedding {len(todo)} of {len(cands)} candidates under standard "
                                 f"{sp.name} ({std.id})")
-        results = runtime.embed_with_actors(todo, std, store, progress=progress) if todo else []
-        results += refresh_rows(diff.refresh, std, store)  # catalog entries changed, not their weights
+        results, unchecked = apply_plan(diff, std, store, runtime.ActorOptions(), 600.0, progress)
+        if unchecked:
+            raise ZooselectError(f"rows embedded under {sp.name} while a compaction ran are unchecked: run again")
         failed = [r for r in results if r.status == "failed"]
         if failed:
             raise ZooselectError(f"embedding failed for {len(failed)} model(s) under {sp.name}: "

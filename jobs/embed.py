@@ -9,6 +9,7 @@ bytes) have their rows rewritten, with no model loaded ("refreshed").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -57,9 +58,11 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                             "catalog cut short would remove the rest; 1 allows all)")
     return p
 
+ACTOR_FLAGS = ("gpus_per_actor", "cpus_per_actor", "max_in_flight", "retries", "autoscaling", "models_per_actor")
+
 
 def run(args: argparse.Namespace, prune: bool) -> int:
-    with as_flags("gpus_per_actor", "cpus_per_actor", "max_in_flight", "retries", "autoscaling", "models_per_actor"):
+    with as_flags(*ACTOR_FLAGS):
         opts = runtime.ActorOptions(args.gpus_per_actor, args.cpus_per_actor, args.max_in_flight, args.retries,
                                     args.autoscaling, args.models_per_actor)
     if not args.compaction_wait >= 0:
@@ -88,30 +91,20 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         plan = replace(plan, remove=())
     if plan.embed:  # a cluster that cannot be reached, or cannot hold the actors, is refused before any change
         runtime.init(args.address)
-        runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
+        with as_flags(*ACTOR_FLAGS):  # `an actor needs 4 CPU(s) (--cpus-per-actor) but ...`
+            runtime.size_actors(opts, runtime.cluster_resources(), runtime.node_resources())
     absent = set(delete_rows(store, std, list(plan.remove)))  # removed since the plan: nothing to say
     removed = [mid for mid in plan.remove if mid not in absent]
     for mid in removed:  # a nightly re-index's log names what it deleted
         print(f"removed: {mid}", flush=True)
-    results: list[EmbedResult] = list(plan.invalid)
-    during = HeldRows()  # the rows written while a compaction ran, on local disk until it ends
-    if plan.embed:
-        results += runtime.embed_with_actors(plan.embed, std, store,
-                                             opts, progress=not args.no_progress, held=during)
-    if plan.refresh:  # after the embedding: a compaction running now may have ended by then
-        with progress_bar(total=len(plan.refresh), desc="refresh", unit="model", disable=args.no_progress) as bar:
-            results += refresh_rows(plan.refresh, std, store, wait_s=args.compaction_wait, progress=bar.update)
+    applied, unchecked = apply_plan(plan, std, store, opts, args.compaction_wait, not args.no_progress)
+    results = list(plan.invalid) + applied
     ok = [r for r in results if r.status in ("embedded", "refreshed")]
     embedded = [r for r in ok if r.status == "embedded"]
     _warn_if_workers_decide_otherwise(plan.embed, embedded)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.model_id}: {_reason(r)}")
-    for r in ok:
-        if r.written_during_compaction:  # a refresh's (few: it pauses while a compaction runs)
-            during.add(r.model_id, r.written_during_compaction, r.compactions_at_write)
-    unchecked = bool(during) and not _check_held_rows(store, std, during, args.compaction_wait)
-    during.close()
     rates = [r.images_per_second for r in embedded]
     gpu = max((r.peak_gpu_mib for r in embedded), default=0.0)
     print(f"summary: {len(embedded)} embedded, {len(ok) - len(embedded)} refreshed, {len(plan.skip)} skipped, "
@@ -124,6 +117,29 @@ def run(args: argparse.Namespace, prune: bool) -> int:
         workers = len({r.worker for r in embedded if r.worker})
         print(f"time per model (mean of {len(embedded)}, {workers} actor process(es)): {stage_means(embedded)}")
     return 1 if failed or unchecked or too_many else 0
+
+
+def apply_plan(plan: Plan, std: Standard, store: Store, opts: runtime.ActorOptions, compaction_wait: float,
+               progress: bool) -> tuple[list[EmbedResult], bool]:
+    """Embed (on Ray actors) and refresh what `plan` says; then write back any row a compaction deleted
+    right after it was written (`_check_held_rows`), also when the embedding stopped on a cluster
+    error. Returns the results, and whether some such rows are left unchecked."""
+    results: list[EmbedResult] = []
+    with contextlib.closing(HeldRows()) as during:  # rows written while a compaction ran, on local disk
+        try:
+            if plan.embed:
+                results += runtime.embed_with_actors(plan.embed, std, store, opts, progress=progress, held=during)
+            if plan.refresh:  # after the embedding: a compaction running now may have ended by then
+                with progress_bar(total=len(plan.refresh), desc="refresh", unit="model", disable=not progress) as bar:
+                    results += refresh_rows(plan.refresh, std, store, wait_s=compaction_wait, progress=bar.update)
+        except ZooselectError:  # the rows the actors wrote before it are checked all the same
+            if during:
+                _check_held_rows(store, std, during, compaction_wait)
+            raise
+        for r in results:
+            if r.written_during_compaction:  # a refresh's (few: it pauses for one); the actors' are held already
+                during.add(r.model_id, r.written_during_compaction, r.compactions_at_write)
+        return results, bool(during) and not _check_held_rows(store, std, during, compaction_wait)
 
 
 def _print_plan(head: str, plan: Plan, too_many: str | None) -> None:

@@ -320,6 +320,30 @@ def test_rows_written_during_a_compaction_are_held_on_disk_and_written_back_afte
     assert held == [(entry.id, len(written[0]), frozenset({"0badc0de"}))] and store.read_bytes(row) == written[0]
 
 
+def test_rows_held_during_a_compaction_are_checked_when_the_embedding_stops_on_a_cluster_error(published,
+                                                                                              monkeypatch, capsys):
+    """A cluster error after some actors had written rows during a compaction skipped the check of those
+    rows: one the compaction deleted was missing until the next re-index (a review, session 46)."""
+    from jobs import embed, runtime
+    from selection.embedder import Plan
+    from selection.errors import ClusterError
+
+    store, std = published
+    entry = CatalogEntry("zoo/held", "resnet10t", None, input_size=32)
+
+    def stops(entries, std_, store_, opts, progress, held):
+        held.add(entry.id, b"row bytes", frozenset({"0badc0de"}))
+        raise ClusterError("the cluster went away")
+    checked = []
+    monkeypatch.setattr(runtime, "embed_with_actors", stops)
+    monkeypatch.setattr(embed, "restore_rows", lambda store_, std_, rows, **kw: checked.append(dict(rows)) or [])
+    plan = Plan(embed=(entry,), refresh=(), skip=(), remove=(), invalid=(), indexed=0)
+    with pytest.raises(ClusterError, match="the cluster went away"):
+        embed.apply_plan(plan, std, store, runtime.ActorOptions(), 5.0, progress=False)
+    assert checked == [{entry.id: b"row bytes"}]
+    assert "1 row(s) written while a compaction ran; 0 of them written back" in capsys.readouterr().out
+
+
 def test_outputs_inside_a_local_store_are_refused_before_any_work(published, tmp_path):
     """A review (session 39): `--json STORE/standards/DEFAULT` replaced the store's default with the results
     (every later selection failed), and `--parquet` over a row object replaced that model's row."""
