@@ -87,7 +87,7 @@ def check_store(store: Store, named_by: str = "") -> bool:
     which the demo then keeps. `named_by`: where the store's URL came from, for the error (a review,
     session 43: $ZOOSELECT_STORE, set for a real zoo, had the demo switch its default standard and embed
     the demo's models into its table)."""
-    from selection.standard import list_standards
+    from selection.standard import list_standards, marked_default
     from selection.table import list_rows, list_segments, segment_keys
 
     demo_keys = {model_key(e.id) for e in PRETRAINED + RANDOM} | {model_key(s.id) for s in TRAINED}
@@ -106,7 +106,7 @@ def check_store(store: Store, named_by: str = "") -> bool:
         raise ConfigError(f"store {store.url!r}{named_by} holds standard(s) {', '.join(standards)} that no demo "
                           f"built; the demo embeds its toy and random-init models, so it runs on a store of its "
                           f"own: --store DIR (a new directory, or an earlier demo's)")
-    return store.exists("standards/DEFAULT")
+    return marked_default(store) is not None
 
 
 def labelled_tasks(folder: str) -> dict[str, str]:
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs import embed as embed_job
     from jobs import select as select_job
     from jobs import standard as standard_job
-    from selection.standard import load_standard
+    from selection.standard import load_standard, marked_default
     from selection.table import load_table
 
     args = parser().parse_args(argv)
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_results(results, std.id, len(table), truth))
     for res in results:
         print(_gap_line(res["task"], res["ranking"][0]["model_id"], truth.get(res["task"], {})))
-    other_default = keep_default and store.read_bytes("standards/DEFAULT").decode(errors="replace").strip() != sid
+    other_default = keep_default and marked_default(store) != sid
     kept = f" (not the store's default: select with --standard {sid})" if other_default else ""
     print(f"\nsummary: demo finished in {time.perf_counter() - t0:.0f}s; store {store.url}, standard {sid}{kept}; "
           f"its catalog and labelled tasks are in {work} (remove it when done)")

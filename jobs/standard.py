@@ -14,14 +14,14 @@ from typing import Sequence
 
 from jobs.common import add_store_args, as_flags, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, anchored
-from selection.errors import ConfigError
+from selection.errors import ConfigError, StoreError
 from selection.models import pypi_weights_for
 from selection.storage import Store
 from selection.table import may_have_rows
 from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
-                                build_standard, check_same_spec, list_standards, load_standard, plan_standard,
-                                relocate_baseline, save_standard)
+                                build_standard, check_same_spec, list_standards, load_standard, marked_default,
+                                plan_standard, relocate_baseline, save_standard, set_default_standard)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def publish(args: argparse.Namespace) -> str:
         made_default = ""
         before = _default_before(store, args.no_default)
         if not args.no_default:
-            store.write_bytes("standards/DEFAULT", sid.encode())
+            set_default_standard(store, sid)
             made_default = "" if before == sid else f"; it is now the store's default (was {before})"
         print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
         if not may_have_rows(store, sid):
@@ -138,9 +138,12 @@ def publish(args: argparse.Namespace) -> str:
 
 def _default_before(store: Store, no_default: bool) -> str | None:
     """The store's default standard before this build makes its own the default (None: none, or kept)."""
-    if no_default or not store.exists("standards/DEFAULT"):
+    if no_default:
         return None
-    return store.read_bytes("standards/DEFAULT").decode(errors="replace").strip()
+    try:
+        return marked_default(store)
+    except StoreError:  # bytes that name no standard: this build's id replaces them
+        return None
 
 
 def _say_default_moved(store: Store, before: str | None, sid: str) -> None:

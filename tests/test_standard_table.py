@@ -1232,6 +1232,10 @@ def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp
     with pytest.raises(StoreError, match=f"no models are embedded under standard {other} .*; run .* first \\(models "
                                          f"are embedded under {sid}: choose it with --standard\\)$"):
         select_job.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=5", "--no-save"])
+    # a damaged standards/DEFAULT (no id) is what publishing a standard repairs: it is replaced, not an error
+    store.write_bytes("standards/DEFAULT", b"\xff\xfe")
+    assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
+    assert store.read_bytes("standards/DEFAULT") == sid.encode()
 
 
 def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path):
