@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import json
 import logging
 import os
 import sys
 import time
-import uuid
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 from jobs import runtime
 from jobs.common import (add_ray_args, add_store_args, as_flags, command, open_store, prog, progress_bar,
@@ -27,13 +24,13 @@ from selection.data import ImageSet, check_spec, local_path
 from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.linear_probe import ProbeProtocol
 from selection.models import check_device
-from selection.results import format_results, results_table, selection_record
+from selection.results import format_results, selection_record, write_results
 from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapParts, Queries, SelectConfig, SweepPart,
                               TaskEmbedding, apply_verification, check_score, embed_task, entry_of, load_task,
                               selection_of, shortlist_table, sweep_part, verification_shortlist, verify_candidate,
                               warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
-from selection.storage import Store, check_output, check_outside_store, parquet_bytes, write_file_atomically
+from selection.storage import Store, check_output, check_outside_store
 from selection.table import EmbeddingTable, Part, may_have_rows
 
 log = logging.getLogger(__name__)
@@ -246,52 +243,6 @@ def _local_task_path(spec: str) -> str | None:
     return None if path is None else os.path.realpath(path).rstrip(os.sep) or os.sep
 
 
-def write_outputs(results: list[dict[str, Any]], std_id: str, json_path: str | None,
-                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None) -> str | None:
-    """Write the results where asked: the local files (`json_path` "-": to `json_stream`, default standard
-    output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
-    or not at all, every one that can be is, then a one-line error names those that could not (StoreError
-    when the store's copy failed)."""
-    created_at, run_id = time.time(), uuid.uuid4().hex[:8]
-    doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
-    # built where written; plain zstd (`portable`) as `jobs.table export` writes, for any reader
-    table = functools.cache(lambda: parquet_bytes(results_table(results, std_id, run_id, created_at), portable=True))
-    if json_path == "-":
-        print(doc, file=json_stream or sys.stdout, flush=True)
-        json_path = None
-
-    failed, written = [], []
-    for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())),
-                        (parquet_path, lambda p: write_file_atomically(p, table()))):
-        if not path:
-            continue
-        try:
-            write(path)
-            written.append(path)
-        except OSError as exc:
-            failed.append(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}")
-    saved = None
-    if store is not None:
-        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(created_at))}-{run_id}"
-        try:
-            store.write_bytes(f"{run}.json", doc.encode())
-            saved = f"{store.url}/{run}"
-            store.write_bytes(f"{run}.parquet", table())
-        except StoreError as exc:
-            failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
-            if saved:  # the JSON without its Parquet: not left behind unsaid
-                saved = None
-                try:
-                    store.delete(f"{run}.json")
-                except StoreError:
-                    failed.append(f"{store.url}/{run}.json stays, without its .parquet")
-    if failed:
-        kept = written + ([f"{saved}.json"] if saved else [])
-        error = StoreError if store is not None and saved is None else ConfigError
-        raise error("; ".join(failed) + (f" (the results are in {', '.join(kept)})" if kept else ""))
-    return saved
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     with as_flags("top_k", "verify_top_k", "verify_by", "task_method", "score", "task_image_size", "pareto"):
@@ -350,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          parallel_sweep=not args.serial_sweep, loaded=loaded)
         m = results[0]["models_swept"]
         try:  # printed even when the store's copy cannot be written
-            saved = write_outputs(results, std.id, args.json, args.parquet, None if args.no_save else store,
+            saved = write_results(results, std.id, args.json, args.parquet, None if args.no_save else store,
                                   json_stream)
         finally:
             print(format_results(results, std.id, m, ls_command=f"{command('jobs.table')} ls"))

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import json
 import math
-from typing import TYPE_CHECKING, Any
+import os
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 
-from selection.errors import ConfigError
+from selection.errors import ConfigError, StoreError
+from selection.storage import Store, parquet_bytes, write_file_atomically
 
 if TYPE_CHECKING:  # not imported at run time: `jobs.table` prints with this module and needs no torch
     from selection.select import Ranked, SelectConfig, Selection
@@ -182,3 +189,49 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
         lines.append(f"{row['rank'] or '-':>4}  {row['model_id']:<{w}} {row['score']:>7.4f} {ver:>9} "
                      f"{params:>8} {gflops:>7}")
     return lines
+
+
+def write_results(results: list[dict[str, Any]], std_id: str, json_path: str | None,
+                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None) -> str | None:
+    """Write the results where asked: the local files (`json_path` "-": to `json_stream`, default standard
+    output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
+    or not at all, every one that can be is, then a one-line error names those that could not (StoreError
+    when the store's copy failed)."""
+    created_at, run_id = time.time(), uuid.uuid4().hex[:8]
+    doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
+    # built where written; plain zstd (`portable`) as `jobs.table export` writes, for any reader
+    table = functools.cache(lambda: parquet_bytes(results_table(results, std_id, run_id, created_at), portable=True))
+    if json_path == "-":
+        print(doc, file=json_stream or sys.stdout, flush=True)
+        json_path = None
+
+    failed, written = [], []
+    for path, write in ((json_path, lambda p: write_file_atomically(p, doc.encode())),
+                        (parquet_path, lambda p: write_file_atomically(p, table()))):
+        if not path:
+            continue
+        try:
+            write(path)
+            written.append(path)
+        except OSError as exc:
+            failed.append(f"cannot write {path!r}: {os.strerror(exc.errno) if exc.errno else exc}")
+    saved = None
+    if store is not None:
+        run = f"results/select-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(created_at))}-{run_id}"
+        try:
+            store.write_bytes(f"{run}.json", doc.encode())
+            saved = f"{store.url}/{run}"
+            store.write_bytes(f"{run}.parquet", table())
+        except StoreError as exc:
+            failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
+            if saved:  # the JSON without its Parquet: not left behind unsaid
+                saved = None
+                try:
+                    store.delete(f"{run}.json")
+                except StoreError:
+                    failed.append(f"{store.url}/{run}.json stays, without its .parquet")
+    if failed:
+        kept = written + ([f"{saved}.json"] if saved else [])
+        error = StoreError if store is not None and saved is None else ConfigError
+        raise error("; ".join(failed) + (f" (the results are in {', '.join(kept)})" if kept else ""))
+    return saved

@@ -757,7 +757,7 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     a selection that no model passed wrote a Parquet file with no columns."""
     import pyarrow.parquet as pq
 
-    from jobs.select import write_outputs
+    from selection.results import write_results
     from selection.results import RESULT_SCHEMA, format_results, ranked_record
     from selection.select import Ranked
 
@@ -766,7 +766,7 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     results = [{"task": "t1", "n_images": 10, "n_classes": 2, "ranking": [ranked_record(ranked)]},
                {"task": "t2", "n_images": 10, "n_classes": 2, "ranking": []}]
     out_json, out_pq = str(tmp_path / "r.json"), str(tmp_path / "r.parquet")
-    write_outputs(results, "std-x", out_json, out_pq)
+    write_results(results, "std-x", out_json, out_pq)
     doc = json.loads(open(out_json).read(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert doc["tasks"][0]["ranking"][0]["gflops"] is None
     t = pq.read_table(out_pq)
@@ -778,7 +778,7 @@ def test_results_are_strict_json_and_typed_parquet_even_when_empty(tmp_path):
     assert {c.compression for c in chunks} == {"ZSTD"}
     assert not any("BYTE_STREAM_SPLIT" in c.encodings for c in chunks), [(c.path_in_schema, c.encodings) for c in chunks]
     assert "      ?" in format_results(results, "std-x", 1)
-    write_outputs(results[1:], "std-x", None, out_pq)
+    write_results(results[1:], "std-x", None, out_pq)
     t = pq.read_table(out_pq)
     assert t.schema == RESULT_SCHEMA and t.num_rows == 0
     # A row written by another tool with no parameter count (the schema allows it): `?`, not a traceback
@@ -792,7 +792,7 @@ def test_results_that_cannot_be_written_locally_are_one_line_and_kept_in_the_sto
     """An existing output file that is not writable passed the check, and the write failed after the
     whole selection in a traceback, before the store's copy (a review, session 28)."""
     from selection.storage import check_output
-    from jobs.select import write_outputs
+    from selection.results import write_results
     from selection.storage import Store
 
     out = tmp_path / "r.json"
@@ -806,7 +806,7 @@ def test_results_that_cannot_be_written_locally_are_one_line_and_kept_in_the_sto
     gone = str(tmp_path / "removed-meanwhile" / "r.parquet")
     with pytest.raises(ConfigError, match=r"cannot write '.*r.parquet': No such file or directory \(the results "
                                           r"are in .*r\.json, .*/results/select-.*\.json\)"):
-        write_outputs([{"task": "t", "ranking": []}], "std-x", str(out), gone, store)
+        write_results([{"task": "t", "ranking": []}], "std-x", str(out), gone, store)
     assert json.loads(out.read_text())["standard_id"] == "std-x"  # written whole; the store's copy too
     assert len(store.list("results")) == 2
 
@@ -816,7 +816,7 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     bucket under read-only credentials) the failed store copy came first and no --json file was written
     (a review, session 35)."""
     from selection.storage import check_output
-    from jobs.select import write_outputs
+    from selection.results import write_results
     from selection.errors import StoreError
     from selection.storage import Store
 
@@ -832,7 +832,7 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     out = tmp_path / "r.json"
     with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(permission denied writing .*\); "
                                          r"--no-save skips that \(the results are in .*r\.json\)$"):
-        write_outputs([{"task": "t", "ranking": []}], "std-x", str(out), None, store)
+        write_results([{"task": "t", "ranking": []}], "std-x", str(out), None, store)
     assert json.loads(out.read_text())["standard_id"] == "std-x"
     with pytest.raises(ConfigError, match=r"cannot write 's3://bucket/r.json': outputs are local paths, not URLs"):
         check_output("s3://bucket/r.json")
@@ -843,13 +843,13 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
         StoreError(f"quota exceeded writing {store.url}/{rel}")) if rel.endswith(".parquet") else real_write(rel, data))
     with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(quota exceeded writing .*\.parquet\); "
                                          r"--no-save skips that$"):
-        write_outputs([{"task": "t", "ranking": []}], "std-x", None, None, store)
+        write_results([{"task": "t", "ranking": []}], "std-x", None, None, store)
     assert store.list("results") == []
     # `~` is the home folder where the outputs are written, as where they are checked (it was `./~`)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     os.makedirs(tmp_path / "home")
     check_output("~/r.json")
-    write_outputs([{"task": "t", "ranking": []}], "std-x", "~/r.json", None)
+    write_results([{"task": "t", "ranking": []}], "std-x", "~/r.json", None)
     assert json.loads((tmp_path / "home" / "r.json").read_text())["standard_id"] == "std-x"
 
 
@@ -1283,7 +1283,7 @@ def _readme_python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
-def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys):
+def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys, monkeypatch):
     """README.md's Python blocks, run with their placeholders (a bucket, a task folder, a catalog) pointed
     at a local store, a task and a catalog of tiny models: the library's documented use stays true."""
     store, std = published
@@ -1294,7 +1294,7 @@ def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys
     catalog = tmp_path / "zoo.yaml"
     catalog.write_text("models:\n" + "".join(f"  - {{id: zoo/{a}, arch: {a}, input_size: 32}}\n"
                                              for a in ("resnet10t", "regnetx_002", "mobilenetv3_small_050")))
-    select_block, embed_block = _readme_python_blocks()
+    select_block, embed_block, results_block = _readme_python_blocks()
     assert '"s3://bucket/zoo"' in select_block and '"path/to/imagefolder"' in select_block
     assert '"zoo.yaml"' in embed_block
     scope: dict = {}
@@ -1311,3 +1311,11 @@ def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys
     assert small and {r[1] for r in ranked} == small, ranked
     assert [r[0] for r in ranked] == [str(i + 1) for i in range(len(small))]
     assert all(r[3] != "None" for r in ranked)  # verified (the top 3)
+    monkeypatch.chdir(tmp_path)  # the block writes results.json and results.parquet where it runs
+    exec(results_block.replace('"path/to/imagefolder"', repr(str(tmp_path / "task"))), scope)
+    printed = capsys.readouterr().out
+    assert f"task {tmp_path / 'task'}  (12 images, 2 classes" in printed and all(m in printed for m in small), printed
+    assert list(scope["frame"]["model_id"]) == [r[1] for r in ranked]
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"][0]["task"] == str(tmp_path / "task")
+    assert __import__("pyarrow.parquet").parquet.read_table(tmp_path / "results.parquet").num_rows == len(small)
+    assert len(store.list("results", ".parquet")) == 1
