@@ -721,8 +721,8 @@ TIE_CAP = 2  # a tie at the verification cut-off is verified whole, up to this m
 
 def verification_shortlist(ranked: list[Ranked], k: int) -> list[Ranked]:
     """The rows verification runs on: the top k, and the rows after them that tie the k-th in score (the
-    sweep orders equals by model id, which says nothing about the task: a tie at the cut-off left the
-    best model of the demo's footwear task unverified, by its name), at most TIE_CAP * k in all."""
+    sweep orders equals by the rank mean's first part, then by model id, a weak guide to the task: a tie
+    at the cut-off left the best model of the demo's footwear task unverified), at most TIE_CAP * k in all."""
     short = ranked[:k]
     for r in ranked[k:TIE_CAP * k]:
         if not short or r.score != short[-1].score or r.is_baseline != short[-1].is_baseline:
