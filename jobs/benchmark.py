@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs import runtime
-from jobs.common import add_ray_args, open_store, prog, progress_bar, prog_of_subcommand, run_program
+from jobs.common import add_ray_args, add_store_args, open_store, prog, progress_bar, prog_of_subcommand, run_program
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
 from selection.embedding import RIDGE_GCV, RIDGE_GCVS
@@ -51,11 +51,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Train the benchmark zoo and the general models; write "
                                    "STORE/benchmark/catalog.jsonl. Resumable.")
     for a in (q, z):
-        a.add_argument("--store", default=os.environ.get("ZOOSELECT_STORE"),
-                       required="ZOOSELECT_STORE" not in os.environ,
-                       help="store for checkpoints, standards, embeddings and cached ground truth: a local "
-                            "directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
-        a.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+        add_store_args(a, standard=False, what="the store (of checkpoints, standards, embeddings and ground truth)")
         a.add_argument("--small", action="store_true",
                        help="the small plan: a few tiny models and tasks (the whole quality pipeline in < 1 min)")
         a.add_argument("--train-gpus", type=float, default=None,
@@ -373,8 +369,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compare":
         return compare(args)
     if args.command in ("quality", "zoo"):
-        if not args.store:
-            raise ConfigError("--store is required (or set $ZOOSELECT_STORE)")
         if args.train_gpus is not None:  # before the store is opened and Ray started
             runtime.check_amount("--train-gpus", args.train_gpus, gpus=True)
         if args.command == "quality" and importlib.util.find_spec("matplotlib") is None:  # before hours of work

@@ -20,11 +20,10 @@ from selection.storage import ScrubCredentials, Store
 log = logging.getLogger("zooselect")
 
 
-def add_store_args(p: argparse.ArgumentParser, standard: bool = True) -> None:
+def add_store_args(p: argparse.ArgumentParser, standard: bool = True, what: str = "embedding store") -> None:
     default = os.environ.get("ZOOSELECT_STORE") or None  # set but empty: as unset, --store is required
     p.add_argument("--store", required=default is None, default=default,
-                   help="embedding store URL: a local directory or s3://bucket/prefix "
-                        "(default: $ZOOSELECT_STORE)")
+                   help=f"{what} URL: a local directory or s3://bucket/prefix (default: $ZOOSELECT_STORE)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
     if standard:
