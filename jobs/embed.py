@@ -58,6 +58,7 @@ def parser(module: str = "jobs.embed", doc: str = __doc__) -> argparse.ArgumentP
                             "catalog cut short would remove the rest; 1 allows all)")
     return p
 
+
 ACTOR_FLAGS = ("gpus_per_actor", "cpus_per_actor", "max_in_flight", "retries", "autoscaling", "models_per_actor")
 
 
