@@ -36,7 +36,7 @@ from jobs import runtime
 from jobs.common import add_ray_args, add_store_args, open_store, prog, progress_bar, prog_of_subcommand, run_program
 from selection import benchmark as bench
 from selection.catalog import CatalogEntry, catalog_bytes
-from selection.embedding import RIDGE_GCV, RIDGE_GCVS
+from selection.embedding import RIDGE_GCVS
 from selection.errors import ConfigError, ZooselectError
 from selection.storage import Store, check_output, check_outside_store, write_file_atomically
 
@@ -61,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
         add_ray_args(a)
     q.add_argument("--out", required=True,
                    help="report directory (benchmark.md, benchmark.json, img/); the committed report is docs")
-    q.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
-                   help="the standards' ridge GCV (python -m jobs.standard --help); with everything else "
-                        "cached, a run with the other value is an A/B of it")
+    q.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=None,
+                   help="every standard's ridge GCV (default: each one's, as `jobs.standard` gives it: "
+                        "python -m jobs.standard --help); with everything else cached, a run with one "
+                        "value and one with the other are an A/B of it")
     c = sub.add_parser("compare", help="two quality reports side by side (targets, key rows, ground truth)",
                        description="Compare two benchmark.json files of `quality` runs; prints Markdown.")
     c.add_argument("old", help="a benchmark.json (e.g. docs/benchmark.json)")
@@ -207,8 +208,9 @@ def quality(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     progress = not args.no_progress
     plan = bench.plan_by_name(args.small)
-    plan = dataclasses.replace(plan, standards=tuple(dataclasses.replace(s, ridge_gcv=args.ridge_gcv)
-                                                     for s in plan.standards))
+    if args.ridge_gcv:
+        plan = dataclasses.replace(plan, standards=tuple(dataclasses.replace(s, ridge_gcv=args.ridge_gcv)
+                                                         for s in plan.standards))
     check_output(args.out, directory=True, flag="--out")
     store = open_store(args)
     check_outside_store(store, {"--out": args.out})

@@ -18,7 +18,7 @@ from selection.errors import ConfigError, StoreError
 from selection.models import pypi_weights_for
 from selection.storage import Store
 from selection.table import may_have_rows
-from selection.embedding import FORMS, RIDGE_GCV, RIDGE_GCVS
+from selection.embedding import FORMS, RIDGE_GCVS
 from selection.standard import (DEFAULT_BASELINE, DEFAULT_COMPANION, DEFAULT_PROBE_SOURCES, StandardConfig,
                                 build_standard, check_same_spec, list_standards, load_standard, marked_default,
                                 plan_standard, relocate_baseline, save_standard, set_default_standard)
@@ -52,10 +52,12 @@ def parser() -> argparse.ArgumentParser:
                    help="run every model at this resolution (default: each model's own); a model whose patch "
                         "embedding takes one input size only (ViT, DeiT, Swin, EVA) is built at it, its "
                         "weights' position embeddings resampled")
-    p.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=RIDGE_GCV,
+    p.add_argument("--ridge-gcv", choices=list(RIDGE_GCVS), default=None,
                    help="what the GCV of the ridge fits counts as degrees of freedom: the slopes alone "
-                        "(default; with features wider than the images it picks the weakest ridge) or the "
-                        "slopes and the intercept (as leave-one-out; docs/method-experiments.md, session 18)")
+                        "(with features wider than the images it picks the weakest ridge) or the slopes and "
+                        "the intercept (as leave-one-out). Default: affine with the default ImageNet "
+                        "EfficientNet-Lite2 baseline, slopes with another (chosen on the benchmark's dev tasks; "
+                        "docs/method-experiments.md, sessions 18 and 46)")
     p.add_argument("--no-default", action="store_true", help="do not make it the store's default standard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

@@ -41,7 +41,6 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from selection.catalog import CatalogEntry
-from selection.embedding import RIDGE_GCV
 from selection.errors import ConfigError
 from selection.linear_probe import ProbeProtocol
 from selection.storage import write_file_atomically
@@ -149,7 +148,7 @@ class StandardPlan:
     d: int = 64
     input_size: int | None = None
     form: str = "per-source"  # its table also holds the full form; the diagonal is in every row
-    ridge_gcv: str = RIDGE_GCV  # StandardConfig.ridge_gcv
+    ridge_gcv: str | None = None  # StandardConfig.ridge_gcv (None: the baseline's default)
 
     def __post_init__(self) -> None:
         if (self.baseline is None) == (self.general is None):
@@ -1079,6 +1078,7 @@ def standard_results(plan: QualityPlan, standard: StandardPlan, std: Any, table:
     return {"standard": standard.name, "title": standard.title, "standard_id": std.id,
             "baseline": std.baseline.to_dict(),
             "companion": None if std.companion is None else std.companion.to_dict(),
+            "ridge_gcv": std.ridge_gcv,
             "excluded": list(standard.exclude), "n_candidates": m,
             "candidates": ids, "table_load_seconds": std_costs["table_load_seconds"],
             "task_embedding_load_seconds": std_costs["load_seconds"],
@@ -1724,7 +1724,7 @@ def render_markdown(plan: QualityPlan, doc: dict[str, Any], methods: Sequence[st
         L.append(f"Standard id `{res['standard_id']}`, baseline `{res['baseline'].get('id')}` "
                  f"({res['baseline'].get('arch')})"
                  + (f" with the random-init companion `{res['companion']['arch']}`" if res.get("companion") else "")
-                 + f", {res['n_candidates']} candidates"
+                 + f", ridge GCV `{res.get('ridge_gcv', 'slopes')}`, {res['n_candidates']} candidates"
                  + (f" ({', '.join(res['excluded'])} removed)" if res["excluded"] else "") + ". "
                  "Embedding the zoo (the O(1) update, once per model): "
                  f"{run['embed'].get(name, {}).get('detail', '')}\n")

@@ -48,6 +48,15 @@ DEFAULT_COMPANION = CatalogEntry(id="companion/convnext_atto", arch="convnext_at
                                  input_size=32, tags=("random-init",))
 
 
+def default_ridge_gcv(baseline: CatalogEntry) -> str:
+    """The GCV a standard's ridge fits use unless told: "affine" with the default ImageNet
+    EfficientNet-Lite2 baseline (its weights), where counting the intercept ranked better on the
+    benchmark's dev tasks (docs/method-experiments.md, session 46), else RIDGE_GCV ("slopes": with the
+    benchmark's general baseline, trained on the zoo's domains, "affine" ranked worse)."""
+    same = (baseline.arch, baseline.weights) == (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights)
+    return "affine" if same else RIDGE_GCV
+
+
 @dataclass(frozen=True)
 class StandardConfig:
     """Everything that determines a standard's numbers (validated on construction)."""
@@ -63,7 +72,8 @@ class StandardConfig:
     batch_size: int = 64
     companion: CatalogEntry | None = DEFAULT_COMPANION  # None: the baseline's features alone
     companion_d: int | None = None  # of the d dimensions, the companion's (None: d // 2)
-    ridge_gcv: str = RIDGE_GCV  # what the ridge fits' GCV counts as degrees of freedom (RIDGE_GCVS)
+    ridge_gcv: str | None = None  # what the ridge fits' GCV counts as degrees of freedom (RIDGE_GCVS);
+    # None: the baseline's default (`default_ridge_gcv`)
 
     def __post_init__(self) -> None:
         def integer(v: object) -> bool:
@@ -89,6 +99,8 @@ class StandardConfig:
         object.__setattr__(self, "probe_sources", tuple(self.probe_sources))
         if self.form not in FORMS:
             raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.ridge_gcv is None:
+            object.__setattr__(self, "ridge_gcv", default_ridge_gcv(self.baseline))
         if self.ridge_gcv not in RIDGE_GCVS:
             raise ConfigError(f"ridge_gcv must be one of {RIDGE_GCVS}, got {self.ridge_gcv!r}")
         if not 2 <= self.d <= 512:

@@ -564,6 +564,25 @@ def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store
     assert np.allclose(row, as_built, rtol=1e-4, atol=1e-6) and not np.allclose(row, as_now, rtol=1e-4, atol=1e-6)
 
 
+def test_the_default_imagenet_baseline_counts_the_intercept_in_its_gcv_and_other_baselines_do_not():
+    """Session 46 (a rule fixed on the benchmark's dev tasks): the ridge GCV of a standard over the default
+    ImageNet EfficientNet-Lite2 baseline counts the intercept ("affine"), any other baseline's the
+    slopes alone, unless told; the job's `--ridge-gcv` left out gives the same."""
+    from jobs.standard import config_from_args, parser
+    from selection.standard import DEFAULT_BASELINE, StandardConfig
+
+    assert StandardConfig().ridge_gcv == "affine"
+    assert StandardConfig(baseline=dataclasses.replace(DEFAULT_BASELINE, input_size=96)).ridge_gcv == "affine"
+    assert StandardConfig(baseline=dataclasses.replace(DEFAULT_BASELINE, weights="timm:tf_efficientnet_lite2"),
+                          ).ridge_gcv == "slopes"  # other weights of the architecture: not the rule's
+    assert tiny_config().ridge_gcv == "slopes" and StandardConfig(ridge_gcv="slopes").ridge_gcv == "slopes"
+    assert tiny_config(ridge_gcv="affine").ridge_gcv == "affine"
+    assert config_from_args(parser().parse_args(["--store", "x"])).ridge_gcv == "affine"
+    assert config_from_args(parser().parse_args(["--store", "x", "--baseline-arch", "resnet10t",
+                                                 "--baseline-weights", "none"])).ridge_gcv == "slopes"
+    assert config_from_args(parser().parse_args(["--store", "x", "--ridge-gcv", "slopes"])).ridge_gcv == "slopes"
+
+
 @pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),
                                                    ("ridge_gcv", "gcv", "slopes", "affine")])
 def test_standards_that_record_no_ridge_setting_keep_the_old_one(store, monkeypatch, key, kwarg, before, now):
