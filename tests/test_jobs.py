@@ -831,8 +831,8 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
         StoreError(f"permission denied writing {store.url}/{rel}")))
     out = tmp_path / "r.json"
     with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(permission denied writing .*\); "
-                                         r"--no-save skips that \(the results are in .*r\.json\)$"):
-        write_results([{"task": "t", "ranking": []}], "std-x", str(out), None, store)
+                                         r"store=None skips that \(the results are in .*r\.json\)$"):
+        write_results([{"task": "t", "ranking": []}], "std-x", str(out), None, store)  # the library's words
     assert json.loads(out.read_text())["standard_id"] == "std-x"
     with pytest.raises(ConfigError, match=r"cannot write 's3://bucket/r.json': outputs are local paths, not URLs"):
         check_output("s3://bucket/r.json")
@@ -843,7 +843,7 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
         StoreError(f"quota exceeded writing {store.url}/{rel}")) if rel.endswith(".parquet") else real_write(rel, data))
     with pytest.raises(StoreError, match=r"cannot save the results in .*/results/ \(quota exceeded writing .*\.parquet\); "
                                          r"--no-save skips that$"):
-        write_results([{"task": "t", "ranking": []}], "std-x", None, None, store)
+        write_results([{"task": "t", "ranking": []}], "std-x", None, None, store, skip_save="--no-save skips that")
     assert store.list("results") == []
     # `~` is the home folder where the outputs are written, as where they are checked (it was `./~`)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

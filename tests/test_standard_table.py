@@ -567,20 +567,25 @@ def test_standards_built_before_the_full_crossfit_keep_their_fit_val_split(store
 def test_the_default_imagenet_baseline_counts_the_intercept_in_its_gcv_and_other_baselines_do_not():
     """Session 46 (a rule fixed on the benchmark's dev tasks): the ridge GCV of a standard over the default
     ImageNet EfficientNet-Lite2 baseline counts the intercept ("affine"), any other baseline's the
-    slopes alone, unless told; the job's `--ridge-gcv` left out gives the same."""
+    slopes alone, unless told; the job's `--ridge-gcv` left out gives the same, and a config copied
+    with another baseline follows it."""
     from jobs.standard import config_from_args, parser
     from selection.standard import DEFAULT_BASELINE, StandardConfig
 
-    assert StandardConfig().ridge_gcv == "affine"
-    assert StandardConfig(baseline=dataclasses.replace(DEFAULT_BASELINE, input_size=96)).ridge_gcv == "affine"
+    assert StandardConfig().gcv == "affine" and StandardConfig().ridge_gcv is None
+    assert StandardConfig(baseline=dataclasses.replace(DEFAULT_BASELINE, input_size=96)).gcv == "affine"
     assert StandardConfig(baseline=dataclasses.replace(DEFAULT_BASELINE, weights="timm:tf_efficientnet_lite2"),
-                          ).ridge_gcv == "slopes"  # other weights of the architecture: not the rule's
-    assert tiny_config().ridge_gcv == "slopes" and StandardConfig(ridge_gcv="slopes").ridge_gcv == "slopes"
-    assert tiny_config(ridge_gcv="affine").ridge_gcv == "affine"
-    assert config_from_args(parser().parse_args(["--store", "x"])).ridge_gcv == "affine"
+                          ).gcv == "slopes"  # other weights of the architecture: not the rule's
+    assert dataclasses.replace(StandardConfig(), baseline=TINY_BASELINE).gcv == "slopes"
+    assert tiny_config().gcv == "slopes" and StandardConfig(ridge_gcv="slopes").gcv == "slopes"
+    assert tiny_config(ridge_gcv="affine").gcv == "affine"
+    assert config_from_args(parser().parse_args(["--store", "x"])).gcv == "affine"
     assert config_from_args(parser().parse_args(["--store", "x", "--baseline-arch", "resnet10t",
-                                                 "--baseline-weights", "none"])).ridge_gcv == "slopes"
-    assert config_from_args(parser().parse_args(["--store", "x", "--ridge-gcv", "slopes"])).ridge_gcv == "slopes"
+                                                 "--baseline-weights", "none"])).gcv == "slopes"
+    assert config_from_args(parser().parse_args(["--store", "x", "--ridge-gcv", "slopes"])).gcv == "slopes"
+    assert build_standard(tiny_config(ridge_gcv="affine")).ridge_gcv == "affine"
+    with pytest.raises(ConfigError, match="ridge_gcv must be one of"):
+        StandardConfig(ridge_gcv="both")
 
 
 @pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),
@@ -593,7 +598,7 @@ def test_standards_that_record_no_ridge_setting_keep_the_old_one(store, monkeypa
     from selection import embedder
 
     new = build_standard(tiny_config(form="full", **({"ridge_gcv": now} if key == "ridge_gcv" else {})))
-    assert "ridge_gcv" not in build_standard(tiny_config(form="full")).spec  # the default's ids are unchanged
+    assert "ridge_gcv" not in build_standard(tiny_config(form="full")).spec  # slopes: ids as before it was recorded
     spec = {k: v for k, v in new.spec.items() if k != key}
     spec["standard_id"] = compute_standard_id(spec)
     old = dataclasses.replace(new, id=spec["standard_id"], spec=spec)
@@ -1253,8 +1258,10 @@ def test_a_companion_with_batchnorm_builds_and_an_unhashed_change_is_refused(tmp
         select_job.main(["--store", store.url, "--task", "builtin:digits?classes=0,1&per_class=5", "--no-save"])
     # a damaged standards/DEFAULT (no id) is what publishing a standard repairs: it is replaced, not an error
     store.write_bytes("standards/DEFAULT", b"\xff\xfe")
+    capsys.readouterr()
     assert standard_job.main(args + ["--baseline-input-size", "32"]) == 0
     assert store.read_bytes("standards/DEFAULT") == sid.encode()
+    assert capsys.readouterr().out.strip().endswith("nothing to build; it is now the store's default")
 
 
 def test_a_copy_of_the_baseline_in_another_file_or_format_is_recognised(tmp_path):
