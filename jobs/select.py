@@ -224,11 +224,15 @@ def load_local_tasks(tasks: list[str], config: SelectConfig, std: Standard,
     for t in tasks:
         if _local_task_path(t) is not None:
             start = time.perf_counter()
-            with progress_bar(desc=f"read {os.path.basename(t.rstrip('/')) or t}"[:40], unit="img",
-                              disable=not progress) as bar:
-                def tick(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
+            with contextlib.ExitStack() as stack:
+                bars: list[Any] = []  # opened at the first image, when the total is known (a first line said "0img")
+
+                def tick(done: int, total: int, t: str = t) -> None:
+                    if not bars:
+                        bars.append(stack.enter_context(progress_bar(
+                            desc=f"read {os.path.basename(t.rstrip('/')) or t}"[:40], unit="img", total=total,
+                            disable=not progress)))
+                    bars[0].update(done - bars[0].n)
 
                 task = _outcome(lambda t=t: load_task(t, config, std, progress=tick))
             loaded[t] = task if isinstance(task, ZooselectError) else (task, time.perf_counter() - start)

@@ -1283,6 +1283,22 @@ def _readme_python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
+def test_a_local_tasks_read_bar_shows_its_total_from_its_first_line(published, tmp_path, capsys):
+    """Off a terminal the bar of a local task's images opened before the loader knew the total, so its
+    first line read `read task: 0img [00:00, ?img/s]` (a new user, session 45)."""
+    from jobs.select import load_local_tasks
+    from selection.select import SelectConfig
+
+    _, std = published
+    for cls, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / "task" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), tuple(min(255, c + 9 * i) for c in color)).save(tmp_path / "task" / cls / f"{i}.png")
+    [(task, _)] = load_local_tasks([str(tmp_path / "task")], SelectConfig(), std).values()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("read task:")]
+    assert len(task) == 6 and lines and all("/6 [" in line for line in lines), lines
+
+
 def test_the_readmes_library_examples_run_as_written(published, tmp_path, capsys, monkeypatch):
     """README.md's Python blocks, run with their placeholders (a bucket, a task folder, a catalog) pointed
     at a local store, a task and a catalog of tiny models: the library's documented use stays true."""
