@@ -14,7 +14,8 @@
   S3 variables in its environment: Ray workers inherit the raylet's environment, not
   the driver's, so this is how actors reach the store;
 
-then writes DIR/zooselect.env (mode 0600) for the jobs:
+then writes DIR/zooselect.env (mode 0600) for the jobs. DIR (created 0700) must be the user's and
+writable by no one else (`private_dir`), since it holds the secrets and what `down` removes:
 
     source DIR/zooselect.env
     python -m jobs.embed --catalog catalog.yaml --store "$ZOOSELECT_STORE"
@@ -38,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -73,9 +75,28 @@ def default_dir() -> str:
 
 
 # ----------------------------------------------------------------------- state files
+def private_dir(path: str, create: bool = False) -> str:
+    """`path` made absolute (created 0700 if missing and `create`), and refused unless it is the caller's own and no one
+    else may write in it: the stack writes its secrets there, `source`s its env file and removes what its
+    state file names, so a directory another user can change (a shared /tmp/zs-dev made first by
+    someone else) would hand them the keys or the user's shell."""
+    root = os.path.abspath(path)
+    if create:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    elif not os.path.exists(root):
+        return root
+    st = os.stat(root)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise DevstackError(f"dev stack directory {root} belongs to uid {st.st_uid} with mode "
+                            f"{st.st_mode & 0o777:o}: it must be yours and writable by you alone "
+                            f"(chmod go-w it, or use another --dir)")
+    return root
+
+
 def _write_private(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _remove(tmp)  # a stale one, or a link planted there: never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
@@ -170,7 +191,9 @@ def start_ray(root: str, *, num_cpus: int | None, num_gpus: int | None,
         raise DevstackError("`ray` command not found (pip install ray)")
     ports = dict(zip(RAY_PORTS, pick_ports(len(RAY_PORTS), grpc_offset=None)))
     # unix socket paths live under the temp dir: keep it short
-    temp_dir = f"/tmp/zs-ray-{hashlib.sha1(root.encode()).hexdigest()[:10]}"
+    temp_dir = _ray_temp_dir(root)
+    if os.path.lexists(temp_dir) and (os.path.islink(temp_dir) or os.lstat(temp_dir).st_uid != os.getuid()):
+        raise DevstackError(f"Ray temp dir {temp_dir} exists and is not yours: remove it or use another --dir")
     cmd = [ray_bin, "start", "--head", "--node-ip-address", HOST, "--port", str(ports["gcs"]),
            "--dashboard-host", HOST, "--dashboard-port", str(ports["dashboard"]),
            "--node-manager-port", str(ports["node_manager"]),
@@ -240,8 +263,7 @@ def stop_group(pgid: int, grace: float = 3.0) -> None:
 
 # ---------------------------------------------------------------------- commands
 def cmd_up(args: argparse.Namespace) -> int:
-    root = os.path.abspath(args.dir)
-    os.makedirs(root, exist_ok=True)
+    root = private_dir(args.dir, create=True)
     state = load_state(root)
     if state and _status(state, quiet=True):
         running = [name for name, key in (("Ray", "ray"), ("SeaweedFS", "seaweed")) if state.get(key)]
@@ -301,12 +323,16 @@ def _stop_seaweed(state: dict[str, Any]) -> None:
         log.warning("could not stop SeaweedFS: %s", exc)
 
 
+def _ray_temp_dir(root: str) -> str:
+    return f"/tmp/zs-ray-{hashlib.sha1(root.encode()).hexdigest()[:10]}"
+
+
 def _stop_ray(state: dict[str, Any]) -> None:
     if _is_ray_group(state["pgid"]):
         stop_group(state["pgid"])
     temp_dir = state.get("temp_dir", "")
-    if temp_dir.startswith("/tmp/zs-ray-"):
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    if re.fullmatch(r"/tmp/zs-ray-[0-9a-f]{10}", temp_dir) and not os.path.islink(temp_dir):
+        shutil.rmtree(temp_dir, ignore_errors=True)  # only a dir of the form start_ray makes
 
 
 def _down(root: str, state: dict[str, Any] | None, *, purge: bool) -> None:
@@ -326,7 +352,7 @@ def _down(root: str, state: dict[str, Any] | None, *, purge: bool) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    root = os.path.abspath(args.dir)
+    root = private_dir(args.dir)
     state = load_state(root)
     if state is None:
         print(f"no dev stack in {root}")
@@ -363,7 +389,7 @@ def _status(state: dict[str, Any], quiet: bool = False) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = os.path.abspath(args.dir)
+    root = private_dir(args.dir)
     state = load_state(root)
     if state is None:
         print(f"no dev stack in {root}")

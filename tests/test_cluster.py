@@ -694,6 +694,45 @@ def test_devstack_status_without_a_stack(tmp_path):
     assert proc.returncode == 1 and "no dev stack" in proc.stdout
 
 
+def test_devstack_refuses_a_directory_others_can_change_and_writes_through_no_link(tmp_path):
+    """A review (session 47): `--dir /tmp/zs-dev` made first by another user, or writable by others, let
+    them swap the env file the user `source`s, or plant a link that `up` wrote the keys through."""
+    from cluster import devstack
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for cmd in ("up", "status", "down"):
+        proc = subprocess.run([sys.executable, "-m", "cluster.devstack", cmd, "--dir", str(shared)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.strip() == (
+            f"devstack: dev stack directory {shared} belongs to uid {os.getuid()} with mode 777: it must be "
+            "yours and writable by you alone (chmod go-w it, or use another --dir)"), (cmd, proc.stderr)
+    assert os.listdir(shared) == []
+    if os.getuid() == 0:  # another owner: only root can make one here
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(devstack.DevstackError, match="belongs to uid 65534"):
+            devstack.private_dir(str(theirs))
+    mine = devstack.private_dir(str(tmp_path / "new"), create=True)
+    assert os.stat(mine).st_mode & 0o777 == 0o700
+
+    victim = tmp_path / "victim"
+    victim.write_text("theirs\n")
+    env = os.path.join(mine, "zooselect.env")
+    os.symlink(victim, env + ".tmp")
+    devstack._write_private(env, "AWS_SECRET_ACCESS_KEY=s\n")
+    assert victim.read_text() == "theirs\n" and not os.path.islink(env)
+    assert open(env).read() == "AWS_SECRET_ACCESS_KEY=s\n" and os.stat(env).st_mode & 0o777 == 0o600
+
+    # `down` removes only a Ray temp dir of the form `up` makes, whatever the state file says
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    devstack._stop_ray({"pgid": 2 ** 22 + 1, "temp_dir": f"/tmp/zs-ray-/../..{kept}"})
+    assert kept.exists()
+
+
 # --------------------------------------------------------- seaweed unit tests
 def test_bucket_names_are_validated():
     for bad in ("ab", "a" * 64, "Upper", "-dash", "dash-", "a..b", "with_underscore"):
