@@ -479,6 +479,10 @@ def test_readme_creates_every_secret_and_configmap_and_applies_every_manifest():
         if match:
             kind, name = match.group(1).split()[0], match.group(2)
             created[(kind, name)] = set(re.findall(r"--from-literal=(\w+)=", match.group(3)))
+            for env_file in re.findall(r"--from-env-file=(\S+)", match.group(3)):  # its keys: "# FILE: K=... K=..."
+                said = re.search(rf"^# {re.escape(env_file)}: (.*)$", (CLUSTER / "README.md").read_text(), re.M)
+                assert said, f"README.md never says which keys {env_file} holds"
+                created[(kind, name)] |= set(re.findall(r"(\w+)=", said.group(1)))
     for (kind, name), keys in sorted(wanted.items()):
         assert (kind, name) in created, f"README.md never creates the {kind} {name} that the manifests read"
         if kind == "secret":
