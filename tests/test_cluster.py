@@ -1291,9 +1291,11 @@ def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert base.startswith("rayproject/ray:")
     assert 'pip install --no-cache-dir -c /opt/zooselect/constraints.txt "/opt/zooselect[models,plots]"' in dockerfile
+    sent = {line.strip("!/") for line in (CLUSTER.parent / ".dockerignore").read_text().splitlines()
+            if line.startswith("!")}  # the build context: nothing else (not .git, local stores)
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
         for name in src.split():
-            assert (CLUSTER.parent / name).exists(), name
+            assert (CLUSTER.parent / name).exists() and name in sent, name
     # Fashion-MNIST (builtin: tasks, the default probe set): the package install.sh installs, where the
     # library looks for it
     from selection.data import FASHION_MNIST_DIR
