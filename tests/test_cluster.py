@@ -1291,6 +1291,7 @@ def test_kuberay_pods_run_the_image_that_cluster_dockerfile_builds():
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert base.startswith("rayproject/ray:")
     assert 'pip install --no-cache-dir -c /opt/zooselect/constraints.txt "/opt/zooselect[models,plots]"' in dockerfile
+    assert "&& pip check" in dockerfile  # a package the pins left behind fails the build, not a node at run time
     sent = {line.strip("!/") for line in (CLUSTER.parent / ".dockerignore").read_text().splitlines()
             if line.startswith("!")}  # the build context: nothing else (not .git, local stores)
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
