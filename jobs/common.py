@@ -60,14 +60,14 @@ _terminated = False
 
 
 def terminated(signum: int, frame: Any) -> None:
-    """The jobs' SIGTERM handler (a cancelled `ray job`, a stopped pod; installed by `jobs.runtime.init`, as
-    Ray's own aborts with a C++ stack dump): one line, then out through the job's `finally` blocks and
-    Ray's shutdown, exit status 143, as Ctrl-C gives 130. (Inside a Ray call, Ray turns the exception into
-    SystemExit(1): `run_main` gives 143 all the same.)"""
+    """The jobs' SIGTERM handler (a cancelled `ray job`, a stopped pod; installed by `run_main`, and again by
+    `jobs.runtime.init`, as Ray's own aborts with a C++ stack dump): one line, then out through the job's
+    `finally` blocks (a compaction's lease, a temporary file) and Ray's shutdown, exit status 143, as Ctrl-C
+    gives 130. (Inside a Ray call, Ray turns the exception into SystemExit(1): `run_main` gives 143 all the
+    same.)"""
     global _terminated
     _terminated = True
-    print("error: terminated", file=sys.stderr, flush=True)
-    raise SystemExit(_TERMINATED)
+    raise SystemExit(_TERMINATED)  # "error: terminated" comes after the clean-up (its bars' last lines)
 
 
 LOG_BAR_INTERVAL_S = 30.0  # off a terminal, a progress bar writes a line this often (and one at the end)
@@ -163,6 +163,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(ScrubCredentials())
+    if threading.current_thread() is threading.main_thread():  # before any work, not only once Ray runs
+        signal.signal(signal.SIGTERM, terminated)
     try:
         code = main(argv)
     except ZooselectError as exc:
@@ -176,6 +178,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         code = _BROKEN_PIPE
     except SystemExit as exc:
         code = _TERMINATED if _terminated else exc.code
+        if _terminated:
+            print("error: terminated", file=sys.stderr)
     sys.exit(code)
 
 
@@ -219,6 +223,7 @@ def run_program(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         except KeyboardInterrupt:  # Ctrl-C while waiting for threads
             interrupted.append(True)
         except SystemExit:  # SIGTERM
+            print("error: terminated", file=sys.stderr)
             code = _TERMINATED
         with contextlib.suppress(ValueError):  # not the main thread: signals are not this code's
             signal.signal(signal.SIGINT, on_interrupt)

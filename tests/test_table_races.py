@@ -1154,3 +1154,36 @@ def test_a_row_that_readers_would_refuse_or_that_would_change_when_stored_is_not
     assert list_rows(store, std.id) == []
     write_row(store, std, _row(std, "zoo/a", tags=("x",), num_params=np.int64(5), gflops=np.float32(0.5)))
     assert load_table(store, std).meta.to_pylist()[0]["tags"] == ["x"]
+
+
+def test_sigterm_during_a_compaction_ends_it_with_one_line_and_removes_its_lease(published):
+    """A review (session 47): the jobs took SIGTERM as theirs only once Ray ran, so `table compact` (no Ray)
+    died at once, its lease left behind, and every compaction after it was refused for an hour."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store, std = published
+    for i in range(3):
+        write_row(store, std, _row(std, f"zoo/m{i}", float(i)))
+    script = ("import sys, time\nfrom selection.storage import Store\n"
+              "real = Store.write_tables\n"
+              "def slow(self, rel, *a, **k):  # the compaction holds its lease and writes its segment\n"
+              "    print('writing', flush=True); time.sleep(60); return real(self, rel, *a, **k)\n"
+              "Store.write_tables = slow\n"
+              "from jobs import table\nfrom jobs.common import run_program\n"
+              "run_program(table.main, ['compact', '--store', sys.argv[1]])\n")
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", script, store.url], cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+        assert compaction_running(store, std.id)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and err.splitlines()[-1] == "error: terminated", err
+    assert not compaction_running(store, std.id)  # the lease went with it: the next compaction runs
+    assert compact(store, std).rows == 3 and _served(store, std, "zoo/m2") == 2.0
