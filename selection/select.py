@@ -462,7 +462,8 @@ def sweep_fronts(shards: Iterable[EmbeddingTable], queries: Queries, top_k: int,
     Memory stays at one shard, plus, for a RankQuery, its scores of every row (4 bytes a row
     a part). Contenders are the rows that fewer than top-k others beat under every part
     (`unbeaten`): the top-k of one query, and all that can still reach a rank mean's top-k.
-    Ties are broken by model id, so the result does not depend on how the table is sharded.
+    Ties are broken by model id (a rank mean's by its first part, then the id), so the result does not
+    depend on how the table is sharded.
     A row of the standard's own baseline or companion (`is_baseline`) covers itself, so its score says
     nothing about the task: it is ranked after every other row (still listed, and flagged).
 

@@ -760,7 +760,8 @@ class Store:
 
     def check(self, writable: bool = True, write_prefix: str = "") -> None:
         """Fail with a one-line StoreError unless the store root is reachable and usable (`writable`:
-        writable too, a local one by its permissions, an S3 one by writing and deleting the empty hidden
+        writable too, a local one by the permissions of `write_prefix` (or the nearest folder above it that
+        exists), an S3 one by writing and deleting the empty hidden
         object WRITE_CHECK under `write_prefix`, where the job writes: credentials may allow writes
         there only; a job that only reads, such as a selection not saving, need not)."""
         if self.scheme == "s3":
@@ -782,11 +783,13 @@ class Store:
         elif self.scheme == "file":
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise StoreError(f"store path {self.root!r} exists and is not a directory")
-            parent = self.root
+            target = os.path.join(self.root, write_prefix.strip("/")) if write_prefix.strip("/") else self.root
+            parent = target  # the folder the job writes, or the nearest that exists (it makes the rest)
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent)
             if writable and not os.access(parent, os.W_OK):
-                raise StoreError(f"store path {self.root!r} is not writable")
+                shown = repr(self.root) if parent == self.root or target == self.root else f"{self.root!r} ({parent!r})"
+                raise StoreError(f"store path {shown} is not writable")
 
     def exists(self, rel: str) -> bool:
         return self._call("exists", rel, lambda: self.fs.exists(self._full(rel)))
@@ -798,7 +801,8 @@ class Store:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write atomically: local files via rename, object stores via one PUT."""
+        """Write atomically: local files via rename, object stores via one PUT (a multipart upload from
+        100 MiB, s3fs's, which the store completes or aborts whole: all-or-nothing too)."""
         full = self._full(rel)
         if self.scheme == "file":
             def write_local() -> None:

@@ -826,6 +826,16 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     with pytest.raises(StoreError, match="is not writable"):
         store.check()
     store.check(writable=False)
+    # the folder a job writes, not only the root (a review, session 47: a read-only `results/` was seen only
+    # when the selection was done); a folder not made yet is judged by the nearest one above it that is
+    os.makedirs(tmp_path / "store" / "results")
+    ro = str(tmp_path / "store" / "results")
+    monkeypatch.setattr(os, "access", lambda p, mode: not (mode == os.W_OK and p == ro) and real_access(p, mode))
+    with pytest.raises(StoreError, match=re.escape(f"store path {store.root!r} ({ro!r}) is not writable")):
+        store.check(write_prefix="results")
+    with pytest.raises(StoreError, match="is not writable"):
+        store.check(write_prefix="results/new")
+    store.check(write_prefix="embeddings")
     monkeypatch.undo()
     monkeypatch.setattr(store, "write_bytes", lambda rel, data: (_ for _ in ()).throw(
         StoreError(f"permission denied writing {store.url}/{rel}")))
