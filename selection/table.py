@@ -460,8 +460,8 @@ def _key_index(standard_id: str, compaction: str) -> str:
 
 def _write_key_index(store: Store, std: Standard, compaction: str, segments: list[str], keys: pa.Array) -> None:
     """Write the model keys of a compaction's `segments` in buckets of about KEY_BUCKET_ROWS keys (one
-    text object each, a key a line), then `index.json` (the bucket count and the segments' names) last:
-    an index without it is incomplete and never read."""
+    text object each, a key a line), then `index.json` (the bucket count, each bucket's sha256 and the
+    segments' names) last: an index without it is incomplete and never read."""
     folder = _key_index(std.id, compaction)
     buckets = max(1, -(-len(keys) // KEY_BUCKET_ROWS))
     of = np.fromiter((_bucket_of(k, buckets) for k in keys.to_pylist()), np.int64, len(keys))
@@ -469,14 +469,17 @@ def _write_key_index(store: Store, std: Standard, compaction: str, segments: lis
     ends = np.searchsorted(of[order], np.arange(buckets), side="right")
     grouped = keys.take(pa.array(order))
 
-    def write(b: int) -> None:
+    def write(b: int) -> str:
         start = int(ends[b - 1]) if b else 0
-        store.write_bytes(f"{folder}/{b:05d}.keys", "\n".join(grouped[start:int(ends[b])].to_pylist()).encode())
+        data = "\n".join(grouped[start:int(ends[b])].to_pylist()).encode()
+        store.write_bytes(f"{folder}/{b:05d}.keys", data)
+        return hashlib.sha256(data).hexdigest()
 
     with ThreadPoolExecutor(DELETE_THREADS) as pool:
-        list(pool.map(write, range(buckets)))
+        digests = list(pool.map(write, range(buckets)))
     store.write_bytes(f"{folder}/index.json", json.dumps(
-        {"buckets": buckets, "rows": len(keys), "segments": [p.rsplit("/", 1)[-1] for p in segments]}).encode())
+        {"buckets": buckets, "rows": len(keys), "segments": [p.rsplit("/", 1)[-1] for p in segments],
+         "sha256": digests}).encode())
 
 
 def _in_segments(store: Store, std: Standard, keys: set[str]) -> set[str]:
@@ -497,28 +500,35 @@ def _in_segments(store: Store, std: Standard, keys: set[str]) -> set[str]:
                 by_compaction.setdefault(_compaction_of(seg), []).append(seg)
             else:
                 unindexed.append(seg)
-        wanted: list[tuple[str, str, list[str]]] = []  # (compaction, bucket object, the keys to look for in it)
+        # (compaction, bucket object, its sha256 if the index has it, the keys to look for in it)
+        wanted: list[tuple[str, str, str | None, list[str]]] = []
         for compaction, segs in by_compaction.items():
-            buckets = _usable_key_index(store, _key_index(std.id, compaction), segs)
-            if buckets is None:
+            index = _usable_key_index(store, _key_index(std.id, compaction), segs)
+            if index is None:
                 unindexed += segs
                 continue
+            buckets, digests = index
             groups: dict[int, list[str]] = {}
             for k in keys:
                 groups.setdefault(_bucket_of(k, buckets), []).append(k)
-            wanted += [(compaction, f"{_key_index(std.id, compaction)}/{b:05d}.keys", ks) for b, ks in groups.items()]
-        damaged: set[str] = set()
-        for (compaction, path, ks), data in zip(wanted, store.read_many([w[1] for w in wanted], missing_ok=True)):
+            wanted += [(compaction, f"{_key_index(std.id, compaction)}/{b:05d}.keys", digests and digests[b], ks)
+                       for b, ks in groups.items()]
+        damaged: dict[str, str] = {}  # compaction -> what is wrong with its index
+        for (compaction, path, digest, ks), data in zip(wanted, store.read_many([w[1] for w in wanted],
+                                                                                missing_ok=True)):
             if data is None:
                 if not store.exists(f"{_key_index(std.id, compaction)}/index.json"):
                     raise ObjectGoneError(f"no object at {store.url}/{path}")  # being deleted: list again
-                damaged.add(compaction)
+                damaged[compaction] = "lacks a bucket"
+                continue
+            if digest is not None and hashlib.sha256(data).hexdigest() != digest:  # emptied, truncated, rewritten
+                damaged[compaction] = f"has a damaged bucket ({path.rsplit('/', 1)[-1]})"
                 continue
             lines = b"\n" + data + b"\n"  # one key a line
             found.update(k for k in ks if f"\n{k}\n".encode() in lines)
-        for compaction in sorted(damaged):
-            log.warning("the key index %s/%s lacks a bucket: reading its segments' keys instead",
-                        store.url, _key_index(std.id, compaction))
+        for compaction, what in sorted(damaged.items()):
+            log.warning("the key index %s/%s %s: reading its segments' keys instead",
+                        store.url, _key_index(std.id, compaction), what)
             unindexed += by_compaction[compaction]
         for seg in unindexed:
             found |= keys.intersection(segment_keys(store, seg))
@@ -527,21 +537,26 @@ def _in_segments(store: Store, std: Standard, keys: set[str]) -> set[str]:
     return _until_unchanged(f"the segments of standard {std.id}", read)
 
 
-def _usable_key_index(store: Store, folder: str, segments: list[str]) -> int | None:
-    """The bucket count of the key index in `folder` if it is whole (its `index.json` written last, and
-    readable) and covers exactly the listed `segments` of its compaction; else None."""
+def _usable_key_index(store: Store, folder: str, segments: list[str]) -> tuple[int, list[str] | None] | None:
+    """The bucket count and the buckets' sha256 (None in an index written before they were recorded) of
+    the key index in `folder` if it is whole (its `index.json` written last, and readable) and covers
+    exactly the listed `segments` of its compaction; else None."""
     try:
         index = json.loads(store.read_bytes(f"{folder}/index.json"))
         buckets, covered = int(index["buckets"]), set(index["segments"])
+        digests = index.get("sha256")
         if buckets < 1:
             raise ValueError(f"{buckets} buckets")
+        if digests is not None and (not isinstance(digests, list) or len(digests) != buckets
+                                    or not all(isinstance(d, str) for d in digests)):
+            raise ValueError(f"its sha256 are not {buckets} strings")
     except ObjectGoneError:
         return None
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("unreadable key index %s/%s/index.json (%s): reading its segments' keys instead",
                     store.url, folder, exc)
         return None
-    return buckets if covered == {s.rsplit("/", 1)[-1] for s in segments} else None
+    return (buckets, digests) if covered == {s.rsplit("/", 1)[-1] for s in segments} else None
 
 
 def delete_row(store: Store, std: Standard, model_id: str) -> bool:
@@ -664,7 +679,8 @@ def _shard(std: Standard, t: pa.Table, columns: list[str] | None, where: str) ->
     schema = schema_for(std)
     t = _with_optional(std, t, columns)
     try:
-        t = t.select(columns) if columns is not None else t.select(schema.names).cast(schema)
+        wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        t = t.select(wanted.names).cast(wanted)  # the table's types and nullability (others wrote some rows)
     except (KeyError, ValueError, pa.ArrowException) as exc:
         raise StandardMismatchError(f"{where}: its columns do not fit the table of standard {std.id} "
                                     f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
