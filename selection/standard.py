@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import time
 import zipfile
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -115,6 +116,9 @@ class StandardConfig:
             raise ConfigError("a standard needs at least one probe source")
         for src in self.probe_sources:
             check_spec(src)
+        twice = sorted({src for src in self.probe_sources if self.probe_sources.count(src) > 1})
+        if twice:  # its images twice in the probe set: copies of held-out images in the ridge's fit folds
+            raise ConfigError(f"probe source {twice[0]!r} is given twice")
         if not 8 <= self.probe_image_size <= 512:
             raise ConfigError(f"probe_image_size must be in [8, 512], got {self.probe_image_size}")
         if self.input_size is not None and not 8 <= self.input_size <= 1024:
@@ -417,6 +421,7 @@ MIN_SOURCE_IMAGES = 10
 def build_probe_set(config: StandardConfig) -> tuple[np.ndarray, list[int]]:
     """The probe images (N, S, S, 3) uint8, concatenated from the configured sources, and each source's count."""
     parts = [load_dataset(src, config.probe_image_size).images for src in config.probe_sources]
+    _no_shared_images(config.probe_sources, parts)
     images = np.concatenate(parts)
     if len(images) < 20:
         raise ConfigError(f"the probe set has {len(images)} images; at least 20 are needed")
@@ -426,6 +431,18 @@ def build_probe_set(config: StandardConfig) -> tuple[np.ndarray, list[int]]:
                 raise ConfigError(f"probe source {src!r} has {len(part)} images; the per-source form "
                                   f"needs at least {MIN_SOURCE_IMAGES} per source")
     return images, [len(p) for p in parts]
+
+
+def _no_shared_images(sources: Sequence[str], parts: Sequence[np.ndarray]) -> None:
+    """A ConfigError if two probe sources share half the images of the smaller (one source under two
+    names: `tasks/x` and `tasks/x/`, or `?n=40` and `?n=50` of one dataset), whose copies would sit in the
+    ridge's fit and held-out folds at once; a few images alike (blank ones) are not refused."""
+    digests = [{hashlib.sha256(img.tobytes()).digest() for img in part} for part in parts]
+    for i, j in itertools.combinations(range(len(parts)), 2):
+        shared = len(digests[i] & digests[j])
+        if shared and 2 * shared >= min(len(digests[i]), len(digests[j])):
+            raise ConfigError(f"probe sources {sources[i]!r} and {sources[j]!r} share {shared} images "
+                              f"(one source given twice?)")
 
 
 def _whitening(h_fit: np.ndarray, d: int, what: str = "baseline") -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -586,6 +587,30 @@ def test_the_default_imagenet_baseline_counts_the_intercept_in_its_gcv_and_other
     assert build_standard(tiny_config(ridge_gcv="affine")).ridge_gcv == "affine"
     with pytest.raises(ConfigError, match="ridge_gcv must be one of"):
         StandardConfig(ridge_gcv="both")
+
+
+def test_a_probe_source_given_twice_is_refused(tmp_path):
+    """A review (session 47): `--probe X --probe X` (or `tasks/x` and `tasks/x/`, or `?n=40` and `?n=50` of one
+    dataset) built a standard whose probe set held the same images twice, copies of the held-out images in
+    the ridge's fit folds."""
+    from PIL import Image
+
+    from selection.data import load_dataset
+    from selection.standard import build_probe_set
+
+    with pytest.raises(ConfigError, match=r"^probe source 'builtin:digits-probe\?n=40' is given twice$"):
+        tiny_config(probe_sources=("builtin:digits-probe?n=40", "builtin:photos?n=40", "builtin:digits-probe?n=40"))
+    folder = tmp_path / "probe"
+    os.makedirs(folder / "all")
+    for i, img in enumerate(load_dataset("builtin:photos?n=40", 32).images):
+        Image.fromarray(img).save(folder / "all" / f"{i}.png")
+    for sources, shared in (((str(folder), f"{folder}/", "builtin:digits-probe?n=40"), 40),
+                            (("builtin:digits-probe?n=40", "builtin:digits-probe?n=50"), 40)):
+        with pytest.raises(ConfigError, match=re.escape(f"probe sources {sources[0]!r} and {sources[1]!r} share "
+                                                        f"{shared} images (one source given twice?)")):
+            build_probe_set(tiny_config(probe_sources=sources))
+    images, sizes = build_probe_set(tiny_config())  # sources that share nothing
+    assert sizes == [60, 40, 40, 60] and len(images) == 200
 
 
 @pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),
