@@ -1467,6 +1467,19 @@ def load_report(path: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("benchmark") != "quality" or "results" not in doc:
         raise ConfigError(f"{path!r} is not a quality benchmark report (benchmark.json of "
                           f"`python -m jobs.benchmark quality`)")
+    # what a report is read for (compare, re-render), each checked for its type: a damaged or hand-edited
+    # report gets this line, not a KeyError or TypeError
+    wanted = [("results", dict), ("summary", dict), ("summary.targets", dict), ("summary.default_variant", str),
+              ("truth", dict), ("run", dict)]
+    wanted += [(f"results.{s}.groups", dict) for s in (doc["results"] if isinstance(doc["results"], dict) else ())]
+    for key, kind in wanted:
+        value: Any = doc
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            got = "none" if value is None else json.dumps(value)[:60]
+            raise ConfigError(f"{path!r} is not a whole quality benchmark report: its {key} should be a "
+                              f"{'JSON object' if kind is dict else 'string'}, got {got}")
     return doc
 
 

@@ -786,6 +786,20 @@ def test_compare_job_reads_reports_and_refuses_anything_else(tmp_path, capsys):
         bench.load_report(str(b))
     with pytest.raises(ConfigError, match="cannot read a benchmark report from .*missing.json"):
         bench.load_report(str(tmp_path / "missing.json"))
+    # a damaged or hand-edited report: one line, not a KeyError or TypeError (a review, session 47)
+    whole = _report("std-a", 0.75, 0.5, 0.70)
+    for damage, needle in ((lambda d: d.pop("summary"), "its summary should be a JSON object, got none"),
+                           (lambda d: d.update(truth=None), "its truth should be a JSON object, got none"),
+                           (lambda d: d["summary"].update(default_variant=3), "its summary.default_variant should "
+                                                                              "be a string, got 3"),
+                           (lambda d: d["results"]["general"].update(groups=[]), "its results.general.groups should "
+                                                                               "be a JSON object, got []")):
+        doc = json.loads(json.dumps(whole))
+        damage(doc)
+        b.write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match=re.escape(f"{str(b)!r} is not a whole quality benchmark report: "
+                                                        f"{needle}")):
+            bench.load_report(str(b))
 
 
 def test_cache_keys_follow_content_not_the_store_path(tmp_path):
