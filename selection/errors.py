@@ -29,5 +29,9 @@ class ObjectGoneError(StoreError):
     """An object to read is not there (never written, or deleted since it was listed)."""
 
 
+class CorruptObjectError(StoreError):
+    """An object that is there but cannot be parsed (truncated, overwritten, not Parquet)."""
+
+
 class StandardMismatchError(ZooselectError):
     """Embeddings of different standards, schema versions or widths would be mixed."""

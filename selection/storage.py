@@ -33,7 +33,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selection.errors import ConfigError, ObjectGoneError, StoreError
+from selection.errors import ConfigError, CorruptObjectError, ObjectGoneError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -988,7 +988,7 @@ class Store:
             # READ_THREADS: see there.
             return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=READ_THREADS)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {_first_line(exc)}") from exc
+            raise CorruptObjectError(f"corrupt Parquet object {self._display(rel)}: {_first_line(exc)}") from exc
 
     def read_table_columns(self, rel: str, columns: list[str]) -> pa.Table:
         """Only `columns` of a Parquet object (reads the footer and those column chunks: on S3, ranged
@@ -1092,7 +1092,8 @@ class Store:
         except FileNotFoundError as exc:
             raise ObjectGoneError(f"no object at {self._display(rel)}") from exc
         if isinstance(result, _Corrupt):
-            raise StoreError(f"corrupt Parquet object {self._display(rel)}: {_first_line(result.exc)}") from result.exc
+            raise CorruptObjectError(f"corrupt Parquet object {self._display(rel)}: "
+                                     f"{_first_line(result.exc)}") from result.exc
         return result
 
     def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:

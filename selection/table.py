@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,7 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import selection
-from selection.errors import ConfigError, ModelError, ObjectGoneError, StandardMismatchError, StoreError
+from selection.errors import (ConfigError, CorruptObjectError, ModelError, ObjectGoneError, StandardMismatchError,
+                              StoreError)
 from selection.keys import model_key, shard_of
 from selection.standard import Standard, check_standard
 from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
@@ -820,7 +822,8 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], col
     not the segment (a sweep of 50,000-row per-source segments held 7 GB: the object's bytes and the
     decoded table)."""
     where = f"{store.url}/{seg}"
-    t = store.read_table_columns(seg, _needed(columns if columns is not None else []))
+    with _segment_remedy():
+        t = store.read_table_columns(seg, _needed(columns if columns is not None else []))
     _validate(t, std, where, some_columns=True)
     keys = t.column("model_key").to_pylist()
     keep = np.fromiter((k not in hidden for k in keys), bool, len(keys))
@@ -835,6 +838,10 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], col
         return keys, iter([_shard(std, t, columns, where)])
 
     def stream() -> Iterator[EmbeddingTable]:
+        with _segment_remedy():
+            yield from read_groups()
+
+    def read_groups() -> Iterator[EmbeddingTable]:
         at = 0
         for group in store.iter_row_groups(seg):
             if not group.num_rows:  # another tool's writer may leave an empty row group
@@ -852,9 +859,20 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], col
     return keys, stream()
 
 
+@contextlib.contextmanager
+def _segment_remedy() -> Iterator[None]:
+    """A corrupt segment's error says what to do: every read of the table fails on it until it is gone."""
+    try:
+        yield
+    except CorruptObjectError as exc:
+        raise CorruptObjectError(f"{exc} (a segment: move it out of the store, and the next `python -m jobs.embed` "
+                                 f"or `python -m jobs.reindex` run embeds its models again)") from exc
+
+
 def segment_keys(store: Store, seg: str) -> list[str]:
     """The model keys a segment holds (its key column only)."""
-    t = store.read_table_columns(seg, ["model_key"])
+    with _segment_remedy():
+        t = store.read_table_columns(seg, ["model_key"])
     if "model_key" not in t.column_names:
         raise StandardMismatchError(f"{store.url}/{seg}: not a zooselect embedding object (no 'model_key' column)")
     return t.column("model_key").to_pylist()
@@ -874,8 +892,8 @@ def _row_batch(store: Store, std: Standard, paths: tuple[str, ...], columns: lis
         try:
             tables.append(store.read_table(p, data))
         except StoreError as exc:  # its bytes in hand: a corrupt object, one model's
-            raise StoreError(f"{exc} (a row object: delete it, and the next `jobs.embed` or `jobs.reindex` run "
-                             f"embeds its model again)") from exc
+            raise CorruptObjectError(f"{exc} (a row object: delete it, and the next `python -m jobs.embed` or "
+                                     f"`python -m jobs.reindex` run embeds its model again)") from exc
         read.append(p)
         _validate(tables[-1], std, f"{store.url}/{p}", known_only=known_only)
         keys, ids = (tables[-1].column(c).to_pylist() for c in ("model_key", "model_id"))

@@ -1098,9 +1098,10 @@ def test_table_of_another_standard_schema_width_or_corrupt_is_refused(embedded, 
     line = _run_job(table.main, ["ls", "--store", store.url], capsys)
     assert needle in line and path in line, line
     assert _snapshot(store.root) == before
-    if how == "corrupt":  # what to do is said, and works
-        assert line.endswith("(a row object: delete it, and the next `jobs.embed` or `jobs.reindex` run embeds "
-                             "its model again)"), line
+    if how.startswith("corrupt"):  # what to do is said, and works (a segment's too: a review, session 47)
+        what = ("a row object: delete it" if how == "corrupt" else "a segment: move it out of the store")
+        assert line.endswith(f"({what}, and the next `python -m jobs.embed` or `python -m jobs.reindex` run embeds "
+                             f"its model{'' if how == 'corrupt' else 's'} again)"), line
         store.delete(path)
         assert table.main(["ls", "--store", store.url]) == 0
 
