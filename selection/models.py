@@ -89,6 +89,8 @@ def _local_checkpoint(weights: str) -> str:
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise ModelError(f"checkpoint {weights!r} is a directory, not a file")
+        if os.path.exists(path):  # /dev/zero, a FIFO, a socket: there, but no file to read whole
+            raise ModelError(f"checkpoint {weights!r} is not a regular file")
         raise ModelError(f"checkpoint not found: {weights!r}")
     return path
 
@@ -358,8 +360,10 @@ def _load_state_dict(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], 
                 raise ModelError(f"refusing checkpoint {where!r}: it contains pickled code or objects "
                                  f"(only tensors are accepted; use safetensors)") from exc
             if "weights_only" in str(exc):  # torch's unpickler met bytes that are no pickle it knows
+                # its reason is after "WeightsUnpickler error:"; the advice around it (weights_only=False) is not
+                reason = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unreadable"
                 raise ModelError(f"checkpoint {where!r} is not a PyTorch or safetensors checkpoint "
-                                 f"({text[:120]})") from exc
+                                 f"({reason[:120]})") from exc
             raise ModelError(f"corrupt checkpoint {where!r}: {text}") from exc
         if isinstance(obj, dict) and "args" in obj and isinstance(obj.get("arch"), str):
             recorded = obj["arch"]  # without `args`, timm's saver records the model's class name there
