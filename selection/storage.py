@@ -963,8 +963,10 @@ class Store:
             return False
 
     def read_many(self, rels: Iterable[str], threads: int = 16, missing_ok: bool = False) -> list[bytes | None]:
-        """The bytes of many objects, read concurrently (object stores reward parallelism).
-        `missing_ok`: an object that is gone reads as None instead of raising ObjectGoneError."""
+        """The bytes of many objects, read concurrently (object stores reward parallelism) by `threads`
+        threads. `missing_ok`: an object that is gone reads as None instead of raising ObjectGoneError."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads should be a whole number >= 1, got {threads!r}")
         def read(rel: str) -> bytes | None:
             try:
                 return self.read_bytes(rel)

@@ -1226,3 +1226,23 @@ def test_a_row_object_that_differs_only_in_nullability_is_read_by_every_reader(p
     pq.write_table(t, path)
     assert sorted(table.read_index(store, std)) == ["zoo/a", "zoo/b"]
     assert sorted(load_table(store, std).model_ids) == ["zoo/a", "zoo/b"]
+
+
+def test_the_s3_region_argument_reaches_the_client_over_the_environment_and_threads_are_checked(monkeypatch,
+                                                                                                  tmp_path):
+    """`Store(s3_region=)` (library use; the jobs take the region from the environment) and
+    `read_many(threads=)` were untested API."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for region, want in (("eu-west-3", "eu-west-3"), (None, "us-east-1")):
+        store = Store("s3://zs-bucket/zoo", s3_endpoint="http://127.0.0.1:9", s3_region=region)
+        store.fs.connect()  # makes the client, sends nothing
+        assert store.fs.s3.meta.region_name == want
+    local = Store(str(tmp_path))
+    local.write_bytes("a", b"1")
+    assert local.read_many(["a", "a"], threads=1) == [b"1", b"1"]
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ConfigError, match=re.escape(f"threads should be a whole number >= 1, got {bad!r}")):
+            local.read_many(["a", "a"], threads=bad)
