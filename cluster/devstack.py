@@ -15,7 +15,8 @@
   the driver's, so this is how actors reach the store;
 
 then writes DIR/zooselect.env (mode 0600) for the jobs. DIR (created 0700) must be the user's and
-writable by no one else (`private_dir`), since it holds the secrets and what `down` removes:
+writable by no one else (`private_dir`: group write only in a group of the user's own), since it holds
+the secrets and what `down` removes:
 
     source DIR/zooselect.env
     python -m jobs.embed --catalog catalog.yaml --store "$ZOOSELECT_STORE"
@@ -86,11 +87,28 @@ def private_dir(path: str, create: bool = False) -> str:
     elif not os.path.exists(root):
         return root
     st = os.stat(root)
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise DevstackError(f"dev stack directory {root} belongs to uid {st.st_uid} with mode "
-                            f"{st.st_mode & 0o777:o}: it must be yours and writable by you alone "
-                            f"(chmod go-w it, or use another --dir)")
+    if st.st_uid != os.getuid():
+        raise DevstackError(f"dev stack directory {root} belongs to uid {st.st_uid}, not to you: "
+                            f"use a directory of your own (--dir)")
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and not _own_group(st.st_gid)):
+        raise DevstackError(f"dev stack directory {root} (mode {st.st_mode & 0o777:o}) is writable by others: "
+                            f"chmod go-w it, or use another --dir")
     return root
+
+
+def _own_group(gid: int) -> bool:
+    """Whether only this user is in group `gid` (a user private group, as Debian's umask 002 relies on:
+    `up` of an older version made its directory group-writable so)."""
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:  # no such group: nobody is in it by name
+        members = set()
+    primary = {u.pw_name for u in pwd.getpwall() if u.pw_gid == gid}
+    return (members | primary) <= {me}
 
 
 def _write_private(path: str, text: str) -> None:

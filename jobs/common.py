@@ -177,9 +177,10 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
         code = _BROKEN_PIPE
     except SystemExit as exc:
-        code = _TERMINATED if _terminated else exc.code
-        if _terminated:
-            print("error: terminated", file=sys.stderr)
+        code = exc.code
+    if _terminated:  # SIGTERM: last, and 143, even when its clean-up failed (that error said above)
+        print("error: terminated", file=sys.stderr)
+        code = _TERMINATED
     sys.exit(code)
 
 

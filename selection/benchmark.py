@@ -36,7 +36,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -1469,18 +1469,43 @@ def load_report(path: str) -> dict[str, Any]:
                           f"`python -m jobs.benchmark quality`)")
     # what a report is read for (compare, re-render), each checked for its type: a damaged or hand-edited
     # report gets this line, not a KeyError or TypeError
-    wanted = [("results", dict), ("summary", dict), ("summary.targets", dict), ("summary.default_variant", str),
-              ("truth", dict), ("run", dict)]
-    wanted += [(f"results.{s}.groups", dict) for s in (doc["results"] if isinstance(doc["results"], dict) else ())]
-    for key, kind in wanted:
-        value: Any = doc
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            got = "none" if value is None else json.dumps(value)[:60]
-            raise ConfigError(f"{path!r} is not a whole quality benchmark report: its {key} should be a "
-                              f"{'JSON object' if kind is dict else 'string'}, got {got}")
+    for key, kinds in _REPORT_SHAPE:
+        for where, value in _report_values(doc, key.split(".")):
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                got = "none" if value is None else json.dumps(value)[:60]
+                raise ConfigError(f"{path!r} is not a whole quality benchmark report: its {where} should be "
+                                  f"{' or '.join(dict.fromkeys(_KIND_NAMES[k] for k in kinds))}, got {got}")
     return doc
+
+
+_NUMBER = (int, float)
+# (key, the types its value may have): `*` is every key of an object, or every item of a list
+_REPORT_SHAPE: list[tuple[str, tuple[type, ...]]] = [
+    ("results", (dict,)), ("results.*", (dict,)), ("results.*.groups", (dict,)), ("results.*.groups.*", (dict,)),
+    ("results.*.groups.*.*", (dict,)), ("summary", (dict,)), ("summary.default_variant", (str,)),
+    ("summary.targets", (dict,)), ("summary.targets.*", (list,)), ("summary.targets.*.*", (dict,)),
+    ("summary.targets.*.*.id", (str,)), ("summary.targets.*.*.met", (bool,)),
+    ("summary.targets.*.*.value", (*_NUMBER, type(None))), ("truth", (dict,)), ("truth.*", (dict,)),
+    ("truth.*.*", _NUMBER), ("run", (dict,))]
+_KIND_NAMES = {dict: "a JSON object", list: "a list", str: "a string", bool: "true or false", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _report_values(value: Any, parts: list[str], where: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of each value a `_REPORT_SHAPE` key names (a missing one: None)."""
+    if not parts:
+        yield where, value
+        return
+    head, rest = parts[0], parts[1:]
+    if head != "*":
+        yield from _report_values(value.get(head) if isinstance(value, dict) else None, rest,
+                                  f"{where}.{head}".lstrip("."))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _report_values(v, rest, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _report_values(v, rest, f"{where}[{i}]")
 
 
 def compare_rows(default_variant: str) -> list[str]:

@@ -434,13 +434,14 @@ def build_probe_set(config: StandardConfig) -> tuple[np.ndarray, list[int]]:
 
 
 def _no_shared_images(sources: Sequence[str], parts: Sequence[np.ndarray]) -> None:
-    """A ConfigError if two probe sources share half the images of the smaller (one source under two
-    names: `tasks/x` and `tasks/x/`, or `?n=40` and `?n=50` of one dataset), whose copies would sit in the
-    ridge's fit and held-out folds at once; a few images alike (blank ones) are not refused."""
+    """A ConfigError if two probe sources share half the distinct images of the smaller, and at least
+    MIN_SOURCE_IMAGES (one source under two names: `tasks/x` and `tasks/x/`, or `?n=40` and `?n=50` of one
+    dataset), whose copies would sit in the ridge's fit and held-out folds at once; a few images alike
+    (blank ones) are not refused."""
     digests = [{hashlib.sha256(img.tobytes()).digest() for img in part} for part in parts]
     for i, j in itertools.combinations(range(len(parts)), 2):
         shared = len(digests[i] & digests[j])
-        if shared and 2 * shared >= min(len(digests[i]), len(digests[j])):
+        if shared >= MIN_SOURCE_IMAGES and 2 * shared >= min(len(digests[i]), len(digests[j])):
             raise ConfigError(f"probe sources {sources[i]!r} and {sources[j]!r} share {shared} images "
                               f"(one source given twice?)")
 

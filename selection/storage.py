@@ -787,6 +787,8 @@ class Store:
             parent = target  # the folder the job writes, or the nearest that exists (it makes the rest)
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent)
+            if writable and not os.path.isdir(parent):  # `results` a file: the save at the end would fail
+                raise StoreError(f"store path {self.root!r}: {parent!r} is a file, not a folder")
             if writable and not os.access(parent, os.W_OK):
                 shown = repr(self.root) if parent == self.root or target == self.root else f"{self.root!r} ({parent!r})"
                 raise StoreError(f"store path {shown} is not writable")

@@ -838,12 +838,8 @@ def _segment_shards(store: Store, std: Standard, seg: str, hidden: set[str], col
         return keys, iter([_shard(std, t, columns, where)])
 
     def stream() -> Iterator[EmbeddingTable]:
-        with _segment_remedy():
-            yield from read_groups()
-
-    def read_groups() -> Iterator[EmbeddingTable]:
         at = 0
-        for group in store.iter_row_groups(seg):
+        for group in _segment_groups(store, seg):
             if not group.num_rows:  # another tool's writer may leave an empty row group
                 continue
             _validate(group, std, where, known_only=known_only)
@@ -867,6 +863,12 @@ def _segment_remedy() -> Iterator[None]:
     except CorruptObjectError as exc:
         raise CorruptObjectError(f"{exc} (a segment: move it out of the store, and the next `python -m jobs.embed` "
                                  f"or `python -m jobs.reindex` run embeds its models again)") from exc
+
+
+def _segment_groups(store: Store, seg: str, rows: list[int] | None = None) -> Iterator[pa.Table]:
+    """`Store.iter_row_groups` of a segment, a corrupt one's error with its remedy."""
+    with _segment_remedy():
+        yield from store.iter_row_groups(seg, rows=rows)
 
 
 def segment_keys(store: Store, seg: str) -> list[str]:
@@ -1008,7 +1010,7 @@ def _rows_of(store: Store, std: Standard, listing: Listing, wanted: dict[str, st
             raise StoreError(f"{store.url}/{seg}: a model_key is in the segment more than once; a segment "
                              f"holds each model once (rewrite or delete the object)")
         found = pa.array(sorted(keys[i] for i in at), pa.string())
-        for group in store.iter_row_groups(seg, rows=at):
+        for group in _segment_groups(store, seg, rows=at):
             _validate(group, std, f"{store.url}/{seg}", known_only=known_only)
             yield from rows(_shard(std, group.filter(pc.is_in(group.column("model_key"), found)), None,
                                    f"{store.url}/{seg}"), seg)

@@ -793,7 +793,15 @@ def test_compare_job_reads_reports_and_refuses_anything_else(tmp_path, capsys):
                            (lambda d: d["summary"].update(default_variant=3), "its summary.default_variant should "
                                                                               "be a string, got 3"),
                            (lambda d: d["results"]["general"].update(groups=[]), "its results.general.groups should "
-                                                                               "be a JSON object, got []")):
+                                                                               "be a JSON object, got []"),
+                           (lambda d: d["summary"]["targets"].update(general=3), "its summary.targets.general "
+                                                                                 "should be a list, got 3"),
+                           (lambda d: d["summary"]["targets"]["general"][0].update(met="yes"),
+                            "its summary.targets.general[0].met should be true or false, got \"yes\""),
+                           (lambda d: d["truth"].update({"task-a": None}), "its truth.task-a should be a JSON "
+                                                                           "object, got none"),
+                           (lambda d: d["truth"]["task-a"].update(m1="0.5"), "its truth.task-a.m1 should be a "
+                                                                             "number, got \"0.5\"")):
         doc = json.loads(json.dumps(whole))
         damage(doc)
         b.write_text(json.dumps(doc))

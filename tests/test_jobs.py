@@ -19,7 +19,7 @@ from PIL import Image
 import timm
 
 from selection.catalog import CatalogEntry, load_catalog, write_catalog
-from selection.errors import ConfigError, ZooselectError
+from selection.errors import ConfigError, StoreError, ZooselectError
 from selection.table import load_table, row_path
 from tests.conftest import save_checkpoint
 
@@ -817,7 +817,6 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     (a review, session 35)."""
     from selection.storage import check_output
     from selection.results import write_results
-    from selection.errors import StoreError
     from selection.storage import Store
 
     store = Store(str(tmp_path / "store"))
@@ -836,6 +835,11 @@ def test_a_selection_that_does_not_save_needs_no_writable_store(tmp_path, monkey
     with pytest.raises(StoreError, match="is not writable"):
         store.check(write_prefix="results/new")
     store.check(write_prefix="embeddings")
+    (tmp_path / "store" / "embeddings").write_text("")  # a file where the job makes its folder
+    for prefix in ("embeddings", "embeddings/std-x"):
+        with pytest.raises(StoreError, match=re.escape(f"{str(tmp_path / 'store' / 'embeddings')!r} is a file, "
+                                                       f"not a folder")):
+            store.check(write_prefix=prefix)
     monkeypatch.undo()
     monkeypatch.setattr(store, "write_bytes", lambda rel, data: (_ for _ in ()).throw(
         StoreError(f"permission denied writing {store.url}/{rel}")))
@@ -878,7 +882,6 @@ def test_a_score_the_table_cannot_give_is_refused_before_any_work(published, mon
 def test_table_ls_and_export_read_a_store_they_cannot_write(published, tmp_path, monkeypatch, capsys):
     """`zooselect table ls` and `export` refused a read-only store as select did (a review, session 35)."""
     from jobs import table
-    from selection.errors import StoreError
 
     store, std = published
     real_access = os.access
@@ -1223,6 +1226,20 @@ def test_sigterm_ends_a_job_with_one_line_and_143(ray_local, capsys):
     finally:
         common._terminated = False
     assert exc.value.code == 143 and capsys.readouterr().err == "error: terminated\n"
+
+    def cleanup_fails(argv):  # a `finally` block that fails after SIGTERM (a lease delete on S3; a review, session 47)
+        try:
+            common.terminated(signal.SIGTERM, None)
+        finally:
+            raise StoreError("storage unreachable for delete x")
+
+    try:
+        with pytest.raises(SystemExit) as exc:
+            common.run_main(cleanup_fails, [])
+    finally:
+        common._terminated = False
+    assert exc.value.code == 143
+    assert capsys.readouterr().err == "error: storage unreachable for delete x\nerror: terminated\n"
 
 
 def test_a_reindex_with_a_catalog_cut_short_removes_nothing(published, tmp_path, capsys):

@@ -611,6 +611,11 @@ def test_a_probe_source_given_twice_is_refused(tmp_path):
             build_probe_set(tiny_config(probe_sources=sources))
     images, sizes = build_probe_set(tiny_config())  # sources that share nothing
     assert sizes == [60, 40, 40, 60] and len(images) == 200
+    from selection.standard import _no_shared_images
+
+    blank, photos = np.zeros((12, 32, 32, 3), np.uint8), load_dataset("builtin:photos?n=40", 32).images
+    _no_shared_images(["mostly-blank", "photos"],  # two images alike: not a source given twice
+                      [np.concatenate([blank, photos[:1]]), np.concatenate([photos, blank[:1]])])
 
 
 @pytest.mark.parametrize("key,kwarg,before,now", [("ridge_scale", "ridge_scale", "rank", "trace"),

@@ -1246,3 +1246,28 @@ def test_the_s3_region_argument_reaches_the_client_over_the_environment_and_thre
     for bad in (0, -2, 1.5, True, "4"):
         with pytest.raises(ConfigError, match=re.escape(f"threads should be a whole number >= 1, got {bad!r}")):
             local.read_many(["a", "a"], threads=bad)
+
+
+def test_a_segment_with_a_damaged_page_says_what_to_do_on_every_read_path(published):
+    """A review (session 47): the remedy for a corrupt segment was given by `load_table` but not by
+    `iter_rows` (the embed job's refresh, the held-rows check), whose reads skip to the rows asked for."""
+    import pyarrow.parquet as pq
+
+    from selection.errors import CorruptObjectError
+    from selection.table import iter_rows
+
+    store, std = published
+    for i in range(5):
+        write_row(store, std, _row(std, f"zoo/m{i}", float(i)))
+    compact(store, std)
+    (seg,) = list_segments(store, std.id)
+    group = pq.ParquetFile(os.path.join(store.root, seg)).metadata.row_group(0)
+    chunk = next(group.column(j) for j in range(group.num_columns)
+                 if group.column(j).path_in_schema.startswith("embedding."))
+    data = bytearray(store.read_bytes(seg))
+    data[chunk.data_page_offset + 10:chunk.data_page_offset + 74] = b"\xff" * 64  # its footer intact
+    store.write_bytes(seg, bytes(data))
+    for read in (lambda: load_table(store, std), lambda: list(iter_rows(store, std, ["zoo/m1"]))):
+        with pytest.raises(CorruptObjectError, match=re.escape("(a segment: move it out of the store, and the "
+                                                               "next `python -m jobs.embed`")):
+            read()
