@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from selection.errors import ConfigError
+from selection.errors import ConfigError, brief
 from selection.keys import check_unicode
 from selection.storage import check_url, file_url_path, write_file_atomically
 
@@ -95,7 +95,7 @@ class CatalogEntry:
                 raise ConfigError(f"model {self.id!r}: {name} {text[:80]!r} is not valid Unicode text (a lone "
                                   f"surrogate, e.g. from bytes that are not UTF-8)") from None
         if not isinstance(self.metadata, dict):
-            raise ConfigError(f"model {self.id!r}: metadata must be a mapping, got {self.metadata!r:.80}")
+            raise ConfigError(f"model {self.id!r}: metadata must be a mapping, got {brief(self.metadata)}")
         try:  # stored as JSON, keys sorted (so keys that are one in JSON text, 1 and '1', never get there)
             json.dumps(self.metadata, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
@@ -107,14 +107,14 @@ class CatalogEntry:
     @classmethod
     def from_dict(cls, raw: Any, where: str = "catalog") -> "CatalogEntry":
         if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: each entry must be a mapping, got {type(raw).__name__}: {raw!r:.80}")
+            raise ConfigError(f"{where}: each entry must be a mapping, got {type(raw).__name__}: {brief(raw)}")
         unknown = set(raw) - _ENTRY_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=repr)} in entry {raw.get('id')!r} "
                               f"(allowed: {sorted(_ENTRY_KEYS)})")
         for key in ("id", "arch"):
             if key not in raw:
-                raise ConfigError(f"{where}: entry {raw.get('id', raw)!r:.80} lacks required key {key!r}")
+                raise ConfigError(f"{where}: entry {brief(raw.get('id', raw))} lacks required key {key!r}")
         tags = () if raw.get("tags") is None else raw["tags"]
         if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
             raise ConfigError(f"{where}: model {raw['id']!r}: tags must be a list of strings, got {tags!r}")
@@ -283,10 +283,14 @@ def _localhost(entry: CatalogEntry) -> CatalogEntry:
 _STREAMS = ("/dev/std", "/dev/fd/", "/proc/self/fd/")  # a shell's `<(...)` is /dev/fd/63: read once, then gone
 
 
-def load_catalog(path: str) -> list[CatalogEntry]:
-    """Read a catalog from a local file (YAML or JSON lines), by its path or file:// URL. Local checkpoint
-    paths come back absolute: a relative one is taken from the catalog file's directory, `~` is expanded
-    (in `path` too)."""
+def load_catalog(path: str | os.PathLike[str]) -> list[CatalogEntry]:
+    """Read a catalog from a local file (YAML or JSON lines), by its path (a pathlib.Path too) or file://
+    URL. Local checkpoint paths come back absolute: a relative one is taken from the catalog file's
+    directory, `~` is expanded (in `path` too)."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise ConfigError(f"a catalog is named by its path, got {type(path).__name__} {brief(path, 60)}")
     given = path
     try:
         url_path = file_url_path(path)

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from selection.errors import ConfigError, DataError
+from selection.errors import ConfigError, DataError, brief
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
-            raise DataError(f"an ImageSet's name should be a string, got {self.name!r:.80}")
+            raise DataError(f"an ImageSet's name should be a string, got {brief(self.name)}")
         if isinstance(self.classes, (str, bytes)) or not isinstance(self.classes, (tuple, list)) or \
                 not all(isinstance(c, str) for c in self.classes):
-            raise DataError(f"{self.name}: classes should be a tuple of class names, got {self.classes!r:.80}")
+            raise DataError(f"{self.name}: classes should be a tuple of class names, got {brief(self.classes)}")
         object.__setattr__(self, "classes", tuple(self.classes))
         for what, value in (("images", self.images), ("labels", self.labels)):
             if not isinstance(value, np.ndarray):  # a list or a torch tensor gave a raw AttributeError/TypeError

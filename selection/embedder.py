@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from selection.catalog import CatalogEntry, anchored, is_named_weights
 from selection.embedding import model_embedding
-from selection.errors import ConfigError, ModelError, StoreError, ZooselectError
+from selection.errors import ConfigError, ModelError, StoreError, ZooselectError, brief
 from selection.keys import model_key
-from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_device, check_entry,
-                              compute_label,
-                              count_gflops, crop_change, expected_data_config, extract_features, is_published, load_model,
-                              timm_fingerprint, weights_digest, weights_stamp)
+from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memory, check_amp_dtype, check_device,
+                              check_entry, compute_label, count_gflops, crop_change, expected_data_config,
+                              extract_features, is_published, load_model, timm_fingerprint, weights_digest,
+                              weights_stamp)
 from selection.standard import Standard, check_standard, is_standard_model, list_standards
 from selection.storage import Store, as_store
 from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, read_index, row_object,
@@ -81,7 +81,7 @@ def _check_kinds(std: Any, entries: Sequence[Any] = ()) -> None:
     odd = [e for e in entries if not isinstance(e, CatalogEntry)]
     if odd:
         raise ConfigError(f"a catalog entry should be a CatalogEntry (selection.catalog.load_catalog reads a "
-                          f"catalog file), got {type(odd[0]).__name__} {odd[0]!r:.80}")
+                          f"catalog file), got {type(odd[0]).__name__} {brief(odd[0])}")
 
 
 def _check_published(store: Store, std: Standard) -> None:
@@ -102,7 +102,7 @@ def make_plan(entries: Iterable[CatalogEntry], std: Standard, store: Store | str
     missing from it is to be removed). `store`: a Store, or its URL or path."""
     if isinstance(entries, (str, bytes, CatalogEntry, Mapping)) or not isinstance(entries, Iterable):
         raise ConfigError(f"entries should be a list of CatalogEntry (selection.catalog.load_catalog reads a "
-                          f"catalog file), got {type(entries).__name__} {entries!r:.80}")
+                          f"catalog file), got {type(entries).__name__} {brief(entries)}")
     entries = list(entries)  # a generator is read once: the plan reads them twice
     _check_kinds(std, entries)
     entries = [anchored(e, os.getcwd()) for e in entries]  # as load_catalog does against the catalog's folder
@@ -396,14 +396,16 @@ def embed_entry(entry: CatalogEntry, std: Standard, store: Store | str, *, devic
 
     On CUDA with no `batch_size`, the batch is the largest whose forward pass fits in
     `memory_share` of the free GPU memory (less where the GPU is shared by several actors).
-    `store`: a Store, or its URL or path. Before any work: a device torch does not know, or a batch size
-    below 1, is a ConfigError; CUDA where torch sees none a ModelError (`check_device`: this machine's
-    fault, not the call's). What fails with the model comes back as a "failed" result.
+    `store`: a Store, or its URL or path. Before any work: a device torch does not know, an `amp_dtype` other
+    than None, torch.float16 or torch.bfloat16, or a batch size below 1, is a ConfigError; CUDA where torch
+    sees none a ModelError (`check_device`: this machine's fault, not the call's). What fails with the model
+    comes back as a "failed" result.
     """
     import torch
 
     _check_kinds(std, [entry])
-    check_device(device)
+    device = check_device(device)
+    check_amp_dtype(amp_dtype)
     store = as_store(store)  # that it holds the standard is `make_plan`'s check: here a store's fault fails the model
     entry = anchored(entry, os.getcwd())  # a row keeps its checkpoint's path: relative, it is read from anywhere
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):

@@ -35,3 +35,9 @@ class CorruptObjectError(StoreError):
 
 class StandardMismatchError(ZooselectError):
     """Embeddings of different standards, schema versions or widths would be mixed."""
+
+
+def brief(value: object, width: int = 80) -> str:
+    """`repr(value)` on one line (a numpy array's rows, a dataclass holding one, joined), cut to `width`
+    characters: for an error that names what it received in one line."""
+    return " ".join(repr(value).split())[:width]

@@ -267,7 +267,8 @@ MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a torch.save zip (tensor
 
 def _pickle_names_code(data: bytes) -> bool:
     """Whether `data` (a pickle, or torch.save's zip of them) imports anything but torch's own tensor
-    rebuilding. Read with pickletools, never run."""
+    rebuilding. Read with pickletools, never run; only a stream read to its STOP counts (bytes that are no
+    pickle, such as text with an `o` in it, read as stray opcodes)."""
     import pickletools
     import zipfile
 
@@ -279,20 +280,21 @@ def _pickle_names_code(data: bytes) -> bool:
             if sum(i.file_size for i in pickles) > MAX_PICKLE_BYTES:  # a state dict's pickle is small: a zip bomb
                 return False
             blobs = [z.open(i) for i in pickles]  # streamed, never held whole
+        code = False
         for blob in blobs:
             strings: list[str] = []
-            for op, arg, _ in pickletools.genops(blob):
+            for op, arg, _ in pickletools.genops(blob):  # raises on bytes that are no pickle, before its STOP
                 if isinstance(arg, str):
                     strings.append(arg)
                 if op.name in ("INST", "OBJ"):
-                    return True
+                    code = True
                 if op.name in ("GLOBAL", "STACK_GLOBAL"):
                     name = arg.replace(" ", ".") if op.name == "GLOBAL" else ".".join(strings[-2:])
                     if not name.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")):
-                        return True
+                        code = True
+        return code
     except Exception:  # noqa: BLE001 - not a pickle stream (or zip of them)
         return False
-    return False
 
 
 def base_arch(arch: str) -> str:
@@ -649,11 +651,13 @@ def _load_model(entry: CatalogEntry, built: CatalogEntry, img_size: int | None, 
     return LoadedModel(entry, model, cfg, digest, arch, num_params)
 
 
-def check_device(device: str, what: str = "device") -> str:
-    """`device` if torch can run on it here: ConfigError for a string torch does not parse as a device,
-    ModelError for CUDA where torch sees none."""
+def check_device(device: str | torch.device, what: str = "device") -> str:
+    """`device` (as a string) if torch can run on it here: ConfigError for a string torch does not parse as a
+    device, ModelError for CUDA where torch sees none."""
     import torch
 
+    if isinstance(device, torch.device):
+        device = str(device)
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as exc:
@@ -663,6 +667,18 @@ def check_device(device: str, what: str = "device") -> str:
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"{what} should be 'cpu' or a CUDA device, got {device!r}")
     return device
+
+
+AMP_DTYPES = ("float16", "bfloat16")  # what autocast computes in on a GPU (`amp_dtype`), by torch's names
+
+
+def check_amp_dtype(amp_dtype: Any) -> None:
+    """ConfigError unless `amp_dtype` is None (float32) or a dtype of AMP_DTYPES (`torch.bfloat16`)."""
+    import torch
+
+    if amp_dtype is not None and not (isinstance(amp_dtype, torch.dtype)
+                                      and str(amp_dtype).removeprefix("torch.") in AMP_DTYPES):
+        raise ConfigError(f"amp_dtype should be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
 
 
 def compute_label(device: str, amp_dtype: torch.dtype | None) -> str:

@@ -22,7 +22,7 @@ from selection.catalog import CatalogEntry
 from selection.data import DEFAULT_TASK_SIZE, ImageSet, load_dataset, resize_images, stratified_split
 from selection.embedding import (TASK_METHODS, RankQuery, TaskQuery, linear_queries, plan_queries, query_scores,
                                  source_covariance, source_weights, task_matrix, task_query, weigh_parts)
-from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, ZooselectError
+from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, ZooselectError, brief
 from selection.linear_probe import ProbeProtocol, probe_accuracy
 from selection.models import LoadedModel, base_arch, check_device, extract_features, load_model
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
@@ -73,7 +73,7 @@ class Constraint:
             object.__setattr__(self, "value", str(self.value))
         for name in ("field", "op", "value"):
             if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"a constraint's {name} must be a string, got {getattr(self, name)!r:.80}")
+                raise ConfigError(f"a constraint's {name} must be a string, got {brief(getattr(self, name))}")
         text = f"{self.field}{self.op}{self.value}"
         if self.field not in NUMERIC_FIELDS + TEXT_FIELDS:
             raise ConfigError(f"unknown constraint field {self.field!r} in {text!r} "
@@ -153,10 +153,12 @@ class SelectConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if value < least:
                 raise ConfigError(f"{name} must be >= {least}, got {value}")
+            object.__setattr__(self, name, int(value))  # numpy's: the results' JSON cannot hold them
         if not isinstance(self.weigh_parts, (bool, np.bool_)):  # "no" read as true
             raise ConfigError(f"weigh_parts must be True or False, got {self.weigh_parts!r}")
+        object.__setattr__(self, "weigh_parts", bool(self.weigh_parts))
         if not isinstance(self.protocol, ProbeProtocol):
-            raise ConfigError(f"protocol must be a ProbeProtocol, got {self.protocol!r:.80}")
+            raise ConfigError(f"protocol must be a ProbeProtocol, got {brief(self.protocol)}")
         object.__setattr__(self, "constraints", as_constraints(self.constraints))
         if self.verify_by not in VERIFIERS:
             raise ConfigError(f"verify_by must be one of {VERIFIERS}, got {self.verify_by!r}")
@@ -170,6 +172,8 @@ class SelectConfig:
                 self.task_image_size, (int, np.integer)) or not 8 <= self.task_image_size <= 1024):
             raise ConfigError(f"task_image_size must be in [8, 1024] (or None: the standard's probe image size), "
                               f"got {self.task_image_size}")
+        if self.task_image_size is not None:
+            object.__setattr__(self, "task_image_size", int(self.task_image_size))
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,11 +316,11 @@ def as_constraints(constraints: Iterable[Constraint | str]) -> tuple[Constraint,
     """Constraints given as Constraint objects or texts (`params<=5e6`), as a tuple of Constraint."""
     if isinstance(constraints, (str, Constraint)) or not isinstance(constraints, (tuple, list)):
         raise ConfigError(f"constraints must be a tuple of Constraint (or of texts such as 'params<=5e6'), "
-                          f"got {constraints!r:.120}")
+                          f"got {brief(constraints, 120)}")
     parsed = tuple(Constraint.parse(c) if isinstance(c, str) else c for c in constraints)
     bad = [c for c in parsed if not isinstance(c, Constraint)]
     if bad:
-        raise ConfigError(f"constraints must be Constraint objects or texts such as 'params<=5e6', got {bad[0]!r:.80}")
+        raise ConfigError(f"constraints must be Constraint objects or texts such as 'params<=5e6', got {brief(bad[0])}")
     return parsed
 
 
@@ -510,6 +514,12 @@ class Sweep:
             if queries.ndim != 2:
                 raise ConfigError(f"task weights should be (T, D), got shape {queries.shape}")
             queries = linear_queries(queries)
+        if isinstance(queries, (TaskQuery, RankQuery)):  # one task's query where the list goes
+            raise ConfigError(f"queries should be a list of task queries, got one {type(queries).__name__}: "
+                              f"pass [query]")
+        if not isinstance(queries, (list, tuple)) or not all(isinstance(q, (TaskQuery, RankQuery)) for q in queries):
+            raise ConfigError(f"queries should be a list of TaskQuery or RankQuery (TaskEmbedding.query), "
+                              f"or (T, D) task weights, got {brief(queries)}")
         if pareto is not None and any(len(_parts(q)) > 2 for q in queries):
             raise ConfigError(f"a Pareto front takes scores of at most 2 parts, got a query of "
                               f"{max(len(_parts(q)) for q in queries)}")
@@ -534,6 +544,8 @@ class Sweep:
             for kind in pc.value_counts(shard.meta.column("compute")).to_pylist():
                 if kind["values"] is not None:
                     part.computes[kind["values"]] = part.computes.get(kind["values"], 0) + kind["counts"]
+        if not self.queries:
+            raise ConfigError("no task queries to sweep the table with")
         if self.width != {shard.embeddings.shape[1]}:
             raise ConfigError(f"task queries have width {sorted(self.width)}, the table "
                               f"{shard.embeddings.shape[1]}")
@@ -673,7 +685,7 @@ def entry_of(row: dict[str, Any]) -> CatalogEntry:
     try:
         value = json.loads(raw)
     except (TypeError, ValueError, RecursionError):
-        raise ModelError(f"model {row['model_id']!r}: its row holds no readable catalog entry ({raw!r:.60}), so "
+        raise ModelError(f"model {row['model_id']!r}: its row holds no readable catalog entry ({brief(raw, 60)}), so "
                          f"it cannot be verified; embed it again") from None
     return CatalogEntry.from_dict(value, f"row {row['model_id']!r}")
 
@@ -890,14 +902,17 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
     """
     if not isinstance(tasks, (str, os.PathLike, ImageSet)) and isinstance(tasks, Iterable):
         tasks = list(tasks)  # a generator is read once
+    if isinstance(tasks, (str, os.PathLike, ImageSet)):  # one task where the list goes
+        name = tasks.name if isinstance(tasks, ImageSet) else os.fspath(tasks)
+        raise ConfigError(f"tasks should be a list of tasks, got one {type(tasks).__name__} {name!r}: pass [task]")
     if not isinstance(tasks, list) or not tasks:
-        raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {tasks!r:.80}")
+        raise ConfigError(f"tasks should be a non-empty list of ImageSets or dataset specs, got {brief(tasks)}")
     odd = [t for t in tasks if not isinstance(t, (str, os.PathLike, ImageSet))]
     if odd:
-        raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {odd[0]!r:.80}")
+        raise ConfigError(f"a task should be an ImageSet or a dataset spec, got {type(odd[0]).__name__} {brief(odd[0])}")
     config = SelectConfig() if config is None else config
     if not isinstance(config, SelectConfig):
-        raise ConfigError(f"config should be a SelectConfig, got {type(config).__name__} {config!r:.80}")
+        raise ConfigError(f"config should be a SelectConfig, got {type(config).__name__} {brief(config)}")
     check_device(device)
     store = as_store(store)  # or a store URL or path, as the jobs take it
     std = load_standard(store, standard_id)

@@ -24,11 +24,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import selection
-from selection.catalog import CatalogEntry
+from selection.catalog import CatalogEntry, anchored
 from selection.data import check_spec, load_dataset
 from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_GCV, RIDGE_GCVS, RIDGE_SCALE,
                                  RIDGE_SCALES, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width)
-from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError
+from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, brief
 from selection.storage import Store, as_store
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,20 @@ class StandardConfig:
         for name in ("d", "probe_image_size", "split_seed", "batch_size", "input_size", "companion_d"):
             value = getattr(self, name)
             if not integer(value) and not (value is None and name in ("input_size", "companion_d")):
-                raise ConfigError(f"{name} must be an integer, got {value!r:.80}")
+                raise ConfigError(f"{name} must be an integer, got {brief(value)}")
         if self.split_seed < 0:
             raise ConfigError(f"split_seed must be >= 0, got {self.split_seed}")
         if isinstance(self.fit_fraction, bool) or not isinstance(self.fit_fraction, (int, float, np.floating)):
-            raise ConfigError(f"fit_fraction must be a number, got {self.fit_fraction!r:.80}")
+            raise ConfigError(f"fit_fraction must be a number, got {brief(self.fit_fraction)}")
         for name in ("baseline", "companion"):
             value = getattr(self, name)
             if not isinstance(value, CatalogEntry) and not (value is None and name == "companion"):
-                raise ConfigError(f"{name} must be a CatalogEntry, got {type(value).__name__} {value!r:.80}")
+                raise ConfigError(f"{name} must be a CatalogEntry, got {type(value).__name__} {brief(value)}")
+            if value is not None:  # the spec keeps the path: relative, it was read against another folder later
+                object.__setattr__(self, name, anchored(value, os.getcwd()))
         if isinstance(self.probe_sources, (str, bytes)) or not isinstance(self.probe_sources, (tuple, list)) or \
                 not all(isinstance(src, str) for src in self.probe_sources):
-            raise ConfigError(f"probe_sources must be a tuple of dataset specs, got {self.probe_sources!r:.80}")
+            raise ConfigError(f"probe_sources must be a tuple of dataset specs, got {brief(self.probe_sources)}")
         object.__setattr__(self, "probe_sources", tuple(self.probe_sources))
         if self.form not in FORMS:
             raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
@@ -337,7 +339,7 @@ def check_standard(std: Any) -> Standard:
     if not isinstance(std, Standard):
         hint = ": a standard's id? `load_standard(store, id)` loads it" if isinstance(std, str) else ""
         raise ConfigError(f"std should be a Standard (selection.standard.load_standard), got "
-                          f"{type(std).__name__} {std!r:.80}{hint}")
+                          f"{type(std).__name__} {brief(std)}{hint}")
     return std
 
 
@@ -616,7 +618,7 @@ def _load_npz(data: bytes, where: str, names: tuple[str, ...]) -> dict[str, np.n
 
 def save_standard(store: Store | str, std: Standard, make_default: bool = True) -> None:
     """Publish a standard (data files first, standard.json last, so it is complete once visible)."""
-    store = as_store(store)
+    store, std = as_store(store), check_standard(std)
     base = f"standards/{std.id}"
     companion = {} if std.companion_mean is None else {"companion_mean": std.companion_mean,
                                                        "companion_projection": std.companion_projection}
@@ -634,9 +636,16 @@ def list_standards(store: Store | str) -> list[str]:
     return sorted({p.split("/")[1] for p in store.list("standards", "standard.json")})
 
 
-def set_default_standard(store: Store | str, sid: str) -> None:
-    """Make `sid` the store's default standard (the one a job without --standard uses)."""
-    as_store(store).write_bytes(DEFAULT_PATH, sid.encode())
+def set_default_standard(store: Store | str, sid: str | Standard) -> None:
+    """Make `sid` (or a Standard's id) the store's default standard (the one a job without --standard uses);
+    a StoreError unless the store holds that standard, which every later default load would fail on."""
+    store = as_store(store)
+    if isinstance(sid, Standard):
+        sid = sid.id
+    if not isinstance(sid, str) or not store.exists(f"standards/{sid}/standard.json"):
+        raise StoreError(f"no standard {brief(sid, 60)} in {store.url} to make the default (`python -m jobs.standard` "
+                         f"publishes one)")
+    store.write_bytes(DEFAULT_PATH, sid.encode())
 
 
 def marked_default(store: Store | str, damaged_ok: bool = False) -> str | None:
@@ -711,7 +720,7 @@ def load_standard(store: Store | str, standard_id: str | None = None) -> Standar
     if standard_id is not None and (not isinstance(standard_id, str) or not standard_id.strip()
                                     or any(c in standard_id for c in "/\\") or standard_id.startswith(".")):
         raise ConfigError(f"a standard id names one of the store's standards (std-..., or None: the store's "
-                          f"default), got {standard_id!r:.80}")
+                          f"default), got {brief(standard_id)}")
     sid = standard_id or default_standard_id(store)
     base = f"standards/{sid}"
     if not store.exists(f"{base}/standard.json"):

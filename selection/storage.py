@@ -33,7 +33,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selection.errors import ConfigError, CorruptObjectError, ObjectGoneError, StoreError
+from selection.errors import ConfigError, CorruptObjectError, ObjectGoneError, StoreError, brief
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -645,7 +645,7 @@ class Store:
             url = os.fspath(url)
         if not isinstance(url, str):  # a Standard in the store's place (arguments swapped): its name, not its arrays
             name = getattr(url, "id", None)
-            shown = repr(name) if isinstance(name, str) else f"{url!r:.80}"
+            shown = repr(name) if isinstance(name, str) else f"{brief(url)}"
             raise ConfigError(f"a store should be a Store, a URL or a local path, got {type(url).__name__} {shown}")
         if not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 import selection
 from selection.errors import (ConfigError, CorruptObjectError, ModelError, ObjectGoneError, StandardMismatchError,
-                              StoreError)
+                              StoreError, brief)
 from selection.keys import model_key, shard_of
 from selection.standard import Standard, check_standard
 from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
@@ -109,7 +109,13 @@ def schema_for(std: Standard) -> pa.Schema:
                  b"zooselect.schema_version": str(selection.SCHEMA_VERSION).encode()})
 
 
-def _base(standard_id: str) -> str:
+def _base(standard_id: str | Standard) -> str:
+    """Where the table of a standard lives (given its id, or the Standard, which most table functions take)."""
+    if isinstance(standard_id, Standard):
+        standard_id = standard_id.id
+    if not isinstance(standard_id, str) or not re.fullmatch(r"[\w.-]+", standard_id):
+        raise ConfigError(f"a standard id should be a name such as 'std-0123456789abcdef', got "
+                          f"{type(standard_id).__name__} {brief(standard_id, 60)}")
     return f"embeddings/{standard_id}"
 
 
@@ -142,6 +148,9 @@ class StampMemo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", as_store(self.store))
+        _base(self.standard_id)  # refused now if it is no id, not where the first memo is written
+        if isinstance(self.standard_id, Standard):
+            object.__setattr__(self, "standard_id", self.standard_id.id)
 
     def get(self, model_id: str) -> tuple[str, str] | None:
         """(stamp, weights_sha256) last recorded for the model, or None (absent or unreadable)."""
@@ -193,7 +202,7 @@ def make_row_table(std: Standard, row: dict[str, Any]) -> pa.Table:
     for f in META_FIELDS:
         if not _fits(row.get(f.name), f.type):  # tags="cnn" was ['c', 'n', 'n'], input_size=3.5 was 3
             raise ModelError(f"the row of {row['model_id']!r}: {f.name} should be {f.type}, got "
-                             f"{type(row.get(f.name)).__name__} {row.get(f.name)!r:.80}; not written")
+                             f"{type(row.get(f.name)).__name__} {brief(row.get(f.name))}; not written")
     data = {f.name: [row.get(f.name)] for f in META_FIELDS}
     data["coverage"] = [coverage.tolist()]
     data["embedding"] = [emb.tolist()]

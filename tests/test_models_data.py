@@ -93,8 +93,10 @@ def test_malicious_pickle_checkpoint_refused(tmp_path):
     assert not os.path.exists("/tmp/zooselect-pwned")
 
 
-@pytest.mark.parametrize("data", [b"<!DOCTYPE html><html>404 Not Found</html>", bytes(range(256)) * 4],
-                         ids=["html-page", "random-bytes"])
+@pytest.mark.parametrize("data", [b"<!DOCTYPE html><html>404 Not Found</html>", bytes(range(256)) * 4,
+                                  b"hello world\n" * 10, b"\x93NUMPY\x01\x00v\x00{'descr': '<i8', 'fortran_order': "
+                                                        b"False, 'shape': (10,), }" + b" " * 40 + b"\n" + bytes(80)],
+                         ids=["html-page", "random-bytes", "text", "npy-file"])
 def test_a_file_that_is_no_checkpoint_is_not_called_pickled_code(tmp_path, data):
     """A failed download (an HTML page) was refused as if it carried code."""
     path = tmp_path / "w.pth"

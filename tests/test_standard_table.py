@@ -447,6 +447,16 @@ def test_sharded_sweep_equals_whole_sweep(published):
     sharded = sweep_shards(iter_shards(store, std), w, 3)
     assert [[(r.model_id, round(r.score, 5)) for r in t] for t in whole] == \
         [[(r.model_id, round(r.score, 5)) for r in t] for t in sharded]
+    # a query where the list goes, or none: one line (a review, session 47: "'RankQuery' object is not
+    # iterable", and "task queries have width [], the table 324")
+    from selection.embedding import linear_queries
+
+    (query,) = linear_queries(w[:1])
+    for bad, match in ((query, "^queries should be a list of task queries, got one TaskQuery: pass \\[query\\]$"),
+                       ([], "^no task queries to sweep the table with$"),
+                       (["builtin:digits"], "^queries should be a list of TaskQuery or RankQuery")):
+        with pytest.raises(ConfigError, match=match):
+            sweep(load_table(store, std), bad, 3)
 
 
 def test_out_of_memory_halves_the_batch_then_reports(published, monkeypatch):
@@ -1160,9 +1170,16 @@ def test_select_models_in_process_is_embed_sweep_verify(published, tmp_path, cap
     [sel] = select_models(store, [task], SelectConfig(top_k=4, verify_top_k=4))
     assert sel.n_verified == 3 and sel.ranking[-1].model_id == "zoo/gone" and sel.ranking[-1].verified is None
     assert any("verification of zoo/gone failed" in m and "checkpoint not found" in m for m in caplog.messages)
-    for bad in ([], task, None, 3, iter([])):
+    for bad in ([], None, 3, iter([])):
         with pytest.raises(ConfigError, match="tasks should be a non-empty list of ImageSets or dataset specs"):
             select_models(store, bad)
+    # one task in the list's place: one line, naming it (its pixels, over lines, before; a review, session 47)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"tasks should be a list of tasks, got one ImageSet "
+                                                          f"{task.name!r}: pass [task]") + "$"):
+        select_models(store, task)
+    from selection.errors import brief
+
+    assert "\n" not in brief(task) and len(brief(task)) == 80
     # A spec is loaded as the job loads it, at the standard's probe image size (32 px here) unless told
     # otherwise (then with a warning), and an ImageSet is resized to the same; a one-class task is refused
     # before any model runs.
@@ -2081,9 +2098,14 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
     entry = CatalogEntry("zoo/r", "resnet10t", None, input_size=32)
     for kwargs, error, match in (({"device": "mps"}, ConfigError, "should be 'cpu' or a CUDA device, got 'mps'"),
                                  ({"batch_size": 0}, ConfigError, "batch_size must be an integer >= 1"),
-                                 ({"batch_size": -1}, ConfigError, "batch_size must be an integer >= 1")):
+                                 ({"batch_size": -1}, ConfigError, "batch_size must be an integer >= 1"),
+                                 # a review (session 47): a failed model, and a row labelled int8 computed in float32
+                                 ({"amp_dtype": "bfloat16"}, ConfigError, "amp_dtype should be None, torch.float16 or "
+                                                                          "torch.bfloat16, got 'bfloat16'"),
+                                 ({"amp_dtype": torch.int8}, ConfigError, "got torch.int8")):
         with pytest.raises(error, match=match):
             embed_entry(entry, std, store, **kwargs)
+    assert embed_entry(entry, std, store, device=torch.device("cpu")).status == "embedded"  # select_models takes one
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="torch sees no CUDA device here"):
             embed_entry(entry, std, store, device="cuda")
@@ -2238,3 +2260,32 @@ def test_a_catalog_input_size_other_than_the_standards_is_logged_and_the_row_rec
     assert "zoo/t: catalog input_size" not in caplog.text
     meta = load_table(store, at_24).meta
     assert dict(zip(*(meta.column(c).to_pylist() for c in ("model_id", "input_size")))) == {"zoo/s": 24, "zoo/t": 24}
+
+
+def test_a_baseline_checkpoint_given_by_a_relative_path_is_kept_absolute(tmp_path, monkeypatch):
+    """A review (session 47): the spec kept `ck/r10.safetensors` as given, so the standard's baseline was not
+    found from any other folder (another notebook's, a Ray worker's), as catalog entries would have been."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_checkpoint(timm.create_model("resnet10t"), str(ck / "r10.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(baseline=CatalogEntry("base", "resnet10t", "ck/r10.safetensors", input_size=32))
+    assert config.baseline.weights == str(ck / "r10.safetensors")
+    std = build_standard(config)
+    assert std.spec["baseline"]["entry"]["weights"] == str(ck / "r10.safetensors")
+    assert compute_standard_id(std.spec) == std.id
+
+
+def test_the_default_is_set_only_to_a_standard_the_store_holds(store, tiny_standard):
+    """A review (session 47): `set_default_standard(store, "std-typo")` was written, and every later load of
+    the default failed; a Standard in the id's place, or an id in the Standard's, was an AttributeError."""
+    from selection.standard import marked_default, set_default_standard
+
+    with pytest.raises(ConfigError, match="^std should be a Standard"):
+        save_standard(store, tiny_standard.id)
+    save_standard(store, tiny_standard)
+    with pytest.raises(StoreError, match=r"^no standard 'std-typo' in .* to make the default"):
+        set_default_standard(store, "std-typo")
+    assert marked_default(store) == tiny_standard.id
+    set_default_standard(store, tiny_standard)
+    assert marked_default(store) == tiny_standard.id and load_standard(store).id == tiny_standard.id

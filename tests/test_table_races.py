@@ -1271,3 +1271,21 @@ def test_a_segment_with_a_damaged_page_says_what_to_do_on_every_read_path(publis
         with pytest.raises(CorruptObjectError, match=re.escape("(a segment: move it out of the store, and the "
                                                                "next `python -m jobs.embed`")):
             read()
+
+
+def test_the_functions_that_take_a_standard_id_take_the_standard_too_and_refuse_anything_else(published):
+    """A review (session 47): `compaction_running(store, std)` said False while a compaction ran (it looked
+    under `embeddings/Standard(id=…)`), and `StampMemo(store, std)` wrote its memos there."""
+    from selection.table import StampMemo
+
+    store, std = published
+    store.write_bytes(f"embeddings/{std.id}/_compacting/abcdef0123456789", str(time.time()).encode())
+    assert compaction_running(store, std.id) and compaction_running(store, std)
+    memo = StampMemo(store, std)
+    memo.put("zoo/a", "stamp", "0" * 64)
+    assert memo.standard_id == std.id and StampMemo(store, std.id).get("zoo/a") == ("stamp", "0" * 64)
+    for bad in (None, 3, "", "a/b", "../x"):
+        with pytest.raises(ConfigError, match=r"^a standard id should be a name such as 'std-0123456789abcdef', got"):
+            compaction_running(store, bad)
+        with pytest.raises(ConfigError, match="a standard id should be"):
+            StampMemo(store, bad)
