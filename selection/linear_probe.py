@@ -45,9 +45,17 @@ class ProbeProtocol:
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                    protocol: ProbeProtocol = ProbeProtocol()) -> float:
-    """Test accuracy in [0, 1] of the protocol's logistic-regression probe."""
+    """Test accuracy in [0, 1] of the protocol's logistic-regression probe (features as arrays, lists or
+    CPU tensors)."""
     import torch
 
+    if not isinstance(protocol, ProbeProtocol):
+        raise ConfigError(f"protocol should be a ProbeProtocol, got {type(protocol).__name__}")
+    train_x, test_x = (np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+                       for x in (train_x, test_x))  # their own dtype: the benchmark's ground truth as before
+    for x in (train_x, test_x):
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"probe features should be (n, k) numbers, got {x.dtype} values")
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise DataError(f"probe features should be (n, k) with equal k, got {train_x.shape} and {test_x.shape}")
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 
-from selection.errors import ConfigError, StoreError
-from selection.storage import Store, parquet_bytes, write_file_atomically
+from selection.errors import ConfigError, StoreError, brief
+from selection.storage import Store, as_store, parquet_bytes, write_file_atomically
 
 if TYPE_CHECKING:  # not imported at run time: `jobs.table` prints with this module and needs no torch
     from selection.select import Ranked, SelectConfig, Selection
@@ -59,12 +59,22 @@ def ranked_record(r: Ranked) -> dict[str, Any]:
             "tags": r.row["tags"], "verify_error": r.verify_error}
 
 
-def selection_record(task: str, sel: Selection, config: SelectConfig, std: Standard) -> dict[str, Any]:
+def selection_record(task: str | os.PathLike[str], sel: Selection, config: SelectConfig | None,
+                     std: Standard) -> dict[str, Any]:
     """One task's result as a JSON-ready dict: its ranking and front as `ranked_record`s, and the query
     that made it (an archived result can be read and run again). `task`: the name to show for it;
-    `config`: the one `sel` was made with (another is a ConfigError: the record would describe another query)."""
-    from selection.select import default_score, task_image_size
+    `config`: the one `sel` was made with (another is a ConfigError: the record would describe another query;
+    None: `sel.config`)."""
+    from selection.select import SelectConfig, default_score, task_image_size
 
+    if isinstance(task, os.PathLike):  # a local task's path: the records are JSON
+        task = os.fspath(task)
+    if not isinstance(task, str):
+        raise ConfigError(f"task should be the name to show for the task (a string), got {type(task).__name__} "
+                          f"{brief(task)}")
+    config = sel.config if config is None else config
+    if not isinstance(config, SelectConfig):
+        raise ConfigError(f"config should be the SelectConfig the selection was made with, got {brief(config)}")
     if sel.config is not None and config != sel.config:
         changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(sel.config, f.name)]
         raise ConfigError(f"config is not the one this selection was made with (it differs in {', '.join(changed)}): "
@@ -192,12 +202,13 @@ def _format_front(front: list[dict[str, Any]], cost: str) -> list[str]:
 
 
 def write_results(results: list[dict[str, Any]], std_id: str, json_path: str | None,
-                  parquet_path: str | None, store: Store | None = None, json_stream: TextIO | None = None,
+                  parquet_path: str | None, store: Store | str | None = None, json_stream: TextIO | None = None,
                   skip_save: str = "store=None skips that") -> str | None:
     """Write the results where asked: the local files (`json_path` "-": to `json_stream`, default standard
     output), then with `store` its copy in STORE/results/ (returns that prefix). Each file is written whole
     or not at all, every one that can be is, then a one-line error names those that could not (StoreError
     when the store's copy failed; `skip_save`: how its caller skips the store's copy, for that error)."""
+    store = None if store is None else as_store(store)  # a URL or path too, as everywhere
     created_at, run_id = time.time(), uuid.uuid4().hex[:8]
     doc = json.dumps({"standard_id": std_id, "created_at": created_at, "run_id": run_id, "tasks": results}, indent=2)
     # built where written; plain zstd (`portable`) as `jobs.table export` writes, for any reader

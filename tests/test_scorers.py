@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selection.errors import DataError
+from selection.errors import ConfigError, DataError
 from selection.scorers import (
     SCORERS,
     _log_evidence_svd,
@@ -380,9 +380,14 @@ def test_the_linear_probe_is_scale_free_and_refuses_labels_that_do_not_fit_its_f
                          r"test split has features \(30, 6\) and labels \(1,\)"),
                         ((f[tr], labels[tr][:, None], f[te], labels[te]), r"train split .* labels \(30, 1\)"),
                         ((f[tr], labels[tr], f[te][:0], labels[te][:0]), "at least one image"),
-                        ((f[tr], labels[tr], nan, labels[te]), "the probe's test features hold 1 non-finite value")):
+                        ((f[tr], labels[tr], nan, labels[te]), "the probe's test features hold 1 non-finite value"),
+                        (([["a"]], labels[:1], f[te], labels[te]), "probe features should be .* numbers, got <U1")):
         with pytest.raises(DataError, match=match):
             probe_accuracy(*args)
+    # lists and tensors are features too; the protocol is checked (a review, session 47: AttributeErrors)
+    assert probe_accuracy(f[tr].tolist(), labels[tr], torch.from_numpy(f[te]), labels[te]) == base
+    with pytest.raises(ConfigError, match="^protocol should be a ProbeProtocol, got NoneType$"):
+        probe_accuracy(f[tr], labels[tr], f[te], labels[te], protocol=None)
 
 
 @pytest.mark.parametrize("scorer,params", [

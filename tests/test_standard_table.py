@@ -2142,6 +2142,18 @@ def test_the_library_takes_what_a_notebook_passes_and_refuses_the_rest_in_one_li
                                           r"top_k, verify_top_k\): pass the same SelectConfig, `sel.config`$"):
         selection_record("t", sel, SelectConfig(), std)
     assert selection_record("t", sel, made, std)["verify_top_k"] == 3
+    # a task's path, no config (its own), a store by its path (a review, session 47: the records of a
+    # pathlib task were no JSON, None was a TypeError, a store path an AttributeError)
+    from selection.results import write_results
+
+    record = selection_record(pathlib.Path("/data/task"), sel, None, std)
+    assert record["task"] == "/data/task" and record["verify_top_k"] == 3
+    with pytest.raises(ConfigError, match=r"^config should be the SelectConfig the selection was made with, got 3$"):
+        selection_record("t", sel, 3, std)
+    with pytest.raises(ConfigError, match=r"^task should be the name to show for the task \(a string\), got int 7$"):
+        selection_record(7, sel, made, std)
+    saved = write_results([record], std.id, None, None, store.url)
+    assert saved.startswith(f"{store.url}/results/select-") and os.path.isfile(f"{saved}.parquet")
 
 
 def test_a_standard_of_one_input_size_builds_fixed_size_models_at_it(store, tmp_path):
