@@ -877,7 +877,7 @@ def _segment_remedy() -> Iterator[None]:
 def _segment_groups(store: Store, seg: str, rows: list[int] | None = None) -> Iterator[pa.Table]:
     """`Store.iter_row_groups` of a segment, a corrupt one's error with its remedy."""
     with _segment_remedy():
-        yield from store.iter_row_groups(seg, rows=rows)
+        yield from store.iter_row_groups(seg) if rows is None else store.iter_row_groups(seg, rows=rows)
 
 
 def segment_keys(store: Store, seg: str) -> list[str]:
