@@ -645,7 +645,7 @@ class Store:
             url = os.fspath(url)
         if not isinstance(url, str):  # a Standard in the store's place (arguments swapped): its name, not its arrays
             name = getattr(url, "id", None)
-            shown = repr(name) if isinstance(name, str) else f"{brief(url)}"
+            shown = repr(name) if isinstance(name, str) else brief(url)
             raise ConfigError(f"a store should be a Store, a URL or a local path, got {type(url).__name__} {shown}")
         if not url.strip():
             raise ConfigError(f"store URL must be a non-empty string, got {url!r}")
