@@ -74,13 +74,15 @@ LOG_BAR_INTERVAL_S = 30.0  # off a terminal, a progress bar writes a line this o
 
 
 _BAR_TIMES = re.compile(r"\[[\d:]+(?:<[^,\]]*)?(?:, [^,\]]*)?")  # `[00:12<00:30, 2.5model/s` of a tqdm line
+_BAR_GLYPHS = re.compile(r"\|[^|]*\|")  # `|#########  |`: its width is what the line's other text leaves of ncols
 _CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal control sequence: tqdm moves up (`ESC[A`) to a second bar
 
 
 class _Lines:
     """A stream for a progress bar off a terminal: each redraw a line of its own, no carriage returns, and
     none that repeats the previous one's progress and note with only the times changed (tqdm's closing
-    redraw after a last update), nor a terminal's cursor moves (two bars open)."""
+    redraw after a last update; its bar one glyph narrower when the rate takes a digit more), nor a
+    terminal's cursor moves (two bars open)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -88,7 +90,7 @@ class _Lines:
 
     def write(self, text: str) -> int:
         line = _CSI.sub("", text.replace("\r", "")).rstrip()
-        news = _BAR_TIMES.sub("[", line)
+        news = _BAR_TIMES.sub("[", _BAR_GLYPHS.sub("|", line))  # a rate of another width narrows the bar
         if line and news != self._last:
             self.stream.write(line + "\n")
             self._last = news

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -914,6 +915,16 @@ def test_a_closed_pipe_ends_a_job_quietly_and_bars_off_a_terminal_write_lines(pu
     assert "\r" not in err and err.splitlines()[0].startswith("embed:   0%") and "3/3" in err.splitlines()[-1]
     assert "zoo/m1: embedded" in err  # a line per change of its note: a log names each model
     assert sum("3/3" in line for line in err.splitlines()) == 1  # not again when the bar closes (session 42)
+    # nor when the closing redraw's rate took a digit more, so its bar a glyph less (CI, session 47)
+    from jobs.common import _Lines
+
+    out = io.StringIO()
+    lines = _Lines(out)
+    for text in ("embed:  67%|######6   | 2/3 [00:00<00:00, 9.99model/s, zoo/m1: embedded]",
+                 "\rembed: 100%|##########| 3/3 [00:00<00:00, 9.99model/s, zoo/m2: embedded]",
+                 "\rembed: 100%|#########| 3/3 [00:01<00:00, 10.01model/s, zoo/m2: embedded]"):
+        lines.write(text)
+    assert [line.split("|")[0] for line in out.getvalue().splitlines()] == ["embed:  67%", "embed: 100%"]
 
 
 def test_two_bars_off_a_terminal_write_no_cursor_moves(capsys):
