@@ -77,8 +77,8 @@ def default_dir() -> str:
 
 # ----------------------------------------------------------------------- state files
 def private_dir(path: str, create: bool = False) -> str:
-    """`path` made absolute (created 0700 if missing and `create`), and refused unless it is the caller's own and no one
-    else may write in it: the stack writes its secrets there, `source`s its env file and removes what its
+    """`path` made absolute (created 0700 if missing and `create`), and refused unless it is the caller's
+    own and no one else may write in it: the stack writes its secrets there, `source`s its env file and removes what its
     state file names, so a directory another user can change (a shared /tmp/zs-dev made first by
     someone else) would hand them the keys or the user's shell."""
     root = os.path.abspath(path)

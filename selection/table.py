@@ -109,14 +109,19 @@ def schema_for(std: Standard) -> pa.Schema:
                  b"zooselect.schema_version": str(selection.SCHEMA_VERSION).encode()})
 
 
-def _base(standard_id: str | Standard) -> str:
-    """Where the table of a standard lives (given its id, or the Standard, which most table functions take)."""
+def _standard_id(standard_id: str | Standard) -> str:
+    """A standard's id, given it or the Standard (which most table functions take); else a ConfigError."""
     if isinstance(standard_id, Standard):
         standard_id = standard_id.id
     if not isinstance(standard_id, str) or not re.fullmatch(r"[\w.-]+", standard_id):
         raise ConfigError(f"a standard id should be a name such as 'std-0123456789abcdef', got "
                           f"{type(standard_id).__name__} {brief(standard_id, 60)}")
-    return f"embeddings/{standard_id}"
+    return standard_id
+
+
+def _base(standard_id: str | Standard) -> str:
+    """Where the table of a standard lives."""
+    return f"embeddings/{_standard_id(standard_id)}"
 
 
 def row_path(standard_id: str, model_id: str) -> str:
@@ -148,9 +153,8 @@ class StampMemo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", as_store(self.store))
-        _base(self.standard_id)  # refused now if it is no id, not where the first memo is written
-        if isinstance(self.standard_id, Standard):
-            object.__setattr__(self, "standard_id", self.standard_id.id)
+        # refused now if it is no id, not where the first memo is written
+        object.__setattr__(self, "standard_id", _standard_id(self.standard_id))
 
     def get(self, model_id: str) -> tuple[str, str] | None:
         """(stamp, weights_sha256) last recorded for the model, or None (absent or unreadable)."""
