@@ -182,6 +182,8 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise DataError(f"image size must be a positive integer, got {size!r}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4) or images.dtype != np.uint8:
@@ -221,6 +223,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     of one image)."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DataError(f"labels should be a non-empty 1-D array, got shape {labels.shape}")
     rng = np.random.default_rng(seed)
     train, test = [], []
     present, counts = np.unique(labels, return_counts=True)

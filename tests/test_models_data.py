@@ -759,6 +759,11 @@ def test_builtin_sets_and_split():
     assert set(fm.labels[te]) == {0, 1, 2}
     with pytest.raises(DataError, match=r"^class 1 has 1 image: a split needs at least 2 of every class"):
         stratified_split(np.array([0, 0, 0, 0, 1]), 0.5, 0)  # was a test side without class 1 (a review, s. 43)
+    # No labels, or a table of them, was numpy's concatenate error or a split of the flattened table (s. 48).
+    with pytest.raises(DataError, match=r"^labels should be a non-empty 1-D array, got shape \(0,\)$"):
+        stratified_split(np.array([]), 0.5, 0)
+    with pytest.raises(DataError, match=r"got shape \(4, 2\)$"):
+        stratified_split(np.zeros((4, 2)), 0.5, 0)
     # Probe and task digits never overlap.
     from selection.data import load_digits_raw
 
@@ -775,6 +780,9 @@ def test_resize_images_works_in_steps_of_bounded_memory_and_composites_alpha(mon
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (7, 40, 30, 3), dtype=np.uint8)
     whole = data_module.resize_images(x, 16)
+    for size in (0, -3, 2.5, True):  # torch's "Input and output sizes should be greater than 0" (s. 48)
+        with pytest.raises(DataError, match=rf"^image size must be a positive integer, got {size!r}$"):
+            data_module.resize_images(x, size)
     monkeypatch.setattr(data_module, "RESIZE_STEP_BYTES", 1)  # one image a step
     assert np.array_equal(data_module.resize_images(x, 16), whole)
     assert np.array_equal(data_module.resize_images(x, 30), x[:, 5:35])  # at its size: cropped only
