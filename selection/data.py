@@ -684,9 +684,11 @@ def _load_parquet(url: str, size: int, store_options: dict, draft: bool = False,
     missing = sum(y is None or (isinstance(y, float) and math.isnan(y)) for y in raw_labels)
     if missing:  # NaN: how pandas, Polars and Spark write a missing float label
         raise DataError(f"task Parquet {url!r} has {missing} missing label(s) (null or NaN)")
-    names = tuple(sorted({str(y) for y in raw_labels}, key=lambda s: (len(s), s)))
+    # -0.0 + 0.0 is 0.0: the two zeros of a float column are one number, and one class
+    named = [str(y + 0.0) if isinstance(y, float) else str(y) for y in raw_labels]
+    names = tuple(sorted(set(named), key=lambda s: (len(s), s)))
     index = {n: i for i, n in enumerate(names)}
-    labels = np.array([index[str(y)] for y in raw_labels], dtype=np.int64)
+    labels = np.array([index[n] for n in named], dtype=np.int64)
     imgs = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return ImageSet(imgs, labels, names, url)
 

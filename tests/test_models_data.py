@@ -530,6 +530,11 @@ def test_bad_task_files(tmp_path):
                        tmp_path / "nan.parquet")
         with pytest.raises(DataError, match=r"nan.parquet' has 1 missing label\(s\) \(null or NaN\)$"):
             load_dataset(str(tmp_path / "nan.parquet"))
+    # 0.0 and -0.0 (a sign flip of a 0/1 column) are one number: they were two classes, '0.0' and '-0.0' (s. 48).
+    pq.write_table(pa.table({"image": [_png((i, 0, 0)) for i in range(4)], "label": [0.0, 1.0, -0.0, 1.0]}),
+                   tmp_path / "zeros.parquet")
+    zeros = load_dataset(str(tmp_path / "zeros.parquet"))
+    assert zeros.classes == ("0.0", "1.0") and zeros.labels.tolist() == [0, 1, 0, 1]
     (tmp_path / "corrupt.parquet").write_bytes(b"garbage")
     with pytest.raises(DataError, match="corrupt Parquet"):
         load_dataset(str(tmp_path / "corrupt.parquet"))
