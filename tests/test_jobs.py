@@ -271,7 +271,7 @@ def test_failing_model_does_not_stop_others(ray_local, published, tmp_path, caps
             f"to check them (one that crashed: `python -m jobs.table compact --break-leases`)") in out
     assert (f"warning: a compaction of standard {std.id} still runs after 0s; 1 row(s) written during it are "
             f"unchecked (ok); the next re-index restores any it deleted (a compaction that crashed: "
-            f"`jobs.table compact --break-leases`)") in out
+            f"`zooselect table compact --store {store.url} --standard {std.id} --break-leases`)") in out
     assert "failed: corrupt: corrupt safetensors" in out, out  # the id once (it was twice: session 40)
     assert "failed: unknown: unknown timm architecture 'no_such_net_abc'" in out
     assert "failed: missing: checkpoint not found" in out
