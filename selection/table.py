@@ -552,6 +552,14 @@ def _in_segments(store: Store, std: Standard, keys: set[str]) -> set[str]:
     return _until_unchanged(f"the segments of standard {std.id}", read)
 
 
+def segments_hold(store: Store | str, std: Standard, model_id: str) -> bool:
+    """Whether the table's segments hold a row of `model_id` (removed or not): through the key index,
+    a few reads whatever the table's size (`_in_segments`)."""
+    store, std = as_store(store), check_standard(std)
+    key = model_key(model_id)
+    return key in _in_segments(store, std, {key})
+
+
 def _usable_key_index(store: Store, folder: str, segments: list[str]) -> tuple[int, list[str] | None] | None:
     """The bucket count and the buckets' sha256 (None in an index written before they were recorded) of
     the key index in `folder` if it is whole (its `index.json` written last, and readable) and covers

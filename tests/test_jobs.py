@@ -1002,7 +1002,7 @@ def test_long_model_ids_are_printed_whole():
     assert len({line.index("0.5000") for line in printed.splitlines() if "0.5000" in line}) == 1  # aligned
 
 
-def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(published):
+def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(published, monkeypatch):
     """A review (session 44): on a cluster whose nodes do not share a local store's folder, actors wrote
     their rows to their own nodes' disks; `jobs.embed` said "3 embedded", exit 0, and the store the user
     named held none. The driver now checks each row it is told of (a local store only)."""
@@ -1027,6 +1027,15 @@ def test_a_row_written_on_a_disk_the_driver_does_not_see_fails_the_model(publish
     write_row(store, std, _row(std, "zoo/b"))
     compact(store, std)
     assert row_seen_here(gone, store, std) is gone
+    # ... found through the key index: it read the whole table's index for each such model (a review, s. 48)
+    import selection.table as table_module
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the table was read whole")
+
+    monkeypatch.setattr(table_module, "iter_shards", no_sweep)
+    assert row_seen_here(gone, store, std) is gone
+    assert row_seen_here(dataclasses.replace(gone, model_id="zoo/never"), store, std).status == "failed"
 
 
 def test_probe_prepared_once_per_config_and_released(ray_local, published, monkeypatch):
