@@ -769,11 +769,16 @@ def iter_shards(store: Store | str, std: Standard, listing: Listing | None = Non
     listing = listing or list_table(store, std)
     # Keys already yielded or overridden (row objects win over segments, markers delete):
     # one hash lookup per row, so a table of S segments costs O(m), not O(m * S).
+    # A segment's keys hide rows of older compactions only (one compaction's segments hold each model
+    # once, as `table_parts` takes them): none are kept when no older compaction follows (the usual
+    # table, one compaction: a set of every key was 100 MB at a million models).
     hidden = hidden_keys(listing)
-    for seg in reversed(listing.segments):  # newest first (names sort by time): newest wins
+    newest_first = list(reversed(listing.segments))  # names sort by time: newest wins
+    for i, seg in enumerate(newest_first):
         keys, shards = _segment_shards(store, std, seg, hidden, columns, known_only)
         yield from shards
-        hidden.update(keys)
+        if any(_compaction_of(older) != _compaction_of(seg) for older in newest_first[i + 1:]):
+            hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
         shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone,
                            known_only)
