@@ -158,45 +158,6 @@ def _log_evidence_svd(
     )
 
 
-def _profiled_start(s2: np.ndarray, z: np.ndarray, out_norm2: np.ndarray, n: int,
-                    points: int = 97) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the (α, β) of the highest evidence on a log grid of λ = α/β spanning F's spectrum
-    (three decades beyond each end), β at its best for that λ: β = n / E(λ), where
-    E(λ) = ‖y − Fm‖² + λ‖m‖² = out + Σᵢ zᵢ² λ / (λ + σᵢ²). There the log evidence is, up to a constant,
-    −n/2 log E(λ) + r/2 log λ − ½ Σᵢ log(λ + σᵢ²)."""
-    c = z.shape[1]
-    if s2.size == 0:  # no direction: only α → ∞ exists, which the first start reaches
-        return np.ones(c), np.ones(c)
-    lam = np.logspace(np.log10(s2.min()) - 3, np.log10(s2.max()) + 3, points)  # (G,)
-    shrink = lam[:, None] / (lam[:, None] + s2[:, 0][None, :])  # (G, r)
-    energy = np.maximum(out_norm2[None, :] + shrink @ z**2, _TINY)  # (G, c)
-    r = s2.shape[0]
-    profile = (-0.5 * n * np.log(energy) + 0.5 * r * np.log(lam)[:, None]
-               - 0.5 * np.sum(np.log(lam[:, None] + s2[:, 0][None, :]), axis=1)[:, None])
-    best = np.argmax(profile, axis=0)  # (c,)
-    beta = np.clip(n / energy[best, np.arange(c)], _PARAM_MIN, _PARAM_MAX)
-    return np.clip(lam[best] * beta, _PARAM_MIN, _PARAM_MAX), beta
-
-
-def _logme_fixed_point(s2: np.ndarray, z: np.ndarray, out_norm2: np.ndarray, n: int, k: int,
-                       alpha: np.ndarray, beta: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
-    """MacKay's fixed point from (α, β), per class: (per-sample log evidence at its end, iterations)."""
-    evidence = _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
-    for iteration in range(1, max_iter + 1):
-        t = alpha + beta * s2
-        gamma = np.sum(beta * s2 / t, axis=0)
-        m_norm2 = np.sum((beta * np.sqrt(s2) * z / t) ** 2, axis=0)
-        res_norm2 = out_norm2 + np.sum((alpha * z / t) ** 2, axis=0)
-        alpha = np.clip(gamma / np.maximum(m_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
-        beta = np.clip((n - gamma) / np.maximum(res_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
-        previous, evidence = evidence, _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
-        change = float(np.max(np.abs(evidence - previous)))
-        if change < tol:
-            return evidence, iteration
-    logger.debug("LogME fixed point not converged after %d iterations (last change %.3g)", max_iter, change)
-    return evidence, max_iter
-
-
 def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-12) -> float:
     """LogME score (You et al., ICML 2021) of ``features`` for a classification task.
 
@@ -211,18 +172,16 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
     For every class c, the target is the one-hot column ``y_c`` and the model is the
     Bayesian linear regression ``y = Fw + ε``, ``w ~ N(0, α⁻¹I)``, ``ε ~ N(0, β⁻¹I)``.
     The log evidence ``log p(y_c | F, α, β)`` is maximised over ``α, β`` by MacKay's
-    fixed-point iteration, computed on the SVD of ``F`` (so ``n < k`` and ``n > k`` are both
-    fine)::
+    fixed-point iteration from ``α = β = 1``, computed on the SVD of ``F`` (so ``n < k``
+    and ``n > k`` are both fine)::
 
         γ = Σᵢ βσᵢ² / (α + βσᵢ²),   α ← γ / mᵀm,   β ← (n − γ) / ‖Fm − y‖².
 
-    The evidence can have two maxima (features far from the origin, or with one dominant
-    channel: one uses that direction alone, the other the small directions of the signal), and
-    the iteration climbs to the one nearest its start. So it runs from two starts and keeps each
-    class's higher evidence: ``α = β = 1`` (F at unit RMS) and the best ``λ = α/β`` of a log grid
-    over F's spectrum, where the evidence maximised over β alone is a function of λ (β = n / E(λ),
-    E the ridge residual plus λ‖m‖²). Columns constant up to their rounding
-    (`rounding_constant`) are made exactly constant first: their jitter is no signal.
+    The evidence can have two maxima: with features far from the origin, or one dominant channel,
+    one uses that direction alone (the value of constant features) and the iteration from α = β = 1
+    (F at unit RMS) can stop there, as the published algorithm's start does. Kept as published: the
+    higher maximum (a second start, tried in session 48) made brute-force LogME pick random-init
+    models on few-shot tasks, an evidence of small directions fitting fewer images than features.
 
     When the supremum lies at α → ∞ (useless features) or β → ∞ (features that fit the
     target exactly, possible when n <= k), the iteration approaches it slowly and the
@@ -247,12 +206,8 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
     targets[np.arange(n), y] = 1.0
 
     # The maximised evidence does not depend on F's scale (α absorbs it): F at unit RMS, so that the
-    # first start, α = β = 1, is at the data's scale. Features around 1e-8 met a flat evidence
+    # fixed point starts from α = β = 1 at the data's scale. Features around 1e-8 met a flat evidence
     # there, and the iteration stopped at once, at the value of useless features.
-    constant = rounding_constant(feats, _eps(features))
-    if constant.any():  # float32 jitter would be directions the second start can fit (n <= k)
-        feats = feats.copy()
-        feats[:, constant] = feats[:, constant].mean(axis=0)
     rms = float(np.sqrt(np.mean(feats**2)))
     if rms > 0:
         feats = feats / rms
@@ -267,13 +222,23 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 1000, tol
     # (n <= k: F can fit y exactly and the fixed point pushes β up to the residual's precision).
     out_norm2 = np.sum((targets - u @ z) ** 2, axis=0)
 
-    evidence = np.full(c, -np.inf)
-    iterations = []
-    for alpha, beta in [(np.ones(c), np.ones(c)), _profiled_start(s2, z, out_norm2, n)]:
-        start, steps = _logme_fixed_point(s2, z, out_norm2, n, k, alpha, beta, max_iter, tol)
-        evidence = np.maximum(evidence, start)
-        iterations.append(steps)
-    logger.debug("LogME: n=%d k=%d classes=%d iterations=%s evidence=%s", n, k, c, iterations, evidence)
+    alpha = np.ones(c)
+    beta = np.ones(c)
+    evidence = _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
+    for iteration in range(1, max_iter + 1):
+        t = alpha + beta * s2
+        gamma = np.sum(beta * s2 / t, axis=0)
+        m_norm2 = np.sum((beta * np.sqrt(s2) * z / t) ** 2, axis=0)
+        res_norm2 = out_norm2 + np.sum((alpha * z / t) ** 2, axis=0)
+        alpha = np.clip(gamma / np.maximum(m_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
+        beta = np.clip((n - gamma) / np.maximum(res_norm2, _TINY), _PARAM_MIN, _PARAM_MAX)
+        previous, evidence = evidence, _log_evidence_svd(s2, z, out_norm2, n, k, alpha, beta) / n
+        change = float(np.max(np.abs(evidence - previous)))
+        if change < tol:
+            break
+    else:
+        logger.debug("LogME fixed point not converged after %d iterations (last change %.3g)", max_iter, change)
+    logger.debug("LogME: n=%d k=%d classes=%d iterations=%d evidence=%s", n, k, c, iteration, evidence)
     return float(np.mean(evidence))
 
 
