@@ -369,7 +369,8 @@ def restore_rows(store: Store | str, std: Standard, written: collections.abc.Map
             raise StoreError(f"a compaction of standard {std.id} still runs after {wait_s:.0f}s; "
                              f"{len(written)} row(s) written during it are unchecked "
                              f"({', '.join(sorted(written)[:5])}); the next re-index restores any it deleted "
-                             f"(a compaction that crashed: `zooselect table compact --store {store.url} --standard {std.id} --break-leases`)")
+                             f"(a compaction that crashed: `zooselect table compact --store {store.url} "
+                             f"--standard {std.id} --break-leases`)")
         time.sleep(poll_s)
     gone = [mid for mid in sorted(written)
             if not store.exists(row_path(std.id, mid)) and not store.exists(marker_path(std.id, mid))]
