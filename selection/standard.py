@@ -736,7 +736,8 @@ def load_standard(store: Store | str, standard_id: str | None = None) -> Standar
     created = spec.pop("created", {})
     if spec.get("schema_version") != selection.SCHEMA_VERSION:
         raise StandardMismatchError(f"standard {sid!r} has schema version {spec.get('schema_version')}, "
-                                    f"this zooselect reads {selection.SCHEMA_VERSION}")
+                                    f"this zooselect reads {selection.SCHEMA_VERSION}"
+                                    f"{selection.schema_remedy(spec.get('schema_version'))}")
     if compute_standard_id(spec) != sid:
         raise StandardMismatchError(f"standard {sid!r}: its spec does not hash to its id (edited or corrupt)")
     basis = _load_npz(store.read_bytes(f"{base}/basis.npz"), f"{store.url}/{base}/basis.npz",

@@ -645,7 +645,7 @@ def _validate(t: pa.Table, std: Standard, where: str, some_columns: bool = False
     versions = set(pc.unique(t.column("schema_version")).to_pylist())
     if versions != {selection.SCHEMA_VERSION}:
         raise StandardMismatchError(f"{where}: schema version(s) {sorted(map(str, versions))}, this "
-                                    f"zooselect reads {selection.SCHEMA_VERSION}")
+                                    f"zooselect reads {selection.SCHEMA_VERSION}{selection.schema_remedy(versions)}")
     if "embedding" in names:
         width = getattr(t.schema.field("embedding").type, "list_size", None)
         if width != std.width:

@@ -1083,7 +1083,8 @@ def _planted(store: Store, std, how: str) -> str:
 
 @pytest.mark.parametrize("how,needle", [
     ("other-standard", "rows of standard(s) ['std-0123456789abcdef'] found in the table of standard"),
-    ("schema-version", "schema version(s) ['99'], this zooselect reads"),
+    ("schema-version", "schema version(s) ['99'], this zooselect reads 1, written by a newer zooselect (0.1.0 here): "
+                       "upgrade this one"),
     ("width", "embedding width {w5}, standard {sid} (full, d=8) needs {w}"),
     ("corrupt", "corrupt Parquet object"),
     ("corrupt-segment", "corrupt Parquet object"),
@@ -1134,8 +1135,13 @@ def test_standard_of_another_schema_version_is_refused(embedded, capsys):
     store.write_bytes("standards/std-from-the-future/standard.json", json.dumps(spec).encode())
     before = _snapshot(store.root)
     line = _run_job(table.main, ["ls", "--store", store.url, "--standard", "std-from-the-future"], capsys)
-    assert "standard 'std-from-the-future' has schema version 99" in line, line
+    assert line.endswith("standard 'std-from-the-future' has schema version 99, this zooselect reads 1, written by a "
+                         "newer zooselect (0.1.0 here): upgrade this one"), line  # the remedy: session 48
     assert _snapshot(store.root) == before
+    spec["schema_version"] = 0  # an older or other writer: no upgrade to advise
+    store.write_bytes("standards/std-from-the-future/standard.json", json.dumps(spec).encode())
+    line = _run_job(table.main, ["ls", "--store", store.url, "--standard", "std-from-the-future"], capsys)
+    assert line.endswith("has schema version 0, this zooselect reads 1"), line
 
 
 def _png(color, size=(8, 8)) -> bytes:
