@@ -29,7 +29,7 @@ from selection.data import check_spec, load_dataset
 from selection.embedding import (FORMS, FULL_FOLDS, FULL_REPEATS, RIDGE_GCV, RIDGE_GCVS, RIDGE_SCALE,
                                  RIDGE_SCALES, SOURCE_FOLDS, SOURCE_REPEATS, embedding_width)
 from selection.errors import ConfigError, ModelError, StandardMismatchError, StoreError, brief
-from selection.storage import Store, as_store
+from selection.storage import STALE_TEMPORARY_S, Store, as_store
 
 log = logging.getLogger(__name__)
 
@@ -617,9 +617,13 @@ def _load_npz(data: bytes, where: str, names: tuple[str, ...]) -> dict[str, np.n
 
 
 def save_standard(store: Store | str, std: Standard, make_default: bool = True) -> None:
-    """Publish a standard (data files first, standard.json last, so it is complete once visible)."""
+    """Publish a standard (data files first, standard.json last, so it is complete once visible). The
+    temporary files of a publish of it killed part-way, over STALE_TEMPORARY_S old, are removed (a local
+    store; nothing else ever lists that folder)."""
     store, std = as_store(store), check_standard(std)
     base = f"standards/{std.id}"
+    if store.scheme == "file":  # elsewhere it tidies the machine's spool files, the table's business
+        store.remove_stale_temporaries(base, STALE_TEMPORARY_S)
     companion = {} if std.companion_mean is None else {"companion_mean": std.companion_mean,
                                                        "companion_projection": std.companion_projection}
     store.write_bytes(f"{base}/basis.npz", _npz(mean=std.mean, projection=std.projection, **companion))

@@ -365,6 +365,7 @@ def _chunk_ranges(meta: Any, columns: list[str] | None, groups: Iterable[int] | 
 # How much of a Parquet object `Store.iter_row_groups` fetches and decodes at once: a few row groups of a
 # segment (selection.table.SEGMENT_GROUP_BYTES); on S3 their byte ranges are fetched in parallel.
 ROW_GROUP_BATCH_BYTES = 32 << 20
+STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
 # `Store.write_tables` on S3: a larger object goes up in parts of this size, this many at a time.
 UPLOAD_PART_BYTES = 32 << 20
 UPLOAD_PARTS_AT_ONCE = 4

@@ -51,7 +51,7 @@ from selection.errors import (ConfigError, CorruptObjectError, ModelError, Objec
                               StoreError, brief)
 from selection.keys import model_key, shard_of
 from selection.standard import Standard, check_standard
-from selection.storage import (READ_THREADS, Store, as_store, atomic_local_file, check_output, check_outside_store,
+from selection.storage import (READ_THREADS, STALE_TEMPORARY_S, Store, as_store, atomic_local_file, check_output, check_outside_store,
                                parquet_bytes, parquet_options)
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ LEASE_REFRESH_S = 600.0  # a running compaction rewrites its lease's time this o
 STALE_LEASE_S = 6 * LEASE_REFRESH_S
 DELETE_THREADS = 16  # row objects a compaction re-reads and deletes at once
 READS = 3  # listings of the table a read tries while an object it listed is gone when read (`read_consistently`)
-STALE_TEMPORARY_S = 3600.0  # a local write's temporary file untouched this long is one whose writer was killed
 KEY_BUCKET_ROWS = 2048  # model keys per object of a compaction's key index (about 60 KB)
 # A segment's name: its compaction's id (its start, to the nanosecond since session 30, and a random
 # part), then its number. A name of whole seconds sorts before the later ones of the same second.

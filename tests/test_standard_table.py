@@ -2301,3 +2301,20 @@ def test_the_default_is_set_only_to_a_standard_the_store_holds(store, tiny_stand
     assert marked_default(store) == tiny_standard.id
     set_default_standard(store, tiny_standard)
     assert marked_default(store) == tiny_standard.id and load_standard(store).id == tiny_standard.id
+
+
+def test_publishing_a_standard_again_removes_the_stale_temporaries_of_a_killed_publish(published):
+    """A review (session 48): a `jobs.standard` killed while publishing left `.probe.npz.<hex>.tmp` in the
+    standard's folder (12 MB for the default probe set), and nothing ever removed it: compaction tidies
+    only the tables. Publishing the same standard again removes those over an hour old."""
+    from pathlib import Path
+
+    store, std = published
+    folder = Path(store.root) / "standards" / std.id
+    stale, fresh = (folder / f".probe.npz.{c * 32}.tmp" for c in "ab")
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    save_standard(store, std)
+    assert not stale.exists() and fresh.exists()
+    assert store.exists(f"standards/{std.id}/probe.npz")
