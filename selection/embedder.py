@@ -23,7 +23,7 @@ from selection.models import (PREPROCESS_VERSION, Prepared, batch_size_for_memor
                               weights_stamp)
 from selection.standard import Standard, check_standard, is_standard_model, list_standards
 from selection.storage import Store, as_store
-from selection.table import (StampMemo, compaction_running, iter_rows, marker_path, read_index, row_object,
+from selection.table import (StampMemo, compaction_running, index_of, iter_rows, marker_path, row_object,
                              row_path, running_compactions, versions_json)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it runs (a job's --help needs none)
@@ -112,7 +112,7 @@ def make_plan(entries: Iterable[CatalogEntry], std: Standard, store: Store | str
         raise ConfigError(f"entries hold the model id {twice!r} twice: which one to embed is unclear")
     store = as_store(store)
     _check_published(store, std)
-    index = read_index(store, std)
+    index, in_table = index_of(store, std, ids)  # the catalog's rows only; every id for `prune`
     memo = StampMemo(store, std.id, writable=not dry_run)
 
     def check(e: CatalogEntry) -> str | EmbedResult:
@@ -133,8 +133,8 @@ def make_plan(entries: Iterable[CatalogEntry], std: Standard, store: Store | str
             else:
                 (embed if outcome == "embed" else skip).append(e)
     wanted = {e.id for e in entries}
-    remove = sorted(mid for mid in index if mid not in wanted) if prune else []
-    return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(index), tuple(refresh))
+    remove = sorted(mid for mid in in_table if mid not in wanted) if prune else []
+    return Plan(tuple(embed), tuple(e.id for e in skip), tuple(remove), tuple(invalid), len(in_table), tuple(refresh))
 
 
 def model_license(entry: CatalogEntry, model: Any) -> str | None:

@@ -51,8 +51,8 @@ from selection.errors import (ConfigError, CorruptObjectError, ModelError, Objec
                               StoreError, brief)
 from selection.keys import model_key, shard_of
 from selection.standard import Standard, check_standard
-from selection.storage import (READ_THREADS, STALE_TEMPORARY_S, Store, as_store, atomic_local_file, check_output, check_outside_store,
-                               parquet_bytes, parquet_options)
+from selection.storage import (READ_THREADS, STALE_TEMPORARY_S, Store, as_store, atomic_local_file, check_output,
+                               check_outside_store, parquet_bytes, parquet_options)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -973,14 +973,28 @@ def _changed(what: str, exc: ObjectGoneError, attempt: int) -> None:
 
 def read_index(store: Store | str, std: Standard) -> dict[str, dict[str, Any]]:
     """model_id -> {weights_sha256, catalog_entry, ...} for every model, without vectors."""
+    return index_of(store, std)[0]
+
+
+def index_of(store: Store | str, std: Standard,
+             model_ids: collections.abc.Collection[str] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """`read_index` of only `model_ids` (every model when None), and the ids of every model in the table:
+    one read of the table's index columns, holding as dicts only the rows asked for (every row as a dict
+    was 1.2 GB at a million models, for a catalog of one)."""
     store, std = as_store(store), check_standard(std)
-    def index(listing: Listing) -> dict[str, dict[str, Any]]:
-        rows, versions = {}, {}  # rows share a few library_versions strings: each held once
+    wanted = None if model_ids is None else pa.array(sorted(set(model_ids)), pa.string())
+
+    def index(listing: Listing) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        rows, versions, ids = {}, {}, []  # rows share a few library_versions strings: each held once
         for shard in iter_shards(store, std, listing, columns=INDEX_COLUMNS):
-            for row in shard.meta.to_pylist():
+            meta = shard.meta
+            ids += meta.column("model_id").to_pylist()
+            if wanted is not None:
+                meta = meta.filter(pc.is_in(meta.column("model_id"), value_set=wanted))
+            for row in meta.to_pylist():
                 row["library_versions"] = versions.setdefault(row["library_versions"], row["library_versions"])
                 rows[row["model_id"]] = row
-        return rows
+        return rows, ids
     return read_consistently(store, std, index)
 
 

@@ -2318,3 +2318,24 @@ def test_publishing_a_standard_again_removes_the_stale_temporaries_of_a_killed_p
     save_standard(store, std)
     assert not stale.exists() and fresh.exists()
     assert store.exists(f"standards/{std.id}/probe.npz")
+
+
+def test_a_plan_holds_as_dicts_only_the_catalogs_rows(published, tmp_path):
+    """A review (session 48): `make_plan` for a catalog of one turned every row of the table's index into
+    a dict (+1.2 GB at a million models); `index_of` keeps only the catalog's, and every id (for prune)."""
+    from selection.table import compact, index_of, read_index, write_row
+    from tests.test_table_races import _row
+
+    store, std = published
+    for mid in ("zoo/a", "zoo/b", "zoo/c"):
+        write_row(store, std, _row(std, mid))
+    compact(store, std)
+    write_row(store, std, _row(std, "zoo/d"))  # a segment and a row object
+    rows, ids = index_of(store, std, ["zoo/b", "zoo/d", "zoo/absent"])
+    assert sorted(rows) == ["zoo/b", "zoo/d"] and sorted(ids) == ["zoo/a", "zoo/b", "zoo/c", "zoo/d"]
+    assert rows["zoo/b"] == read_index(store, std)["zoo/b"]
+    assert index_of(store, std)[0] == read_index(store, std) and len(read_index(store, std)) == 4
+    entry = CatalogEntry("zoo/new", "resnet10t", None, input_size=32)
+    plan = make_plan([entry], std, store, prune=True, dry_run=True)
+    assert plan.indexed == 4 and plan.embed == (entry,) and plan.remove == ("zoo/a", "zoo/b", "zoo/c", "zoo/d")
+    assert make_plan([entry], std, store, prune=False, dry_run=True).remove == ()
