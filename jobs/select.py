@@ -31,7 +31,7 @@ from selection.select import (PARETO_COSTS, SCORES, VERIFIERS, Constraint, MapPa
                               warn_task_image_size)
 from selection.standard import Standard, list_standards, load_standard
 from selection.storage import Store, check_output, check_outside_store
-from selection.table import EmbeddingTable, Part, may_have_rows
+from selection.table import EmbeddingTable, Part, may_have_rows, refuse_first_layout
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_score(std, config.score)
     warn_task_image_size(config, std)
     if not may_have_rows(store, std.id):
+        refuse_first_layout(store, std.id)
         others = [s for s in list_standards(store) if s != std.id and may_have_rows(store, s)]
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}; "
                          f"run `{command('jobs.embed')} --catalog CATALOG --store {store.url}` first"

@@ -28,7 +28,7 @@ from selection.models import LoadedModel, base_arch, check_device, extract_featu
 from selection.standard import Standard, StandardModels, load_standard, load_standard_models, standard_features
 from selection.storage import Store, as_store
 from selection.table import (EmbeddingTable, Listing, Part, hidden_keys, iter_part, iter_shards, may_have_rows,
-                             read_consistently, table_parts)
+                             read_consistently, refuse_first_layout, table_parts)
 
 log = logging.getLogger(__name__)
 
@@ -918,6 +918,7 @@ def select_models(store: Store | str, tasks: Iterable[ImageSet | str], config: S
     std = load_standard(store, standard_id)
     check_score(std, config.score)
     if not may_have_rows(store, std.id):
+        refuse_first_layout(store, std.id)
         raise StoreError(f"no models are embedded under standard {std.id} in {store.url}")
     warn_task_image_size(config, std)
     size = task_image_size(config, std)

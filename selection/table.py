@@ -730,7 +730,26 @@ def list_table(store: Store | str, std: Standard) -> Listing:
     store, std = as_store(store), check_standard(std)
     rows = tuple(list_rows(store, std.id))
     markers = tuple(list_markers(store, std.id))
-    return Listing(tuple(list_segments(store, std.id)), rows, markers)
+    segments = tuple(list_segments(store, std.id))
+    if not rows and not segments:
+        refuse_first_layout(store, std.id)
+    return Listing(segments, rows, markers)
+
+
+_FIRST_LAYOUT = re.compile(r"[0-9a-f]{2}/[^/]+\.parquet")  # <shard>/<key>.parquet beside rows/ (until commit 3)
+
+
+def refuse_first_layout(store: Store, standard_id: str) -> None:
+    """A StoreError if an empty table's folder holds row objects of the first layout
+    (`embeddings/<id>/<shard>/<key>.parquet`, before `rows/`): read as no table at all, an embed wrote a
+    second copy of each beside them, and the first version then refused the store. One listing, only
+    of a table without rows or segments."""
+    base = _base(standard_id)
+    old = [p for p in store.list(base, ".parquet") if _FIRST_LAYOUT.fullmatch(p[len(base) + 1:])]
+    if old:
+        raise StoreError(f"{store.url}/{base} holds {len(old)} row object(s) of zooselect's first layout (e.g. "
+                         f"{old[0][len(base) + 1:]}), which this version reads under rows/: move each two-hex-digit "
+                         f"folder there into {store.url}/{base}/rows/ (the names stay), then run this again")
 
 
 ROW_BATCH = 4096  # row objects read and yielded as one shard: memory stays bounded before a compaction

@@ -2339,3 +2339,32 @@ def test_a_plan_holds_as_dicts_only_the_catalogs_rows(published, tmp_path):
     plan = make_plan([entry], std, store, prune=True, dry_run=True)
     assert plan.indexed == 4 and plan.embed == (entry,) and plan.remove == ("zoo/a", "zoo/b", "zoo/c", "zoo/d")
     assert make_plan([entry], std, store, prune=False, dry_run=True).remove == ()
+
+
+def test_a_table_of_the_first_layout_is_refused_with_the_move_that_reads_it(published):
+    """A review (session 48): row objects of the first layout (`embeddings/<std>/<shard>/<key>.parquet`,
+    before `rows/`) read as an empty table, exit 0; an embed then wrote a second copy of each model, and
+    the first version refused the store. Now every read of such a table names the objects and the move."""
+    from pathlib import Path
+
+    from selection.table import list_table, load_table, row_object, row_path
+    from tests.test_table_races import _row
+
+    store, std = published
+    first = row_path(std.id, "zoo/a").replace("/rows/", "/")  # embeddings/<std>/<shard>/<key>.parquet
+    store.write_bytes(first, row_object(std, _row(std, "zoo/a"))[1])
+    base = f"{store.url}/embeddings/{std.id}"
+    want = (rf"^{re.escape(base)} holds 1 row object\(s\) of zooselect's first layout \(e\.g\. "
+            rf"{re.escape(first.split('/', 2)[2])}\), which this version reads under rows/: move each "
+            rf"two-hex-digit folder there into {re.escape(base)}/rows/ \(the names stay\), then run this again$")
+    for read in (lambda: list_table(store, std), lambda: make_plan([A], std, store, dry_run=True)):
+        with pytest.raises(StoreError, match=want):
+            read()
+    with pytest.raises(StoreError, match=want):
+        from selection.select import SelectConfig, select_models
+        select_models(store, [ImageSet(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 1]), ("a", "b"), "t")],
+                      SelectConfig())
+    shard = Path(store.root) / first.rsplit("/", 1)[0]
+    (Path(store.root) / "embeddings" / std.id / "rows").mkdir()
+    shard.rename(Path(store.root) / "embeddings" / std.id / "rows" / shard.name)  # the move it names
+    assert load_table(store, std).meta.column("model_id").to_pylist() == ["zoo/a"]
