@@ -340,12 +340,17 @@ def _parts(query: Query) -> tuple[TaskQuery, ...]:
 
 
 def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the rows of (n, V) `scores` that fewer than k other rows beat in every column.
+    """Indices of the rows of (n, V) `scores` that fewer than k other rows dominate (at least as large
+    in every column, larger in one).
 
-    The top k under any score that grows with each column (the column itself, a mean of ranks)
-    are among them, whatever the rest of the table holds; ties are kept. Rows that the k rows
-    of highest rank sum all beat are dropped first; with two columns the rest are then counted
-    exactly (one pass in order of the first column), with more, all the rest are kept.
+    A dominating row scores more under any score that grows strictly with each column (the column
+    itself, a mean of mid-rank fractions), so the top k under it, and every row tied with the k-th,
+    are among them, whatever the rest of the table holds. Rows that the k rows of highest rank sum
+    all beat are dropped first; with two columns the rest are then counted exactly (one pass in order
+    of the first column, then the second), with more, all the rest are kept. Rows equal in every
+    column are all kept (`_cut_ties` cuts them by model id). Counting rows larger in both columns
+    only kept every row of a value shared by many in one column: a share of a million rows clipped to
+    one value made the pool, and each shard's merge, that large (a review, session 48).
     """
     n, v = scores.shape
     if n <= k:
@@ -359,14 +364,21 @@ def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
         return idx
     keep = []
     best: list[float] = []  # the k largest second scores among rows with a larger first score
-    order = idx[np.argsort(-scores[idx, 0], kind="stable")]
+    order = idx[np.lexsort((-scores[idx, 1], -scores[idx, 0]))]  # first score down, then second down
     first, second = scores[order, 0].tolist(), scores[order, 1].tolist()
     group_start = 0
     for i in range(len(order) + 1):
         if i < len(order) and first[i] == first[group_start]:
             continue
-        for j in range(group_start, i):  # one value of the first score: none of them beats another
-            if len(best) < k or second[j] >= best[0]:
+        above = 0  # rows of this first score with a larger second score
+        for j in range(group_start, i):
+            if j > group_start and second[j] < second[j - 1]:
+                above = j - group_start
+            if above >= k:
+                break  # so do the rest of the group
+            if len(best) == k and best[0] >= second[j]:
+                continue  # k rows of a larger first score are at least as large in the second
+            if above + sum(b >= second[j] for b in best) < k:
                 keep.append(order[j])
         for j in range(group_start, i):
             if len(best) < k:
@@ -378,10 +390,20 @@ def unbeaten(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _cut_ties(keep: np.ndarray, scores: np.ndarray, ids: list[str], k: int) -> np.ndarray:
-    """With one score, `unbeaten` rows `keep` (ids `ids`) cut to exactly k, ties by model id (the final order)."""
-    if scores.shape[1] == 1 and len(keep) > k:
-        keep = keep[sorted(range(len(keep)), key=lambda j: (-scores[keep[j], 0], ids[j]))[:k]]
-    return keep
+    """`unbeaten` rows `keep` (ids `ids`) cut by model id, as the final order breaks ties: with one score
+    to exactly k; with more, each set of rows equal in every score to its k smallest ids (copies of one
+    model under many ids were all kept)."""
+    if len(keep) <= k:
+        return keep
+    if scores.shape[1] == 1:
+        return keep[sorted(range(len(keep)), key=lambda j: (-scores[keep[j], 0], ids[j]))[:k]]
+    same: dict[bytes, list[int]] = {}
+    for j in range(len(keep)):
+        same.setdefault(np.ascontiguousarray(scores[keep[j]]).tobytes(), []).append(j)
+    if all(len(js) <= k for js in same.values()):
+        return keep
+    kept = sorted(j for js in same.values() for j in sorted(js, key=lambda j: ids[j])[:k])
+    return keep[kept]
 
 
 def pareto_front(objectives: np.ndarray) -> np.ndarray:
