@@ -110,8 +110,11 @@ class Constraint:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
             with np.errstate(invalid="ignore"):  # an unknown value (null, NaN GFLOPs) passes no constraint
                 return np.asarray(_OPS[self.op](col, _number(self.value, self.field)), bool) & ~np.isnan(col)
-        if name in ("tag", "tags"):
-            has = np.array([self.value in (t or []) for t in meta.column("tags").to_pylist()], bool)
+        if name in ("tag", "tags"):  # in Arrow: a Python test per row took 1.8 s at a million rows
+            tags = meta.column("tags").combine_chunks()
+            hit = pc.equal(pc.list_flatten(tags), pa.scalar(self.value, pa.string())).fill_null(False)
+            has = np.zeros(len(meta), bool)
+            has[np.asarray(pc.list_parent_indices(tags))[np.asarray(hit, bool)]] = True
             return has if self.op != "!=" else ~has
         values = meta.column(name).to_pylist()  # an unknown license or arch passes neither = nor !=
         col = np.array(["" if v is None else str(v) for v in values], dtype=str)
