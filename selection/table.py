@@ -792,11 +792,12 @@ def iter_shards(store: Store | str, std: Standard, listing: Listing | None = Non
     # once, as `table_parts` takes them): none are kept when no older compaction follows (the usual
     # table, one compaction: a set of every key was 100 MB at a million models).
     hidden = hidden_keys(listing)
-    newest_first = list(reversed(listing.segments))  # names sort by time: newest wins
-    for i, seg in enumerate(newest_first):
+    # names sort by time, a compaction's segments together: the oldest segment's is the oldest compaction
+    oldest = _compaction_of(listing.segments[0]) if listing.segments else ""
+    for seg in reversed(listing.segments):  # newest first: newest wins
         keys, shards = _segment_shards(store, std, seg, hidden, columns, known_only)
         yield from shards
-        if any(_compaction_of(older) != _compaction_of(seg) for older in newest_first[i + 1:]):
+        if _compaction_of(seg) != oldest:
             hidden.update(keys)
     for start in range(0, len(listing.rows), ROW_BATCH):
         shard = _row_batch(store, std, listing.rows[start:start + ROW_BATCH], columns, on_row_bytes, skip_gone,
