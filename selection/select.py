@@ -110,7 +110,7 @@ class Constraint:
             col = np.asarray(meta.column(name).to_numpy(zero_copy_only=False), np.float64)
             with np.errstate(invalid="ignore"):  # an unknown value (null, NaN GFLOPs) passes no constraint
                 return np.asarray(_OPS[self.op](col, _number(self.value, self.field)), bool) & ~np.isnan(col)
-        if name in ("tag", "tags"):  # in Arrow: a Python test per row took 1.8 s at a million rows
+        if name in ("tag", "tags"):  # in Arrow: a Python test per row took 0.95 s at a million rows (0.07 s)
             tags = meta.column("tags").combine_chunks()
             hit = pc.equal(pc.list_flatten(tags), pa.scalar(self.value, pa.string())).fill_null(False)
             has = np.zeros(len(meta), bool)
