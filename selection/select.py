@@ -116,13 +116,15 @@ class Constraint:
             has = np.zeros(len(meta), bool)
             has[np.asarray(pc.list_parent_indices(tags))[np.asarray(hit, bool)]] = True
             return has if self.op != "!=" else ~has
-        values = meta.column(name).to_pylist()  # an unknown license or arch passes neither = nor !=
+        if name == "license":  # SPDX identifiers are case-insensitive: MIT is mit; in Arrow, as tags
+            same = pc.equal(pc.utf8_lower(meta.column(name)), pa.scalar(self.value.lower(), pa.string()))
+            out = same if _OPS[self.op] is operator.eq else pc.invert(same)
+            return np.asarray(out.fill_null(False).to_numpy(zero_copy_only=False), bool)  # unknown: neither
+        values = meta.column(name).to_pylist()  # an unknown arch passes neither = nor !=
         col = np.array(["" if v is None else str(v) for v in values], dtype=str)
         value = self.value
         if name == "arch" and "." not in value:  # 'resnet10t' is resnet10t.c3_in1k too: a tag names weights
             col = np.array([base_arch(v) for v in col])
-        if name == "license":  # SPDX identifiers are case-insensitive: MIT is mit
-            col, value = np.char.lower(col), value.lower()
         return _OPS[self.op](col, value) & np.array([v is not None for v in values], bool)
 
 
