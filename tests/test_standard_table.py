@@ -2320,7 +2320,7 @@ def test_publishing_a_standard_again_removes_the_stale_temporaries_of_a_killed_p
     assert store.exists(f"standards/{std.id}/probe.npz")
 
 
-def test_a_plan_holds_as_dicts_only_the_catalogs_rows(published, tmp_path):
+def test_a_plan_holds_as_dicts_only_the_catalogs_rows(published):
     """A review (session 48): `make_plan` for a catalog of one turned every row of the table's index into
     a dict (+1.2 GB at a million models); `index_of` keeps only the catalog's, and every id (for prune)."""
     from selection.table import compact, index_of, read_index, write_row
